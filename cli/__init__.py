@@ -1,0 +1,1 @@
+"""Typer command-line interface: thin rendering over the library."""

