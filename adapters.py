@@ -253,6 +253,15 @@ class LayeredModel:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
+    def head_rows(self, normed: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """Logits of only `token_ids` (a vocabulary subset): cheap partial head."""
+        logits = normed @ self.lm_head.weight[token_ids].T
+        if getattr(self.lm_head, "bias", None) is not None:
+            logits = logits + self.lm_head.bias[token_ids]
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
     def logits_from(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + head: the logit lens on any layer's residual stream."""
         return self.head(self.final_norm(hidden))

@@ -1,0 +1,37 @@
+"""The `dyninfer` command: one module per command, registered here."""
+
+from __future__ import annotations
+
+import typer
+
+from dyninfer import __version__
+from dyninfer.cli import probe as probe_cmd
+
+app = typer.Typer(
+    name="dyninfer",
+    help="Dynamic inference for language models: how much of the model does each token need?",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dyninfer {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+) -> None:
+    """Exit codes: 0 success, 1 a CI gate failed, 2 bad input or error."""
+
+
+app.command("probe", help=probe_cmd.HELP)(probe_cmd.probe)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,47 @@
+"""Plots for CLI reports: PNG figures (matplotlib) and compact terminal views."""
+
+from __future__ import annotations
+
+import io
+
+import pandas as pd
+
+_BLOCKS = " ▁▂▃▄▅▆▇█"
+
+
+def sparkline(values, low: float = 0.0, high: float = 1.0) -> str:
+    """One character per value, scaled between low and high."""
+    span = (high - low) or 1.0
+    out = []
+    for v in values:
+        level = int(round((min(max(v, low), high) - low) / span * (len(_BLOCKS) - 1)))
+        out.append(_BLOCKS[level])
+    return "".join(out)
+
+
+def probe_figure_png(layers: pd.DataFrame, title: str) -> bytes:
+    """Agreement/accuracy, KL and 'can exit by' per layer, one line per lens, as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for lens, rows in layers.groupby("lens", sort=False):
+        axes[0].plot(rows["layer"], rows["agreement"], marker="o", ms=3, label=f"{lens}: agreement with final")
+        axes[0].plot(rows["layer"], rows["accuracy"], ls="--", label=f"{lens}: next-token accuracy")
+        axes[1].semilogy(rows["layer"], rows["kl"].clip(lower=1e-4), marker="o", ms=3, label=lens)
+        axes[2].plot(rows["layer"], rows["can_exit_by"], drawstyle="steps-post", label=lens)
+    axes[0].set(title="top-1 per layer", xlabel="layer (0 = embeddings)", ylabel="fraction of tokens", ylim=(0, 1.02))
+    axes[1].set(title="KL(final ‖ layer)", xlabel="layer", ylabel="nats")
+    axes[2].set(title="tokens whose prediction is settled by layer", xlabel="layer", ylabel="cumulative fraction",
+                ylim=(0, 1.02))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()

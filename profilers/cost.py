@@ -1,0 +1,100 @@
+"""Per-layer cost model: FLOPs per generated token, counted with torch's flop counter.
+
+An early exit at depth d costs the embedding, the first d decoder layers, the final norm
+and the LM head (plus a tuned-lens translator when one is used). The head is not cheap on
+small models: SmolLM2-135M's head costs about as much as eight of its decoder layers, so
+every exit check that needs logits has to pay for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from dyninfer.adapters import LayeredModel
+
+
+@dataclass
+class CostModel:
+    context: int  # tokens already in the cache when the counted token is decoded
+    embed: float
+    layers: list[float]  # FLOPs of decoder layer i (0-based) for one decode step
+    norm: float
+    head: float
+    translator: float  # one tuned-lens affine map (d x d) applied to one token
+    unit: str = "FLOPs/token"
+    source: str = "torch.utils.flop_counter"
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def full_cost(self) -> float:
+        return self.embed + sum(self.layers) + self.norm + self.head
+
+    def exit_cost(self, depth: int, translated: bool = False) -> float:
+        """Cost of a token that leaves after `depth` decoder layers (0 = embedding output)."""
+        cost = self.embed + sum(self.layers[:depth]) + self.norm + self.head
+        if translated and depth < self.num_layers:
+            cost += self.translator
+        return cost
+
+    def head_in_layers(self) -> float:
+        """The LM head's cost in units of an average decoder layer."""
+        return self.head / (sum(self.layers) / self.num_layers)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch's counter knows the CUDA attention kernels but not the CPU flash kernel that
+# F.scaled_dot_product_attention dispatches to here; without this, attention counts as 0.
+_EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
+
+def _flops(fn) -> float:
+    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+@torch.no_grad()
+def count_costs(lm: LayeredModel, context: int = 256) -> CostModel:
+    """FLOPs of one decode step at `context` tokens of history, piece by piece."""
+    context = max(1, context)
+    device = lm.device
+    prompt = torch.zeros(1, context, dtype=torch.long, device=device)
+    cache = lm.new_cache(1)
+    lm.forward_logits(prompt, cache=cache)  # fill the cache so the counted step attends to `context` tokens
+    step = torch.zeros(1, 1, dtype=torch.long, device=device)
+    fwd = None
+
+    def begin():
+        nonlocal fwd
+        fwd = lm.begin(step, cache=cache)
+
+    embed = _flops(begin)
+    hidden = fwd.hidden
+    layers = []
+    for i in range(lm.num_layers):
+        out = {}
+        layers.append(_flops(lambda: out.setdefault("h", lm.run_layer(fwd, i, hidden))))
+        hidden = out["h"]
+    normed = {}
+    norm = _flops(lambda: normed.setdefault("n", lm.final_norm(hidden)))
+    head = _flops(lambda: lm.head(normed["n"]))
+    d = lm.hidden_size
+    return CostModel(
+        context=context,
+        embed=embed,
+        layers=layers,
+        norm=norm,
+        head=head,
+        translator=2.0 * d * d + d,
+    )

@@ -1,0 +1,156 @@
+"""The `dyninfer` command through Typer's CliRunner: outputs, artifacts and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from dyninfer.artifacts import Artifact
+from dyninfer.cli.app import app
+from conftest import save_tiny
+
+runner = CliRunner()
+SMALL = ["--tokens", "64", "--seq-len", "16"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_help_lists_probe_with_examples():
+    result = invoke("--help")
+    assert result.exit_code == 0 and "probe" in result.stdout
+    probe_help = invoke("probe", "--help")
+    assert probe_help.exit_code == 0 and "Examples" in probe_help.stdout and "--lens" in probe_help.stdout
+
+
+def test_json_output_is_only_json(tiny_llama_dir, text_file):
+    result = invoke("probe", tiny_llama_dir, "--data", text_file, *SMALL, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    logit = summary["lenses"]["logit"]
+    assert summary["n_tokens"] == 64
+    assert len(logit["agreement"]) == 4  # embedding + 3 layers
+    assert logit["agreement"][-1] == 1.0
+    assert sum(logit["depth_fraction"]) == pytest.approx(1.0, abs=1e-5)
+    assert 0.0 <= logit["oracle"]["saving"] < 1.0
+    assert summary["throughput"]["forward_tokens_per_s"] > 0
+
+
+def test_table_output(tiny_llama_dir, text_file):
+    result = invoke("probe", tiny_llama_dir, "--data", text_file, *SMALL)
+    assert result.exit_code == 0, result.output
+    assert "Exit probe" in result.stdout and "oracle exit saving" in result.stdout
+    assert "layer 3" in result.stdout
+
+
+def test_out_writes_artifact_tables_and_plot_then_reuses_the_lens(tiny_llama_dir, text_file, tmp_path):
+    out = tmp_path / "art"
+    result = invoke("probe", tiny_llama_dir, "--data", text_file, *SMALL, "--lens", "both",
+                    "--lens-train-tokens", "512", "--lens-steps", "2", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert set(summary["lenses"]) == {"logit", "tuned"}
+    artifact = Artifact.load(out)
+    assert "probe" in artifact.stages
+    assert artifact.tensors["exits"]["tuned_lens.weight"].shape == (3, 32, 32)
+    for name in ("layers.csv", "layers.parquet", "depth.csv", "summary.json", "probe.png"):
+        assert (out / "probe" / name).is_file(), name
+    assert (out / "probe" / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import pandas as pd
+
+    table = pd.read_parquet(out / "probe" / "layers.parquet")
+    assert set(table["lens"]) == {"logit", "tuned"} and len(table) == 8
+
+    again = invoke("probe", tiny_llama_dir, "--data", text_file, *SMALL, "--lens", "tuned",
+                   "--lens-from", out, "--json")
+    assert again.exit_code == 0, again.output
+    reused = json.loads(again.stdout)
+    assert "tuned_lens_training" not in reused  # loaded, not retrained
+    assert reused["lenses"]["tuned"]["kl"] == pytest.approx(summary["lenses"]["tuned"]["kl"], rel=1e-6)
+
+
+def test_deterministic(tiny_llama_dir, text_file):
+    first = json.loads(invoke("probe", tiny_llama_dir, "--data", text_file, *SMALL, "--json").stdout)
+    second = json.loads(invoke("probe", tiny_llama_dir, "--data", text_file, *SMALL, "--json").stdout)
+    assert first["lenses"] == second["lenses"]
+
+
+def test_unknown_model():
+    assert_one_line_error(invoke("probe", "./missing-model", "--json"), "does not exist")
+
+
+def test_missing_data_file(tiny_llama_dir, tmp_path):
+    assert_one_line_error(invoke("probe", tiny_llama_dir, "--data", tmp_path / "nope.jsonl"), "does not exist")
+
+
+def test_empty_data(tiny_llama_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert_one_line_error(invoke("probe", tiny_llama_dir, "--data", empty))
+
+
+def test_tokens_larger_than_data(tiny_llama_dir, text_file):
+    assert_one_line_error(invoke("probe", tiny_llama_dir, "--data", text_file, "--tokens", "100000",
+                                 "--seq-len", "16"), "--tokens")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--lens", "fancy"], "unknown lens fancy"),
+    (["--tokens", "0"], "--tokens must be at least 1"),
+    (["--seq-len", "1"], "--seq-len must be at least 2"),
+    (["--lens-steps", "-1"], "--lens-steps"),
+])
+def test_out_of_range_options(tiny_llama_dir, text_file, args, fragment):
+    assert_one_line_error(invoke("probe", tiny_llama_dir, "--data", text_file, *args), fragment)
+
+
+def test_corrupt_gguf(tmp_path, monkeypatch):
+    monkeypatch.setenv("DYNINFER_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    assert_one_line_error(invoke("probe", bad), "corrupt")
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                             num_attention_heads=2, word_embed_proj_dim=16)).save_pretrained(tmp_path / "opt")
+    assert_one_line_error(invoke("probe", tmp_path / "opt"), "unsupported architecture", "mamba")
+
+
+def test_artifact_of_another_model_is_refused_and_kept(tiny_llama_dir, text_file, tmp_path):
+    out = tmp_path / "art"
+    assert invoke("probe", tiny_llama_dir, "--data", text_file, *SMALL, "--out", out).exit_code == 0
+    manifest_before = (out / "dyninfer.json").read_bytes()
+    other = save_tiny("llama", tmp_path / "other", seed=7)
+    result = invoke("probe", other, "--data", text_file, *SMALL, "--out", out)
+    assert_one_line_error(result, "made for model")
+    assert (out / "dyninfer.json").read_bytes() == manifest_before  # nothing lost or half-written
+
+
+def test_out_is_a_file(tiny_llama_dir, text_file, tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert_one_line_error(invoke("probe", tiny_llama_dir, "--data", text_file, *SMALL, "--out", target), "is a file")
+
+
+def test_python_dash_m_entry_point(tiny_llama_dir, text_file):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "dyninfer", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("dyninfer ")

@@ -1,0 +1,86 @@
+"""Model specs: local dirs, GGUF files, hub ids offline, and the errors users see."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dyninfer.errors import DyninferError
+from dyninfer.models import load_model
+from conftest import save_tiny
+
+
+def _one_line_error(spec: str) -> str:
+    with pytest.raises(DyninferError) as err:
+        load_model(spec)
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_local_directory_loads_with_stable_hash(tmp_path):
+    first = load_model(str(save_tiny("mistral", tmp_path / "m")))
+    again = load_model(str(tmp_path / "m"))
+    assert first.layered.family == "mistral"
+    assert first.content_hash == again.content_hash
+    other = load_model(str(save_tiny("mistral", tmp_path / "other", seed=1)))
+    assert other.content_hash != first.content_hash  # different weights, different identity
+    info = first.base_model_info()
+    assert info["num_layers"] == 3 and info["vocab_size"] == first.layered.vocab_size
+
+
+def test_missing_paths():
+    assert "does not exist" in _one_line_error("/no/such/model.gguf")
+    assert "does not exist" in _one_line_error("./no-such-dir")
+
+
+def test_hub_id_offline_says_why(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    message = _one_line_error("some-org/not-a-cached-model")
+    assert "HF_HUB_OFFLINE" in message and "local model directory" in message
+
+
+def test_corrupt_gguf_is_a_clear_error_and_leaves_no_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DYNINFER_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + bytes(range(256)) * 8)
+    message = _one_line_error(str(bad))
+    assert "broken.gguf" in message and "corrupt" in message
+    cache = tmp_path / "cache" / "models"
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_unsupported_architecture_in_a_directory(tmp_path):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                             num_attention_heads=2, word_embed_proj_dim=16)).save_pretrained(tmp_path / "opt")
+    message = _one_line_error(str(tmp_path / "opt"))
+    assert "unsupported architecture 'opt'" in message and "llama" in message
+
+
+def test_a_file_that_is_not_a_model(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("hello")
+    assert "not a .gguf model" in _one_line_error(str(path))
+
+
+def test_directory_without_config(tmp_path):
+    assert "without config.json" in _one_line_error(str(tmp_path))
+
+
+@pytest.mark.integration
+def test_bundled_default_model_is_smollm2_and_cached():
+    from dyninfer.models import _gguf_cache_path, bundled_gguf_path, file_sha256
+
+    loaded = load_model("default")
+    lm = loaded.layered
+    assert (lm.family, lm.num_layers, lm.hidden_size, lm.vocab_size) == ("llama", 30, 576, 49152)
+    gguf = bundled_gguf_path()
+    assert loaded.content_hash == file_sha256(gguf)
+    assert (_gguf_cache_path(gguf, loaded.content_hash) / "model.safetensors").is_file()
+    assert loaded.tokenizer.eos_token_id == loaded.model.config.eos_token_id
+    ids = loaded.tokenizer("def add(a, b):\n    return a +", return_tensors="pt").input_ids
+    with torch.no_grad():
+        next_token = loaded.model(ids).logits[0, -1].argmax().item()
+    assert loaded.tokenizer.decode([next_token]).strip() == "b"
