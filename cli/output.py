@@ -16,7 +16,8 @@ from dyninfer.errors import DyninferError
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
-stdout = Console(soft_wrap=True)
+# Off a terminal (CI logs, files) rich would assume 80 columns and squeeze wide tables.
+stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 140)
 stderr = Console(stderr=True, soft_wrap=True)
 
 
@@ -45,11 +46,28 @@ def handle_errors(command: Callable) -> Callable:
 
 @contextmanager
 def progress_reporter(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
-    """A `progress(description, done, total)` callback drawing bars on stderr (terminals only)."""
-    show = enabled and stderr.is_terminal
+    """A `progress(description, done, total)` callback for long work, drawn on stderr.
+
+    On a terminal: transient progress bars. Otherwise (CI logs, pipes): one plain line
+    when a stage starts, at each further tenth, and when it ends.
+    """
+    if not enabled:
+        yield lambda *a: None
+        return
+    if not stderr.is_terminal:
+        last_tenth: dict[str, int] = {}
+
+        def log_line(description: str, done: int, total: int) -> None:
+            tenth = (10 * done) // max(total, 1)
+            if last_tenth.get(description) != tenth:
+                last_tenth[description] = tenth
+                stderr.print(f"{description}: {done}/{total}", highlight=False, markup=False)
+
+        yield log_line
+        return
     bars = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=stderr, transient=True, disable=not show,
+        console=stderr, transient=True,
     )
     tasks: dict[str, int] = {}
 

@@ -30,7 +30,8 @@ def probe_figure_png(layers: pd.DataFrame, title: str) -> bytes:
     for lens, rows in layers.groupby("lens", sort=False):
         axes[0].plot(rows["layer"], rows["agreement"], marker="o", ms=3, label=f"{lens}: agreement with final")
         axes[0].plot(rows["layer"], rows["accuracy"], ls="--", label=f"{lens}: next-token accuracy")
-        axes[1].semilogy(rows["layer"], rows["kl"].clip(lower=1e-4), marker="o", ms=3, label=lens)
+        below_top = rows[rows["layer"] < rows["layer"].max()]  # the final layer's KL is 0 by definition
+        axes[1].semilogy(below_top["layer"], below_top["kl"].clip(lower=1e-6), marker="o", ms=3, label=lens)
         axes[2].plot(rows["layer"], rows["can_exit_by"], drawstyle="steps-post", label=lens)
     axes[0].set(title="top-1 per layer", xlabel="layer (0 = embeddings)", ylabel="fraction of tokens", ylim=(0, 1.02))
     axes[1].set(title="KL(final ‖ layer)", xlabel="layer", ylabel="nats")

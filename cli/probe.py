@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
 from rich.table import Table
 
 from dyninfer.cli.output import handle_errors, print_json, progress_reporter, stderr, stdout
@@ -18,17 +19,15 @@ from dyninfer.profilers.probe import REPORT_DIR, ProbeConfig, ProbeReport, run_p
 
 HELP = """Per-layer exit accuracy: how early could each token leave the model?
 
-For every layer (0 = embedding output) it reports top-1 agreement with the final layer,
-next-token accuracy, KL(final || layer), entropy, max-probability and its calibration
-error, the prediction-depth distribution and the oracle compute saving of exiting at it.
+For every layer (0 = embedding output): top-1 agreement with the final layer, next-token accuracy, KL(final || layer), entropy, max-probability and its calibration error (ECE); the prediction-depth distribution; and the oracle FLOP saving of exiting each token at its prediction depth (LM head counted at the exit).
 
 Examples:
 
-  dyninfer probe                                  # bundled model, Python docs, logit lens
+    dyninfer probe    (bundled model, Python docs, logit lens)
 
-  dyninfer probe --lens logit --lens tuned --out audit/   # train a tuned lens, keep it
+    dyninfer probe --lens both --out audit/    (train a tuned lens, keep it in the artifact)
 
-  dyninfer probe ./my-model --data code.jsonl --field content --tokens 8192 --json
+    dyninfer probe ./my-model --data code.jsonl --field content --tokens 8192 --json
 """
 
 
@@ -46,14 +45,14 @@ def render(report: ProbeReport) -> None:
     result = report.result
     lenses = result.lenses()
     table = Table(title=f"Exit probe: {report.base_model['spec']} on {report.data['spec']} "
-                        f"({result.n_tokens} held-out tokens)", title_justify="left")
+                        f"({result.n_tokens} held-out tokens)", title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("layer", justify="right")
     for lens in lenses:
-        for metric in ("agree", "acc", "KL", "ECE", "exits"):
-            table.add_column(f"{lens}\n{metric}", justify="right")
+        for metric in ("agree", "acc", "KL", "ECE", "exit"):
+            table.add_column(f"{lens[:5]} {metric}", justify="right", no_wrap=True)
     by_lens = {lens: result.layers[result.layers["lens"] == lens].reset_index(drop=True) for lens in lenses}
     for index in range(len(by_lens[lenses[0]])):
-        cells = [by_lens[lenses[0]].loc[index, "name"]]
+        cells = ["embed" if index == 0 else str(index)]
         for lens in lenses:
             row = by_lens[lens].loc[index]
             cells += [f"{row.agreement:.1%}", f"{row.accuracy:.1%}", f"{row.kl:.3g}", f"{row.ece:.3f}",
@@ -82,7 +81,7 @@ def probe(
     model: str = typer.Argument(DEFAULT_MODEL, help="`default` (bundled SmolLM2-135M), a model dir, a .gguf file or a hub id."),
     data: str = typer.Option(DEFAULT_DATA, "--data", "-d", help="builtin:pydocs, builtin:stdlib-code, a .txt/.jsonl/.parquet/.csv file, or hf:NAME[:CONFIG][:SPLIT]."),
     field: Optional[str] = typer.Option(None, "--field", help="Text field/column of .jsonl/.parquet/.csv/hf data (default: text)."),
-    lens: list[str] = typer.Option(["logit"], "--lens", "-l", help="logit, tuned or both; repeatable."),
+    lens: list[str] = typer.Option(["logit"], "--lens", "-l", help="logit (training-free, always reported) and/or tuned (trains a tuned lens, or reuses --lens-from; reported beside logit). A tuned lens already in --out is reported too."),
     tokens: int = typer.Option(2048, "--tokens", "-n", help="Held-out next-token predictions to probe."),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens of context per window."),
     seed: int = typer.Option(0, "--seed", help="Seed for the data split and lens training."),

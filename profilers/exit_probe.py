@@ -20,7 +20,7 @@ import torch
 
 from dyninfer.adapters import LayeredModel
 from dyninfer.profilers.cost import CostModel
-from dyninfer.profilers.lenses import LOGIT, kl_final_vs
+from dyninfer.profilers.lenses import LOGIT
 
 ProgressFn = Callable[[str, int, int], None]
 ECE_BINS = 15
@@ -129,16 +129,33 @@ class ProbeResult:
         return out
 
 
-def _update(acc: _Accumulator, index: int, logits: torch.Tensor, final_logprobs, final_top1, targets):
+@dataclass
+class _FinalDistribution:
+    """What every layer is compared with, computed once per batch."""
+
+    probs: torch.Tensor
+    neg_entropy: torch.Tensor  # sum p log p, per token
+    top1: torch.Tensor
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor) -> "_FinalDistribution":
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        probs = logprobs.exp()
+        return cls(probs, (probs * logprobs).sum(-1), logprobs.argmax(-1))
+
+
+def _update(acc: _Accumulator, index: int, logits: torch.Tensor, final: _FinalDistribution, targets):
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     probs = logprobs.exp()
     max_prob, top1 = probs.max(dim=-1)
     acc.top1[-1][index] = top1.numpy()
     correct = top1 == targets
-    acc.agree[index] += (top1 == final_top1).sum().item()
+    # KL(final || layer) = sum p_f log p_f - sum p_f log p_layer
+    kl = final.neg_entropy - torch.linalg.vecdot(final.probs, logprobs)
+    acc.agree[index] += (top1 == final.top1).sum().item()
     acc.correct[index] += correct.sum().item()
-    acc.kl[index] += kl_final_vs(logits, final_logprobs).sum().item()
-    acc.entropy[index] += (-(probs * logprobs).sum(-1)).sum().item()
+    acc.kl[index] += kl.sum().item()
+    acc.entropy[index] += (-torch.linalg.vecdot(probs, logprobs)).sum().item()
     acc.max_prob[index] += max_prob.sum().item()
     conf, hit = max_prob.double().numpy(), correct.double().numpy()
     bins = np.minimum((conf * ECE_BINS).astype(int), ECE_BINS - 1)
@@ -176,14 +193,13 @@ def run_probe(
         batch = windows[start : start + batch_size].to(lm.device)
         inputs, targets = batch[:, :-1], batch[:, 1:].reshape(-1)
         states = [h.reshape(-1, h.shape[-1]) for _, h in lm.hidden_states(inputs)]
-        final_logprobs = torch.log_softmax(lm.logits_from(states[-1]).float(), dim=-1)
-        final_top1 = final_logprobs.argmax(-1)
+        final = _FinalDistribution.from_logits(lm.logits_from(states[-1]))
         n_tokens += targets.numel()
         for lens in lenses:
             acc = accs[lens.kind]
             acc.top1.append(np.zeros((n_index, targets.numel()), dtype=np.int64))
             for index, hidden in enumerate(states):
-                _update(acc, index, lens.logits(index, hidden), final_logprobs, final_top1, targets)
+                _update(acc, index, lens.logits(index, hidden), final, targets)
         report("probing layers", b + 1, n_batches)
     seconds = time.perf_counter() - started
     forward_tps = _time_plain_forward(lm.model, windows, batch_size)

@@ -124,13 +124,16 @@ def run_probe_job(config: ProbeConfig, progress: ProgressFn | None = None, exist
 
     lm = loaded.layered
     costs: CostModel = count_costs(lm, context=config.seq_len)
-    lenses, training, tuned = [], None, None
-    if LOGIT in config.lenses:
-        lenses.append(LogitLens(lm))
+    # Both lenses side by side whenever both are available: the logit lens is free, and a
+    # tuned lens already in the artifact being extended is reused rather than dropped.
+    lenses, training, tuned = [LogitLens(lm)], None, None
     if TUNED in config.lenses:
         started = time.perf_counter()
         tuned, training = _tuned_lens(config, loaded, windows, report)
         timings["tuned_lens_s"] = time.perf_counter() - started
+    elif previous is not None and previous.tensors.get(TUNED_LENS_GROUP):
+        tuned = TunedLens.from_tensors(lm, previous.tensors[TUNED_LENS_GROUP])
+    if tuned is not None:
         lenses.append(tuned)
 
     result = run_probe(lm, heldout, lenses, costs, batch_size=config.batch_size, progress=report)
