@@ -1,0 +1,258 @@
+"""Learn-then-Test calibration of an early-exit threshold with a statistical guarantee.
+
+This is the calibration step of CALM (Schuster et al. 2022, "Confident Adaptive Language
+Modeling"), done with Learn-then-Test (Angelopoulos, Bates, Candès, Jordan, Lei 2021).
+
+The user states a risk tolerance ``delta`` (for "token consistency with the full model
+>= 0.95", the loss is inconsistency and ``delta = 1 - 0.95``) and a failure probability
+``epsilon``. Each candidate threshold ``lambda_j`` gets a valid p-value for the null
+hypothesis ``H0_j: R(lambda_j) > delta``. The candidates are tested in a FIXED SEQUENCE,
+from the strictest (safest, least exiting) to the loosest, and testing stops at the
+first candidate that is not rejected at level ``epsilon``. The chosen threshold is the
+last rejected one, the loosest still certified.
+
+Guarantee: with probability >= 1 - epsilon over the draw of the calibration set,
+``R(chosen) <= delta`` on data exchangeable with the calibration examples.
+
+The losses must be per independent EXAMPLE (one sequence or one token window), each in
+[0, 1], so ``n`` is the number of examples, never the number of tokens: tokens inside
+one window are not independent, and counting them as separate examples makes the
+p-values far too small. `learn_then_test` therefore takes a matrix
+``losses[n_lambdas, n_examples]`` and uses ``n = n_examples``; to control a token-level
+rate, give each window its own fraction of inconsistent tokens (a loss in [0, 1]).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+from dyninfer.errors import DyninferError
+
+METHODS = ("auto", "binomial", "hoeffding-bentkus")
+# Losses this far outside [0, 1] are accepted as rounding noise and clipped.
+LOSS_TOLERANCE = 1e-9
+
+
+@dataclass
+class LTTResult:
+    """The outcome of `learn_then_test`; every list is in test order (strict -> loose)."""
+
+    lambdas: list[float]
+    risks: list[float]
+    p_values: list[float]
+    rejected: list[bool]
+    chosen_index: int | None
+    delta: float
+    epsilon: float
+    n: int
+    method: str
+
+    @property
+    def chosen(self) -> float | None:
+        """The certified threshold (the loosest rejected candidate), or None."""
+        return None if self.chosen_index is None else self.lambdas[self.chosen_index]
+
+    def statement(self) -> str:
+        """The guarantee (or the lack of one) in plain language."""
+        confidence = f"{100 * (1 - self.epsilon):.4g}%"
+        examples = f"{self.n} calibration example{'s' if self.n != 1 else ''}"
+        if self.chosen_index is None:
+            first = 0
+            return (
+                f"No candidate could be certified: even the strictest threshold "
+                f"(lambda = {self.lambdas[first]:.6g}, empirical risk {self.risks[first]:.4g}, "
+                f"p-value {self.p_values[first]:.3g}) is not shown to have risk <= {self.delta:.4g} "
+                f"at epsilon = {self.epsilon:.4g} with {examples}; loosen delta or epsilon, "
+                f"add calibration examples, or add stricter candidates."
+            )
+        j = self.chosen_index
+        return (
+            f"At lambda = {self.lambdas[j]:.6g} (empirical risk {self.risks[j]:.4g}): "
+            f"with probability >= {confidence} (epsilon = {self.epsilon:.4g}), the risk is "
+            f"<= {self.delta:.4g} on data exchangeable with the {examples}; this assumes "
+            f"deployment data is like the calibration data."
+        )
+
+    def to_dict(self) -> dict:
+        """A JSON-ready summary (plain Python types), including `chosen` and `statement`."""
+        return {
+            "lambdas": [float(x) for x in self.lambdas],
+            "risks": [float(x) for x in self.risks],
+            "p_values": [float(x) for x in self.p_values],
+            "rejected": [bool(x) for x in self.rejected],
+            "chosen_index": self.chosen_index,
+            "chosen": None if self.chosen is None else float(self.chosen),
+            "delta": float(self.delta),
+            "epsilon": float(self.epsilon),
+            "n": int(self.n),
+            "method": self.method,
+            "statement": self.statement(),
+        }
+
+
+def _check_unit_interval(name: str, value: float) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise DyninferError(f"{name} must be a number strictly between 0 and 1, got {value!r}.") from None
+    if not 0.0 < value < 1.0:
+        raise DyninferError(f"{name} must be strictly between 0 and 1, got {value!r}; pick e.g. 0.05.")
+    return value
+
+
+def _check_p_value_args(risk_hat: float, n: int, delta: float) -> tuple[float, int, float]:
+    delta = _check_unit_interval("delta", delta)
+    if isinstance(n, bool) or not float(n).is_integer() or n < 1:
+        raise DyninferError(f"n (the number of calibration examples) must be an integer >= 1, got {n!r}.")
+    risk_hat = float(risk_hat)
+    if not -LOSS_TOLERANCE <= risk_hat <= 1.0 + LOSS_TOLERANCE:
+        raise DyninferError(
+            f"risk_hat must be an empirical mean of losses in [0, 1], got {risk_hat!r}; rescale the losses."
+        )
+    return min(max(risk_hat, 0.0), 1.0), int(n), delta
+
+
+def _h1(a: float, b: float) -> float:
+    """Binary KL divergence kl(a || b) with 0 log 0 = 0 (b strictly inside (0, 1))."""
+    out = 0.0
+    if a > 0.0:
+        out += a * math.log(a / b)
+    if a < 1.0:
+        out += (1.0 - a) * math.log((1.0 - a) / (1.0 - b))
+    return out
+
+
+def binomial_p_value(risk_hat: float, n: int, delta: float) -> float:
+    """Exact p-value for ``H0: R > delta`` from n BINARY (0/1) losses with mean ``risk_hat``.
+
+    ``P(Binom(n, delta) <= k)`` with ``k = round(n * risk_hat)`` the number of losses.
+    Valid only when every loss is exactly 0 or 1; use `hoeffding_bentkus_p_value` otherwise.
+    """
+    risk_hat, n, delta = _check_p_value_args(risk_hat, n, delta)
+    k = math.floor(n * risk_hat + 0.5)
+    return float(min(stats.binom.cdf(k, n, delta), 1.0))
+
+
+def hoeffding_bentkus_p_value(risk_hat: float, n: int, delta: float) -> float:
+    """Hoeffding-Bentkus p-value for ``H0: R > delta`` from n losses in [0, 1].
+
+    Bates et al. 2021, "Distribution-free, risk-controlling prediction sets":
+    ``p_H = exp(-n * h1(min(risk_hat, delta), delta))`` with ``h1`` the binary KL
+    divergence, ``p_B = e * P(Binom(n, delta) <= ceil(n * risk_hat))``, and the p-value
+    is ``min(p_H, p_B, 1)``. ``n * risk_hat`` within 1e-9 of an integer counts as that
+    integer, so floating-point noise in a mean does not bump the ceiling.
+    """
+    risk_hat, n, delta = _check_p_value_args(risk_hat, n, delta)
+    p_h = math.exp(-n * _h1(min(risk_hat, delta), delta))
+    total = n * risk_hat
+    k = round(total) if abs(total - round(total)) <= 1e-9 * max(1.0, total) else math.ceil(total)
+    p_b = math.e * float(stats.binom.cdf(k, n, delta))
+    return float(min(p_h, p_b, 1.0))
+
+
+def _check_losses(losses, lambdas) -> tuple[np.ndarray, list[float]]:
+    try:
+        lambdas = [float(x) for x in lambdas]
+    except (TypeError, ValueError):
+        raise DyninferError(
+            "lambdas must be a sequence of numbers (candidate thresholds, strict -> loose)."
+        ) from None
+    if not lambdas:
+        raise DyninferError("lambdas is empty; give at least one candidate threshold.")
+    if any(math.isnan(x) for x in lambdas):
+        raise DyninferError("lambdas contains NaN; give numeric candidate thresholds.")
+    try:
+        array = np.asarray(losses, dtype=float)
+    except (TypeError, ValueError):
+        raise DyninferError("losses must be a numeric array of shape [n_lambdas, n_examples].") from None
+    if array.ndim != 2:
+        raise DyninferError(
+            f"losses must be 2-D [n_lambdas, n_examples] (one row per candidate, one column per "
+            f"example), got shape {array.shape}; for one candidate use losses[None, :]."
+        )
+    if array.shape[0] != len(lambdas):
+        raise DyninferError(
+            f"losses has {array.shape[0]} rows but there are {len(lambdas)} lambdas; "
+            f"give one row of per-example losses per candidate."
+        )
+    if array.shape[1] < 1:
+        raise DyninferError("losses has no examples (0 columns); calibrate on at least one example.")
+    if not np.all(np.isfinite(array)):
+        raise DyninferError(
+            "losses contains NaN or infinite values; every per-example loss must be in [0, 1]."
+        )
+    low, high = float(array.min()), float(array.max())
+    if low < -LOSS_TOLERANCE or high > 1.0 + LOSS_TOLERANCE:
+        raise DyninferError(
+            f"losses must lie in [0, 1], found values in [{low:.6g}, {high:.6g}]; "
+            f"use a bounded per-example loss (e.g. the fraction of inconsistent tokens in a window)."
+        )
+    return np.clip(array, 0.0, 1.0), lambdas
+
+
+def learn_then_test(losses, lambdas, delta: float, epsilon: float, method: str = "auto") -> LTTResult:
+    """Certify the loosest threshold whose risk is <= ``delta`` with probability >= 1 - ``epsilon``.
+
+    ``losses[j, i]`` is the loss of example ``i`` under candidate ``lambdas[j]``, in [0, 1];
+    each column is one independent example (a sequence or window, not a token), so
+    ``n = losses.shape[1]``. ``lambdas`` must already be in test order, from the strictest
+    (safest) to the loosest; they are NOT sorted, because whether "strict" means a high
+    or a low value depends on the threshold.
+
+    ``method``: ``"binomial"`` (exact, 0/1 losses only), ``"hoeffding-bentkus"`` (any
+    losses in [0, 1]) or ``"auto"`` (binomial when every loss is exactly 0 or 1).
+    P-values are computed for every candidate (for reporting), but fixed-sequence testing
+    rejects only the prefix with ``p <= epsilon``; a later candidate after a failure is
+    never taken, even if its own p-value is small.
+    """
+    delta = _check_unit_interval("delta", delta)
+    epsilon = _check_unit_interval("epsilon", epsilon)
+    if method not in METHODS:
+        raise DyninferError(f"Unknown LTT method {method!r}; use one of {', '.join(METHODS)}.")
+    array, lambdas = _check_losses(losses, lambdas)
+    binary = bool(np.all((array == 0.0) | (array == 1.0)))
+    if method == "auto":
+        method = "binomial" if binary else "hoeffding-bentkus"
+    elif method == "binomial" and not binary:
+        raise DyninferError(
+            "method 'binomial' needs losses that are exactly 0 or 1; use 'hoeffding-bentkus' "
+            "(or 'auto') for losses in [0, 1]."
+        )
+    n = int(array.shape[1])
+    p_value = binomial_p_value if method == "binomial" else hoeffding_bentkus_p_value
+    risks = [float(r) for r in array.mean(axis=1)]
+    p_values = [p_value(r, n, delta) for r in risks]
+    rejected = [False] * len(lambdas)
+    for j, p in enumerate(p_values):
+        if p > epsilon:
+            break
+        rejected[j] = True
+    chosen_index = max((j for j, r in enumerate(rejected) if r), default=None)
+    return LTTResult(
+        lambdas=lambdas,
+        risks=risks,
+        p_values=p_values,
+        rejected=rejected,
+        chosen_index=chosen_index,
+        delta=delta,
+        epsilon=epsilon,
+        n=n,
+        method=method,
+    )
+
+
+def naive_choice(losses, lambdas, delta: float) -> int | None:
+    """The baseline WITHOUT a guarantee: the loosest candidate with empirical risk <= delta.
+
+    Scans every candidate (not only a prefix) and returns the last index whose mean loss
+    is <= ``delta``, or None. It overfits the calibration set: its true risk exceeds
+    ``delta`` far more often than ``epsilon``. For comparison only.
+    """
+    delta = _check_unit_interval("delta", delta)
+    array, _ = _check_losses(losses, lambdas)
+    passing = np.flatnonzero(array.mean(axis=1) <= delta)
+    return int(passing[-1]) if passing.size else None
