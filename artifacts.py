@@ -560,3 +560,19 @@ def artifact_exists(path) -> bool:
     """True if *path* is a directory containing a dyninfer manifest."""
     p = pathlib.Path(path)
     return p.is_dir() and (p / MANIFEST_NAME).is_file()
+
+
+def write_report_dir(target: pathlib.Path, files: dict[str, bytes]) -> pathlib.Path:
+    """Replace the report folder `target` (inside an artifact) with `files`, atomically."""
+    target = pathlib.Path(target)
+    tmp = _make_temp_dir(target.parent, target.name)
+    try:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

@@ -279,17 +279,20 @@ class TokenWindows:
             return self.heldout
         raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
 
-    def take(self, split: str, n_tokens: int) -> torch.Tensor:
-        """The first ceil(n_tokens / seq_len) windows of `split` ("train" or "heldout")."""
+    def take(self, split: str, n_tokens: int, option: str = "--tokens") -> torch.Tensor:
+        """The first ceil(n_tokens / seq_len) windows of `split` ("train" or "heldout").
+
+        `option` names the command-line option that asked for `n_tokens`, for the error.
+        """
         windows = self.split(split)
         if n_tokens < 1:
-            raise DyninferError(f"the number of tokens must be at least 1, got {n_tokens}; pass a positive --tokens")
+            raise DyninferError(f"the number of tokens must be at least 1, got {n_tokens}; pass a positive {option}")
         available = windows.shape[0] * self.seq_len
         if n_tokens > available:
             raise DyninferError(
                 f"the {split} split of data '{self.spec}' has {available} tokens "
                 f"({windows.shape[0]} windows of {self.seq_len}) but {n_tokens} were asked for; "
-                "lower --tokens, use a shorter --seq-len or more data"
+                f"lower {option}, use a shorter --seq-len or more data"
             )
         return windows[: math.ceil(n_tokens / self.seq_len)]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from dyninfer import __version__
+from dyninfer.cli import calibrate as calibrate_cmd
 from dyninfer.cli import probe as probe_cmd
 
 app = typer.Typer(
@@ -31,6 +32,7 @@ def root(
 
 
 app.command("probe", help=probe_cmd.HELP)(probe_cmd.probe)
+app.command("calibrate", help=calibrate_cmd.HELP)(calibrate_cmd.calibrate)
 
 
 def main() -> None:

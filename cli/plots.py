@@ -46,3 +46,30 @@ def probe_figure_png(layers: pd.DataFrame, title: str) -> bytes:
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def calibration_curve_png(result, title: str) -> bytes:
+    """Predicted speedup vs consistency over the threshold grid, with the chosen points marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = result.curve
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([c.consistency for c in curve], [c.predicted_speedup for c in curve], marker=".", ms=3,
+            label="threshold grid (calibration split)")
+    ax.axvline(result.target, ls=":", color="grey", label=f"target {result.target:g}")
+    for label, threshold, marker in (("certified (LTT)", result.policy.threshold, "o"),
+                                     ("naive (no guarantee)", result.naive_threshold, "x")):
+        match = [c for c in curve if threshold is not None and c.threshold == threshold]
+        if match:
+            ax.scatter([match[0].consistency], [match[0].predicted_speedup], marker=marker, s=80, zorder=3, label=label)
+    ax.set(xlabel="token consistency with the full model", ylabel="predicted speedup (FLOPs)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()

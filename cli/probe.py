@@ -89,13 +89,14 @@ def probe(
     lens_train_tokens: int = typer.Option(16384, "--lens-train-tokens", help="Training-split tokens for the tuned lens."),
     lens_steps: int = typer.Option(60, "--lens-steps", help="KL refinement steps of the tuned lens."),
     lens_from: Optional[Path] = typer.Option(None, "--lens-from", help="Reuse the tuned lens of this artifact instead of training."),
+    retrain_lens: bool = typer.Option(False, "--retrain-lens", help="Train a new tuned lens even if --out already has one."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Artifact dir: writes/extends it, plus probe/ tables (CSV, Parquet, JSON) and probe.png."),
     as_json: bool = typer.Option(False, "--json", help="Print the machine-readable summary on stdout and nothing else."),
 ) -> None:
     config = ProbeConfig(
         model=model, data=data, field=field, lenses=_lens_list(lens), tokens=tokens, seq_len=seq_len, seed=seed,
         batch_size=batch_size, lens_train_tokens=lens_train_tokens, lens_steps=lens_steps,
-        lens_from=str(lens_from) if lens_from else None,
+        lens_from=str(lens_from) if lens_from else None, retrain_lens=retrain_lens,
     )
     config.validate()
     if out is not None and out.exists() and not out.is_dir():

@@ -6,32 +6,22 @@ prints nothing.
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import shutil
-import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from dyninfer.artifacts import Artifact, BaseModelInfo, artifact_exists
-from dyninfer.data import DEFAULT_DATA, load_windows
+from dyninfer.artifacts import Artifact, write_report_dir
+from dyninfer.data import DEFAULT_DATA
 from dyninfer.errors import DyninferError
-from dyninfer.models import DEFAULT_MODEL, load_model
+from dyninfer.models import DEFAULT_MODEL
 from dyninfer.profilers.cost import CostModel, count_costs
 from dyninfer.profilers.exit_probe import ProbeResult, ProgressFn, run_probe
-from dyninfer.profilers.lenses import (
-    LENS_KINDS,
-    LOGIT,
-    TUNED,
-    TUNED_LENS_GROUP,
-    LogitLens,
-    TunedLens,
-    TunedLensTraining,
-    train_tuned_lens,
-)
+from dyninfer.profilers.lenses import LENS_KINDS, LOGIT, TUNED, LogitLens, TunedLensTraining
+from dyninfer.workspace import open_workspace
 
 PROBE_STAGE = "probe"
 REPORT_DIR = "probe"
@@ -50,6 +40,7 @@ class ProbeConfig:
     lens_train_tokens: int = 16384
     lens_steps: int = 60
     lens_from: str | None = None  # an artifact whose tuned lens to reuse instead of training
+    retrain_lens: bool = False  # train a new tuned lens even if the artifact has one
 
     def validate(self) -> None:
         unknown = [k for k in self.lenses if k not in LENS_KINDS]
@@ -92,60 +83,34 @@ class ProbeReport:
         return out
 
 
-def _tuned_lens(config: ProbeConfig, loaded, windows, progress) -> tuple[TunedLens, TunedLensTraining | None]:
-    lm = loaded.layered
-    if config.lens_from:
-        source = Artifact.load(config.lens_from, expect_model_hash=loaded.content_hash)
-        return TunedLens.from_tensors(lm, source.tensors.get(TUNED_LENS_GROUP, {})), None
-    train = windows.take("train", config.lens_train_tokens)
-    return train_tuned_lens(lm, train, steps=config.lens_steps, seed=config.seed, progress=progress)
-
-
 def run_probe_job(config: ProbeConfig, progress: ProgressFn | None = None, existing: str | None = None) -> ProbeReport:
     """Run the probe. `existing`: an artifact directory to extend (its base model must match)."""
     config.validate()
     torch.manual_seed(config.seed)
-    report = progress or (lambda *a: None)
-    timings: dict[str, float] = {}
-
-    started = time.perf_counter()
-    report("loading model", 0, 1)
-    loaded = load_model(config.model)
-    report("loading model", 1, 1)
-    timings["load_model_s"] = time.perf_counter() - started
-    previous = None
-    if existing and artifact_exists(existing):
-        previous = Artifact.load(existing, expect_model_hash=loaded.content_hash)
-
-    started = time.perf_counter()
-    windows = load_windows(config.data, loaded.tokenizer, field=config.field, seq_len=config.seq_len, seed=config.seed)
-    heldout = windows.take("heldout", config.tokens)  # raises early if the data is too short
-    timings["load_data_s"] = time.perf_counter() - started
-
-    lm = loaded.layered
+    ws = open_workspace(config.model, config.data, field=config.field, seq_len=config.seq_len, seed=config.seed,
+                        existing=existing, progress=progress)
+    heldout = ws.windows.take("heldout", config.tokens)  # raises early if the data is too short
+    lm = ws.lm
     costs: CostModel = count_costs(lm, context=config.seq_len)
     # Both lenses side by side whenever both are available: the logit lens is free, and a
     # tuned lens already in the artifact being extended is reused rather than dropped.
-    lenses, training, tuned = [LogitLens(lm)], None, None
+    lenses: list = [LogitLens(lm)]
+    training = None
     if TUNED in config.lenses:
-        started = time.perf_counter()
-        tuned, training = _tuned_lens(config, loaded, windows, report)
-        timings["tuned_lens_s"] = time.perf_counter() - started
-    elif previous is not None and previous.tensors.get(TUNED_LENS_GROUP):
-        tuned = TunedLens.from_tensors(lm, previous.tensors[TUNED_LENS_GROUP])
+        tuned, training = ws.tuned_lens(lens_from=config.lens_from, train_tokens=config.lens_train_tokens,
+                                        steps=config.lens_steps, seed=config.seed, retrain=config.retrain_lens,
+                                        progress=progress)
+    else:
+        tuned = ws.stored_tuned_lens()
     if tuned is not None:
         lenses.append(tuned)
 
-    result = run_probe(lm, heldout, lenses, costs, batch_size=config.batch_size, progress=report)
-    timings["probe_s"] = result.seconds
-
-    probe_report = ProbeReport(config, loaded.base_model_info(), windows.describe(), result, training, timings)
-    artifact = previous or Artifact(BaseModelInfo.from_dict(loaded.base_model_info()), tokenizer=config.model)
-    artifact.set_stage(PROBE_STAGE, _stage_record(probe_report))
-    if tuned is not None:
-        artifact.put_tensors(TUNED_LENS_GROUP, tuned.tensors())
-    probe_report.artifact = artifact
-    return probe_report
+    result = run_probe(lm, heldout, lenses, costs, batch_size=config.batch_size, progress=progress)
+    ws.timings["probe_s"] = result.seconds
+    report = ProbeReport(config, ws.loaded.base_model_info(), ws.windows.describe(), result, training, ws.timings)
+    ws.artifact.set_stage(PROBE_STAGE, _stage_record(report))
+    report.artifact = ws.artifact
+    return report
 
 
 def _stage_record(report: ProbeReport) -> dict:
@@ -158,19 +123,13 @@ def _stage_record(report: ProbeReport) -> dict:
 def save_probe(report: ProbeReport, out_dir: str | os.PathLike, extra_files: dict[str, bytes] | None = None) -> Path:
     """Save the artifact and the report tables (CSV, Parquet, JSON) under OUT/probe/."""
     target = report.artifact.save(out_dir)
-    reports = target / REPORT_DIR
-    tmp = Path(tempfile.mkdtemp(prefix=".probe.tmp-", dir=target))
-    try:
-        report.result.layers.to_csv(tmp / "layers.csv", index=False)
-        report.result.layers.to_parquet(tmp / "layers.parquet", index=False)
-        report.result.depth.to_csv(tmp / "depth.csv", index=False)
-        (tmp / "summary.json").write_text(json.dumps(report.summary(), indent=2))
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
-        if reports.exists():
-            shutil.rmtree(reports)
-        os.replace(tmp, reports)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    parquet = io.BytesIO()
+    report.result.layers.to_parquet(parquet, index=False)
+    files = {
+        "layers.csv": report.result.layers.to_csv(index=False).encode(),
+        "layers.parquet": parquet.getvalue(),
+        "depth.csv": report.result.depth.to_csv(index=False).encode(),
+        "summary.json": json.dumps(report.summary(), indent=2).encode(),
+    }
+    write_report_dir(target / REPORT_DIR, files | (extra_files or {}))
     return target

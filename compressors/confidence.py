@@ -1,0 +1,87 @@
+"""Exit confidence measures (CALM): higher always means "more sure the exit is right".
+
+- softmax: the exit head's max probability;
+- margin: top-1 minus top-2 probability;
+- entropy: 1 - H(p) / log(V), so a one-hot distribution scores 1;
+- saturation: cosine between this exit point's hidden state and the previous layer's
+  (no head needed, so it costs almost nothing);
+- classifier: CALM's "meta" classifier, a logistic regression per exit point on the
+  normalised hidden state, trained to predict "this layer's top-1 equals the final top-1"
+  (no head needed either).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dyninfer.errors import DyninferError
+
+HEAD_MEASURES = ("softmax", "margin", "entropy")  # need the exit head's logits
+STATE_MEASURES = ("saturation", "classifier")  # read the hidden state only
+MEASURES = HEAD_MEASURES + STATE_MEASURES
+
+
+def check_measure(measure: str) -> str:
+    if measure not in MEASURES:
+        raise DyninferError(f"unknown confidence measure '{measure}'; choose from: {', '.join(MEASURES)}")
+    return measure
+
+
+def from_logits(measure: str, logits: torch.Tensor) -> torch.Tensor:
+    """Confidence per row of `logits` ([..., V])."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    if measure == "softmax":
+        return probs.max(dim=-1).values
+    if measure == "margin":
+        top2 = probs.topk(2, dim=-1).values
+        return top2[..., 0] - top2[..., 1]
+    if measure == "entropy":
+        entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
+        return 1.0 - entropy / math.log(logits.shape[-1])
+    raise ValueError(f"{measure} is not computed from logits")
+
+
+def saturation(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(previous.float(), current.float(), dim=-1)
+
+
+class ExitClassifier(nn.Module):
+    """One logistic regression per exit point on the final-norm'd hidden state."""
+
+    def __init__(self, n_points: int, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n_points, hidden_size))
+        self.bias = nn.Parameter(torch.zeros(n_points))
+
+    def forward(self, point: int, normed: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(normed.float() @ self.weight[point] + self.bias[point])
+
+    def fit(self, features: list[torch.Tensor], labels: list[torch.Tensor], steps: int = 200, lr: float = 0.05) -> None:
+        """Class-balanced logistic regression per exit point (full-batch Adam; features are small)."""
+        optimiser = torch.optim.Adam(self.parameters(), lr=lr)
+        for _ in range(steps):
+            optimiser.zero_grad(set_to_none=True)
+            loss = 0.0
+            for point, (x, y) in enumerate(zip(features, labels)):
+                y = y.float()
+                positive = y.mean().clamp(1e-3, 1 - 1e-3)
+                weights = torch.where(y > 0.5, 0.5 / positive, 0.5 / (1 - positive))
+                logits = x.float() @ self.weight[point] + self.bias[point]
+                loss = loss + (nn.functional.binary_cross_entropy_with_logits(logits, y, weight=weights))
+            loss.backward()
+            optimiser.step()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"classifier.weight": self.weight.detach().contiguous(), "classifier.bias": self.bias.detach().contiguous()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "ExitClassifier":
+        weight, bias = tensors["classifier.weight"], tensors["classifier.bias"]
+        model = cls(weight.shape[0], weight.shape[1])
+        with torch.no_grad():
+            model.weight.copy_(weight)
+            model.bias.copy_(bias)
+        return model

@@ -1,0 +1,171 @@
+"""Calibration: cost accounting, exit semantics, vocabulary pruning, the guarantee, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dyninfer.adapters import LayeredModel
+from dyninfer.artifacts import Artifact
+from dyninfer.cli.app import app
+from dyninfer.compressors.calibrate import (
+    ExitPolicy,
+    Trace,
+    block_losses,
+    candidate_thresholds,
+    select_exit_points,
+    simulate,
+    trace_exits,
+)
+from dyninfer.compressors.ltt import learn_then_test
+from dyninfer.profilers.cost import CostModel
+from dyninfer.profilers.lenses import LogitLens
+from tiny_models import VOCAB, tiny_model
+
+COSTS = CostModel(context=0, embed=0.0, layers=[10.0] * 6, norm=1.0, head=40.0, translator=5.0)
+
+
+def _trace(confidence, agrees, points=(2, 4)):
+    confidence = torch.tensor(confidence, dtype=torch.float32)
+    agrees = torch.tensor(agrees, dtype=torch.bool)
+    return Trace(list(points), confidence, agrees, agrees.clone(), torch.ones(confidence.shape[1], dtype=torch.bool))
+
+
+def test_simulated_costs_and_exits_by_hand():
+    # token 0 exits at the first point, token 1 at the second, token 2 never.
+    trace = _trace([[0.9, 0.1, 0.2], [0.5, 0.8, 0.3]], [[1, 0, 1], [1, 1, 0]])
+    sim = simulate(trace, 0.7, COSTS, "softmax", translated=False, vocab_top_k=0, hidden_size=8)
+    assert sim.exit_row.tolist() == [0, 1, -1]
+    check = 1.0 + 40.0  # norm + head
+    assert sim.cost.tolist() == [20 + check, 40 + 2 * check, 60 + 1 + 40 + 2 * check]
+    assert sim.consistent.tolist() == [True, True, True]
+    # With vocabulary pruning the second check scores only K rows; a tuned lens adds its translator.
+    pruned = simulate(trace, 0.7, COSTS, "softmax", translated=True, vocab_top_k=4, hidden_size=8)
+    first, later = 5 + 1 + 40, 5 + 1 + 2 * 4 * 8
+    assert pruned.cost.tolist()[1] == 40 + first + later
+    # A state measure pays a cheap check and the head once, at the exit.
+    cheap = simulate(trace, 0.7, COSTS, "saturation", translated=False, vocab_top_k=0, hidden_size=8)
+    assert cheap.cost.tolist()[0] == 20 + 3 * 8 + 1 + 40
+
+
+def test_never_exits_without_threshold_or_points():
+    trace = _trace([[0.99, 0.99]], [[0, 0]], points=(3,))
+    sim = simulate(trace, None, COSTS, "softmax", False, 0, 8)
+    assert sim.exit_row.tolist() == [-1, -1] and sim.consistent.all()
+
+
+def test_block_losses_are_rates_per_block():
+    trace = _trace([[1, 1, 1, 1, 0, 0]], [[0, 1, 1, 1, 1, 1]], points=(2,))
+    sim = simulate(trace, 0.5, COSTS, "softmax", False, 0, 8)
+    np.testing.assert_allclose(block_losses(sim, trace, "consistency", 2), [0.5, 0.0, 0.0])
+    np.testing.assert_allclose(block_losses(sim, trace, "consistency", 4), [0.25])  # the tail is dropped
+
+
+def test_candidate_thresholds_run_strict_to_loose_and_start_with_no_exit():
+    confidence = torch.rand(2, 500, generator=torch.Generator().manual_seed(0))
+    grid = candidate_thresholds(confidence)
+    assert grid == sorted(grid, reverse=True)
+    assert grid[0] > confidence.max().item()
+
+
+def test_expensive_checks_place_no_exit_points():
+    trace = _trace([[0.9] * 50], [[1] * 50], points=(5,))
+    dear = CostModel(context=0, embed=0.0, layers=[1.0] * 6, norm=0.0, head=1000.0, translator=0.0)
+    assert select_exit_points(trace, dear, "softmax", False, 0, 8, target=0.9) == []  # a check costs more than it saves
+    assert select_exit_points(trace, COSTS, "softmax", False, 0, 8, target=0.9) == [5]
+
+
+def test_guarantee_holds_on_synthetic_traces_with_known_truth():
+    """Confidence predicts agreement with a known law; the certified threshold's true risk <= delta."""
+    rng = np.random.default_rng(0)
+    delta, epsilon, trials, violations = 0.1, 0.1, 60, 0
+
+    def draw(n):
+        c = rng.random(n)
+        agrees = rng.random(n) < (0.5 + 0.5 * c)  # P(agree | c) = 0.5 + 0.5c
+        return _trace([c.tolist()], [agrees.tolist()], points=(3,))
+
+    for _ in range(trials):
+        cal = draw(4000)
+        thresholds = candidate_thresholds(cal.confidence, n=60)
+        losses = np.stack([block_losses(simulate(cal, t, COSTS, "softmax", False, 0, 8), cal, "consistency", 8)
+                           for t in thresholds])
+        ltt = learn_then_test(losses, thresholds, delta=delta, epsilon=epsilon)
+        if ltt.chosen_index is None:
+            continue
+        lam = ltt.chosen
+        # True risk: exiting tokens have c >= lam, each disagrees with prob 0.5(1 - c).
+        true_risk = 0.5 * ((1 - lam) - (1 - lam**2) / 2)  # integral over c in [lam, 1] of 0.5(1 - c)
+        violations += true_risk > delta
+    assert violations / trials <= epsilon + 3 * np.sqrt(epsilon * (1 - epsilon) / trials)
+
+
+@torch.no_grad()
+def test_trace_with_full_vocabulary_pruning_equals_unpruned():
+    lm = LayeredModel(tiny_model("qwen2", layers=4))
+    windows = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(0))
+    lens = LogitLens(lm)
+    plain = trace_exits(lm, windows, [1, 2, 3], lens, "softmax")
+    everything = trace_exits(lm, windows, [1, 2, 3], lens, "softmax", vocab_top_k=VOCAB)
+    torch.testing.assert_close(everything.confidence, plain.confidence)
+    assert torch.equal(everything.agrees, plain.agrees)
+    pruned = trace_exits(lm, windows, [1, 2, 3], lens, "softmax", vocab_top_k=4)
+    assert torch.equal(pruned.agrees[0], plain.agrees[0])  # the first check sees the full vocabulary
+    assert (pruned.confidence[1:] >= plain.confidence[1:] - 1e-6).all()  # renormalised over fewer tokens
+
+
+def test_policy_round_trips():
+    policy = ExitPolicy("tuned", "margin", [4, 9], 0.5, 16, "recompute")
+    assert ExitPolicy.from_dict(json.loads(json.dumps(policy.to_dict()))) == policy
+
+
+CAL = ["--seq-len", "32", "--fit-tokens", "256", "--calibration-tokens", "1024", "--heldout-tokens", "256",
+       "--min-layer", "1", "--block", "8", "--target", "0.8"]
+
+
+@pytest.fixture(scope="module")
+def long_text(tmp_path_factory):
+    from conftest import random_text
+
+    path = tmp_path_factory.mktemp("cal") / "long.txt"
+    path.write_text(random_text(20000))
+    return path
+
+
+@pytest.mark.parametrize("measure", ["softmax", "classifier"])
+def test_calibrate_cli_writes_policy(tiny_llama_dir, long_text, tmp_path, measure):
+    out = tmp_path / "art"
+    result = CliRunner().invoke(app, ["calibrate", str(tiny_llama_dir), "--data", str(long_text), *CAL, "--lens",
+                                      "logit", "--measure", measure, "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    policy = summary["policy"]
+    assert policy["measure"] == measure and all(1 <= p < 3 for p in policy["exit_points"])
+    assert "with probability" in summary["statement"] or "No candidate" in summary["statement"]
+    exits = summary["heldout"]["exit_distribution"]
+    assert set(exits) <= {str(p) for p in policy["exit_points"]} | {"3"}  # exits only at allowed points
+    assert sum(exits.values()) == pytest.approx(1.0)
+    stage = Artifact.load(out).stages["calibrate"]
+    assert stage["policy"] == policy
+    if measure == "classifier":
+        weight = Artifact.load(out).tensors["exits"]["classifier.weight"]
+        assert weight.shape == (len(policy["exit_points"]), 32)
+    for name in ("curve.csv", "curve.png", "summary.json"):
+        assert (out / "calibrate" / name).is_file()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--target", "1.5"], "--target must be between 0 and 1"),
+    (["--measure", "vibes"], "--measure must be one of"),
+    (["--kv-mode", "none"], "--kv-mode must be one of"),
+    (["--calibration-tokens", "100000"], "fitting and calibration need"),
+])
+def test_calibrate_bad_options(tiny_llama_dir, long_text, args, fragment):
+    result = CliRunner().invoke(app, ["calibrate", str(tiny_llama_dir), "--data", str(long_text), *CAL, "--lens",
+                                      "logit", *args])
+    assert result.exit_code == 2, result.output
+    assert fragment in result.stderr and "Traceback" not in result.output

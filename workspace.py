@@ -1,0 +1,91 @@
+"""What every stage starts from: the model, the data windows and the artifact being extended.
+
+`probe`, `calibrate` and later stages open a `Workspace`, do their work, record a stage in
+`workspace.artifact` and save it. The tuned lens is shared: taken from `--lens-from`, else
+from the artifact being extended, else trained on the train split.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from dyninfer.artifacts import Artifact, BaseModelInfo, artifact_exists
+from dyninfer.data import TokenWindows, load_windows
+from dyninfer.models import LoadedModel, load_model
+from dyninfer.profilers.lenses import TUNED_LENS_GROUP, TunedLens, TunedLensTraining, train_tuned_lens
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class Workspace:
+    loaded: LoadedModel
+    windows: TokenWindows
+    artifact: Artifact
+    extends_existing: bool
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def lm(self):
+        return self.loaded.layered
+
+    def stored_tuned_lens(self) -> TunedLens | None:
+        tensors = self.artifact.tensors.get(TUNED_LENS_GROUP, {})
+        return TunedLens.from_tensors(self.lm, tensors) if "tuned_lens.weight" in tensors else None
+
+    def tuned_lens(
+        self,
+        *,
+        lens_from: str | None = None,
+        train_tokens: int = 16384,
+        steps: int = 60,
+        seed: int = 0,
+        retrain: bool = False,
+        progress: ProgressFn | None = None,
+    ) -> tuple[TunedLens, TunedLensTraining | None]:
+        """The tuned lens to use, and its training record when it was trained now."""
+        started = time.perf_counter()
+        try:
+            if lens_from:
+                source = Artifact.load(lens_from, expect_model_hash=self.loaded.content_hash)
+                return TunedLens.from_tensors(self.lm, source.tensors.get(TUNED_LENS_GROUP, {})), None
+            stored = None if retrain else self.stored_tuned_lens()
+            if stored is not None:
+                return stored, None
+            train = self.windows.take("train", train_tokens, option="--lens-train-tokens")
+            lens, record = train_tuned_lens(self.lm, train, steps=steps, seed=seed, progress=progress)
+            self.artifact.put_tensors(TUNED_LENS_GROUP, lens.tensors())
+            return lens, record
+        finally:
+            self.timings["tuned_lens_s"] = time.perf_counter() - started
+
+
+def open_workspace(
+    model: str,
+    data: str,
+    *,
+    field: str | None = None,
+    seq_len: int = 256,
+    seed: int = 0,
+    existing: str | None = None,
+    progress: ProgressFn | None = None,
+) -> Workspace:
+    """Load the model, then the artifact to extend (checked against the model), then the data."""
+    report = progress or (lambda *a: None)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    report("loading model", 0, 1)
+    loaded = load_model(model)
+    report("loading model", 1, 1)
+    timings["load_model_s"] = time.perf_counter() - started
+    extends = bool(existing) and artifact_exists(existing)
+    if extends:
+        artifact = Artifact.load(existing, expect_model_hash=loaded.content_hash)
+    else:
+        artifact = Artifact(BaseModelInfo.from_dict(loaded.base_model_info()), tokenizer=model)
+    started = time.perf_counter()
+    windows = load_windows(data, loaded.tokenizer, field=field, seq_len=seq_len, seed=seed)
+    timings["load_data_s"] = time.perf_counter() - started
+    return Workspace(loaded, windows, artifact, extends, timings)
