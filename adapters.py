@@ -39,6 +39,9 @@ class ArchAdapter:
     norm: str
     prepare: Callable[..., ForwardPass]
     new_cache: Callable[[nn.Module, int], Any]
+    layer_kwargs_at: Callable[..., dict[str, Any]]  # kwargs to run one layer on tokens at explicit positions
+    propagate: Callable[..., None]  # write a skipped layer's cache entry from an exit hidden state
+    embed_at: Callable[..., torch.Tensor]
     recurrent: bool = False  # state-space model: a fixed-size state instead of a KV cache
 
 
@@ -159,20 +162,148 @@ def _prepare_mamba(lm: "LayeredModel", input_ids, cache, attention_mask) -> Forw
     return ForwardPass(hidden, layer_kwargs)
 
 
-_ROTARY = dict(backbone="model", embed="embed_tokens", layers="layers", norm="norm")
+# --- decoding at explicit positions -------------------------------------------------
+# During dynamic decoding the layers' caches hold different numbers of positions (a token
+# that exits early is missing from the deeper layers until it is caught up or propagated),
+# while transformers sizes masks from layer 0. So each layer call builds its own mask.
+
+
+def _full_dynamic_cache(model: nn.Module, batch_size: int):
+    """Caches keep every position (no sliding-window truncation), so they can be cropped
+    for speculative rollback; sliding windows are applied in the masks instead."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def _sliding_window(lm: "LayeredModel", layer: nn.Module) -> int | None:
+    config = lm.config
+    if config.model_type == "mistral":
+        return getattr(config, "sliding_window", None)
+    if getattr(layer, "attention_type", None) == "sliding_attention":
+        return config.sliding_window
+    return None
+
+
+def _mask_at(start: int, length: int, window: int | None, dtype, device) -> torch.Tensor:
+    """Additive mask [1, 1, length, start + length]: query start+i sees keys <= itself (and in window)."""
+    queries = torch.arange(start, start + length, device=device)[:, None]
+    keys = torch.arange(0, start + length, device=device)[None, :]
+    allowed = keys <= queries
+    if window is not None:
+        allowed &= keys > queries - window
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def _rotary_at(lm: "LayeredModel", layer: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor):
+    base = lm.backbone
+    if lm.config.model_type == "gemma3_text":
+        global_ = base.rotary_emb(hidden, position_ids)
+        local = base.rotary_emb_local(hidden, position_ids)
+        return {"position_embeddings_global": global_, "position_embeddings_local": local}, (
+            local if getattr(layer, "attention_type", None) == "sliding_attention" else global_
+        )
+    rope = base.rotary_emb(hidden, position_ids)
+    return {"position_embeddings": rope}, rope
+
+
+def _rotary_kwargs_at(lm: "LayeredModel", layer: nn.Module, hidden, start: int, cache) -> dict[str, Any]:
+    length = hidden.shape[1]
+    positions = torch.arange(start, start + length, device=hidden.device)
+    rope, _ = _rotary_at(lm, layer, hidden, positions[None])
+    return dict(
+        attention_mask=_mask_at(start, length, _sliding_window(lm, layer), hidden.dtype, hidden.device),
+        position_ids=positions[None],
+        past_key_values=cache,
+        use_cache=True,
+        cache_position=positions,
+        **rope,
+    )
+
+
+def _rotary_propagate(lm: "LayeredModel", index: int, hidden: torch.Tensor, start: int, cache) -> None:
+    """CALM state propagation: the skipped layer's K/V computed from the exit hidden state."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    layer = lm.layers[index]
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    shape = (*x.shape[:-1], -1, attn.head_dim)
+    key = attn.k_proj(x).view(shape).transpose(1, 2)
+    value = attn.v_proj(x).view(shape).transpose(1, 2)
+    if hasattr(attn, "k_norm"):  # Gemma 3 normalises keys per head
+        key = attn.k_norm(key)
+    positions = torch.arange(start, start + hidden.shape[1], device=hidden.device)
+    _, (cos, sin) = _rotary_at(lm, layer, hidden, positions[None])
+    _, key = apply_rotary_pos_emb(key, key, cos, sin)
+    cache.update(key, value, index, {"sin": sin, "cos": cos, "cache_position": positions})
+
+
+def _token_embed_at(lm: "LayeredModel", input_ids: torch.Tensor, start: int) -> torch.Tensor:
+    return getattr(lm.backbone, lm.adapter.embed)(input_ids)
+
+
+def _gpt2_embed_at(lm: "LayeredModel", input_ids: torch.Tensor, start: int) -> torch.Tensor:
+    base = lm.backbone
+    positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]
+    return base.drop(base.wte(input_ids) + base.wpe(positions))
+
+
+def _gpt2_kwargs_at(lm: "LayeredModel", layer: nn.Module, hidden, start: int, cache) -> dict[str, Any]:
+    length = hidden.shape[1]
+    return dict(
+        past_key_values=cache,
+        cache_position=torch.arange(start, start + length, device=hidden.device),
+        attention_mask=_mask_at(start, length, None, hidden.dtype, hidden.device),
+        use_cache=True,
+    )
+
+
+def _gpt2_propagate(lm: "LayeredModel", index: int, hidden: torch.Tensor, start: int, cache) -> None:
+    layer = lm.layers[index]
+    attn = layer.attn
+    _, key, value = attn.c_attn(layer.ln_1(hidden)).split(attn.split_size, dim=2)
+    shape = (*hidden.shape[:-1], -1, attn.head_dim)
+    positions = torch.arange(start, start + hidden.shape[1], device=hidden.device)
+    cache.update(key.view(shape).transpose(1, 2), value.view(shape).transpose(1, 2), index, {"cache_position": positions})
+
+
+def _mamba_kwargs_at(lm: "LayeredModel", layer: nn.Module, hidden, start: int, cache) -> dict[str, Any]:
+    if hidden.shape[1] != 1 and start != 0:
+        raise ValueError("Mamba layers take one token at a time after the prefill")
+    if start == 0:  # transformers' Mamba signals a prefill by a cache_position of length conv_kernel
+        position = torch.arange(0, lm.config.conv_kernel, device=hidden.device)
+    else:
+        position = torch.tensor([start], device=hidden.device)
+    return dict(cache_params=cache, cache_position=position, attention_mask=None)
+
+
+def _mamba_propagate(lm: "LayeredModel", index: int, hidden: torch.Tensor, start: int, cache) -> None:
+    """A state-space layer has no K/V: its state advances by running the layer on the exit state."""
+    layer = lm.layers[index]
+    layer(hidden, **_mamba_kwargs_at(lm, layer, hidden, start, cache))
+
+
+_ROTARY = dict(backbone="model", embed="embed_tokens", layers="layers", norm="norm", prepare=_prepare_rotary,
+               new_cache=_dynamic_cache, layer_kwargs_at=_rotary_kwargs_at, propagate=_rotary_propagate,
+               embed_at=_token_embed_at)
 
 ADAPTERS: tuple[ArchAdapter, ...] = (
-    ArchAdapter("llama", ("llama",), prepare=_prepare_rotary, new_cache=_dynamic_cache, **_ROTARY),
-    ArchAdapter("qwen2", ("qwen2",), prepare=_prepare_rotary, new_cache=_dynamic_cache, **_ROTARY),
-    ArchAdapter("mistral", ("mistral",), prepare=_prepare_rotary, new_cache=_dynamic_cache, **_ROTARY),
-    ArchAdapter("gemma3", ("gemma3_text",), prepare=_prepare_rotary, new_cache=_dynamic_cache, **_ROTARY),
+    ArchAdapter("llama", ("llama",), **_ROTARY),
+    ArchAdapter("qwen2", ("qwen2",), **_ROTARY),
+    ArchAdapter("mistral", ("mistral",), **_ROTARY),
+    ArchAdapter("gemma3", ("gemma3_text",), **_ROTARY),
     ArchAdapter(
         "gpt2", ("gpt2",), backbone="transformer", embed="wte", layers="h", norm="ln_f",
-        prepare=_prepare_gpt2, new_cache=_dynamic_cache,
+        prepare=_prepare_gpt2, new_cache=_dynamic_cache, layer_kwargs_at=_gpt2_kwargs_at,
+        propagate=_gpt2_propagate, embed_at=_gpt2_embed_at,
     ),
     ArchAdapter(
         "mamba", ("mamba",), backbone="backbone", embed="embeddings", layers="layers", norm="norm_f",
-        prepare=_prepare_mamba, new_cache=_mamba_cache, recurrent=True,
+        prepare=_prepare_mamba, new_cache=_mamba_cache, layer_kwargs_at=_mamba_kwargs_at,
+        propagate=_mamba_propagate, embed_at=_token_embed_at, recurrent=True,
     ),
 )
 
@@ -236,6 +367,29 @@ class LayeredModel:
         """A fresh KV cache (transformers' Cache classes) or Mamba state cache."""
         return self.adapter.new_cache(self.model, batch_size)
 
+    def new_decoding_cache(self, batch_size: int = 1):
+        """A cache for dynamic decoding: every layer keeps all positions (croppable)."""
+        if self.adapter.recurrent:
+            return self.adapter.new_cache(self.model, batch_size)
+        return _full_dynamic_cache(self.model, batch_size)
+
+    def embed_at(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Embedding output of tokens placed at positions start, start + 1, ..."""
+        return self.adapter.embed_at(self, input_ids, start)
+
+    def layer_at(self, index: int, hidden: torch.Tensor, start: int, cache) -> torch.Tensor:
+        """Run layer `index` on tokens at positions start.. whose cache holds exactly [0, start)."""
+        layer = self.layers[index]
+        if self.adapter.recurrent and hidden.shape[1] > 1 and start > 0:
+            outs = [self.layer_at(index, hidden[:, t : t + 1], start + t, cache) for t in range(hidden.shape[1])]
+            return torch.cat(outs, dim=1)
+        out = layer(hidden, **self.adapter.layer_kwargs_at(self, layer, hidden, start, cache))
+        return out[0] if isinstance(out, tuple) else out
+
+    def propagate(self, index: int, hidden: torch.Tensor, start: int, cache) -> None:
+        """Fill layer `index`'s cache entry at `start` from an exit hidden state (CALM)."""
+        self.adapter.propagate(self, index, hidden, start, cache)
+
     def begin(self, input_ids: torch.Tensor, cache=None, attention_mask=None) -> ForwardPass:
         """Embed `input_ids` and prepare what every layer of this forward needs."""
         return self.adapter.prepare(self, input_ids, cache, attention_mask)
@@ -256,6 +410,15 @@ class LayeredModel:
     def head_rows(self, normed: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """Logits of only `token_ids` (a vocabulary subset): cheap partial head."""
         logits = normed @ self.lm_head.weight[token_ids].T
+        if getattr(self.lm_head, "bias", None) is not None:
+            logits = logits + self.lm_head.bias[token_ids]
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def head_rows_per_row(self, normed: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """Logits of a different vocabulary subset per row: normed [B, d], token_ids [B, K]."""
+        logits = torch.einsum("bd,bkd->bk", normed, self.lm_head.weight[token_ids])
         if getattr(self.lm_head, "bias", None) is not None:
             logits = logits + self.lm_head.bias[token_ids]
         if self.softcap:

@@ -25,9 +25,9 @@ Chooses the exit points with the per-layer cost model, then certifies the looses
 
 Examples:
 
-    dyninfer calibrate --out audit/    (bundled model, tuned lens, softmax confidence, target 0.95)
+    dyninfer calibrate --out audit/    (bundled model, tuned lens, classifier confidence, target 0.95)
 
-    dyninfer calibrate --target 0.99 --epsilon 0.1 --measure classifier --out audit/
+    dyninfer calibrate --target 0.99 --epsilon 0.1 --measure softmax --out audit/
 
     dyninfer calibrate ./my-model --data code.jsonl --lens logit --vocab-top-k 64 --json
 """
@@ -76,7 +76,7 @@ def calibrate(
     epsilon: float = typer.Option(0.05, "--epsilon", "-e", help="Allowed probability that the guarantee fails."),
     risk: str = typer.Option("consistency", "--risk", help="consistency (vs the full model) or accuracy-drop (vs the true token)."),
     lens: str = typer.Option("tuned", "--lens", "-l", help="Exit head: tuned (reused from --out/--lens-from, else trained) or logit."),
-    measure: str = typer.Option("softmax", "--measure", "-m", help="softmax, margin, entropy, saturation or classifier."),
+    measure: str = typer.Option("classifier", "--measure", "-m", help="classifier (CALM meta classifier on the hidden state: cheap), softmax, margin, entropy (need the LM head at each check) or saturation."),
     vocab_top_k: int = typer.Option(0, "--vocab-top-k", help="Dynamic vocabulary pruning: later checks score only the first check's top-K (0 = off)."),
     kv_mode: str = typer.Option("propagate", "--kv-mode", help="KV of skipped layers at run time: propagate (CALM) or recompute."),
     min_layer: Optional[int] = typer.Option(None, "--min-layer", help="Earliest exit point (default: a quarter of the depth)."),

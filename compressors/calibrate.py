@@ -108,9 +108,10 @@ def trace_exits(
             confidence.append(c.float())
             agrees.append(top1 == final_top1)
             correct.append(top1 == targets)
-        cols["confidence"].append(torch.stack(confidence))
-        cols["agrees"].append(torch.stack(agrees))
-        cols["correct"].append(torch.stack(correct))
+        n = final_top1.numel()
+        cols["confidence"].append(torch.stack(confidence) if points else torch.empty(0, n))
+        cols["agrees"].append(torch.stack(agrees) if points else torch.empty(0, n, dtype=torch.bool))
+        cols["correct"].append(torch.stack(correct) if points else torch.empty(0, n, dtype=torch.bool))
         cols["final"].append(final_top1 == targets)
         report("tracing exits", b + 1, n_batches)
     return Trace(list(points), torch.cat(cols["confidence"], 1), torch.cat(cols["agrees"], 1),

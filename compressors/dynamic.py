@@ -1,0 +1,282 @@
+"""The dynamic model: generation that leaves the network early, token by token.
+
+Modes:
+- ``full``: every token runs every layer (the same code path, exits disabled);
+- ``early-exit`` (CALM): at each exit point of the policy, the confidence of the exit head
+  is checked; the token leaves at the first point where every sequence in the batch is
+  confident (CALM decides on the batch minimum). The skipped layers' cache entries are
+  filled per the policy's KV mode:
+    ``propagate``: from the exit hidden state, through each skipped layer's K/V projections
+    (CALM state propagation; cheap, approximate);
+    ``recompute``: left missing, and computed exactly when a later token needs that layer,
+    in one batched call together with that token (FREE-style catch-up);
+- ``speculative`` (LayerSkip self-speculation, lossless): draft greedily with the exit at
+  one layer while it stays confident, then verify all drafts with the remaining layers in
+  one pass; the output is exactly the full model's greedy output.
+Every generated token records the layer it left at and its confidence.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from dyninfer.adapters import LayeredModel
+from dyninfer.compressors import confidence as conf
+from dyninfer.compressors.calibrate import ExitPolicy
+from dyninfer.errors import DyninferError
+
+MODES = ("full", "early-exit", "speculative")
+
+
+@dataclass
+class GenerationResult:
+    tokens: torch.Tensor  # [batch, new tokens]
+    exit_layers: list[int]  # per generated step (shared by the batch); num_layers = no exit
+    confidences: list[float | None]
+    seconds: float
+    mode: str
+    num_layers: int
+    drafted: int = 0
+    accepted: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def new_tokens(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens.numel() / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def mean_exit_layer(self) -> float:
+        return sum(self.exit_layers) / max(len(self.exit_layers), 1)
+
+    @property
+    def acceptance(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
+
+
+class DynamicModel:
+    def __init__(self, lm: LayeredModel, policy: ExitPolicy | None, lens, classifier: conf.ExitClassifier | None = None):
+        self.lm = lm
+        self.policy = policy
+        self.lens = lens
+        self.classifier = classifier
+        if policy is not None and policy.measure == "classifier" and classifier is None:
+            raise DyninferError("the policy uses the classifier measure but the artifact has no classifier; re-run calibrate")
+
+    # -- exit heads -------------------------------------------------------------------
+    def _normed(self, depth: int, hidden: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.lens, "translate"):
+            hidden = self.lens.translate(depth, hidden)
+        return self.lm.final_norm(hidden)
+
+    def _check(self, row: int, depth: int, hidden, previous, candidates):
+        """Confidence [B] and, for head measures, the exit logits (restricted to candidates if set)."""
+        measure = self.policy.measure
+        if measure == "saturation":
+            return conf.saturation(previous, hidden), None, candidates
+        if measure == "classifier":
+            return self.classifier(row, self.lm.final_norm(hidden)), None, candidates
+        normed = self._normed(depth, hidden)
+        if candidates is not None:
+            logits = self.lm.head_rows_per_row(normed, candidates)
+        else:
+            logits = self.lm.head(normed)
+            if self.policy.vocab_top_k:
+                candidates = logits.topk(self.policy.vocab_top_k, dim=-1).indices
+        return conf.from_logits(measure, logits), logits, candidates
+
+    def _exit_logits(self, depth: int, hidden, logits, candidates):
+        """Logits over the full vocabulary (or scattered back from the candidate subset)."""
+        if logits is None:
+            return self.lm.head(self._normed(depth, hidden))
+        if logits.shape[-1] == self.lm.vocab_size:
+            return logits
+        full = torch.full((logits.shape[0], self.lm.vocab_size), float("-inf"), dtype=logits.dtype)
+        return full.scatter(1, candidates, logits)
+
+    # -- generation -------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 64,
+        *,
+        mode: str = "early-exit",
+        sample: bool = False,
+        temperature: float = 1.0,
+        seed: int = 0,
+        eos_token_id: int | None = None,
+        max_draft: int = 8,
+        draft_layer: int | None = None,
+    ) -> GenerationResult:
+        if mode not in MODES:
+            raise DyninferError(f"unknown mode '{mode}'; choose from: {', '.join(MODES)}")
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            raise DyninferError("the prompt is empty; give at least one token")
+        if max_new_tokens < 1:
+            raise DyninferError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        if mode != "full" and (self.policy is None or not self.policy.exit_points):
+            raise DyninferError("this artifact has no exit points; run `dyninfer calibrate` first or use --mode full")
+        if mode == "speculative":
+            if sample:
+                raise DyninferError("the lossless speculative mode is greedy; drop --sample or use --mode early-exit")
+            if self.lm.adapter.recurrent:
+                raise DyninferError("speculative decoding needs a KV cache it can roll back; Mamba's recurrent "
+                                    "state cannot be, use --mode early-exit")
+        generator = torch.Generator().manual_seed(seed)
+        started = time.perf_counter()
+        state = _DecodeState(self.lm, input_ids.shape[0])
+        logits = state.prefill(input_ids)
+        token = self._pick(logits, sample, temperature, generator)
+        tokens, exits, confidences = [token], [self.lm.num_layers], [None]
+        result = GenerationResult(torch.empty(0), exits, confidences, 0.0, mode, self.lm.num_layers)
+        if mode == "speculative":
+            self._speculate(state, tokens, exits, confidences, max_new_tokens, eos_token_id, max_draft,
+                            draft_layer, result)
+        else:
+            while len(tokens) < max_new_tokens and not _finished(tokens, eos_token_id):
+                logits, depth, c = self._step(state, tokens[-1], mode)
+                tokens.append(self._pick(logits, sample, temperature, generator))
+                exits.append(depth)
+                confidences.append(c)
+        result.tokens = torch.cat(tokens[:max_new_tokens], dim=1)
+        del exits[max_new_tokens:], confidences[max_new_tokens:]
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _pick(self, logits, sample: bool, temperature: float, generator) -> torch.Tensor:
+        if not sample:
+            return logits.argmax(-1, keepdim=True)
+        probs = torch.softmax(logits.float() / max(temperature, 1e-5), dim=-1)
+        return torch.multinomial(probs, 1, generator=generator)
+
+    def _step(self, state: "_DecodeState", token: torch.Tensor, mode: str):
+        """One decode step; returns (logits [B, V], exit depth, confidence)."""
+        lm, policy = self.lm, self.policy
+        position = state.length
+        hidden = lm.embed_at(token, position)
+        previous = hidden
+        points = {} if mode == "full" or policy.threshold is None else {p: r for r, p in enumerate(policy.exit_points)}
+        candidates = None
+        for index in range(lm.num_layers):
+            previous, hidden = hidden, state.run_layer(index, hidden, position)
+            depth = index + 1
+            if depth in points:
+                last = hidden[:, -1]
+                c, logits, candidates = self._check(points[depth], depth, last, previous[:, -1], candidates)
+                confidence = float(c.min())
+                if confidence >= policy.threshold:  # the whole batch is confident: leave here
+                    state.skip_rest(depth, hidden, position, policy.kv_mode)
+                    return self._exit_logits(depth, last, logits, candidates), depth, confidence
+        state.length += 1
+        return lm.logits_from(hidden[:, -1]), lm.num_layers, None
+
+    def _speculate(self, state, tokens, exits, confidences, max_new_tokens, eos_token_id, max_draft, draft_layer,
+                   result) -> None:
+        lm, policy = self.lm, self.policy
+        layer = draft_layer or policy.exit_points[-1]
+        if not 1 <= layer < lm.num_layers:
+            raise DyninferError(f"--draft-layer must be between 1 and {lm.num_layers - 1}, got {layer}")
+        threshold = policy.threshold if policy.threshold is not None else 1.1  # uncertified: draft one token
+        while len(tokens) < max_new_tokens and not _finished(tokens, eos_token_id):
+            start = state.length
+            drafts, draft_conf, hiddens = [], [], []
+            token = tokens[-1]
+            while True:  # draft with the first `layer` layers while the exit stays confident
+                position = start + len(drafts)
+                hidden = lm.embed_at(token, position)
+                for index in range(layer):
+                    hidden = lm.layer_at(index, hidden, position, state.cache)
+                hiddens.append(hidden)
+                logits = lm.head(self._normed(layer, hidden[:, -1]))
+                token = logits.argmax(-1, keepdim=True)
+                c = float(conf.from_logits("softmax", logits).min())
+                drafts.append(token)
+                draft_conf.append(c)
+                if c < threshold or len(drafts) >= max_draft or len(tokens) + len(drafts) >= max_new_tokens:
+                    break
+            # Verify every draft with the remaining layers in one pass.
+            hidden = torch.cat(hiddens, dim=1)
+            for index in range(layer, lm.num_layers):
+                hidden = lm.layer_at(index, hidden, start, state.cache)
+            full = lm.logits_from(hidden).argmax(-1)  # [B, k]: full prediction after each input
+            k = len(drafts)
+            draft_ids = torch.cat(drafts, dim=1)
+            agree = (draft_ids == full).all(0).tolist()
+            accepted = next((i for i, ok in enumerate(agree) if not ok), k)
+            result.drafted += k
+            result.accepted += accepted
+            for i in range(accepted):
+                tokens.append(drafts[i])
+                exits.append(layer)
+                confidences.append(draft_conf[i])
+            if accepted < k:
+                tokens.append(full[:, accepted : accepted + 1])
+                exits.append(lm.num_layers)
+                confidences.append(None)
+                state.cache.crop(start + accepted + 1)
+                state.length = start + accepted + 1
+            else:
+                state.length = start + k
+
+
+def _finished(tokens: list[torch.Tensor], eos_token_id: int | None) -> bool:
+    if eos_token_id is None:
+        return False
+    done = torch.zeros_like(tokens[0], dtype=torch.bool)
+    for t in tokens:
+        done |= t == eos_token_id
+    return bool(done.all())
+
+
+class _DecodeState:
+    """The cache and, in recompute mode, the tokens still missing from deeper layers."""
+
+    def __init__(self, lm: LayeredModel, batch_size: int):
+        self.lm = lm
+        self.cache = lm.new_decoding_cache(batch_size)
+        self.length = 0  # positions fully entered (every layer has them, or they are pending)
+        self.filled = [0] * lm.num_layers  # positions each layer's cache holds
+        self.pending: dict[int, torch.Tensor] = {}  # position -> hidden state at its current depth
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.lm.embed_at(input_ids, 0)
+        for index in range(self.lm.num_layers):
+            hidden = self.lm.layer_at(index, hidden, 0, self.cache)
+        self.length = input_ids.shape[1]
+        self.filled = [self.length] * self.lm.num_layers
+        return self.lm.logits_from(hidden[:, -1])
+
+    def run_layer(self, index: int, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        """Run `index` for the token at `position`, first catching up positions it lacks."""
+        start = self.filled[index]
+        if start < position:  # recompute mode: earlier tokens exited before this layer
+            missing = [self.pending[p] for p in range(start, position)]
+            out = self.lm.layer_at(index, torch.cat(missing + [hidden], dim=1), start, self.cache)
+            for offset, p in enumerate(range(start, position)):
+                self.pending[p] = out[:, offset : offset + 1]
+            hidden = out[:, -1:]
+        else:
+            hidden = self.lm.layer_at(index, hidden, position, self.cache)
+        self.filled[index] = position + 1
+        return hidden
+
+    def skip_rest(self, depth: int, hidden: torch.Tensor, position: int, kv_mode: str) -> None:
+        if kv_mode == "propagate":
+            for index in range(depth, self.lm.num_layers):
+                if self.filled[index] == position:
+                    self.lm.propagate(index, hidden, position, self.cache)
+                    self.filled[index] = position + 1
+        else:
+            self.pending[position] = hidden
+        # Positions every layer now holds need no catch-up any more.
+        complete = min(self.filled)
+        for p in [p for p in self.pending if p < complete]:
+            del self.pending[p]
+        self.length += 1
