@@ -5,8 +5,10 @@ from __future__ import annotations
 import typer
 
 from dyninfer import __version__
+from dyninfer.cli import bench as bench_cmd
 from dyninfer.cli import calibrate as calibrate_cmd
 from dyninfer.cli import probe as probe_cmd
+from dyninfer.cli import run as run_cmd
 
 app = typer.Typer(
     name="dyninfer",
@@ -33,6 +35,8 @@ def root(
 
 app.command("probe", help=probe_cmd.HELP)(probe_cmd.probe)
 app.command("calibrate", help=calibrate_cmd.HELP)(calibrate_cmd.calibrate)
+app.command("run", help=run_cmd.HELP)(run_cmd.run)
+app.command("bench", help=bench_cmd.HELP)(bench_cmd.bench)
 
 
 def main() -> None:

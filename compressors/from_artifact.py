@@ -1,0 +1,42 @@
+"""Rebuild the dynamic model an artifact describes: base model, exit head, policy, classifier."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dyninfer.artifacts import Artifact
+from dyninfer.compressors.calibrate import ExitPolicy
+from dyninfer.compressors.calibration_job import CALIBRATE_STAGE
+from dyninfer.compressors.confidence import ExitClassifier
+from dyninfer.compressors.dynamic import DynamicModel
+from dyninfer.errors import DyninferError
+from dyninfer.models import LoadedModel, load_model
+from dyninfer.profilers.lenses import TUNED, TUNED_LENS_GROUP, LogitLens, TunedLens
+
+
+@dataclass
+class LoadedDynamic:
+    artifact: Artifact
+    loaded: LoadedModel
+    dynamic: DynamicModel
+    policy: ExitPolicy | None
+
+    @property
+    def calibration(self) -> dict:
+        return self.artifact.stages.get(CALIBRATE_STAGE, {})
+
+
+def load_dynamic(path: str, model: str | None = None, require_policy: bool = True) -> LoadedDynamic:
+    """Load the artifact at `path` and its base model (or `model`, which must be the same weights)."""
+    artifact = Artifact.load(path)
+    loaded = load_model(model or artifact.base_model.spec)
+    artifact.check_base_model(loaded.content_hash, loaded.spec)
+    stage = artifact.stages.get(CALIBRATE_STAGE)
+    if stage is None and require_policy:
+        raise DyninferError(f"'{path}' has no early-exit policy; run `dyninfer calibrate --out {path}` first")
+    policy = ExitPolicy.from_dict(stage["policy"]) if stage else None
+    exits = artifact.tensors.get(TUNED_LENS_GROUP, {})
+    lm = loaded.layered
+    lens = TunedLens.from_tensors(lm, exits) if policy is not None and policy.lens == TUNED else LogitLens(lm)
+    classifier = ExitClassifier.from_tensors(exits) if policy is not None and policy.measure == "classifier" else None
+    return LoadedDynamic(artifact, loaded, DynamicModel(lm, policy, lens, classifier), policy)

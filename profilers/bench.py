@@ -1,0 +1,147 @@
+"""Side-by-side benchmark: the dynamic model against the full model, same prompts, batch 1.
+
+The baseline is what users otherwise run: transformers' own forward with its KV cache,
+greedy. Each mode of the dynamic model (early exit, lossless speculation, and the same
+code path with exits disabled, to show its overhead) decodes the same prompts. Speed is
+tokens/s over all prompts; quality is the token consistency with the baseline
+(position by position, and the shared prefix), and the perplexity of each output under
+the full model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from dyninfer.compressors.from_artifact import LoadedDynamic
+from dyninfer.errors import DyninferError
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    tokens_per_s: float
+    speedup: float  # vs the full-model baseline, measured in this run
+    consistency: float  # generated tokens equal to the baseline's at the same position
+    prefix_agreement: float  # mean fraction of the output before the first difference
+    perplexity: float  # of the generated tokens under the full model
+    mean_exit_layer: float
+    acceptance: float | None = None  # speculative: accepted / drafted
+
+
+@dataclass
+class BenchResult:
+    prompts: int
+    prompt_tokens: int
+    new_tokens: int
+    modes: list[ModeResult]
+    predicted_speedup: float | None  # from calibration's cost model (FLOPs)
+    notes: list[str] = field(default_factory=list)
+
+    def mode(self, name: str) -> ModeResult:
+        return next(m for m in self.modes if m.mode == name)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        dyn = next((m for m in self.modes if m.mode == "early-exit"), None)
+        if dyn is not None and self.predicted_speedup:
+            out["realized_over_predicted"] = dyn.speedup / self.predicted_speedup
+        return out
+
+
+@torch.no_grad()
+def _baseline_generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    logits = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1]
+    out = [logits.argmax(-1, keepdim=True)]
+    while len(out) < new_tokens:
+        logits = model(out[-1], past_key_values=cache, use_cache=True).logits[:, -1]
+        out.append(logits.argmax(-1, keepdim=True))
+    return torch.cat(out, dim=1)
+
+
+@torch.no_grad()
+def _perplexity(model, prompt: torch.Tensor, generated: torch.Tensor) -> float:
+    sequence = torch.cat([prompt, generated], dim=1)
+    logits = model(sequence, use_cache=False).logits[:, prompt.shape[1] - 1 : -1].float()
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), generated.reshape(-1))
+    return float(math.exp(nll))
+
+
+def _prefix_fraction(a: torch.Tensor, b: torch.Tensor) -> float:
+    differ = (a != b).flatten().tolist()
+    return (differ.index(True) if True in differ else len(differ)) / len(differ)
+
+
+def run_bench(
+    dyn: LoadedDynamic,
+    prompts: torch.Tensor,
+    new_tokens: int = 64,
+    *,
+    modes: tuple[str, ...] = ("early-exit", "speculative", "full"),
+    progress: ProgressFn | None = None,
+) -> BenchResult:
+    """`prompts`: [n, prompt_tokens] token ids, decoded one at a time (batch 1)."""
+    if prompts.shape[0] < 1 or prompts.shape[1] < 1:
+        raise DyninferError("no prompts to benchmark; use more data or a shorter --prompt-tokens")
+    if new_tokens < 1:
+        raise DyninferError(f"--new-tokens must be at least 1, got {new_tokens}")
+    report = progress or (lambda *a: None)
+    model, dynamic = dyn.loaded.model, dyn.dynamic
+    notes = []
+    if dyn.loaded.layered.adapter.recurrent and "speculative" in modes:
+        modes = tuple(m for m in modes if m != "speculative")
+        notes.append("speculative mode skipped: Mamba's recurrent state cannot be rolled back")
+    # Warm-up (allocator, kernels) so the first timed prompt is not penalised.
+    _baseline_generate(model, prompts[:1, : min(8, prompts.shape[1])], 2)
+    dynamic.generate(prompts[:1, : min(8, prompts.shape[1])], 2, mode="full")
+
+    baseline_outputs, baseline_seconds = [], 0.0
+    runs: dict[str, list] = {m: [] for m in modes}
+    seconds = {m: 0.0 for m in modes}
+    total = prompts.shape[0]
+    for i in range(total):
+        prompt = prompts[i : i + 1]
+        started = time.perf_counter()
+        baseline_outputs.append(_baseline_generate(model, prompt, new_tokens))
+        baseline_seconds += time.perf_counter() - started
+        for mode in modes:  # same prompt, one after another, so load changes hit every mode alike
+            started = time.perf_counter()
+            runs[mode].append(dynamic.generate(prompt, new_tokens, mode=mode))
+            seconds[mode] += time.perf_counter() - started
+        report("benchmarking prompts", i + 1, total)
+
+    n_tokens = total * new_tokens
+    baseline_tps = n_tokens / baseline_seconds
+    results = [ModeResult("baseline (transformers)", baseline_tps, 1.0, 1.0, 1.0,
+                          _mean([_perplexity(model, prompts[i : i + 1], o) for i, o in enumerate(baseline_outputs)]),
+                          float(dyn.loaded.layered.num_layers))]
+    for mode in modes:
+        outs = runs[mode]
+        consistency = _mean([float((o.tokens == b).double().mean()) for o, b in zip(outs, baseline_outputs)])
+        drafted = sum(o.drafted for o in outs)
+        results.append(ModeResult(
+            mode=mode,
+            tokens_per_s=n_tokens / seconds[mode],
+            speedup=(n_tokens / seconds[mode]) / baseline_tps,
+            consistency=consistency,
+            prefix_agreement=_mean([_prefix_fraction(o.tokens, b) for o, b in zip(outs, baseline_outputs)]),
+            perplexity=_mean([_perplexity(model, prompts[i : i + 1], o.tokens) for i, o in enumerate(outs)]),
+            mean_exit_layer=_mean([o.mean_exit_layer for o in outs]),
+            acceptance=(sum(o.accepted for o in outs) / drafted) if drafted else None,
+        ))
+    predicted = dyn.calibration.get("heldout", {}).get("predicted_speedup")
+    return BenchResult(total, prompts.shape[1], new_tokens, results, predicted, notes)
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)

@@ -1,0 +1,90 @@
+"""`dyninfer run` and `dyninfer bench` on a calibrated tiny artifact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from dyninfer.cli.app import app
+from conftest import random_text, save_tiny
+
+runner = CliRunner()
+CAL = ["--seq-len", "32", "--fit-tokens", "256", "--calibration-tokens", "1024", "--heldout-tokens", "256",
+       "--min-layer", "1", "--block", "8", "--target", "0.6", "--lens", "logit", "--measure", "saturation"]
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runbench")
+    model = save_tiny("llama", root / "model")
+    data = root / "text.txt"
+    data.write_text(random_text(20000))
+    out = root / "artifact"
+    result = runner.invoke(app, ["calibrate", str(model), "--data", str(data), *CAL, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return model, data, out
+
+
+def test_run_json_records_each_tokens_exit(calibrated):
+    _, _, artifact = calibrated
+    result = runner.invoke(app, ["run", str(artifact), "tok1 tok2 tok3", "-n", "10", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert len(out["tokens"]) == 10
+    assert all(1 <= t["exit_layer"] <= 3 for t in out["tokens"])
+    assert out["mean_exit_layer"] == pytest.approx(sum(t["exit_layer"] for t in out["tokens"]) / 10)
+
+
+def test_run_speculative_equals_full(calibrated):
+    _, _, artifact = calibrated
+    texts = {}
+    for mode in ("full", "speculative"):
+        result = runner.invoke(app, ["run", str(artifact), "tok4 tok5", "-n", "12", "--mode", mode, "--json"])
+        assert result.exit_code == 0, result.output
+        texts[mode] = [t["id"] for t in json.loads(result.stdout)["tokens"]]
+    assert texts["speculative"] == texts["full"]
+
+
+def test_run_table_output(calibrated):
+    _, _, artifact = calibrated
+    result = runner.invoke(app, ["run", str(artifact), "tok1", "-n", "5"])
+    assert result.exit_code == 0 and "mean exit layer" in result.stdout and "exit layer:" in result.stdout
+
+
+def test_bench_reports_every_mode_and_gates(calibrated):
+    _, _, artifact = calibrated
+    args = ["bench", str(artifact), "--prompts", "2", "--prompt-tokens", "8", "--new-tokens", "6", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    modes = {m["mode"]: m for m in out["modes"]}
+    assert set(modes) == {"baseline (transformers)", "early-exit", "speculative", "full"}
+    assert modes["speculative"]["consistency"] == 1.0 and modes["full"]["consistency"] == 1.0  # lossless paths
+    assert modes["full"]["perplexity"] == pytest.approx(modes["baseline (transformers)"]["perplexity"], rel=1e-4)
+    assert out["predicted_speedup"] > 0 and out["gates_failed"] == []
+    failing = runner.invoke(app, args + ["--min-speedup", "1000"])
+    assert failing.exit_code == 1 and "--min-speedup" in failing.stderr
+    consistency_gate = runner.invoke(app, args + ["--min-consistency", "1.01"])
+    assert consistency_gate.exit_code == 1
+
+
+def test_artifact_without_policy_and_for_another_model(calibrated, tmp_path):
+    model, data, artifact = calibrated
+    probe_only = tmp_path / "probe-only"
+    assert runner.invoke(app, ["probe", str(model), "--data", str(data), "--tokens", "32", "--seq-len", "16",
+                               "--out", str(probe_only)]).exit_code == 0
+    result = runner.invoke(app, ["run", str(probe_only), "tok1"])
+    assert result.exit_code == 2 and "run `dyninfer calibrate" in result.stderr
+    other = save_tiny("llama", tmp_path / "other", seed=3)
+    result = runner.invoke(app, ["bench", str(artifact), "--model", str(other)])
+    assert result.exit_code == 2 and "made for model" in result.stderr
+
+
+def test_run_bad_inputs(calibrated):
+    _, _, artifact = calibrated
+    assert runner.invoke(app, ["run", str(artifact), "   "]).exit_code == 2
+    assert runner.invoke(app, ["run", str(artifact), "x", "--mode", "turbo"]).exit_code == 2
+    assert runner.invoke(app, ["run", "/no/such/artifact", "x"]).exit_code == 2
+    assert runner.invoke(app, ["bench", str(artifact), "--new-tokens", "0"]).exit_code == 2
