@@ -32,7 +32,7 @@ Examples:
 
 
 def render(result: BenchResult) -> None:
-    table = Table(box=box.SIMPLE_HEAD, title=f"{result.prompts} prompts × {result.new_tokens} new tokens, batch 1",
+    table = Table(box=box.SIMPLE_HEAD, title=f"{result.prompts} prompts × {result.new_tokens} new tokens, batch 1, KV of skipped layers: {result.kv_mode}",
                   title_justify="left")
     for name in ("mode", "tokens/s", "speedup", "consistency", "shared prefix", "perplexity", "mean exit layer",
                  "draft acceptance"):
@@ -60,6 +60,7 @@ def bench(
     new_tokens: int = typer.Option(64, "--new-tokens", help="Tokens generated per prompt."),
     seed: int = typer.Option(0, "--seed"),
     model: Optional[str] = typer.Option(None, "--model", help="Load the base model from here instead (same weights)."),
+    kv_mode: Optional[str] = typer.Option(None, "--kv-mode", help="Override the policy's KV mode: propagate or recompute."),
     min_speedup: Optional[float] = typer.Option(None, "--min-speedup", help="Gate: early-exit speedup at least this."),
     min_consistency: Optional[float] = typer.Option(None, "--min-consistency", help="Gate: early-exit token consistency at least this."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output only."),
@@ -68,7 +69,7 @@ def bench(
         if value < 1:
             raise DyninferError(f"{name} must be at least 1, got {value}")
     with progress_reporter() as progress:
-        dyn = load_dynamic(str(artifact), model)
+        dyn = load_dynamic(str(artifact), model, kv_mode=kv_mode)
         spec = data or dyn.calibration.get("data", {}).get("spec") or DEFAULT_DATA
         windows = load_windows(spec, dyn.loaded.tokenizer, field=field, seq_len=prompt_tokens, seed=seed)
         prompt_ids = windows.take("heldout", prompts * prompt_tokens, option="--prompts")[:, :prompt_tokens]

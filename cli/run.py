@@ -55,13 +55,14 @@ def run(
     seed: int = typer.Option(0, "--seed"),
     raw: bool = typer.Option(False, "--raw", help="Do not wrap the prompt in the model's chat template."),
     model: Optional[str] = typer.Option(None, "--model", help="Load the base model from here instead (same weights)."),
+    kv_mode: Optional[str] = typer.Option(None, "--kv-mode", help="Override the policy's KV mode: propagate or recompute."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output only."),
 ) -> None:
     if mode not in MODES:
         raise DyninferError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'")
     with progress_reporter() as progress:
         progress("loading model", 0, 1)
-        dyn = load_dynamic(str(artifact), model, require_policy=mode != "full")
+        dyn = load_dynamic(str(artifact), model, require_policy=mode != "full", kv_mode=kv_mode)
         progress("loading model", 1, 1)
     tokenizer = dyn.loaded.tokenizer
     ids = encode_prompt(tokenizer, prompt, raw)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from dyninfer.artifacts import Artifact
 from dyninfer.compressors.calibrate import ExitPolicy
-from dyninfer.compressors.calibration_job import CALIBRATE_STAGE
+from dyninfer.compressors.calibration_job import CALIBRATE_STAGE, KV_MODES
 from dyninfer.compressors.confidence import ExitClassifier
 from dyninfer.compressors.dynamic import DynamicModel
 from dyninfer.errors import DyninferError
@@ -26,8 +26,12 @@ class LoadedDynamic:
         return self.artifact.stages.get(CALIBRATE_STAGE, {})
 
 
-def load_dynamic(path: str, model: str | None = None, require_policy: bool = True) -> LoadedDynamic:
-    """Load the artifact at `path` and its base model (or `model`, which must be the same weights)."""
+def load_dynamic(path: str, model: str | None = None, require_policy: bool = True,
+                 kv_mode: str | None = None) -> LoadedDynamic:
+    """Load the artifact at `path` and its base model (or `model`, which must be the same weights).
+
+    `kv_mode` overrides the policy's way of filling skipped layers' caches.
+    """
     artifact = Artifact.load(path)
     loaded = load_model(model or artifact.base_model.spec)
     artifact.check_base_model(loaded.content_hash, loaded.spec)
@@ -35,6 +39,11 @@ def load_dynamic(path: str, model: str | None = None, require_policy: bool = Tru
     if stage is None and require_policy:
         raise DyninferError(f"'{path}' has no early-exit policy; run `dyninfer calibrate --out {path}` first")
     policy = ExitPolicy.from_dict(stage["policy"]) if stage else None
+    if kv_mode is not None:
+        if kv_mode not in KV_MODES:
+            raise DyninferError(f"--kv-mode must be one of {', '.join(KV_MODES)}, got '{kv_mode}'")
+        if policy is not None:
+            policy.kv_mode = kv_mode
     exits = artifact.tensors.get(TUNED_LENS_GROUP, {})
     lm = loaded.layered
     lens = TunedLens.from_tensors(lm, exits) if policy is not None and policy.lens == TUNED else LogitLens(lm)

@@ -42,6 +42,7 @@ class BenchResult:
     new_tokens: int
     modes: list[ModeResult]
     predicted_speedup: float | None  # from calibration's cost model (FLOPs)
+    kv_mode: str | None = None
     notes: list[str] = field(default_factory=list)
 
     def mode(self, name: str) -> ModeResult:
@@ -139,7 +140,8 @@ def run_bench(
             acceptance=(sum(o.accepted for o in outs) / drafted) if drafted else None,
         ))
     predicted = dyn.calibration.get("heldout", {}).get("predicted_speedup")
-    return BenchResult(total, prompts.shape[1], new_tokens, results, predicted, notes)
+    kv_mode = dyn.policy.kv_mode if dyn.policy is not None else None
+    return BenchResult(total, prompts.shape[1], new_tokens, results, predicted, kv_mode, notes)
 
 
 def _mean(values) -> float:

@@ -68,6 +68,9 @@ def test_bench_reports_every_mode_and_gates(calibrated):
     assert failing.exit_code == 1 and "--min-speedup" in failing.stderr
     consistency_gate = runner.invoke(app, args + ["--min-consistency", "1.01"])
     assert consistency_gate.exit_code == 1
+    recompute = runner.invoke(app, args + ["--kv-mode", "recompute"])
+    assert recompute.exit_code == 0 and json.loads(recompute.stdout)["kv_mode"] == "recompute"
+    assert runner.invoke(app, args + ["--kv-mode", "magic"]).exit_code == 2
 
 
 def test_artifact_without_policy_and_for_another_model(calibrated, tmp_path):
