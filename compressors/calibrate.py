@@ -147,8 +147,10 @@ def simulate(trace: Trace, threshold: float | None, costs: CostModel, measure: s
         passes = torch.zeros(n_points, n, dtype=torch.bool)
     else:
         passes = trace.confidence >= threshold
-    any_pass = passes.any(0)
-    first = torch.where(any_pass, passes.float().argmax(0), torch.full((n,), -1))
+    if n_points == 0:  # no exit points: every token runs the full model
+        first = torch.full((n,), -1)
+    else:
+        first = torch.where(passes.any(0), passes.float().argmax(0), torch.full((n,), -1))
     cumulative_layers = np.concatenate([[0.0], np.cumsum(costs.layers)])
     check = [check_cost(costs, measure, translated, r == 0, vocab_top_k, hidden_size) for r in range(n_points)]
     cumulative_checks = np.concatenate([[0.0], np.cumsum(check)])
@@ -165,6 +167,12 @@ def simulate(trace: Trace, threshold: float | None, costs: CostModel, measure: s
         consistent[chosen] = trace.agrees[r][chosen]
         correct[chosen] = trace.correct[r][chosen]
     return Simulation(first, consistent, correct, cost)
+
+
+def exit_layers(sim: Simulation, trace: Trace, num_layers: int) -> torch.Tensor:
+    """The layer each token left at (num_layers for tokens that ran the full model)."""
+    points = torch.tensor(trace.points + [num_layers])
+    return points[sim.exit_row]  # row -1 picks the appended full depth
 
 
 def block_losses(sim: Simulation, trace: Trace, risk: str, block: int) -> np.ndarray:
@@ -259,7 +267,7 @@ class CalibrationResult:
 
 def evaluate(trace: Trace, threshold: float | None, costs: CostModel, policy: ExitPolicy, d: int) -> dict:
     sim = simulate(trace, threshold, costs, policy.measure, policy.lens == "tuned", policy.vocab_top_k, d)
-    layers = torch.tensor([trace.points[r] if r >= 0 else costs.num_layers for r in sim.exit_row.tolist()])
+    layers = exit_layers(sim, trace, costs.num_layers)
     histogram = {str(p): float((layers == p).double().mean()) for p in policy.exit_points + [costs.num_layers]}
     return {
         "consistency": float(sim.consistent.double().mean()),
@@ -348,7 +356,7 @@ def run_calibration(
     curve = []
     full = costs.full_cost()
     for t, s, p in zip(thresholds, sims, ltt.p_values):
-        layers = torch.tensor([cal_trace.points[r] if r >= 0 else n_layers for r in s.exit_row.tolist()])
+        layers = exit_layers(s, cal_trace, n_layers)
         curve.append(CurvePoint(t, float(s.consistent.double().mean()), float(s.correct.double().mean()),
                                 float(full / s.cost.mean()), float(layers.double().mean()), float(p)))
 

@@ -58,6 +58,13 @@ def test_never_exits_without_threshold_or_points():
     assert sim.exit_row.tolist() == [-1, -1] and sim.consistent.all()
 
 
+def test_no_exit_points_means_the_full_model():
+    trace = Trace([], torch.empty(0, 4), torch.empty(0, 4, dtype=torch.bool), torch.empty(0, 4, dtype=torch.bool),
+                  torch.ones(4, dtype=torch.bool))
+    sim = simulate(trace, float("inf"), COSTS, "softmax", False, 0, 8)
+    assert sim.exit_row.tolist() == [-1] * 4 and sim.cost.tolist() == [COSTS.full_cost()] * 4
+
+
 def test_block_losses_are_rates_per_block():
     trace = _trace([[1, 1, 1, 1, 0, 0]], [[0, 1, 1, 1, 1, 1]], points=(2,))
     sim = simulate(trace, 0.5, COSTS, "softmax", False, 0, 8)
