@@ -185,8 +185,14 @@ def _sliding_window(lm: "LayeredModel", layer: nn.Module) -> int | None:
     return None
 
 
-def _mask_at(start: int, length: int, window: int | None, dtype, device) -> torch.Tensor:
-    """Additive mask [1, 1, length, start + length]: query start+i sees keys <= itself (and in window)."""
+def _mask_at(start: int, length: int, window: int | None, dtype, device) -> torch.Tensor | None:
+    """Additive mask [1, 1, length, start + length]: query start+i sees keys <= itself (and in window).
+
+    None when no key is hidden (one new token, window not yet full): SDPA then takes its
+    fast unmasked kernel, as transformers does for plain decoding.
+    """
+    if length == 1 and (window is None or start < window):
+        return None
     queries = torch.arange(start, start + length, device=device)[:, None]
     keys = torch.arange(0, start + length, device=device)[None, :]
     allowed = keys <= queries

@@ -61,6 +61,8 @@ def bench(
     seed: int = typer.Option(0, "--seed"),
     model: Optional[str] = typer.Option(None, "--model", help="Load the base model from here instead (same weights)."),
     kv_mode: Optional[str] = typer.Option(None, "--kv-mode", help="Override the policy's KV mode: propagate or recompute."),
+    draft_layer: Optional[int] = typer.Option(None, "--draft-layer", help="Speculative mode: draft with the exit after this layer (default: 70% of the depth)."),
+    draft_threshold: float = typer.Option(0.5, "--draft-threshold", help="Speculative mode: keep drafting while the draft's max probability is at least this."),
     min_speedup: Optional[float] = typer.Option(None, "--min-speedup", help="Gate: early-exit speedup at least this."),
     min_consistency: Optional[float] = typer.Option(None, "--min-consistency", help="Gate: early-exit token consistency at least this."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output only."),
@@ -73,7 +75,8 @@ def bench(
         spec = data or dyn.calibration.get("data", {}).get("spec") or DEFAULT_DATA
         windows = load_windows(spec, dyn.loaded.tokenizer, field=field, seq_len=prompt_tokens, seed=seed)
         prompt_ids = windows.take("heldout", prompts * prompt_tokens, option="--prompts")[:, :prompt_tokens]
-        result = run_bench(dyn, prompt_ids, new_tokens, progress=progress)
+        result = run_bench(dyn, prompt_ids, new_tokens, draft_layer=draft_layer, draft_threshold=draft_threshold,
+                           progress=progress)
     early = result.mode("early-exit")
     failures = []
     if min_speedup is not None and not early.speedup >= min_speedup:

@@ -56,18 +56,21 @@ def run(
     raw: bool = typer.Option(False, "--raw", help="Do not wrap the prompt in the model's chat template."),
     model: Optional[str] = typer.Option(None, "--model", help="Load the base model from here instead (same weights)."),
     kv_mode: Optional[str] = typer.Option(None, "--kv-mode", help="Override the policy's KV mode: propagate or recompute."),
+    draft_layer: Optional[int] = typer.Option(None, "--draft-layer", help="Speculative mode: draft with the exit after this layer (default: 70% of the depth)."),
+    draft_threshold: float = typer.Option(0.5, "--draft-threshold", help="Speculative mode: keep drafting while the draft's max probability is at least this."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output only."),
 ) -> None:
     if mode not in MODES:
         raise DyninferError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'")
     with progress_reporter() as progress:
         progress("loading model", 0, 1)
-        dyn = load_dynamic(str(artifact), model, require_policy=mode != "full", kv_mode=kv_mode)
+        dyn = load_dynamic(str(artifact), model, require_policy=mode == "early-exit", kv_mode=kv_mode)
         progress("loading model", 1, 1)
     tokenizer = dyn.loaded.tokenizer
     ids = encode_prompt(tokenizer, prompt, raw)
     result = dyn.dynamic.generate(ids, max_new_tokens, mode=mode, sample=sample, temperature=temperature, seed=seed,
-                                  eos_token_id=tokenizer.eos_token_id)
+                                  eos_token_id=tokenizer.eos_token_id, draft_layer=draft_layer,
+                                  draft_threshold=draft_threshold)
     tokens = result.tokens[0].tolist()
     layers = dyn.loaded.layered.num_layers
     if as_json:

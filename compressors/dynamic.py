@@ -114,6 +114,7 @@ class DynamicModel:
         eos_token_id: int | None = None,
         max_draft: int = 8,
         draft_layer: int | None = None,
+        draft_threshold: float = 0.5,
     ) -> GenerationResult:
         if mode not in MODES:
             raise DyninferError(f"unknown mode '{mode}'; choose from: {', '.join(MODES)}")
@@ -121,8 +122,9 @@ class DynamicModel:
             raise DyninferError("the prompt is empty; give at least one token")
         if max_new_tokens < 1:
             raise DyninferError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-        if mode != "full" and (self.policy is None or not self.policy.exit_points):
-            raise DyninferError("this artifact has no exit points; run `dyninfer calibrate` first or use --mode full")
+        if mode == "early-exit" and self.policy is None:  # a calibrated "never exit" policy is fine
+            raise DyninferError("no early-exit policy; run `dyninfer calibrate` first, "
+                                "or use --mode full or --mode speculative")
         if mode == "speculative":
             if sample:
                 raise DyninferError("the lossless speculative mode is greedy; drop --sample or use --mode early-exit")
@@ -138,7 +140,7 @@ class DynamicModel:
         result = GenerationResult(torch.empty(0), exits, confidences, 0.0, mode, self.lm.num_layers)
         if mode == "speculative":
             self._speculate(state, tokens, exits, confidences, max_new_tokens, eos_token_id, max_draft,
-                            draft_layer, result)
+                            draft_layer, draft_threshold, result)
         else:
             while len(tokens) < max_new_tokens and not _finished(tokens, eos_token_id):
                 logits, depth, c = self._step(state, tokens[-1], mode)
@@ -178,12 +180,14 @@ class DynamicModel:
         return lm.logits_from(hidden[:, -1]), lm.num_layers, None
 
     def _speculate(self, state, tokens, exits, confidences, max_new_tokens, eos_token_id, max_draft, draft_layer,
-                   result) -> None:
-        lm, policy = self.lm, self.policy
-        layer = draft_layer or policy.exit_points[-1]
+                   threshold, result) -> None:
+        """Draft while the exit head's max probability stays >= `threshold`; verify in one pass."""
+        lm = self.lm
+        layer = draft_layer or default_draft_layer(lm.num_layers)
         if not 1 <= layer < lm.num_layers:
             raise DyninferError(f"--draft-layer must be between 1 and {lm.num_layers - 1}, got {layer}")
-        threshold = policy.threshold if policy.threshold is not None else 1.1  # uncertified: draft one token
+        if max_draft < 1:
+            raise DyninferError(f"--max-draft must be at least 1, got {max_draft}")
         while len(tokens) < max_new_tokens and not _finished(tokens, eos_token_id):
             start = state.length
             drafts, draft_conf, hiddens = [], [], []
@@ -224,6 +228,12 @@ class DynamicModel:
                 state.length = start + accepted + 1
             else:
                 state.length = start + k
+
+
+def default_draft_layer(num_layers: int) -> int:
+    """LayerSkip-style drafting from about 70% of the depth: shallow drafts are rarely
+    accepted on models not trained for early exit, deep ones save little (U-shaped)."""
+    return min(num_layers - 1, max(1, round(0.7 * num_layers)))
 
 
 def _finished(tokens: list[torch.Tensor], eos_token_id: int | None) -> bool:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from dyninfer.compressors.dynamic import default_draft_layer
 from dyninfer.compressors.from_artifact import LoadedDynamic
 from dyninfer.errors import DyninferError
 
@@ -43,6 +44,7 @@ class BenchResult:
     modes: list[ModeResult]
     predicted_speedup: float | None  # from calibration's cost model (FLOPs)
     kv_mode: str | None = None
+    draft_layer: int | None = None
     notes: list[str] = field(default_factory=list)
 
     def mode(self, name: str) -> ModeResult:
@@ -88,6 +90,8 @@ def run_bench(
     new_tokens: int = 64,
     *,
     modes: tuple[str, ...] = ("early-exit", "speculative", "full"),
+    draft_layer: int | None = None,
+    draft_threshold: float = 0.5,
     progress: ProgressFn | None = None,
 ) -> BenchResult:
     """`prompts`: [n, prompt_tokens] token ids, decoded one at a time (batch 1)."""
@@ -116,7 +120,8 @@ def run_bench(
         baseline_seconds += time.perf_counter() - started
         for mode in modes:  # same prompt, one after another, so load changes hit every mode alike
             started = time.perf_counter()
-            runs[mode].append(dynamic.generate(prompt, new_tokens, mode=mode))
+            runs[mode].append(dynamic.generate(prompt, new_tokens, mode=mode, draft_layer=draft_layer,
+                                               draft_threshold=draft_threshold))
             seconds[mode] += time.perf_counter() - started
         report("benchmarking prompts", i + 1, total)
 
@@ -141,7 +146,8 @@ def run_bench(
         ))
     predicted = dyn.calibration.get("heldout", {}).get("predicted_speedup")
     kv_mode = dyn.policy.kv_mode if dyn.policy is not None else None
-    return BenchResult(total, prompts.shape[1], new_tokens, results, predicted, kv_mode, notes)
+    layer = draft_layer or default_draft_layer(dyn.loaded.layered.num_layers)
+    return BenchResult(total, prompts.shape[1], new_tokens, results, predicted, kv_mode, layer, notes)
 
 
 def _mean(values) -> float:

@@ -89,6 +89,16 @@ def test_speculative_is_lossless(arch, threshold):
     assert run.drafted >= run.accepted >= 0
 
 
+def test_speculative_needs_no_policy_and_checks_its_arguments():
+    model, lm, prompt = _setup("gpt2")
+    dm = DynamicModel(lm, None, LogitLens(lm))
+    run = dm.generate(prompt, NEW, mode="speculative", draft_layer=1, draft_threshold=0.0, max_draft=4)
+    assert torch.equal(run.tokens, _hf_greedy(model, prompt))
+    assert run.drafted > 0 and set(run.exit_layers) <= {1, lm.num_layers}
+    with pytest.raises(DyninferError, match="--draft-layer"):
+        dm.generate(prompt, 4, mode="speculative", draft_layer=lm.num_layers)
+
+
 def test_speculative_refuses_recurrent_and_sampling():
     _, lm, prompt = _setup("mamba")
     policy = ExitPolicy("logit", "softmax", [1], 0.5, 0, "propagate")
@@ -138,7 +148,7 @@ def test_sampling_is_seeded():
 def test_bad_generation_arguments():
     _, lm, prompt = _setup("llama")
     dm = DynamicModel(lm, None, LogitLens(lm))
-    with pytest.raises(DyninferError, match="no exit points"):
+    with pytest.raises(DyninferError, match="no early-exit policy"):
         dm.generate(prompt, 4, mode="early-exit")
     with pytest.raises(DyninferError, match="at least 1"):
         dm.generate(prompt, 0, mode="full")
