@@ -50,16 +50,24 @@ class Workspace:
         try:
             if lens_from:
                 source = Artifact.load(lens_from, expect_model_hash=self.loaded.content_hash)
-                return TunedLens.from_tensors(self.lm, source.tensors.get(TUNED_LENS_GROUP, {})), None
+                lens = TunedLens.from_tensors(self.lm, source.tensors.get(TUNED_LENS_GROUP, {}))
+                self._store(lens)  # the artifact must stand alone: later stages load the lens from it
+                return lens, None
             stored = None if retrain else self.stored_tuned_lens()
             if stored is not None:
                 return stored, None
             train = self.windows.take("train", train_tokens, option="--lens-train-tokens")
             lens, record = train_tuned_lens(self.lm, train, steps=steps, seed=seed, progress=progress)
-            self.artifact.put_tensors(TUNED_LENS_GROUP, lens.tensors())
+            self._store(lens)
             return lens, record
         finally:
             self.timings["tuned_lens_s"] = time.perf_counter() - started
+
+    def _store(self, lens: TunedLens) -> None:
+        """Put the lens in the artifact's exits group, keeping whatever else the group holds."""
+        exits = dict(self.artifact.tensors.get(TUNED_LENS_GROUP, {}))
+        exits.update(lens.tensors())
+        self.artifact.put_tensors(TUNED_LENS_GROUP, exits)
 
 
 def open_workspace(

@@ -85,6 +85,23 @@ def test_artifact_without_policy_and_for_another_model(calibrated, tmp_path):
     assert result.exit_code == 2 and "made for model" in result.stderr
 
 
+def test_calibrate_with_lens_from_stores_the_lens(calibrated, tmp_path):
+    model, data, _ = calibrated
+    probed = tmp_path / "probed"
+    assert runner.invoke(app, ["probe", str(model), "--data", str(data), "--tokens", "32", "--seq-len", "32",
+                               "--lens", "tuned", "--lens-train-tokens", "512", "--lens-steps", "1",
+                               "--out", str(probed)]).exit_code == 0
+    out = tmp_path / "calibrated"
+    args = [a for a in CAL if a not in ("--lens", "logit")]
+    result = runner.invoke(app, ["calibrate", str(model), "--data", str(data), *args, "--lens", "tuned",
+                                 "--lens-from", str(probed), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    from dyninfer.artifacts import Artifact
+
+    assert "tuned_lens.weight" in Artifact.load(out).tensors["exits"]
+    assert runner.invoke(app, ["run", str(out), "tok1", "-n", "4"]).exit_code == 0
+
+
 def test_run_bad_inputs(calibrated):
     _, _, artifact = calibrated
     assert runner.invoke(app, ["run", str(artifact), "   "]).exit_code == 2
