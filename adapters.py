@@ -205,14 +205,17 @@ def _mask_at(start: int, length: int, window: int | None, dtype, device) -> torc
 
 def _rotary_at(lm: "LayeredModel", layer: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor):
     base = lm.backbone
-    if lm.config.model_type == "gemma3_text":
-        global_ = base.rotary_emb(hidden, position_ids)
-        local = base.rotary_emb_local(hidden, position_ids)
+    # Every layer of a decode step sees the same positions: compute the embedding once per step.
+    key = (int(position_ids[0, 0]), position_ids.shape[1], hidden.dtype, hidden.device)
+    if lm._rope_memo is None or lm._rope_memo[0] != key:
+        local = base.rotary_emb_local(hidden, position_ids) if hasattr(base, "rotary_emb_local") else None
+        lm._rope_memo = (key, base.rotary_emb(hidden, position_ids), local)
+    _, global_, local = lm._rope_memo
+    if local is not None:  # Gemma 3: global and local (sliding) rotary bases
         return {"position_embeddings_global": global_, "position_embeddings_local": local}, (
             local if getattr(layer, "attention_type", None) == "sliding_attention" else global_
         )
-    rope = base.rotary_emb(hidden, position_ids)
-    return {"position_embeddings": rope}, rope
+    return {"position_embeddings": global_}, global_
 
 
 def _rotary_kwargs_at(lm: "LayeredModel", layer: nn.Module, hidden, start: int, cache) -> dict[str, Any]:
@@ -348,6 +351,7 @@ class LayeredModel:
         self.final_norm: nn.Module = getattr(self.backbone, self.adapter.norm)
         self.lm_head: nn.Module = model.get_output_embeddings()
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
+        self._rope_memo = None  # (positions key, global rotary, local rotary) of the last step
 
     @property
     def family(self) -> str:
