@@ -12,11 +12,10 @@ from rich import box
 from rich.table import Table
 
 from dyninfer.artifacts import write_report_dir
-from dyninfer.cli.output import handle_errors, print_json, progress_reporter, stderr, stdout
+from dyninfer.cli.output import artifact_dir_option, handle_errors, print_json, progress_reporter, stderr, stdout
 from dyninfer.cli.plots import calibration_curve_png
 from dyninfer.compressors.calibration_job import CalibrateConfig, CalibrateReport, run_calibrate_job
 from dyninfer.data import DEFAULT_DATA
-from dyninfer.errors import DyninferError
 from dyninfer.models import DEFAULT_MODEL
 
 HELP = """Calibrate early-exit thresholds with a statistical guarantee (CALM, Learn-then-Test).
@@ -101,10 +100,9 @@ def calibrate(
         lens_train_tokens=lens_train_tokens, lens_steps=lens_steps,
     )
     config.validate()
-    if out is not None and out.exists() and not out.is_dir():
-        raise DyninferError(f"--out '{out}' is a file; pass a directory")
+    existing = artifact_dir_option(out)
     with progress_reporter() as progress:
-        report = run_calibrate_job(config, progress=progress, existing=str(out) if out else None)
+        report = run_calibrate_job(config, progress=progress, existing=existing)
     if out is not None:
         target_dir = report.artifact.save(out)
         files = {

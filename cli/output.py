@@ -80,6 +80,15 @@ def progress_reporter(enabled: bool = True) -> Iterator[Callable[[str, int, int]
         yield report
 
 
+def artifact_dir_option(out) -> str | None:
+    """Validate an --out artifact directory before any long work; None when not given."""
+    if out is None:
+        return None
+    if out.exists() and not out.is_dir():
+        raise DyninferError(f"--out '{out}' is a file; pass a directory")
+    return str(out)
+
+
 def print_json(data) -> None:
     """Machine output: JSON on stdout and nothing else there."""
     sys.stdout.write(json.dumps(data, indent=2, default=_jsonable) + "\n")

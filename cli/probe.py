@@ -9,10 +9,9 @@ import typer
 from rich import box
 from rich.table import Table
 
-from dyninfer.cli.output import handle_errors, print_json, progress_reporter, stderr, stdout
+from dyninfer.cli.output import artifact_dir_option, handle_errors, print_json, progress_reporter, stderr, stdout
 from dyninfer.cli.plots import probe_figure_png, sparkline
 from dyninfer.data import DEFAULT_DATA
-from dyninfer.errors import DyninferError
 from dyninfer.models import DEFAULT_MODEL
 from dyninfer.profilers.lenses import LENS_KINDS
 from dyninfer.profilers.probe import REPORT_DIR, ProbeConfig, ProbeReport, run_probe_job, save_probe
@@ -99,10 +98,9 @@ def probe(
         lens_from=str(lens_from) if lens_from else None, retrain_lens=retrain_lens,
     )
     config.validate()
-    if out is not None and out.exists() and not out.is_dir():
-        raise DyninferError(f"--out '{out}' is a file; pass a directory")
+    existing = artifact_dir_option(out)
     with progress_reporter() as progress:
-        report = run_probe_job(config, progress=progress, existing=str(out) if out else None)
+        report = run_probe_job(config, progress=progress, existing=existing)
     if out is not None:
         title = f"{report.base_model['spec']} on {report.data['spec']}"
         png = probe_figure_png(report.result.layers, title)
