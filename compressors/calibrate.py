@@ -79,6 +79,8 @@ def trace_exits(
 ) -> Trace:
     """Run `windows` (teacher forcing) and record confidence and agreement at each point."""
     report = progress or (lambda *a: None)
+    if measure not in conf.HEAD_MEASURES:
+        vocab_top_k = 0  # state measures compute no logits to prune; the exit uses the full head
     cols: dict[str, list[torch.Tensor]] = {"confidence": [], "agrees": [], "correct": [], "final": []}
     n_batches = (windows.shape[0] + batch_size - 1) // batch_size
     for b, start in enumerate(range(0, windows.shape[0], batch_size)):
