@@ -410,30 +410,29 @@ class LayeredModel:
         out = layer(hidden, *fwd.layer_args(index), **fwd.layer_kwargs(index, layer))
         return out[0] if isinstance(out, tuple) else out
 
-    def head(self, normed: torch.Tensor) -> torch.Tensor:
-        """LM head on an already normalised hidden state (with Gemma's final softcap)."""
-        logits = self.lm_head(normed)
+    def _softcapped(self, logits: torch.Tensor) -> torch.Tensor:
+        """Gemma's final logit softcap (identity for the other families)."""
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+    def head(self, normed: torch.Tensor) -> torch.Tensor:
+        """LM head on an already normalised hidden state (with Gemma's final softcap)."""
+        return self._softcapped(self.lm_head(normed))
 
     def head_rows(self, normed: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """Logits of only `token_ids` (a vocabulary subset): cheap partial head."""
         logits = normed @ self.lm_head.weight[token_ids].T
         if getattr(self.lm_head, "bias", None) is not None:
             logits = logits + self.lm_head.bias[token_ids]
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return self._softcapped(logits)
 
     def head_rows_per_row(self, normed: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """Logits of a different vocabulary subset per row: normed [B, d], token_ids [B, K]."""
         logits = torch.einsum("bd,bkd->bk", normed, self.lm_head.weight[token_ids])
         if getattr(self.lm_head, "bias", None) is not None:
             logits = logits + self.lm_head.bias[token_ids]
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return self._softcapped(logits)
 
     def logits_from(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + head: the logit lens on any layer's residual stream."""

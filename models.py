@@ -157,7 +157,10 @@ def _convert_gguf(gguf: Path, target: Path, digest: str) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / _SOURCE_RECORD).write_text(json.dumps({"gguf": str(gguf), "sha256": digest}, indent=2))
-        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+        if target.exists():  # another process converted it meanwhile
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -25,6 +25,7 @@ from dyninfer.compressors import confidence as conf
 from dyninfer.compressors.ltt import LTTResult, learn_then_test, naive_choice
 from dyninfer.errors import DyninferError
 from dyninfer.profilers.cost import CostModel
+from dyninfer.profilers.lenses import collect_hidden_states
 
 ProgressFn = Callable[[str, int, int], None]
 RISKS = ("consistency", "accuracy-drop")
@@ -284,17 +285,13 @@ def evaluate(trace: Trace, threshold: float | None, costs: CostModel, policy: Ex
 @torch.no_grad()
 def _fit_classifier(lm: LayeredModel, windows: torch.Tensor, points: list[int], lens) -> conf.ExitClassifier:
     """CALM's meta classifier: label = this point's top-1 equals the final top-1."""
-    features: list[list[torch.Tensor]] = [[] for _ in points]
-    labels: list[list[torch.Tensor]] = [[] for _ in points]
-    for start in range(0, windows.shape[0], 2):
-        states = [h.reshape(-1, h.shape[-1]) for _, h in lm.hidden_states(windows[start : start + 2, :-1])]
-        final_top1 = lm.logits_from(states[-1]).argmax(-1)
-        for row, index in enumerate(points):
-            features[row].append(lm.final_norm(states[index]))
-            labels[row].append(lens.logits(index, states[index]).argmax(-1) == final_top1)
+    states = collect_hidden_states(lm, windows)
+    final_top1 = lm.logits_from(states[-1]).argmax(-1)
+    features = [lm.final_norm(states[index]) for index in points]
+    labels = [lens.logits(index, states[index]).argmax(-1) == final_top1 for index in points]
     classifier = conf.ExitClassifier(len(points), lm.hidden_size)
     with torch.enable_grad():
-        classifier.fit([torch.cat(f) for f in features], [torch.cat(y) for y in labels])
+        classifier.fit(features, labels)
     return classifier
 
 

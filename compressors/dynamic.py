@@ -66,6 +66,8 @@ class DynamicModel:
         self.policy = policy
         self.lens = lens
         self.classifier = classifier
+        # exit point (depth) -> its row in the classifier / check order
+        self._point_rows = {p: r for r, p in enumerate(policy.exit_points)} if policy is not None else {}
         if policy is not None and policy.measure == "classifier" and classifier is None:
             raise DyninferError("the policy uses the classifier measure but the artifact has no classifier; re-run calibrate")
 
@@ -164,7 +166,7 @@ class DynamicModel:
         position = state.length
         hidden = lm.embed_at(token, position)
         previous = hidden
-        points = {} if mode == "full" or policy.threshold is None else {p: r for r, p in enumerate(policy.exit_points)}
+        points = {} if mode == "full" or policy.threshold is None else self._point_rows
         candidates = None
         for index in range(lm.num_layers):
             previous, hidden = hidden, state.run_layer(index, hidden, position)

@@ -58,10 +58,11 @@ def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
 _EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
 
 
-def _flops(fn) -> float:
+def _flops(fn):
+    """(FLOPs counted while running fn(), what fn returned)."""
     with FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
-        fn()
-    return float(counter.get_total_flops())
+        result = fn()
+    return float(counter.get_total_flops()), result
 
 
 @torch.no_grad()
@@ -73,22 +74,14 @@ def count_costs(lm: LayeredModel, context: int = 256) -> CostModel:
     cache = lm.new_cache(1)
     lm.forward_logits(prompt, cache=cache)  # fill the cache so the counted step attends to `context` tokens
     step = torch.zeros(1, 1, dtype=torch.long, device=device)
-    fwd = None
-
-    def begin():
-        nonlocal fwd
-        fwd = lm.begin(step, cache=cache)
-
-    embed = _flops(begin)
+    embed, fwd = _flops(lambda: lm.begin(step, cache=cache))
     hidden = fwd.hidden
     layers = []
     for i in range(lm.num_layers):
-        out = {}
-        layers.append(_flops(lambda: out.setdefault("h", lm.run_layer(fwd, i, hidden))))
-        hidden = out["h"]
-    normed = {}
-    norm = _flops(lambda: normed.setdefault("n", lm.final_norm(hidden)))
-    head = _flops(lambda: lm.head(normed["n"]))
+        flops, hidden = _flops(lambda: lm.run_layer(fwd, i, hidden))
+        layers.append(flops)
+    norm, normed = _flops(lambda: lm.final_norm(hidden))
+    head, _ = _flops(lambda: lm.head(normed))
     d = lm.hidden_size
     return CostModel(
         context=context,
