@@ -10,6 +10,7 @@ family. The code mirrors the forward loops of transformers 4.57 (pinned in pypro
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -185,13 +186,14 @@ def _sliding_window(lm: "LayeredModel", layer: nn.Module) -> int | None:
     return None
 
 
-def _mask_at(start: int, length: int, window: int | None, dtype, device) -> torch.Tensor | None:
+def _mask_at(start: int, length: int, window: int | None, dtype, device, always: bool = False) -> torch.Tensor | None:
     """Additive mask [1, 1, length, start + length]: query start+i sees keys <= itself (and in window).
 
     None when no key is hidden (one new token, window not yet full): SDPA then takes its
-    fast unmasked kernel, as transformers does for plain decoding.
+    fast unmasked kernel, as transformers does for plain decoding. `always` builds it
+    anyway, for graphs traced once for any number of new tokens.
     """
-    if length == 1 and (window is None or start < window):
+    if not always and length == 1 and (window is None or start < window):
         return None
     queries = torch.arange(start, start + length, device=device)[:, None]
     keys = torch.arange(0, start + length, device=device)[None, :]
@@ -203,14 +205,31 @@ def _mask_at(start: int, length: int, window: int | None, dtype, device) -> torc
     return mask[None, None]
 
 
+def _mask_for(lm: "LayeredModel", start: int, length: int, window: int | None, dtype, device):
+    if lm.step_memo is None:
+        return _mask_at(start, length, window, dtype, device)
+    key = ("mask", window)
+    if key not in lm.step_memo:  # tracing: one mask per window size per step, always built
+        lm.step_memo[key] = _mask_at(start, length, window, dtype, device, always=True)
+    return lm.step_memo[key]
+
+
 def _rotary_at(lm: "LayeredModel", layer: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor):
     base = lm.backbone
     # Every layer of a decode step sees the same positions: compute the embedding once per step.
-    key = (int(position_ids[0, 0]), position_ids.shape[1], hidden.dtype, hidden.device)
-    if lm._rope_memo is None or lm._rope_memo[0] != key:
-        local = base.rotary_emb_local(hidden, position_ids) if hasattr(base, "rotary_emb_local") else None
-        lm._rope_memo = (key, base.rotary_emb(hidden, position_ids), local)
-    _, global_, local = lm._rope_memo
+    if lm.step_memo is not None:  # tracing one step: computed once, in the step's main graph
+        memo = lm.step_memo.get("rope")
+        if memo is None:
+            memo = lm.step_memo["rope"] = (None, base.rotary_emb(hidden, position_ids),
+                                           base.rotary_emb_local(hidden, position_ids)
+                                           if hasattr(base, "rotary_emb_local") else None)
+    else:
+        key = (int(position_ids[0, 0]), position_ids.shape[1], hidden.dtype, hidden.device)
+        if lm._rope_memo is None or lm._rope_memo[0] != key:
+            local = base.rotary_emb_local(hidden, position_ids) if hasattr(base, "rotary_emb_local") else None
+            lm._rope_memo = (key, base.rotary_emb(hidden, position_ids), local)
+        memo = lm._rope_memo
+    _, global_, local = memo
     if local is not None:  # Gemma 3: global and local (sliding) rotary bases
         return {"position_embeddings_global": global_, "position_embeddings_local": local}, (
             local if getattr(layer, "attention_type", None) == "sliding_attention" else global_
@@ -223,7 +242,7 @@ def _rotary_kwargs_at(lm: "LayeredModel", layer: nn.Module, hidden, start: int, 
     positions = torch.arange(start, start + length, device=hidden.device)
     rope, _ = _rotary_at(lm, layer, hidden, positions[None])
     return dict(
-        attention_mask=_mask_at(start, length, _sliding_window(lm, layer), hidden.dtype, hidden.device),
+        attention_mask=_mask_for(lm, start, length, _sliding_window(lm, layer), hidden.dtype, hidden.device),
         position_ids=positions[None],
         past_key_values=cache,
         use_cache=True,
@@ -265,7 +284,7 @@ def _gpt2_kwargs_at(lm: "LayeredModel", layer: nn.Module, hidden, start: int, ca
     return dict(
         past_key_values=cache,
         cache_position=torch.arange(start, start + length, device=hidden.device),
-        attention_mask=_mask_at(start, length, None, hidden.dtype, hidden.device),
+        attention_mask=_mask_for(lm, start, length, None, hidden.dtype, hidden.device),
         use_cache=True,
     )
 
@@ -352,6 +371,9 @@ class LayeredModel:
         self.lm_head: nn.Module = model.get_output_embeddings()
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
         self._rope_memo = None  # (positions key, global rotary, local rotary) of the last step
+        # While a step is traced for export: rotary embeddings and masks computed once per step
+        # (in its main graph, so every branch shares them) and no data-dependent shortcuts.
+        self.step_memo: dict | None = None
 
     @property
     def family(self) -> str:
@@ -395,6 +417,17 @@ class LayeredModel:
             return torch.cat(outs, dim=1)
         out = layer(hidden, **self.adapter.layer_kwargs_at(self, layer, hidden, start, cache))
         return out[0] if isinstance(out, tuple) else out
+
+    @contextlib.contextmanager
+    def traced_step(self, hidden: torch.Tensor, start) -> Iterator[None]:
+        """Trace one decoding step: positional inputs are built once, up front, for all layers."""
+        self.step_memo = {}
+        try:
+            for layer in self.layers:
+                self.adapter.layer_kwargs_at(self, layer, hidden, start, None)
+            yield
+        finally:
+            self.step_memo = None
 
     def propagate(self, index: int, hidden: torch.Tensor, start: int, cache) -> None:
         """Fill layer `index`'s cache entry at `start` from an exit hidden state (CALM)."""

@@ -18,6 +18,7 @@ damaged, too-new or mismatched artifact raises a one-line `DyninferError`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ import re
 import secrets
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +43,7 @@ __all__ = [
     "BaseModelInfo",
     "Artifact",
     "artifact_exists",
+    "staged_directory",
 ]
 
 SCHEMA_VERSION = 1
@@ -562,17 +565,35 @@ def artifact_exists(path) -> bool:
     return p.is_dir() and (p / MANIFEST_NAME).is_file()
 
 
-def write_report_dir(target: pathlib.Path, files: dict[str, bytes]) -> pathlib.Path:
-    """Replace the report folder `target` (inside an artifact) with `files`, atomically."""
+@contextlib.contextmanager
+def staged_directory(target) -> Iterator[pathlib.Path]:
+    """Build a directory in a temporary sibling; it replaces `target` only if the block succeeds.
+
+    An interrupted or failed build leaves `target` as it was and removes the partial one.
+    """
     target = pathlib.Path(target)
     tmp = _make_temp_dir(target.parent, target.name)
     try:
-        for name, data in files.items():
-            (tmp / name).write_bytes(data)
+        yield tmp
         if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+            backup = _free_name(target.parent, target.name, "bak")
+            os.rename(target, backup)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                os.rename(backup, target)
+                raise
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
+
+
+def write_report_dir(target: pathlib.Path, files: dict[str, bytes]) -> pathlib.Path:
+    """Replace the report folder `target` (inside an artifact) with `files`, atomically."""
+    with staged_directory(target) as tmp:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+    return pathlib.Path(target)

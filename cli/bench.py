@@ -13,11 +13,11 @@ from dyninfer.cli.output import EXIT_GATE_FAILED, handle_errors, print_json, pro
 from dyninfer.compressors.from_artifact import load_dynamic
 from dyninfer.data import DEFAULT_DATA, load_windows
 from dyninfer.errors import DyninferError
-from dyninfer.profilers.bench import BenchResult, run_bench
+from dyninfer.profilers.bench import BenchResult, run_bench, run_onnx_bench
 
 HELP = """Benchmark the artifact's dynamic model against the full model in one run (batch 1, greedy).
 
-Same prompts (the start of held-out windows of --data) for every mode: the full model through transformers with its KV cache (the baseline), the calibrated early exit, lossless self-speculation, and the dynamic code path with exits disabled. Reports tokens/s, speedup, token consistency with the baseline, perplexity of the output under the full model, and realized vs predicted speedup.
+Same prompts (the start of held-out windows of --data) for every mode: the full model through transformers with its KV cache (the baseline), the calibrated early exit, lossless self-speculation, and the dynamic code path with exits disabled. With --backend onnx: optimum's ORTModelForCausalLM on the plain model (the baseline), the exported dynamic package with its exits and with exits disabled, and the torch dynamic model. Reports tokens/s, speedup, token consistency with the baseline, perplexity of the output under the full model, and realized vs predicted speedup.
 
 Exit codes: 0 pass, 1 a gate (--min-speedup, --min-consistency) failed, 2 bad input.
 
@@ -28,6 +28,8 @@ Examples:
     dyninfer bench audit/ --prompts 16 --new-tokens 128 --json
 
     dyninfer bench audit/ --min-speedup 1.1 --min-consistency 0.9    (CI gate)
+
+    dyninfer bench audit/ --backend onnx    (after `dyninfer export audit/`: vs optimum's ORTModelForCausalLM)
 """
 
 
@@ -43,8 +45,8 @@ def render(result: BenchResult) -> None:
                       "-" if m.acceptance is None else f"{m.acceptance:.1%}")
     stdout.print(table)
     if result.predicted_speedup:
-        early = result.mode("early-exit")
-        stdout.print(f"early exit: realized {early.speedup:.3f}x vs predicted {result.predicted_speedup:.3f}x "
+        early = result.gated
+        stdout.print(f"{early.mode}: realized {early.speedup:.3f}x vs predicted {result.predicted_speedup:.3f}x "
                      f"(FLOP model) = {early.speedup / result.predicted_speedup:.2f}")
     for note in result.notes:
         stdout.print(f"[yellow]note:[/] {note}")
@@ -65,19 +67,28 @@ def bench(
     draft_threshold: float = typer.Option(0.5, "--draft-threshold", help="Speculative mode: keep drafting while the draft's max probability is at least this."),
     min_speedup: Optional[float] = typer.Option(None, "--min-speedup", help="Gate: early-exit speedup at least this."),
     min_consistency: Optional[float] = typer.Option(None, "--min-consistency", help="Gate: early-exit token consistency at least this."),
+    backend: str = typer.Option("torch", "--backend", help="torch, or onnx: the exported package vs optimum's ORT model."),
+    package: Optional[Path] = typer.Option(None, "--package", help="ONNX backend: the exported package (default: ARTIFACT/onnx)."),
+    provider: Optional[str] = typer.Option(None, "--provider", help="ONNX backend: cuda or cpu (default: the package's)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output only."),
 ) -> None:
     for name, value in (("--prompts", prompts), ("--prompt-tokens", prompt_tokens), ("--new-tokens", new_tokens)):
         if value < 1:
             raise DyninferError(f"{name} must be at least 1, got {value}")
+    if backend not in ("torch", "onnx"):
+        raise DyninferError(f"--backend must be torch or onnx, got '{backend}'")
     with progress_reporter() as progress:
         dyn = load_dynamic(str(artifact), model, kv_mode=kv_mode)
         spec = data or dyn.calibration.get("data", {}).get("spec") or DEFAULT_DATA
         windows = load_windows(spec, dyn.loaded.tokenizer, field=field, seq_len=prompt_tokens, seed=seed)
         prompt_ids = windows.take("heldout", prompts * prompt_tokens, option="--prompts")[:, :prompt_tokens]
-        result = run_bench(dyn, prompt_ids, new_tokens, draft_layer=draft_layer, draft_threshold=draft_threshold,
-                           progress=progress)
-    early = result.mode("early-exit")
+        if backend == "onnx":
+            result = run_onnx_bench(dyn, package or artifact / "onnx", prompt_ids, new_tokens, provider=provider,
+                                    progress=progress)
+        else:
+            result = run_bench(dyn, prompt_ids, new_tokens, draft_layer=draft_layer,
+                               draft_threshold=draft_threshold, progress=progress)
+    early = result.gated
     failures = []
     if min_speedup is not None and not early.speedup >= min_speedup:
         failures.append(f"speedup {early.speedup:.3f}x < --min-speedup {min_speedup}")

@@ -19,45 +19,15 @@ Every generated token records the layer it left at and its confidence.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-
 import torch
 
 from dyninfer.adapters import LayeredModel
 from dyninfer.compressors import confidence as conf
 from dyninfer.compressors.calibrate import ExitPolicy
 from dyninfer.errors import DyninferError
+from dyninfer.generation import GenerationResult
 
 MODES = ("full", "early-exit", "speculative")
-
-
-@dataclass
-class GenerationResult:
-    tokens: torch.Tensor  # [batch, new tokens]
-    exit_layers: list[int]  # per generated step (shared by the batch); num_layers = no exit
-    confidences: list[float | None]
-    seconds: float
-    mode: str
-    num_layers: int
-    drafted: int = 0
-    accepted: int = 0
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def new_tokens(self) -> int:
-        return self.tokens.shape[1]
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens.numel() / self.seconds if self.seconds > 0 else float("inf")
-
-    @property
-    def mean_exit_layer(self) -> float:
-        return sum(self.exit_layers) / max(len(self.exit_layers), 1)
-
-    @property
-    def acceptance(self) -> float | None:
-        return self.accepted / self.drafted if self.drafted else None
 
 
 class DynamicModel:
@@ -117,6 +87,7 @@ class DynamicModel:
         max_draft: int = 8,
         draft_layer: int | None = None,
         draft_threshold: float = 0.5,
+        return_logits: bool = False,
     ) -> GenerationResult:
         if mode not in MODES:
             raise DyninferError(f"unknown mode '{mode}'; choose from: {', '.join(MODES)}")
@@ -140,12 +111,16 @@ class DynamicModel:
         token = self._pick(logits, sample, temperature, generator)
         tokens, exits, confidences = [token], [self.lm.num_layers], [None]
         result = GenerationResult(torch.empty(0), exits, confidences, 0.0, mode, self.lm.num_layers)
+        if return_logits:
+            result.logits = [logits]
         if mode == "speculative":
             self._speculate(state, tokens, exits, confidences, max_new_tokens, eos_token_id, max_draft,
                             draft_layer, draft_threshold, result)
         else:
             while len(tokens) < max_new_tokens and not _finished(tokens, eos_token_id):
                 logits, depth, c = self._step(state, tokens[-1], mode)
+                if return_logits:
+                    result.logits.append(logits)
                 tokens.append(self._pick(logits, sample, temperature, generator))
                 exits.append(depth)
                 confidences.append(c)

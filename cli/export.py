@@ -1,0 +1,55 @@
+"""`dyninfer export`: ship the calibrated dynamic model as an ONNX Runtime package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dyninfer.cli.output import handle_errors, print_json, progress_reporter, stdout
+from dyninfer.exporters.onnx_export import export_package
+
+HELP = """Export an artifact's dynamic model to ONNX Runtime: one decoding step with KV cache (inputs past_key_values.{i}.key/value, outputs present.{i}.key/value, like optimum), the calibrated exits as real `If` branches that skip the deeper layers, and each exit decision as an `ai.dyninfer.ExitGate` custom-op node defined as an ONNX function, so stock ONNX Runtime runs it on any execution provider.
+
+The package goes to ARTIFACT/onnx/ (or --out): model.onnx + model.onnx.data, the tokenizer, dyninfer-onnx.json, and baseline/ (the plain model exported by optimum, for `bench --backend onnx`). It is verified against the torch dynamic model before it replaces anything.
+
+Examples:
+
+    dyninfer export audit/                            (CPU, fp32, with the optimum baseline)
+
+    dyninfer export audit/ --provider cuda --dtype fp16 --out audit-gpu/
+
+    dyninfer export audit/ --no-baseline --json
+"""
+
+
+@handle_errors
+def export(
+    artifact: Path = typer.Argument(..., help="Artifact dir made by `dyninfer calibrate --out`."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Package directory (default: ARTIFACT/onnx)."),
+    provider: str = typer.Option("cpu", "--provider", help="Execution provider the package is for: cuda or cpu."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, or fp16 (CUDA only)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Load the base model from here instead (same weights)."),
+    kv_mode: Optional[str] = typer.Option(None, "--kv-mode", help="Override the policy's KV mode (the graph implements propagate)."),
+    baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="Also export the plain model through optimum."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the package against torch on this machine's provider."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output only."),
+) -> None:
+    with progress_reporter() as progress:
+        result = export_package(str(artifact), str(out) if out else None, provider=provider, dtype=dtype, model=model,
+                                kv_mode=kv_mode, baseline=baseline, verify=verify, progress=progress)
+    if as_json:
+        print_json({"command": "export", **result.to_dict()})
+        return
+    nodes = ", ".join(f"{count}× {name}" for name, count in result.custom_nodes.items()) or "none (no exits)"
+    stdout.print(f"[bold]Exported[/] {result.path} ({result.dtype}, for {result.provider}) in {result.seconds:.0f} s")
+    stdout.print(f"exits after layers {result.exit_points} of {result.num_layers}, threshold "
+                 f"{result.threshold}, KV of skipped layers: {result.kv_mode}")
+    stdout.print(f"custom ops (ai.dyninfer): {nodes}; model {result.model_bytes / 1e6:.0f} MB")
+    if result.verify_max_abs_diff is not None:
+        stdout.print(f"verified against torch: max |logit difference| {result.verify_max_abs_diff:.2g}")
+    if result.baseline:
+        stdout.print(f"optimum baseline: {result.baseline}")
+    for note in result.notes:
+        stdout.print(f"[yellow]note:[/] {note}")

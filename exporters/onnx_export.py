@@ -1,0 +1,288 @@
+"""`dyninfer export`: the calibrated dynamic model as an ONNX Runtime package.
+
+The package (default `ARTIFACT/onnx/`) holds
+  model.onnx (+ model.onnx.data)  one decoding step with KV cache, exits as `If` branches,
+                                  exit decisions as `ai.dyninfer` custom-op nodes (functions);
+  dyninfer-onnx.json              the package manifest (geometry, policy, files, checks);
+  source-artifact.json            a copy of the artifact's manifest;
+  tokenizer files and config.json;
+  baseline/                       the plain full model exported by optimum (the reference a user
+                                  would otherwise deploy), unless --no-baseline.
+It is built in a temporary directory and swapped in only when complete and verified.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from dyninfer.artifacts import MANIFEST_NAME, staged_directory
+from dyninfer.compressors.dynamic import DynamicModel
+from dyninfer.compressors.from_artifact import LoadedDynamic, load_dynamic
+from dyninfer.errors import DyninferError
+from dyninfer.exporters import ops
+from dyninfer.exporters.runtime import PACKAGE_FORMAT, PACKAGE_MANIFEST, PACKAGE_VERSION, PROVIDERS
+from dyninfer.exporters.step import DynamicStep, check_exportable
+
+MODEL_FILE = "model.onnx"
+BASELINE_DIR = "baseline"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+EXITS_DISABLED = 2.0  # an exit threshold no confidence (<= 1) reaches
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class ExportResult:
+    path: str
+    provider: str
+    dtype: str
+    num_layers: int
+    exit_points: list[int]
+    threshold: float | None
+    kv_mode: str | None
+    custom_nodes: dict[str, int]  # op type -> count in the saved graph
+    model_bytes: int
+    verify_max_abs_diff: float | None  # logits, ONNX vs torch, one prefill + decode step
+    baseline: str | None
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def input_names(num_layers: int) -> list[str]:
+    return ["input_ids", "exit_threshold"] + [f"past_key_values.{i}.{kv}" for i in range(num_layers)
+                                              for kv in ("key", "value")]
+
+
+def output_names(num_layers: int) -> list[str]:
+    return ["logits", "exit_layer", "exit_confidence"] + [f"present.{i}.{kv}" for i in range(num_layers)
+                                                          for kv in ("key", "value")]
+
+
+def check_options(provider: str, dtype: str) -> None:
+    if provider not in PROVIDERS:
+        raise DyninferError(f"--provider must be one of {', '.join(PROVIDERS)}, got '{provider}'")
+    if dtype not in DTYPES:
+        raise DyninferError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    if dtype == "fp16" and provider == "cpu":
+        raise DyninferError("fp16 packages are for the CUDA execution provider (ONNX Runtime's CPU kernels are "
+                            "fp32); use --provider cuda or --dtype fp32")
+
+
+def provider_problem(provider: str) -> str | None:
+    """Why ONNX Runtime cannot run `provider` here (None when it can)."""
+    import onnxruntime as ort
+
+    name = PROVIDERS[provider]
+    if name not in ort.get_available_providers():
+        return f"this onnxruntime build has no {name} (install onnxruntime-gpu)"
+    if provider == "cpu":
+        return None
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    probe.ir_version = 9
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # the failure is reported by us, in one line
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=[name])
+    except Exception as exc:  # noqa: BLE001 - any failure means the provider is unusable
+        return f"{name} failed to start: {' '.join(str(exc).split())[:200]}"
+    if name not in session.get_providers():
+        return f"{name} is installed but cannot run here (no CUDA device or driver)"
+    return None
+
+
+def _check_out_dir(out: Path) -> None:
+    parent = out.resolve().parent
+    if out.exists() and not out.is_dir():
+        raise DyninferError(f"--out '{out}' is a file; give a directory path")
+    if out.is_dir() and any(out.iterdir()) and not (out / PACKAGE_MANIFEST).is_file():
+        raise DyninferError(f"--out '{out}' is a non-empty directory that is not a dyninfer ONNX package; "
+                            "choose a new or empty directory")
+    if not parent.is_dir():
+        raise DyninferError(f"the parent directory of --out '{out}' does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DyninferError(f"cannot write into '{parent}' (permission denied); choose another --out")
+
+
+def _example_inputs(lm, batch: int, new: int, past_len: int, dtype) -> tuple:
+    geometry = kv_geometry(lm)
+    ids = torch.randint(0, lm.vocab_size, (batch, new))
+    past = tuple(torch.randn(batch, heads, past_len, dim, dtype=dtype) for heads, dim in geometry for _ in range(2))
+    return ids, torch.tensor(EXITS_DISABLED), past
+
+
+def kv_geometry(lm) -> list[tuple[int, int]]:
+    """(KV heads, head dim) per layer, read from a one-token probe of each layer's cache."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.no_grad():
+        hidden = lm.embed_at(torch.zeros(1, 1, dtype=torch.long), 0)
+        for index in range(lm.num_layers):
+            lm.layer_at(index, hidden, 0, cache)
+    return [(layer.keys.shape[1], layer.keys.shape[3]) for layer in cache.layers]
+
+
+def export_step_onnx(dynamic: DynamicModel, path: Path, dtype: str = "fp32") -> None:
+    """Trace the dynamic model's decoding step and save it (weights as external data) at `path`."""
+    import onnx
+    from torch.export import Dim
+
+    lm, lens = dynamic.lm, dynamic.lens
+    torch_dtype = DTYPES[dtype]
+    if torch_dtype != torch.float32:  # trace a converted copy; the loaded model stays fp32
+        from dyninfer.adapters import LayeredModel
+        from dyninfer.profilers.lenses import LogitLens
+
+        lm = LayeredModel(copy.deepcopy(lm.model).to(torch_dtype))
+        lens = copy.deepcopy(lens).to(torch_dtype) if isinstance(lens, torch.nn.Module) else LogitLens(lm)
+    step = DynamicStep(lm, dynamic.policy, lens, dynamic.classifier).eval()
+    batch, new = Dim("batch", min=1, max=256), Dim("sequence", min=1, max=65536)
+    past_len = Dim("past", min=0, max=65536)
+    # Example sizes >1 and distinct, so the tracer keeps every dimension symbolic.
+    ids, threshold, past = _example_inputs(lm, 2, 3, 4, torch_dtype)
+    shapes = ({0: batch, 1: new}, None, tuple({0: batch, 2: past_len} for _ in past))
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                step, (ids, threshold, *past), dynamic_shapes=shapes,
+                input_names=input_names(lm.num_layers), output_names=output_names(lm.num_layers),
+                custom_translation_table=ops.translation_table(), dynamo=True, optimize=True, verbose=False,
+            )
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; one line for the user
+        raise DyninferError(f"the ONNX exporter failed: {' '.join(str(exc).split())[:300]}") from exc
+    model = program.model_proto
+    ops.add_function_definitions(model)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+
+
+def write_package(directory: Path, dynamic: DynamicModel, *, provider: str = "cpu", dtype: str = "fp32",
+                  eos_token_id: int | None = None, base_model: dict | None = None) -> dict:
+    """Export the step into `directory` and write the package manifest; returns the manifest."""
+    import onnx
+
+    check_options(provider, dtype)
+    check_exportable(dynamic.lm, dynamic.policy)
+    lm = dynamic.lm
+    export_step_onnx(dynamic, directory / MODEL_FILE, dtype)
+    counts: dict[str, int] = {}
+    for node in ops.custom_nodes(onnx.load(str(directory / MODEL_FILE), load_external_data=False)):
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    policy = dynamic.policy.to_dict() if dynamic.policy is not None else {"threshold": None, "exit_points": []}
+    manifest = {
+        "format": PACKAGE_FORMAT, "version": PACKAGE_VERSION, "model_file": MODEL_FILE,
+        "provider": provider, "dtype": dtype, "family": lm.family, "num_layers": lm.num_layers,
+        "vocab_size": lm.vocab_size, "kv_geometry": kv_geometry(lm), "policy": policy,
+        "eos_token_id": eos_token_id, "base_model": base_model,
+        "inputs": input_names(lm.num_layers), "outputs": output_names(lm.num_layers),
+        "exits_disabled_threshold": EXITS_DISABLED, "custom_ops": {"domain": ops.DOMAIN, "nodes": counts},
+    }
+    _write_manifest(directory, manifest)
+    return manifest
+
+
+def _write_manifest(directory: Path, manifest: dict) -> None:
+    """(Re)write the manifest with the size of every file now in the package."""
+    manifest["files"] = {p.name: p.stat().st_size for p in sorted(directory.iterdir())
+                         if p.is_file() and p.name != PACKAGE_MANIFEST}
+    (directory / PACKAGE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def export_baseline(dyn: LoadedDynamic, target: Path) -> None:
+    """The plain model through optimum's exporter (what a user would deploy without dyninfer)."""
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    try:
+        onnx_export_from_model(dyn.loaded.model, target, task="text-generation-with-past", do_validation=False)
+    except Exception as exc:  # noqa: BLE001
+        raise DyninferError(f"optimum could not export the baseline: {' '.join(str(exc).split())[:300]} "
+                            "(pass --no-baseline to skip it)") from exc
+    dyn.loaded.tokenizer.save_pretrained(target)
+
+
+def export_package(
+    artifact: str,
+    out: str | None = None,
+    *,
+    provider: str = "cpu",
+    dtype: str = "fp32",
+    model: str | None = None,
+    kv_mode: str | None = None,
+    baseline: bool = True,
+    verify: bool = True,
+    progress: ProgressFn | None = None,
+) -> ExportResult:
+    report = progress or (lambda *a: None)
+    check_options(provider, dtype)
+    target = Path(out) if out else Path(artifact) / "onnx"
+    _check_out_dir(target)
+    problem = provider_problem(provider) if verify else None
+    if problem:
+        raise DyninferError(f"{problem}; export with --provider cpu, or with --no-verify to build the package "
+                            "for another machine")
+    started = time.perf_counter()
+    steps = 4 if baseline else 3
+    report("loading the dynamic model", 0, steps)
+    dyn = load_dynamic(artifact, model, require_policy=True, kv_mode=kv_mode)
+    check_exportable(dyn.loaded.layered, dyn.policy)
+    lm = dyn.loaded.layered
+    notes = []
+    if dyn.policy.threshold is None:
+        notes.append("the policy certified no threshold: the package never exits (it is the full model)")
+    with staged_directory(target) as tmp:
+        report("exporting the dynamic step", 1, steps)
+        tokenizer = dyn.loaded.tokenizer
+        manifest = write_package(tmp, dyn.dynamic, provider=provider, dtype=dtype,
+                                 eos_token_id=tokenizer.eos_token_id,
+                                 base_model={"spec": dyn.loaded.spec, "content_hash": dyn.loaded.content_hash})
+        tokenizer.save_pretrained(tmp)
+        dyn.loaded.model.config.save_pretrained(tmp)
+        shutil.copyfile(Path(artifact) / MANIFEST_NAME, tmp / "source-artifact.json")
+        manifest["baseline"] = BASELINE_DIR if baseline else None
+        _write_manifest(tmp, manifest)
+        difference = None
+        if verify:
+            report("verifying against torch", 2, steps)
+            difference = verify_package(dyn.dynamic, tmp, provider)
+            if difference > (1e-2 if dtype == "fp32" else 0.5):
+                raise DyninferError(f"the exported graph's logits differ from torch by {difference:.3g}; "
+                                    "the export is wrong, nothing was written")
+        if baseline:
+            report("exporting the optimum baseline", 3, steps)
+            export_baseline(dyn, tmp / BASELINE_DIR)
+        model_bytes = sum(p.stat().st_size for p in tmp.iterdir() if p.name.startswith(MODEL_FILE))
+        counts = manifest["custom_ops"]["nodes"]
+    report("done", steps, steps)
+    policy = dyn.policy
+    return ExportResult(str(target), provider, dtype, lm.num_layers, list(policy.exit_points), policy.threshold,
+                        policy.kv_mode, counts, model_bytes, difference,
+                        str(target / BASELINE_DIR) if baseline else None, time.perf_counter() - started, notes)
+
+
+def verify_package(dynamic: DynamicModel, package: Path, provider: str) -> float:
+    """Max |logit difference| between the package and the torch dynamic model: prefill, then one decode step."""
+    from dyninfer.exporters.runtime import OnnxDynamicModel
+
+    runtime = OnnxDynamicModel(package, provider=provider)
+    prompt = torch.arange(1, 6)[None] % dynamic.lm.vocab_size
+    reference = dynamic.generate(prompt, 2, mode="early-exit", return_logits=True)
+    ours = runtime.generate(prompt.numpy(), 2, mode="early-exit", return_logits=True)
+    return max(float((torch.from_numpy(a).float() - b.float()).abs().max())
+               for a, b in zip(ours.logits, reference.logits))

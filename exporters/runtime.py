@@ -1,0 +1,192 @@
+"""Run an exported dyninfer ONNX package with ONNX Runtime: numpy and onnxruntime only, no torch.
+
+Providers: the CUDA execution provider when asked for (the package's default), falling back
+to the CPU one with a note saying why. The decode loop uses IOBinding: each step's present
+K/V stay where ONNX Runtime put them (device memory on CUDA) and are bound as the next
+step's past, so only the token ids go in and the logits, exit layer and confidence come out.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dyninfer.errors import DyninferError
+from dyninfer.generation import GenerationResult
+
+PACKAGE_MANIFEST = "dyninfer-onnx.json"
+PACKAGE_FORMAT = "dyninfer-onnx"
+PACKAGE_VERSION = 1
+MODES = ("early-exit", "full")
+PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+_NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
+
+def read_package(path) -> dict:
+    """The validated manifest of the package at `path` (a one-line DyninferError if unusable)."""
+    path = find_package(path)
+    manifest_path = path / PACKAGE_MANIFEST
+    if not manifest_path.is_file():
+        hint = " (run `dyninfer export` on the artifact first)" if (path / "dyninfer.json").is_file() else ""
+        raise DyninferError(f"'{path}' is not a dyninfer ONNX package: no {PACKAGE_MANIFEST}{hint}")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DyninferError(f"the package manifest '{manifest_path}' is damaged ({exc}); re-run `dyninfer export`")
+    if not isinstance(manifest, dict) or manifest.get("format") != PACKAGE_FORMAT:
+        raise DyninferError(f"'{manifest_path}' is not a dyninfer ONNX package manifest; re-run `dyninfer export`")
+    if manifest.get("version", 0) > PACKAGE_VERSION:
+        raise DyninferError(f"the package at '{path}' was made by a newer dyninfer (format version "
+                            f"{manifest['version']}); upgrade dyninfer")
+    for name, size in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            raise DyninferError(f"the package at '{path}' lacks '{name}'; re-run `dyninfer export`")
+        if file.stat().st_size != size:
+            raise DyninferError(f"'{file}' has {file.stat().st_size} bytes, the manifest says {size}: the package "
+                                "is damaged or incomplete; re-run `dyninfer export`")
+    return manifest
+
+
+def find_package(path) -> Path:
+    """The package at `path`, or in `path`/onnx when `path` is the artifact it was exported from."""
+    path = Path(path)
+    if not path.exists():
+        raise DyninferError(f"'{path}' does not exist; pass an exported package or its artifact directory")
+    if (path / PACKAGE_MANIFEST).is_file() or not (path / "onnx" / PACKAGE_MANIFEST).is_file():
+        return path
+    return path / "onnx"
+
+
+def session_providers(provider: str) -> list[str]:
+    if provider not in PROVIDERS:
+        raise DyninferError(f"--provider must be one of {', '.join(PROVIDERS)}, got '{provider}'")
+    return [PROVIDERS["cuda"], PROVIDERS["cpu"]] if provider == "cuda" else [PROVIDERS["cpu"]]
+
+
+def create_session(model_file: Path, provider: str, threads: int | None = None):
+    """An InferenceSession on `provider`, falling back to CPU; returns (session, notes)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    wanted = session_providers(provider)
+    available = ort.get_available_providers()
+    notes = []
+    if wanted[0] not in available:
+        notes.append(f"{wanted[0]} is not in this onnxruntime build; running on CPUExecutionProvider")
+    try:
+        session = ort.InferenceSession(str(model_file), options, providers=[p for p in wanted if p in available])
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        raise DyninferError(f"ONNX Runtime could not load '{model_file}': {' '.join(str(exc).split())[:300]}")
+    if wanted[0] != session.get_providers()[0] and not notes:
+        notes.append(f"{wanted[0]} could not start here (no CUDA device or driver); fell back to "
+                     "CPUExecutionProvider")
+    return session, notes
+
+
+class OnnxDynamicModel:
+    """Greedy or sampled generation with an exported dynamic model."""
+
+    def __init__(self, package, provider: str | None = None, threads: int | None = None):
+        self.path = find_package(package)
+        self.manifest = read_package(self.path)
+        self.num_layers = int(self.manifest["num_layers"])
+        self.policy = self.manifest["policy"]
+        self.disabled_threshold = float(self.manifest["exits_disabled_threshold"])
+        self.dtype = _NUMPY_DTYPES[self.manifest["dtype"]]
+        self.session, self.notes = create_session(self.path / self.manifest["model_file"],
+                                                  provider or self.manifest["provider"], threads)
+        self.provider = self.session.get_providers()[0]
+        self.device = "cuda" if self.provider == PROVIDERS["cuda"] else "cpu"
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.past_names = self.input_names[2:]
+        self.present_names = self.output_names[3:]
+        self.geometry = self.manifest["kv_geometry"]
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.manifest.get("eos_token_id")
+
+    def _threshold(self, mode: str) -> float:
+        if mode == "full" or self.policy.get("threshold") is None:
+            return self.disabled_threshold
+        return float(self.policy["threshold"])
+
+    def generate(self, input_ids, max_new_tokens: int = 64, *, mode: str = "early-exit", sample: bool = False,
+                 temperature: float = 1.0, seed: int = 0, eos_token_id: int | None = None,
+                 return_logits: bool = False) -> GenerationResult:
+        import onnxruntime as ort
+
+        if mode not in MODES:
+            raise DyninferError(f"the ONNX backend runs modes {', '.join(MODES)}, not '{mode}'")
+        ids = np.asarray(input_ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[1] < 1:
+            raise DyninferError("the prompt is empty; give at least one token")
+        if max_new_tokens < 1:
+            raise DyninferError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        rng = np.random.default_rng(seed)
+        batch = ids.shape[0]
+        started = time.perf_counter()
+        binding = self.session.io_binding()
+        past = [ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, heads, 0, dim), dtype=self.dtype), self.device)
+                for heads, dim in self.geometry for _ in range(2)]
+        threshold = self._threshold(mode)
+        tokens, exits, confidences, all_logits = [], [], [], []
+        step_ids, step_threshold = ids, self.disabled_threshold  # the prefill runs every layer
+        while True:
+            logits, exit_layer, confidence, past = self._run(binding, step_ids, step_threshold, past)
+            if return_logits:
+                all_logits.append(logits)
+            token = _pick(logits, sample, temperature, rng)
+            tokens.append(token)
+            exits.append(exit_layer)
+            confidences.append(confidence if confidence >= 0 else None)
+            if len(tokens) >= max_new_tokens or _finished(tokens, eos_token_id):
+                break
+            step_ids, step_threshold = token, threshold
+        result = GenerationResult(np.concatenate(tokens, axis=1), exits, confidences, time.perf_counter() - started,
+                                  mode, self.num_layers, notes=list(self.notes))
+        if return_logits:
+            result.logits = all_logits
+        return result
+
+    def _run(self, binding, ids: np.ndarray, threshold: float, past: list):
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("exit_threshold", np.array(threshold, dtype=np.float32))
+        for name, value in zip(self.past_names, past):
+            binding.bind_ortvalue_input(name, value)
+        for name in self.output_names[:3]:
+            binding.bind_output(name, "cpu")
+        for name in self.present_names:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        logits = outputs[0].numpy()
+        return logits, int(outputs[1].numpy()), float(outputs[2].numpy()), list(outputs[3:])
+
+
+def _pick(logits: np.ndarray, sample: bool, temperature: float, rng) -> np.ndarray:
+    if not sample:
+        return logits.argmax(-1)[:, None].astype(np.int64)
+    scaled = logits.astype(np.float64) / max(temperature, 1e-5)
+    scaled -= scaled.max(-1, keepdims=True)
+    probs = np.exp(scaled)
+    probs /= probs.sum(-1, keepdims=True)
+    return np.array([[rng.choice(probs.shape[-1], p=row)] for row in probs], dtype=np.int64)
+
+
+def _finished(tokens: list[np.ndarray], eos_token_id: int | None) -> bool:
+    if eos_token_id is None:
+        return False
+    done = np.zeros_like(tokens[0], dtype=bool)
+    for t in tokens:
+        done |= t == eos_token_id
+    return bool(done.all())

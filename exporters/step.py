@@ -1,0 +1,241 @@
+"""One decoding step of the dynamic model as a traceable module, with exits as real control flow.
+
+`DynamicStep.forward(input_ids, threshold, *past)` runs the tokens through the decoder with
+its KV cache. At each exit point of the policy it computes the confidence of the last
+token (a custom `ai.dyninfer` op for head measures), asks `ai.dyninfer.ExitGate` whether the
+batch may leave, and branches with `torch.cond` (an ONNX `If` once exported): the exit
+branch computes the logits from the exit head and fills the skipped layers' present KV by
+CALM propagation; the other branch runs the next layers. A threshold above 1 disables
+every exit (the prefill and the "exits disabled" mode use the same graph).
+
+Outputs: logits of the last position [B, V], the exit layer (int64, num_layers when the
+token ran every layer), the exit confidence (-1 when it did not exit), then the present
+K and V of every layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dyninfer.adapters import LayeredModel
+from dyninfer.compressors.calibrate import ExitPolicy
+from dyninfer.compressors.confidence import HEAD_MEASURES, ExitClassifier, saturation
+from dyninfer.errors import DyninferError
+from dyninfer.exporters import ops
+
+
+class StepCache:
+    """A functional KV cache for one step: past tensors in, present tensors out.
+
+    The decoder layers call `update` as they would on a transformers Cache; nothing is
+    mutated in place, so the step traces into a pure graph.
+    """
+
+    def __init__(self, past: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+        self.past = past
+        self.present: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key, value, layer_idx, cache_kwargs=None):
+        past_key, past_value = self.past[layer_idx]
+        key = torch.cat([past_key, key.to(past_key.dtype)], dim=2)
+        value = torch.cat([past_value, value.to(past_value.dtype)], dim=2)
+        self.present[layer_idx] = (key, value)
+        return key, value
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.past[layer_idx][0].shape[2]
+
+
+def check_exportable(lm: LayeredModel, policy: ExitPolicy | None) -> None:
+    if lm.adapter.recurrent:
+        raise DyninferError(f"ONNX export needs a KV cache; the {lm.family} family keeps a recurrent state "
+                            "(run it with --backend torch)")
+    if policy is not None and policy.kv_mode != "propagate":
+        raise DyninferError(f"the policy's KV mode is '{policy.kv_mode}'; the ONNX graph fills skipped layers by "
+                            "propagation: export with --kv-mode propagate")
+
+
+class DynamicStep(nn.Module):
+    def __init__(self, lm: LayeredModel, policy: ExitPolicy | None, lens, classifier: ExitClassifier | None):
+        super().__init__()
+        check_exportable(lm, policy)
+        self.lm = lm
+        self.policy = policy
+        self.lens = lens
+        self.classifier = classifier
+        self.num_layers = lm.num_layers
+        certified = policy is not None and policy.threshold is not None
+        self.points = list(policy.exit_points) if certified else []
+        self.measure = policy.measure if policy is not None else None
+        self.top_k = policy.vocab_top_k if certified and self.measure in HEAD_MEASURES else 0
+        # Register the wrapped modules so their weights are parameters of the traced program.
+        self.model = lm.model
+        self.exit_heads = lens if isinstance(lens, nn.Module) else None
+
+    # -- pieces -----------------------------------------------------------------------
+    def _run(self, first: int, last: int, hidden, cache: StepCache, start):
+        """Layers [first, last); returns (input of the last layer run, output)."""
+        previous = hidden
+        for index in range(first, last):
+            previous, hidden = hidden, self.lm.layer_at(index, hidden, start, cache)
+        return previous, hidden
+
+    def _normed(self, depth: int, hidden):
+        if hasattr(self.lens, "translate"):
+            hidden = self.lens.translate(depth, hidden)
+        return self.lm.final_norm(hidden)
+
+    def _confidence(self, row: int, depth: int, last, previous_last, candidates):
+        """(confidence [B] float32, exit logits or None, candidates) at one exit point."""
+        if self.measure == "saturation":
+            return saturation(previous_last, last), None, candidates
+        if self.measure == "classifier":
+            return self.classifier(row, self.lm.final_norm(last)), None, candidates
+        normed = self._normed(depth, last)
+        if candidates is not None:
+            logits = self.lm.head_rows_per_row(normed, candidates)
+        else:
+            logits = self.lm.head(normed)
+            if self.top_k:
+                candidates = logits.topk(self.top_k, dim=-1).indices
+        return ops.LOGIT_CONFIDENCE[self.measure](logits), logits, candidates
+
+    def _exit_logits(self, depth: int, last, logits, candidates):
+        if logits is None:
+            return self.lm.head(self._normed(depth, last))
+        if candidates is None:
+            return logits
+        full = torch.full((logits.shape[0], self.lm.vocab_size), float("-inf"), dtype=logits.dtype)
+        return full.scatter(1, candidates, logits)
+
+    # -- the step ---------------------------------------------------------------------
+    # One `If` per segment between exit points (run it, or fill it by propagation). Checks
+    # that read only the hidden state (classifier, saturation) cost a dot product, so they
+    # run unconditionally and the exit's normalised state is kept with `Where`; a single
+    # head call at the end serves both exits and full-depth tokens. Head-based checks cost a
+    # head each, so they get their own `If`. Branches are flat, never nested per exit point:
+    # torch.export retraces nested branches once per enclosing one (exponential).
+    def forward(self, input_ids: torch.Tensor, threshold: torch.Tensor, *past: torch.Tensor):
+        start = past[0].shape[2]
+        hidden = self.lm.embed_at(input_ids, start)
+        with self.lm.traced_step(hidden, start):
+            return self._step(hidden, threshold, past, start)
+
+    def _step(self, hidden, threshold, past, start):
+        bounds = [0] + self.points + [self.num_layers]
+        previous, hidden, present = self._layers(0, bounds[1], hidden, past[: 2 * bounds[1]], start)
+        if not self.points:
+            return (self.lm.logits_from(hidden[:, -1]), _scalar(self.num_layers, torch.int64),
+                    _scalar(-1.0, torch.float32)) + present
+        batch = hidden.shape[0]
+        head_check = self.measure in HEAD_MEASURES
+        state = (
+            torch.zeros((), dtype=torch.bool),  # done: the token has left
+            _scalar(self.num_layers, torch.int64),  # exit layer
+            _scalar(-1.0, torch.float32),  # exit confidence
+            # what the head reads at the exit: its logits (head checks) or its normalised state
+            hidden.new_zeros(batch, self.lm.vocab_size if head_check else self.lm.hidden_size),
+        ) + ((torch.zeros(batch, self.top_k, dtype=torch.long),) if self.top_k else ())
+        disabled = threshold > 1.0  # confidences are <= 1: no check passes (prefill, exits off)
+        for row, depth in enumerate(self.points):
+            if head_check:
+                state = _cond(disabled | state[0], _keep, self._check_branch(row, depth),
+                              (hidden, previous, threshold) + state)
+            else:
+                state = self._state_check(row, depth, hidden, previous, threshold, state)
+            end = bounds[row + 2]
+            outputs = _cond(state[0], self._propagate_branch(depth, end, start), self._run_branch(depth, end, start),
+                            (hidden, previous) + tuple(past[2 * depth : 2 * end]))
+            hidden, previous = outputs[:2]
+            present = present + tuple(outputs[2:])
+        done, exit_layer, exit_confidence, exit_value = state[:4]
+        if head_check:
+            logits = _cond(done, lambda exit_logits, hidden: (exit_logits.clone(),),
+                           lambda exit_logits, hidden: (self.lm.logits_from(hidden[:, -1]),), (exit_value, hidden))[0]
+        else:
+            logits = self.lm.head(torch.where(done, exit_value, self.lm.final_norm(hidden[:, -1])))
+        return (logits, exit_layer, exit_confidence) + present
+
+    def _state_check(self, row: int, depth: int, hidden, previous, threshold, state):
+        """A check that needs no head, without a branch: it only takes effect if not done yet."""
+        done, exit_layer, exit_confidence, exit_normed = state
+        last = hidden[:, -1]
+        confidence, _, _ = self._confidence(row, depth, last, previous[:, -1], None)
+        leave = ops.exit_gate(confidence, threshold) & ~done
+        return (done | leave, torch.where(leave, depth, exit_layer),
+                torch.where(leave, confidence.min().float(), exit_confidence),
+                torch.where(leave, self._normed(depth, last), exit_normed))
+
+    def _layers(self, first: int, last: int, hidden, past, start):
+        """Layers [first, last) on `hidden`: (input of the last one, output, their present K/V)."""
+        cache = StepCache({first + i: (past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)})
+        previous = hidden
+        for index in range(first, last):
+            previous, hidden = hidden, self.lm.layer_at(index, hidden, start, cache)
+        return previous, hidden, _flat(cache.present, first, last)
+
+    def _run_branch(self, first: int, last: int, start):
+        def run(hidden, previous, *past):
+            previous, out, present = self._layers(first, last, hidden, past, start)
+            # A branch may not return its input itself (`previous` is the input for one layer).
+            return (out.clone() if out is hidden else out, previous.clone()) + present
+        return run
+
+    def _propagate_branch(self, first: int, last: int, start):
+        """The token left earlier: fill these layers' K/V from its exit hidden state (CALM)."""
+        def propagate(hidden, previous, *past):
+            cache = StepCache({first + i: (past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)})
+            for index in range(first, last):
+                self.lm.propagate(index, hidden, start, cache)
+            return (hidden.clone(), previous.clone()) + _flat(cache.present, first, last)
+        return propagate
+
+    def _check_branch(self, row: int, depth: int):
+        """Confidence at exit point `row`; on a confident batch, the exit logits and done=True."""
+        def check(hidden, previous, threshold, done, exit_layer, exit_confidence, exit_logits, *candidates):
+            last = hidden[:, -1]
+            confidence, logits, chosen = self._confidence(row, depth, last, previous[:, -1],
+                                                          candidates[0] if candidates and row else None)
+            leave = ops.exit_gate(confidence, threshold)
+            exit_logits = _cond(
+                leave,
+                lambda last, old, *extra: (self._exit_logits(depth, last, *_unpack(extra, logits, chosen)),),
+                lambda last, old, *extra: (old.clone(),),
+                (last, exit_logits) + _present(logits, chosen),
+            )[0]
+            kept = (chosen.clone(),) if self.top_k else ()
+            return (leave.clone(), torch.where(leave, depth, exit_layer),
+                    torch.where(leave, confidence.min().float(), exit_confidence), exit_logits) + kept
+        return check
+
+
+def _present(*tensors) -> tuple:
+    """torch.cond takes tensors only: optional pieces travel when they exist."""
+    return tuple(t for t in tensors if t is not None)
+
+
+def _unpack(extra: tuple, *optional) -> tuple:
+    """Inverse of `_present`: put the traveling tensors back where the optional ones were not None."""
+    extra = list(extra)
+    return tuple(extra.pop(0) if t is not None else None for t in optional)
+
+
+def _keep(hidden, previous, threshold, *state):
+    return tuple(t.clone() for t in state)
+
+
+def _cond(pred, true_fn, false_fn, operands):
+    """torch.cond when tracing (an ONNX `If`); plain Python control flow when eager."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return tuple(torch.cond(pred, true_fn, false_fn, tuple(operands)))
+    return tuple((true_fn if bool(pred) else false_fn)(*operands))
+
+
+def _scalar(value, dtype) -> torch.Tensor:
+    # A factory op, not a constant tensor: constants created inside cond branches break tracing.
+    return torch.full((), value, dtype=dtype)
+
+
+def _flat(present: dict, first: int, last: int) -> tuple:
+    return tuple(t for index in range(first, last) for t in present[index])

@@ -1,0 +1,154 @@
+"""ONNX export: the package against the torch dynamic model, per architecture, and its custom ops."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from dyninfer.adapters import LayeredModel
+from dyninfer.compressors import confidence as conf
+from dyninfer.compressors.calibrate import ExitPolicy
+from dyninfer.compressors.confidence import ExitClassifier
+from dyninfer.compressors.dynamic import DynamicModel
+from dyninfer.errors import DyninferError
+from dyninfer.exporters import ops
+from dyninfer.exporters.onnx_export import MODEL_FILE, write_package
+from dyninfer.exporters.runtime import OnnxDynamicModel
+from dyninfer.profilers.lenses import LogitLens
+from tiny_models import ARCHS, VOCAB, tiny_model
+
+STEPS = 32
+ATTENTION_ARCHS = [a for a in ARCHS if a != "mamba"]
+
+
+def _dynamic(arch: str, measure: str = "saturation", top_k: int = 0, points=(1, 2)):
+    """A dynamic model whose threshold makes some steps exit early and others run the full depth."""
+    model = tiny_model(arch, layers=4)
+    lm = LayeredModel(model)
+    prompt = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(5))
+    classifier = None
+    if measure == "classifier":
+        classifier = ExitClassifier(len(points), lm.hidden_size)
+        torch.nn.init.normal_(classifier.weight, std=0.5, generator=torch.Generator().manual_seed(1))
+    low, high = -1.0, 1.0 + 1e-6
+    for _ in range(40):  # more steps run deep as the threshold rises: bisect on it
+        threshold = (low + high) / 2
+        policy = ExitPolicy("logit", measure, list(points), threshold, top_k, "propagate")
+        dynamic = DynamicModel(lm, policy, LogitLens(lm), classifier)
+        run = dynamic.generate(prompt, STEPS)
+        deep = sum(e == lm.num_layers for e in run.exit_layers[1:])
+        if 3 <= deep <= STEPS - 4:
+            return dynamic, prompt
+        low, high = (threshold, high) if deep < 3 else (low, threshold)
+    raise AssertionError(f"no {measure} threshold gives mixed exits for {arch}")
+
+
+def _assert_parity(dynamic: DynamicModel, prompt, package) -> None:
+    runtime = OnnxDynamicModel(package, provider="cpu")
+    reference = dynamic.generate(prompt, STEPS, return_logits=True)
+    ours = runtime.generate(prompt.numpy(), STEPS, return_logits=True)
+    assert np.array_equal(ours.tokens, reference.tokens.numpy())
+    assert ours.exit_layers == reference.exit_layers
+    assert len(set(reference.exit_layers[1:])) > 1  # the comparison covers exits and full-depth steps
+    for a, b in zip(ours.logits, reference.logits):
+        assert np.abs(a - b.numpy()).max() < 1e-3
+    for c_ours, c_ref in zip(ours.confidences, reference.confidences):
+        assert (c_ours is None) == (c_ref is None)
+        if c_ref is not None:
+            assert abs(c_ours - c_ref) < 1e-4
+    full_ref = dynamic.generate(prompt, STEPS, mode="full")
+    full = runtime.generate(prompt.numpy(), STEPS, mode="full")
+    assert np.array_equal(full.tokens, full_ref.tokens.numpy())
+    assert full.exit_layers == [dynamic.lm.num_layers] * STEPS
+
+
+@pytest.mark.parametrize("arch", ATTENTION_ARCHS)
+def test_onnx_dynamic_model_equals_torch(arch, tmp_path):
+    dynamic, prompt = _dynamic(arch)
+    write_package(tmp_path, dynamic)
+    _assert_parity(dynamic, prompt, tmp_path)
+
+
+@pytest.mark.parametrize("arch,measure,top_k", [("llama", "classifier", 0), ("qwen2", "softmax", 16)])
+def test_onnx_equals_torch_for_other_confidence_measures(arch, measure, top_k, tmp_path):
+    """The classifier reads the hidden state; softmax uses the head and, with top-k, the candidates."""
+    dynamic, prompt = _dynamic(arch, measure, top_k)
+    manifest = write_package(tmp_path, dynamic)
+    _assert_parity(dynamic, prompt, tmp_path)
+    if measure == "softmax":
+        assert manifest["custom_ops"]["nodes"] == {"ExitGate": 2, "SoftmaxConfidence": 2}
+
+
+def test_saved_graph_keeps_custom_nodes_with_standard_op_functions(tmp_path):
+    dynamic, _ = _dynamic("llama")
+    write_package(tmp_path, dynamic)
+    model = onnx.load(str(tmp_path / MODEL_FILE), load_external_data=False)
+    gates = [n for n in ops.custom_nodes(model) if n.op_type == "ExitGate"]
+    assert len(gates) == len(dynamic.policy.exit_points)
+    assert all(n.domain == ops.DOMAIN for n in gates)
+    functions = {(f.domain, f.name): f for f in model.functions}
+    assert (ops.DOMAIN, "ExitGate") in functions
+    for function in functions.values():  # bodies are standard ONNX: no library needed
+        assert all(node.domain in ("", "ai.onnx") for node in function.node)
+    assert any(o.domain == ops.DOMAIN for o in model.opset_import)
+
+    def if_nodes(graph):
+        return sum((n.op_type == "If") + sum(if_nodes(a.g) for a in n.attribute if a.g.node) for n in graph.node)
+
+    assert if_nodes(model.graph) >= 2 * len(dynamic.policy.exit_points)  # check and skip branches
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / MODEL_FILE), providers=["CPUExecutionProvider"])
+    assert session.get_providers() == ["CPUExecutionProvider"]
+
+
+def _run_function(name: str, inputs: dict[str, np.ndarray], n_outputs: int = 1):
+    """Run one `ai.dyninfer` op alone through ONNX Runtime (the function inlined by ORT)."""
+    import onnxruntime as ort
+
+    input_names, output_names = ops._SIGNATURES[name]
+    node = helper.make_node(name, list(input_names), list(output_names), domain=ops.DOMAIN)
+    graph = helper.make_graph(
+        [node], "one_op",
+        [helper.make_tensor_value_info(k, TensorProto.FLOAT, list(v.shape)) for k, v in inputs.items()],
+        [onnx.ValueInfoProto(name=o) for o in output_names],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    ops.add_function_definitions(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, inputs)[0]
+
+
+@pytest.mark.parametrize("measure", conf.HEAD_MEASURES)
+def test_confidence_functions_equal_the_torch_measures(measure):
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(2)) * 3
+    name = {"softmax": "SoftmaxConfidence", "margin": "MarginConfidence", "entropy": "EntropyConfidence"}[measure]
+    ours = _run_function(name, {"logits": logits.numpy()})
+    np.testing.assert_allclose(ours, conf.from_logits(measure, logits).numpy(), atol=1e-5)
+    np.testing.assert_allclose(ops.LOGIT_CONFIDENCE[measure](logits).numpy(), ours, atol=1e-5)
+
+
+@pytest.mark.parametrize("threshold", [0.2, 0.5, 0.81])
+def test_exit_gate_decides_on_the_batch_minimum(threshold):
+    confidence = np.array([0.9, 0.5, 0.8], dtype=np.float32)
+    ours = _run_function("ExitGate", {"confidence": confidence, "threshold": np.array(threshold, np.float32)})
+    assert bool(ours) == (confidence.min() >= threshold)
+    assert bool(ops.exit_gate(torch.from_numpy(confidence), torch.tensor(threshold))) == bool(ours)
+
+
+def test_unexportable_models_are_refused(tmp_path):
+    lm = LayeredModel(tiny_model("mamba", layers=2))
+    policy = ExitPolicy("logit", "saturation", [1], 0.5, 0, "propagate")
+    with pytest.raises(DyninferError, match="recurrent"):
+        write_package(tmp_path, DynamicModel(lm, policy, LogitLens(lm)))
+    lm = LayeredModel(tiny_model("llama", layers=2))
+    recompute = ExitPolicy("logit", "saturation", [1], 0.5, 0, "recompute")
+    with pytest.raises(DyninferError, match="--kv-mode propagate"):
+        write_package(tmp_path, DynamicModel(lm, recompute, LogitLens(lm)))
+    with pytest.raises(DyninferError, match="fp16"):
+        write_package(tmp_path, DynamicModel(lm, policy, LogitLens(lm)), provider="cpu", dtype="fp16")
+    assert not any(tmp_path.iterdir())

@@ -1,0 +1,144 @@
+"""`dyninfer export`, `run --backend onnx` and `bench --backend onnx` on a calibrated tiny artifact."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from dyninfer.cli.app import app
+from dyninfer.errors import DyninferError
+from dyninfer.exporters import onnx_export
+from dyninfer.exporters.runtime import PACKAGE_MANIFEST
+from conftest import random_text, save_tiny
+from test_run_bench import CAL
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    model = save_tiny("llama", root / "model")
+    data = root / "text.txt"
+    data.write_text(random_text(20000))
+    artifact = root / "artifact"
+    result = runner.invoke(app, ["calibrate", str(model), "--data", str(data), *CAL, "--out", str(artifact)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["export", str(artifact), "--json"])
+    assert result.exit_code == 0, result.output
+    return model, data, artifact, json.loads(result.stdout)
+
+
+def test_export_writes_a_verified_package_with_baseline(exported):
+    _, _, artifact, report = exported
+    package = artifact / "onnx"
+    assert report["path"] == str(package)
+    manifest = json.loads((package / PACKAGE_MANIFEST).read_text())
+    assert manifest["inputs"][2:4] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert manifest["outputs"][3:5] == ["present.0.key", "present.0.value"]
+    assert report["custom_nodes"]["ExitGate"] == len(report["exit_points"]) > 0
+    assert report["verify_max_abs_diff"] < 1e-3
+    for name in ("model.onnx", "model.onnx.data", "tokenizer.json", "config.json", "source-artifact.json"):
+        assert (package / name).is_file()
+    assert (package / "baseline" / "model.onnx").is_file()  # optimum's export of the plain model
+    assert not [p for p in artifact.iterdir() if p.name.startswith(".onnx")]  # no temporary leftovers
+
+
+def test_run_onnx_backend_equals_torch_backend(exported):
+    _, _, artifact, _ = exported
+    args = ["run", str(artifact), "tok3 tok9 tok4", "--raw", "-n", "12", "--json"]
+    torch_run = runner.invoke(app, args)
+    onnx_run = runner.invoke(app, args + ["--backend", "onnx"])
+    assert torch_run.exit_code == 0 and onnx_run.exit_code == 0, onnx_run.output
+    ours, reference = json.loads(onnx_run.stdout), json.loads(torch_run.stdout)
+    assert [t["id"] for t in ours["tokens"]] == [t["id"] for t in reference["tokens"]]
+    assert [t["exit_layer"] for t in ours["tokens"]] == [t["exit_layer"] for t in reference["tokens"]]
+    assert ours["backend"] == "onnx"
+    sampled = runner.invoke(app, args + ["--backend", "onnx", "--sample", "--seed", "3"])
+    again = runner.invoke(app, args + ["--backend", "onnx", "--sample", "--seed", "3"])
+    assert sampled.exit_code == 0 and json.loads(sampled.stdout)["tokens"] == json.loads(again.stdout)["tokens"]
+    assert runner.invoke(app, args + ["--backend", "onnx", "--mode", "speculative"]).exit_code == 2
+    assert runner.invoke(app, args + ["--backend", "tpu"]).exit_code == 2
+
+
+def test_bench_onnx_backend_compares_with_optimum_in_one_run(exported):
+    _, _, artifact, _ = exported
+    args = ["bench", str(artifact), "--backend", "onnx", "--prompts", "2", "--prompt-tokens", "8",
+            "--new-tokens", "6", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    modes = {m["mode"]: m for m in out["modes"]}
+    assert set(modes) == {"baseline (optimum ORTModelForCausalLM)", "onnx early-exit", "onnx full (exits disabled)",
+                          "torch early-exit"}
+    assert modes["onnx full (exits disabled)"]["consistency"] == 1.0  # the full model's greedy tokens
+    assert modes["onnx early-exit"]["consistency"] == modes["torch early-exit"]["consistency"]
+    assert out["gated_mode"] == "onnx early-exit"
+    failing = runner.invoke(app, args + ["--min-speedup", "1000"])
+    assert failing.exit_code == 1 and "--min-speedup" in failing.stderr
+
+
+def test_export_bad_inputs(exported, tmp_path):
+    model, data, artifact, _ = exported
+    probe_only = tmp_path / "probe-only"
+    assert runner.invoke(app, ["probe", str(model), "--data", str(data), "--tokens", "32", "--seq-len", "16",
+                               "--out", str(probe_only)]).exit_code == 0
+    result = runner.invoke(app, ["export", str(probe_only)])
+    assert result.exit_code == 2 and "calibrate" in result.stderr
+    assert not (probe_only / "onnx").exists()
+    other = save_tiny("llama", tmp_path / "other", seed=3)
+    result = runner.invoke(app, ["export", str(artifact), "--model", str(other), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "made for model" in result.stderr and not (tmp_path / "x").exists()
+    for options, message in ((["--provider", "tpu"], "--provider"), (["--dtype", "int3"], "--dtype"),
+                             (["--dtype", "fp16"], "fp16"), (["--kv-mode", "recompute"], "--kv-mode propagate")):
+        result = runner.invoke(app, ["export", str(artifact), "--out", str(tmp_path / "y"), *options])
+        assert result.exit_code == 2 and message in result.stderr, result.output
+        assert not (tmp_path / "y").exists()
+    if onnx_export.provider_problem("cuda"):  # this machine has no usable CUDA
+        result = runner.invoke(app, ["export", str(artifact), "--provider", "cuda", "--out", str(tmp_path / "z")])
+        assert result.exit_code == 2 and "CUDAExecutionProvider" in result.stderr and not (tmp_path / "z").exists()
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert runner.invoke(app, ["export", str(artifact), "--out", str(a_file)]).exit_code == 2
+    assert runner.invoke(app, ["export", str(artifact), "--out", str(a_file / "sub")]).exit_code == 2
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("keep me")
+    result = runner.invoke(app, ["export", str(artifact), "--out", str(busy)])
+    assert result.exit_code == 2 and "non-empty" in result.stderr and (busy / "notes.txt").read_text() == "keep me"
+
+
+def test_a_failed_export_leaves_the_previous_package_untouched(exported, monkeypatch):
+    _, _, artifact, _ = exported
+    package = artifact / "onnx"
+    before = {p.name: p.stat().st_mtime_ns for p in package.iterdir()}
+
+    def half_written(directory, *args, **kwargs):
+        (directory / "model.onnx").write_bytes(b"partial")
+        raise DyninferError("the ONNX exporter failed: simulated")
+
+    monkeypatch.setattr(onnx_export, "write_package", half_written)
+    result = runner.invoke(app, ["export", str(artifact)])
+    assert result.exit_code == 2 and "simulated" in result.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in package.iterdir()} == before
+    assert not [p for p in artifact.iterdir() if p.name.startswith(".onnx")]
+
+
+def test_damaged_or_missing_packages_get_clear_errors(exported, tmp_path):
+    _, _, artifact, _ = exported
+    import shutil
+
+    copy = tmp_path / "package"
+    shutil.copytree(artifact / "onnx", copy, ignore=shutil.ignore_patterns("baseline"))
+    data = copy / "model.onnx.data"
+    os.truncate(data, data.stat().st_size // 2)
+    result = runner.invoke(app, ["run", str(copy), "tok1", "--backend", "onnx"])
+    assert result.exit_code == 2 and "damaged or incomplete" in result.stderr
+    (copy / PACKAGE_MANIFEST).write_text("{not json")
+    result = runner.invoke(app, ["run", str(copy), "tok1", "--backend", "onnx"])
+    assert result.exit_code == 2 and "damaged" in result.stderr
+    result = runner.invoke(app, ["run", str(tmp_path), "tok1", "--backend", "onnx"])
+    assert result.exit_code == 2 and "not a dyninfer ONNX package" in result.stderr
