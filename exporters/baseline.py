@@ -16,10 +16,20 @@ class OptimumBaseline:
 
     @torch.no_grad()
     def greedy(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-        """Greedy decoding through optimum's generate(), exactly `new_tokens` tokens."""
-        out = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        return out[:, prompt.shape[1]:]
+        """Greedy decoding, exactly `new_tokens` tokens, driving optimum's forward (its own KV handling).
+
+        A plain loop, not `generate()`: generate's per-step logits processing and stopping
+        checks cost ~17% of the step on this model on 2 CPU cores (22.4 vs 26.7 tokens/s), and
+        the baseline should be the fastest way to run optimum's model.
+        """
+        ids, mask, past, out = prompt, torch.ones_like(prompt), None, []
+        for _ in range(new_tokens):
+            step = self.model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
+            past = step.past_key_values
+            ids = step.logits[:, -1].argmax(-1, keepdim=True)
+            out.append(ids)
+            mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+        return torch.cat(out, dim=1)
 
 
 def load_optimum_baseline(package, provider: str) -> OptimumBaseline:

@@ -158,6 +158,11 @@ def export_step_onnx(dynamic: DynamicModel, path: Path, dtype: str = "fp32") -> 
     # Example sizes >1 and distinct, so the tracer keeps every dimension symbolic.
     ids, threshold, past = _example_inputs(lm, 2, 3, 4, torch_dtype)
     shapes = ({0: batch, 1: new}, None, tuple({0: batch, 2: past_len} for _ in past))
+    config = lm.model.config
+    attention = config._attn_implementation
+    # Trace the SDPA attention path: it exports cleanly for every family (GPT-2's eager path
+    # slices a fixed causal buffer, which torch.export cannot keep symbolic inside branches).
+    config._attn_implementation = "sdpa"
     try:
         with torch.no_grad():
             program = torch.onnx.export(
@@ -167,6 +172,8 @@ def export_step_onnx(dynamic: DynamicModel, path: Path, dtype: str = "fp32") -> 
             )
     except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; one line for the user
         raise DyninferError(f"the ONNX exporter failed: {' '.join(str(exc).split())[:300]}") from exc
+    finally:
+        config._attn_implementation = attention
     model = program.model_proto
     ops.add_function_definitions(model)
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,

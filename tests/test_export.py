@@ -53,8 +53,8 @@ def _assert_parity(dynamic: DynamicModel, prompt, package) -> None:
     assert np.array_equal(ours.tokens, reference.tokens.numpy())
     assert ours.exit_layers == reference.exit_layers
     assert len(set(reference.exit_layers[1:])) > 1  # the comparison covers exits and full-depth steps
-    for a, b in zip(ours.logits, reference.logits):
-        assert np.abs(a - b.numpy()).max() < 1e-3
+    for a, b in zip(ours.logits, reference.logits):  # -inf outside the candidates with vocab top-k
+        np.testing.assert_allclose(a, b.numpy(), atol=1e-3, rtol=0)
     for c_ours, c_ref in zip(ours.confidences, reference.confidences):
         assert (c_ours is None) == (c_ref is None)
         if c_ref is not None:
@@ -98,7 +98,7 @@ def test_saved_graph_keeps_custom_nodes_with_standard_op_functions(tmp_path):
     def if_nodes(graph):
         return sum((n.op_type == "If") + sum(if_nodes(a.g) for a in n.attribute if a.g.node) for n in graph.node)
 
-    assert if_nodes(model.graph) >= 2 * len(dynamic.policy.exit_points)  # check and skip branches
+    assert if_nodes(model.graph) == len(dynamic.policy.exit_points)  # one run-or-propagate branch per segment
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(tmp_path / MODEL_FILE), providers=["CPUExecutionProvider"])
