@@ -31,6 +31,9 @@ MODES = ("full", "early-exit", "speculative")
 
 
 class DynamicModel:
+    # How head-based confidences are computed from logits (the ONNX export swaps in its custom ops).
+    logit_confidence = staticmethod(conf.from_logits)
+
     def __init__(self, lm: LayeredModel, policy: ExitPolicy | None, lens, classifier: conf.ExitClassifier | None = None):
         self.lm = lm
         self.policy = policy
@@ -61,7 +64,7 @@ class DynamicModel:
             logits = self.lm.head(normed)
             if self.policy.vocab_top_k:
                 candidates = logits.topk(self.policy.vocab_top_k, dim=-1).indices
-        return conf.from_logits(measure, logits), logits, candidates
+        return self.logit_confidence(measure, logits), logits, candidates
 
     def _exit_logits(self, depth: int, hidden, logits, candidates):
         """Logits over the full vocabulary (or scattered back from the candidate subset)."""

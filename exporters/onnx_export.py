@@ -13,11 +13,14 @@ It is built in a temporary directory and swapped in only when complete and verif
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -120,6 +123,23 @@ def _check_out_dir(out: Path) -> None:
         raise DyninferError(f"cannot write into '{parent}' (permission denied); choose another --out")
 
 
+@contextlib.contextmanager
+def _quiet_exporters():
+    """The exporters' warnings (tracer notes, torchvision absent, axis renames) are not the user's
+    business: they would bury our progress lines. Real failures still raise."""
+    loggers = [logging.getLogger(name) for name in ("torch", "optimum", "transformers", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
 def _example_inputs(lm, batch: int, new: int, past_len: int, dtype) -> tuple:
     geometry = kv_geometry(lm)
     ids = torch.randint(0, lm.vocab_size, (batch, new))
@@ -152,7 +172,8 @@ def export_step_onnx(dynamic: DynamicModel, path: Path, dtype: str = "fp32") -> 
 
         lm = LayeredModel(copy.deepcopy(lm.model).to(torch_dtype))
         lens = copy.deepcopy(lens).to(torch_dtype) if isinstance(lens, torch.nn.Module) else LogitLens(lm)
-    step = DynamicStep(lm, dynamic.policy, lens, dynamic.classifier).eval()
+        dynamic = DynamicModel(lm, dynamic.policy, lens, dynamic.classifier)
+    step = DynamicStep(dynamic).eval()
     batch, new = Dim("batch", min=1, max=256), Dim("sequence", min=1, max=65536)
     past_len = Dim("past", min=0, max=65536)
     # Example sizes >1 and distinct, so the tracer keeps every dimension symbolic.
@@ -164,7 +185,7 @@ def export_step_onnx(dynamic: DynamicModel, path: Path, dtype: str = "fp32") -> 
     # slices a fixed causal buffer, which torch.export cannot keep symbolic inside branches).
     config._attn_implementation = "sdpa"
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_exporters():
             program = torch.onnx.export(
                 step, (ids, threshold, *past), dynamic_shapes=shapes,
                 input_names=input_names(lm.num_layers), output_names=output_names(lm.num_layers),
@@ -217,7 +238,8 @@ def export_baseline(dyn: LoadedDynamic, target: Path) -> None:
     from optimum.exporters.onnx import onnx_export_from_model
 
     try:
-        onnx_export_from_model(dyn.loaded.model, target, task="text-generation-with-past", do_validation=False)
+        with _quiet_exporters():
+            onnx_export_from_model(dyn.loaded.model, target, task="text-generation-with-past", do_validation=False)
     except Exception as exc:  # noqa: BLE001
         raise DyninferError(f"optimum could not export the baseline: {' '.join(str(exc).split())[:300]} "
                             "(pass --no-baseline to skip it)") from exc

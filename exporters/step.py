@@ -15,12 +15,15 @@ K and V of every layer.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
 from dyninfer.adapters import LayeredModel
 from dyninfer.compressors.calibrate import ExitPolicy
-from dyninfer.compressors.confidence import HEAD_MEASURES, ExitClassifier, saturation
+from dyninfer.compressors.confidence import HEAD_MEASURES
+from dyninfer.compressors.dynamic import DynamicModel
 from dyninfer.errors import DyninferError
 from dyninfer.exporters import ops
 
@@ -57,13 +60,14 @@ def check_exportable(lm: LayeredModel, policy: ExitPolicy | None) -> None:
 
 
 class DynamicStep(nn.Module):
-    def __init__(self, lm: LayeredModel, policy: ExitPolicy | None, lens, classifier: ExitClassifier | None):
+    def __init__(self, dynamic: DynamicModel):
         super().__init__()
+        lm, policy = dynamic.lm, dynamic.policy
         check_exportable(lm, policy)
+        # The torch dynamic model's own exit heads and checks, with head confidences as custom ops.
+        self.dynamic = copy.copy(dynamic)
+        self.dynamic.logit_confidence = lambda measure, logits: ops.LOGIT_CONFIDENCE[measure](logits)
         self.lm = lm
-        self.policy = policy
-        self.lens = lens
-        self.classifier = classifier
         self.num_layers = lm.num_layers
         certified = policy is not None and policy.threshold is not None
         self.points = list(policy.exit_points) if certified else []
@@ -71,43 +75,8 @@ class DynamicStep(nn.Module):
         self.top_k = policy.vocab_top_k if certified and self.measure in HEAD_MEASURES else 0
         # Register the wrapped modules so their weights are parameters of the traced program.
         self.model = lm.model
-        self.exit_heads = lens if isinstance(lens, nn.Module) else None
-
-    # -- pieces -----------------------------------------------------------------------
-    def _run(self, first: int, last: int, hidden, cache: StepCache, start):
-        """Layers [first, last); returns (input of the last layer run, output)."""
-        previous = hidden
-        for index in range(first, last):
-            previous, hidden = hidden, self.lm.layer_at(index, hidden, start, cache)
-        return previous, hidden
-
-    def _normed(self, depth: int, hidden):
-        if hasattr(self.lens, "translate"):
-            hidden = self.lens.translate(depth, hidden)
-        return self.lm.final_norm(hidden)
-
-    def _confidence(self, row: int, depth: int, last, previous_last, candidates):
-        """(confidence [B] float32, exit logits or None, candidates) at one exit point."""
-        if self.measure == "saturation":
-            return saturation(previous_last, last), None, candidates
-        if self.measure == "classifier":
-            return self.classifier(row, self.lm.final_norm(last)), None, candidates
-        normed = self._normed(depth, last)
-        if candidates is not None:
-            logits = self.lm.head_rows_per_row(normed, candidates)
-        else:
-            logits = self.lm.head(normed)
-            if self.top_k:
-                candidates = logits.topk(self.top_k, dim=-1).indices
-        return ops.LOGIT_CONFIDENCE[self.measure](logits), logits, candidates
-
-    def _exit_logits(self, depth: int, last, logits, candidates):
-        if logits is None:
-            return self.lm.head(self._normed(depth, last))
-        if candidates is None:
-            return logits
-        full = torch.full((logits.shape[0], self.lm.vocab_size), float("-inf"), dtype=logits.dtype)
-        return full.scatter(1, candidates, logits)
+        self.exit_heads = dynamic.lens if isinstance(dynamic.lens, nn.Module) else None
+        self.classifier = dynamic.classifier
 
     # -- the step ---------------------------------------------------------------------
     # One `If` per segment between exit points (run it, or fill it by propagation). Checks
@@ -161,11 +130,11 @@ class DynamicStep(nn.Module):
         """A check that needs no head, without a branch: it only takes effect if not done yet."""
         done, exit_layer, exit_confidence, exit_normed = state
         last = hidden[:, -1]
-        confidence, _, _ = self._confidence(row, depth, last, previous[:, -1], None)
+        confidence, _, _ = self.dynamic._check(row, depth, last, previous[:, -1], None)
         leave = ops.exit_gate(confidence, threshold) & ~done
         return (done | leave, torch.where(leave, depth, exit_layer),
                 torch.where(leave, confidence.min().float(), exit_confidence),
-                torch.where(leave, self._normed(depth, last), exit_normed))
+                torch.where(leave, self.dynamic._normed(depth, last), exit_normed))
 
     def _layers(self, first: int, last: int, hidden, past, start):
         """Layers [first, last) on `hidden`: (input of the last one, output, their present K/V)."""
@@ -195,15 +164,15 @@ class DynamicStep(nn.Module):
         """Confidence at exit point `row`; on a confident batch, the exit logits and done=True."""
         def check(hidden, previous, threshold, done, exit_layer, exit_confidence, exit_logits, *candidates):
             last = hidden[:, -1]
-            confidence, logits, chosen = self._confidence(row, depth, last, previous[:, -1],
-                                                          candidates[0] if candidates and row else None)
+            confidence, logits, chosen = self.dynamic._check(row, depth, last, previous[:, -1],
+                                                             candidates[0] if candidates and row else None)
             leave = ops.exit_gate(confidence, threshold)
-            exit_logits = _cond(
-                leave,
-                lambda last, old, *extra: (self._exit_logits(depth, last, *_unpack(extra, logits, chosen)),),
-                lambda last, old, *extra: (old.clone(),),
-                (last, exit_logits) + _present(logits, chosen),
-            )[0]
+            def exit_head(last, old, *extra):
+                # Cloned: with the full vocabulary the exit logits are the check's own, an input here.
+                return (self.dynamic._exit_logits(depth, last, *_unpack(extra, logits, chosen)).clone(),)
+
+            exit_logits = _cond(leave, exit_head, lambda last, old, *extra: (old.clone(),),
+                                (last, exit_logits) + _present(logits, chosen))[0]
             kept = (chosen.clone(),) if self.top_k else ()
             return (leave.clone(), torch.where(leave, depth, exit_layer),
                     torch.where(leave, confidence.min().float(), exit_confidence), exit_logits) + kept

@@ -51,3 +51,24 @@ def text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
     path.write_text(random_text(3000))
     return path
+
+
+# A quick calibration of a tiny model: saturation checks, a loose target, small splits.
+CALIBRATE_ARGS = ["--seq-len", "32", "--fit-tokens", "256", "--calibration-tokens", "1024", "--heldout-tokens", "256",
+                  "--min-layer", "1", "--block", "8", "--target", "0.6", "--lens", "logit", "--measure", "saturation"]
+
+
+def calibrate_tiny(root: Path) -> tuple[Path, Path, Path]:
+    """Save a tiny llama and random text under `root`, calibrate it; returns (model, data, artifact)."""
+    from typer.testing import CliRunner
+
+    from dyninfer.cli.app import app
+
+    model = save_tiny("llama", root / "model")
+    data = root / "text.txt"
+    data.write_text(random_text(20000))
+    artifact = root / "artifact"
+    result = CliRunner().invoke(app, ["calibrate", str(model), "--data", str(data), *CALIBRATE_ARGS,
+                                      "--out", str(artifact)])
+    assert result.exit_code == 0, result.output
+    return model, data, artifact

@@ -152,3 +152,18 @@ def test_unexportable_models_are_refused(tmp_path):
     with pytest.raises(DyninferError, match="fp16"):
         write_package(tmp_path, DynamicModel(lm, policy, LogitLens(lm)), provider="cpu", dtype="fp16")
     assert not any(tmp_path.iterdir())
+
+
+def test_fp16_package_for_cuda_stores_half_weights_and_runs(tmp_path):
+    """Built here for another machine (--provider cuda --no-verify); ONNX Runtime's CPU EP still runs it."""
+    dynamic, prompt = _dynamic("llama")
+    manifest = write_package(tmp_path, dynamic, provider="cuda", dtype="fp16")
+    assert manifest["dtype"] == "fp16" and manifest["provider"] == "cuda"
+    model = onnx.load(str(tmp_path / MODEL_FILE), load_external_data=False)
+    matrices = [i for i in model.graph.initializer if len(i.dims) == 2]
+    assert matrices and all(i.data_type == TensorProto.FLOAT16 for i in matrices)
+    runtime = OnnxDynamicModel(tmp_path, provider="cpu")
+    ours = runtime.generate(prompt.numpy(), 4, mode="full", return_logits=True)
+    reference = dynamic.generate(prompt, 4, mode="full", return_logits=True)
+    assert ours.logits[0].dtype == np.float16
+    np.testing.assert_allclose(ours.logits[0].astype(np.float32), reference.logits[0].numpy(), atol=5e-2)

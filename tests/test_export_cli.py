@@ -12,21 +12,14 @@ from dyninfer.cli.app import app
 from dyninfer.errors import DyninferError
 from dyninfer.exporters import onnx_export
 from dyninfer.exporters.runtime import PACKAGE_MANIFEST
-from conftest import random_text, save_tiny
-from test_run_bench import CAL
+from conftest import calibrate_tiny, save_tiny
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    model = save_tiny("llama", root / "model")
-    data = root / "text.txt"
-    data.write_text(random_text(20000))
-    artifact = root / "artifact"
-    result = runner.invoke(app, ["calibrate", str(model), "--data", str(data), *CAL, "--out", str(artifact)])
-    assert result.exit_code == 0, result.output
+    model, data, artifact = calibrate_tiny(tmp_path_factory.mktemp("export"))
     result = runner.invoke(app, ["export", str(artifact), "--json"])
     assert result.exit_code == 0, result.output
     return model, data, artifact, json.loads(result.stdout)

@@ -8,23 +8,15 @@ import pytest
 from typer.testing import CliRunner
 
 from dyninfer.cli.app import app
-from conftest import random_text, save_tiny
+from conftest import CALIBRATE_ARGS, calibrate_tiny, save_tiny
 
 runner = CliRunner()
-CAL = ["--seq-len", "32", "--fit-tokens", "256", "--calibration-tokens", "1024", "--heldout-tokens", "256",
-       "--min-layer", "1", "--block", "8", "--target", "0.6", "--lens", "logit", "--measure", "saturation"]
+CAL = CALIBRATE_ARGS
 
 
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runbench")
-    model = save_tiny("llama", root / "model")
-    data = root / "text.txt"
-    data.write_text(random_text(20000))
-    out = root / "artifact"
-    result = runner.invoke(app, ["calibrate", str(model), "--data", str(data), *CAL, "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    return model, data, out
+    return calibrate_tiny(tmp_path_factory.mktemp("runbench"))
 
 
 def test_run_json_records_each_tokens_exit(calibrated):
