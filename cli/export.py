@@ -18,7 +18,7 @@ Examples:
 
     dyninfer export audit/                            (CPU, fp32, with the optimum baseline)
 
-    dyninfer export audit/ --provider cuda --dtype fp16 --out audit-gpu/
+    dyninfer export audit/ --provider cuda --dtype fp16 --out audit-gpu/    (on a GPU machine; --no-verify builds it elsewhere)
 
     dyninfer export audit/ --no-baseline --json
 """

@@ -9,7 +9,7 @@ import torch
 import typer
 from rich.text import Text
 
-from dyninfer.cli.output import handle_errors, print_json, progress_reporter, stdout
+from dyninfer.cli.output import handle_errors, print_json, progress_reporter, stderr, stdout
 from dyninfer.compressors.dynamic import MODES
 from dyninfer.compressors.from_artifact import load_dynamic
 from dyninfer.errors import DyninferError
@@ -120,5 +120,7 @@ def run(
     legend.append(f"full ({layers})", style="white")
     stdout.print(legend)
     extra = f", draft acceptance {result.acceptance:.0%}" if result.acceptance is not None else ""
+    for note in result.notes:
+        stderr.print(f"[yellow]note:[/] {note}")
     stdout.print(f"{result.new_tokens} tokens, mean exit layer {result.mean_exit_layer:.1f}/{layers}, "
                  f"{result.tokens_per_s:.1f} tokens/s ({mode}{extra})")

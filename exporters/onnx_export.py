@@ -32,7 +32,8 @@ from dyninfer.compressors.dynamic import DynamicModel
 from dyninfer.compressors.from_artifact import LoadedDynamic, load_dynamic
 from dyninfer.errors import DyninferError
 from dyninfer.exporters import ops
-from dyninfer.exporters.runtime import PACKAGE_FORMAT, PACKAGE_MANIFEST, PACKAGE_VERSION, PROVIDERS
+from dyninfer.exporters.runtime import (PACKAGE_FORMAT, PACKAGE_MANIFEST, PACKAGE_VERSION, PROVIDERS,
+                                        silenced_native_stderr)
 from dyninfer.exporters.step import DynamicStep, check_exportable
 
 MODEL_FILE = "model.onnx"
@@ -99,10 +100,9 @@ def provider_problem(provider: str) -> str | None:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     probe.ir_version = 9
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # the failure is reported by us, in one line
-    try:
-        session = ort.InferenceSession(probe.SerializeToString(), options, providers=[name])
+    try:  # the failure is reported by us, in one line
+        with silenced_native_stderr():
+            session = ort.InferenceSession(probe.SerializeToString(), providers=[name])
     except Exception as exc:  # noqa: BLE001 - any failure means the provider is unusable
         return f"{name} failed to start: {' '.join(str(exc).split())[:200]}"
     if name not in session.get_providers():

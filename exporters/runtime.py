@@ -8,7 +8,10 @@ step's past, so only the token ids go in and the logits, exit layer and confiden
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -82,13 +85,32 @@ def create_session(model_file: Path, provider: str, threads: int | None = None):
     if wanted[0] not in available:
         notes.append(f"{wanted[0]} is not in this onnxruntime build; running on CPUExecutionProvider")
     try:
-        session = ort.InferenceSession(str(model_file), options, providers=[p for p in wanted if p in available])
+        # A CUDA EP that cannot start logs several lines from C++; our note says it once.
+        with silenced_native_stderr(enabled=len(wanted) > 1):
+            session = ort.InferenceSession(str(model_file), options, providers=[p for p in wanted if p in available])
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
         raise DyninferError(f"ONNX Runtime could not load '{model_file}': {' '.join(str(exc).split())[:300]}")
     if wanted[0] != session.get_providers()[0] and not notes:
         notes.append(f"{wanted[0]} could not start here (no CUDA device or driver); fell back to "
                      "CPUExecutionProvider")
     return session, notes
+
+
+@contextlib.contextmanager
+def silenced_native_stderr(enabled: bool = True):
+    """Discard what native code (ONNX Runtime's C++ logger) writes to file descriptor 2."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class OnnxDynamicModel:

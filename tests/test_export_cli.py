@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -93,6 +95,11 @@ def test_export_bad_inputs(exported, tmp_path):
     if onnx_export.provider_problem("cuda"):  # this machine has no usable CUDA
         result = runner.invoke(app, ["export", str(artifact), "--provider", "cuda", "--out", str(tmp_path / "z")])
         assert result.exit_code == 2 and "CUDAExecutionProvider" in result.stderr and not (tmp_path / "z").exists()
+        # A real process, so that ONNX Runtime's native (file descriptor 2) logging is seen too.
+        process = subprocess.run([sys.executable, "-m", "dyninfer", "run", str(artifact), "tok1", "--backend", "onnx",
+                                  "--provider", "cuda", "-n", "3"], capture_output=True, text=True, timeout=300)
+        assert process.returncode == 0 and "fell back to CPUExecutionProvider" in process.stderr
+        assert "onnxruntime" not in process.stderr.replace("CPUExecutionProvider", ""), process.stderr
     a_file = tmp_path / "file"
     a_file.write_text("x")
     assert runner.invoke(app, ["export", str(artifact), "--out", str(a_file)]).exit_code == 2
