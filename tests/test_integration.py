@@ -49,3 +49,34 @@ def test_tuned_lens_reduces_kl_on_unseen_text(bundled):
     middle = range(5, 29)
     assert sum(tuned_kl[i] for i in middle) < 0.5 * sum(logit_kl[i] for i in middle)
     assert all(tuned_kl[i] < logit_kl[i] for i in middle)
+
+
+def test_bundled_model_exports_to_onnx_and_matches_torch(bundled, tmp_path):
+    """The real 30-layer model (tied head, SDPA) through the exporter: same tokens, exits and logits."""
+    import numpy as np
+
+    from dyninfer.compressors.calibrate import ExitPolicy
+    from dyninfer.compressors.confidence import saturation
+    from dyninfer.compressors.dynamic import DynamicModel
+    from dyninfer.exporters.onnx_export import write_package
+    from dyninfer.exporters.runtime import OnnxDynamicModel
+
+    lm = bundled.layered
+    prompt = bundled.tokenizer("The with statement wraps a block of code", return_tensors="pt").input_ids
+    points = [20, 26]
+    with torch.no_grad():
+        states = dict(lm.hidden_states(prompt))
+    values = torch.cat([saturation(states[p - 1][0], states[p][0]) for p in points])
+    for quantile in (0.5, 0.3, 0.7, 0.2, 0.8):  # a threshold at which some steps exit and some do not
+        policy = ExitPolicy("logit", "saturation", points, float(values.quantile(quantile)), 0, "propagate")
+        dynamic = DynamicModel(lm, policy, LogitLens(lm))
+        reference = dynamic.generate(prompt, 12, return_logits=True)
+        if len(set(reference.exit_layers[1:])) > 1:
+            break
+    assert len(set(reference.exit_layers[1:])) > 1
+    write_package(tmp_path, dynamic)
+    ours = OnnxDynamicModel(tmp_path).generate(prompt.numpy(), 12, return_logits=True)
+    assert np.array_equal(ours.tokens, reference.tokens.numpy())
+    assert ours.exit_layers == reference.exit_layers
+    for a, b in zip(ours.logits, reference.logits):
+        np.testing.assert_allclose(a, b.numpy(), atol=1e-3, rtol=0)
