@@ -12,7 +12,7 @@ from dyninfer.exporters.onnx_export import export_package
 
 HELP = """Export the dynamic model as an ONNX Runtime package, exits and custom exit ops included.
 
-The graph is one decoding step with KV cache (inputs past_key_values.{i}.key/value, outputs present.{i}.key/value, like optimum), the calibrated exits as real `If` branches that skip the deeper layers, and each exit decision as an `ai.dyninfer.ExitGate` custom-op node defined as an ONNX function, so stock ONNX Runtime runs it on any execution provider.
+The graph is one decoding step with KV cache (inputs past_key_values.{i}.key/value, outputs present.{i}.key/value, like optimum), with the calibrated exits as real `If` branches that skip the deeper layers and each exit decision as an `ai.dyninfer.ExitGate` custom-op node defined as an ONNX function, so stock ONNX Runtime runs it on any execution provider.
 
 The package goes to ARTIFACT/onnx/ (or --out): model.onnx + model.onnx.data, the tokenizer, dyninfer-onnx.json, and baseline/ (the plain model exported by optimum, for `bench --backend onnx`). It is verified against the torch dynamic model before it replaces anything.
 
