@@ -10,6 +10,7 @@ from rich import box
 from rich.table import Table
 
 from dyninfer.cli.output import EXIT_GATE_FAILED, handle_errors, print_json, progress_reporter, stderr, stdout
+from dyninfer.cli.run import BACKENDS
 from dyninfer.compressors.from_artifact import load_dynamic
 from dyninfer.data import DEFAULT_DATA, load_windows
 from dyninfer.errors import DyninferError
@@ -75,8 +76,8 @@ def bench(
     for name, value in (("--prompts", prompts), ("--prompt-tokens", prompt_tokens), ("--new-tokens", new_tokens)):
         if value < 1:
             raise DyninferError(f"{name} must be at least 1, got {value}")
-    if backend not in ("torch", "onnx"):
-        raise DyninferError(f"--backend must be torch or onnx, got '{backend}'")
+    if backend not in BACKENDS:
+        raise DyninferError(f"--backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
     with progress_reporter() as progress:
         dyn = load_dynamic(str(artifact), model, kv_mode=kv_mode)
         spec = data or dyn.calibration.get("data", {}).get("spec") or DEFAULT_DATA

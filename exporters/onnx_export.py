@@ -33,7 +33,7 @@ from dyninfer.compressors.from_artifact import LoadedDynamic, load_dynamic
 from dyninfer.errors import DyninferError
 from dyninfer.exporters import ops
 from dyninfer.exporters.runtime import (PACKAGE_FORMAT, PACKAGE_MANIFEST, PACKAGE_VERSION, PROVIDERS,
-                                        silenced_native_stderr)
+                                        OnnxDynamicModel, create_session)
 from dyninfer.exporters.step import DynamicStep, check_exportable
 
 MODEL_FILE = "model.onnx"
@@ -85,14 +85,7 @@ def check_options(provider: str, dtype: str) -> None:
 
 
 def provider_problem(provider: str) -> str | None:
-    """Why ONNX Runtime cannot run `provider` here (None when it can)."""
-    import onnxruntime as ort
-
-    name = PROVIDERS[provider]
-    if name not in ort.get_available_providers():
-        return f"this onnxruntime build has no {name} (install onnxruntime-gpu)"
-    if provider == "cpu":
-        return None
+    """Why ONNX Runtime cannot run `provider` here (None when it can), found on a one-node model."""
     from onnx import TensorProto, helper
 
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
@@ -100,14 +93,7 @@ def provider_problem(provider: str) -> str | None:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     probe.ir_version = 9
-    try:  # the failure is reported by us, in one line
-        with silenced_native_stderr():
-            session = ort.InferenceSession(probe.SerializeToString(), providers=[name])
-    except Exception as exc:  # noqa: BLE001 - any failure means the provider is unusable
-        return f"{name} failed to start: {' '.join(str(exc).split())[:200]}"
-    if name not in session.get_providers():
-        return f"{name} is installed but cannot run here (no CUDA device or driver)"
-    return None
+    return create_session(probe.SerializeToString(), provider)[1]
 
 
 def _check_out_dir(out: Path) -> None:
@@ -270,7 +256,6 @@ def export_package(
     steps = 4 if baseline else 3
     report("loading the dynamic model", 0, steps)
     dyn = load_dynamic(artifact, model, require_policy=True, kv_mode=kv_mode)
-    check_exportable(dyn.loaded.layered, dyn.policy)
     lm = dyn.loaded.layered
     notes = []
     if dyn.policy.threshold is None:
@@ -307,8 +292,6 @@ def export_package(
 
 def verify_package(dynamic: DynamicModel, package: Path, provider: str) -> float:
     """Max |logit difference| between the package and the torch dynamic model: prefill, then one decode step."""
-    from dyninfer.exporters.runtime import OnnxDynamicModel
-
     runtime = OnnxDynamicModel(package, provider=provider)
     prompt = torch.arange(1, 6)[None] % dynamic.lm.vocab_size
     reference = dynamic.generate(prompt, 2, mode="early-exit", return_logits=True)

@@ -70,8 +70,9 @@ def session_providers(provider: str) -> list[str]:
     return [PROVIDERS["cuda"], PROVIDERS["cpu"]] if provider == "cuda" else [PROVIDERS["cpu"]]
 
 
-def create_session(model_file: Path, provider: str, threads: int | None = None):
-    """An InferenceSession on `provider`, falling back to CPU; returns (session, notes)."""
+def create_session(model, provider: str, threads: int | None = None):
+    """An InferenceSession for `model` (a path or serialized bytes) on `provider`, falling back
+    to CPU; returns (session, why `provider` is not the one running, or None)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -81,19 +82,18 @@ def create_session(model_file: Path, provider: str, threads: int | None = None):
         options.intra_op_num_threads = threads
     wanted = session_providers(provider)
     available = ort.get_available_providers()
-    notes = []
-    if wanted[0] not in available:
-        notes.append(f"{wanted[0]} is not in this onnxruntime build; running on CPUExecutionProvider")
     try:
         # A CUDA EP that cannot start logs several lines from C++; our note says it once.
         with silenced_native_stderr(enabled=len(wanted) > 1):
-            session = ort.InferenceSession(str(model_file), options, providers=[p for p in wanted if p in available])
+            session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                           providers=[p for p in wanted if p in available])
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-        raise DyninferError(f"ONNX Runtime could not load '{model_file}': {' '.join(str(exc).split())[:300]}")
-    if wanted[0] != session.get_providers()[0] and not notes:
-        notes.append(f"{wanted[0]} could not start here (no CUDA device or driver); fell back to "
-                     "CPUExecutionProvider")
-    return session, notes
+        raise DyninferError(f"ONNX Runtime could not load '{model}': {' '.join(str(exc).split())[:300]}")
+    if wanted[0] not in available:
+        return session, f"this onnxruntime build has no {wanted[0]} (install onnxruntime-gpu)"
+    if wanted[0] != session.get_providers()[0]:
+        return session, f"{wanted[0]} could not start here (no CUDA device or driver)"
+    return session, None
 
 
 @contextlib.contextmanager
@@ -123,8 +123,9 @@ class OnnxDynamicModel:
         self.policy = self.manifest["policy"]
         self.disabled_threshold = float(self.manifest["exits_disabled_threshold"])
         self.dtype = _NUMPY_DTYPES[self.manifest["dtype"]]
-        self.session, self.notes = create_session(self.path / self.manifest["model_file"],
-                                                  provider or self.manifest["provider"], threads)
+        self.session, problem = create_session(self.path / self.manifest["model_file"],
+                                               provider or self.manifest["provider"], threads)
+        self.notes = [f"{problem}; fell back to CPUExecutionProvider"] if problem else []
         self.provider = self.session.get_providers()[0]
         self.device = "cuda" if self.provider == PROVIDERS["cuda"] else "cpu"
         self.input_names = [i.name for i in self.session.get_inputs()]

@@ -2,10 +2,10 @@
 
 `DynamicStep.forward(input_ids, threshold, *past)` runs the tokens through the decoder with
 its KV cache. At each exit point of the policy it computes the confidence of the last
-token (a custom `ai.dyninfer` op for head measures), asks `ai.dyninfer.ExitGate` whether the
-batch may leave, and branches with `torch.cond` (an ONNX `If` once exported): the exit
-branch computes the logits from the exit head and fills the skipped layers' present KV by
-CALM propagation; the other branch runs the next layers. A threshold above 1 disables
+token (a custom `ai.dyninfer` op for head measures) and asks `ai.dyninfer.ExitGate` whether
+the batch may leave. Each segment of layers between two exit points is one `torch.cond`
+(an ONNX `If` once exported): run the layers, or, once the token has left, fill their
+present KV by CALM propagation from its exit hidden state. A threshold above 1 disables
 every exit (the prefill and the "exits disabled" mode use the same graph).
 
 Outputs: logits of the last position [B, V], the exit layer (int64, num_layers when the
@@ -45,6 +45,11 @@ class StepCache:
         value = torch.cat([past_value, value.to(past_value.dtype)], dim=2)
         self.present[layer_idx] = (key, value)
         return key, value
+
+    @classmethod
+    def for_layers(cls, first: int, past) -> "StepCache":
+        """The cache of layers first, first + 1, ... from their flat (key, value, key, value, ...) past."""
+        return cls({first + i: (past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)})
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.past[layer_idx][0].shape[2]
@@ -138,7 +143,7 @@ class DynamicStep(nn.Module):
 
     def _layers(self, first: int, last: int, hidden, past, start):
         """Layers [first, last) on `hidden`: (input of the last one, output, their present K/V)."""
-        cache = StepCache({first + i: (past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)})
+        cache = StepCache.for_layers(first, past)
         previous = hidden
         for index in range(first, last):
             previous, hidden = hidden, self.lm.layer_at(index, hidden, start, cache)
@@ -154,7 +159,7 @@ class DynamicStep(nn.Module):
     def _propagate_branch(self, first: int, last: int, start):
         """The token left earlier: fill these layers' K/V from its exit hidden state (CALM)."""
         def propagate(hidden, previous, *past):
-            cache = StepCache({first + i: (past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)})
+            cache = StepCache.for_layers(first, past)
             for index in range(first, last):
                 self.lm.propagate(index, hidden, start, cache)
             return (hidden.clone(), previous.clone()) + _flat(cache.present, first, last)
