@@ -354,6 +354,56 @@ def adapter_for(config) -> ArchAdapter:
     )
 
 
+# Activation names in configs -> the kernels' names (kernels/reference.py).
+_MLP_ACTIVATIONS = {
+    "silu": "silu", "swish": "silu",
+    "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
+    "gelu": "gelu", "relu": "relu",
+}
+
+
+@dataclass
+class MlpWeights:
+    """A decoder layer's MLP as plain tensors (the module's own weights, not copies).
+
+    `kind` "gated": down(act(first(x)) * up(x)); "plain": down(act(first(x) + first_bias)).
+    `first`/`up` are [n, d] (one row per neuron), `down` is [d, n].
+    """
+
+    kind: str
+    act: str
+    first: torch.Tensor
+    up: torch.Tensor | None
+    down: torch.Tensor
+    first_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+    @property
+    def neurons(self) -> int:
+        return self.first.shape[0]
+
+
+def _mlp_activation(config) -> str:
+    name = (getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+            or getattr(config, "activation_function", None))
+    if name not in _MLP_ACTIVATIONS:
+        raise DyninferError(
+            f"MLP activation '{name}' is not supported for pruning; supported: {', '.join(sorted(_MLP_ACTIVATIONS))}"
+        )
+    return _MLP_ACTIVATIONS[name]
+
+
+def _mlp_weights(config, mlp: nn.Module) -> MlpWeights:
+    act = _mlp_activation(config)
+    if hasattr(mlp, "gate_proj"):  # Llama, Qwen2, Mistral, Gemma 3
+        return MlpWeights("gated", act, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
+                          down_bias=mlp.down_proj.bias)
+    if hasattr(mlp, "c_fc"):  # GPT-2's Conv1D stores weights as [in, out]
+        return MlpWeights("plain", act, mlp.c_fc.weight.t(), None, mlp.c_proj.weight.t(),
+                          first_bias=mlp.c_fc.bias, down_bias=mlp.c_proj.bias)
+    raise DyninferError(f"cannot read the MLP of a {type(mlp).__name__}; pruning supports gated and GPT-2 MLPs")
+
+
 class LayeredModel:
     """A causal LM that dyninfer can run one decoder layer at a time.
 
@@ -428,6 +478,19 @@ class LayeredModel:
             yield
         finally:
             self.step_memo = None
+
+    def mlp(self, index: int) -> nn.Module:
+        """Decoder layer `index`'s MLP module (every attention family names it `mlp`)."""
+        if self.adapter.recurrent:
+            raise DyninferError(f"{self.family} layers have no MLP block to prune; pick an attention model")
+        return self.layers[index].mlp
+
+    def set_mlp(self, index: int, module: nn.Module) -> None:
+        self.mlp(index)  # refuses recurrent families
+        self.layers[index].mlp = module
+
+    def mlp_weights(self, index: int) -> MlpWeights:
+        return _mlp_weights(self.config, self.mlp(index))
 
     def propagate(self, index: int, hidden: torch.Tensor, start: int, cache) -> None:
         """Fill layer `index`'s cache entry at `start` from an exit hidden state (CALM)."""
