@@ -79,8 +79,13 @@ def open_workspace(
     seed: int = 0,
     existing: str | None = None,
     progress: ProgressFn | None = None,
+    apply_pruning: bool = True,
 ) -> Workspace:
-    """Load the model, then the artifact to extend (checked against the model), then the data."""
+    """Load the model, then the artifact to extend (checked against the model), then the data.
+
+    The artifact's pruning masks, if any, are installed (later stages work on the pruned
+    model) unless `apply_pruning` is False (`prune` itself starts from the dense model).
+    """
     report = progress or (lambda *a: None)
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -91,6 +96,10 @@ def open_workspace(
     extends = bool(existing) and artifact_exists(existing)
     if extends:
         artifact = Artifact.load(existing, expect_model_hash=loaded.content_hash)
+        if apply_pruning:
+            from dyninfer.compressors.pruning import load_pruning
+
+            load_pruning(artifact, loaded.layered)
     else:
         artifact = Artifact(BaseModelInfo.from_dict(loaded.base_model_info()), tokenizer=model)
     started = time.perf_counter()

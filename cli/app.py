@@ -9,6 +9,7 @@ from dyninfer.cli import bench as bench_cmd
 from dyninfer.cli import calibrate as calibrate_cmd
 from dyninfer.cli import export as export_cmd
 from dyninfer.cli import probe as probe_cmd
+from dyninfer.cli import prune as prune_cmd
 from dyninfer.cli import run as run_cmd
 
 app = typer.Typer(
@@ -36,6 +37,7 @@ def root(
 
 app.command("probe", help=probe_cmd.HELP)(probe_cmd.probe)
 app.command("calibrate", help=calibrate_cmd.HELP)(calibrate_cmd.calibrate)
+app.command("prune", help=prune_cmd.HELP)(prune_cmd.prune)
 app.command("export", help=export_cmd.HELP)(export_cmd.export)
 app.command("run", help=run_cmd.HELP)(run_cmd.run)
 app.command("bench", help=bench_cmd.HELP)(bench_cmd.bench)

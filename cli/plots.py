@@ -73,3 +73,37 @@ def calibration_curve_png(result, title: str) -> bytes:
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def pruning_sweep_png(points: list[dict], dense_perplexity: float, title: str) -> bytes:
+    """Perplexity change and measured speedups against MLP sparsity, one point per swept sparsity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sparsity = [p["achieved_sparsity"] for p in points]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    axes[0].plot(sparsity, [100 * p["perplexity_change"] for p in points], marker="o", label="perplexity change")
+    axes[0].plot(sparsity, [100 * (1 - p["agreement"]) for p in points], marker="s", ls="--",
+                 label="next-token disagreement with dense")
+    axes[0].set(xlabel="achieved MLP sparsity (held-out)", ylabel="%",
+                title=f"quality vs sparsity (dense perplexity {dense_perplexity:.2f})")
+    timed = [p for p in points if p.get("speed")]
+    if timed:
+        xs = [p["achieved_sparsity"] for p in timed]
+        axes[1].plot(xs, [p["speed"]["mlp_speedup"] for p in timed], marker="o", label="MLP block (sparse kernel)")
+        axes[1].plot(xs, [p["speed"]["decode_speedup"] for p in timed], marker="s", label="end-to-end decode")
+        axes[1].axhline(1.0, color="grey", ls=":")
+    axes[1].plot(sparsity, [1 / (1 - p["flops_saved"]) for p in points], ls="--", color="grey",
+                 label="MLP FLOPs ratio (upper bound)")
+    axes[1].set(xlabel="achieved MLP sparsity (held-out)", ylabel="speedup vs dense (x)", title="measured speed, batch 1")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()

@@ -9,6 +9,7 @@ from dyninfer.compressors.calibrate import ExitPolicy
 from dyninfer.compressors.calibration_job import CALIBRATE_STAGE, KV_MODES
 from dyninfer.compressors.confidence import ExitClassifier
 from dyninfer.compressors.dynamic import DynamicModel
+from dyninfer.compressors.pruning import PRUNE_STAGE, PruningPlan, load_pruning
 from dyninfer.errors import DyninferError
 from dyninfer.models import LoadedModel, load_model
 from dyninfer.profilers.lenses import TUNED, TUNED_LENS_GROUP, LogitLens, TunedLens
@@ -20,6 +21,7 @@ class LoadedDynamic:
     loaded: LoadedModel
     dynamic: DynamicModel
     policy: ExitPolicy | None
+    pruning: PruningPlan | None = None  # installed on the model's MLPs
 
     @property
     def calibration(self) -> dict:
@@ -27,16 +29,18 @@ class LoadedDynamic:
 
 
 def load_dynamic(path: str, model: str | None = None, require_policy: bool = True,
-                 kv_mode: str | None = None) -> LoadedDynamic:
+                 kv_mode: str | None = None, pruned_is_enough: bool = False) -> LoadedDynamic:
     """Load the artifact at `path` and its base model (or `model`, which must be the same weights).
 
-    `kv_mode` overrides the policy's way of filling skipped layers' caches.
+    `kv_mode` overrides the policy's way of filling skipped layers' caches. The artifact's
+    pruning masks, if any, are installed on the model. `pruned_is_enough`: a pruned artifact
+    without a policy satisfies `require_policy` (bench compares it at full depth).
     """
     artifact = Artifact.load(path)
     loaded = load_model(model or artifact.base_model.spec)
     artifact.check_base_model(loaded.content_hash, loaded.spec)
     stage = artifact.stages.get(CALIBRATE_STAGE)
-    if stage is None and require_policy:
+    if stage is None and require_policy and not (pruned_is_enough and PRUNE_STAGE in artifact.stages):
         raise DyninferError(f"'{path}' has no early-exit policy; run `dyninfer calibrate --out {path}` first")
     policy = ExitPolicy.from_dict(stage["policy"]) if stage else None
     if kv_mode is not None:
@@ -46,6 +50,7 @@ def load_dynamic(path: str, model: str | None = None, require_policy: bool = Tru
             policy.kv_mode = kv_mode
     exits = artifact.tensors.get(TUNED_LENS_GROUP, {})
     lm = loaded.layered
+    pruning = load_pruning(artifact, lm)
     lens = TunedLens.from_tensors(lm, exits) if policy is not None and policy.lens == TUNED else LogitLens(lm)
     classifier = ExitClassifier.from_tensors(exits) if policy is not None and policy.measure == "classifier" else None
-    return LoadedDynamic(artifact, loaded, DynamicModel(lm, policy, lens, classifier), policy)
+    return LoadedDynamic(artifact, loaded, DynamicModel(lm, policy, lens, classifier), policy, pruning)

@@ -10,6 +10,7 @@ the full model.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import torch
 
 from dyninfer.compressors.dynamic import default_draft_layer
 from dyninfer.compressors.from_artifact import LoadedDynamic
+from dyninfer.compressors.pruning import dense_inside
 from dyninfer.errors import DyninferError
 
 ProgressFn = Callable[[str, int, int], None]
@@ -64,7 +66,7 @@ class BenchResult:
 
 
 @torch.no_grad()
-def _baseline_generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+def greedy_generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
@@ -106,16 +108,28 @@ def run_bench(
     if dyn.loaded.layered.adapter.recurrent and "speculative" in modes:
         modes = tuple(m for m in modes if m != "speculative")
         notes.append("speculative mode skipped: Mamba's recurrent state cannot be rolled back")
+    gated_mode = "early-exit"
+    if dyn.policy is None:  # a pruned artifact without exits: the pruned model at full depth
+        modes, gated_mode = ("full",), "full"
+        notes.append("no early-exit policy: benchmarking the pruned model (full depth) against the dense one")
+    lm = dyn.loaded.layered
+
+    def baseline(prompt: torch.Tensor) -> torch.Tensor:
+        with dense_inside(lm):  # the baseline is the dense model even when masks are installed
+            return greedy_generate(model, prompt, new_tokens)
+
     # Warm-up (allocator, kernels) so the first timed prompt is not penalised.
-    _baseline_generate(model, prompts[:1, : min(8, prompts.shape[1])], 2)
-    dynamic.generate(prompts[:1, : min(8, prompts.shape[1])], 2, mode="full")
+    warm = prompts[:1, : min(8, prompts.shape[1])]
+    with dense_inside(lm):
+        greedy_generate(model, warm, 2)
+    dynamic.generate(warm, 2, mode="full")
     runners = {mode: (lambda prompt, mode=mode: dynamic.generate(
         prompt, new_tokens, mode=mode, draft_layer=draft_layer, draft_threshold=draft_threshold)) for mode in modes}
-    results = compare_side_by_side(model, "baseline (transformers)", lambda p: _baseline_generate(model, p, new_tokens),
-                                   runners, prompts, dyn.loaded.layered.num_layers, progress)
-    layer = draft_layer or default_draft_layer(dyn.loaded.layered.num_layers)
+    results = compare_side_by_side(model, "baseline (transformers)", baseline, runners, prompts, lm.num_layers,
+                                   progress, judge=dense_inside(lm) if dyn.pruning else None)
+    layer = draft_layer or default_draft_layer(lm.num_layers)
     return BenchResult(prompts.shape[0], prompts.shape[1], new_tokens, results, _predicted(dyn), _kv_mode(dyn),
-                       layer, notes)
+                       layer, notes, gated_mode)
 
 
 def run_onnx_bench(
@@ -174,7 +188,7 @@ def _kv_mode(dyn: LoadedDynamic) -> str | None:
 
 def compare_side_by_side(
     model, baseline_name: str, baseline: Callable, runners: dict[str, Callable], prompts: torch.Tensor,
-    num_layers: int, progress: ProgressFn | None = None,
+    num_layers: int, progress: ProgressFn | None = None, judge=None,
 ) -> list[ModeResult]:
     """Run the baseline and every runner on each prompt in turn (so load changes hit all alike).
 
@@ -197,6 +211,11 @@ def compare_side_by_side(
             runs[name].append(runner(prompt))
             seconds[name] += time.perf_counter() - started
         report("benchmarking prompts", i + 1, total)
+    with judge or contextlib.nullcontext():  # perplexities under the dense model even when pruned
+        return _score(model, baseline_name, baseline_outputs, baseline_seconds, runs, seconds, prompts, num_layers)
+
+
+def _score(model, baseline_name, baseline_outputs, baseline_seconds, runs, seconds, prompts, num_layers):
     n_tokens = sum(o.numel() for o in baseline_outputs)
     baseline_tps = n_tokens / baseline_seconds
     results = [ModeResult(baseline_name, baseline_tps, 1.0, 1.0, 1.0,

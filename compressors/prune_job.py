@@ -1,0 +1,243 @@
+"""`prune` as a job: workspace -> MLP statistics -> masks per sparsity -> quality, cost and speed.
+
+For each sparsity (the target, plus `sweep` points) the job builds a plan (thresholds, or
+trained predictors), then measures on held-out windows: perplexity and next-token agreement
+against the dense model, the achieved sparsity per layer, the predictors' recall, FLOPs and
+weight bytes per token (the dense MLP counted with torch's flop counter), and, unless
+`speed` is off, the MLP-block and end-to-end decoding speed, dense vs sparse in one run.
+The target's plan is recorded in the artifact (`masks.safetensors` + the `prune` stage).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from dyninfer.adapters import LayeredModel
+from dyninfer.artifacts import Artifact
+from dyninfer.compressors.pruning import (ALLOCATIONS, BACKENDS, LABELS, MASKS_GROUP, METHODS, PRUNE_STAGE,
+                                          MlpSamples, PruningPlan, calibrate_threshold_plan, collect_mlp_samples,
+                                          counting_active, predictor_recall, pruned, train_predictors)
+from dyninfer.data import DEFAULT_DATA
+from dyninfer.errors import DyninferError
+from dyninfer.models import DEFAULT_MODEL
+from dyninfer.profilers.cost import count_costs
+from dyninfer.profilers.prune_bench import SpeedResult, measure_speed
+from dyninfer.workspace import ProgressFn, open_workspace
+
+
+@dataclass
+class PruneConfig:
+    model: str = DEFAULT_MODEL
+    data: str = DEFAULT_DATA
+    field: str | None = None
+    seq_len: int = 256
+    seed: int = 0
+    method: str = "threshold"
+    sparsity: float = 0.5
+    sweep: list[float] = dataclasses.field(default_factory=list)
+    allocation: str = "uniform"
+    input_sparsity: float = 0.0
+    rank: int = 64
+    label: str = "topk"
+    mass: float = 0.9
+    steps: int = 300
+    calibration_tokens: int = 4096
+    heldout_tokens: int = 4096
+    speed: bool = True
+    prompts: int = 4
+    prompt_tokens: int = 64
+    new_tokens: int = 32
+    backend: str = "auto"
+
+    def validate(self) -> None:
+        for name, value, allowed in (("--method", self.method, METHODS), ("--allocation", self.allocation, ALLOCATIONS),
+                                     ("--label", self.label, LABELS), ("--sparse-backend", self.backend, BACKENDS)):
+            if value not in allowed:
+                raise DyninferError(f"{name} must be one of {', '.join(allowed)}, got '{value}'")
+        for value in [self.sparsity, *self.sweep]:
+            if not 0.0 < value < 1.0:
+                raise DyninferError(f"sparsity must be between 0 and 1 (exclusive), got {value}; e.g. --sparsity 0.5")
+        if not 0.0 <= self.input_sparsity < 1.0:
+            raise DyninferError(f"--input-sparsity must be in [0, 1), got {self.input_sparsity}")
+        if self.input_sparsity and self.method != "threshold":
+            raise DyninferError("--input-sparsity applies to --method threshold only")
+        if self.label == "mass" and not 0.0 < self.mass < 1.0:
+            raise DyninferError(f"--mass must be between 0 and 1 (exclusive), got {self.mass}")
+        for name, value, low in (("--rank", self.rank, 1), ("--steps", self.steps, 1),
+                                 ("--calibration-tokens", self.calibration_tokens, 1),
+                                 ("--heldout-tokens", self.heldout_tokens, 1), ("--prompts", self.prompts, 1),
+                                 ("--prompt-tokens", self.prompt_tokens, 1), ("--new-tokens", self.new_tokens, 1),
+                                 ("--seq-len", self.seq_len, 2)):
+            if value < low:
+                raise DyninferError(f"{name} must be at least {low}, got {value}")
+
+    def sparsities(self) -> list[float]:
+        return sorted({round(s, 6) for s in [self.sparsity, *self.sweep]})
+
+
+@dataclass
+class SparsityPoint:
+    """Everything measured for one sparsity."""
+
+    sparsity: float
+    plan: PruningPlan
+    perplexity: float
+    perplexity_change: float  # relative to dense
+    agreement: float  # next-token argmax equal to the dense model's, held-out positions
+    layer_sparsity: list[float]  # achieved on held-out tokens
+    mlp_flops_dense: float  # per token, all layers
+    mlp_flops_sparse: float
+    mlp_bytes_dense: float  # weight bytes read per decoded token, all layers
+    mlp_bytes_sparse: float
+    model_flops_dense: float
+    recall: list[float] | None = None  # predictor: per layer, of the true needed set
+    speed: SpeedResult | None = None
+    training_loss: list[float] | None = None
+
+    @property
+    def achieved_sparsity(self) -> float:
+        return sum(self.layer_sparsity) / len(self.layer_sparsity)
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k not in ("plan", "speed")}
+        out["achieved_sparsity"] = self.achieved_sparsity
+        out["flops_saved"] = 1 - self.mlp_flops_sparse / self.mlp_flops_dense
+        out["model_flops_saved"] = (self.mlp_flops_dense - self.mlp_flops_sparse) / self.model_flops_dense
+        out["plan"] = self.plan.describe()
+        out["speed"] = self.speed.to_dict() if self.speed else None
+        if self.recall:
+            out["mean_recall"] = sum(self.recall) / len(self.recall)
+        return out
+
+
+@dataclass
+class PruneReport:
+    config: PruneConfig
+    base_model: dict
+    data: dict
+    dense_perplexity: float
+    points: list[SparsityPoint]
+    timings: dict
+    notes: list[str] = dataclasses.field(default_factory=list)
+    artifact: Artifact | None = None
+
+    @property
+    def main(self) -> SparsityPoint:
+        return next(p for p in self.points if math.isclose(p.sparsity, self.config.sparsity, abs_tol=1e-6))
+
+    def summary(self) -> dict:
+        return {"command": "prune", "model": self.base_model, "data": self.data, "config": asdict(self.config),
+                "dense_perplexity": self.dense_perplexity, "main": self.main.to_dict(),
+                "points": [p.to_dict() for p in self.points], "timings": self.timings, "notes": self.notes}
+
+
+def _flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@torch.no_grad()
+def _mlp_costs(lm: LayeredModel, plan: PruningPlan, layer_sparsity: list[float],
+               input_sparsity: list[float]) -> tuple[float, float, float, float]:
+    """(dense FLOPs, sparse FLOPs, dense bytes, sparse bytes) of all MLPs per decoded token.
+
+    Dense parts are counted with torch's flop counter on one token; the sparse path runs the
+    same products on the active fraction of rows (plus the predictor, counted the same way).
+    """
+    dense_f = sparse_f = dense_b = sparse_b = 0.0
+    for i in range(lm.num_layers):
+        w = lm.mlp_weights(i)
+        x = torch.zeros(1, w.first.shape[1], dtype=w.first.dtype, device=w.first.device)
+        h = torch.zeros(1, w.neurons, dtype=w.first.dtype, device=w.first.device)
+        first = _flops(lambda: F.linear(x, w.first)) * (2 if w.kind == "gated" else 1)  # gate + up
+        down = _flops(lambda: F.linear(h, w.down))
+        keep, keep_in = 1.0 - layer_sparsity[i], 1.0 - input_sparsity[i]
+        element = w.first.element_size()
+        dense_f += first + down
+        dense_b += (first + down) / 2 * element  # one weight read per multiply-add
+        if plan.method == "predictor":
+            predictor = _flops(lambda: plan.predictors[i](x))
+            sparse_f += (first + down) * keep + predictor
+            sparse_b += ((first + down) * keep + predictor) / 2 * element
+        else:
+            sparse_f += first * keep_in + down * keep
+            sparse_b += (first * keep_in + down * keep) / 2 * element
+    return dense_f, sparse_f, dense_b, sparse_b
+
+
+@torch.no_grad()
+def _evaluate(lm: LayeredModel, windows: torch.Tensor, plan: PruningPlan | None) -> tuple[float, torch.Tensor, list]:
+    """(perplexity, argmax predictions, per-layer [active, tokens] counts) on `windows`."""
+    nll, count, argmax = 0.0, 0, []
+    with pruned(lm, plan, backend="masked"), counting_active(lm) as counts:
+        for window in windows:
+            logits = lm.model(window[None, :-1].to(lm.device), use_cache=False).logits[0].float()
+            nll += float(F.cross_entropy(logits, window[1:].to(lm.device), reduction="sum"))
+            count += window.shape[0] - 1
+            argmax.append(logits.argmax(-1).cpu())
+        counted = [list(c) for c in counts]
+    return math.exp(nll / count), torch.cat(argmax), counted
+
+
+def _input_sparsity_achieved(plan: PruningPlan, samples: MlpSamples) -> list[float]:
+    if not plan.input_thresholds:
+        return [0.0] * plan.num_layers
+    return [float((x.abs() <= t).float().mean()) for x, t in zip(samples.inputs, plan.input_thresholds)]
+
+
+def run_prune_job(config: PruneConfig, progress: ProgressFn | None = None, existing: str | None = None) -> PruneReport:
+    config.validate()
+    torch.manual_seed(config.seed)
+    ws = open_workspace(config.model, config.data, field=config.field, seq_len=config.seq_len, seed=config.seed,
+                        existing=existing, progress=progress, apply_pruning=False)
+    lm, windows = ws.lm, ws.windows
+    lm.mlp(0)  # refuses families without an MLP block before any work
+    calibration = windows.take("train", config.calibration_tokens, option="--calibration-tokens")
+    heldout = windows.take("heldout", config.heldout_tokens, option="--heldout-tokens")
+    samples = collect_mlp_samples(lm, calibration, progress)
+    held_samples = collect_mlp_samples(lm, heldout[: max(1, min(4, heldout.shape[0]))])
+    dense_ppl, dense_argmax, _ = _evaluate(lm, heldout, None)
+    model_flops = count_costs(lm, context=config.seq_len).full_cost()
+    prompts = heldout[: config.prompts, : config.prompt_tokens]
+    # One decoding token per layer for the MLP-block timing: a held-out position's real MLP input.
+    mlp_inputs = [x[-1:].view(1, 1, -1).to(lm.device, lm.lm_head.weight.dtype) for x in held_samples.inputs]
+    points = []
+    for n, sparsity in enumerate(config.sparsities()):
+        if progress:
+            progress("pruning at each sparsity", n, len(config.sparsities()))
+        training = None
+        if config.method == "threshold":
+            plan = calibrate_threshold_plan(lm, samples, sparsity, allocation=config.allocation,
+                                            input_sparsity=config.input_sparsity)
+        else:
+            plan, training = train_predictors(lm, samples, sparsity, rank=config.rank, label=config.label,
+                                              mass=config.mass, steps=config.steps, seed=config.seed, progress=progress)
+        ppl, argmax, counts = _evaluate(lm, heldout, plan)
+        achieved = [1.0 - active / (tokens * lm.mlp_weights(i).neurons) for i, (active, tokens) in enumerate(counts)]
+        costs = _mlp_costs(lm, plan, achieved, _input_sparsity_achieved(plan, held_samples))
+        recall = [r["recall"] for r in predictor_recall(lm, plan, held_samples)] if plan.predictors else None
+        speed = None
+        if config.speed:
+            speed = measure_speed(lm, plan, mlp_inputs, prompts, config.new_tokens, backend=config.backend,
+                                  progress=progress)
+        points.append(SparsityPoint(sparsity, plan, ppl, ppl / dense_ppl - 1, float((argmax == dense_argmax).float().mean()),
+                                    achieved, *costs, model_flops, recall, speed,
+                                    training.final_loss if training else None))
+    report = PruneReport(config, ws.loaded.base_model_info(), windows.describe(), dense_ppl, points, ws.timings)
+    if config.method == "threshold" and config.input_sparsity == 0:
+        report.notes.append("only the down projection skips rows (gate and up are dense to compute |h|): the MLP "
+                            "block's speedup is bounded by 1/(2/3 + (1-s)/3); --input-sparsity or --method "
+                            "predictor sparsify gate/up too")
+    main = report.main
+    ws.artifact.set_stage(PRUNE_STAGE, {k: v for k, v in report.summary().items() if k != "points"}
+                          | {"plan": main.plan.describe()})
+    ws.artifact.put_tensors(MASKS_GROUP, main.plan.tensors())
+    report.artifact = ws.artifact
+    return report
