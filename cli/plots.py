@@ -9,6 +9,17 @@ import pandas as pd
 _BLOCKS = " ▁▂▃▄▅▆▇█"
 
 
+def _png(fig) -> bytes:
+    """A finished matplotlib figure as PNG bytes (the figure is closed)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def sparkline(values, low: float = 0.0, high: float = 1.0) -> str:
     """One character per value, scaled between low and high."""
     span = (high - low) or 1.0
@@ -41,11 +52,7 @@ def probe_figure_png(layers: pd.DataFrame, title: str) -> bytes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png(fig)
 
 
 def calibration_curve_png(result, title: str) -> bytes:
@@ -68,11 +75,7 @@ def calibration_curve_png(result, title: str) -> bytes:
     ax.set(xlabel="token consistency with the full model", ylabel="predicted speedup (FLOPs)", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png(fig)
 
 
 def pruning_sweep_png(points: list[dict], dense_perplexity: float, title: str) -> bytes:
@@ -102,8 +105,4 @@ def pruning_sweep_png(points: list[dict], dense_perplexity: float, title: str) -
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png(fig)

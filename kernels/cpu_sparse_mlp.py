@@ -119,7 +119,51 @@ def _compile():
             axpy4(partial[t], values, rows3, 0, active, t * count // threads, (t + 1) * count // threads)
         reduce_rows(partial, out)
 
-    _kernels = (numba, gated, plain, rows_axpy)
+    @njit(fastmath=True, nogil=True, cache=True)
+    def select_above(values, threshold, magnitude, active):
+        """Indices j with values[j] (or |values[j]|) > threshold, written to `active`; returns the count."""
+        count = 0
+        for j in range(values.shape[0]):
+            v = abs(values[j]) if magnitude else values[j]
+            if v > threshold:
+                active[count] = j
+                count += 1
+        return count
+
+    @njit(parallel=True, fastmath=True, nogil=True, cache=True)
+    def rows_axpy_above(rows, values, threshold, active, partial, out):
+        """rows_axpy over the inputs with |values| > threshold, selection included (one call per layer)."""
+        threads = partial.shape[0]
+        count = select_above(values, threshold, True, active)
+        picked = np.empty(count, dtype=np.float32)
+        for i in range(count):
+            picked[i] = values[active[i]]
+        rows3 = rows.reshape(rows.shape[0], 1, rows.shape[1])
+        for t in prange(threads):
+            partial[t, :] = 0.0
+            axpy4(partial[t], picked, rows3, 0, active, t * count // threads, (t + 1) * count // threads)
+        reduce_rows(partial, out)
+        return count
+
+    @njit(parallel=True, fastmath=True, nogil=True, cache=True)
+    def predicted(x, down, up, bias, threshold, packed, act_code, fc_bias, use_bias, active, partial, out):
+        """Low-rank predictor scores (up @ (down @ x) + bias), neurons above `threshold`, then the
+        fused MLP over them: one call per layer, so no torch dispatch sits between the steps."""
+        rank, neurons = down.shape[0], up.shape[0]
+        z = np.empty(rank, dtype=np.float32)
+        for r in range(rank):
+            z[r] = dot(down[r], x)
+        scores = np.empty(neurons, dtype=np.float32)
+        for j in prange(neurons):
+            scores[j] = dot(up[j], z) + bias[j]
+        count = select_above(scores, threshold, False, active)
+        if packed.shape[1] == 3:
+            gated(x, packed, active[:count], act_code, x, False, partial, out)
+        else:
+            plain(x, packed, active[:count], act_code, fc_bias, use_bias, partial, out)
+        return count
+
+    _kernels = (numba, gated, plain, rows_axpy, select_above, rows_axpy_above, predicted)
     return _kernels
 
 
@@ -144,7 +188,7 @@ def _check_cpu_float32(*tensors: torch.Tensor) -> None:
 def rows_axpy_cpu(rows: torch.Tensor, active: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """`reference.rows_axpy_reference` for float32 CPU tensors: reads only the active rows."""
     _check_cpu_float32(rows, values)
-    numba, _, _, rows_axpy = _compile()
+    numba, _, _, rows_axpy, _, _, _ = _compile()
     out = torch.empty(rows.shape[1])
     index = active.detach().to(torch.int64).contiguous().numpy()
     rows_axpy(rows.detach().numpy(), index, values.detach().contiguous().numpy(), _partials(numba, rows.shape[1]),
@@ -162,7 +206,7 @@ def sparse_mlp_cpu(
 ) -> torch.Tensor:
     """`reference.sparse_mlp_reference` for float32 CPU tensors, reading only active rows."""
     _check_cpu_float32(packed, x)
-    numba, gated, plain, _ = _compile()
+    numba, gated, plain, _, _, _, _ = _compile()
     partial = _partials(numba, packed.shape[2])
     out = torch.empty(packed.shape[2])
     xs = x.detach().reshape(-1).float().contiguous().numpy()
@@ -176,3 +220,46 @@ def sparse_mlp_cpu(
         bias = fc_bias.detach().float().contiguous().numpy() if fc_bias is not None else xs
         plain(xs, rows, index, code, bias, fc_bias is not None, partial, out.numpy())
     return out
+
+
+def rows_axpy_above_cpu(rows: torch.Tensor, values: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
+    """`rows_axpy` over the entries of `values` whose magnitude exceeds `threshold`, selected inside
+    the kernel (saves four torch dispatches per layer). Returns (output, number of active rows)."""
+    _check_cpu_float32(rows, values)
+    numba, _, _, _, _, rows_axpy_above, _ = _compile()
+    out = torch.empty(rows.shape[1])
+    active = _index_scratch(values.shape[0])
+    count = rows_axpy_above(rows.detach().numpy(), values.detach().contiguous().numpy(), np.float32(threshold), active,
+                            _partials(numba, rows.shape[1]), out.numpy())
+    return out, int(count)
+
+
+def select_above_cpu(values: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Indices with values > threshold (one numba call instead of compare + nonzero + squeeze)."""
+    _, _, _, _, select_above, _, _ = _compile()
+    active = _index_scratch(values.shape[0])
+    count = select_above(values.detach().contiguous().numpy(), np.float32(threshold), False, active)
+    return torch.from_numpy(active[:count].copy())
+
+
+def _index_scratch(size: int) -> np.ndarray:
+    key = (-1, size)
+    if key not in _scratch:
+        _scratch[key] = np.empty(size, dtype=np.int64)
+    return _scratch[key]
+
+
+def predicted_mlp_cpu(x: torch.Tensor, predictor, threshold: float, packed: torch.Tensor, act: str,
+                      fc_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """The predictor method's decoding step in one kernel call: scores from the low-rank
+    `predictor` (`down`, `up` Linear layers), neurons above `threshold`, the fused MLP over them.
+    Returns (output, number of active neurons)."""
+    _check_cpu_float32(packed, x)
+    numba, _, _, _, _, _, predicted = _compile()
+    out = torch.empty(packed.shape[2])
+    bias = fc_bias.detach().float().contiguous().numpy() if fc_bias is not None else out.numpy()
+    count = predicted(x.detach().reshape(-1).contiguous().numpy(), predictor.down.weight.detach().numpy(),
+                      predictor.up.weight.detach().numpy(), predictor.up.bias.detach().numpy(), np.float32(threshold),
+                      packed.detach().numpy(), _ACT_CODES[act], bias, fc_bias is not None,
+                      _index_scratch(packed.shape[0]), _partials(numba, packed.shape[2]), out.numpy())
+    return out, int(count)

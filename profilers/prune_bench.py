@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from dyninfer.adapters import LayeredModel
-from dyninfer.compressors.pruning import PruningPlan, pruned, sparse_modules
+from dyninfer.compressors.pruning import PruningPlan, pruned, resolve_backend, sparse_modules
 from dyninfer.profilers.bench import greedy_generate
 
 ProgressFn = Callable[[str, int, int], None]
@@ -111,9 +111,4 @@ def measure_speed(lm: LayeredModel, plan: PruningPlan, mlp_inputs: list[torch.Te
 
 def resolved_backend(lm: LayeredModel, backend: str) -> str:
     """The kernel family `backend` resolves to on this model's device and dtype."""
-    if backend != "auto":
-        return backend
-    from dyninfer.compressors.pruning import _kernels_for
-
-    sparse_mlp, _ = _kernels_for("auto", lm.device, lm.lm_head.weight.dtype)
-    return {"sparse_mlp_cpu": "cpu", "sparse_mlp_triton": "triton"}.get(sparse_mlp.__name__, "reference")
+    return resolve_backend(backend, lm.device, lm.lm_head.weight.dtype)

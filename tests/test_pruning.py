@@ -118,8 +118,9 @@ def test_predictor_recall_against_independent_topk_sets():
     for i, row in enumerate(rows):
         x = held.inputs[i]
         with torch.no_grad():
-            h = _module_hidden(lm.mlp(i), x)
-            truth = torch.zeros_like(h, dtype=torch.bool).scatter_(-1, h.abs().topk(n // 2, dim=-1).indices, True)
+            contribution = _module_hidden(lm.mlp(i), x).abs() * lm.mlp(i).down_proj.weight.norm(dim=0)
+            truth = torch.zeros_like(contribution, dtype=torch.bool)
+            truth.scatter_(-1, contribution.topk(n // 2, dim=-1).indices, True)
             chosen = plan.predictors[i](x) > plan.thresholds[i]
         expected = (chosen & truth).sum().item() / truth.sum().item()
         assert row["recall"] == pytest.approx(expected, abs=1e-6)
