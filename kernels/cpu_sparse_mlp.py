@@ -11,6 +11,7 @@ its share of the output in its own row, summed at the end. Semantics: `reference
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -81,32 +82,24 @@ def _compile():
             i += 1
 
     @njit(parallel=True, fastmath=True, nogil=True, cache=True)
-    def gated(x, packed, active, act_code, gate_pre, use_gate_pre, partial, out):
-        threads = partial.shape[0]
+    def fused(x, packed, active, act_code, extra, use_extra, partial, out):
+        """The MLP over the `active` neurons of `packed` (3 parts: gated, 2 parts: plain).
+        `extra` is the precomputed gate pre-activation (gated) or the fc bias (plain)."""
+        threads, parts = partial.shape[0], packed.shape[1]
         count = active.shape[0]
         h = np.empty(count, dtype=np.float32)
         for t in prange(threads):
             lo, hi = t * count // threads, (t + 1) * count // threads
             for i in range(lo, hi):
                 row = packed[active[i]]
-                g = gate_pre[active[i]] if use_gate_pre else dot(row[0], x)
-                h[i] = activate(act_code, g) * dot(row[1], x)
+                if parts == 3:
+                    g = extra[active[i]] if use_extra else dot(row[0], x)
+                    h[i] = activate(act_code, g) * dot(row[1], x)
+                else:
+                    pre = dot(row[0], x)
+                    h[i] = activate(act_code, pre + extra[active[i]] if use_extra else pre)
             partial[t, :] = 0.0
-            axpy4(partial[t], h, packed, 2, active, lo, hi)
-        reduce_rows(partial, out)
-
-    @njit(parallel=True, fastmath=True, nogil=True, cache=True)
-    def plain(x, packed, active, act_code, fc_bias, use_bias, partial, out):
-        threads = partial.shape[0]
-        count = active.shape[0]
-        h = np.empty(count, dtype=np.float32)
-        for t in prange(threads):
-            lo, hi = t * count // threads, (t + 1) * count // threads
-            for i in range(lo, hi):
-                pre = dot(packed[active[i], 0], x)
-                h[i] = activate(act_code, pre + fc_bias[active[i]] if use_bias else pre)
-            partial[t, :] = 0.0
-            axpy4(partial[t], h, packed, 1, active, lo, hi)
+            axpy4(partial[t], h, packed, parts - 1, active, lo, hi)
         reduce_rows(partial, out)
 
     @njit(parallel=True, fastmath=True, nogil=True, cache=True)
@@ -130,19 +123,14 @@ def _compile():
                 count += 1
         return count
 
-    @njit(parallel=True, fastmath=True, nogil=True, cache=True)
+    @njit(fastmath=True, nogil=True, cache=True)  # the rows_axpy it calls is the parallel part
     def rows_axpy_above(rows, values, threshold, active, partial, out):
         """rows_axpy over the inputs with |values| > threshold, selection included (one call per layer)."""
-        threads = partial.shape[0]
         count = select_above(values, threshold, True, active)
         picked = np.empty(count, dtype=np.float32)
         for i in range(count):
             picked[i] = values[active[i]]
-        rows3 = rows.reshape(rows.shape[0], 1, rows.shape[1])
-        for t in prange(threads):
-            partial[t, :] = 0.0
-            axpy4(partial[t], picked, rows3, 0, active, t * count // threads, (t + 1) * count // threads)
-        reduce_rows(partial, out)
+        rows_axpy(rows, active[:count], picked, partial, out)
         return count
 
     @njit(parallel=True, fastmath=True, nogil=True, cache=True)
@@ -157,17 +145,17 @@ def _compile():
         for j in prange(neurons):
             scores[j] = dot(up[j], z) + bias[j]
         count = select_above(scores, threshold, False, active)
-        if packed.shape[1] == 3:
-            gated(x, packed, active[:count], act_code, x, False, partial, out)
-        else:
-            plain(x, packed, active[:count], act_code, fc_bias, use_bias, partial, out)
+        fused(x, packed, active[:count], act_code, fc_bias, use_bias, partial, out)
         return count
 
-    _kernels = (numba, gated, plain, rows_axpy, select_above, rows_axpy_above, predicted)
+    _kernels = SimpleNamespace(numba=numba, fused=fused, rows_axpy=rows_axpy, rows_axpy_above=rows_axpy_above,
+                               predicted=predicted)
     return _kernels
 
 
-_scratch: dict[tuple[int, int], np.ndarray] = {}
+# Reused buffers: allocating them per call costs as much as a small layer's kernel.
+_partial_rows: dict[tuple[int, int], np.ndarray] = {}
+_index_buffers: dict[int, np.ndarray] = {}
 
 
 def _partials(numba, width: int) -> np.ndarray:
@@ -175,9 +163,15 @@ def _partials(numba, width: int) -> np.ndarray:
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(threads)
     key = (threads, width)
-    if key not in _scratch:  # reused: allocation per call costs as much as a small layer
-        _scratch[key] = np.empty(key, dtype=np.float32)
-    return _scratch[key]
+    if key not in _partial_rows:
+        _partial_rows[key] = np.empty(key, dtype=np.float32)
+    return _partial_rows[key]
+
+
+def _index_scratch(size: int) -> np.ndarray:
+    if size not in _index_buffers:
+        _index_buffers[size] = np.empty(size, dtype=np.int64)
+    return _index_buffers[size]
 
 
 def _check_cpu_float32(*tensors: torch.Tensor) -> None:
@@ -188,11 +182,11 @@ def _check_cpu_float32(*tensors: torch.Tensor) -> None:
 def rows_axpy_cpu(rows: torch.Tensor, active: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """`reference.rows_axpy_reference` for float32 CPU tensors: reads only the active rows."""
     _check_cpu_float32(rows, values)
-    numba, _, _, rows_axpy, _, _, _ = _compile()
+    kernels = _compile()
     out = torch.empty(rows.shape[1])
     index = active.detach().to(torch.int64).contiguous().numpy()
-    rows_axpy(rows.detach().numpy(), index, values.detach().contiguous().numpy(), _partials(numba, rows.shape[1]),
-              out.numpy())
+    kernels.rows_axpy(rows.detach().numpy(), index, values.detach().contiguous().numpy(),
+                      _partials(kernels.numba, rows.shape[1]), out.numpy())
     return out
 
 
@@ -206,19 +200,13 @@ def sparse_mlp_cpu(
 ) -> torch.Tensor:
     """`reference.sparse_mlp_reference` for float32 CPU tensors, reading only active rows."""
     _check_cpu_float32(packed, x)
-    numba, gated, plain, _, _, _, _ = _compile()
-    partial = _partials(numba, packed.shape[2])
+    kernels = _compile()
     out = torch.empty(packed.shape[2])
     xs = x.detach().reshape(-1).float().contiguous().numpy()
-    rows = packed.detach().numpy()
-    index = active.detach().to(torch.int64).contiguous().numpy()
-    code = _ACT_CODES[act]
-    if packed.shape[1] == 3:
-        pre = gate_pre.detach().float().contiguous().numpy() if gate_pre is not None else xs
-        gated(xs, rows, index, code, pre, gate_pre is not None, partial, out.numpy())
-    else:
-        bias = fc_bias.detach().float().contiguous().numpy() if fc_bias is not None else xs
-        plain(xs, rows, index, code, bias, fc_bias is not None, partial, out.numpy())
+    extra = gate_pre if packed.shape[1] == 3 else fc_bias
+    kernels.fused(xs, packed.detach().numpy(), active.detach().to(torch.int64).contiguous().numpy(), _ACT_CODES[act],
+                  extra.detach().float().contiguous().numpy() if extra is not None else xs, extra is not None,
+                  _partials(kernels.numba, packed.shape[2]), out.numpy())
     return out
 
 
@@ -226,27 +214,12 @@ def rows_axpy_above_cpu(rows: torch.Tensor, values: torch.Tensor, threshold: flo
     """`rows_axpy` over the entries of `values` whose magnitude exceeds `threshold`, selected inside
     the kernel (saves four torch dispatches per layer). Returns (output, number of active rows)."""
     _check_cpu_float32(rows, values)
-    numba, _, _, _, _, rows_axpy_above, _ = _compile()
+    kernels = _compile()
     out = torch.empty(rows.shape[1])
-    active = _index_scratch(values.shape[0])
-    count = rows_axpy_above(rows.detach().numpy(), values.detach().contiguous().numpy(), np.float32(threshold), active,
-                            _partials(numba, rows.shape[1]), out.numpy())
+    count = kernels.rows_axpy_above(rows.detach().numpy(), values.detach().contiguous().numpy(), np.float32(threshold),
+                                    _index_scratch(values.shape[0]), _partials(kernels.numba, rows.shape[1]),
+                                    out.numpy())
     return out, int(count)
-
-
-def select_above_cpu(values: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Indices with values > threshold (one numba call instead of compare + nonzero + squeeze)."""
-    _, _, _, _, select_above, _, _ = _compile()
-    active = _index_scratch(values.shape[0])
-    count = select_above(values.detach().contiguous().numpy(), np.float32(threshold), False, active)
-    return torch.from_numpy(active[:count].copy())
-
-
-def _index_scratch(size: int) -> np.ndarray:
-    key = (-1, size)
-    if key not in _scratch:
-        _scratch[key] = np.empty(size, dtype=np.int64)
-    return _scratch[key]
 
 
 def predicted_mlp_cpu(x: torch.Tensor, predictor, threshold: float, packed: torch.Tensor, act: str,
@@ -255,11 +228,12 @@ def predicted_mlp_cpu(x: torch.Tensor, predictor, threshold: float, packed: torc
     `predictor` (`down`, `up` Linear layers), neurons above `threshold`, the fused MLP over them.
     Returns (output, number of active neurons)."""
     _check_cpu_float32(packed, x)
-    numba, _, _, _, _, _, predicted = _compile()
+    kernels = _compile()
     out = torch.empty(packed.shape[2])
     bias = fc_bias.detach().float().contiguous().numpy() if fc_bias is not None else out.numpy()
-    count = predicted(x.detach().reshape(-1).contiguous().numpy(), predictor.down.weight.detach().numpy(),
-                      predictor.up.weight.detach().numpy(), predictor.up.bias.detach().numpy(), np.float32(threshold),
-                      packed.detach().numpy(), _ACT_CODES[act], bias, fc_bias is not None,
-                      _index_scratch(packed.shape[0]), _partials(numba, packed.shape[2]), out.numpy())
+    count = kernels.predicted(
+        x.detach().reshape(-1).contiguous().numpy(), predictor.down.weight.detach().numpy(),
+        predictor.up.weight.detach().numpy(), predictor.up.bias.detach().numpy(), np.float32(threshold),
+        packed.detach().numpy(), _ACT_CODES[act], bias, fc_bias is not None,
+        _index_scratch(packed.shape[0]), _partials(kernels.numba, packed.shape[2]), out.numpy())
     return out, int(count)
