@@ -163,6 +163,21 @@ def _kernels_for(backend: str):
     return sparse_mlp_reference, rows_axpy_reference
 
 
+def _in_dtype(weight: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return weight if weight is None or weight.dtype == dtype else weight.to(dtype)
+
+
+def mlp_hidden(w: MlpWeights, x: torch.Tensor, input_threshold: float = 0.0) -> torch.Tensor:
+    """h, the MLP activation (the down projection's input), computed in `x`'s dtype, with the
+    input sparsity (|x| <= `input_threshold` zeroed) applied when it is positive."""
+    if input_threshold > 0:
+        x = torch.where(x.abs() > input_threshold, x, torch.zeros_like(x))
+    first = _in_dtype(w.first, x.dtype)
+    if w.kind == "gated":
+        return activation(w.act, F.linear(x, first)) * F.linear(x, _in_dtype(w.up, x.dtype))
+    return activation(w.act, F.linear(x, first, _in_dtype(w.first_bias, x.dtype)))
+
+
 class SparseMLP(nn.Module):
     """A decoder layer's MLP with per-token neuron masks.
 
@@ -186,13 +201,7 @@ class SparseMLP(nn.Module):
 
     # --- masked dense: prefill, batches, export (standard ops only)
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """h, the MLP activation, with the input sparsity applied when configured."""
-        w = self.weights
-        if self.input_threshold > 0:
-            x = torch.where(x.abs() > self.input_threshold, x, torch.zeros_like(x))
-        if w.kind == "gated":
-            return activation(w.act, F.linear(x, w.first)) * F.linear(x, w.up)
-        return activation(w.act, F.linear(x, w.first, w.first_bias))
+        return mlp_hidden(self.weights, x, self.input_threshold)
 
     def scores(self, x: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         return self.predictor(x) if self.predictor is not None else hidden.abs()
@@ -402,15 +411,6 @@ def _quantile(values: torch.Tensor, q: float) -> float:
     return float(flat.kthvalue(k).values)
 
 
-def _dense_part(w: MlpWeights, x: torch.Tensor, input_threshold: float) -> torch.Tensor:
-    if input_threshold > 0:
-        x = torch.where(x.abs() > input_threshold, x, torch.zeros_like(x))
-    if w.kind == "gated":
-        return activation(w.act, x @ w.first.t().float()) * (x @ w.up.t().float())
-    pre = x @ w.first.t().float()
-    return activation(w.act, pre + w.first_bias.float() if w.first_bias is not None else pre)
-
-
 def greedy_allocation(errors: torch.Tensor, target: float, step: float) -> list[float]:
     """TEAL's greedy allocation: `errors` [L, G] is each layer's output error at sparsity g*step.
 
@@ -444,7 +444,7 @@ def layer_errors(lm: LayeredModel, samples: MlpSamples, input_thresholds: list[f
     for i in range(lm.num_layers):
         w = lm.mlp_weights(i)
         x = samples.inputs[i][:max_tokens]
-        h = _dense_part(w, x, input_thresholds[i] if input_thresholds else 0.0)
+        h = mlp_hidden(w, x, input_thresholds[i] if input_thresholds else 0.0)
         magnitude = h.abs()
         down = w.down.float()
         scale = samples.residual_sq[i][:max_tokens].clamp_min(1e-12)
@@ -464,7 +464,7 @@ def calibrate_threshold_plan(lm: LayeredModel, samples: MlpSamples, sparsity: fl
     layer_sparsity = _allocate(lm, samples, sparsity, allocation, input_thresholds)
     thresholds = []
     for i, s in enumerate(layer_sparsity):
-        h = _dense_part(lm.mlp_weights(i), samples.inputs[i], input_thresholds[i] if input_thresholds else 0.0)
+        h = mlp_hidden(lm.mlp_weights(i), samples.inputs[i], input_thresholds[i] if input_thresholds else 0.0)
         thresholds.append(_quantile(h.abs(), s))
     return PruningPlan("threshold", sparsity, allocation, layer_sparsity, thresholds, input_sparsity=input_sparsity,
                        input_thresholds=input_thresholds)
@@ -480,7 +480,7 @@ def _allocate(lm: LayeredModel, samples: MlpSamples, sparsity: float, allocation
 
 def output_contribution(w: MlpWeights, x: torch.Tensor) -> torch.Tensor:
     """|h_j| * ||down[:, j]||: how much neuron j moves the MLP output for each token of `x`."""
-    return _dense_part(w, x, 0.0).abs() * w.down.float().norm(dim=0)
+    return mlp_hidden(w, x, 0.0).abs() * w.down.float().norm(dim=0)
 
 
 def neuron_labels(h: torch.Tensor, *, label: str, sparsity: float, mass: float) -> torch.Tensor:

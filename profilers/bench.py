@@ -10,7 +10,6 @@ the full model.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from dyninfer.adapters import LayeredModel
 from dyninfer.compressors.dynamic import default_draft_layer
 from dyninfer.compressors.from_artifact import LoadedDynamic
 from dyninfer.compressors.pruning import dense_inside
@@ -125,8 +125,7 @@ def run_bench(
     dynamic.generate(warm, 2, mode="full")
     runners = {mode: (lambda prompt, mode=mode: dynamic.generate(
         prompt, new_tokens, mode=mode, draft_layer=draft_layer, draft_threshold=draft_threshold)) for mode in modes}
-    results = compare_side_by_side(model, "baseline (transformers)", baseline, runners, prompts, lm.num_layers,
-                                   progress, judge=dense_inside(lm) if dyn.pruning else None)
+    results = compare_side_by_side(lm, "baseline (transformers)", baseline, runners, prompts, progress)
     layer = draft_layer or default_draft_layer(lm.num_layers)
     return BenchResult(prompts.shape[0], prompts.shape[1], new_tokens, results, _predicted(dyn), _kv_mode(dyn),
                        layer, notes, gated_mode)
@@ -158,9 +157,8 @@ def run_onnx_bench(
         "onnx full (exits disabled)": lambda p: _as_torch(runtime.generate(p.numpy(), new_tokens, mode="full")),
         "torch early-exit": lambda p: dyn.dynamic.generate(p, new_tokens, mode="early-exit"),
     }
-    results = compare_side_by_side(dyn.loaded.model, "baseline (optimum ORTModelForCausalLM)",
-                                   lambda p: optimum.greedy(p, new_tokens), runners, prompts,
-                                   dyn.loaded.layered.num_layers, progress)
+    results = compare_side_by_side(dyn.loaded.layered, "baseline (optimum ORTModelForCausalLM)",
+                                   lambda p: optimum.greedy(p, new_tokens), runners, prompts, progress)
     notes = list(runtime.notes) + [f"ONNX Runtime provider: {runtime.provider}"]
     return BenchResult(prompts.shape[0], prompts.shape[1], new_tokens, results, _predicted(dyn), _kv_mode(dyn), None,
                        notes, gated_mode="onnx early-exit")
@@ -187,14 +185,14 @@ def _kv_mode(dyn: LoadedDynamic) -> str | None:
 
 
 def compare_side_by_side(
-    model, baseline_name: str, baseline: Callable, runners: dict[str, Callable], prompts: torch.Tensor,
-    num_layers: int, progress: ProgressFn | None = None, judge=None,
+    lm: LayeredModel, baseline_name: str, baseline: Callable, runners: dict[str, Callable], prompts: torch.Tensor,
+    progress: ProgressFn | None = None,
 ) -> list[ModeResult]:
     """Run the baseline and every runner on each prompt in turn (so load changes hit all alike).
 
     `baseline(prompt) -> tokens [1, n]`; `runner(prompt) -> GenerationResult`. Speed is
     tokens/s over all prompts; quality is measured against the baseline's tokens and, for
-    perplexity, under the full torch `model`.
+    perplexity, under the full dense torch model (pruning masks taken out).
     """
     report = progress or (lambda *a: None)
     baseline_outputs, baseline_seconds = [], 0.0
@@ -211,8 +209,9 @@ def compare_side_by_side(
             runs[name].append(runner(prompt))
             seconds[name] += time.perf_counter() - started
         report("benchmarking prompts", i + 1, total)
-    with judge or contextlib.nullcontext():  # perplexities under the dense model even when pruned
-        return _score(model, baseline_name, baseline_outputs, baseline_seconds, runs, seconds, prompts, num_layers)
+    with dense_inside(lm):
+        return _score(lm.model, baseline_name, baseline_outputs, baseline_seconds, runs, seconds, prompts,
+                      lm.num_layers)
 
 
 def _score(model, baseline_name, baseline_outputs, baseline_seconds, runs, seconds, prompts, num_layers):
