@@ -105,7 +105,8 @@ class SparsityPoint:
         return sum(self.layer_sparsity) / len(self.layer_sparsity)
 
     def to_dict(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k not in ("plan", "speed")}
+        # Not asdict(): it would deep-copy the plan's predictor modules only to drop them.
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("plan", "speed")}
         out["achieved_sparsity"] = self.achieved_sparsity
         out["flops_saved"] = 1 - self.mlp_flops_sparse / self.mlp_flops_dense
         out["model_flops_saved"] = (self.mlp_flops_dense - self.mlp_flops_sparse) / self.model_flops_dense

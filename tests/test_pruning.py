@@ -178,4 +178,7 @@ def test_recurrent_models_have_no_mlp_to_prune():
     lm = _lm("mamba")
     with pytest.raises(DyninferError, match="no MLP"):
         install_pruning(lm, PruningPlan("threshold", 0.5, "uniform", [0.5] * 3, [0.0] * 3))
-    remove_pruning(_lm("llama"))  # a no-op on a dense model
+    dense = _lm("llama")
+    modules = [dense.mlp(i) for i in range(3)]
+    remove_pruning(dense)  # a no-op on a dense model
+    assert all(dense.mlp(i) is module for i, module in enumerate(modules))
