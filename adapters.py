@@ -44,6 +44,11 @@ class ArchAdapter:
     propagate: Callable[..., None]  # write a skipped layer's cache entry from an exit hidden state
     embed_at: Callable[..., torch.Tensor]
     recurrent: bool = False  # state-space model: a fixed-size state instead of a KV cache
+    # The module (path inside a decoder layer) whose output is the last term added to the
+    # residual stream: a bias there equals adding a vector to the layer's output (steering).
+    residual_out: str = "mlp.down_proj"
+    # Weight matrices a LoRA adapts by default (peft target module names).
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _cache_position(past_seen: int, length: int, device) -> torch.Tensor:
@@ -322,16 +327,19 @@ ADAPTERS: tuple[ArchAdapter, ...] = (
     ArchAdapter("llama", ("llama",), **_ROTARY),
     ArchAdapter("qwen2", ("qwen2",), **_ROTARY),
     ArchAdapter("mistral", ("mistral",), **_ROTARY),
-    ArchAdapter("gemma3", ("gemma3_text",), **_ROTARY),
+    # Gemma 3 normalises the MLP output after the MLP (post-norm): the norm is the last term.
+    ArchAdapter("gemma3", ("gemma3_text",), **_ROTARY, residual_out="post_feedforward_layernorm"),
     ArchAdapter(
         "gpt2", ("gpt2",), backbone="transformer", embed="wte", layers="h", norm="ln_f",
         prepare=_prepare_gpt2, new_cache=_dynamic_cache, layer_kwargs_at=_gpt2_kwargs_at,
-        propagate=_gpt2_propagate, embed_at=_gpt2_embed_at,
+        propagate=_gpt2_propagate, embed_at=_gpt2_embed_at, residual_out="mlp.c_proj",
+        lora_targets=("c_attn", "c_proj", "c_fc"),
     ),
     ArchAdapter(
         "mamba", ("mamba",), backbone="backbone", embed="embeddings", layers="layers", norm="norm_f",
         prepare=_prepare_mamba, new_cache=_mamba_cache, layer_kwargs_at=_mamba_kwargs_at,
         propagate=_mamba_propagate, embed_at=_token_embed_at, recurrent=True,
+        residual_out="mixer.out_proj", lora_targets=("in_proj", "x_proj", "out_proj"),
     ),
 )
 
@@ -491,6 +499,14 @@ class LayeredModel:
 
     def mlp_weights(self, index: int) -> MlpWeights:
         return _mlp_weights(self.config, self.mlp(index))
+
+    def residual_out(self, index: int) -> nn.Module:
+        """The module whose output decoder layer `index` adds to the residual stream last."""
+        return self.layers[index].get_submodule(self.adapter.residual_out)
+
+    def set_residual_out(self, index: int, module: nn.Module) -> None:
+        parent, _, name = self.adapter.residual_out.rpartition(".")
+        setattr(self.layers[index].get_submodule(parent) if parent else self.layers[index], name, module)
 
     def propagate(self, index: int, hidden: torch.Tensor, start: int, cache) -> None:
         """Fill layer `index`'s cache entry at `start` from an exit hidden state (CALM)."""

@@ -83,8 +83,9 @@ def open_workspace(
 ) -> Workspace:
     """Load the model, then the artifact to extend (checked against the model), then the data.
 
-    The artifact's pruning masks, if any, are installed (later stages work on the pruned
-    model) unless `apply_pruning` is False (`prune` itself starts from the dense model).
+    The artifact's applied steering is baked in, and its pruning masks, if any, are installed
+    (later stages work on the steered, pruned model) unless `apply_pruning` is False (`prune`
+    itself starts from the dense model).
     """
     report = progress or (lambda *a: None)
     timings: dict[str, float] = {}
@@ -96,6 +97,9 @@ def open_workspace(
     extends = bool(existing) and artifact_exists(existing)
     if extends:
         artifact = Artifact.load(existing, expect_model_hash=loaded.content_hash)
+        from dyninfer.compressors.steering import load_steering
+
+        load_steering(artifact, loaded.layered)  # before the masks: SparseMLP copies the (steered) MLP weights
         if apply_pruning:
             from dyninfer.compressors.pruning import load_pruning
 

@@ -11,6 +11,7 @@ from dyninfer.cli import export as export_cmd
 from dyninfer.cli import probe as probe_cmd
 from dyninfer.cli import prune as prune_cmd
 from dyninfer.cli import run as run_cmd
+from dyninfer.cli import steer as steer_cmd
 
 app = typer.Typer(
     name="dyninfer",
@@ -38,6 +39,7 @@ def root(
 app.command("probe", help=probe_cmd.HELP)(probe_cmd.probe)
 app.command("calibrate", help=calibrate_cmd.HELP)(calibrate_cmd.calibrate)
 app.command("prune", help=prune_cmd.HELP)(prune_cmd.prune)
+app.add_typer(steer_cmd.app, name="steer", help=steer_cmd.HELP)
 app.command("export", help=export_cmd.HELP)(export_cmd.export)
 app.command("run", help=run_cmd.HELP)(run_cmd.run)
 app.command("bench", help=bench_cmd.HELP)(bench_cmd.bench)

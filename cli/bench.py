@@ -79,7 +79,7 @@ def bench(
     if backend not in BACKENDS:
         raise DyninferError(f"--backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
     with progress_reporter() as progress:
-        dyn = load_dynamic(str(artifact), model, kv_mode=kv_mode, pruned_is_enough=backend == "torch")
+        dyn = load_dynamic(str(artifact), model, kv_mode=kv_mode, full_depth_is_enough=backend == "torch")
         spec = data or dyn.calibration.get("data", {}).get("spec") or DEFAULT_DATA
         windows = load_windows(spec, dyn.loaded.tokenizer, field=field, seq_len=prompt_tokens, seed=seed)
         prompt_ids = windows.take("heldout", prompts * prompt_tokens, option="--prompts")[:, :prompt_tokens]

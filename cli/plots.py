@@ -106,3 +106,26 @@ def pruning_sweep_png(points: list[dict], dense_perplexity: float, title: str) -
         ax.legend(fontsize=8)
     fig.suptitle(title)
     return _png(fig)
+
+
+def steer_sweep_png(points: list[dict], title: str) -> bytes:
+    """Mean reasoning length and answer quality against the steering strength α."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    alphas = [p["alpha"] for p in points]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    axes[0].plot(alphas, [p["mean_length"] for p in points], marker="o", label="mean generated tokens")
+    axes[0].axvline(0.0, color="grey", ls=":")
+    axes[0].set(xlabel="α (positive shortens)", ylabel="tokens", title="reasoning length")
+    axes[1].plot(alphas, [100 * p["accuracy"] for p in points], marker="o", label="accuracy")
+    axes[1].plot(alphas, [100 * p["agreement"] for p in points], marker="s", ls="--", label="same answer as α = 0")
+    axes[1].plot(alphas, [100 * p["truncated"] for p in points], marker="^", ls=":", label="hit the token limit")
+    axes[1].set(xlabel="α (positive shortens)", ylabel="%", title="answers")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return _png(fig)

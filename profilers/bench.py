@@ -109,9 +109,12 @@ def run_bench(
         modes = tuple(m for m in modes if m != "speculative")
         notes.append("speculative mode skipped: Mamba's recurrent state cannot be rolled back")
     gated_mode = "early-exit"
-    if dyn.policy is None:  # a pruned artifact without exits: the pruned model at full depth
+    if dyn.policy is None:  # a pruned or steered artifact without exits: that model at full depth
         modes, gated_mode = ("full",), "full"
-        notes.append("no early-exit policy: benchmarking the pruned model (full depth) against the dense one")
+        notes.append("no early-exit policy: benchmarking the model at full depth against the baseline")
+    if dyn.steering:
+        notes.append(f"steered ({dyn.steering['method']}, α = {dyn.steering['alpha']:g}): the steering is baked "
+                     "into the weights, so the baseline is the steered model too")
     lm = dyn.loaded.layered
 
     def baseline(prompt: torch.Tensor) -> torch.Tensor:

@@ -68,7 +68,7 @@ def test_run_and_bench_use_the_masks(pruned_artifact):
     assert bench.exit_code == 0, bench.output
     out = json.loads(bench.stdout)
     assert [m["mode"] for m in out["modes"]] == ["baseline (transformers)", "full"]
-    assert out["gated_mode"] == "full" and any("pruned" in n for n in out["notes"])
+    assert out["gated_mode"] == "full" and any("full depth" in n for n in out["notes"])
 
 
 def test_pruned_model_calibrates_and_exports(pruned_artifact, tmp_path):

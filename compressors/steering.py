@@ -1,0 +1,256 @@
+"""Steering directions that control chain-of-thought length, and how they enter a model.
+
+Two kinds, both scaled by α (α = 0 is the base model exactly; +α shortens):
+
+* `ActivationSteering` (Efficiency Steering / repeng): one vector per chosen decoder layer,
+  added to that layer's output at every position. Applied either with forward hooks
+  (`hooked`) or baked into a bias of the module whose output the layer adds to the
+  residual stream last (`bake`): the same sum, so the model needs no hooks and exports
+  like any other.
+* `ValveDelta` (CoT-Valve): a direction in parameter space, θ + α·Δθ. Each adapted weight
+  holds either a low-rank delta `up @ down` (a LoRA, scaling folded in, laid out like the
+  weight itself) or a dense delta (the difference of two checkpoints).
+
+Both live in the artifact's `steering` tensor group; the `steer` stage records how they
+were made and the α applied (`APPLIED`), which every loader bakes in before anything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dyninfer.adapters import LayeredModel
+from dyninfer.artifacts import Artifact
+from dyninfer.errors import DyninferError
+
+STEER_STAGE = "steer"
+STEERING_GROUP = "steering"
+METHODS = ("activation", "valve")
+_ACTIVATION_PREFIX = "activation.layer"
+_VALVE_PREFIX = "valve."
+
+
+# --------------------------------------------------------------------------- activation steering
+
+
+@dataclass
+class ActivationSteering:
+    """direction[i]: the vector added to decoder layer i's output (0-based) at α = 1."""
+
+    directions: dict[int, torch.Tensor]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{_ACTIVATION_PREFIX}{i}": v.detach().float().cpu() for i, v in sorted(self.directions.items())}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "ActivationSteering | None":
+        found = {int(k[len(_ACTIVATION_PREFIX):]): v for k, v in tensors.items() if k.startswith(_ACTIVATION_PREFIX)}
+        return cls(found) if found else None
+
+    def check(self, lm: LayeredModel) -> None:
+        for i, v in self.directions.items():
+            if not 0 <= i < lm.num_layers or v.shape != (lm.hidden_size,):
+                raise DyninferError(f"the steering direction for layer {i} (shape {tuple(v.shape)}) does not fit this "
+                                    f"model ({lm.num_layers} layers, hidden size {lm.hidden_size}); "
+                                    "extract it again for this model")
+
+
+class _OutputBias(nn.Module):
+    """`module(x) + bias`, for a residual-out module with no bias of its own (Gemma 3's post-norm)."""
+
+    def __init__(self, module: nn.Module, bias: torch.Tensor):
+        super().__init__()
+        self.inner = module
+        self.bias = nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) + self.bias
+
+
+def _add_bias(lm: LayeredModel, index: int, vector: torch.Tensor) -> None:
+    module = lm.residual_out(index)
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, torch.Tensor) and bias.shape == vector.shape:
+        with torch.no_grad():
+            bias.add_(vector.to(bias))
+    elif isinstance(module, nn.Linear) and bias is None:
+        weight = module.weight
+        module.bias = nn.Parameter(vector.to(device=weight.device, dtype=weight.dtype).clone(), requires_grad=False)
+    else:
+        weight = next(module.parameters())
+        lm.set_residual_out(index, _OutputBias(module, vector.to(device=weight.device, dtype=weight.dtype).clone()))
+
+
+@contextlib.contextmanager
+def hooked(lm: LayeredModel, steering: ActivationSteering, alpha: float) -> Iterator[None]:
+    """Add α·direction to the chosen layers' outputs with forward hooks while inside."""
+    steering.check(lm)
+
+    def hook_for(vector: torch.Tensor):
+        def hook(module, args, output):
+            if isinstance(output, tuple):
+                return (output[0] + vector,) + tuple(output[1:])
+            return output + vector
+        return hook
+
+    handles = [lm.layers[i].register_forward_hook(hook_for(alpha * v.to(lm.device))) for i, v in steering.directions.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# --------------------------------------------------------------------------- CoT-Valve
+
+
+@dataclass
+class ValveDelta:
+    """Δθ per parameter name: a (up [.., r], down [r, ..]) pair or a dense tensor, shaped like the parameter."""
+
+    low_rank: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    dense: dict[str, torch.Tensor]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, (up, down) in self.low_rank.items():
+            out[f"{_VALVE_PREFIX}{name}.up"] = up.detach().float().cpu()
+            out[f"{_VALVE_PREFIX}{name}.down"] = down.detach().float().cpu()
+        for name, delta in self.dense.items():
+            out[f"{_VALVE_PREFIX}{name}.delta"] = delta.detach().float().cpu()
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "ValveDelta | None":
+        low_rank, dense = {}, {}
+        for key, value in tensors.items():
+            if not key.startswith(_VALVE_PREFIX):
+                continue
+            name, _, part = key[len(_VALVE_PREFIX):].rpartition(".")
+            if part == "delta":
+                dense[name] = value
+            elif part == "up":
+                low_rank[name] = (value, tensors[f"{_VALVE_PREFIX}{name}.down"])
+        return cls(low_rank, dense) if low_rank or dense else None
+
+    def names(self) -> list[str]:
+        return sorted([*self.low_rank, *self.dense])
+
+    def delta(self, name: str) -> torch.Tensor:
+        if name in self.dense:
+            return self.dense[name]
+        up, down = self.low_rank[name]
+        return up @ down
+
+    def parameters_of(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The model's parameters this delta adapts, checked for shape."""
+        params = dict(model.named_parameters())
+        found = {}
+        for name in self.names():
+            param = params.get(name)
+            expected = (self.dense[name].shape if name in self.dense
+                        else (self.low_rank[name][0].shape[0], self.low_rank[name][1].shape[1]))
+            if param is None or tuple(param.shape) != tuple(expected):
+                raise DyninferError(f"the CoT-Valve delta adapts '{name}' {tuple(expected)}, which this model "
+                                    f"{'lacks' if param is None else 'has as ' + str(tuple(param.shape))}; "
+                                    "extract it again for this model")
+            found[name] = param
+        return found
+
+    def numel(self) -> int:
+        return sum(up.numel() + down.numel() for up, down in self.low_rank.values()) + sum(
+            d.numel() for d in self.dense.values())
+
+
+# --------------------------------------------------------------------------- baking
+
+
+@dataclass
+class Steering:
+    """What an artifact holds: either or both kinds of direction."""
+
+    activation: ActivationSteering | None = None
+    valve: ValveDelta | None = None
+
+    @classmethod
+    def from_artifact(cls, artifact: Artifact) -> "Steering":
+        tensors = artifact.tensors.get(STEERING_GROUP, {})
+        return cls(ActivationSteering.from_tensors(tensors), ValveDelta.from_tensors(tensors))
+
+    def get(self, method: str):
+        found = self.activation if method == "activation" else self.valve if method == "valve" else None
+        if method not in METHODS:
+            raise DyninferError(f"--method must be one of {', '.join(METHODS)}, got '{method}'")
+        if found is None:
+            raise DyninferError(f"the artifact holds no {method} direction; run `dyninfer steer extract "
+                                f"--method {method} --out ARTIFACT` first")
+        return found
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {**(self.activation.tensors() if self.activation else {}), **(self.valve.tensors() if self.valve else {})}
+
+
+def bake(lm: LayeredModel, direction: ActivationSteering | ValveDelta, alpha: float) -> None:
+    """Fold α·direction into the weights for good (α = 0 leaves every weight untouched)."""
+    if alpha == 0:
+        return
+    if isinstance(direction, ActivationSteering):
+        direction.check(lm)
+        for i, v in direction.directions.items():
+            _add_bias(lm, i, alpha * v.float())
+        return
+    with torch.no_grad():
+        for name, param in direction.parameters_of(lm.model).items():
+            param.add_((alpha * direction.delta(name)).to(param))
+
+
+@contextlib.contextmanager
+def steered(lm: LayeredModel, direction: ActivationSteering | ValveDelta, alpha: float) -> Iterator[None]:
+    """The model baked with α·direction while inside; every weight and module restored exactly after."""
+    if alpha == 0:
+        yield
+        return
+    if isinstance(direction, ValveDelta):
+        saved = {name: p.detach().clone() for name, p in direction.parameters_of(lm.model).items()}
+        try:
+            bake(lm, direction, alpha)
+            yield
+        finally:
+            params = dict(lm.model.named_parameters())
+            with torch.no_grad():
+                for name, value in saved.items():
+                    params[name].copy_(value)
+        return
+    modules = {i: lm.residual_out(i) for i in direction.directions}
+    biases = {i: (m.bias.detach().clone() if isinstance(getattr(m, "bias", None), torch.Tensor) else None)
+              for i, m in modules.items()}
+    try:
+        bake(lm, direction, alpha)
+        yield
+    finally:
+        for i, module in modules.items():
+            lm.set_residual_out(i, module)
+            with torch.no_grad():
+                if biases[i] is None:
+                    if isinstance(module, nn.Linear):
+                        module.bias = None
+                else:
+                    module.bias.copy_(biases[i])
+
+
+def applied(artifact: Artifact) -> dict | None:
+    """The stage's record of the baked steering ({"method", "alpha"}), if any."""
+    return (artifact.stages.get(STEER_STAGE) or {}).get("applied")
+
+
+def load_steering(artifact: Artifact, lm: LayeredModel) -> dict | None:
+    """Bake the artifact's applied steering into the model (before masks are installed); its record."""
+    record = applied(artifact)
+    if record:
+        bake(lm, Steering.from_artifact(artifact).get(record["method"]), float(record["alpha"]))
+    return record
