@@ -20,6 +20,15 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
+def _finish(fig, axes, title: str) -> bytes:
+    """Grid and legend on every panel, the title on top, as PNG bytes."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return _png(fig)
+
+
 def sparkline(values, low: float = 0.0, high: float = 1.0) -> str:
     """One character per value, scaled between low and high."""
     span = (high - low) or 1.0
@@ -48,11 +57,7 @@ def probe_figure_png(layers: pd.DataFrame, title: str) -> bytes:
     axes[1].set(title="KL(final ‖ layer)", xlabel="layer", ylabel="nats")
     axes[2].set(title="tokens whose prediction is settled by layer", xlabel="layer", ylabel="cumulative fraction",
                 ylim=(0, 1.02))
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    return _png(fig)
+    return _finish(fig, axes, title)
 
 
 def calibration_curve_png(result, title: str) -> bytes:
@@ -101,11 +106,7 @@ def pruning_sweep_png(points: list[dict], dense_perplexity: float, title: str) -
     axes[1].plot(sparsity, [1 / (1 - p["flops_saved"]) for p in points], ls="--", color="grey",
                  label="MLP FLOPs ratio (upper bound)")
     axes[1].set(xlabel="achieved MLP sparsity (held-out)", ylabel="speedup vs dense (x)", title="measured speed, batch 1")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    return _png(fig)
+    return _finish(fig, axes, title)
 
 
 def steer_sweep_png(points: list[dict], title: str) -> bytes:
@@ -124,8 +125,4 @@ def steer_sweep_png(points: list[dict], title: str) -> bytes:
     axes[1].plot(alphas, [100 * p["agreement"] for p in points], marker="s", ls="--", label="same answer as α = 0")
     axes[1].plot(alphas, [100 * p["truncated"] for p in points], marker="^", ls=":", label="hit the token limit")
     axes[1].set(xlabel="α (positive shortens)", ylabel="%", title="answers")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    return _png(fig)
+    return _finish(fig, axes, title)

@@ -20,13 +20,13 @@ from dyninfer.models import DEFAULT_MODEL
 
 HELP = """Find one direction that makes chains of thought shorter or longer, sweep its strength α, bake one α in.
 
-Two methods. activation (Efficiency Steering / repeng): the difference of the mean hidden states of short and long solutions of the same questions, per layer, added to those layers' outputs; no training. valve (CoT-Valve): a LoRA trained on the short solutions, or the difference of two checkpoints/adapters; the model becomes θ + α·Δθ. In both, α = 0 is the base model exactly and positive α shortens. Paired data: the built-in arithmetic word problems (builtin:arithmetic, seeded, answers known) or a JSONL file with question, long, short and answer on every line.
+Two methods. activation (Efficiency Steering / repeng): the difference of the mean hidden states of short and long solutions of the same questions, per layer, added to those layers' outputs; no training. valve (CoT-Valve): a LoRA trained on the short solutions, or the difference of two checkpoints/adapters; the model becomes θ + α·Δθ. In both, α = 0 is the base model exactly and positive α shortens. Paired data: the built-in arithmetic word problems (builtin:arithmetic with 2-4 operations per problem, or builtin:arithmetic:K with K; seeded, answers known) or a JSONL file with question, long, short and answer on every line.
 
 Examples:
 
     dyninfer steer extract --method activation --out steer/      (bundled model, built-in problems)
 
-    dyninfer steer extract --method valve --steps 200 --out steer/
+    dyninfer steer extract --method valve --out steer/         (150 LoRA steps: ~9 min on 2 CPU cores)
 
     dyninfer steer sweep steer/ --method valve --alphas -0.5,0,0.25,0.5,0.75,1 --json
 
@@ -93,13 +93,13 @@ def extract(
     data: str = typer.Option(BUILTIN_COT, "--data", "-d", help=f"{BUILTIN_COT} or a JSONL file (question, long, short, answer)."),
     examples: int = typer.Option(128, "--examples", help="Training examples (the first --shots become the prompt's worked examples)."),
     heldout: int = typer.Option(32, "--heldout", help="Held-out questions kept for sweep (a file holds out at most a fifth)."),
-    shots: int = typer.Option(1, "--shots", help="Worked long examples shown before each question."),
+    shots: int = typer.Option(0, "--shots", help="Worked long examples shown before each question (default none: the model's own chain of thought is steered)."),
     layers: Optional[str] = typer.Option(None, "--layers", help="activation: decoder layers (0-based), e.g. 12,15; default: the middle one."),
     kind: str = typer.Option("mean", "--kind", help="activation: mean (difference of means) or pca (first principal direction)."),
     rank: int = typer.Option(8, "--rank", help="valve: LoRA rank."),
-    steps: int = typer.Option(200, "--steps", help="valve: training steps."),
-    lr: float = typer.Option(1e-3, "--lr", help="valve: learning rate."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward/training step."),
+    steps: int = typer.Option(150, "--steps", help="valve: training steps."),
+    lr: float = typer.Option(2e-3, "--lr", help="valve: learning rate."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Sequences per forward/training step."),
     targets: Optional[str] = typer.Option(None, "--targets", help="valve: comma-separated module names to adapt (default: all attention and MLP projections)."),
     delta_from: Optional[str] = typer.Option(None, "--delta-from", help="valve: Δθ = θ(--delta-to) − θ(this); `base`, a peft adapter dir or a checkpoint."),
     delta_to: Optional[str] = typer.Option(None, "--delta-to", help="valve: see --delta-from."),
@@ -139,11 +139,13 @@ def render_sweep(result, notes: list[str]) -> None:
     stdout.print(f"[bold]{result.method} steering[/] on {result.questions} held-out questions "
                  f"(greedy, ≤ {result.max_new_tokens} new tokens)")
     table = Table(box=box.SIMPLE_HEAD)
-    for name in ("α", "mean length", "Δ length", "hit limit", "accuracy", "same answer as α=0", "perplexity"):
+    for name in ("α", "mean length", "Δ length", "hit limit", "accuracy", "same answer as α=0",
+                 "right at α=0, still right", "perplexity"):
         table.add_column(name, justify="right")
     for p in result.points:
         table.add_row(f"{p.alpha:g}", f"{p.mean_length:.1f}", f"{p.length_change:+.1%}", f"{p.truncated:.0%}",
-                      f"{p.accuracy:.1%}", f"{p.agreement:.1%}", f"{p.perplexity:.2f}")
+                      f"{p.accuracy:.1%}", f"{p.agreement:.1%}", "-" if p.retained is None else f"{p.retained:.1%}",
+                      f"{p.perplexity:.2f}")
     stdout.print(table)
     stdout.print(f"Spearman ρ(α, mean length) = {result.spearman:+.3f}")
     if result.best:
@@ -199,7 +201,7 @@ def apply(
 ) -> None:
     result = run_apply(_existing_artifact(artifact), method, alpha)
     summary = {"artifact": str(artifact), "method": result.method, "alpha": result.alpha,
-               "control_vector": str(result.gguf) if result.gguf else None}
+               "control_vector": str(result.gguf) if result.gguf else None, "notes": result.notes}
     if as_json:
         print_json(summary)
         return
@@ -207,3 +209,5 @@ def apply(
                  "prune and export now use the steered model")
     if result.gguf:
         stdout.print(f"llama.cpp control vector: {result.gguf} (load it with --control-vector {result.gguf.name})")
+    for note in result.notes:
+        stdout.print(f"[yellow]note:[/] {note}")

@@ -1,7 +1,7 @@
 """Paired chains of thought for `steer`: one question, a long step-by-step solution and a short one.
 
 The built-in generator writes arithmetic word problems with known answers (seeded): each
-problem applies 2-4 operations (add, take away, groups of, share equally) to a quantity,
+problem applies 2-4 operations (or a chosen number) (add, take away, groups of, share equally) to a quantity,
 and the long chain states every intermediate result as "a op b = c" while the short chain
 is one expression. User data comes from JSONL with the fields `question`, `long`, `short`,
 `answer`. `extract_answer` reads the final number of a generated solution.
@@ -62,17 +62,20 @@ def _step(rng: random.Random, value: int, item: str) -> tuple[str, str, str, int
             f"+ {n}", value + n)
 
 
-def generate_problems(count: int, seed: int = 0) -> list[CotExample]:
-    """`count` arithmetic word problems with long and short solutions (deterministic per seed)."""
+def generate_problems(count: int, seed: int = 0, operations: tuple[int, int] = (2, 4)) -> list[CotExample]:
+    """`count` arithmetic word problems of `operations` (min, max) steps with long and short
+    solutions (deterministic per seed)."""
     if count < 1:
         raise DyninferError(f"the number of problems must be at least 1, got {count}")
+    if not 1 <= operations[0] <= operations[1]:
+        raise DyninferError(f"problems need at least one operation, got {operations[0]}-{operations[1]}")
     rng = random.Random(seed)
     problems = []
     for _ in range(count):
         name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
         start = value = rng.randint(3, 40)
         clauses, steps, expression = [], [f"{name} starts with {start} {item}."], str(start)
-        for _ in range(rng.randint(2, 4)):
+        for _ in range(rng.randint(*operations)):
             clause, step, operation, value = _step(rng, value, item)
             clauses.append(clause)
             steps.append(step)

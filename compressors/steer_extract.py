@@ -41,9 +41,10 @@ def load_cot_split(spec: str, seed: int, train: int, heldout: int) -> tuple[list
     """
     if train < 1 or heldout < 1:
         raise DyninferError(f"need at least one training and one held-out example, got {train} and {heldout}")
-    if spec == BUILTIN_COT:
+    if spec == BUILTIN_COT or spec.startswith(BUILTIN_COT + ":"):
+        steps = _builtin_steps(spec)
         examples, seen = [], set()
-        for example in generate_problems(4 * (train + heldout), seed):
+        for example in generate_problems(4 * (train + heldout), seed, steps):
             if example.question not in seen:
                 seen.add(example.question)
                 examples.append(example)
@@ -51,7 +52,7 @@ def load_cot_split(spec: str, seed: int, train: int, heldout: int) -> tuple[list
                 break
         return examples[:train], examples[train:]
     if spec.startswith("builtin:"):
-        raise DyninferError(f"unknown built-in CoT data '{spec}'; use {BUILTIN_COT} or a .jsonl file")
+        raise DyninferError(f"unknown built-in CoT data '{spec}'; use {BUILTIN_COT}[:STEPS] or a .jsonl file")
     examples = load_cot_jsonl(spec)
     if len(examples) < 2:
         raise DyninferError(f"'{spec}' holds {len(examples)} example; steering needs at least 2 "
@@ -59,6 +60,17 @@ def load_cot_split(spec: str, seed: int, train: int, heldout: int) -> tuple[list
     random.Random(seed).shuffle(examples)
     held = min(heldout, max(1, len(examples) // 5))
     return examples[: min(train, len(examples) - held)], examples[len(examples) - held:]
+
+
+def _builtin_steps(spec: str) -> tuple[int, int]:
+    """`builtin:arithmetic` is 2-4 operations per problem; `builtin:arithmetic:K` exactly K (1-6)."""
+    if spec == BUILTIN_COT:
+        return (2, 4)
+    count = spec[len(BUILTIN_COT) + 1:]
+    if not count.isdigit() or not 1 <= int(count) <= 6:
+        raise DyninferError(f"'{spec}': the number of operations after {BUILTIN_COT}: must be 1 to 6, "
+                            f"e.g. {BUILTIN_COT}:2")
+    return (int(count), int(count))
 
 
 @dataclass
@@ -123,8 +135,10 @@ def default_layers(num_layers: int) -> list[int]:
 
 @torch.no_grad()
 def chain_means(loaded: LoadedModel, prompter: CotPrompter, examples: list[CotExample], layers: list[int],
-                batch_size: int = 8, progress: ProgressFn | None = None) -> dict[str, torch.Tensor]:
-    """Mean output of each layer over each chain's tokens: {"long"|"short": [examples, layers, d]}."""
+                batch_size: int = 8, first_tokens: int | None = None,
+                progress: ProgressFn | None = None) -> dict[str, torch.Tensor]:
+    """Mean output of each layer over each chain's tokens (or its first `first_tokens`, counted
+    from the last prompt token, where the model decides how to answer): {"long"|"short": [examples, layers, d]}."""
     lm = loaded.layered
     captured: dict[int, torch.Tensor] = {}
 
@@ -146,7 +160,10 @@ def chain_means(loaded: LoadedModel, prompter: CotPrompter, examples: list[CotEx
                 loaded.model(input_ids=ids, attention_mask=mask, use_cache=False)
                 chain = torch.zeros(ids.shape, dtype=torch.bool)
                 for row, (seq, start) in enumerate(batch):
-                    chain[row, start:len(seq)] = True
+                    if first_tokens is None:
+                        chain[row, start:len(seq)] = True
+                    else:
+                        chain[row, start - 1:min(len(seq), start - 1 + first_tokens)] = True
                 weights = chain.float() / chain.sum(1, keepdim=True).clamp(min=1)
                 means.append(torch.stack([torch.einsum("bt,btd->bd", weights, captured[i].float()) for i in layers], 1))
             out[kind] = torch.cat(means)

@@ -36,13 +36,13 @@ class ExtractConfig:
     examples: int = 128  # training examples (the first `shots` of them become the prompt's worked examples)
     heldout: int = 32
     seed: int = 0
-    shots: int = 1
+    shots: int = 0
     layers: list[int] | None = None
     kind: str = "mean"
     rank: int = 8
-    steps: int = 200
-    lr: float = 1e-3
-    batch_size: int = 8
+    steps: int = 150
+    lr: float = 2e-3
+    batch_size: int = 4
     targets: list[str] | None = None
     delta_from: str | None = None
     delta_to: str | None = None
@@ -114,7 +114,7 @@ def run_extract(config: ExtractConfig, existing: str | None = None, progress: Pr
         bad = [i for i in layers if not 0 <= i < lm.num_layers]
         if bad or not layers:
             raise DyninferError(f"--layers must name decoder layers 0..{lm.num_layers - 1}, got {layers}")
-        means = chain_means(loaded, prompter, train, sorted(set(layers)), config.batch_size, progress)
+        means = chain_means(loaded, prompter, train, sorted(set(layers)), config.batch_size, progress=progress)
         direction = activation_direction(means, sorted(set(layers)), config.kind)
         record.update(kind=config.kind, layers=sorted(direction.directions),
                       norms={str(i): float(v.norm()) for i, v in direction.directions.items()},
@@ -216,6 +216,7 @@ class ApplyResult:
     method: str
     alpha: float
     gguf: Path | None
+    notes: list[str] = field(default_factory=list)
 
 
 def write_control_vector(path: Path, steering: ActivationSteering, alpha: float, model_hint: str) -> Path:
@@ -258,7 +259,11 @@ def run_apply(path: str, method: str | None, alpha: float) -> ApplyResult:
     stage["applied"] = {"method": method, "alpha": float(alpha)}
     artifact.set_stage(STEER_STAGE, stage)
     target = artifact.save(path)
-    gguf_path = None
+    gguf_path, notes = None, []
     if isinstance(direction, ActivationSteering):
         gguf_path = write_control_vector(target / GGUF_NAME, direction, float(alpha), artifact.base_model.architecture)
-    return ApplyResult(artifact, method, float(alpha), gguf_path)
+        if 0 in direction.directions:
+            notes.append("llama.cpp applies control vectors from layer 1 on: it ignores direction.0")
+    if (target / "onnx").is_dir():
+        notes.append(f"{target / 'onnx'} was exported before this α; run `dyninfer export {path}` again")
+    return ApplyResult(artifact, method, float(alpha), gguf_path, notes)

@@ -94,6 +94,7 @@ class SweepPoint:
     truncated: float  # fraction that hit the token limit
     accuracy: float
     agreement: float  # same final answer as at α = 0
+    retained: float | None  # of the questions right at α = 0, the share still right (None: none was right)
     perplexity: float  # of the generated chains under the base model
     samples: list[str]
 
@@ -116,6 +117,17 @@ class SweepResult:
         d = asdict(self)
         d["best"] = self.best.alpha if self.best else None
         return d
+
+
+def answer_scores(questions: list[CotExample], answers: list, base_answers: list) -> dict:
+    """accuracy, agreement with the α = 0 answers, and the share of α = 0's right answers kept right."""
+    def right(values: list) -> list[bool]:
+        return [a is not None and abs(a - q.answer) < 1e-6 for a, q in zip(values, questions)]
+
+    now, before = right(answers), right(base_answers)
+    return {"accuracy": sum(now) / len(questions),
+            "agreement": sum(a == b for a, b in zip(answers, base_answers)) / len(questions),
+            "retained": sum(n and b for n, b in zip(now, before)) / sum(before) if any(before) else None}
 
 
 def run_sweep(loaded: LoadedModel, direction: ActivationSteering | ValveDelta, method: str, prompter: CotPrompter,
@@ -148,8 +160,7 @@ def run_sweep(loaded: LoadedModel, direction: ActivationSteering | ValveDelta, m
             alpha=alpha, mean_length=length,
             length_change=(length - base_length) / base_length if base_length else 0.0,
             truncated=sum(not g.finished for g in gens) / len(gens),
-            accuracy=sum(a is not None and abs(a - q.answer) < 1e-6 for a, q in zip(answers, questions)) / len(gens),
-            agreement=sum(a == b for a, b in zip(answers, base_answers)) / len(gens),
+            **answer_scores(questions, answers, base_answers),
             perplexity=chain_perplexity(loaded, prompts, gens, prompter.chat),
             samples=[g.text for g in gens[:samples]],
         ))

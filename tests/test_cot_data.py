@@ -14,11 +14,12 @@ STEP = re.compile(r"(-?\d+) ([-+*/]) (\d+) = (-?\d+)")
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
 
 
-def test_generated_answers_are_right_by_independent_arithmetic():
-    for example in generate_problems(200, seed=3):
+@pytest.mark.parametrize("operations", [(2, 4), (1, 1), (3, 3)])
+def test_generated_answers_are_right_by_independent_arithmetic(operations):
+    for example in generate_problems(200, seed=3, operations=operations):
         # every step of the long chain is correct arithmetic, and the steps chain together
         steps = STEP.findall(example.long)
-        assert 2 <= len(steps) <= 4
+        assert operations[0] <= len(steps) <= operations[1]
         for (a, op, b, result), following in zip(steps, steps[1:] + [None]):
             assert OPS[op](int(a), int(b)) == int(result)
             if following:
@@ -38,6 +39,8 @@ def test_generator_is_seeded():
     assert generate_problems(20, seed=5) != generate_problems(20, seed=6)
     with pytest.raises(DyninferError, match="at least 1"):
         generate_problems(0)
+    with pytest.raises(DyninferError, match="at least one operation"):
+        generate_problems(3, operations=(0, 2))
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -104,3 +104,36 @@ def test_bundled_model_prunes_to_half_its_mlp_neurons_on_unseen_code(tmp_path):
     sparse = greedy_generate(lm.model, prompt, 8)  # installed with the auto backend: numba on this CPU
     with pruned(lm, dyn.pruning, "masked"):
         assert torch.equal(greedy_generate(lm.model, prompt, 8), sparse)
+
+
+def test_bundled_model_steering_extracts_applies_and_writes_a_control_vector(bundled, tmp_path):
+    """Activation steering on the real model: the direction points from long to short chains of
+    held-out problems (not those it was extracted from), and the GGUF holds it."""
+    import gguf
+
+    from dyninfer.compressors.steer_extract import BUILTIN_COT, CotPrompter, chain_means, load_cot_split
+    from dyninfer.compressors.steering import Steering
+
+    artifact = tmp_path / "steer"
+    extracted = CliRunner().invoke(app, ["steer", "extract", "--examples", "9", "--heldout", "6", "--out",
+                                         str(artifact), "--json"])
+    assert extracted.exit_code == 0, extracted.output
+    layer = json.loads(extracted.stdout)["layers"][0]
+    assert layer == 15
+    direction = Steering.from_artifact(__import__("dyninfer.artifacts", fromlist=["Artifact"]).Artifact.load(
+        str(artifact))).activation.directions[layer]
+    train, held = load_cot_split(BUILTIN_COT, 0, 9, 6)
+    means = chain_means(bundled, CotPrompter(bundled.tokenizer, []), held, [layer])
+    unseen_shift = (means["short"] - means["long"])[:, 0]
+    assert torch.nn.functional.cosine_similarity(unseen_shift, direction[None], dim=1).mean() > 0.5
+    applied = CliRunner().invoke(app, ["steer", "apply", str(artifact), "--alpha", "0.5", "--json"])
+    assert applied.exit_code == 0, applied.output
+    reader = gguf.GGUFReader(str(artifact / "control_vector.gguf"))
+    (tensor,) = reader.tensors
+    assert tensor.name == f"direction.{layer}"
+    torch.testing.assert_close(torch.from_numpy(tensor.data.copy()).reshape(-1), 0.5 * direction)
+    swept = CliRunner().invoke(app, ["steer", "sweep", str(artifact), "--alphas", "0,0.5", "--questions", "2",
+                                     "--max-new-tokens", "12", "--json"])
+    assert swept.exit_code == 0, swept.output
+    points = json.loads(swept.stdout)["points"]
+    assert [p["alpha"] for p in points] == [0.0, 0.5] and 0 < points[0]["mean_length"] <= 12

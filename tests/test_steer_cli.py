@@ -100,6 +100,8 @@ def test_applied_steering_is_baked_for_run_bench_calibrate_and_export(steer_setu
     with torch.no_grad(), hooked(reference.layered, steering, 2.0):
         hooked_ids = reference.model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert ids == hooked_ids[0, prompt.shape[1]:].tolist()
+    again = runner.invoke(app, ["steer", "apply", str(artifact), "--method", "activation", "--alpha", "1", "--json"])
+    assert again.exit_code == 0 and any("export" in n for n in json.loads(again.stdout)["notes"])
 
 
 @pytest.mark.parametrize("args, message", [

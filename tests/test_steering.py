@@ -16,7 +16,7 @@ from dyninfer.compressors.steer_job import write_control_vector
 from dyninfer.compressors.steering import ActivationSteering, ValveDelta, bake, hooked, steered
 from dyninfer.errors import DyninferError
 from dyninfer.models import load_model
-from dyninfer.profilers.steer_sweep import generate_greedy, run_sweep
+from dyninfer.profilers.steer_sweep import answer_scores, generate_greedy, run_sweep
 from conftest import WORDS, save_tiny, word_tokenizer
 from tiny_models import ARCHS, tiny_model
 
@@ -218,10 +218,20 @@ def test_sweep_reports_every_alpha_and_restores_the_model(tmp_path):
     assert [p.alpha for p in result.points] == [-2.0, 0.0, 2.0]
     zero = result.points[1]
     assert zero.agreement == 1.0 and zero.length_change == 0.0
+    assert zero.retained is None and zero.accuracy == 0.0  # word chains hold no numbers: nothing is right
     assert all(0 < p.mean_length <= 5 and p.perplexity > 1 for p in result.points)
     assert all(torch.equal(before[k], v) for k, v in loaded.model.state_dict().items())
     with pytest.raises(DyninferError, match="two different"):
         run_sweep(loaded, steering, "activation", CotPrompter(loaded.tokenizer, []), questions, [0.0], max_new_tokens=5)
+
+
+def test_answer_scores():
+    questions = [CotExample(f"q{i}", "l", "s", float(i)) for i in range(4)]
+    base = [0.0, 1.0, 7.0, None]  # right, right, wrong, no answer
+    steered_answers = [0.0, 5.0, 7.0, 3.0]  # right, wrong, same wrong, right
+    scores = answer_scores(questions, steered_answers, base)
+    assert scores == {"accuracy": 0.5, "agreement": 0.5, "retained": 0.5}
+    assert answer_scores(questions, base, [None] * 4)["retained"] is None
 
 
 def test_gguf_control_vector_reads_back(tmp_path):
@@ -260,3 +270,7 @@ def test_jsonl_split_and_errors(tmp_path):
         load_cot_split(str(one), 0, 10, 2)
     with pytest.raises(DyninferError, match="unknown built-in"):
         load_cot_split("builtin:nope", 0, 10, 2)
+    with pytest.raises(DyninferError, match="1 to 6"):
+        load_cot_split("builtin:arithmetic:9", 0, 10, 2)
+    one_step, _ = load_cot_split("builtin:arithmetic:1", 0, 10, 2)
+    assert all(e.long.count(" = ") == 1 for e in one_step)
