@@ -250,9 +250,8 @@ def train_valve(loaded: LoadedModel, prompter: CotPrompter, examples: list[CotEx
                 low_rank[f"{name}.weight"] = (a.T, b.T) if _conv1d(base) else (b, a)
     finally:
         peft_model.unload()  # the original modules back in place; their weights were never touched
-        for attribute in ("peft_config",):
-            if hasattr(model, attribute):
-                delattr(model, attribute)
+        if hasattr(model, "peft_config"):  # peft leaves its config on the model it wrapped
+            del model.peft_config
     record = {"rank": rank, "steps": steps, "lr": lr, "batch_size": batch_size, "targets": list(targets),
               "first_loss": losses[0] if losses else None,
               "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None}

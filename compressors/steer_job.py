@@ -95,19 +95,20 @@ def _split(split: dict) -> tuple[list, list]:
     return load_cot_split(split["data"], split["seed"], split["examples"], split["heldout"])
 
 
-def _prompter(loaded: LoadedModel, split: dict, train: list, heldout: list):
-    return CotPrompter(loaded.tokenizer, train[: split["shots"]]), train[split["shots"]:], heldout
+def _prompter(loaded: LoadedModel, split: dict, train: list) -> tuple[CotPrompter, list]:
+    """The prompter (its worked examples: the first `shots` training examples) and the training examples left."""
+    return CotPrompter(loaded.tokenizer, train[: split["shots"]]), train[split["shots"]:]
 
 
 def run_extract(config: ExtractConfig, existing: str | None = None, progress: ProgressFn | None = None) -> ExtractReport:
     """Extract one direction from the base model (never a steered one) and store it in the artifact."""
     config.validate()
     report = progress or (lambda *a: None)
-    split = _split(config.split_record())  # bad data fails before the model loads
+    train, _ = _split(config.split_record())  # bad data fails before the model loads
     report("loading model", 0, 1)
     loaded, artifact = _open(config.model, existing)
     lm = loaded.layered
-    prompter, train, _ = _prompter(loaded, config.split_record(), *split)
+    prompter, train = _prompter(loaded, config.split_record(), train)
     record: dict = {"split": config.split_record()}
     if config.method == "activation":
         layers = config.layers if config.layers is not None else default_layers(lm.num_layers)
@@ -191,10 +192,10 @@ def run_sweep_job(path: str, method: str | None, alphas: list[float], *, questio
     split = dict(record["split"])
     if questions is not None:
         split["heldout"] = questions
-    data = _split(split)
+    train, heldout = _split(split)
     loaded = load_model(model or artifact.base_model.spec)
     artifact.check_base_model(loaded.content_hash, loaded.spec)
-    prompter, _, heldout = _prompter(loaded, split, *data)
+    prompter, _ = _prompter(loaded, split, train)
     direction = Steering.from_artifact(artifact).get(method)
     result = run_sweep(loaded, direction, method, prompter, heldout, alphas, max_new_tokens, batch_size, keep,
                        progress=progress)
