@@ -49,6 +49,9 @@ class ArchAdapter:
     residual_out: str = "mlp.down_proj"
     # Weight matrices a LoRA adapts by default (peft target module names).
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # The blocks a decoder layer is profiled by: (piece name, submodule path). What a layer
+    # does outside them (norms, residual adds) is reported as its "rest".
+    blocks: tuple[tuple[str, str], ...] = (("attention", "self_attn"), ("mlp", "mlp"))
 
 
 def _cache_position(past_seen: int, length: int, device) -> torch.Tensor:
@@ -333,13 +336,13 @@ ADAPTERS: tuple[ArchAdapter, ...] = (
         "gpt2", ("gpt2",), backbone="transformer", embed="wte", layers="h", norm="ln_f",
         prepare=_prepare_gpt2, new_cache=_dynamic_cache, layer_kwargs_at=_gpt2_kwargs_at,
         propagate=_gpt2_propagate, embed_at=_gpt2_embed_at, residual_out="mlp.c_proj",
-        lora_targets=("c_attn", "c_proj", "c_fc"),
+        lora_targets=("c_attn", "c_proj", "c_fc"), blocks=(("attention", "attn"), ("mlp", "mlp")),
     ),
     ArchAdapter(
         "mamba", ("mamba",), backbone="backbone", embed="embeddings", layers="layers", norm="norm_f",
         prepare=_prepare_mamba, new_cache=_mamba_cache, layer_kwargs_at=_mamba_kwargs_at,
         propagate=_mamba_propagate, embed_at=_token_embed_at, recurrent=True,
-        residual_out="mixer.out_proj", lora_targets=("in_proj", "x_proj", "out_proj"),
+        residual_out="mixer.out_proj", lora_targets=("in_proj", "x_proj", "out_proj"), blocks=(("mixer", "mixer"),),
     ),
 )
 
@@ -507,6 +510,17 @@ class LayeredModel:
     def set_residual_out(self, index: int, module: nn.Module) -> None:
         parent, _, name = self.adapter.residual_out.rpartition(".")
         setattr(self.layers[index].get_submodule(parent) if parent else self.layers[index], name, module)
+
+    def blocks(self, index: int) -> list[tuple[str, nn.Module]]:
+        """Decoder layer `index`'s profiled blocks: (piece name, module), e.g. attention and MLP."""
+        return [(piece, self.layers[index].get_submodule(path)) for piece, path in self.adapter.blocks]
+
+    def cache_bytes(self, cache) -> list[int]:
+        """Bytes each layer holds in `cache` (K/V tensors, or Mamba's conv and SSM states)."""
+        if hasattr(cache, "layers"):  # transformers' Cache: one object per layer
+            return [sum(t.nbytes for t in vars(layer).values() if isinstance(t, torch.Tensor))
+                    for layer in cache.layers]
+        return [cache.conv_states[i].nbytes + cache.ssm_states[i].nbytes for i in range(self.num_layers)]
 
     def propagate(self, index: int, hidden: torch.Tensor, start: int, cache) -> None:
         """Fill layer `index`'s cache entry at `start` from an exit hidden state (CALM)."""

@@ -77,11 +77,14 @@ def open_workspace(
     field: str | None = None,
     seq_len: int = 256,
     seed: int = 0,
-    existing: str | None = None,
+    existing: str | Artifact | None = None,
     progress: ProgressFn | None = None,
     apply_pruning: bool = True,
 ) -> Workspace:
     """Load the model, then the artifact to extend (checked against the model), then the data.
+
+    `existing`: an artifact directory, or an artifact already in memory (`audit` chains its
+    stages this way and saves once at the end).
 
     The artifact's applied steering is baked in, and its pruning masks, if any, are installed
     (later stages work on the steered, pruned model) unless `apply_pruning` is False (`prune`
@@ -94,9 +97,13 @@ def open_workspace(
     loaded = load_model(model)
     report("loading model", 1, 1)
     timings["load_model_s"] = time.perf_counter() - started
-    extends = bool(existing) and artifact_exists(existing)
+    extends = isinstance(existing, Artifact) or (bool(existing) and artifact_exists(existing))
     if extends:
-        artifact = Artifact.load(existing, expect_model_hash=loaded.content_hash)
+        if isinstance(existing, Artifact):
+            artifact = existing
+            artifact.check_base_model(loaded.content_hash, model)
+        else:
+            artifact = Artifact.load(existing, expect_model_hash=loaded.content_hash)
         from dyninfer.compressors.steering import load_steering
 
         load_steering(artifact, loaded.layered)  # before the masks: SparseMLP copies the (steered) MLP weights

@@ -9,6 +9,7 @@ from dyninfer.cli import bench as bench_cmd
 from dyninfer.cli import calibrate as calibrate_cmd
 from dyninfer.cli import export as export_cmd
 from dyninfer.cli import probe as probe_cmd
+from dyninfer.cli import profile as profile_cmd
 from dyninfer.cli import prune as prune_cmd
 from dyninfer.cli import run as run_cmd
 from dyninfer.cli import steer as steer_cmd
@@ -43,6 +44,7 @@ app.add_typer(steer_cmd.app, name="steer", help=steer_cmd.HELP)
 app.command("export", help=export_cmd.HELP)(export_cmd.export)
 app.command("run", help=run_cmd.HELP)(run_cmd.run)
 app.command("bench", help=bench_cmd.HELP)(bench_cmd.bench)
+app.command("profile", help=profile_cmd.HELP)(profile_cmd.profile)
 
 
 def main() -> None:

@@ -48,7 +48,7 @@ def render(result: BenchResult) -> None:
     if result.predicted_speedup:
         early = result.gated
         stdout.print(f"{early.mode}: realized {early.speedup:.3f}x vs predicted {result.predicted_speedup:.3f}x "
-                     f"(FLOP model) = {early.speedup / result.predicted_speedup:.2f}")
+                     f"({result.predicted_unit} model) = {early.speedup / result.predicted_speedup:.2f}")
     for note in result.notes:
         stdout.print(f"[yellow]note:[/] {note}")
 

@@ -12,7 +12,8 @@ from rich import box
 from rich.table import Table
 
 from dyninfer.artifacts import write_report_dir
-from dyninfer.cli.output import artifact_dir_option, handle_errors, print_json, progress_reporter, stderr, stdout
+from dyninfer.cli.output import (artifact_dir_option, float_list, handle_errors, print_json, progress_reporter, stderr,
+                                 stdout)
 from dyninfer.cli.plots import calibration_curve_png
 from dyninfer.compressors.calibration_job import CalibrateConfig, CalibrateReport, run_calibrate_job
 from dyninfer.data import DEFAULT_DATA
@@ -20,7 +21,7 @@ from dyninfer.models import DEFAULT_MODEL
 
 HELP = """Calibrate early-exit thresholds with a statistical guarantee (CALM, Learn-then-Test).
 
-Chooses the exit points with the per-layer cost model, then certifies the loosest confidence threshold whose risk (1 - token consistency with the full model, or the accuracy drop) is at most 1 - TARGET with probability at least 1 - EPSILON, on data exchangeable with the calibration data. Reports the held-out consistency, accuracy and predicted speedup, next to the naive baseline without a guarantee.
+Chooses the exit points with the per-layer cost model (FLOPs, or the decode latency `dyninfer profile` measured, when the artifact has a profile), then certifies the loosest confidence threshold whose risk (1 - token consistency with the full model, or the accuracy drop) is at most 1 - TARGET with probability at least 1 - EPSILON, on data exchangeable with the calibration data. Reports the held-out consistency, accuracy and predicted speedup, next to the naive baseline without a guarantee.
 
 Examples:
 
@@ -29,6 +30,8 @@ Examples:
     dyninfer calibrate --target 0.99 --epsilon 0.1 --measure softmax --out audit/
 
     dyninfer calibrate ./my-model --data code.jsonl --lens logit --vocab-top-k 64 --json
+
+    dyninfer profile --out audit/ && dyninfer calibrate --out audit/    (exit points chosen by measured latency)
 """
 
 
@@ -42,7 +45,8 @@ def render(report: CalibrateReport) -> None:
     stdout.print("[dim]The guarantee assumes deployment text is like the calibration text "
                  f"(examples: {r.block}-token blocks of {report.data['spec']}).[/]")
     table = Table(box=box.SIMPLE_HEAD, title="held-out split", title_justify="left")
-    for name in ("policy", "threshold", "consistency", "accuracy", "predicted speedup", "mean exit layer"):
+    unit = "latency" if (report.cost_model or {}).get("unit", "FLOPs").startswith("ms") else "FLOPs"
+    for name in ("policy", "threshold", "consistency", "accuracy", f"predicted speedup ({unit})", "mean exit layer"):
         table.add_column(name, justify="right" if name != "policy" else "left")
     rows = (("certified (LTT)", policy.threshold, r.heldout), ("naive grid (no guarantee)", r.naive_threshold,
                                                                 r.naive_heldout))
@@ -54,6 +58,10 @@ def render(report: CalibrateReport) -> None:
     stdout.print(table)
     dist = ", ".join(f"{layer}: {share:.1%}" for layer, share in r.heldout["exit_distribution"].items())
     stdout.print(f"exit-depth distribution (held-out, certified policy): {dist}")
+    for other in report.others:
+        held = other.heldout
+        stdout.print(f"target {other.target:g}: exit points {other.policy.exit_points or 'none'}, held-out "
+                     f"consistency {held['consistency']:.2%}, predicted speedup {held['predicted_speedup']:.3f}x")
     for note in r.notes:
         stdout.print(f"[yellow]note:[/] {note}")
 
@@ -84,6 +92,8 @@ def calibrate(
     fit_tokens: int = typer.Option(2048, "--fit-tokens", help="Train-split tokens to choose exit points and fit the classifier."),
     calibration_tokens: int = typer.Option(8192, "--calibration-tokens", help="Train-split tokens for the LTT test."),
     heldout_tokens: int = typer.Option(4096, "--heldout-tokens", help="Held-out tokens to report achieved quality."),
+    cost: str = typer.Option("auto", "--cost", help="Cost model for choosing exit points: auto (the artifact's measured profile if any, else FLOPs), flops or measured."),
+    targets: Optional[str] = typer.Option(None, "--targets", help="More targets to calibrate on the same traces, comma-separated (reported; the artifact keeps --target's policy)."),
     seq_len: int = typer.Option(256, "--seq-len"),
     seed: int = typer.Option(0, "--seed"),
     lens_from: Optional[Path] = typer.Option(None, "--lens-from", help="Take the tuned lens from this artifact."),
@@ -97,7 +107,8 @@ def calibrate(
         epsilon=epsilon, risk=risk, block=block, fit_tokens=fit_tokens, calibration_tokens=calibration_tokens,
         heldout_tokens=heldout_tokens, vocab_top_k=vocab_top_k, min_layer=min_layer, max_points=max_points,
         kv_mode=kv_mode, lens_from=str(lens_from) if lens_from else None,
-        lens_train_tokens=lens_train_tokens, lens_steps=lens_steps,
+        lens_train_tokens=lens_train_tokens, lens_steps=lens_steps, cost=cost,
+        extra_targets=tuple(float_list(targets, "--targets")),
     )
     config.validate()
     existing = artifact_dir_option(out)

@@ -126,3 +126,40 @@ def steer_sweep_png(points: list[dict], title: str) -> bytes:
     axes[1].plot(alphas, [100 * p["truncated"] for p in points], marker="^", ls=":", label="hit the token limit")
     axes[1].set(xlabel="α (positive shortens)", ylabel="%", title="answers")
     return _finish(fig, axes, title)
+
+
+def _piece_bars(ax, pieces: pd.DataFrame, column: str, scale: float = 1.0) -> None:
+    """Stacked bars of one column per decoder layer (one colour per piece), and the embedding,
+    final norm and head as their own bars on either side."""
+    layers = pieces[pieces["layer"] >= 0]
+    n_layers = int(layers["layer"].max()) + 1 if len(layers) else 0
+    bottom = pd.Series(0.0, index=range(n_layers))
+    for piece, rows in layers.groupby("piece", sort=False):
+        values = (rows.set_index("layer")[column].reindex(range(n_layers)).fillna(0.0) * scale).clip(lower=0)
+        ax.bar(range(n_layers), values, bottom=bottom, label=piece, width=0.8)
+        bottom += values
+    model_level = pieces[pieces["layer"] < 0].set_index("piece")[column] * scale
+    positions = {"embed": -1.5, "norm": n_layers + 0.5, "head": n_layers + 1.5}
+    for piece, x in positions.items():
+        if piece in model_level.index:
+            ax.bar([x], [max(float(model_level[piece]), 0.0)], width=0.8, color="grey", hatch="//")
+            ax.annotate(piece, (x, 0), xytext=(0, -14), textcoords="offset points", ha="center", fontsize=7)
+    ax.set_xlabel("decoder layer (embedding left, final norm and head right)")
+
+
+def profile_png(pieces: pd.DataFrame, title: str) -> bytes:
+    """Per-layer cost: decode FLOPs, decode and prefill latency, memory; stacked by piece."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(14, 8))
+    panels = ((axes[0, 0], "decode_flops", 1e-6, "MFLOPs", "FLOPs of one decode step"),
+              (axes[0, 1], "decode_ms", 1.0, "ms (median)", "decode latency, batch 1"),
+              (axes[1, 0], "prefill_ms", 1.0, "ms (median)", "prefill latency of the prompt"),
+              (axes[1, 1], "weight_bytes", 1 / 2**20, "MiB", "weights (a tied head holds none)"))
+    for ax, column, scale, unit, name in panels:
+        _piece_bars(ax, pieces, column, scale)
+        ax.set(ylabel=unit, title=name)
+    return _finish(fig, axes.flat, title)

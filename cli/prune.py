@@ -34,15 +34,6 @@ Examples:
 """
 
 
-def _floats(text: str | None, option: str) -> list[float]:
-    if not text:
-        return []
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise DyninferError(f"{option} takes comma-separated numbers like 0.25,0.4,0.5, got '{text}'") from None
-
-
 def render(report: PruneReport) -> None:
     cfg = report.config
     stdout.print(f"[bold]Dynamic MLP pruning[/]: {report.base_model['spec']} on {report.data['spec']} "
@@ -101,7 +92,7 @@ def prune(
 ) -> None:
     config = PruneConfig(
         model=model, data=data, field=field, seq_len=seq_len, seed=seed, method=method, sparsity=sparsity,
-        sweep=_floats(sweep, "--sweep"), allocation=allocation, input_sparsity=input_sparsity, rank=rank, label=label,
+        sweep=float_list(sweep, "--sweep"), allocation=allocation, input_sparsity=input_sparsity, rank=rank, label=label,
         mass=mass, steps=steps, calibration_tokens=calibration_tokens, heldout_tokens=heldout_tokens, speed=speed,
         prompts=prompts, prompt_tokens=prompt_tokens, new_tokens=new_tokens, backend=backend,
     )

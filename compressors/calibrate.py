@@ -122,14 +122,12 @@ def trace_exits(
 
 
 def check_cost(costs: CostModel, measure: str, translated: bool, first: bool, vocab_top_k: int, d: int) -> float:
-    """FLOPs of one confidence check at an exit point."""
-    if measure == "saturation":
-        return 3.0 * d  # a cosine
-    if measure == "classifier":
-        return costs.norm + 2.0 * d
+    """Cost of one confidence check at an exit point (in the cost model's unit)."""
+    if measure in conf.STATE_MEASURES:
+        return costs.check(measure, d)
     extra = costs.translator if translated else 0.0
     if vocab_top_k and not first:
-        return extra + costs.norm + 2.0 * vocab_top_k * d
+        return extra + costs.norm + vocab_top_k * costs.check("head_row", d)
     return extra + costs.norm + costs.head
 
 
@@ -303,8 +301,24 @@ def run_calibration(
     calibration_windows: torch.Tensor,
     heldout_windows: torch.Tensor,
     *,
-    measure: str = "softmax",
     target: float = 0.95,
+    **options,
+) -> tuple[CalibrationResult, conf.ExitClassifier | None]:
+    """Calibrate one policy at `target` (see `run_calibrations` for the options)."""
+    return run_calibrations(lm, lens, costs, fit_windows, calibration_windows, heldout_windows, targets=[target],
+                            **options)[0]
+
+
+def run_calibrations(
+    lm: LayeredModel,
+    lens,
+    costs: CostModel,
+    fit_windows: torch.Tensor,
+    calibration_windows: torch.Tensor,
+    heldout_windows: torch.Tensor,
+    *,
+    targets: list[float],
+    measure: str = "softmax",
     epsilon: float = 0.05,
     risk: str = "consistency",
     block: int = 16,
@@ -312,12 +326,19 @@ def run_calibration(
     min_layer: int | None = None,
     max_points: int = 8,
     progress: ProgressFn | None = None,
-) -> tuple[CalibrationResult, conf.ExitClassifier | None]:
+) -> list[tuple[CalibrationResult, conf.ExitClassifier | None]]:
+    """One policy per target, each with its own exit points and certified threshold.
+
+    The data is traced once for all targets when a check's confidence does not depend on
+    which other points are checked (everything but `vocab_top_k`, whose later checks score
+    the first check's top-K): each target then reads its points' rows.
+    """
     conf.check_measure(measure)
     if risk not in RISKS:
         raise DyninferError(f"unknown risk '{risk}'; choose from: {', '.join(RISKS)}")
-    if not 0.0 < target < 1.0:
-        raise DyninferError(f"--target must be between 0 and 1 (exclusive), got {target}")
+    for target in targets:
+        if not 0.0 < target < 1.0:
+            raise DyninferError(f"--target must be between 0 and 1 (exclusive), got {target}")
     if block < 1:
         raise DyninferError(f"--block must be at least 1, got {block}")
     d, n_layers = lm.hidden_size, lm.num_layers
@@ -327,22 +348,44 @@ def run_calibration(
     if not candidates:
         raise DyninferError(f"no exit points between layer {first} and {n_layers - 1}; lower --min-layer")
 
-    classifier = _fit_classifier(lm, fit_windows, candidates, lens) if measure == "classifier" else None
-    fit_trace = trace_exits(lm, fit_windows, candidates, lens, measure, classifier=classifier,
+    all_points = _fit_classifier(lm, fit_windows, candidates, lens) if measure == "classifier" else None
+    fit_trace = trace_exits(lm, fit_windows, candidates, lens, measure, classifier=all_points,
                             vocab_top_k=vocab_top_k, progress=progress)
-    chosen = select_exit_points(fit_trace, costs, measure, translated, vocab_top_k, d, target, max_points, progress)
-    if classifier is not None:  # keep only the chosen points' rows, in order
+    shared = len(targets) > 1 and not vocab_top_k
+    if shared:
+        shared_traces = [trace_exits(lm, w, candidates, lens, measure, classifier=all_points, progress=progress)
+                         for w in (calibration_windows, heldout_windows)]
+    results = []
+    for target in targets:
+        chosen = select_exit_points(fit_trace, costs, measure, translated, vocab_top_k, d, target, max_points,
+                                    progress)
         rows = [candidates.index(p) for p in chosen]
-        classifier = conf.ExitClassifier.from_tensors(
-            {"classifier.weight": classifier.weight.detach()[rows], "classifier.bias": classifier.bias.detach()[rows]}
-        )
-    policy = ExitPolicy(lens.kind, measure, chosen, None, vocab_top_k)
+        classifier = None
+        if all_points is not None:  # keep only the chosen points' rows, in order
+            classifier = conf.ExitClassifier.from_tensors(
+                {"classifier.weight": all_points.weight.detach()[rows], "classifier.bias": all_points.bias.detach()[rows]}
+            )
+        if shared:
+            cal_trace, held_trace = (trace.subset(rows) for trace in shared_traces)
+        else:
+            cal_trace, held_trace = (trace_exits(lm, w, chosen, lens, measure, classifier=classifier,
+                                                 vocab_top_k=vocab_top_k, progress=progress)
+                                     for w in (calibration_windows, heldout_windows))
+        result = _certify(lens.kind, measure, chosen, vocab_top_k, costs, d, n_layers, target, epsilon, risk, block,
+                          fit_trace, cal_trace, held_trace)
+        results.append((result, classifier))
+    return results
+
+
+def _certify(lens_kind: str, measure: str, chosen: list[int], vocab_top_k: int, costs: CostModel, d: int,
+             n_layers: int, target: float, epsilon: float, risk: str, block: int, fit_trace: Trace,
+             cal_trace: Trace, held_trace: Trace) -> CalibrationResult:
+    """Learn-then-Test over the threshold grid on the calibration trace; report on held-out."""
+    translated = lens_kind == "tuned"
+    policy = ExitPolicy(lens_kind, measure, chosen, None, vocab_top_k)
     notes = []
     if not chosen:
         notes.append("no exit point pays for its checks at this target on the fit data; the policy never exits")
-
-    cal_trace = trace_exits(lm, calibration_windows, chosen, lens, measure, classifier=classifier,
-                            vocab_top_k=vocab_top_k, progress=progress)
     thresholds = candidate_thresholds(cal_trace.confidence) if chosen else [float("inf")]
     sims = [simulate(cal_trace, t, costs, measure, translated, vocab_top_k, d) for t in thresholds]
     losses = np.stack([block_losses(s, cal_trace, risk, block) for s in sims])
@@ -358,10 +401,7 @@ def run_calibration(
         layers = exit_layers(s, cal_trace, n_layers)
         curve.append(CurvePoint(t, float(s.consistent.double().mean()), float(s.correct.double().mean()),
                                 float(full / s.cost.mean()), float(layers.double().mean()), float(p)))
-
-    held_trace = trace_exits(lm, heldout_windows, chosen, lens, measure, classifier=classifier,
-                             vocab_top_k=vocab_top_k, progress=progress)
-    result = CalibrationResult(
+    return CalibrationResult(
         policy=policy,
         target=target,
         epsilon=epsilon,
@@ -377,4 +417,3 @@ def run_calibration(
         calibration_tokens=int(cal_trace.final_correct.numel()),
         notes=notes,
     )
-    return result, classifier

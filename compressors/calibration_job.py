@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from dyninfer.artifacts import Artifact
-from dyninfer.compressors.calibrate import RISKS, CalibrationResult, run_calibration
+from dyninfer.compressors.calibrate import RISKS, CalibrationResult, run_calibrations
 from dyninfer.compressors.confidence import MEASURES
 from dyninfer.data import DEFAULT_DATA
 from dyninfer.errors import DyninferError
 from dyninfer.models import DEFAULT_MODEL
 from dyninfer.profilers.cost import count_costs
 from dyninfer.profilers.lenses import LENS_KINDS, TUNED, TUNED_LENS_GROUP, LogitLens
+from dyninfer.profilers.profile import measured_cost
 from dyninfer.workspace import ProgressFn, open_workspace
 
 CALIBRATE_STAGE = "calibrate"
 KV_MODES = ("propagate", "recompute")
+# auto: the latency a `profile` measured on this artifact when there is one, else FLOPs.
+COST_SOURCES = ("auto", "flops", "measured")
 
 
 @dataclass
@@ -46,14 +49,19 @@ class CalibrateConfig:
     lens_from: str | None = None
     lens_train_tokens: int = 16384
     lens_steps: int = 60
+    cost: str = "auto"
+    # More targets to calibrate on the same traces (reported; the artifact keeps `target`'s policy).
+    extra_targets: tuple[float, ...] = ()
 
     def validate(self) -> None:
         choices = (("--lens", self.lens, LENS_KINDS), ("--measure", self.measure, MEASURES),
-                   ("--risk", self.risk, RISKS), ("--kv-mode", self.kv_mode, KV_MODES))
+                   ("--risk", self.risk, RISKS), ("--kv-mode", self.kv_mode, KV_MODES),
+                   ("--cost", self.cost, COST_SOURCES))
         for name, value, allowed in choices:
             if value not in allowed:
                 raise DyninferError(f"{name} must be one of {', '.join(allowed)}, got '{value}'")
-        for name, value in (("--target", self.target), ("--epsilon", self.epsilon)):
+        for name, value in (("--target", self.target), ("--epsilon", self.epsilon),
+                            *(("--targets", t) for t in self.extra_targets)):
             if not 0.0 < value < 1.0:
                 raise DyninferError(f"{name} must be between 0 and 1 (exclusive), got {value}")
         for name, value, low in (("--block", self.block, 1), ("--fit-tokens", self.fit_tokens, 1),
@@ -72,14 +80,46 @@ class CalibrateReport:
     result: CalibrationResult
     timings: dict
     artifact: Artifact | None = None
+    cost_model: dict | None = None  # the cost model the exit points were chosen with
+    others: list[CalibrationResult] = field(default_factory=list)  # one per config.extra_targets
 
     def summary(self) -> dict:
-        return {"command": "calibrate", "model": self.base_model, "data": self.data, "config": asdict(self.config),
-                "timings": self.timings} | self.result.to_dict()
+        out = {"command": "calibrate", "model": self.base_model, "data": self.data, "config": asdict(self.config),
+               "timings": self.timings} | self.result.to_dict()
+        if self.cost_model is not None:
+            out["cost_model"] = self.cost_model
+        if self.others:
+            out["other_targets"] = [_brief(r) for r in self.others]
+        return out
+
+
+def _brief(result: CalibrationResult) -> dict:
+    """A policy at another target: what it decided and what it achieved on held-out data."""
+    return {"target": result.target, "policy": result.policy.to_dict(), "heldout": result.heldout,
+            "naive_heldout": result.naive_heldout, "statement": result.ltt.statement(), "notes": result.notes}
+
+
+def choose_costs(config: CalibrateConfig, lm, artifact: Artifact) -> tuple:
+    """(cost model, notes): measured latency from the artifact's profile, or FLOPs."""
+    measured = measured_cost(artifact) if config.cost != "flops" else None
+    if config.cost == "measured" and measured is None:
+        raise DyninferError("--cost measured needs a profile in the artifact: run `dyninfer profile --out DIR` "
+                            "on it first, or use --cost flops")
+    if measured is None:
+        return count_costs(lm, context=config.seq_len), []
+    notes = [f"exit points chosen with the decode latency measured by `profile` ({measured.source}); "
+             "predicted speedups are for that machine"]
+    if measured.num_layers != lm.num_layers:
+        raise DyninferError(f"the artifact's profile has {measured.num_layers} layers but the model has "
+                            f"{lm.num_layers}; re-run `dyninfer profile` on this artifact")
+    if measured.context != config.seq_len:
+        notes.append(f"the profile measured decoding at context {measured.context}, calibration uses "
+                     f"--seq-len {config.seq_len}")
+    return measured, notes
 
 
 def run_calibrate_job(config: CalibrateConfig, progress: ProgressFn | None = None,
-                      existing: str | None = None) -> CalibrateReport:
+                      existing: str | Artifact | None = None) -> CalibrateReport:
     config.validate()
     torch.manual_seed(config.seed)
     ws = open_workspace(config.model, config.data, field=config.field, seq_len=config.seq_len, seed=config.seed,
@@ -106,16 +146,22 @@ def run_calibrate_job(config: CalibrateConfig, progress: ProgressFn | None = Non
                          "is optimistic. Use more data or fewer --lens-train-tokens")
     else:
         lens = LogitLens(lm)
-    costs = count_costs(lm, context=config.seq_len)
-    result, classifier = run_calibration(
-        lm, lens, costs, fit, calibration, heldout, measure=config.measure, target=config.target,
+    costs, cost_notes = choose_costs(config, lm, ws.artifact)
+    notes += cost_notes
+    targets = [config.target, *config.extra_targets]
+    results = run_calibrations(
+        lm, lens, costs, fit, calibration, heldout, targets=targets, measure=config.measure,
         epsilon=config.epsilon, risk=config.risk, block=config.block, vocab_top_k=config.vocab_top_k,
         min_layer=config.min_layer, max_points=config.max_points, progress=progress,
     )
+    (result, classifier), others = results[0], [r for r, _ in results[1:]]
+    for other in others:
+        other.policy.kv_mode = config.kv_mode
     result.policy.kv_mode = config.kv_mode
     result.notes += notes
-    report = CalibrateReport(config, ws.loaded.base_model_info(), windows.describe(), result, ws.timings)
-    ws.artifact.set_stage(CALIBRATE_STAGE, report.summary() | {"cost_model": costs.to_dict()})
+    report = CalibrateReport(config, ws.loaded.base_model_info(), windows.describe(), result, ws.timings,
+                             cost_model=costs.to_dict(), others=others)
+    ws.artifact.set_stage(CALIBRATE_STAGE, report.summary())
     # The exits group holds the tuned lens and, for the classifier measure, this policy's classifier.
     exits = {k: v for k, v in ws.artifact.tensors.get(TUNED_LENS_GROUP, {}).items() if not k.startswith("classifier.")}
     if classifier is not None:

@@ -193,7 +193,7 @@ def _input_sparsity_achieved(plan: PruningPlan, samples: MlpSamples) -> list[flo
     return [float((x.abs() <= t).float().mean()) for x, t in zip(samples.inputs, plan.input_thresholds)]
 
 
-def run_prune_job(config: PruneConfig, progress: ProgressFn | None = None, existing: str | None = None) -> PruneReport:
+def run_prune_job(config: PruneConfig, progress: ProgressFn | None = None, existing: str | Artifact | None = None) -> PruneReport:
     config.validate()
     torch.manual_seed(config.seed)
     ws = open_workspace(config.model, config.data, field=config.field, seq_len=config.seq_len, seed=config.seed,

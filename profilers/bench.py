@@ -44,11 +44,12 @@ class BenchResult:
     prompt_tokens: int
     new_tokens: int
     modes: list[ModeResult]
-    predicted_speedup: float | None  # from calibration's cost model (FLOPs)
+    predicted_speedup: float | None  # from calibration's cost model
     kv_mode: str | None = None
     draft_layer: int | None = None
     notes: list[str] = field(default_factory=list)
     gated_mode: str = "early-exit"  # the mode the CI gates and realized/predicted speak about
+    predicted_unit: str = "FLOP"  # "FLOP", or "latency" when calibration used a measured profile
 
     def mode(self, name: str) -> ModeResult:
         return next(m for m in self.modes if m.mode == name)
@@ -131,7 +132,7 @@ def run_bench(
     results = compare_side_by_side(lm, "baseline (transformers)", baseline, runners, prompts, progress)
     layer = draft_layer or default_draft_layer(lm.num_layers)
     return BenchResult(prompts.shape[0], prompts.shape[1], new_tokens, results, _predicted(dyn), _kv_mode(dyn),
-                       layer, notes, gated_mode)
+                       layer, notes, gated_mode, _predicted_unit(dyn))
 
 
 def run_onnx_bench(
@@ -164,7 +165,7 @@ def run_onnx_bench(
                                    lambda p: optimum.greedy(p, new_tokens), runners, prompts, progress)
     notes = list(runtime.notes) + [f"ONNX Runtime provider: {runtime.provider}"]
     return BenchResult(prompts.shape[0], prompts.shape[1], new_tokens, results, _predicted(dyn), _kv_mode(dyn), None,
-                       notes, gated_mode="onnx early-exit")
+                       notes, gated_mode="onnx early-exit", predicted_unit=_predicted_unit(dyn))
 
 
 def _as_torch(result):
@@ -181,6 +182,11 @@ def _check_sizes(prompts: torch.Tensor, new_tokens: int) -> None:
 
 def _predicted(dyn: LoadedDynamic) -> float | None:
     return dyn.calibration.get("heldout", {}).get("predicted_speedup")
+
+
+def _predicted_unit(dyn: LoadedDynamic) -> str:
+    unit = dyn.calibration.get("cost_model", {}).get("unit", "FLOPs/token")
+    return "latency" if unit.startswith("ms") else "FLOP"
 
 
 def _kv_mode(dyn: LoadedDynamic) -> str | None:

@@ -8,7 +8,7 @@ every exit check that needs logits has to pay for it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
@@ -26,6 +26,10 @@ class CostModel:
     translator: float  # one tuned-lens affine map (d x d) applied to one token
     unit: str = "FLOPs/token"
     source: str = "torch.utils.flop_counter"
+    # Exit checks that read only the hidden state, in the same unit: "saturation" (a cosine),
+    # "classifier" (final norm + a dot product) and "head_row" (one scored vocabulary row).
+    # Empty: their FLOP formulas (see `check`).
+    checks: dict[str, float] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -40,6 +44,18 @@ class CostModel:
         if translated and depth < self.num_layers:
             cost += self.translator
         return cost
+
+    def check(self, name: str, hidden_size: int) -> float:
+        """Cost of one hidden-state check (`checks`), or its FLOP count when none is recorded."""
+        if name in self.checks:
+            return self.checks[name]
+        flops = {"saturation": 3.0 * hidden_size, "classifier": self.norm + 2.0 * hidden_size,
+                 "head_row": 2.0 * hidden_size}
+        return flops[name]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CostModel":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
     def head_in_layers(self) -> float:
         """The LM head's cost in units of an average decoder layer."""
@@ -71,8 +87,10 @@ def count_costs(lm: LayeredModel, context: int = 256) -> CostModel:
     context = max(1, context)
     device = lm.device
     prompt = torch.zeros(1, context, dtype=torch.long, device=device)
-    cache = lm.new_cache(1)
-    lm.forward_logits(prompt, cache=cache)  # fill the cache so the counted step attends to `context` tokens
+    # The dynamic model's cache (every layer keeps every position, as `profile` measures it):
+    # fill it so the counted step attends to `context` tokens.
+    cache = lm.new_decoding_cache(1)
+    lm.forward_logits(prompt, cache=cache)
     step = torch.zeros(1, 1, dtype=torch.long, device=device)
     embed, fwd = _flops(lambda: lm.begin(step, cache=cache))
     hidden = fwd.hidden

@@ -83,7 +83,7 @@ class ProbeReport:
         return out
 
 
-def run_probe_job(config: ProbeConfig, progress: ProgressFn | None = None, existing: str | None = None) -> ProbeReport:
+def run_probe_job(config: ProbeConfig, progress: ProgressFn | None = None, existing: str | Artifact | None = None) -> ProbeReport:
     """Run the probe. `existing`: an artifact directory to extend (its base model must match)."""
     config.validate()
     torch.manual_seed(config.seed)

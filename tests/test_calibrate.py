@@ -50,6 +50,12 @@ def test_simulated_costs_and_exits_by_hand():
     # A state measure pays a cheap check and the head once, at the exit.
     cheap = simulate(trace, 0.7, COSTS, "saturation", translated=False, vocab_top_k=0, hidden_size=8)
     assert cheap.cost.tolist()[0] == 20 + 3 * 8 + 1 + 40
+    # A measured cost model (from `profile`) prices the checks by what they took, not by FLOPs.
+    measured = CostModel(context=0, embed=0.0, layers=[10.0] * 6, norm=1.0, head=40.0, translator=5.0,
+                         unit="ms/token", checks={"saturation": 7.0, "classifier": 2.0, "head_row": 0.5})
+    assert simulate(trace, 0.7, measured, "saturation", False, 0, 8).cost.tolist()[0] == 20 + 7 + 1 + 40
+    assert simulate(trace, 0.7, measured, "classifier", False, 0, 8).cost.tolist()[0] == 20 + 2 + 1 + 40
+    assert simulate(trace, 0.7, measured, "softmax", False, 4, 8).cost.tolist()[1] == 40 + 41 + 1 + 4 * 0.5
 
 
 def test_never_exits_without_threshold_or_points():
@@ -176,3 +182,27 @@ def test_calibrate_bad_options(tiny_llama_dir, long_text, args, fragment):
                                       "logit", *args])
     assert result.exit_code == 2, result.output
     assert fragment in result.stderr and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("measure", ["classifier", "softmax"])
+def test_several_targets_on_shared_traces_equal_one_run_per_target(measure):
+    """Tracing every candidate once and reading each target's rows gives what tracing its points alone gives."""
+    from dyninfer.compressors.calibrate import run_calibration, run_calibrations
+
+    lm = LayeredModel(tiny_model("llama", layers=6))
+    windows = torch.randint(0, VOCAB, (24, 17), generator=torch.Generator().manual_seed(1))
+    fit, cal, held = windows[:8], windows[8:20], windows[20:]
+    lens = LogitLens(lm)
+    targets = [0.05, 0.3, 0.8]
+    options = dict(measure=measure, block=4, min_layer=1)
+    cheap = CostModel(context=0, embed=0.0, layers=[10.0] * 6, norm=0.0, head=1.0, translator=0.0,
+                      checks={"classifier": 0.1, "saturation": 0.1, "head_row": 0.01})  # checks pay off
+    together = run_calibrations(lm, lens, cheap, fit, cal, held, targets=targets, **options)
+    for target, (result, classifier) in zip(targets, together):
+        alone, alone_classifier = run_calibration(lm, lens, cheap, fit, cal, held, target=target, **options)
+        assert result.policy == alone.policy
+        assert result.heldout == alone.heldout
+        assert [c.consistency for c in result.curve] == [c.consistency for c in alone.curve]
+        if classifier is not None:
+            assert torch.equal(classifier.weight, alone_classifier.weight)
+    assert any(r.policy.exit_points and r.policy.threshold is not None for r, _ in together)  # not all trivial
