@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from dyninfer import __version__
+from dyninfer.cli import audit as audit_cmd
 from dyninfer.cli import bench as bench_cmd
 from dyninfer.cli import calibrate as calibrate_cmd
 from dyninfer.cli import export as export_cmd
@@ -45,6 +46,7 @@ app.command("export", help=export_cmd.HELP)(export_cmd.export)
 app.command("run", help=run_cmd.HELP)(run_cmd.run)
 app.command("bench", help=bench_cmd.HELP)(bench_cmd.bench)
 app.command("profile", help=profile_cmd.HELP)(profile_cmd.profile)
+app.command("audit", help=audit_cmd.HELP)(audit_cmd.audit)
 
 
 def main() -> None:

@@ -45,8 +45,8 @@ def render(report: CalibrateReport) -> None:
     stdout.print("[dim]The guarantee assumes deployment text is like the calibration text "
                  f"(examples: {r.block}-token blocks of {report.data['spec']}).[/]")
     table = Table(box=box.SIMPLE_HEAD, title="held-out split", title_justify="left")
-    unit = "latency" if (report.cost_model or {}).get("unit", "FLOPs").startswith("ms") else "FLOPs"
-    for name in ("policy", "threshold", "consistency", "accuracy", f"predicted speedup ({unit})", "mean exit layer"):
+    for name in ("policy", "threshold", "consistency", "accuracy", f"predicted speedup ({report.cost_unit})",
+                 "mean exit layer"):
         table.add_column(name, justify="right" if name != "policy" else "left")
     rows = (("certified (LTT)", policy.threshold, r.heldout), ("naive grid (no guarantee)", r.naive_threshold,
                                                                 r.naive_heldout))
@@ -72,6 +72,16 @@ def _curve_csv(report: CalibrateReport) -> bytes:
     buffer = io.StringIO()
     pd.DataFrame([vars(c) for c in report.result.curve]).to_csv(buffer, index=False)
     return buffer.getvalue().encode()
+
+
+def report_files(report: CalibrateReport) -> dict[str, bytes]:
+    """The calibrate/ report folder: the threshold curve (CSV, PNG) and the summary."""
+    return {
+        "curve.csv": _curve_csv(report),
+        "summary.json": json.dumps(report.summary(), indent=2, default=str).encode(),
+        "curve.png": calibration_curve_png(report.result, f"{report.base_model['spec']} on {report.data['spec']}",
+                                           report.others, report.cost_unit),
+    }
 
 
 @handle_errors
@@ -116,12 +126,7 @@ def calibrate(
         report = run_calibrate_job(config, progress=progress, existing=existing)
     if out is not None:
         target_dir = report.artifact.save(out)
-        files = {
-            "curve.csv": _curve_csv(report),
-            "summary.json": json.dumps(report.summary(), indent=2, default=str).encode(),
-            "curve.png": calibration_curve_png(report.result, f"{report.base_model['spec']} on {report.data['spec']}"),
-        }
-        write_report_dir(target_dir / "calibrate", files)
+        write_report_dir(target_dir / "calibrate", report_files(report))
         stderr.print(f"wrote {target_dir} (policy in dyninfer.json) and {target_dir / 'calibrate'}/")
     if as_json:
         print_json(report.summary())

@@ -60,8 +60,11 @@ def probe_figure_png(layers: pd.DataFrame, title: str) -> bytes:
     return _finish(fig, axes, title)
 
 
-def calibration_curve_png(result, title: str) -> bytes:
-    """Predicted speedup vs consistency over the threshold grid, with the chosen points marked."""
+def calibration_curve_png(result, title: str, others: list | None = None, unit: str = "FLOPs") -> bytes:
+    """Predicted speedup vs consistency over the threshold grid, with the chosen points marked.
+
+    `others`: results at more targets, whose certified policies are marked (held-out values).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,7 +80,11 @@ def calibration_curve_png(result, title: str) -> bytes:
         match = [c for c in curve if threshold is not None and c.threshold == threshold]
         if match:
             ax.scatter([match[0].consistency], [match[0].predicted_speedup], marker=marker, s=80, zorder=3, label=label)
-    ax.set(xlabel="token consistency with the full model", ylabel="predicted speedup (FLOPs)", title=title)
+    for other in others or []:
+        held = other.heldout
+        ax.scatter([held["consistency"]], [held["predicted_speedup"]], marker="D", s=50, zorder=3,
+                   label=f"certified at target {other.target:g} (held-out)")
+    ax.set(xlabel="token consistency with the full model", ylabel=f"predicted speedup ({unit})", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _png(fig)
@@ -163,3 +170,21 @@ def profile_png(pieces: pd.DataFrame, title: str) -> bytes:
         _piece_bars(ax, pieces, column, scale)
         ax.set(ylabel=unit, title=name)
     return _finish(fig, axes.flat, title)
+
+
+def depth_histogram_png(depth: pd.DataFrame, title: str) -> bytes:
+    """Share of tokens per prediction depth (the first layer from which the top-1 stays final), per lens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    lenses = list(dict.fromkeys(depth["lens"]))
+    width = 0.8 / max(len(lenses), 1)
+    for i, (lens, rows) in enumerate(depth.groupby("lens", sort=False)):
+        ax.bar(rows["layer"] + (i - (len(lenses) - 1) / 2) * width, rows["fraction"], width=width, label=lens)
+    ax.set(xlabel="prediction depth (layer; 0 = embeddings)", ylabel="fraction of tokens", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)

@@ -11,11 +11,11 @@ from rich import box
 from rich.table import Table
 
 from dyninfer.artifacts import write_report_dir
-from dyninfer.cli.output import artifact_dir_option, handle_errors, print_json, progress_reporter, stderr, stdout
+from dyninfer.cli.output import (artifact_dir_option, float_list, handle_errors, print_json, progress_reporter, stderr,
+                                 stdout)
 from dyninfer.cli.plots import pruning_sweep_png, sparkline
 from dyninfer.compressors.prune_job import PruneConfig, PruneReport, run_prune_job
 from dyninfer.data import DEFAULT_DATA
-from dyninfer.errors import DyninferError
 from dyninfer.models import DEFAULT_MODEL
 
 HELP = """Learn per-token MLP pruning masks and measure what they cost and save.
@@ -32,6 +32,16 @@ Examples:
 
     dyninfer prune ./my-model --data code.jsonl --allocation greedy --no-speed
 """
+
+
+def report_files(report: PruneReport) -> dict[str, bytes]:
+    """The prune/ report folder: summary and the quality/speed sweep plot."""
+    summary = report.summary()
+    return {
+        "summary.json": json.dumps(summary, indent=2, default=str).encode(),
+        "sweep.png": pruning_sweep_png(summary["points"], report.dense_perplexity,
+                                       f"{report.base_model['spec']}: {report.config.method} pruning"),
+    }
 
 
 def render(report: PruneReport) -> None:
@@ -103,12 +113,7 @@ def prune(
     summary = report.summary()
     if out is not None:
         target_dir = report.artifact.save(out)
-        files = {
-            "summary.json": json.dumps(summary, indent=2, default=str).encode(),
-            "sweep.png": pruning_sweep_png(summary["points"], report.dense_perplexity,
-                                           f"{report.base_model['spec']}: {config.method} pruning"),
-        }
-        write_report_dir(target_dir / "prune", files)
+        write_report_dir(target_dir / "prune", report_files(report))
         stderr.print(f"wrote {target_dir} (masks in masks.safetensors) and {target_dir / 'prune'}/")
     if as_json:
         print_json(summary)

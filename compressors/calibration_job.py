@@ -83,6 +83,11 @@ class CalibrateReport:
     cost_model: dict | None = None  # the cost model the exit points were chosen with
     others: list[CalibrationResult] = field(default_factory=list)  # one per config.extra_targets
 
+    @property
+    def cost_unit(self) -> str:
+        """What predicted speedups are ratios of: "latency" (a measured profile) or "FLOPs"."""
+        return "latency" if (self.cost_model or {}).get("unit", "").startswith("ms") else "FLOPs"
+
     def summary(self) -> dict:
         out = {"command": "calibrate", "model": self.base_model, "data": self.data, "config": asdict(self.config),
                "timings": self.timings} | self.result.to_dict()

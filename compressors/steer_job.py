@@ -14,7 +14,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from dyninfer.artifacts import Artifact, BaseModelInfo, artifact_exists
 from dyninfer.compressors.steer_extract import (BUILTIN_COT, KINDS, CotPrompter, ProgressFn, activation_direction,

@@ -123,13 +123,17 @@ def _stage_record(report: ProbeReport) -> dict:
 def save_probe(report: ProbeReport, out_dir: str | os.PathLike, extra_files: dict[str, bytes] | None = None) -> Path:
     """Save the artifact and the report tables (CSV, Parquet, JSON) under OUT/probe/."""
     target = report.artifact.save(out_dir)
+    write_report_dir(target / REPORT_DIR, probe_files(report) | (extra_files or {}))
+    return target
+
+
+def probe_files(report: ProbeReport) -> dict[str, bytes]:
+    """The probe/ report folder: per-layer and depth tables (CSV, Parquet) and the summary."""
     parquet = io.BytesIO()
     report.result.layers.to_parquet(parquet, index=False)
-    files = {
+    return {
         "layers.csv": report.result.layers.to_csv(index=False).encode(),
         "layers.parquet": parquet.getvalue(),
         "depth.csv": report.result.depth.to_csv(index=False).encode(),
         "summary.json": json.dumps(report.summary(), indent=2).encode(),
     }
-    write_report_dir(target / REPORT_DIR, files | (extra_files or {}))
-    return target

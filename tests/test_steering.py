@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -13,7 +12,7 @@ from dyninfer.compressors.cot_data import CotExample
 from dyninfer.compressors.steer_extract import (CotPrompter, activation_direction, chain_means, load_cot_split,
                                                 train_valve, valve_between)
 from dyninfer.compressors.steer_job import write_control_vector
-from dyninfer.compressors.steering import ActivationSteering, ValveDelta, bake, hooked, steered
+from dyninfer.compressors.steering import ActivationSteering, bake, hooked, steered
 from dyninfer.errors import DyninferError
 from dyninfer.models import load_model
 from dyninfer.profilers.steer_sweep import answer_scores, generate_greedy, run_sweep
