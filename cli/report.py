@@ -91,7 +91,7 @@ def sections(report: AuditReport) -> list[Section]:
         [Table(["target", "exit points", "threshold", "consistency", "accuracy", "predicted speedup",
                 "mean exit layer", "in artifact"],
                [[f"{t['target']:g}", _points(t["exit_points"]),
-                 "never exits" if t["threshold"] is None else f"{t['threshold']:.4g}", _pct(t["consistency"]),
+                 "never exits" if t["threshold"] is None else f"{t['threshold']:.6g}", _pct(t["consistency"]),
                  _pct(t["accuracy"]), f"{t['predicted_speedup']:.3f}×", f"{t['mean_exit_layer']:.1f}",
                  "yes" if t["kept_in_artifact"] else ""] for t in summary["targets"]])],
         figure="curve",

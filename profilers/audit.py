@@ -65,16 +65,17 @@ class AuditConfig:
     seq_len: int = 256
     seed: int = 0
     lens: str = TUNED  # tuned: trains (or reuses) a tuned lens; logit: training-free and faster
-    probe_tokens: int = 2048
-    lens_train_tokens: int = 8192
-    lens_steps: int = 60
+    # Defaults sized so the bundled model's audit takes minutes on 2 CPU cores (the README says how many).
+    probe_tokens: int = 1024
+    lens_train_tokens: int = 4096
+    lens_steps: int = 30
     target: float = 0.95  # the policy the artifact keeps and the gates judge
     extra_targets: tuple[float, ...] = (0.9, 0.99)
     epsilon: float = 0.05
     measure: str = "classifier"
     fit_tokens: int = 2048
     calibration_tokens: int = 4096
-    heldout_tokens: int = 2048
+    heldout_tokens: int = 1024
     repeats: int = 10
     device: str = "auto"
     energy_seconds: float = 3.0

@@ -137,3 +137,22 @@ def test_bundled_model_steering_extracts_applies_and_writes_a_control_vector(bun
     assert swept.exit_code == 0, swept.output
     points = json.loads(swept.stdout)["points"]
     assert [p["alpha"] for p in points] == [0.0, 0.5] and 0 < points[0]["mean_length"] <= 12
+
+
+def test_audit_of_the_bundled_model_on_unseen_code(bundled, tmp_path):
+    """A small audit on stdlib code (not the default corpus): every stage runs on the real model."""
+    out = tmp_path / "audit"
+    result = CliRunner().invoke(app, ["audit", "--data", "builtin:stdlib-code", "--lens", "logit", "--tokens", "256",
+                                      "--calibration-tokens", "1024", "--heldout-tokens", "256", "--seq-len", "128",
+                                      "--repeats", "3", "--targets", "0.9", "--min-consistency", "0.5",
+                                      "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    head = summary["headline"]
+    # The head is tied to the embedding: its weights are counted once.
+    assert head["num_layers"] == 30 and head["params"] == sum(p.numel() for p in bundled.model.parameters())
+    assert 0.0 < head["oracle_flop_saving"] < 1.0 and head["consistency"] >= 0.5
+    # The LM head (49,152 x 576) is measured as one of the costliest pieces of a decode step.
+    pieces = summary["profile"]["measured_cost"]
+    assert pieces["head"] > max(pieces["layers"])
+    assert (out / "report.html").stat().st_size > 50_000 and "## Cost per layer" in (out / "report.md").read_text()
