@@ -15,7 +15,7 @@ from dyninfer.errors import DyninferError
 from dyninfer.models import DEFAULT_MODEL
 from dyninfer.profilers.cost import count_costs
 from dyninfer.profilers.lenses import LENS_KINDS, TUNED, TUNED_LENS_GROUP, LogitLens
-from dyninfer.profilers.profile import measured_cost
+from dyninfer.profilers.profile import measured_cost, profile_is_stale
 from dyninfer.workspace import ProgressFn, open_workspace
 
 CALIBRATE_STAGE = "calibrate"
@@ -117,6 +117,9 @@ def choose_costs(config: CalibrateConfig, lm, artifact: Artifact) -> tuple:
     if measured.num_layers != lm.num_layers:
         raise DyninferError(f"the artifact's profile has {measured.num_layers} layers but the model has "
                             f"{lm.num_layers}; re-run `dyninfer profile` on this artifact")
+    if profile_is_stale(artifact):
+        notes.append("the profile was measured before the artifact's pruning masks changed the model; re-run "
+                     "`dyninfer profile` on it for predictions that match")
     if measured.context != config.seq_len:
         notes.append(f"the profile measured decoding at context {measured.context}, calibration uses "
                      f"--seq-len {config.seq_len}")

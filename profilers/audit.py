@@ -218,11 +218,16 @@ def run_audit(config: AuditConfig, progress: ProgressFn | None = None,
     config.validate()
     timings: dict[str, float] = {}
     started = time.perf_counter()
+    report_progress = progress or (lambda *a: None)
+    stages = ["prune"] * config.prune + ["probe", "profile", "calibrate"]
 
     def timed(name: str, run):
+        label = f"audit stage {stages.index(name) + 1}/{len(stages)}: {name}"
+        report_progress(label, 0, 1)
         begin = time.perf_counter()
         result = run()
         timings[f"{name}_s"] = time.perf_counter() - begin
+        report_progress(label, 1, 1)
         return result
 
     artifact = existing

@@ -256,7 +256,7 @@ def workloads(lm: LayeredModel, prompt: torch.Tensor) -> dict[str, Callable[[], 
 class LayerProfile:
     """Per-piece cost of one model at one context length on one device."""
 
-    pieces: pd.DataFrame  # COLUMNS, one row per piece, in model order
+    pieces: pd.DataFrame  # COLUMNS, one row per piece, in model order (layer -1: embed, norm, head)
     context: int
     device: str
     dtype: str
@@ -279,8 +279,9 @@ class LayerProfile:
 
     def totals(self) -> dict:
         p = self.pieces
+        shared = int(p.loc[p["piece"] == "head", "params"].sum()) if self.tied_head else 0
         return {
-            "params": int(p["params"].sum()) - (int(p.loc[p["piece"] == "head", "params"].sum()) if self.tied_head else 0),
+            "params": int(p["params"].sum()) - shared,
             "weight_bytes": int(p["weight_bytes"].sum()),
             "cache_bytes": int(p["cache_bytes"].sum()),
             "decode_flops": float(p["decode_flops"].sum()),
@@ -405,7 +406,8 @@ def profile_layers(lm: LayeredModel, prompt: torch.Tensor, *, warmup: int = 3, r
         times = {name: _stats(clocks[name].samples[key]) for name in ("decode", "prefill")}
         rows.append({
             "piece": piece, "layer": layer, "params": params[0], "weight_bytes": params[1],
-            "decode_flops": flops["decode"].get(key, 0.0), "prefill_flops_per_token": flops["prefill"].get(key, 0.0) / context,
+            "decode_flops": flops["decode"].get(key, 0.0),
+            "prefill_flops_per_token": flops["prefill"].get(key, 0.0) / context,
             "cache_bytes": cache, "activation_bytes": memory.peaks.get(key, np.nan),
             "decode_ms": times["decode"][0], "decode_ms_p10": times["decode"][1], "decode_ms_p90": times["decode"][2],
             "prefill_ms": times["prefill"][0], "prefill_ms_p10": times["prefill"][1],

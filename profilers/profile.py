@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from dyninfer.artifacts import Artifact, write_report_dir
+from dyninfer.compressors.pruning import PRUNE_STAGE
 from dyninfer.data import DEFAULT_DATA
 from dyninfer.errors import DyninferError
 from dyninfer.models import DEFAULT_MODEL
@@ -108,7 +109,9 @@ def run_profile_job(config: ProfileConfig, progress: ProgressFn | None = None, e
     gpu = gpu_report(ws.lm, prompt, device, config.energy_seconds, nvml_module)
     ws.timings["profile_s"] = profile.seconds
     report = ProfileReport(config, ws.loaded.base_model_info(), ws.windows.describe(), profile, gpu, ws.timings)
-    record = {"config": asdict(config)} | profile.to_dict() | {"gpu": gpu.to_dict()}
+    # Pruning masks change what a layer costs: calibrate notes a profile taken before them.
+    record = {"config": asdict(config), "pruned": PRUNE_STAGE in ws.artifact.stages} | profile.to_dict() \
+        | {"gpu": gpu.to_dict()}
     ws.artifact.set_stage(PROFILE_STAGE, record)
     report.artifact = ws.artifact
     return report
@@ -120,6 +123,12 @@ def measured_cost(artifact: Artifact) -> CostModel | None:
     if not record or "measured_cost" not in record:
         return None
     return CostModel.from_dict(record["measured_cost"])
+
+
+def profile_is_stale(artifact: Artifact) -> bool:
+    """True when the artifact was pruned after its profile was measured (or the other way round)."""
+    record = artifact.stages.get(PROFILE_STAGE) or {}
+    return bool(record) and record.get("pruned", False) != (PRUNE_STAGE in artifact.stages)
 
 
 def profile_files(report: ProfileReport) -> dict[str, bytes]:

@@ -179,3 +179,18 @@ def test_calibrate_uses_the_measured_cost_when_profiled(tmp_path):
     result = runner.invoke(app, ["calibrate", str(model), "--data", str(data), *CALIBRATE_ARGS, "--cost", "flops",
                                  "--out", str(artifact), "--json"])
     assert json.loads(result.stdout)["cost_model"]["unit"] == "FLOPs/token"
+
+
+def test_a_profile_taken_before_pruning_is_stale():
+    from dyninfer.artifacts import BaseModelInfo
+    from dyninfer.profilers.profile import profile_is_stale
+
+    artifact = Artifact(BaseModelInfo.from_dict({"spec": "m", "content_hash": "0" * 64, "architecture": "llama",
+                                                 "num_layers": 3, "hidden_size": 32, "vocab_size": 128}))
+    assert not profile_is_stale(artifact)  # no profile at all
+    artifact.set_stage("profile", {"pruned": False, "measured_cost": {}})
+    assert not profile_is_stale(artifact)
+    artifact.set_stage("prune", {"plan": {}})
+    assert profile_is_stale(artifact)
+    artifact.set_stage("profile", {"pruned": True, "measured_cost": {}})
+    assert not profile_is_stale(artifact)
