@@ -12,9 +12,10 @@ import typer
 from dyninfer.artifacts import artifact_exists, staged_directory, write_report_dir
 from dyninfer.cli import calibrate as calibrate_cmd
 from dyninfer.cli import prune as prune_cmd
+from dyninfer.cli import steer as steer_cmd
 from dyninfer.cli.output import (EXIT_GATE_FAILED, artifact_dir_option, float_list, handle_errors, print_json,
                                  progress_reporter, stderr, stdout)
-from dyninfer.cli.plots import depth_histogram_png, probe_figure_png, profile_png
+from dyninfer.cli.plots import depth_histogram_png, probe_figure_png, profile_png, steer_sweep_png
 from dyninfer.cli.report import html_page, markdown
 from dyninfer.data import DEFAULT_DATA
 from dyninfer.errors import DyninferError
@@ -27,7 +28,7 @@ from dyninfer.profilers.profile import profile_files
 
 HELP = """One-shot model audit: how much could early exit save, what does each layer cost, what can be certified?
 
-Runs the exit probe (logit lens, and a tuned lens unless --lens logit), the per-layer profile (FLOPs, memory, latency; GPU power and energy on a GPU) and a calibration at --target and each of --targets (exit points chosen with the measured latency), then writes OUT/: report.html (self-contained: exit accuracy per layer per lens, prediction-depth histogram, speedup vs consistency, cost per layer), report.md (the same as text, for CI logs and PR comments), summary.json, and the artifact with every stage (run/bench/export use it). --prune and --export add a pruning and an ONNX export check. An existing artifact in OUT is extended (its tuned lens, masks and steering are used) and replaced only when the audit succeeds.
+Runs the exit probe (logit lens, and a tuned lens unless --lens logit), the per-layer profile (FLOPs, memory, latency; GPU power and energy on a GPU) and a calibration at --target and each of --targets (exit points chosen with the measured latency), then writes OUT/: report.html (self-contained: exit accuracy per layer per lens, prediction-depth histogram, speedup vs consistency, cost per layer), report.md (the same as text, for CI logs and PR comments), summary.json, and the artifact with every stage (run/bench/export use it). --prune, --steer and --export add a pruning, a steering and an ONNX export check. An existing artifact in OUT is extended (its tuned lens, masks and steering are used) and replaced only when the audit succeeds.
 
 Exit codes: 0 every gate passed (or none set), 1 a gate failed (the report is still written), 2 bad input or error.
 
@@ -38,6 +39,8 @@ Examples:
     dyninfer audit --lens logit --min-oracle-saving 0.1 --min-consistency 0.9 --json
 
     dyninfer audit ./my-model --data code.jsonl --field content --targets 0.9,0.99 --prune --export --out audit-my-model/
+
+    dyninfer audit --lens logit --steer activation --steer-alphas 0.5,1    (adds a CoT-length steering sweep)
 """
 
 
@@ -47,13 +50,16 @@ DEFAULTS = AuditConfig()  # the options' defaults are the library's
 def _figures(report: AuditReport) -> dict[str, bytes]:
     spec = report.probe.base_model["spec"]
     calibration = report.calibration
-    return {
+    figures = {
         "probe": probe_figure_png(report.probe.result.layers, f"{spec}: exit accuracy per layer"),
         "depth": depth_histogram_png(report.probe.result.depth, f"{spec}: prediction depth"),
         "curve": calibrate_cmd.calibration_curve_png(calibration.result, f"{spec}: speedup vs consistency",
                                                      calibration.others, calibration.cost_unit),
         "cost": profile_png(report.profile.profile.pieces, f"{spec}: cost per layer on {report.profile.profile.device}"),
     }
+    if report.steer is not None:
+        figures["steer"] = steer_sweep_png(report.steer_summary()["points"], f"{spec}: {report.config.steer} steering")
+    return figures
 
 
 def _check_out(out: Path) -> None:
@@ -82,6 +88,8 @@ def write_report(report: AuditReport, out: Path, had_artifact: bool, export: boo
         write_report_dir(tmp / "calibrate", calibrate_cmd.report_files(report.calibration))
         if report.prune is not None:
             write_report_dir(tmp / "prune", prune_cmd.report_files(report.prune))
+        if report.steer is not None:
+            steer_cmd.write_sweep_report(report.steer, tmp)
         (tmp / "summary.json").write_text(json.dumps(report.summary(), indent=2, default=str))
         (tmp / "report.md").write_text(markdown(report))
         (tmp / "report.html").write_text(html_page(report, figures))
@@ -108,6 +116,8 @@ def audit(
     energy_seconds: float = typer.Option(DEFAULTS.energy_seconds, "--energy-seconds", help="GPU energy window per workload."),
     prune: bool = typer.Option(False, "--prune/--no-prune", help="Also learn threshold pruning masks (first, so the rest audits the pruned model)."),
     prune_sparsity: float = typer.Option(DEFAULTS.prune_sparsity, "--prune-sparsity", help="MLP sparsity for --prune."),
+    steer: Optional[str] = typer.Option(None, "--steer", help="Also extract a CoT-length direction (activation or valve) and sweep it on built-in arithmetic problems."),
+    steer_alphas: Optional[str] = typer.Option(None, "--steer-alphas", help="α values for --steer (default: 0.25,0.5,1 for activation, 0.1,0.2,0.5 for valve)."),
     export: bool = typer.Option(False, "--export/--no-export", help="Also export to ONNX Runtime and verify against torch (minutes)."),
     min_oracle_saving: Optional[float] = typer.Option(None, "--min-oracle-saving", help="Gate: the best lens's oracle FLOP saving is at least this (0-1)."),
     min_speedup: Optional[float] = typer.Option(None, "--min-speedup", help="Gate: the certified policy's predicted held-out speedup is at least this."),
@@ -122,7 +132,8 @@ def audit(
         lens_train_tokens=lens_train_tokens, lens_steps=lens_steps, target=target,
         extra_targets=tuple(float_list(targets, "--targets")), epsilon=epsilon, measure=measure, calibration_tokens=calibration_tokens, heldout_tokens=heldout_tokens,
         repeats=repeats, device=device, energy_seconds=energy_seconds, prune=prune, prune_sparsity=prune_sparsity,
-        export=export, gates=Gates(min_oracle_saving, min_speedup, min_consistency),
+        export=export, steer=steer, steer_alphas=tuple(float_list(steer_alphas, "--steer-alphas")),
+        gates=Gates(min_oracle_saving, min_speedup, min_consistency),
     )
     config.validate()
     _check_out(out)

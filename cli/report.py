@@ -133,6 +133,18 @@ def sections(report: AuditReport) -> list[Section]:
             f"{report.prune.config.method} at {report.prune.config.sparsity:.0%} MLP sparsity: held-out perplexity "
             f"{report.prune.dense_perplexity:.3f} → {main['perplexity']:.3f} ({main['perplexity_change']:+.2%}), "
             f"next-token agreement {_pct(main['agreement'])}, MLP FLOPs saved {_pct(main['flops_saved'])}."]))
+    steer = summary["steer"]
+    if steer is not None:
+        out.append(Section(
+            f"Steering of chain-of-thought length ({steer['method']})",
+            [f"{steer['questions']} held-out arithmetic questions, greedy, at most {steer['max_new_tokens']} new "
+             f"tokens. Spearman ρ(α, length) = {steer['spearman']:.2f}; shortest α keeping {steer['keep']:.0%} of the "
+             f"unsteered answers: {steer['best'] if steer['best'] is not None else 'none'}."],
+            [Table(["α", "mean length", "Δ length", "hit the limit", "accuracy", "same answer as α = 0"],
+                   [[f"{p['alpha']:g}", f"{p['mean_length']:.1f}", f"{p['length_change']:+.1%}", _pct(p["truncated"]),
+                     _pct(p["accuracy"]), _pct(p["agreement"])] for p in steer["points"]])],
+            figure="steer",
+        ))
     if report.export is not None:
         e = report.export
         out.append(Section("ONNX export", [
@@ -140,7 +152,7 @@ def sections(report: AuditReport) -> list[Section]:
             f"verified against torch with max |logit difference| {e['verify_max_abs_diff']:.2g}, "
             f"{e['model_bytes'] / 1e6:.0f} MB, {e['seconds']:.0f} s."]))
     for name, brief in summary["other_stages"].items():
-        if name == "prune" and report.prune is not None:
+        if (name == "prune" and report.prune is not None) or (name == "steer" and steer is not None):
             continue
         out.append(Section(f"Stage already in the artifact: {name}",
                            [f"{key}: {value}" for key, value in brief.items()] or ["recorded"]))

@@ -84,6 +84,16 @@ def _existing_artifact(path: Path) -> str:
     return str(path)
 
 
+def write_sweep_report(job, target: Path) -> None:
+    """ARTIFACT/steer/sweep-METHOD/: sweep.json and sweep.png."""
+    summary = {**job.result.to_dict(), "notes": job.notes}
+    (target / "steer").mkdir(exist_ok=True)
+    write_report_dir(target / "steer" / f"sweep-{job.result.method}", {
+        "sweep.json": json.dumps(summary, indent=2, default=str).encode(),
+        "sweep.png": steer_sweep_png(summary["points"], f"{job.artifact.base_model.spec}: {job.result.method} steering"),
+    })
+
+
 @app.command("extract", help=EXTRACT_HELP)
 @handle_errors
 def extract(
@@ -179,11 +189,7 @@ def sweep(
     result = job.result
     summary = {**result.to_dict(), "notes": job.notes}
     target = job.artifact.save(path)
-    (target / "steer").mkdir(exist_ok=True)
-    write_report_dir(target / "steer" / f"sweep-{result.method}", {
-        "sweep.json": json.dumps(summary, indent=2, default=str).encode(),
-        "sweep.png": steer_sweep_png(summary["points"], f"{job.artifact.base_model.spec}: {result.method} steering"),
-    })
+    write_sweep_report(job, target)
     stderr.print(f"wrote {target / 'steer' / f'sweep-{result.method}'}/ and the sweep summary in the manifest")
     if as_json:
         print_json(summary)

@@ -80,9 +80,9 @@ class ExtractReport:
         return {"method": self.method, "base_model": self.artifact.base_model.to_dict(), **self.record}
 
 
-def _open(model: str | None, existing: str | None) -> tuple[LoadedModel, Artifact]:
-    if existing and artifact_exists(existing):
-        artifact = Artifact.load(existing)
+def _open(model: str | None, existing: str | Artifact | None) -> tuple[LoadedModel, Artifact]:
+    if isinstance(existing, Artifact) or (existing and artifact_exists(existing)):
+        artifact = existing if isinstance(existing, Artifact) else Artifact.load(existing)
         loaded = load_model(model or artifact.base_model.spec)
         artifact.check_base_model(loaded.content_hash, loaded.spec)
         return loaded, artifact
@@ -99,7 +99,8 @@ def _prompter(loaded: LoadedModel, split: dict, train: list) -> tuple[CotPrompte
     return CotPrompter(loaded.tokenizer, train[: split["shots"]]), train[split["shots"]:]
 
 
-def run_extract(config: ExtractConfig, existing: str | None = None, progress: ProgressFn | None = None) -> ExtractReport:
+def run_extract(config: ExtractConfig, existing: str | Artifact | None = None,
+                progress: ProgressFn | None = None) -> ExtractReport:
     """Extract one direction from the base model (never a steered one) and store it in the artifact."""
     config.validate()
     report = progress or (lambda *a: None)
@@ -172,7 +173,7 @@ def pick_method(artifact: Artifact, method: str | None, path: str) -> str:
     raise DyninferError(f"'{path}' holds {' and '.join(held)} directions; pick one with --method")
 
 
-def run_sweep_job(path: str, method: str | None, alphas: list[float], *, questions: int | None = None,
+def run_sweep_job(path: str | Artifact, method: str | None, alphas: list[float], *, questions: int | None = None,
                   max_new_tokens: int = 128, batch_size: int = 16, keep: float = 0.9, model: str | None = None,
                   progress: ProgressFn | None = None) -> SweepJob:
     from dyninfer.profilers.steer_sweep import run_sweep
@@ -185,7 +186,8 @@ def run_sweep_job(path: str, method: str | None, alphas: list[float], *, questio
         raise DyninferError("--alphas must be finite numbers")
     if questions is not None and questions < 1:
         raise DyninferError(f"--questions must be at least 1, got {questions}")
-    artifact = Artifact.load(path)
+    artifact = path if isinstance(path, Artifact) else Artifact.load(path)
+    path = str(artifact.path or "the artifact")
     method = pick_method(artifact, method, path)
     record = _stage_for(artifact, method, path)
     split = dict(record["split"])

@@ -17,6 +17,8 @@ import numpy as np
 from dyninfer.artifacts import Artifact
 from dyninfer.compressors.calibration_job import CalibrateConfig, CalibrateReport, run_calibrate_job
 from dyninfer.compressors.prune_job import PruneConfig, PruneReport, run_prune_job
+from dyninfer.compressors.steering import METHODS as STEER_METHODS
+from dyninfer.compressors.steer_job import ExtractConfig, SweepJob, run_extract, run_sweep_job
 from dyninfer.data import DEFAULT_DATA
 from dyninfer.errors import DyninferError
 from dyninfer.models import DEFAULT_MODEL
@@ -29,6 +31,8 @@ from dyninfer.workspace import ProgressFn
 AUDIT_STAGE = "audit"
 # Stages other commands record that the audit report summarises when the artifact has them.
 REPORTED_STAGES = ("prune", "steer", "export")
+# α values a steering check sweeps by default: around where each method starts to act (README, steer).
+STEER_ALPHAS = {"activation": (0.25, 0.5, 1.0), "valve": (0.1, 0.2, 0.5)}
 
 
 @dataclass
@@ -82,6 +86,11 @@ class AuditConfig:
     prune: bool = False
     prune_sparsity: float = 0.5
     export: bool = False
+    steer: str | None = None  # activation or valve: extract a CoT-length direction and sweep it
+    steer_alphas: tuple[float, ...] = ()  # default: STEER_ALPHAS[steer]
+    steer_examples: int = 32
+    steer_questions: int = 8
+    steer_max_new_tokens: int = 96
     gates: Gates = dataclasses.field(default_factory=Gates)  # `field` is the text-field option here
 
     def probe_config(self) -> ProbeConfig:
@@ -106,9 +115,22 @@ class AuditConfig:
         return PruneConfig(model=self.model, data=self.data, field=self.field, seq_len=self.seq_len, seed=self.seed,
                            sparsity=self.prune_sparsity, heldout_tokens=self.heldout_tokens)
 
+    def extract_config(self) -> ExtractConfig:
+        return ExtractConfig(model=self.model, method=self.steer, examples=self.steer_examples,
+                             heldout=self.steer_questions, seed=self.seed)
+
+    def alphas(self) -> list[float]:
+        return list(self.steer_alphas or STEER_ALPHAS.get(self.steer, ()))
+
     def validate(self) -> None:
         """Every stage's options, before any model loads."""
         self.gates.validate()
+        if self.steer is not None:
+            if self.steer not in STEER_METHODS:
+                raise DyninferError(f"--steer must be one of {', '.join(STEER_METHODS)}, got '{self.steer}'")
+            self.extract_config().validate()
+            if self.steer_max_new_tokens < 1:
+                raise DyninferError(f"--steer-max-new-tokens must be at least 1, got {self.steer_max_new_tokens}")
         if self.lens not in (LOGIT, TUNED):
             raise DyninferError(f"--lens must be logit or tuned, got '{self.lens}'")
         self.probe_config().validate()
@@ -125,6 +147,7 @@ class AuditReport:
     profile: ProfileReport
     calibration: CalibrateReport
     prune: PruneReport | None = None
+    steer: SweepJob | None = None
     export: dict | None = None
     timings: dict[str, float] = field(default_factory=dict)
     gates: list[GateResult] = field(default_factory=list)
@@ -173,6 +196,14 @@ class AuditReport:
             "device": self.profile.profile.device, "gpu": self.profile.gpu.available,
         }
 
+    def steer_summary(self) -> dict | None:
+        if self.steer is None:
+            return None
+        summary = self.steer.result.to_dict()
+        for point in summary["points"]:
+            point.pop("samples", None)
+        return summary
+
     def summary(self) -> dict:
         artifact_stages = sorted(self.artifact.stages) if self.artifact is not None else []
         others = {name: _stage_brief(self.artifact.stages[name]) for name in REPORTED_STAGES
@@ -185,7 +216,8 @@ class AuditReport:
                             "measure": self.config.measure, "lens": self.config.lens,
                             "cost_model": self.calibration.cost_model, "notes": self.calibration.result.notes},
             "probe": self.probe.summary(), "profile": self.profile.summary(),
-            "prune": self.prune.summary() if self.prune else None, "export": self.export,
+            "prune": self.prune.summary() if self.prune else None, "steer": self.steer_summary(),
+            "export": self.export,
             "artifact_stages": artifact_stages, "other_stages": others,
             "timings": self.timings, "config": asdict(self.config),
         }
@@ -219,7 +251,7 @@ def run_audit(config: AuditConfig, progress: ProgressFn | None = None,
     timings: dict[str, float] = {}
     started = time.perf_counter()
     report_progress = progress or (lambda *a: None)
-    stages = ["prune"] * config.prune + ["probe", "profile", "calibrate"]
+    stages = ["prune"] * config.prune + ["probe", "profile", "calibrate"] + ["steer"] * bool(config.steer)
 
     def timed(name: str, run):
         label = f"audit stage {stages.index(name) + 1}/{len(stages)}: {name}"
@@ -239,9 +271,19 @@ def run_audit(config: AuditConfig, progress: ProgressFn | None = None,
     profile = timed("profile", lambda: run_profile_job(config.profile_config(), progress, existing=probe.artifact))
     calibration = timed("calibrate",
                         lambda: run_calibrate_job(config.calibrate_config(), progress, existing=profile.artifact))
+    artifact, steering = calibration.artifact, None
+    if config.steer:  # extracted from the base model and swept; not applied, so nothing above changes
+
+        def steer() -> SweepJob:
+            extract = run_extract(config.extract_config(), existing=artifact, progress=progress)
+            return run_sweep_job(extract.artifact, config.steer, config.alphas(), questions=config.steer_questions,
+                                 max_new_tokens=config.steer_max_new_tokens, model=config.model, progress=progress)
+
+        steering = timed("steer", steer)
+        artifact = steering.artifact
     timings["total_s"] = time.perf_counter() - started
-    report = AuditReport(config, probe, profile, calibration, prune=pruned, timings=timings,
-                         artifact=calibration.artifact)
+    report = AuditReport(config, probe, profile, calibration, prune=pruned, steer=steering, timings=timings,
+                         artifact=artifact)
     report.gates = evaluate_gates(report)
     report.artifact.set_stage(AUDIT_STAGE, {"headline": report.headline(), "gates": [asdict(g) for g in report.gates],
                                             "passed": report.passed, "timings": timings})

@@ -150,6 +150,8 @@ def test_audit_extends_an_artifact_with_pruning_and_keeps_foreign_files(setup, t
     (["--min-speedup", "0"], "--min-speedup must be positive"),
     (["--targets", "0.9,x"], "--targets takes comma-separated numbers"),
     (["--lens", "fancy"], "--lens must be logit or tuned"),
+    (["--steer", "magic"], "--steer must be one of activation, valve"),
+    (["--steer", "valve", "--steer-alphas", "a"], "--steer-alphas takes comma-separated numbers"),
     (["--repeats", "1"], "--repeats must be at least 3"),
     (["--calibration-tokens", "100000"], "lower --fit-tokens/--calibration-tokens"),
 ])
@@ -182,3 +184,21 @@ def test_foreign_out_dir_and_other_models_artifact_are_refused_untouched(setup, 
                                  "--out", str(art)])
     assert result.exit_code == 2 and "was made for model" in result.output
     assert (art / "dyninfer.json").read_text() == before
+
+
+def test_audit_with_a_steering_check(setup, tmp_path):
+    _, model, data = setup
+    out = tmp_path / "steered"
+    result = runner.invoke(app, ["audit", str(model), "--data", str(data), *SMALL, "--lens", "logit",
+                                 "--steer", "activation", "--steer-alphas", "0.5,1", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    steer = json.loads(result.stdout)["steer"]
+    assert [p["alpha"] for p in steer["points"]] == [0.0, 0.5, 1.0] and steer["questions"] == 8
+    stage = Artifact.load(out).stages["steer"]
+    assert "activation" in stage["methods"] and "activation" in stage["sweeps"]
+    assert stage.get("applied") is None  # a check, not a change to the model
+    assert (out / "steer" / "sweep-activation" / "sweep.png").is_file()
+    page = _Page()
+    page.feed((out / "report.html").read_text())
+    assert page.figures == [f"figure-{name}" for name in FIGURES] + ["figure-steer"]
+    assert "Steering of chain-of-thought length (activation)" in page.headings
