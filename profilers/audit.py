@@ -90,7 +90,7 @@ class AuditConfig:
     steer_alphas: tuple[float, ...] = ()  # default: STEER_ALPHAS[steer]
     steer_examples: int = 32
     steer_questions: int = 8
-    steer_max_new_tokens: int = 96
+    steer_max_new_tokens: int = 128  # the sweep's own default: the bundled model's chains run past 96
     gates: Gates = dataclasses.field(default_factory=Gates)  # `field` is the text-field option here
 
     def probe_config(self) -> ProbeConfig:
