@@ -110,10 +110,18 @@ def test_peak_bytes_counts_what_is_alive_together():
 
 
 def test_decode_is_measured_at_a_fixed_context():
-    lm, prof = _profile("llama", context=16)
-    again = profile_layers(lm, torch.randint(0, VOCAB, (1, 16)), warmup=4, repeats=4)
-    # The cache is cropped back before each timed step: more repeats do not lengthen the context.
-    assert again.pieces.decode_flops.tolist() == prof.pieces.decode_flops.tolist()
+    from dyninfer.profilers.layer_profile import _Flops, _Meter, _Workload
+
+    lm, prof = _profile("llama")
+    work = _Workload(lm, torch.randint(0, VOCAB, (1, CONTEXT), generator=torch.Generator().manual_seed(0)))
+    for _ in range(5):  # as many steps as warm-up and repeats take
+        work.decode(_Meter())
+    meter = _Flops()
+    with meter.active(), meter.hooked(lm):
+        work.decode(meter)
+    # The cache is cropped back before each step: the sixth step still attends to CONTEXT + 1 keys.
+    assert meter.flops[("attention", 0)] == _piece(prof, "attention", 0).decode_flops
+    assert work.cache_at_context().get_seq_length() == CONTEXT
 
 
 # --------------------------------------------------------------------------- CLI
