@@ -13,9 +13,9 @@ from dyninfer.artifacts import artifact_exists, staged_directory, write_report_d
 from dyninfer.cli import calibrate as calibrate_cmd
 from dyninfer.cli import prune as prune_cmd
 from dyninfer.cli import steer as steer_cmd
-from dyninfer.cli.output import (EXIT_GATE_FAILED, artifact_dir_option, float_list, handle_errors, print_json,
+from dyninfer.cli.output import (EXIT_GATE_FAILED, artifact_dir_option, handle_errors, number_list, print_json,
                                  progress_reporter, stderr, stdout)
-from dyninfer.cli.plots import depth_histogram_png, probe_figure_png, profile_png, steer_sweep_png
+from dyninfer.cli.plots import depth_histogram_png, probe_figure_png, profile_png
 from dyninfer.cli.report import html_page, markdown
 from dyninfer.data import DEFAULT_DATA
 from dyninfer.errors import DyninferError
@@ -47,18 +47,33 @@ Examples:
 DEFAULTS = AuditConfig()  # the options' defaults are the library's
 
 
-def _figures(report: AuditReport) -> dict[str, bytes]:
+def _stage_files(report: AuditReport) -> dict[str, dict[str, bytes]]:
+    """Each stage's report folder, rendered once: the HTML report embeds the same plots."""
     spec = report.probe.base_model["spec"]
-    calibration = report.calibration
-    figures = {
-        "probe": probe_figure_png(report.probe.result.layers, f"{spec}: exit accuracy per layer"),
-        "depth": depth_histogram_png(report.probe.result.depth, f"{spec}: prediction depth"),
-        "curve": calibrate_cmd.calibration_curve_png(calibration.result, f"{spec}: speedup vs consistency",
-                                                     calibration.others, calibration.cost_unit),
-        "cost": profile_png(report.profile.profile.pieces, f"{spec}: cost per layer on {report.profile.profile.device}"),
+    files = {
+        PROBE_DIR: probe_files(report.probe) | {
+            "probe.png": probe_figure_png(report.probe.result.layers, f"{spec}: exit accuracy per layer")},
+        PROFILE_DIR: profile_files(report.profile) | {
+            "profile.png": profile_png(report.profile.profile.pieces,
+                                       f"{spec}: cost per layer on {report.profile.profile.device}")},
+        "calibrate": calibrate_cmd.report_files(report.calibration),
     }
+    if report.prune is not None:
+        files["prune"] = prune_cmd.report_files(report.prune)
     if report.steer is not None:
-        figures["steer"] = steer_sweep_png(report.steer_summary()["points"], f"{spec}: {report.config.steer} steering")
+        files["steer"] = steer_cmd.sweep_report_files(report.steer)
+    return files
+
+
+def _figures(report: AuditReport, files: dict[str, dict[str, bytes]]) -> dict[str, bytes]:
+    figures = {
+        "probe": files[PROBE_DIR]["probe.png"],
+        "depth": depth_histogram_png(report.probe.result.depth, f"{report.probe.base_model['spec']}: prediction depth"),
+        "curve": files["calibrate"]["curve.png"],
+        "cost": files[PROFILE_DIR]["profile.png"],
+    }
+    if "steer" in files:
+        figures["steer"] = files["steer"]["sweep.png"]
     return figures
 
 
@@ -82,14 +97,13 @@ def write_report(report: AuditReport, out: Path, had_artifact: bool, export: boo
             provider = "cuda" if report.profile.profile.device == "cuda" and not provider_problem("cuda") else "cpu"
             result = export_package(str(tmp), None, provider=provider, baseline=False, progress=progress)
             report.export = result.to_dict() | {"path": str(out / "onnx")}
-        figures = _figures(report)
-        write_report_dir(tmp / PROBE_DIR, probe_files(report.probe) | {"probe.png": figures["probe"]})
-        write_report_dir(tmp / PROFILE_DIR, profile_files(report.profile) | {"profile.png": figures["cost"]})
-        write_report_dir(tmp / "calibrate", calibrate_cmd.report_files(report.calibration))
-        if report.prune is not None:
-            write_report_dir(tmp / "prune", prune_cmd.report_files(report.prune))
-        if report.steer is not None:
-            steer_cmd.write_sweep_report(report.steer, tmp)
+        files = _stage_files(report)
+        for folder, contents in files.items():
+            if folder == "steer":
+                steer_cmd.write_sweep_report(report.steer, tmp, contents)
+            else:
+                write_report_dir(tmp / folder, contents)
+        figures = _figures(report, files)
         (tmp / "summary.json").write_text(json.dumps(report.summary(), indent=2, default=str))
         (tmp / "report.md").write_text(markdown(report))
         (tmp / "report.html").write_text(html_page(report, figures))
@@ -130,9 +144,10 @@ def audit(
     config = AuditConfig(
         model=model, data=data, field=field, seq_len=seq_len, seed=seed, lens=lens, probe_tokens=tokens,
         lens_train_tokens=lens_train_tokens, lens_steps=lens_steps, target=target,
-        extra_targets=tuple(float_list(targets, "--targets")), epsilon=epsilon, measure=measure, calibration_tokens=calibration_tokens, heldout_tokens=heldout_tokens,
+        extra_targets=tuple(number_list(targets, "--targets")), epsilon=epsilon, measure=measure,
+        calibration_tokens=calibration_tokens, heldout_tokens=heldout_tokens,
         repeats=repeats, device=device, energy_seconds=energy_seconds, prune=prune, prune_sparsity=prune_sparsity,
-        export=export, steer=steer, steer_alphas=tuple(float_list(steer_alphas, "--steer-alphas")),
+        export=export, steer=steer, steer_alphas=tuple(number_list(steer_alphas, "--steer-alphas")),
         gates=Gates(min_oracle_saving, min_speedup, min_consistency),
     )
     config.validate()

@@ -12,7 +12,7 @@ from rich import box
 from rich.table import Table
 
 from dyninfer.artifacts import write_report_dir
-from dyninfer.cli.output import (artifact_dir_option, float_list, handle_errors, print_json, progress_reporter, stderr,
+from dyninfer.cli.output import (artifact_dir_option, handle_errors, number_list, print_json, progress_reporter, stderr,
                                  stdout)
 from dyninfer.cli.plots import calibration_curve_png
 from dyninfer.compressors.calibration_job import CalibrateConfig, CalibrateReport, run_calibrate_job
@@ -118,7 +118,7 @@ def calibrate(
         heldout_tokens=heldout_tokens, vocab_top_k=vocab_top_k, min_layer=min_layer, max_points=max_points,
         kv_mode=kv_mode, lens_from=str(lens_from) if lens_from else None,
         lens_train_tokens=lens_train_tokens, lens_steps=lens_steps, cost=cost,
-        extra_targets=tuple(float_list(targets, "--targets")),
+        extra_targets=tuple(number_list(targets, "--targets")),
     )
     config.validate()
     existing = artifact_dir_option(out)

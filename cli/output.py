@@ -89,14 +89,14 @@ def artifact_dir_option(out) -> str | None:
     return str(out)
 
 
-def float_list(text: str | None, option: str) -> list[float]:
+def number_list(text: str | None, option: str, kind=float, example: str = "0.25,0.4,0.5") -> list:
     """Comma-separated numbers of an option ("0.25,0.4,0.5"); [] when not given."""
     if not text:
         return []
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        return [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise DyninferError(f"{option} takes comma-separated numbers like 0.25,0.4,0.5, got '{text}'") from None
+        raise DyninferError(f"{option} takes comma-separated numbers like {example}, got '{text}'") from None
 
 
 def print_json(data) -> None:

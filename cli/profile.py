@@ -67,11 +67,8 @@ def render(report: ProfileReport) -> None:
         cells += [f"{total.decode_ms:.3f}{spread}", f"{total.prefill_ms:.2f}"]
         table.add_row(*cells)
 
-    add("embed", pieces[pieces.piece == "embed"])
-    for layer, rows in pieces[pieces["layer"] >= 0].groupby("layer"):
-        add(f"layer {layer}", rows)
-    for name in ("norm", "head"):
-        add(name, pieces[pieces.piece == name])
+    for name, rows in p.grouped():
+        add(name, rows)
     stdout.print(table)
     t = p.totals()
     stdout.print(f"whole model: {t['params']:,} parameters, {_mb(t['weight_bytes'])} MiB of weights, "

@@ -11,7 +11,7 @@ from rich import box
 from rich.table import Table
 
 from dyninfer.artifacts import write_report_dir
-from dyninfer.cli.output import (artifact_dir_option, float_list, handle_errors, print_json, progress_reporter, stderr,
+from dyninfer.cli.output import (artifact_dir_option, handle_errors, number_list, print_json, progress_reporter, stderr,
                                  stdout)
 from dyninfer.cli.plots import pruning_sweep_png, sparkline
 from dyninfer.compressors.prune_job import PruneConfig, PruneReport, run_prune_job
@@ -102,7 +102,7 @@ def prune(
 ) -> None:
     config = PruneConfig(
         model=model, data=data, field=field, seq_len=seq_len, seed=seed, method=method, sparsity=sparsity,
-        sweep=float_list(sweep, "--sweep"), allocation=allocation, input_sparsity=input_sparsity, rank=rank, label=label,
+        sweep=number_list(sweep, "--sweep"), allocation=allocation, input_sparsity=input_sparsity, rank=rank, label=label,
         mass=mass, steps=steps, calibration_tokens=calibration_tokens, heldout_tokens=heldout_tokens, speed=speed,
         prompts=prompts, prompt_tokens=prompt_tokens, new_tokens=new_tokens, backend=backend,
     )

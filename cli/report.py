@@ -99,11 +99,8 @@ def sections(report: AuditReport) -> list[Section]:
 
     profile = report.profile.profile
     totals = profile.totals()
-    pieces = profile.pieces
     cost_rows = []
-    for name, rows in [("embed", pieces[pieces.piece == "embed"]),
-                       *[(f"layer {i}", r) for i, r in pieces[pieces.layer >= 0].groupby("layer")],
-                       ("norm", pieces[pieces.piece == "norm"]), ("head", pieces[pieces.piece == "head"])]:
+    for name, rows in profile.grouped():
         total = rows.sum(numeric_only=True)
         cost_rows.append([name, f"{int(total.params):,}", f"{total.decode_flops / 1e6:.2f}",
                           f"{total.decode_ms:.3f}", f"{total.prefill_ms:.2f}", f"{total.weight_bytes / 2**20:.2f}",

@@ -11,7 +11,8 @@ from rich import box
 from rich.table import Table
 
 from dyninfer.artifacts import write_report_dir
-from dyninfer.cli.output import artifact_dir_option, handle_errors, print_json, progress_reporter, stderr, stdout
+from dyninfer.cli.output import (artifact_dir_option, handle_errors, number_list, print_json, progress_reporter, stderr,
+                                 stdout)
 from dyninfer.cli.plots import steer_sweep_png
 from dyninfer.compressors.steer_extract import BUILTIN_COT
 from dyninfer.compressors.steer_job import ExtractConfig, run_apply, run_extract, run_sweep_job
@@ -69,13 +70,7 @@ app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, pretty_
 
 
 def _numbers(text: str | None, option: str, kind=float) -> list:
-    if not text:
-        return []
-    try:
-        return [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        example = "12,15" if kind is int else "-1,-0.5,0,0.5,1"
-        raise DyninferError(f"{option} takes comma-separated numbers like {example}, got '{text}'") from None
+    return number_list(text, option, kind, "12,15" if kind is int else "-1,-0.5,0,0.5,1")
 
 
 def _existing_artifact(path: Path) -> str:
@@ -84,14 +79,19 @@ def _existing_artifact(path: Path) -> str:
     return str(path)
 
 
-def write_sweep_report(job, target: Path) -> None:
-    """ARTIFACT/steer/sweep-METHOD/: sweep.json and sweep.png."""
+def sweep_report_files(job) -> dict[str, bytes]:
+    """The steer/sweep-METHOD/ report folder: sweep.json and sweep.png."""
     summary = {**job.result.to_dict(), "notes": job.notes}
-    (target / "steer").mkdir(exist_ok=True)
-    write_report_dir(target / "steer" / f"sweep-{job.result.method}", {
+    return {
         "sweep.json": json.dumps(summary, indent=2, default=str).encode(),
         "sweep.png": steer_sweep_png(summary["points"], f"{job.artifact.base_model.spec}: {job.result.method} steering"),
-    })
+    }
+
+
+def write_sweep_report(job, target: Path, files: dict[str, bytes] | None = None) -> None:
+    """Write ARTIFACT/steer/sweep-METHOD/ (`files`: already rendered ones)."""
+    (target / "steer").mkdir(exist_ok=True)
+    write_report_dir(target / "steer" / f"sweep-{job.result.method}", files or sweep_report_files(job))
 
 
 @app.command("extract", help=EXTRACT_HELP)

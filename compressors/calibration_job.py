@@ -13,7 +13,7 @@ from dyninfer.compressors.confidence import MEASURES
 from dyninfer.data import DEFAULT_DATA
 from dyninfer.errors import DyninferError
 from dyninfer.models import DEFAULT_MODEL
-from dyninfer.profilers.cost import count_costs
+from dyninfer.profilers.cost import count_costs, speedup_basis
 from dyninfer.profilers.lenses import LENS_KINDS, TUNED, TUNED_LENS_GROUP, LogitLens
 from dyninfer.profilers.profile import measured_cost, profile_is_stale
 from dyninfer.workspace import ProgressFn, open_workspace
@@ -86,7 +86,7 @@ class CalibrateReport:
     @property
     def cost_unit(self) -> str:
         """What predicted speedups are ratios of: "latency" (a measured profile) or "FLOPs"."""
-        return "latency" if (self.cost_model or {}).get("unit", "").startswith("ms") else "FLOPs"
+        return speedup_basis(self.cost_model)
 
     def summary(self) -> dict:
         out = {"command": "calibrate", "model": self.base_model, "data": self.data, "config": asdict(self.config),

@@ -204,10 +204,7 @@ def run_sweep_job(path: str | Artifact, method: str | None, alphas: list[float],
     if applied(artifact):
         notes.append("the sweep starts from the base model; the artifact's applied α is not part of it")
     stage = dict(artifact.stages[STEER_STAGE])
-    summary = result.to_dict()
-    for point in summary["points"]:
-        point.pop("samples", None)
-    stage.setdefault("sweeps", {})[method] = summary
+    stage.setdefault("sweeps", {})[method] = result.summary()
     artifact.set_stage(STEER_STAGE, stage)
     return SweepJob(artifact, result, notes)
 

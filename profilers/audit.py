@@ -12,7 +12,6 @@ import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 
 from dyninfer.artifacts import Artifact
 from dyninfer.compressors.calibration_job import CalibrateConfig, CalibrateReport, run_calibrate_job
@@ -197,12 +196,7 @@ class AuditReport:
         }
 
     def steer_summary(self) -> dict | None:
-        if self.steer is None:
-            return None
-        summary = self.steer.result.to_dict()
-        for point in summary["points"]:
-            point.pop("samples", None)
-        return summary
+        return self.steer.result.summary() if self.steer is not None else None
 
     def summary(self) -> dict:
         artifact_stages = sorted(self.artifact.stages) if self.artifact is not None else []
@@ -240,7 +234,7 @@ def evaluate_gates(report: AuditReport) -> list[GateResult]:
         ("min-consistency", gates.min_consistency, head["consistency"],
          f"held-out token consistency of the certified policy at target {head['target']:g}"),
     )
-    return [GateResult(name, threshold, float(value), bool(np.greater_equal(value, threshold)), what)
+    return [GateResult(name, threshold, float(value), float(value) >= threshold, what)
             for name, threshold, value, what in checks if threshold is not None]
 
 

@@ -22,6 +22,7 @@ from dyninfer.compressors.dynamic import default_draft_layer
 from dyninfer.compressors.from_artifact import LoadedDynamic
 from dyninfer.compressors.pruning import dense_inside
 from dyninfer.errors import DyninferError
+from dyninfer.profilers.cost import speedup_basis
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -49,7 +50,7 @@ class BenchResult:
     draft_layer: int | None = None
     notes: list[str] = field(default_factory=list)
     gated_mode: str = "early-exit"  # the mode the CI gates and realized/predicted speak about
-    predicted_unit: str = "FLOP"  # "FLOP", or "latency" when calibration used a measured profile
+    predicted_unit: str = "FLOPs"  # or "latency" when calibration used a measured profile (cost.speedup_basis)
 
     def mode(self, name: str) -> ModeResult:
         return next(m for m in self.modes if m.mode == name)
@@ -185,8 +186,7 @@ def _predicted(dyn: LoadedDynamic) -> float | None:
 
 
 def _predicted_unit(dyn: LoadedDynamic) -> str:
-    unit = dyn.calibration.get("cost_model", {}).get("unit", "FLOPs/token")
-    return "latency" if unit.startswith("ms") else "FLOP"
+    return speedup_basis(dyn.calibration.get("cost_model"))
 
 
 def _kv_mode(dyn: LoadedDynamic) -> str | None:

@@ -65,6 +65,12 @@ class CostModel:
         return asdict(self)
 
 
+def speedup_basis(cost_model: dict | None) -> str:
+    """What predicted speedups from this (serialised) cost model are ratios of:
+    "latency" (measured by `profile`, in ms) or "FLOPs"."""
+    return "latency" if (cost_model or {}).get("unit", "").startswith("ms") else "FLOPs"
+
+
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 

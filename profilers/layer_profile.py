@@ -221,17 +221,18 @@ class _Workload:
         _pass(self.lm, self.prompt, self.lm.new_decoding_cache(1), meter)
 
     def decode(self, meter: _Meter) -> None:
-        """One token after exactly `context` cached tokens (the cache is cropped back each time)."""
-        if self._decode_cache is None:
-            self._decode_cache = self.filled_cache()
-        elif hasattr(self._decode_cache, "crop"):  # Mamba's state has a fixed size: nothing to crop
-            self._decode_cache.crop(self.context)
-        _pass(self.lm, self.step, self._decode_cache, meter)
+        """One token after exactly `context` cached tokens."""
+        _pass(self.lm, self.step, self.cache_at_context(), meter)
 
-    def filled_cache(self):
-        cache = self.lm.new_decoding_cache(1)
-        self.lm.forward_logits(self.prompt, cache=cache)
-        return cache
+    def cache_at_context(self):
+        """The decode cache holding exactly `context` tokens (cropped back after each step;
+        Mamba's state has a fixed size, so there is nothing to crop)."""
+        if self._decode_cache is None:
+            self._decode_cache = self.lm.new_decoding_cache(1)
+            self.lm.forward_logits(self.prompt, cache=self._decode_cache)
+        elif hasattr(self._decode_cache, "crop"):
+            self._decode_cache.crop(self.context)
+        return self._decode_cache
 
 
 def workloads(lm: LayeredModel, prompt: torch.Tensor) -> dict[str, Callable[[], int]]:
@@ -269,6 +270,13 @@ class LayerProfile:
     tied_head: bool = False  # the head computes with the embedding's weight (counted once in totals)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+
+    def grouped(self) -> list[tuple[str, pd.DataFrame]]:
+        """The rows of a per-layer table, in model order: embed, layer i (its blocks and rest), norm, head."""
+        p = self.pieces
+        layers = [(f"layer {i}", rows) for i, rows in p[p["layer"] >= 0].groupby("layer")]
+        return [("embed", p[p["piece"] == "embed"]), *layers, ("norm", p[p["piece"] == "norm"]),
+                ("head", p[p["piece"] == "head"])]
 
     def by_layer(self) -> pd.DataFrame:
         """One row per decoder layer, its pieces side by side (decode FLOPs and ms per piece)."""
@@ -395,7 +403,7 @@ def profile_layers(lm: LayeredModel, prompt: torch.Tensor, *, warmup: int = 3, r
             _time_repeated(run, clock, warmup, repeats, report, f"timing {name}")
         clocks[name] = clock
 
-    cache_bytes = lm.cache_bytes(work.filled_cache())
+    cache_bytes = lm.cache_bytes(work.cache_at_context())
     head_weight = lm.lm_head.weight
     tied = any(p is head_weight for p in lm.backbone.parameters())
     rows = []

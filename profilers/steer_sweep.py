@@ -118,6 +118,13 @@ class SweepResult:
         d["best"] = self.best.alpha if self.best else None
         return d
 
+    def summary(self) -> dict:
+        """`to_dict` without the sample generations (for manifests and reports)."""
+        d = self.to_dict()
+        for point in d["points"]:
+            point.pop("samples", None)
+        return d
+
 
 def answer_scores(questions: list[CotExample], answers: list, base_answers: list) -> dict:
     """accuracy, agreement with the α = 0 answers, and the share of α = 0's right answers kept right."""
