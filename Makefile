@@ -1,9 +1,13 @@
-# dyninfer: `make demo` installs and audits the bundled model; `make test` installs and runs the tests.
+# dyninfer: `make demo` installs and audits the bundled model; `make test` installs, lints and runs the tests.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 DEMO_OUT ?= demo-out
+FAST := not slow and not integration and not triton
+# Two worker processes, one per core (tests/conftest.py gives each one thread); loadgroup keeps a
+# module whose fixture is costly on one worker (its `xdist_group` mark).
+PARALLEL := -n 2 --dist loadgroup
 
-.PHONY: install demo test
+.PHONY: install demo lint test test-fast
 
 install:
 	$(PIP) install --quiet -e '.[dev]'
@@ -14,5 +18,14 @@ install:
 demo: install
 	$(PYTHON) -m dyninfer audit --out $(DEMO_OUT)
 
-test: install
-	$(PYTHON) -m pytest -q
+# Style and likely bugs (ruff), and the one-way layers (import-linter's contract in pyproject.toml).
+lint:
+	$(PYTHON) -m ruff check .
+	lint-imports
+
+test: install lint
+	$(PYTHON) -m pytest -q $(PARALLEL)
+
+# The development loop (after one `make install`): unit tests on tiny models only.
+test-fast:
+	$(PYTHON) -m pytest -q $(PARALLEL) -m "$(FAST)"

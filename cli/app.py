@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
+from typer.core import TyperGroup
 
 from dyninfer import __version__
 from dyninfer.cli import audit as audit_cmd
@@ -14,8 +17,32 @@ from dyninfer.cli import profile as profile_cmd
 from dyninfer.cli import prune as prune_cmd
 from dyninfer.cli import run as run_cmd
 from dyninfer.cli import steer as steer_cmd
+from dyninfer.cli.output import stderr
+
+# The click that typer runs on (recent typer vendors its own copy): the base of its usage errors.
+ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (an unknown option, a value that does not parse) as one `error:` line with a hint, exit 2."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except ClickException as exc:
+            context = getattr(exc, "ctx", None)
+            hint = f" (see `{context.command_path} --help`)" if context is not None else ""
+            message = " ".join(exc.format_message().split())
+            if message:  # empty: a group called without a command, whose help was just shown
+                stderr.print(f"[bold red]error:[/] {message}{hint}", highlight=False, markup=True)
+            sys.exit(exc.exit_code)
+        sys.exit(result if isinstance(result, int) else 0)
+
 
 app = typer.Typer(
+    cls=OneLineErrors,
     name="dyninfer",
     help="Dynamic inference for language models: how much of the model does each token need?",
     no_args_is_help=True,

@@ -1,14 +1,14 @@
 """`dyninfer export`: ship the calibrated dynamic model as an ONNX Runtime package."""
 
-from __future__ import annotations
-
-from pathlib import Path
-from typing import Optional
+from typing import Annotated
 
 import typer
 
-from dyninfer.cli.output import handle_errors, print_json, progress_reporter, stdout
-from dyninfer.exporters.onnx_export import export_package
+from dyninfer.cli import options as opt
+from dyninfer.cli.output import handle_errors, notes, print_json, progress_reporter, stdout
+from dyninfer.jobs import export as job
+
+DEFAULTS = job.ExportConfig()
 
 HELP = """Export the dynamic model as an ONNX Runtime package, exits and custom exit ops included.
 
@@ -23,24 +23,28 @@ Examples:
     dyninfer export audit/ --provider cuda --dtype fp16 --out audit-gpu/    (on a GPU machine; --no-verify builds it elsewhere)
 
     dyninfer export audit/ --no-baseline --json
-"""
+"""  # noqa: E501 (help paragraphs are one line each: Typer keeps line breaks)
 
 
 @handle_errors
 def export(
-    artifact: Path = typer.Argument(..., help="Artifact dir made by `dyninfer calibrate --out`."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Package directory (default: ARTIFACT/onnx)."),
-    provider: str = typer.Option("cpu", "--provider", help="Execution provider the package is for: cuda or cpu."),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32, or fp16 (CUDA only)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Load the base model from here instead (same weights)."),
-    kv_mode: Optional[str] = typer.Option(None, "--kv-mode", help="Override the policy's KV mode (the graph implements propagate)."),
-    baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="Also export the plain model through optimum."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the package against torch on this machine's provider."),
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output only."),
+    artifact: opt.ArtifactDir,
+    out: opt.out_dir("Package directory (default: ARTIFACT/onnx).") = None,
+    provider: Annotated[str, typer.Option("--provider", help="Execution provider the package is for: cuda or cpu.")]
+    = DEFAULTS.provider,
+    dtype: Annotated[str, typer.Option("--dtype", help="fp32, or fp16 (CUDA only).")] = DEFAULTS.dtype,
+    model: opt.ModelOverride = DEFAULTS.model,
+    kv_mode: Annotated[str | None, typer.Option("--kv-mode", help="Override the policy's KV mode (the graph "
+                                                                  "implements propagate).")] = DEFAULTS.kv_mode,
+    baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="Also export the plain model through "
+                                                                            "optimum.")] = DEFAULTS.baseline,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check the package against torch on this "
+                                                                      "machine's provider.")] = DEFAULTS.verify,
+    as_json: opt.Json = False,
 ) -> None:
+    config = opt.config_from(job.ExportConfig, locals())
     with progress_reporter() as progress:
-        result = export_package(str(artifact), str(out) if out else None, provider=provider, dtype=dtype, model=model,
-                                kv_mode=kv_mode, baseline=baseline, verify=verify, progress=progress)
+        result = job.run(config, artifact, progress=progress)
     if as_json:
         print_json({"command": "export", **result.to_dict()})
         return
@@ -53,5 +57,4 @@ def export(
         stdout.print(f"verified against torch: max |logit difference| {result.verify_max_abs_diff:.2g}")
     if result.baseline:
         stdout.print(f"optimum baseline: {result.baseline}")
-    for note in result.notes:
-        stdout.print(f"[yellow]note:[/] {note}")
+    notes(result.notes)

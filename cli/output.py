@@ -1,29 +1,68 @@
-"""Shared CLI plumbing: consoles, progress bars, JSON output and one-line errors."""
+"""Shared CLI plumbing: consoles, progress bars, JSON output, one-line errors with the command's flags."""
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import json
 import sys
-from collections.abc import Callable, Iterator
+import typing
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from types import MappingProxyType
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from typer.models import ArgumentInfo, OptionInfo
 
-from dyninfer.errors import DyninferError
+from dyninfer.core.errors import OPTION_REFERENCE, DyninferError
+from dyninfer.core.progress import ProgressFn, silent
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+_BLOCKS = " ▁▂▃▄▅▆▇█"
 
 # Off a terminal (CI logs, files) rich would assume 80 columns and squeeze wide tables.
 stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 140)
 stderr = Console(stderr=True, soft_wrap=True)
+# The running command's field -> flag names (set by `handle_errors`), for messages from the library.
+_command_flags: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar("command_flags",
+                                                                                  default=MappingProxyType({}))
+
+
+def flag_names(command: Callable) -> dict[str, str]:
+    """Config field name -> the command's flag (`fit_tokens` -> --fit-tokens, `no_verify` -> --no-verify).
+
+    Read from the command's parameters: a parameter named like a field maps by its name, and by
+    its flag's own spelling (`tokens` for --tokens), so a nested stage's field reaches the flag the
+    command gives it. Arguments map to their metavar (`artifact` -> ARTIFACT).
+    """
+    mapping: dict[str, str] = {}
+    for name, hint in typing.get_type_hints(command, include_extras=True).items():
+        for info in getattr(hint, "__metadata__", ()):
+            if isinstance(info, ArgumentInfo):
+                mapping[name] = name.upper()
+            elif isinstance(info, OptionInfo):
+                # In `Annotated`, typer.Option's first argument (its `default` slot) is the first flag.
+                decls = [info.default, *(info.param_decls or ())] if isinstance(info.default, str) \
+                    else list(info.param_decls or ())
+                spellings = [part for decl in decls for part in decl.split("/")
+                             if part.startswith("--")] or [f"--{name.replace('_', '-')}"]
+                for spelling in spellings:
+                    mapping[spelling[2:].replace("-", "_")] = spelling
+                mapping[name] = spellings[0]
+    return mapping
+
+
+def with_flags(message: str) -> str:
+    """A library message with each named field shown as the flag the running command gives it."""
+    names = _command_flags.get()
+    return OPTION_REFERENCE.sub(lambda m: names.get(m.group(1), m.group(0)), message)
 
 
 def fail(message: str) -> None:
     """Print a one-line error on stderr and exit with the bad-input code."""
-    first_line = " ".join(str(message).split())
+    first_line = " ".join(with_flags(str(message)).split())
     stderr.print(f"[bold red]error:[/] {first_line}", highlight=False, markup=True)
     raise typer.Exit(EXIT_BAD_INPUT)
 
@@ -31,8 +70,11 @@ def fail(message: str) -> None:
 def handle_errors(command: Callable) -> Callable:
     """Turn DyninferError (anything the user can fix) into a one-line error and exit 2."""
 
+    names = flag_names(command)
+
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        token = _command_flags.set(names)
         try:
             return command(*args, **kwargs)
         except DyninferError as exc:
@@ -40,19 +82,34 @@ def handle_errors(command: Callable) -> Callable:
         except KeyboardInterrupt:
             stderr.print("interrupted")
             raise typer.Exit(130) from None
+        finally:
+            _command_flags.reset(token)
 
     return wrapper
 
 
+def gates_failed(failures: list[str]) -> None:
+    """Name each failed CI gate on stderr and exit with the gate code (nothing when all passed)."""
+    for failure in failures:
+        stderr.print(f"[bold red]gate failed:[/] {with_flags(failure)}", highlight=False)
+    if failures:
+        raise typer.Exit(EXIT_GATE_FAILED)
+
+
+def notes(lines: list[str], console: Console = stdout) -> None:
+    for line in lines:
+        console.print(f"[yellow]note:[/] {with_flags(line)}")
+
+
 @contextmanager
-def progress_reporter(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
+def progress_reporter(enabled: bool = True) -> Iterator[ProgressFn]:
     """A `progress(description, done, total)` callback for long work, drawn on stderr.
 
     On a terminal: transient progress bars. Otherwise (CI logs, pipes): one plain line
     when a stage starts, at each further tenth, and when it ends.
     """
     if not enabled:
-        yield lambda *a: None
+        yield silent
         return
     if not stderr.is_terminal:
         last_tenth: dict[str, int] = {}
@@ -80,23 +137,10 @@ def progress_reporter(enabled: bool = True) -> Iterator[Callable[[str, int, int]
         yield report
 
 
-def artifact_dir_option(out) -> str | None:
-    """Validate an --out artifact directory before any long work; None when not given."""
-    if out is None:
-        return None
-    if out.exists() and not out.is_dir():
-        raise DyninferError(f"--out '{out}' is a file; pass a directory")
-    return str(out)
-
-
-def number_list(text: str | None, option: str, kind=float, example: str = "0.25,0.4,0.5") -> list:
-    """Comma-separated numbers of an option ("0.25,0.4,0.5"); [] when not given."""
-    if not text:
-        return []
-    try:
-        return [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise DyninferError(f"{option} takes comma-separated numbers like {example}, got '{text}'") from None
+def check_out_dir(out) -> None:
+    """Refuse an --out that is a file before any long work."""
+    if out is not None and out.exists() and not out.is_dir():
+        raise DyninferError(f"`out` '{out}' is a file; pass a directory")
 
 
 def print_json(data) -> None:
@@ -111,3 +155,13 @@ def _jsonable(value):
     if hasattr(value, "tolist"):
         return value.tolist()
     return str(value)
+
+
+def sparkline(values, low: float = 0.0, high: float = 1.0) -> str:
+    """One character per value, scaled between low and high."""
+    span = (high - low) or 1.0
+    out = []
+    for v in values:
+        level = int(round((min(max(v, low), high) - low) / span * (len(_BLOCKS) - 1)))
+        out.append(_BLOCKS[level])
+    return "".join(out)

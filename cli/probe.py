@@ -1,20 +1,17 @@
 """`dyninfer probe`: per-layer early-exit audit."""
 
-from __future__ import annotations
-
-from pathlib import Path
-from typing import Optional
+from typing import Annotated
 
 import typer
 from rich import box
 from rich.table import Table
 
-from dyninfer.cli.output import artifact_dir_option, handle_errors, print_json, progress_reporter, stderr, stdout
-from dyninfer.cli.plots import probe_figure_png, sparkline
-from dyninfer.data import DEFAULT_DATA
-from dyninfer.models import DEFAULT_MODEL
-from dyninfer.profilers.lenses import LENS_KINDS
-from dyninfer.profilers.probe import REPORT_DIR, ProbeConfig, ProbeReport, run_probe_job, save_probe
+from dyninfer.cli import options as opt
+from dyninfer.cli.output import check_out_dir, handle_errors, print_json, progress_reporter, sparkline, stderr, stdout
+from dyninfer.core.lenses import LENS_KINDS
+from dyninfer.jobs import probe as job
+
+DEFAULTS = job.ProbeConfig()
 
 HELP = """Per-layer exit accuracy: how early could each token leave the model?
 
@@ -27,7 +24,7 @@ Examples:
     dyninfer probe --lens both --out audit/    (train a tuned lens, keep it in the artifact)
 
     dyninfer probe ./my-model --data code.jsonl --field content --tokens 8192 --json
-"""
+"""  # noqa: E501 (help paragraphs are one line each: Typer keeps line breaks)
 
 
 def _lens_list(values: list[str]) -> tuple[str, ...]:
@@ -40,7 +37,7 @@ def _lens_list(values: list[str]) -> tuple[str, ...]:
     return tuple(kinds)
 
 
-def render(report: ProbeReport) -> None:
+def render(report: job.ProbeReport) -> None:
     result = report.result
     lenses = result.lenses()
     table = Table(title=f"Exit probe: {report.base_model['spec']} on {report.data['spec']} "
@@ -77,35 +74,35 @@ def render(report: ProbeReport) -> None:
 
 @handle_errors
 def probe(
-    model: str = typer.Argument(DEFAULT_MODEL, help="`default` (bundled SmolLM2-135M), a model dir, a .gguf file or a hub id."),
-    data: str = typer.Option(DEFAULT_DATA, "--data", "-d", help="builtin:pydocs, builtin:stdlib-code, a .txt/.jsonl/.parquet/.csv file, or hf:NAME[:CONFIG][:SPLIT]."),
-    field: Optional[str] = typer.Option(None, "--field", help="Text field/column of .jsonl/.parquet/.csv/hf data (default: text)."),
-    lens: list[str] = typer.Option(["logit"], "--lens", "-l", help="logit (training-free, always reported) and/or tuned (trains a tuned lens, or reuses --lens-from; reported beside logit). A tuned lens already in --out is reported too."),
-    tokens: int = typer.Option(2048, "--tokens", "-n", help="Held-out next-token predictions to probe."),
-    seq_len: int = typer.Option(256, "--seq-len", help="Tokens of context per window."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the data split and lens training."),
-    batch_size: int = typer.Option(2, "--batch-size", help="Windows per forward pass."),
-    lens_train_tokens: int = typer.Option(16384, "--lens-train-tokens", help="Training-split tokens for the tuned lens."),
-    lens_steps: int = typer.Option(60, "--lens-steps", help="KL refinement steps of the tuned lens."),
-    lens_from: Optional[Path] = typer.Option(None, "--lens-from", help="Reuse the tuned lens of this artifact instead of training."),
-    retrain_lens: bool = typer.Option(False, "--retrain-lens", help="Train a new tuned lens even if --out already has one."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Artifact dir: writes/extends it, plus probe/ tables (CSV, Parquet, JSON) and probe.png."),
-    as_json: bool = typer.Option(False, "--json", help="Print the machine-readable summary on stdout and nothing else."),
+    model: opt.Model = DEFAULTS.model,
+    data: opt.Data = DEFAULTS.data,
+    field: opt.TextField = DEFAULTS.field,
+    lenses: Annotated[list[str], typer.Option(
+        "--lens", "-l", help="logit (training-free, always reported) and/or tuned (trains a tuned lens, or reuses "
+                             "--lens-from; reported beside logit), or both. A tuned lens already in --out is reported "
+                             "too.")] = list(DEFAULTS.lenses),  # noqa: B006 - Typer copies a default, never mutates it
+    tokens: Annotated[int, typer.Option("--tokens", "-n", help="Held-out next-token predictions to probe.")]
+    = DEFAULTS.tokens,
+    seq_len: opt.SeqLen = DEFAULTS.seq_len,
+    seed: opt.Seed = DEFAULTS.seed,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = DEFAULTS.batch_size,
+    lens_train_tokens: opt.LensTrainTokens = DEFAULTS.lens_train_tokens,
+    lens_steps: opt.LensSteps = DEFAULTS.lens_steps,
+    lens_from: opt.LensFrom = None,
+    retrain_lens: Annotated[bool, typer.Option("--retrain-lens", help="Train a new tuned lens even if --out already "
+                                                                      "has one.")] = DEFAULTS.retrain_lens,
+    out: opt.out_dir("Artifact dir: writes/extends it, plus probe/ tables (CSV, Parquet, JSON) and probe.png.")
+    = None,
+    as_json: opt.Json = False,
 ) -> None:
-    config = ProbeConfig(
-        model=model, data=data, field=field, lenses=_lens_list(lens), tokens=tokens, seq_len=seq_len, seed=seed,
-        batch_size=batch_size, lens_train_tokens=lens_train_tokens, lens_steps=lens_steps,
-        lens_from=str(lens_from) if lens_from else None, retrain_lens=retrain_lens,
-    )
+    config = opt.config_from(job.ProbeConfig, locals(), lenses=_lens_list(lenses))
     config.validate()
-    existing = artifact_dir_option(out)
+    check_out_dir(out)
     with progress_reporter() as progress:
-        report = run_probe_job(config, progress=progress, existing=existing)
+        report = job.run(config, progress=progress, existing=str(out) if out else None)
     if out is not None:
-        title = f"{report.base_model['spec']} on {report.data['spec']}"
-        png = probe_figure_png(report.result.layers, title)
-        target = save_probe(report, out, extra_files={"probe.png": png})
-        stderr.print(f"wrote {target} (artifact) and {target / REPORT_DIR}/ (layers.csv, layers.parquet, "
+        target = job.save(report, out)
+        stderr.print(f"wrote {target} (artifact) and {target / job.REPORT_DIR}/ (layers.csv, layers.parquet, "
                      "depth.csv, summary.json, probe.png)")
     if as_json:
         print_json(report.summary())

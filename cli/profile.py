@@ -1,19 +1,16 @@
 """`dyninfer profile`: what each layer costs on this machine."""
 
-from __future__ import annotations
-
-from pathlib import Path
-from typing import Optional
+from typing import Annotated
 
 import typer
 from rich import box
 from rich.table import Table
 
-from dyninfer.cli.output import artifact_dir_option, handle_errors, print_json, progress_reporter, stderr, stdout
-from dyninfer.cli.plots import profile_png
-from dyninfer.data import DEFAULT_DATA
-from dyninfer.models import DEFAULT_MODEL
-from dyninfer.profilers.profile import REPORT_DIR, ProfileConfig, ProfileReport, run_profile_job, save_profile
+from dyninfer.cli import options as opt
+from dyninfer.cli.output import check_out_dir, handle_errors, notes, print_json, progress_reporter, stderr, stdout
+from dyninfer.jobs import profile as job
+
+DEFAULTS = job.ProfileConfig()
 
 HELP = """Per-layer cost on this machine: parameters, FLOPs, memory, latency, GPU power and energy.
 
@@ -30,14 +27,14 @@ Examples:
     dyninfer profile --device cuda --energy-seconds 5 --out audit/
 
     dyninfer profile ./my-model --context 1024 --repeats 50 --json
-"""
+"""  # noqa: E501 (help paragraphs are one line each: Typer keeps line breaks)
 
 
 def _mb(n: float) -> str:
     return f"{n / 2**20:.2f}"
 
 
-def render(report: ProfileReport) -> None:
+def render(report: job.ProfileReport) -> None:
     p = report.profile
     pieces = p.pieces
     blocks = [b for b in pieces.loc[pieces["layer"] >= 0, "piece"].unique() if b != "rest"]
@@ -90,34 +87,35 @@ def render(report: ProfileReport) -> None:
             per_token = "n/a" if e.joules_per_token is None else f"{e.joules_per_token * 1000:.2f} mJ/token"
             average = "n/a" if e.average_power_w is None else f"{e.average_power_w:.0f} W average"
             stdout.print(f"  {e.label}: {per_token}, {average} over {e.seconds:.1f} s ({e.tokens} tokens; {e.source})")
-    for note in p.notes:
-        stdout.print(f"[yellow]note:[/] {note}")
+    notes(p.notes)
 
 
 @handle_errors
 def profile(
-    model: str = typer.Argument(DEFAULT_MODEL, help="`default` (bundled SmolLM2-135M), a model dir, a .gguf file or a hub id."),
-    data: str = typer.Option(DEFAULT_DATA, "--data", "-d", help="Where the prompt comes from (see `dyninfer probe --help`)."),
-    field: Optional[str] = typer.Option(None, "--field", help="Text field/column for file or hf data."),
-    context: int = typer.Option(256, "--context", "-c", help="Prompt tokens of the prefill, and cached tokens before the decode step."),
-    warmup: int = typer.Option(3, "--warmup", help="Untimed runs before timing."),
-    repeats: int = typer.Option(20, "--repeats", "-r", help="Timed runs (median and 10th-90th percentiles)."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda when torch sees a GPU), cpu or cuda."),
-    energy_seconds: float = typer.Option(3.0, "--energy-seconds", help="Length of each GPU energy window (the counter updates every 20-100 ms)."),
-    seed: int = typer.Option(0, "--seed"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Artifact dir to write/extend (measured cost for calibrate) plus profile/ (pieces.csv, .parquet, summary.json, profile.png)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the machine-readable summary on stdout and nothing else."),
+    model: opt.Model = DEFAULTS.model,
+    data: Annotated[str, typer.Option("--data", "-d", help="Where the prompt comes from (see `dyninfer probe --help`).")]
+    = DEFAULTS.data,
+    field: opt.TextField = DEFAULTS.field,
+    context: Annotated[int, typer.Option("--context", "-c", help="Prompt tokens of the prefill, and cached tokens "
+                                                                 "before the decode step.")] = DEFAULTS.context,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs before timing.")] = DEFAULTS.warmup,
+    repeats: Annotated[int, typer.Option("--repeats", "-r", help="Timed runs (median and 10th-90th percentiles).")]
+    = DEFAULTS.repeats,
+    device: opt.Device = DEFAULTS.device,
+    energy_seconds: opt.EnergySeconds = DEFAULTS.energy_seconds,
+    seed: opt.Seed = DEFAULTS.seed,
+    out: opt.out_dir("Artifact dir to write/extend (measured cost for calibrate) plus profile/ (pieces.csv, "
+                     ".parquet, summary.json, profile.png).") = None,
+    as_json: opt.Json = False,
 ) -> None:
-    config = ProfileConfig(model=model, data=data, field=field, context=context, warmup=warmup, repeats=repeats,
-                           device=device, energy_seconds=energy_seconds, seed=seed)
+    config = opt.config_from(job.ProfileConfig, locals())
     config.validate()
-    existing = artifact_dir_option(out)
+    check_out_dir(out)
     with progress_reporter() as progress:
-        report = run_profile_job(config, progress=progress, existing=existing)
+        report = job.run(config, progress=progress, existing=str(out) if out else None)
     if out is not None:
-        png = profile_png(report.profile.pieces, f"{report.base_model['spec']}: cost per layer on {report.profile.device}")
-        target = save_profile(report, out, extra_files={"profile.png": png})
-        stderr.print(f"wrote {target} (measured cost in dyninfer.json) and {target / REPORT_DIR}/")
+        target = job.save(report, out)
+        stderr.print(f"wrote {target} (measured cost in dyninfer.json) and {target / job.REPORT_DIR}/")
     if as_json:
         print_json(report.summary())
     else:

@@ -1,22 +1,25 @@
 """`dyninfer prune`: per-token MLP pruning masks (TEAL/CATS thresholds or Deja Vu/FTWT predictors)."""
 
-from __future__ import annotations
-
-import json
-from pathlib import Path
-from typing import Optional
+from typing import Annotated
 
 import typer
 from rich import box
 from rich.table import Table
 
-from dyninfer.artifacts import write_report_dir
-from dyninfer.cli.output import (artifact_dir_option, handle_errors, number_list, print_json, progress_reporter, stderr,
-                                 stdout)
-from dyninfer.cli.plots import pruning_sweep_png, sparkline
-from dyninfer.compressors.prune_job import PruneConfig, PruneReport, run_prune_job
-from dyninfer.data import DEFAULT_DATA
-from dyninfer.models import DEFAULT_MODEL
+from dyninfer.cli import options as opt
+from dyninfer.cli.output import (
+    check_out_dir,
+    handle_errors,
+    notes,
+    print_json,
+    progress_reporter,
+    sparkline,
+    stderr,
+    stdout,
+)
+from dyninfer.jobs import prune as job
+
+DEFAULTS = job.PruneConfig()
 
 HELP = """Learn per-token MLP pruning masks and measure what they cost and save.
 
@@ -31,20 +34,10 @@ Examples:
     dyninfer prune --sweep 0.25,0.4,0.5 --json         (quality and speed at each sparsity)
 
     dyninfer prune ./my-model --data code.jsonl --allocation greedy --no-speed
-"""
+"""  # noqa: E501 (help paragraphs are one line each: Typer keeps line breaks)
 
 
-def report_files(report: PruneReport) -> dict[str, bytes]:
-    """The prune/ report folder: summary and the quality/speed sweep plot."""
-    summary = report.summary()
-    return {
-        "summary.json": json.dumps(summary, indent=2, default=str).encode(),
-        "sweep.png": pruning_sweep_png(summary["points"], report.dense_perplexity,
-                                       f"{report.base_model['spec']}: {report.config.method} pruning"),
-    }
-
-
-def render(report: PruneReport) -> None:
+def render(report: job.PruneReport) -> None:
     cfg = report.config
     stdout.print(f"[bold]Dynamic MLP pruning[/]: {report.base_model['spec']} on {report.data['spec']} "
                  f"({cfg.method}, {cfg.allocation} allocation); dense held-out perplexity {report.dense_perplexity:.3f}")
@@ -70,52 +63,55 @@ def render(report: PruneReport) -> None:
     if main.speed:
         stdout.print(f"speed measured side by side in one run with the {main.speed.backend} sparse kernels; "
                      "masked-dense is used for quality only and never timed")
-    for note in report.notes:
-        stdout.print(f"[yellow]note:[/] {note}")
+    notes(report.notes)
 
 
 @handle_errors
 def prune(
-    model: str = typer.Argument(DEFAULT_MODEL, help="`default`, a model dir, a .gguf file or a hub id."),
-    method: str = typer.Option("threshold", "--method", "-m", help="threshold (TEAL/CATS, training-free) or predictor (Deja Vu/FTWT)."),
-    sparsity: float = typer.Option(0.5, "--sparsity", "-s", help="Target fraction of inactive MLP neurons (mean over layers)."),
-    sweep: Optional[str] = typer.Option(None, "--sweep", help="Also evaluate these sparsities, e.g. 0.25,0.4,0.5 (plot + table)."),
-    allocation: str = typer.Option("uniform", "--allocation", help="uniform, or greedy (TEAL: per-layer sparsity minimising output error)."),
-    input_sparsity: float = typer.Option(0.0, "--input-sparsity", help="threshold method: also sparsify the gate/up input x (TEAL)."),
-    rank: int = typer.Option(64, "--rank", help="predictor: rank of the low-rank predictor."),
-    label: str = typer.Option("topk", "--label", help="predictor: train on the top-k neurons of |h| or on the top --mass of it (FTWT)."),
-    mass: float = typer.Option(0.9, "--mass", help="predictor with --label mass: fraction of activation mass to cover."),
-    steps: int = typer.Option(300, "--steps", help="predictor: training steps per layer."),
-    data: str = typer.Option(DEFAULT_DATA, "--data", "-d", help="Data spec (see `dyninfer probe --help`)."),
-    field: Optional[str] = typer.Option(None, "--field", help="Text field/column for file or hf data."),
-    calibration_tokens: int = typer.Option(4096, "--calibration-tokens", help="Train-split tokens for thresholds/predictors."),
-    heldout_tokens: int = typer.Option(4096, "--heldout-tokens", help="Held-out tokens for perplexity, agreement and sparsity."),
-    speed: bool = typer.Option(True, "--speed/--no-speed", help="Time the MLP block and decoding, dense vs sparse."),
-    prompts: int = typer.Option(4, "--prompts", help="Held-out prompts for the decode timing."),
-    prompt_tokens: int = typer.Option(64, "--prompt-tokens"),
-    new_tokens: int = typer.Option(32, "--new-tokens", help="Tokens generated per prompt in the decode timing."),
-    backend: str = typer.Option("auto", "--sparse-backend", help="auto (numba on CPU, Triton on CUDA), cpu, triton, reference, masked."),
-    seq_len: int = typer.Option(256, "--seq-len"),
-    seed: int = typer.Option(0, "--seed"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Artifact dir to write/extend (masks + prune/ report)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the machine-readable summary on stdout and nothing else."),
+    model: opt.Model = DEFAULTS.model,
+    method: Annotated[str, typer.Option("--method", "-m", help="threshold (TEAL/CATS, training-free) or predictor "
+                                                               "(Deja Vu/FTWT).")] = DEFAULTS.method,
+    sparsity: Annotated[float, typer.Option("--sparsity", "-s", help="Target fraction of inactive MLP neurons (mean "
+                                                                     "over layers).")] = DEFAULTS.sparsity,
+    sweep: Annotated[opt.Numbers, typer.Option("--sweep", parser=opt.floats, metavar="X,Y",
+                                               help="Also evaluate these sparsities, e.g. 0.25,0.4,0.5 (plot + "
+                                                    "table).")] = DEFAULTS.sweep,
+    allocation: Annotated[str, typer.Option("--allocation", help="uniform, or greedy (TEAL: per-layer sparsity "
+                                                                 "minimising output error).")] = DEFAULTS.allocation,
+    input_sparsity: Annotated[float, typer.Option("--input-sparsity", help="threshold method: also sparsify the "
+                                                                           "gate/up input x (TEAL).")]
+    = DEFAULTS.input_sparsity,
+    rank: Annotated[int, typer.Option("--rank", help="predictor: rank of the low-rank predictor.")] = DEFAULTS.rank,
+    label: Annotated[str, typer.Option("--label", help="predictor: train on the top-k neurons of |h| or on the top "
+                                                       "--mass of it (FTWT).")] = DEFAULTS.label,
+    mass: Annotated[float, typer.Option("--mass", help="predictor with --label mass: fraction of activation mass to "
+                                                       "cover.")] = DEFAULTS.mass,
+    steps: Annotated[int, typer.Option("--steps", help="predictor: training steps per layer.")] = DEFAULTS.steps,
+    data: opt.Data = DEFAULTS.data,
+    field: opt.TextField = DEFAULTS.field,
+    calibration_tokens: opt.CalibrationTokens = DEFAULTS.calibration_tokens,
+    heldout_tokens: opt.HeldoutTokens = DEFAULTS.heldout_tokens,
+    speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Time the MLP block and decoding, dense vs "
+                                                                   "sparse.")] = DEFAULTS.speed,
+    prompts: opt.Prompts = DEFAULTS.prompts,
+    prompt_tokens: opt.PromptTokens = DEFAULTS.prompt_tokens,
+    new_tokens: opt.NewTokens = DEFAULTS.new_tokens,
+    backend: Annotated[str, typer.Option("--sparse-backend", help="auto (numba on CPU, Triton on CUDA), cpu, triton, "
+                                                                  "reference, masked.")] = DEFAULTS.backend,
+    seq_len: opt.SeqLen = DEFAULTS.seq_len,
+    seed: opt.Seed = DEFAULTS.seed,
+    out: opt.out_dir("Artifact dir to write/extend (masks + prune/ report).") = None,
+    as_json: opt.Json = False,
 ) -> None:
-    config = PruneConfig(
-        model=model, data=data, field=field, seq_len=seq_len, seed=seed, method=method, sparsity=sparsity,
-        sweep=number_list(sweep, "--sweep"), allocation=allocation, input_sparsity=input_sparsity, rank=rank, label=label,
-        mass=mass, steps=steps, calibration_tokens=calibration_tokens, heldout_tokens=heldout_tokens, speed=speed,
-        prompts=prompts, prompt_tokens=prompt_tokens, new_tokens=new_tokens, backend=backend,
-    )
+    config = opt.config_from(job.PruneConfig, locals())
     config.validate()
-    existing = artifact_dir_option(out)
+    check_out_dir(out)
     with progress_reporter() as progress:
-        report = run_prune_job(config, progress=progress, existing=existing)
-    summary = report.summary()
+        report = job.run(config, progress=progress, existing=str(out) if out else None)
     if out is not None:
-        target_dir = report.artifact.save(out)
-        write_report_dir(target_dir / "prune", report_files(report))
+        target_dir = job.save(report, out)
         stderr.print(f"wrote {target_dir} (masks in masks.safetensors) and {target_dir / 'prune'}/")
     if as_json:
-        print_json(summary)
+        print_json(report.summary())
     else:
         render(report)

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from dyninfer.errors import DyninferError
+from dyninfer.core.errors import DyninferError
 
 HEAD_MEASURES = ("softmax", "margin", "entropy")  # need the exit head's logits
 STATE_MEASURES = ("saturation", "classifier")  # read the hidden state only
@@ -78,7 +78,7 @@ class ExitClassifier(nn.Module):
         return {"classifier.weight": self.weight.detach().contiguous(), "classifier.bias": self.bias.detach().contiguous()}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "ExitClassifier":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> ExitClassifier:
         weight, bias = tensors["classifier.weight"], tensors["classifier.bias"]
         model = cls(weight.shape[0], weight.shape[1])
         with torch.no_grad():

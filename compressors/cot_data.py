@@ -15,7 +15,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dyninfer.errors import DyninferError
+from dyninfer.core.errors import DyninferError
 
 FIELDS = ("question", "long", "short", "answer")
 _NAMES = ("Ada", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivo", "Jun", "Kofi", "Lena")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from dyninfer.errors import DyninferError
+from dyninfer.core.errors import DyninferError
 
 METHODS = ("auto", "binomial", "hoeffding-bentkus")
 # Losses this far outside [0, 1] are accepted as rounding noise and clipped.

@@ -8,7 +8,7 @@ data, so each layer reaches its target sparsity on text like the calibration tex
   activation h = act(gate x) * up x (the down projection's input). Optionally the MLP input x
   is sparsified too (TEAL's input sparsity for gate/up), so gate and up skip weight rows.
   Thresholding |act(gate x)| (CATS) was measured here and cost 10x more perplexity than |h|
-  at the same sparsity on SmolLM2-135M (RESEARCH.md), so |h| is the criterion.
+  at the same sparsity on SmolLM2-135M (+29% against +3.3% at 50%; docs/prune.md), so |h| is the criterion.
 - `predictor` (Deja Vu / FTWT): a low-rank predictor reads the MLP input and scores the
   neurons before any of them is computed, so gate, up and down all skip inactive neurons.
   It is trained self-supervised on the neurons that contribute most to the token's MLP output,
@@ -25,27 +25,33 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dyninfer.adapters import LayeredModel, MlpWeights
-from dyninfer.errors import DyninferError
+from dyninfer.core.adapters import LayeredModel, MlpWeights
+from dyninfer.core.errors import DyninferError
+from dyninfer.core.progress import ProgressFn
+from dyninfer.core.stages import MASKS_GROUP, PRUNE
+from dyninfer.kernels.cpu_sparse_mlp import (
+    cpu_kernel_available,
+    predicted_mlp_cpu,
+    rows_axpy_above_cpu,
+    rows_axpy_cpu,
+    sparse_mlp_cpu,
+)
 from dyninfer.kernels.reference import activation, pack_gated, pack_plain, rows_axpy_reference, sparse_mlp_reference
 
 METHODS = ("threshold", "predictor")
 ALLOCATIONS = ("uniform", "greedy")
 LABELS = ("topk", "mass")
 BACKENDS = ("auto", "cpu", "triton", "reference", "masked")
-PRUNE_STAGE = "prune"
-MASKS_GROUP = "masks"
 GREEDY_STEP = 0.025  # per-layer sparsity grid of the greedy allocation
 MAX_LAYER_SPARSITY = 0.95
 
-ProgressFn = Callable[[str, int, int], None]
 
 
 # --------------------------------------------------------------------------- predictor
@@ -102,7 +108,7 @@ class PruningPlan:
         return out
 
     @classmethod
-    def from_artifact(cls, stage: dict, tensors: dict[str, torch.Tensor], lm: LayeredModel) -> "PruningPlan":
+    def from_artifact(cls, stage: dict, tensors: dict[str, torch.Tensor], lm: LayeredModel) -> PruningPlan:
         plan = stage.get("plan") or {}
         try:
             thresholds = tensors["thresholds"].tolist()
@@ -140,10 +146,10 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
     if backend != "auto":
         return backend
     if device.type == "cpu" and dtype == torch.float32:
-        from dyninfer.kernels.cpu_sparse_mlp import cpu_kernel_available
-
         return "cpu" if cpu_kernel_available() else "reference"
     if device.type == "cuda":
+        # Imported on first use, not with this module: importing it imports triton (seconds), and
+        # triton reads TRITON_INTERPRET when the kernels are decorated, i.e. at that import.
         from dyninfer.kernels.triton_sparse_mlp import triton_available
 
         return "triton" if triton_available() else "reference"
@@ -153,11 +159,9 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
 def _kernels_for(backend: str):
     """(sparse_mlp, rows_axpy) implementations of a resolved backend."""
     if backend == "cpu":
-        from dyninfer.kernels.cpu_sparse_mlp import rows_axpy_cpu, sparse_mlp_cpu
-
         return sparse_mlp_cpu, rows_axpy_cpu
     if backend == "triton":
-        from dyninfer.kernels.triton_sparse_mlp import rows_axpy_triton, sparse_mlp_triton
+        from dyninfer.kernels.triton_sparse_mlp import rows_axpy_triton, sparse_mlp_triton  # see resolve_backend
 
         return sparse_mlp_triton, rows_axpy_triton
     return sparse_mlp_reference, rows_axpy_reference
@@ -245,8 +249,6 @@ class SparseMLP(nn.Module):
         sparse_mlp, rows_axpy = self._kernels
         w, flat = self.weights, x.reshape(-1)
         if self.predictor is not None and self._resolved == "cpu":  # predictor + selection + MLP in one call
-            from dyninfer.kernels.cpu_sparse_mlp import predicted_mlp_cpu
-
             out, count = predicted_mlp_cpu(flat, self.predictor, self.threshold, self._layout("packed"), w.act,
                                            w.first_bias)
         elif self.predictor is not None:
@@ -265,8 +267,6 @@ class SparseMLP(nn.Module):
             else:
                 h = self.hidden(flat)
             if self._resolved == "cpu":  # selection inside the kernel: one call per layer
-                from dyninfer.kernels.cpu_sparse_mlp import rows_axpy_above_cpu
-
                 out, count = rows_axpy_above_cpu(self._layout("down_rows"), h, self.threshold)
             else:
                 active = torch.nonzero(h.abs() > self.threshold).squeeze(1)
@@ -286,7 +286,7 @@ class SparseMLP(nn.Module):
 def install_pruning(lm: LayeredModel, plan: PruningPlan, backend: str = "auto") -> None:
     """Replace every decoder layer's MLP by a `SparseMLP` following `plan` (idempotent)."""
     if backend not in BACKENDS:
-        raise DyninferError(f"--sparse-backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
+        raise DyninferError(f"`backend` must be one of {', '.join(BACKENDS)}, got '{backend}'")
     if plan.num_layers != lm.num_layers:
         raise DyninferError(f"the pruning plan has {plan.num_layers} layers but the model has {lm.num_layers}")
     remove_pruning(lm)
@@ -300,7 +300,7 @@ def install_pruning(lm: LayeredModel, plan: PruningPlan, backend: str = "auto") 
 
 def load_pruning(artifact, lm: LayeredModel, backend: str = "auto") -> PruningPlan | None:
     """Install the artifact's pruning masks on `lm` (returns the plan; None when it has none)."""
-    stage = artifact.stages.get(PRUNE_STAGE)
+    stage = artifact.stages.get(PRUNE)
     if stage is None:
         return None
     plan = PruningPlan.from_artifact(stage, artifact.tensors.get(MASKS_GROUP, {}), lm)
@@ -309,6 +309,9 @@ def load_pruning(artifact, lm: LayeredModel, backend: str = "auto") -> PruningPl
 
 
 def remove_pruning(lm: LayeredModel) -> None:
+    """Put every layer's dense MLP back (nothing to do on families without MLP blocks)."""
+    if lm.adapter.recurrent:
+        return
     for i in range(lm.num_layers):
         module = lm.mlp(i)
         if isinstance(module, SparseMLP):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +21,10 @@ import torch.nn.functional as F
 
 from dyninfer.compressors.cot_data import CotExample, generate_problems, load_cot_jsonl
 from dyninfer.compressors.steering import ActivationSteering, ValveDelta
-from dyninfer.errors import DyninferError
-from dyninfer.models import LoadedModel, load_model
+from dyninfer.core.errors import DyninferError
+from dyninfer.core.models import LoadedModel, load_model
+from dyninfer.core.progress import ProgressFn, silent
 
-ProgressFn = Callable[[str, int, int], None]
 BUILTIN_COT = "builtin:arithmetic"
 KINDS = ("mean", "pca")
 
@@ -103,12 +102,14 @@ class CotPrompter:
         return list(prompt) + list(chain_ids), len(prompt)
 
 
-def _batches(items: list, size: int):
+def batches(items: list, size: int):
+    """Consecutive slices of `items` of at most `size` each."""
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
 
-def _right_padded(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def right_padded(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as one right-padded batch: (ids, attention mask)."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -148,15 +149,15 @@ def chain_means(loaded: LoadedModel, prompter: CotPrompter, examples: list[CotEx
         return hook
 
     handles = [lm.layers[i].register_forward_hook(hook_for(i)) for i in layers]
-    report = progress or (lambda *a: None)
+    report = progress or silent
     out = {}
     try:
         for kind in ("long", "short"):
             encoded = [prompter.encode(e.question, getattr(e, kind)) for e in examples]
             means = []
-            for done, batch in enumerate(_batches(encoded, batch_size)):
+            for done, batch in enumerate(batches(encoded, batch_size)):
                 report(f"hidden states of the {kind} chains", done * batch_size, len(encoded))
-                ids, mask = _right_padded([seq for seq, _ in batch], pad_id(prompter.tokenizer))
+                ids, mask = right_padded([seq for seq, _ in batch], pad_id(prompter.tokenizer))
                 loaded.model(input_ids=ids, attention_mask=mask, use_cache=False)
                 chain = torch.zeros(ids.shape, dtype=torch.bool)
                 for row, (seq, start) in enumerate(batch):
@@ -176,7 +177,7 @@ def chain_means(loaded: LoadedModel, prompter: CotPrompter, examples: list[CotEx
 def activation_direction(means: dict[str, torch.Tensor], layers: list[int], kind: str = "mean") -> ActivationSteering:
     """Short-minus-long per layer: the difference of means, or its first principal direction (PCA)."""
     if kind not in KINDS:
-        raise DyninferError(f"--kind must be one of {', '.join(KINDS)}, got '{kind}'")
+        raise DyninferError(f"`kind` must be one of {', '.join(KINDS)}, got '{kind}'")
     differences = means["short"] - means["long"]  # [examples, layers, d]
     mean_shift = differences.mean(0)
     directions = {}
@@ -222,11 +223,11 @@ def train_valve(loaded: LoadedModel, prompter: CotPrompter, examples: list[CotEx
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     losses = []
-    report = progress or (lambda *a: None)
+    report = progress or silent
     try:
         for step in range(steps):
             batch = rng.sample(encoded, min(batch_size, len(encoded)))
-            ids, mask = _right_padded([seq for seq, _ in batch], pad)
+            ids, mask = right_padded([seq for seq, _ in batch], pad)
             labels = ids.clone()
             labels[mask == 0] = -100
             for row, (_, start) in enumerate(batch):
@@ -256,7 +257,7 @@ def train_valve(loaded: LoadedModel, prompter: CotPrompter, examples: list[CotEx
               "first_loss": losses[0] if losses else None,
               "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None}
     if not low_rank:
-        raise DyninferError(f"no weights matched the LoRA targets {', '.join(targets)}; pass --targets")
+        raise DyninferError(f"no weights matched the LoRA targets {', '.join(targets)}; pass `targets`")
     return ValveDelta(low_rank, {}), record
 
 

@@ -24,12 +24,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dyninfer.adapters import LayeredModel
-from dyninfer.artifacts import Artifact
-from dyninfer.errors import DyninferError
+from dyninfer.core.adapters import LayeredModel
+from dyninfer.core.artifacts import Artifact
+from dyninfer.core.errors import DyninferError
+from dyninfer.core.stages import STEER, STEERING_GROUP
 
-STEER_STAGE = "steer"
-STEERING_GROUP = "steering"
 METHODS = ("activation", "valve")
 _ACTIVATION_PREFIX = "activation.layer"
 _VALVE_PREFIX = "valve."
@@ -48,7 +47,7 @@ class ActivationSteering:
         return {f"{_ACTIVATION_PREFIX}{i}": v.detach().float().cpu() for i, v in sorted(self.directions.items())}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "ActivationSteering | None":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> ActivationSteering | None:
         found = {int(k[len(_ACTIVATION_PREFIX):]): v for k, v in tensors.items() if k.startswith(_ACTIVATION_PREFIX)}
         return cls(found) if found else None
 
@@ -126,7 +125,7 @@ class ValveDelta:
         return out
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "ValveDelta | None":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> ValveDelta | None:
         low_rank, dense = {}, {}
         for key, value in tensors.items():
             if not key.startswith(_VALVE_PREFIX):
@@ -178,17 +177,17 @@ class Steering:
     valve: ValveDelta | None = None
 
     @classmethod
-    def from_artifact(cls, artifact: Artifact) -> "Steering":
+    def from_artifact(cls, artifact: Artifact) -> Steering:
         tensors = artifact.tensors.get(STEERING_GROUP, {})
         return cls(ActivationSteering.from_tensors(tensors), ValveDelta.from_tensors(tensors))
 
     def get(self, method: str):
         found = self.activation if method == "activation" else self.valve if method == "valve" else None
         if method not in METHODS:
-            raise DyninferError(f"--method must be one of {', '.join(METHODS)}, got '{method}'")
+            raise DyninferError(f"`method` must be one of {', '.join(METHODS)}, got '{method}'")
         if found is None:
-            raise DyninferError(f"the artifact holds no {method} direction; run `dyninfer steer extract "
-                                f"--method {method} --out ARTIFACT` first")
+            raise DyninferError(f"the artifact holds no {method} direction; extract one into it with "
+                                f"`dyninfer steer extract` ({method}) first")
         return found
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -245,7 +244,7 @@ def steered(lm: LayeredModel, direction: ActivationSteering | ValveDelta, alpha:
 
 def applied(artifact: Artifact) -> dict | None:
     """The stage's record of the baked steering ({"method", "alpha"}), if any."""
-    return (artifact.stages.get(STEER_STAGE) or {}).get("applied")
+    return (artifact.stages.get(STEER) or {}).get("applied")
 
 
 def load_steering(artifact: Artifact, lm: LayeredModel) -> dict | None:

@@ -4,10 +4,11 @@ plain model, exported by `dyninfer export` into the package's baseline/ folder."
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 
-from dyninfer.errors import DyninferError
-from dyninfer.exporters.runtime import find_package, read_package
+from dyninfer.core.errors import DyninferError
+from dyninfer.exporters.onnx_runtime import find_package, read_package
 
 
 @dataclass
@@ -37,7 +38,7 @@ def load_optimum_baseline(package, provider: str) -> OptimumBaseline:
     manifest = read_package(package)
     if not manifest.get("baseline"):
         raise DyninferError(f"the package at '{package}' has no optimum baseline; re-run `dyninfer export` "
-                            "without --no-baseline")
+                            "with `baseline`")
     from optimum.onnxruntime import ORTModelForCausalLM
 
     folder = find_package(package) / manifest["baseline"]

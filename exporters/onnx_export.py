@@ -7,7 +7,7 @@ The package (default `ARTIFACT/onnx/`) holds
   source-artifact.json            a copy of the artifact's manifest;
   tokenizer files and config.json;
   baseline/                       the plain full model exported by optimum (the reference a user
-                                  would otherwise deploy), unless --no-baseline.
+                                  would otherwise deploy), unless `no_baseline`.
 It is built in a temporary directory and swapped in only when complete and verified.
 """
 
@@ -21,27 +21,34 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from dyninfer.artifacts import MANIFEST_NAME, staged_directory
-from dyninfer.compressors.dynamic import DynamicModel
-from dyninfer.compressors.from_artifact import LoadedDynamic, load_dynamic
-from dyninfer.errors import DyninferError
+from dyninfer.core.adapters import LayeredModel
+from dyninfer.core.artifacts import MANIFEST_NAME, staged_directory
+from dyninfer.core.errors import DyninferError
+from dyninfer.core.lenses import LogitLens
+from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.exporters import ops
-from dyninfer.exporters.runtime import (PACKAGE_FORMAT, PACKAGE_MANIFEST, PACKAGE_VERSION, PROVIDERS,
-                                        OnnxDynamicModel, create_session)
+from dyninfer.exporters.onnx_runtime import (
+    PACKAGE_FORMAT,
+    PACKAGE_MANIFEST,
+    PACKAGE_VERSION,
+    PROVIDERS,
+    OnnxDynamicModel,
+    create_session,
+)
 from dyninfer.exporters.step import DynamicStep, check_exportable
+from dyninfer.runtime.dynamic import DynamicModel
+from dyninfer.runtime.loader import LoadedDynamic
 
 MODEL_FILE = "model.onnx"
 BASELINE_DIR = "baseline"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 EXITS_DISABLED = 2.0  # an exit threshold no confidence (<= 1) reaches
 
-ProgressFn = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -76,12 +83,12 @@ def output_names(num_layers: int) -> list[str]:
 
 def check_options(provider: str, dtype: str) -> None:
     if provider not in PROVIDERS:
-        raise DyninferError(f"--provider must be one of {', '.join(PROVIDERS)}, got '{provider}'")
+        raise DyninferError(f"`provider` must be one of {', '.join(PROVIDERS)}, got '{provider}'")
     if dtype not in DTYPES:
-        raise DyninferError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+        raise DyninferError(f"`dtype` must be one of {', '.join(DTYPES)}, got '{dtype}'")
     if dtype == "fp16" and provider == "cpu":
         raise DyninferError("fp16 packages are for the CUDA execution provider (ONNX Runtime's CPU kernels are "
-                            "fp32); use --provider cuda or --dtype fp32")
+                            "fp32); use `provider` cuda or `dtype` fp32")
 
 
 def provider_problem(provider: str) -> str | None:
@@ -96,17 +103,18 @@ def provider_problem(provider: str) -> str | None:
     return create_session(probe.SerializeToString(), provider)[1]
 
 
-def _check_out_dir(out: Path) -> None:
+def check_package_dir(out: Path) -> None:
+    """Refuse an output path that is not a new, empty or package directory, before any work."""
     parent = out.resolve().parent
     if out.exists() and not out.is_dir():
-        raise DyninferError(f"--out '{out}' is a file; give a directory path")
+        raise DyninferError(f"`out` '{out}' is a file; give a directory path")
     if out.is_dir() and any(out.iterdir()) and not (out / PACKAGE_MANIFEST).is_file():
-        raise DyninferError(f"--out '{out}' is a non-empty directory that is not a dyninfer ONNX package; "
+        raise DyninferError(f"`out` '{out}' is a non-empty directory that is not a dyninfer ONNX package; "
                             "choose a new or empty directory")
     if not parent.is_dir():
-        raise DyninferError(f"the parent directory of --out '{out}' does not exist; create it first")
+        raise DyninferError(f"the parent directory of `out` '{out}' does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise DyninferError(f"cannot write into '{parent}' (permission denied); choose another --out")
+        raise DyninferError(f"cannot write into '{parent}' (permission denied); choose another `out`")
 
 
 @contextlib.contextmanager
@@ -153,9 +161,6 @@ def export_step_onnx(dynamic: DynamicModel, path: Path, dtype: str = "fp32") -> 
     lm, lens = dynamic.lm, dynamic.lens
     torch_dtype = DTYPES[dtype]
     if torch_dtype != torch.float32:  # trace a converted copy; the loaded model stays fp32
-        from dyninfer.adapters import LayeredModel
-        from dyninfer.profilers.lenses import LogitLens
-
         lm = LayeredModel(copy.deepcopy(lm.model).to(torch_dtype))
         lens = copy.deepcopy(lens).to(torch_dtype) if isinstance(lens, torch.nn.Module) else LogitLens(lm)
         dynamic = DynamicModel(lm, dynamic.policy, lens, dynamic.classifier)
@@ -228,34 +233,44 @@ def export_baseline(dyn: LoadedDynamic, target: Path) -> None:
             onnx_export_from_model(dyn.loaded.model, target, task="text-generation-with-past", do_validation=False)
     except Exception as exc:  # noqa: BLE001
         raise DyninferError(f"optimum could not export the baseline: {' '.join(str(exc).split())[:300]} "
-                            "(pass --no-baseline to skip it)") from exc
+                            "(pass `no_baseline` to skip it)") from exc
     dyn.loaded.tokenizer.save_pretrained(target)
 
 
-def export_package(
-    artifact: str,
-    out: str | None = None,
+def preflight(target: Path | None, provider: str, dtype: str, verify: bool) -> None:
+    """Everything an export can refuse before the model loads: options, the output path (unless None: a
+    caller that builds the package inside a staged folder), the provider."""
+    check_options(provider, dtype)
+    if target is not None:
+        check_package_dir(target)
+    problem = provider_problem(provider) if verify else None
+    if problem:
+        raise DyninferError(f"{problem}; export with `provider` cpu, or with `no_verify` to build the package "
+                            "for another machine")
+
+
+def export_dynamic(
+    dyn: LoadedDynamic,
+    target: Path,
     *,
     provider: str = "cpu",
     dtype: str = "fp32",
-    model: str | None = None,
-    kv_mode: str | None = None,
     baseline: bool = True,
     verify: bool = True,
     progress: ProgressFn | None = None,
 ) -> ExportResult:
-    report = progress or (lambda *a: None)
-    check_options(provider, dtype)
-    target = Path(out) if out else Path(artifact) / "onnx"
-    _check_out_dir(target)
-    problem = provider_problem(provider) if verify else None
-    if problem:
-        raise DyninferError(f"{problem}; export with --provider cpu, or with --no-verify to build the package "
-                            "for another machine")
+    """Export `dyn` as a package at `target`, built aside and swapped in only when complete and verified.
+
+    Call `preflight` first (before loading anything). The artifact `dyn` was built from must be
+    saved: its manifest is copied into the package.
+    """
+    report = progress or silent
+    if dyn.policy is None:
+        raise DyninferError("the artifact has no early-exit policy; run `dyninfer calibrate` into it first")
+    if dyn.artifact.path is None:
+        raise ValueError("export_dynamic needs a saved artifact: its manifest goes into the package")
     started = time.perf_counter()
     steps = 4 if baseline else 3
-    report("loading the dynamic model", 0, steps)
-    dyn = load_dynamic(artifact, model, require_policy=True, kv_mode=kv_mode)
     lm = dyn.loaded.layered
     notes = []
     if dyn.policy.threshold is None:
@@ -268,7 +283,7 @@ def export_package(
                                  base_model={"spec": dyn.loaded.spec, "content_hash": dyn.loaded.content_hash})
         tokenizer.save_pretrained(tmp)
         dyn.loaded.model.config.save_pretrained(tmp)
-        shutil.copyfile(Path(artifact) / MANIFEST_NAME, tmp / "source-artifact.json")
+        shutil.copyfile(Path(dyn.artifact.path) / MANIFEST_NAME, tmp / "source-artifact.json")
         manifest["baseline"] = BASELINE_DIR if baseline else None
         _write_manifest(tmp, manifest)
         difference = None

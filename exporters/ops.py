@@ -6,7 +6,7 @@ it loads the model, so stock ONNX Runtime runs them on any execution provider (C
 included) with no compiled library, while the saved graph still shows one named node per
 exit decision.
 
-Route (see RESEARCH.md): on the torch side each op is a `torch.library` custom op with a
+Route (found while building export; docs/export.md): on the torch side each op is a `torch.library` custom op with a
 reference implementation (used when tracing and by the parity tests); the exporter's
 `custom_translation_table` turns each into a single node of our domain, and
 `add_function_definitions` attaches the function bodies afterwards. Mapping the ops to

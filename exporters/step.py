@@ -20,12 +20,12 @@ import copy
 import torch
 from torch import nn
 
-from dyninfer.adapters import LayeredModel
-from dyninfer.compressors.calibrate import ExitPolicy
 from dyninfer.compressors.confidence import HEAD_MEASURES
-from dyninfer.compressors.dynamic import DynamicModel
-from dyninfer.errors import DyninferError
+from dyninfer.compressors.exit_policy import ExitPolicy
+from dyninfer.core.adapters import LayeredModel
+from dyninfer.core.errors import DyninferError
 from dyninfer.exporters import ops
+from dyninfer.runtime.dynamic import DynamicModel
 
 
 class StepCache:
@@ -47,7 +47,7 @@ class StepCache:
         return key, value
 
     @classmethod
-    def for_layers(cls, first: int, past) -> "StepCache":
+    def for_layers(cls, first: int, past) -> StepCache:
         """The cache of layers first, first + 1, ... from their flat (key, value, key, value, ...) past."""
         return cls({first + i: (past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)})
 
@@ -58,10 +58,10 @@ class StepCache:
 def check_exportable(lm: LayeredModel, policy: ExitPolicy | None) -> None:
     if lm.adapter.recurrent:
         raise DyninferError(f"ONNX export needs a KV cache; the {lm.family} family keeps a recurrent state "
-                            "(run it with --backend torch)")
+                            "(run it with the torch backend)")
     if policy is not None and policy.kv_mode != "propagate":
         raise DyninferError(f"the policy's KV mode is '{policy.kv_mode}'; the ONNX graph fills skipped layers by "
-                            "propagation: export with --kv-mode propagate")
+                            "propagation: export with `kv_mode` propagate")
 
 
 class DynamicStep(nn.Module):

@@ -1,1 +1,4 @@
-"""See DESIGN.md for what lives here."""
+"""Sparse MLP kernels for batch-1 decoding: a torch reference, numba CPU kernels and Triton kernels.
+
+May import: nothing else from dyninfer (the lowest layer besides `core`, which it does not need).
+"""

@@ -17,14 +17,15 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from dyninfer.adapters import LayeredModel
-from dyninfer.compressors.dynamic import default_draft_layer
-from dyninfer.compressors.from_artifact import LoadedDynamic
 from dyninfer.compressors.pruning import dense_inside
-from dyninfer.errors import DyninferError
-from dyninfer.profilers.cost import speedup_basis
-
-ProgressFn = Callable[[str, int, int], None]
+from dyninfer.core.adapters import LayeredModel
+from dyninfer.core.cost import speedup_basis
+from dyninfer.core.errors import DyninferError
+from dyninfer.core.progress import ProgressFn, silent
+from dyninfer.exporters.baseline import load_optimum_baseline
+from dyninfer.exporters.onnx_runtime import OnnxDynamicModel
+from dyninfer.runtime.dynamic import default_draft_layer
+from dyninfer.runtime.loader import LoadedDynamic
 
 
 @dataclass
@@ -147,9 +148,6 @@ def run_onnx_bench(
 ) -> BenchResult:
     """The exported package against optimum's ORTModelForCausalLM (its baseline/ export), in one run:
     our ONNX dynamic model, our ONNX model with exits disabled, and the torch dynamic model."""
-    from dyninfer.exporters.baseline import load_optimum_baseline
-    from dyninfer.exporters.runtime import OnnxDynamicModel
-
     _check_sizes(prompts, new_tokens)
     runtime = OnnxDynamicModel(package, provider=provider)
     optimum = load_optimum_baseline(package, runtime.provider)
@@ -176,9 +174,9 @@ def _as_torch(result):
 
 def _check_sizes(prompts: torch.Tensor, new_tokens: int) -> None:
     if prompts.shape[0] < 1 or prompts.shape[1] < 1:
-        raise DyninferError("no prompts to benchmark; use more data or a shorter --prompt-tokens")
+        raise DyninferError("no prompts to benchmark; use more data or a shorter `prompt_tokens`")
     if new_tokens < 1:
-        raise DyninferError(f"--new-tokens must be at least 1, got {new_tokens}")
+        raise DyninferError(f"`new_tokens` must be at least 1, got {new_tokens}")
 
 
 def _predicted(dyn: LoadedDynamic) -> float | None:
@@ -203,7 +201,7 @@ def compare_side_by_side(
     tokens/s over all prompts; quality is measured against the baseline's tokens and, for
     perplexity, under the full dense torch model (pruning masks taken out).
     """
-    report = progress or (lambda *a: None)
+    report = progress or silent
     baseline_outputs, baseline_seconds = [], 0.0
     runs: dict[str, list] = {name: [] for name in runners}
     seconds = {name: 0.0 for name in runners}

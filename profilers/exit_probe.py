@@ -11,18 +11,18 @@ stays equal) and the oracle compute saving of exiting exactly there.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
 
-from dyninfer.adapters import LayeredModel
-from dyninfer.profilers.cost import CostModel
-from dyninfer.profilers.lenses import LOGIT
+from dyninfer.core.adapters import LayeredModel
+from dyninfer.core.cost import CostModel
+from dyninfer.core.lenses import LOGIT
+from dyninfer.core.progress import ProgressFn, silent
 
-ProgressFn = Callable[[str, int, int], None]
 ECE_BINS = 15
 
 
@@ -138,7 +138,7 @@ class _FinalDistribution:
     top1: torch.Tensor
 
     @classmethod
-    def from_logits(cls, logits: torch.Tensor) -> "_FinalDistribution":
+    def from_logits(cls, logits: torch.Tensor) -> _FinalDistribution:
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         probs = logprobs.exp()
         return cls(probs, (probs * logprobs).sum(-1), logprobs.argmax(-1))
@@ -183,7 +183,7 @@ def run_probe(
     progress: ProgressFn | None = None,
 ) -> ProbeResult:
     """Probe `windows` ([n, seq_len + 1] token ids) with each lens in `lenses`."""
-    report = progress or (lambda *a: None)
+    report = progress or silent
     n_index = lm.num_layers + 1
     accs = {lens.kind: _Accumulator(n_index) for lens in lenses}
     n_batches = (windows.shape[0] + batch_size - 1) // batch_size

@@ -33,10 +33,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from dyninfer.adapters import LayeredModel
-from dyninfer.profilers.cost import _EXTRA_FORMULAS, CostModel
+from dyninfer.core.adapters import LayeredModel
+from dyninfer.core.cost import EXTRA_FLOP_FORMULAS, CostModel
+from dyninfer.core.progress import ProgressFn, silent
 
-ProgressFn = Callable[[str, int, int], None]
 Key = tuple[str, int]  # (piece, layer); model-level pieces use layer -1
 MODEL_LEVEL = -1
 
@@ -115,7 +115,7 @@ class _Flops(_Meter):
     """FLOPs per piece in one pass, read off one running counter."""
 
     def __init__(self):
-        self.counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
+        self.counter = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
         self.flops: dict[Key, float] = {}
 
     def active(self):
@@ -380,7 +380,7 @@ def _measured_checks(lm: LayeredModel, warmup: int, repeats: int) -> tuple[float
 def profile_layers(lm: LayeredModel, prompt: torch.Tensor, *, warmup: int = 3, repeats: int = 20,
                    progress: ProgressFn | None = None) -> LayerProfile:
     """Profile every piece of `lm` on `prompt` ([1, context] token ids) and one decode step after it."""
-    report = progress or (lambda *a: None)
+    report = progress or silent
     started = time.perf_counter()
     work = _Workload(lm, prompt)
     context, n = work.context, lm.num_layers

@@ -80,7 +80,7 @@ class Nvml:
         self.nvml, self.handle, self.index = module, handle, index
 
     @classmethod
-    def open(cls, index: int = 0, module=None) -> "Nvml":
+    def open(cls, index: int = 0, module=None) -> Nvml:
         """Start NVML and pick GPU `index`; GpuUnavailable says why not."""
         if module is None:
             try:

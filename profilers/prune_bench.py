@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from dyninfer.adapters import LayeredModel
 from dyninfer.compressors.pruning import PruningPlan, dense_inside, pruned, resolve_backend, sparse_modules
+from dyninfer.core.adapters import LayeredModel
+from dyninfer.core.progress import ProgressFn
 from dyninfer.profilers.bench import greedy_generate
-
-ProgressFn = Callable[[str, int, int], None]
 
 
 @dataclass

@@ -12,19 +12,18 @@ that keeps at least `keep` of the unsteered answers.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from scipy.stats import spearmanr
 
 from dyninfer.compressors.cot_data import CotExample, extract_answer
-from dyninfer.compressors.steer_extract import CotPrompter, _batches, _right_padded, pad_id
+from dyninfer.compressors.steer_extract import CotPrompter, batches, pad_id, right_padded
 from dyninfer.compressors.steering import ActivationSteering, ValveDelta, steered
-from dyninfer.errors import DyninferError
-from dyninfer.models import LoadedModel
-
-ProgressFn = Callable[[str, int, int], None]
+from dyninfer.core.errors import DyninferError
+from dyninfer.core.models import LoadedModel
+from dyninfer.core.progress import ProgressFn, silent
 
 
 @dataclass
@@ -42,8 +41,8 @@ def generate_greedy(loaded: LoadedModel, prompts: list[str], max_new_tokens: int
     pad = pad_id(tokenizer)
     size = 1 if loaded.layered.adapter.recurrent else batch_size
     results = []
-    report = progress or (lambda *a: None)
-    for batch in _batches(prompts, size):
+    report = progress or silent
+    for batch in batches(prompts, size):
         report("generating", len(results), len(prompts))
         encoded = [tokenizer(p, add_special_tokens=not chat)["input_ids"] for p in batch]
         width = max(len(e) for e in encoded)
@@ -76,8 +75,8 @@ def chain_perplexity(loaded: LoadedModel, prompts: list[str], generations: list[
     if not items:
         return float("nan")
     total, count = 0.0, 0
-    for batch in _batches(items, batch_size):
-        ids, mask = _right_padded([seq for seq, _ in batch], pad_id(tokenizer))
+    for batch in batches(items, batch_size):
+        ids, mask = right_padded([seq for seq, _ in batch], pad_id(tokenizer))
         logits = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
         nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
         for row, (seq, start) in enumerate(batch):
@@ -140,16 +139,14 @@ def answer_scores(questions: list[CotExample], answers: list, base_answers: list
 def run_sweep(loaded: LoadedModel, direction: ActivationSteering | ValveDelta, method: str, prompter: CotPrompter,
               questions: list[CotExample], alphas: list[float], max_new_tokens: int = 128, batch_size: int = 16,
               keep: float = 0.9, samples: int = 2, progress: ProgressFn | None = None) -> SweepResult:
-    from scipy.stats import spearmanr
-
     if len(set(alphas)) < 2:
-        raise DyninferError("--alphas needs at least two different values, e.g. -1,-0.5,0,0.5,1")
+        raise DyninferError("`alphas` needs at least two different values, e.g. -1,-0.5,0,0.5,1")
     if not questions:
         raise DyninferError("no held-out questions to sweep on; use more data")
     lm = loaded.layered
     prompts = [prompter.prompt(q.question) for q in questions]
     ordered = sorted(set(alphas) | {0.0})
-    report = progress or (lambda *a: None)
+    report = progress or silent
     generated: dict[float, list[Generation]] = {}
     for k, alpha in enumerate(ordered):
         report(f"α = {alpha:g} ({k + 1}/{len(ordered)})", k, len(ordered))

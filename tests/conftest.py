@@ -72,3 +72,9 @@ def calibrate_tiny(root: Path) -> tuple[Path, Path, Path]:
                                       "--out", str(artifact)])
     assert result.exit_code == 0, result.output
     return model, data, artifact
+
+
+def pytest_collection_modifyitems(config, items):
+    """The bundled-model tests first: they are the longest, so two xdist workers finish them early
+    and share out the many short tests afterwards, instead of ending on one long test."""
+    items.sort(key=lambda item: item.get_closest_marker("integration") is None)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from dyninfer.adapters import LayeredModel, adapter_for, supported_model_types
-from dyninfer.errors import DyninferError
 from tiny_models import ARCHS, VOCAB, tiny_model
+
+from dyninfer.core.adapters import LayeredModel, adapter_for, supported_model_types
+from dyninfer.core.errors import DyninferError
 
 
 def _captured_layer_outputs(model, lm: LayeredModel, ids):

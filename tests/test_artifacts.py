@@ -1,4 +1,4 @@
-"""Tests for dyninfer.artifacts: the on-disk dynamic model package."""
+"""Tests for dyninfer.core.artifacts: the on-disk dynamic model package."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import pytest
 import safetensors.torch
 import torch
 
-from dyninfer.artifacts import (
+from dyninfer.core.artifacts import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
     Artifact,
     BaseModelInfo,
     artifact_exists,
 )
-from dyninfer.errors import DyninferError
+from dyninfer.core.errors import DyninferError
 
 HASH = "a" * 64
 OTHER_HASH = "b" * 64

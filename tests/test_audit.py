@@ -7,11 +7,14 @@ import json
 from html.parser import HTMLParser
 
 import pytest
+from conftest import random_text, save_tiny
 from typer.testing import CliRunner
 
-from conftest import random_text, save_tiny
-from dyninfer.artifacts import Artifact
 from dyninfer.cli.app import app
+from dyninfer.core.artifacts import Artifact
+
+# One xdist worker runs this module: its module fixture is built once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("audit")]
 
 runner = CliRunner()
 SMALL = ["--seq-len", "32", "--tokens", "256", "--calibration-tokens", "1024", "--heldout-tokens", "256",
@@ -148,10 +151,10 @@ def test_audit_extends_an_artifact_with_pruning_and_keeps_foreign_files(setup, t
 @pytest.mark.parametrize("args, fragment", [
     (["--min-consistency", "1.5"], "--min-consistency must be between 0 and 1"),
     (["--min-speedup", "0"], "--min-speedup must be positive"),
-    (["--targets", "0.9,x"], "--targets takes comma-separated numbers"),
-    (["--lens", "fancy"], "--lens must be logit or tuned"),
+    (["--targets", "0.9,x"], "'--targets': takes comma-separated numbers"),
+    (["--lens", "fancy"], "--lens must be one of logit, tuned"),
     (["--steer", "magic"], "--steer must be one of activation, valve"),
-    (["--steer", "valve", "--steer-alphas", "a"], "--steer-alphas takes comma-separated numbers"),
+    (["--steer", "valve", "--steer-alphas", "a"], "'--steer-alphas': takes comma-separated numbers"),
     (["--repeats", "1"], "--repeats must be at least 3"),
     (["--calibration-tokens", "100000"], "lower --fit-tokens/--calibration-tokens"),
 ])

@@ -7,12 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny_models import VOCAB, tiny_model
 from typer.testing import CliRunner
 
-from dyninfer.adapters import LayeredModel
-from dyninfer.artifacts import Artifact
 from dyninfer.cli.app import app
-from dyninfer.compressors.calibrate import (
+from dyninfer.compressors.exit_policy import (
     ExitPolicy,
     Trace,
     block_losses,
@@ -22,9 +21,10 @@ from dyninfer.compressors.calibrate import (
     trace_exits,
 )
 from dyninfer.compressors.ltt import learn_then_test
-from dyninfer.profilers.cost import CostModel
-from dyninfer.profilers.lenses import LogitLens
-from tiny_models import VOCAB, tiny_model
+from dyninfer.core.adapters import LayeredModel
+from dyninfer.core.artifacts import Artifact
+from dyninfer.core.cost import CostModel
+from dyninfer.core.lenses import LogitLens
 
 COSTS = CostModel(context=0, embed=0.0, layers=[10.0] * 6, norm=1.0, head=40.0, translator=5.0)
 
@@ -92,6 +92,7 @@ def test_expensive_checks_place_no_exit_points():
     assert select_exit_points(trace, COSTS, "softmax", False, 0, 8, target=0.9) == [5]
 
 
+@pytest.mark.slow
 def test_guarantee_holds_on_synthetic_traces_with_known_truth():
     """Confidence predicts agreement with a known law; the certified threshold's true risk <= delta."""
     rng = np.random.default_rng(0)
@@ -184,10 +185,11 @@ def test_calibrate_bad_options(tiny_llama_dir, long_text, args, fragment):
     assert fragment in result.stderr and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("measure", ["classifier", "softmax"])
 def test_several_targets_on_shared_traces_equal_one_run_per_target(measure):
     """Tracing every candidate once and reading each target's rows gives what tracing its points alone gives."""
-    from dyninfer.compressors.calibrate import run_calibration, run_calibrations
+    from dyninfer.compressors.exit_policy import run_calibration, run_calibrations
 
     lm = LayeredModel(tiny_model("llama", layers=6))
     windows = torch.randint(0, VOCAB, (24, 17), generator=torch.Generator().manual_seed(1))

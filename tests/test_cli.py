@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import save_tiny
 from typer.testing import CliRunner
 
-from dyninfer.artifacts import Artifact
 from dyninfer.cli.app import app
-from conftest import save_tiny
+from dyninfer.core.artifacts import Artifact
 
 runner = CliRunner()
 SMALL = ["--tokens", "64", "--seq-len", "16"]

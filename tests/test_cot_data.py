@@ -8,7 +8,7 @@ import re
 import pytest
 
 from dyninfer.compressors.cot_data import extract_answer, generate_problems, load_cot_jsonl
-from dyninfer.errors import DyninferError
+from dyninfer.core.errors import DyninferError
 
 STEP = re.compile(r"(-?\d+) ([-+*/]) (\d+) = (-?\d+)")
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}

@@ -1,4 +1,4 @@
-"""Tests for dyninfer.data: corpus specs, file formats, errors and token windows."""
+"""Tests for dyninfer.core.data: corpus specs, file formats, errors and token windows."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from dyninfer import data
-from dyninfer.data import (
+from dyninfer.core import data
+from dyninfer.core.data import (
     BUILTIN_CORPORA,
     DEFAULT_DATA,
     TokenWindows,
@@ -22,7 +22,7 @@ from dyninfer.data import (
     load_windows,
     make_windows,
 )
-from dyninfer.errors import DyninferError
+from dyninfer.core.errors import DyninferError
 
 EOS = "<eos>"
 UNK = "<unk>"
@@ -211,7 +211,7 @@ def test_bad_json_line_names_line(tmp_path):
 def test_jsonl_missing_field_lists_fields(tmp_path):
     path = tmp_path / "corpus.jsonl"
     path.write_text('{"title": "a", "body": "b"}\n', encoding="utf-8")
-    with pytest.raises(DyninferError, match=r"no field 'text'.*--field with one of: body, title"):
+    with pytest.raises(DyninferError, match=r"no field 'text'.*`field` with one of: body, title"):
         load_texts(str(path))
 
 
@@ -332,7 +332,7 @@ def test_remainder_is_dropped(tokenizer):
 
 
 def test_too_few_windows(tokenizer):
-    with pytest.raises(DyninferError, match=r"data 'tiny' has only 5 tokens.*shorter --seq-len"):
+    with pytest.raises(DyninferError, match=r"data 'tiny' has only 5 tokens.*shorter `seq_len`"):
         make_windows(["w1 w2 w3 w4 w5"], tokenizer, spec="tiny", seq_len=4)
     # Exactly two windows is enough, and each split gets one even with a lopsided fraction.
     windows = make_windows(["w1 w2 w3 w4 w5 w6"], tokenizer, seq_len=2, heldout_fraction=0.1)
@@ -341,7 +341,7 @@ def test_too_few_windows(tokenizer):
 
 @pytest.mark.parametrize("seq_len", [0, 1, -5])
 def test_bad_seq_len(tokenizer, seq_len):
-    with pytest.raises(DyninferError, match="seq-len"):
+    with pytest.raises(DyninferError, match="`seq_len`"):
         make_windows(DOCUMENTS, tokenizer, seq_len=seq_len)
 
 
@@ -365,7 +365,7 @@ def test_take_too_many_tokens(tokenizer):
     windows = make_windows(DOCUMENTS, tokenizer, spec="unit", seq_len=9)
     available = windows.train.shape[0] * 9
     windows.take("train", available)
-    with pytest.raises(DyninferError, match=rf"train split of data 'unit' has {available} tokens.*lower --tokens"):
+    with pytest.raises(DyninferError, match=rf"train split of data 'unit' has {available} tokens.*lower `tokens`"):
         windows.take("train", available + 1)
     with pytest.raises(DyninferError, match="at least 1"):
         windows.take("train", 0)

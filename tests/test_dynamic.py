@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from dyninfer.adapters import LayeredModel
-from dyninfer.compressors.calibrate import ExitPolicy
-from dyninfer.compressors.dynamic import DynamicModel
-from dyninfer.errors import DyninferError
-from dyninfer.profilers.lenses import LogitLens
 from tiny_models import ARCHS, VOCAB, tiny_model
+
+from dyninfer.compressors.exit_policy import ExitPolicy
+from dyninfer.core.adapters import LayeredModel
+from dyninfer.core.errors import DyninferError
+from dyninfer.core.lenses import LogitLens
+from dyninfer.runtime.dynamic import DynamicModel
 
 NEW = 24
 ATTENTION_ARCHS = [a for a in ARCHS if a != "mamba"]
@@ -95,7 +95,7 @@ def test_speculative_needs_no_policy_and_checks_its_arguments():
     run = dm.generate(prompt, NEW, mode="speculative", draft_layer=1, draft_threshold=0.0, max_draft=4)
     assert torch.equal(run.tokens, _hf_greedy(model, prompt))
     assert run.drafted > 0 and set(run.exit_layers) <= {1, lm.num_layers}
-    with pytest.raises(DyninferError, match="--draft-layer"):
+    with pytest.raises(DyninferError, match="`draft_layer`"):
         dm.generate(prompt, 4, mode="speculative", draft_layer=lm.num_layers)
 
 

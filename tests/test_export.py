@@ -7,18 +7,18 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
+from tiny_models import ARCHS, VOCAB, tiny_model
 
-from dyninfer.adapters import LayeredModel
 from dyninfer.compressors import confidence as conf
-from dyninfer.compressors.calibrate import ExitPolicy
 from dyninfer.compressors.confidence import ExitClassifier
-from dyninfer.compressors.dynamic import DynamicModel
-from dyninfer.errors import DyninferError
+from dyninfer.compressors.exit_policy import ExitPolicy
+from dyninfer.core.adapters import LayeredModel
+from dyninfer.core.errors import DyninferError
+from dyninfer.core.lenses import LogitLens
 from dyninfer.exporters import ops
 from dyninfer.exporters.onnx_export import MODEL_FILE, write_package
-from dyninfer.exporters.runtime import OnnxDynamicModel
-from dyninfer.profilers.lenses import LogitLens
-from tiny_models import ARCHS, VOCAB, tiny_model
+from dyninfer.exporters.onnx_runtime import OnnxDynamicModel
+from dyninfer.runtime.dynamic import DynamicModel
 
 STEPS = 32
 ATTENTION_ARCHS = [a for a in ARCHS if a != "mamba"]
@@ -65,13 +65,30 @@ def _assert_parity(dynamic: DynamicModel, prompt, package) -> None:
     assert full.exit_layers == [dynamic.lm.num_layers] * STEPS
 
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """arch -> (dynamic model, prompt, package dir), each exported once for the tests that read it."""
+    packages = {}
+
+    def export(arch: str):
+        if arch not in packages:
+            dynamic, prompt = _dynamic(arch)
+            path = tmp_path_factory.mktemp(f"onnx-{arch}")
+            write_package(path, dynamic)
+            packages[arch] = dynamic, prompt, path
+        return packages[arch]
+
+    return export
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ATTENTION_ARCHS)
-def test_onnx_dynamic_model_equals_torch(arch, tmp_path):
-    dynamic, prompt = _dynamic(arch)
-    write_package(tmp_path, dynamic)
-    _assert_parity(dynamic, prompt, tmp_path)
+def test_onnx_dynamic_model_equals_torch(arch, exported):
+    dynamic, prompt, package = exported(arch)
+    _assert_parity(dynamic, prompt, package)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,measure,top_k", [("llama", "classifier", 0), ("qwen2", "softmax", 16)])
 def test_onnx_equals_torch_for_other_confidence_measures(arch, measure, top_k, tmp_path):
     """The classifier reads the hidden state; softmax uses the head and, with top-k, the candidates."""
@@ -82,10 +99,10 @@ def test_onnx_equals_torch_for_other_confidence_measures(arch, measure, top_k, t
         assert manifest["custom_ops"]["nodes"] == {"ExitGate": 2, "SoftmaxConfidence": 2}
 
 
-def test_saved_graph_keeps_custom_nodes_with_standard_op_functions(tmp_path):
-    dynamic, _ = _dynamic("llama")
-    write_package(tmp_path, dynamic)
-    model = onnx.load(str(tmp_path / MODEL_FILE), load_external_data=False)
+@pytest.mark.slow
+def test_saved_graph_keeps_custom_nodes_with_standard_op_functions(exported):
+    dynamic, _, package = exported("llama")
+    model = onnx.load(str(package / MODEL_FILE), load_external_data=False)
     gates = [n for n in ops.custom_nodes(model) if n.op_type == "ExitGate"]
     assert len(gates) == len(dynamic.policy.exit_points)
     assert all(n.domain == ops.DOMAIN for n in gates)
@@ -101,7 +118,7 @@ def test_saved_graph_keeps_custom_nodes_with_standard_op_functions(tmp_path):
     assert if_nodes(model.graph) == len(dynamic.policy.exit_points)  # one run-or-propagate branch per segment
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(tmp_path / MODEL_FILE), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(package / MODEL_FILE), providers=["CPUExecutionProvider"])
     assert session.get_providers() == ["CPUExecutionProvider"]
 
 
@@ -147,13 +164,14 @@ def test_unexportable_models_are_refused(tmp_path):
         write_package(tmp_path, DynamicModel(lm, policy, LogitLens(lm)))
     lm = LayeredModel(tiny_model("llama", layers=2))
     recompute = ExitPolicy("logit", "saturation", [1], 0.5, 0, "recompute")
-    with pytest.raises(DyninferError, match="--kv-mode propagate"):
+    with pytest.raises(DyninferError, match="`kv_mode` propagate"):
         write_package(tmp_path, DynamicModel(lm, recompute, LogitLens(lm)))
     with pytest.raises(DyninferError, match="fp16"):
         write_package(tmp_path, DynamicModel(lm, policy, LogitLens(lm)), provider="cpu", dtype="fp16")
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_fp16_package_for_cuda_stores_half_weights_and_runs(tmp_path):
     """Built here for another machine (--provider cuda --no-verify); ONNX Runtime's CPU EP still runs it."""
     dynamic, prompt = _dynamic("llama")

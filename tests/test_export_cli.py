@@ -8,13 +8,16 @@ import subprocess
 import sys
 
 import pytest
+from conftest import calibrate_tiny, save_tiny
 from typer.testing import CliRunner
 
 from dyninfer.cli.app import app
-from dyninfer.errors import DyninferError
+from dyninfer.core.errors import DyninferError
 from dyninfer.exporters import onnx_export
-from dyninfer.exporters.runtime import PACKAGE_MANIFEST
-from conftest import calibrate_tiny, save_tiny
+from dyninfer.exporters.onnx_runtime import PACKAGE_MANIFEST
+
+# One xdist worker runs this module: its module fixture is built once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("export_cli")]
 
 runner = CliRunner()
 

@@ -9,9 +9,9 @@ import torch
 from typer.testing import CliRunner
 
 from dyninfer.cli.app import app
-from dyninfer.data import load_windows
-from dyninfer.models import load_model
-from dyninfer.profilers.lenses import LogitLens, collect_hidden_states, mean_kl_per_layer, train_tuned_lens
+from dyninfer.core.data import load_windows
+from dyninfer.core.lenses import LogitLens, collect_hidden_states, mean_kl_per_layer, train_tuned_lens
+from dyninfer.core.models import load_model
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +31,7 @@ def test_probe_runs_on_the_bundled_model_offline():
     # A real model gets well above chance on Python docs, and its late layers agree more than early ones.
     assert logit["accuracy"][-1] > 0.2
     assert logit["agreement"][28] > logit["agreement"][10]
-    # The head costs about as much as 8 decoder layers on this model (RESEARCH.md).
+    # The head costs about as much as 8 decoder layers on this model (docs/profile.md).
     costs = summary["cost_model"]
     assert 6 < costs["head"] / (sum(costs["layers"]) / len(costs["layers"])) < 9
 
@@ -41,7 +41,7 @@ def test_tuned_lens_reduces_kl_on_unseen_text(bundled):
     torch.manual_seed(0)
     lm = bundled.layered
     windows = load_windows("builtin:stdlib-code", bundled.tokenizer, seq_len=128, seed=1)
-    lens, _ = train_tuned_lens(lm, windows.take("train", 4096), steps=3, seed=1)
+    lens, _ = train_tuned_lens(lm, windows.take("train", 4096), steps=3, seed=1, validation_tokens=128)
     held = collect_hidden_states(lm, windows.take("heldout", 256))
     with torch.no_grad():
         logit_kl = mean_kl_per_layer(LogitLens(lm), lm, held)
@@ -55,11 +55,11 @@ def test_bundled_model_exports_to_onnx_and_matches_torch(bundled, tmp_path):
     """The real 30-layer model (tied head, SDPA) through the exporter: same tokens, exits and logits."""
     import numpy as np
 
-    from dyninfer.compressors.calibrate import ExitPolicy
     from dyninfer.compressors.confidence import saturation
-    from dyninfer.compressors.dynamic import DynamicModel
+    from dyninfer.compressors.exit_policy import ExitPolicy
     from dyninfer.exporters.onnx_export import write_package
-    from dyninfer.exporters.runtime import OnnxDynamicModel
+    from dyninfer.exporters.onnx_runtime import OnnxDynamicModel
+    from dyninfer.runtime.dynamic import DynamicModel
 
     lm = bundled.layered
     prompt = bundled.tokenizer("The with statement wraps a block of code", return_tensors="pt").input_ids
@@ -86,9 +86,9 @@ def test_bundled_model_prunes_to_half_its_mlp_neurons_on_unseen_code(tmp_path):
     """Threshold pruning at 50% on stdlib code (not the corpus the defaults were measured on):
     the target is reached on held-out text, quality stays close, and decoding through the
     numba kernels gives the masked model's tokens."""
-    from dyninfer.compressors.from_artifact import load_dynamic
     from dyninfer.compressors.pruning import pruned
     from dyninfer.profilers.bench import greedy_generate
+    from dyninfer.runtime.loader import load_dynamic
 
     artifact = tmp_path / "pruned"
     result = CliRunner().invoke(app, ["prune", "--data", "builtin:stdlib-code", "--sparsity", "0.5",
@@ -120,7 +120,7 @@ def test_bundled_model_steering_extracts_applies_and_writes_a_control_vector(bun
     assert extracted.exit_code == 0, extracted.output
     layer = json.loads(extracted.stdout)["layers"][0]
     assert layer == 15
-    direction = Steering.from_artifact(__import__("dyninfer.artifacts", fromlist=["Artifact"]).Artifact.load(
+    direction = Steering.from_artifact(__import__("dyninfer.core.artifacts", fromlist=["Artifact"]).Artifact.load(
         str(artifact))).activation.directions[layer]
     train, held = load_cot_split(BUILTIN_COT, 0, 9, 6)
     means = chain_means(bundled, CotPrompter(bundled.tokenizer, []), held, [layer])
@@ -143,7 +143,8 @@ def test_audit_of_the_bundled_model_on_unseen_code(bundled, tmp_path):
     """A small audit on stdlib code (not the default corpus): every stage runs on the real model."""
     out = tmp_path / "audit"
     result = CliRunner().invoke(app, ["audit", "--data", "builtin:stdlib-code", "--lens", "logit", "--tokens", "256",
-                                      "--calibration-tokens", "1024", "--heldout-tokens", "256", "--seq-len", "128",
+                                      "--fit-tokens", "512", "--calibration-tokens", "1024", "--heldout-tokens", "256",
+                                      "--seq-len", "128",
                                       "--repeats", "3", "--targets", "0.9", "--min-consistency", "0.5",
                                       "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output

@@ -9,8 +9,14 @@ import torch.nn.functional as F
 pytest.importorskip("numba")
 
 from dyninfer.kernels.cpu_sparse_mlp import rows_axpy_cpu, sparse_mlp_cpu  # noqa: E402
-from dyninfer.kernels.reference import (ACTIVATIONS, activation, pack_gated, pack_plain,  # noqa: E402
-                                        rows_axpy_reference, sparse_mlp_reference)
+from dyninfer.kernels.reference import (  # noqa: E402
+    ACTIVATIONS,
+    activation,
+    pack_gated,
+    pack_plain,
+    rows_axpy_reference,
+    sparse_mlp_reference,
+)
 
 SHAPES = ((64, 32), (100, 48), (1536, 576))  # (neurons, hidden); the last is SmolLM2-135M's MLP
 

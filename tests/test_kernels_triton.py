@@ -17,6 +17,8 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+# One xdist worker runs this module: its module fixture is built once.
+pytestmark = [pytest.mark.triton, pytest.mark.xdist_group("kernels_triton")]
 
 ACTS = ("silu", "gelu_tanh", "gelu", "relu")
 KINDS = ("gated", "gated_pre", "plain", "plain_bias")

@@ -11,12 +11,13 @@ import textwrap
 import pytest
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.triton
 
 SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, sys.argv[1])
     from tiny_models import tiny_model
-    from dyninfer.adapters import LayeredModel
+    from dyninfer.core.adapters import LayeredModel
     from dyninfer.compressors.pruning import calibrate_threshold_plan, collect_mlp_samples, pruned, train_predictors
 
     for arch in ("llama", "gpt2"):

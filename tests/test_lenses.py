@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import VOCAB, tiny_model
 
-from dyninfer.adapters import LayeredModel
-from dyninfer.artifacts import Artifact, BaseModelInfo
-from dyninfer.errors import DyninferError
-from dyninfer.profilers.lenses import (
-    TUNED_LENS_GROUP,
+from dyninfer.core.adapters import LayeredModel
+from dyninfer.core.artifacts import Artifact, BaseModelInfo
+from dyninfer.core.errors import DyninferError
+from dyninfer.core.lenses import (
     LogitLens,
     TunedLens,
     collect_hidden_states,
     mean_kl_per_layer,
     train_tuned_lens,
 )
-from tiny_models import VOCAB, tiny_model
+from dyninfer.core.stages import EXITS_GROUP
 
 
 def _windows(n, length=33, seed=0):
@@ -53,9 +53,9 @@ def test_tuned_lens_round_trips_through_an_artifact(tmp_path):
     lens, _ = train_tuned_lens(lm, _windows(40), steps=2, tokens_per_step=32)
     info = BaseModelInfo("tiny", "abc", "qwen2", lm.num_layers, lm.hidden_size, lm.vocab_size)
     artifact = Artifact(info)
-    artifact.put_tensors(TUNED_LENS_GROUP, lens.tensors())
+    artifact.put_tensors(EXITS_GROUP, lens.tensors())
     artifact.save(tmp_path / "a")
-    loaded = TunedLens.from_tensors(lm, Artifact.load(tmp_path / "a").tensors[TUNED_LENS_GROUP])
+    loaded = TunedLens.from_tensors(lm, Artifact.load(tmp_path / "a").tensors[EXITS_GROUP])
     h = torch.randn(3, 32)
     with torch.no_grad():
         for index in range(lm.num_layers + 1):

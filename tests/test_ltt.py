@@ -16,7 +16,7 @@ from dyninfer.compressors.ltt import (
     learn_then_test,
     naive_choice,
 )
-from dyninfer.errors import DyninferError
+from dyninfer.core.errors import DyninferError
 
 
 def binom_cdf_by_hand(k: int, n: int, p: float) -> float:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from dyninfer.errors import DyninferError
-from dyninfer.models import load_model
 from conftest import save_tiny
+
+from dyninfer.core.errors import DyninferError
+from dyninfer.core.models import load_model
 
 
 def _one_line_error(spec: str) -> str:
@@ -71,7 +71,7 @@ def test_directory_without_config(tmp_path):
 
 @pytest.mark.integration
 def test_bundled_default_model_is_smollm2_and_cached():
-    from dyninfer.models import _gguf_cache_path, bundled_gguf_path, file_sha256
+    from dyninfer.core.models import _gguf_cache_path, bundled_gguf_path, file_sha256
 
     loaded = load_model("default")
     lm = loaded.layered

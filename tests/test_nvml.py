@@ -8,8 +8,8 @@ import types
 import pytest
 import torch
 
+from dyninfer.jobs.profile import gpu_report
 from dyninfer.profilers.nvml import GpuUnavailable, Nvml, measure_energy
-from dyninfer.profilers.profile import gpu_report
 
 
 class FakeNVMLError(Exception):
@@ -143,8 +143,9 @@ def test_cpu_profile_never_touches_nvml():
 
 
 def test_gpu_report_measures_decode_and_prefill_energy_of_the_model():
-    from dyninfer.adapters import LayeredModel
     from tiny_models import tiny_model
+
+    from dyninfer.core.adapters import LayeredModel
 
     module, state = fake_nvml()
     lm = LayeredModel(tiny_model("llama"))

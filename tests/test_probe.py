@@ -7,12 +7,12 @@ import pytest
 import torch
 from scipy.special import rel_entr
 from scipy.stats import entropy
-
-from dyninfer.adapters import LayeredModel
-from dyninfer.profilers.cost import CostModel, count_costs
-from dyninfer.profilers.exit_probe import ECE_BINS, oracle_saving, prediction_depth, run_probe
-from dyninfer.profilers.lenses import LogitLens
 from tiny_models import ARCHS, VOCAB, tiny_model
+
+from dyninfer.core.adapters import LayeredModel
+from dyninfer.core.cost import CostModel, count_costs
+from dyninfer.core.lenses import LogitLens
+from dyninfer.profilers.exit_probe import ECE_BINS, oracle_saving, prediction_depth, run_probe
 
 
 def _reference_logits(arch: str, model, ids) -> list[np.ndarray]:
@@ -118,9 +118,8 @@ def test_oracle_saving_hand_computed():
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_flop_counts_match_hand_count(attn):
-    from transformers import AutoModelForCausalLM
-
     from tiny_models import tiny_config
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation=attn).eval()

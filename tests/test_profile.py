@@ -6,14 +6,14 @@ import json
 
 import pytest
 import torch
+from tiny_models import ARCHS, VOCAB, tiny_config, tiny_model
 from typer.testing import CliRunner
 
-from dyninfer.adapters import LayeredModel
-from dyninfer.artifacts import Artifact
 from dyninfer.cli.app import app
-from dyninfer.profilers.cost import count_costs
+from dyninfer.core.adapters import LayeredModel
+from dyninfer.core.artifacts import Artifact
+from dyninfer.core.cost import count_costs
 from dyninfer.profilers.layer_profile import peak_bytes, profile_layers
-from tiny_models import ARCHS, VOCAB, tiny_config, tiny_model
 
 runner = CliRunner()
 CONTEXT = 8
@@ -163,6 +163,7 @@ def test_profile_cuda_without_a_gpu_is_a_clear_error(tiny_llama_dir, text_file):
     assert result.exit_code == 2 and "sees no CUDA GPU" in result.output
 
 
+@pytest.mark.slow
 def test_calibrate_uses_the_measured_cost_when_profiled(tmp_path):
     from conftest import CALIBRATE_ARGS, calibrate_tiny
 
@@ -190,8 +191,8 @@ def test_calibrate_uses_the_measured_cost_when_profiled(tmp_path):
 
 
 def test_a_profile_taken_before_pruning_is_stale():
-    from dyninfer.artifacts import BaseModelInfo
-    from dyninfer.profilers.profile import profile_is_stale
+    from dyninfer.core.artifacts import BaseModelInfo
+    from dyninfer.core.cost import profile_is_stale
 
     artifact = Artifact(BaseModelInfo.from_dict({"spec": "m", "content_hash": "0" * 64, "architecture": "llama",
                                                  "num_layers": 3, "hidden_size": 32, "vocab_size": 128}))

@@ -7,13 +7,16 @@ import json
 import pytest
 import safetensors.torch
 import torch
+from conftest import CALIBRATE_ARGS, random_text, save_tiny
 from typer.testing import CliRunner
 
-from conftest import CALIBRATE_ARGS, random_text, save_tiny
 from dyninfer.cli.app import app
-from dyninfer.compressors.from_artifact import load_dynamic
 from dyninfer.compressors.pruning import SparseMLP, pruned
 from dyninfer.profilers.bench import greedy_generate
+from dyninfer.runtime.loader import load_dynamic
+
+# One xdist worker runs this module: its module fixture is built once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("prune_cli")]
 
 runner = CliRunner()
 QUICK = ["--seq-len", "32", "--calibration-tokens", "1024", "--heldout-tokens", "512", "--prompts", "2",

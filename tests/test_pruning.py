@@ -7,12 +7,24 @@ import torch
 import torch.nn.functional as F
 from tiny_models import tiny_model
 
-from dyninfer.adapters import LayeredModel
-from dyninfer.compressors.pruning import (PruningPlan, SparseMLP, calibrate_threshold_plan, collect_mlp_samples,
-                                          counting_active, dense_inside, greedy_allocation, install_pruning,
-                                          neuron_labels, predictor_recall, pruned, remove_pruning, sparse_modules,
-                                          train_predictors)
-from dyninfer.errors import DyninferError
+from dyninfer.compressors.pruning import (
+    PruningPlan,
+    SparseMLP,
+    calibrate_threshold_plan,
+    collect_mlp_samples,
+    counting_active,
+    dense_inside,
+    greedy_allocation,
+    install_pruning,
+    neuron_labels,
+    predictor_recall,
+    pruned,
+    remove_pruning,
+    sparse_modules,
+    train_predictors,
+)
+from dyninfer.core.adapters import LayeredModel
+from dyninfer.core.errors import DyninferError
 from dyninfer.profilers.bench import greedy_generate
 
 ATTENTION_ARCHS = ("llama", "qwen2", "mistral", "gemma3", "gpt2")
@@ -89,6 +101,7 @@ def test_masks_really_drop_neurons():
     assert 0.3 < 1 - keep.float().mean() < 0.7
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("method,target", [("threshold", 0.5), ("threshold", 0.25), ("predictor", 0.4)])
 def test_achieved_sparsity_matches_the_target_on_heldout_text(arch, method, target):
@@ -108,6 +121,7 @@ def test_achieved_sparsity_matches_the_target_on_heldout_text(arch, method, targ
         assert abs(layer_sparsity - target) <= 0.02, achieved
 
 
+@pytest.mark.slow
 def test_predictor_recall_against_independent_topk_sets():
     lm = _lm("qwen2")
     samples = collect_mlp_samples(lm, _windows(16, seed=3))

@@ -6,14 +6,17 @@ import json
 
 import pytest
 import torch
+from conftest import CALIBRATE_ARGS, random_text, save_tiny
+from test_steering import PROMPT, _word_examples
 from typer.testing import CliRunner
 
 from dyninfer.cli.app import app
-from dyninfer.compressors.from_artifact import load_dynamic
 from dyninfer.compressors.steering import Steering, hooked
-from dyninfer.models import load_model
-from conftest import CALIBRATE_ARGS, random_text, save_tiny
-from test_steering import PROMPT, _word_examples
+from dyninfer.core.models import load_model
+from dyninfer.runtime.loader import load_dynamic
+
+# One xdist worker runs this module: its module fixture is built once.
+pytestmark = pytest.mark.xdist_group("steer_cli")
 
 runner = CliRunner()
 QUICK = ["--examples", "12", "--heldout", "3", "--shots", "1", "--batch-size", "4"]
@@ -63,6 +66,7 @@ def test_sweep_writes_a_report_and_records_it(steer_setup):
     assert table.exit_code == 0 and "Spearman" in table.output
 
 
+@pytest.mark.slow
 def test_applied_steering_is_baked_for_run_bench_calibrate_and_export(steer_setup, tmp_path):
     model, _, artifact, _, _ = steer_setup
     applied = runner.invoke(app, ["steer", "apply", str(artifact), "--method", "activation", "--alpha", "2",

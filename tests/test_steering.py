@@ -6,18 +6,24 @@ import json
 
 import pytest
 import torch
-
-from dyninfer.adapters import LayeredModel
-from dyninfer.compressors.cot_data import CotExample
-from dyninfer.compressors.steer_extract import (CotPrompter, activation_direction, chain_means, load_cot_split,
-                                                train_valve, valve_between)
-from dyninfer.compressors.steer_job import write_control_vector
-from dyninfer.compressors.steering import ActivationSteering, bake, hooked, steered
-from dyninfer.errors import DyninferError
-from dyninfer.models import load_model
-from dyninfer.profilers.steer_sweep import answer_scores, generate_greedy, run_sweep
 from conftest import WORDS, save_tiny, word_tokenizer
 from tiny_models import ARCHS, tiny_model
+
+from dyninfer.compressors.cot_data import CotExample
+from dyninfer.compressors.steer_extract import (
+    CotPrompter,
+    activation_direction,
+    chain_means,
+    load_cot_split,
+    train_valve,
+    valve_between,
+)
+from dyninfer.compressors.steering import ActivationSteering, bake, hooked, steered
+from dyninfer.core.adapters import LayeredModel
+from dyninfer.core.errors import DyninferError
+from dyninfer.core.models import load_model
+from dyninfer.jobs.steer import write_control_vector
+from dyninfer.profilers.steer_sweep import answer_scores, generate_greedy, run_sweep
 
 PROMPT = torch.tensor([[5, 17, 3, 99, 42, 8, 61, 7]])
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dyninfer.errors import DyninferError
+from dyninfer.core.errors import DyninferError
 
 
 @dataclass
@@ -64,7 +64,7 @@ def _dynamic_cache(model: nn.Module, batch_size: int):
     return DynamicCache(config=model.config)
 
 
-def _prepare_rotary(lm: "LayeredModel", input_ids, cache, attention_mask) -> ForwardPass:
+def _prepare_rotary(lm: LayeredModel, input_ids, cache, attention_mask) -> ForwardPass:
     """Llama, Qwen2, Mistral and Gemma 3: rotary positions, per-layer-type masks."""
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
@@ -113,7 +113,7 @@ def _prepare_rotary(lm: "LayeredModel", input_ids, cache, attention_mask) -> For
     return ForwardPass(embeds, layer_kwargs)
 
 
-def _prepare_gpt2(lm: "LayeredModel", input_ids, cache, attention_mask) -> ForwardPass:
+def _prepare_gpt2(lm: LayeredModel, input_ids, cache, attention_mask) -> ForwardPass:
     from transformers.masking_utils import create_causal_mask
 
     base = lm.backbone
@@ -149,7 +149,7 @@ def _mamba_cache(model: nn.Module, batch_size: int):
     return MambaCache(model.config, batch_size, device=param.device, dtype=param.dtype)
 
 
-def _prepare_mamba(lm: "LayeredModel", input_ids, cache, attention_mask) -> ForwardPass:
+def _prepare_mamba(lm: LayeredModel, input_ids, cache, attention_mask) -> ForwardPass:
     base = lm.backbone
     hidden = base.embeddings(input_ids)
     cache_position = None
@@ -185,7 +185,7 @@ def _full_dynamic_cache(model: nn.Module, batch_size: int):
     return DynamicCache()
 
 
-def _sliding_window(lm: "LayeredModel", layer: nn.Module) -> int | None:
+def _sliding_window(lm: LayeredModel, layer: nn.Module) -> int | None:
     config = lm.config
     if config.model_type == "mistral":
         return getattr(config, "sliding_window", None)
@@ -213,7 +213,7 @@ def _mask_at(start: int, length: int, window: int | None, dtype, device, always:
     return mask[None, None]
 
 
-def _mask_for(lm: "LayeredModel", start: int, length: int, window: int | None, dtype, device):
+def _mask_for(lm: LayeredModel, start: int, length: int, window: int | None, dtype, device):
     if lm.step_memo is None:
         return _mask_at(start, length, window, dtype, device)
     key = ("mask", window)
@@ -222,7 +222,7 @@ def _mask_for(lm: "LayeredModel", start: int, length: int, window: int | None, d
     return lm.step_memo[key]
 
 
-def _rotary_at(lm: "LayeredModel", layer: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor):
+def _rotary_at(lm: LayeredModel, layer: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor):
     base = lm.backbone
     # Every layer of a decode step sees the same positions: compute the embedding once per step.
     if lm.step_memo is not None:  # tracing one step: computed once, in the step's main graph
@@ -245,7 +245,7 @@ def _rotary_at(lm: "LayeredModel", layer: nn.Module, hidden: torch.Tensor, posit
     return {"position_embeddings": global_}, global_
 
 
-def _rotary_kwargs_at(lm: "LayeredModel", layer: nn.Module, hidden, start: int, cache) -> dict[str, Any]:
+def _rotary_kwargs_at(lm: LayeredModel, layer: nn.Module, hidden, start: int, cache) -> dict[str, Any]:
     length = hidden.shape[1]
     positions = torch.arange(start, start + length, device=hidden.device)
     rope, _ = _rotary_at(lm, layer, hidden, positions[None])
@@ -259,7 +259,7 @@ def _rotary_kwargs_at(lm: "LayeredModel", layer: nn.Module, hidden, start: int, 
     )
 
 
-def _rotary_propagate(lm: "LayeredModel", index: int, hidden: torch.Tensor, start: int, cache) -> None:
+def _rotary_propagate(lm: LayeredModel, index: int, hidden: torch.Tensor, start: int, cache) -> None:
     """CALM state propagation: the skipped layer's K/V computed from the exit hidden state."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -277,17 +277,17 @@ def _rotary_propagate(lm: "LayeredModel", index: int, hidden: torch.Tensor, star
     cache.update(key, value, index, {"sin": sin, "cos": cos, "cache_position": positions})
 
 
-def _token_embed_at(lm: "LayeredModel", input_ids: torch.Tensor, start: int) -> torch.Tensor:
+def _token_embed_at(lm: LayeredModel, input_ids: torch.Tensor, start: int) -> torch.Tensor:
     return getattr(lm.backbone, lm.adapter.embed)(input_ids)
 
 
-def _gpt2_embed_at(lm: "LayeredModel", input_ids: torch.Tensor, start: int) -> torch.Tensor:
+def _gpt2_embed_at(lm: LayeredModel, input_ids: torch.Tensor, start: int) -> torch.Tensor:
     base = lm.backbone
     positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]
     return base.drop(base.wte(input_ids) + base.wpe(positions))
 
 
-def _gpt2_kwargs_at(lm: "LayeredModel", layer: nn.Module, hidden, start: int, cache) -> dict[str, Any]:
+def _gpt2_kwargs_at(lm: LayeredModel, layer: nn.Module, hidden, start: int, cache) -> dict[str, Any]:
     length = hidden.shape[1]
     return dict(
         past_key_values=cache,
@@ -297,7 +297,7 @@ def _gpt2_kwargs_at(lm: "LayeredModel", layer: nn.Module, hidden, start: int, ca
     )
 
 
-def _gpt2_propagate(lm: "LayeredModel", index: int, hidden: torch.Tensor, start: int, cache) -> None:
+def _gpt2_propagate(lm: LayeredModel, index: int, hidden: torch.Tensor, start: int, cache) -> None:
     layer = lm.layers[index]
     attn = layer.attn
     _, key, value = attn.c_attn(layer.ln_1(hidden)).split(attn.split_size, dim=2)
@@ -306,7 +306,7 @@ def _gpt2_propagate(lm: "LayeredModel", index: int, hidden: torch.Tensor, start:
     cache.update(key.view(shape).transpose(1, 2), value.view(shape).transpose(1, 2), index, {"cache_position": positions})
 
 
-def _mamba_kwargs_at(lm: "LayeredModel", layer: nn.Module, hidden, start: int, cache) -> dict[str, Any]:
+def _mamba_kwargs_at(lm: LayeredModel, layer: nn.Module, hidden, start: int, cache) -> dict[str, Any]:
     if hidden.shape[1] != 1 and start != 0:
         raise ValueError("Mamba layers take one token at a time after the prefill")
     if start == 0:  # transformers' Mamba signals a prefill by a cache_position of length conv_kernel
@@ -316,7 +316,7 @@ def _mamba_kwargs_at(lm: "LayeredModel", layer: nn.Module, hidden, start: int, c
     return dict(cache_params=cache, cache_position=position, attention_mask=None)
 
 
-def _mamba_propagate(lm: "LayeredModel", index: int, hidden: torch.Tensor, start: int, cache) -> None:
+def _mamba_propagate(lm: LayeredModel, index: int, hidden: torch.Tensor, start: int, cache) -> None:
     """A state-space layer has no K/V: its state advances by running the layer on the exit state."""
     layer = lm.layers[index]
     layer(hidden, **_mamba_kwargs_at(lm, layer, hidden, start, cache))
@@ -578,6 +578,6 @@ class LayeredModel:
     def forward_logits(self, input_ids: torch.Tensor, cache=None, attention_mask=None) -> torch.Tensor:
         """Full-depth logits computed layer by layer (equals the model's own forward)."""
         hidden = None
-        for _, hidden in self.hidden_states(input_ids, cache, attention_mask):
+        for _, hidden in self.hidden_states(input_ids, cache, attention_mask):  # noqa: B007 - keep the last
             pass
         return self.logits_from(hidden)

@@ -1,34 +1,52 @@
-"""`prune` as a job: workspace -> MLP statistics -> masks per sparsity -> quality, cost and speed.
+"""`prune`: workspace -> MLP statistics -> masks per sparsity -> quality, cost and speed.
 
 For each sparsity (the target, plus `sweep` points) the job builds a plan (thresholds, or
 trained predictors), then measures on held-out windows: perplexity and next-token agreement
 against the dense model, the achieved sparsity per layer, the predictors' recall, FLOPs and
 weight bytes per token (the dense MLP counted with torch's flop counter), and, unless
 `speed` is off, the MLP-block and end-to-end decoding speed, dense vs sparse in one run.
-The target's plan is recorded in the artifact (`masks.safetensors` + the `prune` stage).
+The target's plan is recorded in the artifact (`masks.safetensors` + the `prune` stage); `save`
+writes the artifact and its `prune/` report folder (the summary and the sweep plot).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from dyninfer.adapters import LayeredModel
-from dyninfer.artifacts import Artifact
-from dyninfer.compressors.pruning import (ALLOCATIONS, BACKENDS, LABELS, MASKS_GROUP, METHODS, PRUNE_STAGE,
-                                          MlpSamples, PruningPlan, calibrate_threshold_plan, collect_mlp_samples,
-                                          counting_active, predictor_recall, pruned, train_predictors)
-from dyninfer.data import DEFAULT_DATA
-from dyninfer.errors import DyninferError
-from dyninfer.models import DEFAULT_MODEL
-from dyninfer.profilers.cost import count_costs
+from dyninfer.compressors.pruning import (
+    ALLOCATIONS,
+    BACKENDS,
+    LABELS,
+    METHODS,
+    MlpSamples,
+    PruningPlan,
+    calibrate_threshold_plan,
+    collect_mlp_samples,
+    counting_active,
+    predictor_recall,
+    pruned,
+    train_predictors,
+)
+from dyninfer.core import stages
+from dyninfer.core.adapters import LayeredModel
+from dyninfer.core.artifacts import Artifact, save_with_report
+from dyninfer.core.cost import count_costs
+from dyninfer.core.data import DEFAULT_DATA
+from dyninfer.core.errors import DyninferError, check_at_least, check_between, check_choice, option
+from dyninfer.core.models import DEFAULT_MODEL
+from dyninfer.core.progress import ProgressFn
+from dyninfer.jobs.plots import pruning_sweep_png
 from dyninfer.profilers.prune_bench import SpeedResult, measure_speed
-from dyninfer.workspace import ProgressFn, open_workspace
+from dyninfer.runtime.loader import ModelSession, open_workspace
 
 
 @dataclass
@@ -40,7 +58,7 @@ class PruneConfig:
     seed: int = 0
     method: str = "threshold"
     sparsity: float = 0.5
-    sweep: list[float] = dataclasses.field(default_factory=list)
+    sweep: tuple[float, ...] = ()  # more sparsities to evaluate (reported; the artifact keeps `sparsity`)
     allocation: str = "uniform"
     input_sparsity: float = 0.0
     rank: int = 64
@@ -56,26 +74,19 @@ class PruneConfig:
     backend: str = "auto"
 
     def validate(self) -> None:
-        for name, value, allowed in (("--method", self.method, METHODS), ("--allocation", self.allocation, ALLOCATIONS),
-                                     ("--label", self.label, LABELS), ("--sparse-backend", self.backend, BACKENDS)):
-            if value not in allowed:
-                raise DyninferError(f"{name} must be one of {', '.join(allowed)}, got '{value}'")
-        for value in [self.sparsity, *self.sweep]:
-            if not 0.0 < value < 1.0:
-                raise DyninferError(f"sparsity must be between 0 and 1 (exclusive), got {value}; e.g. --sparsity 0.5")
-        if not 0.0 <= self.input_sparsity < 1.0:
-            raise DyninferError(f"--input-sparsity must be in [0, 1), got {self.input_sparsity}")
+        for name, allowed in (("method", METHODS), ("allocation", ALLOCATIONS), ("label", LABELS),
+                              ("backend", BACKENDS)):
+            check_choice(name, getattr(self, name), allowed)
+        for name, value in (("sparsity", self.sparsity), *(("sweep", s) for s in self.sweep)):
+            check_between(name, value, 0.0, 1.0)
+        check_between("input_sparsity", self.input_sparsity, 0.0, 1.0, low_open=False)
         if self.input_sparsity and self.method != "threshold":
-            raise DyninferError("--input-sparsity applies to --method threshold only")
-        if self.label == "mass" and not 0.0 < self.mass < 1.0:
-            raise DyninferError(f"--mass must be between 0 and 1 (exclusive), got {self.mass}")
-        for name, value, low in (("--rank", self.rank, 1), ("--steps", self.steps, 1),
-                                 ("--calibration-tokens", self.calibration_tokens, 1),
-                                 ("--heldout-tokens", self.heldout_tokens, 1), ("--prompts", self.prompts, 1),
-                                 ("--prompt-tokens", self.prompt_tokens, 1), ("--new-tokens", self.new_tokens, 1),
-                                 ("--seq-len", self.seq_len, 2)):
-            if value < low:
-                raise DyninferError(f"{name} must be at least {low}, got {value}")
+            raise DyninferError(f"{option('input_sparsity')} applies to {option('method')} threshold only")
+        if self.label == "mass":
+            check_between("mass", self.mass, 0.0, 1.0)
+        for name, low in (("rank", 1), ("steps", 1), ("calibration_tokens", 1), ("heldout_tokens", 1), ("prompts", 1),
+                          ("prompt_tokens", 1), ("new_tokens", 1), ("seq_len", 2)):
+            check_at_least(name, getattr(self, name), low)
 
     def sparsities(self) -> list[float]:
         return sorted({round(s, 6) for s in [self.sparsity, *self.sweep]})
@@ -137,6 +148,14 @@ class PruneReport:
                 "dense_perplexity": self.dense_perplexity, "main": self.main.to_dict(),
                 "points": [p.to_dict() for p in self.points], "timings": self.timings, "notes": self.notes}
 
+    def figure(self) -> bytes:
+        return pruning_sweep_png([p.to_dict() for p in self.points], self.dense_perplexity,
+                                 f"{self.base_model['spec']}: {self.config.method} pruning")
+
+    def files(self) -> dict[str, bytes]:
+        """The prune/ report folder: the summary and the quality/speed sweep plot."""
+        return {"summary.json": json.dumps(self.summary(), indent=2, default=str).encode(), "sweep.png": self.figure()}
+
 
 def _flops(fn) -> int:
     with FlopCounterMode(display=False) as counter:
@@ -193,15 +212,17 @@ def _input_sparsity_achieved(plan: PruningPlan, samples: MlpSamples) -> list[flo
     return [float((x.abs() <= t).float().mean()) for x, t in zip(samples.inputs, plan.input_thresholds)]
 
 
-def run_prune_job(config: PruneConfig, progress: ProgressFn | None = None, existing: str | Artifact | None = None) -> PruneReport:
+def run(config: PruneConfig, progress: ProgressFn | None = None, existing: str | Artifact | None = None,
+        session: ModelSession | None = None) -> PruneReport:
+    """Learn masks at each sparsity from the dense model (an artifact's old masks are taken out first)."""
     config.validate()
     torch.manual_seed(config.seed)
     ws = open_workspace(config.model, config.data, field=config.field, seq_len=config.seq_len, seed=config.seed,
-                        existing=existing, progress=progress, apply_pruning=False)
+                        existing=existing, progress=progress, apply_pruning=False, session=session)
     lm, windows = ws.lm, ws.windows
     lm.mlp(0)  # refuses families without an MLP block before any work
-    calibration = windows.take("train", config.calibration_tokens, option="--calibration-tokens")
-    heldout = windows.take("heldout", config.heldout_tokens, option="--heldout-tokens")
+    calibration = windows.take("train", config.calibration_tokens, option="calibration_tokens")
+    heldout = windows.take("heldout", config.heldout_tokens, option="heldout_tokens")
     samples = collect_mlp_samples(lm, calibration, progress)
     held_samples = collect_mlp_samples(lm, heldout[: max(1, min(4, heldout.shape[0]))])
     dense_ppl, dense_argmax, _ = _evaluate(lm, heldout, None)
@@ -234,11 +255,16 @@ def run_prune_job(config: PruneConfig, progress: ProgressFn | None = None, exist
     report = PruneReport(config, ws.loaded.base_model_info(), windows.describe(), dense_ppl, points, ws.timings)
     if config.method == "threshold" and config.input_sparsity == 0:
         report.notes.append("only the down projection skips rows (gate and up are dense to compute |h|): the MLP "
-                            "block's speedup is bounded by 1/(2/3 + (1-s)/3); --input-sparsity or --method "
+                            "block's speedup is bounded by 1/(2/3 + (1-s)/3); `input_sparsity` or `method` "
                             "predictor sparsify gate/up too")
     main = report.main
-    ws.artifact.set_stage(PRUNE_STAGE, {k: v for k, v in report.summary().items() if k != "points"}
+    ws.artifact.set_stage(stages.PRUNE, {k: v for k, v in report.summary().items() if k != "points"}
                           | {"plan": main.plan.describe()})
-    ws.artifact.put_tensors(MASKS_GROUP, main.plan.tensors())
+    ws.artifact.put_tensors(stages.MASKS_GROUP, main.plan.tensors())
     report.artifact = ws.artifact
     return report
+
+
+def save(report: PruneReport, out: str | os.PathLike) -> Path:
+    """Save the artifact (masks) and its prune/ report folder."""
+    return save_with_report(report.artifact, out, stages.PRUNE, report.files())

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from dyninfer.errors import DyninferError
+from dyninfer.core.errors import DyninferError
 
 DEFAULT_DATA = "builtin:pydocs"
 BUILTIN_CORPORA = ("pydocs", "stdlib-code")
@@ -118,7 +118,7 @@ def _stdlib_code_documents() -> tuple[str, ...]:
     if not documents:
         raise DyninferError(
             f"found no readable Python source under '{sysconfig.get_paths()['stdlib']}'; "
-            "use --data builtin:pydocs or a local file"
+            "use `data` builtin:pydocs or a local file"
         )
     return tuple(documents)
 
@@ -177,7 +177,7 @@ def _load_jsonl(path: Path, spec: str, field: str) -> list[str]:
             present = ", ".join(sorted(record)) or "(none)"
             raise DyninferError(
                 f"data file '{spec}' has no field '{field}' on line {line_number}; "
-                f"pass --field with one of: {present}"
+                f"pass `field` with one of: {present}"
             )
         texts.append(_as_text(record[field], f"data file '{spec}' line {line_number} field '{field}'"))
     return texts
@@ -199,7 +199,7 @@ def _load_table(path: Path, spec: str, field: str, suffix: str) -> list[str]:
         ) from exc
     if field not in frame.columns:
         columns = ", ".join(str(column) for column in frame.columns) or "(none)"
-        raise DyninferError(f"data file '{spec}' has no column '{field}'; pass --field with one of: {columns}")
+        raise DyninferError(f"data file '{spec}' has no column '{field}'; pass `field` with one of: {columns}")
     return [
         _as_text(value, f"data file '{spec}' row {row} column '{field}'")
         for row, value in enumerate(frame[field].tolist())
@@ -220,7 +220,7 @@ def _load_hf(spec: str, field: str) -> list[str]:
     columns = list(dataset.column_names)
     if field not in columns:
         raise DyninferError(
-            f"dataset '{spec}' has no column '{field}'; pass --field with one of: {', '.join(columns) or '(none)'}"
+            f"dataset '{spec}' has no column '{field}'; pass `field` with one of: {', '.join(columns) or '(none)'}"
         )
     return [
         _as_text(value, f"dataset '{spec}' row {row} column '{field}'")
@@ -243,7 +243,7 @@ def _as_text(value, where: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     if not isinstance(value, str):
-        raise DyninferError(f"{where} holds a {type(value).__name__}, not text; pass --field naming a text field")
+        raise DyninferError(f"{where} holds a {type(value).__name__}, not text; pass `field` naming a text field")
     return value
 
 
@@ -261,7 +261,7 @@ class TokenWindows:
     """Equal-length token windows of one corpus, split into train and heldout.
 
     Each window holds seq_len + 1 tokens, i.e. seq_len next-token predictions. "Tokens"
-    in `take` and `describe` count predictions, the unit of --tokens.
+    in `take` and `describe` count predictions, the unit of every `*_tokens` option.
     """
 
     spec: str
@@ -279,20 +279,20 @@ class TokenWindows:
             return self.heldout
         raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
 
-    def take(self, split: str, n_tokens: int, option: str = "--tokens") -> torch.Tensor:
+    def take(self, split: str, n_tokens: int, option: str = "tokens") -> torch.Tensor:
         """The first ceil(n_tokens / seq_len) windows of `split` ("train" or "heldout").
 
-        `option` names the command-line option that asked for `n_tokens`, for the error.
+        `option` names the config field that asked for `n_tokens`, for the error.
         """
         windows = self.split(split)
         if n_tokens < 1:
-            raise DyninferError(f"the number of tokens must be at least 1, got {n_tokens}; pass a positive {option}")
+            raise DyninferError(f"the number of tokens must be at least 1, got {n_tokens}; pass a positive `{option}`")
         available = windows.shape[0] * self.seq_len
         if n_tokens > available:
             raise DyninferError(
                 f"the {split} split of data '{self.spec}' has {available} tokens "
                 f"({windows.shape[0]} windows of {self.seq_len}) but {n_tokens} were asked for; "
-                f"lower {option}, use a shorter --seq-len or more data"
+                f"lower `{option}`, use a shorter `seq_len` or more data"
             )
         return windows[: math.ceil(n_tokens / self.seq_len)]
 
@@ -336,7 +336,7 @@ def make_windows(
     """Cut the tokenised corpus into windows of seq_len + 1 tokens and split them by seed."""
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
         raise DyninferError(
-            f"sequence length must be an integer of at least 2, got {seq_len!r}; pass a larger --seq-len"
+            f"sequence length must be an integer of at least 2, got {seq_len!r}; pass a larger `seq_len`"
         )
     if not 0.0 < heldout_fraction < 1.0:
         raise DyninferError(
@@ -351,7 +351,7 @@ def make_windows(
     if n_windows < 2:
         raise DyninferError(
             f"data '{spec}' has only {len(stream)} tokens; need at least 2 windows of "
-            f"seq_len+1 = {window_len} tokens ({2 * window_len}); use more data or a shorter --seq-len"
+            f"seq_len+1 = {window_len} tokens ({2 * window_len}); use more data or a shorter `seq_len`"
         )
     windows = torch.tensor(stream[: n_windows * window_len], dtype=torch.int64).view(n_windows, window_len)
 

@@ -35,7 +35,8 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from dyninfer.errors import DyninferError
+from dyninfer.core.errors import DyninferError
+from dyninfer.core.version import __version__
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -69,8 +70,6 @@ def _short_hash(h: str) -> str:
 
 def _tool_versions() -> dict:
     """Versions of the tools that wrote an artifact (transformers is optional: None)."""
-    from dyninfer import __version__
-
     return {
         "dyninfer": __version__,
         "torch": str(torch.__version__),
@@ -221,7 +220,7 @@ class BaseModelInfo:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BaseModelInfo":
+    def from_dict(cls, d: dict) -> BaseModelInfo:
         """Build from a manifest dict; ValueError naming the missing/invalid field."""
         if not isinstance(d, dict):
             raise ValueError(f"base_model must be an object, got {type(d).__name__}")
@@ -443,7 +442,7 @@ class Artifact:
     # ---- load
 
     @classmethod
-    def load(cls, path, *, expect_model_hash: str | None = None) -> "Artifact":
+    def load(cls, path, *, expect_model_hash: str | None = None) -> Artifact:
         """Read and validate the artifact at *path*."""
         given = pathlib.Path(path)
         shown = str(given)
@@ -592,8 +591,16 @@ def staged_directory(target) -> Iterator[pathlib.Path]:
 
 
 def write_report_dir(target: pathlib.Path, files: dict[str, bytes]) -> pathlib.Path:
-    """Replace the report folder `target` (inside an artifact) with `files`, atomically."""
+    """Replace the report folder `target` (inside an artifact; `a/b` makes `a` too) with `files`, atomically."""
+    pathlib.Path(target).parent.mkdir(parents=True, exist_ok=True)
     with staged_directory(target) as tmp:
         for name, data in files.items():
             (tmp / name).write_bytes(data)
     return pathlib.Path(target)
+
+
+def save_with_report(artifact: Artifact, out, folder: str, files: dict[str, bytes]) -> pathlib.Path:
+    """Save `artifact` to `out`, then replace its report folder `folder` with `files`; returns the path."""
+    target = pathlib.Path(artifact.save(out))
+    write_report_dir(target / folder, files)
+    return target

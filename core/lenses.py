@@ -11,22 +11,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
-from dyninfer.adapters import LayeredModel
-from dyninfer.errors import DyninferError
-
-ProgressFn = Callable[[str, int, int], None]
+from dyninfer.core.adapters import LayeredModel
+from dyninfer.core.errors import DyninferError
+from dyninfer.core.progress import ProgressFn, silent
 
 LOGIT = "logit"
 TUNED = "tuned"
 LENS_KINDS = (LOGIT, TUNED)
-TUNED_LENS_GROUP = "exits"  # artifact tensor group
 _WEIGHT = "tuned_lens.weight"
 _BIAS = "tuned_lens.bias"
 
@@ -66,10 +63,10 @@ class TunedLens(nn.Module):
         return {_WEIGHT: self.weight.detach().cpu().contiguous(), _BIAS: self.bias.detach().cpu().contiguous()}
 
     @classmethod
-    def from_tensors(cls, lm: LayeredModel, tensors: dict[str, torch.Tensor]) -> "TunedLens":
+    def from_tensors(cls, lm: LayeredModel, tensors: dict[str, torch.Tensor]) -> TunedLens:
         lens = cls(lm)
         if _WEIGHT not in tensors or _BIAS not in tensors:
-            raise DyninferError("the artifact has no tuned lens; run `dyninfer probe --lens tuned --out DIR` first")
+            raise DyninferError("the artifact has no tuned lens; train one into it with `dyninfer probe` (tuned lens) first")
         w, b = tensors[_WEIGHT], tensors[_BIAS]
         if tuple(w.shape) != tuple(lens.weight.shape) or tuple(b.shape) != tuple(lens.bias.shape):
             raise DyninferError(
@@ -191,7 +188,7 @@ def train_tuned_lens(
     started = time.perf_counter()
     for p in lm.model.parameters():
         p.requires_grad_(False)
-    report = progress or (lambda *a: None)
+    report = progress or silent
     report("tuned lens: hidden states", 0, 1)
     states = collect_hidden_states(lm, windows)
     report("tuned lens: hidden states", 1, 1)
@@ -200,7 +197,7 @@ def train_tuned_lens(
     if fit.shape[1] < 2 * lm.hidden_size:
         raise DyninferError(
             f"too little data to train a tuned lens: {fit.shape[1]} tokens for a {lm.hidden_size}-wide model; "
-            "raise --lens-train-tokens or use more data"
+            "raise `lens_train_tokens` or use more data"
         )
     lens = TunedLens(lm)
     record = TunedLensTraining(fit.shape[1], n_val, steps, tokens_per_step, vocab_top_k, lr, seed, init)

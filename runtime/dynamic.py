@@ -19,13 +19,14 @@ Every generated token records the layer it left at and its confidence.
 from __future__ import annotations
 
 import time
+
 import torch
 
-from dyninfer.adapters import LayeredModel
 from dyninfer.compressors import confidence as conf
-from dyninfer.compressors.calibrate import ExitPolicy
-from dyninfer.errors import DyninferError
-from dyninfer.generation import GenerationResult
+from dyninfer.compressors.exit_policy import ExitPolicy
+from dyninfer.core.adapters import LayeredModel
+from dyninfer.core.errors import DyninferError
+from dyninfer.core.generation import GenerationResult
 
 MODES = ("full", "early-exit", "speculative")
 
@@ -97,16 +98,16 @@ class DynamicModel:
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise DyninferError("the prompt is empty; give at least one token")
         if max_new_tokens < 1:
-            raise DyninferError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+            raise DyninferError(f"`max_new_tokens` must be at least 1, got {max_new_tokens}")
         if mode == "early-exit" and self.policy is None:  # a calibrated "never exit" policy is fine
             raise DyninferError("no early-exit policy; run `dyninfer calibrate` first, "
-                                "or use --mode full or --mode speculative")
+                                "or use `mode` full or speculative")
         if mode == "speculative":
             if sample:
-                raise DyninferError("the lossless speculative mode is greedy; drop --sample or use --mode early-exit")
+                raise DyninferError("the lossless speculative mode is greedy; drop `sample` or use `mode` early-exit")
             if self.lm.adapter.recurrent:
                 raise DyninferError("speculative decoding needs a KV cache it can roll back; Mamba's recurrent "
-                                    "state cannot be, use --mode early-exit")
+                                    "state cannot be, use `mode` early-exit")
         generator = torch.Generator().manual_seed(seed)
         started = time.perf_counter()
         state = _DecodeState(self.lm, input_ids.shape[0])
@@ -138,7 +139,7 @@ class DynamicModel:
         probs = torch.softmax(logits.float() / max(temperature, 1e-5), dim=-1)
         return torch.multinomial(probs, 1, generator=generator)
 
-    def _step(self, state: "_DecodeState", token: torch.Tensor, mode: str):
+    def _step(self, state: _DecodeState, token: torch.Tensor, mode: str):
         """One decode step; returns (logits [B, V], exit depth, confidence)."""
         lm, policy = self.lm, self.policy
         position = state.length
@@ -165,9 +166,9 @@ class DynamicModel:
         lm = self.lm
         layer = draft_layer or default_draft_layer(lm.num_layers)
         if not 1 <= layer < lm.num_layers:
-            raise DyninferError(f"--draft-layer must be between 1 and {lm.num_layers - 1}, got {layer}")
+            raise DyninferError(f"`draft_layer` must be between 1 and {lm.num_layers - 1}, got {layer}")
         if max_draft < 1:
-            raise DyninferError(f"--max-draft must be at least 1, got {max_draft}")
+            raise DyninferError(f"`max_draft` must be at least 1, got {max_draft}")
         while len(tokens) < max_new_tokens and not _finished(tokens, eos_token_id):
             start = state.length
             drafts, draft_conf, hiddens = [], [], []

@@ -1,8 +1,8 @@
-"""`profile` as a job: per-piece FLOPs, memory and latency, plus GPU power and energy.
+"""`profile`: per-piece FLOPs, memory and latency, plus GPU power and energy.
 
 The measured decode cost per piece is recorded in the artifact (`stages.profile.measured_cost`);
 `calibrate` on that artifact uses it instead of FLOPs, so its predicted speedups are for
-this machine.
+this machine. `save` writes the artifact and its `profile/` report folder.
 """
 
 from __future__ import annotations
@@ -15,18 +15,18 @@ from pathlib import Path
 
 import torch
 
-from dyninfer.artifacts import Artifact, write_report_dir
-from dyninfer.compressors.pruning import PRUNE_STAGE
-from dyninfer.data import DEFAULT_DATA
-from dyninfer.errors import DyninferError
-from dyninfer.models import DEFAULT_MODEL
-from dyninfer.profilers.cost import CostModel
-from dyninfer.profilers.layer_profile import LayerProfile, ProgressFn, profile_layers, workloads
+from dyninfer.core import stages
+from dyninfer.core.artifacts import Artifact, save_with_report
+from dyninfer.core.data import DEFAULT_DATA
+from dyninfer.core.errors import DyninferError, check_at_least, check_choice, check_positive, option
+from dyninfer.core.models import DEFAULT_MODEL
+from dyninfer.core.progress import ProgressFn
+from dyninfer.jobs.plots import profile_png
+from dyninfer.profilers.layer_profile import LayerProfile, profile_layers, workloads
 from dyninfer.profilers.nvml import GpuReport, GpuUnavailable, Nvml, measure_energy
-from dyninfer.workspace import open_workspace
+from dyninfer.runtime.loader import ModelSession, open_workspace
 
-PROFILE_STAGE = "profile"
-REPORT_DIR = "profile"
+REPORT_DIR = stages.PROFILE
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -43,19 +43,16 @@ class ProfileConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.device not in DEVICES:
-            raise DyninferError(f"--device must be one of {', '.join(DEVICES)}, got '{self.device}'")
-        for name, value, low in (("--context", self.context, 1), ("--warmup", self.warmup, 0),
-                                 ("--repeats", self.repeats, 3)):
-            if value < low:
-                raise DyninferError(f"{name} must be at least {low}, got {value}")
-        if not self.energy_seconds > 0:
-            raise DyninferError(f"--energy-seconds must be positive, got {self.energy_seconds}")
+        check_choice("device", self.device, DEVICES)
+        for name, low in (("context", 1), ("warmup", 0), ("repeats", 3)):
+            check_at_least(name, getattr(self, name), low)
+        check_positive("energy_seconds", self.energy_seconds)
         self.torch_device()
 
     def torch_device(self) -> torch.device:
         if self.device == "cuda" and not torch.cuda.is_available():
-            raise DyninferError(f"--device cuda, but torch {torch.__version__} sees no CUDA GPU; use --device cpu")
+            raise DyninferError(f"{option('device')} cuda, but torch {torch.__version__} sees no CUDA GPU; use "
+                                f"{option('device')} cpu")
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
@@ -74,6 +71,20 @@ class ProfileReport:
     def summary(self) -> dict:
         return {"command": "profile", "model": self.base_model, "data": self.data, "config": asdict(self.config),
                 "timings": self.timings} | self.profile.to_dict() | {"gpu": self.gpu.to_dict()}
+
+    def figure(self) -> bytes:
+        return profile_png(self.profile.pieces, f"{self.base_model['spec']}: cost per layer on {self.profile.device}")
+
+    def files(self) -> dict[str, bytes]:
+        """The profile/ report folder: the per-piece table (CSV, Parquet), the summary and the figure."""
+        parquet = io.BytesIO()
+        self.profile.pieces.to_parquet(parquet, index=False)
+        return {
+            "pieces.csv": self.profile.pieces.to_csv(index=False).encode(),
+            "pieces.parquet": parquet.getvalue(),
+            "summary.json": json.dumps(self.summary(), indent=2).encode(),
+            "profile.png": self.figure(),
+        }
 
 
 def gpu_report(lm, prompt: torch.Tensor, device: torch.device, energy_seconds: float,
@@ -96,53 +107,35 @@ def gpu_report(lm, prompt: torch.Tensor, device: torch.device, energy_seconds: f
 
 
 @torch.no_grad()
-def run_profile_job(config: ProfileConfig, progress: ProgressFn | None = None, existing: str | Artifact | None = None,
-                    nvml_module=None) -> ProfileReport:
+def run(config: ProfileConfig, progress: ProgressFn | None = None, existing: str | Artifact | None = None,
+        session: ModelSession | None = None, nvml_module=None) -> ProfileReport:
+    """Profile the model (with the artifact's steering and masks, when extending one) on `config.device`.
+
+    A model shared through `session` goes back to the device it came from afterwards.
+    """
     config.validate()
     torch.manual_seed(config.seed)
     ws = open_workspace(config.model, config.data, field=config.field, seq_len=config.context, seed=config.seed,
-                        existing=existing, progress=progress)
-    prompt = ws.windows.take("heldout", config.context, option="--context")[:1, : config.context]
+                        existing=existing, progress=progress, session=session)
+    prompt = ws.windows.take("heldout", config.context, option="context")[:1, : config.context]
     device = config.torch_device()
+    home = ws.lm.device
     ws.loaded.model.to(device)
-    profile = profile_layers(ws.lm, prompt, warmup=config.warmup, repeats=config.repeats, progress=progress)
-    gpu = gpu_report(ws.lm, prompt, device, config.energy_seconds, nvml_module)
+    try:
+        profile = profile_layers(ws.lm, prompt, warmup=config.warmup, repeats=config.repeats, progress=progress)
+        gpu = gpu_report(ws.lm, prompt, device, config.energy_seconds, nvml_module)
+    finally:
+        ws.loaded.model.to(home)
     ws.timings["profile_s"] = profile.seconds
     report = ProfileReport(config, ws.loaded.base_model_info(), ws.windows.describe(), profile, gpu, ws.timings)
     # Pruning masks change what a layer costs: calibrate notes a profile taken before them.
-    record = {"config": asdict(config), "pruned": PRUNE_STAGE in ws.artifact.stages} | profile.to_dict() \
+    record = {"config": asdict(config), "pruned": stages.PRUNE in ws.artifact.stages} | profile.to_dict() \
         | {"gpu": gpu.to_dict()}
-    ws.artifact.set_stage(PROFILE_STAGE, record)
+    ws.artifact.set_stage(stages.PROFILE, record)
     report.artifact = ws.artifact
     return report
 
 
-def measured_cost(artifact: Artifact) -> CostModel | None:
-    """The per-piece decode latency a `profile` recorded in this artifact, if any."""
-    record = artifact.stages.get(PROFILE_STAGE)
-    if not record or "measured_cost" not in record:
-        return None
-    return CostModel.from_dict(record["measured_cost"])
-
-
-def profile_is_stale(artifact: Artifact) -> bool:
-    """True when the artifact was pruned after its profile was measured (or the other way round)."""
-    record = artifact.stages.get(PROFILE_STAGE) or {}
-    return bool(record) and record.get("pruned", False) != (PRUNE_STAGE in artifact.stages)
-
-
-def profile_files(report: ProfileReport) -> dict[str, bytes]:
-    """The profile/ report folder: the per-piece table (CSV, Parquet) and the summary."""
-    parquet = io.BytesIO()
-    report.profile.pieces.to_parquet(parquet, index=False)
-    return {
-        "pieces.csv": report.profile.pieces.to_csv(index=False).encode(),
-        "pieces.parquet": parquet.getvalue(),
-        "summary.json": json.dumps(report.summary(), indent=2).encode(),
-    }
-
-
-def save_profile(report: ProfileReport, out_dir: str | os.PathLike, extra_files: dict[str, bytes] | None = None) -> Path:
-    target = Path(report.artifact.save(out_dir))
-    write_report_dir(target / REPORT_DIR, profile_files(report) | (extra_files or {}))
-    return target
+def save(report: ProfileReport, out: str | os.PathLike) -> Path:
+    """Save the artifact and its profile/ report folder."""
+    return save_with_report(report.artifact, out, REPORT_DIR, report.files())

@@ -1,6 +1,7 @@
 """The audit report, as self-contained HTML (plots embedded) and as Markdown (for CI logs and PRs).
 
-Both are rendered from one list of sections, so they always say the same thing.
+Both are rendered from one list of sections, so they always say the same thing. The functions
+take a `jobs.audit.AuditReport` (not imported here: `jobs.audit` imports this module to write).
 """
 
 from __future__ import annotations
@@ -8,8 +9,6 @@ from __future__ import annotations
 import base64
 import html
 from dataclasses import dataclass, field
-
-from dyninfer.profilers.audit import AuditReport
 
 
 @dataclass
@@ -34,7 +33,7 @@ def _points(points: list[int]) -> str:
     return ", ".join(map(str, points)) or "none"
 
 
-def sections(report: AuditReport) -> list[Section]:
+def sections(report) -> list[Section]:
     summary = report.summary()
     head = summary["headline"]
     model = summary["model"]
@@ -165,7 +164,7 @@ def _md_cell(text: str) -> str:
     return str(text).replace("|", "\\|")
 
 
-def markdown(report: AuditReport) -> str:
+def markdown(report) -> str:
     parts = [f"# dyninfer audit: {report.probe.base_model['spec']}", ""]
     for section in sections(report):
         parts.append(f"## {section.title}")
@@ -199,7 +198,7 @@ def _inline(text: str) -> str:
     return "".join(f"<strong>{p}</strong>" if i % 2 else p for i, p in enumerate(pieces))
 
 
-def html_page(report: AuditReport, figures: dict[str, bytes]) -> str:
+def html_page(report, figures: dict[str, bytes]) -> str:
     """A self-contained page: every figure is an embedded PNG (data URI)."""
     spec = html.escape(report.probe.base_model["spec"])
     body = [f"<h1>dyninfer audit: {spec}</h1>"]

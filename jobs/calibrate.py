@@ -1,25 +1,35 @@
-"""`calibrate` as a job: workspace -> lens -> calibration -> policy recorded in the artifact."""
+"""`calibrate`: workspace -> lens -> calibration -> policy recorded in the artifact.
+
+`save` writes the artifact and its `calibrate/` report folder (the threshold curve as CSV and PNG,
+the summary).
+"""
 
 from __future__ import annotations
 
+import io
+import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+import pandas as pd
 import torch
 
-from dyninfer.artifacts import Artifact
-from dyninfer.compressors.calibrate import RISKS, CalibrationResult, run_calibrations
 from dyninfer.compressors.confidence import MEASURES
-from dyninfer.data import DEFAULT_DATA
-from dyninfer.errors import DyninferError
-from dyninfer.models import DEFAULT_MODEL
-from dyninfer.profilers.cost import count_costs, speedup_basis
-from dyninfer.profilers.lenses import LENS_KINDS, TUNED, TUNED_LENS_GROUP, LogitLens
-from dyninfer.profilers.profile import measured_cost, profile_is_stale
-from dyninfer.workspace import ProgressFn, open_workspace
+from dyninfer.compressors.exit_policy import KV_MODES, RISKS, CalibrationResult, run_calibrations
+from dyninfer.core import stages
+from dyninfer.core.artifacts import Artifact, save_with_report
+from dyninfer.core.cost import count_costs, measured_cost, profile_is_stale, speedup_basis
+from dyninfer.core.data import DEFAULT_DATA
+from dyninfer.core.errors import DyninferError, check_at_least, check_between, check_choice, option
+from dyninfer.core.lenses import LENS_KINDS, TUNED, LogitLens
+from dyninfer.core.models import DEFAULT_MODEL
+from dyninfer.core.progress import ProgressFn
+from dyninfer.jobs.plots import calibration_curve_png
+from dyninfer.runtime.loader import ModelSession, open_workspace
 
-CALIBRATE_STAGE = "calibrate"
-KV_MODES = ("propagate", "recompute")
+REPORT_DIR = stages.CALIBRATE
 # auto: the latency a `profile` measured on this artifact when there is one, else FLOPs.
 COST_SOURCES = ("auto", "flops", "measured")
 
@@ -54,22 +64,15 @@ class CalibrateConfig:
     extra_targets: tuple[float, ...] = ()
 
     def validate(self) -> None:
-        choices = (("--lens", self.lens, LENS_KINDS), ("--measure", self.measure, MEASURES),
-                   ("--risk", self.risk, RISKS), ("--kv-mode", self.kv_mode, KV_MODES),
-                   ("--cost", self.cost, COST_SOURCES))
-        for name, value, allowed in choices:
-            if value not in allowed:
-                raise DyninferError(f"{name} must be one of {', '.join(allowed)}, got '{value}'")
-        for name, value in (("--target", self.target), ("--epsilon", self.epsilon),
-                            *(("--targets", t) for t in self.extra_targets)):
-            if not 0.0 < value < 1.0:
-                raise DyninferError(f"{name} must be between 0 and 1 (exclusive), got {value}")
-        for name, value, low in (("--block", self.block, 1), ("--fit-tokens", self.fit_tokens, 1),
-                                 ("--calibration-tokens", self.calibration_tokens, 1),
-                                 ("--heldout-tokens", self.heldout_tokens, 1), ("--vocab-top-k", self.vocab_top_k, 0),
-                                 ("--max-points", self.max_points, 1), ("--seq-len", self.seq_len, 2)):
-            if value < low:
-                raise DyninferError(f"{name} must be at least {low}, got {value}")
+        for name, allowed in (("lens", LENS_KINDS), ("measure", MEASURES), ("risk", RISKS), ("kv_mode", KV_MODES),
+                              ("cost", COST_SOURCES)):
+            check_choice(name, getattr(self, name), allowed)
+        for name, value in (("target", self.target), ("epsilon", self.epsilon),
+                            *(("extra_targets", t) for t in self.extra_targets)):
+            check_between(name, value, 0.0, 1.0)
+        for name, low in (("block", 1), ("fit_tokens", 1), ("calibration_tokens", 1), ("heldout_tokens", 1),
+                          ("vocab_top_k", 0), ("max_points", 1), ("seq_len", 2)):
+            check_at_least(name, getattr(self, name), low)
 
 
 @dataclass
@@ -97,6 +100,20 @@ class CalibrateReport:
             out["other_targets"] = [_brief(r) for r in self.others]
         return out
 
+    def figure(self) -> bytes:
+        return calibration_curve_png(self.result, f"{self.base_model['spec']} on {self.data['spec']}", self.others,
+                                     self.cost_unit)
+
+    def files(self) -> dict[str, bytes]:
+        """The calibrate/ report folder: the threshold curve (CSV, PNG) and the summary."""
+        curve = io.StringIO()
+        pd.DataFrame([vars(c) for c in self.result.curve]).to_csv(curve, index=False)
+        return {
+            "curve.csv": curve.getvalue().encode(),
+            "summary.json": json.dumps(self.summary(), indent=2, default=str).encode(),
+            "curve.png": self.figure(),
+        }
+
 
 def _brief(result: CalibrationResult) -> dict:
     """A policy at another target: what it decided and what it achieved on held-out data."""
@@ -108,8 +125,8 @@ def choose_costs(config: CalibrateConfig, lm, artifact: Artifact) -> tuple:
     """(cost model, notes): measured latency from the artifact's profile, or FLOPs."""
     measured = measured_cost(artifact) if config.cost != "flops" else None
     if config.cost == "measured" and measured is None:
-        raise DyninferError("--cost measured needs a profile in the artifact: run `dyninfer profile --out DIR` "
-                            "on it first, or use --cost flops")
+        raise DyninferError(f"{option('cost')} measured needs a profile in the artifact: run `dyninfer profile` "
+                            f"into it first, or use {option('cost')} flops")
     if measured is None:
         return count_costs(lm, context=config.seq_len), []
     notes = [f"exit points chosen with the decode latency measured by `profile` ({measured.source}); "
@@ -122,16 +139,17 @@ def choose_costs(config: CalibrateConfig, lm, artifact: Artifact) -> tuple:
                      "`dyninfer profile` on it for predictions that match")
     if measured.context != config.seq_len:
         notes.append(f"the profile measured decoding at context {measured.context}, calibration uses "
-                     f"--seq-len {config.seq_len}")
+                     f"{option('seq_len')} {config.seq_len}")
     return measured, notes
 
 
-def run_calibrate_job(config: CalibrateConfig, progress: ProgressFn | None = None,
-                      existing: str | Artifact | None = None) -> CalibrateReport:
+def run(config: CalibrateConfig, progress: ProgressFn | None = None, existing: str | Artifact | None = None,
+        session: ModelSession | None = None) -> CalibrateReport:
+    """Calibrate the policy at `config.target` (and `extra_targets`); the artifact keeps the first."""
     config.validate()
     torch.manual_seed(config.seed)
     ws = open_workspace(config.model, config.data, field=config.field, seq_len=config.seq_len, seed=config.seed,
-                        existing=existing, progress=progress)
+                        existing=existing, progress=progress, session=session)
     lm, windows = ws.lm, ws.windows
     n_fit = math.ceil(config.fit_tokens / config.seq_len)
     n_cal = math.ceil(config.calibration_tokens / config.seq_len)
@@ -139,9 +157,10 @@ def run_calibrate_job(config: CalibrateConfig, progress: ProgressFn | None = Non
     if n_fit + n_cal > n_train:
         raise DyninferError(
             f"the train split of '{config.data}' has {n_train} windows of {config.seq_len} tokens but fitting and "
-            f"calibration need {n_fit + n_cal}; lower --fit-tokens/--calibration-tokens or use more data"
+            f"calibration need {n_fit + n_cal}; lower {option('fit_tokens')}/{option('calibration_tokens')} or "
+            "use more data"
         )
-    heldout = windows.take("heldout", config.heldout_tokens, option="--heldout-tokens")
+    heldout = windows.take("heldout", config.heldout_tokens, option="heldout_tokens")
     # Calibration windows come from the end of the train split; the tuned lens trains on its start.
     fit, calibration = windows.train[n_train - n_fit - n_cal : n_train - n_cal], windows.train[n_train - n_cal :]
     notes = []
@@ -151,7 +170,7 @@ def run_calibrate_job(config: CalibrateConfig, progress: ProgressFn | None = Non
         n_lens = math.ceil(config.lens_train_tokens / config.seq_len)
         if training is not None and n_lens > n_train - n_fit - n_cal:
             notes.append("the tuned lens was trained on windows that are also calibration windows; the guarantee "
-                         "is optimistic. Use more data or fewer --lens-train-tokens")
+                         f"is optimistic. Use more data or fewer {option('lens_train_tokens')}")
     else:
         lens = LogitLens(lm)
     costs, cost_notes = choose_costs(config, lm, ws.artifact)
@@ -169,12 +188,17 @@ def run_calibrate_job(config: CalibrateConfig, progress: ProgressFn | None = Non
     result.notes += notes
     report = CalibrateReport(config, ws.loaded.base_model_info(), windows.describe(), result, ws.timings,
                              cost_model=costs.to_dict(), others=others)
-    ws.artifact.set_stage(CALIBRATE_STAGE, report.summary())
+    ws.artifact.set_stage(stages.CALIBRATE, report.summary())
     # The exits group holds the tuned lens and, for the classifier measure, this policy's classifier.
-    exits = {k: v for k, v in ws.artifact.tensors.get(TUNED_LENS_GROUP, {}).items() if not k.startswith("classifier.")}
+    exits = {k: v for k, v in ws.artifact.tensors.get(stages.EXITS_GROUP, {}).items() if not k.startswith("classifier.")}
     if classifier is not None:
         exits.update(classifier.tensors())
     if exits:
-        ws.artifact.put_tensors(TUNED_LENS_GROUP, exits)
+        ws.artifact.put_tensors(stages.EXITS_GROUP, exits)
     report.artifact = ws.artifact
     return report
+
+
+def save(report: CalibrateReport, out: str | os.PathLike) -> Path:
+    """Save the artifact (policy, classifier) and its calibrate/ report folder."""
+    return save_with_report(report.artifact, out, REPORT_DIR, report.files())

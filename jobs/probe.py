@@ -1,7 +1,7 @@
-"""`probe` as a job: load model and data, build the lenses, run the exit probe, record it.
+"""`probe`: load model and data, build the lenses, run the exit probe, record it.
 
-The CLI and `audit` call `run_probe_job`; it returns data and an artifact to save, and
-prints nothing.
+`run` returns a `ProbeReport` (with the artifact to save) and prints nothing; `save` writes the
+artifact and its `probe/` report folder (per-layer and depth tables, summary, probe.png).
 """
 
 from __future__ import annotations
@@ -14,17 +14,19 @@ from pathlib import Path
 
 import torch
 
-from dyninfer.artifacts import Artifact, write_report_dir
-from dyninfer.data import DEFAULT_DATA
-from dyninfer.errors import DyninferError
-from dyninfer.models import DEFAULT_MODEL
-from dyninfer.profilers.cost import CostModel, count_costs
-from dyninfer.profilers.exit_probe import ProbeResult, ProgressFn, run_probe
-from dyninfer.profilers.lenses import LENS_KINDS, LOGIT, TUNED, LogitLens, TunedLensTraining
-from dyninfer.workspace import open_workspace
+from dyninfer.core import stages
+from dyninfer.core.artifacts import Artifact, save_with_report
+from dyninfer.core.cost import CostModel, count_costs
+from dyninfer.core.data import DEFAULT_DATA
+from dyninfer.core.errors import DyninferError, check_at_least, option
+from dyninfer.core.lenses import LENS_KINDS, LOGIT, TUNED, LogitLens, TunedLensTraining
+from dyninfer.core.models import DEFAULT_MODEL
+from dyninfer.core.progress import ProgressFn
+from dyninfer.jobs.plots import probe_figure_png
+from dyninfer.profilers.exit_probe import ProbeResult, run_probe
+from dyninfer.runtime.loader import ModelSession, open_workspace
 
-PROBE_STAGE = "probe"
-REPORT_DIR = "probe"
+REPORT_DIR = stages.PROBE
 
 
 @dataclass
@@ -46,17 +48,11 @@ class ProbeConfig:
         unknown = [k for k in self.lenses if k not in LENS_KINDS]
         if unknown or not self.lenses:
             raise DyninferError(f"unknown lens {', '.join(unknown) or '(none)'}; choose from: {', '.join(LENS_KINDS)}")
-        for name, value, low in (
-            ("--tokens", self.tokens, 1),
-            ("--seq-len", self.seq_len, 2),
-            ("--batch-size", self.batch_size, 1),
-            ("--lens-train-tokens", self.lens_train_tokens, 1),
-            ("--lens-steps", self.lens_steps, 0),
-        ):
-            if value < low:
-                raise DyninferError(f"{name} must be at least {low}, got {value}")
+        for name, low in (("tokens", 1), ("seq_len", 2), ("batch_size", 1), ("lens_train_tokens", 1),
+                          ("lens_steps", 0)):
+            check_at_least(name, getattr(self, name), low)
         if self.lens_from and TUNED not in self.lenses:
-            raise DyninferError("--lens-from only makes sense with --lens tuned")
+            raise DyninferError(f"{option('lens_from')} only makes sense with {option('lenses')} tuned")
 
 
 @dataclass
@@ -82,13 +78,30 @@ class ProbeReport:
             out["tuned_lens_training"] = self.lens_training.to_dict()
         return out
 
+    def figure(self) -> bytes:
+        return probe_figure_png(self.result.layers, f"{self.base_model['spec']} on {self.data['spec']}: "
+                                                    "exit accuracy per layer")
 
-def run_probe_job(config: ProbeConfig, progress: ProgressFn | None = None, existing: str | Artifact | None = None) -> ProbeReport:
-    """Run the probe. `existing`: an artifact directory to extend (its base model must match)."""
+    def files(self) -> dict[str, bytes]:
+        """The probe/ report folder: per-layer and depth tables (CSV, Parquet), the summary and the figure."""
+        parquet = io.BytesIO()
+        self.result.layers.to_parquet(parquet, index=False)
+        return {
+            "layers.csv": self.result.layers.to_csv(index=False).encode(),
+            "layers.parquet": parquet.getvalue(),
+            "depth.csv": self.result.depth.to_csv(index=False).encode(),
+            "summary.json": json.dumps(self.summary(), indent=2).encode(),
+            "probe.png": self.figure(),
+        }
+
+
+def run(config: ProbeConfig, progress: ProgressFn | None = None, existing: str | Artifact | None = None,
+        session: ModelSession | None = None) -> ProbeReport:
+    """Run the probe. `existing`: an artifact (or its directory) to extend; its base model must match."""
     config.validate()
     torch.manual_seed(config.seed)
     ws = open_workspace(config.model, config.data, field=config.field, seq_len=config.seq_len, seed=config.seed,
-                        existing=existing, progress=progress)
+                        existing=existing, progress=progress, session=session)
     heldout = ws.windows.take("heldout", config.tokens)  # raises early if the data is too short
     lm = ws.lm
     costs: CostModel = count_costs(lm, context=config.seq_len)
@@ -108,7 +121,7 @@ def run_probe_job(config: ProbeConfig, progress: ProgressFn | None = None, exist
     result = run_probe(lm, heldout, lenses, costs, batch_size=config.batch_size, progress=progress)
     ws.timings["probe_s"] = result.seconds
     report = ProbeReport(config, ws.loaded.base_model_info(), ws.windows.describe(), result, training, ws.timings)
-    ws.artifact.set_stage(PROBE_STAGE, _stage_record(report))
+    ws.artifact.set_stage(stages.PROBE, _stage_record(report))
     report.artifact = ws.artifact
     return report
 
@@ -120,20 +133,6 @@ def _stage_record(report: ProbeReport) -> dict:
     )
 
 
-def save_probe(report: ProbeReport, out_dir: str | os.PathLike, extra_files: dict[str, bytes] | None = None) -> Path:
-    """Save the artifact and the report tables (CSV, Parquet, JSON) under OUT/probe/."""
-    target = report.artifact.save(out_dir)
-    write_report_dir(target / REPORT_DIR, probe_files(report) | (extra_files or {}))
-    return target
-
-
-def probe_files(report: ProbeReport) -> dict[str, bytes]:
-    """The probe/ report folder: per-layer and depth tables (CSV, Parquet) and the summary."""
-    parquet = io.BytesIO()
-    report.result.layers.to_parquet(parquet, index=False)
-    return {
-        "layers.csv": report.result.layers.to_csv(index=False).encode(),
-        "layers.parquet": parquet.getvalue(),
-        "depth.csv": report.result.depth.to_csv(index=False).encode(),
-        "summary.json": json.dumps(report.summary(), indent=2).encode(),
-    }
+def save(report: ProbeReport, out: str | os.PathLike) -> Path:
+    """Save the artifact and its probe/ report folder."""
+    return save_with_report(report.artifact, out, REPORT_DIR, report.files())

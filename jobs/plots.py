@@ -1,12 +1,13 @@
-"""Plots for CLI reports: PNG figures (matplotlib) and compact terminal views."""
+"""The PNG figures (matplotlib) that report folders and the audit report hold.
+
+matplotlib is imported when a figure is drawn: commands that draw none start faster.
+"""
 
 from __future__ import annotations
 
 import io
 
 import pandas as pd
-
-_BLOCKS = " ▁▂▃▄▅▆▇█"
 
 
 def _png(fig) -> bytes:
@@ -27,16 +28,6 @@ def _finish(fig, axes, title: str) -> bytes:
         ax.legend(fontsize=8)
     fig.suptitle(title)
     return _png(fig)
-
-
-def sparkline(values, low: float = 0.0, high: float = 1.0) -> str:
-    """One character per value, scaled between low and high."""
-    span = (high - low) or 1.0
-    out = []
-    for v in values:
-        level = int(round((min(max(v, low), high) - low) / span * (len(_BLOCKS) - 1)))
-        out.append(_BLOCKS[level])
-    return "".join(out)
 
 
 def probe_figure_png(layers: pd.DataFrame, title: str) -> bytes:

@@ -14,21 +14,23 @@ Pipeline (CALM, on teacher-forced text from the data's train split):
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
-from dyninfer.adapters import LayeredModel
 from dyninfer.compressors import confidence as conf
 from dyninfer.compressors.ltt import LTTResult, learn_then_test, naive_choice
-from dyninfer.errors import DyninferError
-from dyninfer.profilers.cost import CostModel
-from dyninfer.profilers.lenses import collect_hidden_states
+from dyninfer.core.adapters import LayeredModel
+from dyninfer.core.cost import CostModel
+from dyninfer.core.errors import DyninferError
+from dyninfer.core.lenses import collect_hidden_states
+from dyninfer.core.progress import ProgressFn, silent
 
-ProgressFn = Callable[[str, int, int], None]
 RISKS = ("consistency", "accuracy-drop")
+# How the dynamic model fills the caches of layers a token skipped: CALM state propagation, or a
+# recompute when a later token needs them.
+KV_MODES = ("propagate", "recompute")
 
 
 @dataclass
@@ -46,7 +48,7 @@ class ExitPolicy:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ExitPolicy":
+    def from_dict(cls, d: dict) -> ExitPolicy:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
@@ -60,7 +62,7 @@ class Trace:
     correct: torch.Tensor  # [P, N] exit top-1 == true next token
     final_correct: torch.Tensor  # [N]
 
-    def subset(self, rows: list[int]) -> "Trace":
+    def subset(self, rows: list[int]) -> Trace:
         return Trace([self.points[r] for r in rows], self.confidence[rows], self.agrees[rows], self.correct[rows],
                      self.final_correct)
 
@@ -79,7 +81,7 @@ def trace_exits(
     progress: ProgressFn | None = None,
 ) -> Trace:
     """Run `windows` (teacher forcing) and record confidence and agreement at each point."""
-    report = progress or (lambda *a: None)
+    report = progress or silent
     if measure not in conf.HEAD_MEASURES:
         vocab_top_k = 0  # state measures compute no logits to prune; the exit uses the full head
     cols: dict[str, list[torch.Tensor]] = {"confidence": [], "agrees": [], "correct": [], "final": []}
@@ -338,15 +340,15 @@ def run_calibrations(
         raise DyninferError(f"unknown risk '{risk}'; choose from: {', '.join(RISKS)}")
     for target in targets:
         if not 0.0 < target < 1.0:
-            raise DyninferError(f"--target must be between 0 and 1 (exclusive), got {target}")
+            raise DyninferError(f"`target` must be between 0 and 1 (exclusive), got {target}")
     if block < 1:
-        raise DyninferError(f"--block must be at least 1, got {block}")
+        raise DyninferError(f"`block` must be at least 1, got {block}")
     d, n_layers = lm.hidden_size, lm.num_layers
     translated = lens.kind == "tuned"
     first = max(1, n_layers // 4 if min_layer is None else min_layer)
     candidates = list(range(first, n_layers))
     if not candidates:
-        raise DyninferError(f"no exit points between layer {first} and {n_layers - 1}; lower --min-layer")
+        raise DyninferError(f"no exit points between layer {first} and {n_layers - 1}; lower `min_layer`")
 
     all_points = _fit_classifier(lm, fit_windows, candidates, lens) if measure == "classifier" else None
     fit_trace = trace_exits(lm, fit_windows, candidates, lens, measure, classifier=all_points,
@@ -390,7 +392,7 @@ def _certify(lens_kind: str, measure: str, chosen: list[int], vocab_top_k: int, 
     sims = [simulate(cal_trace, t, costs, measure, translated, vocab_top_k, d) for t in thresholds]
     losses = np.stack([block_losses(s, cal_trace, risk, block) for s in sims])
     if losses.shape[1] < 1:
-        raise DyninferError(f"calibration data has fewer than {block} tokens; use more data or a smaller --block")
+        raise DyninferError(f"calibration data has fewer than {block} tokens; use more data or a smaller `block`")
     ltt = learn_then_test(losses, thresholds, delta=1.0 - target, epsilon=epsilon)
     naive_index = naive_choice(losses, thresholds, delta=1.0 - target)
     policy.threshold = ltt.chosen if ltt.chosen_index is not None and ltt.chosen_index > 0 else None

@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from dyninfer.adapters import LayeredModel
+from dyninfer.core.adapters import LayeredModel
+from dyninfer.core.artifacts import Artifact
+from dyninfer.core.stages import PROFILE, PRUNE
 
 
 @dataclass
@@ -54,7 +56,7 @@ class CostModel:
         return flops[name]
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CostModel":
+    def from_dict(cls, d: dict) -> CostModel:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
     def head_in_layers(self) -> float:
@@ -71,18 +73,32 @@ def speedup_basis(cost_model: dict | None) -> str:
     return "latency" if (cost_model or {}).get("unit", "").startswith("ms") else "FLOPs"
 
 
+def measured_cost(artifact: Artifact) -> CostModel | None:
+    """The per-piece decode latency a `profile` recorded in this artifact, if any."""
+    record = artifact.stages.get(PROFILE)
+    if not record or "measured_cost" not in record:
+        return None
+    return CostModel.from_dict(record["measured_cost"])
+
+
+def profile_is_stale(artifact: Artifact) -> bool:
+    """True when the artifact was pruned after its profile was measured (or the other way round)."""
+    record = artifact.stages.get(PROFILE) or {}
+    return bool(record) and record.get("pruned", False) != (PRUNE in artifact.stages)
+
+
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
 # torch's counter knows the CUDA attention kernels but not the CPU flash kernel that
 # F.scaled_dot_product_attention dispatches to here; without this, attention counts as 0.
-_EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
 
 
 def _flops(fn):
     """(FLOPs counted while running fn(), what fn returned)."""
-    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
+    with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
         result = fn()
     return float(counter.get_total_flops()), result
 

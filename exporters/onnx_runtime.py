@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dyninfer.errors import DyninferError
-from dyninfer.generation import GenerationResult
+from dyninfer.core.errors import DyninferError
+from dyninfer.core.generation import GenerationResult
 
 PACKAGE_MANIFEST = "dyninfer-onnx.json"
 PACKAGE_FORMAT = "dyninfer-onnx"
@@ -38,7 +38,7 @@ def read_package(path) -> dict:
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise DyninferError(f"the package manifest '{manifest_path}' is damaged ({exc}); re-run `dyninfer export`")
+        raise DyninferError(f"the package manifest '{manifest_path}' is damaged ({exc}); re-run `dyninfer export`") from None
     if not isinstance(manifest, dict) or manifest.get("format") != PACKAGE_FORMAT:
         raise DyninferError(f"'{manifest_path}' is not a dyninfer ONNX package manifest; re-run `dyninfer export`")
     if manifest.get("version", 0) > PACKAGE_VERSION:
@@ -66,7 +66,7 @@ def find_package(path) -> Path:
 
 def session_providers(provider: str) -> list[str]:
     if provider not in PROVIDERS:
-        raise DyninferError(f"--provider must be one of {', '.join(PROVIDERS)}, got '{provider}'")
+        raise DyninferError(f"`provider` must be one of {', '.join(PROVIDERS)}, got '{provider}'")
     return [PROVIDERS["cuda"], PROVIDERS["cpu"]] if provider == "cuda" else [PROVIDERS["cpu"]]
 
 
@@ -88,7 +88,7 @@ def create_session(model, provider: str, threads: int | None = None):
             session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
                                            providers=[p for p in wanted if p in available])
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-        raise DyninferError(f"ONNX Runtime could not load '{model}': {' '.join(str(exc).split())[:300]}")
+        raise DyninferError(f"ONNX Runtime could not load '{model}': {' '.join(str(exc).split())[:300]}") from None
     if wanted[0] not in available:
         return session, f"this onnxruntime build has no {wanted[0]} (install onnxruntime-gpu)"
     if wanted[0] != session.get_providers()[0]:
@@ -154,7 +154,7 @@ class OnnxDynamicModel:
         if ids.ndim != 2 or ids.shape[1] < 1:
             raise DyninferError("the prompt is empty; give at least one token")
         if max_new_tokens < 1:
-            raise DyninferError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+            raise DyninferError(f"`max_new_tokens` must be at least 1, got {max_new_tokens}")
         rng = np.random.default_rng(seed)
         batch = ids.shape[0]
         started = time.perf_counter()

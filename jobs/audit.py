@@ -1,0 +1,370 @@
+"""`audit`: probe, profile and calibrate (prune, steer and export when asked) in one go, with CI gates.
+
+The stages share one loaded model and chain in memory on one artifact: an existing
+artifact's stages (a tuned lens, masks, steering) are used, the probe's tuned lens is reused
+by calibration, and the profile's measured latency is calibration's cost model. `run` writes
+OUT/: the artifact, each stage's report folder, `summary.json`, `report.md`, `report.html`
+and, with `export`, the ONNX package in `onnx/`. OUT is replaced only when all of it worked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from dyninfer.compressors.steering import METHODS as STEER_METHODS
+from dyninfer.core import stages
+from dyninfer.core.artifacts import Artifact, artifact_exists, staged_directory, write_report_dir
+from dyninfer.core.data import DEFAULT_DATA
+from dyninfer.core.errors import DyninferError, check_between, check_choice, check_positive, option
+from dyninfer.core.lenses import LOGIT, TUNED
+from dyninfer.core.models import DEFAULT_MODEL
+from dyninfer.core.progress import ProgressFn, silent
+from dyninfer.exporters.onnx_export import export_dynamic, preflight, provider_problem
+from dyninfer.jobs import calibrate as calibrate_job
+from dyninfer.jobs import probe as probe_job
+from dyninfer.jobs import profile as profile_job
+from dyninfer.jobs import prune as prune_job
+from dyninfer.jobs import steer as steer_job
+from dyninfer.jobs.audit_report import html_page, markdown
+from dyninfer.jobs.export import PACKAGE_DIR
+from dyninfer.jobs.plots import depth_histogram_png
+from dyninfer.profilers.exit_probe import oracle_saving
+from dyninfer.runtime.loader import ModelSession, build_dynamic
+
+# Stages other commands record that the audit report summarises when the artifact has them.
+REPORTED_STAGES = (stages.PRUNE, stages.STEER)
+# α values a steering check sweeps by default: around where each method starts to act (docs/steer.md).
+STEER_ALPHAS = {"activation": (0.25, 0.5, 1.0), "valve": (0.1, 0.2, 0.5)}
+
+
+@dataclass
+class GateResult:
+    name: str
+    threshold: float
+    value: float
+    passed: bool
+    measures: str
+
+
+@dataclass
+class AuditConfig:
+    model: str = DEFAULT_MODEL
+    data: str = DEFAULT_DATA
+    field: str | None = None
+    seq_len: int = 256
+    seed: int = 0
+    lens: str = TUNED  # tuned: trains (or reuses) a tuned lens; logit: training-free and faster
+    # Defaults sized so the bundled model's audit takes minutes on 2 CPU cores (docs/audit.md says how many).
+    probe_tokens: int = 1024
+    lens_train_tokens: int = 4096
+    lens_steps: int = 30
+    target: float = 0.95  # the policy the artifact keeps and the gates judge
+    extra_targets: tuple[float, ...] = (0.9, 0.99)
+    epsilon: float = 0.05
+    measure: str = "classifier"
+    fit_tokens: int = 2048
+    calibration_tokens: int = 4096
+    heldout_tokens: int = 1024
+    repeats: int = 10
+    device: str = "auto"
+    energy_seconds: float = 3.0
+    prune: bool = False
+    prune_sparsity: float = 0.5
+    export: bool = False
+    steer: str | None = None  # activation or valve: extract a CoT-length direction and sweep it
+    steer_alphas: tuple[float, ...] = ()  # default: STEER_ALPHAS[steer]
+    steer_examples: int = 32
+    steer_questions: int = 8
+    steer_max_new_tokens: int = 128  # the sweep's own default: the bundled model's chains run past 96
+    # CI gates (None: not checked); `run` still writes the report when one fails, and the CLI exits 1.
+    min_oracle_saving: float | None = None  # the best lens's oracle FLOP saving (probe)
+    min_speedup: float | None = None  # predicted held-out speedup of the certified policy at `target`
+    min_consistency: float | None = None  # held-out token consistency of that policy
+
+    def probe_config(self) -> probe_job.ProbeConfig:
+        return probe_job.ProbeConfig(model=self.model, data=self.data, field=self.field, seq_len=self.seq_len, seed=self.seed,
+                           lenses=(LOGIT, TUNED) if self.lens == TUNED else (LOGIT,), tokens=self.probe_tokens,
+                           lens_train_tokens=self.lens_train_tokens, lens_steps=self.lens_steps)
+
+    def profile_config(self) -> profile_job.ProfileConfig:
+        return profile_job.ProfileConfig(model=self.model, data=self.data, field=self.field, context=self.seq_len,
+                             repeats=self.repeats, warmup=2, device=self.device, energy_seconds=self.energy_seconds,
+                             seed=self.seed)
+
+    def calibrate_config(self) -> calibrate_job.CalibrateConfig:
+        return calibrate_job.CalibrateConfig(model=self.model, data=self.data, field=self.field, seq_len=self.seq_len,
+                               seed=self.seed, lens=self.lens, measure=self.measure, target=self.target,
+                               epsilon=self.epsilon, fit_tokens=self.fit_tokens,
+                               calibration_tokens=self.calibration_tokens, heldout_tokens=self.heldout_tokens,
+                               lens_train_tokens=self.lens_train_tokens, lens_steps=self.lens_steps,
+                               extra_targets=tuple(t for t in self.extra_targets if t != self.target))
+
+    def prune_config(self) -> prune_job.PruneConfig:
+        return prune_job.PruneConfig(model=self.model, data=self.data, field=self.field, seq_len=self.seq_len, seed=self.seed,
+                           sparsity=self.prune_sparsity, heldout_tokens=self.heldout_tokens)
+
+    def extract_config(self) -> steer_job.ExtractConfig:
+        return steer_job.ExtractConfig(model=self.model, method=self.steer, examples=self.steer_examples,
+                             heldout=self.steer_questions, seed=self.seed)
+
+    def alphas(self) -> list[float]:
+        return list(self.steer_alphas or STEER_ALPHAS.get(self.steer, ()))
+
+    def sweep_config(self) -> steer_job.SweepConfig:
+        return steer_job.SweepConfig(method=self.steer, alphas=tuple(self.alphas()), questions=self.steer_questions,
+                                 max_new_tokens=self.steer_max_new_tokens, model=self.model)
+
+    def validate(self) -> None:
+        """Every stage's options, before any model loads."""
+        for name in ("min_oracle_saving", "min_consistency"):
+            if getattr(self, name) is not None:
+                check_between(name, getattr(self, name), 0.0, 1.0, low_open=False, high_open=False)
+        if self.min_speedup is not None:
+            check_positive("min_speedup", self.min_speedup)
+        if self.steer is not None:
+            check_choice("steer", self.steer, STEER_METHODS)
+            self.extract_config().validate()
+            self.sweep_config().validate()
+        check_choice("lens", self.lens, (LOGIT, TUNED))
+        self.probe_config().validate()
+        self.profile_config().validate()
+        self.calibrate_config().validate()
+        if self.prune:
+            self.prune_config().validate()
+
+
+@dataclass
+class AuditReport:
+    config: AuditConfig
+    probe: probe_job.ProbeReport
+    profile: profile_job.ProfileReport
+    calibration: calibrate_job.CalibrateReport
+    prune: prune_job.PruneReport | None = None
+    steer: steer_job.SweepReport | None = None
+    export: dict | None = None
+    path: Path | None = None  # OUT, once written
+    timings: dict[str, float] = field(default_factory=dict)
+    gates: list[GateResult] = field(default_factory=list)
+    artifact: Artifact | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+    def oracle(self) -> dict[str, dict]:
+        """Per lens: mean prediction depth, oracle saving in FLOPs and in measured decode time."""
+        result = self.probe.result
+        measured = self.profile.profile.measured
+        out = {}
+        for lens in result.lenses():
+            counts = result.depth[result.depth["lens"] == lens]["tokens"].to_numpy(dtype=float)
+            flops = result.oracle[lens]
+            timed = oracle_saving(counts, measured, translated=lens == TUNED)
+            out[lens] = {"mean_depth": flops.mean_depth, "flop_saving": flops.saving, "latency_saving": timed.saving}
+        return out
+
+    def targets(self) -> list[dict]:
+        """One row per calibrated target: the policy and what it achieved on held-out data."""
+        rows = []
+        for r in [self.calibration.result, *self.calibration.others]:
+            held = r.heldout
+            rows.append({"target": r.target, "exit_points": r.policy.exit_points, "threshold": r.policy.threshold,
+                         "consistency": held["consistency"], "accuracy": held["accuracy"],
+                         "predicted_speedup": held["predicted_speedup"], "mean_exit_layer": held["mean_exit_layer"],
+                         "kept_in_artifact": r is self.calibration.result})
+        return sorted(rows, key=lambda row: row["target"])
+
+    def headline(self) -> dict:
+        oracle = self.oracle()
+        best = max(oracle, key=lambda lens: oracle[lens]["flop_saving"])
+        kept = self.calibration.result.heldout
+        totals = self.profile.profile.totals()
+        return {
+            "oracle_flop_saving": oracle[best]["flop_saving"], "oracle_latency_saving": oracle[best]["latency_saving"],
+            "oracle_lens": best, "mean_prediction_depth": oracle[best]["mean_depth"],
+            "num_layers": self.probe.base_model["num_layers"], "target": self.config.target,
+            "exit_points": self.calibration.result.policy.exit_points,
+            "consistency": kept["consistency"], "predicted_speedup": kept["predicted_speedup"],
+            "speedup_unit": self.calibration.cost_unit,
+            "decode_tokens_per_s": totals["decode_tokens_per_s"], "params": totals["params"],
+            "device": self.profile.profile.device, "gpu": self.profile.gpu.available,
+        }
+
+    def steer_summary(self) -> dict | None:
+        return self.steer.result.summary() if self.steer is not None else None
+
+    def summary(self) -> dict:
+        artifact_stages = sorted(self.artifact.stages) if self.artifact is not None else []
+        others = {name: _stage_brief(self.artifact.stages[name]) for name in REPORTED_STAGES
+                  if self.artifact is not None and name in self.artifact.stages}
+        return {
+            "command": "audit", "passed": self.passed, "model": self.probe.base_model, "data": self.probe.data,
+            "headline": self.headline(), "gates": [asdict(g) for g in self.gates],
+            "oracle": self.oracle(), "targets": self.targets(),
+            "calibration": {"statement": self.calibration.result.ltt.statement(), "epsilon": self.config.epsilon,
+                            "measure": self.config.measure, "lens": self.config.lens,
+                            "cost_model": self.calibration.cost_model, "notes": self.calibration.result.notes},
+            "probe": self.probe.summary(), "profile": self.profile.summary(),
+            "prune": self.prune.summary() if self.prune else None, "steer": self.steer_summary(),
+            "export": self.export,
+            "artifact_stages": artifact_stages, "other_stages": others,
+            "timings": self.timings, "config": asdict(self.config),
+        }
+
+
+def _stage_brief(record: dict) -> dict:
+    """The parts of another command's stage record worth a line in the audit."""
+    keep = ("method", "alpha", "applied", "main", "summary", "sweeps", "dense_perplexity", "provider", "dtype",
+            "exit_points", "verify_max_abs_diff")
+    return {k: record[k] for k in keep if k in record}
+
+
+def evaluate_gates(report: AuditReport) -> list[GateResult]:
+    config, head = report.config, report.headline()
+    checks = (
+        ("min-oracle-saving", config.min_oracle_saving, head["oracle_flop_saving"],
+         f"oracle FLOP saving of the {head['oracle_lens']} lens (probe)"),
+        ("min-speedup", config.min_speedup, head["predicted_speedup"],
+         f"predicted held-out speedup ({head['speedup_unit']}) of the certified policy at target {head['target']:g}"),
+        ("min-consistency", config.min_consistency, head["consistency"],
+         f"held-out token consistency of the certified policy at target {head['target']:g}"),
+    )
+    return [GateResult(name, threshold, float(value), float(value) >= threshold, what)
+            for name, threshold, value, what in checks if threshold is not None]
+
+
+def _check_out(out: Path) -> None:
+    """Refuse, before any work, an OUT that is a file or a non-empty folder that is not an artifact."""
+    if out.exists() and not out.is_dir():
+        raise DyninferError(f"{option('out')} '{out}' is a file; pass a directory")
+    if out.is_dir() and not artifact_exists(out) and any(out.iterdir()):
+        raise DyninferError(f"{option('out')} '{out}' is not empty and is not a dyninfer artifact; choose another "
+                            "directory or empty it")
+
+
+def _export_provider(report: AuditReport) -> str:
+    """CUDA when the profile ran there and ONNX Runtime can use it, else the CPU provider."""
+    return "cuda" if report.profile.profile.device == "cuda" and not provider_problem("cuda") else "cpu"
+
+
+def run(config: AuditConfig, out: str | os.PathLike | None = "audit", progress: ProgressFn | None = None,
+        session: ModelSession | None = None) -> AuditReport:
+    """Run every stage on one loaded model (`session`, or the model loaded once here) and, when `out` is
+    given, write OUT (an artifact there is extended). `export` needs `out`: the package goes to OUT/onnx."""
+    config.validate()
+    out = Path(out) if out is not None else None
+    if out is not None:
+        _check_out(out)
+    if config.export:
+        if out is None:
+            raise DyninferError(f"{option('export')} writes OUT/{PACKAGE_DIR}: pass {option('out')}")
+        preflight(None, "cpu", "fp32", verify=True)
+    existing = str(out) if out is not None and artifact_exists(out) else None
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    report_progress = progress or silent
+    plan = [stages.PRUNE] * config.prune + [stages.PROBE, stages.PROFILE, stages.CALIBRATE] \
+        + [stages.STEER] * bool(config.steer)
+
+    def timed(name: str, work):
+        label = f"audit stage {plan.index(name) + 1}/{len(plan)}: {name}"
+        report_progress(label, 0, 1)
+        begin = time.perf_counter()
+        result = work()
+        timings[f"{name}_s"] = time.perf_counter() - begin
+        report_progress(label, 1, 1)
+        return result
+
+    if session is None:
+        report_progress("loading model", 0, 1)
+        session = ModelSession.load(config.model)
+        report_progress("loading model", 1, 1)
+    artifact: str | Artifact | None = existing
+    pruned = None
+    if config.prune:  # first, so the stages after it audit the pruned model that would ship
+        pruned = timed(stages.PRUNE, lambda: prune_job.run(config.prune_config(), progress, artifact, session))
+        artifact = pruned.artifact
+    probed = timed(stages.PROBE, lambda: probe_job.run(config.probe_config(), progress, artifact, session))
+    profiled = timed(stages.PROFILE, lambda: profile_job.run(config.profile_config(), progress, probed.artifact, session))
+    calibration = timed(stages.CALIBRATE,
+                        lambda: calibrate_job.run(config.calibrate_config(), progress, profiled.artifact, session))
+    artifact, steering = calibration.artifact, None
+    if config.steer:  # extracted from the base model and swept; not applied, so nothing above changes
+
+        def steer_check() -> steer_job.SweepReport:
+            extracted = steer_job.extract(config.extract_config(), artifact, progress, session)
+            return steer_job.sweep(config.sweep_config(), extracted.artifact, progress, session)
+
+        steering = timed(stages.STEER, steer_check)
+        artifact = steering.artifact
+    report = AuditReport(config, probed, profiled, calibration, prune=pruned, steer=steering, timings=timings,
+                         artifact=artifact)
+    report.gates = evaluate_gates(report)
+    timings["total_s"] = time.perf_counter() - started
+    report.artifact.set_stage(stages.AUDIT, _stage_record(report))
+    if out is not None:
+        write(report, out, session, progress)
+    return report
+
+
+def _stage_record(report: AuditReport) -> dict:
+    return {"headline": report.headline(), "gates": [asdict(g) for g in report.gates], "passed": report.passed,
+            "timings": report.timings}
+
+
+def _stage_files(report: AuditReport) -> dict[str, dict[str, bytes]]:
+    """Each stage's report folder, rendered once: the HTML report embeds the same plots."""
+    files = {probe_job.REPORT_DIR: report.probe.files(), profile_job.REPORT_DIR: report.profile.files(),
+             calibrate_job.REPORT_DIR: report.calibration.files()}
+    if report.prune is not None:
+        files[stages.PRUNE] = report.prune.files()
+    if report.steer is not None:
+        files[report.steer.folder] = report.steer.files()
+    return files
+
+
+def _figures(report: AuditReport, files: dict[str, dict[str, bytes]]) -> dict[str, bytes]:
+    figures = {
+        "probe": files[probe_job.REPORT_DIR]["probe.png"],
+        "depth": depth_histogram_png(report.probe.result.depth, f"{report.probe.base_model['spec']}: prediction depth"),
+        "curve": files[calibrate_job.REPORT_DIR]["curve.png"],
+        "cost": files[profile_job.REPORT_DIR]["profile.png"],
+    }
+    if report.steer is not None:
+        figures["steer"] = files[report.steer.folder]["sweep.png"]
+    return figures
+
+
+def write(report: AuditReport, out: Path, session: ModelSession, progress: ProgressFn | None = None) -> Path:
+    """Save the artifact, the ONNX export (when asked), every stage's report folder and the audit report.
+
+    Everything is built in a staged copy of `out` (keeping what an existing artifact there holds:
+    reports, onnx/, the user's files); `out` changes only if all of it works.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with staged_directory(out) as tmp:
+        if artifact_exists(out):
+            shutil.copytree(out, tmp, dirs_exist_ok=True, symlinks=True)
+        report.artifact.save(tmp)
+        if report.config.export:
+            started = time.perf_counter()
+            dyn = build_dynamic(report.artifact, session)
+            result = export_dynamic(dyn, tmp / PACKAGE_DIR, provider=_export_provider(report), baseline=False,
+                                    progress=progress)
+            report.export = result.to_dict() | {"path": str(out / PACKAGE_DIR)}
+            report.timings["export_s"] = time.perf_counter() - started
+            report.timings["total_s"] += report.timings["export_s"]
+        files = _stage_files(report)
+        for folder, contents in files.items():
+            write_report_dir(tmp / folder, contents)
+        figures = _figures(report, files)
+        (tmp / "summary.json").write_text(json.dumps(report.summary(), indent=2, default=str))
+        (tmp / "report.md").write_text(markdown(report))
+        (tmp / "report.html").write_text(html_page(report, figures))
+    report.artifact.path = report.path = out
+    return out

@@ -1,0 +1,113 @@
+"""`run`: generate with an artifact's dynamic model (torch) or its exported package (ONNX Runtime).
+
+The result says, for every generated token, the layer it left at and the exit's confidence.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from dyninfer.compressors.exit_policy import KV_MODES
+from dyninfer.core.errors import DyninferError, check_at_least, check_choice, option
+from dyninfer.core.generation import GenerationResult
+from dyninfer.core.progress import ProgressFn, silent
+from dyninfer.exporters.onnx_runtime import PROVIDERS, OnnxDynamicModel, find_package
+from dyninfer.runtime.dynamic import MODES
+from dyninfer.runtime.loader import load_dynamic
+
+BACKENDS = ("torch", "onnx")
+
+
+@dataclass
+class RunConfig:
+    mode: str = "early-exit"  # early-exit, speculative (lossless; torch backend) or full
+    backend: str = "torch"  # torch, or onnx: the package made by `export`
+    provider: str | None = None  # onnx backend: cuda or cpu (None: the package's own)
+    max_new_tokens: int = 64
+    sample: bool = False
+    temperature: float = 0.8
+    seed: int = 0
+    raw: bool = False  # do not wrap the prompt in the model's chat template
+    model: str | None = None  # load the base model from here instead (same weights)
+    kv_mode: str | None = None  # override the policy's KV mode
+    draft_layer: int | None = None  # speculative: draft with the exit after this layer (None: 70% of the depth)
+    draft_threshold: float = 0.5  # speculative: keep drafting while the draft's max probability reaches this
+
+    def validate(self) -> None:
+        check_choice("mode", self.mode, MODES)
+        check_choice("backend", self.backend, BACKENDS)
+        if self.provider is not None:
+            check_choice("provider", self.provider, PROVIDERS)
+        if self.kv_mode is not None:
+            check_choice("kv_mode", self.kv_mode, KV_MODES)
+        check_at_least("max_new_tokens", self.max_new_tokens, 1)
+        if self.backend == "onnx" and self.mode == "speculative":
+            raise DyninferError(f"the ONNX backend runs {option('mode')} early-exit or full; speculative runs with "
+                                f"{option('backend')} torch")
+
+
+@dataclass
+class RunReport:
+    config: RunConfig
+    result: GenerationResult
+    tokens: list[int]
+    text: str
+    token_texts: list[str]
+    num_layers: int
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        r = self.result
+        return {
+            "command": "run", "mode": self.config.mode, "text": self.text,
+            "tokens": [{"id": t, "text": s, "exit_layer": e, "confidence": c}
+                       for t, s, e, c in zip(self.tokens, self.token_texts, r.exit_layers, r.confidences)],
+            "mean_exit_layer": r.mean_exit_layer, "num_layers": self.num_layers, "tokens_per_s": r.tokens_per_s,
+            "acceptance": r.acceptance, "backend": self.config.backend, "notes": self.notes,
+        }
+
+
+def encode_prompt(tokenizer, prompt: str, raw: bool) -> torch.Tensor:
+    """The prompt's token ids [1, n]: wrapped in the chat template when the tokenizer has one (unless `raw`)."""
+    if not raw and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt")
+        return ids if isinstance(ids, torch.Tensor) else torch.tensor([ids])
+    return tokenizer(prompt, return_tensors="pt").input_ids
+
+
+def run(config: RunConfig, artifact: str | os.PathLike, prompt: str, progress: ProgressFn | None = None) -> RunReport:
+    """Generate a continuation of `prompt` with the artifact at `artifact` (or, on ONNX, its package)."""
+    config.validate()
+    if not prompt.strip():
+        raise DyninferError("the prompt is empty; pass some text")
+    if config.backend == "onnx":
+        from transformers import AutoTokenizer  # seconds to import; only this path needs it at this layer
+
+        package = find_package(artifact)
+        runtime = OnnxDynamicModel(package, provider=config.provider)
+        tokenizer = AutoTokenizer.from_pretrained(str(package))
+        ids = encode_prompt(tokenizer, prompt, config.raw)
+        result = runtime.generate(ids.numpy(), config.max_new_tokens, mode=config.mode, sample=config.sample,
+                                  temperature=config.temperature, seed=config.seed,
+                                  eos_token_id=tokenizer.eos_token_id)
+        num_layers = runtime.num_layers
+    else:
+        report = progress or silent
+        report("loading model", 0, 1)
+        dyn = load_dynamic(str(artifact), config.model, require_policy=config.mode == "early-exit",
+                           kv_mode=config.kv_mode)
+        report("loading model", 1, 1)
+        tokenizer = dyn.loaded.tokenizer
+        ids = encode_prompt(tokenizer, prompt, config.raw)
+        result = dyn.dynamic.generate(ids, config.max_new_tokens, mode=config.mode, sample=config.sample,
+                                      temperature=config.temperature, seed=config.seed,
+                                      eos_token_id=tokenizer.eos_token_id, draft_layer=config.draft_layer,
+                                      draft_threshold=config.draft_threshold)
+        num_layers = dyn.loaded.layered.num_layers
+    tokens = [int(t) for t in result.tokens[0]]
+    return RunReport(config, result, tokens, tokenizer.decode(tokens, skip_special_tokens=True),
+                     [tokenizer.decode([t]) for t in tokens], num_layers, list(result.notes))

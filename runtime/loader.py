@@ -1,0 +1,216 @@
+"""Load what a stage works on: the model with an artifact's decisions applied, and the data.
+
+- `ModelSession`: a loaded model and which of an artifact's changes it carries (the baked
+  steering, the installed pruning masks). One session can serve several stages (`audit` loads
+  the model once); `apply` brings the model in line with an artifact before each stage.
+- `open_workspace`: what `probe`, `calibrate`, `prune` and `profile` start from: the session,
+  the artifact being extended (checked against the model) and the data windows. The tuned lens
+  is shared: taken from `lens_from`, else from the artifact, else trained on the train split.
+- `load_dynamic` / `build_dynamic`: the dynamic model an artifact describes (run, bench, export).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from dyninfer.compressors.confidence import ExitClassifier
+from dyninfer.compressors.exit_policy import KV_MODES, ExitPolicy
+from dyninfer.compressors.pruning import PruningPlan, load_pruning, remove_pruning
+from dyninfer.compressors.steering import applied, load_steering
+from dyninfer.core import stages
+from dyninfer.core.adapters import LayeredModel
+from dyninfer.core.artifacts import Artifact, BaseModelInfo, artifact_exists
+from dyninfer.core.data import TokenWindows, load_windows
+from dyninfer.core.errors import DyninferError, check_choice
+from dyninfer.core.lenses import TUNED, LogitLens, TunedLens, TunedLensTraining, train_tuned_lens
+from dyninfer.core.models import LoadedModel, load_model
+from dyninfer.core.progress import ProgressFn, silent
+from dyninfer.runtime.dynamic import DynamicModel
+
+
+@dataclass
+class ModelSession:
+    """A loaded model and the artifact changes applied to it."""
+
+    loaded: LoadedModel
+    steering: dict | None = None  # the applied steering baked into the weights ({method, alpha})
+    _windows: dict = field(default_factory=dict, repr=False)  # (data, field, seq_len, seed) -> TokenWindows
+
+    @classmethod
+    def load(cls, spec: str) -> ModelSession:
+        return cls(load_model(spec))
+
+    @property
+    def lm(self) -> LayeredModel:
+        return self.loaded.layered
+
+    def apply(self, artifact: Artifact, pruning: bool = True) -> PruningPlan | None:
+        """Make the model the one `artifact` describes: its applied steering baked in and its pruning
+        masks installed (taken out when `pruning` is False). Returns the installed plan."""
+        artifact.check_base_model(self.loaded.content_hash, self.loaded.spec)
+        remove_pruning(self.lm)  # before steering: SparseMLP copies the (steered) MLP weights
+        record = applied(artifact)
+        if record != self.steering:
+            if self.steering is not None:
+                raise DyninferError("this loaded model already has another steering baked in; load the model "
+                                    "again for this artifact")
+            load_steering(artifact, self.lm)
+            self.steering = record
+        return load_pruning(artifact, self.lm) if pruning else None
+
+    def windows(self, data: str, field: str | None, seq_len: int, seed: int) -> TokenWindows:
+        """The data's token windows, tokenised once per session (stages of an audit share them)."""
+        key = (data, field, seq_len, seed)
+        if key not in self._windows:
+            self._windows[key] = load_windows(data, self.loaded.tokenizer, field=field, seq_len=seq_len, seed=seed)
+        return self._windows[key]
+
+
+@dataclass
+class Workspace:
+    session: ModelSession
+    windows: TokenWindows
+    artifact: Artifact
+    extends_existing: bool
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def loaded(self) -> LoadedModel:
+        return self.session.loaded
+
+    @property
+    def lm(self) -> LayeredModel:
+        return self.session.lm
+
+    def stored_tuned_lens(self) -> TunedLens | None:
+        tensors = self.artifact.tensors.get(stages.EXITS_GROUP, {})
+        return TunedLens.from_tensors(self.lm, tensors) if "tuned_lens.weight" in tensors else None
+
+    def tuned_lens(
+        self,
+        *,
+        lens_from: str | None = None,
+        train_tokens: int = 16384,
+        steps: int = 60,
+        seed: int = 0,
+        retrain: bool = False,
+        progress: ProgressFn | None = None,
+    ) -> tuple[TunedLens, TunedLensTraining | None]:
+        """The tuned lens to use, and its training record when it was trained now."""
+        started = time.perf_counter()
+        try:
+            if lens_from:
+                source = Artifact.load(lens_from, expect_model_hash=self.loaded.content_hash)
+                lens = TunedLens.from_tensors(self.lm, source.tensors.get(stages.EXITS_GROUP, {}))
+                self._store(lens)  # the artifact must stand alone: later stages load the lens from it
+                return lens, None
+            stored = None if retrain else self.stored_tuned_lens()
+            if stored is not None:
+                return stored, None
+            train = self.windows.take("train", train_tokens, option="lens_train_tokens")
+            lens, record = train_tuned_lens(self.lm, train, steps=steps, seed=seed, progress=progress)
+            self._store(lens)
+            return lens, record
+        finally:
+            self.timings["tuned_lens_s"] = time.perf_counter() - started
+
+    def _store(self, lens: TunedLens) -> None:
+        """Put the lens in the artifact's exits group, keeping whatever else the group holds."""
+        exits = dict(self.artifact.tensors.get(stages.EXITS_GROUP, {}))
+        exits.update(lens.tensors())
+        self.artifact.put_tensors(stages.EXITS_GROUP, exits)
+
+
+def open_workspace(
+    model: str,
+    data: str,
+    *,
+    field: str | None = None,
+    seq_len: int = 256,
+    seed: int = 0,
+    existing: str | Artifact | None = None,
+    progress: ProgressFn | None = None,
+    apply_pruning: bool = True,
+    session: ModelSession | None = None,
+) -> Workspace:
+    """Load the model (unless `session` holds it), then the artifact to extend, then the data.
+
+    `existing`: an artifact directory, or an artifact already in memory (`audit` chains its
+    stages this way and saves once at the end).
+
+    The artifact's applied steering is baked in, and its pruning masks, if any, are installed
+    (later stages work on the steered, pruned model) unless `apply_pruning` is False (`prune`
+    itself starts from the dense model).
+    """
+    report = progress or silent
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    if session is None:
+        report("loading model", 0, 1)
+        session = ModelSession.load(model)
+        report("loading model", 1, 1)
+    elif model != session.loaded.spec:
+        raise DyninferError(f"the loaded model is '{session.loaded.spec}', not '{model}'")
+    timings["load_model_s"] = time.perf_counter() - started
+    extends = isinstance(existing, Artifact) or (bool(existing) and artifact_exists(existing))
+    if extends:
+        artifact = existing if isinstance(existing, Artifact) else Artifact.load(existing)
+    else:
+        artifact = Artifact(BaseModelInfo.from_dict(session.loaded.base_model_info()), tokenizer=model)
+    session.apply(artifact, pruning=apply_pruning)
+    started = time.perf_counter()
+    windows = session.windows(data, field, seq_len, seed)
+    timings["load_data_s"] = time.perf_counter() - started
+    return Workspace(session, windows, artifact, extends, timings)
+
+
+@dataclass
+class LoadedDynamic:
+    artifact: Artifact
+    loaded: LoadedModel
+    dynamic: DynamicModel
+    policy: ExitPolicy | None
+    pruning: PruningPlan | None = None  # installed on the model's MLPs
+    steering: dict | None = None  # the applied steering ({method, alpha}), baked into the weights
+
+    @property
+    def calibration(self) -> dict:
+        return self.artifact.stages.get(stages.CALIBRATE, {})
+
+
+def load_dynamic(path: str, model: str | None = None, require_policy: bool = True,
+                 kv_mode: str | None = None, full_depth_is_enough: bool = False) -> LoadedDynamic:
+    """Load the artifact at `path` and its base model (or `model`, which must be the same weights)."""
+    artifact = Artifact.load(path)
+    session = ModelSession.load(model or artifact.base_model.spec)
+    return build_dynamic(artifact, session, require_policy=require_policy, kv_mode=kv_mode,
+                         full_depth_is_enough=full_depth_is_enough)
+
+
+def build_dynamic(artifact: Artifact, session: ModelSession, *, require_policy: bool = True,
+                  kv_mode: str | None = None, full_depth_is_enough: bool = False) -> LoadedDynamic:
+    """The dynamic model `artifact` describes, on the session's model.
+
+    `kv_mode` overrides the policy's way of filling skipped layers' caches. The artifact's
+    applied steering is baked into the weights, then its pruning masks, if any, are installed.
+    `full_depth_is_enough`: a pruned or steered artifact without a policy satisfies
+    `require_policy` (bench compares it at full depth).
+    """
+    pruning = session.apply(artifact)
+    where = f"'{artifact.path}'" if artifact.path is not None else "the artifact"
+    stage = artifact.stages.get(stages.CALIBRATE)
+    compressed = stages.PRUNE in artifact.stages or applied(artifact) is not None
+    if stage is None and require_policy and not (full_depth_is_enough and compressed):
+        raise DyninferError(f"{where} has no early-exit policy; run `dyninfer calibrate` into it first")
+    policy = ExitPolicy.from_dict(stage["policy"]) if stage else None
+    if kv_mode is not None:
+        check_choice("kv_mode", kv_mode, KV_MODES)
+        if policy is not None:
+            policy.kv_mode = kv_mode
+    exits = artifact.tensors.get(stages.EXITS_GROUP, {})
+    lm = session.lm
+    lens = TunedLens.from_tensors(lm, exits) if policy is not None and policy.lens == TUNED else LogitLens(lm)
+    classifier = ExitClassifier.from_tensors(exits) if policy is not None and policy.measure == "classifier" else None
+    return LoadedDynamic(artifact, session.loaded, DynamicModel(lm, policy, lens, classifier), policy, pruning,
+                         session.steering)
