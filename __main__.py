@@ -1,4 +1,4 @@
-from dyninfer.cli.app import main
+from dyninfer.cli import main
 
 if __name__ == "__main__":
     main()

@@ -75,6 +75,3 @@ app.command("bench", help=bench_cmd.HELP)(bench_cmd.bench)
 app.command("profile", help=profile_cmd.HELP)(profile_cmd.profile)
 app.command("audit", help=audit_cmd.HELP)(audit_cmd.audit)
 
-
-def main() -> None:
-    app()

@@ -6,7 +6,7 @@ from typing import Annotated
 import typer
 
 from dyninfer.cli import options as opt
-from dyninfer.cli.output import gates_failed, handle_errors, print_json, progress_reporter, stderr, stdout
+from dyninfer.cli.output import gates_failed, handle_errors, print_json, progress_reporter, stderr, stdout, waiting
 from dyninfer.jobs import audit as job
 from dyninfer.jobs.audit_report import markdown
 
@@ -87,7 +87,7 @@ def audit(
 ) -> None:
     config = opt.config_from(job.AuditConfig, locals())
     with progress_reporter() as progress:
-        report = job.run(config, out, progress)
+        report = job.run(config, out, progress, on_wait=waiting(out))
     if as_json:
         print_json(report.summary())
     else:

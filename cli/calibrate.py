@@ -7,7 +7,7 @@ from rich import box
 from rich.table import Table
 
 from dyninfer.cli import options as opt
-from dyninfer.cli.output import check_out_dir, handle_errors, notes, print_json, progress_reporter, stderr, stdout
+from dyninfer.cli.output import check_out_dir, handle_errors, notes, print_json, progress_reporter, stderr, stdout, waiting
 from dyninfer.jobs import calibrate as job
 
 DEFAULTS = job.CalibrateConfig()
@@ -100,7 +100,7 @@ def calibrate(
     with progress_reporter() as progress:
         report = job.run(config, progress=progress, existing=str(out) if out else None)
     if out is not None:
-        target_dir = job.save(report, out)
+        target_dir = job.save(report, out, waiting(out))
         stderr.print(f"wrote {target_dir} (policy in dyninfer.json) and {target_dir / job.REPORT_DIR}/")
     if as_json:
         print_json(report.summary())

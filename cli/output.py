@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from typer.models import ArgumentInfo, OptionInfo
 
+from dyninfer.core.artifacts import check_output_dir
 from dyninfer.core.errors import OPTION_REFERENCE, DyninferError
 from dyninfer.core.progress import ProgressFn, silent
 
@@ -138,9 +139,14 @@ def progress_reporter(enabled: bool = True) -> Iterator[ProgressFn]:
 
 
 def check_out_dir(out) -> None:
-    """Refuse an --out that is a file before any long work."""
-    if out is not None and out.exists() and not out.is_dir():
-        raise DyninferError(f"`out` '{out}' is a file; pass a directory")
+    """Refuse an --out that cannot become an artifact before any long work (the save checks again)."""
+    if out is not None:
+        check_output_dir(out)
+
+
+def waiting(out) -> Callable[[], None]:
+    """What a save says when another dyninfer process is writing the same artifact and it waits."""
+    return lambda: stderr.print(f"waiting: another dyninfer process is writing {out}", highlight=False)
 
 
 def print_json(data) -> None:

@@ -7,7 +7,7 @@ from rich import box
 from rich.table import Table
 
 from dyninfer.cli import options as opt
-from dyninfer.cli.output import check_out_dir, handle_errors, print_json, progress_reporter, sparkline, stderr, stdout
+from dyninfer.cli.output import check_out_dir, handle_errors, print_json, progress_reporter, sparkline, stderr, stdout, waiting
 from dyninfer.core.lenses import LENS_KINDS
 from dyninfer.jobs import probe as job
 
@@ -101,7 +101,7 @@ def probe(
     with progress_reporter() as progress:
         report = job.run(config, progress=progress, existing=str(out) if out else None)
     if out is not None:
-        target = job.save(report, out)
+        target = job.save(report, out, waiting(out))
         stderr.print(f"wrote {target} (artifact) and {target / job.REPORT_DIR}/ (layers.csv, layers.parquet, "
                      "depth.csv, summary.json, probe.png)")
     if as_json:

@@ -7,7 +7,7 @@ from rich import box
 from rich.table import Table
 
 from dyninfer.cli import options as opt
-from dyninfer.cli.output import check_out_dir, handle_errors, notes, print_json, progress_reporter, stderr, stdout
+from dyninfer.cli.output import check_out_dir, handle_errors, notes, print_json, progress_reporter, stderr, stdout, waiting
 from dyninfer.jobs import profile as job
 
 DEFAULTS = job.ProfileConfig()
@@ -114,7 +114,7 @@ def profile(
     with progress_reporter() as progress:
         report = job.run(config, progress=progress, existing=str(out) if out else None)
     if out is not None:
-        target = job.save(report, out)
+        target = job.save(report, out, waiting(out))
         stderr.print(f"wrote {target} (measured cost in dyninfer.json) and {target / job.REPORT_DIR}/")
     if as_json:
         print_json(report.summary())

@@ -16,6 +16,7 @@ from dyninfer.cli.output import (
     sparkline,
     stderr,
     stdout,
+    waiting,
 )
 from dyninfer.jobs import prune as job
 
@@ -109,7 +110,7 @@ def prune(
     with progress_reporter() as progress:
         report = job.run(config, progress=progress, existing=str(out) if out else None)
     if out is not None:
-        target_dir = job.save(report, out)
+        target_dir = job.save(report, out, waiting(out))
         stderr.print(f"wrote {target_dir} (masks in masks.safetensors) and {target_dir / 'prune'}/")
     if as_json:
         print_json(report.summary())

@@ -8,7 +8,7 @@ from rich import box
 from rich.table import Table
 
 from dyninfer.cli import options as opt
-from dyninfer.cli.output import check_out_dir, handle_errors, notes, print_json, progress_reporter, stderr, stdout
+from dyninfer.cli.output import check_out_dir, handle_errors, notes, print_json, progress_reporter, stderr, stdout, waiting
 from dyninfer.compressors.steer_extract import BUILTIN_COT
 from dyninfer.core.errors import DyninferError
 from dyninfer.jobs import steer as job
@@ -118,7 +118,7 @@ def extract(
     check_out_dir(out)
     with progress_reporter() as progress:
         report = job.extract(config, existing=str(out), progress=progress)
-    target = job.save_extract(report, out)
+    target = job.save_extract(report, out, waiting(out))
     stderr.print(f"wrote {target} ({method} direction in steering.safetensors)")
     if as_json:
         print_json(report.summary())
@@ -183,7 +183,7 @@ def sweep(
     path = _existing_artifact(artifact)
     with progress_reporter() as progress:
         report = job.sweep(config, path, progress=progress)
-    target = job.save_sweep(report, path)
+    target = job.save_sweep(report, path, waiting(path))
     stderr.print(f"wrote {target / report.folder}/ and the sweep summary in the manifest")
     if as_json:
         print_json(report.summary())
@@ -199,7 +199,8 @@ def apply(
     method: Method = None,
     as_json: opt.Json = False,
 ) -> None:
-    result = job.apply(job.ApplyConfig(alpha=alpha, method=method), _existing_artifact(artifact))
+    path = _existing_artifact(artifact)
+    result = job.apply(job.ApplyConfig(alpha=alpha, method=method), path, waiting(path))
     if as_json:
         print_json(result.summary() | {"artifact": str(artifact)})
         return

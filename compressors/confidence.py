@@ -78,8 +78,16 @@ class ExitClassifier(nn.Module):
         return {"classifier.weight": self.weight.detach().contiguous(), "classifier.bias": self.bias.detach().contiguous()}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> ExitClassifier:
-        weight, bias = tensors["classifier.weight"], tensors["classifier.bias"]
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], points: int | None = None,
+                     hidden_size: int | None = None) -> ExitClassifier:
+        """The classifier an artifact holds, checked against the policy's exit points and the model's width."""
+        weight, bias = tensors.get("classifier.weight"), tensors.get("classifier.bias")
+        shape = tuple(weight.shape) if weight is not None else ()
+        expected = (points or (shape[0] if shape else 0), hidden_size or (shape[1] if len(shape) == 2 else 0))
+        if weight is None or bias is None or shape != expected or tuple(bias.shape) != expected[:1]:
+            found = "none" if weight is None or bias is None else f"{shape} and {tuple(bias.shape)}"
+            raise DyninferError(f"the artifact's exit classifier does not fit its policy (weights {found}, expected "
+                                f"{expected}); run `dyninfer calibrate` into it again")
         model = cls(weight.shape[0], weight.shape[1])
         with torch.no_grad():
             model.weight.copy_(weight)

@@ -14,6 +14,7 @@ Pipeline (CALM, on teacher-forced text from the data's train split):
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -23,8 +24,8 @@ from dyninfer.compressors import confidence as conf
 from dyninfer.compressors.ltt import LTTResult, learn_then_test, naive_choice
 from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.cost import CostModel
-from dyninfer.core.errors import DyninferError
-from dyninfer.core.lenses import collect_hidden_states
+from dyninfer.core.errors import DyninferError, is_integer, is_number
+from dyninfer.core.lenses import LENS_KINDS, collect_hidden_states
 from dyninfer.core.progress import ProgressFn, silent
 
 RISKS = ("consistency", "accuracy-drop")
@@ -48,8 +49,33 @@ class ExitPolicy:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> ExitPolicy:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+    def from_dict(cls, d: dict, num_layers: int | None = None) -> ExitPolicy:
+        """The policy an artifact holds, every field checked (exit points against `num_layers`)."""
+
+        def invalid(what: str) -> DyninferError:
+            return DyninferError(f"the artifact's early-exit policy is invalid ({what}); run `dyninfer calibrate` "
+                                 "into it again")
+
+        if not isinstance(d, dict):
+            raise invalid(f"a {type(d).__name__}, not an object")
+        missing = [k for k in ("lens", "measure", "exit_points", "threshold", "vocab_top_k") if k not in d]
+        if missing:
+            raise invalid(f"no {', '.join(missing)}")
+        for name, allowed in (("lens", LENS_KINDS), ("measure", conf.MEASURES), ("kv_mode", KV_MODES)):
+            if d.get(name, allowed[0]) not in allowed:
+                raise invalid(f"{name} {d.get(name)!r} is not one of {', '.join(allowed)}")
+        points, threshold, top_k = d["exit_points"], d["threshold"], d["vocab_top_k"]
+        if not isinstance(points, list) or not all(is_integer(p) for p in points) or points != sorted(set(points)):
+            raise invalid(f"exit_points {points!r} is not a list of ascending layer numbers")
+        if num_layers is not None and any(not 1 <= p < num_layers for p in points):
+            raise invalid(f"exit_points {points} are not all between 1 and {num_layers - 1} for this "
+                          f"{num_layers}-layer model")
+        if threshold is not None and not (is_number(threshold) and not math.isnan(threshold)):
+            raise invalid(f"threshold {threshold!r} is not a number")
+        if not is_integer(top_k) or top_k < 0:
+            raise invalid(f"vocab_top_k {top_k!r} is not a whole number >= 0")
+        return cls(d["lens"], d["measure"], list(points), None if threshold is None else float(threshold), top_k,
+                   d.get("kv_mode", KV_MODES[0]))
 
 
 @dataclass

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dyninfer.core.adapters import LayeredModel, MlpWeights
-from dyninfer.core.errors import DyninferError
+from dyninfer.core.errors import DyninferError, is_number
 from dyninfer.core.progress import ProgressFn
 from dyninfer.core.stages import MASKS_GROUP, PRUNE
 from dyninfer.kernels.cpu_sparse_mlp import (
@@ -109,13 +109,21 @@ class PruningPlan:
 
     @classmethod
     def from_artifact(cls, stage: dict, tensors: dict[str, torch.Tensor], lm: LayeredModel) -> PruningPlan:
-        plan = stage.get("plan") or {}
+        """The plan an artifact holds, checked against this model; one-line errors when it does not fit."""
+        plan = stage.get("plan")
+        if not isinstance(plan, dict) or plan.get("method") not in METHODS:
+            raise DyninferError("the artifact's prune stage has no valid plan (a method of "
+                                f"{', '.join(METHODS)}); re-run `dyninfer prune`")
+        method = plan["method"]
         try:
             thresholds = tensors["thresholds"].tolist()
             layer_sparsity = tensors["layer_sparsity"].tolist()
-            method = plan["method"]
         except KeyError as missing:
             raise DyninferError(f"the artifact's pruning masks lack {missing}; re-run `dyninfer prune`") from None
+        for name in ("sparsity", "input_sparsity", "mass", "rank"):
+            if name in plan and not is_number(plan[name]):
+                raise DyninferError(f"the artifact's pruning plan has a non-numeric {name} ({plan[name]!r}); re-run "
+                                    "`dyninfer prune`")
         if len(thresholds) != lm.num_layers:
             raise DyninferError(f"the pruning masks are for {len(thresholds)} layers but the model has "
                                 f"{lm.num_layers}; prune this model again")
@@ -127,8 +135,12 @@ class PruningPlan:
                 if "down.weight" not in state:
                     raise DyninferError(f"the artifact's pruning predictor for layer {i} is missing; re-run `dyninfer prune`")
                 rank, hidden = state["down.weight"].shape
-                predictor = NeuronPredictor(hidden, state["up.weight"].shape[0], rank)
-                predictor.load_state_dict(state)
+                predictor = NeuronPredictor(hidden, lm.mlp_weights(i).neurons, rank)
+                try:
+                    predictor.load_state_dict(state)
+                except RuntimeError:  # missing or misshapen weights
+                    raise DyninferError(f"the artifact's pruning predictor for layer {i} does not fit this model; "
+                                        "re-run `dyninfer prune`") from None
                 predictors.append(predictor.to(lm.device).eval().requires_grad_(False))
         return cls(method=method, sparsity=float(plan.get("sparsity", 0.0)), allocation=plan.get("allocation", "uniform"),
                    layer_sparsity=layer_sparsity, thresholds=thresholds,

@@ -18,6 +18,7 @@ were made and the α applied (`APPLIED`), which every loader bakes in before any
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ from torch import nn
 
 from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.artifacts import Artifact
-from dyninfer.core.errors import DyninferError
+from dyninfer.core.errors import DyninferError, is_number
 from dyninfer.core.stages import STEER, STEERING_GROUP
 
 METHODS = ("activation", "valve")
@@ -251,5 +252,9 @@ def load_steering(artifact: Artifact, lm: LayeredModel) -> dict | None:
     """Bake the artifact's applied steering into the model (before masks are installed); its record."""
     record = applied(artifact)
     if record:
+        if not isinstance(record, dict) or record.get("method") not in METHODS or not (
+                is_number(record.get("alpha")) and math.isfinite(record["alpha"])):
+            raise DyninferError(f"the artifact's applied steering is invalid ({record!r}); apply it again with "
+                                "`dyninfer steer apply`")
         bake(lm, Steering.from_artifact(artifact).get(record["method"]), float(record["alpha"]))
     return record

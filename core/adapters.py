@@ -428,6 +428,9 @@ class LayeredModel:
         self.config = model.config
         self.backbone: nn.Module = getattr(model, self.adapter.backbone)
         self.layers: nn.ModuleList = getattr(self.backbone, self.adapter.layers)
+        if len(self.layers) == 0:
+            raise DyninferError(f"the {model.config.model_type} model has no decoder layers (num_hidden_layers 0); "
+                                "there is nothing to exit from: pass a model with layers")
         self.final_norm: nn.Module = getattr(self.backbone, self.adapter.norm)
         self.lm_head: nn.Module = model.get_output_embeddings()
         self.softcap = getattr(self.config, "final_logit_softcapping", None)

@@ -19,6 +19,7 @@ damaged, too-new or mismatched artifact raises a one-line `DyninferError`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -27,13 +28,20 @@ import platform
 import re
 import secrets
 import shutil
+import signal
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import safetensors.torch
 import torch
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no advisory locks
+    fcntl = None
 
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.version import __version__
@@ -44,6 +52,8 @@ __all__ = [
     "BaseModelInfo",
     "Artifact",
     "artifact_exists",
+    "artifact_lock",
+    "check_output_dir",
     "staged_directory",
 ]
 
@@ -311,31 +321,36 @@ class Artifact:
 
     # ---- save
 
-    def save(self, path) -> pathlib.Path:
-        """Write the artifact to directory *path* atomically; return the path."""
+    def save(
+        self,
+        path,
+        *,
+        reports: Mapping[str, Mapping[str, bytes]] | None = None,
+        build: Callable[[pathlib.Path], None] | None = None,
+        on_wait: Callable[[], None] | None = None,
+    ) -> pathlib.Path:
+        """Write the artifact, with its reports, to directory *path* in one swap; return the path.
+
+        - `reports`: report folder (relative, e.g. ``calibrate`` or ``steer/sweep-valve``) ->
+          {file name: bytes}; each replaces the folder of that name.
+        - `build(staged)`: called with the staged directory once the manifest is in it, to add
+          more files (the audit's report pages and ONNX package, a control vector).
+        - `on_wait()`: called when another process is writing this artifact and this one waits.
+
+        Foreign entries of an existing artifact (other reports, ``onnx/``, the user's files) are
+        carried over (what the new version writes wins). Everything is written aside, then swapped
+        in under an advisory lock that concurrent writers queue on, with Ctrl-C and SIGTERM held
+        off until the swap is done; any failure rolls back, so *path* holds either the old
+        artifact or the new one, whole.
+        """
         given = pathlib.Path(path)
         target = pathlib.Path(os.path.realpath(given))  # a symlinked target: write through it
-        name = target.name
-        if not name:
+        if not target.name:
             raise _error(f"cannot save an artifact to {str(given)!r}; pass a directory path such as out/model.dyn")
-        parent = target.parent
-
-        # Refuse to clobber anything that is not ours, before writing a byte.
-        replacing = False
-        if os.path.lexists(target):
-            if not target.is_dir():
-                raise _error(
-                    f"output path {str(given)!r} exists and is a file, not a dyninfer artifact; "
-                    "choose another output path or remove the file"
-                )
-            if artifact_exists(target):
-                replacing = True
-            elif any(True for _ in os.scandir(target)):
-                raise _error(
-                    f"output directory {str(given)!r} is not empty and is not a dyninfer artifact; "
-                    "choose another output path or empty it"
-                )
-
+        if on_wait is not None:  # said once, whichever of the two locks below has to wait
+            on_wait = functools.cache(on_wait)
+        check_output_dir(given, on_wait)  # refuse to clobber anything that is not ours, before writing a byte
+        replaced = {_relative_folder(folder) for folder in (reports or {})}
         # Validate everything that could fail for programming reasons up front.
         groups = sorted(self.tensors)
         for g in groups:
@@ -343,108 +358,59 @@ class Artifact:
         json.dumps(self.stages)  # TypeError now rather than half-way through
 
         try:
-            parent.mkdir(parents=True, exist_ok=True)
-            tmp = _make_temp_dir(parent, name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = _make_temp_dir(target.parent, target.name)
         except OSError as e:
             raise _error(
-                f"cannot write output directory {str(given)!r} ({e.strerror or e}); "
-                "choose a writable location"
+                f"cannot write output directory {str(given)!r} ({e.strerror or e}); choose a writable location"
             ) from e
-
         try:
-            files: dict[str, str] = {}
-            for g in groups:
-                fname = g + _TENSOR_SUFFIX
-                fpath = tmp / fname
-                safetensors.torch.save_file(
-                    _prepare_for_save(self.tensors[g]),
-                    str(fpath),
-                    metadata={"format": "pt", "dyninfer_group": g},
-                )
-                _fsync_path(fpath)
-                files[fname] = _sha256(fpath)
-            # The manifest goes last: a directory with a manifest is a complete artifact.
-            manifest_path = tmp / MANIFEST_NAME
-            text = json.dumps(self._manifest(files), indent=2, ensure_ascii=False) + "\n"
-            with open(manifest_path, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
+            self._write(tmp, groups)
+            for folder, contents in (reports or {}).items():
+                for name, data in contents.items():
+                    _write_file(tmp / folder / name, data)
+            if build is not None:
+                build(tmp)
             _fsync_path(tmp)
-            if replacing:
-                try:
-                    shutil.copymode(target, tmp)
-                except OSError:
-                    pass
+            with artifact_lock(target, on_wait=on_wait), _interrupts_held():
+                check_output_dir(given, locked=True)  # again: something may have been put there meanwhile
+                _swap_in(tmp, target, replaced)
         except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
             raise _error(
                 f"cannot write artifact to {str(given)!r} ({e.strerror or e}); "
-                "check free disk space and permissions of the output directory"
+                "check free disk space and permissions of the output directory; nothing was changed"
             ) from e
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-        try:
-            if replacing:
-                self._swap_in(tmp, target)
-            else:
-                if os.path.isdir(target):  # an empty directory: replace it
-                    os.rmdir(target)
-                os.rename(tmp, target)
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise _error(
-                f"cannot write output directory {str(given)!r} ({e.strerror or e}); "
-                "choose a writable location"
-            ) from e
-        _fsync_path(parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone after a swap; the aborted copy otherwise
+        _fsync_path(target.parent)
         self.path = given
         return given
 
-    @staticmethod
-    def _swap_in(tmp: pathlib.Path, target: pathlib.Path) -> None:
-        """Replace artifact directory *target* by *tmp*, carrying over foreign entries.
-
-        On failure everything is put back as it was (target intact) and OSError raised;
-        the caller removes *tmp*.
-        """
-        owned = _owned_names(target)
-        moved: list[str] = []
-
-        def move_back() -> None:
-            for entry in reversed(moved):
-                try:
-                    os.rename(tmp / entry, target / entry)
-                except OSError:
-                    pass
-
-        try:
-            for entry in sorted(os.listdir(target)):
-                if entry in owned:
-                    continue
-                os.rename(target / entry, tmp / entry)
-                moved.append(entry)
-            backup = _free_name(target.parent, target.name, "bak")
-            os.rename(target, backup)
-        except OSError:
-            move_back()
-            raise
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            os.rename(backup, target)
-            move_back()
-            raise
-        shutil.rmtree(backup, ignore_errors=True)
+    def _write(self, directory: pathlib.Path, groups: list[str]) -> None:
+        """The tensor files, then the manifest (a directory with a manifest is a complete artifact)."""
+        hashes: dict[str, str] = {}
+        for g in groups:
+            fname = g + _TENSOR_SUFFIX
+            fpath = directory / fname
+            safetensors.torch.save_file(_prepare_for_save(self.tensors[g]), str(fpath),
+                                        metadata={"format": "pt", "dyninfer_group": g})
+            os.chmod(fpath, _file_mode())  # safetensors writes 0600; files get the user's usual mode
+            _fsync_path(fpath)
+            hashes[fname] = _sha256(fpath)
+        text = json.dumps(self._manifest(hashes), indent=2, ensure_ascii=False) + "\n"
+        _write_file(directory / MANIFEST_NAME, text.encode("utf-8"))
+        _fsync_path(directory / MANIFEST_NAME)
 
     # ---- load
 
     @classmethod
     def load(cls, path, *, expect_model_hash: str | None = None) -> Artifact:
-        """Read and validate the artifact at *path*."""
-        given = pathlib.Path(path)
+        """Read and validate the artifact at *path* (under the shared lock: never while a writer swaps)."""
+        with artifact_lock(path, shared=True):
+            return cls._read(pathlib.Path(path), expect_model_hash)
+
+    @classmethod
+    def _read(cls, given: pathlib.Path, expect_model_hash: str | None) -> Artifact:
         shown = str(given)
         if not os.path.exists(given):
             raise _error(
@@ -564,43 +530,170 @@ def artifact_exists(path) -> bool:
     return p.is_dir() and (p / MANIFEST_NAME).is_file()
 
 
-@contextlib.contextmanager
-def staged_directory(target) -> Iterator[pathlib.Path]:
-    """Build a directory in a temporary sibling; it replaces `target` only if the block succeeds.
+def check_output_dir(path, on_wait: Callable[[], None] | None = None, *, locked: bool = False) -> None:
+    """Refuse, before any work, an output path that cannot become an artifact: a file, a non-empty
+    folder that is not an artifact, a path under a file, or a place this user cannot write.
 
-    An interrupted or failed build leaves `target` as it was and removes the partial one.
+    It looks under the shared lock (never while another process swaps the directory in), unless
+    the caller already holds the lock (`locked`).
+    """
+    if not locked:
+        with artifact_lock(path, shared=True, on_wait=on_wait):
+            return check_output_dir(path, locked=True)
+    given = pathlib.Path(path)
+    shown = str(given)
+    if os.path.lexists(given) and not given.is_dir():
+        raise _error(f"output path {shown!r} exists and is a file, not a dyninfer artifact; "
+                     "choose another output path or remove the file")
+    if given.is_dir() and not artifact_exists(given) and any(True for _ in os.scandir(given)):
+        raise _error(f"output directory {shown!r} is not empty and is not a dyninfer artifact; "
+                     "choose another output path or empty it")
+    # The swap renames the target inside its parent: the nearest existing folder above it must be writable.
+    above = pathlib.Path(os.path.abspath(given)).parent
+    while not os.path.lexists(above):
+        above = above.parent
+    if not above.is_dir():
+        raise _error(f"output path {shown!r} is under {str(above)!r}, which is a file; choose another output path")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise _error(f"cannot write into {str(above)!r} (permission denied or read-only); choose another output path")
+
+
+@contextlib.contextmanager
+def artifact_lock(path, *, shared: bool = False, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """An advisory lock for the artifact (or package) at *path*: writers hold it exclusively while they
+    swap a new version in, readers shared while they read, so no reader sees a half-swapped directory
+    and concurrent writers queue (`on_wait` is called when this one has to wait).
+
+    The lock is on the folder that holds the directory (fcntl.flock, POSIX): it needs no file of its
+    own, and the directory itself is replaced by each swap. Saves of artifacts side by side in one
+    folder queue only for the moments of their swaps. No folder yet, or no fcntl: nothing to lock.
+    """
+    parent = pathlib.Path(os.path.realpath(path)).parent
+    try:
+        fd = os.open(parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if fcntl is not None else None
+    except OSError:
+        fd = None
+    if fd is None:
+        yield
+        return
+    try:
+        kind = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        try:
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, kind)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done, then act (in the main thread; elsewhere, as is)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.signal(number, lambda number, frame: received.append(number)) for number in held}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if received:
+            signal.raise_signal(received[0])
+
+
+def _swap_in(tmp: pathlib.Path, target: pathlib.Path, replaced: set[str] | None) -> None:
+    """Make *tmp* the directory at *target* in one rename.
+
+    With `replaced` (a set of relative paths), the entries of an existing *target* that its manifest
+    does not own and that `replaced` does not name are carried over into *tmp* first (a folder both
+    have is merged); with None, *target* is replaced whole. Any failure or interrupt (BaseException)
+    undoes every rename, so *target* is as it was.
+    """
+    moves: list[tuple[pathlib.Path, pathlib.Path]] = []
+    backup = None
+    try:
+        if os.path.isdir(target):
+            if replaced is not None:
+                _carry(target, tmp, "", _owned_names(target), replaced, moves)
+                with contextlib.suppress(OSError):
+                    shutil.copymode(target, tmp)
+            backup = _free_name(target.parent, target.name, "bak")
+            os.rename(target, backup)
+        os.rename(tmp, target)
+    except BaseException:
+        if backup is not None and not os.path.lexists(target):
+            os.rename(backup, target)
+            backup = None
+        for source, moved_to in reversed(moves):
+            with contextlib.suppress(OSError):
+                os.rename(moved_to, source)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def _carry(old: pathlib.Path, new: pathlib.Path, prefix: str, owned: set[str], replaced: set[str],
+           moves: list[tuple[pathlib.Path, pathlib.Path]]) -> None:
+    """Move *old*'s entries that the new version keeps into *new* (recording each move)."""
+    for entry in sorted(os.listdir(old)):
+        relative = prefix + entry
+        if entry in owned or relative in replaced:
+            continue
+        source, destination = old / entry, new / entry
+        if os.path.lexists(destination):
+            if _plain_dir(source) and _plain_dir(destination):  # e.g. steer/ around a new sweep folder
+                _carry(source, destination, relative + "/", set(), replaced, moves)
+            continue  # the new version's entry wins
+        os.rename(source, destination)
+        moves.append((source, destination))
+
+
+def _plain_dir(path: pathlib.Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def _relative_folder(name: str) -> str:
+    """A report path inside the artifact: relative, no `..`; ValueError otherwise (a programming error)."""
+    parts = pathlib.PurePosixPath(name).parts
+    if not parts or name.startswith("/") or any(part in ("..", ".") for part in parts) or parts[0] == MANIFEST_NAME:
+        raise ValueError(f"report paths are relative paths inside the artifact, got {name!r}")
+    return str(pathlib.PurePosixPath(*parts))
+
+
+def _file_mode() -> int:
+    """The mode the user's umask gives a new file (0644 under the usual umask 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _write_file(path: pathlib.Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def staged_directory(target, lock: bool = True, on_wait: Callable[[], None] | None = None) -> Iterator[pathlib.Path]:
+    """Build a directory in a temporary sibling; it replaces `target` whole, in one rename, only if the
+    block succeeds. An interrupted or failed build leaves `target` as it was and removes the partial one.
+
+    Inside an artifact (an ONNX package in ARTIFACT/onnx) the swap holds the artifact's lock, so it
+    cannot interleave with a save of the artifact around it. `lock=False`: a directory built inside a
+    staged copy that no other process can see yet.
     """
     target = pathlib.Path(target)
     tmp = _make_temp_dir(target.parent, target.name)
     try:
         yield tmp
-        if target.exists():
-            backup = _free_name(target.parent, target.name, "bak")
-            os.rename(target, backup)
-            try:
-                os.rename(tmp, target)
-            except OSError:
-                os.rename(backup, target)
-                raise
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    except BaseException:
+        locked = target.parent if artifact_exists(target.parent) else target
+        with artifact_lock(locked, on_wait=on_wait) if lock else contextlib.nullcontext(), _interrupts_held():
+            _swap_in(tmp, target, None)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_report_dir(target: pathlib.Path, files: dict[str, bytes]) -> pathlib.Path:
-    """Replace the report folder `target` (inside an artifact; `a/b` makes `a` too) with `files`, atomically."""
-    pathlib.Path(target).parent.mkdir(parents=True, exist_ok=True)
-    with staged_directory(target) as tmp:
-        for name, data in files.items():
-            (tmp / name).write_bytes(data)
-    return pathlib.Path(target)
-
-
-def save_with_report(artifact: Artifact, out, folder: str, files: dict[str, bytes]) -> pathlib.Path:
-    """Save `artifact` to `out`, then replace its report folder `folder` with `files`; returns the path."""
-    target = pathlib.Path(artifact.save(out))
-    write_report_dir(target / folder, files)
-    return target

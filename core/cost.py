@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.artifacts import Artifact
+from dyninfer.core.errors import DyninferError, is_number
 from dyninfer.core.stages import PROFILE, PRUNE
 
 
@@ -78,7 +79,13 @@ def measured_cost(artifact: Artifact) -> CostModel | None:
     record = artifact.stages.get(PROFILE)
     if not record or "measured_cost" not in record:
         return None
-    return CostModel.from_dict(record["measured_cost"])
+    cost = record["measured_cost"]
+    numbers = ("context", "embed", "norm", "head", "translator")
+    if not (isinstance(cost, dict) and all(is_number(cost.get(k)) for k in numbers)
+            and isinstance(cost.get("layers"), list) and cost["layers"] and all(is_number(v) for v in cost["layers"])
+            and all(is_number(v) for v in (cost.get("checks") or {}).values())):
+        raise DyninferError("the artifact's profile has an invalid measured cost; run `dyninfer profile` into it again")
+    return CostModel.from_dict(cost)
 
 
 def profile_is_stale(artifact: Artifact) -> bool:

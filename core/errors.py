@@ -56,5 +56,14 @@ def check_positive(field: str, value) -> None:
         raise DyninferError(f"{option(field)} must be positive, got {value}")
 
 
+def is_integer(value) -> bool:
+    """An int that is not a bool (JSON's true is not a layer number)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

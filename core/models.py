@@ -120,7 +120,14 @@ def _load_pretrained(path_or_id: str, dtype: torch.dtype, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, **kw)
-        tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kw)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kw)
+        except Exception as exc:  # noqa: BLE001 - transformers fails many ways on a missing tokenizer
+            raise DyninferError(f"could not load the tokenizer of '{path_or_id}': a model folder needs its tokenizer "
+                                "files (tokenizer.json or tokenizer_config.json and the vocabulary), as "
+                                f"tokenizer.save_pretrained writes them (transformers said: {_short(exc, 120)})") from None
+    if tokenizer is None:
+        raise DyninferError(f"'{path_or_id}' has no tokenizer; save one with the model (tokenizer.save_pretrained)")
     return model.eval(), tokenizer
 
 
@@ -219,6 +226,12 @@ def _looks_like_path(spec: str) -> bool:
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a model spec (see module doc). Raises DyninferError with a one-line reason."""
+    loaded = _load(spec, dtype)
+    loaded.layered  # noqa: B018 - refuses a model dyninfer cannot run layer by layer (no layers), now
+    return loaded
+
+
+def _load(spec: str, dtype: torch.dtype) -> LoadedModel:
     _quiet_transformers()
     spec = (spec or "").strip()
     if not spec:

@@ -257,25 +257,30 @@ def export_dynamic(
     dtype: str = "fp32",
     baseline: bool = True,
     verify: bool = True,
+    source_manifest: Path | None = None,
+    lock: bool = True,
     progress: ProgressFn | None = None,
 ) -> ExportResult:
     """Export `dyn` as a package at `target`, built aside and swapped in only when complete and verified.
 
-    Call `preflight` first (before loading anything). The artifact `dyn` was built from must be
-    saved: its manifest is copied into the package.
+    Call `preflight` first (before loading anything). The package keeps a copy of the artifact's
+    manifest: `source_manifest`, else the one of the saved artifact `dyn` was built from. `lock=False`:
+    `target` is inside a staged copy of the artifact that no other process sees (`audit`).
     """
     report = progress or silent
     if dyn.policy is None:
         raise DyninferError("the artifact has no early-exit policy; run `dyninfer calibrate` into it first")
-    if dyn.artifact.path is None:
-        raise ValueError("export_dynamic needs a saved artifact: its manifest goes into the package")
+    if source_manifest is None:
+        if dyn.artifact.path is None:
+            raise ValueError("export_dynamic needs a saved artifact, or its manifest as `source_manifest`")
+        source_manifest = Path(dyn.artifact.path) / MANIFEST_NAME
     started = time.perf_counter()
     steps = 4 if baseline else 3
     lm = dyn.loaded.layered
     notes = []
     if dyn.policy.threshold is None:
         notes.append("the policy certified no threshold: the package never exits (it is the full model)")
-    with staged_directory(target) as tmp:
+    with staged_directory(target, lock=lock) as tmp:
         report("exporting the dynamic step", 1, steps)
         tokenizer = dyn.loaded.tokenizer
         manifest = write_package(tmp, dyn.dynamic, provider=provider, dtype=dtype,
@@ -283,7 +288,7 @@ def export_dynamic(
                                  base_model={"spec": dyn.loaded.spec, "content_hash": dyn.loaded.content_hash})
         tokenizer.save_pretrained(tmp)
         dyn.loaded.model.config.save_pretrained(tmp)
-        shutil.copyfile(Path(dyn.artifact.path) / MANIFEST_NAME, tmp / "source-artifact.json")
+        shutil.copyfile(source_manifest, tmp / "source-artifact.json")
         manifest["baseline"] = BASELINE_DIR if baseline else None
         _write_manifest(tmp, manifest)
         difference = None

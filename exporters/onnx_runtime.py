@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dyninfer.core.errors import DyninferError
+from dyninfer.core.errors import DyninferError, check_positive
 from dyninfer.core.generation import GenerationResult
 
 PACKAGE_MANIFEST = "dyninfer-onnx.json"
@@ -155,6 +155,8 @@ class OnnxDynamicModel:
             raise DyninferError("the prompt is empty; give at least one token")
         if max_new_tokens < 1:
             raise DyninferError(f"`max_new_tokens` must be at least 1, got {max_new_tokens}")
+        if sample:
+            check_positive("temperature", temperature)
         rng = np.random.default_rng(seed)
         batch = ids.shape[0]
         started = time.perf_counter()

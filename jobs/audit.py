@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dyninfer.compressors.steering import METHODS as STEER_METHODS
 from dyninfer.core import stages
-from dyninfer.core.artifacts import Artifact, artifact_exists, staged_directory, write_report_dir
+from dyninfer.core.artifacts import MANIFEST_NAME, Artifact, artifact_exists, check_output_dir
 from dyninfer.core.data import DEFAULT_DATA
 from dyninfer.core.errors import DyninferError, check_between, check_choice, check_positive, option
 from dyninfer.core.lenses import LOGIT, TUNED
@@ -238,28 +238,19 @@ def evaluate_gates(report: AuditReport) -> list[GateResult]:
             for name, threshold, value, what in checks if threshold is not None]
 
 
-def _check_out(out: Path) -> None:
-    """Refuse, before any work, an OUT that is a file or a non-empty folder that is not an artifact."""
-    if out.exists() and not out.is_dir():
-        raise DyninferError(f"{option('out')} '{out}' is a file; pass a directory")
-    if out.is_dir() and not artifact_exists(out) and any(out.iterdir()):
-        raise DyninferError(f"{option('out')} '{out}' is not empty and is not a dyninfer artifact; choose another "
-                            "directory or empty it")
-
-
 def _export_provider(report: AuditReport) -> str:
     """CUDA when the profile ran there and ONNX Runtime can use it, else the CPU provider."""
     return "cuda" if report.profile.profile.device == "cuda" and not provider_problem("cuda") else "cpu"
 
 
 def run(config: AuditConfig, out: str | os.PathLike | None = "audit", progress: ProgressFn | None = None,
-        session: ModelSession | None = None) -> AuditReport:
+        session: ModelSession | None = None, on_wait: Callable[[], None] | None = None) -> AuditReport:
     """Run every stage on one loaded model (`session`, or the model loaded once here) and, when `out` is
     given, write OUT (an artifact there is extended). `export` needs `out`: the package goes to OUT/onnx."""
     config.validate()
     out = Path(out) if out is not None else None
     if out is not None:
-        _check_out(out)
+        check_output_dir(out)
     if config.export:
         if out is None:
             raise DyninferError(f"{option('export')} writes OUT/{PACKAGE_DIR}: pass {option('out')}")
@@ -308,7 +299,7 @@ def run(config: AuditConfig, out: str | os.PathLike | None = "audit", progress: 
     timings["total_s"] = time.perf_counter() - started
     report.artifact.set_stage(stages.AUDIT, _stage_record(report))
     if out is not None:
-        write(report, out, session, progress)
+        write(report, out, session, progress, on_wait)
     return report
 
 
@@ -340,31 +331,28 @@ def _figures(report: AuditReport, files: dict[str, dict[str, bytes]]) -> dict[st
     return figures
 
 
-def write(report: AuditReport, out: Path, session: ModelSession, progress: ProgressFn | None = None) -> Path:
-    """Save the artifact, the ONNX export (when asked), every stage's report folder and the audit report.
+def write(report: AuditReport, out: Path, session: ModelSession, progress: ProgressFn | None = None,
+          on_wait: Callable[[], None] | None = None) -> Path:
+    """Save the artifact with the ONNX export (when asked), every stage's report folder and the audit
+    report, in one swap (`Artifact.save`): `out` keeps what an existing artifact there holds (reports,
+    onnx/, the user's files) and changes only if all of it works."""
+    files = _stage_files(report)
+    figures = _figures(report, files)
 
-    Everything is built in a staged copy of `out` (keeping what an existing artifact there holds:
-    reports, onnx/, the user's files); `out` changes only if all of it works.
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with staged_directory(out) as tmp:
-        if artifact_exists(out):
-            shutil.copytree(out, tmp, dirs_exist_ok=True, symlinks=True)
-        report.artifact.save(tmp)
+    def add_export_and_report(staged: Path) -> None:
         if report.config.export:
             started = time.perf_counter()
             dyn = build_dynamic(report.artifact, session)
-            result = export_dynamic(dyn, tmp / PACKAGE_DIR, provider=_export_provider(report), baseline=False,
-                                    progress=progress)
+            result = export_dynamic(dyn, staged / PACKAGE_DIR, provider=_export_provider(report), baseline=True,
+                                    source_manifest=staged / MANIFEST_NAME, lock=False, progress=progress)
             report.export = result.to_dict() | {"path": str(out / PACKAGE_DIR)}
             report.timings["export_s"] = time.perf_counter() - started
             report.timings["total_s"] += report.timings["export_s"]
-        files = _stage_files(report)
-        for folder, contents in files.items():
-            write_report_dir(tmp / folder, contents)
-        figures = _figures(report, files)
-        (tmp / "summary.json").write_text(json.dumps(report.summary(), indent=2, default=str))
-        (tmp / "report.md").write_text(markdown(report))
-        (tmp / "report.html").write_text(html_page(report, figures))
-    report.artifact.path = report.path = out
+        pages = {"summary.json": json.dumps(report.summary(), indent=2, default=str), "report.md": markdown(report),
+                 "report.html": html_page(report, figures)}
+        for name, text in pages.items():
+            (staged / name).write_text(text)
+
+    report.artifact.save(out, reports=files, build=add_export_and_report, on_wait=on_wait)
+    report.path = out
     return out

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from dyninfer.compressors.exit_policy import KV_MODES
 from dyninfer.core.data import DEFAULT_DATA, load_windows
-from dyninfer.core.errors import check_at_least, check_between, check_choice, check_positive
+from dyninfer.core.errors import DyninferError, check_at_least, check_between, check_choice, check_positive, option
 from dyninfer.core.progress import ProgressFn
-from dyninfer.exporters.onnx_runtime import PROVIDERS
+from dyninfer.exporters.onnx_runtime import PROVIDERS, read_package
+from dyninfer.jobs.export import PACKAGE_DIR
 from dyninfer.jobs.run import BACKENDS
 from dyninfer.profilers.bench import BenchResult, run_bench, run_onnx_bench
 from dyninfer.runtime.loader import load_dynamic
@@ -85,6 +86,12 @@ def gate_failures(config: BenchConfig, result: BenchResult) -> list[str]:
 def run(config: BenchConfig, artifact: str | os.PathLike, progress: ProgressFn | None = None) -> BenchReport:
     """Benchmark the artifact at `artifact` (batch 1, greedy) and judge the gates."""
     config.validate()
+    package = Path(config.package) if config.package else Path(artifact) / PACKAGE_DIR
+    if config.backend == "onnx":  # before the model loads
+        if not package.exists():
+            raise DyninferError(f"no ONNX package at '{package}'; run `dyninfer export` on the artifact first, or "
+                                f"pass {option('package')}")
+        read_package(package)
     dyn = load_dynamic(str(artifact), config.model, kv_mode=config.kv_mode, full_depth_is_enough=config.backend == "torch")
     spec = config.data or dyn.calibration.get("data", {}).get("spec") or DEFAULT_DATA
     windows = load_windows(spec, dyn.loaded.tokenizer, field=config.field, seq_len=config.prompt_tokens,
@@ -92,7 +99,6 @@ def run(config: BenchConfig, artifact: str | os.PathLike, progress: ProgressFn |
     prompt_ids = windows.take("heldout", config.prompts * config.prompt_tokens, option="prompts")
     prompt_ids = prompt_ids[:, : config.prompt_tokens]
     if config.backend == "onnx":
-        package = Path(config.package) if config.package else Path(artifact) / "onnx"
         result = run_onnx_bench(dyn, package, prompt_ids, config.new_tokens, provider=config.provider,
                                 progress=progress)
     else:

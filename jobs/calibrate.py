@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 from dyninfer.compressors.confidence import MEASURES
 from dyninfer.compressors.exit_policy import KV_MODES, RISKS, CalibrationResult, run_calibrations
 from dyninfer.core import stages
-from dyninfer.core.artifacts import Artifact, save_with_report
+from dyninfer.core.artifacts import Artifact
 from dyninfer.core.cost import count_costs, measured_cost, profile_is_stale, speedup_basis
 from dyninfer.core.data import DEFAULT_DATA
 from dyninfer.core.errors import DyninferError, check_at_least, check_between, check_choice, option
@@ -199,6 +200,6 @@ def run(config: CalibrateConfig, progress: ProgressFn | None = None, existing: s
     return report
 
 
-def save(report: CalibrateReport, out: str | os.PathLike) -> Path:
+def save(report: CalibrateReport, out: str | os.PathLike, on_wait: Callable[[], None] | None = None) -> Path:
     """Save the artifact (policy, classifier) and its calibrate/ report folder."""
-    return save_with_report(report.artifact, out, REPORT_DIR, report.files())
+    return report.artifact.save(out, reports={REPORT_DIR: report.files()}, on_wait=on_wait)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from dyninfer.core import stages
-from dyninfer.core.artifacts import Artifact, save_with_report
+from dyninfer.core.artifacts import Artifact
 from dyninfer.core.cost import CostModel, count_costs
 from dyninfer.core.data import DEFAULT_DATA
 from dyninfer.core.errors import DyninferError, check_at_least, option
@@ -133,6 +134,6 @@ def _stage_record(report: ProbeReport) -> dict:
     )
 
 
-def save(report: ProbeReport, out: str | os.PathLike) -> Path:
+def save(report: ProbeReport, out: str | os.PathLike, on_wait: Callable[[], None] | None = None) -> Path:
     """Save the artifact and its probe/ report folder."""
-    return save_with_report(report.artifact, out, REPORT_DIR, report.files())
+    return report.artifact.save(out, reports={REPORT_DIR: report.files()}, on_wait=on_wait)

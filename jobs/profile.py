@@ -10,13 +10,14 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from dyninfer.core import stages
-from dyninfer.core.artifacts import Artifact, save_with_report
+from dyninfer.core.artifacts import Artifact
 from dyninfer.core.data import DEFAULT_DATA
 from dyninfer.core.errors import DyninferError, check_at_least, check_choice, check_positive, option
 from dyninfer.core.models import DEFAULT_MODEL
@@ -136,6 +137,6 @@ def run(config: ProfileConfig, progress: ProgressFn | None = None, existing: str
     return report
 
 
-def save(report: ProfileReport, out: str | os.PathLike) -> Path:
+def save(report: ProfileReport, out: str | os.PathLike, on_wait: Callable[[], None] | None = None) -> Path:
     """Save the artifact and its profile/ report folder."""
-    return save_with_report(report.artifact, out, REPORT_DIR, report.files())
+    return report.artifact.save(out, reports={REPORT_DIR: report.files()}, on_wait=on_wait)

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from dyninfer.compressors.pruning import (
 )
 from dyninfer.core import stages
 from dyninfer.core.adapters import LayeredModel
-from dyninfer.core.artifacts import Artifact, save_with_report
+from dyninfer.core.artifacts import Artifact
 from dyninfer.core.cost import count_costs
 from dyninfer.core.data import DEFAULT_DATA
 from dyninfer.core.errors import DyninferError, check_at_least, check_between, check_choice, option
@@ -265,6 +266,6 @@ def run(config: PruneConfig, progress: ProgressFn | None = None, existing: str |
     return report
 
 
-def save(report: PruneReport, out: str | os.PathLike) -> Path:
+def save(report: PruneReport, out: str | os.PathLike, on_wait: Callable[[], None] | None = None) -> Path:
     """Save the artifact (masks) and its prune/ report folder."""
-    return save_with_report(report.artifact, out, stages.PRUNE, report.files())
+    return report.artifact.save(out, reports={stages.PRUNE: report.files()}, on_wait=on_wait)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dyninfer.compressors.exit_policy import KV_MODES
-from dyninfer.core.errors import DyninferError, check_at_least, check_choice, option
+from dyninfer.core.errors import DyninferError, check_at_least, check_between, check_choice, check_positive, option
 from dyninfer.core.generation import GenerationResult
 from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.exporters.onnx_runtime import PROVIDERS, OnnxDynamicModel, find_package
@@ -44,6 +44,10 @@ class RunConfig:
         if self.kv_mode is not None:
             check_choice("kv_mode", self.kv_mode, KV_MODES)
         check_at_least("max_new_tokens", self.max_new_tokens, 1)
+        check_positive("temperature", self.temperature)
+        check_between("draft_threshold", self.draft_threshold, 0.0, 1.0, low_open=False, high_open=False)
+        if self.draft_layer is not None:
+            check_at_least("draft_layer", self.draft_layer, 1)
         if self.backend == "onnx" and self.mode == "speculative":
             raise DyninferError(f"the ONNX backend runs {option('mode')} early-exit or full; speculative runs with "
                                 f"{option('backend')} torch")

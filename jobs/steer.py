@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from dyninfer.compressors.steer_extract import (
 )
 from dyninfer.compressors.steering import METHODS, ActivationSteering, Steering, ValveDelta, applied
 from dyninfer.core import stages
-from dyninfer.core.artifacts import Artifact, BaseModelInfo, artifact_exists, save_with_report
+from dyninfer.core.artifacts import Artifact, BaseModelInfo, artifact_exists
 from dyninfer.core.errors import DyninferError, check_at_least, check_between, check_choice, option
 from dyninfer.core.models import DEFAULT_MODEL, LoadedModel
 from dyninfer.core.progress import ProgressFn, silent
@@ -165,8 +166,8 @@ def extract(config: ExtractConfig, existing: str | Artifact | None = None, progr
     return ExtractReport(artifact, config.method, record)
 
 
-def save_extract(report: ExtractReport, out: str | os.PathLike) -> Path:
-    return Path(report.artifact.save(out))
+def save_extract(report: ExtractReport, out: str | os.PathLike, on_wait: Callable[[], None] | None = None) -> Path:
+    return report.artifact.save(out, on_wait=on_wait)
 
 
 @dataclass
@@ -266,10 +267,10 @@ def sweep(config: SweepConfig, artifact: str | Artifact, progress: ProgressFn | 
     return SweepReport(artifact, result, notes)
 
 
-def save_sweep(report: SweepReport, out: str | os.PathLike) -> Path:
+def save_sweep(report: SweepReport, out: str | os.PathLike, on_wait: Callable[[], None] | None = None) -> Path:
     """Save the artifact (the sweep's summary) and its steer/sweep-METHOD/ report folder (the other
     methods' sweep folders stay)."""
-    return save_with_report(report.artifact, out, report.folder, report.files())
+    return report.artifact.save(out, reports={report.folder: report.files()}, on_wait=on_wait)
 
 
 @dataclass
@@ -303,24 +304,19 @@ def write_control_vector(path: Path, steering: ActivationSteering, alpha: float,
     llama.cpp adds `direction.{i}` to the output of decoder layer i (0-based), scaled by the
     strength given at load time; α is folded in, so strength 1 reproduces this model.
     """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        writer = gguf.GGUFWriter(str(tmp), "controlvector")
-        writer.add_string("controlvector.model_hint", model_hint)
-        writer.add_uint32("controlvector.layer_count", len(steering.directions))
-        for layer, vector in sorted(steering.directions.items()):
-            writer.add_tensor(f"direction.{layer}", (alpha * vector.float()).numpy())
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    writer = gguf.GGUFWriter(str(path), "controlvector")
+    writer.add_string("controlvector.model_hint", model_hint)
+    writer.add_uint32("controlvector.layer_count", len(steering.directions))
+    for layer, vector in sorted(steering.directions.items()):
+        writer.add_tensor(f"direction.{layer}", (alpha * vector.float()).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     return path
 
 
-def apply(config: ApplyConfig, path: str | os.PathLike) -> ApplyReport:
+def apply(config: ApplyConfig, path: str | os.PathLike, on_wait: Callable[[], None] | None = None) -> ApplyReport:
     """Record α for a method and save the artifact at `path`; loaders bake θ + α·Δθ (or the α-scaled
     biases) into the weights. An activation direction is also written as `control_vector.gguf`."""
     config.validate()
@@ -332,13 +328,16 @@ def apply(config: ApplyConfig, path: str | os.PathLike) -> ApplyReport:
     stage = dict(artifact.stages[stages.STEER])
     stage["applied"] = {"method": method, "alpha": float(config.alpha)}
     artifact.set_stage(stages.STEER, stage)
-    target = artifact.save(path)
-    gguf_path, notes = None, []
-    if isinstance(direction, ActivationSteering):
-        gguf_path = write_control_vector(target / GGUF_NAME, direction, float(config.alpha),
-                                         artifact.base_model.architecture)
-        if 0 in direction.directions:
-            notes.append("llama.cpp applies control vectors from layer 1 on: it ignores direction.0")
+    notes: list[str] = []
+    activation = isinstance(direction, ActivationSteering)
+
+    def control_vector(staged: Path) -> None:  # written inside the staged artifact: saved in the same swap
+        write_control_vector(staged / GGUF_NAME, direction, float(config.alpha), artifact.base_model.architecture)
+
+    target = artifact.save(path, build=control_vector if activation else None, on_wait=on_wait)
+    gguf_path = target / GGUF_NAME if activation else None
+    if activation and 0 in direction.directions:
+        notes.append("llama.cpp applies control vectors from layer 1 on: it ignores direction.0")
     if (target / "onnx").is_dir():
         notes.append(f"{target / 'onnx'} was exported before this α; run `dyninfer export` on it again")
     return ApplyReport(artifact, method, float(config.alpha), gguf_path, notes)

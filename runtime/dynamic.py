@@ -25,7 +25,7 @@ import torch
 from dyninfer.compressors import confidence as conf
 from dyninfer.compressors.exit_policy import ExitPolicy
 from dyninfer.core.adapters import LayeredModel
-from dyninfer.core.errors import DyninferError
+from dyninfer.core.errors import DyninferError, check_between, check_positive
 from dyninfer.core.generation import GenerationResult
 
 MODES = ("full", "early-exit", "speculative")
@@ -102,7 +102,10 @@ class DynamicModel:
         if mode == "early-exit" and self.policy is None:  # a calibrated "never exit" policy is fine
             raise DyninferError("no early-exit policy; run `dyninfer calibrate` first, "
                                 "or use `mode` full or speculative")
+        if sample:
+            check_positive("temperature", temperature)
         if mode == "speculative":
+            check_between("draft_threshold", draft_threshold, 0.0, 1.0, low_open=False, high_open=False)
             if sample:
                 raise DyninferError("the lossless speculative mode is greedy; drop `sample` or use `mode` early-exit")
             if self.lm.adapter.recurrent:

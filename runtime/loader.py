@@ -203,7 +203,9 @@ def build_dynamic(artifact: Artifact, session: ModelSession, *, require_policy: 
     compressed = stages.PRUNE in artifact.stages or applied(artifact) is not None
     if stage is None and require_policy and not (full_depth_is_enough and compressed):
         raise DyninferError(f"{where} has no early-exit policy; run `dyninfer calibrate` into it first")
-    policy = ExitPolicy.from_dict(stage["policy"]) if stage else None
+    if stage is not None and "policy" not in stage:
+        raise DyninferError(f"{where} has a calibrate stage without a policy; run `dyninfer calibrate` into it again")
+    policy = ExitPolicy.from_dict(stage["policy"], session.lm.num_layers) if stage else None
     if kv_mode is not None:
         check_choice("kv_mode", kv_mode, KV_MODES)
         if policy is not None:
@@ -211,6 +213,8 @@ def build_dynamic(artifact: Artifact, session: ModelSession, *, require_policy: 
     exits = artifact.tensors.get(stages.EXITS_GROUP, {})
     lm = session.lm
     lens = TunedLens.from_tensors(lm, exits) if policy is not None and policy.lens == TUNED else LogitLens(lm)
-    classifier = ExitClassifier.from_tensors(exits) if policy is not None and policy.measure == "classifier" else None
+    classifier = None
+    if policy is not None and policy.measure == "classifier":
+        classifier = ExitClassifier.from_tensors(exits, len(policy.exit_points), lm.hidden_size)
     return LoadedDynamic(artifact, session.loaded, DynamicModel(lm, policy, lens, classifier), policy, pruning,
                          session.steering)

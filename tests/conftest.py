@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import sys
@@ -33,6 +34,20 @@ def word_tokenizer():
 def random_text(n_words: int, seed: int = 0) -> str:
     rng = random.Random(seed)
     return " ".join(rng.choice(WORDS[:40]) for _ in range(n_words))
+
+
+def tree_state(root: Path) -> dict[str, tuple]:
+    """Every directory and file under `root`: its kind, mode and (for files) content hash."""
+    state = {}
+    for directory, folders, files in os.walk(root):
+        for name in folders:
+            path = Path(directory, name)
+            state[str(path.relative_to(root))] = ("dir", path.stat().st_mode)
+        for name in files:
+            path = Path(directory, name)
+            state[str(path.relative_to(root))] = ("file", path.stat().st_mode,
+                                                  hashlib.sha256(path.read_bytes()).hexdigest())
+    return state
 
 
 def save_tiny(arch: str, directory: Path, seed: int = 0) -> Path:

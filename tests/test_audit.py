@@ -205,3 +205,18 @@ def test_audit_with_a_steering_check(setup, tmp_path):
     page.feed((out / "report.html").read_text())
     assert page.figures == [f"figure-{name}" for name in FIGURES] + ["figure-steer"]
     assert "Steering of chain-of-thought length (activation)" in page.headings
+
+
+def test_audit_export_is_benchable_as_written(setup, tmp_path):
+    """`audit --export` writes the package with optimum's baseline, so `bench --backend onnx` runs on it as is."""
+    _, model, data = setup
+    out = tmp_path / "exported"
+    result = runner.invoke(app, ["audit", str(model), "--data", str(data), *SMALL, "--lens", "logit", "--export",
+                                 "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["export"]["baseline"] is not None
+    bench = runner.invoke(app, ["bench", str(out), "--backend", "onnx", "--prompts", "1", "--prompt-tokens", "8",
+                                "--new-tokens", "4", "--json"])
+    assert bench.exit_code == 0, bench.output
+    modes = [m["mode"] for m in json.loads(bench.stdout)["modes"]]
+    assert modes[0] == "baseline (optimum ORTModelForCausalLM)" and "onnx early-exit" in modes
