@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -17,11 +19,13 @@ from dyninfer.core.errors import DyninferError
 from dyninfer.core.lenses import LogitLens
 from dyninfer.exporters import ops
 from dyninfer.exporters.onnx_export import MODEL_FILE, write_package
-from dyninfer.exporters.onnx_runtime import OnnxDynamicModel
+from dyninfer.exporters.onnx_runtime import PACKAGE_MANIFEST, OnnxDynamicModel
 from dyninfer.runtime.dynamic import DynamicModel
 
 STEPS = 32
 ATTENTION_ARCHS = [a for a in ARCHS if a != "mamba"]
+# The architectures exported with another confidence measure than saturation: (measure, vocabulary top-k).
+OTHER_MEASURES = {"llama": ("classifier", 0), "qwen2": ("softmax", 16)}
 
 
 def _dynamic(arch: str, measure: str = "saturation", top_k: int = 0, points=(1, 2)):
@@ -72,7 +76,7 @@ def exported(tmp_path_factory):
 
     def export(arch: str):
         if arch not in packages:
-            dynamic, prompt = _dynamic(arch)
+            dynamic, prompt = _dynamic(arch, *OTHER_MEASURES.get(arch, ("saturation", 0)))
             path = tmp_path_factory.mktemp(f"onnx-{arch}")
             write_package(path, dynamic)
             packages[arch] = dynamic, prompt, path
@@ -82,24 +86,27 @@ def exported(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ATTENTION_ARCHS)
+@pytest.mark.parametrize("arch", [a for a in ATTENTION_ARCHS if a not in OTHER_MEASURES])
 def test_onnx_dynamic_model_equals_torch(arch, exported):
+    """Llama and Qwen2 are checked the same way below, with the other confidence measures (one export each)."""
     dynamic, prompt, package = exported(arch)
     _assert_parity(dynamic, prompt, package)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch,measure,top_k", [("llama", "classifier", 0), ("qwen2", "softmax", 16)])
-def test_onnx_equals_torch_for_other_confidence_measures(arch, measure, top_k, tmp_path):
+@pytest.mark.xdist_group("export-llama")  # with the saved-graph test: one export of the llama package
+@pytest.mark.parametrize("arch", OTHER_MEASURES)
+def test_onnx_equals_torch_for_other_confidence_measures(arch, exported):
     """The classifier reads the hidden state; softmax uses the head and, with top-k, the candidates."""
-    dynamic, prompt = _dynamic(arch, measure, top_k)
-    manifest = write_package(tmp_path, dynamic)
-    _assert_parity(dynamic, prompt, tmp_path)
-    if measure == "softmax":
+    dynamic, prompt, package = exported(arch)
+    _assert_parity(dynamic, prompt, package)
+    if dynamic.policy.measure == "softmax":
+        manifest = json.loads((package / PACKAGE_MANIFEST).read_text())
         assert manifest["custom_ops"]["nodes"] == {"ExitGate": 2, "SoftmaxConfidence": 2}
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("export-llama")
 def test_saved_graph_keeps_custom_nodes_with_standard_op_functions(exported):
     dynamic, _, package = exported("llama")
     model = onnx.load(str(package / MODEL_FILE), load_external_data=False)
