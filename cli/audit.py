@@ -14,7 +14,7 @@ DEFAULTS = job.AuditConfig()  # the options' defaults are the library's
 
 HELP = """One-shot model audit: how much could early exit save, what does each layer cost, what can be certified?
 
-Runs the exit probe (logit lens, and a tuned lens unless --lens logit), the per-layer profile (FLOPs, memory, latency; GPU power and energy on a GPU) and a calibration at --target and each of --targets (exit points chosen with the measured latency), then writes OUT/: report.html (self-contained: exit accuracy per layer per lens, prediction-depth histogram, speedup vs consistency, cost per layer), report.md (the same as text, for CI logs and PR comments), summary.json, and the artifact with every stage (run/bench/export use it). --prune, --steer and --export add a pruning, a steering and an ONNX export check. An existing artifact in OUT is extended (its tuned lens, masks and steering are used) and replaced only when the audit succeeds.
+Runs the exit probe (logit lens, and a tuned lens unless --lens logit), the per-layer profile (FLOPs, memory, latency; GPU power and energy on a GPU) and a calibration at --target and each of --targets (exit points chosen with the measured latency; by default certified on the dynamic model's own generations, --risk), then writes OUT/: report.html (self-contained: exit accuracy per layer per lens, prediction-depth histogram, speedup vs consistency, cost per layer), report.md (the same as text, for CI logs and PR comments), summary.json, and the artifact with every stage (run/bench/export use it). --prune, --steer and --export add a pruning, a steering and an ONNX export check. An existing artifact in OUT is extended (its tuned lens, masks and steering are used) and replaced only when the audit succeeds.
 
 Exit codes: 0 every gate passed (or none set), 1 a gate failed (the report is still written), 2 bad input or error.
 
@@ -24,7 +24,7 @@ Examples:
 
     dyninfer audit --lens logit --min-oracle-saving 0.1 --min-consistency 0.9 --json
 
-    dyninfer audit ./my-model --data code.jsonl --field content --targets 0.9,0.99 --prune --export --out audit-my-model/
+    dyninfer audit ./my-model --data code.jsonl --field content --targets 0.9,0.99 --prompts 320 --prune --export --out audit-my-model/
 
     dyninfer audit --lens logit --steer activation --steer-alphas 0.5,1    (adds a CoT-length steering sweep)
 """  # noqa: E501 (help paragraphs are one line each: Typer keeps line breaks)
@@ -48,6 +48,12 @@ def audit(
     epsilon: opt.Epsilon = DEFAULTS.epsilon,
     measure: Annotated[str, typer.Option("--measure", "-m", help="Exit confidence (see `dyninfer calibrate --help`).")]
     = DEFAULTS.measure,
+    risk: opt.Risk = DEFAULTS.risk,
+    prompts: opt.CalibrationPrompts = DEFAULTS.prompts,
+    heldout_prompts: opt.HeldoutPrompts = DEFAULTS.heldout_prompts,
+    prompt_tokens: opt.PromptTokens = DEFAULTS.prompt_tokens,
+    new_tokens: opt.NewTokens = DEFAULTS.new_tokens,
+    consistency: opt.Consistency = DEFAULTS.consistency,
     fit_tokens: opt.FitTokens = DEFAULTS.fit_tokens,
     calibration_tokens: opt.CalibrationTokens = DEFAULTS.calibration_tokens,
     heldout_tokens: opt.HeldoutTokens = DEFAULTS.heldout_tokens,

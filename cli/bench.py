@@ -16,7 +16,7 @@ DEFAULTS = job.BenchConfig()
 
 HELP = """Benchmark the artifact's dynamic model against the full model in one run (batch 1, greedy).
 
-Same prompts (the start of held-out windows of --data) for every mode: the full model through transformers with its KV cache (the baseline), the calibrated early exit, lossless self-speculation, and the dynamic code path with exits disabled. With --backend onnx: optimum's ORTModelForCausalLM on the plain model (the baseline), the exported dynamic package with its exits and with exits disabled, and the torch dynamic model. Reports tokens/s, speedup, token consistency with the baseline, perplexity of the output under the full model, and realized vs predicted speedup.
+Same prompts for every mode: the starts of held-out windows of the calibration's own split (never text it calibrated on), with its prompt and continuation lengths when it certified generations. the full model through transformers with its KV cache (the baseline), the calibrated early exit, lossless self-speculation, and the dynamic code path with exits disabled. With --backend onnx: optimum's ORTModelForCausalLM on the plain model (the baseline), the exported dynamic package with its exits and with exits disabled, and the torch dynamic model. Reports tokens/s, speedup, consistency with the baseline (tokens, shared prefix, ROUGE-L; the certified bound beside the calibration's measure), perplexity of the output under the full model, and realized vs predicted speedup.
 
 Exit codes: 0 pass, 1 a gate (--min-speedup, --min-consistency) failed, 2 bad input.
 
@@ -36,14 +36,18 @@ def render(result: BenchResult) -> None:
     title = (f"{result.prompts} prompts × {result.new_tokens} new tokens, batch 1, KV of skipped layers: "
              f"{result.kv_mode}")
     table = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left")
-    for name in ("mode", "tokens/s", "speedup", "consistency", "shared prefix", "perplexity", "mean exit layer",
-                 "draft acceptance"):
+    for name in ("mode", "tokens/s", "speedup", "consistency", "shared prefix", "rougeL", "perplexity",
+                 "mean exit layer", "draft acceptance"):
         table.add_column(name, justify="left" if name == "mode" else "right")
     for m in result.modes:
         table.add_row(m.mode, f"{m.tokens_per_s:.1f}", f"{m.speedup:.3f}x", f"{m.consistency:.1%}",
-                      f"{m.prefix_agreement:.1%}", f"{m.perplexity:.3g}", f"{m.mean_exit_layer:.1f}",
-                      "-" if m.acceptance is None else f"{m.acceptance:.1%}")
+                      f"{m.prefix_agreement:.1%}", f"{m.rouge_l:.1%}", f"{m.perplexity:.3g}",
+                      f"{m.mean_exit_layer:.1f}", "-" if m.acceptance is None else f"{m.acceptance:.1%}")
     stdout.print(table)
+    c = result.certified
+    if c and c.get("bound") is not None:
+        stdout.print(f"certified by calibrate ({c['risk']} risk): {c['measure']} consistency >= {c['bound']:g} with "
+                     f"probability >= {1 - c['epsilon']:g}; measured here ({c['mode']}): {c['measured']:.1%}")
     if result.predicted_speedup:
         early = result.gated
         stdout.print(f"{early.mode}: realized {early.speedup:.3f}x vs predicted {result.predicted_speedup:.3f}x "
@@ -58,8 +62,12 @@ def bench(
     = DEFAULTS.data,
     field: opt.TextField = DEFAULTS.field,
     prompts: opt.Prompts = DEFAULTS.prompts,
-    prompt_tokens: opt.PromptTokens = DEFAULTS.prompt_tokens,
-    new_tokens: opt.NewTokens = DEFAULTS.new_tokens,
+    prompt_tokens: Annotated[int | None, typer.Option("--prompt-tokens", help="Tokens per prompt (default: the "
+                                                                              "calibration's, else 64).")]
+    = DEFAULTS.prompt_tokens,
+    new_tokens: Annotated[int | None, typer.Option("--new-tokens", help="Tokens generated per prompt (default: the "
+                                                                        "calibration's, else 64).")]
+    = DEFAULTS.new_tokens,
     seed: opt.Seed = DEFAULTS.seed,
     model: opt.ModelOverride = DEFAULTS.model,
     kv_mode: opt.KvMode = DEFAULTS.kv_mode,

@@ -87,6 +87,16 @@ FitTokens = Annotated[int, typer.Option("--fit-tokens",
 CalibrationTokens = Annotated[int, typer.Option("--calibration-tokens",
                                                 help="Train-split tokens for the test (LTT, or thresholds).")]
 HeldoutTokens = Annotated[int, typer.Option("--heldout-tokens", help="Held-out tokens that report achieved quality.")]
+Risk = Annotated[str, typer.Option(
+    "--risk", help="What LTT certifies: generation (the dynamic model's own greedy continuations against the full "
+                   "model's), teacher-forced-consistency or teacher-forced-accuracy-drop (simulated exits).")]
+CalibrationPrompts = Annotated[int, typer.Option(
+    "--prompts", help="Generation risk: calibration prompts, one per random train window (LTT's examples).")]
+HeldoutPrompts = Annotated[int, typer.Option(
+    "--heldout-prompts", help="Generation risk: held-out prompts that report the achieved consistency.")]
+Consistency = Annotated[str, typer.Option(
+    "--consistency", help="Generation risk: tokens (share of equal positions), prefix (common prefix over the "
+                          "length) or rougeL consistency with the full model's continuation.")]
 KvMode = Annotated[str | None, typer.Option(
     "--kv-mode", help="KV of skipped layers: propagate (CALM state propagation) or recompute.")]
 

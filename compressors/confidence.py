@@ -59,8 +59,14 @@ class ExitClassifier(nn.Module):
     def forward(self, point: int, normed: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(normed.float() @ self.weight[point] + self.bias[point])
 
-    def fit(self, features: list[torch.Tensor], labels: list[torch.Tensor], steps: int = 200, lr: float = 0.05) -> None:
-        """Class-balanced logistic regression per exit point (full-batch Adam; features are small)."""
+    def fit(self, features: list[torch.Tensor], labels: list[torch.Tensor], steps: int = 200, lr: float = 0.05,
+            l2: float = 1e-2) -> None:
+        """Class-balanced logistic regression per exit point (full-batch Adam; features are small).
+
+        The L2 penalty keeps the weights from growing without bound where a few thousand tokens are
+        separable in d dimensions: unpenalised, the logits reach 20-30 and the float32 sigmoid
+        saturates at exactly 1, so no threshold can tell the surest exits apart.
+        """
         optimiser = torch.optim.Adam(self.parameters(), lr=lr)
         for _ in range(steps):
             optimiser.zero_grad(set_to_none=True)
@@ -70,7 +76,8 @@ class ExitClassifier(nn.Module):
                 positive = y.mean().clamp(1e-3, 1 - 1e-3)
                 weights = torch.where(y > 0.5, 0.5 / positive, 0.5 / (1 - positive))
                 logits = x.float() @ self.weight[point] + self.bias[point]
-                loss = loss + (nn.functional.binary_cross_entropy_with_logits(logits, y, weight=weights))
+                loss = loss + nn.functional.binary_cross_entropy_with_logits(logits, y, weight=weights) \
+                    + l2 * self.weight[point].square().sum()
             loss.backward()
             optimiser.step()
 

@@ -21,14 +21,19 @@ import numpy as np
 import torch
 
 from dyninfer.compressors import confidence as conf
-from dyninfer.compressors.ltt import LTTResult, learn_then_test, naive_choice
+from dyninfer.compressors.ltt import LTTResult, learn_then_test, min_examples, naive_choice
 from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.cost import CostModel
 from dyninfer.core.errors import DyninferError, is_integer, is_number
 from dyninfer.core.lenses import LENS_KINDS, collect_hidden_states
 from dyninfer.core.progress import ProgressFn, silent
 
-RISKS = ("consistency", "accuracy-drop")
+# What LTT certifies. `generation`: 1 - consistency of the dynamic model's own greedy continuation of
+# a prompt with the full model's (profilers.generation_risk). The teacher-forced risks simulate exits on
+# the full model's hidden states along the text: cheaper, and optimistic for what generation ships.
+GENERATION_RISK = "generation"
+TEACHER_FORCED_RISKS = ("teacher-forced-consistency", "teacher-forced-accuracy-drop")
+RISKS = (GENERATION_RISK, *TEACHER_FORCED_RISKS)
 # How the dynamic model fills the caches of layers a token skipped: CALM state propagation, or a
 # recompute when a later token needs them.
 KV_MODES = ("propagate", "recompute")
@@ -104,9 +109,13 @@ def trace_exits(
     classifier: conf.ExitClassifier | None = None,
     vocab_top_k: int = 0,
     batch_size: int = 2,
+    first: int = 0,
     progress: ProgressFn | None = None,
 ) -> Trace:
-    """Run `windows` (teacher forcing) and record confidence and agreement at each point."""
+    """Run `windows` (teacher forcing) and record confidence and agreement at each point.
+
+    `first`: record only the predictions from this input position on (a prompt's continuation).
+    """
     report = progress or silent
     if measure not in conf.HEAD_MEASURES:
         vocab_top_k = 0  # state measures compute no logits to prune; the exit uses the full head
@@ -114,8 +123,8 @@ def trace_exits(
     n_batches = (windows.shape[0] + batch_size - 1) // batch_size
     for b, start in enumerate(range(0, windows.shape[0], batch_size)):
         batch = windows[start : start + batch_size]
-        inputs, targets = batch[:, :-1], batch[:, 1:].reshape(-1)
-        states = [h.reshape(-1, h.shape[-1]) for _, h in lm.hidden_states(inputs)]
+        inputs, targets = batch[:, :-1], batch[:, 1 + first :].reshape(-1)
+        states = [h[:, first:].reshape(-1, h.shape[-1]) for _, h in lm.hidden_states(inputs)]
         final_top1 = lm.logits_from(states[-1]).argmax(-1)
         confidence, agrees, correct = [], [], []
         candidates = None
@@ -159,6 +168,18 @@ def check_cost(costs: CostModel, measure: str, translated: bool, first: bool, vo
     return extra + costs.norm + costs.head
 
 
+def exit_costs(costs: CostModel, points: list[int], measure: str, translated: bool, vocab_top_k: int,
+               hidden_size: int) -> tuple[list[float], float]:
+    """(cost of a token that leaves at each point, cost of one that runs the full depth), checks included."""
+    cumulative_layers = np.concatenate([[0.0], np.cumsum(costs.layers)])
+    check = [check_cost(costs, measure, translated, r == 0, vocab_top_k, hidden_size) for r in range(len(points))]
+    cumulative_checks = np.concatenate([[0.0], np.cumsum(check)])
+    exit_extra = 0.0 if measure in conf.HEAD_MEASURES else costs.norm + costs.head + (costs.translator if translated else 0.0)
+    full = costs.full_cost() + cumulative_checks[-1]  # a token that never exits paid every check
+    return [float(costs.embed + cumulative_layers[p] + cumulative_checks[r + 1] + exit_extra)
+            for r, p in enumerate(points)], float(full)
+
+
 @dataclass
 class Simulation:
     """Outcome of one threshold on a trace: where tokens exit and what it costs."""
@@ -180,13 +201,7 @@ def simulate(trace: Trace, threshold: float | None, costs: CostModel, measure: s
         first = torch.full((n,), -1)
     else:
         first = torch.where(passes.any(0), passes.float().argmax(0), torch.full((n,), -1))
-    cumulative_layers = np.concatenate([[0.0], np.cumsum(costs.layers)])
-    check = [check_cost(costs, measure, translated, r == 0, vocab_top_k, hidden_size) for r in range(n_points)]
-    cumulative_checks = np.concatenate([[0.0], np.cumsum(check)])
-    exit_extra = 0.0 if measure in conf.HEAD_MEASURES else costs.norm + costs.head + (costs.translator if translated else 0.0)
-    full = costs.full_cost() + cumulative_checks[-1]  # a token that never exits paid every check
-    point_cost = [costs.embed + cumulative_layers[p] + cumulative_checks[r + 1] + exit_extra
-                  for r, p in enumerate(trace.points)]
+    point_cost, full = exit_costs(costs, trace.points, measure, translated, vocab_top_k, hidden_size)
     cost = torch.full((n,), float(full), dtype=torch.float64)
     consistent = torch.ones(n, dtype=torch.bool)
     correct = trace.final_correct.clone()
@@ -204,23 +219,53 @@ def exit_layers(sim: Simulation, trace: Trace, num_layers: int) -> torch.Tensor:
     return points[sim.exit_row]  # row -1 picks the appended full depth
 
 
-def block_losses(sim: Simulation, trace: Trace, risk: str, block: int) -> np.ndarray:
-    """Per-example losses: each example is `block` consecutive tokens; loss = rate in [0, 1]."""
-    if risk == "consistency":
+def window_losses(sim: Simulation, trace: Trace, risk: str, windows: int) -> np.ndarray:
+    """Per-window losses (LTT's examples): the rate of inconsistent (or wrongly exited) tokens in each window.
+
+    A window is the exchangeable unit: windows are drawn at random from the corpus, while the tokens
+    (and any blocks) of one window are correlated, so they never count as separate examples.
+    """
+    if risk == TEACHER_FORCED_RISKS[0]:
         per_token = (~sim.consistent).double()
-    else:  # accuracy-drop: the exit is wrong where the full model was right
+    else:  # accuracy drop: the exit is wrong where the full model was right
         per_token = (~sim.correct & trace.final_correct).double()
-    n_blocks = per_token.numel() // block
-    return per_token[: n_blocks * block].reshape(n_blocks, block).mean(1).numpy()
+    return per_token.reshape(windows, -1).mean(1).numpy()
 
 
 def candidate_thresholds(confidence: torch.Tensor, n: int = 120) -> list[float]:
-    """Strict to loose: above every confidence seen (no exit), then descending quantiles."""
+    """Strict to loose: never exit (infinity: other text can be more confident than any seen), then
+    descending quantiles."""
     values = confidence.flatten().double()
+    if values.numel() == 0:
+        return [float("inf")]
     qs = torch.quantile(values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:200_000]],
                         torch.linspace(1.0, 0.0, n, dtype=torch.float64))
-    grid = [float(values.max().item()) + 1e-6] + [float(q) for q in qs]
+    grid = [float("inf")] + [float(q) for q in qs]
     return sorted(set(grid), reverse=True)
+
+
+def generation_grid(trace: Trace, size: int = 24, lowest: float = 5e-4, highest: float = 0.5) -> list[float]:
+    """Candidate thresholds for generation risk, strict to loose, from the FIT trace alone.
+
+    Free generation compounds every exit that changes a token, so the useful thresholds let few
+    tokens leave: the grid is geometric in the share of fit tokens that exit (from `lowest` to
+    `highest`, steps of about 35% at the defaults), after "never exit". The exit share is used
+    rather than the simulated risk because a classifier scored on its own training tokens looks
+    almost never wrong. Fixing the grid before the calibration prompts are seen keeps
+    fixed-sequence testing valid.
+    """
+    never = float("inf")  # confidences on other text can exceed every one seen here
+    if trace.confidence.numel() == 0:
+        return [never]
+    # A token exits at threshold t when its highest confidence over the points reaches t.
+    best = trace.confidence.double().max(0).values.sort(descending=True).values
+    grid = [never]
+    for share in np.geomspace(lowest, highest, size - 1):
+        k = max(1, round(share * best.numel()))
+        t = float(best[k - 1])
+        if t < grid[-1]:
+            grid.append(t)
+    return grid
 
 
 def _best_empirical(trace: Trace, costs: CostModel, measure: str, translated: bool, vocab_top_k: int, d: int,
@@ -276,21 +321,25 @@ class CalibrationResult:
     target: float
     epsilon: float
     risk: str
-    block: int
+    units: str  # what one LTT example is ("windows of 256 tokens", "prompts of 64 + 32 new tokens")
     ltt: LTTResult
-    naive_threshold: float | None
+    naive_threshold: float | None  # the loosest threshold with empirical risk <= delta (no guarantee); None if not computed
     curve: list[CurvePoint]
-    heldout: dict  # consistency, accuracy, predicted_speedup, exit-depth distribution on held-out data
-    naive_heldout: dict
+    heldout: dict  # simulated (teacher-forced) on held-out windows: consistency, accuracy, predicted speedup, exits
+    naive_heldout: dict | None
     full_accuracy_heldout: float
     fit_tokens: int
     calibration_tokens: int
     notes: list[str] = field(default_factory=list)
+    # generation risk: the certified policy's own greedy continuations of held-out prompts against the full model's
+    generated: dict | None = None
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["ltt"] = self.ltt.to_dict()
         out["statement"] = self.ltt.statement()
+        for point in out["curve"]:  # JSON has no infinity: the never-exit candidate's threshold is None
+            point["threshold"] = None if math.isinf(point["threshold"]) else point["threshold"]
         return out
 
 
@@ -309,9 +358,10 @@ def evaluate(trace: Trace, threshold: float | None, costs: CostModel, policy: Ex
 
 
 @torch.no_grad()
-def _fit_classifier(lm: LayeredModel, windows: torch.Tensor, points: list[int], lens) -> conf.ExitClassifier:
+def _fit_classifier(lm: LayeredModel, windows: torch.Tensor, points: list[int], lens,
+                    first: int = 0) -> conf.ExitClassifier:
     """CALM's meta classifier: label = this point's top-1 equals the final top-1."""
-    states = collect_hidden_states(lm, windows)
+    states = collect_hidden_states(lm, windows, first=first)
     final_top1 = lm.logits_from(states[-1]).argmax(-1)
     features = [lm.final_norm(states[index]) for index in points]
     labels = [lens.logits(index, states[index]).argmax(-1) == final_top1 for index in points]
@@ -337,6 +387,87 @@ def run_calibration(
                             **options)[0]
 
 
+@dataclass
+class ExitPlan:
+    """What the fit windows decided for one target: the exit points, their classifier and trace rows."""
+
+    target: float
+    points: list[int]
+    classifier: conf.ExitClassifier | None
+    fit_trace: Trace  # the chosen points' rows of the fit trace
+    rows: list[int]  # the chosen points' rows among all candidate points
+
+
+@dataclass
+class ExitPlans:
+    plans: list[ExitPlan]
+    candidates: list[int]  # every candidate exit point
+    all_points: conf.ExitClassifier | None  # the classifier over every candidate (classifier measure)
+
+
+def check_calibration_options(targets: list[float], measure: str, risk: str) -> None:
+    conf.check_measure(measure)
+    if risk not in RISKS:
+        raise DyninferError(f"unknown risk '{risk}'; choose from: {', '.join(RISKS)}")
+    for target in targets:
+        if not 0.0 < target < 1.0:
+            raise DyninferError(f"`target` must be between 0 and 1 (exclusive), got {target}")
+
+
+def plan_exits(lm: LayeredModel, lens, costs: CostModel, fit_windows: torch.Tensor, *, targets: list[float],
+               measure: str, vocab_top_k: int = 0, min_layer: int | None = None, max_points: int = 8,
+               first: int = 0, progress: ProgressFn | None = None) -> ExitPlans:
+    """Fit the classifier (if used) and choose each target's exit points on the fit windows.
+
+    `first`: learn from the predictions from this position on only (generation risk: the fit
+    sequences are prompts and the full model's continuations, and the continuations are what the
+    exits will see).
+    """
+    d, n_layers = lm.hidden_size, lm.num_layers
+    first = max(1, n_layers // 4 if min_layer is None else min_layer)
+    candidates = list(range(first, n_layers))
+    if not candidates:
+        raise DyninferError(f"no exit points between layer {first} and {n_layers - 1}; lower `min_layer`")
+    all_points, choose_on = None, fit_windows
+    if measure == "classifier":
+        # The classifier scored on its own training tokens looks almost never wrong, which would make every
+        # exit point look free: train it on the first half of the fit windows, choose points on the second.
+        half = max(1, fit_windows.shape[0] // 2)
+        all_points = _fit_classifier(lm, fit_windows[:half], candidates, lens, first)
+        choose_on = fit_windows[half:] if fit_windows.shape[0] > 1 else fit_windows
+    fit_trace = trace_exits(lm, choose_on, candidates, lens, measure, classifier=all_points,
+                            vocab_top_k=vocab_top_k, first=first, progress=progress)
+    plans = []
+    for target in targets:
+        chosen = select_exit_points(fit_trace, costs, measure, lens.kind == "tuned", vocab_top_k, d, target,
+                                    max_points, progress)
+        rows = [candidates.index(p) for p in chosen]
+        classifier = None
+        if all_points is not None:  # keep only the chosen points' rows, in order
+            classifier = conf.ExitClassifier.from_tensors(
+                {"classifier.weight": all_points.weight.detach()[rows], "classifier.bias": all_points.bias.detach()[rows]}
+            )
+        plans.append(ExitPlan(target, chosen, classifier, fit_trace.subset(rows), rows))
+    return ExitPlans(plans, candidates, all_points)
+
+
+def trace_plan(lm: LayeredModel, lens, plans: ExitPlans, plan: ExitPlan, windows: torch.Tensor, measure: str,
+               vocab_top_k: int, shared: dict | None = None, progress: ProgressFn | None = None) -> Trace:
+    """The teacher-forced trace of `windows` at `plan`'s points.
+
+    Without `vocab_top_k` a check's confidence does not depend on which other points are checked,
+    so one trace over every candidate (kept in `shared`, keyed by the windows) serves every target.
+    """
+    if vocab_top_k or shared is None:
+        return trace_exits(lm, windows, plan.points, lens, measure, classifier=plan.classifier,
+                           vocab_top_k=vocab_top_k, progress=progress)
+    key = id(windows)
+    if key not in shared:
+        shared[key] = trace_exits(lm, windows, plans.candidates, lens, measure, classifier=plans.all_points,
+                                  progress=progress)
+    return shared[key].subset(plan.rows)
+
+
 def run_calibrations(
     lm: LayeredModel,
     lens,
@@ -348,77 +479,54 @@ def run_calibrations(
     targets: list[float],
     measure: str = "softmax",
     epsilon: float = 0.05,
-    risk: str = "consistency",
-    block: int = 16,
+    risk: str = TEACHER_FORCED_RISKS[0],
     vocab_top_k: int = 0,
     min_layer: int | None = None,
     max_points: int = 8,
     progress: ProgressFn | None = None,
 ) -> list[tuple[CalibrationResult, conf.ExitClassifier | None]]:
-    """One policy per target, each with its own exit points and certified threshold.
+    """One policy per target with a teacher-forced risk, each with its own exit points and threshold.
 
-    The data is traced once for all targets when a check's confidence does not depend on
-    which other points are checked (everything but `vocab_top_k`, whose later checks score
-    the first check's top-K): each target then reads its points' rows.
+    LTT's examples are the calibration windows (each window's loss is its rate of inconsistent
+    tokens), so the windows must be a random sample of the corpus, like the held-out ones.
     """
-    conf.check_measure(measure)
-    if risk not in RISKS:
-        raise DyninferError(f"unknown risk '{risk}'; choose from: {', '.join(RISKS)}")
-    for target in targets:
-        if not 0.0 < target < 1.0:
-            raise DyninferError(f"`target` must be between 0 and 1 (exclusive), got {target}")
-    if block < 1:
-        raise DyninferError(f"`block` must be at least 1, got {block}")
-    d, n_layers = lm.hidden_size, lm.num_layers
-    translated = lens.kind == "tuned"
-    first = max(1, n_layers // 4 if min_layer is None else min_layer)
-    candidates = list(range(first, n_layers))
-    if not candidates:
-        raise DyninferError(f"no exit points between layer {first} and {n_layers - 1}; lower `min_layer`")
-
-    all_points = _fit_classifier(lm, fit_windows, candidates, lens) if measure == "classifier" else None
-    fit_trace = trace_exits(lm, fit_windows, candidates, lens, measure, classifier=all_points,
-                            vocab_top_k=vocab_top_k, progress=progress)
-    shared = len(targets) > 1 and not vocab_top_k
-    if shared:
-        shared_traces = [trace_exits(lm, w, candidates, lens, measure, classifier=all_points, progress=progress)
-                         for w in (calibration_windows, heldout_windows)]
+    check_calibration_options(targets, measure, risk)
+    if risk not in TEACHER_FORCED_RISKS:
+        raise DyninferError(f"run_calibrations certifies a teacher-forced risk ({', '.join(TEACHER_FORCED_RISKS)}); "
+                            f"'{risk}' needs the dynamic model's generations (profilers.generation_risk)")
+    plans = plan_exits(lm, lens, costs, fit_windows, targets=targets, measure=measure, vocab_top_k=vocab_top_k,
+                       min_layer=min_layer, max_points=max_points, progress=progress)
+    shared: dict | None = {} if len(targets) > 1 else None
     results = []
-    for target in targets:
-        chosen = select_exit_points(fit_trace, costs, measure, translated, vocab_top_k, d, target, max_points,
-                                    progress)
-        rows = [candidates.index(p) for p in chosen]
-        classifier = None
-        if all_points is not None:  # keep only the chosen points' rows, in order
-            classifier = conf.ExitClassifier.from_tensors(
-                {"classifier.weight": all_points.weight.detach()[rows], "classifier.bias": all_points.bias.detach()[rows]}
-            )
-        if shared:
-            cal_trace, held_trace = (trace.subset(rows) for trace in shared_traces)
-        else:
-            cal_trace, held_trace = (trace_exits(lm, w, chosen, lens, measure, classifier=classifier,
-                                                 vocab_top_k=vocab_top_k, progress=progress)
-                                     for w in (calibration_windows, heldout_windows))
-        result = _certify(lens.kind, measure, chosen, vocab_top_k, costs, d, n_layers, target, epsilon, risk, block,
-                          fit_trace, cal_trace, held_trace)
-        results.append((result, classifier))
+    for plan in plans.plans:
+        cal_trace, held_trace = (trace_plan(lm, lens, plans, plan, w, measure, vocab_top_k, shared, progress)
+                                 for w in (calibration_windows, heldout_windows))
+        result = _certify(lens.kind, measure, plan, vocab_top_k, costs, lm.hidden_size, lm.num_layers, epsilon, risk,
+                          cal_trace, held_trace, calibration_windows.shape)
+        results.append((result, plan.classifier))
     return results
 
 
-def _certify(lens_kind: str, measure: str, chosen: list[int], vocab_top_k: int, costs: CostModel, d: int,
-             n_layers: int, target: float, epsilon: float, risk: str, block: int, fit_trace: Trace,
-             cal_trace: Trace, held_trace: Trace) -> CalibrationResult:
-    """Learn-then-Test over the threshold grid on the calibration trace; report on held-out."""
+def _certify(lens_kind: str, measure: str, plan: ExitPlan, vocab_top_k: int, costs: CostModel, d: int,
+             n_layers: int, epsilon: float, risk: str, cal_trace: Trace, held_trace: Trace,
+             calibration_shape: tuple) -> CalibrationResult:
+    """Learn-then-Test over the fit trace's threshold grid on the calibration windows; report on held-out."""
     translated = lens_kind == "tuned"
+    target, chosen = plan.target, plan.points
     policy = ExitPolicy(lens_kind, measure, chosen, None, vocab_top_k)
     notes = []
     if not chosen:
         notes.append("no exit point pays for its checks at this target on the fit data; the policy never exits")
-    thresholds = candidate_thresholds(cal_trace.confidence) if chosen else [float("inf")]
+    n_windows, window_len = calibration_shape[0], calibration_shape[1] - 1
+    needed = min_examples(1.0 - target, epsilon)
+    if chosen and n_windows < needed:
+        raise DyninferError(f"{n_windows} calibration windows cannot certify anything at target {target:g} and "
+                            f"epsilon {epsilon:g}: at least {needed} are needed even when no exit is ever wrong; "
+                            "raise `calibration_tokens`, lower `seq_len`, or loosen `target`/`epsilon`")
+    # The grid comes from the fit trace: chosen before the calibration windows are looked at.
+    thresholds = candidate_thresholds(plan.fit_trace.confidence) if chosen else [float("inf")]
     sims = [simulate(cal_trace, t, costs, measure, translated, vocab_top_k, d) for t in thresholds]
-    losses = np.stack([block_losses(s, cal_trace, risk, block) for s in sims])
-    if losses.shape[1] < 1:
-        raise DyninferError(f"calibration data has fewer than {block} tokens; use more data or a smaller `block`")
+    losses = np.stack([window_losses(s, cal_trace, risk, n_windows) for s in sims])
     ltt = learn_then_test(losses, thresholds, delta=1.0 - target, epsilon=epsilon)
     naive_index = naive_choice(losses, thresholds, delta=1.0 - target)
     policy.threshold = ltt.chosen if ltt.chosen_index is not None and ltt.chosen_index > 0 else None
@@ -429,19 +537,21 @@ def _certify(lens_kind: str, measure: str, chosen: list[int], vocab_top_k: int, 
         layers = exit_layers(s, cal_trace, n_layers)
         curve.append(CurvePoint(t, float(s.consistent.double().mean()), float(s.correct.double().mean()),
                                 float(full / s.cost.mean()), float(layers.double().mean()), float(p)))
+    if policy.threshold is None and chosen:
+        notes.append(f"no threshold reaches target {target:g} with the guarantee: the policy never exits")
     return CalibrationResult(
         policy=policy,
         target=target,
         epsilon=epsilon,
         risk=risk,
-        block=block,
+        units=f"{n_windows} windows of {window_len} tokens",
         ltt=ltt,
         naive_threshold=naive_threshold,
         curve=curve,
         heldout=evaluate(held_trace, policy.threshold, costs, policy, d),
         naive_heldout=evaluate(held_trace, naive_threshold, costs, policy, d),
         full_accuracy_heldout=float(held_trace.final_correct.double().mean()),
-        fit_tokens=int(fit_trace.final_correct.numel()),
+        fit_tokens=int(plan.fit_trace.final_correct.numel()),
         calibration_tokens=int(cal_trace.final_correct.numel()),
         notes=notes,
     )

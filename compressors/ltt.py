@@ -50,6 +50,8 @@ class LTTResult:
     epsilon: float
     n: int
     method: str
+    # Candidates after the first one not rejected, never evaluated (a lazy fixed-sequence test stops there).
+    untested: int = 0
 
     @property
     def chosen(self) -> float | None:
@@ -70,8 +72,9 @@ class LTTResult:
                 f"add calibration examples, or add stricter candidates."
             )
         j = self.chosen_index
+        where = "never exiting" if math.isinf(self.lambdas[j]) else f"lambda = {self.lambdas[j]:.6g}"
         return (
-            f"At lambda = {self.lambdas[j]:.6g} (empirical risk {self.risks[j]:.4g}): "
+            f"At {where} (empirical risk {self.risks[j]:.4g}): "
             f"with probability >= {confidence} (epsilon = {self.epsilon:.4g}), the risk is "
             f"<= {self.delta:.4g} on data exchangeable with the {examples}; this assumes "
             f"deployment data is like the calibration data."
@@ -80,16 +83,17 @@ class LTTResult:
     def to_dict(self) -> dict:
         """A JSON-ready summary (plain Python types), including `chosen` and `statement`."""
         return {
-            "lambdas": [float(x) for x in self.lambdas],
+            "lambdas": [None if math.isinf(x) else float(x) for x in self.lambdas],  # None: never exit
             "risks": [float(x) for x in self.risks],
             "p_values": [float(x) for x in self.p_values],
             "rejected": [bool(x) for x in self.rejected],
             "chosen_index": self.chosen_index,
-            "chosen": None if self.chosen is None else float(self.chosen),
+            "chosen": None if self.chosen is None or math.isinf(self.chosen) else float(self.chosen),
             "delta": float(self.delta),
             "epsilon": float(self.epsilon),
             "n": int(self.n),
             "method": self.method,
+            "untested": self.untested,
             "statement": self.statement(),
         }
 
@@ -243,6 +247,41 @@ def learn_then_test(losses, lambdas, delta: float, epsilon: float, method: str =
         n=n,
         method=method,
     )
+
+
+def min_examples(delta: float, epsilon: float) -> int:
+    """The fewest examples with which even a zero empirical risk is certified (Hoeffding-Bentkus)."""
+    delta, epsilon = _check_unit_interval("delta", delta), _check_unit_interval("epsilon", epsilon)
+    n = max(1, math.ceil(math.log(epsilon) / math.log(1.0 - delta)) - 1)
+    while hoeffding_bentkus_p_value(0.0, n, delta) > epsilon:
+        n += 1
+    return n
+
+
+def fixed_sequence_test(lambdas, losses_of, delta: float, epsilon: float) -> tuple[LTTResult, np.ndarray]:
+    """Learn-then-Test where each candidate's losses are computed only when the test reaches it.
+
+    ``losses_of(j)`` returns the per-example losses (in [0, 1], one per independent example) of
+    ``lambdas[j]``; candidates are visited strict -> loose and the test stops at the first one
+    whose Hoeffding-Bentkus p-value exceeds ``epsilon``, so the loosest candidates cost nothing
+    when they cannot be certified. Returns the result over the candidates evaluated (the rest
+    counted in ``untested``) and their losses [evaluated, n].
+    """
+    delta = _check_unit_interval("delta", delta)
+    epsilon = _check_unit_interval("epsilon", epsilon)
+    lambdas = [float(x) for x in lambdas]
+    if not lambdas:
+        raise DyninferError("lambdas is empty; give at least one candidate threshold.")
+    rows: list[np.ndarray] = []
+    for j in range(len(lambdas)):
+        row, _ = _check_losses(np.asarray(losses_of(j), dtype=float)[None, :], lambdas[j : j + 1])
+        rows.append(row[0])
+        if hoeffding_bentkus_p_value(float(row[0].mean()), row.shape[1], delta) > epsilon:
+            break
+    losses = np.stack(rows)
+    result = learn_then_test(losses, lambdas[: len(rows)], delta, epsilon, method="hoeffding-bentkus")
+    result.untested = len(lambdas) - len(rows)
+    return result, losses
 
 
 def naive_choice(losses, lambdas, delta: float) -> int | None:

@@ -271,6 +271,9 @@ class TokenWindows:
     train: torch.Tensor  # int64 [n_train_windows, seq_len + 1]
     heldout: torch.Tensor  # int64 [n_heldout_windows, seq_len + 1]
     total_tokens: int  # tokens in the tokenised corpus before windowing
+    # Each window's place in the corpus (window k holds stream tokens [k * (seq_len + 1), (k + 1) * (seq_len + 1))).
+    train_index: torch.Tensor | None = None
+    heldout_index: torch.Tensor | None = None
 
     def split(self, split: str) -> torch.Tensor:
         if split == "train":
@@ -279,11 +282,27 @@ class TokenWindows:
             return self.heldout
         raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
 
+    def index(self, split: str) -> torch.Tensor:
+        """The corpus position of each window of `split` (see `train_index`)."""
+        index = self.train_index if split == "train" else self.heldout_index
+        return index if index is not None else torch.arange(self.split(split).shape[0])
+
+    def order(self, split: str) -> torch.Tensor:
+        """Row numbers of `split` in a seeded random order: every draw from a split takes a prefix of it,
+        so what one stage draws is a random sample of the whole corpus, not its first pages."""
+        rows = self.split(split).shape[0]
+        salt = 1 if split == "train" else 2  # independent of the train/heldout split's own permutation
+        return torch.randperm(rows, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + salt))
+
     def take(self, split: str, n_tokens: int, option: str = "tokens") -> torch.Tensor:
-        """The first ceil(n_tokens / seq_len) windows of `split` ("train" or "heldout").
+        """ceil(n_tokens / seq_len) windows of `split` ("train" or "heldout"): the first ones of its random `order`.
 
         `option` names the config field that asked for `n_tokens`, for the error.
         """
+        return self.split(split)[self.take_rows(split, n_tokens, option)]
+
+    def take_rows(self, split: str, n_tokens: int, option: str = "tokens") -> torch.Tensor:
+        """The row numbers `take` returns."""
         windows = self.split(split)
         if n_tokens < 1:
             raise DyninferError(f"the number of tokens must be at least 1, got {n_tokens}; pass a positive `{option}`")
@@ -294,7 +313,7 @@ class TokenWindows:
                 f"({windows.shape[0]} windows of {self.seq_len}) but {n_tokens} were asked for; "
                 f"lower `{option}`, use a shorter `seq_len` or more data"
             )
-        return windows[: math.ceil(n_tokens / self.seq_len)]
+        return self.order(split)[: math.ceil(n_tokens / self.seq_len)]
 
     def describe(self) -> dict:
         """JSON-able summary; *_tokens count predictions (windows * seq_len)."""
@@ -368,6 +387,8 @@ def make_windows(
         train=windows[train_index],
         heldout=windows[heldout_index],
         total_tokens=len(stream),
+        train_index=train_index,
+        heldout_index=heldout_index,
     )
 
 

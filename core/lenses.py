@@ -103,12 +103,12 @@ class TunedLensTraining:
 
 
 @torch.no_grad()
-def collect_hidden_states(lm: LayeredModel, windows: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
-    """Hidden states [L+1, N, d] for every input position of `windows` (inputs = w[:, :-1])."""
+def collect_hidden_states(lm: LayeredModel, windows: torch.Tensor, batch_size: int = 4, first: int = 0) -> torch.Tensor:
+    """Hidden states [L+1, N, d] for every input position of `windows` (inputs = w[:, :-1]) from `first` on."""
     chunks = []
     for start in range(0, windows.shape[0], batch_size):
         ids = windows[start : start + batch_size, :-1].to(lm.device)
-        states = [h.reshape(-1, h.shape[-1]) for _, h in lm.hidden_states(ids)]
+        states = [h[:, first:].reshape(-1, h.shape[-1]) for _, h in lm.hidden_states(ids)]
         chunks.append(torch.stack(states))
     return torch.cat(chunks, dim=1)
 

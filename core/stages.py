@@ -9,8 +9,13 @@ CALIBRATE = "calibrate"
 PRUNE = "prune"
 STEER = "steer"
 AUDIT = "audit"
+# Where the tuned lens in the exits group was trained (which corpus windows), so that a later stage
+# can tell whether it trained on text that stage evaluates on.
+LENS = "lens"
 
 # Tensor groups (`<group>.safetensors`): tuned lens and exit classifier, pruning masks, steering directions.
 EXITS_GROUP = "exits"
 MASKS_GROUP = "masks"
 STEERING_GROUP = "steering"
+# The calibration prompts and the full model's continuations of them (generation risk), reused by later runs.
+GENERATION_GROUP = "generation"

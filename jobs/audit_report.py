@@ -47,8 +47,8 @@ def sections(report) -> list[Section]:
         f"{_pct(head['oracle_latency_saving'])} of measured decode time; mean prediction depth "
         f"{head['mean_prediction_depth']:.1f} of {head['num_layers']} layers.",
         f"Certified early exit at target {head['target']:g}: exit points {_points(head['exit_points'])}, held-out "
-        f"consistency **{_pct(head['consistency'])}**, predicted speedup **{head['predicted_speedup']:.3f}×** "
-        f"({head['speedup_unit']}).",
+        f"consistency **{_pct(head['consistency'])}** ({head['consistency_is']}), predicted speedup "
+        f"**{head['predicted_speedup']:.3f}×** ({head['speedup_unit']}).",
         f"Decoding on {head['device']}: {head['decode_tokens_per_s']:.1f} tokens/s (batch 1, layer by layer).",
     ]
     if report.gates:
@@ -85,14 +85,18 @@ def sections(report) -> list[Section]:
     cal = summary["calibration"]
     out.append(Section(
         "Calibrated early exit (speedup vs consistency)",
-        [f"{cal['lens']} lens, {cal['measure']} confidence, ε = {cal['epsilon']:g}; exit points chosen with the "
-         f"{head['speedup_unit']} cost model. {cal['statement']}"] + [f"note: {n}" for n in cal["notes"]],
-        [Table(["target", "exit points", "threshold", "consistency", "accuracy", "predicted speedup",
+        [f"{cal['lens']} lens, {cal['measure']} confidence, ε = {cal['epsilon']:g}, risk **{cal['risk']}** "
+         f"(LTT examples: {cal['units']}); exit points chosen with the {head['speedup_unit']} cost model. "
+         f"{cal['statement']}",
+         "certified: the bound LTT guarantees; achieved: "
+         + "; ".join(sorted({t["consistency_is"] for t in summary["targets"]}))
+         + "; simulated: teacher-forced token consistency on held-out windows."] + [f"note: {n}" for n in cal["notes"]],
+        [Table(["target", "exit points", "threshold", "certified ≥", "achieved", "simulated", "predicted speedup",
                 "mean exit layer", "in artifact"],
                [[f"{t['target']:g}", _points(t["exit_points"]),
-                 "never exits" if t["threshold"] is None else f"{t['threshold']:.6g}", _pct(t["consistency"]),
-                 _pct(t["accuracy"]), f"{t['predicted_speedup']:.3f}×", f"{t['mean_exit_layer']:.1f}",
-                 "yes" if t["kept_in_artifact"] else ""] for t in summary["targets"]])],
+                 "never exits" if t["threshold"] is None else f"{t['threshold']:.6g}", _pct(t["certified_bound"]),
+                 _pct(t["consistency"]), _pct(t["simulated_consistency"]), f"{t['predicted_speedup']:.3f}×",
+                 f"{t['mean_exit_layer']:.1f}", "yes" if t["kept_in_artifact"] else ""] for t in summary["targets"]])],
         figure="curve",
     ))
 

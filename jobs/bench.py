@@ -12,7 +12,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dyninfer.compressors.exit_policy import KV_MODES
+import torch
+
+from dyninfer.compressors.exit_policy import GENERATION_RISK, KV_MODES
 from dyninfer.core.data import DEFAULT_DATA, load_windows
 from dyninfer.core.errors import DyninferError, check_at_least, check_between, check_choice, check_positive, option
 from dyninfer.core.progress import ProgressFn
@@ -28,8 +30,8 @@ class BenchConfig:
     data: str | None = None  # prompt source; None: the calibration's data
     field: str | None = None
     prompts: int = 8
-    prompt_tokens: int = 64
-    new_tokens: int = 64
+    prompt_tokens: int | None = None  # None: the calibration's (generation risk), else 64
+    new_tokens: int | None = None  # None: the calibration's (generation risk), else 64
     seed: int = 0
     model: str | None = None  # load the base model from here instead (same weights)
     kv_mode: str | None = None  # override the policy's KV mode
@@ -43,7 +45,8 @@ class BenchConfig:
 
     def validate(self) -> None:
         for name in ("prompts", "prompt_tokens", "new_tokens"):
-            check_at_least(name, getattr(self, name), 1)
+            if getattr(self, name) is not None:
+                check_at_least(name, getattr(self, name), 1)
         check_choice("backend", self.backend, BACKENDS)
         if self.provider is not None:
             check_choice("provider", self.provider, PROVIDERS)
@@ -78,9 +81,33 @@ def gate_failures(config: BenchConfig, result: BenchResult) -> list[str]:
     gated, failures = result.gated, []
     if config.min_speedup is not None and not gated.speedup >= config.min_speedup:
         failures.append(f"speedup {gated.speedup:.3f}x < `min_speedup` {config.min_speedup}")
-    if config.min_consistency is not None and not gated.consistency >= config.min_consistency:
-        failures.append(f"consistency {gated.consistency:.3f} < `min_consistency` {config.min_consistency}")
+    measure = (result.certified or {}).get("measure", "tokens")
+    value = gated.consistency_by(measure)
+    if config.min_consistency is not None and not value >= config.min_consistency:
+        failures.append(f"{measure} consistency {value:.3f} < `min_consistency` {config.min_consistency}")
     return failures
+
+
+def bench_prompts(config: BenchConfig, dyn) -> tuple[str, torch.Tensor, int]:
+    """(data spec, prompts [n, prompt tokens], new tokens): held-out prompts drawn like the calibration's.
+
+    On the calibration's data the prompts are the starts of held-out windows of its own split (its
+    window length and seed), in its random held-out order: never text the calibration saw. The
+    prompt length and continuation length default to the calibration's, the setting its
+    generation guarantee is for.
+    """
+    calibration = dyn.calibration
+    cal_config, cal_data = calibration.get("config", {}), calibration.get("data", {})
+    generation = calibration.get("risk") == GENERATION_RISK
+    prompt_tokens = config.prompt_tokens or (cal_config.get("prompt_tokens") if generation else None) or 64
+    new_tokens = config.new_tokens or (cal_config.get("new_tokens") if generation else None) or 64
+    spec = config.data or cal_data.get("spec") or DEFAULT_DATA
+    same_split = spec == cal_data.get("spec") and config.field == cal_config.get("field") and \
+        config.seed == cal_data.get("seed", config.seed) and cal_data.get("seq_len", 0) >= prompt_tokens
+    seq_len = cal_data["seq_len"] if same_split else prompt_tokens
+    windows = load_windows(spec, dyn.loaded.tokenizer, field=config.field, seq_len=seq_len, seed=config.seed)
+    rows = windows.take_rows("heldout", config.prompts * seq_len, option="prompts")
+    return spec, windows.heldout[rows][:, :prompt_tokens], new_tokens
 
 
 def run(config: BenchConfig, artifact: str | os.PathLike, progress: ProgressFn | None = None) -> BenchReport:
@@ -93,15 +120,23 @@ def run(config: BenchConfig, artifact: str | os.PathLike, progress: ProgressFn |
                                 f"pass {option('package')}")
         read_package(package)
     dyn = load_dynamic(str(artifact), config.model, kv_mode=config.kv_mode, full_depth_is_enough=config.backend == "torch")
-    spec = config.data or dyn.calibration.get("data", {}).get("spec") or DEFAULT_DATA
-    windows = load_windows(spec, dyn.loaded.tokenizer, field=config.field, seq_len=config.prompt_tokens,
-                           seed=config.seed)
-    prompt_ids = windows.take("heldout", config.prompts * config.prompt_tokens, option="prompts")
-    prompt_ids = prompt_ids[:, : config.prompt_tokens]
+    spec, prompt_ids, new_tokens = bench_prompts(config, dyn)
     if config.backend == "onnx":
-        result = run_onnx_bench(dyn, package, prompt_ids, config.new_tokens, provider=config.provider,
+        result = run_onnx_bench(dyn, package, prompt_ids, new_tokens, provider=config.provider,
                                 progress=progress)
     else:
-        result = run_bench(dyn, prompt_ids, config.new_tokens, draft_layer=config.draft_layer,
+        result = run_bench(dyn, prompt_ids, new_tokens, draft_layer=config.draft_layer,
                            draft_threshold=config.draft_threshold, progress=progress)
+    result.certified = certified_here(dyn.calibration, result)
     return BenchReport(config, spec, result, gate_failures(config, result))
+
+
+def certified_here(calibration: dict, result: BenchResult) -> dict | None:
+    """The calibration's certified bound beside what the gated mode achieved here, in the same measure."""
+    if not calibration or calibration.get("policy", {}).get("threshold") is None and not calibration.get("ltt"):
+        return None
+    generation = calibration.get("risk") == GENERATION_RISK
+    measure = calibration.get("config", {}).get("consistency", "tokens") if generation else "tokens"
+    return {"risk": calibration.get("risk"), "measure": measure, "bound": calibration.get("target"),
+            "epsilon": calibration.get("epsilon"), "measured": result.gated.consistency_by(measure),
+            "mode": result.gated.mode}

@@ -6,10 +6,12 @@ the summary).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,9 +20,18 @@ import pandas as pd
 import torch
 
 from dyninfer.compressors.confidence import MEASURES
-from dyninfer.compressors.exit_policy import KV_MODES, RISKS, CalibrationResult, run_calibrations
+from dyninfer.compressors.exit_policy import (
+    GENERATION_RISK,
+    KV_MODES,
+    RISKS,
+    CalibrationResult,
+    plan_exits,
+    run_calibrations,
+    trace_plan,
+)
 from dyninfer.core import stages
 from dyninfer.core.artifacts import Artifact
+from dyninfer.core.consistency import CONSISTENCY_MEASURES
 from dyninfer.core.cost import count_costs, measured_cost, profile_is_stale, speedup_basis
 from dyninfer.core.data import DEFAULT_DATA
 from dyninfer.core.errors import DyninferError, check_at_least, check_between, check_choice, option
@@ -28,7 +39,8 @@ from dyninfer.core.lenses import LENS_KINDS, TUNED, LogitLens
 from dyninfer.core.models import DEFAULT_MODEL
 from dyninfer.core.progress import ProgressFn
 from dyninfer.jobs.plots import calibration_curve_png
-from dyninfer.runtime.loader import ModelSession, open_workspace
+from dyninfer.profilers.generation_risk import PromptSet, certify_generation, fit_sequences, full_continuations
+from dyninfer.runtime.loader import ModelSession, open_workspace, trained_on
 
 REPORT_DIR = stages.CALIBRATE
 # auto: the latency a `profile` measured on this artifact when there is one, else FLOPs.
@@ -48,10 +60,17 @@ class CalibrateConfig:
     measure: str = "classifier"
     target: float = 0.95
     epsilon: float = 0.05
-    risk: str = "consistency"
-    block: int = 16
-    fit_tokens: int = 2048
-    calibration_tokens: int = 8192
+    # generation: certify the dynamic model's own continuations; the teacher-forced risks simulate exits.
+    risk: str = GENERATION_RISK
+    # generation risk: prompts (one per random train window), their length and the continuation length
+    prompts: int = 128
+    heldout_prompts: int = 32
+    prompt_tokens: int = 64
+    new_tokens: int = 32
+    consistency: str = "tokens"
+    batch_size: int = 32  # prompts generated together (each still exits as it would alone)
+    fit_tokens: int = 4096  # half fits the classifier, half chooses the exit points and the candidate grid
+    calibration_tokens: int = 32768  # teacher-forced risks: whole windows, LTT's examples
     heldout_tokens: int = 4096
     vocab_top_k: int = 0
     min_layer: int | None = None
@@ -66,14 +85,19 @@ class CalibrateConfig:
 
     def validate(self) -> None:
         for name, allowed in (("lens", LENS_KINDS), ("measure", MEASURES), ("risk", RISKS), ("kv_mode", KV_MODES),
-                              ("cost", COST_SOURCES)):
+                              ("cost", COST_SOURCES), ("consistency", CONSISTENCY_MEASURES)):
             check_choice(name, getattr(self, name), allowed)
         for name, value in (("target", self.target), ("epsilon", self.epsilon),
                             *(("extra_targets", t) for t in self.extra_targets)):
             check_between(name, value, 0.0, 1.0)
-        for name, low in (("block", 1), ("fit_tokens", 1), ("calibration_tokens", 1), ("heldout_tokens", 1),
+        for name, low in (("fit_tokens", 1), ("calibration_tokens", 1), ("heldout_tokens", 1), ("prompts", 1),
+                          ("heldout_prompts", 1), ("prompt_tokens", 1), ("new_tokens", 1), ("batch_size", 1),
                           ("vocab_top_k", 0), ("max_points", 1), ("seq_len", 2)):
             check_at_least(name, getattr(self, name), low)
+        if self.risk == GENERATION_RISK and self.prompt_tokens > self.seq_len:
+            raise DyninferError(f"{option('prompt_tokens')} {self.prompt_tokens} is longer than the windows prompts "
+                                f"are cut from ({option('seq_len')} {self.seq_len}); lower it or raise "
+                                f"{option('seq_len')}")
 
 
 @dataclass
@@ -86,6 +110,7 @@ class CalibrateReport:
     artifact: Artifact | None = None
     cost_model: dict | None = None  # the cost model the exit points were chosen with
     others: list[CalibrationResult] = field(default_factory=list)  # one per config.extra_targets
+    continuations_key: str | None = None  # generation risk: the model state the cached continuations belong to
 
     @property
     def cost_unit(self) -> str:
@@ -95,6 +120,8 @@ class CalibrateReport:
     def summary(self) -> dict:
         out = {"command": "calibrate", "model": self.base_model, "data": self.data, "config": asdict(self.config),
                "timings": self.timings} | self.result.to_dict()
+        if self.continuations_key is not None:
+            out["continuations_key"] = self.continuations_key
         if self.cost_model is not None:
             out["cost_model"] = self.cost_model
         if self.others:
@@ -119,7 +146,8 @@ class CalibrateReport:
 def _brief(result: CalibrationResult) -> dict:
     """A policy at another target: what it decided and what it achieved on held-out data."""
     return {"target": result.target, "policy": result.policy.to_dict(), "heldout": result.heldout,
-            "naive_heldout": result.naive_heldout, "statement": result.ltt.statement(), "notes": result.notes}
+            "naive_heldout": result.naive_heldout, "generated": result.generated, "statement": result.ltt.statement(),
+            "notes": result.notes}
 
 
 def choose_costs(config: CalibrateConfig, lm, artifact: Artifact) -> tuple:
@@ -144,6 +172,58 @@ def choose_costs(config: CalibrateConfig, lm, artifact: Artifact) -> tuple:
     return measured, notes
 
 
+@dataclass
+class Draw:
+    """The random units one calibration uses: rows of the train split (lens excluded) and of held-out."""
+
+    fit: torch.Tensor
+    units: torch.Tensor  # calibration windows (teacher-forced) or prompt windows (generation)
+    heldout: torch.Tensor  # held-out windows (simulated numbers)
+    heldout_prompts: torch.Tensor | None  # held-out prompt windows (generation)
+
+
+def draw_units(config: CalibrateConfig, windows, lens_rows: set[int]) -> Draw:
+    """Fit windows, then calibration units, from the train split's random order (skipping the lens's windows)."""
+    n_fit = math.ceil(config.fit_tokens / config.seq_len)
+    generation = config.risk == GENERATION_RISK
+    n_units = config.prompts if generation else math.ceil(config.calibration_tokens / config.seq_len)
+    order = [r for r in windows.order("train").tolist() if r not in lens_rows]
+    if n_fit + n_units > len(order):
+        asked = f"{option('prompts')} {config.prompts} prompts" if generation else \
+            f"{option('calibration_tokens')} {config.calibration_tokens} tokens"
+        raise DyninferError(
+            f"the train split of '{config.data}' has {len(order)} windows of {config.seq_len} tokens the tuned lens did "
+            f"not train on, but {option('fit_tokens')} and {asked} need {n_fit + n_units} (one window per unit); "
+            f"lower them, lower {option('seq_len')} or use more data")
+    held_order = windows.order("heldout")
+    if generation and config.heldout_prompts > held_order.numel():
+        raise DyninferError(f"the held-out split has {held_order.numel()} windows but {option('heldout_prompts')} is "
+                            f"{config.heldout_prompts}; lower it or use more data")
+    return Draw(torch.tensor(order[:n_fit]), torch.tensor(order[n_fit : n_fit + n_units]),
+                windows.take_rows("heldout", config.heldout_tokens, option="heldout_tokens"),
+                held_order[: config.heldout_prompts] if generation else None)
+
+
+def lens_notes(ws, windows, draw: Draw, trained_now: bool) -> tuple[set[int], list[str]]:
+    """The train rows the tuned lens trained on (kept out of fit and calibration), and what to tell the user."""
+    provenance = ws.lens_windows()
+    if provenance is None:
+        return set(), [f"the tuned lens's training windows are not recorded (an older artifact, or {option('lens_from')} "
+                       "one without a record); the guarantee assumes it did not train on calibration or held-out text"]
+    train_rows = torch.arange(windows.train.shape[0])
+    seen = {int(r) for r in train_rows if trained_on(provenance, windows, "train", [int(r)])}
+    notes = []
+    held = [draw.heldout] + ([draw.heldout_prompts] if draw.heldout_prompts is not None else [])
+    overlap = trained_on(provenance, windows, "heldout", torch.unique(torch.cat(held)))
+    if overlap is None:
+        notes.append(f"the tuned lens was trained on other data ({provenance.get('data')})")
+    elif overlap:
+        notes.append(f"the tuned lens trained on text of {overlap} held-out windows (another seed or window length "
+                     "split the corpus differently); held-out numbers are optimistic. Retrain it with this split "
+                     f"({option('lens_from')} off, a fresh artifact) for clean ones")
+    return seen, notes
+
+
 def run(config: CalibrateConfig, progress: ProgressFn | None = None, existing: str | Artifact | None = None,
         session: ModelSession | None = None) -> CalibrateReport:
     """Calibrate the policy at `config.target` (and `extra_targets`); the artifact keeps the first."""
@@ -152,43 +232,44 @@ def run(config: CalibrateConfig, progress: ProgressFn | None = None, existing: s
     ws = open_workspace(config.model, config.data, field=config.field, seq_len=config.seq_len, seed=config.seed,
                         existing=existing, progress=progress, session=session)
     lm, windows = ws.lm, ws.windows
-    n_fit = math.ceil(config.fit_tokens / config.seq_len)
-    n_cal = math.ceil(config.calibration_tokens / config.seq_len)
-    n_train = windows.train.shape[0]
-    if n_fit + n_cal > n_train:
-        raise DyninferError(
-            f"the train split of '{config.data}' has {n_train} windows of {config.seq_len} tokens but fitting and "
-            f"calibration need {n_fit + n_cal}; lower {option('fit_tokens')}/{option('calibration_tokens')} or "
-            "use more data"
-        )
-    heldout = windows.take("heldout", config.heldout_tokens, option="heldout_tokens")
-    # Calibration windows come from the end of the train split; the tuned lens trains on its start.
-    fit, calibration = windows.train[n_train - n_fit - n_cal : n_train - n_cal], windows.train[n_train - n_cal :]
+    generation = config.risk == GENERATION_RISK
+    if generation:
+        context = getattr(lm.config, "max_position_embeddings", None) or getattr(lm.config, "n_positions", None)
+        if context and config.prompt_tokens + config.new_tokens > context:
+            raise DyninferError(f"{option('prompt_tokens')} {config.prompt_tokens} + {option('new_tokens')} "
+                                f"{config.new_tokens} exceed the model's context of {context} tokens; lower them")
     notes = []
     if config.lens == TUNED:
         lens, training = ws.tuned_lens(lens_from=config.lens_from, train_tokens=config.lens_train_tokens,
                                        steps=config.lens_steps, seed=config.seed, progress=progress)
-        n_lens = math.ceil(config.lens_train_tokens / config.seq_len)
-        if training is not None and n_lens > n_train - n_fit - n_cal:
-            notes.append("the tuned lens was trained on windows that are also calibration windows; the guarantee "
-                         f"is optimistic. Use more data or fewer {option('lens_train_tokens')}")
+        draw = draw_units(config, windows, set())  # for the held-out rows, which do not depend on the lens
+        lens_rows, lens_messages = lens_notes(ws, windows, draw, training is not None)
+        notes += lens_messages
+        draw = draw_units(config, windows, lens_rows)
     else:
         lens = LogitLens(lm)
+        draw = draw_units(config, windows, set())
     costs, cost_notes = choose_costs(config, lm, ws.artifact)
     notes += cost_notes
     targets = [config.target, *config.extra_targets]
-    results = run_calibrations(
-        lm, lens, costs, fit, calibration, heldout, targets=targets, measure=config.measure,
-        epsilon=config.epsilon, risk=config.risk, block=config.block, vocab_top_k=config.vocab_top_k,
-        min_layer=config.min_layer, max_points=config.max_points, progress=progress,
-    )
+    fit, units, heldout = windows.train[draw.fit], windows.train[draw.units], windows.heldout[draw.heldout]
+    if generation:
+        results = _generation_calibrations(config, ws, lens, costs, fit, units, heldout, draw, targets, progress)
+    else:
+        results = run_calibrations(
+            lm, lens, costs, fit, units, heldout, targets=targets, measure=config.measure, epsilon=config.epsilon,
+            risk=config.risk, vocab_top_k=config.vocab_top_k, min_layer=config.min_layer,
+            max_points=config.max_points, progress=progress,
+        )
     (result, classifier), others = results[0], [r for r, _ in results[1:]]
     for other in others:
         other.policy.kv_mode = config.kv_mode
     result.policy.kv_mode = config.kv_mode
     result.notes += notes
     report = CalibrateReport(config, ws.loaded.base_model_info(), windows.describe(), result, ws.timings,
-                             cost_model=costs.to_dict(), others=others)
+                             cost_model=costs.to_dict(), others=others,
+                             continuations_key=model_state_key(ws) if generation else
+                             ws.artifact.stages.get(stages.CALIBRATE, {}).get("continuations_key"))
     ws.artifact.set_stage(stages.CALIBRATE, report.summary())
     # The exits group holds the tuned lens and, for the classifier measure, this policy's classifier.
     exits = {k: v for k, v in ws.artifact.tensors.get(stages.EXITS_GROUP, {}).items() if not k.startswith("classifier.")}
@@ -198,6 +279,59 @@ def run(config: CalibrateConfig, progress: ProgressFn | None = None, existing: s
         ws.artifact.put_tensors(stages.EXITS_GROUP, exits)
     report.artifact = ws.artifact
     return report
+
+
+def _generation_calibrations(config: CalibrateConfig, ws, lens, costs, fit, units, heldout, draw: Draw,
+                             targets: list[float], progress: ProgressFn | None) -> list:
+    """Plan exit points on the fit windows, then certify each target on the dynamic model's generations."""
+    lm, windows = ws.lm, ws.windows
+    started = time.perf_counter()
+    calibration = PromptSet(units[:, : config.prompt_tokens], None)
+    held_prompts = PromptSet(windows.heldout[draw.heldout_prompts][:, : config.prompt_tokens], None)
+    for prompt_set, what in ((calibration, "calibration"), (held_prompts, "heldout")):
+        prompt_set.continuations = cached_continuations(ws, config, prompt_set.prompts, what, progress)
+    ws.timings["full_continuations_s"] = time.perf_counter() - started
+    sequences = fit_sequences(lm, fit, config.prompt_tokens, config.new_tokens, config.batch_size, progress)
+    plans = plan_exits(lm, lens, costs, sequences, targets=targets, measure=config.measure,
+                       vocab_top_k=config.vocab_top_k, min_layer=config.min_layer, max_points=config.max_points,
+                       first=config.prompt_tokens - 1, progress=progress)
+    shared: dict | None = {} if len(targets) > 1 else None
+    results = []
+    for plan in plans.plans:
+        held_trace = trace_plan(lm, lens, plans, plan, heldout, config.measure, config.vocab_top_k, shared, progress)
+        started = time.perf_counter()
+        result = certify_generation(
+            lm, lens, costs, plan, calibration, held_prompts, held_trace, measure=config.measure,
+            consistency_measure=config.consistency, kv_mode=config.kv_mode, epsilon=config.epsilon,
+            vocab_top_k=config.vocab_top_k, batch_size=config.batch_size,
+            fit_tokens=int(fit.shape[0] * config.seq_len), progress=progress)
+        ws.timings[f"certify_{plan.target:g}_s"] = time.perf_counter() - started
+        results.append((result, plan.classifier))
+    return results
+
+
+def model_state_key(ws) -> str:
+    """What the full model's continuations depend on: the weights, the baked steering, the pruning masks."""
+    state = {"model": ws.loaded.content_hash, "steering": ws.session.steering,
+             "pruning": ws.artifact.stages.get(stages.PRUNE, {}).get("plan")}
+    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached_continuations(ws, config: CalibrateConfig, prompts: torch.Tensor, what: str,
+                         progress: ProgressFn | None) -> torch.Tensor:
+    """The full model's continuations of `prompts`, from the artifact when it holds them for this model state."""
+    group = ws.artifact.tensors.get(stages.GENERATION_GROUP, {})
+    key = model_state_key(ws)
+    stored_key = ws.artifact.stages.get(stages.CALIBRATE, {}).get("continuations_key")
+    old_prompts, old = group.get(f"{what}.prompts"), group.get(f"{what}.continuations")
+    if (stored_key == key and old_prompts is not None and old is not None and old_prompts.shape == prompts.shape
+            and torch.equal(old_prompts, prompts) and old.shape[1] >= config.new_tokens):
+        return old[:, : config.new_tokens]
+    continuations = full_continuations(ws.lm, prompts, config.new_tokens, config.batch_size, progress,
+                                       f"full-model continuations ({what})")
+    group = dict(group) | {f"{what}.prompts": prompts.clone(), f"{what}.continuations": continuations}
+    ws.artifact.put_tensors(stages.GENERATION_GROUP, group)
+    return continuations
 
 
 def save(report: CalibrateReport, out: str | os.PathLike, on_wait: Callable[[], None] | None = None) -> Path:

@@ -62,9 +62,10 @@ def calibration_curve_png(result, title: str, others: list | None = None, unit: 
     import matplotlib.pyplot as plt
 
     curve = result.curve
+    generated = result.generated is not None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot([c.consistency for c in curve], [c.predicted_speedup for c in curve], marker=".", ms=3,
-            label="threshold grid (calibration split)")
+            label="candidates generated (calibration prompts)" if generated else "threshold grid (calibration split)")
     ax.axvline(result.target, ls=":", color="grey", label=f"target {result.target:g}")
     for label, threshold, marker in (("certified (LTT)", result.policy.threshold, "o"),
                                      ("naive (no guarantee)", result.naive_threshold, "x")):
@@ -72,10 +73,12 @@ def calibration_curve_png(result, title: str, others: list | None = None, unit: 
         if match:
             ax.scatter([match[0].consistency], [match[0].predicted_speedup], marker=marker, s=80, zorder=3, label=label)
     for other in others or []:
-        held = other.heldout
-        ax.scatter([held["consistency"]], [held["predicted_speedup"]], marker="D", s=50, zorder=3,
-                   label=f"certified at target {other.target:g} (held-out)")
-    ax.set(xlabel="token consistency with the full model", ylabel=f"predicted speedup ({unit})", title=title)
+        held = other.generated or other.heldout
+        ax.scatter([held.get("certified_measure", held.get("consistency"))], [held["predicted_speedup"]], marker="D",
+                   s=50, zorder=3, label=f"certified at target {other.target:g} (held-out)")
+    what = f"{result.generated['measure']} consistency of generated continuations" if generated else \
+        "token consistency (teacher-forced)"
+    ax.set(xlabel=f"{what} with the full model", ylabel=f"predicted speedup ({unit})", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _png(fig)

@@ -19,6 +19,7 @@ import torch
 
 from dyninfer.compressors.pruning import dense_inside
 from dyninfer.core.adapters import LayeredModel
+from dyninfer.core.consistency import rouge_l
 from dyninfer.core.cost import speedup_basis
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.progress import ProgressFn, silent
@@ -38,6 +39,11 @@ class ModeResult:
     perplexity: float  # of the generated tokens under the full model
     mean_exit_layer: float
     acceptance: float | None = None  # speculative: accepted / drafted
+    rouge_l: float = 1.0  # ROUGE-L F1 of the output against the baseline's (CALM's textual consistency)
+
+    def consistency_by(self, measure: str) -> float:
+        """This mode's consistency under a calibration measure (tokens, prefix or rougeL)."""
+        return {"tokens": self.consistency, "prefix": self.prefix_agreement, "rougeL": self.rouge_l}[measure]
 
 
 @dataclass
@@ -52,6 +58,8 @@ class BenchResult:
     notes: list[str] = field(default_factory=list)
     gated_mode: str = "early-exit"  # the mode the CI gates and realized/predicted speak about
     predicted_unit: str = "FLOPs"  # or "latency" when calibration used a measured profile (cost.speedup_basis)
+    # What calibration certified ({risk, measure, bound, epsilon}) and the gated mode's value under that measure here.
+    certified: dict | None = None
 
     def mode(self, name: str) -> ModeResult:
         return next(m for m in self.modes if m.mode == name)
@@ -236,6 +244,7 @@ def _score(model, baseline_name, baseline_outputs, baseline_seconds, runs, secon
             speedup=tokens_per_s / baseline_tps,
             consistency=_mean([float((o.tokens == b).double().mean()) for o, b in zip(outs, baseline_outputs)]),
             prefix_agreement=_mean([_prefix_fraction(o.tokens, b) for o, b in zip(outs, baseline_outputs)]),
+            rouge_l=_mean([float(rouge_l(o.tokens, b)[0]) for o, b in zip(outs, baseline_outputs)]),
             perplexity=_mean([_perplexity(model, prompts[i : i + 1], o.tokens) for i, o in enumerate(outs)]),
             mean_exit_layer=_mean([o.mean_exit_layer for o in outs]),
             acceptance=(sum(o.accepted for o in outs) / drafted) if drafted else None,

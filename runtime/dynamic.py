@@ -18,7 +18,9 @@ Every generated token records the layer it left at and its confidence.
 
 from __future__ import annotations
 
+import copy
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -136,6 +138,100 @@ class DynamicModel:
         result.seconds = time.perf_counter() - started
         return result
 
+    @torch.no_grad()
+    def prefill_rows(self, input_ids: torch.Tensor) -> _DecodeState:
+        """The prompts' prefill (full depth, the same for every policy), for `generate_rows(start=...)`."""
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            raise DyninferError("the prompt is empty; give at least one token")
+        state = _DecodeState(self.lm, input_ids.shape[0])
+        state.first = state.prefill(input_ids).argmax(-1, keepdim=True)
+        return state
+
+    @torch.no_grad()
+    def generate_rows(self, input_ids: torch.Tensor, max_new_tokens: int, *, forced: torch.Tensor | None = None,
+                      start: _DecodeState | None = None) -> RowGeneration:
+        """Greedy early exit over a batch in which every row decides its own exits, as it would alone.
+
+        `generate` exits when the whole batch is confident (CALM's batch rule), so a row's output
+        depends on its batch-mates; deployment at batch 1 does not. Here each row leaves at its own
+        first confident point, and what its skipped layers' caches hold follows the policy's KV mode:
+        ``propagate`` runs the skipped layers on the exit state (their K/V are exactly CALM's
+        propagated ones; their outputs are dropped), ``recompute`` runs them on the token's own state,
+        which is what recompute mode's later catch-up computes. So each row's tokens and exits are
+        those of `generate` on that row alone; batching only serves throughput (calibration).
+
+        `forced` [B, T]: teacher forcing along these tokens (the full model's continuation). Greedy
+        generation equals this run up to its first difference from `forced`, so the prefix of equal
+        tokens is exact; decoding stops once every row has differed, and later positions hold -1.
+        `start`: these prompts' `prefill_rows`, copied instead of running the prefill again.
+        """
+        if self.policy is None:
+            raise DyninferError("no early-exit policy; run `dyninfer calibrate` first")
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            raise DyninferError("the prompt is empty; give at least one token")
+        check_positive("max_new_tokens", max_new_tokens)
+        if self.lm.adapter.recurrent and self.policy.kv_mode != "propagate":
+            raise DyninferError("Mamba's recurrent state only supports the propagate KV mode")
+        rows, num_layers = input_ids.shape[0], self.lm.num_layers
+        state = (start or self.prefill_rows(input_ids)).fork()
+        tokens = [state.first]
+        depths = [torch.full((rows,), num_layers)]
+        diverged = torch.zeros(rows, dtype=torch.bool)
+        while len(tokens) < max_new_tokens:
+            feed = tokens[-1]
+            if forced is not None:
+                step = len(tokens) - 1
+                diverged |= feed[:, 0] != forced[:, step]
+                if bool(diverged.all()):
+                    break
+                feed = forced[:, step : step + 1]
+            logits, depth = self._step_rows(state, feed)
+            tokens.append(logits.argmax(-1, keepdim=True))
+            depths.append(depth)
+        out = torch.full((rows, max_new_tokens), -1, dtype=torch.long)
+        exit_depth = torch.full((rows, max_new_tokens), num_layers)
+        out[:, : len(tokens)] = torch.cat(tokens, dim=1)
+        exit_depth[:, : len(depths)] = torch.stack(depths, dim=1)
+        return RowGeneration(out, exit_depth, len(tokens))
+
+    def _step_rows(self, state: _DecodeState, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step with per-row exits; returns (logits [B, V], exit depth [B])."""
+        lm, policy = self.lm, self.policy
+        position = state.length
+        hidden = lm.embed_at(token, position)
+        rows = hidden.shape[0]
+        points = self._point_rows if policy.threshold is not None else {}
+        propagate = policy.kv_mode == "propagate"
+        exited = torch.zeros(rows, dtype=torch.bool)
+        depth = torch.full((rows,), lm.num_layers)
+        exit_hidden = hidden.clone()
+        logits_out = torch.empty(rows, lm.vocab_size)
+        candidates = None
+        for index in range(lm.num_layers):
+            if propagate and bool(exited.all()):  # every row has left: batch-1 propagation for the rest
+                lm.propagate(index, exit_hidden, position, state.cache)
+                continue
+            layer_in = torch.where(exited[:, None, None], exit_hidden, hidden) if propagate else hidden
+            previous, hidden = hidden, lm.layer_at(index, layer_in, position, state.cache)
+            if index + 1 not in points or bool(exited.all()):
+                continue
+            d = index + 1
+            c, logits, candidates = self._check(points[d], d, hidden[:, -1], previous[:, -1], candidates)
+            leaving = (~exited & (c >= policy.threshold)).nonzero().squeeze(1)
+            if leaving.numel():
+                subset = None if logits is None else logits[leaving]
+                chosen = None if candidates is None else candidates[leaving]
+                logits_out[leaving] = self._exit_logits(d, hidden[leaving, -1], subset, chosen).to(logits_out.dtype)
+                exit_hidden[leaving] = hidden[leaving]
+                depth[leaving] = d
+                exited[leaving] = True
+        staying = (~exited).nonzero().squeeze(1)
+        if staying.numel():
+            logits_out[staying] = lm.logits_from(hidden[staying, -1]).to(logits_out.dtype)
+        state.length += 1
+        state.filled = [state.length] * lm.num_layers
+        return logits_out, depth
+
     def _pick(self, logits, sample: bool, temperature: float, generator) -> torch.Tensor:
         if not sample:
             return logits.argmax(-1, keepdim=True)
@@ -214,6 +310,15 @@ class DynamicModel:
                 state.length = start + k
 
 
+@dataclass
+class RowGeneration:
+    """`DynamicModel.generate_rows`: each row's tokens and the layer each token left at."""
+
+    tokens: torch.Tensor  # [B, T]; -1 after a forced run stopped
+    exit_depth: torch.Tensor  # [B, T]; num_layers where the token ran the full model
+    steps: int  # positions decoded (T unless a forced run stopped early)
+
+
 def default_draft_layer(num_layers: int) -> int:
     """LayerSkip-style drafting from about 70% of the depth: shallow drafts are rarely
     accepted on models not trained for early exit, deep ones save little (U-shaped)."""
@@ -238,6 +343,15 @@ class _DecodeState:
         self.length = 0  # positions fully entered (every layer has them, or they are pending)
         self.filled = [0] * lm.num_layers  # positions each layer's cache holds
         self.pending: dict[int, torch.Tensor] = {}  # position -> hidden state at its current depth
+        self.first: torch.Tensor | None = None  # the prefill's greedy token (`prefill_rows`)
+
+    def fork(self) -> _DecodeState:
+        """An independent copy (the cache is copied; the model is shared)."""
+        other = _DecodeState.__new__(_DecodeState)
+        other.lm, other.length, other.first = self.lm, self.length, self.first
+        other.cache = copy.deepcopy(self.cache)
+        other.filled, other.pending = list(self.filled), dict(self.pending)
+        return other
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.lm.embed_at(input_ids, 0)

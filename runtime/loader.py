@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass, field
 
@@ -103,23 +104,57 @@ class Workspace:
             if lens_from:
                 source = Artifact.load(lens_from, expect_model_hash=self.loaded.content_hash)
                 lens = TunedLens.from_tensors(self.lm, source.tensors.get(stages.EXITS_GROUP, {}))
-                self._store(lens)  # the artifact must stand alone: later stages load the lens from it
+                self._store(lens, source.stages.get(stages.LENS))  # the artifact must stand alone
                 return lens, None
             stored = None if retrain else self.stored_tuned_lens()
             if stored is not None:
                 return stored, None
-            train = self.windows.take("train", train_tokens, option="lens_train_tokens")
-            lens, record = train_tuned_lens(self.lm, train, steps=steps, seed=seed, progress=progress)
-            self._store(lens)
+            rows = self.windows.take_rows("train", train_tokens, option="lens_train_tokens")
+            lens, record = train_tuned_lens(self.lm, self.windows.train[rows], steps=steps, seed=seed,
+                                            progress=progress)
+            self._store(lens, lens_provenance(self.windows, rows))
             return lens, record
         finally:
             self.timings["tuned_lens_s"] = time.perf_counter() - started
 
-    def _store(self, lens: TunedLens) -> None:
-        """Put the lens in the artifact's exits group, keeping whatever else the group holds."""
+    def lens_windows(self) -> dict | None:
+        """Where the artifact's tuned lens was trained (`lens_provenance`), or None when unknown."""
+        return self.artifact.stages.get(stages.LENS)
+
+    def _store(self, lens: TunedLens, provenance: dict | None) -> None:
+        """Put the lens in the artifact's exits group, keeping whatever else the group holds, and where it trained."""
         exits = dict(self.artifact.tensors.get(stages.EXITS_GROUP, {}))
         exits.update(lens.tensors())
         self.artifact.put_tensors(stages.EXITS_GROUP, exits)
+        if provenance is None:
+            self.artifact.stages.pop(stages.LENS, None)
+        else:
+            self.artifact.set_stage(stages.LENS, provenance)
+
+
+def lens_provenance(windows: TokenWindows, rows) -> dict:
+    """The corpus windows a lens trained on: enough to find them again in another split of that corpus."""
+    return {"data": windows.spec, "window_len": windows.seq_len + 1,
+            "windows": [int(i) for i in windows.index("train")[rows]]}
+
+
+def trained_on(provenance: dict | None, windows: TokenWindows, split: str, rows) -> int | None:
+    """How many of `rows` of `split` share corpus tokens with the windows `provenance` records.
+
+    None when that cannot be known: no record, or a lens trained on another corpus.
+    """
+    if not provenance or provenance.get("data") != windows.spec:
+        return None
+    length = provenance["window_len"]
+    seen = sorted((i * length, (i + 1) * length) for i in provenance["windows"])
+    starts = [a for a, _ in seen]
+    here = windows.seq_len + 1
+    count = 0
+    for k in windows.index(split)[rows].tolist():
+        lo, hi = k * here, (k + 1) * here
+        j = bisect.bisect_right(starts, hi - 1) - 1  # the last lens window starting before this one ends
+        count += j >= 0 and seen[j][1] > lo
+    return count
 
 
 def open_workspace(

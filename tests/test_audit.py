@@ -18,7 +18,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("audit")]
 
 runner = CliRunner()
 SMALL = ["--seq-len", "32", "--tokens", "256", "--calibration-tokens", "1024", "--heldout-tokens", "256",
-         "--lens-train-tokens", "512", "--repeats", "3", "--targets", "0.5,0.9", "--target", "0.7"]
+         "--lens-train-tokens", "512", "--repeats", "3", "--targets", "0.5,0.9", "--target", "0.7", "--prompts", "32",
+         "--heldout-prompts", "4", "--prompt-tokens", "12", "--new-tokens", "6"]
 FIGURES = ("probe", "depth", "curve", "cost")
 
 
@@ -91,7 +92,9 @@ def test_audit_summary_matches_its_stages(audited):
     assert set(savings) == {"logit", "tuned"}
     assert summary["headline"]["oracle_flop_saving"] == pytest.approx(max(savings.values()))
     calibrate = json.loads((out / "calibrate" / "summary.json").read_text())
-    assert summary["headline"]["consistency"] == pytest.approx(calibrate["heldout"]["consistency"])
+    assert summary["headline"]["consistency"] == pytest.approx(calibrate["generated"]["certified_measure"])
+    assert "greedy continuations" in summary["headline"]["consistency_is"]  # says which risk the number is
+    assert [t["risk"] for t in summary["targets"]] == ["generation"] * 3
     assert summary["headline"]["speedup_unit"] == "latency"  # the profile's measured cost drove calibration
     assert [t["target"] for t in summary["targets"]] == [0.5, 0.7, 0.9]
     assert [t["kept_in_artifact"] for t in summary["targets"]] == [False, True, False]
@@ -156,7 +159,7 @@ def test_audit_extends_an_artifact_with_pruning_and_keeps_foreign_files(setup, t
     (["--steer", "magic"], "--steer must be one of activation, valve"),
     (["--steer", "valve", "--steer-alphas", "a"], "'--steer-alphas': takes comma-separated numbers"),
     (["--repeats", "1"], "--repeats must be at least 3"),
-    (["--calibration-tokens", "100000"], "lower --fit-tokens/--calibration-tokens"),
+    (["--prompts", "100000"], "one window per unit"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(setup, tmp_path, args, fragment):
     _, model, data = setup

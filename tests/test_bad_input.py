@@ -132,7 +132,9 @@ CASES = [
     ("calibrate-target-nan", ["calibrate", "{model}", "--target", "nan"], "--target must be between 0 and 1"),
     ("calibrate-epsilon-0", ["calibrate", "{model}", "--epsilon", "0"], "--epsilon"),
     ("calibrate-epsilon-nan", ["calibrate", "{model}", "--epsilon", "nan"], "--epsilon"),
-    ("calibrate-block-0", ["calibrate", "{model}", "--block", "0"], "--block must be at least 1"),
+    ("calibrate-prompts-0", ["calibrate", "{model}", "--prompts", "0"], "--prompts must be at least 1"),
+    ("calibrate-new-tokens-0", ["calibrate", "{model}", "--new-tokens", "0"], "--new-tokens must be at least 1"),
+    ("calibrate-consistency-unknown", ["calibrate", "{model}", "--consistency", "bleu"], "--consistency must be one of"),
     ("calibrate-measure-unknown", ["calibrate", "{model}", "--measure", "vibes"], "--measure must be one of"),
     ("calibrate-risk-unknown", ["calibrate", "{model}", "--risk", "vibes"], "--risk must be one of"),
     ("calibrate-kv-mode-unknown", ["calibrate", "{model}", "--kv-mode", "teleport"], "--kv-mode must be one of"),
@@ -144,7 +146,9 @@ CASES = [
     ("calibrate-vocab-top-k-negative", ["calibrate", "{model}", "--vocab-top-k", "-1"], "--vocab-top-k"),
     ("calibrate-max-points-0", ["calibrate", "{model}", "--max-points", "0"], "--max-points"),
     ("calibrate-fit-tokens-too-many", ["calibrate", "{model}", "--data", "{text}", "--seq-len", "16", "--fit-tokens",
-                                       "900000"], "lower --fit-tokens"),
+                                       "900000", "--prompt-tokens", "8", "--lens", "logit"],
+     "--fit-tokens and --prompts 128 prompts need"),
+    ("calibrate-prompts-longer-than-windows", ["calibrate", "{model}", "--seq-len", "16"], "--prompt-tokens 64 is longer"),
     ("calibrate-seq-len-1", ["calibrate", "{model}", "--seq-len", "1"], "--seq-len"),
     ("calibrate-out-a-file", ["calibrate", "{model}", "--out", "{file_txt}"], "is a file"),
     ("calibrate-out-foreign-dir", ["calibrate", "{model}", "--out", "{foreign}"], "not empty"),
@@ -264,7 +268,7 @@ CASES = [
     ("audit-out-a-file", ["audit", "{model}", "--out", "{file_txt}"], "is a file"),
     ("audit-out-foreign-dir", ["audit", "{model}", "--out", "{foreign}"], "not empty"),
     ("audit-out-other-models-artifact", ["audit", "{other}", "--data", "{text}", "--seq-len", "16", "--tokens", "32",
-                                         "--lens", "logit", "--out", "{art}"], "made for model"),
+                                         "--prompt-tokens", "8", "--lens", "logit", "--out", "{art}"], "made for model"),
     # --- damaged artifacts
     *[(f"run-damaged-{name}", ["run", "{broken:" + name + "}", "tok1", "--raw", "-n", "2"], fragment)
       for name, fragment in [

@@ -14,11 +14,11 @@ from dyninfer.cli.app import app
 from dyninfer.compressors.exit_policy import (
     ExitPolicy,
     Trace,
-    block_losses,
     candidate_thresholds,
     select_exit_points,
     simulate,
     trace_exits,
+    window_losses,
 )
 from dyninfer.compressors.ltt import learn_then_test
 from dyninfer.core.adapters import LayeredModel
@@ -71,11 +71,14 @@ def test_no_exit_points_means_the_full_model():
     assert sim.exit_row.tolist() == [-1] * 4 and sim.cost.tolist() == [COSTS.full_cost()] * 4
 
 
-def test_block_losses_are_rates_per_block():
+def test_window_losses_are_rates_per_window():
     trace = _trace([[1, 1, 1, 1, 0, 0]], [[0, 1, 1, 1, 1, 1]], points=(2,))
     sim = simulate(trace, 0.5, COSTS, "softmax", False, 0, 8)
-    np.testing.assert_allclose(block_losses(sim, trace, "consistency", 2), [0.5, 0.0, 0.0])
-    np.testing.assert_allclose(block_losses(sim, trace, "consistency", 4), [0.25])  # the tail is dropped
+    np.testing.assert_allclose(window_losses(sim, trace, "teacher-forced-consistency", 3), [0.5, 0.0, 0.0])
+    np.testing.assert_allclose(window_losses(sim, trace, "teacher-forced-consistency", 2), [1 / 3, 0.0])
+    # Accuracy drop counts tokens the exit got wrong where the full model was right.
+    trace.final_correct[:] = torch.tensor([True, False, True, True, True, True])
+    np.testing.assert_allclose(window_losses(sim, trace, "teacher-forced-accuracy-drop", 3), [0.5, 0.0, 0.0])
 
 
 def test_candidate_thresholds_run_strict_to_loose_and_start_with_no_exit():
@@ -106,8 +109,8 @@ def test_guarantee_holds_on_synthetic_traces_with_known_truth():
     for _ in range(trials):
         cal = draw(4000)
         thresholds = candidate_thresholds(cal.confidence, n=60)
-        losses = np.stack([block_losses(simulate(cal, t, COSTS, "softmax", False, 0, 8), cal, "consistency", 8)
-                           for t in thresholds])
+        losses = np.stack([window_losses(simulate(cal, t, COSTS, "softmax", False, 0, 8), cal,
+                                         "teacher-forced-consistency", 500) for t in thresholds])
         ltt = learn_then_test(losses, thresholds, delta=delta, epsilon=epsilon)
         if ltt.chosen_index is None:
             continue
@@ -138,7 +141,8 @@ def test_policy_round_trips():
 
 
 CAL = ["--seq-len", "32", "--fit-tokens", "256", "--calibration-tokens", "1024", "--heldout-tokens", "256",
-       "--min-layer", "1", "--block", "8", "--target", "0.8"]
+       "--min-layer", "1", "--target", "0.8", "--prompts", "24", "--heldout-prompts", "4", "--prompt-tokens", "12",
+       "--new-tokens", "6"]
 
 
 @pytest.fixture(scope="module")
@@ -150,11 +154,11 @@ def long_text(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("measure", ["softmax", "classifier"])
-def test_calibrate_cli_writes_policy(tiny_llama_dir, long_text, tmp_path, measure):
+@pytest.mark.parametrize("measure, risk", [("softmax", "teacher-forced-consistency"), ("classifier", "generation")])
+def test_calibrate_cli_writes_policy(tiny_llama_dir, long_text, tmp_path, measure, risk):
     out = tmp_path / "art"
     result = CliRunner().invoke(app, ["calibrate", str(tiny_llama_dir), "--data", str(long_text), *CAL, "--lens",
-                                      "logit", "--measure", measure, "--out", str(out), "--json"])
+                                      "logit", "--measure", measure, "--risk", risk, "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     policy = summary["policy"]
@@ -176,7 +180,8 @@ def test_calibrate_cli_writes_policy(tiny_llama_dir, long_text, tmp_path, measur
     (["--target", "1.5"], "--target must be between 0 and 1"),
     (["--measure", "vibes"], "--measure must be one of"),
     (["--kv-mode", "none"], "--kv-mode must be one of"),
-    (["--calibration-tokens", "100000"], "fitting and calibration need"),
+    (["--calibration-tokens", "100000", "--risk", "teacher-forced-consistency"], "one window per unit"),
+    (["--calibration-tokens", "256", "--risk", "teacher-forced-consistency"], "at least 14 are needed"),
 ])
 def test_calibrate_bad_options(tiny_llama_dir, long_text, args, fragment):
     result = CliRunner().invoke(app, ["calibrate", str(tiny_llama_dir), "--data", str(long_text), *CAL, "--lens",
@@ -192,11 +197,11 @@ def test_several_targets_on_shared_traces_equal_one_run_per_target(measure):
     from dyninfer.compressors.exit_policy import run_calibration, run_calibrations
 
     lm = LayeredModel(tiny_model("llama", layers=6))
-    windows = torch.randint(0, VOCAB, (24, 17), generator=torch.Generator().manual_seed(1))
-    fit, cal, held = windows[:8], windows[8:20], windows[20:]
+    windows = torch.randint(0, VOCAB, (48, 17), generator=torch.Generator().manual_seed(1))
+    fit, cal, held = windows[:8], windows[8:40], windows[40:]
     lens = LogitLens(lm)
     targets = [0.05, 0.3, 0.8]
-    options = dict(measure=measure, block=4, min_layer=1)
+    options = dict(measure=measure, min_layer=1)
     cheap = CostModel(context=0, embed=0.0, layers=[10.0] * 6, norm=0.0, head=1.0, translator=0.0,
                       checks={"classifier": 0.1, "saturation": 0.1, "head_row": 0.01})  # checks pay off
     together = run_calibrations(lm, lens, cheap, fit, cal, held, targets=targets, **options)

@@ -21,6 +21,7 @@ from dyninfer.core.data import (
     load_texts,
     load_windows,
     make_windows,
+    token_stream,
 )
 from dyninfer.core.errors import DyninferError
 
@@ -351,14 +352,25 @@ def test_bad_heldout_fraction(tokenizer, fraction):
         make_windows(DOCUMENTS, tokenizer, heldout_fraction=fraction)
 
 
-def test_take_returns_leading_windows(tokenizer):
+def test_take_draws_nested_random_windows_from_the_whole_split(tokenizer):
     windows = make_windows(DOCUMENTS, tokenizer, seq_len=9, heldout_fraction=0.5)
     n_heldout = windows.heldout.shape[0]
+    previous = None
     for n_tokens in (1, 9, 10, 45, 9 * n_heldout):
-        taken = windows.take("heldout", n_tokens)
-        assert taken.shape[0] == math.ceil(n_tokens / 9)
-        assert torch.equal(taken, windows.heldout[: taken.shape[0]])
-    assert torch.equal(windows.take("train", 20), windows.train[:3])
+        rows = windows.take_rows("heldout", n_tokens)
+        assert rows.numel() == math.ceil(n_tokens / 9) == len(set(rows.tolist()))
+        assert torch.equal(windows.take("heldout", n_tokens), windows.heldout[rows])
+        if previous is not None:  # a larger draw extends a smaller one
+            assert torch.equal(rows[: previous.numel()], previous)
+        previous = rows
+    assert sorted(previous.tolist()) == list(range(n_heldout))
+    # Not the corpus's first pages: a draw of a quarter reaches past the first half of the split.
+    quarter = windows.take_rows("train", 9 * (windows.train.shape[0] // 4))
+    assert quarter.max() >= windows.train.shape[0] // 2
+    # Each row's corpus position: the window's tokens are that stretch of the token stream.
+    stream = torch.cat([windows.train, windows.heldout])[torch.argsort(torch.cat([windows.index("train"),
+                                                                                 windows.index("heldout")]))]
+    assert torch.equal(stream.flatten(), torch.tensor(token_stream(DOCUMENTS, tokenizer)[: stream.numel()]))
 
 
 def test_take_too_many_tokens(tokenizer):
@@ -399,3 +411,25 @@ def test_load_windows_from_file(tmp_path, tokenizer):
     assert isinstance(windows, TokenWindows)
     assert windows.spec == str(path)
     assert torch.equal(windows.train, direct.train) and torch.equal(windows.heldout, direct.heldout)
+
+
+def test_lens_overlap_is_found_across_seeds_and_window_lengths(tokenizer):
+    """A lens trained on one split's windows: which windows of another split share its tokens."""
+    from dyninfer.runtime.loader import lens_provenance, trained_on
+
+    first = make_windows(DOCUMENTS, tokenizer, spec="unit", seq_len=9, seed=0)
+    rows = first.take_rows("train", 27)
+    record = lens_provenance(first, rows)
+    seen = set()
+    for k in record["windows"]:
+        seen.update(range(k * 10, (k + 1) * 10))  # stream tokens of each lens window
+    for seed, seq_len in ((0, 9), (1, 9), (2, 13)):
+        other = make_windows(DOCUMENTS, tokenizer, spec="unit", seq_len=seq_len, seed=seed)
+        every = torch.arange(other.heldout.shape[0])
+        expected = sum(bool(seen & set(range(k * (seq_len + 1), (k + 1) * (seq_len + 1))))
+                       for k in other.index("heldout").tolist())
+        assert trained_on(record, other, "heldout", every) == expected
+        if seed == 0 and seq_len == 9:
+            assert expected == 0  # the same split: the lens trained on train windows only
+    assert trained_on(record, make_windows(DOCUMENTS, tokenizer, spec="other", seq_len=9), "heldout", [0]) is None
+    assert trained_on(None, first, "heldout", [0]) is None

@@ -21,7 +21,7 @@ def _library_example() -> str:
 def test_readme_library_example_runs(tmp_path, monkeypatch, capsys):
     model = save_tiny("llama", tmp_path / "model")
     data = tmp_path / "text.txt"
-    data.write_text(random_text(40000))
+    data.write_text(random_text(80000))  # enough windows for the default 128 calibration prompts
     code = _library_example()
     line = 'model, data = "default", "builtin:pydocs"'
     assert line in code

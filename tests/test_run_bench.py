@@ -68,6 +68,31 @@ def test_bench_reports_every_mode_and_gates(calibrated):
     assert runner.invoke(app, args + ["--kv-mode", "magic"]).exit_code == 2
 
 
+def test_bench_uses_the_calibrations_held_out_prompts_and_shows_its_bound(calibrated):
+    """Defaults: the calibration's prompt and continuation lengths, prompts from its held-out split, and the
+    certified bound beside the early-exit consistency in the calibration's measure."""
+    from dyninfer.core import stages
+    from dyninfer.core.artifacts import Artifact
+    from dyninfer.jobs.bench import BenchConfig, bench_prompts
+    from dyninfer.runtime.loader import load_dynamic
+
+    _, _, artifact = calibrated
+    result = runner.invoke(app, ["bench", str(artifact), "--prompts", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["new_tokens"] == 6 and out["prompt_tokens"] == 12  # CALIBRATE_ARGS' generation setting
+    early = next(m for m in out["modes"] if m["mode"] == "early-exit")
+    certified = out["certified"]
+    assert certified["risk"] == "generation" and certified["measure"] == "tokens" and certified["bound"] == 0.6
+    assert certified["measured"] == early["consistency"]
+    # The prompts are held-out windows of the calibration's own split: none is a calibration prompt.
+    _, prompts, _ = bench_prompts(BenchConfig(prompts=3), load_dynamic(str(artifact)))
+    calibration_prompts = Artifact.load(artifact).tensors[stages.GENERATION_GROUP]["calibration.prompts"]
+    assert not any((calibration_prompts == p).all(1).any() for p in prompts)
+    rendered = runner.invoke(app, ["bench", str(artifact), "--prompts", "2"])
+    assert "certified by calibrate (generation risk): tokens consistency >= 0.6" in rendered.stdout
+
+
 def test_artifact_without_policy_and_for_another_model(calibrated, tmp_path):
     model, data, artifact = calibrated
     probe_only = tmp_path / "probe-only"

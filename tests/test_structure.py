@@ -78,7 +78,7 @@ def test_cli_defaults_are_the_configs_defaults(command, config_class):
 def test_a_library_error_names_the_commands_flag(tiny_llama_dir, text_file):
     # CalibrateConfig names `fit_tokens`; the CLI shows --fit-tokens, and audit shows its own --tokens for `tokens`.
     result = CliRunner().invoke(app, ["calibrate", str(tiny_llama_dir), "--data", str(text_file), "--seq-len", "16",
-                                      "--fit-tokens", "100000"])
+                                      "--prompt-tokens", "8", "--lens", "logit", "--fit-tokens", "100000"])
     assert result.exit_code == 2 and "--fit-tokens" in result.stderr and "`" not in result.stderr.split("error:")[1]
 
 
