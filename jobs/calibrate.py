@@ -40,7 +40,7 @@ from dyninfer.core.models import DEFAULT_MODEL
 from dyninfer.core.progress import ProgressFn
 from dyninfer.jobs.plots import calibration_curve_png
 from dyninfer.profilers.generation_risk import PromptSet, certify_generation, fit_sequences, full_continuations
-from dyninfer.runtime.loader import ModelSession, open_workspace, trained_on
+from dyninfer.runtime.loader import ModelSession, lens_overlaps, open_workspace, trained_on
 
 REPORT_DIR = stages.CALIBRATE
 # auto: the latency a `profile` measured on this artifact when there is one, else FLOPs.
@@ -204,14 +204,14 @@ def draw_units(config: CalibrateConfig, windows, lens_rows: set[int]) -> Draw:
                 held_order[: config.heldout_prompts] if generation else None)
 
 
-def lens_notes(ws, windows, draw: Draw, trained_now: bool) -> tuple[set[int], list[str]]:
+def lens_notes(ws, windows, draw: Draw) -> tuple[set[int], list[str]]:
     """The train rows the tuned lens trained on (kept out of fit and calibration), and what to tell the user."""
     provenance = ws.lens_windows()
     if provenance is None:
         return set(), [f"the tuned lens's training windows are not recorded (an older artifact, or {option('lens_from')} "
                        "one without a record); the guarantee assumes it did not train on calibration or held-out text"]
     train_rows = torch.arange(windows.train.shape[0])
-    seen = {int(r) for r in train_rows if trained_on(provenance, windows, "train", [int(r)])}
+    seen = {int(r) for r, hit in zip(train_rows, lens_overlaps(provenance, windows, "train", train_rows) or []) if hit}
     notes = []
     held = [draw.heldout] + ([draw.heldout_prompts] if draw.heldout_prompts is not None else [])
     overlap = trained_on(provenance, windows, "heldout", torch.unique(torch.cat(held)))
@@ -240,10 +240,10 @@ def run(config: CalibrateConfig, progress: ProgressFn | None = None, existing: s
                                 f"{config.new_tokens} exceed the model's context of {context} tokens; lower them")
     notes = []
     if config.lens == TUNED:
-        lens, training = ws.tuned_lens(lens_from=config.lens_from, train_tokens=config.lens_train_tokens,
+        lens, _ = ws.tuned_lens(lens_from=config.lens_from, train_tokens=config.lens_train_tokens,
                                        steps=config.lens_steps, seed=config.seed, progress=progress)
         draw = draw_units(config, windows, set())  # for the held-out rows, which do not depend on the lens
-        lens_rows, lens_messages = lens_notes(ws, windows, draw, training is not None)
+        lens_rows, lens_messages = lens_notes(ws, windows, draw)
         notes += lens_messages
         draw = draw_units(config, windows, lens_rows)
     else:

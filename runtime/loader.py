@@ -143,18 +143,24 @@ def trained_on(provenance: dict | None, windows: TokenWindows, split: str, rows)
 
     None when that cannot be known: no record, or a lens trained on another corpus.
     """
+    overlaps = lens_overlaps(provenance, windows, split, rows)
+    return None if overlaps is None else sum(overlaps)
+
+
+def lens_overlaps(provenance: dict | None, windows: TokenWindows, split: str, rows) -> list[bool] | None:
+    """Per row of `rows` of `split`: does it share corpus tokens with the lens's windows (None: unknown)."""
     if not provenance or provenance.get("data") != windows.spec:
         return None
     length = provenance["window_len"]
     seen = sorted((i * length, (i + 1) * length) for i in provenance["windows"])
     starts = [a for a, _ in seen]
     here = windows.seq_len + 1
-    count = 0
+    overlaps = []
     for k in windows.index(split)[rows].tolist():
         lo, hi = k * here, (k + 1) * here
         j = bisect.bisect_right(starts, hi - 1) - 1  # the last lens window starting before this one ends
-        count += j >= 0 and seen[j][1] > lo
-    return count
+        overlaps.append(j >= 0 and seen[j][1] > lo)
+    return overlaps
 
 
 def open_workspace(
