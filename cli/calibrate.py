@@ -118,6 +118,8 @@ def calibrate(
     lens_train_tokens: opt.LensTrainTokens = DEFAULTS.lens_train_tokens,
     lens_steps: opt.LensSteps = DEFAULTS.lens_steps,
     out: opt.out_dir("Artifact dir to write/extend (the policy, and calibrate/ with the curve CSV/JSON/PNG).") = None,
+    device: opt.Device = DEFAULTS.device,
+    dtype: opt.Dtype = DEFAULTS.dtype,
     as_json: opt.Json = False,
 ) -> None:
     config = opt.config_from(job.CalibrateConfig, locals())

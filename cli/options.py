@@ -54,6 +54,11 @@ TextField = Annotated[str | None, typer.Option(
     "--field", help="Text field/column of .jsonl/.parquet/.csv/hf data (default: text).")]
 SeqLen = Annotated[int, typer.Option("--seq-len", help="Tokens of context per window.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for the data split, sampling and training.")]
+Device = Annotated[str, typer.Option(
+    "--device", help="Where the model runs: auto (cuda when torch sees a GPU, else cpu), cpu, cuda or cuda:N.")]
+Dtype = Annotated[str, typer.Option(
+    "--dtype", help="The model's precision: auto (the checkpoint's own dtype on CUDA, float32 on the CPU), float32, "
+                    "bfloat16 or float16. Statistics and trained heads stay float32.")]
 
 # --------------------------------------------------------------------------- output
 
@@ -111,7 +116,6 @@ DraftThreshold = Annotated[float, typer.Option(
     "--draft-threshold", help="Speculative mode: keep drafting while the draft's max probability is at least this.")]
 Provider = Annotated[str | None, typer.Option(
     "--provider", help="ONNX Runtime execution provider: cuda or cpu (default: the package's; CUDA falls back to CPU).")]
-Device = Annotated[str, typer.Option("--device", help="auto (cuda when torch sees a GPU), cpu or cuda.")]
 EnergySeconds = Annotated[float, typer.Option(
     "--energy-seconds", help="Length of each GPU energy window (NVML's counter updates every 20-100 ms).")]
 

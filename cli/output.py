@@ -171,3 +171,13 @@ def sparkline(values, low: float = 0.0, high: float = 1.0) -> str:
         level = int(round((min(max(v, low), high) - low) / span * (len(_BLOCKS) - 1)))
         out.append(_BLOCKS[level])
     return "".join(out)
+
+
+def memory_line(placement: dict | None, memory: dict | None) -> str:
+    """Where the model ran and the process's peak memory, for a report's last lines."""
+    where = f"{placement['device']}, {placement['dtype']}" if placement else "?"
+    if not memory:
+        return f"model on {where}"
+    cuda = f", peak CUDA {memory['peak_cuda_mib']:.0f} MiB" if memory.get("peak_cuda_mib") is not None else ""
+    return (f"model on {where}: weights {memory.get('weights_mib', 0):.0f} MiB, peak RSS "
+            f"{memory['peak_rss_mib']:.0f} MiB{cuda}")

@@ -7,7 +7,7 @@ from rich import box
 from rich.table import Table
 
 from dyninfer.cli import options as opt
-from dyninfer.cli.output import check_out_dir, handle_errors, print_json, progress_reporter, sparkline, stderr, stdout, waiting
+from dyninfer.cli.output import check_out_dir, handle_errors, memory_line, print_json, progress_reporter, sparkline, stderr, stdout, waiting
 from dyninfer.core.lenses import LENS_KINDS
 from dyninfer.jobs import probe as job
 
@@ -24,6 +24,8 @@ Examples:
     dyninfer probe --lens both --out audit/    (train a tuned lens, keep it in the artifact)
 
     dyninfer probe ./my-model --data code.jsonl --field content --tokens 8192 --json
+
+    dyninfer probe ./Llama-3.1-8B --device cuda --dtype bfloat16 --lens both --out audit/    (on a GPU, in the checkpoint's precision)
 """  # noqa: E501 (help paragraphs are one line each: Typer keeps line breaks)
 
 
@@ -70,6 +72,7 @@ def render(report: job.ProbeReport) -> None:
                      f"({t.steps} KL steps after {t.init} init)")
     stdout.print(f"throughput: probe {result.tokens_per_s:.1f} tokens/s, plain forward "
                  f"{result.forward_tokens_per_s:.1f} tokens/s")
+    stdout.print(memory_line(report.placement, report.memory))
 
 
 @handle_errors
@@ -91,8 +94,14 @@ def probe(
     lens_from: opt.LensFrom = None,
     retrain_lens: Annotated[bool, typer.Option("--retrain-lens", help="Train a new tuned lens even if --out already "
                                                                       "has one.")] = DEFAULTS.retrain_lens,
+    memory_budget_mib: Annotated[int, typer.Option(
+        "--memory-budget", help="MiB for the full-vocabulary tensors of one token chunk: tokens are scored in "
+                                "chunks that fit it, so memory does not grow with vocabulary x layers.")]
+    = DEFAULTS.memory_budget_mib,
     out: opt.out_dir("Artifact dir: writes/extends it, plus probe/ tables (CSV, Parquet, JSON) and probe.png.")
     = None,
+    device: opt.Device = DEFAULTS.device,
+    dtype: opt.Dtype = DEFAULTS.dtype,
     as_json: opt.Json = False,
 ) -> None:
     config = opt.config_from(job.ProbeConfig, locals(), lenses=_lens_list(lenses))

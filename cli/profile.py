@@ -101,11 +101,12 @@ def profile(
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs before timing.")] = DEFAULTS.warmup,
     repeats: Annotated[int, typer.Option("--repeats", "-r", help="Timed runs (median and 10th-90th percentiles).")]
     = DEFAULTS.repeats,
-    device: opt.Device = DEFAULTS.device,
     energy_seconds: opt.EnergySeconds = DEFAULTS.energy_seconds,
     seed: opt.Seed = DEFAULTS.seed,
     out: opt.out_dir("Artifact dir to write/extend (measured cost for calibrate) plus profile/ (pieces.csv, "
                      ".parquet, summary.json, profile.png).") = None,
+    device: opt.Device = DEFAULTS.device,
+    dtype: opt.Dtype = DEFAULTS.dtype,
     as_json: opt.Json = False,
 ) -> None:
     config = opt.config_from(job.ProfileConfig, locals())

@@ -102,6 +102,8 @@ def prune(
     seq_len: opt.SeqLen = DEFAULTS.seq_len,
     seed: opt.Seed = DEFAULTS.seed,
     out: opt.out_dir("Artifact dir to write/extend (masks + prune/ report).") = None,
+    device: opt.Device = DEFAULTS.device,
+    dtype: opt.Dtype = DEFAULTS.dtype,
     as_json: opt.Json = False,
 ) -> None:
     config = opt.config_from(job.PruneConfig, locals())

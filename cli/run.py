@@ -55,6 +55,8 @@ def run(
     kv_mode: opt.KvMode = DEFAULTS.kv_mode,
     draft_layer: opt.DraftLayer = DEFAULTS.draft_layer,
     draft_threshold: opt.DraftThreshold = DEFAULTS.draft_threshold,
+    device: opt.Device = DEFAULTS.device,
+    dtype: opt.Dtype = DEFAULTS.dtype,
     as_json: opt.Json = False,
 ) -> None:
     config = opt.config_from(job.RunConfig, locals())

@@ -111,6 +111,8 @@ def extract(
     = EXTRACT.delta_from,
     delta_to: Annotated[str | None, typer.Option("--delta-to", help="valve: see --delta-from.")] = EXTRACT.delta_to,
     seed: opt.Seed = EXTRACT.seed,
+    device: opt.Device = EXTRACT.device,
+    dtype: opt.Dtype = EXTRACT.dtype,
     as_json: opt.Json = False,
 ) -> None:
     config = opt.config_from(job.ExtractConfig, locals())
@@ -176,6 +178,8 @@ def sweep(
     keep: Annotated[float, typer.Option("--keep", help="Fraction of unsteered answers a setting must keep to count "
                                                        "as best.")] = SWEEP.keep,
     model: opt.ModelOverride = SWEEP.model,
+    device: opt.Device = SWEEP.device,
+    dtype: opt.Dtype = SWEEP.dtype,
     as_json: opt.Json = False,
 ) -> None:
     config = opt.config_from(job.SweepConfig, locals())

@@ -312,8 +312,9 @@ def _checkpoint_delta(spec: str, loaded: LoadedModel) -> ValveDelta:
         if mine is None or mine.shape != param.shape:
             raise DyninferError(f"'{spec}' is not the same architecture as the base model ('{name}' does not "
                                 "match); pass a checkpoint fine-tuned from it")
-        if not torch.equal(mine, param):
-            dense[name] = (param.detach().float() - mine.detach().float())
+        theirs, ours = param.detach().float(), mine.detach().float().cpu()  # compared in float32 on the CPU
+        if not torch.equal(ours, theirs):
+            dense[name] = theirs - ours
     return ValveDelta({}, dense)
 
 

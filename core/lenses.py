@@ -39,7 +39,11 @@ class LogitLens:
 
 
 class TunedLens(nn.Module):
-    """Affine translators for hidden-state indices 0..L-1 (index L is the model's output)."""
+    """Affine translators for hidden-state indices 0..L-1 (index L is the model's output).
+
+    The translators are float32 whatever the model's dtype (master weights for training, and a
+    translation computed in float32); the translated state goes to the head in the model's dtype.
+    """
 
     kind = TUNED
 
@@ -47,14 +51,14 @@ class TunedLens(nn.Module):
         super().__init__()
         self.lm = lm
         n, d = lm.num_layers, lm.hidden_size
-        dtype = lm.lm_head.weight.dtype
-        self.weight = nn.Parameter(torch.zeros(n, d, d, dtype=dtype, device=lm.device))
-        self.bias = nn.Parameter(torch.zeros(n, d, dtype=dtype, device=lm.device))
+        self.weight = nn.Parameter(torch.zeros(n, d, d, dtype=torch.float32, device=lm.device))
+        self.bias = nn.Parameter(torch.zeros(n, d, dtype=torch.float32, device=lm.device))
 
     def translate(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         if index >= self.lm.num_layers:
             return hidden
-        return hidden + hidden @ self.weight[index].T + self.bias[index]
+        x = hidden.float()
+        return (x + x @ self.weight[index].T + self.bias[index]).to(hidden.dtype)
 
     def logits(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm.logits_from(self.translate(index, hidden))
@@ -125,12 +129,12 @@ def _least_squares_init(lens: TunedLens, states: torch.Tensor, ridge: float = 1e
     target = states[-1].double()
     for index in range(lens.lm.num_layers):
         x = states[index].double()
-        x1 = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+        x1 = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
         gram = x1.T @ x1
-        gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+        gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
         solution = torch.linalg.solve(gram, x1.T @ target)  # [(d+1), d]
         a, b = solution[:-1].T, solution[-1]
-        lens.weight[index].copy_((a - torch.eye(a.shape[0], dtype=a.dtype)).to(lens.weight.dtype))
+        lens.weight[index].copy_((a - torch.eye(a.shape[0], dtype=a.dtype, device=a.device)).to(lens.weight.dtype))
         lens.bias[index].copy_(b.to(lens.bias.dtype))
 
 
@@ -143,7 +147,7 @@ def mean_kl_per_layer(lens, lm: LayeredModel, states: torch.Tensor, chunk: int =
         block = states[:, start : start + chunk]
         final = torch.log_softmax(lm.logits_from(block[-1]).float(), dim=-1)
         for index in range(lm.num_layers + 1):
-            totals[index] += kl_final_vs(lens.logits(index, block[index]), final).sum().double()
+            totals[index] += kl_final_vs(lens.logits(index, block[index]), final).sum().item()
     return (totals / n).tolist()
 
 

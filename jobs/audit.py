@@ -23,7 +23,9 @@ from dyninfer.core.artifacts import MANIFEST_NAME, Artifact, artifact_exists, ch
 from dyninfer.core.data import DEFAULT_DATA
 from dyninfer.core.errors import DyninferError, check_between, check_choice, check_positive, option
 from dyninfer.core.lenses import LOGIT, TUNED
+from dyninfer.core.memory import peak_memory
 from dyninfer.core.models import DEFAULT_MODEL
+from dyninfer.core.placement import PlacementOptions
 from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.exporters.onnx_export import export_dynamic, preflight, provider_problem
 from dyninfer.jobs import calibrate as calibrate_job
@@ -53,7 +55,7 @@ class GateResult:
 
 
 @dataclass
-class AuditConfig:
+class AuditConfig(PlacementOptions):
     model: str = DEFAULT_MODEL
     data: str = DEFAULT_DATA
     field: str | None = None
@@ -80,7 +82,6 @@ class AuditConfig:
     calibration_tokens: int = 32768
     heldout_tokens: int = 1024
     repeats: int = 10
-    device: str = "auto"
     energy_seconds: float = 3.0
     prune: bool = False
     prune_sparsity: float = 0.5
@@ -96,17 +97,18 @@ class AuditConfig:
     min_consistency: float | None = None  # held-out token consistency of that policy
 
     def probe_config(self) -> probe_job.ProbeConfig:
-        return probe_job.ProbeConfig(model=self.model, data=self.data, field=self.field, seq_len=self.seq_len, seed=self.seed,
+        return probe_job.ProbeConfig(**self.placed(), model=self.model, data=self.data, field=self.field,
+                                     seq_len=self.seq_len, seed=self.seed,
                            lenses=(LOGIT, TUNED) if self.lens == TUNED else (LOGIT,), tokens=self.probe_tokens,
                            lens_train_tokens=self.lens_train_tokens, lens_steps=self.lens_steps)
 
     def profile_config(self) -> profile_job.ProfileConfig:
-        return profile_job.ProfileConfig(model=self.model, data=self.data, field=self.field, context=self.seq_len,
-                             repeats=self.repeats, warmup=2, device=self.device, energy_seconds=self.energy_seconds,
+        return profile_job.ProfileConfig(**self.placed(), model=self.model, data=self.data, field=self.field, context=self.seq_len,
+                             repeats=self.repeats, warmup=2, energy_seconds=self.energy_seconds,
                              seed=self.seed)
 
     def calibrate_config(self) -> calibrate_job.CalibrateConfig:
-        return calibrate_job.CalibrateConfig(model=self.model, data=self.data, field=self.field, seq_len=self.seq_len,
+        return calibrate_job.CalibrateConfig(**self.placed(), model=self.model, data=self.data, field=self.field, seq_len=self.seq_len,
                                seed=self.seed, lens=self.lens, measure=self.measure, target=self.target,
                                epsilon=self.epsilon, fit_tokens=self.fit_tokens, risk=self.risk, prompts=self.prompts,
                                heldout_prompts=self.heldout_prompts, prompt_tokens=self.prompt_tokens,
@@ -116,18 +118,19 @@ class AuditConfig:
                                extra_targets=tuple(t for t in self.extra_targets if t != self.target))
 
     def prune_config(self) -> prune_job.PruneConfig:
-        return prune_job.PruneConfig(model=self.model, data=self.data, field=self.field, seq_len=self.seq_len, seed=self.seed,
+        return prune_job.PruneConfig(**self.placed(), model=self.model, data=self.data, field=self.field,
+                                     seq_len=self.seq_len, seed=self.seed,
                            sparsity=self.prune_sparsity, heldout_tokens=self.heldout_tokens)
 
     def extract_config(self) -> steer_job.ExtractConfig:
-        return steer_job.ExtractConfig(model=self.model, method=self.steer, examples=self.steer_examples,
+        return steer_job.ExtractConfig(**self.placed(), model=self.model, method=self.steer, examples=self.steer_examples,
                              heldout=self.steer_questions, seed=self.seed)
 
     def alphas(self) -> list[float]:
         return list(self.steer_alphas or STEER_ALPHAS.get(self.steer, ()))
 
     def sweep_config(self) -> steer_job.SweepConfig:
-        return steer_job.SweepConfig(method=self.steer, alphas=tuple(self.alphas()), questions=self.steer_questions,
+        return steer_job.SweepConfig(**self.placed(), method=self.steer, alphas=tuple(self.alphas()), questions=self.steer_questions,
                                  max_new_tokens=self.steer_max_new_tokens, model=self.model)
 
     def validate(self) -> None:
@@ -162,6 +165,7 @@ class AuditReport:
     timings: dict[str, float] = field(default_factory=dict)
     gates: list[GateResult] = field(default_factory=list)
     artifact: Artifact | None = None
+    memory: dict | None = None  # peak RSS (and CUDA memory) over the whole audit, and the weights, in MiB
 
     @property
     def passed(self) -> bool:
@@ -227,6 +231,7 @@ class AuditReport:
             "export": self.export,
             "artifact_stages": artifact_stages, "other_stages": others,
             "timings": self.timings, "config": asdict(self.config),
+            "placement": self.probe.placement, "memory": self.memory,
         }
 
 
@@ -300,7 +305,7 @@ def run(config: AuditConfig, out: str | os.PathLike | None = "audit", progress: 
 
     if session is None:
         report_progress("loading model", 0, 1)
-        session = ModelSession.load(config.model)
+        session = ModelSession.load(config.model, config.placement())
         report_progress("loading model", 1, 1)
     artifact: str | Artifact | None = existing
     pruned = None
@@ -324,6 +329,7 @@ def run(config: AuditConfig, out: str | os.PathLike | None = "audit", progress: 
                          artifact=artifact)
     report.gates = evaluate_gates(report)
     timings["total_s"] = time.perf_counter() - started
+    report.memory = peak_memory(session.loaded.model)
     report.artifact.set_stage(stages.AUDIT, _stage_record(report))
     if out is not None:
         write(report, out, session, progress, on_wait)

@@ -17,6 +17,7 @@ import torch
 from dyninfer.compressors.exit_policy import GENERATION_RISK, KV_MODES
 from dyninfer.core.data import DEFAULT_DATA, load_windows
 from dyninfer.core.errors import DyninferError, check_at_least, check_between, check_choice, check_positive, option
+from dyninfer.core.placement import PlacementOptions
 from dyninfer.core.progress import ProgressFn
 from dyninfer.exporters.onnx_runtime import PROVIDERS, read_package
 from dyninfer.jobs.export import PACKAGE_DIR
@@ -26,7 +27,7 @@ from dyninfer.runtime.loader import load_dynamic
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(PlacementOptions):
     data: str | None = None  # prompt source; None: the calibration's data
     field: str | None = None
     prompts: int = 8
@@ -44,6 +45,7 @@ class BenchConfig:
     min_consistency: float | None = None  # gate on its token consistency with the baseline
 
     def validate(self) -> None:
+        self.placement().validate()
         for name in ("prompts", "prompt_tokens", "new_tokens"):
             if getattr(self, name) is not None:
                 check_at_least(name, getattr(self, name), 1)
@@ -67,13 +69,15 @@ class BenchReport:
     data: str
     result: BenchResult
     gates_failed: list[str] = field(default_factory=list)
+    placement: dict | None = None  # where the torch model ran ({device, dtype})
 
     @property
     def passed(self) -> bool:
         return not self.gates_failed
 
     def summary(self) -> dict:
-        return {"command": "bench", "data": self.data, **self.result.to_dict(), "gates_failed": self.gates_failed}
+        return {"command": "bench", "data": self.data, **self.result.to_dict(), "gates_failed": self.gates_failed,
+                "placement": self.placement}
 
 
 def gate_failures(config: BenchConfig, result: BenchResult) -> list[str]:
@@ -119,7 +123,8 @@ def run(config: BenchConfig, artifact: str | os.PathLike, progress: ProgressFn |
             raise DyninferError(f"no ONNX package at '{package}'; run `dyninfer export` on the artifact first, or "
                                 f"pass {option('package')}")
         read_package(package)
-    dyn = load_dynamic(str(artifact), config.model, kv_mode=config.kv_mode, full_depth_is_enough=config.backend == "torch")
+    dyn = load_dynamic(str(artifact), config.model, kv_mode=config.kv_mode, full_depth_is_enough=config.backend == "torch",
+                       placement=config.placement())
     spec, prompt_ids, new_tokens = bench_prompts(config, dyn)
     if config.backend == "onnx":
         result = run_onnx_bench(dyn, package, prompt_ids, new_tokens, provider=config.provider,
@@ -128,7 +133,8 @@ def run(config: BenchConfig, artifact: str | os.PathLike, progress: ProgressFn |
         result = run_bench(dyn, prompt_ids, new_tokens, draft_layer=config.draft_layer,
                            draft_threshold=config.draft_threshold, progress=progress)
     result.certified = certified_here(dyn.calibration, result)
-    return BenchReport(config, spec, result, gate_failures(config, result))
+    result.notes += dyn.notes
+    return BenchReport(config, spec, result, gate_failures(config, result), dyn.loaded.placement)
 
 
 def certified_here(calibration: dict, result: BenchResult) -> dict | None:

@@ -37,6 +37,7 @@ from dyninfer.core.data import DEFAULT_DATA
 from dyninfer.core.errors import DyninferError, check_at_least, check_between, check_choice, option
 from dyninfer.core.lenses import LENS_KINDS, TUNED, LogitLens
 from dyninfer.core.models import DEFAULT_MODEL
+from dyninfer.core.placement import PlacementOptions
 from dyninfer.core.progress import ProgressFn
 from dyninfer.jobs.plots import calibration_curve_png
 from dyninfer.profilers.generation_risk import PromptSet, certify_generation, fit_sequences, full_continuations
@@ -48,7 +49,7 @@ COST_SOURCES = ("auto", "flops", "measured")
 
 
 @dataclass
-class CalibrateConfig:
+class CalibrateConfig(PlacementOptions):
     model: str = DEFAULT_MODEL
     data: str = DEFAULT_DATA
     field: str | None = None
@@ -84,6 +85,7 @@ class CalibrateConfig:
     extra_targets: tuple[float, ...] = ()
 
     def validate(self) -> None:
+        self.placement().validate()
         for name, allowed in (("lens", LENS_KINDS), ("measure", MEASURES), ("risk", RISKS), ("kv_mode", KV_MODES),
                               ("cost", COST_SOURCES), ("consistency", CONSISTENCY_MEASURES)):
             check_choice(name, getattr(self, name), allowed)
@@ -111,6 +113,7 @@ class CalibrateReport:
     cost_model: dict | None = None  # the cost model the exit points were chosen with
     others: list[CalibrationResult] = field(default_factory=list)  # one per config.extra_targets
     continuations_key: str | None = None  # generation risk: the model state the cached continuations belong to
+    placement: dict | None = None  # where the model ran ({device, dtype}): the certificate holds for that dtype
 
     @property
     def cost_unit(self) -> str:
@@ -119,7 +122,7 @@ class CalibrateReport:
 
     def summary(self) -> dict:
         out = {"command": "calibrate", "model": self.base_model, "data": self.data, "config": asdict(self.config),
-               "timings": self.timings} | self.result.to_dict()
+               "timings": self.timings, "placement": self.placement} | self.result.to_dict()
         if self.continuations_key is not None:
             out["continuations_key"] = self.continuations_key
         if self.cost_model is not None:
@@ -230,7 +233,8 @@ def run(config: CalibrateConfig, progress: ProgressFn | None = None, existing: s
     config.validate()
     torch.manual_seed(config.seed)
     ws = open_workspace(config.model, config.data, field=config.field, seq_len=config.seq_len, seed=config.seed,
-                        existing=existing, progress=progress, session=session)
+                        existing=existing, progress=progress, session=session,
+                        placement=config.placement())
     lm, windows = ws.lm, ws.windows
     generation = config.risk == GENERATION_RISK
     if generation:
@@ -269,7 +273,8 @@ def run(config: CalibrateConfig, progress: ProgressFn | None = None, existing: s
     report = CalibrateReport(config, ws.loaded.base_model_info(), windows.describe(), result, ws.timings,
                              cost_model=costs.to_dict(), others=others,
                              continuations_key=model_state_key(ws) if generation else
-                             ws.artifact.stages.get(stages.CALIBRATE, {}).get("continuations_key"))
+                             ws.artifact.stages.get(stages.CALIBRATE, {}).get("continuations_key"),
+                             placement=ws.loaded.placement)
     ws.artifact.set_stage(stages.CALIBRATE, report.summary())
     # The exits group holds the tuned lens and, for the classifier measure, this policy's classifier.
     exits = {k: v for k, v in ws.artifact.tensors.get(stages.EXITS_GROUP, {}).items() if not k.startswith("classifier.")}

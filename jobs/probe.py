@@ -21,7 +21,9 @@ from dyninfer.core.cost import CostModel, count_costs
 from dyninfer.core.data import DEFAULT_DATA
 from dyninfer.core.errors import DyninferError, check_at_least, option
 from dyninfer.core.lenses import LENS_KINDS, LOGIT, TUNED, LogitLens, TunedLensTraining
+from dyninfer.core.memory import peak_memory
 from dyninfer.core.models import DEFAULT_MODEL
+from dyninfer.core.placement import PlacementOptions
 from dyninfer.core.progress import ProgressFn
 from dyninfer.jobs.plots import probe_figure_png
 from dyninfer.profilers.exit_probe import ProbeResult, run_probe
@@ -31,7 +33,7 @@ REPORT_DIR = stages.PROBE
 
 
 @dataclass
-class ProbeConfig:
+class ProbeConfig(PlacementOptions):
     model: str = DEFAULT_MODEL
     data: str = DEFAULT_DATA
     field: str | None = None
@@ -44,13 +46,15 @@ class ProbeConfig:
     lens_steps: int = 60
     lens_from: str | None = None  # an artifact whose tuned lens to reuse instead of training
     retrain_lens: bool = False  # train a new tuned lens even if the artifact has one
+    memory_budget_mib: int = 256  # full-vocabulary tensors of one token chunk (see run_probe)
 
     def validate(self) -> None:
+        self.placement().validate()
         unknown = [k for k in self.lenses if k not in LENS_KINDS]
         if unknown or not self.lenses:
             raise DyninferError(f"unknown lens {', '.join(unknown) or '(none)'}; choose from: {', '.join(LENS_KINDS)}")
         for name, low in (("tokens", 1), ("seq_len", 2), ("batch_size", 1), ("lens_train_tokens", 1),
-                          ("lens_steps", 0)):
+                          ("lens_steps", 0), ("memory_budget_mib", 1)):
             check_at_least(name, getattr(self, name), low)
         if self.lens_from and TUNED not in self.lenses:
             raise DyninferError(f"{option('lens_from')} only makes sense with {option('lenses')} tuned")
@@ -65,6 +69,8 @@ class ProbeReport:
     lens_training: TunedLensTraining | None
     timings: dict = field(default_factory=dict)
     artifact: Artifact | None = None
+    placement: dict | None = None  # where the model ran ({device, dtype})
+    memory: dict | None = None  # peak RSS (and CUDA memory) of the process, and the weights' size, in MiB
 
     def summary(self) -> dict:
         out = {
@@ -73,6 +79,8 @@ class ProbeReport:
             "data": self.data,
             "config": asdict(self.config),
             "timings": self.timings,
+            "placement": self.placement,
+            "memory": self.memory,
         }
         out.update(self.result.summary())
         if self.lens_training is not None:
@@ -102,7 +110,8 @@ def run(config: ProbeConfig, progress: ProgressFn | None = None, existing: str |
     config.validate()
     torch.manual_seed(config.seed)
     ws = open_workspace(config.model, config.data, field=config.field, seq_len=config.seq_len, seed=config.seed,
-                        existing=existing, progress=progress, session=session)
+                        existing=existing, progress=progress, session=session,
+                        placement=config.placement())
     heldout = ws.windows.take("heldout", config.tokens)  # raises early if the data is too short
     lm = ws.lm
     costs: CostModel = count_costs(lm, context=config.seq_len)
@@ -119,9 +128,11 @@ def run(config: ProbeConfig, progress: ProgressFn | None = None, existing: str |
     if tuned is not None:
         lenses.append(tuned)
 
-    result = run_probe(lm, heldout, lenses, costs, batch_size=config.batch_size, progress=progress)
+    result = run_probe(lm, heldout, lenses, costs, batch_size=config.batch_size,
+                       memory_budget=config.memory_budget_mib * 2**20, progress=progress)
     ws.timings["probe_s"] = result.seconds
-    report = ProbeReport(config, ws.loaded.base_model_info(), ws.windows.describe(), result, training, ws.timings)
+    report = ProbeReport(config, ws.loaded.base_model_info(), ws.windows.describe(), result, training, ws.timings,
+                         placement=ws.loaded.placement, memory=peak_memory(lm.model))
     ws.artifact.set_stage(stages.PROBE, _stage_record(report))
     report.artifact = ws.artifact
     return report
@@ -129,7 +140,8 @@ def run(config: ProbeConfig, progress: ProgressFn | None = None, existing: str |
 
 def _stage_record(report: ProbeReport) -> dict:
     summary = report.summary()
-    return {k: summary[k] for k in ("data", "config", "lenses", "cost_model", "throughput", "n_tokens")} | (
+    return {k: summary[k] for k in ("data", "config", "lenses", "cost_model", "throughput", "n_tokens",
+                                        "placement")} | (
         {"tuned_lens_training": summary["tuned_lens_training"]} if "tuned_lens_training" in summary else {}
     )
 

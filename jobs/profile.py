@@ -19,8 +19,9 @@ import torch
 from dyninfer.core import stages
 from dyninfer.core.artifacts import Artifact
 from dyninfer.core.data import DEFAULT_DATA
-from dyninfer.core.errors import DyninferError, check_at_least, check_choice, check_positive, option
+from dyninfer.core.errors import check_at_least, check_positive
 from dyninfer.core.models import DEFAULT_MODEL
+from dyninfer.core.placement import PlacementOptions
 from dyninfer.core.progress import ProgressFn
 from dyninfer.jobs.plots import profile_png
 from dyninfer.profilers.layer_profile import LayerProfile, profile_layers, workloads
@@ -28,35 +29,24 @@ from dyninfer.profilers.nvml import GpuReport, GpuUnavailable, Nvml, measure_ene
 from dyninfer.runtime.loader import ModelSession, open_workspace
 
 REPORT_DIR = stages.PROFILE
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
-class ProfileConfig:
+class ProfileConfig(PlacementOptions):
     model: str = DEFAULT_MODEL
     data: str = DEFAULT_DATA  # where the prompt comes from (pruned models' masks depend on the text)
     field: str | None = None
     context: int = 256  # prompt length of the prefill; cached tokens before the decode step
     warmup: int = 3
     repeats: int = 20
-    device: str = "auto"
     energy_seconds: float = 3.0  # per energy window on a GPU
     seed: int = 0
 
     def validate(self) -> None:
-        check_choice("device", self.device, DEVICES)
+        self.placement().validate()
         for name, low in (("context", 1), ("warmup", 0), ("repeats", 3)):
             check_at_least(name, getattr(self, name), low)
         check_positive("energy_seconds", self.energy_seconds)
-        self.torch_device()
-
-    def torch_device(self) -> torch.device:
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise DyninferError(f"{option('device')} cuda, but torch {torch.__version__} sees no CUDA GPU; use "
-                                f"{option('device')} cpu")
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
 
 
 @dataclass
@@ -68,10 +58,11 @@ class ProfileReport:
     gpu: GpuReport
     timings: dict = field(default_factory=dict)
     artifact: Artifact | None = None
+    placement: dict | None = None  # where the model ran ({device, dtype})
 
     def summary(self) -> dict:
         return {"command": "profile", "model": self.base_model, "data": self.data, "config": asdict(self.config),
-                "timings": self.timings} | self.profile.to_dict() | {"gpu": self.gpu.to_dict()}
+                "timings": self.timings, "placement": self.placement} | self.profile.to_dict() | {"gpu": self.gpu.to_dict()}
 
     def figure(self) -> bytes:
         return profile_png(self.profile.pieces, f"{self.base_model['spec']}: cost per layer on {self.profile.device}")
@@ -110,27 +101,22 @@ def gpu_report(lm, prompt: torch.Tensor, device: torch.device, energy_seconds: f
 @torch.no_grad()
 def run(config: ProfileConfig, progress: ProgressFn | None = None, existing: str | Artifact | None = None,
         session: ModelSession | None = None, nvml_module=None) -> ProfileReport:
-    """Profile the model (with the artifact's steering and masks, when extending one) on `config.device`.
-
-    A model shared through `session` goes back to the device it came from afterwards.
-    """
+    """Profile the model (with the artifact's steering and masks, when extending one) where it is loaded:
+    `config.device` and `config.dtype`, or the shared `session`'s placement."""
     config.validate()
     torch.manual_seed(config.seed)
     ws = open_workspace(config.model, config.data, field=config.field, seq_len=config.context, seed=config.seed,
-                        existing=existing, progress=progress, session=session)
+                        existing=existing, progress=progress, session=session,
+                        placement=config.placement())
     prompt = ws.windows.take("heldout", config.context, option="context")[:1, : config.context]
-    device = config.torch_device()
-    home = ws.lm.device
-    ws.loaded.model.to(device)
-    try:
-        profile = profile_layers(ws.lm, prompt, warmup=config.warmup, repeats=config.repeats, progress=progress)
-        gpu = gpu_report(ws.lm, prompt, device, config.energy_seconds, nvml_module)
-    finally:
-        ws.loaded.model.to(home)
+    profile = profile_layers(ws.lm, prompt, warmup=config.warmup, repeats=config.repeats, progress=progress)
+    gpu = gpu_report(ws.lm, prompt, ws.lm.device, config.energy_seconds, nvml_module)
     ws.timings["profile_s"] = profile.seconds
-    report = ProfileReport(config, ws.loaded.base_model_info(), ws.windows.describe(), profile, gpu, ws.timings)
+    report = ProfileReport(config, ws.loaded.base_model_info(), ws.windows.describe(), profile, gpu, ws.timings,
+                           placement=ws.loaded.placement)
     # Pruning masks change what a layer costs: calibrate notes a profile taken before them.
-    record = {"config": asdict(config), "pruned": stages.PRUNE in ws.artifact.stages} | profile.to_dict() \
+    record = {"config": asdict(config), "pruned": stages.PRUNE in ws.artifact.stages,
+              "placement": ws.loaded.placement} | profile.to_dict() \
         | {"gpu": gpu.to_dict()}
     ws.artifact.set_stage(stages.PROFILE, record)
     report.artifact = ws.artifact

@@ -44,6 +44,7 @@ from dyninfer.core.cost import count_costs
 from dyninfer.core.data import DEFAULT_DATA
 from dyninfer.core.errors import DyninferError, check_at_least, check_between, check_choice, option
 from dyninfer.core.models import DEFAULT_MODEL
+from dyninfer.core.placement import PlacementOptions
 from dyninfer.core.progress import ProgressFn
 from dyninfer.jobs.plots import pruning_sweep_png
 from dyninfer.profilers.prune_bench import SpeedResult, measure_speed
@@ -51,7 +52,7 @@ from dyninfer.runtime.loader import ModelSession, open_workspace
 
 
 @dataclass
-class PruneConfig:
+class PruneConfig(PlacementOptions):
     model: str = DEFAULT_MODEL
     data: str = DEFAULT_DATA
     field: str | None = None
@@ -75,6 +76,7 @@ class PruneConfig:
     backend: str = "auto"
 
     def validate(self) -> None:
+        self.placement().validate()
         for name, allowed in (("method", METHODS), ("allocation", ALLOCATIONS), ("label", LABELS),
                               ("backend", BACKENDS)):
             check_choice(name, getattr(self, name), allowed)
@@ -139,6 +141,7 @@ class PruneReport:
     timings: dict
     notes: list[str] = dataclasses.field(default_factory=list)
     artifact: Artifact | None = None
+    placement: dict | None = None  # where the model ran ({device, dtype})
 
     @property
     def main(self) -> SparsityPoint:
@@ -147,7 +150,8 @@ class PruneReport:
     def summary(self) -> dict:
         return {"command": "prune", "model": self.base_model, "data": self.data, "config": asdict(self.config),
                 "dense_perplexity": self.dense_perplexity, "main": self.main.to_dict(),
-                "points": [p.to_dict() for p in self.points], "timings": self.timings, "notes": self.notes}
+                "points": [p.to_dict() for p in self.points], "timings": self.timings, "notes": self.notes,
+                "placement": self.placement}
 
     def figure(self) -> bytes:
         return pruning_sweep_png([p.to_dict() for p in self.points], self.dense_perplexity,
@@ -219,7 +223,8 @@ def run(config: PruneConfig, progress: ProgressFn | None = None, existing: str |
     config.validate()
     torch.manual_seed(config.seed)
     ws = open_workspace(config.model, config.data, field=config.field, seq_len=config.seq_len, seed=config.seed,
-                        existing=existing, progress=progress, apply_pruning=False, session=session)
+                        existing=existing, progress=progress, apply_pruning=False, session=session,
+                        placement=config.placement())
     lm, windows = ws.lm, ws.windows
     lm.mlp(0)  # refuses families without an MLP block before any work
     calibration = windows.take("train", config.calibration_tokens, option="calibration_tokens")
@@ -253,7 +258,8 @@ def run(config: PruneConfig, progress: ProgressFn | None = None, existing: str |
         points.append(SparsityPoint(sparsity, plan, ppl, ppl / dense_ppl - 1, float((argmax == dense_argmax).float().mean()),
                                     achieved, *costs, model_flops, recall, speed,
                                     training.final_loss if training else None))
-    report = PruneReport(config, ws.loaded.base_model_info(), windows.describe(), dense_ppl, points, ws.timings)
+    report = PruneReport(config, ws.loaded.base_model_info(), windows.describe(), dense_ppl, points, ws.timings,
+                         placement=ws.loaded.placement)
     if config.method == "threshold" and config.input_sparsity == 0:
         report.notes.append("only the down projection skips rows (gate and up are dense to compute |h|): the MLP "
                             "block's speedup is bounded by 1/(2/3 + (1-s)/3); `input_sparsity` or `method` "

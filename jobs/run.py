@@ -13,6 +13,7 @@ import torch
 from dyninfer.compressors.exit_policy import KV_MODES
 from dyninfer.core.errors import DyninferError, check_at_least, check_between, check_choice, check_positive, option
 from dyninfer.core.generation import GenerationResult
+from dyninfer.core.placement import PlacementOptions
 from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.exporters.onnx_runtime import PROVIDERS, OnnxDynamicModel, find_package
 from dyninfer.runtime.dynamic import MODES
@@ -22,7 +23,7 @@ BACKENDS = ("torch", "onnx")
 
 
 @dataclass
-class RunConfig:
+class RunConfig(PlacementOptions):
     mode: str = "early-exit"  # early-exit, speculative (lossless; torch backend) or full
     backend: str = "torch"  # torch, or onnx: the package made by `export`
     provider: str | None = None  # onnx backend: cuda or cpu (None: the package's own)
@@ -37,6 +38,7 @@ class RunConfig:
     draft_threshold: float = 0.5  # speculative: keep drafting while the draft's max probability reaches this
 
     def validate(self) -> None:
+        self.placement().validate()
         check_choice("mode", self.mode, MODES)
         check_choice("backend", self.backend, BACKENDS)
         if self.provider is not None:
@@ -98,12 +100,12 @@ def run(config: RunConfig, artifact: str | os.PathLike, prompt: str, progress: P
         result = runtime.generate(ids.numpy(), config.max_new_tokens, mode=config.mode, sample=config.sample,
                                   temperature=config.temperature, seed=config.seed,
                                   eos_token_id=tokenizer.eos_token_id)
-        num_layers = runtime.num_layers
+        num_layers, notes = runtime.num_layers, []
     else:
         report = progress or silent
         report("loading model", 0, 1)
         dyn = load_dynamic(str(artifact), config.model, require_policy=config.mode == "early-exit",
-                           kv_mode=config.kv_mode)
+                           kv_mode=config.kv_mode, placement=config.placement())
         report("loading model", 1, 1)
         tokenizer = dyn.loaded.tokenizer
         ids = encode_prompt(tokenizer, prompt, config.raw)
@@ -111,7 +113,7 @@ def run(config: RunConfig, artifact: str | os.PathLike, prompt: str, progress: P
                                       temperature=config.temperature, seed=config.seed,
                                       eos_token_id=tokenizer.eos_token_id, draft_layer=config.draft_layer,
                                       draft_threshold=config.draft_threshold)
-        num_layers = dyn.loaded.layered.num_layers
+        num_layers, notes = dyn.loaded.layered.num_layers, dyn.notes
     tokens = [int(t) for t in result.tokens[0]]
     return RunReport(config, result, tokens, tokenizer.decode(tokens, skip_special_tokens=True),
-                     [tokenizer.decode([t]) for t in tokens], num_layers, list(result.notes))
+                     [tokenizer.decode([t]) for t in tokens], num_layers, list(result.notes) + notes)

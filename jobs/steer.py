@@ -36,6 +36,7 @@ from dyninfer.core import stages
 from dyninfer.core.artifacts import Artifact, BaseModelInfo, artifact_exists
 from dyninfer.core.errors import DyninferError, check_at_least, check_between, check_choice, option
 from dyninfer.core.models import DEFAULT_MODEL, LoadedModel
+from dyninfer.core.placement import Placement, PlacementOptions
 from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.jobs.plots import steer_sweep_png
 from dyninfer.profilers.steer_sweep import SweepResult, run_sweep
@@ -45,7 +46,7 @@ GGUF_NAME = "control_vector.gguf"
 
 
 @dataclass
-class ExtractConfig:
+class ExtractConfig(PlacementOptions):
     model: str = DEFAULT_MODEL
     method: str = "activation"
     data: str = BUILTIN_COT
@@ -64,6 +65,7 @@ class ExtractConfig:
     delta_to: str | None = None
 
     def validate(self) -> None:
+        self.placement().validate()
         check_choice("method", self.method, METHODS)
         check_choice("kind", self.kind, KINDS)
         for name, low in (("examples", 2), ("heldout", 1), ("rank", 1), ("steps", 1), ("batch_size", 1), ("shots", 0)):
@@ -94,8 +96,8 @@ class ExtractReport:
         return {"method": self.method, "base_model": self.artifact.base_model.to_dict(), **self.record}
 
 
-def _open(model: str | None, existing: str | Artifact | None, session: ModelSession | None) -> tuple[LoadedModel,
-                                                                                                     Artifact]:
+def _open(model: str | None, existing: str | Artifact | None, session: ModelSession | None,
+          placement: Placement) -> tuple[LoadedModel, Artifact]:
     """The base model (never a steered or pruned one) and the artifact to extend, or a new one."""
     if isinstance(existing, Artifact) or (existing and artifact_exists(existing)):
         artifact = existing if isinstance(existing, Artifact) else Artifact.load(existing)
@@ -103,7 +105,7 @@ def _open(model: str | None, existing: str | Artifact | None, session: ModelSess
     else:
         artifact, spec = None, model or DEFAULT_MODEL
     if session is None or session.steering is not None or session.loaded.spec != spec:
-        session = ModelSession.load(spec)
+        session = ModelSession.load(spec, placement)
     remove_pruning(session.lm)  # a shared model may carry an artifact's masks
     loaded = session.loaded
     if artifact is None:
@@ -128,10 +130,10 @@ def extract(config: ExtractConfig, existing: str | Artifact | None = None, progr
     report = progress or silent
     train, _ = _split(config.split_record())  # bad data fails before the model loads
     report("loading model", 0, 1)
-    loaded, artifact = _open(config.model, existing, session)
+    loaded, artifact = _open(config.model, existing, session, config.placement())
     lm = loaded.layered
     prompter, train = _prompter(loaded, config.split_record(), train)
-    record: dict = {"split": config.split_record()}
+    record: dict = {"split": config.split_record(), "placement": loaded.placement}
     if config.method == "activation":
         layers = list(config.layers) if config.layers is not None else default_layers(lm.num_layers)
         bad = [i for i in layers if not 0 <= i < lm.num_layers]
@@ -171,7 +173,7 @@ def save_extract(report: ExtractReport, out: str | os.PathLike, on_wait: Callabl
 
 
 @dataclass
-class SweepConfig:
+class SweepConfig(PlacementOptions):
     method: str | None = None  # None: the only method the artifact holds
     alphas: tuple[float, ...] = (-1.0, -0.5, 0.0, 0.5, 1.0)  # 0 is always swept
     questions: int | None = None  # None: the extraction's held-out count
@@ -181,6 +183,7 @@ class SweepConfig:
     model: str | None = None  # None: the artifact's base model spec
 
     def validate(self) -> None:
+        self.placement().validate()
         if self.method is not None:
             check_choice("method", self.method, METHODS)
         check_at_least("max_new_tokens", self.max_new_tokens, 1)
@@ -253,7 +256,7 @@ def sweep(config: SweepConfig, artifact: str | Artifact, progress: ProgressFn | 
     if config.questions is not None:
         split["heldout"] = config.questions
     train, heldout = _split(split)
-    loaded, _ = _open(config.model, artifact, session)
+    loaded, _ = _open(config.model, artifact, session, config.placement())
     prompter, _ = _prompter(loaded, split, train)
     direction = Steering.from_artifact(artifact).get(method)
     result = run_sweep(loaded, direction, method, prompter, heldout, list(config.alphas), config.max_new_tokens,

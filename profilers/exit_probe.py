@@ -24,6 +24,15 @@ from dyninfer.core.lenses import LOGIT
 from dyninfer.core.progress import ProgressFn, silent
 
 ECE_BINS = 15
+# Full-vocabulary tensors alive at once while one layer of a token chunk is scored: the final
+# distribution's probabilities, the layer's logits, log-probabilities, probabilities and one product.
+_VOCAB_TENSORS = 5
+DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for those tensors; the token chunk is sized from it
+
+
+def token_chunk(vocab_size: int, budget: int = DEFAULT_MEMORY_BUDGET) -> int:
+    """Tokens scored together so that the full-vocabulary float32 tensors stay within `budget` bytes."""
+    return max(1, budget // (_VOCAB_TENSORS * 4 * vocab_size))
 
 
 @dataclass
@@ -148,7 +157,7 @@ def _update(acc: _Accumulator, index: int, logits: torch.Tensor, final: _FinalDi
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     probs = logprobs.exp()
     max_prob, top1 = probs.max(dim=-1)
-    acc.top1[-1][index] = top1.numpy()
+    acc.top1[-1][index] = top1.cpu().numpy()
     correct = top1 == targets
     # KL(final || layer) = sum p_f log p_f - sum p_f log p_layer
     kl = final.neg_entropy - torch.linalg.vecdot(final.probs, logprobs)
@@ -157,7 +166,7 @@ def _update(acc: _Accumulator, index: int, logits: torch.Tensor, final: _FinalDi
     acc.kl[index] += kl.sum().item()
     acc.entropy[index] += (-torch.linalg.vecdot(probs, logprobs)).sum().item()
     acc.max_prob[index] += max_prob.sum().item()
-    conf, hit = max_prob.double().numpy(), correct.double().numpy()
+    conf, hit = max_prob.double().cpu().numpy(), correct.double().cpu().numpy()
     bins = np.minimum((conf * ECE_BINS).astype(int), ECE_BINS - 1)
     acc.bin_count[index] += np.bincount(bins, minlength=ECE_BINS)
     acc.bin_conf[index] += np.bincount(bins, weights=conf, minlength=ECE_BINS)
@@ -180,9 +189,15 @@ def run_probe(
     costs: CostModel,
     *,
     batch_size: int = 2,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: ProgressFn | None = None,
 ) -> ProbeResult:
-    """Probe `windows` ([n, seq_len + 1] token ids) with each lens in `lenses`."""
+    """Probe `windows` ([n, seq_len + 1] token ids) with each lens in `lenses`.
+
+    No tensor spans layers × tokens × vocabulary: each layer's distribution is scored on chunks of
+    tokens sized so that the full-vocabulary tensors fit `memory_budget` bytes. Peak memory above
+    the weights is the hidden states of one batch plus that budget, whatever the vocabulary.
+    """
     report = progress or silent
     n_index = lm.num_layers + 1
     accs = {lens.kind: _Accumulator(n_index) for lens in lenses}
@@ -193,13 +208,17 @@ def run_probe(
         batch = windows[start : start + batch_size].to(lm.device)
         inputs, targets = batch[:, :-1], batch[:, 1:].reshape(-1)
         states = [h.reshape(-1, h.shape[-1]) for _, h in lm.hidden_states(inputs)]
-        final = _FinalDistribution.from_logits(lm.logits_from(states[-1]))
         n_tokens += targets.numel()
-        for lens in lenses:
-            acc = accs[lens.kind]
-            acc.top1.append(np.zeros((n_index, targets.numel()), dtype=np.int64))
-            for index, hidden in enumerate(states):
-                _update(acc, index, lens.logits(index, hidden), final, targets)
+        chunk = token_chunk(lm.vocab_size, memory_budget)
+        for lo in range(0, targets.numel(), chunk):
+            hi = min(lo + chunk, targets.numel())
+            final = _FinalDistribution.from_logits(lm.logits_from(states[-1][lo:hi]))
+            for lens in lenses:
+                acc = accs[lens.kind]
+                acc.top1.append(np.zeros((n_index, hi - lo), dtype=np.int64))
+                for index, hidden in enumerate(states):
+                    _update(acc, index, lens.logits(index, hidden[lo:hi]), final, targets[lo:hi])
+            del final
         report("probing layers", b + 1, n_batches)
     seconds = time.perf_counter() - started
     forward_tps = _time_plain_forward(lm.model, windows, batch_size)

@@ -26,6 +26,7 @@ from dyninfer.core.data import TokenWindows, load_windows
 from dyninfer.core.errors import DyninferError, check_choice
 from dyninfer.core.lenses import TUNED, LogitLens, TunedLens, TunedLensTraining, train_tuned_lens
 from dyninfer.core.models import LoadedModel, load_model
+from dyninfer.core.placement import CPU_FLOAT32, Placement
 from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.runtime.dynamic import DynamicModel
 
@@ -39,8 +40,8 @@ class ModelSession:
     _windows: dict = field(default_factory=dict, repr=False)  # (data, field, seq_len, seed) -> TokenWindows
 
     @classmethod
-    def load(cls, spec: str) -> ModelSession:
-        return cls(load_model(spec))
+    def load(cls, spec: str, placement: Placement = CPU_FLOAT32) -> ModelSession:
+        return cls(load_model(spec, placement))
 
     @property
     def lm(self) -> LayeredModel:
@@ -174,6 +175,7 @@ def open_workspace(
     progress: ProgressFn | None = None,
     apply_pruning: bool = True,
     session: ModelSession | None = None,
+    placement: Placement = CPU_FLOAT32,
 ) -> Workspace:
     """Load the model (unless `session` holds it), then the artifact to extend, then the data.
 
@@ -189,7 +191,7 @@ def open_workspace(
     started = time.perf_counter()
     if session is None:
         report("loading model", 0, 1)
-        session = ModelSession.load(model)
+        session = ModelSession.load(model, placement)
         report("loading model", 1, 1)
     elif model != session.loaded.spec:
         raise DyninferError(f"the loaded model is '{session.loaded.spec}', not '{model}'")
@@ -219,12 +221,28 @@ class LoadedDynamic:
     def calibration(self) -> dict:
         return self.artifact.stages.get(stages.CALIBRATE, {})
 
+    @property
+    def notes(self) -> list[str]:
+        """What a report on this dynamic model should say: a calibration certified in another dtype."""
+        return placement_notes(self.calibration, self.loaded.placement, stages.CALIBRATE)
+
+
+def placement_notes(record: dict, placement: dict, stage: str) -> list[str]:
+    """A note when the stage `record` (if any) ran in another dtype than `placement`'s."""
+    then = (record or {}).get("placement", {}).get("dtype")
+    if then is None or then == placement["dtype"]:
+        return []
+    return [f"the artifact's {stage} stage ran in {then} and this run is in {placement['dtype']}: its numbers hold "
+            f"for {then}; run `dyninfer {stage}` in {placement['dtype']} to have them for this precision"]
+
 
 def load_dynamic(path: str, model: str | None = None, require_policy: bool = True,
-                 kv_mode: str | None = None, full_depth_is_enough: bool = False) -> LoadedDynamic:
+                 kv_mode: str | None = None, full_depth_is_enough: bool = False,
+                 placement: Placement = CPU_FLOAT32) -> LoadedDynamic:
     """Load the artifact at `path` and its base model (or `model`, which must be the same weights)."""
+    placement.validate()  # before the artifact: a bad option is reported as such, whatever the path
     artifact = Artifact.load(path)
-    session = ModelSession.load(model or artifact.base_model.spec)
+    session = ModelSession.load(model or artifact.base_model.spec, placement)
     return build_dynamic(artifact, session, require_policy=require_policy, kv_mode=kv_mode,
                          full_depth_is_enough=full_depth_is_enough)
 

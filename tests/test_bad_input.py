@@ -173,8 +173,17 @@ CASES = [
     ("prune-recurrent-model", ["prune", "{mamba}", "--data", "{text}", "--seq-len", "16", "--calibration-tokens", "64",
                                "--heldout-tokens", "64", "--no-speed"], "no MLP block"),
     # --- profile options
-    ("profile-device-unknown", ["profile", "{model}", "--device", "tpu"], "--device must be one of"),
+    ("profile-device-unknown", ["profile", "{model}", "--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
     ("profile-device-cuda-without-cuda", ["profile", "{model}", "--device", "cuda"], "sees no CUDA GPU"),
+    # --device and --dtype on every command that loads a model (#17)
+    *[(f"{cmd[0]}-device-cuda-without-cuda", [*cmd, "--device", "cuda:0"], "sees no CUDA GPU")
+      for cmd in (["probe", "{model}"], ["calibrate", "{model}"], ["prune", "{model}"], ["audit", "{model}"],
+                  ["run", "{art}", "hi"], ["bench", "{art}"], ["steer", "extract", "{model}", "--out", "{tmp}/steer"])],
+    *[(f"{cmd[0]}-dtype-unknown", [*cmd, "--dtype", "float8"], "--dtype must be one of auto, float32, bfloat16")
+      for cmd in (["probe", "{model}"], ["calibrate", "{model}"], ["run", "{art}", "hi"], ["bench", "{art}"],
+                  ["profile", "{model}"], ["audit", "{model}"])],
+    ("probe-device-misspelt", ["probe", "{model}", "--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N"),
+    ("probe-memory-budget-0", ["probe", "{model}", "--memory-budget", "0"], "--memory-budget must be at least 1"),
     ("profile-repeats-2", ["profile", "{model}", "--repeats", "2"], "--repeats must be at least 3"),
     ("profile-context-0", ["profile", "{model}", "--context", "0"], "--context"),
     ("profile-energy-seconds-0", ["profile", "{model}", "--energy-seconds", "0"], "--energy-seconds must be positive"),

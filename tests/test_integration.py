@@ -35,6 +35,23 @@ def test_probe_runs_on_the_bundled_model_offline():
     # The head costs about as much as 8 decoder layers on this model (docs/profile.md).
     costs = summary["cost_model"]
     assert 6 < costs["head"] / (sum(costs["layers"]) / len(costs["layers"])) < 9
+    assert summary["placement"] == {"device": "cpu", "dtype": "float32"}
+    assert summary["memory"]["peak_rss_mib"] > summary["memory"]["weights_mib"] > 400  # 135M float32 weights
+
+    # The same probe in bfloat16. bfloat16 keeps 8 significant bits (a relative rounding of 2^-9 per weight
+    # and activation); through 30 layers that moves logits by about a percent, so a token's top-1 changes
+    # only where its two best logits nearly tie. Tolerances: per layer, agreement and accuracy within 0.03
+    # (8 of these 256 tokens), KL within 0.05 nats plus 5%, the oracle saving within 0.03.
+    result = CliRunner().invoke(app, ["probe", "--tokens", "256", "--dtype", "bfloat16", "--json"])
+    assert result.exit_code == 0, result.output
+    half = json.loads(result.stdout)
+    assert half["placement"] == {"device": "cpu", "dtype": "bfloat16"}
+    assert half["memory"]["weights_mib"] == pytest.approx(summary["memory"]["weights_mib"] / 2, rel=0.01)
+    low = half["lenses"]["logit"]
+    for name in ("agreement", "accuracy"):
+        assert max(abs(a - b) for a, b in zip(logit[name], low[name])) <= 0.03, name
+    assert all(abs(a - b) <= 0.05 + 0.05 * a for a, b in zip(logit["kl"], low["kl"]))
+    assert low["oracle"]["saving"] == pytest.approx(logit["oracle"]["saving"], abs=0.03)
 
 
 def test_tuned_lens_reduces_kl_on_unseen_text(bundled):

@@ -149,7 +149,7 @@ def test_profile_cli_writes_the_stage_and_reports_no_gpu(tiny_llama_dir, text_fi
 @pytest.mark.parametrize("args, fragment", [
     (["--repeats", "2"], "--repeats must be at least 3"),
     (["--context", "0"], "--context must be at least 1"),
-    (["--device", "tpu"], "--device must be one of"),
+    (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
     (["--energy-seconds", "0"], "--energy-seconds must be positive"),
 ])
 def test_profile_bad_options(tiny_llama_dir, text_file, args, fragment):
