@@ -7,7 +7,7 @@ FAST := not slow and not integration and not triton
 # module whose fixture is costly on one worker (its `xdist_group` mark).
 PARALLEL := -n 2 --dist loadgroup
 
-.PHONY: install demo lint test test-fast
+.PHONY: install demo lint test test-fast gpu-check
 
 # The exact torch CI tests (its CPU build is on disk here); pyproject.toml declares a range.
 TORCH ?= torch==2.13.0
@@ -32,3 +32,9 @@ test: install lint
 # The development loop (after one `make install`): unit tests on tiny models only.
 test-fast:
 	$(PYTHON) -m pytest -q $(PARALLEL) -m "$(FAST)"
+
+# On a CUDA machine: the GPU paths end to end (bfloat16 probe and calibrate, NVML profile, fp16 CUDA
+# export and ONNX bench, the CUDA Triton tests, a Triton pruning decode) into gpu-check.json, in
+# under 8 minutes. Fails when a path breaks; without CUDA it says so and exits 0.
+gpu-check: install
+	$(PYTHON) benchmarks/gpu_check.py --out gpu-check.json

@@ -67,6 +67,7 @@ class ExitClassifier(nn.Module):
         separable in d dimensions: unpenalised, the logits reach 20-30 and the float32 sigmoid
         saturates at exactly 1, so no threshold can tell the surest exits apart.
         """
+        self.to(features[0].device)  # float32 master weights, beside the features (the model's device)
         optimiser = torch.optim.Adam(self.parameters(), lr=lr)
         for _ in range(steps):
             optimiser.zero_grad(set_to_none=True)
@@ -82,7 +83,8 @@ class ExitClassifier(nn.Module):
             optimiser.step()
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"classifier.weight": self.weight.detach().contiguous(), "classifier.bias": self.bias.detach().contiguous()}
+        return {"classifier.weight": self.weight.detach().cpu().contiguous(),
+                "classifier.bias": self.bias.detach().cpu().contiguous()}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], points: int | None = None,

@@ -229,7 +229,7 @@ def window_losses(sim: Simulation, trace: Trace, risk: str, windows: int) -> np.
         per_token = (~sim.consistent).double()
     else:  # accuracy drop: the exit is wrong where the full model was right
         per_token = (~sim.correct & trace.final_correct).double()
-    return per_token.reshape(windows, -1).mean(1).numpy()
+    return per_token.reshape(windows, -1).mean(1).cpu().numpy()
 
 
 def candidate_thresholds(confidence: torch.Tensor, n: int = 120) -> list[float]:

@@ -274,6 +274,6 @@ def build_dynamic(artifact: Artifact, session: ModelSession, *, require_policy: 
     lens = TunedLens.from_tensors(lm, exits) if policy is not None and policy.lens == TUNED else LogitLens(lm)
     classifier = None
     if policy is not None and policy.measure == "classifier":
-        classifier = ExitClassifier.from_tensors(exits, len(policy.exit_points), lm.hidden_size)
+        classifier = ExitClassifier.from_tensors(exits, len(policy.exit_points), lm.hidden_size).to(lm.device)
     return LoadedDynamic(artifact, session.loaded, DynamicModel(lm, policy, lens, classifier), policy, pruning,
                          session.steering)

@@ -149,3 +149,33 @@ def test_probe_scores_token_chunks_within_its_memory_budget(monkeypatch):
     for column in ("kl", "ece", "entropy"):  # float32 sums over other row blocks: rounding only
         assert chunked.layers[column].tolist() == pytest.approx(whole.layers[column].tolist(), rel=1e-5, abs=1e-7)
     assert chunked.depth["tokens"].tolist() == whole.depth["tokens"].tolist()
+
+
+def test_gpu_check_without_cuda_says_so_and_passes(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
+    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "gpu.json")], capture_output=True,
+                          text=True)
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine runs the whole check with `make gpu-check`")
+    assert done.returncode == 0 and done.stdout.strip().count("\n") == 0 and "sees no CUDA GPU" in done.stdout
+    assert not (tmp_path / "gpu.json").exists()
+
+
+def test_gpu_check_fails_a_step_that_ran_off_the_gpu_path():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from gpu_check import check_step
+
+    assert "not cuda bfloat16" in check_step({"step": "probe", "summary": {"placement": {"dtype": "float32"}}})
+    assert "no NVML" in check_step({"step": "profile", "summary": {"gpu": {"available": False, "reason": "x"}}})
+    assert "CUDA provider" in check_step({"step": "bench-onnx", "summary": {"notes": [
+        "ONNX Runtime provider: CPUExecutionProvider"]}})
+    assert check_step({"step": "bench-onnx", "summary": {"notes": [
+        "ONNX Runtime provider: CUDAExecutionProvider"]}}) is None
+    assert "not triton" in check_step({"step": "prune-triton", "summary": {"speed": {"backend": "numba"}}})
