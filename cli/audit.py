@@ -90,6 +90,8 @@ def audit(
                                                           "artifact).")] = Path("audit"),
     device: opt.Device = DEFAULTS.device,
     dtype: opt.Dtype = DEFAULTS.dtype,
+    device_map: opt.DeviceMap = DEFAULTS.device_map,
+    max_memory: opt.MaxMemory = DEFAULTS.max_memory,
     as_json: opt.Json = False,
 ) -> None:
     config = opt.config_from(job.AuditConfig, locals())

@@ -85,6 +85,8 @@ def bench(
     provider: opt.Provider = DEFAULTS.provider,
     device: opt.Device = DEFAULTS.device,
     dtype: opt.Dtype = DEFAULTS.dtype,
+    device_map: opt.DeviceMap = DEFAULTS.device_map,
+    max_memory: opt.MaxMemory = DEFAULTS.max_memory,
     as_json: opt.Json = False,
 ) -> None:
     config = opt.config_from(job.BenchConfig, locals())

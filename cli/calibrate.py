@@ -120,6 +120,8 @@ def calibrate(
     out: opt.out_dir("Artifact dir to write/extend (the policy, and calibrate/ with the curve CSV/JSON/PNG).") = None,
     device: opt.Device = DEFAULTS.device,
     dtype: opt.Dtype = DEFAULTS.dtype,
+    device_map: opt.DeviceMap = DEFAULTS.device_map,
+    max_memory: opt.MaxMemory = DEFAULTS.max_memory,
     as_json: opt.Json = False,
 ) -> None:
     config = opt.config_from(job.CalibrateConfig, locals())

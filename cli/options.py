@@ -56,6 +56,12 @@ SeqLen = Annotated[int, typer.Option("--seq-len", help="Tokens of context per wi
 Seed = Annotated[int, typer.Option("--seed", help="Seed for the data split, sampling and training.")]
 Device = Annotated[str, typer.Option(
     "--device", help="Where the model runs: auto (cuda when torch sees a GPU, else cpu), cpu, cuda or cuda:N.")]
+DeviceMap = Annotated[str | None, typer.Option(
+    "--device-map", help="auto: spread a model too big for one device over the GPUs, the CPU and the disk "
+                         "(accelerate's device map; --device stays auto).")]
+MaxMemory = Annotated[str | None, typer.Option(
+    "--max-memory", help="With --device-map auto: memory per device, like 0=70GiB,1=70GiB,cpu=200GiB,disk=1TiB "
+                         "(without disk=, nothing is offloaded to disk).")]
 Dtype = Annotated[str, typer.Option(
     "--dtype", help="The model's precision: auto (the checkpoint's own dtype on CUDA, float32 on the CPU), float32, "
                     "bfloat16 or float16. Statistics and trained heads stay float32.")]

@@ -107,6 +107,8 @@ def profile(
                      ".parquet, summary.json, profile.png).") = None,
     device: opt.Device = DEFAULTS.device,
     dtype: opt.Dtype = DEFAULTS.dtype,
+    device_map: opt.DeviceMap = DEFAULTS.device_map,
+    max_memory: opt.MaxMemory = DEFAULTS.max_memory,
     as_json: opt.Json = False,
 ) -> None:
     config = opt.config_from(job.ProfileConfig, locals())

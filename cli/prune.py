@@ -104,6 +104,8 @@ def prune(
     out: opt.out_dir("Artifact dir to write/extend (masks + prune/ report).") = None,
     device: opt.Device = DEFAULTS.device,
     dtype: opt.Dtype = DEFAULTS.dtype,
+    device_map: opt.DeviceMap = DEFAULTS.device_map,
+    max_memory: opt.MaxMemory = DEFAULTS.max_memory,
     as_json: opt.Json = False,
 ) -> None:
     config = opt.config_from(job.PruneConfig, locals())

@@ -57,6 +57,8 @@ def run(
     draft_threshold: opt.DraftThreshold = DEFAULTS.draft_threshold,
     device: opt.Device = DEFAULTS.device,
     dtype: opt.Dtype = DEFAULTS.dtype,
+    device_map: opt.DeviceMap = DEFAULTS.device_map,
+    max_memory: opt.MaxMemory = DEFAULTS.max_memory,
     as_json: opt.Json = False,
 ) -> None:
     config = opt.config_from(job.RunConfig, locals())

@@ -113,6 +113,8 @@ def extract(
     seed: opt.Seed = EXTRACT.seed,
     device: opt.Device = EXTRACT.device,
     dtype: opt.Dtype = EXTRACT.dtype,
+    device_map: opt.DeviceMap = EXTRACT.device_map,
+    max_memory: opt.MaxMemory = EXTRACT.max_memory,
     as_json: opt.Json = False,
 ) -> None:
     config = opt.config_from(job.ExtractConfig, locals())
@@ -180,6 +182,8 @@ def sweep(
     model: opt.ModelOverride = SWEEP.model,
     device: opt.Device = SWEEP.device,
     dtype: opt.Dtype = SWEEP.dtype,
+    device_map: opt.DeviceMap = SWEEP.device_map,
+    max_memory: opt.MaxMemory = SWEEP.max_memory,
     as_json: opt.Json = False,
 ) -> None:
     config = opt.config_from(job.SweepConfig, locals())

@@ -457,7 +457,25 @@ class LayeredModel:
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        """Where inputs go: the embedding's device (its execution device when accelerate dispatched the
+        model over several devices or offloaded it)."""
+        embed = self.model.get_input_embeddings()
+        hook = getattr(embed, "_hf_hook", None)
+        if getattr(hook, "execution_device", None) is not None:
+            return torch.device(hook.execution_device)
+        return embed.weight.device
+
+    @property
+    def offloaded(self) -> bool:
+        """Some weights live off-device (accelerate's CPU or disk offload): read only through forward hooks."""
+        return any(p.device.type == "meta" for p in self.model.parameters())
+
+    def require_weights(self, feature: str) -> None:
+        """Refuse `feature`, which reads or changes weights directly, on an offloaded model."""
+        if self.offloaded:
+            raise DyninferError(f"{feature} reads and changes the weights directly, and this model's device map "
+                                "offloads some of them; give `max_memory` room for every weight (or load it without "
+                                "`device_map`)")
 
     def new_cache(self, batch_size: int = 1):
         """A fresh KV cache (transformers' Cache classes) or Mamba state cache."""
@@ -551,6 +569,8 @@ class LayeredModel:
 
     def head_rows(self, normed: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """Logits of only `token_ids` (a vocabulary subset): cheap partial head."""
+        if self.lm_head.weight.device.type == "meta":  # offloaded: the weight exists only inside the forward hook
+            return self.head(normed)[..., token_ids]
         logits = normed @ self.lm_head.weight[token_ids].T
         if getattr(self.lm_head, "bias", None) is not None:
             logits = logits + self.lm_head.bias[token_ids]
@@ -558,6 +578,8 @@ class LayeredModel:
 
     def head_rows_per_row(self, normed: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """Logits of a different vocabulary subset per row: normed [B, d], token_ids [B, K]."""
+        if self.lm_head.weight.device.type == "meta":
+            return torch.gather(self.head(normed), -1, token_ids)
         logits = torch.einsum("bd,bkd->bk", normed, self.lm_head.weight[token_ids])
         if getattr(self.lm_head, "bias", None) is not None:
             logits = logits + self.lm_head.bias[token_ids]

@@ -10,14 +10,17 @@ Specs:
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import socket
 import tempfile
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -46,8 +49,11 @@ class LoadedModel:
     @property
     def placement(self) -> dict:
         """Where the model runs and in what dtype, as stage records note it ({device, dtype})."""
-        weight = self.layered.lm_head.weight
-        return {"device": str(weight.device), "dtype": dtype_name(weight.dtype)}
+        out = {"device": str(self.layered.device), "dtype": dtype_name(self.layered.lm_head.weight.dtype)}
+        device_map = getattr(self.model, "hf_device_map", None)
+        if device_map and len(device_map) > 1:  # dispatched: how many modules went where
+            out["device_map"] = dict(sorted(Counter(str(v) for v in device_map.values()).items()))
+        return out
 
     @property
     def layered(self) -> LayeredModel:
@@ -113,6 +119,7 @@ def _quiet_transformers():
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)  # "some parameters are on the meta device": by design
 
 
 def _check_architecture(config) -> None:
@@ -127,17 +134,49 @@ def checkpoint_dtype(config) -> torch.dtype | None:
     return declared if isinstance(declared, torch.dtype) else None
 
 
+def _device_map(config, placement: Placement, dtype: torch.dtype) -> dict:
+    """Where each module goes under `placement.max_memory` (accelerate's plan on an empty model)."""
+    from accelerate import infer_auto_device_map, init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    empty.tie_weights()
+    limits = placement.memory_limits()
+    plan = infer_auto_device_map(empty, max_memory=limits, no_split_module_classes=empty._no_split_modules, dtype=dtype)
+    size = sum(p.numel() for p in empty.parameters()) * torch.finfo(dtype).bits // 8
+    if limits is not None and "disk" not in limits and "disk" in plan.values():
+        raise DyninferError(f"the model's {size / 2**30:.2f} GiB of {dtype_name(dtype)} weights do not fit "
+                            f"`max_memory` ({placement.max_memory}); raise it, or add disk=SIZE to offload the rest")
+    if set(plan.values()) == {"disk"}:
+        raise DyninferError(f"`max_memory` ({placement.max_memory}) leaves no device room even for the model's first "
+                            f"module; give a GPU or the CPU more (the weights are {size / 2**30:.2f} GiB)")
+    return plan
+
+
+def _offload_folder() -> str:
+    """A folder for weights a device map sends to disk, removed when the process ends."""
+    folder = tempfile.mkdtemp(prefix="dyninfer-offload-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def _load_pretrained(path_or_id: str, placement: Placement, **kw):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(path_or_id, **kw)
     _check_architecture(config)
+    dtype = placement.torch_dtype(checkpoint_dtype(config))
     device = placement.torch_device()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=placement.torch_dtype(checkpoint_dtype(config)),
-                                                     **kw)
-        model.to(device)
+        if placement.device_map:
+            plan = _device_map(config, placement, dtype)
+            model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, device_map=plan,
+                                                         offload_folder=_offload_folder(), **kw)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, **kw)
+            model.to(device)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kw)
         except Exception as exc:  # noqa: BLE001 - transformers fails many ways on a missing tokenizer

@@ -132,6 +132,7 @@ def extract(config: ExtractConfig, existing: str | Artifact | None = None, progr
     report("loading model", 0, 1)
     loaded, artifact = _open(config.model, existing, session, config.placement())
     lm = loaded.layered
+    lm.require_weights("steer extract")
     prompter, train = _prompter(loaded, config.split_record(), train)
     record: dict = {"split": config.split_record(), "placement": loaded.placement}
     if config.method == "activation":

@@ -53,6 +53,8 @@ class ModelSession:
         artifact.check_base_model(self.loaded.content_hash, self.loaded.spec)
         remove_pruning(self.lm)  # before steering: SparseMLP copies the (steered) MLP weights
         record = applied(artifact)
+        if record is not None or (pruning and stages.PRUNE in artifact.stages):
+            self.lm.require_weights("the artifact's steering or pruning masks")
         if record != self.steering:
             if self.steering is not None:
                 raise DyninferError("this loaded model already has another steering baked in; load the model "

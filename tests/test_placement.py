@@ -179,3 +179,44 @@ def test_gpu_check_fails_a_step_that_ran_off_the_gpu_path():
     assert check_step({"step": "bench-onnx", "summary": {"notes": [
         "ONNX Runtime provider: CUDAExecutionProvider"]}}) is None
     assert "not triton" in check_step({"step": "prune-triton", "summary": {"speed": {"backend": "numba"}}})
+
+
+def test_a_dispatched_offloaded_model_probes_and_decodes_like_the_plain_one(tmp_path):
+    """accelerate's device map with CPU and disk offload: the layers run through its hooks, and the probe
+    and greedy tokens equal the model loaded whole."""
+    from conftest import save_tiny
+
+    from dyninfer.runtime.dynamic import DynamicModel
+
+    model = str(save_tiny("llama", tmp_path / "model"))
+    plain = load_model(model)
+    mapped = load_model(model, Placement(device_map="auto", max_memory="cpu=100KB,disk=1GB"))
+    assert mapped.layered.offloaded and mapped.placement["device_map"] == {"cpu": 2, "disk": 5}  # layer 0 on the CPU
+    windows = torch.randint(0, 128, (4, 33), generator=torch.Generator().manual_seed(1))
+    results = [run_probe(m.layered, windows, [LogitLens(m.layered)], count_costs(plain.layered, context=32))
+               for m in (plain, mapped)]
+    for column in ("agreement", "accuracy", "kl", "ece"):
+        assert results[1].layers[column].tolist() == pytest.approx(results[0].layers[column].tolist(), abs=1e-6)
+    prompt = windows[:1, :12]
+    tokens = [DynamicModel(m.layered, None, None, None).generate(prompt, 10, mode="full").tokens for m in (plain, mapped)]
+    assert torch.equal(tokens[0], tokens[1])
+    # Early exits (every token leaves at layer 1 after the prompt) fill the skipped layers' caches the same way.
+    from dyninfer.compressors.exit_policy import ExitPolicy
+
+    for kv_mode in ("propagate", "recompute"):
+        runs = [DynamicModel(m.layered, ExitPolicy("logit", "softmax", [1, 2], 0.0, 0, kv_mode), LogitLens(m.layered),
+                             None).generate(prompt, 10, mode="early-exit") for m in (plain, mapped)]
+        assert runs[0].exit_layers[1:] == [1] * 9 and runs[1].exit_layers == runs[0].exit_layers
+        assert torch.equal(runs[0].tokens, runs[1].tokens), kv_mode
+    # The vocabulary-subset head reads the offloaded head weight through its hook.
+    normed = torch.randn(3, mapped.layered.hidden_size)
+    rows = torch.tensor([5, 17, 99])
+    assert torch.allclose(mapped.layered.head_rows(normed, rows), plain.layered.head_rows(normed, rows), atol=1e-6)
+
+
+def test_probe_on_a_device_map_records_it(tiny_llama_dir, text_file):
+    args = ["probe", str(tiny_llama_dir), "--data", str(text_file), "--seq-len", "32", "--tokens", "64"]
+    whole = _json(args)
+    mapped = _json([*args, "--device-map", "auto", "--max-memory", "cpu=100KB,disk=1GB"])
+    assert mapped["placement"]["device_map"]["disk"] >= 1 and "device_map" not in whole["placement"]
+    assert mapped["lenses"]["logit"]["agreement"] == pytest.approx(whole["lenses"]["logit"]["agreement"], abs=1e-9)
