@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -18,6 +19,7 @@ from dyninfer.cli import prune as prune_cmd
 from dyninfer.cli import run as run_cmd
 from dyninfer.cli import steer as steer_cmd
 from dyninfer.cli.output import stderr
+from dyninfer.core import distributed
 
 # The click that typer runs on (recent typer vendors its own copy): the base of its usage errors.
 ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -29,6 +31,8 @@ class OneLineErrors(TyperGroup):
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
+        if not distributed.join().is_main:  # torchrun / accelerate launch: rank 0 alone prints
+            _silence()
         try:
             result = super().main(*args, standalone_mode=False, **kwargs)
         except ClickException as exc:
@@ -38,7 +42,17 @@ class OneLineErrors(TyperGroup):
             if message:  # empty: a group called without a command, whose help was just shown
                 stderr.print(f"[bold red]error:[/] {message}{hint}", highlight=False, markup=True)
             sys.exit(exc.exit_code)
+        finally:
+            distributed.leave()
         sys.exit(result if isinstance(result, int) else 0)
+
+
+def _silence() -> None:
+    """Send this process's stdout and stderr to the null device (a data-parallel rank other than 0)."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+        os.dup2(null, stream.fileno())
 
 
 app = typer.Typer(

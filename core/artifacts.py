@@ -43,6 +43,7 @@ try:
 except ImportError:  # not POSIX: no advisory locks
     fcntl = None
 
+from dyninfer.core import distributed
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.version import __version__
 
@@ -342,8 +343,13 @@ class Artifact:
         in under an advisory lock that concurrent writers queue on, with Ctrl-C and SIGTERM held
         off until the swap is done; any failure rolls back, so *path* holds either the old
         artifact or the new one, whole.
+
+        In a data-parallel run only rank 0 writes; the other ranks, which hold the same artifact,
+        return the path without touching it.
         """
         given = pathlib.Path(path)
+        if not distributed.current().is_main:
+            return pathlib.Path(os.path.realpath(given))
         target = pathlib.Path(os.path.realpath(given))  # a symlinked target: write through it
         if not target.name:
             raise _error(f"cannot save an artifact to {str(given)!r}; pass a directory path such as out/model.dyn")

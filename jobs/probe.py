@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dyninfer.core import stages
+from dyninfer.core import distributed, stages
 from dyninfer.core.artifacts import Artifact
 from dyninfer.core.cost import CostModel, count_costs
 from dyninfer.core.data import DEFAULT_DATA
@@ -113,6 +113,8 @@ def run(config: ProbeConfig, progress: ProgressFn | None = None, existing: str |
                         existing=existing, progress=progress, session=session,
                         placement=config.placement())
     heldout = ws.windows.take("heldout", config.tokens)  # raises early if the data is too short
+    world = distributed.current()  # data-parallel: this rank probes every size-th held-out window
+    heldout = heldout[world.shard(heldout.shape[0], "held-out windows")]
     lm = ws.lm
     costs: CostModel = count_costs(lm, context=config.seq_len)
     # Both lenses side by side whenever both are available: the logit lens is free, and a
@@ -129,7 +131,7 @@ def run(config: ProbeConfig, progress: ProgressFn | None = None, existing: str |
         lenses.append(tuned)
 
     result = run_probe(lm, heldout, lenses, costs, batch_size=config.batch_size,
-                       memory_budget=config.memory_budget_mib * 2**20, progress=progress)
+                       memory_budget=config.memory_budget_mib * 2**20, progress=progress, world=world)
     ws.timings["probe_s"] = result.seconds
     report = ProbeReport(config, ws.loaded.base_model_info(), ws.windows.describe(), result, training, ws.timings,
                          placement=ws.loaded.placement, memory=peak_memory(lm.model))

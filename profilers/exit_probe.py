@@ -20,6 +20,7 @@ import torch
 
 from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.cost import CostModel
+from dyninfer.core.distributed import World
 from dyninfer.core.lenses import LOGIT
 from dyninfer.core.progress import ProgressFn, silent
 
@@ -191,12 +192,16 @@ def run_probe(
     batch_size: int = 2,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: ProgressFn | None = None,
+    world: World = World(),
 ) -> ProbeResult:
     """Probe `windows` ([n, seq_len + 1] token ids) with each lens in `lenses`.
 
     No tensor spans layers × tokens × vocabulary: each layer's distribution is scored on chunks of
     tokens sized so that the full-vocabulary tensors fit `memory_budget` bytes. Peak memory above
     the weights is the hidden states of one batch plus that budget, whatever the vocabulary.
+
+    In a data-parallel run each rank passes its shard of the windows; the sums, the ECE bins and
+    the prediction-depth counts are all-reduced, so every rank returns the result over all of them.
     """
     report = progress or silent
     n_index = lm.num_layers + 1
@@ -221,16 +226,19 @@ def run_probe(
             del final
         report("probing layers", b + 1, n_batches)
     seconds = time.perf_counter() - started
-    forward_tps = _time_plain_forward(lm.model, windows, batch_size)
+    forward_tps = world.sum(_time_plain_forward(lm.model, windows, batch_size))  # ranks run side by side
+    n_tokens, seconds = int(world.sum(n_tokens)), world.max(seconds)
 
     layer_rows, depth_rows, oracle = [], [], {}
     for kind, acc in accs.items():
+        for name in ("agree", "correct", "kl", "entropy", "max_prob", "bin_count", "bin_conf", "bin_correct"):
+            setattr(acc, name, world.sum(getattr(acc, name)))
         n = float(n_tokens)
         occupied = acc.bin_count > 0
         gap = np.abs(acc.bin_correct - acc.bin_conf)  # |sum correct - sum conf| per bin = n_b * |acc_b - conf_b|
         ece = np.where(occupied, gap, 0.0).sum(axis=1) / n
         depth = prediction_depth(np.concatenate(acc.top1, axis=1))
-        counts = np.bincount(depth, minlength=n_index)
+        counts = world.sum(np.bincount(depth, minlength=n_index)).astype(np.int64)
         cumulative = np.cumsum(counts) / n
         for index in range(n_index):
             layer_rows.append(

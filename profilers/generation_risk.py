@@ -38,9 +38,11 @@ from dyninfer.compressors.exit_policy import (
     generation_grid,
 )
 from dyninfer.compressors.ltt import fixed_sequence_test, min_examples
+from dyninfer.core import distributed
 from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.consistency import CONSISTENCY_MEASURES, all_measures, consistency
 from dyninfer.core.cost import CostModel
+from dyninfer.core.distributed import World
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.runtime.dynamic import DynamicModel
@@ -54,23 +56,38 @@ class PromptSet:
     continuations: torch.Tensor  # [n, new tokens]
     # Per batch of prompts: its prefill (the same at every threshold), kept for the next candidate.
     prefills: dict = field(default_factory=dict, repr=False)
+    shards: dict = field(default_factory=dict, repr=False)  # World -> this rank's PromptSet (its own prefills)
 
     @property
     def size(self) -> int:
         return int(self.prompts.shape[0])
 
+    def shard(self, world: World) -> PromptSet:
+        """This rank's prompts in a data-parallel run (every size-th one), kept with their prefills."""
+        if world.size == 1:
+            return self
+        if world not in self.shards:
+            rows = world.shard(self.size, "prompts")
+            self.shards[world] = PromptSet(self.prompts[rows], self.continuations[rows])
+        return self.shards[world]
+
 
 @torch.no_grad()
 def full_continuations(lm: LayeredModel, prompts: torch.Tensor, new_tokens: int, batch_size: int = 32,
                        progress: ProgressFn | None = None, what: str = "full-model continuations") -> torch.Tensor:
-    """The full model's greedy continuations (the dynamic model's full mode: the path `run` takes)."""
+    """The full model's greedy continuations (the dynamic model's full mode: the path `run` takes).
+
+    In a data-parallel run each rank continues its shard of the prompts and every rank gets all of them.
+    """
     report = progress or silent
+    world = distributed.current()
+    mine = prompts[world.shard(prompts.shape[0], "prompts")] if world.size > 1 else prompts
     full = DynamicModel(lm, None, None)
     out = []
-    for start in range(0, prompts.shape[0], batch_size):
-        out.append(full.generate(prompts[start : start + batch_size], new_tokens, mode="full").tokens)
-        report(what, min(start + batch_size, prompts.shape[0]), prompts.shape[0])
-    return torch.cat(out)
+    for start in range(0, mine.shape[0], batch_size):
+        out.append(full.generate(mine[start : start + batch_size], new_tokens, mode="full").tokens)
+        report(what, min(start + batch_size, mine.shape[0]), mine.shape[0])
+    return world.gather_rows(torch.cat(out), prompts.shape[0])
 
 
 def fit_sequences(lm: LayeredModel, fit_windows: torch.Tensor, prompt_tokens: int, new_tokens: int,
@@ -103,8 +120,11 @@ def generate_and_score(dynamic: DynamicModel, prompts: PromptSet, measure: str, 
     """Each prompt's greedy early-exit continuation and its consistency with the full one.
 
     For the prefix measure the run is teacher-forced along the full continuation: greedy
-    generation equals it up to the first difference, which is all the measure reads.
+    generation equals it up to the first difference, which is all the measure reads. In a
+    data-parallel run each rank generates its shard of the prompts and every rank gets all the rows.
     """
+    world, n = distributed.current(), prompts.size
+    prompts = prompts.shard(world)
     report = progress or silent
     scores, depths, decoded, tokens = [], [], [], []
     new_tokens = prompts.continuations.shape[1]
@@ -120,7 +140,8 @@ def generate_and_score(dynamic: DynamicModel, prompts: PromptSet, measure: str, 
         decoded.append(run.tokens >= 0)
         tokens.append(run.tokens)
         report(what, min(start + batch_size, prompts.size), prompts.size)
-    return GeneratedRun(np.concatenate(scores), torch.cat(depths), torch.cat(decoded), torch.cat(tokens))
+    return GeneratedRun(world.gather_rows(np.concatenate(scores), n), world.gather_rows(torch.cat(depths), n),
+                        world.gather_rows(torch.cat(decoded), n), world.gather_rows(torch.cat(tokens), n))
 
 
 def predicted_speedup(run: GeneratedRun, policy: ExitPolicy, costs: CostModel, hidden_size: int) -> float:
