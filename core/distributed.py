@@ -55,6 +55,22 @@ class World:
             whole[rank::self.size] = rows
         return whole
 
+    def union(self, values: torch.Tensor) -> torch.Tensor:
+        """The sorted union of every rank's 1-D `values`."""
+        if self.size == 1:
+            return values
+        parts: list = [None] * self.size
+        dist.all_gather_object(parts, values.cpu())
+        return torch.unique(torch.cat(parts)).to(values.device)
+
+    def sum_gradients(self, parameters) -> None:
+        """All-reduce (sum) the gradients of `parameters`: each rank's loss is its share of the global mean."""
+        if self.size == 1:
+            return
+        for p in parameters:
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
     def max(self, value: float) -> float:
         if self.size == 1:
             return value

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from dyninfer.core import distributed
 from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.progress import ProgressFn, silent
@@ -108,7 +109,19 @@ class TunedLensTraining:
 
 @torch.no_grad()
 def collect_hidden_states(lm: LayeredModel, windows: torch.Tensor, batch_size: int = 4, first: int = 0) -> torch.Tensor:
-    """Hidden states [L+1, N, d] for every input position of `windows` (inputs = w[:, :-1]) from `first` on."""
+    """Hidden states [L+1, N, d] for every input position of `windows` (inputs = w[:, :-1]) from `first` on.
+
+    In a data-parallel run each rank runs the model on its share of the windows and every rank
+    gets all the states, in window order.
+    """
+    world = distributed.current()
+    if world.size > 1:  # [windows, L+1, positions, d] from every rank, back in window order
+        mine = windows[world.shard(windows.shape[0], "lens training windows")]
+        own = torch.cat([torch.stack([h[:, first:] for _, h in lm.hidden_states(mine[s : s + batch_size, :-1]
+                                                                                  .to(lm.device))], dim=1)
+                         for s in range(0, mine.shape[0], batch_size)])
+        per_window = world.gather_rows(own.cpu(), windows.shape[0]).to(lm.device)
+        return per_window.transpose(0, 1).reshape(per_window.shape[1], -1, per_window.shape[-1])
     chunks = []
     for start in range(0, windows.shape[0], batch_size):
         ids = windows[start : start + batch_size, :-1].to(lm.device)
@@ -140,15 +153,15 @@ def _least_squares_init(lens: TunedLens, states: torch.Tensor, ridge: float = 1e
 
 @torch.no_grad()
 def mean_kl_per_layer(lens, lm: LayeredModel, states: torch.Tensor, chunk: int = 512) -> list[float]:
-    """Mean full-vocabulary KL(final || lens) for each hidden-state index."""
-    n = states.shape[1]
+    """Mean full-vocabulary KL(final || lens) for each hidden-state index (chunks shared among the ranks)."""
+    n, world = states.shape[1], distributed.current()
     totals = torch.zeros(lm.num_layers + 1, dtype=torch.float64)
-    for start in range(0, n, chunk):
+    for start in list(range(0, n, chunk))[world.rank :: world.size]:
         block = states[:, start : start + chunk]
         final = torch.log_softmax(lm.logits_from(block[-1]).float(), dim=-1)
         for index in range(lm.num_layers + 1):
             totals[index] += kl_final_vs(lens.logits(index, block[index]), final).sum().item()
-    return (totals / n).tolist()
+    return (torch.as_tensor(world.sum(totals.numpy())) / n).tolist()
 
 
 def _subset_kl_step(lens: TunedLens, lm: LayeredModel, batch: torch.Tensor, top_k: int) -> None:
@@ -156,15 +169,23 @@ def _subset_kl_step(lens: TunedLens, lm: LayeredModel, batch: torch.Tensor, top_
 
     The candidates are the union of each token's top-k under the final distribution; that
     holds nearly all the final probability mass and costs a fraction of the full head.
+
+    Data-parallel (DDP's scheme): each rank takes every size-th token of the batch, the candidates
+    are the union over all ranks, each rank's loss is its tokens' share of the batch mean, and the
+    gradients are summed, so every rank takes the step one process would.
     """
+    world = distributed.current()
+    n = batch.shape[1]
+    batch = batch[:, world.rank :: world.size]
     with torch.no_grad():
         final_logits = lm.logits_from(batch[-1]).float()
-        candidates = torch.unique(final_logits.topk(top_k, dim=-1).indices)
+        candidates = world.union(torch.unique(final_logits.topk(top_k, dim=-1).indices))
         final = torch.log_softmax(final_logits[:, candidates], dim=-1)
     for index in range(lm.num_layers):  # one backward per layer: one small graph alive at a time
         normed = lm.final_norm(lens.translate(index, batch[index]))
-        loss = kl_final_vs(lm.head_rows(normed, candidates), final).mean() / lm.num_layers
+        loss = kl_final_vs(lm.head_rows(normed, candidates), final).sum() / (n * lm.num_layers)
         loss.backward()
+    world.sum_gradients(lens.parameters())
 
 
 def train_tuned_lens(

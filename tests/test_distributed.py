@@ -3,7 +3,6 @@ same windows and prompts: the same numbers and the same artifact, apart from tim
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import CALIBRATE_ARGS, random_text, save_tiny
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("distributed")]
@@ -33,10 +33,6 @@ def _untimed(value):
     if isinstance(value, list):
         return [_untimed(v) for v in value]
     return value
-
-
-def _tensors(artifact: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(artifact.glob("*.safetensors"))}
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +63,20 @@ def test_two_gloo_processes_probe_and_calibrate_like_one(workspace):
     # The artifact: written once (by rank 0), the same apart from timings.
     manifests = [json.loads((workspace / f"artifact-{n}" / "dyninfer.json").read_text()) for n in (1, 2)]
     assert _close(_untimed(manifests[1]["stages"]), _untimed(manifests[0]["stages"]))
-    assert _tensors(workspace / "artifact-2") == _tensors(workspace / "artifact-1")
+    # Tensors: the cached continuations are equal; the tuned lens trained with DDP (gradients summed over
+    # the ranks) equals the one-process lens up to the order of float sums.
+    from safetensors.torch import load_file
+
+    for name in sorted(p.name for p in (workspace / "artifact-1").glob("*.safetensors")):
+        one, two = (load_file(workspace / f"artifact-{n}" / name) for n in (1, 2))
+        assert one.keys() == two.keys()
+        for key in one:
+            assert torch.allclose(one[key].float(), two[key].float(), rtol=1e-4, atol=1e-6), (name, key)
 
 
-def _close(a, b, rel: float = 1e-9) -> bool:
-    """Equal structures whose floats agree to `rel` (sums over other shard orders round differently)."""
+def _close(a, b, rel: float = 1e-4) -> bool:
+    """Equal structures whose floats agree to `rel`: sums over other shard orders round differently, and the
+    lens trained with gradients summed over ranks carries that rounding into the numbers it gives."""
     if isinstance(a, dict) and isinstance(b, dict):
         assert a.keys() == b.keys(), (a.keys() ^ b.keys())
         return all(_close(a[k], b[k], rel) for k in a)
@@ -79,7 +84,7 @@ def _close(a, b, rel: float = 1e-9) -> bool:
         assert len(a) == len(b)
         return all(_close(x, y, rel) for x, y in zip(a, b))
     if isinstance(a, float) and isinstance(b, float):
-        assert a == pytest.approx(b, rel=rel, abs=1e-12, nan_ok=True)
+        assert a == pytest.approx(b, rel=rel, abs=1e-9, nan_ok=True)
         return True
     assert a == b
     return True
