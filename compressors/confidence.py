@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
+from dyninfer.core.distributed import World
 from dyninfer.core.errors import DyninferError
 
 HEAD_MEASURES = ("softmax", "margin", "entropy")  # need the exit head's logits
@@ -60,26 +62,33 @@ class ExitClassifier(nn.Module):
         return torch.sigmoid(normed.float() @ self.weight[point] + self.bias[point])
 
     def fit(self, features: list[torch.Tensor], labels: list[torch.Tensor], steps: int = 200, lr: float = 0.05,
-            l2: float = 1e-2) -> None:
+            l2: float = 1e-2, world: World = World()) -> None:
         """Class-balanced logistic regression per exit point (full-batch Adam; features are small).
 
         The L2 penalty keeps the weights from growing without bound where a few thousand tokens are
         separable in d dimensions: unpenalised, the logits reach 20-30 and the float32 sigmoid
         saturates at exactly 1, so no threshold can tell the surest exits apart.
+
+        Data-parallel (`world`): each rank holds its share of the tokens; class balance and the
+        mean are taken over all of them and the gradients summed (DDP's scheme), so every rank
+        takes the step one process would on all the tokens.
         """
         self.to(features[0].device)  # float32 master weights, beside the features (the model's device)
+        counts = world.sum(np.array([[float(y.sum()), y.numel()] for y in labels]))  # [points, (positive, all)]
         optimiser = torch.optim.Adam(self.parameters(), lr=lr)
         for _ in range(steps):
             optimiser.zero_grad(set_to_none=True)
             loss = 0.0
             for point, (x, y) in enumerate(zip(features, labels)):
                 y = y.float()
-                positive = y.mean().clamp(1e-3, 1 - 1e-3)
-                weights = torch.where(y > 0.5, 0.5 / positive, 0.5 / (1 - positive))
+                positive, total = float(counts[point][0]), float(counts[point][1])
+                share = min(max(positive / total, 1e-3), 1 - 1e-3)
+                weights = torch.where(y > 0.5, 0.5 / share, 0.5 / (1 - share))
                 logits = x.float() @ self.weight[point] + self.bias[point]
-                loss = loss + nn.functional.binary_cross_entropy_with_logits(logits, y, weight=weights) \
-                    + l2 * self.weight[point].square().sum()
+                bce = nn.functional.binary_cross_entropy_with_logits(logits, y, weight=weights, reduction="sum")
+                loss = loss + bce / total + l2 * self.weight[point].square().sum() / world.size
             loss.backward()
+            world.sum_gradients(self.parameters())
             optimiser.step()
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -22,10 +22,11 @@ import torch
 
 from dyninfer.compressors import confidence as conf
 from dyninfer.compressors.ltt import LTTResult, learn_then_test, min_examples, naive_choice
+from dyninfer.core import distributed
 from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.cost import CostModel
 from dyninfer.core.errors import DyninferError, is_integer, is_number
-from dyninfer.core.lenses import LENS_KINDS, collect_hidden_states
+from dyninfer.core.lenses import LENS_KINDS, local_hidden_states
 from dyninfer.core.progress import ProgressFn, silent
 
 # What LTT certifies. `generation`: 1 - consistency of the dynamic model's own greedy continuation of
@@ -115,7 +116,25 @@ def trace_exits(
     """Run `windows` (teacher forcing) and record confidence and agreement at each point.
 
     `first`: record only the predictions from this input position on (a prompt's continuation).
+    In a data-parallel run each rank traces its share of the windows and every rank gets the
+    whole trace, in window order.
     """
+    options = dict(classifier=classifier, vocab_top_k=vocab_top_k, batch_size=batch_size, first=first,
+                   progress=progress)
+    world = distributed.current()
+    if world.size == 1:
+        return _trace_local(lm, windows, points, lens, measure, **options)
+    n = windows.shape[0]
+    own = _trace_local(lm, windows[world.shard(n, "windows")], points, lens, measure, **options)
+    tokens = world.gather_window_columns
+    return Trace(list(points), tokens(own.confidence.cpu(), n), tokens(own.agrees.cpu(), n),
+                 tokens(own.correct.cpu(), n), tokens(own.final_correct.cpu(), n, dim=0))
+
+
+def _trace_local(lm: LayeredModel, windows: torch.Tensor, points: list[int], lens, measure: str, *,
+                 classifier: conf.ExitClassifier | None, vocab_top_k: int, batch_size: int, first: int,
+                 progress: ProgressFn | None) -> Trace:
+    """`trace_exits` on this process's windows."""
     report = progress or silent
     if measure not in conf.HEAD_MEASURES:
         vocab_top_k = 0  # state measures compute no logits to prune; the exit uses the full head
@@ -360,14 +379,20 @@ def evaluate(trace: Trace, threshold: float | None, costs: CostModel, policy: Ex
 @torch.no_grad()
 def _fit_classifier(lm: LayeredModel, windows: torch.Tensor, points: list[int], lens,
                     first: int = 0) -> conf.ExitClassifier:
-    """CALM's meta classifier: label = this point's top-1 equals the final top-1."""
-    states = collect_hidden_states(lm, windows, first=first)
+    """CALM's meta classifier: label = this point's top-1 equals the final top-1.
+
+    Data-parallel: each rank keeps the features of its share of the windows and the classifier
+    trains the DDP way (`ExitClassifier.fit`), so no rank holds every window's hidden states.
+    """
+    world = distributed.current()
+    mine = windows[world.shard(windows.shape[0], "classifier windows")] if world.size > 1 else windows
+    states = local_hidden_states(lm, mine, first=first)
     final_top1 = lm.logits_from(states[-1]).argmax(-1)
     features = [lm.final_norm(states[index]) for index in points]
     labels = [lens.logits(index, states[index]).argmax(-1) == final_top1 for index in points]
     classifier = conf.ExitClassifier(len(points), lm.hidden_size)
     with torch.enable_grad():
-        classifier.fit(features, labels)
+        classifier.fit(features, labels, world=world)
     return classifier
 
 

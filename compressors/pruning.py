@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dyninfer.core import distributed
 from dyninfer.core.adapters import LayeredModel, MlpWeights
 from dyninfer.core.errors import DyninferError, is_number
 from dyninfer.core.progress import ProgressFn
@@ -390,7 +391,22 @@ class MlpSamples:
 
 @torch.no_grad()
 def collect_mlp_samples(lm: LayeredModel, windows: torch.Tensor, progress: ProgressFn | None = None) -> MlpSamples:
-    """Run `windows` [n, L] through the dense model and keep every layer's MLP input."""
+    """Run `windows` [n, L] through the dense model and keep every layer's MLP input.
+
+    In a data-parallel run each rank runs its share of the windows and every rank gets all the
+    samples, in window order (the thresholds are quantiles over all of them).
+    """
+    world = distributed.current()
+    if world.size == 1:
+        return _local_mlp_samples(lm, windows, progress)
+    own = _local_mlp_samples(lm, windows[world.shard(windows.shape[0], "windows")], progress)
+    n = windows.shape[0]
+    return MlpSamples([world.gather_window_columns(x.cpu(), n, dim=0).to(x.device) for x in own.inputs],
+                      [world.gather_window_columns(r.cpu(), n, dim=0).to(r.device) for r in own.residual_sq])
+
+
+@torch.no_grad()
+def _local_mlp_samples(lm: LayeredModel, windows: torch.Tensor, progress: ProgressFn | None) -> MlpSamples:
     if sparse_modules(lm):
         raise DyninferError("the model already has pruning masks installed; collect statistics on the dense model")
     inputs: list[list[torch.Tensor]] = [[] for _ in range(lm.num_layers)]
@@ -521,7 +537,13 @@ class PredictorTraining:
 def train_predictors(lm: LayeredModel, samples: MlpSamples, sparsity: float, *, rank: int = 64, label: str = "topk",
                      mass: float = 0.9, steps: int = 300, batch: int = 512, lr: float = 3e-3, seed: int = 0,
                      progress: ProgressFn | None = None) -> tuple[PruningPlan, PredictorTraining]:
-    """Deja Vu / FTWT predictors, one per layer, and thresholds on their logits for `sparsity`."""
+    """Deja Vu / FTWT predictors, one per layer, and thresholds on their logits for `sparsity`.
+
+    Data-parallel (DDP's scheme): every rank draws the same minibatch, takes every size-th row of
+    it, and its loss is those rows' share of the minibatch mean; the gradients are summed, so
+    every rank takes the step one process would.
+    """
+    world = distributed.current()
     generator = torch.Generator().manual_seed(seed)
     predictors, thresholds, losses = [], [], []
     for i in range(lm.num_layers):
@@ -545,17 +567,19 @@ def train_predictors(lm: LayeredModel, samples: MlpSamples, sparsity: float, *, 
         with torch.enable_grad():
             for _ in range(steps):
                 pick = torch.randint(0, x.shape[0], (min(batch, x.shape[0]),), generator=generator)
-                loss = F.binary_cross_entropy_with_logits(predictor(x[pick]), target[pick], weight=weight[pick],
-                                                          pos_weight=pos_weight)
+                mine = pick[world.rank :: world.size]
+                loss = F.binary_cross_entropy_with_logits(predictor(x[mine]), target[mine], weight=weight[mine],
+                                                          pos_weight=pos_weight, reduction="sum") / target[pick].numel()
                 optimizer.zero_grad()
                 loss.backward()
+                world.sum_gradients(predictor.parameters())
                 optimizer.step()
                 schedule.step()
         predictor.eval().requires_grad_(False)
         with torch.no_grad():
             thresholds.append(_quantile(predictor(x), sparsity))
         predictors.append(predictor.to(lm.device))
-        losses.append(float(loss.detach()))
+        losses.append(float(world.sum(float(loss.detach()))))  # the minibatch mean over all ranks
         if progress:
             progress("training predictors", i + 1, lm.num_layers)
     plan = PruningPlan("predictor", sparsity, "uniform", [sparsity] * lm.num_layers, thresholds, rank=rank,

@@ -55,6 +55,16 @@ class World:
             whole[rank::self.size] = rows
         return whole
 
+    def gather_window_columns(self, part: torch.Tensor, n: int, dim: int = 1) -> torch.Tensor:
+        """All ranks' `part`s whose dimension `dim` runs over their `shard(n)` windows, each window's
+        positions together (window-major), joined back in window order."""
+        if self.size == 1:
+            return part
+        windows = len(range(self.rank, n, self.size))
+        per_window = part.unflatten(dim, (windows, -1)).movedim(dim, 0)  # [windows, ..., positions, ...]
+        whole = self.gather_rows(per_window.contiguous(), n)
+        return whole.movedim(0, dim).flatten(dim, dim + 1)
+
     def union(self, values: torch.Tensor) -> torch.Tensor:
         """The sorted union of every rank's 1-D `values`."""
         if self.size == 1:

@@ -108,26 +108,27 @@ class TunedLensTraining:
 
 
 @torch.no_grad()
+def local_hidden_states(lm: LayeredModel, windows: torch.Tensor, batch_size: int = 4, first: int = 0) -> torch.Tensor:
+    """Hidden states [L+1, N, d] of this process's `windows` (inputs = w[:, :-1]) from position `first` on."""
+    chunks = []
+    for start in range(0, windows.shape[0], batch_size):
+        ids = windows[start : start + batch_size, :-1].to(lm.device)
+        chunks.append(torch.stack([h[:, first:].reshape(-1, h.shape[-1]) for _, h in lm.hidden_states(ids)]))
+    return torch.cat(chunks, dim=1)
+
+
+@torch.no_grad()
 def collect_hidden_states(lm: LayeredModel, windows: torch.Tensor, batch_size: int = 4, first: int = 0) -> torch.Tensor:
-    """Hidden states [L+1, N, d] for every input position of `windows` (inputs = w[:, :-1]) from `first` on.
+    """Hidden states [L+1, N, d] for every input position of `windows` from `first` on.
 
     In a data-parallel run each rank runs the model on its share of the windows and every rank
     gets all the states, in window order.
     """
     world = distributed.current()
-    if world.size > 1:  # [windows, L+1, positions, d] from every rank, back in window order
-        mine = windows[world.shard(windows.shape[0], "lens training windows")]
-        own = torch.cat([torch.stack([h[:, first:] for _, h in lm.hidden_states(mine[s : s + batch_size, :-1]
-                                                                                  .to(lm.device))], dim=1)
-                         for s in range(0, mine.shape[0], batch_size)])
-        per_window = world.gather_rows(own.cpu(), windows.shape[0]).to(lm.device)
-        return per_window.transpose(0, 1).reshape(per_window.shape[1], -1, per_window.shape[-1])
-    chunks = []
-    for start in range(0, windows.shape[0], batch_size):
-        ids = windows[start : start + batch_size, :-1].to(lm.device)
-        states = [h[:, first:].reshape(-1, h.shape[-1]) for _, h in lm.hidden_states(ids)]
-        chunks.append(torch.stack(states))
-    return torch.cat(chunks, dim=1)
+    if world.size == 1:
+        return local_hidden_states(lm, windows, batch_size, first)
+    own = local_hidden_states(lm, windows[world.shard(windows.shape[0], "windows")], batch_size, first)
+    return world.gather_window_columns(own.cpu(), windows.shape[0]).to(lm.device)
 
 
 def kl_final_vs(lens_logits: torch.Tensor, final_logprobs: torch.Tensor) -> torch.Tensor:

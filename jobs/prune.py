@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
@@ -37,7 +38,7 @@ from dyninfer.compressors.pruning import (
     pruned,
     train_predictors,
 )
-from dyninfer.core import stages
+from dyninfer.core import distributed, stages
 from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.artifacts import Artifact
 from dyninfer.core.cost import count_costs
@@ -199,16 +200,21 @@ def _mlp_costs(lm: LayeredModel, plan: PruningPlan, layer_sparsity: list[float],
 
 @torch.no_grad()
 def _evaluate(lm: LayeredModel, windows: torch.Tensor, plan: PruningPlan | None) -> tuple[float, torch.Tensor, list]:
-    """(perplexity, argmax predictions, per-layer [active, tokens] counts) on `windows`."""
+    """(perplexity, argmax predictions, per-layer [active, tokens] counts) on `windows`.
+
+    Data-parallel: each rank evaluates its share of the windows; sums and predictions are combined.
+    """
+    world = distributed.current()
     nll, count, argmax = 0.0, 0, []
     with pruned(lm, plan, backend="masked"), counting_active(lm) as counts:
-        for window in windows:
+        for window in windows[world.shard(windows.shape[0], "held-out windows")]:
             logits = lm.model(window[None, :-1].to(lm.device), use_cache=False).logits[0].float()
             nll += float(F.cross_entropy(logits, window[1:].to(lm.device), reduction="sum"))
             count += window.shape[0] - 1
             argmax.append(logits.argmax(-1).cpu())
-        counted = [list(c) for c in counts]
-    return math.exp(nll / count), torch.cat(argmax), counted
+        counted = world.sum(np.array([list(c) for c in counts], dtype=np.float64)).tolist() if counts else []
+    nll, count = world.sum(np.array([nll, count], dtype=np.float64)).tolist()
+    return math.exp(nll / count), world.gather_window_columns(torch.cat(argmax), windows.shape[0], dim=0), counted
 
 
 def _input_sparsity_achieved(plan: PruningPlan, samples: MlpSamples) -> list[float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,28 +44,41 @@ def workspace(tmp_path_factory):
     return root
 
 
-def test_two_gloo_processes_probe_and_calibrate_like_one(workspace):
+def test_two_gloo_processes_probe_calibrate_and_prune_like_one(workspace):
     base = [str(workspace / "model"), "--data", str(workspace / "text.txt")]
+    # (arguments, relative tolerance). Stages with a head trained the DDP way (the exit classifier, the pruning
+    # predictors) get weights equal to a few 1e-6 (gradient sums in another order, through Adam), and so a few
+    # of ~1,000 tokens whose confidence lies that close to a candidate threshold cross it: their rates and
+    # speedups agree to 1e-2, not 1e-4.
     stages = [
-        ["probe", *base, "--seq-len", "32", "--tokens", "256", "--lens", "tuned", "--lens-train-tokens", "512",
-         "--lens-steps", "3"],
-        ["calibrate", *base, *CALIBRATE_ARGS],
+        (["probe", *base, "--seq-len", "32", "--tokens", "256", "--lens", "tuned", "--lens-train-tokens", "512",
+          "--lens-steps", "3"], 1e-4),
+        (["calibrate", *base, *CALIBRATE_ARGS], 1e-4),
+        # The teacher-forced risk with the classifier: the traces and the classifier's training are sharded.
+        (["calibrate", *base, *CALIBRATE_ARGS, "--risk", "teacher-forced-consistency", "--measure", "classifier"],
+         1e-2),
+        # The MLP samples and the held-out evaluation are sharded; the predictors train with DDP.
+        (["prune", *base, "--seq-len", "32", "--method", "predictor", "--steps", "20", "--rank", "8",
+          "--calibration-tokens", "512", "--heldout-tokens", "256", "--no-speed"], 1e-2),
     ]
     outputs = {}
     for processes in (1, 2):
         out = workspace / f"artifact-{processes}"
         outputs[processes] = []
-        for args in stages:
+        for args, _ in stages:
             done = _dyninfer([*args, "--out", str(out)], processes, workspace)
             assert done.returncode == 0, done.stderr[-3000:]
             outputs[processes].append(json.loads(done.stdout))  # rank 0's summary alone: other ranks are silent
-    for one, two in zip(outputs[1], outputs[2]):
-        assert _close(_untimed(two), _untimed(one))
+    for (args, rel), one, two in zip(stages, outputs[1], outputs[2]):
+        assert _close(_untimed(two), _untimed(one), rel, args[0])
+    # The policy the classifier calibration certified is the same one.
+    assert outputs[2][2]["policy"]["exit_points"] == outputs[1][2]["policy"]["exit_points"]
     # The artifact: written once (by rank 0), the same apart from timings.
     manifests = [json.loads((workspace / f"artifact-{n}" / "dyninfer.json").read_text()) for n in (1, 2)]
-    assert _close(_untimed(manifests[1]["stages"]), _untimed(manifests[0]["stages"]))
-    # Tensors: the cached continuations are equal; the tuned lens trained with DDP (gradients summed over
-    # the ranks) equals the one-process lens up to the order of float sums.
+    assert _close(_untimed(manifests[1]["stages"]), _untimed(manifests[0]["stages"]), 1e-2)
+    # Tensors: the cached continuations are equal; the tuned lens, the exit classifier and the pruning
+    # predictors trained with DDP (gradients summed over the ranks) equal the one-process ones up to the
+    # order of float sums.
     from safetensors.torch import load_file
 
     for name in sorted(p.name for p in (workspace / "artifact-1").glob("*.safetensors")):
@@ -74,19 +88,24 @@ def test_two_gloo_processes_probe_and_calibrate_like_one(workspace):
             assert torch.allclose(one[key].float(), two[key].float(), rtol=1e-4, atol=1e-6), (name, key)
 
 
-def _close(a, b, rel: float = 1e-4) -> bool:
+def _close(a, b, rel: float = 1e-4, where: str = "") -> bool:
     """Equal structures whose floats agree to `rel`: sums over other shard orders round differently, and the
     lens trained with gradients summed over ranks carries that rounding into the numbers it gives."""
     if isinstance(a, dict) and isinstance(b, dict):
-        assert a.keys() == b.keys(), (a.keys() ^ b.keys())
-        return all(_close(a[k], b[k], rel) for k in a)
+        assert a.keys() == b.keys(), (where, a.keys() ^ b.keys())
+        return all(_close(a[k], b[k], rel, f"{where}.{k}") for k in a)
     if isinstance(a, list) and isinstance(b, list):
-        assert len(a) == len(b)
-        return all(_close(x, y, rel) for x, y in zip(a, b))
+        assert len(a) == len(b), where
+        return all(_close(x, y, rel, f"{where}[{i}]") for i, (x, y) in enumerate(zip(a, b)))
     if isinstance(a, float) and isinstance(b, float):
-        assert a == pytest.approx(b, rel=rel, abs=1e-9, nan_ok=True)
+        assert a == pytest.approx(b, rel=rel, abs=1e-9, nan_ok=True), where
         return True
-    assert a == b
+    if isinstance(a, str) and isinstance(b, str):  # a statement quotes rounded numbers: their last digit may differ
+        numbers = re.compile(r"-?\d+\.\d+")
+        assert numbers.sub("#", a) == numbers.sub("#", b), where
+        return _close([float(x) for x in numbers.findall(a)], [float(x) for x in numbers.findall(b)],
+                      max(rel, 1e-5), where)
+    assert a == b, where
     return True
 
 
