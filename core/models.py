@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from dyninfer.core import distributed
 from dyninfer.core.adapters import LayeredModel, adapter_for
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.placement import CPU_FLOAT32, Placement, dtype_name
@@ -48,11 +49,15 @@ class LoadedModel:
 
     @property
     def placement(self) -> dict:
-        """Where the model runs and in what dtype, as stage records note it ({device, dtype})."""
+        """Where the model runs and in what dtype, as stage records note it ({device, dtype}, plus the device
+        map's module counts when dispatched and the number of processes in a data-parallel run)."""
         out = {"device": str(self.layered.device), "dtype": dtype_name(self.layered.lm_head.weight.dtype)}
         device_map = getattr(self.model, "hf_device_map", None)
         if device_map and len(device_map) > 1:  # dispatched: how many modules went where
             out["device_map"] = dict(sorted(Counter(str(v) for v in device_map.values()).items()))
+        processes = distributed.current().size
+        if processes > 1:  # a data-parallel run (torchrun, accelerate launch)
+            out["processes"] = processes
         return out
 
     @property

@@ -20,9 +20,17 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("distributed")]
 TIMED = {"timings", "throughput", "seconds", "calibrate_s", "tokens_per_s", "memory"}
 
 
-def _dyninfer(args: list[str], processes: int, cwd: Path) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
-                "--master-port", str(29500 + os.getpid() % 1000)] if processes > 1 else [sys.executable]
+def _dyninfer(args: list[str], processes: int, cwd: Path, launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    port = str(29500 + os.getpid() % 1000)
+    if processes == 1:
+        launcher = [sys.executable]
+    elif launcher == "accelerate":  # `--multi_gpu` is accelerate's torch.distributed launcher; gloo without CUDA
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+                    "--num_machines", "1", "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no",
+                    "--main_process_port", port]
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
+                    "--master-port", port]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     return subprocess.run([*launcher, "-m", "dyninfer", *args, "--json"], capture_output=True, text=True, cwd=cwd,
                           env=env)
@@ -70,11 +78,21 @@ def test_two_gloo_processes_probe_calibrate_and_prune_like_one(workspace):
             assert done.returncode == 0, done.stderr[-3000:]
             outputs[processes].append(json.loads(done.stdout))  # rank 0's summary alone: other ranks are silent
     for (args, rel), one, two in zip(stages, outputs[1], outputs[2]):
+        assert two["placement"].pop("processes") == 2 and "processes" not in one["placement"]
         assert _close(_untimed(two), _untimed(one), rel, args[0])
+    # `accelerate launch` starts the same process group as torchrun.
+    accelerated = _dyninfer([*stages[0][0], "--out", str(workspace / "accelerated")], 2, workspace, "accelerate")
+    assert accelerated.returncode == 0, accelerated.stderr[-3000:]
+    accelerated = json.loads(accelerated.stdout)
+    assert accelerated["placement"].pop("processes") == 2
+    assert _close(_untimed(accelerated), _untimed(outputs[1][0]), 1e-4, "accelerate launch probe")
     # The policy the classifier calibration certified is the same one.
     assert outputs[2][2]["policy"]["exit_points"] == outputs[1][2]["policy"]["exit_points"]
     # The artifact: written once (by rank 0), the same apart from timings.
     manifests = [json.loads((workspace / f"artifact-{n}" / "dyninfer.json").read_text()) for n in (1, 2)]
+    for stage in manifests[1]["stages"].values():
+        if isinstance(stage, dict) and "placement" in stage:
+            assert stage["placement"].pop("processes") == 2
     assert _close(_untimed(manifests[1]["stages"]), _untimed(manifests[0]["stages"]), 1e-2)
     # Tensors: the cached continuations are equal; the tuned lens, the exit classifier and the pruning
     # predictors trained with DDP (gradients summed over the ranks) equal the one-process ones up to the
