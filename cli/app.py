@@ -13,6 +13,7 @@ from dyninfer.cli import audit as audit_cmd
 from dyninfer.cli import bench as bench_cmd
 from dyninfer.cli import calibrate as calibrate_cmd
 from dyninfer.cli import export as export_cmd
+from dyninfer.cli import models as models_cmd
 from dyninfer.cli import probe as probe_cmd
 from dyninfer.cli import profile as profile_cmd
 from dyninfer.cli import prune as prune_cmd
@@ -88,4 +89,5 @@ app.command("run", help=run_cmd.HELP)(run_cmd.run)
 app.command("bench", help=bench_cmd.HELP)(bench_cmd.bench)
 app.command("profile", help=profile_cmd.HELP)(profile_cmd.profile)
 app.command("audit", help=audit_cmd.HELP)(audit_cmd.audit)
+app.command("models", help=models_cmd.HELP)(models_cmd.models)
 

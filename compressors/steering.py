@@ -61,15 +61,19 @@ class ActivationSteering:
 
 
 class _OutputBias(nn.Module):
-    """`module(x) + bias`, for a residual-out module with no bias of its own (Gemma 3's post-norm)."""
+    """`module(x) + bias`, for a residual-out module with no bias of its own (Gemma's post-norm, a mixture of
+    experts, which also returns its router logits)."""
 
     def __init__(self, module: nn.Module, bias: torch.Tensor):
         super().__init__()
         self.inner = module
         self.bias = nn.Parameter(bias, requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x) + self.bias
+    def forward(self, x: torch.Tensor):
+        out = self.inner(x)
+        if isinstance(out, tuple):
+            return (out[0] + self.bias, *out[1:])
+        return out + self.bias
 
 
 def _add_bias(lm: LayeredModel, index: int, vector: torch.Tensor) -> None:

@@ -11,6 +11,7 @@ family. The code mirrors the forward loops of transformers 4.57 (pinned in pypro
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -46,7 +47,7 @@ class ArchAdapter:
     recurrent: bool = False  # state-space model: a fixed-size state instead of a KV cache
     # The module (path inside a decoder layer) whose output is the last term added to the
     # residual stream: a bias there equals adding a vector to the layer's output (steering).
-    residual_out: str = "mlp.down_proj"
+    residual_out: str | None = "mlp.down_proj"  # None: found per layer by structure
     # Weight matrices a LoRA adapts by default (peft target module names).
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     # The blocks a decoder layer is profiled by: (piece name, submodule path). What a layer
@@ -65,12 +66,12 @@ def _dynamic_cache(model: nn.Module, batch_size: int):
 
 
 def _prepare_rotary(lm: LayeredModel, input_ids, cache, attention_mask) -> ForwardPass:
-    """Llama, Qwen2, Mistral and Gemma 3: rotary positions, per-layer-type masks."""
+    """The standard rotary decoder (Llama's layout): rotary positions, per-layer-type masks."""
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
     base = lm.backbone
     config = base.config
-    embeds = base.embed_tokens(input_ids)  # Gemma 3's embedding scales by sqrt(d) itself
+    embeds = lm.scaled_embedding(base.embed_tokens(input_ids))
     past_seen = cache.get_seq_length() if cache is not None else 0
     cache_position = _cache_position(past_seen, embeds.shape[1], embeds.device)
     position_ids = cache_position.unsqueeze(0)
@@ -82,13 +83,13 @@ def _prepare_rotary(lm: LayeredModel, input_ids, cache, attention_mask) -> Forwa
         past_key_values=cache,
         position_ids=position_ids,
     )
-    masks: dict[str, Any] = {"full_attention": create_causal_mask(**mask_kwargs)}
-    layer_types = set(getattr(config, "layer_types", None) or [])
-    mistral_sliding = config.model_type == "mistral" and getattr(config, "sliding_window", None)
-    if "sliding_attention" in layer_types or mistral_sliding:
-        masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
-
-    if config.model_type == "gemma3_text":
+    types = {_attention_type(lm, i) for i in range(lm.num_layers)}
+    masks: dict[str, Any] = {}
+    if FULL in types:
+        masks[FULL] = create_causal_mask(**mask_kwargs)
+    if SLIDING in types:
+        masks[SLIDING] = create_sliding_window_causal_mask(**mask_kwargs)
+    if hasattr(base, "rotary_emb_local"):  # Gemma 3: global and local (sliding) rotary bases
         rope = {
             "position_embeddings_global": base.rotary_emb(embeds, position_ids),
             "position_embeddings_local": base.rotary_emb_local(embeds, position_ids),
@@ -97,12 +98,8 @@ def _prepare_rotary(lm: LayeredModel, input_ids, cache, attention_mask) -> Forwa
         rope = {"position_embeddings": base.rotary_emb(embeds, position_ids)}
 
     def layer_kwargs(i: int, layer: nn.Module) -> dict[str, Any]:
-        if mistral_sliding:
-            mask = masks["sliding_attention"]
-        else:
-            mask = masks[getattr(layer, "attention_type", "full_attention")]
         return dict(
-            attention_mask=mask,
+            attention_mask=masks[_attention_type(lm, i)],
             position_ids=position_ids,
             past_key_values=cache,
             use_cache=cache is not None,
@@ -111,6 +108,20 @@ def _prepare_rotary(lm: LayeredModel, input_ids, cache, attention_mask) -> Forwa
         )
 
     return ForwardPass(embeds, layer_kwargs)
+
+
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+def _attention_type(lm: LayeredModel, index: int) -> str:
+    """Full or sliding-window attention for layer `index`, as transformers 4.57 decides it: the config's
+    `layer_types` when it has them, else every layer slides when `sliding_window` is set (Mistral, Mixtral,
+    Starcoder2, Phi-3)."""
+    config = lm.config
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return SLIDING if layer_types[index] == SLIDING else FULL
+    return SLIDING if getattr(config, "sliding_window", None) else FULL
 
 
 def _prepare_gpt2(lm: LayeredModel, input_ids, cache, attention_mask) -> ForwardPass:
@@ -185,13 +196,8 @@ def _full_dynamic_cache(model: nn.Module, batch_size: int):
     return DynamicCache()
 
 
-def _sliding_window(lm: LayeredModel, layer: nn.Module) -> int | None:
-    config = lm.config
-    if config.model_type == "mistral":
-        return getattr(config, "sliding_window", None)
-    if getattr(layer, "attention_type", None) == "sliding_attention":
-        return config.sliding_window
-    return None
+def _sliding_window(lm: LayeredModel, index: int) -> int | None:
+    return lm.config.sliding_window if _attention_type(lm, index) == SLIDING else None
 
 
 def _mask_at(start: int, length: int, window: int | None, dtype, device, always: bool = False) -> torch.Tensor | None:
@@ -240,7 +246,7 @@ def _rotary_at(lm: LayeredModel, layer: nn.Module, hidden: torch.Tensor, positio
     _, global_, local = memo
     if local is not None:  # Gemma 3: global and local (sliding) rotary bases
         return {"position_embeddings_global": global_, "position_embeddings_local": local}, (
-            local if getattr(layer, "attention_type", None) == "sliding_attention" else global_
+            local if _attention_type(lm, lm.layer_index(layer)) == SLIDING else global_
         )
     return {"position_embeddings": global_}, global_
 
@@ -250,7 +256,8 @@ def _rotary_kwargs_at(lm: LayeredModel, layer: nn.Module, hidden, start: int, ca
     positions = torch.arange(start, start + length, device=hidden.device)
     rope, _ = _rotary_at(lm, layer, hidden, positions[None])
     return dict(
-        attention_mask=_mask_for(lm, start, length, _sliding_window(lm, layer), hidden.dtype, hidden.device),
+        attention_mask=_mask_for(lm, start, length, _sliding_window(lm, lm.layer_index(layer)), hidden.dtype,
+                                 hidden.device),
         position_ids=positions[None],
         past_key_values=cache,
         use_cache=True,
@@ -260,25 +267,47 @@ def _rotary_kwargs_at(lm: LayeredModel, layer: nn.Module, hidden, start: int, ca
 
 
 def _rotary_propagate(lm: LayeredModel, index: int, hidden: torch.Tensor, start: int, cache) -> None:
-    """CALM state propagation: the skipped layer's K/V computed from the exit hidden state."""
+    """CALM state propagation: the skipped layer's K/V computed from the exit hidden state.
+
+    Plain K/V projections (Llama, Qwen, Mistral, Gemma...) are computed directly: two projections,
+    the per-head key norm where there is one, and the rotary embedding. Any other attention (fused
+    QKV, partial rotary, full-width QK norms, latent attention) runs its own forward on the exit
+    state, which writes the cache entry exactly as the layer would and discards the output.
+    """
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     layer = lm.layers[index]
     attn = layer.self_attn
-    x = layer.input_layernorm(hidden)
+    x = lm.attention_input(layer, hidden)
+    positions = torch.arange(start, start + hidden.shape[1], device=hidden.device)
+    _, rope = _rotary_at(lm, layer, hidden, positions[None])
+    if not _plain_kv(lm, attn):
+        attn(hidden_states=x, position_embeddings=rope, position_ids=positions[None],
+             attention_mask=_mask_for(lm, start, hidden.shape[1], _sliding_window(lm, index), x.dtype, x.device),
+             past_key_values=cache, cache_position=positions, use_cache=True)
+        return
     shape = (*x.shape[:-1], -1, attn.head_dim)
     key = attn.k_proj(x).view(shape).transpose(1, 2)
     value = attn.v_proj(x).view(shape).transpose(1, 2)
-    if hasattr(attn, "k_norm"):  # Gemma 3 normalises keys per head
+    if hasattr(attn, "k_norm"):  # Gemma 3, Qwen 3: keys normalised per head
         key = attn.k_norm(key)
-    positions = torch.arange(start, start + hidden.shape[1], device=hidden.device)
-    _, (cos, sin) = _rotary_at(lm, layer, hidden, positions[None])
+    cos, sin = rope
     _, key = apply_rotary_pos_emb(key, key, cos, sin)
     cache.update(key, value, index, {"sin": sin, "cos": cos, "cache_position": positions})
 
 
+def _plain_kv(lm: LayeredModel, attn: nn.Module) -> bool:
+    """Keys and values are two projections, rotated over the whole head, normalised (if at all) per head."""
+    if getattr(lm.config, "partial_rotary_factor", 1.0) not in (None, 1.0) or lm.family not in PLAIN_KV_FAMILIES:
+        return False
+    norm = getattr(attn, "k_norm", None)
+    head_dim = getattr(attn, "head_dim", None)
+    return (isinstance(getattr(attn, "k_proj", None), nn.Linear) and isinstance(getattr(attn, "v_proj", None), nn.Linear)
+            and (norm is None or getattr(norm, "weight", torch.empty(0)).numel() == head_dim))
+
+
 def _token_embed_at(lm: LayeredModel, input_ids: torch.Tensor, start: int) -> torch.Tensor:
-    return getattr(lm.backbone, lm.adapter.embed)(input_ids)
+    return lm.scaled_embedding(getattr(lm.backbone, lm.adapter.embed)(input_ids))
 
 
 def _gpt2_embed_at(lm: LayeredModel, input_ids: torch.Tensor, start: int) -> torch.Tensor:
@@ -326,12 +355,8 @@ _ROTARY = dict(backbone="model", embed="embed_tokens", layers="layers", norm="no
                new_cache=_dynamic_cache, layer_kwargs_at=_rotary_kwargs_at, propagate=_rotary_propagate,
                embed_at=_token_embed_at)
 
-ADAPTERS: tuple[ArchAdapter, ...] = (
-    ArchAdapter("llama", ("llama",), **_ROTARY),
-    ArchAdapter("qwen2", ("qwen2",), **_ROTARY),
-    ArchAdapter("mistral", ("mistral",), **_ROTARY),
-    # Gemma 3 normalises the MLP output after the MLP (post-norm): the norm is the last term.
-    ArchAdapter("gemma3", ("gemma3_text",), **_ROTARY, residual_out="post_feedforward_layernorm"),
+# Families known by name: the ones whose layout is not the standard rotary decoder's.
+NAMED_ADAPTERS: tuple[ArchAdapter, ...] = (
     ArchAdapter(
         "gpt2", ("gpt2",), backbone="transformer", embed="wte", layers="h", norm="ln_f",
         prepare=_prepare_gpt2, new_cache=_dynamic_cache, layer_kwargs_at=_gpt2_kwargs_at,
@@ -346,23 +371,110 @@ ADAPTERS: tuple[ArchAdapter, ...] = (
     ),
 )
 
+# --- what families of the standard rotary layout do differently (transformers 4.57), in one place ---
+# Family names kept from before structural recognition (artifacts record them).
+FAMILY_NAMES = {"gemma3_text": "gemma3"}
+# Families whose attention computes K and V with two plain projections rotated over the whole head
+# (keys normalised per head at most): CALM propagation computes them directly; the others run the
+# attention module itself (fused QKV, partial rotary, layers without rotary, latent attention...).
+PLAIN_KV_FAMILIES = frozenset({"llama", "qwen2", "mistral", "gemma3", "qwen3"})
+# The embedding output is scaled in the model's forward, outside the embedding module.
+EMBED_SCALES: dict[str, Callable[[Any], float]] = {
+    **dict.fromkeys(("gemma", "gemma2", "vaultgemma"), lambda config: config.hidden_size**0.5),
+    **dict.fromkeys(("granite", "granitemoe", "granitemoeshared", "granitemoehybrid"),
+                    lambda config: config.embedding_multiplier),
+}
+# The LM head's logits are scaled before any softcap.
+LOGIT_SCALES: dict[str, Callable[[Any], float]] = {
+    **dict.fromkeys(("granite", "granitemoe", "granitemoeshared", "granitemoehybrid"),
+                    lambda config: 1.0 / config.logits_scaling),
+    **dict.fromkeys(("cohere", "cohere2"), lambda config: config.logit_scale),
+}
+# Where the standard layout keeps its pieces, in the order they are looked for.
+FINAL_NORMS = ("norm", "final_layernorm")
+MLP_BLOCKS = ("mlp", "block_sparse_moe")
+ATTENTION_INPUT_NORMS = ("input_layernorm", "attention_layernorm")  # none: post-norm layers (OLMo 2, EXAONE 4)
+MLP_OUTPUTS = ("down_proj", "fc2", "c_proj")
+POST_MLP_NORMS = ("post_feedforward_layernorm", "post_mlp_layernorm")
+MOE_MARKERS = ("experts", "router")  # a mixture-of-experts block holds experts and a router
+ROUTER_NAMES = ("gate", "router")
 
-def supported_model_types() -> list[str]:
-    return sorted(t for a in ADAPTERS for t in a.model_types)
+
+def family_of(model_type: str) -> str:
+    return FAMILY_NAMES.get(model_type, model_type)
 
 
-def adapter_for(config) -> ArchAdapter:
-    model_type = getattr(config, "model_type", None)
-    for adapter in ADAPTERS:
+def _first_child(module: nn.Module, names: tuple[str, ...]) -> str | None:
+    return next((n for n in names if isinstance(getattr(module, n, None), nn.Module)), None)
+
+
+def is_moe(block: nn.Module) -> bool:
+    return any(isinstance(getattr(block, n, None), nn.Module) for n in MOE_MARKERS)
+
+
+def _standard_layout(model: nn.Module) -> str | None:
+    """Why `model` does not have the standard rotary decoder layout, or None when it does."""
+    base = getattr(model, "model", None)
+    if not isinstance(base, nn.Module):
+        return "no `model` backbone"
+    missing = [n for n in ("embed_tokens", "layers", "rotary_emb") if not hasattr(base, n)]
+    if _first_child(base, FINAL_NORMS) is None:
+        missing.append("final norm")
+    if missing:
+        return f"no {', '.join(missing)} in its backbone"
+    if "position_ids" not in inspect.signature(base.rotary_emb.forward).parameters:
+        return "a rotary embedding that does not take position ids (an older rotary API)"
+    if not isinstance(base.layers, nn.ModuleList) or len(base.layers) == 0:
+        return "no list of decoder layers"
+    layer = base.layers[0]
+    if not hasattr(layer, "self_attn") or _first_child(layer, MLP_BLOCKS) is None:
+        return "decoder layers without `self_attn` and an MLP block"
+    if model.get_output_embeddings() is None:
+        return "no LM head"
+    return None
+
+
+def _rotary_adapter(model: nn.Module) -> ArchAdapter:
+    """The generic adapter, fitted to `model`'s module names."""
+    base, model_type = model.model, model.config.model_type
+    layer = base.layers[0]
+    mlp = _first_child(layer, MLP_BLOCKS)
+    routers = set(ROUTER_NAMES) if any(is_moe(getattr(x, mlp)) for x in base.layers) else set()
+    linear = sorted({name.rpartition(".")[2] for name, m in layer.named_modules() if isinstance(m, nn.Linear)} - routers)
+    return ArchAdapter(family_of(model_type), (model_type,), **(_ROTARY | {"norm": _first_child(base, FINAL_NORMS)}),
+                       residual_out=None, lora_targets=tuple(linear), blocks=(("attention", "self_attn"), ("mlp", mlp)))
+
+
+def _residual_out_path(layer: nn.Module) -> str:
+    """The module whose output a standard decoder layer adds to the residual stream last (per layer: some
+    families mix dense and mixture-of-experts layers)."""
+    post_norm = _first_child(layer, POST_MLP_NORMS)
+    if post_norm:  # post-norm MLP (Gemma 2/3, OLMo 2, GLM-4): the norm adds last
+        return post_norm
+    mlp = _first_child(layer, MLP_BLOCKS)
+    block = getattr(layer, mlp)
+    output = None if is_moe(block) else _first_child(block, MLP_OUTPUTS)
+    return f"{mlp}.{output}" if output else mlp  # a mixture of experts: its whole output is added
+
+
+def adapter_for(model: nn.Module) -> ArchAdapter:
+    """The named adapter of `model`'s family, or the generic one when its modules follow the standard
+    rotary decoder layout (whatever its model_type)."""
+    model_type = getattr(model.config, "model_type", None)
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if isinstance(layers, nn.ModuleList) and len(layers) == 0:
+        raise DyninferError(f"the {model_type} model has no decoder layers (num_hidden_layers 0); there is nothing "
+                            "to exit from: pass a model with layers")
+    for adapter in NAMED_ADAPTERS:
         if model_type in adapter.model_types:
             return adapter
-    hint = ""
-    if model_type == "gemma3":
-        hint = " (for Gemma 3 use the text-only checkpoint / Gemma3ForCausalLM)"
-    raise DyninferError(
-        f"unsupported architecture '{model_type}'{hint}; dyninfer supports: "
-        + ", ".join(supported_model_types())
-    )
+    why = _standard_layout(model)
+    if why is None:
+        return _rotary_adapter(model)
+    hint = " (for Gemma 3 use the text-only checkpoint / Gemma3ForCausalLM)" if model_type == "gemma3" else ""
+    raise DyninferError(f"unsupported architecture '{model_type}'{hint}: {why}. dyninfer runs decoders with the "
+                        "standard rotary layout (model.{embed_tokens, layers, norm, rotary_emb} and lm_head), "
+                        "GPT-2 and Mamba; `dyninfer models` lists the tested families")
 
 
 # Activation names in configs -> the kernels' names (kernels/reference.py).
@@ -399,20 +511,35 @@ def _mlp_activation(config) -> str:
             or getattr(config, "activation_function", None))
     if name not in _MLP_ACTIVATIONS:
         raise DyninferError(
-            f"MLP activation '{name}' is not supported for pruning; supported: {', '.join(sorted(_MLP_ACTIVATIONS))}"
+            f"MLP pruning does not apply to {getattr(config, 'model_type', '?')}: its MLP activation '{name}' has no "
+            f"sparse kernel (supported: {', '.join(sorted(_MLP_ACTIVATIONS))}); the other stages work"
         )
     return _MLP_ACTIVATIONS[name]
 
 
+def _rows(module: nn.Module) -> torch.Tensor:
+    """A projection's weight as [out, in] (GPT-2's Conv1D stores [in, out])."""
+    return module.weight if isinstance(module, nn.Linear) else module.weight.t()
+
+
 def _mlp_weights(config, mlp: nn.Module) -> MlpWeights:
+    model_type = getattr(config, "model_type", "?")
+    if is_moe(mlp):
+        raise DyninferError(f"MLP pruning does not apply to {model_type}: its MLP is a mixture-of-experts block "
+                            f"({type(mlp).__name__}); the other stages work")
     act = _mlp_activation(config)
-    if hasattr(mlp, "gate_proj"):  # Llama, Qwen2, Mistral, Gemma 3
+    if hasattr(mlp, "gate_proj"):  # Llama's gated MLP and most of its descendants
         return MlpWeights("gated", act, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
                           down_bias=mlp.down_proj.bias)
-    if hasattr(mlp, "c_fc"):  # GPT-2's Conv1D stores weights as [in, out]
-        return MlpWeights("plain", act, mlp.c_fc.weight.t(), None, mlp.c_proj.weight.t(),
-                          first_bias=mlp.c_fc.bias, down_bias=mlp.c_proj.bias)
-    raise DyninferError(f"cannot read the MLP of a {type(mlp).__name__}; pruning supports gated and GPT-2 MLPs")
+    if hasattr(mlp, "gate_up_proj") and isinstance(mlp.gate_up_proj, nn.Linear):  # Phi-3, GLM: [gate; up] fused
+        gate, up = mlp.gate_up_proj.weight.chunk(2, dim=0)
+        return MlpWeights("gated", act, gate, up, mlp.down_proj.weight, down_bias=mlp.down_proj.bias)
+    for first, down in (("up_proj", "down_proj"), ("fc1", "fc2"), ("c_fc", "c_proj")):  # ungated
+        if hasattr(mlp, first) and hasattr(mlp, down):
+            one, two = getattr(mlp, first), getattr(mlp, down)
+            return MlpWeights("plain", act, _rows(one), None, _rows(two), first_bias=one.bias, down_bias=two.bias)
+    raise DyninferError(f"cannot read the MLP of {model_type} ({type(mlp).__name__}) for pruning; pruning supports "
+                        "gated (gate/up/down, fused gate_up) and two-projection MLPs")
 
 
 class LayeredModel:
@@ -424,7 +551,7 @@ class LayeredModel:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.adapter = adapter_for(model.config)
+        self.adapter = adapter_for(model)
         self.config = model.config
         self.backbone: nn.Module = getattr(model, self.adapter.backbone)
         self.layers: nn.ModuleList = getattr(self.backbone, self.adapter.layers)
@@ -434,6 +561,10 @@ class LayeredModel:
         self.final_norm: nn.Module = getattr(self.backbone, self.adapter.norm)
         self.lm_head: nn.Module = model.get_output_embeddings()
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
+        model_type = getattr(self.config, "model_type", None)
+        self.embed_scale = EMBED_SCALES[model_type](self.config) if model_type in EMBED_SCALES else None
+        self.logit_scale = LOGIT_SCALES[model_type](self.config) if model_type in LOGIT_SCALES else None
+        self._layer_index = {id(layer): i for i, layer in enumerate(self.layers)}
         self._rope_memo = None  # (positions key, global rotary, local rotary) of the last step
         # While a step is traced for export: rotary embeddings and masks computed once per step
         # (in its main graph, so every branch shares them) and no data-dependent shortcuts.
@@ -511,25 +642,50 @@ class LayeredModel:
         finally:
             self.step_memo = None
 
-    def mlp(self, index: int) -> nn.Module:
-        """Decoder layer `index`'s MLP module (every attention family names it `mlp`)."""
+    def layer_index(self, layer: nn.Module) -> int:
+        return self._layer_index[id(layer)]
+
+    def scaled_embedding(self, embeds: torch.Tensor) -> torch.Tensor:
+        """The token embedding as the model's forward scales it (Gemma: by sqrt(d), in the hidden dtype)."""
+        if self.embed_scale is None:
+            return embeds
+        return embeds * torch.tensor(self.embed_scale, dtype=embeds.dtype, device=embeds.device)
+
+    def attention_input(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """What a decoder layer's attention reads: its pre-norm of the residual stream (the stream itself in
+        post-norm layers)."""
+        norm = _first_child(layer, ATTENTION_INPUT_NORMS)
+        return getattr(layer, norm)(hidden) if norm else hidden
+
+    def _mlp_path(self) -> str:
         if self.adapter.recurrent:
             raise DyninferError(f"{self.family} layers have no MLP block to prune; pick an attention model")
-        return self.layers[index].mlp
+        return dict(self.adapter.blocks)["mlp"]
+
+    def mlp(self, index: int) -> nn.Module:
+        """Decoder layer `index`'s MLP block (`mlp`, or Mixtral's `block_sparse_moe`)."""
+        return self.layers[index].get_submodule(self._mlp_path())
 
     def set_mlp(self, index: int, module: nn.Module) -> None:
-        self.mlp(index)  # refuses recurrent families
-        self.layers[index].mlp = module
+        setattr(self.layers[index], self._mlp_path(), module)
 
     def mlp_weights(self, index: int) -> MlpWeights:
         return _mlp_weights(self.config, self.mlp(index))
 
+    def require_prunable(self) -> None:
+        """Refuse MLP pruning unless every layer has a dense MLP it can read (some families mix in experts)."""
+        for index in range(self.num_layers):
+            self.mlp_weights(index)
+
+    def _residual_out_path(self, index: int) -> str:
+        return self.adapter.residual_out or _residual_out_path(self.layers[index])
+
     def residual_out(self, index: int) -> nn.Module:
         """The module whose output decoder layer `index` adds to the residual stream last."""
-        return self.layers[index].get_submodule(self.adapter.residual_out)
+        return self.layers[index].get_submodule(self._residual_out_path(index))
 
     def set_residual_out(self, index: int, module: nn.Module) -> None:
-        parent, _, name = self.adapter.residual_out.rpartition(".")
+        parent, _, name = self._residual_out_path(index).rpartition(".")
         setattr(self.layers[index].get_submodule(parent) if parent else self.layers[index], name, module)
 
     def blocks(self, index: int) -> list[tuple[str, nn.Module]]:
@@ -558,7 +714,9 @@ class LayeredModel:
         return out[0] if isinstance(out, tuple) else out
 
     def _softcapped(self, logits: torch.Tensor) -> torch.Tensor:
-        """Gemma's final logit softcap (identity for the other families)."""
+        """The family's final logit scale (Granite, Cohere) and softcap (Gemma 2/3); identity for the others."""
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -600,9 +758,64 @@ class LayeredModel:
             hidden = self.run_layer(fwd, i, hidden)
             yield i + 1, hidden
 
+    @torch.no_grad()
+    def check_against_forward(self, tokens: int = 8) -> None:
+        """Refuse a model whose layer-by-layer run differs from its own forward (a family recognised by
+        structure whose forward does something the standard layout does not: a scale, another mask)."""
+        ids = torch.arange(tokens, device=self.device)[None] % self.vocab_size
+        reference = self.model(ids, use_cache=False).logits.float()
+        ours = self.forward_logits(ids).float()
+        scale = reference.abs().max().clamp_min(1e-6)
+        tolerance = 1e-3 if self.lm_head.weight.dtype == torch.float32 else 5e-2
+        if not torch.isfinite(ours).all() or float((ours - reference).abs().max() / scale) > tolerance:
+            raise DyninferError(f"{self.config.model_type} has the standard decoder layout, but running it layer by "
+                                "layer does not reproduce its own forward (its forward adds something the layout "
+                                "does not say); it is not supported yet: `dyninfer models` lists the tested families")
+
     def forward_logits(self, input_ids: torch.Tensor, cache=None, attention_mask=None) -> torch.Tensor:
         """Full-depth logits computed layer by layer (equals the model's own forward)."""
         hidden = None
         for _, hidden in self.hidden_states(input_ids, cache, attention_mask):  # noqa: B007 - keep the last
             pass
         return self.logits_from(hidden)
+
+
+# --- the families the tests build and check, and which stages apply to each (`dyninfer models`) ---
+# tests/test_families.py builds each from its config class: the last layer's logit lens equals the model's
+# forward, full-depth dynamic decoding equals transformers' greedy generate, CALM propagation writes the
+# layer's own K/V, calibrate and run, steering, and pruning where it applies (test_adapters.py and
+# test_dynamic.py hold GPT-2 and Mamba to the same).
+STANDARD_LAYOUT_TESTED = (
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2", "granite",
+    "smollm3", "cohere", "cohere2", "stablelm", "glm", "glm4", "starcoder2", "helium", "ministral", "seed_oss",
+    "exaone4", "hunyuan_v1_dense", "ernie4_5", "arcee", "nemotron", "apertus", "vaultgemma", "bitnet", "phi",
+    "diffllama", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss", "ernie4_5_moe",
+    "hunyuan_v1_moe", "dots1", "glm4_moe", "deepseek_v2", "deepseek_v3",
+)
+# Why MLP pruning does not apply (the other stages do).
+NO_PRUNING = {
+    **dict.fromkeys(("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss", "ernie4_5_moe",
+                     "hunyuan_v1_moe", "dots1", "glm4_moe", "deepseek_v2", "deepseek_v3"), "mixture-of-experts MLP"),
+    **dict.fromkeys(("arcee", "nemotron", "bitnet"), "relu2 activation: no sparse kernel"),
+    "apertus": "xielu activation: no sparse kernel",
+    "mamba": "no MLP block (state-space mixer)",
+}
+# ONNX export checked against the torch dynamic model (tests/test_export.py).
+EXPORT_TESTED = ("llama", "qwen2", "mistral", "gemma3_text", "gpt2")
+NO_EXPORT = {"mamba": "a recurrent state, not a KV cache"}
+
+
+TESTED_FAMILIES = frozenset(family_of(t) for t in (*STANDARD_LAYOUT_TESTED, "gpt2", "mamba"))
+
+
+def support_table() -> list[dict[str, str]]:
+    """One row per tested model type: its family, layout, and whether each stage applies."""
+    rows = []
+    for model_type in (*STANDARD_LAYOUT_TESTED, "gpt2", "mamba"):
+        layout = "standard rotary" if model_type in STANDARD_LAYOUT_TESTED else "named adapter"
+        export = ("yes" if model_type in EXPORT_TESTED else
+                  f"no: {NO_EXPORT[model_type]}" if model_type in NO_EXPORT else "untested")
+        prune = f"no: {NO_PRUNING[model_type]}" if model_type in NO_PRUNING else "yes"
+        rows.append({"model_type": model_type, "family": family_of(model_type), "layout": layout,
+                     "probe, calibrate, run, bench, profile, steer": "yes", "prune": prune, "export": export})
+    return rows

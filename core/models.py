@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 import torch
 
 from dyninfer.core import distributed
-from dyninfer.core.adapters import LayeredModel, adapter_for
+from dyninfer.core.adapters import TESTED_FAMILIES, LayeredModel, adapter_for
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.placement import CPU_FLOAT32, Placement, dtype_name
 
@@ -128,7 +128,18 @@ def _quiet_transformers():
 
 
 def _check_architecture(config) -> None:
-    adapter_for(config)  # raises a DyninferError listing the supported ones
+    """Refuse an unsupported architecture before any weight is read: its modules are built empty."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            empty = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError) as exc:  # no causal-LM class for this config
+        raise DyninferError(f"unsupported architecture '{getattr(config, 'model_type', None)}': transformers has no "
+                            f"causal LM for it ({_short(exc, 120)}); `dyninfer models` lists the tested families") from None
+    adapter_for(empty)  # raises a DyninferError saying what the layout lacks
 
 
 def checkpoint_dtype(config) -> torch.dtype | None:
@@ -290,7 +301,9 @@ def load_model(spec: str = DEFAULT_MODEL, placement: Placement = CPU_FLOAT32) ->
     """Load a model spec (see module doc) onto `placement`. Raises DyninferError with a one-line reason."""
     placement.validate()
     loaded = _load(spec, placement)
-    loaded.layered  # noqa: B018 - refuses a model dyninfer cannot run layer by layer (no layers), now
+    lm = loaded.layered  # refuses a model dyninfer cannot run layer by layer, now
+    if lm.family not in TESTED_FAMILIES:  # recognised by structure only: check it runs as its own forward does
+        lm.check_against_forward()
     return loaded
 
 

@@ -232,7 +232,7 @@ def run(config: PruneConfig, progress: ProgressFn | None = None, existing: str |
                         existing=existing, progress=progress, apply_pruning=False, session=session,
                         placement=config.placement())
     lm, windows = ws.lm, ws.windows
-    lm.mlp(0)  # refuses families without an MLP block before any work
+    lm.require_prunable()  # refuses families without dense MLPs (recurrent, mixture of experts) before any work
     lm.require_weights("prune")
     calibration = windows.take("train", config.calibration_tokens, option="calibration_tokens")
     heldout = windows.take("heldout", config.heldout_tokens, option="heldout_tokens")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import ARCHS, VOCAB, tiny_model
 
-from dyninfer.core.adapters import LayeredModel, adapter_for, supported_model_types
+from dyninfer.core.adapters import LayeredModel, adapter_for
 from dyninfer.core.errors import DyninferError
 
 
@@ -72,14 +72,22 @@ def test_head_rows_equals_columns_of_full_head():
         torch.testing.assert_close(lm.head_rows(normed, subset), lm.head(normed)[:, subset])
 
 
-def test_unsupported_architecture_lists_supported():
-    from transformers import OPTConfig
+def test_unsupported_architecture_says_what_its_layout_lacks():
+    from transformers import AutoModelForCausalLM, OPTConfig
 
+    opt = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=64, hidden_size=16, ffn_dim=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, word_embed_proj_dim=16))
     with pytest.raises(DyninferError) as err:
-        adapter_for(OPTConfig())
+        adapter_for(opt)  # OPT keeps its layers in model.decoder, with learned positions
     message = str(err.value)
-    assert "unsupported architecture 'opt'" in message
-    for name in ("llama", "qwen2", "mistral", "gemma3_text", "gpt2", "mamba"):
-        assert name in message
-    assert "\n" not in message
-    assert sorted(supported_model_types()) == ["gemma3_text", "gpt2", "llama", "mamba", "mistral", "qwen2"]
+    assert message.startswith("unsupported architecture 'opt': no embed_tokens, layers, rotary_emb, final norm")
+    assert "`dyninfer models`" in message and "\n" not in message
+
+
+def test_a_family_whose_forward_does_more_than_its_layout_is_refused():
+    """Families recognised by structure alone are checked against their own forward when loaded."""
+    lm = LayeredModel(tiny_model("llama"))
+    lm.check_against_forward()  # the layout says everything Llama's forward does
+    lm.logit_scale = 2.0  # as if the forward scaled its logits and no declaration said so (Cohere, Granite)
+    with pytest.raises(DyninferError, match="does not reproduce its own forward"):
+        lm.check_against_forward()

@@ -141,7 +141,7 @@ def test_unsupported_architecture(tmp_path):
 
     OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
                              num_attention_heads=2, word_embed_proj_dim=16)).save_pretrained(tmp_path / "opt")
-    assert_one_line_error(invoke("probe", tmp_path / "opt"), "unsupported architecture", "mamba")
+    assert_one_line_error(invoke("probe", tmp_path / "opt"), "unsupported architecture", "standard rotary layout")
 
 
 def test_artifact_of_another_model_is_refused_and_kept(tiny_llama_dir, text_file, tmp_path):
@@ -166,3 +166,13 @@ def test_python_dash_m_entry_point(tiny_llama_dir, text_file):
 
     done = subprocess.run([sys.executable, "-m", "dyninfer", "--version"], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.startswith("dyninfer ")
+
+
+def test_models_lists_the_tested_families_and_their_stages():
+    result = invoke("models", "--json")
+    assert result.exit_code == 0, result.output
+    rows = {row["model_type"]: row for row in json.loads(result.stdout)["model_types"]}
+    assert len(rows) >= 20 and rows["llama"]["prune"] == "yes" and rows["llama"]["export"] == "yes"
+    assert rows["qwen3_moe"]["prune"].startswith("no: mixture-of-experts")
+    assert rows["mamba"]["export"].startswith("no:")
+    assert "phi3" in invoke("models").stdout

@@ -1,0 +1,132 @@
+"""Every decoder family transformers 4.57 ships in the standard rotary layout (tests/families.py), recognised by
+structure: parity with transformers' own forward and greedy decoding, CALM propagation, calibrate and run, and
+pruning and steering where they apply. ONNX export parity for the families that export is in test_export.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from families import FAMILIES, VOCAB, family_model
+
+from dyninfer.compressors.exit_policy import ExitPolicy, run_calibration
+from dyninfer.compressors.pruning import calibrate_threshold_plan, collect_mlp_samples, pruned
+from dyninfer.compressors.steering import ActivationSteering, hooked, steered
+from dyninfer.core.adapters import LayeredModel, family_of
+from dyninfer.core.cost import count_costs
+from dyninfer.core.errors import DyninferError
+from dyninfer.core.lenses import LogitLens
+from dyninfer.runtime.dynamic import DynamicModel
+
+pytestmark = pytest.mark.slow  # 2 tests x 43 families: the full suite runs them, the fast loop does not
+
+NEW = 14  # prompt 10 + 14 new tokens: past the sliding window of 8
+# Families whose MLP pruning is refused, and why: the error names the feature and the model type.
+NO_PRUNING = {
+    **dict.fromkeys(("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss", "hunyuan_v1_moe",
+                     "dots1", "glm4_moe", "deepseek_v2", "deepseek_v3", "ernie4_5_moe"), "mixture-of-experts"),
+    **dict.fromkeys(("arcee", "nemotron", "bitnet"), "activation 'relu2'"),
+    "apertus": "activation 'xielu'",
+}
+
+
+def _random(shape, seed):
+    return torch.randint(3, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _mixed_policy(lm, prompt, kv_mode):
+    """A saturation threshold at which some steps exit early and some run the full depth (bisected)."""
+    low, high = -1.0, 1.0 + 1e-6
+    for _ in range(30):
+        threshold = (low + high) / 2
+        policy = ExitPolicy("logit", "saturation", [1, 2], threshold, 0, kv_mode)
+        run = DynamicModel(lm, policy, LogitLens(lm)).generate(prompt, NEW)
+        deep = sum(e == lm.num_layers for e in run.exit_layers[1:])
+        if 2 <= deep <= NEW - 3:
+            return run
+        low, high = (threshold, high) if deep < 2 else (low, threshold)
+    raise AssertionError(f"no saturation threshold gives mixed exits for {lm.family}")
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_family_runs_like_transformers(model_type):
+    model = family_model(model_type)
+    lm = LayeredModel(model)  # recognised by structure: no family is named in the adapter
+    assert lm.family == family_of(model_type) and lm.num_layers == 3
+    ids = _random((2, 20), 1)
+    with torch.no_grad():
+        reference = model(ids, use_cache=False).logits
+        torch.testing.assert_close(lm.forward_logits(ids), reference, rtol=1e-4, atol=1e-4)  # the last layer's lens
+
+    prompt = ids[:1, :10]
+    with torch.no_grad():
+        greedy = model.generate(prompt, max_new_tokens=NEW, do_sample=False, attention_mask=torch.ones_like(prompt),
+                                pad_token_id=0)[:, 10:]
+    full = DynamicModel(lm, None, LogitLens(lm)).generate(prompt, NEW, mode="full")
+    assert torch.equal(full.tokens, greedy)
+
+    # CALM propagation writes the K/V the layer itself writes for the same hidden state.
+    caches = [lm.new_decoding_cache(), lm.new_decoding_cache()]
+    state = torch.randn(1, 1, lm.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for cache in caches:
+            hidden = lm.embed_at(prompt, 0)
+            for i in range(lm.num_layers):
+                hidden = lm.layer_at(i, hidden, 0, cache)
+        lm.layer_at(1, state, 10, caches[0])
+        lm.propagate(1, state, 10, caches[1])
+    written, propagated = caches[0].layers[1], caches[1].layers[1]
+    torch.testing.assert_close(propagated.keys, written.keys, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(propagated.values, written.values, rtol=1e-5, atol=1e-5)
+
+    # Recompute: every full-depth step of a run that also exits early is the full model's token on that prefix.
+    run = _mixed_policy(lm, prompt, "recompute")
+    with torch.no_grad():
+        expected = model(torch.cat([prompt, run.tokens], 1), use_cache=False).logits[0, 9:-1].argmax(-1)
+    deep = [s for s, e in enumerate(run.exit_layers) if e == lm.num_layers]
+    assert deep and run.tokens[0, deep].tolist() == expected[deep].tolist()
+    assert _mixed_policy(lm, prompt, "propagate").tokens.shape == (1, NEW)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_family_calibrates_prunes_and_steers(model_type):
+    lm = LayeredModel(family_model(model_type))
+    windows = _random((40, 17), 2)
+    result, _ = run_calibration(lm, LogitLens(lm), count_costs(lm, context=16), windows[:8], windows[8:32],
+                                windows[32:], target=0.6, epsilon=0.1, measure="softmax", min_layer=1)
+    policy = ExitPolicy.from_dict(result.policy.to_dict(), lm.num_layers)  # what the artifact would hold
+    assert result.calibration_tokens == 24 * 16 and 0.0 <= result.heldout["consistency"] <= 1.0
+    if policy.threshold is not None:
+        run = DynamicModel(lm, policy, LogitLens(lm)).generate(windows[32:33, :8], 6)
+        assert all(e in policy.exit_points + [lm.num_layers] for e in run.exit_layers)
+
+    ids = windows[:2]
+    with torch.no_grad():
+        dense = lm.forward_logits(ids)
+    if model_type in NO_PRUNING:
+        with pytest.raises(DyninferError) as refused:
+            lm.require_prunable()
+        assert NO_PRUNING[model_type] in str(refused.value) and "\n" not in str(refused.value)
+    else:  # pruning nothing reproduces the dense MLPs from the weights the adapter reads; half of them does not
+        samples = collect_mlp_samples(lm, windows[:4])
+        for sparsity, same in ((0.0, True), (0.5, False)):
+            with pruned(lm, calibrate_threshold_plan(lm, samples, sparsity), backend="masked"), torch.no_grad():
+                assert torch.allclose(lm.forward_logits(ids), dense, atol=1e-4) == same
+
+    # Steering baked into the residual-out module equals adding the vector to the layer's output.
+    direction = ActivationSteering({1: torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(4))})
+    with torch.no_grad():
+        with hooked(lm, direction, 0.5):
+            expected = lm.forward_logits(ids)
+        with steered(lm, direction, 0.5):
+            baked = lm.forward_logits(ids)
+        torch.testing.assert_close(baked, expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(lm.forward_logits(ids), dense)  # and it comes out again
+    assert not torch.allclose(expected, dense, atol=1e-3)
+
+
+def test_models_table_lists_what_these_tests_check():
+    from dyninfer.core import adapters
+
+    assert set(adapters.STANDARD_LAYOUT_TESTED) == set(FAMILIES)
+    table = {row["model_type"]: row for row in adapters.support_table()}
+    assert {t for t, row in table.items() if row["prune"] != "yes"} == set(NO_PRUNING) | {"mamba"}
