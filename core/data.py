@@ -271,9 +271,16 @@ class TokenWindows:
     train: torch.Tensor  # int64 [n_train_windows, seq_len + 1]
     heldout: torch.Tensor  # int64 [n_heldout_windows, seq_len + 1]
     total_tokens: int  # tokens in the tokenised corpus before windowing
-    # Each window's place in the corpus (window k holds stream tokens [k * (seq_len + 1), (k + 1) * (seq_len + 1))).
+    # Each window's place in the corpus (window k holds stream tokens [k * stride, (k + 1) * stride)).
     train_index: torch.Tensor | None = None
     heldout_index: torch.Tensor | None = None
+    # The tokens the model's tokenizer starts every sequence with (a BOS), which start every window too.
+    sequence_start: tuple[int, ...] = ()
+
+    @property
+    def stride(self) -> int:
+        """Corpus tokens per window: seq_len + 1, less the sequence-start tokens put before them."""
+        return self.seq_len + 1 - len(self.sequence_start)
 
     def split(self, split: str) -> torch.Tensor:
         if split == "train":
@@ -327,6 +334,7 @@ class TokenWindows:
             "train_tokens": int(self.train.shape[0]) * self.seq_len,
             "heldout_tokens": int(self.heldout.shape[0]) * self.seq_len,
             "total_tokens": self.total_tokens,
+            "sequence_start": list(self.sequence_start),
         }
 
 
@@ -341,6 +349,20 @@ def token_stream(texts: list[str], tokenizer) -> list[int]:
         # (we cut windows ourselves), so the "sequence too long" warning is noise.
         stream.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
     return stream
+
+
+def sequence_start(tokenizer) -> tuple[int, ...]:
+    """The tokens `tokenizer` puts before any text (Llama's, Gemma's BOS; nothing for GPT-2 or SmolLM2).
+
+    Models trained with a BOS degrade badly without one, so every window starts as the tokenizer
+    starts a sequence.
+    """
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if plain and full[start : start + len(plain)] == plain:
+            return tuple(full[:start])
+    return ()
 
 
 def make_windows(
@@ -365,14 +387,19 @@ def make_windows(
         raise DyninferError(f"data '{spec}' contains no text; {_SPEC_HELP}")
 
     stream = token_stream(texts, tokenizer)
-    window_len = seq_len + 1
-    n_windows = len(stream) // window_len
+    start = sequence_start(tokenizer)
+    if len(start) >= seq_len:
+        raise DyninferError(f"sequence length {seq_len} leaves no room for text after the tokenizer's {len(start)} "
+                            "sequence-start tokens; pass a larger `seq_len`")
+    stride = seq_len + 1 - len(start)  # corpus tokens per window, after the sequence start
+    n_windows = len(stream) // stride
     if n_windows < 2:
         raise DyninferError(
             f"data '{spec}' has only {len(stream)} tokens; need at least 2 windows of "
-            f"seq_len+1 = {window_len} tokens ({2 * window_len}); use more data or a shorter `seq_len`"
+            f"{stride} tokens ({2 * stride}); use more data or a shorter `seq_len`"
         )
-    windows = torch.tensor(stream[: n_windows * window_len], dtype=torch.int64).view(n_windows, window_len)
+    text = torch.tensor(stream[: n_windows * stride], dtype=torch.int64).view(n_windows, stride)
+    windows = torch.cat([torch.tensor(start, dtype=torch.int64).expand(n_windows, len(start)), text], dim=1)
 
     order = torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed))
     # Both splits must hold at least one window, whatever the fraction rounds to.
@@ -389,6 +416,7 @@ def make_windows(
         total_tokens=len(stream),
         train_index=train_index,
         heldout_index=heldout_index,
+        sequence_start=start,
     )
 
 

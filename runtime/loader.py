@@ -137,7 +137,7 @@ class Workspace:
 
 def lens_provenance(windows: TokenWindows, rows) -> dict:
     """The corpus windows a lens trained on: enough to find them again in another split of that corpus."""
-    return {"data": windows.spec, "window_len": windows.seq_len + 1,
+    return {"data": windows.spec, "window_len": windows.stride,  # corpus tokens per window
             "windows": [int(i) for i in windows.index("train")[rows]]}
 
 
@@ -157,7 +157,7 @@ def lens_overlaps(provenance: dict | None, windows: TokenWindows, split: str, ro
     length = provenance["window_len"]
     seen = sorted((i * length, (i + 1) * length) for i in provenance["windows"])
     starts = [a for a, _ in seen]
-    here = windows.seq_len + 1
+    here = windows.stride
     overlaps = []
     for k in windows.index(split)[rows].tolist():
         lo, hi = k * here, (k + 1) * here

@@ -21,6 +21,7 @@ from dyninfer.core.data import (
     load_texts,
     load_windows,
     make_windows,
+    sequence_start,
     token_stream,
 )
 from dyninfer.core.errors import DyninferError
@@ -400,6 +401,7 @@ def test_describe_is_json_summary(tokenizer):
         "train_tokens": (n_windows - round(n_windows * 0.25)) * 9,
         "heldout_tokens": round(n_windows * 0.25) * 9,
         "total_tokens": 602,
+        "sequence_start": [],  # this tokenizer adds no BOS
     }
 
 
@@ -433,3 +435,35 @@ def test_lens_overlap_is_found_across_seeds_and_window_lengths(tokenizer):
             assert expected == 0  # the same split: the lens trained on train windows only
     assert trained_on(record, make_windows(DOCUMENTS, tokenizer, spec="other", seq_len=9), "heldout", [0]) is None
     assert trained_on(None, first, "heldout", [0]) is None
+
+
+def _bos_tokenizer() -> PreTrainedTokenizerFast:
+    """A tokenizer that starts every sequence with <s>, as Llama's and Gemma's do (after the words and EOS)."""
+    from tokenizers import processors
+
+    bos_id = 2 + len(WORDS)
+    vocab = {token: index for index, token in enumerate([UNK, EOS, *WORDS, "<s>"])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=UNK, eos_token=EOS, bos_token="<s>")
+
+
+def test_windows_start_as_the_tokenizer_starts_a_sequence():
+    tokenizer = _bos_tokenizer()
+    bos_id = tokenizer.bos_token_id
+    assert sequence_start(tokenizer) == (bos_id,) and sequence_start(build_tokenizer(WORDS)) == ()
+    seq_len = 9
+    windows = make_windows(DOCUMENTS, tokenizer, spec="unit", seq_len=seq_len, seed=3, heldout_fraction=0.3)
+    assert windows.train.shape[1] == windows.heldout.shape[1] == seq_len + 1  # still seq_len predictions each
+    assert (windows.train[:, 0] == bos_id).all() and (windows.heldout[:, 0] == bos_id).all()
+    assert (windows.train[:, 1:] != bos_id).all()  # nowhere else
+    # After the BOS, each window is the next `stride` tokens of the EOS-joined stream: together, in corpus order,
+    # they are its prefix, nothing skipped or repeated.
+    stream = expected_stream(DOCUMENTS, tokenizer.eos_token_id)
+    assert windows.stride == seq_len
+    whole = torch.cat([windows.train, windows.heldout])[torch.cat([windows.train_index, windows.heldout_index])
+                                                        .argsort()]
+    assert whole[:, 1:].reshape(-1).tolist() == stream[: len(stream) // seq_len * seq_len]
+    assert windows.describe()["sequence_start"] == [bos_id]
+    assert make_windows(DOCUMENTS, build_tokenizer(WORDS), seq_len=seq_len).describe()["sequence_start"] == []
