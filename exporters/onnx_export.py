@@ -183,7 +183,8 @@ def export_step_onnx(dynamic: DynamicModel, path: Path, dtype: str = "fp32") -> 
                 custom_translation_table=ops.translation_table(), dynamo=True, optimize=True, verbose=False,
             )
     except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; one line for the user
-        raise DyninferError(f"the ONNX exporter failed: {' '.join(str(exc).split())[:300]}") from exc
+        raise DyninferError(f"ONNX export does not apply to {config.model_type}: its decoding step does not trace "
+                            f"({' '.join(str(exc).split())[:300]}); the other stages work") from exc
     finally:
         config._attn_implementation = attention
     model = program.model_proto

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from families import family_model
 from onnx import TensorProto, helper
 from tiny_models import ARCHS, VOCAB, tiny_model
 
@@ -28,9 +29,9 @@ ATTENTION_ARCHS = [a for a in ARCHS if a != "mamba"]
 OTHER_MEASURES = {"llama": ("classifier", 0), "qwen2": ("softmax", 16)}
 
 
-def _dynamic(arch: str, measure: str = "saturation", top_k: int = 0, points=(1, 2)):
+def _dynamic(arch: str, measure: str = "saturation", top_k: int = 0, points=(1, 2), model=None):
     """A dynamic model whose threshold makes some steps exit early and others run the full depth."""
-    model = tiny_model(arch, layers=4)
+    model = model if model is not None else tiny_model(arch, layers=4)
     lm = LayeredModel(model)
     prompt = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(5))
     classifier = None
@@ -91,6 +92,19 @@ def test_onnx_dynamic_model_equals_torch(arch, exported):
     """Llama and Qwen2 are checked the same way below, with the other confidence measures (one export each)."""
     dynamic, prompt, package = exported(arch)
     _assert_parity(dynamic, prompt, package)
+
+
+# Families recognised by structure, exported and held to the torch dynamic model like the ones above (the
+# named families, Llama and Qwen2 included, count towards the families that export).
+EXPORTED_FAMILIES = ("qwen3", "phi3", "gemma2", "olmo2", "granite", "cohere")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", EXPORTED_FAMILIES)
+def test_families_recognised_by_structure_export_like_torch(model_type, tmp_path):
+    dynamic, prompt = _dynamic(model_type, model=family_model(model_type, layers=4))
+    write_package(tmp_path, dynamic)
+    _assert_parity(dynamic, prompt, tmp_path)
 
 
 @pytest.mark.slow

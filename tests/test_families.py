@@ -130,3 +130,39 @@ def test_models_table_lists_what_these_tests_check():
     assert set(adapters.STANDARD_LAYOUT_TESTED) == set(FAMILIES)
     table = {row["model_type"]: row for row in adapters.support_table()}
     assert {t for t, row in table.items() if row["prune"] != "yes"} == set(NO_PRUNING) | {"mamba"}
+    from test_export import ATTENTION_ARCHS, EXPORTED_FAMILIES
+
+    exported = {"gemma3_text" if a == "gemma3" else a for a in ATTENTION_ARCHS} | set(EXPORTED_FAMILIES)
+    assert {t for t, row in table.items() if row["export"] == "yes"} == exported
+
+
+@pytest.mark.parametrize("model_type", ["phi3", "qwen3_moe"])
+def test_a_saved_family_runs_probe_calibrate_and_run_from_the_command_line(model_type, tmp_path):
+    """The whole path a user takes: a checkpoint folder of a family the adapter knows only by structure."""
+    import json
+
+    from conftest import CALIBRATE_ARGS, random_text, word_tokenizer
+    from typer.testing import CliRunner
+
+    from dyninfer.cli.app import app
+
+    family_model(model_type).save_pretrained(tmp_path / "model")
+    word_tokenizer().save_pretrained(tmp_path / "model")
+    (tmp_path / "text.txt").write_text(random_text(6000))
+    base = [str(tmp_path / "model"), "--data", str(tmp_path / "text.txt")]
+    out = ["--out", str(tmp_path / "artifact"), "--json"]
+    runner = CliRunner()
+    probe = runner.invoke(app, ["probe", *base, "--seq-len", "16", "--tokens", "64", "--lens", "logit", *out])
+    assert probe.exit_code == 0, probe.output
+    assert json.loads(probe.stdout)["model"]["architecture"] == model_type
+    calibrate = runner.invoke(app, ["calibrate", *base, *CALIBRATE_ARGS, *out])
+    assert calibrate.exit_code == 0, calibrate.output
+    run = runner.invoke(app, ["run", str(tmp_path / "artifact"), "tok1 tok2 tok3", "--max-new-tokens", "5", "--json"])
+    assert run.exit_code == 0, run.output
+    tokens = json.loads(run.stdout)["tokens"]
+    assert 1 <= len(tokens) <= 5 and all(1 <= t["exit_layer"] <= 3 for t in tokens)  # at most 5: EOS stops it
+    if model_type == "qwen3_moe":  # the stage that does not apply says so, and nothing else changes
+        before = (tmp_path / "artifact" / "dyninfer.json").read_bytes()
+        prune = runner.invoke(app, ["prune", *base, "--seq-len", "16", *out])
+        assert prune.exit_code == 2 and "MLP pruning does not apply to qwen3_moe" in prune.output
+        assert (tmp_path / "artifact" / "dyninfer.json").read_bytes() == before
