@@ -176,3 +176,26 @@ def test_models_lists_the_tested_families_and_their_stages():
     assert rows["qwen3_moe"]["prune"].startswith("no: mixture-of-experts")
     assert rows["mamba"]["export"].startswith("no:")
     assert "phi3" in invoke("models").stdout
+
+
+def test_a_model_whose_tokenizer_adds_bos_sees_it_in_every_window_and_prompt(tmp_path):
+    from conftest import CALIBRATE_ARGS, random_text, tiny_model, word_tokenizer
+    from tokenizers import processors
+
+    tokenizer = word_tokenizer()
+    bos = tokenizer.convert_tokens_to_ids("tok0")  # a word id the text never uses (random_text draws from tok0..39)
+    tokenizer.bos_token = "tok0"
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="tok0 $A",
+                                                                               special_tokens=[("tok0", bos)])
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "text.txt").write_text(" ".join(w for w in random_text(20000).split() if w != "tok0"))
+    base = [tmp_path / "model", "--data", tmp_path / "text.txt", "--out", tmp_path / "art", "--json"]
+    probe = invoke("probe", *base, *SMALL)
+    assert probe.exit_code == 0, probe.output
+    assert json.loads(probe.stdout)["data"]["sequence_start"] == [bos]
+    calibrate = invoke("calibrate", *base, *CALIBRATE_ARGS)
+    assert calibrate.exit_code == 0, calibrate.output
+    assert json.loads(calibrate.stdout)["data"]["sequence_start"] == [bos]
+    prompts = Artifact.load(tmp_path / "art").tensors["generation"]["calibration.prompts"]
+    assert (prompts[:, 0] == bos).all() and (prompts[:, 1:] != bos).all()  # every prompt starts as a sequence does
