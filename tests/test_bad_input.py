@@ -569,6 +569,9 @@ def test_a_full_disk_while_writing_a_report_changes_nothing(existing, monkeypatc
 # (handlers, which thread runs the test) that earlier tests in a long-lived xdist worker can change.
 _CTRL_C_DURING_SWAP = """
 import os, signal, sys
+# Ctrl-C as in a terminal: a shell's background job (`make test &`) starts with SIGINT ignored, and the
+# held interrupt would then be re-raised into that ignore.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, sys.argv[2])
 from concurrent_saves import versioned_artifact
 real, sent = os.rename, []
