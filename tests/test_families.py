@@ -34,7 +34,7 @@ def _random(shape, seed):
 
 
 def _mixed_policy(lm, prompt, kv_mode):
-    """A saturation threshold at which some steps exit early and some run the full depth (bisected)."""
+    """A saturation policy under which some steps exit early and some run the full depth (bisected), and its run."""
     low, high = -1.0, 1.0 + 1e-6
     for _ in range(30):
         threshold = (low + high) / 2
@@ -42,7 +42,7 @@ def _mixed_policy(lm, prompt, kv_mode):
         run = DynamicModel(lm, policy, LogitLens(lm)).generate(prompt, NEW)
         deep = sum(e == lm.num_layers for e in run.exit_layers[1:])
         if 2 <= deep <= NEW - 3:
-            return run
+            return policy, run
         low, high = (threshold, high) if deep < 2 else (low, threshold)
     raise AssertionError(f"no saturation threshold gives mixed exits for {lm.family}")
 
@@ -79,12 +79,14 @@ def test_family_runs_like_transformers(model_type):
     torch.testing.assert_close(propagated.values, written.values, rtol=1e-5, atol=1e-5)
 
     # Recompute: every full-depth step of a run that also exits early is the full model's token on that prefix.
-    run = _mixed_policy(lm, prompt, "recompute")
+    policy, run = _mixed_policy(lm, prompt, "recompute")
     with torch.no_grad():
         expected = model(torch.cat([prompt, run.tokens], 1), use_cache=False).logits[0, 9:-1].argmax(-1)
     deep = [s for s, e in enumerate(run.exit_layers) if e == lm.num_layers]
     assert deep and run.tokens[0, deep].tolist() == expected[deep].tolist()
-    assert _mixed_policy(lm, prompt, "propagate").tokens.shape == (1, NEW)
+    policy.kv_mode = "propagate"  # the same exits, the skipped layers' K/V propagated instead
+    propagated = DynamicModel(lm, policy, LogitLens(lm)).generate(prompt, NEW)
+    assert propagated.tokens.shape == (1, NEW) and set(propagated.exit_layers) <= {1, 2, lm.num_layers}
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
