@@ -409,7 +409,7 @@ def _first_child(module: nn.Module, names: tuple[str, ...]) -> str | None:
 
 
 def is_moe(block: nn.Module) -> bool:
-    return any(isinstance(getattr(block, n, None), nn.Module) for n in MOE_MARKERS)
+    return _first_child(block, MOE_MARKERS) is not None
 
 
 def _standard_layout(model: nn.Module) -> str | None:

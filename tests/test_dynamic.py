@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import ARCHS, VOCAB, tiny_model
+from tiny_models import ARCHS, VOCAB, mixed_saturation_policy, tiny_model
 
 from dyninfer.compressors.exit_policy import ExitPolicy
 from dyninfer.core.adapters import LayeredModel
@@ -30,20 +30,8 @@ def _hf_greedy(model, prompt, n=NEW):
 
 
 def _mixed_policy(lm, prompt, kv_mode, points=(1, 2)):
-    """A saturation threshold at which some tokens exit early and some run the full depth.
-
-    More steps run deep as the threshold rises, so bisect on it.
-    """
-    low, high = -1.0, 1.0 + 1e-6
-    for _ in range(30):
-        threshold = (low + high) / 2
-        policy = ExitPolicy("logit", "saturation", list(points), threshold, 0, kv_mode)
-        run = DynamicModel(lm, policy, LogitLens(lm)).generate(prompt, NEW)
-        deep = sum(e == lm.num_layers for e in run.exit_layers[1:])
-        if 3 <= deep <= NEW - 4:
-            return policy, run
-        low, high = (threshold, high) if deep < 3 else (low, threshold)
-    raise AssertionError(f"no saturation threshold gives mixed exits for {lm.family}")
+    """A saturation threshold at which some tokens exit early and some run the full depth."""
+    return mixed_saturation_policy(lm, prompt, kv_mode, NEW, points)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

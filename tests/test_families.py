@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from families import FAMILIES, VOCAB, family_model
+from tiny_models import mixed_saturation_policy
 
 from dyninfer.compressors.exit_policy import ExitPolicy, run_calibration
 from dyninfer.compressors.pruning import calibrate_threshold_plan, collect_mlp_samples, pruned
@@ -31,20 +32,6 @@ NO_PRUNING = {
 
 def _random(shape, seed):
     return torch.randint(3, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _mixed_policy(lm, prompt, kv_mode):
-    """A saturation policy under which some steps exit early and some run the full depth (bisected), and its run."""
-    low, high = -1.0, 1.0 + 1e-6
-    for _ in range(30):
-        threshold = (low + high) / 2
-        policy = ExitPolicy("logit", "saturation", [1, 2], threshold, 0, kv_mode)
-        run = DynamicModel(lm, policy, LogitLens(lm)).generate(prompt, NEW)
-        deep = sum(e == lm.num_layers for e in run.exit_layers[1:])
-        if 2 <= deep <= NEW - 3:
-            return policy, run
-        low, high = (threshold, high) if deep < 2 else (low, threshold)
-    raise AssertionError(f"no saturation threshold gives mixed exits for {lm.family}")
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
@@ -79,7 +66,7 @@ def test_family_runs_like_transformers(model_type):
     torch.testing.assert_close(propagated.values, written.values, rtol=1e-5, atol=1e-5)
 
     # Recompute: every full-depth step of a run that also exits early is the full model's token on that prefix.
-    policy, run = _mixed_policy(lm, prompt, "recompute")
+    policy, run = mixed_saturation_policy(lm, prompt, "recompute", NEW, min_deep=2)
     with torch.no_grad():
         expected = model(torch.cat([prompt, run.tokens], 1), use_cache=False).logits[0, 9:-1].argmax(-1)
     deep = [s for s, e in enumerate(run.exit_layers) if e == lm.num_layers]

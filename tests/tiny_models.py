@@ -37,3 +37,25 @@ def tiny_model(arch: str, seed: int = 0, **kw):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, **kw), attn_implementation="eager")
     return model.eval()
+
+
+def mixed_saturation_policy(lm, prompt, kv_mode: str, steps: int, points=(1, 2), min_deep: int = 3):
+    """A saturation policy under which some steps exit early and at least `min_deep` (and at most
+    steps - min_deep - 1) of the steps after the first run the full depth, and its run.
+
+    More steps run deep as the threshold rises, so bisect on it.
+    """
+    from dyninfer.compressors.exit_policy import ExitPolicy
+    from dyninfer.core.lenses import LogitLens
+    from dyninfer.runtime.dynamic import DynamicModel
+
+    low, high = -1.0, 1.0 + 1e-6
+    for _ in range(30):
+        threshold = (low + high) / 2
+        policy = ExitPolicy("logit", "saturation", list(points), threshold, 0, kv_mode)
+        run = DynamicModel(lm, policy, LogitLens(lm)).generate(prompt, steps)
+        deep = sum(e == lm.num_layers for e in run.exit_layers[1:])
+        if min_deep <= deep <= steps - min_deep - 1:
+            return policy, run
+        low, high = (threshold, high) if deep < min_deep else (low, threshold)
+    raise AssertionError(f"no saturation threshold gives mixed exits for {lm.family}")
