@@ -806,7 +806,8 @@ EXPORT_TESTED = ("llama", "qwen2", "mistral", "gemma3_text", "gpt2", "qwen3", "p
 NO_EXPORT = {"mamba": "a recurrent state, not a KV cache"}
 
 
-TESTED_FAMILIES = frozenset(family_of(t) for t in (*STANDARD_LAYOUT_TESTED, "gpt2", "mamba"))
+TESTED_MODEL_TYPES = frozenset((*STANDARD_LAYOUT_TESTED, "gpt2", "mamba"))
+TESTED_FAMILIES = frozenset(family_of(t) for t in TESTED_MODEL_TYPES)
 
 
 def support_table() -> list[dict[str, str]]:

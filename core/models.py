@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 import torch
 
 from dyninfer.core import distributed
-from dyninfer.core.adapters import TESTED_FAMILIES, LayeredModel, adapter_for
+from dyninfer.core.adapters import TESTED_FAMILIES, TESTED_MODEL_TYPES, LayeredModel, adapter_for
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.placement import CPU_FLOAT32, Placement, dtype_name
 
@@ -128,7 +128,10 @@ def _quiet_transformers():
 
 
 def _check_architecture(config) -> None:
-    """Refuse an unsupported architecture before any weight is read: its modules are built empty."""
+    """Refuse an unsupported architecture before any weight is read: its modules are built empty (the
+    tested model types are known to fit, so that start-up work is skipped for them)."""
+    if getattr(config, "model_type", None) in TESTED_MODEL_TYPES:
+        return
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
