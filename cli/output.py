@@ -107,7 +107,8 @@ def progress_reporter(enabled: bool = True) -> Iterator[ProgressFn]:
     """A `progress(description, done, total)` callback for long work, drawn on stderr.
 
     On a terminal: transient progress bars. Otherwise (CI logs, pipes): one plain line
-    when a stage starts, at each further tenth, and when it ends.
+    when a stage starts, at each further tenth, and when it ends. A description "task — state"
+    is one task whose state changes (a training loss): its bar, or its next line, shows the latest.
     """
     if not enabled:
         yield silent
@@ -117,8 +118,9 @@ def progress_reporter(enabled: bool = True) -> Iterator[ProgressFn]:
 
         def log_line(description: str, done: int, total: int) -> None:
             tenth = (10 * done) // max(total, 1)
-            if last_tenth.get(description) != tenth:
-                last_tenth[description] = tenth
+            task = description.partition(" — ")[0]
+            if last_tenth.get(task) != tenth:
+                last_tenth[task] = tenth
                 stderr.print(f"{description}: {done}/{total}", highlight=False, markup=False)
 
         yield log_line
@@ -130,9 +132,10 @@ def progress_reporter(enabled: bool = True) -> Iterator[ProgressFn]:
     tasks: dict[str, int] = {}
 
     def report(description: str, done: int, total: int) -> None:
-        if description not in tasks:
-            tasks[description] = bars.add_task(description, total=total)
-        bars.update(tasks[description], completed=done, total=total)
+        task = description.partition(" — ")[0]
+        if task not in tasks:
+            tasks[task] = bars.add_task(description, total=total)
+        bars.update(tasks[task], completed=done, total=total, description=description)
 
     with bars:
         yield report

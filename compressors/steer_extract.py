@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from dyninfer.compressors.cot_data import CotExample, generate_problems, load_cot_jsonl
+from dyninfer.compressors.lora import is_conv1d, lora_attached, lora_delta
 from dyninfer.compressors.steering import ActivationSteering, ValveDelta
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.models import LoadedModel, load_model
@@ -196,35 +197,21 @@ def activation_direction(means: dict[str, torch.Tensor], layers: list[int], kind
 # --------------------------------------------------------------------------- CoT-Valve: a LoRA on the short chains
 
 
-def _conv1d(module) -> bool:
-    return type(module).__name__ == "Conv1D"  # transformers' GPT-2 layer: weight stored as [in, out]
-
-
 def train_valve(loaded: LoadedModel, prompter: CotPrompter, examples: list[CotExample], *, rank: int = 8,
                 steps: int = 200, lr: float = 1e-3, batch_size: int = 8, seed: int = 0,
                 targets: tuple[str, ...] | None = None, progress: ProgressFn | None = None) -> tuple[ValveDelta, dict]:
     """Fit a LoRA (peft) to the short chains; Δθ = its B·A·scaling per adapted weight. The model is left as it was."""
-    from peft import LoraConfig, get_peft_model
-
     lm = loaded.layered
     targets = tuple(targets or lm.adapter.lora_targets)
-    model = loaded.model
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets), lora_dropout=0.0, bias="none",
-                        fan_in_fan_out=lm.family == "gpt2")
-    torch.manual_seed(seed)
-    try:
-        peft_model = get_peft_model(model, config)
-    except ValueError as exc:
-        raise DyninferError(f"cannot attach a LoRA to {', '.join(targets)}: {str(exc).splitlines()[0]}") from None
     encoded = [prompter.encode(e.question, e.short) for e in examples]
     pad = pad_id(prompter.tokenizer)
-    backbone = getattr(peft_model.base_model.model, lm.adapter.backbone)  # final norm included, no head
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     losses = []
     report = progress or silent
-    try:
+    with lora_attached(lm, rank, targets, seed) as peft_model:
+        backbone = getattr(peft_model.base_model.model, lm.adapter.backbone)  # final norm included, no head
+        trainable = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
         for step in range(steps):
             batch = rng.sample(encoded, min(batch_size, len(encoded)))
             ids, mask = right_padded([seq for seq, _ in batch], pad)
@@ -242,23 +229,11 @@ def train_valve(loaded: LoadedModel, prompter: CotPrompter, examples: list[CotEx
             optimizer.step()
             losses.append(loss.item())
             report("training the CoT-Valve LoRA on the short chains", step + 1, steps)
-        low_rank = {}
-        for name, module in peft_model.base_model.model.named_modules():
-            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-                a = module.lora_A["default"].weight.detach().clone()  # [r, in]
-                b = module.lora_B["default"].weight.detach().clone() * module.scaling["default"]  # [out, r]
-                base = module.get_base_layer()
-                low_rank[f"{name}.weight"] = (a.T, b.T) if _conv1d(base) else (b, a)
-    finally:
-        peft_model.unload()  # the original modules back in place; their weights were never touched
-        if hasattr(model, "peft_config"):  # peft leaves its config on the model it wrapped
-            del model.peft_config
+        delta = lora_delta(peft_model)
     record = {"rank": rank, "steps": steps, "lr": lr, "batch_size": batch_size, "targets": list(targets),
               "first_loss": losses[0] if losses else None,
               "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None}
-    if not low_rank:
-        raise DyninferError(f"no weights matched the LoRA targets {', '.join(targets)}; pass `targets`")
-    return ValveDelta(low_rank, {}), record
+    return delta, record
 
 
 # --------------------------------------------------------------------------- CoT-Valve: the delta of two sources
@@ -294,7 +269,7 @@ def _read_adapter(path: Path, loaded: LoadedModel) -> ValveDelta:
                                 "it was made for another model")
         b = b.float() * scaling
         a = a.float()
-        low_rank[f"{module_name}.weight"] = (a.T, b.T) if _conv1d(modules[module_name]) else (b, a)
+        low_rank[f"{module_name}.weight"] = (a.T, b.T) if is_conv1d(modules[module_name]) else (b, a)
     if not low_rank:
         raise DyninferError(f"'{weights_path}' holds no LoRA weights (no *.lora_A.weight tensors)")
     delta = ValveDelta(low_rank, {})

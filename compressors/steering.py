@@ -120,26 +120,31 @@ class ValveDelta:
     low_rank: dict[str, tuple[torch.Tensor, torch.Tensor]]
     dense: dict[str, torch.Tensor]
 
-    def tensors(self) -> dict[str, torch.Tensor]:
+    def tensors(self, prefix: str = _VALVE_PREFIX) -> dict[str, torch.Tensor]:
         out = {}
         for name, (up, down) in self.low_rank.items():
-            out[f"{_VALVE_PREFIX}{name}.up"] = up.detach().float().cpu()
-            out[f"{_VALVE_PREFIX}{name}.down"] = down.detach().float().cpu()
+            out[f"{prefix}{name}.up"] = up.detach().float().cpu()
+            out[f"{prefix}{name}.down"] = down.detach().float().cpu()
         for name, delta in self.dense.items():
-            out[f"{_VALVE_PREFIX}{name}.delta"] = delta.detach().float().cpu()
+            out[f"{prefix}{name}.delta"] = delta.detach().float().cpu()
         return out
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> ValveDelta | None:
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str = _VALVE_PREFIX) -> ValveDelta | None:
+        """The delta stored under `prefix` (the valve's, or another low-rank delta such as tune-exits' LoRA)."""
         low_rank, dense = {}, {}
         for key, value in tensors.items():
-            if not key.startswith(_VALVE_PREFIX):
+            if not key.startswith(prefix):
                 continue
-            name, _, part = key[len(_VALVE_PREFIX):].rpartition(".")
+            name, _, part = key[len(prefix):].rpartition(".")
             if part == "delta":
                 dense[name] = value
             elif part == "up":
-                low_rank[name] = (value, tensors[f"{_VALVE_PREFIX}{name}.down"])
+                down = tensors.get(f"{prefix}{name}.down")
+                if down is None:
+                    raise DyninferError(f"the stored low-rank delta of '{name}' has no down half; the artifact is "
+                                        "damaged: make it again")
+                low_rank[name] = (value, down)
         return cls(low_rank, dense) if low_rank or dense else None
 
     def names(self) -> list[str]:
@@ -151,7 +156,8 @@ class ValveDelta:
         up, down = self.low_rank[name]
         return up @ down
 
-    def parameters_of(self, model: nn.Module) -> dict[str, nn.Parameter]:
+    def parameters_of(self, model: nn.Module, what: str = "the CoT-Valve delta",
+                      remedy: str = "extract it again for this model") -> dict[str, nn.Parameter]:
         """The model's parameters this delta adapts, checked for shape."""
         params = dict(model.named_parameters())
         found = {}
@@ -160,9 +166,8 @@ class ValveDelta:
             expected = (self.dense[name].shape if name in self.dense
                         else (self.low_rank[name][0].shape[0], self.low_rank[name][1].shape[1]))
             if param is None or tuple(param.shape) != tuple(expected):
-                raise DyninferError(f"the CoT-Valve delta adapts '{name}' {tuple(expected)}, which this model "
-                                    f"{'lacks' if param is None else 'has as ' + str(tuple(param.shape))}; "
-                                    "extract it again for this model")
+                raise DyninferError(f"{what} adapts '{name}' {tuple(expected)}, which this model "
+                                    f"{'lacks' if param is None else 'has as ' + str(tuple(param.shape))}; {remedy}")
             found[name] = param
         return found
 

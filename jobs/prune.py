@@ -48,6 +48,7 @@ from dyninfer.core.models import DEFAULT_MODEL
 from dyninfer.core.placement import PlacementOptions
 from dyninfer.core.progress import ProgressFn
 from dyninfer.jobs.plots import pruning_sweep_png
+from dyninfer.profilers.exit_probe import heldout_quality
 from dyninfer.profilers.prune_bench import SpeedResult, measure_speed
 from dyninfer.runtime.loader import ModelSession, open_workspace
 
@@ -200,21 +201,12 @@ def _mlp_costs(lm: LayeredModel, plan: PruningPlan, layer_sparsity: list[float],
 
 @torch.no_grad()
 def _evaluate(lm: LayeredModel, windows: torch.Tensor, plan: PruningPlan | None) -> tuple[float, torch.Tensor, list]:
-    """(perplexity, argmax predictions, per-layer [active, tokens] counts) on `windows`.
-
-    Data-parallel: each rank evaluates its share of the windows; sums and predictions are combined.
-    """
-    world = distributed.current()
-    nll, count, argmax = 0.0, 0, []
+    """(perplexity, argmax predictions, per-layer [active, tokens] counts) on `windows` (sharded when data-parallel)."""
     with pruned(lm, plan, backend="masked"), counting_active(lm) as counts:
-        for window in windows[world.shard(windows.shape[0], "held-out windows")]:
-            logits = lm.model(window[None, :-1].to(lm.device), use_cache=False).logits[0].float()
-            nll += float(F.cross_entropy(logits, window[1:].to(lm.device), reduction="sum"))
-            count += window.shape[0] - 1
-            argmax.append(logits.argmax(-1).cpu())
-        counted = world.sum(np.array([list(c) for c in counts], dtype=np.float64)).tolist() if counts else []
-    nll, count = world.sum(np.array([nll, count], dtype=np.float64)).tolist()
-    return math.exp(nll / count), world.gather_window_columns(torch.cat(argmax), windows.shape[0], dim=0), counted
+        perplexity, argmax = heldout_quality(lm, windows)
+        counted = distributed.current().sum(np.array([list(c) for c in counts], dtype=np.float64)).tolist() \
+            if counts else []
+    return perplexity, argmax, counted
 
 
 def _input_sparsity_achieved(plan: PruningPlan, samples: MlpSamples) -> list[float]:

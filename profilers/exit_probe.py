@@ -10,6 +10,7 @@ stays equal) and the oracle compute saving of exiting exactly there.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
+from dyninfer.core import distributed
 from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.cost import CostModel
 from dyninfer.core.distributed import World
@@ -267,3 +270,20 @@ def run_probe(
         seconds=seconds,
         forward_tokens_per_s=forward_tps,
     )
+
+
+@torch.no_grad()
+def heldout_quality(lm: LayeredModel, windows: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """(perplexity, argmax prediction per position, window-major) of the model's own forward on `windows`.
+
+    Data-parallel: each rank evaluates its share of the windows; the sums and predictions are combined.
+    """
+    world = distributed.current()
+    nll, count, argmax = 0.0, 0, []
+    for window in windows[world.shard(windows.shape[0], "held-out windows")]:
+        logits = lm.model(window[None, :-1].to(lm.device), use_cache=False).logits[0].float()
+        nll += float(F.cross_entropy(logits, window[1:].to(lm.device), reduction="sum"))
+        count += window.shape[0] - 1
+        argmax.append(logits.argmax(-1).cpu())
+    nll, count = world.sum(np.array([nll, count], dtype=np.float64)).tolist()
+    return math.exp(nll / count), world.gather_window_columns(torch.cat(argmax), windows.shape[0], dim=0)
