@@ -19,6 +19,7 @@ from dyninfer.cli import profile as profile_cmd
 from dyninfer.cli import prune as prune_cmd
 from dyninfer.cli import run as run_cmd
 from dyninfer.cli import steer as steer_cmd
+from dyninfer.cli import tune as tune_cmd
 from dyninfer.cli.output import stderr
 from dyninfer.core import distributed
 
@@ -84,6 +85,7 @@ app.command("probe", help=probe_cmd.HELP)(probe_cmd.probe)
 app.command("calibrate", help=calibrate_cmd.HELP)(calibrate_cmd.calibrate)
 app.command("prune", help=prune_cmd.HELP)(prune_cmd.prune)
 app.add_typer(steer_cmd.app, name="steer", help=steer_cmd.HELP)
+app.command("tune-exits", help=tune_cmd.HELP)(tune_cmd.tune_exits)
 app.command("export", help=export_cmd.HELP)(export_cmd.export)
 app.command("run", help=run_cmd.HELP)(run_cmd.run)
 app.command("bench", help=bench_cmd.HELP)(bench_cmd.bench)

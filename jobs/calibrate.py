@@ -186,7 +186,8 @@ class Draw:
 
 
 def draw_units(config: CalibrateConfig, windows, lens_rows: set[int]) -> Draw:
-    """Fit windows, then calibration units, from the train split's random order (skipping the lens's windows)."""
+    """Fit windows, then calibration units, from the train split's random order (skipping the windows the tuned
+    lens or the tuning trained on)."""
     n_fit = math.ceil(config.fit_tokens / config.seq_len)
     generation = config.risk == GENERATION_RISK
     n_units = config.prompts if generation else math.ceil(config.calibration_tokens / config.seq_len)
@@ -195,8 +196,8 @@ def draw_units(config: CalibrateConfig, windows, lens_rows: set[int]) -> Draw:
         asked = f"{option('prompts')} {config.prompts} prompts" if generation else \
             f"{option('calibration_tokens')} {config.calibration_tokens} tokens"
         raise DyninferError(
-            f"the train split of '{config.data}' has {len(order)} windows of {config.seq_len} tokens the tuned lens did "
-            f"not train on, but {option('fit_tokens')} and {asked} need {n_fit + n_units} (one window per unit); "
+            f"the train split of '{config.data}' has {len(order)} windows of {config.seq_len} tokens the tuned lens and "
+            f"the tuning did not train on, but {option('fit_tokens')} and {asked} need {n_fit + n_units} (one window per unit); "
             f"lower them, lower {option('seq_len')} or use more data")
     held_order = windows.order("heldout")
     if generation and config.heldout_prompts > held_order.numel():
@@ -207,17 +208,22 @@ def draw_units(config: CalibrateConfig, windows, lens_rows: set[int]) -> Draw:
                 held_order[: config.heldout_prompts] if generation else None)
 
 
+def _trained_rows(provenance: dict | None, windows, draw: Draw) -> tuple[set[int], int | None]:
+    """The train rows a record's windows cover, and how many of the draw's held-out rows they touch (None: other data)."""
+    train_rows = torch.arange(windows.train.shape[0])
+    seen = {int(r) for r, hit in zip(train_rows, lens_overlaps(provenance, windows, "train", train_rows) or []) if hit}
+    held = [draw.heldout] + ([draw.heldout_prompts] if draw.heldout_prompts is not None else [])
+    return seen, trained_on(provenance, windows, "heldout", torch.unique(torch.cat(held)))
+
+
 def lens_notes(ws, windows, draw: Draw) -> tuple[set[int], list[str]]:
     """The train rows the tuned lens trained on (kept out of fit and calibration), and what to tell the user."""
     provenance = ws.lens_windows()
     if provenance is None:
         return set(), [f"the tuned lens's training windows are not recorded (an older artifact, or {option('lens_from')} "
                        "one without a record); the guarantee assumes it did not train on calibration or held-out text"]
-    train_rows = torch.arange(windows.train.shape[0])
-    seen = {int(r) for r, hit in zip(train_rows, lens_overlaps(provenance, windows, "train", train_rows) or []) if hit}
+    seen, overlap = _trained_rows(provenance, windows, draw)
     notes = []
-    held = [draw.heldout] + ([draw.heldout_prompts] if draw.heldout_prompts is not None else [])
-    overlap = trained_on(provenance, windows, "heldout", torch.unique(torch.cat(held)))
     if overlap is None:
         notes.append(f"the tuned lens was trained on other data ({provenance.get('data')})")
     elif overlap:
@@ -225,6 +231,21 @@ def lens_notes(ws, windows, draw: Draw) -> tuple[set[int], list[str]]:
                      "split the corpus differently); held-out numbers are optimistic. Retrain it with this split "
                      f"({option('lens_from')} off, a fresh artifact) for clean ones")
     return seen, notes
+
+
+def tuning_notes(record: dict | None, windows, draw: Draw) -> tuple[set[int], list[str]]:
+    """The train rows the tune-exits LoRA trained on (kept out of fit and calibration), and what to tell the user."""
+    if record is None:
+        return set(), []
+    provenance = record.get("windows")
+    seen, overlap = _trained_rows(provenance, windows, draw)
+    if overlap is None:
+        return seen, [f"the model was tuned on other data ({(provenance or {}).get('data')}); the guarantee assumes "
+                      "the tuning saw none of this calibration's text"]
+    if overlap:
+        return seen, [f"the model was tuned on text of {overlap} held-out windows (another seed or window length "
+                      "split the corpus differently); held-out numbers are optimistic"]
+    return seen, []
 
 
 def run(config: CalibrateConfig, progress: ProgressFn | None = None, existing: str | Artifact | None = None,
@@ -242,17 +263,19 @@ def run(config: CalibrateConfig, progress: ProgressFn | None = None, existing: s
         if context and config.prompt_tokens + config.new_tokens > context:
             raise DyninferError(f"{option('prompt_tokens')} {config.prompt_tokens} + {option('new_tokens')} "
                                 f"{config.new_tokens} exceed the model's context of {context} tokens; lower them")
-    notes = []
+    draw = draw_units(config, windows, set())  # for the held-out rows, which depend on nothing trained
+    # The tuned model is not independent of the windows it was tuned on: they stay out of fit and calibration.
+    seen, notes = tuning_notes(ws.artifact.stages.get(stages.TUNE), windows, draw)
     if config.lens == TUNED:
         lens, _ = ws.tuned_lens(lens_from=config.lens_from, train_tokens=config.lens_train_tokens,
                                        steps=config.lens_steps, seed=config.seed, progress=progress)
-        draw = draw_units(config, windows, set())  # for the held-out rows, which do not depend on the lens
         lens_rows, lens_messages = lens_notes(ws, windows, draw)
         notes += lens_messages
-        draw = draw_units(config, windows, lens_rows)
+        seen |= lens_rows
     else:
         lens = LogitLens(lm)
-        draw = draw_units(config, windows, set())
+    if seen:
+        draw = draw_units(config, windows, seen)
     costs, cost_notes = choose_costs(config, lm, ws.artifact)
     notes += cost_notes
     targets = [config.target, *config.extra_targets]

@@ -98,19 +98,21 @@ class ExtractReport:
 
 def _open(model: str | None, existing: str | Artifact | None, session: ModelSession | None,
           placement: Placement) -> tuple[LoadedModel, Artifact]:
-    """The base model (never a steered or pruned one) and the artifact to extend, or a new one."""
+    """The base model (tuned when the artifact is; never steered or pruned) and the artifact to extend, or a new one."""
     if isinstance(existing, Artifact) or (existing and artifact_exists(existing)):
         artifact = existing if isinstance(existing, Artifact) else Artifact.load(existing)
         spec = model or artifact.base_model.spec
     else:
         artifact, spec = None, model or DEFAULT_MODEL
-    if session is None or session.steering is not None or session.loaded.spec != spec:
+    if session is None or session.steering is not None or session.loaded.spec != spec or (
+            artifact is None and session.tuning is not None):
         session = ModelSession.load(spec, placement)
     remove_pruning(session.lm)  # a shared model may carry an artifact's masks
     loaded = session.loaded
     if artifact is None:
         return loaded, Artifact(BaseModelInfo.from_dict(loaded.base_model_info()), tokenizer=loaded.spec)
     artifact.check_base_model(loaded.content_hash, loaded.spec)
+    session.bake_tuning(artifact)  # a tuned artifact's directions are made on the tuned model
     return loaded, artifact
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from dyninfer.compressors.confidence import ExitClassifier
 from dyninfer.compressors.exit_policy import KV_MODES, ExitPolicy
+from dyninfer.compressors.exit_tuning import bake_tuning, fingerprint, stored_tuning
 from dyninfer.compressors.pruning import PruningPlan, load_pruning, remove_pruning
 from dyninfer.compressors.steering import applied, load_steering
 from dyninfer.core import stages
@@ -37,6 +38,7 @@ class ModelSession:
 
     loaded: LoadedModel
     steering: dict | None = None  # the applied steering baked into the weights ({method, alpha})
+    tuning: str | None = None  # the fingerprint of the tune-exits LoRA baked into the weights
     _windows: dict = field(default_factory=dict, repr=False)  # (data, field, seq_len, seed) -> TokenWindows
 
     @classmethod
@@ -52,6 +54,7 @@ class ModelSession:
         masks installed (taken out when `pruning` is False). Returns the installed plan."""
         artifact.check_base_model(self.loaded.content_hash, self.loaded.spec)
         remove_pruning(self.lm)  # before steering: SparseMLP copies the (steered) MLP weights
+        self.bake_tuning(artifact)
         record = applied(artifact)
         if record is not None or (pruning and stages.PRUNE in artifact.stages):
             self.lm.require_weights("the artifact's steering or pruning masks")
@@ -62,6 +65,20 @@ class ModelSession:
             load_steering(artifact, self.lm)
             self.steering = record
         return load_pruning(artifact, self.lm) if pruning else None
+
+    def bake_tuning(self, artifact: Artifact) -> None:
+        """Bake the artifact's tune-exits LoRA into the weights, first of all its changes (the others were made
+        on the tuned model)."""
+        delta = stored_tuning(artifact)
+        wanted = fingerprint(delta) if delta is not None else None
+        if wanted == self.tuning:
+            return
+        if self.tuning is not None or self.steering is not None:
+            raise DyninferError("this loaded model already has another tuning or steering baked in; load the model "
+                                "again for this artifact")
+        self.lm.require_weights("the artifact's tune-exits LoRA")
+        bake_tuning(self.lm, delta)
+        self.tuning = wanted
 
     def windows(self, data: str, field: str | None, seq_len: int, seed: int) -> TokenWindows:
         """The data's token windows, tokenised once per session (stages of an audit share them)."""

@@ -287,6 +287,29 @@ CASES = [
     ("audit-out-foreign-dir", ["audit", "{model}", "--out", "{foreign}"], "not empty"),
     ("audit-out-other-models-artifact", ["audit", "{other}", "--data", "{text}", "--seq-len", "16", "--tokens", "32",
                                          "--prompt-tokens", "8", "--lens", "logit", "--out", "{art}"], "made for model"),
+    # --- tune-exits
+    ("tune-steps-0", ["tune-exits", "{model}", "--steps", "0", "--out", "{tmp}/t"], "--steps must be at least 1"),
+    ("tune-rank-0", ["tune-exits", "{model}", "--rank", "0", "--out", "{tmp}/t"], "--rank must be at least 1"),
+    ("tune-lr-nan", ["tune-exits", "{model}", "--lr", "nan", "--out", "{tmp}/t"], "--lr"),
+    ("tune-layer-dropout-1", ["tune-exits", "{model}", "--layer-dropout", "1", "--out", "{tmp}/t"], "--layer-dropout"),
+    ("tune-kl-weight-negative", ["tune-exits", "{model}", "--kl-weight", "-1", "--out", "{tmp}/t"], "--kl-weight"),
+    ("tune-curriculum-unknown", ["tune-exits", "{model}", "--curriculum", "random", "--out", "{tmp}/t"],
+     "--curriculum must be one of"),
+    ("tune-exit-layers-out-of-range", ["tune-exits", "{model}", "--data", "{text}", "--seq-len", "16",
+                                       "--exit-layers", "3", "--out", "{tmp}/t"], "--exit-layers 3 is out of range"),
+    ("tune-exit-layers-0", ["tune-exits", "{model}", "--data", "{text}", "--seq-len", "16", "--exit-layers", "0",
+                            "--out", "{tmp}/t"], "--exit-layers 0 is out of range"),
+    ("tune-recurrent-model", ["tune-exits", "{mamba}", "--data", "{text}", "--seq-len", "16", "--heldout-tokens", "32",
+                              "--out", "{tmp}/t"], "does not apply to mamba"),
+    ("tune-into-a-calibrated-artifact", ["tune-exits", "{model}", "--data", "{text}", "--out", "{art}"],
+     "made on the untuned model"),
+    ("tune-into-a-tuned-artifact", ["tune-exits", "{model}", "--data", "{text}", "--out", "{tuned}"], "already tuned"),
+    ("tune-merge-out-an-artifact", ["tune-exits", "{model}", "--merge-out", "{art}", "--out", "{tmp}/t"],
+     "is a dyninfer artifact"),
+    ("tune-out-missing", ["tune-exits", "{model}"], "--out"),
+    ("tuned-artifact-with-another-model", ["run", "{tuned}", "tok1", "--model", "{other}"], "made for model"),
+    ("probe-other-model-into-tuned", ["probe", "{other}", "--data", "{text}", "--seq-len", "16", "--tokens", "64",
+                                      "--out", "{tuned}"], "made for model"),
     # --- damaged artifacts
     *[(f"run-damaged-{name}", ["run", "{broken:" + name + "}", "tok1", "--raw", "-n", "2"], fragment)
       for name, fragment in [
@@ -361,6 +384,10 @@ def workspace(tmp_path_factory):
     (places["steered"] / "probe").mkdir()
     (places["steered"] / "probe" / "layers.csv").write_text("mine")
     (places["steered"] / "report.md").write_text("# an audit")
+    places["tuned"] = root / "tuned"
+    result = runner.invoke(app, ["tune-exits", str(places["model"]), "--data", str(places["text"]), "--seq-len", "16",
+                                 "--steps", "2", "--heldout-tokens", "32", "--out", str(places["tuned"])])
+    assert result.exit_code == 0, result.output
     places["probe_art"] = root / "probe-art"
     result = runner.invoke(app, ["probe", str(places["model"]), "--data", str(places["text"]), "--seq-len", "16",
                                  "--tokens", "64", "--out", str(places["probe_art"])])

@@ -1,0 +1,215 @@
+"""`tune-exits`: workspace -> held-out exits of the original model -> LoRA fine-tune -> the same measured again.
+
+The LoRA trains on the train split of the data (`compressors.exit_tuning`); the report measures
+the original and the tuned model side by side on held-out windows the tuning never saw: the
+logit lens's agreement with the model's own final layer at every depth and the oracle saving,
+the full model's perplexity, and how often the tuned full model's greedy token equals the
+original's. The artifact keeps the LoRA (`tuning.safetensors`) and the `tune` stage (settings,
+the train windows, the measurements); every loader bakes it in before anything else, so later
+stages (probe, calibrate, prune, steer, run, bench, export) work on the tuned model.
+`merge_out` writes the tuned weights as a Hugging Face checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from dyninfer.compressors.exit_tuning import (
+    CURRICULA,
+    DEPTH_WEIGHTINGS,
+    EXIT_TARGETS,
+    TUNING_PREFIX,
+    TuningRecord,
+    TuningSettings,
+    fingerprint,
+    tune_exits,
+)
+from dyninfer.compressors.steering import steered
+from dyninfer.core import stages
+from dyninfer.core.artifacts import Artifact, artifact_exists, check_output_dir, staged_directory
+from dyninfer.core.cost import count_costs
+from dyninfer.core.data import DEFAULT_DATA
+from dyninfer.core.errors import DyninferError, check_at_least, option
+from dyninfer.core.lenses import LOGIT, LogitLens
+from dyninfer.core.models import DEFAULT_MODEL
+from dyninfer.core.placement import PlacementOptions
+from dyninfer.core.progress import ProgressFn
+from dyninfer.profilers.exit_probe import heldout_quality, run_probe
+from dyninfer.runtime.loader import ModelSession, lens_provenance, open_workspace
+
+__all__ = ["CURRICULA", "DEPTH_WEIGHTINGS", "EXIT_TARGETS", "TuneConfig", "TuneReport", "run", "save"]
+
+
+@dataclass
+class TuneConfig(PlacementOptions):
+    model: str = DEFAULT_MODEL
+    data: str = DEFAULT_DATA
+    field: str | None = None
+    seq_len: int = 256
+    seed: int = 0
+    exit_layers: tuple[int, ...] = ()
+    rank: int = 16
+    targets: tuple[str, ...] = ()
+    steps: int = 200
+    lr: float = 1e-3
+    batch_size: int = 4
+    curriculum: str = "rotational"
+    rotation: int = 4
+    depth_weighting: str = "linear"
+    layer_dropout: float = 0.0
+    exit_weight: float = 1.0
+    kl_weight: float = 1.0
+    exit_target: str = "teacher"
+    checkpointing: bool = False
+    heldout_tokens: int = 1024
+    merge_out: str | None = None
+
+    def settings(self) -> TuningSettings:
+        return TuningSettings(exit_layers=tuple(self.exit_layers), rank=self.rank, targets=tuple(self.targets or ()),
+                              steps=self.steps, lr=self.lr,
+                              batch_size=self.batch_size, curriculum=self.curriculum, rotation=self.rotation,
+                              depth_weighting=self.depth_weighting, layer_dropout=self.layer_dropout,
+                              exit_weight=self.exit_weight, kl_weight=self.kl_weight, exit_target=self.exit_target,
+                              checkpointing=self.checkpointing, seed=self.seed)
+
+    def validate(self) -> None:
+        self.placement().validate()
+        self.settings().validate()
+        check_at_least("heldout_tokens", self.heldout_tokens, 1)
+        check_at_least("seq_len", self.seq_len, 2)
+        if self.merge_out is not None:
+            check_output_dir(self.merge_out)
+            if artifact_exists(self.merge_out):
+                raise DyninferError(f"{option('merge_out')} '{self.merge_out}' is a dyninfer artifact; give the merged "
+                                    "checkpoint its own directory")
+
+
+@dataclass
+class ModelMeasures:
+    """One model (original or tuned) on the held-out windows."""
+
+    perplexity: float
+    agreement: list[float]  # logit lens, per hidden-state index 0..L: top-1 equal to this model's final top-1
+    kl: list[float]  # KL(final || layer) per index
+    oracle_saving: float  # compute saved by exiting each token at its prediction depth
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TuneReport:
+    config: TuneConfig
+    base_model: dict
+    data: dict
+    training: TuningRecord
+    original: ModelMeasures
+    tuned: ModelMeasures
+    final_agreement: float  # tuned full model's greedy token equal to the original's, held-out positions
+    timings: dict
+    notes: list[str] = field(default_factory=list)
+    placement: dict | None = None
+    merged_to: str | None = None
+    artifact: Artifact | None = None
+
+    @property
+    def perplexity_change(self) -> float:
+        return self.tuned.perplexity / self.original.perplexity - 1
+
+    def summary(self) -> dict:
+        return {"command": "tune-exits", "model": self.base_model, "data": self.data, "config": asdict(self.config),
+                "training": self.training.summary(), "original": self.original.to_dict(),
+                "tuned": self.tuned.to_dict(), "perplexity_change": self.perplexity_change,
+                "final_agreement": self.final_agreement, "timings": self.timings, "notes": self.notes,
+                "placement": self.placement, "merged_to": self.merged_to}
+
+    def files(self) -> dict[str, bytes]:
+        """The tune/ report folder: the summary, with every training step's losses."""
+        history = [dict(row) for row in self.training.history]
+        return {"summary.json": json.dumps(self.summary(), indent=2, default=str).encode(),
+                "history.json": json.dumps(history).encode()}
+
+
+def _measure(lm, heldout: torch.Tensor, costs, progress: ProgressFn | None, what: str) -> tuple[ModelMeasures, torch.Tensor]:
+    perplexity, argmax = heldout_quality(lm, heldout)
+    result = run_probe(lm, heldout, [LogitLens(lm)], costs, progress=_named(progress, what))
+    rows = result.layers[result.layers["lens"] == LOGIT]
+    measures = ModelMeasures(perplexity, [float(v) for v in rows["agreement"]], [float(v) for v in rows["kl"]],
+                             float(result.oracle[LOGIT].saving))
+    return measures, argmax
+
+
+def _named(progress: ProgressFn | None, what: str) -> ProgressFn | None:
+    if progress is None:
+        return None
+    return lambda description, done, total: progress(f"{description} ({what})", done, total)
+
+
+def _check_fresh(existing: str | Artifact | None) -> Artifact | None:
+    """The artifact to write into: tuning must come first, so one that holds measured stages is refused."""
+    if existing is None or (not isinstance(existing, Artifact) and not artifact_exists(existing)):
+        return None
+    artifact = existing if isinstance(existing, Artifact) else Artifact.load(existing)
+    if stages.TUNE in artifact.stages:
+        raise DyninferError(f"the artifact is already tuned; tune into a new {option('out')}")
+    measured = sorted(s for s in artifact.stages if s not in (stages.LENS,))
+    if measured or artifact.tensors:
+        raise DyninferError(f"the artifact holds {', '.join(measured) or 'tensors'} made on the untuned model; "
+                            f"tune-exits changes the model under them: tune into a new {option('out')} and run "
+                            "those stages again on it")
+    return artifact
+
+
+def run(config: TuneConfig, progress: ProgressFn | None = None, existing: str | Artifact | None = None,
+        session: ModelSession | None = None) -> TuneReport:
+    """Measure the original model, tune its exits on the train split, measure the tuned model."""
+    config.validate()
+    artifact = _check_fresh(existing)
+    torch.manual_seed(config.seed)
+    ws = open_workspace(config.model, config.data, field=config.field, seq_len=config.seq_len, seed=config.seed,
+                        existing=artifact, progress=progress, session=session, placement=config.placement())
+    lm, windows = ws.lm, ws.windows
+    settings = config.settings()
+    settings.depths(lm.num_layers)  # exit layers out of range fail before any work
+    heldout = windows.take("heldout", config.heldout_tokens, option="heldout_tokens")
+    available = windows.train.shape[0]
+    needed = config.steps * config.batch_size
+    rows = windows.order("train")[: min(available, needed)]  # a random sample; reused in order when short
+    notes = []
+    if needed > available:
+        notes.append(f"the train split has {available} windows and the steps use {needed}: each window is seen "
+                     f"{needed / available:.1f} times")
+    costs = count_costs(lm, context=config.seq_len)
+    original, original_argmax = _measure(lm, heldout, costs, progress, "original")
+    delta, record = tune_exits(lm, windows.train[rows], settings, progress)
+    ws.timings["tune_s"] = record.seconds
+    with steered(lm, delta, 1.0):
+        tuned, tuned_argmax = _measure(lm, heldout, costs, progress, "tuned")
+        merged = _merge(ws, config.merge_out) if config.merge_out else None
+    report = TuneReport(config, ws.loaded.base_model_info(), windows.describe(), record, original, tuned,
+                        float((tuned_argmax == original_argmax).float().mean()), ws.timings, notes,
+                        ws.loaded.placement, merged)
+    ws.artifact.put_tensors(stages.TUNING_GROUP, delta.tensors(TUNING_PREFIX))
+    ws.artifact.set_stage(stages.TUNE, {k: v for k, v in report.summary().items() if k != "command"}
+                          | {"fingerprint": fingerprint(delta), "windows": lens_provenance(windows, rows)})
+    report.artifact = ws.artifact
+    return report
+
+
+def _merge(ws, target: str) -> str:
+    """Write the tuned weights (baked now) and the tokenizer as a Hugging Face checkpoint, in one swap."""
+    with staged_directory(target, lock=False) as staged:
+        ws.loaded.model.save_pretrained(staged, safe_serialization=True)
+        ws.loaded.tokenizer.save_pretrained(staged)
+    return str(Path(target).resolve())
+
+
+def save(report: TuneReport, out: str | os.PathLike, on_wait: Callable[[], None] | None = None) -> Path:
+    """Save the artifact (the LoRA) and its tune/ report folder."""
+    return report.artifact.save(out, reports={stages.TUNE: report.files()}, on_wait=on_wait)

@@ -1,0 +1,226 @@
+"""tune-exits: the curriculum and weights, the LoRA's delta, what the training does to the exits, and the
+artifact's LoRA baked by every loader."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import random_text, save_tiny
+from tiny_models import tiny_model
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from dyninfer.cli.app import app
+from dyninfer.compressors.exit_tuning import (
+    TuningSettings,
+    active_depths,
+    depth_weights,
+    layer_drop_rates,
+    layer_groups,
+    tune_exits,
+)
+from dyninfer.compressors.lora import lora_attached, lora_delta
+from dyninfer.compressors.steering import steered
+from dyninfer.core.adapters import LayeredModel
+from dyninfer.core.artifacts import Artifact
+
+runner = CliRunner()
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def test_rotational_curriculum_trains_every_exit_once_per_rotation():
+    depths = list(range(1, 12))
+    seen = [active_depths(depths, "rotational", 4, step, 100) for step in range(4)]
+    assert sorted(d for step in seen for d in step) == depths  # a partition of the exits
+    assert active_depths(depths, "rotational", 4, 4, 100) == seen[0]  # and it repeats
+
+
+def test_gradual_curriculum_starts_deep_and_ends_with_every_exit():
+    depths = [2, 4, 6, 8]
+    assert active_depths(depths, "gradual", 1, 0, 40) == [8]
+    assert active_depths(depths, "gradual", 1, 39, 40) == depths
+    sizes = [len(active_depths(depths, "gradual", 1, s, 40)) for s in range(40)]
+    assert sizes == sorted(sizes)  # exits are only ever switched on
+    assert active_depths(depths, "all", 1, 0, 40) == depths
+
+
+@pytest.mark.parametrize("weighting", ["quadratic", "linear", "uniform"])
+def test_depth_weights_rise_with_depth_and_sum_to_the_exit_weight(weighting):
+    weights = depth_weights([1, 3, 7], weighting, 2.0)
+    assert sum(weights.values()) == pytest.approx(2.0)
+    assert weights[1] <= weights[3] <= weights[7]
+    assert (weights[1] < weights[7]) == (weighting != "uniform")
+
+
+def test_layer_dropout_rises_exponentially_to_its_maximum():
+    rates = layer_drop_rates(5, 0.2)
+    assert rates[0] == 0 and rates[-1] == pytest.approx(0.2)
+    steps = [b - a for a, b in zip(rates, rates[1:])]
+    assert all(s > 0 for s in steps) and steps == sorted(steps)  # convex: LayerSkip's 2^(l/(L-1)) - 1
+    assert layer_drop_rates(5, 0.0) == [0.0] * 5
+
+
+def test_layer_groups_split_the_exits_by_thirds_of_the_model():
+    groups = layer_groups(list(range(1, 30)), 30)
+    assert groups["shallow"][0] == 1 and groups["deep"][-1] == 29
+    assert sorted(d for found in groups.values() for d in found) == list(range(1, 30))
+    assert max(groups["shallow"]) < min(groups["middle"]) <= max(groups["middle"]) < min(groups["deep"])
+
+
+# --------------------------------------------------------------------------- the LoRA and its delta
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: Conv1D weights stored [in, out]
+def test_the_baked_delta_is_the_lora_models_forward(arch):
+    lm = LayeredModel(tiny_model(arch))
+    ids = torch.randint(0, lm.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    original = lm.model(ids).logits
+    with lora_attached(lm, rank=4) as peft_model:
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:  # peft starts B at zero: give the LoRA something to do
+                    p.normal_(0, 0.2)
+            adapted = peft_model(input_ids=ids).logits
+        delta = lora_delta(peft_model)
+    assert torch.equal(lm.model(ids).logits, original)  # taken out again: the model is the original
+    assert not torch.allclose(adapted, original, atol=1e-3)
+    with steered(lm, delta, 1.0):
+        torch.testing.assert_close(lm.model(ids).logits, adapted, atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- what training does
+
+
+def _sharp_llama(layers: int = 4) -> LayeredModel:
+    """A tiny llama whose head is scaled up: peaked final distributions that the shallow exits miss."""
+    model = tiny_model("llama", layers=layers)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(12.0)
+    return LayeredModel(model)
+
+
+def _windows(lm, rows: int, length: int = 25, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, lm.vocab_size, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _exit_kl(lm: LayeredModel, windows: torch.Tensor, final: torch.Tensor) -> list[float]:
+    """KL(final || exit d) for every depth d on `windows`; `final`: the original model's log-probabilities."""
+    states = [h for _, h in lm.hidden_states(windows[:, :-1])]
+    return [float(torch.nn.functional.kl_div(lm.logits_from(h).log_softmax(-1), final, log_target=True,
+                                              reduction="batchmean")) for h in states]
+
+
+def test_tuning_brings_the_exits_closer_to_the_original_and_keeps_the_full_model():
+    lm = _sharp_llama()
+    train, held = _windows(lm, 32), _windows(lm, 8, seed=1)
+    with torch.no_grad():
+        final = lm.model(held[:, :-1]).logits.log_softmax(-1)
+    weights = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    before = _exit_kl(lm, held, final)
+    delta, record = tune_exits(lm, train, TuningSettings(steps=40, lr=3e-3, rank=8, curriculum="all", seed=0))
+    assert all(torch.equal(weights[n], p) for n, p in lm.model.named_parameters())  # tuning changed no weight
+    with steered(lm, delta, 1.0):
+        after = _exit_kl(lm, held, final)
+    ratios = [after[d] / before[d] for d in (1, 2, 3)]
+    # Every exit moved towards the original's final distribution on unseen windows, by a third on average...
+    assert max(ratios) < 0.95 and sum(ratios) / 3 < 0.75, (before, after)
+    # ...and the tuned full model stayed close to the original (a tenth of the exits' distance before).
+    assert after[4] < 0.1 * sum(before[1:4]) / 3, (before, after)
+    summary = record.summary()
+    assert summary["exit_depths"] == [1, 2, 3] and summary["tokens"] == 40 * 4 * 24
+    assert summary["final_losses"]["shallow"] < summary["first_losses"]["shallow"]
+
+
+def test_checkpointing_computes_the_same_training():
+    lm = _sharp_llama(layers=3)
+    train = _windows(lm, 8)
+    settings = TuningSettings(steps=3, lr=1e-2, rank=4, layer_dropout=0.5, exit_target="labels", seed=2)
+    plain, _ = tune_exits(lm, train, settings)
+    settings.checkpointing = True
+    again, _ = tune_exits(lm, train, settings)
+    for name in plain.names():
+        torch.testing.assert_close(plain.delta(name), again.delta(name), atol=1e-6, rtol=1e-5)
+
+
+def test_refusals():
+    lm = _sharp_llama(layers=3)
+    with pytest.raises(Exception, match="exit_layers` 3 is out of range"):
+        tune_exits(lm, _windows(lm, 4), TuningSettings(exit_layers=(3,), steps=1))
+    with pytest.raises(Exception, match="steps` must be at least 1"):
+        tune_exits(lm, _windows(lm, 4), TuningSettings(steps=0))
+    mamba = LayeredModel(tiny_model("mamba"))
+    with pytest.raises(Exception, match="does not apply to mamba"):
+        tune_exits(mamba, _windows(mamba, 4), TuningSettings(steps=1))
+
+
+# --------------------------------------------------------------------------- the artifact
+
+
+@pytest.mark.slow
+def test_cli_tunes_and_every_loader_uses_the_tuned_model(tmp_path):
+    model = save_tiny("llama", tmp_path / "model")
+    data = tmp_path / "text.txt"
+    data.write_text(random_text(20000))
+    art, merged = tmp_path / "art", tmp_path / "merged"
+    result = runner.invoke(app, ["tune-exits", str(model), "--data", str(data), "--seq-len", "32", "--steps", "6",
+                                 "--lr", "5e-2", "--heldout-tokens", "128", "--out", str(art), "--merge-out",
+                                 str(merged), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert len(summary["original"]["agreement"]) == 4 and summary["original"]["agreement"][-1] == 1.0
+    stage = Artifact.load(art).stages["tune"]
+    assert stage["windows"]["windows"] and (art / "tuning.safetensors").exists()
+
+    # The merged checkpoint is the tuned model: `run --mode full` on the artifact is its greedy output.
+    prompt = "tok1 tok2 tok3 tok4"
+    tuned = AutoModelForCausalLM.from_pretrained(merged)
+    original = AutoModelForCausalLM.from_pretrained(model)
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), original.state_dict().values()))
+    from transformers import AutoTokenizer
+    ids = AutoTokenizer.from_pretrained(merged)(prompt, return_tensors="pt").input_ids
+    expected = tuned.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
+    calibrate = ["calibrate", str(model), "--data", str(data), "--seq-len", "32", "--fit-tokens", "256",
+                 "--calibration-tokens", "1024", "--heldout-tokens", "256", "--min-layer", "1", "--target", "0.6",
+                 "--lens", "logit", "--measure", "saturation", "--prompts", "24", "--heldout-prompts", "4",
+                 "--prompt-tokens", "12", "--new-tokens", "6", "--out", str(art)]
+    result = runner.invoke(app, calibrate)
+    assert result.exit_code == 0, result.output
+    for mode in ("full", "speculative"):  # lossless against the tuned model
+        result = runner.invoke(app, ["run", str(art), prompt, "--mode", mode, "-n", "8", "--raw", "--json"])
+        assert result.exit_code == 0, result.output
+        assert [t["id"] for t in json.loads(result.stdout)["tokens"]] == expected, mode
+
+    assert "tuned on" not in " ".join(json.loads((art / "calibrate" / "summary.json").read_text()).get("notes", []))
+
+
+def test_calibration_never_draws_a_window_the_tuning_trained_on(tmp_path):
+    from conftest import word_tokenizer
+
+    from dyninfer.core.data import load_windows
+    from dyninfer.jobs.calibrate import CalibrateConfig, draw_units, tuning_notes
+    from dyninfer.runtime.loader import lens_provenance
+
+    data = tmp_path / "text.txt"
+    data.write_text(random_text(20000))
+    windows = load_windows(str(data), word_tokenizer(), seq_len=32, seed=0)
+    tuned_rows = windows.order("train")[:200]  # what tune-exits takes: the start of the same random order
+    record = {"windows": lens_provenance(windows, tuned_rows)}
+    config = CalibrateConfig(data=str(data), seq_len=32, fit_tokens=256, calibration_tokens=1024, heldout_tokens=256,
+                             risk="teacher-forced-consistency")
+    plain = draw_units(config, windows, set())
+    assert set(plain.units.tolist()) & set(tuned_rows.tolist())  # without the record it would reuse them
+    seen, notes = tuning_notes(record, windows, plain)
+    assert seen == set(tuned_rows.tolist()) and notes == []
+    draw = draw_units(config, windows, seen)
+    assert not (set(draw.fit.tolist()) | set(draw.units.tolist())) & seen
+    # Another window length cuts the corpus differently: the overlapping held-out windows are reported.
+    other = load_windows(str(data), word_tokenizer(), seq_len=20, seed=1)
+    _, notes = tuning_notes(record, other, draw_units(config.__class__(data=str(data), seq_len=20, fit_tokens=100,
+                                                                        calibration_tokens=200, heldout_tokens=400,
+                                                                        risk="teacher-forced-consistency"), other, set()))
+    assert notes and "held-out numbers are optimistic" in notes[0]
