@@ -54,6 +54,10 @@ def render(report: job.TuneReport) -> None:
     shown = depths[step::step]
     stdout.print("agreement at depth " + ", ".join(
         f"{d}: {report.original.agreement[d]:.2f} → {report.tuned.agreement[d]:.2f}" for d in shown))
+    if report.draft_vocabulary:
+        v = report.draft_vocabulary
+        stdout.print(f"draft vocabulary: {v['size']:,} most frequent train tokens, holding "
+                     f"{v['heldout_coverage']:.1%} of held-out tokens")
     stdout.print(f"tuned full model: perplexity {report.perplexity_change:+.2%} vs the original, greedy token equal to "
                  f"the original's at {report.final_agreement:.2%} of held-out positions")
     losses = training["first_losses"], training["final_losses"]
@@ -93,10 +97,17 @@ def tune_exits(
     = DEFAULTS.kl_weight,
     exit_target: Annotated[str, typer.Option("--exit-target", help="teacher (the original's final distribution) or "
                                                                    "labels (the next token).")] = DEFAULTS.exit_target,
+    exit_token_fraction: Annotated[float, typer.Option("--exit-token-fraction", help="Share of positions the exit "
+                                                                                    "losses score each step (the "
+                                                                                    "head is costly per exit).")]
+    = DEFAULTS.exit_token_fraction,
     checkpointing: Annotated[bool, typer.Option("--checkpointing/--no-checkpointing",
                                                 help="Recompute layers in the backward pass (less memory).")]
     = DEFAULTS.checkpointing,
     heldout_tokens: opt.HeldoutTokens = DEFAULTS.heldout_tokens,
+    draft_vocab: Annotated[int, typer.Option("--draft-vocab", help="The speculative draft head's candidates: this many "
+                                                                   "most frequent train tokens (0: the full head).")]
+    = DEFAULTS.draft_vocab,
     merge_out: Annotated[str | None, typer.Option("--merge-out", help="Also write the tuned weights as a Hugging "
                                                                       "Face checkpoint here.")] = None,
     data: opt.Data = DEFAULTS.data,

@@ -65,6 +65,9 @@ class TuningSettings:
     exit_weight: float = 1.0
     kl_weight: float = 1.0
     exit_target: str = "teacher"
+    # Share of each step's positions the exit losses score (a random sample, the same for every exit): on a big
+    # vocabulary the head costs several layers, once per exit; the final KL always scores every position.
+    exit_token_fraction: float = 0.25
     checkpointing: bool = False  # recompute each layer in the backward pass (activation memory of one layer)
     seed: int = 0
 
@@ -76,6 +79,7 @@ class TuningSettings:
             check_at_least(name, getattr(self, name), 1)
         check_positive("lr", self.lr)
         check_between("layer_dropout", self.layer_dropout, 0.0, 1.0, low_open=False)
+        check_between("exit_token_fraction", self.exit_token_fraction, 0.0, 1.0, high_open=False)
         for name in ("exit_weight", "kl_weight"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -182,6 +186,7 @@ def tune_exits(lm: LayeredModel, windows: torch.Tensor, settings: TuningSettings
     groups = layer_groups(depths, lm.num_layers)
     drop_rates = layer_drop_rates(lm.num_layers, settings.layer_dropout)
     dropout = torch.Generator().manual_seed(settings.seed + 1)  # the same draws on every rank
+    sampling = torch.Generator().manual_seed(settings.seed + 2)
     started = time.perf_counter()
     history: list[dict] = []
     n = windows.shape[0]
@@ -198,6 +203,11 @@ def tune_exits(lm: LayeredModel, windows: torch.Tensor, settings: TuningSettings
             x, y = local[:, :-1], local[:, 1:]
             with torch.no_grad(), peft_model.disable_adapter():
                 teacher = lm.model(x, use_cache=False).logits.float().log_softmax(-1)
+            positions = x.shape[1]
+            scored = torch.randperm(positions, generator=sampling)[: max(1, round(settings.exit_token_fraction
+                                                                                   * positions))].sort().values
+            scored = scored.to(lm.device)
+            exit_teacher, exit_labels = teacher[:, scored], y[:, scored]
             active = set(active_depths(depths, settings.curriculum, settings.rotation, step, settings.steps))
             weights = depth_weights(sorted(active), settings.depth_weighting, settings.exit_weight)
             skip = (torch.rand(lm.num_layers, generator=dropout) < torch.tensor(drop_rates)).tolist()
@@ -211,8 +221,8 @@ def tune_exits(lm: LayeredModel, windows: torch.Tensor, settings: TuningSettings
                     else:
                         hidden = lm.run_layer(fwd, index, hidden)
                 if index + 1 in active:  # the head recomputed in the backward pass: logits are [B, T, V]
-                    losses[index + 1] = checkpoint(_exit_loss, lm, hidden, teacher, y, settings.exit_target,
-                                                   use_reentrant=False)
+                    losses[index + 1] = checkpoint(_exit_loss, lm, hidden[:, scored], exit_teacher, exit_labels,
+                                                   settings.exit_target, use_reentrant=False)
             final = _exit_loss(lm, hidden, teacher, y, "teacher")
             loss = sum(weights[d] * losses[d] for d in losses) + settings.kl_weight * final
             optimizer.zero_grad()
@@ -277,3 +287,27 @@ def bake_tuning(lm: LayeredModel, delta: ValveDelta) -> None:
         for name, param in delta.parameters_of(lm.model, "the tune-exits LoRA",
                                                "tune this model again with `dyninfer tune-exits`").items():
             param.add_(delta.delta(name).to(param))
+
+
+# --------------------------------------------------------------------------- the draft's vocabulary
+
+DRAFT_VOCABULARY = "draft_vocabulary"  # its tensor in the tuning group
+
+
+def draft_vocabulary(windows: torch.Tensor, vocab_size: int, size: int) -> torch.Tensor:
+    """The `size` most frequent token ids of `windows` (most frequent first): the draft head's prior candidates."""
+    counts = torch.bincount(windows.flatten(), minlength=vocab_size)
+    top = counts.argsort(descending=True, stable=True)[:size]
+    return top[counts[top] > 0]
+
+
+def stored_draft_vocabulary(artifact: Artifact) -> torch.Tensor | None:
+    """The draft vocabulary tune-exits stored (None: draft with the full head)."""
+    ids = artifact.tensors.get(TUNING_GROUP, {}).get(DRAFT_VOCABULARY)
+    if ids is None:
+        return None
+    vocab = artifact.base_model.vocab_size
+    if ids.dim() != 1 or ids.dtype != torch.int64 or ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise DyninferError("the artifact's draft vocabulary is not a list of token ids of this model; it is damaged: "
+                            "run `dyninfer tune-exits` into a new artifact")
+    return ids

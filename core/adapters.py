@@ -801,8 +801,7 @@ NO_PRUNING = {
     "mamba": "no MLP block (state-space mixer)",
 }
 # ONNX export checked against the torch dynamic model (tests/test_export.py).
-EXPORT_TESTED = ("llama", "qwen2", "mistral", "gemma3_text", "gpt2", "qwen3", "phi3", "gemma2", "olmo2", "granite",
-                 "cohere")
+EXPORT_TESTED = ("llama", "qwen2", "mistral", "gemma3_text", "gpt2", "qwen3", "phi3", "gemma2", "olmo2", "granite")
 NO_EXPORT = {"mamba": "a recurrent state, not a KV cache"}
 
 

@@ -19,6 +19,7 @@ class GenerationResult:
     num_layers: int
     drafted: int = 0
     accepted: int = 0
+    draft_fallbacks: int = 0  # drafts the restricted draft head was unsure of, scored again with the full head
     notes: list[str] = field(default_factory=list)
     logits: list | None = None  # per step [batch, vocab], when asked for (parity checks)
 

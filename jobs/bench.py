@@ -21,7 +21,7 @@ from dyninfer.core.placement import PlacementOptions
 from dyninfer.core.progress import ProgressFn
 from dyninfer.exporters.onnx_runtime import PROVIDERS, read_package
 from dyninfer.jobs.export import PACKAGE_DIR
-from dyninfer.jobs.run import BACKENDS
+from dyninfer.jobs.run import BACKENDS, DEFAULT_MAX_DRAFT, plan_note, speculation_plan
 from dyninfer.profilers.bench import BenchResult, run_bench, run_onnx_bench
 from dyninfer.runtime.loader import load_dynamic
 
@@ -36,7 +36,9 @@ class BenchConfig(PlacementOptions):
     seed: int = 0
     model: str | None = None  # load the base model from here instead (same weights)
     kv_mode: str | None = None  # override the policy's KV mode
-    draft_layer: int | None = None  # speculative mode: draft with the exit after this layer (None: 70% of the depth)
+    # speculative mode: draft with the exit after this layer (None: planned from the artifact's measured agreement
+    # and this machine's step costs, else 70% of the depth)
+    draft_layer: int | None = None
     draft_threshold: float = 0.5  # speculative mode: keep drafting while the draft's max probability reaches this
     backend: str = "torch"  # torch, or onnx: the exported package against optimum's ORT model
     package: str | None = None  # onnx backend: the exported package (None: ARTIFACT/onnx)
@@ -130,8 +132,16 @@ def run(config: BenchConfig, artifact: str | os.PathLike, progress: ProgressFn |
         result = run_onnx_bench(dyn, package, prompt_ids, new_tokens, provider=config.provider,
                                 progress=progress)
     else:
-        result = run_bench(dyn, prompt_ids, new_tokens, draft_layer=config.draft_layer,
+        layer, max_draft, plan = config.draft_layer, DEFAULT_MAX_DRAFT, None
+        if layer is None and not dyn.loaded.layered.adapter.recurrent:
+            plan = speculation_plan(dyn, prompt_ids[:1])
+            if plan is not None:
+                layer, max_draft = plan.layer, plan.max_draft
+        result = run_bench(dyn, prompt_ids, new_tokens, draft_layer=layer, max_draft=max_draft,
                            draft_threshold=config.draft_threshold, progress=progress)
+        if plan is not None:
+            result.speculation_plan = plan.to_dict()
+            result.notes.append(plan_note(plan))
     result.certified = certified_here(dyn.calibration, result)
     result.notes += dyn.notes
     return BenchReport(config, spec, result, gate_failures(config, result), dyn.loaded.placement)

@@ -11,13 +11,17 @@ from dataclasses import dataclass, field
 import torch
 
 from dyninfer.compressors.exit_policy import KV_MODES
+from dyninfer.core import stages
 from dyninfer.core.errors import DyninferError, check_at_least, check_between, check_choice, check_positive, option
 from dyninfer.core.generation import GenerationResult
+from dyninfer.core.lenses import LOGIT
 from dyninfer.core.placement import PlacementOptions
 from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.exporters.onnx_runtime import PROVIDERS, OnnxDynamicModel, find_package
+from dyninfer.profilers.speculation_cost import measure_step_costs
 from dyninfer.runtime.dynamic import MODES
 from dyninfer.runtime.loader import load_dynamic
+from dyninfer.runtime.speculation import SpeculationPlan, plan_speculation
 
 BACKENDS = ("torch", "onnx")
 
@@ -34,7 +38,9 @@ class RunConfig(PlacementOptions):
     raw: bool = False  # do not wrap the prompt in the model's chat template
     model: str | None = None  # load the base model from here instead (same weights)
     kv_mode: str | None = None  # override the policy's KV mode
-    draft_layer: int | None = None  # speculative: draft with the exit after this layer (None: 70% of the depth)
+    # speculative: draft with the exit after this layer (None: planned from the artifact's measured agreement and
+    # this machine's step costs, else 70% of the depth)
+    draft_layer: int | None = None
     draft_threshold: float = 0.5  # speculative: keep drafting while the draft's max probability reaches this
 
     def validate(self) -> None:
@@ -76,6 +82,39 @@ class RunReport:
         }
 
 
+DEFAULT_MAX_DRAFT = 8
+
+
+def measured_agreement(artifact) -> tuple[list[float] | None, str]:
+    """Per depth, how often the logit lens's top-1 equals the final layer's, as the artifact measured it on
+    held-out text: its probe (on the model the artifact describes) or its tune-exits report."""
+    probe = (artifact.stages.get(stages.PROBE) or {}).get("lenses", {}).get(LOGIT, {})
+    if probe.get("agreement"):
+        return list(probe["agreement"]), "the probe's held-out agreement (logit lens)"
+    tuned = (artifact.stages.get(stages.TUNE) or {}).get("tuned", {})
+    if tuned.get("agreement"):
+        return list(tuned["agreement"]), "tune-exits' held-out agreement (logit lens)"
+    return None, ""
+
+
+def speculation_plan(dyn, prompt: torch.Tensor, max_draft: int = DEFAULT_MAX_DRAFT) -> SpeculationPlan | None:
+    """The draft layer and length with the best expected speedup, from the artifact's measured agreement and
+    step costs timed now on `prompt`; None when the artifact measured no agreement (probe it first)."""
+    agreement, source = measured_agreement(dyn.artifact)
+    lm = dyn.loaded.layered
+    if agreement is None or len(agreement) != lm.num_layers + 1:
+        return None
+    costs = measure_step_costs(lm, prompt[:1], max_draft, dyn.dynamic.draft_vocabulary)
+    return plan_speculation(agreement, costs, max_draft, source)
+
+
+def plan_note(plan: SpeculationPlan) -> str:
+    needed = f"{plan.needed_for_1_3x:.1%}" if plan.needed_for_1_3x is not None else "out of reach"
+    return (f"speculative: drafting at layer {plan.layer} (up to {plan.max_draft} tokens), planned from "
+            f"{plan.source} ({plan.acceptance:.1%} there) and step costs timed here: {plan.predicted_speedup:.2f}x "
+            f"expected; 1.3x would need {needed} at that layer")
+
+
 def encode_prompt(tokenizer, prompt: str, raw: bool) -> torch.Tensor:
     """The prompt's token ids [1, n]: wrapped in the chat template when the tokenizer has one (unless `raw`)."""
     if not raw and getattr(tokenizer, "chat_template", None):
@@ -109,11 +148,18 @@ def run(config: RunConfig, artifact: str | os.PathLike, prompt: str, progress: P
         report("loading model", 1, 1)
         tokenizer = dyn.loaded.tokenizer
         ids = encode_prompt(tokenizer, prompt, config.raw)
+        layer, max_draft, plan = config.draft_layer, DEFAULT_MAX_DRAFT, None
+        if config.mode == "speculative" and layer is None:
+            plan = speculation_plan(dyn, ids)
+            if plan is not None:
+                layer, max_draft = plan.layer, plan.max_draft
         result = dyn.dynamic.generate(ids, config.max_new_tokens, mode=config.mode, sample=config.sample,
                                       temperature=config.temperature, seed=config.seed,
-                                      eos_token_id=tokenizer.eos_token_id, draft_layer=config.draft_layer,
+                                      eos_token_id=tokenizer.eos_token_id, draft_layer=layer, max_draft=max_draft,
                                       draft_threshold=config.draft_threshold)
-        num_layers, notes = dyn.loaded.layered.num_layers, dyn.notes
+        num_layers, notes = dyn.loaded.layered.num_layers, list(dyn.notes)
+        if plan is not None:
+            notes.append(plan_note(plan))
     tokens = [int(t) for t in result.tokens[0]]
     return RunReport(config, result, tokens, tokenizer.decode(tokens, skip_special_tokens=True),
                      [tokenizer.decode([t]) for t in tokens], num_layers, list(result.notes) + notes)

@@ -23,10 +23,12 @@ import torch
 from dyninfer.compressors.exit_tuning import (
     CURRICULA,
     DEPTH_WEIGHTINGS,
+    DRAFT_VOCABULARY,
     EXIT_TARGETS,
     TUNING_PREFIX,
     TuningRecord,
     TuningSettings,
+    draft_vocabulary,
     fingerprint,
     tune_exits,
 )
@@ -66,8 +68,10 @@ class TuneConfig(PlacementOptions):
     exit_weight: float = 1.0
     kl_weight: float = 1.0
     exit_target: str = "teacher"
+    exit_token_fraction: float = 0.25
     checkpointing: bool = False
     heldout_tokens: int = 1024
+    draft_vocab: int = 4096  # the speculative draft head's prior candidates (most frequent train tokens); 0: none
     merge_out: str | None = None
 
     def settings(self) -> TuningSettings:
@@ -76,12 +80,13 @@ class TuneConfig(PlacementOptions):
                               batch_size=self.batch_size, curriculum=self.curriculum, rotation=self.rotation,
                               depth_weighting=self.depth_weighting, layer_dropout=self.layer_dropout,
                               exit_weight=self.exit_weight, kl_weight=self.kl_weight, exit_target=self.exit_target,
-                              checkpointing=self.checkpointing, seed=self.seed)
+                              exit_token_fraction=self.exit_token_fraction, checkpointing=self.checkpointing, seed=self.seed)
 
     def validate(self) -> None:
         self.placement().validate()
         self.settings().validate()
         check_at_least("heldout_tokens", self.heldout_tokens, 1)
+        check_at_least("draft_vocab", self.draft_vocab, 0)
         check_at_least("seq_len", self.seq_len, 2)
         if self.merge_out is not None:
             check_output_dir(self.merge_out)
@@ -113,6 +118,7 @@ class TuneReport:
     tuned: ModelMeasures
     final_agreement: float  # tuned full model's greedy token equal to the original's, held-out positions
     timings: dict
+    draft_vocabulary: dict | None = None  # {size, heldout_coverage}: the share of held-out tokens it holds
     notes: list[str] = field(default_factory=list)
     placement: dict | None = None
     merged_to: str | None = None
@@ -126,7 +132,8 @@ class TuneReport:
         return {"command": "tune-exits", "model": self.base_model, "data": self.data, "config": asdict(self.config),
                 "training": self.training.summary(), "original": self.original.to_dict(),
                 "tuned": self.tuned.to_dict(), "perplexity_change": self.perplexity_change,
-                "final_agreement": self.final_agreement, "timings": self.timings, "notes": self.notes,
+                "final_agreement": self.final_agreement, "draft_vocabulary": self.draft_vocabulary,
+                "timings": self.timings, "notes": self.notes,
                 "placement": self.placement, "merged_to": self.merged_to}
 
     def files(self) -> dict[str, bytes]:
@@ -195,7 +202,15 @@ def run(config: TuneConfig, progress: ProgressFn | None = None, existing: str | 
     report = TuneReport(config, ws.loaded.base_model_info(), windows.describe(), record, original, tuned,
                         float((tuned_argmax == original_argmax).float().mean()), ws.timings, notes,
                         ws.loaded.placement, merged)
-    ws.artifact.put_tensors(stages.TUNING_GROUP, delta.tensors(TUNING_PREFIX))
+    tensors = delta.tensors(TUNING_PREFIX)
+    if config.draft_vocab:
+        vocabulary = draft_vocabulary(windows.train, lm.vocab_size, config.draft_vocab)  # counting: the whole split
+        tensors[DRAFT_VOCABULARY] = vocabulary
+        inside = torch.zeros(lm.vocab_size, dtype=torch.bool)
+        inside[vocabulary] = True
+        report.draft_vocabulary = {"size": int(vocabulary.numel()),
+                                   "heldout_coverage": float(inside[heldout[:, 1:]].float().mean())}
+    ws.artifact.put_tensors(stages.TUNING_GROUP, tensors)
     ws.artifact.set_stage(stages.TUNE, {k: v for k, v in report.summary().items() if k != "command"}
                           | {"fingerprint": fingerprint(delta), "windows": lens_provenance(windows, rows)})
     report.artifact = ws.artifact

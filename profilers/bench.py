@@ -18,10 +18,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from dyninfer.compressors.pruning import dense_inside
+from dyninfer.compressors.steering import steered
 from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.consistency import rouge_l
 from dyninfer.core.cost import speedup_basis
 from dyninfer.core.errors import DyninferError
+from dyninfer.core.generation import GenerationResult
 from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.exporters.baseline import load_optimum_baseline
 from dyninfer.exporters.onnx_runtime import OnnxDynamicModel
@@ -39,6 +41,7 @@ class ModeResult:
     perplexity: float  # of the generated tokens under the full model
     mean_exit_layer: float
     acceptance: float | None = None  # speculative: accepted / drafted
+    draft_fallbacks: float | None = None  # speculative with a draft vocabulary: share of drafts re-scored in full
     rouge_l: float = 1.0  # ROUGE-L F1 of the output against the baseline's (CALM's textual consistency)
 
     def consistency_by(self, measure: str) -> float:
@@ -60,6 +63,7 @@ class BenchResult:
     predicted_unit: str = "FLOPs"  # or "latency" when calibration used a measured profile (cost.speedup_basis)
     # What calibration certified ({risk, measure, bound, epsilon}) and the gated mode's value under that measure here.
     certified: dict | None = None
+    speculation_plan: dict | None = None  # the planned draft layer and length (runtime.speculation), when planned
 
     def mode(self, name: str) -> ModeResult:
         return next(m for m in self.modes if m.mode == name)
@@ -109,6 +113,7 @@ def run_bench(
     *,
     modes: tuple[str, ...] = ("early-exit", "speculative", "full"),
     draft_layer: int | None = None,
+    max_draft: int = 8,
     draft_threshold: float = 0.5,
     progress: ProgressFn | None = None,
 ) -> BenchResult:
@@ -138,8 +143,15 @@ def run_bench(
         greedy_generate(model, warm, 2)
     dynamic.generate(warm, 2, mode="full")
     runners = {mode: (lambda prompt, mode=mode: dynamic.generate(
-        prompt, new_tokens, mode=mode, draft_layer=draft_layer, draft_threshold=draft_threshold)) for mode in modes}
-    results = compare_side_by_side(lm, "baseline (transformers)", baseline, runners, prompts, progress)
+        prompt, new_tokens, mode=mode, draft_layer=draft_layer, max_draft=max_draft, draft_threshold=draft_threshold))
+        for mode in modes}
+    baseline_name = "baseline (transformers)"
+    if dyn.tuning is not None:  # tune-exits: the baseline is the tuned model; the original decodes beside it
+        baseline_name = "baseline (transformers, tuned model)"
+        runners = {ORIGINAL_MODEL: _untuned_runner(lm, dyn.tuning, new_tokens), **runners}
+        notes.append("tuned with tune-exits: the baseline is the tuned model, which the speculative mode must equal; "
+                     f"'{ORIGINAL_MODEL}' is transformers on the original weights, the speed to beat")
+    results = compare_side_by_side(lm, baseline_name, baseline, runners, prompts, progress)
     layer = draft_layer or default_draft_layer(lm.num_layers)
     return BenchResult(prompts.shape[0], prompts.shape[1], new_tokens, results, _predicted(dyn), _kv_mode(dyn),
                        layer, notes, gated_mode, _predicted_unit(dyn))
@@ -173,6 +185,25 @@ def run_onnx_bench(
     notes = list(runtime.notes) + [f"ONNX Runtime provider: {runtime.provider}"]
     return BenchResult(prompts.shape[0], prompts.shape[1], new_tokens, results, _predicted(dyn), _kv_mode(dyn), None,
                        notes, gated_mode="onnx early-exit", predicted_unit=_predicted_unit(dyn))
+
+
+ORIGINAL_MODEL = "transformers (original model)"
+
+
+def _untuned_runner(lm: LayeredModel, tuning, new_tokens: int) -> Callable:
+    """transformers' greedy decoding on the weights before tune-exits (its LoRA taken out for the call; the
+    swap is not timed)."""
+    def run(prompt: torch.Tensor) -> GenerationResult:
+        swapping = time.perf_counter()
+        with dense_inside(lm), steered(lm, tuning, -1.0):
+            swapped = time.perf_counter()
+            tokens = greedy_generate(lm.model, prompt, new_tokens)
+            seconds = time.perf_counter() - swapped
+        result = GenerationResult(tokens, [lm.num_layers] * new_tokens, [None] * new_tokens, seconds, ORIGINAL_MODEL,
+                                  lm.num_layers)
+        result.untimed_seconds = time.perf_counter() - swapping - seconds
+        return result
+    return run
 
 
 def _as_torch(result):
@@ -222,7 +253,8 @@ def compare_side_by_side(
         for name, runner in runners.items():
             started = time.perf_counter()
             runs[name].append(runner(prompt))
-            seconds[name] += time.perf_counter() - started
+            # minus what a runner did outside its decoding (swapping weights in and out)
+            seconds[name] += time.perf_counter() - started - getattr(runs[name][-1], "untimed_seconds", 0.0)
         report("benchmarking prompts", i + 1, total)
     with dense_inside(lm):
         return _score(lm.model, baseline_name, baseline_outputs, baseline_seconds, runs, seconds, prompts,
@@ -248,6 +280,7 @@ def _score(model, baseline_name, baseline_outputs, baseline_seconds, runs, secon
             perplexity=_mean([_perplexity(model, prompts[i : i + 1], o.tokens) for i, o in enumerate(outs)]),
             mean_exit_layer=_mean([o.mean_exit_layer for o in outs]),
             acceptance=(sum(o.accepted for o in outs) / drafted) if drafted else None,
+            draft_fallbacks=(sum(o.draft_fallbacks for o in outs) / drafted) if drafted else None,
         ))
     return results
 

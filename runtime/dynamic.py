@@ -37,11 +37,15 @@ class DynamicModel:
     # How head-based confidences are computed from logits (the ONNX export swaps in its custom ops).
     logit_confidence = staticmethod(conf.from_logits)
 
-    def __init__(self, lm: LayeredModel, policy: ExitPolicy | None, lens, classifier: conf.ExitClassifier | None = None):
+    def __init__(self, lm: LayeredModel, policy: ExitPolicy | None, lens, classifier: conf.ExitClassifier | None = None,
+                 draft_vocabulary: torch.Tensor | None = None):
         self.lm = lm
         self.policy = policy
         self.lens = lens
         self.classifier = classifier
+        # Speculative drafts score these token ids (a frequency prior) plus the context's own tokens, and fall
+        # back to the full head when that is not confident; None: the full head always.
+        self.draft_vocabulary = draft_vocabulary
         # exit point (depth) -> its row in the classifier / check order
         self._point_rows = {p: r for r, p in enumerate(policy.exit_points)} if policy is not None else {}
         if policy is not None and policy.measure == "classifier" and classifier is None:
@@ -123,8 +127,9 @@ class DynamicModel:
         if return_logits:
             result.logits = [logits]
         if mode == "speculative":
+            drafter = _Drafter(self, draft_layer, input_ids, tokens[0])
             self._speculate(state, tokens, exits, confidences, max_new_tokens, eos_token_id, max_draft,
-                            draft_layer, draft_threshold, result)
+                            drafter, draft_threshold, result)
         else:
             while len(tokens) < max_new_tokens and not _finished(tokens, eos_token_id):
                 logits, depth, c = self._step(state, tokens[-1], mode)
@@ -259,13 +264,14 @@ class DynamicModel:
         state.length += 1
         return lm.logits_from(hidden[:, -1]), lm.num_layers, None
 
-    def _speculate(self, state, tokens, exits, confidences, max_new_tokens, eos_token_id, max_draft, draft_layer,
-                   threshold, result) -> None:
-        """Draft while the exit head's max probability stays >= `threshold`; verify in one pass."""
-        lm = self.lm
-        layer = draft_layer or default_draft_layer(lm.num_layers)
-        if not 1 <= layer < lm.num_layers:
-            raise DyninferError(f"`draft_layer` must be between 1 and {lm.num_layers - 1}, got {layer}")
+    def _speculate(self, state, tokens, exits, confidences, max_new_tokens, eos_token_id, max_draft,
+                   drafter: _Drafter, threshold, result) -> None:
+        """Draft while the exit head's max probability stays >= `threshold`; verify in one pass.
+
+        The drafts' K/V for the first `layer` layers stay in the cache: verification runs only the
+        remaining layers, over every draft at once. A rejected draft's positions are cropped away.
+        """
+        lm, layer = self.lm, drafter.layer
         if max_draft < 1:
             raise DyninferError(f"`max_draft` must be at least 1, got {max_draft}")
         while len(tokens) < max_new_tokens and not _finished(tokens, eos_token_id):
@@ -278,9 +284,7 @@ class DynamicModel:
                 for index in range(layer):
                     hidden = lm.layer_at(index, hidden, position, state.cache)
                 hiddens.append(hidden)
-                logits = lm.head(self._normed(layer, hidden[:, -1]))
-                token = logits.argmax(-1, keepdim=True)
-                c = float(conf.from_logits("softmax", logits).min())
+                token, c = drafter.draft(hidden[:, -1], threshold, result)
                 drafts.append(token)
                 draft_conf.append(c)
                 if c < threshold or len(drafts) >= max_draft or len(tokens) + len(drafts) >= max_new_tokens:
@@ -300,14 +304,58 @@ class DynamicModel:
                 tokens.append(drafts[i])
                 exits.append(layer)
                 confidences.append(draft_conf[i])
+                drafter.saw(drafts[i])
             if accepted < k:
                 tokens.append(full[:, accepted : accepted + 1])
                 exits.append(lm.num_layers)
                 confidences.append(None)
+                drafter.saw(tokens[-1])
                 state.cache.crop(start + accepted + 1)
                 state.length = start + accepted + 1
             else:
                 state.length = start + k
+
+
+class _Drafter:
+    """The speculative draft head: the exit after `layer`, on a restricted vocabulary when the model has one.
+
+    The candidates are the draft vocabulary (a frequency prior) and every token of the context so far;
+    their softmax overstates the draft's confidence, so a draft under the threshold is scored again with
+    the full head before drafting stops on it. Losslessness never depends on the draft.
+    """
+
+    def __init__(self, dynamic: DynamicModel, layer: int | None, prompt: torch.Tensor, first: torch.Tensor):
+        lm = dynamic.lm
+        self.dynamic, self.lm = dynamic, lm
+        self.layer = layer or default_draft_layer(lm.num_layers)
+        if not 1 <= self.layer < lm.num_layers:
+            raise DyninferError(f"`draft_layer` must be between 1 and {lm.num_layers - 1}, got {self.layer}")
+        self.allowed = None
+        if dynamic.draft_vocabulary is not None:
+            self.allowed = torch.zeros(lm.vocab_size, dtype=torch.bool)
+            self.allowed[dynamic.draft_vocabulary] = True
+            self.allowed[prompt.flatten().cpu()] = True
+            self.allowed[first.flatten().cpu()] = True
+            self.ids = self.allowed.nonzero().squeeze(1).to(lm.device)
+
+    def saw(self, token: torch.Tensor) -> None:
+        """A token of the output: a candidate from now on."""
+        if self.allowed is not None and not bool(self.allowed[token.flatten().cpu()].all()):
+            self.allowed[token.flatten().cpu()] = True
+            self.ids = self.allowed.nonzero().squeeze(1).to(self.lm.device)
+
+    def draft(self, hidden: torch.Tensor, threshold: float, result) -> tuple[torch.Tensor, float]:
+        """(draft token [B, 1], its confidence: the batch's lowest max-probability)."""
+        normed = self.dynamic._normed(self.layer, hidden)
+        if self.allowed is not None:
+            probs = self.lm.head_rows(normed, self.ids).float().softmax(-1)
+            best, index = probs.max(-1)
+            confidence = float(best.min())
+            if confidence >= threshold:
+                return self.ids[index][:, None], confidence
+            result.draft_fallbacks += 1
+        logits = self.lm.head(normed)
+        return logits.argmax(-1, keepdim=True), float(conf.from_logits("softmax", logits).min())
 
 
 @dataclass

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 from dyninfer.compressors.confidence import ExitClassifier
 from dyninfer.compressors.exit_policy import KV_MODES, ExitPolicy
-from dyninfer.compressors.exit_tuning import bake_tuning, fingerprint, stored_tuning
+from dyninfer.compressors.exit_tuning import bake_tuning, fingerprint, stored_draft_vocabulary, stored_tuning
 from dyninfer.compressors.pruning import PruningPlan, load_pruning, remove_pruning
-from dyninfer.compressors.steering import applied, load_steering
+from dyninfer.compressors.steering import ValveDelta, applied, load_steering
 from dyninfer.core import stages
 from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.artifacts import Artifact, BaseModelInfo, artifact_exists
@@ -235,6 +235,7 @@ class LoadedDynamic:
     policy: ExitPolicy | None
     pruning: PruningPlan | None = None  # installed on the model's MLPs
     steering: dict | None = None  # the applied steering ({method, alpha}), baked into the weights
+    tuning: ValveDelta | None = None  # the tune-exits LoRA, baked into the weights
 
     @property
     def calibration(self) -> dict:
@@ -294,5 +295,5 @@ def build_dynamic(artifact: Artifact, session: ModelSession, *, require_policy: 
     classifier = None
     if policy is not None and policy.measure == "classifier":
         classifier = ExitClassifier.from_tensors(exits, len(policy.exit_points), lm.hidden_size).to(lm.device)
-    return LoadedDynamic(artifact, session.loaded, DynamicModel(lm, policy, lens, classifier), policy, pruning,
-                         session.steering)
+    dynamic = DynamicModel(lm, policy, lens, classifier, draft_vocabulary=stored_draft_vocabulary(artifact))
+    return LoadedDynamic(artifact, session.loaded, dynamic, policy, pruning, session.steering, stored_tuning(artifact))

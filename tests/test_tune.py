@@ -25,6 +25,7 @@ from dyninfer.compressors.lora import lora_attached, lora_delta
 from dyninfer.compressors.steering import steered
 from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.artifacts import Artifact
+from dyninfer.core.lenses import LogitLens
 
 runner = CliRunner()
 
@@ -122,7 +123,8 @@ def test_tuning_brings_the_exits_closer_to_the_original_and_keeps_the_full_model
         final = lm.model(held[:, :-1]).logits.log_softmax(-1)
     weights = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     before = _exit_kl(lm, held, final)
-    delta, record = tune_exits(lm, train, TuningSettings(steps=40, lr=3e-3, rank=8, curriculum="all", seed=0))
+    settings = TuningSettings(steps=40, lr=3e-3, rank=8, curriculum="all", exit_token_fraction=1.0, seed=0)
+    delta, record = tune_exits(lm, train, settings)
     assert all(torch.equal(weights[n], p) for n, p in lm.model.named_parameters())  # tuning changed no weight
     with steered(lm, delta, 1.0):
         after = _exit_kl(lm, held, final)
@@ -197,6 +199,16 @@ def test_cli_tunes_and_every_loader_uses_the_tuned_model(tmp_path):
 
     assert "tuned on" not in " ".join(json.loads((art / "calibrate" / "summary.json").read_text()).get("notes", []))
 
+    # bench: the tuned model is the baseline, the original decodes beside it; the draft layer is planned.
+    result = runner.invoke(app, ["bench", str(art), "--prompts", "2", "--new-tokens", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    bench = json.loads(result.stdout)
+    modes = {m["mode"]: m for m in bench["modes"]}
+    assert set(modes) >= {"baseline (transformers, tuned model)", "transformers (original model)", "speculative"}
+    assert modes["speculative"]["consistency"] == 1.0  # lossless against the tuned model
+    plan = bench["speculation_plan"]
+    assert plan["source"].startswith("tune-exits") and 1 <= plan["layer"] < 3 and bench["draft_layer"] == plan["layer"]
+
 
 def test_calibration_never_draws_a_window_the_tuning_trained_on(tmp_path):
     from conftest import word_tokenizer
@@ -224,3 +236,57 @@ def test_calibration_never_draws_a_window_the_tuning_trained_on(tmp_path):
                                                                         calibration_tokens=200, heldout_tokens=400,
                                                                         risk="teacher-forced-consistency"), other, set()))
     assert notes and "held-out numbers are optimistic" in notes[0]
+
+
+# --------------------------------------------------------------------------- self-speculation
+
+
+def test_tokens_per_cycle_matches_a_simulation_of_drafting_and_verifying():
+    from dyninfer.runtime.speculation import tokens_per_cycle
+
+    rng = torch.Generator().manual_seed(0)
+    for acceptance, k in ((0.3, 4), (0.8, 8), (0.95, 3)):
+        accepted = torch.rand(200_000, k, generator=rng) < acceptance
+        run = accepted.int().cumprod(1).sum(1)  # drafts accepted before the first rejection
+        emitted = run + (run < k).int()  # the full model's token replaces the first rejected draft
+        assert float(emitted.float().mean()) == pytest.approx(tokens_per_cycle(acceptance, k), rel=1e-2)
+
+
+def test_the_plan_trades_acceptance_against_cost():
+    from dyninfer.runtime.speculation import StepCosts, expected_speedup, needed_acceptance, plan_speculation
+
+    costs = StepCosts(num_layers=10, layer_one=1.0, layer_many=1.2, many=8, head=2.0, draft_head=0.5)
+    assert expected_speedup(0.0, 5, 4, costs) < 1 < expected_speedup(1.0, 2, 8, costs)
+    assert all(expected_speedup(a, 4, 4, costs) < expected_speedup(a + 0.1, 4, 4, costs) for a in (0.1, 0.5, 0.8))
+    needed = needed_acceptance(3, 6, costs, 1.3)
+    assert expected_speedup(needed, 3, 6, costs) == pytest.approx(1.3, rel=1e-6)
+    # A flat agreement curve: the shallowest layer pays best. A steep one: a deeper layer.
+    flat = plan_speculation([0.0] + [0.9] * 9 + [1.0], costs, 8, "test")
+    steep = plan_speculation([0.0, 0.0, 0.05, 0.1, 0.2, 0.5, 0.9, 0.95, 0.97, 0.99, 1.0], costs, 8, "test")
+    assert flat.layer == 1 and steep.layer > 4 and steep.acceptance == pytest.approx(0.9, abs=0.1)
+    with pytest.raises(Exception, match="covers 3 layers"):
+        plan_speculation([0.0, 0.5, 0.9, 1.0], costs, 8, "test")
+
+
+def test_draft_vocabulary_is_the_most_frequent_tokens():
+    from dyninfer.compressors.exit_tuning import draft_vocabulary
+
+    windows = torch.tensor([[5, 5, 5, 2, 2, 9], [5, 2, 7, 7, 7, 7]])
+    assert draft_vocabulary(windows, 16, 3).tolist() == [5, 7, 2]
+    assert draft_vocabulary(windows, 16, 100).tolist() == [5, 7, 2, 9]  # never a token that does not occur
+
+
+@pytest.mark.parametrize("vocabulary", [None, [3, 4], list(range(0, 128, 2))])
+def test_speculation_with_a_restricted_draft_head_is_lossless(vocabulary):
+    from dyninfer.runtime.dynamic import DynamicModel
+
+    lm = _sharp_llama(layers=4)
+    prompt = _windows(lm, 1, length=10, seed=4)
+    ids = None if vocabulary is None else torch.tensor(vocabulary)
+    dynamic = DynamicModel(lm, None, LogitLens(lm), draft_vocabulary=ids)
+    full = dynamic.generate(prompt, 24, mode="full")
+    spec = dynamic.generate(prompt, 24, mode="speculative", draft_layer=2, draft_threshold=0.2)
+    assert torch.equal(spec.tokens, full.tokens)
+    assert spec.drafted > 0
+    if vocabulary == [3, 4]:  # almost nothing is a candidate: the full head scores most drafts
+        assert spec.draft_fallbacks > 0

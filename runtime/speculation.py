@@ -1,0 +1,93 @@
+"""Choosing the speculative draft layer and draft length from measured costs and acceptance rates.
+
+One cycle of self-speculation drafts k tokens with the first l layers and the draft head, then
+verifies them with the other L - l layers in one pass over the k positions. With a per-token
+acceptance a (the exit's top-1 equals the full model's: the probe's agreement at depth l), the
+accepted drafts X follow a truncated geometric law, E[X] = a + a^2 + ... + a^k, and a cycle emits
+E[X] + 1 - a^k tokens (the full model's token replaces the first failed draft). Its cost, from
+times measured on this machine:
+
+    k * (l * layer(1) + draft_head) + (L - l) * layer(k) + k * head
+
+where layer(k) is one decoder layer over k new positions (interpolated between the measured 1 and
+K). One plain decoding step costs L * layer(1) + head. Assumptions: acceptances are independent
+from token to token, and every cycle drafts k tokens (the confidence stop only shortens cycles
+that were about to fail, so it can only help).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from dyninfer.core.errors import DyninferError
+
+
+@dataclass
+class StepCosts:
+    """Measured seconds on this machine, batch 1."""
+
+    num_layers: int
+    layer_one: float  # one decoder layer, one new position
+    layer_many: float  # one decoder layer, `many` new positions at once
+    many: int
+    head: float  # the full LM head (final norm included), one position
+    draft_head: float  # the draft head (restricted to its vocabulary when there is one), one position
+
+    def layer(self, k: int) -> float:
+        if self.many == 1:
+            return self.layer_one
+        return self.layer_one + (self.layer_many - self.layer_one) * (k - 1) / (self.many - 1)
+
+    def plain_step(self) -> float:
+        return self.num_layers * self.layer_one + self.head
+
+
+def tokens_per_cycle(acceptance: float, k: int) -> float:
+    """Expected tokens one cycle of k drafts emits: the accepted drafts, and the correction after a failed one."""
+    return sum(acceptance ** i for i in range(1, k + 1)) + 1 - acceptance ** k
+
+
+def expected_speedup(acceptance: float, layer: int, k: int, costs: StepCosts) -> float:
+    """Tokens per second of speculation at (layer, k) over plain decoding's, under the model above."""
+    tokens = tokens_per_cycle(acceptance, k)
+    cycle = k * (layer * costs.layer_one + costs.draft_head) + (costs.num_layers - layer) * costs.layer(k) \
+        + k * costs.head
+    return tokens / cycle * costs.plain_step()
+
+
+def needed_acceptance(layer: int, k: int, costs: StepCosts, speedup: float) -> float | None:
+    """The per-token acceptance at which (layer, k) reaches `speedup` (None: not even every draft accepted)."""
+    if expected_speedup(1.0, layer, k, costs) < speedup:
+        return None
+    low, high = 0.0, 1.0
+    for _ in range(40):  # the speedup rises with the acceptance
+        middle = (low + high) / 2
+        low, high = (middle, high) if expected_speedup(middle, layer, k, costs) < speedup else (low, middle)
+    return high
+
+
+@dataclass
+class SpeculationPlan:
+    layer: int
+    max_draft: int
+    acceptance: float  # the measured agreement at that layer
+    predicted_speedup: float
+    # The acceptance this layer and draft length would need for 1.3x (None: out of reach even at 1.0).
+    needed_for_1_3x: float | None
+    source: str  # where the acceptance came from
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_speculation(agreement: list[float], costs: StepCosts, max_draft: int, source: str) -> SpeculationPlan:
+    """The (layer, draft length) with the highest expected speedup; `agreement[d]`: acceptance at depth d (0..L)."""
+    if len(agreement) != costs.num_layers + 1:
+        raise DyninferError(f"the measured agreement covers {len(agreement) - 1} layers but the model has "
+                            f"{costs.num_layers}; probe this model again")
+    if max_draft < 1:
+        raise DyninferError(f"`max_draft` must be at least 1, got {max_draft}")
+    best = max((expected_speedup(agreement[layer], layer, k, costs), layer, k)
+                for layer in range(1, costs.num_layers) for k in range(1, max_draft + 1))
+    speedup, layer, k = best
+    return SpeculationPlan(layer, k, agreement[layer], speedup, needed_acceptance(layer, k, costs, 1.3), source)
