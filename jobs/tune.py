@@ -12,6 +12,7 @@ stages (probe, calibrate, prune, steer, run, bench, export) work on the tuned mo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -49,38 +50,20 @@ __all__ = ["CURRICULA", "DEPTH_WEIGHTINGS", "EXIT_TARGETS", "TuneConfig", "TuneR
 
 
 @dataclass
-class TuneConfig(PlacementOptions):
+class TuneConfig(PlacementOptions, TuningSettings):
+    """The training settings (`TuningSettings`), where the model runs, and the data and measurement."""
+
     model: str = DEFAULT_MODEL
     data: str = DEFAULT_DATA
     field: str | None = None
     seq_len: int = 256
-    seed: int = 0
-    exit_layers: tuple[int, ...] = ()
-    rank: int = 16
-    targets: tuple[str, ...] = ()
-    steps: int = 200
-    lr: float = 1e-3
-    batch_size: int = 4
-    curriculum: str = "rotational"
-    rotation: int = 4
-    depth_weighting: str = "linear"
-    layer_dropout: float = 0.0
-    exit_weight: float = 1.0
-    kl_weight: float = 1.0
-    exit_target: str = "teacher"
-    exit_token_fraction: float = 0.25
-    checkpointing: bool = False
     heldout_tokens: int = 1024
     draft_vocab: int = 4096  # the speculative draft head's prior candidates (most frequent train tokens); 0: none
     merge_out: str | None = None
 
     def settings(self) -> TuningSettings:
-        return TuningSettings(exit_layers=tuple(self.exit_layers), rank=self.rank, targets=tuple(self.targets or ()),
-                              steps=self.steps, lr=self.lr,
-                              batch_size=self.batch_size, curriculum=self.curriculum, rotation=self.rotation,
-                              depth_weighting=self.depth_weighting, layer_dropout=self.layer_dropout,
-                              exit_weight=self.exit_weight, kl_weight=self.kl_weight, exit_target=self.exit_target,
-                              exit_token_fraction=self.exit_token_fraction, checkpointing=self.checkpointing, seed=self.seed)
+        names = [f.name for f in dataclasses.fields(TuningSettings)]
+        return TuningSettings(**{name: getattr(self, name) for name in names})
 
     def validate(self) -> None:
         self.placement().validate()

@@ -80,6 +80,16 @@ def test_two_gloo_processes_probe_calibrate_and_prune_like_one(workspace):
     for (args, rel), one, two in zip(stages, outputs[1], outputs[2]):
         assert two["placement"].pop("processes") == 2 and "processes" not in one["placement"]
         assert _close(_untimed(two), _untimed(one), rel, args[0])
+    # tune-exits: each process trains on its share of every batch and the LoRA's gradients are summed.
+    tuned = {}
+    for processes in (1, 2):
+        done = _dyninfer(["tune-exits", *base, "--seq-len", "32", "--steps", "4", "--batch-size", "4",
+                          "--heldout-tokens", "64", "--out", str(workspace / f"tuned-{processes}")], processes,
+                         workspace)
+        assert done.returncode == 0, done.stderr[-3000:]
+        tuned[processes] = json.loads(done.stdout)
+    assert tuned[2]["placement"].pop("processes") == 2
+    assert _close(_untimed(tuned[2]), _untimed(tuned[1]), 1e-3, "tune-exits")
     # `accelerate launch` starts the same process group as torchrun.
     accelerated = _dyninfer([*stages[0][0], "--out", str(workspace / "accelerated")], 2, workspace, "accelerate")
     assert accelerated.returncode == 0, accelerated.stderr[-3000:]

@@ -178,6 +178,20 @@ def test_cli_tunes_and_every_loader_uses_the_tuned_model(tmp_path):
     stage = Artifact.load(art).stages["tune"]
     assert stage["windows"]["windows"] and (art / "tuning.safetensors").exists()
 
+    # probe and prune on the artifact measure the tuned model: on the same held-out windows they give what
+    # tune-exits measured for it (and not what it measured for the original).
+    result = runner.invoke(app, ["probe", str(model), "--data", str(data), "--seq-len", "32", "--tokens", "128",
+                                 "--lens", "logit", "--out", str(art), "--json"])
+    assert result.exit_code == 0, result.output
+    probed = json.loads(result.stdout)["lenses"]["logit"]["agreement"]
+    assert probed == pytest.approx(summary["tuned"]["agreement"], abs=1e-6)
+    assert probed != pytest.approx(summary["original"]["agreement"], abs=1e-6)
+    result = runner.invoke(app, ["prune", str(model), "--data", str(data), "--seq-len", "32", "--calibration-tokens",
+                                 "128", "--heldout-tokens", "128", "--no-speed", "--out", str(tmp_path / "pruned"),
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["dense_perplexity"] == pytest.approx(summary["original"]["perplexity"], rel=1e-6)
+
     # The merged checkpoint is the tuned model: `run --mode full` on the artifact is its greedy output.
     prompt = "tok1 tok2 tok3 tok4"
     tuned = AutoModelForCausalLM.from_pretrained(merged)
@@ -207,7 +221,12 @@ def test_cli_tunes_and_every_loader_uses_the_tuned_model(tmp_path):
     assert set(modes) >= {"baseline (transformers, tuned model)", "transformers (original model)", "speculative"}
     assert modes["speculative"]["consistency"] == 1.0  # lossless against the tuned model
     plan = bench["speculation_plan"]
-    assert plan["source"].startswith("tune-exits") and 1 <= plan["layer"] < 3 and bench["draft_layer"] == plan["layer"]
+    assert plan["source"].startswith("the probe") and 1 <= plan["layer"] < 3 and bench["draft_layer"] == plan["layer"]
+    # Last (its masks change what runs): prune starts from the tuned dense model.
+    result = runner.invoke(app, ["prune", str(model), "--data", str(data), "--seq-len", "32", "--calibration-tokens",
+                                 "128", "--heldout-tokens", "128", "--no-speed", "--out", str(art), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["dense_perplexity"] == pytest.approx(summary["tuned"]["perplexity"], rel=1e-6)
 
 
 def test_calibration_never_draws_a_window_the_tuning_trained_on(tmp_path):
