@@ -168,13 +168,15 @@ def run(config: TuneConfig, progress: ProgressFn | None = None, existing: str | 
     settings = config.settings()
     settings.depths(lm.num_layers)  # exit layers out of range fail before any work
     heldout = windows.take("heldout", config.heldout_tokens, option="heldout_tokens")
-    available = windows.train.shape[0]
+    # At most half the train split: `calibrate` on the same data must draw windows the tuning never saw.
+    available = max(1, windows.train.shape[0] // 2)
     needed = config.steps * config.batch_size
     rows = windows.order("train")[: min(available, needed)]  # a random sample; reused in order when short
     notes = []
     if needed > available:
-        notes.append(f"the train split has {available} windows and the steps use {needed}: each window is seen "
-                     f"{needed / available:.1f} times")
+        notes.append(f"the steps use {needed} windows and the tuning takes at most half the train split ({available} "
+                     f"windows; the rest is kept for calibrate): each is seen {needed / available:.1f} times; more "
+                     "data makes a better tuning")
     costs = count_costs(lm, context=config.seq_len)
     original, original_argmax = _measure(lm, heldout, costs, progress, "original")
     delta, record = tune_exits(lm, windows.train[rows], settings, progress)
@@ -183,8 +185,8 @@ def run(config: TuneConfig, progress: ProgressFn | None = None, existing: str | 
         tuned, tuned_argmax = _measure(lm, heldout, costs, progress, "tuned")
         merged = _merge(ws, config.merge_out) if config.merge_out else None
     report = TuneReport(config, ws.loaded.base_model_info(), windows.describe(), record, original, tuned,
-                        float((tuned_argmax == original_argmax).float().mean()), ws.timings, notes,
-                        ws.loaded.placement, merged)
+                        float((tuned_argmax == original_argmax).float().mean()), ws.timings, notes=notes,
+                        placement=ws.loaded.placement, merged_to=merged)
     tensors = delta.tensors(TUNING_PREFIX)
     if config.draft_vocab:
         vocabulary = draft_vocabulary(windows.train, lm.vocab_size, config.draft_vocab)  # counting: the whole split
