@@ -75,9 +75,16 @@ class SpeculationPlan:
     # The acceptance this layer and draft length would need for 1.3x (None: out of reach even at 1.0).
     needed_for_1_3x: float | None
     source: str  # where the acceptance came from
+    costs: StepCosts | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if self.costs is not None:  # the trade-off in seconds: one draft token, one verification of all drafts
+            c = self.costs
+            out["draft_token_seconds"] = self.layer * c.layer_one + c.draft_head
+            out["verify_seconds"] = (c.num_layers - self.layer) * c.layer(self.max_draft) + self.max_draft * c.head
+            out["plain_step_seconds"] = c.plain_step()
+        return out
 
 
 def plan_speculation(agreement: list[float], costs: StepCosts, max_draft: int, source: str) -> SpeculationPlan:
@@ -90,4 +97,4 @@ def plan_speculation(agreement: list[float], costs: StepCosts, max_draft: int, s
     best = max((expected_speedup(agreement[layer], layer, k, costs), layer, k)
                 for layer in range(1, costs.num_layers) for k in range(1, max_draft + 1))
     speedup, layer, k = best
-    return SpeculationPlan(layer, k, agreement[layer], speedup, needed_acceptance(layer, k, costs, 1.3), source)
+    return SpeculationPlan(layer, k, agreement[layer], speedup, needed_acceptance(layer, k, costs, 1.3), source, costs)

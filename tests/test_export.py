@@ -31,7 +31,7 @@ OTHER_MEASURES = {"llama": ("classifier", 0), "qwen2": ("softmax", 16)}
 
 def _dynamic(arch: str, measure: str = "saturation", top_k: int = 0, points=(1, 2), model=None):
     """A dynamic model whose threshold makes some steps exit early and others run the full depth."""
-    model = model if model is not None else tiny_model(arch, layers=4)
+    model = model if model is not None else tiny_model(arch, layers=3)
     lm = LayeredModel(model)
     prompt = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(5))
     classifier = None
@@ -102,7 +102,7 @@ EXPORTED_FAMILIES = ("qwen3", "phi3", "gemma2", "olmo2", "granite")
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", EXPORTED_FAMILIES)
 def test_families_recognised_by_structure_export_like_torch(model_type, tmp_path):
-    dynamic, prompt = _dynamic(model_type, model=family_model(model_type, layers=4))
+    dynamic, prompt = _dynamic(model_type, model=family_model(model_type, layers=3))
     write_package(tmp_path, dynamic)
     _assert_parity(dynamic, prompt, tmp_path)
 
