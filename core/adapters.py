@@ -727,12 +727,20 @@ class LayeredModel:
 
     def head_rows(self, normed: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """Logits of only `token_ids` (a vocabulary subset): cheap partial head."""
-        if self.lm_head.weight.device.type == "meta":  # offloaded: the weight exists only inside the forward hook
-            return self.head(normed)[..., token_ids]
-        logits = normed @ self.lm_head.weight[token_ids].T
-        if getattr(self.lm_head, "bias", None) is not None:
-            logits = logits + self.lm_head.bias[token_ids]
-        return self._softcapped(logits)
+        return self.head_on(token_ids)(normed)
+
+    def head_on(self, token_ids: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`head_rows` for a fixed vocabulary subset, its weight rows gathered once (a speculative draft head
+        scores the same candidates token after token)."""
+        if self.lm_head.weight.device.type == "meta":
+            return lambda normed: self.head(normed)[..., token_ids]
+        rows = self.lm_head.weight[token_ids]
+        bias = self.lm_head.bias[token_ids] if getattr(self.lm_head, "bias", None) is not None else None
+
+        def head(normed: torch.Tensor) -> torch.Tensor:
+            logits = normed @ rows.T
+            return self._softcapped(logits if bias is None else logits + bias)
+        return head
 
     def head_rows_per_row(self, normed: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """Logits of a different vocabulary subset per row: normed [B, d], token_ids [B, K]."""

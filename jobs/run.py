@@ -109,10 +109,11 @@ def speculation_plan(dyn, prompt: torch.Tensor, max_draft: int = DEFAULT_MAX_DRA
 
 
 def plan_note(plan: SpeculationPlan) -> str:
-    needed = f"{plan.needed_for_1_3x:.1%}" if plan.needed_for_1_3x is not None else "out of reach"
+    needed = (f"1.3x would need {plan.needed_for_1_3x:.1%} there" if plan.needed_for_1_3x is not None else
+              "1.3x is out of reach there even if every draft were accepted")
     return (f"speculative: drafting at layer {plan.layer} (up to {plan.max_draft} tokens), planned from "
             f"{plan.source} ({plan.acceptance:.1%} there) and step costs timed here: {plan.predicted_speedup:.2f}x "
-            f"expected; 1.3x would need {needed} at that layer")
+            f"expected; {needed}")
 
 
 def encode_prompt(tokenizer, prompt: str, raw: bool) -> torch.Tensor:

@@ -25,7 +25,8 @@ def _median_seconds(work: Callable[[], object], repeats: int) -> float:
 def measure_step_costs(lm: LayeredModel, prompt: torch.Tensor, many: int = 8,
                        draft_vocabulary: torch.Tensor | None = None, repeats: int = 5) -> StepCosts:
     """Time one decoder layer over 1 and `many` new positions after `prompt` [1, n] (its K/V cached), the full
-    head, and the draft head (on `draft_vocabulary` when given). Medians of `repeats` runs after a warm-up."""
+    head over 1 and `many` positions, and the draft head (on `draft_vocabulary` when given). Medians of `repeats`
+    runs after a warm-up."""
     prompt = prompt.to(lm.device)
     cache = lm.new_decoding_cache(1)
     hidden = lm.embed_at(prompt, 0)
@@ -44,8 +45,10 @@ def measure_step_costs(lm: LayeredModel, prompt: torch.Tensor, many: int = 8,
     several = _median_seconds(lambda: decode(many), repeats) / lm.num_layers if many > 1 else one
     last = hidden[:, -1]
     head = _median_seconds(lambda: lm.logits_from(last), repeats)
+    positions = hidden[:, -1:].repeat(1, many, 1)
+    head_many = _median_seconds(lambda: lm.logits_from(positions), repeats)
     draft_head = head
     if draft_vocabulary is not None:
-        ids = draft_vocabulary.to(lm.device)
-        draft_head = _median_seconds(lambda: lm.head_rows(lm.final_norm(last), ids).float().softmax(-1), repeats)
-    return StepCosts(lm.num_layers, one, several, many, head, draft_head)
+        draft = lm.head_on(draft_vocabulary.to(lm.device))
+        draft_head = _median_seconds(lambda: draft(lm.final_norm(last)).float().softmax(-1), repeats)
+    return StepCosts(lm.num_layers, one, several, many, head, draft_head, head_many)

@@ -336,19 +336,23 @@ class _Drafter:
             self.allowed[dynamic.draft_vocabulary] = True
             self.allowed[prompt.flatten().cpu()] = True
             self.allowed[first.flatten().cpu()] = True
-            self.ids = self.allowed.nonzero().squeeze(1).to(lm.device)
+            self._refresh()
+
+    def _refresh(self) -> None:
+        self.ids = self.allowed.nonzero().squeeze(1).to(self.lm.device)
+        self.head = self.lm.head_on(self.ids)  # the candidates' weight rows, gathered once per change
 
     def saw(self, token: torch.Tensor) -> None:
         """A token of the output: a candidate from now on."""
         if self.allowed is not None and not bool(self.allowed[token.flatten().cpu()].all()):
             self.allowed[token.flatten().cpu()] = True
-            self.ids = self.allowed.nonzero().squeeze(1).to(self.lm.device)
+            self._refresh()
 
     def draft(self, hidden: torch.Tensor, threshold: float, result) -> tuple[torch.Tensor, float]:
         """(draft token [B, 1], its confidence: the batch's lowest max-probability)."""
         normed = self.dynamic._normed(self.layer, hidden)
         if self.allowed is not None:
-            probs = self.lm.head_rows(normed, self.ids).float().softmax(-1)
+            probs = self.head(normed).float().softmax(-1)
             best, index = probs.max(-1)
             confidence = float(best.min())
             if confidence >= threshold:

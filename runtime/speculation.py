@@ -7,10 +7,10 @@ accepted drafts X follow a truncated geometric law, E[X] = a + a^2 + ... + a^k, 
 E[X] + 1 - a^k tokens (the full model's token replaces the first failed draft). Its cost, from
 times measured on this machine:
 
-    k * (l * layer(1) + draft_head) + (L - l) * layer(k) + k * head
+    k * (l * layer(1) + draft_head) + (L - l) * layer(k) + head(k)
 
-where layer(k) is one decoder layer over k new positions (interpolated between the measured 1 and
-K). One plain decoding step costs L * layer(1) + head. Assumptions: acceptances are independent
+where layer(k) and head(k) are one decoder layer and the full head over k new positions at once
+(interpolated between the measured 1 and K). One plain decoding step costs L * layer(1) + head. Assumptions: acceptances are independent
 from token to token, and every cycle drafts k tokens (the confidence stop only shortens cycles
 that were about to fail, so it can only help).
 """
@@ -32,14 +32,23 @@ class StepCosts:
     many: int
     head: float  # the full LM head (final norm included), one position
     draft_head: float  # the draft head (restricted to its vocabulary when there is one), one position
+    head_many: float | None = None  # the full head over `many` positions at once (None: `many` times `head`)
 
     def layer(self, k: int) -> float:
-        if self.many == 1:
-            return self.layer_one
-        return self.layer_one + (self.layer_many - self.layer_one) * (k - 1) / (self.many - 1)
+        return _between(self.layer_one, self.layer_many, k, self.many)
+
+    def heads(self, k: int) -> float:
+        """The full head over k positions at once (verification scores every draft)."""
+        return _between(self.head, self.head_many if self.head_many is not None else self.many * self.head, k,
+                        self.many)
 
     def plain_step(self) -> float:
         return self.num_layers * self.layer_one + self.head
+
+
+def _between(one: float, many: float, k: int, n: int) -> float:
+    """Linear between the time of 1 position and of n positions."""
+    return one if n == 1 else one + (many - one) * (k - 1) / (n - 1)
 
 
 def tokens_per_cycle(acceptance: float, k: int) -> float:
@@ -51,7 +60,7 @@ def expected_speedup(acceptance: float, layer: int, k: int, costs: StepCosts) ->
     """Tokens per second of speculation at (layer, k) over plain decoding's, under the model above."""
     tokens = tokens_per_cycle(acceptance, k)
     cycle = k * (layer * costs.layer_one + costs.draft_head) + (costs.num_layers - layer) * costs.layer(k) \
-        + k * costs.head
+        + costs.heads(k)
     return tokens / cycle * costs.plain_step()
 
 
@@ -82,7 +91,7 @@ class SpeculationPlan:
         if self.costs is not None:  # the trade-off in seconds: one draft token, one verification of all drafts
             c = self.costs
             out["draft_token_seconds"] = self.layer * c.layer_one + c.draft_head
-            out["verify_seconds"] = (c.num_layers - self.layer) * c.layer(self.max_draft) + self.max_draft * c.head
+            out["verify_seconds"] = (c.num_layers - self.layer) * c.layer(self.max_draft) + c.heads(self.max_draft)
             out["plain_step_seconds"] = c.plain_step()
         return out
 
