@@ -34,7 +34,7 @@ Examples:
 
     dyninfer tune-exits ./my-model --data code.jsonl --layer-dropout 0.2 --merge-out my-model-exits/ --out tuned/
 
-    dyninfer bench tuned/ --modes speculative         (after calibrate --out tuned/)
+    dyninfer calibrate --out tuned/ && dyninfer bench tuned/    (speculation vs the tuned and the original model)
 """  # noqa: E501 (help paragraphs are one line each: Typer keeps line breaks)
 
 
