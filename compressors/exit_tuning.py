@@ -283,10 +283,7 @@ def stored_tuning(artifact: Artifact) -> ValveDelta | None:
 
 def bake_tuning(lm: LayeredModel, delta: ValveDelta) -> None:
     """Fold the LoRA into the model's weights for good."""
-    with torch.no_grad():
-        for name, param in delta.parameters_of(lm.model, "the tune-exits LoRA",
-                                               "tune this model again with `dyninfer tune-exits`").items():
-            param.add_(delta.delta(name).to(param))
+    delta.add_to(lm.model, 1.0, "the tune-exits LoRA", "tune this model again with `dyninfer tune-exits`")
 
 
 # --------------------------------------------------------------------------- the draft's vocabulary

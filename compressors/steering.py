@@ -171,6 +171,13 @@ class ValveDelta:
             found[name] = param
         return found
 
+    def add_to(self, model: nn.Module, alpha: float, what: str = "the CoT-Valve delta",
+               remedy: str = "extract it again for this model") -> None:
+        """θ += α·Δθ on every parameter this delta adapts (shapes checked first)."""
+        with torch.no_grad():
+            for name, param in self.parameters_of(model, what, remedy).items():
+                param.add_((alpha * self.delta(name)).to(param))
+
     def numel(self) -> int:
         return sum(up.numel() + down.numel() for up, down in self.low_rank.values()) + sum(
             d.numel() for d in self.dense.values())
@@ -213,9 +220,7 @@ def bake(lm: LayeredModel, direction: ActivationSteering | ValveDelta, alpha: fl
         for i, v in direction.directions.items():
             _add_bias(lm, i, alpha * v.float())
         return
-    with torch.no_grad():
-        for name, param in direction.parameters_of(lm.model).items():
-            param.add_((alpha * direction.delta(name)).to(param))
+    direction.add_to(lm.model, alpha)
 
 
 @contextlib.contextmanager

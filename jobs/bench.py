@@ -21,7 +21,7 @@ from dyninfer.core.placement import PlacementOptions
 from dyninfer.core.progress import ProgressFn
 from dyninfer.exporters.onnx_runtime import PROVIDERS, read_package
 from dyninfer.jobs.export import PACKAGE_DIR
-from dyninfer.jobs.run import BACKENDS, DEFAULT_MAX_DRAFT, plan_note, speculation_plan
+from dyninfer.jobs.run import BACKENDS, draft_settings, plan_note
 from dyninfer.profilers.bench import BenchResult, run_bench, run_onnx_bench
 from dyninfer.runtime.loader import load_dynamic
 
@@ -132,11 +132,7 @@ def run(config: BenchConfig, artifact: str | os.PathLike, progress: ProgressFn |
         result = run_onnx_bench(dyn, package, prompt_ids, new_tokens, provider=config.provider,
                                 progress=progress)
     else:
-        layer, max_draft, plan = config.draft_layer, DEFAULT_MAX_DRAFT, None
-        if layer is None and not dyn.loaded.layered.adapter.recurrent:
-            plan = speculation_plan(dyn, prompt_ids[:1])
-            if plan is not None:
-                layer, max_draft = plan.layer, plan.max_draft
+        layer, max_draft, plan = draft_settings(dyn, prompt_ids[:1], config.draft_layer)
         result = run_bench(dyn, prompt_ids, new_tokens, draft_layer=layer, max_draft=max_draft,
                            draft_threshold=config.draft_threshold, progress=progress)
         if plan is not None:

@@ -39,6 +39,7 @@ class ModelSession:
     loaded: LoadedModel
     steering: dict | None = None  # the applied steering baked into the weights ({method, alpha})
     tuning: str | None = None  # the fingerprint of the tune-exits LoRA baked into the weights
+    tuned_by: ValveDelta | None = None  # that LoRA
     _windows: dict = field(default_factory=dict, repr=False)  # (data, field, seq_len, seed) -> TokenWindows
 
     @classmethod
@@ -78,7 +79,7 @@ class ModelSession:
                                 "again for this artifact")
         self.lm.require_weights("the artifact's tune-exits LoRA")
         bake_tuning(self.lm, delta)
-        self.tuning = wanted
+        self.tuning, self.tuned_by = wanted, delta
 
     def windows(self, data: str, field: str | None, seq_len: int, seed: int) -> TokenWindows:
         """The data's token windows, tokenised once per session (stages of an audit share them)."""
@@ -296,4 +297,4 @@ def build_dynamic(artifact: Artifact, session: ModelSession, *, require_policy: 
     if policy is not None and policy.measure == "classifier":
         classifier = ExitClassifier.from_tensors(exits, len(policy.exit_points), lm.hidden_size).to(lm.device)
     dynamic = DynamicModel(lm, policy, lens, classifier, draft_vocabulary=stored_draft_vocabulary(artifact))
-    return LoadedDynamic(artifact, session.loaded, dynamic, policy, pruning, session.steering, stored_tuning(artifact))
+    return LoadedDynamic(artifact, session.loaded, dynamic, policy, pruning, session.steering, session.tuned_by)

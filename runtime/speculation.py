@@ -10,9 +10,9 @@ times measured on this machine:
     k * (l * layer(1) + draft_head) + (L - l) * layer(k) + head(k)
 
 where layer(k) and head(k) are one decoder layer and the full head over k new positions at once
-(interpolated between the measured 1 and K). One plain decoding step costs L * layer(1) + head. Assumptions: acceptances are independent
-from token to token, and every cycle drafts k tokens (the confidence stop only shortens cycles
-that were about to fail, so it can only help).
+(interpolated between the measured 1 and K). One plain decoding step costs L * layer(1) + head.
+Assumptions: acceptances are independent from token to token, and every cycle drafts k tokens
+(the confidence stop only shortens cycles that were about to fail, so it can only help).
 """
 
 from __future__ import annotations
@@ -45,6 +45,14 @@ class StepCosts:
     def plain_step(self) -> float:
         return self.num_layers * self.layer_one + self.head
 
+    def draft_token(self, layer: int) -> float:
+        """One draft: the first `layer` layers and the draft head, one position."""
+        return layer * self.layer_one + self.draft_head
+
+    def verify(self, layer: int, k: int) -> float:
+        """Verifying k drafts: the other layers and the full head over the k positions at once."""
+        return (self.num_layers - layer) * self.layer(k) + self.heads(k)
+
 
 def _between(one: float, many: float, k: int, n: int) -> float:
     """Linear between the time of 1 position and of n positions."""
@@ -59,8 +67,7 @@ def tokens_per_cycle(acceptance: float, k: int) -> float:
 def expected_speedup(acceptance: float, layer: int, k: int, costs: StepCosts) -> float:
     """Tokens per second of speculation at (layer, k) over plain decoding's, under the model above."""
     tokens = tokens_per_cycle(acceptance, k)
-    cycle = k * (layer * costs.layer_one + costs.draft_head) + (costs.num_layers - layer) * costs.layer(k) \
-        + costs.heads(k)
+    cycle = k * costs.draft_token(layer) + costs.verify(layer, k)
     return tokens / cycle * costs.plain_step()
 
 
@@ -89,10 +96,9 @@ class SpeculationPlan:
     def to_dict(self) -> dict:
         out = asdict(self)
         if self.costs is not None:  # the trade-off in seconds: one draft token, one verification of all drafts
-            c = self.costs
-            out["draft_token_seconds"] = self.layer * c.layer_one + c.draft_head
-            out["verify_seconds"] = (c.num_layers - self.layer) * c.layer(self.max_draft) + c.heads(self.max_draft)
-            out["plain_step_seconds"] = c.plain_step()
+            out["draft_token_seconds"] = self.costs.draft_token(self.layer)
+            out["verify_seconds"] = self.costs.verify(self.layer, self.max_draft)
+            out["plain_step_seconds"] = self.costs.plain_step()
         return out
 
 
