@@ -23,7 +23,8 @@ def bundled():
 
 
 def test_probe_runs_on_the_bundled_model_offline():
-    result = CliRunner().invoke(app, ["probe", "--tokens", "256", "--json"])
+    # One window of 128 tokens: the lens runs the 49k-row head at every layer, the cost of this test.
+    result = CliRunner().invoke(app, ["probe", "--tokens", "128", "--seq-len", "128", "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["model"]["architecture"] == "llama" and summary["model"]["num_layers"] == 30
@@ -40,27 +41,30 @@ def test_probe_runs_on_the_bundled_model_offline():
 
     # The same probe in bfloat16. bfloat16 keeps 8 significant bits (a relative rounding of 2^-9 per weight
     # and activation); through 30 layers that moves logits by about a percent, so a token's top-1 changes
-    # only where its two best logits nearly tie. Tolerances: per layer, agreement and accuracy within 0.03
-    # (8 of these 256 tokens), KL within 0.05 nats plus 5%, the oracle saving within 0.03.
-    result = CliRunner().invoke(app, ["probe", "--tokens", "256", "--dtype", "bfloat16", "--json"])
+    # only where its two best logits nearly tie (measured: 1 to 3% of the tokens at a layer). Tolerances: per
+    # layer, agreement and accuracy within 0.05 (6 of these 128 tokens), KL within 0.05 nats plus 5%, the
+    # oracle saving within 0.03.
+    result = CliRunner().invoke(app, ["probe", "--tokens", "128", "--seq-len", "128", "--dtype", "bfloat16",
+                                      "--json"])
     assert result.exit_code == 0, result.output
     half = json.loads(result.stdout)
     assert half["placement"] == {"device": "cpu", "dtype": "bfloat16"}
     assert half["memory"]["weights_mib"] == pytest.approx(summary["memory"]["weights_mib"] / 2, rel=0.01)
     low = half["lenses"]["logit"]
     for name in ("agreement", "accuracy"):
-        assert max(abs(a - b) for a, b in zip(logit[name], low[name])) <= 0.03, name
+        assert max(abs(a - b) for a, b in zip(logit[name], low[name])) <= 0.05, name
     assert all(abs(a - b) <= 0.05 + 0.05 * a for a, b in zip(logit["kl"], low["kl"]))
     assert low["oracle"]["saving"] == pytest.approx(logit["oracle"]["saving"], abs=0.03)
 
 
 def test_tuned_lens_reduces_kl_on_unseen_text(bundled):
-    """Trained on stdlib code (not the corpus defaults were chosen on), judged on held-out code."""
+    """Trained on stdlib code (not the corpus defaults were chosen on), judged on held-out code. Small: each
+    KL pass runs the 49k-row head at 30 layers (measured: the tuned lens keeps a fifth of the KL here)."""
     torch.manual_seed(0)
     lm = bundled.layered
-    windows = load_windows("builtin:stdlib-code", bundled.tokenizer, seq_len=128, seed=1)
-    lens, _ = train_tuned_lens(lm, windows.take("train", 2048), steps=3, seed=1, validation_tokens=128)
-    held = collect_hidden_states(lm, windows.take("heldout", 128))
+    windows = load_windows("builtin:stdlib-code", bundled.tokenizer, seq_len=64, seed=1)
+    lens, _ = train_tuned_lens(lm, windows.take("train", 1536), steps=3, seed=1, validation_tokens=64)
+    held = collect_hidden_states(lm, windows.take("heldout", 64))
     with torch.no_grad():
         logit_kl = mean_kl_per_layer(LogitLens(lm), lm, held)
         tuned_kl = mean_kl_per_layer(lens, lm, held)
@@ -71,7 +75,7 @@ def test_tuned_lens_reduces_kl_on_unseen_text(bundled):
 
 def test_bundled_model_exports_to_onnx_and_matches_torch(bundled, tmp_path):
     """The real model's weights and conventions (GQA, tied head, SDPA, a 49k vocabulary) through the exporter:
-    same tokens, exits and logits. Its first 8 of 30 layers keep the suite's time (tracing costs ~6 s a
+    same tokens, exits and logits. Its first 4 of 30 layers keep the suite's time (tracing costs ~6 s a
     layer); the tiny models of every family cover the rest of the depth logic."""
     import copy
 
@@ -84,12 +88,12 @@ def test_bundled_model_exports_to_onnx_and_matches_torch(bundled, tmp_path):
     from dyninfer.runtime.dynamic import DynamicModel
 
     model = copy.deepcopy(bundled.model)  # the head stays tied to the embedding in the copy
-    model.model.layers = model.model.layers[:8]
-    model.config.num_hidden_layers = 8
+    model.model.layers = model.model.layers[:4]
+    model.config.num_hidden_layers = 4
     lm = LayeredModel(model)
     assert lm.lm_head.weight is lm.backbone.embed_tokens.weight
     prompt = bundled.tokenizer("The with statement wraps a block of code", return_tensors="pt").input_ids
-    points = [4, 6]
+    points = [2, 3]
     with torch.no_grad():
         states = dict(lm.hidden_states(prompt))
     values = torch.cat([saturation(states[p - 1][0], states[p][0]) for p in points])
