@@ -172,10 +172,10 @@ def test_bundled_model_steering_extracts_applies_and_writes_a_control_vector(bun
 def test_audit_of_the_bundled_model_on_unseen_code(bundled, tmp_path):
     """A small audit on stdlib code (not the default corpus): every stage runs on the real model."""
     out = tmp_path / "audit"
-    result = CliRunner().invoke(app, ["audit", "--data", "builtin:stdlib-code", "--lens", "logit", "--tokens", "128",
-                                      "--fit-tokens", "512", "--heldout-tokens", "128", "--seq-len", "128",
-                                      "--prompts", "64", "--heldout-prompts", "4", "--prompt-tokens", "32",
-                                      "--new-tokens", "8", "--repeats", "3", "--targets", "", "--min-consistency", "0.5",
+    result = CliRunner().invoke(app, ["audit", "--data", "builtin:stdlib-code", "--lens", "logit", "--tokens", "64",
+                                      "--fit-tokens", "256", "--heldout-tokens", "64", "--seq-len", "64",
+                                      "--prompts", "64", "--heldout-prompts", "4", "--prompt-tokens", "16",
+                                      "--new-tokens", "6", "--repeats", "3", "--targets", "", "--min-consistency", "0.5",
                                       "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
