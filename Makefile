@@ -3,8 +3,9 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 DEMO_OUT ?= demo-out
 FAST := not slow and not integration and not triton
-# Two worker processes, one per core (tests/conftest.py gives each one thread); loadgroup keeps a
-# module whose fixture is costly on one worker (its `xdist_group` mark).
+# Two worker processes, one per core (tests/conftest.py makes their OpenMP threads wait passively, so
+# neither spins on the other's core); loadgroup keeps a module whose fixture is costly on one worker
+# (its `xdist_group` mark).
 PARALLEL := -n 2 --dist loadgroup
 
 .PHONY: install demo lint test test-fast gpu-check
