@@ -6,7 +6,7 @@ from rich.table import Table
 
 from dyninfer.cli import options as opt
 from dyninfer.cli.output import print_json, stdout
-from dyninfer.core.adapters import support_table
+from dyninfer.core.families import support_table
 
 HELP = """The model types dyninfer is tested on, and which stages apply to each.
 

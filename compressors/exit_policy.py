@@ -23,9 +23,9 @@ import torch
 from dyninfer.compressors import confidence as conf
 from dyninfer.compressors.ltt import LTTResult, learn_then_test, min_examples, naive_choice
 from dyninfer.core import distributed
-from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.cost import CostModel
 from dyninfer.core.errors import DyninferError, is_integer, is_number
+from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LENS_KINDS, local_hidden_states
 from dyninfer.core.progress import ProgressFn, silent
 

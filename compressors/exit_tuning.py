@@ -37,9 +37,9 @@ from torch.utils.checkpoint import checkpoint
 from dyninfer.compressors.lora import lora_attached, lora_delta
 from dyninfer.compressors.steering import ValveDelta
 from dyninfer.core import distributed
-from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.artifacts import Artifact
 from dyninfer.core.errors import DyninferError, check_at_least, check_between, check_choice, check_positive, option
+from dyninfer.core.layered import LayeredModel
 from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.core.stages import TUNE, TUNING_GROUP
 

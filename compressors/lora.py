@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from dyninfer.compressors.steering import ValveDelta
-from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.errors import DyninferError
+from dyninfer.core.layered import LayeredModel
 
 
 def is_conv1d(module: nn.Module) -> bool:

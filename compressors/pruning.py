@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dyninfer.core import distributed
-from dyninfer.core.adapters import LayeredModel, MlpWeights
+from dyninfer.core.adapters import MlpWeights
 from dyninfer.core.errors import DyninferError, is_number
+from dyninfer.core.layered import LayeredModel
 from dyninfer.core.progress import ProgressFn
 from dyninfer.core.stages import MASKS_GROUP, PRUNE
 from dyninfer.kernels.cpu_sparse_mlp import (

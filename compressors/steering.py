@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.artifacts import Artifact
 from dyninfer.core.errors import DyninferError, is_number
+from dyninfer.core.layered import LayeredModel
 from dyninfer.core.stages import STEER, STEERING_GROUP
 
 METHODS = ("activation", "valve")

@@ -10,16 +10,19 @@ family. The code mirrors the forward loops of transformers 4.57 (pinned in pypro
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from dyninfer.core.errors import DyninferError
+from dyninfer.core.families import family_of
+
+if TYPE_CHECKING:  # the layered model hands itself to its adapter's functions
+    from dyninfer.core.layered import LayeredModel
 
 
 @dataclass
@@ -188,7 +191,7 @@ def _prepare_mamba(lm: LayeredModel, input_ids, cache, attention_mask) -> Forwar
 # while transformers sizes masks from layer 0. So each layer call builds its own mask.
 
 
-def _full_dynamic_cache(model: nn.Module, batch_size: int):
+def full_dynamic_cache(model: nn.Module, batch_size: int):
     """Caches keep every position (no sliding-window truncation), so they can be cropped
     for speculative rollback; sliding windows are applied in the masks instead."""
     from transformers import DynamicCache
@@ -372,8 +375,6 @@ NAMED_ADAPTERS: tuple[ArchAdapter, ...] = (
 )
 
 # --- what families of the standard rotary layout do differently (transformers 4.57), in one place ---
-# Family names kept from before structural recognition (artifacts record them).
-FAMILY_NAMES = {"gemma3_text": "gemma3"}
 # Families whose attention computes K and V with two plain projections rotated over the whole head
 # (keys normalised per head at most): CALM propagation computes them directly; the others run the
 # attention module itself (fused QKV, partial rotary, layers without rotary, latent attention...).
@@ -400,16 +401,12 @@ MOE_MARKERS = ("experts", "router")  # a mixture-of-experts block holds experts 
 ROUTER_NAMES = ("gate", "router")
 
 
-def family_of(model_type: str) -> str:
-    return FAMILY_NAMES.get(model_type, model_type)
-
-
-def _first_child(module: nn.Module, names: tuple[str, ...]) -> str | None:
+def first_child(module: nn.Module, names: tuple[str, ...]) -> str | None:
     return next((n for n in names if isinstance(getattr(module, n, None), nn.Module)), None)
 
 
 def is_moe(block: nn.Module) -> bool:
-    return _first_child(block, MOE_MARKERS) is not None
+    return first_child(block, MOE_MARKERS) is not None
 
 
 def _standard_layout(model: nn.Module) -> str | None:
@@ -418,7 +415,7 @@ def _standard_layout(model: nn.Module) -> str | None:
     if not isinstance(base, nn.Module):
         return "no `model` backbone"
     missing = [n for n in ("embed_tokens", "layers", "rotary_emb") if not hasattr(base, n)]
-    if _first_child(base, FINAL_NORMS) is None:
+    if first_child(base, FINAL_NORMS) is None:
         missing.append("final norm")
     if missing:
         return f"no {', '.join(missing)} in its backbone"
@@ -427,7 +424,7 @@ def _standard_layout(model: nn.Module) -> str | None:
     if not isinstance(base.layers, nn.ModuleList) or len(base.layers) == 0:
         return "no list of decoder layers"
     layer = base.layers[0]
-    if not hasattr(layer, "self_attn") or _first_child(layer, MLP_BLOCKS) is None:
+    if not hasattr(layer, "self_attn") or first_child(layer, MLP_BLOCKS) is None:
         return "decoder layers without `self_attn` and an MLP block"
     if model.get_output_embeddings() is None:
         return "no LM head"
@@ -438,22 +435,22 @@ def _rotary_adapter(model: nn.Module) -> ArchAdapter:
     """The generic adapter, fitted to `model`'s module names."""
     base, model_type = model.model, model.config.model_type
     layer = base.layers[0]
-    mlp = _first_child(layer, MLP_BLOCKS)
+    mlp = first_child(layer, MLP_BLOCKS)
     routers = set(ROUTER_NAMES) if any(is_moe(getattr(x, mlp)) for x in base.layers) else set()
     linear = sorted({name.rpartition(".")[2] for name, m in layer.named_modules() if isinstance(m, nn.Linear)} - routers)
-    return ArchAdapter(family_of(model_type), (model_type,), **(_ROTARY | {"norm": _first_child(base, FINAL_NORMS)}),
+    return ArchAdapter(family_of(model_type), (model_type,), **(_ROTARY | {"norm": first_child(base, FINAL_NORMS)}),
                        residual_out=None, lora_targets=tuple(linear), blocks=(("attention", "self_attn"), ("mlp", mlp)))
 
 
-def _residual_out_path(layer: nn.Module) -> str:
+def residual_out_path(layer: nn.Module) -> str:
     """The module whose output a standard decoder layer adds to the residual stream last (per layer: some
     families mix dense and mixture-of-experts layers)."""
-    post_norm = _first_child(layer, POST_MLP_NORMS)
+    post_norm = first_child(layer, POST_MLP_NORMS)
     if post_norm:  # post-norm MLP (Gemma 2/3, OLMo 2, GLM-4): the norm adds last
         return post_norm
-    mlp = _first_child(layer, MLP_BLOCKS)
+    mlp = first_child(layer, MLP_BLOCKS)
     block = getattr(layer, mlp)
-    output = None if is_moe(block) else _first_child(block, MLP_OUTPUTS)
+    output = None if is_moe(block) else first_child(block, MLP_OUTPUTS)
     return f"{mlp}.{output}" if output else mlp  # a mixture of experts: its whole output is added
 
 
@@ -522,7 +519,7 @@ def _rows(module: nn.Module) -> torch.Tensor:
     return module.weight if isinstance(module, nn.Linear) else module.weight.t()
 
 
-def _mlp_weights(config, mlp: nn.Module) -> MlpWeights:
+def mlp_weights(config, mlp: nn.Module) -> MlpWeights:
     model_type = getattr(config, "model_type", "?")
     if is_moe(mlp):
         raise DyninferError(f"MLP pruning does not apply to {model_type}: its MLP is a mixture-of-experts block "
@@ -540,291 +537,3 @@ def _mlp_weights(config, mlp: nn.Module) -> MlpWeights:
             return MlpWeights("plain", act, _rows(one), None, _rows(two), first_bias=one.bias, down_bias=two.bias)
     raise DyninferError(f"cannot read the MLP of {model_type} ({type(mlp).__name__}) for pruning; pruning supports "
                         "gated (gate/up/down, fused gate_up) and two-projection MLPs")
-
-
-class LayeredModel:
-    """A causal LM that dyninfer can run one decoder layer at a time.
-
-    Hidden-state indexing used everywhere: index 0 is the embedding output, index i
-    (1..num_layers) is the output of decoder layer i (before the final norm).
-    """
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.adapter = adapter_for(model)
-        self.config = model.config
-        self.backbone: nn.Module = getattr(model, self.adapter.backbone)
-        self.layers: nn.ModuleList = getattr(self.backbone, self.adapter.layers)
-        if len(self.layers) == 0:
-            raise DyninferError(f"the {model.config.model_type} model has no decoder layers (num_hidden_layers 0); "
-                                "there is nothing to exit from: pass a model with layers")
-        self.final_norm: nn.Module = getattr(self.backbone, self.adapter.norm)
-        self.lm_head: nn.Module = model.get_output_embeddings()
-        self.softcap = getattr(self.config, "final_logit_softcapping", None)
-        model_type = getattr(self.config, "model_type", None)
-        self.embed_scale = EMBED_SCALES[model_type](self.config) if model_type in EMBED_SCALES else None
-        self.logit_scale = LOGIT_SCALES[model_type](self.config) if model_type in LOGIT_SCALES else None
-        self._layer_index = {id(layer): i for i, layer in enumerate(self.layers)}
-        self._rope_memo = None  # (positions key, global rotary, local rotary) of the last step
-        # While a step is traced for export: rotary embeddings and masks computed once per step
-        # (in its main graph, so every branch shares them) and no data-dependent shortcuts.
-        self.step_memo: dict | None = None
-
-    @property
-    def family(self) -> str:
-        return self.adapter.family
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.lm_head.weight.shape[1]
-
-    @property
-    def vocab_size(self) -> int:
-        return self.lm_head.weight.shape[0]
-
-    @property
-    def device(self) -> torch.device:
-        """Where inputs go: the embedding's device (its execution device when accelerate dispatched the
-        model over several devices or offloaded it)."""
-        embed = self.model.get_input_embeddings()
-        hook = getattr(embed, "_hf_hook", None)
-        if getattr(hook, "execution_device", None) is not None:
-            return torch.device(hook.execution_device)
-        return embed.weight.device
-
-    @property
-    def offloaded(self) -> bool:
-        """Some weights live off-device (accelerate's CPU or disk offload): read only through forward hooks."""
-        return any(p.device.type == "meta" for p in self.model.parameters())
-
-    def require_weights(self, feature: str) -> None:
-        """Refuse `feature`, which reads or changes weights directly, on an offloaded model."""
-        if self.offloaded:
-            raise DyninferError(f"{feature} reads and changes the weights directly, and this model's device map "
-                                "offloads some of them; give `max_memory` room for every weight (or load it without "
-                                "`device_map`)")
-
-    def new_cache(self, batch_size: int = 1):
-        """A fresh KV cache (transformers' Cache classes) or Mamba state cache."""
-        return self.adapter.new_cache(self.model, batch_size)
-
-    def new_decoding_cache(self, batch_size: int = 1):
-        """A cache for dynamic decoding: every layer keeps all positions (croppable)."""
-        if self.adapter.recurrent:
-            return self.adapter.new_cache(self.model, batch_size)
-        return _full_dynamic_cache(self.model, batch_size)
-
-    def embed_at(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
-        """Embedding output of tokens placed at positions start, start + 1, ..."""
-        return self.adapter.embed_at(self, input_ids, start)
-
-    def layer_at(self, index: int, hidden: torch.Tensor, start: int, cache) -> torch.Tensor:
-        """Run layer `index` on tokens at positions start.. whose cache holds exactly [0, start)."""
-        layer = self.layers[index]
-        if self.adapter.recurrent and hidden.shape[1] > 1 and start > 0:
-            outs = [self.layer_at(index, hidden[:, t : t + 1], start + t, cache) for t in range(hidden.shape[1])]
-            return torch.cat(outs, dim=1)
-        out = layer(hidden, **self.adapter.layer_kwargs_at(self, layer, hidden, start, cache))
-        return out[0] if isinstance(out, tuple) else out
-
-    @contextlib.contextmanager
-    def traced_step(self, hidden: torch.Tensor, start) -> Iterator[None]:
-        """Trace one decoding step: positional inputs are built once, up front, for all layers."""
-        self.step_memo = {}
-        try:
-            for layer in self.layers:
-                self.adapter.layer_kwargs_at(self, layer, hidden, start, None)
-            yield
-        finally:
-            self.step_memo = None
-
-    def layer_index(self, layer: nn.Module) -> int:
-        return self._layer_index[id(layer)]
-
-    def scaled_embedding(self, embeds: torch.Tensor) -> torch.Tensor:
-        """The token embedding as the model's forward scales it (Gemma: by sqrt(d), in the hidden dtype)."""
-        if self.embed_scale is None:
-            return embeds
-        return embeds * torch.tensor(self.embed_scale, dtype=embeds.dtype, device=embeds.device)
-
-    def attention_input(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """What a decoder layer's attention reads: its pre-norm of the residual stream (the stream itself in
-        post-norm layers)."""
-        norm = _first_child(layer, ATTENTION_INPUT_NORMS)
-        return getattr(layer, norm)(hidden) if norm else hidden
-
-    def _mlp_path(self) -> str:
-        if self.adapter.recurrent:
-            raise DyninferError(f"{self.family} layers have no MLP block to prune; pick an attention model")
-        return dict(self.adapter.blocks)["mlp"]
-
-    def mlp(self, index: int) -> nn.Module:
-        """Decoder layer `index`'s MLP block (`mlp`, or Mixtral's `block_sparse_moe`)."""
-        return self.layers[index].get_submodule(self._mlp_path())
-
-    def set_mlp(self, index: int, module: nn.Module) -> None:
-        setattr(self.layers[index], self._mlp_path(), module)
-
-    def mlp_weights(self, index: int) -> MlpWeights:
-        return _mlp_weights(self.config, self.mlp(index))
-
-    def require_prunable(self) -> None:
-        """Refuse MLP pruning unless every layer has a dense MLP it can read (some families mix in experts)."""
-        for index in range(self.num_layers):
-            self.mlp_weights(index)
-
-    def _residual_out_path(self, index: int) -> str:
-        return self.adapter.residual_out or _residual_out_path(self.layers[index])
-
-    def residual_out(self, index: int) -> nn.Module:
-        """The module whose output decoder layer `index` adds to the residual stream last."""
-        return self.layers[index].get_submodule(self._residual_out_path(index))
-
-    def set_residual_out(self, index: int, module: nn.Module) -> None:
-        parent, _, name = self._residual_out_path(index).rpartition(".")
-        setattr(self.layers[index].get_submodule(parent) if parent else self.layers[index], name, module)
-
-    def blocks(self, index: int) -> list[tuple[str, nn.Module]]:
-        """Decoder layer `index`'s profiled blocks: (piece name, module), e.g. attention and MLP."""
-        return [(piece, self.layers[index].get_submodule(path)) for piece, path in self.adapter.blocks]
-
-    def cache_bytes(self, cache) -> list[int]:
-        """Bytes each layer holds in `cache` (K/V tensors, or Mamba's conv and SSM states)."""
-        if hasattr(cache, "layers"):  # transformers' Cache: one object per layer
-            return [sum(t.nbytes for t in vars(layer).values() if isinstance(t, torch.Tensor))
-                    for layer in cache.layers]
-        return [cache.conv_states[i].nbytes + cache.ssm_states[i].nbytes for i in range(self.num_layers)]
-
-    def propagate(self, index: int, hidden: torch.Tensor, start: int, cache) -> None:
-        """Fill layer `index`'s cache entry at `start` from an exit hidden state (CALM)."""
-        self.adapter.propagate(self, index, hidden, start, cache)
-
-    def begin(self, input_ids: torch.Tensor, cache=None, attention_mask=None) -> ForwardPass:
-        """Embed `input_ids` and prepare what every layer of this forward needs."""
-        return self.adapter.prepare(self, input_ids, cache, attention_mask)
-
-    def run_layer(self, fwd: ForwardPass, index: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Run decoder layer `index` (0-based module index) on `hidden`."""
-        layer = self.layers[index]
-        out = layer(hidden, *fwd.layer_args(index), **fwd.layer_kwargs(index, layer))
-        return out[0] if isinstance(out, tuple) else out
-
-    def _softcapped(self, logits: torch.Tensor) -> torch.Tensor:
-        """The family's final logit scale (Granite, Cohere) and softcap (Gemma 2/3); identity for the others."""
-        if self.logit_scale is not None:
-            logits = logits * self.logit_scale
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
-
-    def head(self, normed: torch.Tensor) -> torch.Tensor:
-        """LM head on an already normalised hidden state (with Gemma's final softcap)."""
-        return self._softcapped(self.lm_head(normed))
-
-    def head_rows(self, normed: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        """Logits of only `token_ids` (a vocabulary subset): cheap partial head."""
-        return self.head_on(token_ids)(normed)
-
-    def head_on(self, token_ids: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """`head_rows` for a fixed vocabulary subset, its weight rows gathered once (a speculative draft head
-        scores the same candidates token after token)."""
-        if self.lm_head.weight.device.type == "meta":
-            return lambda normed: self.head(normed)[..., token_ids]
-        rows = self.lm_head.weight[token_ids]
-        bias = self.lm_head.bias[token_ids] if getattr(self.lm_head, "bias", None) is not None else None
-
-        def head(normed: torch.Tensor) -> torch.Tensor:
-            logits = normed @ rows.T
-            return self._softcapped(logits if bias is None else logits + bias)
-        return head
-
-    def head_rows_per_row(self, normed: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        """Logits of a different vocabulary subset per row: normed [B, d], token_ids [B, K]."""
-        if self.lm_head.weight.device.type == "meta":
-            return torch.gather(self.head(normed), -1, token_ids)
-        logits = torch.einsum("bd,bkd->bk", normed, self.lm_head.weight[token_ids])
-        if getattr(self.lm_head, "bias", None) is not None:
-            logits = logits + self.lm_head.bias[token_ids]
-        return self._softcapped(logits)
-
-    def logits_from(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm + head: the logit lens on any layer's residual stream."""
-        return self.head(self.final_norm(hidden))
-
-    def hidden_states(
-        self, input_ids: torch.Tensor, cache=None, attention_mask=None
-    ) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield (index, hidden) for the embedding output (0) and each decoder layer."""
-        fwd = self.begin(input_ids, cache, attention_mask)
-        hidden = fwd.hidden
-        yield 0, hidden
-        for i in range(self.num_layers):
-            hidden = self.run_layer(fwd, i, hidden)
-            yield i + 1, hidden
-
-    @torch.no_grad()
-    def check_against_forward(self, tokens: int = 8) -> None:
-        """Refuse a model whose layer-by-layer run differs from its own forward (a family recognised by
-        structure whose forward does something the standard layout does not: a scale, another mask)."""
-        ids = torch.arange(tokens, device=self.device)[None] % self.vocab_size
-        reference = self.model(ids, use_cache=False).logits.float()
-        ours = self.forward_logits(ids).float()
-        scale = reference.abs().max().clamp_min(1e-6)
-        tolerance = 1e-3 if self.lm_head.weight.dtype == torch.float32 else 5e-2
-        if not torch.isfinite(ours).all() or float((ours - reference).abs().max() / scale) > tolerance:
-            raise DyninferError(f"{self.config.model_type} has the standard decoder layout, but running it layer by "
-                                "layer does not reproduce its own forward (its forward adds something the layout "
-                                "does not say); it is not supported yet: `dyninfer models` lists the tested families")
-
-    def forward_logits(self, input_ids: torch.Tensor, cache=None, attention_mask=None) -> torch.Tensor:
-        """Full-depth logits computed layer by layer (equals the model's own forward)."""
-        hidden = None
-        for _, hidden in self.hidden_states(input_ids, cache, attention_mask):  # noqa: B007 - keep the last
-            pass
-        return self.logits_from(hidden)
-
-
-# --- the families the tests build and check, and which stages apply to each (`dyninfer models`) ---
-# tests/test_families.py builds each from its config class: the last layer's logit lens equals the model's
-# forward, full-depth dynamic decoding equals transformers' greedy generate, CALM propagation writes the
-# layer's own K/V, calibrate and run, steering, and pruning where it applies (test_adapters.py and
-# test_dynamic.py hold GPT-2 and Mamba to the same).
-STANDARD_LAYOUT_TESTED = (
-    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2", "granite",
-    "smollm3", "cohere", "cohere2", "stablelm", "glm", "glm4", "starcoder2", "helium", "ministral", "seed_oss",
-    "exaone4", "hunyuan_v1_dense", "ernie4_5", "arcee", "nemotron", "apertus", "vaultgemma", "bitnet", "phi",
-    "diffllama", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss", "ernie4_5_moe",
-    "hunyuan_v1_moe", "dots1", "glm4_moe", "deepseek_v2", "deepseek_v3",
-)
-# Why MLP pruning does not apply (the other stages do).
-NO_PRUNING = {
-    **dict.fromkeys(("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss", "ernie4_5_moe",
-                     "hunyuan_v1_moe", "dots1", "glm4_moe", "deepseek_v2", "deepseek_v3"), "mixture-of-experts MLP"),
-    **dict.fromkeys(("arcee", "nemotron", "bitnet"), "relu2 activation: no sparse kernel"),
-    "apertus": "xielu activation: no sparse kernel",
-    "mamba": "no MLP block (state-space mixer)",
-}
-# ONNX export checked against the torch dynamic model (tests/test_export.py).
-EXPORT_TESTED = ("llama", "qwen2", "mistral", "gemma3_text", "gpt2", "qwen3", "phi3", "gemma2", "olmo2", "granite")
-NO_EXPORT = {"mamba": "a recurrent state, not a KV cache"}
-
-
-TESTED_MODEL_TYPES = frozenset((*STANDARD_LAYOUT_TESTED, "gpt2", "mamba"))
-TESTED_FAMILIES = frozenset(family_of(t) for t in TESTED_MODEL_TYPES)
-
-
-def support_table() -> list[dict[str, str]]:
-    """One row per tested model type: its family, layout, and whether each stage applies."""
-    rows = []
-    for model_type in (*STANDARD_LAYOUT_TESTED, "gpt2", "mamba"):
-        layout = "standard rotary" if model_type in STANDARD_LAYOUT_TESTED else "named adapter"
-        export = ("yes" if model_type in EXPORT_TESTED else
-                  f"no: {NO_EXPORT[model_type]}" if model_type in NO_EXPORT else "untested")
-        prune = f"no: {NO_PRUNING[model_type]}" if model_type in NO_PRUNING else "yes"
-        rows.append({"model_type": model_type, "family": family_of(model_type), "layout": layout,
-                     "probe, calibrate, run, bench, profile, steer": "yes", "prune": prune, "export": export})
-    return rows

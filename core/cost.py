@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.artifacts import Artifact
 from dyninfer.core.errors import DyninferError, is_number
+from dyninfer.core.layered import LayeredModel
 from dyninfer.core.stages import PROFILE, PRUNE
 
 

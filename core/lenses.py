@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from dyninfer.core import distributed
-from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.errors import DyninferError
+from dyninfer.core.layered import LayeredModel
 from dyninfer.core.progress import ProgressFn, silent
 
 LOGIT = "logit"

@@ -28,8 +28,10 @@ from urllib.parse import urlparse
 import torch
 
 from dyninfer.core import distributed
-from dyninfer.core.adapters import TESTED_FAMILIES, TESTED_MODEL_TYPES, LayeredModel, adapter_for
+from dyninfer.core.adapters import adapter_for
 from dyninfer.core.errors import DyninferError
+from dyninfer.core.families import TESTED_FAMILIES, TESTED_MODEL_TYPES
+from dyninfer.core.layered import LayeredModel
 from dyninfer.core.placement import CPU_FLOAT32, Placement, dtype_name
 
 DEFAULT_MODEL = "default"

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.artifacts import MANIFEST_NAME, staged_directory
 from dyninfer.core.errors import DyninferError
+from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens
 from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.exporters import ops

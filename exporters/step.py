@@ -22,8 +22,8 @@ from torch import nn
 
 from dyninfer.compressors.confidence import HEAD_MEASURES
 from dyninfer.compressors.exit_policy import ExitPolicy
-from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.errors import DyninferError
+from dyninfer.core.layered import LayeredModel
 from dyninfer.exporters import ops
 from dyninfer.runtime.dynamic import DynamicModel
 

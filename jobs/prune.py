@@ -39,11 +39,11 @@ from dyninfer.compressors.pruning import (
     train_predictors,
 )
 from dyninfer.core import distributed, stages
-from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.artifacts import Artifact
 from dyninfer.core.cost import count_costs
 from dyninfer.core.data import DEFAULT_DATA
 from dyninfer.core.errors import DyninferError, check_at_least, check_between, check_choice, option
+from dyninfer.core.layered import LayeredModel
 from dyninfer.core.models import DEFAULT_MODEL
 from dyninfer.core.placement import PlacementOptions
 from dyninfer.core.progress import ProgressFn

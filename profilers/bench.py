@@ -19,11 +19,11 @@ import torch
 
 from dyninfer.compressors.pruning import dense_inside
 from dyninfer.compressors.steering import steered
-from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.consistency import rouge_l
 from dyninfer.core.cost import speedup_basis
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.generation import GenerationResult
+from dyninfer.core.layered import LayeredModel
 from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.exporters.baseline import load_optimum_baseline
 from dyninfer.exporters.onnx_runtime import OnnxDynamicModel

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from dyninfer.core import distributed
-from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.cost import CostModel
 from dyninfer.core.distributed import World
+from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LOGIT
 from dyninfer.core.progress import ProgressFn, silent
 

@@ -39,11 +39,11 @@ from dyninfer.compressors.exit_policy import (
 )
 from dyninfer.compressors.ltt import fixed_sequence_test, min_examples
 from dyninfer.core import distributed
-from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.consistency import CONSISTENCY_MEASURES, all_measures, consistency
 from dyninfer.core.cost import CostModel
 from dyninfer.core.distributed import World
 from dyninfer.core.errors import DyninferError
+from dyninfer.core.layered import LayeredModel
 from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.runtime.dynamic import DynamicModel
 

@@ -33,8 +33,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.cost import EXTRA_FLOP_FORMULAS, CostModel
+from dyninfer.core.layered import LayeredModel
 from dyninfer.core.progress import ProgressFn, silent
 
 Key = tuple[str, int]  # (piece, layer); model-level pieces use layer -1

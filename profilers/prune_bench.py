@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from dyninfer.compressors.pruning import PruningPlan, dense_inside, pruned, resolve_backend, sparse_modules
-from dyninfer.core.adapters import LayeredModel
+from dyninfer.core.layered import LayeredModel
 from dyninfer.core.progress import ProgressFn
 from dyninfer.profilers.bench import greedy_generate
 

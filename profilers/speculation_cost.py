@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from dyninfer.core.adapters import LayeredModel
+from dyninfer.core.layered import LayeredModel
 from dyninfer.runtime.speculation import StepCosts
 
 

@@ -11,18 +11,13 @@ import inspect
 
 import torch
 
+from dyninfer.core.families import STANDARD_LAYOUT_TESTED
+
 VOCAB = 128
-# model_type -> what its tiny config needs beyond the common shape.
-FAMILIES: dict[str, dict] = {
-    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "gemma": {}, "gemma2": {}, "gemma3_text": {},
-    "phi3": {}, "olmo": {}, "olmo2": {}, "granite": {}, "smollm3": {}, "cohere": {}, "cohere2": {},
-    "stablelm": {}, "glm": {}, "glm4": {}, "starcoder2": {}, "helium": {}, "ministral": {}, "seed_oss": {},
-    "exaone4": {}, "hunyuan_v1_dense": {}, "ernie4_5": {}, "arcee": {}, "nemotron": {}, "apertus": {},
-    "vaultgemma": {}, "bitnet": {}, "phi": {}, "diffllama": {},
-    "mixtral": {}, "qwen2_moe": {}, "qwen3_moe": {}, "olmoe": {}, "granitemoe": {},
-    "gpt_oss": {}, "ernie4_5_moe": {}, "hunyuan_v1_moe": {}, "dots1": {}, "glm4_moe": {},
-    "deepseek_v2": {"num_key_value_heads": 4}, "deepseek_v3": {"num_key_value_heads": 4},
-}
+# model_type -> what its tiny config needs beyond the common shape: every standard-layout type that
+# `dyninfer models` lists as tested (core/families.py), so the table and these tests cannot drift apart.
+_SHAPES: dict[str, dict] = {"deepseek_v2": {"num_key_value_heads": 4}, "deepseek_v3": {"num_key_value_heads": 4}}
+FAMILIES: dict[str, dict] = {t: _SHAPES.get(t, {}) for t in STANDARD_LAYOUT_TESTED}
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, head_dim=8, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
               eos_token_id=2, tie_word_embeddings=False,

@@ -6,8 +6,9 @@ import pytest
 import torch
 from tiny_models import ARCHS, VOCAB, tiny_model
 
-from dyninfer.core.adapters import LayeredModel, adapter_for
+from dyninfer.core.adapters import adapter_for
 from dyninfer.core.errors import DyninferError
+from dyninfer.core.layered import LayeredModel
 
 
 def _captured_layer_outputs(model, lm: LayeredModel, ids):

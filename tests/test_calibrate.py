@@ -21,9 +21,9 @@ from dyninfer.compressors.exit_policy import (
     window_losses,
 )
 from dyninfer.compressors.ltt import learn_then_test
-from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.artifacts import Artifact
 from dyninfer.core.cost import CostModel
+from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens
 
 COSTS = CostModel(context=0, embed=0.0, layers=[10.0] * 6, norm=1.0, head=40.0, translator=5.0)

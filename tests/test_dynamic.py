@@ -7,8 +7,8 @@ import torch
 from tiny_models import ARCHS, VOCAB, mixed_saturation_policy, tiny_model
 
 from dyninfer.compressors.exit_policy import ExitPolicy
-from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.errors import DyninferError
+from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens
 from dyninfer.runtime.dynamic import DynamicModel
 

@@ -15,8 +15,8 @@ from tiny_models import ARCHS, VOCAB, tiny_model
 from dyninfer.compressors import confidence as conf
 from dyninfer.compressors.confidence import ExitClassifier
 from dyninfer.compressors.exit_policy import ExitPolicy
-from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.errors import DyninferError
+from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens
 from dyninfer.exporters import ops
 from dyninfer.exporters.onnx_export import MODEL_FILE, write_package

@@ -12,9 +12,10 @@ from tiny_models import mixed_saturation_policy
 from dyninfer.compressors.exit_policy import ExitPolicy, run_calibration
 from dyninfer.compressors.pruning import calibrate_threshold_plan, collect_mlp_samples, pruned
 from dyninfer.compressors.steering import ActivationSteering, hooked, steered
-from dyninfer.core.adapters import LayeredModel, family_of
 from dyninfer.core.cost import count_costs
 from dyninfer.core.errors import DyninferError
+from dyninfer.core.families import family_of
+from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens
 from dyninfer.runtime.dynamic import DynamicModel
 
@@ -114,10 +115,9 @@ def test_family_calibrates_prunes_and_steers(model_type):
 
 
 def test_models_table_lists_what_these_tests_check():
-    from dyninfer.core import adapters
+    from dyninfer.core import families
 
-    assert set(adapters.STANDARD_LAYOUT_TESTED) == set(FAMILIES)
-    table = {row["model_type"]: row for row in adapters.support_table()}
+    table = {row["model_type"]: row for row in families.support_table()}
     assert {t for t, row in table.items() if row["prune"] != "yes"} == set(NO_PRUNING) | {"mamba"}
     from test_export import ATTENTION_ARCHS, EXPORTED_FAMILIES
 

@@ -17,10 +17,10 @@ from dyninfer.cli.app import app
 from dyninfer.compressors.exit_policy import ExitPlan, ExitPolicy
 from dyninfer.compressors.ltt import fixed_sequence_test, hoeffding_bentkus_p_value, learn_then_test, min_examples
 from dyninfer.core import stages
-from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.artifacts import Artifact
 from dyninfer.core.consistency import consistency, prefix_share, rouge_l, token_share
 from dyninfer.core.cost import CostModel
+from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens
 from dyninfer.profilers import generation_risk
 from dyninfer.profilers.generation_risk import PromptSet, certify_generation, full_continuations

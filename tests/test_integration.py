@@ -9,8 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from dyninfer.cli.app import app
-from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.data import load_windows
+from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens, collect_hidden_states, mean_kl_per_layer, train_tuned_lens
 from dyninfer.core.models import load_model
 

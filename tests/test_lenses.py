@@ -6,9 +6,9 @@ import pytest
 import torch
 from tiny_models import VOCAB, tiny_model
 
-from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.artifacts import Artifact, BaseModelInfo
 from dyninfer.core.errors import DyninferError
+from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import (
     LogitLens,
     TunedLens,

@@ -13,10 +13,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from typer.testing import CliRunner
 
 from dyninfer.cli.app import app
-from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.artifacts import Artifact
 from dyninfer.core.cost import count_costs
 from dyninfer.core.errors import DyninferError
+from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens
 from dyninfer.core.models import load_model
 from dyninfer.core.placement import Placement

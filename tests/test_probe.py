@@ -9,8 +9,8 @@ from scipy.special import rel_entr
 from scipy.stats import entropy
 from tiny_models import ARCHS, VOCAB, tiny_model
 
-from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.cost import CostModel, count_costs
+from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens
 from dyninfer.profilers.exit_probe import ECE_BINS, oracle_saving, prediction_depth, run_probe
 

@@ -10,9 +10,9 @@ from tiny_models import ARCHS, VOCAB, tiny_config, tiny_model
 from typer.testing import CliRunner
 
 from dyninfer.cli.app import app
-from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.artifacts import Artifact
 from dyninfer.core.cost import count_costs
+from dyninfer.core.layered import LayeredModel
 from dyninfer.profilers.layer_profile import peak_bytes, profile_layers
 
 runner = CliRunner()

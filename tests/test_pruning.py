@@ -23,8 +23,8 @@ from dyninfer.compressors.pruning import (
     sparse_modules,
     train_predictors,
 )
-from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.errors import DyninferError
+from dyninfer.core.layered import LayeredModel
 from dyninfer.profilers.bench import greedy_generate
 
 ATTENTION_ARCHS = ("llama", "qwen2", "mistral", "gemma3", "gpt2")

@@ -19,8 +19,8 @@ from dyninfer.compressors.steer_extract import (
     valve_between,
 )
 from dyninfer.compressors.steering import ActivationSteering, bake, hooked, steered
-from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.errors import DyninferError
+from dyninfer.core.layered import LayeredModel
 from dyninfer.core.models import load_model
 from dyninfer.jobs.steer import write_control_vector
 from dyninfer.profilers.steer_sweep import answer_scores, generate_greedy, run_sweep

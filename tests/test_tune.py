@@ -23,8 +23,8 @@ from dyninfer.compressors.exit_tuning import (
 )
 from dyninfer.compressors.lora import lora_attached, lora_delta
 from dyninfer.compressors.steering import steered
-from dyninfer.core.adapters import LayeredModel
 from dyninfer.core.artifacts import Artifact
+from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens
 
 runner = CliRunner()
