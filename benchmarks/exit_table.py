@@ -18,7 +18,8 @@ import json
 import time
 from pathlib import Path
 
-from dyninfer.core.artifacts import Artifact, artifact_exists
+from dyninfer.core.artifact_files import artifact_exists
+from dyninfer.core.artifacts import Artifact
 from dyninfer.core.models import DEFAULT_MODEL
 from dyninfer.jobs import bench as bench_job
 from dyninfer.jobs import calibrate as calibrate_job

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from typer.models import ArgumentInfo, OptionInfo
 
-from dyninfer.core.artifacts import check_output_dir
+from dyninfer.core.artifact_files import check_output_dir
 from dyninfer.core.errors import OPTION_REFERENCE, DyninferError
 from dyninfer.core.progress import ProgressFn, silent
 

@@ -18,20 +18,15 @@ damaged, too-new or mismatched artifact raises a one-line `DyninferError`.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
 import os
 import pathlib
 import platform
-import re
-import secrets
 import shutil
-import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,34 +39,33 @@ except ImportError:  # not POSIX: no advisory locks
     fcntl = None
 
 from dyninfer.core import distributed
+from dyninfer.core.artifact_files import (
+    GROUP_NAME,
+    MANIFEST_NAME,
+    TENSOR_SUFFIX,
+    artifact_lock,
+    check_output_dir,
+    file_mode,
+    fsync_path,
+    group_of_file,
+    interrupts_held,
+    make_temp_dir,
+    one_line_error,
+    relative_folder,
+    swap_in,
+    write_file,
+)
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.version import __version__
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "MANIFEST_NAME",
-    "BaseModelInfo",
-    "Artifact",
-    "artifact_exists",
-    "artifact_lock",
-    "check_output_dir",
-    "staged_directory",
-]
+__all__ = ["SCHEMA_VERSION", "BaseModelInfo", "Artifact"]
 
 SCHEMA_VERSION = 1
-MANIFEST_NAME = "dyninfer.json"
 
-_TENSOR_SUFFIX = ".safetensors"
-_GROUP_RE = re.compile(r"[a-z0-9_]+")
 _HASH_SHOWN = 12  # characters of a content hash shown in messages
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _error(message: str) -> DyninferError:
-    """A DyninferError whose message is guaranteed to be a single line."""
-    return DyninferError(" ".join(str(message).split()))
 
 
 def _short_hash(h: str) -> str:
@@ -108,19 +102,11 @@ def _transformers_version() -> str | None:
 
 
 def _check_group(group: Any) -> str:
-    if not isinstance(group, str) or not _GROUP_RE.fullmatch(group):
+    if not isinstance(group, str) or not GROUP_NAME.fullmatch(group):
         raise ValueError(
             f"tensor group name must be a simple name matching [a-z0-9_]+, got {group!r}"
         )
     return group
-
-
-def _group_of_file(name: str) -> str | None:
-    """'exits.safetensors' -> 'exits'; None if *name* is not a group file name."""
-    if not name.endswith(_TENSOR_SUFFIX):
-        return None
-    stem = name[: -len(_TENSOR_SUFFIX)]
-    return stem if _GROUP_RE.fullmatch(stem) else None
 
 
 def _sha256(path: pathlib.Path) -> str:
@@ -129,20 +115,6 @@ def _sha256(path: pathlib.Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_path(path: pathlib.Path) -> None:
-    """Flush a file or directory to disk; best effort (not every filesystem allows it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _prepare_for_save(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -164,43 +136,6 @@ def _prepare_for_save(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
             for name in names:
                 out[name] = out[name].clone()
     return out
-
-
-def _make_temp_dir(parent: pathlib.Path, name: str) -> pathlib.Path:
-    # os.mkdir (not tempfile.mkdtemp) so the directory gets the usual umask-based mode,
-    # not 0o700: it becomes the artifact directory.
-    for _ in range(100):
-        tmp = parent / f".{name}.tmp-{secrets.token_hex(6)}"
-        try:
-            os.mkdir(tmp)
-        except FileExistsError:
-            continue
-        return tmp
-    raise FileExistsError(f"could not create a unique temporary directory in {parent}")
-
-
-def _free_name(parent: pathlib.Path, name: str, kind: str) -> pathlib.Path:
-    for _ in range(100):
-        p = parent / f".{name}.{kind}-{secrets.token_hex(6)}"
-        if not os.path.lexists(p):
-            return p
-    raise FileExistsError(f"could not find a free {kind} name in {parent}")
-
-
-def _owned_names(directory: pathlib.Path) -> set[str]:
-    """Top-level entries of an existing artifact that the artifact itself owns."""
-    owned = {MANIFEST_NAME}
-    try:
-        manifest = json.loads((directory / MANIFEST_NAME).read_text(encoding="utf-8"))
-        files = manifest.get("files") if isinstance(manifest, dict) else None
-        if isinstance(files, dict):
-            owned.update(str(k) for k in files)
-    except (OSError, ValueError):
-        pass  # a damaged manifest: fall back to the naming rule below
-    for entry in os.listdir(directory):
-        if _group_of_file(entry) is not None:
-            owned.add(entry)
-    return owned
 
 
 # --------------------------------------------------------------------------- model info
@@ -300,7 +235,7 @@ class Artifact:
             return
         where = f" {str(self.path)!r}" if self.path is not None else ""
         this = f"{spec} (hash {_short_hash(content_hash)})" if spec else f"this model (hash {_short_hash(content_hash)})"
-        raise _error(
+        raise one_line_error(
             f"artifact{where} was made for model {self.base_model.spec} "
             f"(hash {_short_hash(self.base_model.content_hash)}), not for {this}; "
             "re-run the command for this model or pass the matching model"
@@ -352,11 +287,11 @@ class Artifact:
             return pathlib.Path(os.path.realpath(given))
         target = pathlib.Path(os.path.realpath(given))  # a symlinked target: write through it
         if not target.name:
-            raise _error(f"cannot save an artifact to {str(given)!r}; pass a directory path such as out/model.dyn")
+            raise one_line_error(f"cannot save an artifact to {str(given)!r}; pass a directory path such as out/model.dyn")
         if on_wait is not None:  # said once, whichever of the two locks below has to wait
             on_wait = functools.cache(on_wait)
         check_output_dir(given, on_wait)  # refuse to clobber anything that is not ours, before writing a byte
-        replaced = {_relative_folder(folder) for folder in (reports or {})}
+        replaced = {relative_folder(folder) for folder in (reports or {})}
         # Validate everything that could fail for programming reasons up front.
         groups = sorted(self.tensors)
         for g in groups:
@@ -365,30 +300,30 @@ class Artifact:
 
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = _make_temp_dir(target.parent, target.name)
+            tmp = make_temp_dir(target.parent, target.name)
         except OSError as e:
-            raise _error(
+            raise one_line_error(
                 f"cannot write output directory {str(given)!r} ({e.strerror or e}); choose a writable location"
             ) from e
         try:
             self._write(tmp, groups)
             for folder, contents in (reports or {}).items():
                 for name, data in contents.items():
-                    _write_file(tmp / folder / name, data)
+                    write_file(tmp / folder / name, data)
             if build is not None:
                 build(tmp)
-            _fsync_path(tmp)
-            with artifact_lock(target, on_wait=on_wait), _interrupts_held():
+            fsync_path(tmp)
+            with artifact_lock(target, on_wait=on_wait), interrupts_held():
                 check_output_dir(given, locked=True)  # again: something may have been put there meanwhile
-                _swap_in(tmp, target, replaced)
+                swap_in(tmp, target, replaced)
         except OSError as e:
-            raise _error(
+            raise one_line_error(
                 f"cannot write artifact to {str(given)!r} ({e.strerror or e}); "
                 "check free disk space and permissions of the output directory; nothing was changed"
             ) from e
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # gone after a swap; the aborted copy otherwise
-        _fsync_path(target.parent)
+        fsync_path(target.parent)
         self.path = given
         return given
 
@@ -396,16 +331,16 @@ class Artifact:
         """The tensor files, then the manifest (a directory with a manifest is a complete artifact)."""
         hashes: dict[str, str] = {}
         for g in groups:
-            fname = g + _TENSOR_SUFFIX
+            fname = g + TENSOR_SUFFIX
             fpath = directory / fname
             safetensors.torch.save_file(_prepare_for_save(self.tensors[g]), str(fpath),
                                         metadata={"format": "pt", "dyninfer_group": g})
-            os.chmod(fpath, _file_mode())  # safetensors writes 0600; files get the user's usual mode
-            _fsync_path(fpath)
+            os.chmod(fpath, file_mode())  # safetensors writes 0600; files get the user's usual mode
+            fsync_path(fpath)
             hashes[fname] = _sha256(fpath)
         text = json.dumps(self._manifest(hashes), indent=2, ensure_ascii=False) + "\n"
-        _write_file(directory / MANIFEST_NAME, text.encode("utf-8"))
-        _fsync_path(directory / MANIFEST_NAME)
+        write_file(directory / MANIFEST_NAME, text.encode("utf-8"))
+        fsync_path(directory / MANIFEST_NAME)
 
     # ---- load
 
@@ -419,42 +354,42 @@ class Artifact:
     def _read(cls, given: pathlib.Path, expect_model_hash: str | None) -> Artifact:
         shown = str(given)
         if not os.path.exists(given):
-            raise _error(
+            raise one_line_error(
                 f"artifact {shown!r} does not exist; check the path, or run the dyninfer "
                 "command that creates it first"
             )
         if not given.is_dir():
-            raise _error(
+            raise one_line_error(
                 f"{shown!r} is not a dyninfer artifact (it is a file, not a directory); "
                 "pass the artifact directory"
             )
         manifest_path = given / MANIFEST_NAME
         if not manifest_path.is_file():
-            raise _error(
+            raise one_line_error(
                 f"{shown!r} is not a dyninfer artifact (no {MANIFEST_NAME}); "
                 "pass a directory written by dyninfer"
             )
         try:
             text = manifest_path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
-            raise _error(
+            raise one_line_error(
                 f"artifact {shown!r} is corrupt: {MANIFEST_NAME} is not valid JSON (not UTF-8 text); "
                 "re-create the artifact"
             ) from None
         except OSError as e:
-            raise _error(
+            raise one_line_error(
                 f"cannot read {str(manifest_path)!r} ({e.strerror or e}); check its permissions"
             ) from e
         try:
             manifest = json.loads(text)
         except json.JSONDecodeError as e:
-            raise _error(
+            raise one_line_error(
                 f"artifact {shown!r} is corrupt: {MANIFEST_NAME} is not valid JSON "
                 f"({e.msg} at line {e.lineno}); re-create the artifact"
             ) from None
 
         def corrupt(what: str) -> DyninferError:
-            return _error(f"artifact {shown!r} has an invalid {MANIFEST_NAME}: {what}; re-create the artifact")
+            return one_line_error(f"artifact {shown!r} has an invalid {MANIFEST_NAME}: {what}; re-create the artifact")
 
         if not isinstance(manifest, dict):
             raise corrupt("the top level is not a JSON object")
@@ -464,7 +399,7 @@ class Artifact:
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise corrupt(f"schema_version {version!r} is not a positive integer")
         if version > SCHEMA_VERSION:
-            raise _error(
+            raise one_line_error(
                 f"artifact {shown!r} was made by a newer dyninfer (schema version {version}, "
                 f"this dyninfer reads up to {SCHEMA_VERSION}); upgrade dyninfer (pip install -U dyninfer)"
             )
@@ -490,29 +425,29 @@ class Artifact:
 
         tensors: dict[str, dict[str, torch.Tensor]] = {}
         for fname in sorted(files):
-            group = _group_of_file(fname)
+            group = group_of_file(fname)
             if group is None:  # also keeps a hostile manifest from naming ../ paths
                 raise corrupt(f"{fname!r} is not a valid tensor file name")
             fpath = given / fname
             if not fpath.is_file():
-                raise _error(
+                raise one_line_error(
                     f"artifact {shown!r} is incomplete: {fname} is missing; re-create the artifact"
                 )
             try:
                 digest = _sha256(fpath)
             except OSError as e:
-                raise _error(
+                raise one_line_error(
                     f"cannot read {str(fpath)!r} ({e.strerror or e}); check its permissions"
                 ) from e
             if digest != files[fname].lower():
-                raise _error(
+                raise one_line_error(
                     f"artifact {shown!r} is corrupt: {fname} does not match its checksum; "
                     "re-create the artifact"
                 )
             try:
                 tensors[group] = safetensors.torch.load_file(str(fpath), device="cpu")
             except Exception as e:
-                raise _error(
+                raise one_line_error(
                     f"artifact {shown!r} is corrupt: {fname} cannot be read as safetensors ({e}); "
                     "re-create the artifact"
                 ) from e
@@ -529,177 +464,3 @@ class Artifact:
             art.check_base_model(expect_model_hash)
         return art
 
-
-def artifact_exists(path) -> bool:
-    """True if *path* is a directory containing a dyninfer manifest."""
-    p = pathlib.Path(path)
-    return p.is_dir() and (p / MANIFEST_NAME).is_file()
-
-
-def check_output_dir(path, on_wait: Callable[[], None] | None = None, *, locked: bool = False) -> None:
-    """Refuse, before any work, an output path that cannot become an artifact: a file, a non-empty
-    folder that is not an artifact, a path under a file, or a place this user cannot write.
-
-    It looks under the shared lock (never while another process swaps the directory in), unless
-    the caller already holds the lock (`locked`).
-    """
-    if not locked:
-        with artifact_lock(path, shared=True, on_wait=on_wait):
-            return check_output_dir(path, locked=True)
-    given = pathlib.Path(path)
-    shown = str(given)
-    if os.path.lexists(given) and not given.is_dir():
-        raise _error(f"output path {shown!r} exists and is a file, not a dyninfer artifact; "
-                     "choose another output path or remove the file")
-    if given.is_dir() and not artifact_exists(given) and any(True for _ in os.scandir(given)):
-        raise _error(f"output directory {shown!r} is not empty and is not a dyninfer artifact; "
-                     "choose another output path or empty it")
-    # The swap renames the target inside its parent: the nearest existing folder above it must be writable.
-    above = pathlib.Path(os.path.abspath(given)).parent
-    while not os.path.lexists(above):
-        above = above.parent
-    if not above.is_dir():
-        raise _error(f"output path {shown!r} is under {str(above)!r}, which is a file; choose another output path")
-    if not os.access(above, os.W_OK | os.X_OK):
-        raise _error(f"cannot write into {str(above)!r} (permission denied or read-only); choose another output path")
-
-
-@contextlib.contextmanager
-def artifact_lock(path, *, shared: bool = False, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
-    """An advisory lock for the artifact (or package) at *path*: writers hold it exclusively while they
-    swap a new version in, readers shared while they read, so no reader sees a half-swapped directory
-    and concurrent writers queue (`on_wait` is called when this one has to wait).
-
-    The lock is on the folder that holds the directory (fcntl.flock, POSIX): it needs no file of its
-    own, and the directory itself is replaced by each swap. Saves of artifacts side by side in one
-    folder queue only for the moments of their swaps. No folder yet, or no fcntl: nothing to lock.
-    """
-    parent = pathlib.Path(os.path.realpath(path)).parent
-    try:
-        fd = os.open(parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if fcntl is not None else None
-    except OSError:
-        fd = None
-    if fd is None:
-        yield
-        return
-    try:
-        kind = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-        try:
-            fcntl.flock(fd, kind | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if on_wait is not None:
-                on_wait()
-            fcntl.flock(fd, kind)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-@contextlib.contextmanager
-def _interrupts_held() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait until the block is done, then act (in the main thread; elsewhere, as is)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM)
-    previous = {number: signal.signal(number, lambda number, frame: received.append(number)) for number in held}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-        if received:
-            signal.raise_signal(received[0])
-
-
-def _swap_in(tmp: pathlib.Path, target: pathlib.Path, replaced: set[str] | None) -> None:
-    """Make *tmp* the directory at *target* in one rename.
-
-    With `replaced` (a set of relative paths), the entries of an existing *target* that its manifest
-    does not own and that `replaced` does not name are carried over into *tmp* first (a folder both
-    have is merged); with None, *target* is replaced whole. Any failure or interrupt (BaseException)
-    undoes every rename, so *target* is as it was.
-    """
-    moves: list[tuple[pathlib.Path, pathlib.Path]] = []
-    backup = None
-    try:
-        if os.path.isdir(target):
-            if replaced is not None:
-                _carry(target, tmp, "", _owned_names(target), replaced, moves)
-                with contextlib.suppress(OSError):
-                    shutil.copymode(target, tmp)
-            backup = _free_name(target.parent, target.name, "bak")
-            os.rename(target, backup)
-        os.rename(tmp, target)
-    except BaseException:
-        if backup is not None and not os.path.lexists(target):
-            os.rename(backup, target)
-            backup = None
-        for source, moved_to in reversed(moves):
-            with contextlib.suppress(OSError):
-                os.rename(moved_to, source)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
-def _carry(old: pathlib.Path, new: pathlib.Path, prefix: str, owned: set[str], replaced: set[str],
-           moves: list[tuple[pathlib.Path, pathlib.Path]]) -> None:
-    """Move *old*'s entries that the new version keeps into *new* (recording each move)."""
-    for entry in sorted(os.listdir(old)):
-        relative = prefix + entry
-        if entry in owned or relative in replaced:
-            continue
-        source, destination = old / entry, new / entry
-        if os.path.lexists(destination):
-            if _plain_dir(source) and _plain_dir(destination):  # e.g. steer/ around a new sweep folder
-                _carry(source, destination, relative + "/", set(), replaced, moves)
-            continue  # the new version's entry wins
-        os.rename(source, destination)
-        moves.append((source, destination))
-
-
-def _plain_dir(path: pathlib.Path) -> bool:
-    return path.is_dir() and not path.is_symlink()
-
-
-def _relative_folder(name: str) -> str:
-    """A report path inside the artifact: relative, no `..`; ValueError otherwise (a programming error)."""
-    parts = pathlib.PurePosixPath(name).parts
-    if not parts or name.startswith("/") or any(part in ("..", ".") for part in parts) or parts[0] == MANIFEST_NAME:
-        raise ValueError(f"report paths are relative paths inside the artifact, got {name!r}")
-    return str(pathlib.PurePosixPath(*parts))
-
-
-def _file_mode() -> int:
-    """The mode the user's umask gives a new file (0644 under the usual umask 022)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _write_file(path: pathlib.Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-@contextlib.contextmanager
-def staged_directory(target, lock: bool = True, on_wait: Callable[[], None] | None = None) -> Iterator[pathlib.Path]:
-    """Build a directory in a temporary sibling; it replaces `target` whole, in one rename, only if the
-    block succeeds. An interrupted or failed build leaves `target` as it was and removes the partial one.
-
-    Inside an artifact (an ONNX package in ARTIFACT/onnx) the swap holds the artifact's lock, so it
-    cannot interleave with a save of the artifact around it. `lock=False`: a directory built inside a
-    staged copy that no other process can see yet.
-    """
-    target = pathlib.Path(target)
-    tmp = _make_temp_dir(target.parent, target.name)
-    try:
-        yield tmp
-        locked = target.parent if artifact_exists(target.parent) else target
-        with artifact_lock(locked, on_wait=on_wait) if lock else contextlib.nullcontext(), _interrupts_held():
-            _swap_in(tmp, target, None)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

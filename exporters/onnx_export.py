@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from dyninfer.core.artifacts import MANIFEST_NAME, staged_directory
+from dyninfer.core.artifact_files import MANIFEST_NAME, staged_directory
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens

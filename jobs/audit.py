@@ -19,7 +19,8 @@ from pathlib import Path
 from dyninfer.compressors.exit_policy import GENERATION_RISK
 from dyninfer.compressors.steering import METHODS as STEER_METHODS
 from dyninfer.core import stages
-from dyninfer.core.artifacts import MANIFEST_NAME, Artifact, artifact_exists, check_output_dir
+from dyninfer.core.artifact_files import MANIFEST_NAME, artifact_exists, check_output_dir
+from dyninfer.core.artifacts import Artifact
 from dyninfer.core.data import DEFAULT_DATA
 from dyninfer.core.errors import DyninferError, check_between, check_choice, check_positive, option
 from dyninfer.core.lenses import LOGIT, TUNED

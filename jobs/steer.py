@@ -33,7 +33,8 @@ from dyninfer.compressors.steer_extract import (
 )
 from dyninfer.compressors.steering import METHODS, ActivationSteering, Steering, ValveDelta, applied
 from dyninfer.core import stages
-from dyninfer.core.artifacts import Artifact, BaseModelInfo, artifact_exists
+from dyninfer.core.artifact_files import artifact_exists
+from dyninfer.core.artifacts import Artifact, BaseModelInfo
 from dyninfer.core.errors import DyninferError, check_at_least, check_between, check_choice, option
 from dyninfer.core.models import DEFAULT_MODEL, LoadedModel
 from dyninfer.core.placement import Placement, PlacementOptions

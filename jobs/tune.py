@@ -35,7 +35,8 @@ from dyninfer.compressors.exit_tuning import (
 )
 from dyninfer.compressors.steering import steered
 from dyninfer.core import stages
-from dyninfer.core.artifacts import Artifact, artifact_exists, check_output_dir, staged_directory
+from dyninfer.core.artifact_files import artifact_exists, check_output_dir, staged_directory
+from dyninfer.core.artifacts import Artifact
 from dyninfer.core.cost import count_costs
 from dyninfer.core.data import DEFAULT_DATA
 from dyninfer.core.errors import DyninferError, check_at_least, option

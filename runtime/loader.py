@@ -21,7 +21,8 @@ from dyninfer.compressors.exit_tuning import bake_tuning, fingerprint, stored_dr
 from dyninfer.compressors.pruning import PruningPlan, load_pruning, remove_pruning
 from dyninfer.compressors.steering import ValveDelta, applied, load_steering
 from dyninfer.core import stages
-from dyninfer.core.artifacts import Artifact, BaseModelInfo, artifact_exists
+from dyninfer.core.artifact_files import artifact_exists
+from dyninfer.core.artifacts import Artifact, BaseModelInfo
 from dyninfer.core.data import TokenWindows, load_windows
 from dyninfer.core.errors import DyninferError, check_choice
 from dyninfer.core.layered import LayeredModel

@@ -10,13 +10,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from dyninfer.core.artifacts import (
-    MANIFEST_NAME,
-    SCHEMA_VERSION,
-    Artifact,
-    BaseModelInfo,
-    artifact_exists,
-)
+from dyninfer.core.artifact_files import MANIFEST_NAME, artifact_exists
+from dyninfer.core.artifacts import SCHEMA_VERSION, Artifact, BaseModelInfo
 from dyninfer.core.errors import DyninferError
 
 HASH = "a" * 64

@@ -25,7 +25,7 @@ from conftest import CALIBRATE_ARGS, random_text, save_tiny, tree_state, word_to
 from typer.testing import CliRunner
 
 from dyninfer.cli.app import app
-from dyninfer.core import artifacts
+from dyninfer.core import artifact_files, artifacts
 from dyninfer.core.artifacts import Artifact
 from dyninfer.core.errors import DyninferError
 
@@ -489,7 +489,7 @@ def test_a_fault_while_saving_changes_nothing(workspace, tmp_path, monkeypatch, 
     if where == "rename":
         _failing_rename(monkeypatch, failing, fault)
     else:  # the first file the save opens for writing: a patched `open` in the artifact module
-        monkeypatch.setattr(artifacts, "open", lambda *args, **kwargs: (_ for _ in ()).throw(fault), raising=False)
+        monkeypatch.setattr(artifact_files, "open", lambda *args, **kwargs: (_ for _ in ()).throw(fault), raising=False)
     result = runner.invoke(app, ["steer", "apply", str(copy), "--alpha", "0.5"])
     monkeypatch.undo()
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -579,14 +579,14 @@ def test_a_fault_at_each_rename_of_the_swap_leaves_the_artifact_as_it_was(existi
 
 def test_a_full_disk_while_writing_a_report_changes_nothing(existing, monkeypatch):
     before = tree_state(existing)
-    real = artifacts._write_file
+    real = artifacts.write_file
 
     def full(path, data):
         if path.name == "summary.json":
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(artifacts, "_write_file", full)
+    monkeypatch.setattr(artifacts, "write_file", full)
     with pytest.raises(DyninferError, match="No space left on device.*nothing was changed"):
         versioned_artifact(2).save(existing, reports=_reports(2))
     assert tree_state(existing) == before and _leftovers(existing.parent) == []
@@ -643,7 +643,7 @@ def test_concurrent_writers_queue_and_lose_no_file(existing):
 
 def test_a_read_only_location_is_refused_before_any_work(tmp_path, monkeypatch):
     """As root (CI) nothing is read-only to `os.access`, so the check is driven through it."""
-    from dyninfer.core.artifacts import check_output_dir
+    from dyninfer.core.artifact_files import check_output_dir
 
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -658,7 +658,7 @@ def test_a_second_writer_waits_for_the_first_and_says_so(existing):
     import threading
     import time
 
-    from dyninfer.core.artifacts import artifact_lock
+    from dyninfer.core.artifact_files import artifact_lock
 
     waited, saved = [], threading.Event()
     with artifact_lock(existing):  # another process's swap, as far as the lock goes
