@@ -20,7 +20,7 @@ from pathlib import Path
 
 from dyninfer.core.artifact_files import artifact_exists
 from dyninfer.core.artifacts import Artifact
-from dyninfer.core.models import DEFAULT_MODEL
+from dyninfer.core.choices import DEFAULT_MODEL
 from dyninfer.jobs import bench as bench_job
 from dyninfer.jobs import calibrate as calibrate_job
 from dyninfer.profilers.bench import run_bench

@@ -31,8 +31,8 @@ from scipy import stats
 
 from dyninfer.compressors.exit_policy import ExitPolicy, generation_grid, plan_exits
 from dyninfer.compressors.ltt import hoeffding_bentkus_p_value
+from dyninfer.core.choices import DEFAULT_MODEL
 from dyninfer.core.cost import count_costs
-from dyninfer.core.models import DEFAULT_MODEL
 from dyninfer.profilers.generation_risk import PromptSet, fit_sequences, full_continuations, generate_and_score
 from dyninfer.runtime.dynamic import DynamicModel
 from dyninfer.runtime.loader import open_workspace

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from dyninfer.core.data import DEFAULT_DATA, load_windows
+from dyninfer.core.choices import DEFAULT_DATA
+from dyninfer.core.data import load_windows
 from dyninfer.jobs.run import measured_agreement
 from dyninfer.profilers.speculation_cost import measure_step_costs
 from dyninfer.runtime.loader import load_dynamic

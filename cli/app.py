@@ -1,40 +1,116 @@
-"""The `dyninfer` command: one module per command, registered here."""
+"""The `dyninfer` command: one module per command, loaded only when that command is asked for.
+
+`dyninfer --help` lists the commands from the table below without importing any of them, and
+`dyninfer COMMAND --help` imports that command's module alone, which reads its options from the
+torch-free Configs (jobs/configs.py). A command imports its job (and with it torch and
+transformers) when it runs. This is click's lazy-group pattern; the imports it defers are the
+CLI's own modules and the jobs below it, so the layer contract is unchanged.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 import sys
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
-from dyninfer import __version__
-from dyninfer.cli import audit as audit_cmd
-from dyninfer.cli import bench as bench_cmd
-from dyninfer.cli import calibrate as calibrate_cmd
-from dyninfer.cli import export as export_cmd
-from dyninfer.cli import models as models_cmd
-from dyninfer.cli import probe as probe_cmd
-from dyninfer.cli import profile as profile_cmd
-from dyninfer.cli import prune as prune_cmd
-from dyninfer.cli import run as run_cmd
-from dyninfer.cli import steer as steer_cmd
-from dyninfer.cli import tune as tune_cmd
 from dyninfer.cli.output import stderr
-from dyninfer.core import distributed
+from dyninfer.core.version import __version__
+
+# name -> (module in dyninfer.cli, its command: a function or a typer.Typer, the one line `dyninfer --help`
+# shows: the first line of the module's HELP, which tests/test_cli.py holds these to).
+COMMANDS = {
+    "probe": ("probe", "probe", 'Per-layer exit accuracy: how early could each token leave the model?'),
+    "calibrate": ("calibrate", "calibrate", 'Calibrate early-exit thresholds with a statistical guarantee on what runs (CALM, Learn-then-Test).'),  # noqa: E501 (the module's own first line)
+    "prune": ("prune", "prune", 'Learn per-token MLP pruning masks and measure what they cost and save.'),
+    "steer": ("steer", "app", 'Find one direction that makes chains of thought shorter or longer, sweep its strength α, bake one α in.'),
+    "tune-exits": ("tune", "tune_exits", 'Teach the model to exit early: a short LoRA fine-tune (LayerSkip, CALM) that makes its intermediate layers predictive through its own final norm and head, while the full model stays the original.'),  # noqa: E501 (the module's own first line)
+    "export": ("export", "export", 'Export the dynamic model as an ONNX Runtime package, exits and custom exit ops included.'),
+    "run": ("run", "run", 'Generate text with the dynamic model of an artifact; each token is coloured by the layer it left at.'),
+    "bench": ("bench", "bench", "Benchmark the artifact's dynamic model against the full model in one run (batch 1, greedy)."),
+    "profile": ("profile", "profile", 'Per-layer cost on this machine: parameters, FLOPs, memory, latency, GPU power and energy.'),
+    "audit": ("audit", "audit", 'One-shot model audit: how much could early exit save, what does each layer cost, what can be certified?'),
+    "models": ("models", "models", 'The model types dyninfer is tested on, and which stages apply to each.'),
+}
 
 # The click that typer runs on (recent typer vendors its own copy): the base of its usage errors.
 ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
-class OneLineErrors(TyperGroup):
-    """Usage errors (an unknown option, a value that does not parse) as one `error:` line with a hint, exit 2."""
+def load_command(name: str):
+    """The click command `name`, built from its module (imported now)."""
+    module_name, attribute, _ = COMMANDS[name]
+    module = importlib.import_module(f"dyninfer.cli.{module_name}")
+    target = getattr(module, attribute)
+    if isinstance(target, typer.Typer):
+        command = typer.main.get_group(target)
+    else:
+        single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+        single.command(name, help=module.HELP)(target)
+        command = typer.main.get_command(single)
+    command.name = name
+    for leaf in _leaves(command):
+        leaf.callback = _in_launched_group(leaf.callback)
+    return command
+
+
+def _leaves(command):
+    if hasattr(command, "commands"):  # a group (typer runs on its own copy of click: no isinstance check)
+        return [leaf for sub in command.commands.values() for leaf in _leaves(sub)]
+    return [command]
+
+
+def _in_launched_group(callback):
+    """Run a command inside the process group a launcher (torchrun, accelerate launch) describes: joined once its
+    options parsed (never for `--help`), left when it ends; only rank 0 prints."""
+
+    @functools.wraps(callback)
+    def run(*args, **kwargs):
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return callback(*args, **kwargs)
+        from dyninfer.core import distributed  # torch.distributed: only under a launcher, when a command runs
+
+        if distributed.current().size > 1:  # a caller that joined the group itself keeps it
+            return callback(*args, **kwargs)
+        if not distributed.join().is_main:
+            _silence()
+        try:
+            return callback(*args, **kwargs)
+        finally:
+            distributed.leave()
+
+    return run
+
+
+class LazyCommands(TyperGroup):
+    """The commands of COMMANDS, each imported when it is run or its help is shown; usage errors (an unknown
+    option, a value that does not parse) as one `error:` line with a hint, exit 2."""
+
+    _listing = False  # while the top-level help lists the commands: placeholders that import nothing
+
+    def list_commands(self, ctx) -> list[str]:
+        return [*super().list_commands(ctx), *COMMANDS]
+
+    def get_command(self, ctx, name: str):
+        if name not in COMMANDS:
+            return super().get_command(ctx, name)
+        if self._listing:
+            return TyperCommand(name, help=COMMANDS[name][2])
+        return load_command(name)
+
+    def format_help(self, ctx, formatter) -> None:
+        self._listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
-        if not distributed.join().is_main:  # torchrun / accelerate launch: rank 0 alone prints
-            _silence()
         try:
             result = super().main(*args, standalone_mode=False, **kwargs)
         except ClickException as exc:
@@ -44,8 +120,6 @@ class OneLineErrors(TyperGroup):
             if message:  # empty: a group called without a command, whose help was just shown
                 stderr.print(f"[bold red]error:[/] {message}{hint}", highlight=False, markup=True)
             sys.exit(exc.exit_code)
-        finally:
-            distributed.leave()
         sys.exit(result if isinstance(result, int) else 0)
 
 
@@ -58,7 +132,7 @@ def _silence() -> None:
 
 
 app = typer.Typer(
-    cls=OneLineErrors,
+    cls=LazyCommands,
     name="dyninfer",
     help="Dynamic inference for language models: how much of the model does each token need?",
     no_args_is_help=True,
@@ -79,17 +153,3 @@ def root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
 ) -> None:
     """Exit codes: 0 success, 1 a CI gate failed, 2 bad input or error."""
-
-
-app.command("probe", help=probe_cmd.HELP)(probe_cmd.probe)
-app.command("calibrate", help=calibrate_cmd.HELP)(calibrate_cmd.calibrate)
-app.command("prune", help=prune_cmd.HELP)(prune_cmd.prune)
-app.add_typer(steer_cmd.app, name="steer", help=steer_cmd.HELP)
-app.command("tune-exits", help=tune_cmd.HELP)(tune_cmd.tune_exits)
-app.command("export", help=export_cmd.HELP)(export_cmd.export)
-app.command("run", help=run_cmd.HELP)(run_cmd.run)
-app.command("bench", help=bench_cmd.HELP)(bench_cmd.bench)
-app.command("profile", help=profile_cmd.HELP)(profile_cmd.profile)
-app.command("audit", help=audit_cmd.HELP)(audit_cmd.audit)
-app.command("models", help=models_cmd.HELP)(models_cmd.models)
-

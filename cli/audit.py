@@ -1,16 +1,20 @@
 """`dyninfer audit`: probe, profile and calibrate in one command, with a report and CI gates."""
 
+from __future__ import annotations
+
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from dyninfer.cli import options as opt
 from dyninfer.cli.output import gates_failed, handle_errors, memory_line, print_json, progress_reporter, stderr, stdout, waiting
-from dyninfer.jobs import audit as job
-from dyninfer.jobs.audit_report import markdown
+from dyninfer.jobs.configs import AuditConfig
 
-DEFAULTS = job.AuditConfig()  # the options' defaults are the library's
+if TYPE_CHECKING:  # the jobs load torch: a command imports its job when it runs (fast --help)
+    pass
+
+DEFAULTS = AuditConfig()  # the options' defaults are the library's
 
 HELP = """One-shot model audit: how much could early exit save, what does each layer cost, what can be certified?
 
@@ -94,7 +98,10 @@ def audit(
     max_memory: opt.MaxMemory = DEFAULTS.max_memory,
     as_json: opt.Json = False,
 ) -> None:
-    config = opt.config_from(job.AuditConfig, locals())
+    from dyninfer.jobs import audit as job
+    from dyninfer.jobs.audit_report import markdown
+
+    config = opt.config_from(AuditConfig, locals())
     with progress_reporter() as progress:
         report = job.run(config, out, progress, on_wait=waiting(out))
     if as_json:

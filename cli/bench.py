@@ -1,7 +1,9 @@
 """`dyninfer bench`: the dynamic model against the full model, side by side, with CI gates."""
 
+from __future__ import annotations
+
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
@@ -9,10 +11,12 @@ from rich.table import Table
 
 from dyninfer.cli import options as opt
 from dyninfer.cli.output import gates_failed, handle_errors, notes, print_json, progress_reporter, stdout
-from dyninfer.jobs import bench as job
-from dyninfer.profilers.bench import BenchResult
+from dyninfer.jobs.configs import BenchConfig
 
-DEFAULTS = job.BenchConfig()
+if TYPE_CHECKING:  # the jobs load torch: a command imports its job when it runs (fast --help)
+    from dyninfer.profilers.bench import BenchResult
+
+DEFAULTS = BenchConfig()
 
 HELP = """Benchmark the artifact's dynamic model against the full model in one run (batch 1, greedy).
 
@@ -89,7 +93,9 @@ def bench(
     max_memory: opt.MaxMemory = DEFAULTS.max_memory,
     as_json: opt.Json = False,
 ) -> None:
-    config = opt.config_from(job.BenchConfig, locals())
+    from dyninfer.jobs import bench as job
+
+    config = opt.config_from(BenchConfig, locals())
     with progress_reporter() as progress:
         report = job.run(config, artifact, progress=progress)
     if as_json:

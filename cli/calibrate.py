@@ -1,6 +1,8 @@
 """`dyninfer calibrate`: early-exit thresholds with a Learn-then-Test guarantee."""
 
-from typing import Annotated
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
@@ -8,9 +10,12 @@ from rich.table import Table
 
 from dyninfer.cli import options as opt
 from dyninfer.cli.output import check_out_dir, handle_errors, notes, print_json, progress_reporter, stderr, stdout, waiting
-from dyninfer.jobs import calibrate as job
+from dyninfer.jobs.configs import CalibrateConfig
 
-DEFAULTS = job.CalibrateConfig()
+if TYPE_CHECKING:  # the jobs load torch: a command imports its job when it runs (fast --help)
+    from dyninfer.jobs import calibrate as job
+
+DEFAULTS = CalibrateConfig()
 
 HELP = """Calibrate early-exit thresholds with a statistical guarantee on what runs (CALM, Learn-then-Test).
 
@@ -124,7 +129,9 @@ def calibrate(
     max_memory: opt.MaxMemory = DEFAULTS.max_memory,
     as_json: opt.Json = False,
 ) -> None:
-    config = opt.config_from(job.CalibrateConfig, locals())
+    from dyninfer.jobs import calibrate as job
+
+    config = opt.config_from(CalibrateConfig, locals())
     config.validate()
     check_out_dir(out)
     with progress_reporter() as progress:

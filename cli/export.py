@@ -1,14 +1,19 @@
 """`dyninfer export`: ship the calibrated dynamic model as an ONNX Runtime package."""
 
-from typing import Annotated
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from dyninfer.cli import options as opt
 from dyninfer.cli.output import handle_errors, notes, print_json, progress_reporter, stdout
-from dyninfer.jobs import export as job
+from dyninfer.jobs.configs import ExportConfig
 
-DEFAULTS = job.ExportConfig()
+if TYPE_CHECKING:  # the jobs load torch: a command imports its job when it runs (fast --help)
+    pass
+
+DEFAULTS = ExportConfig()
 
 HELP = """Export the dynamic model as an ONNX Runtime package, exits and custom exit ops included.
 
@@ -42,7 +47,9 @@ def export(
                                                                       "machine's provider.")] = DEFAULTS.verify,
     as_json: opt.Json = False,
 ) -> None:
-    config = opt.config_from(job.ExportConfig, locals())
+    from dyninfer.jobs import export as job
+
+    config = opt.config_from(ExportConfig, locals())
     with progress_reporter() as progress:
         result = job.run(config, artifact, progress=progress)
     if as_json:

@@ -1,6 +1,8 @@
 """`dyninfer probe`: per-layer early-exit audit."""
 
-from typing import Annotated
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
@@ -8,10 +10,13 @@ from rich.table import Table
 
 from dyninfer.cli import options as opt
 from dyninfer.cli.output import check_out_dir, handle_errors, memory_line, print_json, progress_reporter, sparkline, stderr, stdout, waiting
-from dyninfer.core.lenses import LENS_KINDS
-from dyninfer.jobs import probe as job
+from dyninfer.core.choices import LENS_KINDS
+from dyninfer.jobs.configs import ProbeConfig
 
-DEFAULTS = job.ProbeConfig()
+if TYPE_CHECKING:  # the jobs load torch: a command imports its job when it runs (fast --help)
+    from dyninfer.jobs import probe as job
+
+DEFAULTS = ProbeConfig()
 
 HELP = """Per-layer exit accuracy: how early could each token leave the model?
 
@@ -106,7 +111,9 @@ def probe(
     max_memory: opt.MaxMemory = DEFAULTS.max_memory,
     as_json: opt.Json = False,
 ) -> None:
-    config = opt.config_from(job.ProbeConfig, locals(), lenses=_lens_list(lenses))
+    from dyninfer.jobs import probe as job
+
+    config = opt.config_from(ProbeConfig, locals(), lenses=_lens_list(lenses))
     config.validate()
     check_out_dir(out)
     with progress_reporter() as progress:

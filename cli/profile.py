@@ -1,6 +1,8 @@
 """`dyninfer profile`: what each layer costs on this machine."""
 
-from typing import Annotated
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
@@ -8,9 +10,12 @@ from rich.table import Table
 
 from dyninfer.cli import options as opt
 from dyninfer.cli.output import check_out_dir, handle_errors, notes, print_json, progress_reporter, stderr, stdout, waiting
-from dyninfer.jobs import profile as job
+from dyninfer.jobs.configs import ProfileConfig
 
-DEFAULTS = job.ProfileConfig()
+if TYPE_CHECKING:  # the jobs load torch: a command imports its job when it runs (fast --help)
+    from dyninfer.jobs import profile as job
+
+DEFAULTS = ProfileConfig()
 
 HELP = """Per-layer cost on this machine: parameters, FLOPs, memory, latency, GPU power and energy.
 
@@ -111,7 +116,9 @@ def profile(
     max_memory: opt.MaxMemory = DEFAULTS.max_memory,
     as_json: opt.Json = False,
 ) -> None:
-    config = opt.config_from(job.ProfileConfig, locals())
+    from dyninfer.jobs import profile as job
+
+    config = opt.config_from(ProfileConfig, locals())
     config.validate()
     check_out_dir(out)
     with progress_reporter() as progress:

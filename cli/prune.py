@@ -1,6 +1,8 @@
 """`dyninfer prune`: per-token MLP pruning masks (TEAL/CATS thresholds or Deja Vu/FTWT predictors)."""
 
-from typing import Annotated
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
@@ -18,9 +20,12 @@ from dyninfer.cli.output import (
     stdout,
     waiting,
 )
-from dyninfer.jobs import prune as job
+from dyninfer.jobs.configs import PruneConfig
 
-DEFAULTS = job.PruneConfig()
+if TYPE_CHECKING:  # the jobs load torch: a command imports its job when it runs (fast --help)
+    from dyninfer.jobs import prune as job
+
+DEFAULTS = PruneConfig()
 
 HELP = """Learn per-token MLP pruning masks and measure what they cost and save.
 
@@ -108,7 +113,9 @@ def prune(
     max_memory: opt.MaxMemory = DEFAULTS.max_memory,
     as_json: opt.Json = False,
 ) -> None:
-    config = opt.config_from(job.PruneConfig, locals())
+    from dyninfer.jobs import prune as job
+
+    config = opt.config_from(PruneConfig, locals())
     config.validate()
     check_out_dir(out)
     with progress_reporter() as progress:

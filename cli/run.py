@@ -1,16 +1,21 @@
 """`dyninfer run`: generate with the dynamic model, each token coloured by its exit layer."""
 
+from __future__ import annotations
+
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.text import Text
 
 from dyninfer.cli import options as opt
 from dyninfer.cli.output import handle_errors, notes, print_json, progress_reporter, stderr, stdout
-from dyninfer.jobs import run as job
+from dyninfer.jobs.configs import RunConfig
 
-DEFAULTS = job.RunConfig()
+if TYPE_CHECKING:  # the jobs load torch: a command imports its job when it runs (fast --help)
+    pass
+
+DEFAULTS = RunConfig()
 _PALETTE = ["bright_green", "green", "yellow", "dark_orange", "red"]
 
 
@@ -61,7 +66,9 @@ def run(
     max_memory: opt.MaxMemory = DEFAULTS.max_memory,
     as_json: opt.Json = False,
 ) -> None:
-    config = opt.config_from(job.RunConfig, locals())
+    from dyninfer.jobs import run as job
+
+    config = opt.config_from(RunConfig, locals())
     with progress_reporter() as progress:
         report = job.run(config, artifact, prompt, progress=progress)
     result, layers = report.result, report.num_layers

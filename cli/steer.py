@@ -1,7 +1,9 @@
 """`dyninfer steer extract|sweep|apply`: CoT-Valve and activation steering of chain-of-thought length."""
 
+from __future__ import annotations
+
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
@@ -9,12 +11,15 @@ from rich.table import Table
 
 from dyninfer.cli import options as opt
 from dyninfer.cli.output import check_out_dir, handle_errors, notes, print_json, progress_reporter, stderr, stdout, waiting
-from dyninfer.compressors.steer_extract import BUILTIN_COT
+from dyninfer.core.choices import BUILTIN_COT
 from dyninfer.core.errors import DyninferError
-from dyninfer.jobs import steer as job
+from dyninfer.jobs.configs import ApplyConfig, ExtractConfig, SweepConfig
 
-EXTRACT = job.ExtractConfig()
-SWEEP = job.SweepConfig()
+if TYPE_CHECKING:  # the jobs load torch: a command imports its job when it runs (fast --help)
+    pass
+
+EXTRACT = ExtractConfig()
+SWEEP = SweepConfig()
 
 HELP = """Find one direction that makes chains of thought shorter or longer, sweep its strength α, bake one α in.
 
@@ -117,7 +122,9 @@ def extract(
     max_memory: opt.MaxMemory = EXTRACT.max_memory,
     as_json: opt.Json = False,
 ) -> None:
-    config = opt.config_from(job.ExtractConfig, locals())
+    from dyninfer.jobs import steer as job
+
+    config = opt.config_from(ExtractConfig, locals())
     config.validate()
     check_out_dir(out)
     with progress_reporter() as progress:
@@ -186,7 +193,9 @@ def sweep(
     max_memory: opt.MaxMemory = SWEEP.max_memory,
     as_json: opt.Json = False,
 ) -> None:
-    config = opt.config_from(job.SweepConfig, locals())
+    from dyninfer.jobs import steer as job
+
+    config = opt.config_from(SweepConfig, locals())
     config.validate()
     path = _existing_artifact(artifact)
     with progress_reporter() as progress:
@@ -208,7 +217,9 @@ def apply(
     as_json: opt.Json = False,
 ) -> None:
     path = _existing_artifact(artifact)
-    result = job.apply(job.ApplyConfig(alpha=alpha, method=method), path, waiting(path))
+    from dyninfer.jobs import steer as job
+
+    result = job.apply(ApplyConfig(alpha=alpha, method=method), path, waiting(path))
     if as_json:
         print_json(result.summary() | {"artifact": str(artifact)})
         return

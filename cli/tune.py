@@ -1,6 +1,8 @@
 """`dyninfer tune-exits`: a LoRA fine-tune that teaches the model's intermediate layers to be read as exits."""
 
-from typing import Annotated
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
@@ -18,9 +20,12 @@ from dyninfer.cli.output import (
     stdout,
     waiting,
 )
-from dyninfer.jobs import tune as job
+from dyninfer.jobs.configs import TuneConfig
 
-DEFAULTS = job.TuneConfig()
+if TYPE_CHECKING:  # the jobs load torch: a command imports its job when it runs (fast --help)
+    from dyninfer.jobs import tune as job
+
+DEFAULTS = TuneConfig()
 
 HELP = """Teach the model to exit early: a short LoRA fine-tune (LayerSkip, CALM) that makes its intermediate layers predictive through its own final norm and head, while the full model stays the original.
 
@@ -120,7 +125,9 @@ def tune_exits(
     max_memory: opt.MaxMemory = DEFAULTS.max_memory,
     as_json: opt.Json = False,
 ) -> None:
-    config = opt.config_from(job.TuneConfig, locals(), exit_layers=tuple(exit_layers or ()),
+    from dyninfer.jobs import tune as job
+
+    config = opt.config_from(TuneConfig, locals(), exit_layers=tuple(exit_layers or ()),
                              targets=tuple(targets or ()))
     config.validate()
     check_out_dir(out)

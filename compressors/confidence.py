@@ -18,12 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from dyninfer.core.choices import MEASURES
 from dyninfer.core.distributed import World
 from dyninfer.core.errors import DyninferError
-
-HEAD_MEASURES = ("softmax", "margin", "entropy")  # need the exit head's logits
-STATE_MEASURES = ("saturation", "classifier")  # read the hidden state only
-MEASURES = HEAD_MEASURES + STATE_MEASURES
 
 
 def check_measure(measure: str) -> str:

@@ -23,21 +23,12 @@ import torch
 from dyninfer.compressors import confidence as conf
 from dyninfer.compressors.ltt import LTTResult, learn_then_test, min_examples, naive_choice
 from dyninfer.core import distributed
+from dyninfer.core.choices import HEAD_MEASURES, KV_MODES, LENS_KINDS, MEASURES, RISKS, STATE_MEASURES, TEACHER_FORCED_RISKS
 from dyninfer.core.cost import CostModel
 from dyninfer.core.errors import DyninferError, is_integer, is_number
 from dyninfer.core.layered import LayeredModel
-from dyninfer.core.lenses import LENS_KINDS, local_hidden_states
+from dyninfer.core.lenses import local_hidden_states
 from dyninfer.core.progress import ProgressFn, silent
-
-# What LTT certifies. `generation`: 1 - consistency of the dynamic model's own greedy continuation of
-# a prompt with the full model's (profilers.generation_risk). The teacher-forced risks simulate exits on
-# the full model's hidden states along the text: cheaper, and optimistic for what generation ships.
-GENERATION_RISK = "generation"
-TEACHER_FORCED_RISKS = ("teacher-forced-consistency", "teacher-forced-accuracy-drop")
-RISKS = (GENERATION_RISK, *TEACHER_FORCED_RISKS)
-# How the dynamic model fills the caches of layers a token skipped: CALM state propagation, or a
-# recompute when a later token needs them.
-KV_MODES = ("propagate", "recompute")
 
 
 @dataclass
@@ -67,7 +58,7 @@ class ExitPolicy:
         missing = [k for k in ("lens", "measure", "exit_points", "threshold", "vocab_top_k") if k not in d]
         if missing:
             raise invalid(f"no {', '.join(missing)}")
-        for name, allowed in (("lens", LENS_KINDS), ("measure", conf.MEASURES), ("kv_mode", KV_MODES)):
+        for name, allowed in (("lens", LENS_KINDS), ("measure", MEASURES), ("kv_mode", KV_MODES)):
             if d.get(name, allowed[0]) not in allowed:
                 raise invalid(f"{name} {d.get(name)!r} is not one of {', '.join(allowed)}")
         points, threshold, top_k = d["exit_points"], d["threshold"], d["vocab_top_k"]
@@ -136,7 +127,7 @@ def _trace_local(lm: LayeredModel, windows: torch.Tensor, points: list[int], len
                  progress: ProgressFn | None) -> Trace:
     """`trace_exits` on this process's windows."""
     report = progress or silent
-    if measure not in conf.HEAD_MEASURES:
+    if measure not in HEAD_MEASURES:
         vocab_top_k = 0  # state measures compute no logits to prune; the exit uses the full head
     cols: dict[str, list[torch.Tensor]] = {"confidence": [], "agrees": [], "correct": [], "final": []}
     n_batches = (windows.shape[0] + batch_size - 1) // batch_size
@@ -159,7 +150,7 @@ def _trace_local(lm: LayeredModel, windows: torch.Tensor, points: list[int], len
                 top1 = logits.argmax(-1)
                 if vocab_top_k:
                     candidates = logits.topk(vocab_top_k, dim=-1).indices
-            c = conf.from_logits(measure, logits) if measure in conf.HEAD_MEASURES else None
+            c = conf.from_logits(measure, logits) if measure in HEAD_MEASURES else None
             if measure == "saturation":
                 c = conf.saturation(states[index - 1], hidden)
             elif measure == "classifier":
@@ -179,7 +170,7 @@ def _trace_local(lm: LayeredModel, windows: torch.Tensor, points: list[int], len
 
 def check_cost(costs: CostModel, measure: str, translated: bool, first: bool, vocab_top_k: int, d: int) -> float:
     """Cost of one confidence check at an exit point (in the cost model's unit)."""
-    if measure in conf.STATE_MEASURES:
+    if measure in STATE_MEASURES:
         return costs.check(measure, d)
     extra = costs.translator if translated else 0.0
     if vocab_top_k and not first:
@@ -193,7 +184,7 @@ def exit_costs(costs: CostModel, points: list[int], measure: str, translated: bo
     cumulative_layers = np.concatenate([[0.0], np.cumsum(costs.layers)])
     check = [check_cost(costs, measure, translated, r == 0, vocab_top_k, hidden_size) for r in range(len(points))]
     cumulative_checks = np.concatenate([[0.0], np.cumsum(check)])
-    exit_extra = 0.0 if measure in conf.HEAD_MEASURES else costs.norm + costs.head + (costs.translator if translated else 0.0)
+    exit_extra = 0.0 if measure in HEAD_MEASURES else costs.norm + costs.head + (costs.translator if translated else 0.0)
     full = costs.full_cost() + cumulative_checks[-1]  # a token that never exits paid every check
     return [float(costs.embed + cumulative_layers[p] + cumulative_checks[r + 1] + exit_extra)
             for r, p in enumerate(points)], float(full)

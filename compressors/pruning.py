@@ -34,6 +34,8 @@ from torch import nn
 
 from dyninfer.core import distributed
 from dyninfer.core.adapters import MlpWeights
+from dyninfer.core.choices import PRUNE_BACKENDS as BACKENDS
+from dyninfer.core.choices import PRUNE_METHODS as METHODS
 from dyninfer.core.errors import DyninferError, is_number
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.progress import ProgressFn
@@ -47,10 +49,6 @@ from dyninfer.kernels.cpu_sparse_mlp import (
 )
 from dyninfer.kernels.reference import activation, pack_gated, pack_plain, rows_axpy_reference, sparse_mlp_reference
 
-METHODS = ("threshold", "predictor")
-ALLOCATIONS = ("uniform", "greedy")
-LABELS = ("topk", "mass")
-BACKENDS = ("auto", "cpu", "triton", "reference", "masked")
 GREEDY_STEP = 0.025  # per-layer sparsity grid of the greedy allocation
 MAX_LAYER_SPARSITY = 0.95
 

@@ -22,13 +22,11 @@ import torch.nn.functional as F
 from dyninfer.compressors.cot_data import CotExample, generate_problems, load_cot_jsonl
 from dyninfer.compressors.lora import is_conv1d, lora_attached, lora_delta
 from dyninfer.compressors.steering import ActivationSteering, ValveDelta
+from dyninfer.core.choices import BUILTIN_COT
+from dyninfer.core.choices import STEER_KINDS as KINDS
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.models import LoadedModel, load_model
 from dyninfer.core.progress import ProgressFn, silent
-
-BUILTIN_COT = "builtin:arithmetic"
-KINDS = ("mean", "pca")
-
 
 # --------------------------------------------------------------------------- data and prompts
 

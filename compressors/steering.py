@@ -26,11 +26,11 @@ import torch
 from torch import nn
 
 from dyninfer.core.artifacts import Artifact
+from dyninfer.core.choices import STEER_METHODS as METHODS
 from dyninfer.core.errors import DyninferError, is_number
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.stages import STEER, STEERING_GROUP
 
-METHODS = ("activation", "valve")
 _ACTIVATION_PREFIX = "activation.layer"
 _VALVE_PREFIX = "valve."
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-CONSISTENCY_MEASURES = ("tokens", "prefix", "rougeL")
-
 
 def _as_rows(a) -> np.ndarray:
     array = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)

@@ -29,7 +29,6 @@ import torch
 
 from dyninfer.core.errors import DyninferError
 
-DEFAULT_DATA = "builtin:pydocs"
 BUILTIN_CORPORA = ("pydocs", "stdlib-code")
 SUPPORTED_FILE_TYPES = (".txt", ".jsonl", ".parquet", ".csv")
 DEFAULT_FIELD = "text"

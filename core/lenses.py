@@ -18,13 +18,11 @@ import torch
 from torch import nn
 
 from dyninfer.core import distributed
+from dyninfer.core.choices import LOGIT, TUNED
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.progress import ProgressFn, silent
 
-LOGIT = "logit"
-TUNED = "tuned"
-LENS_KINDS = (LOGIT, TUNED)
 _WEIGHT = "tuned_lens.weight"
 _BIAS = "tuned_lens.bias"
 

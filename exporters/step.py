@@ -20,8 +20,8 @@ import copy
 import torch
 from torch import nn
 
-from dyninfer.compressors.confidence import HEAD_MEASURES
 from dyninfer.compressors.exit_policy import ExitPolicy
+from dyninfer.core.choices import HEAD_MEASURES
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel
 from dyninfer.exporters import ops

@@ -16,17 +16,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dyninfer.compressors.exit_policy import GENERATION_RISK
-from dyninfer.compressors.steering import METHODS as STEER_METHODS
 from dyninfer.core import stages
 from dyninfer.core.artifact_files import MANIFEST_NAME, artifact_exists, check_output_dir
 from dyninfer.core.artifacts import Artifact
-from dyninfer.core.data import DEFAULT_DATA
-from dyninfer.core.errors import DyninferError, check_between, check_choice, check_positive, option
-from dyninfer.core.lenses import LOGIT, TUNED
+from dyninfer.core.choices import TUNED
+from dyninfer.core.errors import DyninferError, option
 from dyninfer.core.memory import peak_memory
-from dyninfer.core.models import DEFAULT_MODEL
-from dyninfer.core.placement import PlacementOptions
 from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.exporters.onnx_export import export_dynamic, preflight, provider_problem
 from dyninfer.jobs import calibrate as calibrate_job
@@ -35,15 +30,13 @@ from dyninfer.jobs import profile as profile_job
 from dyninfer.jobs import prune as prune_job
 from dyninfer.jobs import steer as steer_job
 from dyninfer.jobs.audit_report import html_page, markdown
-from dyninfer.jobs.export import PACKAGE_DIR
+from dyninfer.jobs.configs import PACKAGE_DIR, AuditConfig
 from dyninfer.jobs.plots import depth_histogram_png
 from dyninfer.profilers.exit_probe import oracle_saving
 from dyninfer.runtime.loader import ModelSession, build_dynamic
 
 # Stages other commands record that the audit report summarises when the artifact has them.
 REPORTED_STAGES = (stages.PRUNE, stages.STEER)
-# α values a steering check sweeps by default: around where each method starts to act (docs/steer.md).
-STEER_ALPHAS = {"activation": (0.25, 0.5, 1.0), "valve": (0.1, 0.2, 0.5)}
 
 
 @dataclass
@@ -53,104 +46,6 @@ class GateResult:
     value: float
     passed: bool
     measures: str
-
-
-@dataclass
-class AuditConfig(PlacementOptions):
-    model: str = DEFAULT_MODEL
-    data: str = DEFAULT_DATA
-    field: str | None = None
-    seq_len: int = 256
-    seed: int = 0
-    lens: str = TUNED  # tuned: trains (or reuses) a tuned lens; logit: training-free and faster
-    # Defaults sized so the bundled model's audit takes minutes on 2 CPU cores (docs/audit.md says how many).
-    probe_tokens: int = 1024
-    lens_train_tokens: int = 4096
-    lens_steps: int = 30
-    target: float = 0.95  # the policy the artifact keeps and the gates judge
-    # 0.99 needs at least 299 calibration prompts at epsilon 0.05 (ltt.min_examples): more than the bundled corpus
-    # offers at the default window length.
-    extra_targets: tuple[float, ...] = (0.9,)
-    epsilon: float = 0.05
-    measure: str = "classifier"
-    risk: str = GENERATION_RISK
-    prompts: int = 128
-    heldout_prompts: int = 32
-    prompt_tokens: int = 64
-    new_tokens: int = 32
-    consistency: str = "tokens"
-    fit_tokens: int = 2048
-    calibration_tokens: int = 32768
-    heldout_tokens: int = 1024
-    repeats: int = 10
-    energy_seconds: float = 3.0
-    prune: bool = False
-    prune_sparsity: float = 0.5
-    export: bool = False
-    steer: str | None = None  # activation or valve: extract a CoT-length direction and sweep it
-    steer_alphas: tuple[float, ...] = ()  # default: STEER_ALPHAS[steer]
-    steer_examples: int = 32
-    steer_questions: int = 8
-    steer_max_new_tokens: int = 128  # the sweep's own default: the bundled model's chains run past 96
-    # CI gates (None: not checked); `run` still writes the report when one fails, and the CLI exits 1.
-    min_oracle_saving: float | None = None  # the best lens's oracle FLOP saving (probe)
-    min_speedup: float | None = None  # predicted held-out speedup of the certified policy at `target`
-    min_consistency: float | None = None  # held-out token consistency of that policy
-
-    def probe_config(self) -> probe_job.ProbeConfig:
-        return probe_job.ProbeConfig(**self.placed(), model=self.model, data=self.data, field=self.field,
-                                     seq_len=self.seq_len, seed=self.seed,
-                           lenses=(LOGIT, TUNED) if self.lens == TUNED else (LOGIT,), tokens=self.probe_tokens,
-                           lens_train_tokens=self.lens_train_tokens, lens_steps=self.lens_steps)
-
-    def profile_config(self) -> profile_job.ProfileConfig:
-        return profile_job.ProfileConfig(**self.placed(), model=self.model, data=self.data, field=self.field, context=self.seq_len,
-                             repeats=self.repeats, warmup=2, energy_seconds=self.energy_seconds,
-                             seed=self.seed)
-
-    def calibrate_config(self) -> calibrate_job.CalibrateConfig:
-        return calibrate_job.CalibrateConfig(**self.placed(), model=self.model, data=self.data, field=self.field, seq_len=self.seq_len,
-                               seed=self.seed, lens=self.lens, measure=self.measure, target=self.target,
-                               epsilon=self.epsilon, fit_tokens=self.fit_tokens, risk=self.risk, prompts=self.prompts,
-                               heldout_prompts=self.heldout_prompts, prompt_tokens=self.prompt_tokens,
-                               new_tokens=self.new_tokens, consistency=self.consistency,
-                               calibration_tokens=self.calibration_tokens, heldout_tokens=self.heldout_tokens,
-                               lens_train_tokens=self.lens_train_tokens, lens_steps=self.lens_steps,
-                               extra_targets=tuple(t for t in self.extra_targets if t != self.target))
-
-    def prune_config(self) -> prune_job.PruneConfig:
-        return prune_job.PruneConfig(**self.placed(), model=self.model, data=self.data, field=self.field,
-                                     seq_len=self.seq_len, seed=self.seed,
-                           sparsity=self.prune_sparsity, heldout_tokens=self.heldout_tokens)
-
-    def extract_config(self) -> steer_job.ExtractConfig:
-        return steer_job.ExtractConfig(**self.placed(), model=self.model, method=self.steer, examples=self.steer_examples,
-                             heldout=self.steer_questions, seed=self.seed)
-
-    def alphas(self) -> list[float]:
-        return list(self.steer_alphas or STEER_ALPHAS.get(self.steer, ()))
-
-    def sweep_config(self) -> steer_job.SweepConfig:
-        return steer_job.SweepConfig(**self.placed(), method=self.steer, alphas=tuple(self.alphas()), questions=self.steer_questions,
-                                 max_new_tokens=self.steer_max_new_tokens, model=self.model)
-
-    def validate(self) -> None:
-        """Every stage's options, before any model loads."""
-        for name in ("min_oracle_saving", "min_consistency"):
-            if getattr(self, name) is not None:
-                check_between(name, getattr(self, name), 0.0, 1.0, low_open=False, high_open=False)
-        if self.min_speedup is not None:
-            check_positive("min_speedup", self.min_speedup)
-        if self.steer is not None:
-            check_choice("steer", self.steer, STEER_METHODS)
-            self.extract_config().validate()
-            self.sweep_config().validate()
-        check_choice("lens", self.lens, (LOGIT, TUNED))
-        self.probe_config().validate()
-        self.profile_config().validate()
-        self.calibrate_config().validate()
-        if self.prune:
-            self.prune_config().validate()
 
 
 @dataclass

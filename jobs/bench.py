@@ -14,55 +14,15 @@ from pathlib import Path
 
 import torch
 
-from dyninfer.compressors.exit_policy import GENERATION_RISK, KV_MODES
-from dyninfer.core.data import DEFAULT_DATA, load_windows
-from dyninfer.core.errors import DyninferError, check_at_least, check_between, check_choice, check_positive, option
-from dyninfer.core.placement import PlacementOptions
+from dyninfer.core.choices import DEFAULT_DATA, GENERATION_RISK
+from dyninfer.core.data import load_windows
+from dyninfer.core.errors import DyninferError, option
 from dyninfer.core.progress import ProgressFn
-from dyninfer.exporters.onnx_runtime import PROVIDERS, read_package
-from dyninfer.jobs.export import PACKAGE_DIR
-from dyninfer.jobs.run import BACKENDS, draft_settings, plan_note
+from dyninfer.exporters.onnx_runtime import read_package
+from dyninfer.jobs.configs import PACKAGE_DIR, BenchConfig
+from dyninfer.jobs.run import draft_settings, plan_note
 from dyninfer.profilers.bench import BenchResult, run_bench, run_onnx_bench
 from dyninfer.runtime.loader import load_dynamic
-
-
-@dataclass
-class BenchConfig(PlacementOptions):
-    data: str | None = None  # prompt source; None: the calibration's data
-    field: str | None = None
-    prompts: int = 8
-    prompt_tokens: int | None = None  # None: the calibration's (generation risk), else 64
-    new_tokens: int | None = None  # None: the calibration's (generation risk), else 64
-    seed: int = 0
-    model: str | None = None  # load the base model from here instead (same weights)
-    kv_mode: str | None = None  # override the policy's KV mode
-    # speculative mode: draft with the exit after this layer (None: planned from the artifact's measured agreement
-    # and this machine's step costs, else 70% of the depth)
-    draft_layer: int | None = None
-    draft_threshold: float = 0.5  # speculative mode: keep drafting while the draft's max probability reaches this
-    backend: str = "torch"  # torch, or onnx: the exported package against optimum's ORT model
-    package: str | None = None  # onnx backend: the exported package (None: ARTIFACT/onnx)
-    provider: str | None = None  # onnx backend: cuda or cpu (None: the package's own)
-    min_speedup: float | None = None  # gate on the gated mode's measured speedup
-    min_consistency: float | None = None  # gate on its token consistency with the baseline
-
-    def validate(self) -> None:
-        self.placement().validate()
-        for name in ("prompts", "prompt_tokens", "new_tokens"):
-            if getattr(self, name) is not None:
-                check_at_least(name, getattr(self, name), 1)
-        check_choice("backend", self.backend, BACKENDS)
-        if self.provider is not None:
-            check_choice("provider", self.provider, PROVIDERS)
-        if self.kv_mode is not None:
-            check_choice("kv_mode", self.kv_mode, KV_MODES)
-        if self.draft_layer is not None:
-            check_at_least("draft_layer", self.draft_layer, 1)
-        check_between("draft_threshold", self.draft_threshold, 0.0, 1.0, low_open=False, high_open=False)
-        if self.min_speedup is not None:
-            check_positive("min_speedup", self.min_speedup)
-        if self.min_consistency is not None:
-            check_between("min_consistency", self.min_consistency, 0.0, 1.0, low_open=False, high_open=False)
 
 
 @dataclass

@@ -7,37 +7,11 @@ swaps in the package (see `exporters.onnx_export`).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from pathlib import Path
 
-from dyninfer.compressors.exit_policy import KV_MODES
-from dyninfer.core.errors import check_choice
 from dyninfer.core.progress import ProgressFn, silent
-from dyninfer.exporters.onnx_export import DTYPES, ExportResult, export_dynamic, preflight
-from dyninfer.exporters.onnx_runtime import PROVIDERS
+from dyninfer.exporters.onnx_export import ExportResult, export_dynamic, preflight
+from dyninfer.jobs.configs import ExportConfig
 from dyninfer.runtime.loader import load_dynamic
-
-PACKAGE_DIR = "onnx"  # inside the artifact, unless `out` says otherwise
-
-
-@dataclass
-class ExportConfig:
-    out: str | None = None  # the package directory; None: ARTIFACT/onnx
-    provider: str = "cpu"  # the execution provider the package is for: cuda or cpu
-    dtype: str = "fp32"  # fp16 is for the CUDA provider
-    model: str | None = None  # load the base model from here instead (same weights)
-    kv_mode: str | None = None  # override the policy's KV mode (the graph implements propagate)
-    baseline: bool = True  # also export the plain model through optimum (for `bench` on ONNX)
-    verify: bool = True  # check the package against torch on this machine's provider
-
-    def validate(self) -> None:
-        check_choice("provider", self.provider, PROVIDERS)
-        check_choice("dtype", self.dtype, DTYPES)
-        if self.kv_mode is not None:
-            check_choice("kv_mode", self.kv_mode, KV_MODES)
-
-    def target(self, artifact: str | os.PathLike) -> Path:
-        return Path(self.out) if self.out else Path(artifact) / PACKAGE_DIR
 
 
 def run(config: ExportConfig, artifact: str | os.PathLike, progress: ProgressFn | None = None) -> ExportResult:

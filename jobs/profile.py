@@ -18,35 +18,14 @@ import torch
 
 from dyninfer.core import stages
 from dyninfer.core.artifacts import Artifact
-from dyninfer.core.data import DEFAULT_DATA
-from dyninfer.core.errors import check_at_least, check_positive
-from dyninfer.core.models import DEFAULT_MODEL
-from dyninfer.core.placement import PlacementOptions
 from dyninfer.core.progress import ProgressFn
+from dyninfer.jobs.configs import ProfileConfig
 from dyninfer.jobs.plots import profile_png
 from dyninfer.profilers.layer_profile import LayerProfile, profile_layers, workloads
 from dyninfer.profilers.nvml import GpuReport, GpuUnavailable, Nvml, measure_energy
 from dyninfer.runtime.loader import ModelSession, open_workspace
 
 REPORT_DIR = stages.PROFILE
-
-
-@dataclass
-class ProfileConfig(PlacementOptions):
-    model: str = DEFAULT_MODEL
-    data: str = DEFAULT_DATA  # where the prompt comes from (pruned models' masks depend on the text)
-    field: str | None = None
-    context: int = 256  # prompt length of the prefill; cached tokens before the decode step
-    warmup: int = 3
-    repeats: int = 20
-    energy_seconds: float = 3.0  # per energy window on a GPU
-    seed: int = 0
-
-    def validate(self) -> None:
-        self.placement().validate()
-        for name, low in (("context", 1), ("warmup", 0), ("repeats", 3)):
-            check_at_least(name, getattr(self, name), low)
-        check_positive("energy_seconds", self.energy_seconds)
 
 
 @dataclass

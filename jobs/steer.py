@@ -11,7 +11,6 @@ report folder is `steer/sweep-METHOD/` (sweep.json, sweep.png).
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,8 +20,6 @@ import gguf
 
 from dyninfer.compressors.pruning import remove_pruning
 from dyninfer.compressors.steer_extract import (
-    BUILTIN_COT,
-    KINDS,
     CotPrompter,
     activation_direction,
     chain_means,
@@ -31,60 +28,22 @@ from dyninfer.compressors.steer_extract import (
     train_valve,
     valve_between,
 )
-from dyninfer.compressors.steering import METHODS, ActivationSteering, Steering, ValveDelta, applied
+from dyninfer.compressors.steering import ActivationSteering, Steering, ValveDelta, applied
 from dyninfer.core import stages
 from dyninfer.core.artifact_files import artifact_exists
 from dyninfer.core.artifacts import Artifact, BaseModelInfo
-from dyninfer.core.errors import DyninferError, check_at_least, check_between, check_choice, option
-from dyninfer.core.models import DEFAULT_MODEL, LoadedModel
-from dyninfer.core.placement import Placement, PlacementOptions
+from dyninfer.core.choices import DEFAULT_MODEL
+from dyninfer.core.choices import STEER_METHODS as METHODS
+from dyninfer.core.errors import DyninferError, check_choice, option
+from dyninfer.core.models import LoadedModel
+from dyninfer.core.placement import Placement
 from dyninfer.core.progress import ProgressFn, silent
+from dyninfer.jobs.configs import ApplyConfig, ExtractConfig, SweepConfig
 from dyninfer.jobs.plots import steer_sweep_png
 from dyninfer.profilers.steer_sweep import SweepResult, run_sweep
 from dyninfer.runtime.loader import ModelSession
 
 GGUF_NAME = "control_vector.gguf"
-
-
-@dataclass
-class ExtractConfig(PlacementOptions):
-    model: str = DEFAULT_MODEL
-    method: str = "activation"
-    data: str = BUILTIN_COT
-    examples: int = 128  # training examples (the first `shots` of them become the prompt's worked examples)
-    heldout: int = 32
-    seed: int = 0
-    shots: int = 0
-    layers: tuple[int, ...] | None = None
-    kind: str = "mean"
-    rank: int = 8
-    steps: int = 150
-    lr: float = 2e-3
-    batch_size: int = 4
-    targets: tuple[str, ...] | None = None
-    delta_from: str | None = None
-    delta_to: str | None = None
-
-    def validate(self) -> None:
-        self.placement().validate()
-        check_choice("method", self.method, METHODS)
-        check_choice("kind", self.kind, KINDS)
-        for name, low in (("examples", 2), ("heldout", 1), ("rank", 1), ("steps", 1), ("batch_size", 1), ("shots", 0)):
-            check_at_least(name, getattr(self, name), low)
-        if self.shots >= self.examples:
-            raise DyninferError(f"{option('shots')} ({self.shots}) must be smaller than {option('examples')} "
-                                f"({self.examples})")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise DyninferError(f"{option('lr')} must be a positive number, got {self.lr}")
-        if (self.delta_from is None) != (self.delta_to is None):
-            raise DyninferError(f"{option('delta_from')} and {option('delta_to')} go together (either may be `base`)")
-        if self.delta_from is not None and self.method != "valve":
-            raise DyninferError(f"{option('delta_from')}/{option('delta_to')} make a CoT-Valve direction: use "
-                                f"{option('method')} valve")
-
-    def split_record(self) -> dict:
-        return {"data": self.data, "seed": self.seed, "examples": self.examples, "heldout": self.heldout,
-                "shots": self.shots}
 
 
 @dataclass
@@ -177,29 +136,6 @@ def save_extract(report: ExtractReport, out: str | os.PathLike, on_wait: Callabl
 
 
 @dataclass
-class SweepConfig(PlacementOptions):
-    method: str | None = None  # None: the only method the artifact holds
-    alphas: tuple[float, ...] = (-1.0, -0.5, 0.0, 0.5, 1.0)  # 0 is always swept
-    questions: int | None = None  # None: the extraction's held-out count
-    max_new_tokens: int = 128
-    batch_size: int = 16
-    keep: float = 0.9  # share of the unsteered answers a setting must keep to count as best
-    model: str | None = None  # None: the artifact's base model spec
-
-    def validate(self) -> None:
-        self.placement().validate()
-        if self.method is not None:
-            check_choice("method", self.method, METHODS)
-        check_at_least("max_new_tokens", self.max_new_tokens, 1)
-        check_at_least("batch_size", self.batch_size, 1)
-        check_between("keep", self.keep, 0.0, 1.0, high_open=False)
-        if any(not math.isfinite(a) for a in self.alphas):
-            raise DyninferError(f"{option('alphas')} must be finite numbers")
-        if self.questions is not None:
-            check_at_least("questions", self.questions, 1)
-
-
-@dataclass
 class SweepReport:
     artifact: Artifact
     result: SweepResult
@@ -278,18 +214,6 @@ def save_sweep(report: SweepReport, out: str | os.PathLike, on_wait: Callable[[]
     """Save the artifact (the sweep's summary) and its steer/sweep-METHOD/ report folder (the other
     methods' sweep folders stay)."""
     return report.artifact.save(out, reports={report.folder: report.files()}, on_wait=on_wait)
-
-
-@dataclass
-class ApplyConfig:
-    alpha: float = 0.0  # 0 is the base model, positive shortens
-    method: str | None = None  # None: the only method the artifact holds
-
-    def validate(self) -> None:
-        if not math.isfinite(self.alpha):
-            raise DyninferError(f"{option('alpha')} must be a finite number, got {self.alpha}")
-        if self.method is not None:
-            check_choice("method", self.method, METHODS)
 
 
 @dataclass

@@ -12,7 +12,6 @@ stages (probe, calibrate, prune, steer, run, bench, export) work on the tuned mo
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -21,62 +20,21 @@ from pathlib import Path
 
 import torch
 
-from dyninfer.compressors.exit_tuning import (
-    CURRICULA,
-    DEPTH_WEIGHTINGS,
-    DRAFT_VOCABULARY,
-    EXIT_TARGETS,
-    TUNING_PREFIX,
-    TuningRecord,
-    TuningSettings,
-    draft_vocabulary,
-    fingerprint,
-    tune_exits,
-)
+from dyninfer.compressors.exit_tuning import DRAFT_VOCABULARY, TUNING_PREFIX, TuningRecord, draft_vocabulary, fingerprint, tune_exits
 from dyninfer.compressors.steering import steered
 from dyninfer.core import stages
-from dyninfer.core.artifact_files import artifact_exists, check_output_dir, staged_directory
+from dyninfer.core.artifact_files import artifact_exists, staged_directory
 from dyninfer.core.artifacts import Artifact
+from dyninfer.core.choices import CURRICULA, DEPTH_WEIGHTINGS, EXIT_TARGETS, LOGIT
 from dyninfer.core.cost import count_costs
-from dyninfer.core.data import DEFAULT_DATA
-from dyninfer.core.errors import DyninferError, check_at_least, option
-from dyninfer.core.lenses import LOGIT, LogitLens
-from dyninfer.core.models import DEFAULT_MODEL
-from dyninfer.core.placement import PlacementOptions
+from dyninfer.core.errors import DyninferError, option
+from dyninfer.core.lenses import LogitLens
 from dyninfer.core.progress import ProgressFn
+from dyninfer.jobs.configs import TuneConfig
 from dyninfer.profilers.exit_probe import heldout_quality, run_probe
 from dyninfer.runtime.loader import ModelSession, lens_provenance, open_workspace
 
 __all__ = ["CURRICULA", "DEPTH_WEIGHTINGS", "EXIT_TARGETS", "TuneConfig", "TuneReport", "run", "save"]
-
-
-@dataclass
-class TuneConfig(PlacementOptions, TuningSettings):
-    """The training settings (`TuningSettings`), where the model runs, and the data and measurement."""
-
-    model: str = DEFAULT_MODEL
-    data: str = DEFAULT_DATA
-    field: str | None = None
-    seq_len: int = 256
-    heldout_tokens: int = 1024
-    draft_vocab: int = 4096  # the speculative draft head's prior candidates (most frequent train tokens); 0: none
-    merge_out: str | None = None
-
-    def settings(self) -> TuningSettings:
-        names = [f.name for f in dataclasses.fields(TuningSettings)]
-        return TuningSettings(**{name: getattr(self, name) for name in names})
-
-    def validate(self) -> None:
-        self.placement().validate()
-        self.settings().validate()
-        check_at_least("heldout_tokens", self.heldout_tokens, 1)
-        check_at_least("draft_vocab", self.draft_vocab, 0)
-        check_at_least("seq_len", self.seq_len, 2)
-        if self.merge_out is not None:
-            check_output_dir(self.merge_out)
-            if artifact_exists(self.merge_out):
-                raise DyninferError(f"{option('merge_out')} '{self.merge_out}' is a dyninfer artifact; give the merged "
-                                    "checkpoint its own directory")
 
 
 @dataclass

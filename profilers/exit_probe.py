@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from dyninfer.core import distributed
+from dyninfer.core.choices import LOGIT
 from dyninfer.core.cost import CostModel
 from dyninfer.core.distributed import World
 from dyninfer.core.layered import LayeredModel
-from dyninfer.core.lenses import LOGIT
 from dyninfer.core.progress import ProgressFn, silent
 
 ECE_BINS = 15

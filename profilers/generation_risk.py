@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from dyninfer.compressors.exit_policy import (
-    GENERATION_RISK,
     CalibrationResult,
     CurvePoint,
     ExitPlan,
@@ -39,7 +38,8 @@ from dyninfer.compressors.exit_policy import (
 )
 from dyninfer.compressors.ltt import fixed_sequence_test, min_examples
 from dyninfer.core import distributed
-from dyninfer.core.consistency import CONSISTENCY_MEASURES, all_measures, consistency
+from dyninfer.core.choices import CONSISTENCY_MEASURES, GENERATION_RISK
+from dyninfer.core.consistency import all_measures, consistency
 from dyninfer.core.cost import CostModel
 from dyninfer.core.distributed import World
 from dyninfer.core.errors import DyninferError

@@ -26,11 +26,10 @@ import torch
 
 from dyninfer.compressors import confidence as conf
 from dyninfer.compressors.exit_policy import ExitPolicy
+from dyninfer.core.choices import RUN_MODES as MODES
 from dyninfer.core.errors import DyninferError, check_between, check_positive
 from dyninfer.core.generation import GenerationResult
 from dyninfer.core.layered import LayeredModel
-
-MODES = ("full", "early-exit", "speculative")
 
 
 class DynamicModel:

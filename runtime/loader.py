@@ -16,17 +16,18 @@ import time
 from dataclasses import dataclass, field
 
 from dyninfer.compressors.confidence import ExitClassifier
-from dyninfer.compressors.exit_policy import KV_MODES, ExitPolicy
+from dyninfer.compressors.exit_policy import ExitPolicy
 from dyninfer.compressors.exit_tuning import bake_tuning, fingerprint, stored_draft_vocabulary, stored_tuning
 from dyninfer.compressors.pruning import PruningPlan, load_pruning, remove_pruning
 from dyninfer.compressors.steering import ValveDelta, applied, load_steering
 from dyninfer.core import stages
 from dyninfer.core.artifact_files import artifact_exists
 from dyninfer.core.artifacts import Artifact, BaseModelInfo
+from dyninfer.core.choices import KV_MODES, TUNED
 from dyninfer.core.data import TokenWindows, load_windows
 from dyninfer.core.errors import DyninferError, check_choice
 from dyninfer.core.layered import LayeredModel
-from dyninfer.core.lenses import TUNED, LogitLens, TunedLens, TunedLensTraining, train_tuned_lens
+from dyninfer.core.lenses import LogitLens, TunedLens, TunedLensTraining, train_tuned_lens
 from dyninfer.core.models import LoadedModel, load_model
 from dyninfer.core.placement import CPU_FLOAT32, Placement
 from dyninfer.core.progress import ProgressFn, silent

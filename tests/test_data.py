@@ -14,16 +14,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from dyninfer.core import data
-from dyninfer.core.data import (
-    BUILTIN_CORPORA,
-    DEFAULT_DATA,
-    TokenWindows,
-    load_texts,
-    load_windows,
-    make_windows,
-    sequence_start,
-    token_stream,
-)
+from dyninfer.core.choices import DEFAULT_DATA
+from dyninfer.core.data import BUILTIN_CORPORA, TokenWindows, load_texts, load_windows, make_windows, sequence_start, token_stream
 from dyninfer.core.errors import DyninferError
 
 EOS = "<eos>"

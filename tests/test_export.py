@@ -15,6 +15,7 @@ from tiny_models import ARCHS, VOCAB, tiny_model
 from dyninfer.compressors import confidence as conf
 from dyninfer.compressors.confidence import ExitClassifier
 from dyninfer.compressors.exit_policy import ExitPolicy
+from dyninfer.core.choices import HEAD_MEASURES
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens
@@ -168,7 +169,7 @@ def _run_function(name: str, inputs: dict[str, np.ndarray], n_outputs: int = 1):
     return session.run(None, inputs)[0]
 
 
-@pytest.mark.parametrize("measure", conf.HEAD_MEASURES)
+@pytest.mark.parametrize("measure", HEAD_MEASURES)
 def test_confidence_functions_equal_the_torch_measures(measure):
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(2)) * 3
     name = {"softmax": "SoftmaxConfidence", "margin": "MarginConfidence", "entropy": "EntropyConfidence"}[measure]

@@ -141,8 +141,9 @@ def test_bundled_model_steering_extracts_applies_and_writes_a_control_vector(bun
     held-out problems (not those it was extracted from), and the GGUF holds it."""
     import gguf
 
-    from dyninfer.compressors.steer_extract import BUILTIN_COT, CotPrompter, chain_means, load_cot_split
+    from dyninfer.compressors.steer_extract import CotPrompter, chain_means, load_cot_split
     from dyninfer.compressors.steering import Steering
+    from dyninfer.core.choices import BUILTIN_COT
 
     artifact = tmp_path / "steer"
     extracted = CliRunner().invoke(app, ["steer", "extract", "--examples", "9", "--heldout", "6", "--out",

@@ -9,13 +9,7 @@ from tiny_models import VOCAB, tiny_model
 from dyninfer.core.artifacts import Artifact, BaseModelInfo
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel
-from dyninfer.core.lenses import (
-    LogitLens,
-    TunedLens,
-    collect_hidden_states,
-    mean_kl_per_layer,
-    train_tuned_lens,
-)
+from dyninfer.core.lenses import LogitLens, TunedLens, collect_hidden_states, mean_kl_per_layer, train_tuned_lens
 from dyninfer.core.stages import EXITS_GROUP
 
 

@@ -10,14 +10,7 @@ from conftest import WORDS, save_tiny, word_tokenizer
 from tiny_models import ARCHS, tiny_model
 
 from dyninfer.compressors.cot_data import CotExample
-from dyninfer.compressors.steer_extract import (
-    CotPrompter,
-    activation_direction,
-    chain_means,
-    load_cot_split,
-    train_valve,
-    valve_between,
-)
+from dyninfer.compressors.steer_extract import CotPrompter, activation_direction, chain_means, load_cot_split, train_valve, valve_between
 from dyninfer.compressors.steering import ActivationSteering, bake, hooked, steered
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel

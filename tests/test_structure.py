@@ -9,11 +9,11 @@ import re
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from dyninfer.cli import audit, bench, calibrate, export, probe, profile, prune, run, steer
-from dyninfer.cli.app import app
+from dyninfer.cli.app import COMMANDS as COMMAND_TABLE
+from dyninfer.cli.app import app, load_command
 from dyninfer.jobs import audit as audit_job
 from dyninfer.jobs import bench as bench_job
 from dyninfer.jobs import calibrate as calibrate_job
@@ -36,14 +36,12 @@ COMMANDS = [  # (command function, the Config it builds)
 
 
 def _cli_flags() -> set[str]:
-    flags, groups = set(), [typer.main.get_command(app)]
-    while groups:
-        group = groups.pop()
-        for command in group.commands.values():
-            if hasattr(command, "commands"):
-                groups.append(command)
-            for param in command.params:
-                flags.update(o for o in [*param.opts, *getattr(param, "secondary_opts", [])] if o.startswith("--"))
+    flags, commands = set(), [load_command(name) for name in COMMAND_TABLE]
+    while commands:
+        command = commands.pop()
+        commands.extend(getattr(command, "commands", {}).values())
+        for param in command.params:
+            flags.update(o for o in [*param.opts, *getattr(param, "secondary_opts", [])] if o.startswith("--"))
     return flags
 
 

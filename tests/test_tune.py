@@ -13,14 +13,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from dyninfer.cli.app import app
-from dyninfer.compressors.exit_tuning import (
-    TuningSettings,
-    active_depths,
-    depth_weights,
-    layer_drop_rates,
-    layer_groups,
-    tune_exits,
-)
+from dyninfer.compressors.exit_tuning import TuningSettings, active_depths, depth_weights, layer_drop_rates, layer_groups, tune_exits
 from dyninfer.compressors.lora import lora_attached, lora_delta
 from dyninfer.compressors.steering import steered
 from dyninfer.core.artifacts import Artifact

@@ -1,0 +1,60 @@
+"""The values dyninfer's options take, declared once and importable without torch.
+
+The jobs' Configs (jobs/configs.py) validate against these, and the CLI builds its `--help`
+from those Configs without loading torch; the modules that act on a value import it from here.
+"""
+
+from __future__ import annotations
+
+# --- what to load
+DEFAULT_MODEL = "default"  # the bundled SmolLM2-135M-Instruct
+DEFAULT_DATA = "builtin:pydocs"
+BUILTIN_COT = "builtin:arithmetic"  # chain-of-thought problems for steering
+
+# --- where and how it runs (core/placement.py)
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_CHOICES = ("auto", *MODEL_DTYPES)
+
+# --- exit heads and confidence (core/lenses.py, compressors/confidence.py)
+LOGIT = "logit"
+TUNED = "tuned"
+LENS_KINDS = (LOGIT, TUNED)
+HEAD_MEASURES = ("softmax", "margin", "entropy")  # need the exit head's logits
+STATE_MEASURES = ("saturation", "classifier")  # read the hidden state only
+MEASURES = HEAD_MEASURES + STATE_MEASURES
+
+# --- what early exit certifies (compressors/exit_policy.py)
+# generation: 1 - consistency of the dynamic model's own greedy continuation of a prompt with the full
+# model's. The teacher-forced risks simulate exits on the full model's hidden states along the text:
+# cheaper, and optimistic for what generation ships.
+GENERATION_RISK = "generation"
+TEACHER_FORCED_RISKS = ("teacher-forced-consistency", "teacher-forced-accuracy-drop")
+RISKS = (GENERATION_RISK, *TEACHER_FORCED_RISKS)
+# How the dynamic model fills the caches of layers a token skipped: CALM state propagation, or a
+# recompute when a later token needs them.
+KV_MODES = ("propagate", "recompute")
+CONSISTENCY_MEASURES = ("tokens", "prefix", "rougeL")  # core/consistency.py
+# Where calibrate's per-layer costs come from. auto: the latency a `profile` measured on the artifact
+# when there is one, else FLOPs.
+COST_SOURCES = ("auto", "flops", "measured")
+
+# --- running it (runtime/dynamic.py, exporters/onnx_runtime.py)
+RUN_MODES = ("full", "early-exit", "speculative")
+RUN_BACKENDS = ("torch", "onnx")
+ONNX_PROVIDERS = ("cuda", "cpu")
+EXPORT_DTYPES = ("fp32", "fp16")
+
+# --- pruning (compressors/pruning.py)
+PRUNE_METHODS = ("threshold", "predictor")
+PRUNE_ALLOCATIONS = ("uniform", "greedy")
+PRUNE_LABELS = ("topk", "mass")
+PRUNE_BACKENDS = ("auto", "cpu", "triton", "reference", "masked")
+
+# --- steering (compressors/steering.py, compressors/steer_extract.py)
+STEER_METHODS = ("activation", "valve")
+STEER_KINDS = ("mean", "pca")
+
+# --- tune-exits (compressors/exit_tuning.py)
+CURRICULA = ("rotational", "gradual", "all")
+EXIT_TARGETS = ("teacher", "labels")
+DEPTH_WEIGHTINGS = ("quadratic", "linear", "uniform")

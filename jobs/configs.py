@@ -1,0 +1,489 @@
+"""Every command's options as a Config dataclass: the defaults, and the checks made before any work.
+
+Importable without torch (only `core.choices`, `core.errors`, `core.placement`, the artifact's file
+rules and the tuning settings), so the CLI builds each command's `--help` from these without
+loading a model library. The job modules (`jobs/probe.py`, ...) re-export their Config, and the
+audit composes the stage Configs (`AuditConfig.probe_config()`, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from dyninfer.compressors.tuning_settings import TuningSettings
+from dyninfer.core.artifact_files import artifact_exists, check_output_dir
+from dyninfer.core.choices import (
+    BUILTIN_COT,
+    CONSISTENCY_MEASURES,
+    COST_SOURCES,
+    DEFAULT_DATA,
+    DEFAULT_MODEL,
+    EXPORT_DTYPES,
+    GENERATION_RISK,
+    KV_MODES,
+    LENS_KINDS,
+    LOGIT,
+    MEASURES,
+    ONNX_PROVIDERS,
+    PRUNE_ALLOCATIONS,
+    PRUNE_BACKENDS,
+    PRUNE_LABELS,
+    PRUNE_METHODS,
+    RISKS,
+    RUN_BACKENDS,
+    RUN_MODES,
+    STEER_KINDS,
+    STEER_METHODS,
+    TUNED,
+)
+from dyninfer.core.errors import DyninferError, check_at_least, check_between, check_choice, check_positive, option
+from dyninfer.core.placement import PlacementOptions
+
+PACKAGE_DIR = "onnx"  # an export's package, inside the artifact unless `out` says otherwise
+# α values a steering check sweeps by default: around where each method starts to act (docs/steer.md).
+STEER_ALPHAS = {"activation": (0.25, 0.5, 1.0), "valve": (0.1, 0.2, 0.5)}
+
+
+@dataclass
+class ProbeConfig(PlacementOptions):
+    model: str = DEFAULT_MODEL
+    data: str = DEFAULT_DATA
+    field: str | None = None
+    lenses: tuple[str, ...] = (LOGIT,)
+    tokens: int = 2048  # held-out next-token predictions to probe
+    seq_len: int = 256
+    seed: int = 0
+    batch_size: int = 2
+    lens_train_tokens: int = 16384
+    lens_steps: int = 60
+    lens_from: str | None = None  # an artifact whose tuned lens to reuse instead of training
+    retrain_lens: bool = False  # train a new tuned lens even if the artifact has one
+    memory_budget_mib: int = 256  # full-vocabulary tensors of one token chunk (see run_probe)
+
+    def validate(self) -> None:
+        self.placement().validate()
+        unknown = [k for k in self.lenses if k not in LENS_KINDS]
+        if unknown or not self.lenses:
+            raise DyninferError(f"unknown lens {', '.join(unknown) or '(none)'}; choose from: {', '.join(LENS_KINDS)}")
+        for name, low in (("tokens", 1), ("seq_len", 2), ("batch_size", 1), ("lens_train_tokens", 1),
+                          ("lens_steps", 0), ("memory_budget_mib", 1)):
+            check_at_least(name, getattr(self, name), low)
+        if self.lens_from and TUNED not in self.lenses:
+            raise DyninferError(f"{option('lens_from')} only makes sense with {option('lenses')} tuned")
+
+
+@dataclass
+class ProfileConfig(PlacementOptions):
+    model: str = DEFAULT_MODEL
+    data: str = DEFAULT_DATA  # where the prompt comes from (pruned models' masks depend on the text)
+    field: str | None = None
+    context: int = 256  # prompt length of the prefill; cached tokens before the decode step
+    warmup: int = 3
+    repeats: int = 20
+    energy_seconds: float = 3.0  # per energy window on a GPU
+    seed: int = 0
+
+    def validate(self) -> None:
+        self.placement().validate()
+        for name, low in (("context", 1), ("warmup", 0), ("repeats", 3)):
+            check_at_least(name, getattr(self, name), low)
+        check_positive("energy_seconds", self.energy_seconds)
+
+
+@dataclass
+class CalibrateConfig(PlacementOptions):
+    model: str = DEFAULT_MODEL
+    data: str = DEFAULT_DATA
+    field: str | None = None
+    seq_len: int = 256
+    seed: int = 0
+    lens: str = TUNED
+    # CALM's learned classifier reads the hidden state: a check costs ~2d FLOPs instead of the
+    # LM head, which on small models costs more than the layers an exit can save.
+    measure: str = "classifier"
+    target: float = 0.95
+    epsilon: float = 0.05
+    # generation: certify the dynamic model's own continuations; the teacher-forced risks simulate exits.
+    risk: str = GENERATION_RISK
+    # generation risk: prompts (one per random train window), their length and the continuation length
+    prompts: int = 128
+    heldout_prompts: int = 32
+    prompt_tokens: int = 64
+    new_tokens: int = 32
+    consistency: str = "tokens"
+    batch_size: int = 32  # prompts generated together (each still exits as it would alone)
+    fit_tokens: int = 4096  # half fits the classifier, half chooses the exit points and the candidate grid
+    calibration_tokens: int = 32768  # teacher-forced risks: whole windows, LTT's examples
+    heldout_tokens: int = 4096
+    vocab_top_k: int = 0
+    min_layer: int | None = None
+    max_points: int = 8
+    kv_mode: str = "propagate"
+    lens_from: str | None = None
+    lens_train_tokens: int = 16384
+    lens_steps: int = 60
+    cost: str = "auto"
+    # More targets to calibrate on the same traces (reported; the artifact keeps `target`'s policy).
+    extra_targets: tuple[float, ...] = ()
+
+    def validate(self) -> None:
+        self.placement().validate()
+        for name, allowed in (("lens", LENS_KINDS), ("measure", MEASURES), ("risk", RISKS), ("kv_mode", KV_MODES),
+                              ("cost", COST_SOURCES), ("consistency", CONSISTENCY_MEASURES)):
+            check_choice(name, getattr(self, name), allowed)
+        for name, value in (("target", self.target), ("epsilon", self.epsilon),
+                            *(("extra_targets", t) for t in self.extra_targets)):
+            check_between(name, value, 0.0, 1.0)
+        for name, low in (("fit_tokens", 1), ("calibration_tokens", 1), ("heldout_tokens", 1), ("prompts", 1),
+                          ("heldout_prompts", 1), ("prompt_tokens", 1), ("new_tokens", 1), ("batch_size", 1),
+                          ("vocab_top_k", 0), ("max_points", 1), ("seq_len", 2)):
+            check_at_least(name, getattr(self, name), low)
+        if self.risk == GENERATION_RISK and self.prompt_tokens > self.seq_len:
+            raise DyninferError(f"{option('prompt_tokens')} {self.prompt_tokens} is longer than the windows prompts "
+                                f"are cut from ({option('seq_len')} {self.seq_len}); lower it or raise "
+                                f"{option('seq_len')}")
+
+
+@dataclass
+class PruneConfig(PlacementOptions):
+    model: str = DEFAULT_MODEL
+    data: str = DEFAULT_DATA
+    field: str | None = None
+    seq_len: int = 256
+    seed: int = 0
+    method: str = "threshold"
+    sparsity: float = 0.5
+    sweep: tuple[float, ...] = ()  # more sparsities to evaluate (reported; the artifact keeps `sparsity`)
+    allocation: str = "uniform"
+    input_sparsity: float = 0.0
+    rank: int = 64
+    label: str = "topk"
+    mass: float = 0.9
+    steps: int = 300
+    calibration_tokens: int = 4096
+    heldout_tokens: int = 4096
+    speed: bool = True
+    prompts: int = 4
+    prompt_tokens: int = 64
+    new_tokens: int = 32
+    backend: str = "auto"
+
+    def validate(self) -> None:
+        self.placement().validate()
+        for name, allowed in (("method", PRUNE_METHODS), ("allocation", PRUNE_ALLOCATIONS), ("label", PRUNE_LABELS),
+                              ("backend", PRUNE_BACKENDS)):
+            check_choice(name, getattr(self, name), allowed)
+        for name, value in (("sparsity", self.sparsity), *(("sweep", s) for s in self.sweep)):
+            check_between(name, value, 0.0, 1.0)
+        check_between("input_sparsity", self.input_sparsity, 0.0, 1.0, low_open=False)
+        if self.input_sparsity and self.method != "threshold":
+            raise DyninferError(f"{option('input_sparsity')} applies to {option('method')} threshold only")
+        if self.label == "mass":
+            check_between("mass", self.mass, 0.0, 1.0)
+        for name, low in (("rank", 1), ("steps", 1), ("calibration_tokens", 1), ("heldout_tokens", 1), ("prompts", 1),
+                          ("prompt_tokens", 1), ("new_tokens", 1), ("seq_len", 2)):
+            check_at_least(name, getattr(self, name), low)
+
+    def sparsities(self) -> list[float]:
+        return sorted({round(s, 6) for s in [self.sparsity, *self.sweep]})
+
+
+@dataclass
+class TuneConfig(PlacementOptions, TuningSettings):
+    """The training settings (`TuningSettings`), where the model runs, and the data and measurement."""
+
+    model: str = DEFAULT_MODEL
+    data: str = DEFAULT_DATA
+    field: str | None = None
+    seq_len: int = 256
+    heldout_tokens: int = 1024
+    draft_vocab: int = 4096  # the speculative draft head's prior candidates (most frequent train tokens); 0: none
+    merge_out: str | None = None
+
+    def settings(self) -> TuningSettings:
+        names = [f.name for f in dataclasses.fields(TuningSettings)]
+        return TuningSettings(**{name: getattr(self, name) for name in names})
+
+    def validate(self) -> None:
+        self.placement().validate()
+        self.settings().validate()
+        check_at_least("heldout_tokens", self.heldout_tokens, 1)
+        check_at_least("draft_vocab", self.draft_vocab, 0)
+        check_at_least("seq_len", self.seq_len, 2)
+        if self.merge_out is not None:
+            check_output_dir(self.merge_out)
+            if artifact_exists(self.merge_out):
+                raise DyninferError(f"{option('merge_out')} '{self.merge_out}' is a dyninfer artifact; give the merged "
+                                    "checkpoint its own directory")
+
+
+@dataclass
+class ExtractConfig(PlacementOptions):
+    model: str = DEFAULT_MODEL
+    method: str = "activation"
+    data: str = BUILTIN_COT
+    examples: int = 128  # training examples (the first `shots` of them become the prompt's worked examples)
+    heldout: int = 32
+    seed: int = 0
+    shots: int = 0
+    layers: tuple[int, ...] | None = None
+    kind: str = "mean"
+    rank: int = 8
+    steps: int = 150
+    lr: float = 2e-3
+    batch_size: int = 4
+    targets: tuple[str, ...] | None = None
+    delta_from: str | None = None
+    delta_to: str | None = None
+
+    def validate(self) -> None:
+        self.placement().validate()
+        check_choice("method", self.method, STEER_METHODS)
+        check_choice("kind", self.kind, STEER_KINDS)
+        for name, low in (("examples", 2), ("heldout", 1), ("rank", 1), ("steps", 1), ("batch_size", 1), ("shots", 0)):
+            check_at_least(name, getattr(self, name), low)
+        if self.shots >= self.examples:
+            raise DyninferError(f"{option('shots')} ({self.shots}) must be smaller than {option('examples')} "
+                                f"({self.examples})")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise DyninferError(f"{option('lr')} must be a positive number, got {self.lr}")
+        if (self.delta_from is None) != (self.delta_to is None):
+            raise DyninferError(f"{option('delta_from')} and {option('delta_to')} go together (either may be `base`)")
+        if self.delta_from is not None and self.method != "valve":
+            raise DyninferError(f"{option('delta_from')}/{option('delta_to')} make a CoT-Valve direction: use "
+                                f"{option('method')} valve")
+
+    def split_record(self) -> dict:
+        return {"data": self.data, "seed": self.seed, "examples": self.examples, "heldout": self.heldout,
+                "shots": self.shots}
+
+
+@dataclass
+class SweepConfig(PlacementOptions):
+    method: str | None = None  # None: the only method the artifact holds
+    alphas: tuple[float, ...] = (-1.0, -0.5, 0.0, 0.5, 1.0)  # 0 is always swept
+    questions: int | None = None  # None: the extraction's held-out count
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    keep: float = 0.9  # share of the unsteered answers a setting must keep to count as best
+    model: str | None = None  # None: the artifact's base model spec
+
+    def validate(self) -> None:
+        self.placement().validate()
+        if self.method is not None:
+            check_choice("method", self.method, STEER_METHODS)
+        check_at_least("max_new_tokens", self.max_new_tokens, 1)
+        check_at_least("batch_size", self.batch_size, 1)
+        check_between("keep", self.keep, 0.0, 1.0, high_open=False)
+        if any(not math.isfinite(a) for a in self.alphas):
+            raise DyninferError(f"{option('alphas')} must be finite numbers")
+        if self.questions is not None:
+            check_at_least("questions", self.questions, 1)
+
+
+@dataclass
+class ApplyConfig:
+    alpha: float = 0.0  # 0 is the base model, positive shortens
+    method: str | None = None  # None: the only method the artifact holds
+
+    def validate(self) -> None:
+        if not math.isfinite(self.alpha):
+            raise DyninferError(f"{option('alpha')} must be a finite number, got {self.alpha}")
+        if self.method is not None:
+            check_choice("method", self.method, STEER_METHODS)
+
+
+@dataclass
+class ExportConfig:
+    out: str | None = None  # the package directory; None: ARTIFACT/onnx
+    provider: str = "cpu"  # the execution provider the package is for: cuda or cpu
+    dtype: str = "fp32"  # fp16 is for the CUDA provider
+    model: str | None = None  # load the base model from here instead (same weights)
+    kv_mode: str | None = None  # override the policy's KV mode (the graph implements propagate)
+    baseline: bool = True  # also export the plain model through optimum (for `bench` on ONNX)
+    verify: bool = True  # check the package against torch on this machine's provider
+
+    def validate(self) -> None:
+        check_choice("provider", self.provider, ONNX_PROVIDERS)
+        check_choice("dtype", self.dtype, EXPORT_DTYPES)
+        if self.kv_mode is not None:
+            check_choice("kv_mode", self.kv_mode, KV_MODES)
+
+    def target(self, artifact: str | os.PathLike) -> Path:
+        return Path(self.out) if self.out else Path(artifact) / PACKAGE_DIR
+
+
+@dataclass
+class RunConfig(PlacementOptions):
+    mode: str = "early-exit"  # early-exit, speculative (lossless; torch backend) or full
+    backend: str = "torch"  # torch, or onnx: the package made by `export`
+    provider: str | None = None  # onnx backend: cuda or cpu (None: the package's own)
+    max_new_tokens: int = 64
+    sample: bool = False
+    temperature: float = 0.8
+    seed: int = 0
+    raw: bool = False  # do not wrap the prompt in the model's chat template
+    model: str | None = None  # load the base model from here instead (same weights)
+    kv_mode: str | None = None  # override the policy's KV mode
+    # speculative: draft with the exit after this layer (None: planned from the artifact's measured agreement and
+    # this machine's step costs, else 70% of the depth)
+    draft_layer: int | None = None
+    draft_threshold: float = 0.5  # speculative: keep drafting while the draft's max probability reaches this
+
+    def validate(self) -> None:
+        self.placement().validate()
+        check_choice("mode", self.mode, RUN_MODES)
+        check_choice("backend", self.backend, RUN_BACKENDS)
+        if self.provider is not None:
+            check_choice("provider", self.provider, ONNX_PROVIDERS)
+        if self.kv_mode is not None:
+            check_choice("kv_mode", self.kv_mode, KV_MODES)
+        check_at_least("max_new_tokens", self.max_new_tokens, 1)
+        check_positive("temperature", self.temperature)
+        check_between("draft_threshold", self.draft_threshold, 0.0, 1.0, low_open=False, high_open=False)
+        if self.draft_layer is not None:
+            check_at_least("draft_layer", self.draft_layer, 1)
+        if self.backend == "onnx" and self.mode == "speculative":
+            raise DyninferError(f"the ONNX backend runs {option('mode')} early-exit or full; speculative runs with "
+                                f"{option('backend')} torch")
+
+
+@dataclass
+class BenchConfig(PlacementOptions):
+    data: str | None = None  # prompt source; None: the calibration's data
+    field: str | None = None
+    prompts: int = 8
+    prompt_tokens: int | None = None  # None: the calibration's (generation risk), else 64
+    new_tokens: int | None = None  # None: the calibration's (generation risk), else 64
+    seed: int = 0
+    model: str | None = None  # load the base model from here instead (same weights)
+    kv_mode: str | None = None  # override the policy's KV mode
+    # speculative mode: draft with the exit after this layer (None: planned from the artifact's measured agreement
+    # and this machine's step costs, else 70% of the depth)
+    draft_layer: int | None = None
+    draft_threshold: float = 0.5  # speculative mode: keep drafting while the draft's max probability reaches this
+    backend: str = "torch"  # torch, or onnx: the exported package against optimum's ORT model
+    package: str | None = None  # onnx backend: the exported package (None: ARTIFACT/onnx)
+    provider: str | None = None  # onnx backend: cuda or cpu (None: the package's own)
+    min_speedup: float | None = None  # gate on the gated mode's measured speedup
+    min_consistency: float | None = None  # gate on its token consistency with the baseline
+
+    def validate(self) -> None:
+        self.placement().validate()
+        for name in ("prompts", "prompt_tokens", "new_tokens"):
+            if getattr(self, name) is not None:
+                check_at_least(name, getattr(self, name), 1)
+        check_choice("backend", self.backend, RUN_BACKENDS)
+        if self.provider is not None:
+            check_choice("provider", self.provider, ONNX_PROVIDERS)
+        if self.kv_mode is not None:
+            check_choice("kv_mode", self.kv_mode, KV_MODES)
+        if self.draft_layer is not None:
+            check_at_least("draft_layer", self.draft_layer, 1)
+        check_between("draft_threshold", self.draft_threshold, 0.0, 1.0, low_open=False, high_open=False)
+        if self.min_speedup is not None:
+            check_positive("min_speedup", self.min_speedup)
+        if self.min_consistency is not None:
+            check_between("min_consistency", self.min_consistency, 0.0, 1.0, low_open=False, high_open=False)
+
+
+@dataclass
+class AuditConfig(PlacementOptions):
+    model: str = DEFAULT_MODEL
+    data: str = DEFAULT_DATA
+    field: str | None = None
+    seq_len: int = 256
+    seed: int = 0
+    lens: str = TUNED  # tuned: trains (or reuses) a tuned lens; logit: training-free and faster
+    # Defaults sized so the bundled model's audit takes minutes on 2 CPU cores (docs/audit.md says how many).
+    probe_tokens: int = 1024
+    lens_train_tokens: int = 4096
+    lens_steps: int = 30
+    target: float = 0.95  # the policy the artifact keeps and the gates judge
+    # 0.99 needs at least 299 calibration prompts at epsilon 0.05 (ltt.min_examples): more than the bundled corpus
+    # offers at the default window length.
+    extra_targets: tuple[float, ...] = (0.9,)
+    epsilon: float = 0.05
+    measure: str = "classifier"
+    risk: str = GENERATION_RISK
+    prompts: int = 128
+    heldout_prompts: int = 32
+    prompt_tokens: int = 64
+    new_tokens: int = 32
+    consistency: str = "tokens"
+    fit_tokens: int = 2048
+    calibration_tokens: int = 32768
+    heldout_tokens: int = 1024
+    repeats: int = 10
+    energy_seconds: float = 3.0
+    prune: bool = False
+    prune_sparsity: float = 0.5
+    export: bool = False
+    steer: str | None = None  # activation or valve: extract a CoT-length direction and sweep it
+    steer_alphas: tuple[float, ...] = ()  # default: STEER_ALPHAS[steer]
+    steer_examples: int = 32
+    steer_questions: int = 8
+    steer_max_new_tokens: int = 128  # the sweep's own default: the bundled model's chains run past 96
+    # CI gates (None: not checked); `run` still writes the report when one fails, and the CLI exits 1.
+    min_oracle_saving: float | None = None  # the best lens's oracle FLOP saving (probe)
+    min_speedup: float | None = None  # predicted held-out speedup of the certified policy at `target`
+    min_consistency: float | None = None  # held-out token consistency of that policy
+
+    def probe_config(self) -> ProbeConfig:
+        return ProbeConfig(**self.placed(), model=self.model, data=self.data, field=self.field,
+                                     seq_len=self.seq_len, seed=self.seed,
+                           lenses=(LOGIT, TUNED) if self.lens == TUNED else (LOGIT,), tokens=self.probe_tokens,
+                           lens_train_tokens=self.lens_train_tokens, lens_steps=self.lens_steps)
+
+    def profile_config(self) -> ProfileConfig:
+        return ProfileConfig(**self.placed(), model=self.model, data=self.data, field=self.field, context=self.seq_len,
+                             repeats=self.repeats, warmup=2, energy_seconds=self.energy_seconds,
+                             seed=self.seed)
+
+    def calibrate_config(self) -> CalibrateConfig:
+        return CalibrateConfig(**self.placed(), model=self.model, data=self.data, field=self.field, seq_len=self.seq_len,
+                               seed=self.seed, lens=self.lens, measure=self.measure, target=self.target,
+                               epsilon=self.epsilon, fit_tokens=self.fit_tokens, risk=self.risk, prompts=self.prompts,
+                               heldout_prompts=self.heldout_prompts, prompt_tokens=self.prompt_tokens,
+                               new_tokens=self.new_tokens, consistency=self.consistency,
+                               calibration_tokens=self.calibration_tokens, heldout_tokens=self.heldout_tokens,
+                               lens_train_tokens=self.lens_train_tokens, lens_steps=self.lens_steps,
+                               extra_targets=tuple(t for t in self.extra_targets if t != self.target))
+
+    def prune_config(self) -> PruneConfig:
+        return PruneConfig(**self.placed(), model=self.model, data=self.data, field=self.field,
+                                     seq_len=self.seq_len, seed=self.seed,
+                           sparsity=self.prune_sparsity, heldout_tokens=self.heldout_tokens)
+
+    def extract_config(self) -> ExtractConfig:
+        return ExtractConfig(**self.placed(), model=self.model, method=self.steer, examples=self.steer_examples,
+                             heldout=self.steer_questions, seed=self.seed)
+
+    def alphas(self) -> list[float]:
+        return list(self.steer_alphas or STEER_ALPHAS.get(self.steer, ()))
+
+    def sweep_config(self) -> SweepConfig:
+        return SweepConfig(**self.placed(), method=self.steer, alphas=tuple(self.alphas()), questions=self.steer_questions,
+                                 max_new_tokens=self.steer_max_new_tokens, model=self.model)
+
+    def validate(self) -> None:
+        """Every stage's options, before any model loads."""
+        for name in ("min_oracle_saving", "min_consistency"):
+            if getattr(self, name) is not None:
+                check_between(name, getattr(self, name), 0.0, 1.0, low_open=False, high_open=False)
+        if self.min_speedup is not None:
+            check_positive("min_speedup", self.min_speedup)
+        if self.steer is not None:
+            check_choice("steer", self.steer, STEER_METHODS)
+            self.extract_config().validate()
+            self.sweep_config().validate()
+        check_choice("lens", self.lens, (LOGIT, TUNED))
+        self.probe_config().validate()
+        self.profile_config().validate()
+        self.calibrate_config().validate()
+        if self.prune:
+            self.prune_config().validate()
