@@ -31,6 +31,47 @@ def assert_one_line_error(result, *fragments):
         assert fragment in errors[0], errors[0]
 
 
+HEAVY = ("torch", "transformers", "numpy", "scipy", "pandas")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["probe", "--help"], ["steer", "extract", "--help"],
+                                  ["tune-exits", "--help"], ["audit", "--help"], ["models", "--json"]])
+def test_help_and_models_load_no_model_library(args):
+    """What keeps `--help` and `models` fast on a CI runner: none of the libraries that take seconds to import is
+    loaded (checked in a fresh interpreter, through the console entry point)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nsys.argv = ['dyninfer', *sys.argv[1:]]\nfrom dyninfer.cli import main\n"
+             "try:\n    main()\nfinally:\n    print(sorted(m for m in " + repr(HEAVY) + " if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-500:]
+
+
+def test_the_command_list_shows_each_commands_own_first_line():
+    """`dyninfer --help` lists the commands without importing them: its lines must be the modules' own."""
+    import importlib
+
+    from dyninfer.cli.app import COMMANDS
+
+    for name, (module, attribute, line) in COMMANDS.items():
+        command_module = importlib.import_module(f"dyninfer.cli.{module}")
+        assert command_module.HELP.splitlines()[0] == line, name
+        assert callable(getattr(command_module, attribute))
+    listing = invoke("--help").stdout
+    assert all(name in listing for name in COMMANDS)
+
+
+def test_the_option_vocabularies_match_what_the_code_accepts():
+    """core/choices.py holds the names the Configs check; the modules that act on them hold their own tables."""
+    from dyninfer.core import choices
+    from dyninfer.exporters import onnx_export, onnx_runtime
+
+    assert tuple(onnx_export.DTYPES) == choices.EXPORT_DTYPES
+    assert set(onnx_runtime.PROVIDERS) == set(choices.ONNX_PROVIDERS)
+
+
 def test_help_lists_probe_with_examples():
     result = invoke("--help")
     assert result.exit_code == 0 and "probe" in result.stdout
