@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from dyninfer.cli import options as opt
 from dyninfer.cli.output import gates_failed, handle_errors, memory_line, print_json, progress_reporter, stderr, stdout, waiting
 from dyninfer.jobs.configs import AuditConfig
-
-if TYPE_CHECKING:  # the jobs load torch: a command imports its job when it runs (fast --help)
-    pass
 
 DEFAULTS = AuditConfig()  # the options' defaults are the library's
 

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from dyninfer.cli import options as opt
 from dyninfer.cli.output import handle_errors, notes, print_json, progress_reporter, stdout
 from dyninfer.jobs.configs import ExportConfig
-
-if TYPE_CHECKING:  # the jobs load torch: a command imports its job when it runs (fast --help)
-    pass
 
 DEFAULTS = ExportConfig()
 

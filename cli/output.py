@@ -9,7 +9,9 @@ import sys
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -145,6 +147,25 @@ def check_out_dir(out) -> None:
     """Refuse an --out that cannot become an artifact before any long work (the save checks again)."""
     if out is not None:
         check_output_dir(out)
+
+
+def run_and_save(config, run: Callable, save: Callable, render: Callable, *, out, as_json: bool,
+                 wrote: Callable[[Path, Any], str]):
+    """How a command that writes an artifact ends: the options and `--out` checked before any work, the job run
+    with progress (extending the artifact at `out`), the artifact saved (saying what was written, `wrote(target,
+    report)`), then the summary as JSON or rendered. Returns the report."""
+    config.validate()
+    check_out_dir(out)
+    with progress_reporter() as progress:
+        report = run(config, progress=progress, existing=str(out) if out else None)
+    if out is not None:
+        target = save(report, out, waiting(out))
+        stderr.print(wrote(Path(target), report))
+    if as_json:
+        print_json(report.summary())
+    else:
+        render(report)
+    return report
 
 
 def waiting(out) -> Callable[[], None]:

@@ -9,7 +9,7 @@ from rich import box
 from rich.table import Table
 
 from dyninfer.cli import options as opt
-from dyninfer.cli.output import check_out_dir, handle_errors, memory_line, print_json, progress_reporter, sparkline, stderr, stdout, waiting
+from dyninfer.cli.output import handle_errors, memory_line, run_and_save, sparkline, stdout
 from dyninfer.core.choices import LENS_KINDS
 from dyninfer.jobs.configs import ProbeConfig
 
@@ -114,15 +114,6 @@ def probe(
     from dyninfer.jobs import probe as job
 
     config = opt.config_from(ProbeConfig, locals(), lenses=_lens_list(lenses))
-    config.validate()
-    check_out_dir(out)
-    with progress_reporter() as progress:
-        report = job.run(config, progress=progress, existing=str(out) if out else None)
-    if out is not None:
-        target = job.save(report, out, waiting(out))
-        stderr.print(f"wrote {target} (artifact) and {target / job.REPORT_DIR}/ (layers.csv, layers.parquet, "
-                     "depth.csv, summary.json, probe.png)")
-    if as_json:
-        print_json(report.summary())
-    else:
-        render(report)
+    run_and_save(config, job.run, job.save, render, out=out, as_json=as_json,
+                 wrote=lambda target, _: f"wrote {target} (artifact) and {target / job.REPORT_DIR}/ (layers.csv, "
+                                         "layers.parquet, depth.csv, summary.json, probe.png)")

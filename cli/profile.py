@@ -9,7 +9,7 @@ from rich import box
 from rich.table import Table
 
 from dyninfer.cli import options as opt
-from dyninfer.cli.output import check_out_dir, handle_errors, notes, print_json, progress_reporter, stderr, stdout, waiting
+from dyninfer.cli.output import handle_errors, notes, run_and_save, stdout
 from dyninfer.jobs.configs import ProfileConfig
 
 if TYPE_CHECKING:  # the jobs load torch: a command imports its job when it runs (fast --help)
@@ -119,14 +119,6 @@ def profile(
     from dyninfer.jobs import profile as job
 
     config = opt.config_from(ProfileConfig, locals())
-    config.validate()
-    check_out_dir(out)
-    with progress_reporter() as progress:
-        report = job.run(config, progress=progress, existing=str(out) if out else None)
-    if out is not None:
-        target = job.save(report, out, waiting(out))
-        stderr.print(f"wrote {target} (measured cost in dyninfer.json) and {target / job.REPORT_DIR}/")
-    if as_json:
-        print_json(report.summary())
-    else:
-        render(report)
+    run_and_save(config, job.run, job.save, render, out=out, as_json=as_json,
+                 wrote=lambda target, _: f"wrote {target} (measured cost in dyninfer.json) and "
+                                         f"{target / job.REPORT_DIR}/")

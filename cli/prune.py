@@ -10,15 +10,11 @@ from rich.table import Table
 
 from dyninfer.cli import options as opt
 from dyninfer.cli.output import (
-    check_out_dir,
     handle_errors,
     notes,
-    print_json,
-    progress_reporter,
+    run_and_save,
     sparkline,
-    stderr,
     stdout,
-    waiting,
 )
 from dyninfer.jobs.configs import PruneConfig
 
@@ -116,14 +112,5 @@ def prune(
     from dyninfer.jobs import prune as job
 
     config = opt.config_from(PruneConfig, locals())
-    config.validate()
-    check_out_dir(out)
-    with progress_reporter() as progress:
-        report = job.run(config, progress=progress, existing=str(out) if out else None)
-    if out is not None:
-        target_dir = job.save(report, out, waiting(out))
-        stderr.print(f"wrote {target_dir} (masks in masks.safetensors) and {target_dir / 'prune'}/")
-    if as_json:
-        print_json(report.summary())
-    else:
-        render(report)
+    run_and_save(config, job.run, job.save, render, out=out, as_json=as_json,
+                 wrote=lambda target, _: f"wrote {target} (masks in masks.safetensors) and {target / 'prune'}/")

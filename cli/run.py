@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.text import Text
@@ -11,9 +11,6 @@ from rich.text import Text
 from dyninfer.cli import options as opt
 from dyninfer.cli.output import handle_errors, notes, print_json, progress_reporter, stderr, stdout
 from dyninfer.jobs.configs import RunConfig
-
-if TYPE_CHECKING:  # the jobs load torch: a command imports its job when it runs (fast --help)
-    pass
 
 DEFAULTS = RunConfig()
 _PALETTE = ["bright_green", "green", "yellow", "dark_orange", "red"]

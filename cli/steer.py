@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich import box
@@ -14,9 +14,6 @@ from dyninfer.cli.output import check_out_dir, handle_errors, notes, print_json,
 from dyninfer.core.choices import BUILTIN_COT
 from dyninfer.core.errors import DyninferError
 from dyninfer.jobs.configs import ApplyConfig, ExtractConfig, SweepConfig
-
-if TYPE_CHECKING:  # the jobs load torch: a command imports its job when it runs (fast --help)
-    pass
 
 EXTRACT = ExtractConfig()
 SWEEP = SweepConfig()

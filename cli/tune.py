@@ -10,15 +10,11 @@ from rich.table import Table
 
 from dyninfer.cli import options as opt
 from dyninfer.cli.output import (
-    check_out_dir,
     handle_errors,
     notes,
-    print_json,
-    progress_reporter,
+    run_and_save,
     sparkline,
-    stderr,
     stdout,
-    waiting,
 )
 from dyninfer.jobs.configs import TuneConfig
 
@@ -129,14 +125,9 @@ def tune_exits(
 
     config = opt.config_from(TuneConfig, locals(), exit_layers=tuple(exit_layers or ()),
                              targets=tuple(targets or ()))
-    config.validate()
-    check_out_dir(out)
-    with progress_reporter() as progress:
-        report = job.run(config, progress=progress, existing=out)
-    target_dir = job.save(report, out, waiting(out))
+    run_and_save(config, job.run, job.save, render, out=out, as_json=as_json, wrote=_wrote)
+
+
+def _wrote(target, report) -> str:
     merged = f" and the merged checkpoint {report.merged_to}" if report.merged_to else ""
-    stderr.print(f"wrote {target_dir} (the LoRA in tuning.safetensors, report in {target_dir / 'tune'}/){merged}")
-    if as_json:
-        print_json(report.summary())
-    else:
-        render(report)
+    return f"wrote {target} (the LoRA in tuning.safetensors, report in {target / 'tune'}/){merged}"
