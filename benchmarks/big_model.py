@@ -16,6 +16,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from provenance import provenance_line
 
 
 def main() -> None:
@@ -27,6 +28,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=128_256)
     parser.add_argument("--dtype", default="bfloat16", help="the checkpoint's own dtype (what --dtype auto takes on CUDA)")
     args = parser.parse_args()
+    print(provenance_line(), flush=True)
 
     from transformers import AutoModelForCausalLM, LlamaConfig
 

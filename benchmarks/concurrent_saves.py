@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from provenance import provenance_line
 
 from dyninfer.core import artifacts
 from dyninfer.core.artifacts import Artifact, BaseModelInfo
@@ -88,6 +89,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--no-lock", action="store_true", help="disable the advisory lock (to show its effect)")
     args = parser.parse_args()
+    print(provenance_line(), flush=True)
     if args.no_lock:
         artifacts.fcntl = None
     print(f"{args.writers} writers x {args.saves} saves, {args.readers} readers, lock {'off' if args.no_lock else 'on'}")

@@ -18,6 +18,8 @@ import json
 import time
 from pathlib import Path
 
+from provenance import provenance
+
 from dyninfer.core.artifact_files import artifact_exists
 from dyninfer.core.artifacts import Artifact
 from dyninfer.core.choices import DEFAULT_MODEL
@@ -50,7 +52,9 @@ def parse() -> argparse.Namespace:
 def main() -> None:
     args = parse()
     session = ModelSession.load(args.model)
-    rows = json.loads(args.out.read_text()) if args.out.exists() else []
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+    rows = previous.get("rows", [])
+    run_provenance = [*previous.get("runs", []), provenance()]  # a resumed table lists every run that added rows
     done = {(r["kv_mode"], r["risk"], r["target"]) for r in rows}
     # The artifact holding the tuned lens (and cached continuations), shared by every row.
     base = Artifact.load(args.base) if args.base and artifact_exists(args.base) else None
@@ -74,7 +78,7 @@ def main() -> None:
                     report = calibrate_job.run(config, existing=base, session=session)
                 except Exception as exc:  # noqa: BLE001 - a row that cannot be calibrated says why
                     rows += [{"kv_mode": kv, "risk": risk, "target": target, "error": str(exc)} for kv in todo]
-                    args.out.write_text(json.dumps(rows, indent=2))
+                    args.out.write_text(json.dumps({"runs": run_provenance, "rows": rows}, indent=2))
                     continue
                 seconds = time.perf_counter() - started
                 base = report.artifact
@@ -82,7 +86,7 @@ def main() -> None:
                     calibrate_job.save(report, args.base)
                 for kv_mode in todo:
                     rows.append(row(args, session, report, kv_mode, seconds))
-                    args.out.write_text(json.dumps(rows, indent=2))
+                    args.out.write_text(json.dumps({"runs": run_provenance, "rows": rows}, indent=2))
                     print(json.dumps(rows[-1]["bench"] | {"row": [kv_mode, risk, target], "s": round(seconds)}),
                           flush=True)
 

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from provenance import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,7 +110,7 @@ def main() -> int:
             records.append(triton_tests())
             print(f"gpu-check triton-cuda-tests: {records[-1].get('error') or records[-1]['result']}", flush=True)
     failed = [r["step"] for r in records if r["rc"] != 0]
-    summary = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "passed": not failed,
+    summary = {"provenance": provenance(), "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "passed": not failed,
                "failed": failed, "seconds": round(time.perf_counter() - started, 1), "steps": records}
     Path(args.out).write_text(json.dumps(summary, indent=2))
     print(f"gpu-check: {'passed' if not failed else 'FAILED: ' + ', '.join(failed)}; wrote {args.out}")

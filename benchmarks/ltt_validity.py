@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import provenance
 from scipy import stats
 
 from dyninfer.compressors.exit_policy import ExitPolicy, generation_grid, plan_exits
@@ -149,7 +150,8 @@ def main() -> None:
     reference = full_continuations(lm, prompts, args.new_tokens, args.batch_size)
     pool = PromptSet(prompts, reference)
     setup_s = time.perf_counter() - started
-    result = {"config": vars(args) | {"cache": str(args.cache), "out": str(args.out)}, "exit_points": plan.points,
+    result = {"provenance": provenance(), "config": vars(args) | {"cache": str(args.cache), "out": str(args.out)},
+              "exit_points": plan.points,
               "thresholds": thresholds, "setup_s": setup_s, "modes": {}}
     for kv_mode in args.kv_modes.split(","):
         result["modes"][kv_mode] = validity(args, key | {"kv_mode": kv_mode}, lm, lens, plan, thresholds, pool, kv_mode)

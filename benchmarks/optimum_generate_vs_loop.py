@@ -11,6 +11,7 @@ import argparse
 import time
 
 import torch
+from provenance import provenance_line
 
 from dyninfer.exporters.baseline import load_optimum_baseline
 
@@ -21,6 +22,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
+    print(provenance_line(), flush=True)
     baseline = load_optimum_baseline(args.package, "CPUExecutionProvider")
     prompt = torch.randint(100, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
 

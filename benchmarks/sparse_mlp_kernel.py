@@ -17,6 +17,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from provenance import provenance_line
 
 from dyninfer.kernels.cpu_sparse_mlp import rows_axpy_cpu, sparse_mlp_cpu
 from dyninfer.kernels.reference import pack_gated
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
+    print(provenance_line(), flush=True)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     d, n = args.hidden, args.neurons

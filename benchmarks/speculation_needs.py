@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from provenance import provenance
+
 from dyninfer.core.choices import DEFAULT_DATA
 from dyninfer.core.data import load_windows
 from dyninfer.jobs.run import measured_agreement
@@ -42,7 +44,7 @@ def main() -> None:
         rows.append({"layer": layer, "measured_acceptance": agreement[layer],
                      "expected_speedup": expected_speedup(agreement[layer], layer, best_k, costs), "best_k": best_k,
                      "needed_for_target": min(reachable) if reachable else None})
-    print(json.dumps({"artifact": args.artifact, "source": source, "target": args.speedup, "costs": vars(costs),
+    print(json.dumps({"provenance": provenance(), "artifact": args.artifact, "source": source, "target": args.speedup, "costs": vars(costs),
                       "layers": rows}, indent=1))
 
 

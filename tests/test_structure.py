@@ -90,3 +90,11 @@ def test_usage_errors_are_one_error_line(args, fragment):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0]
     assert "--help" in lines[0]  # the hint
+
+
+def test_every_benchmark_records_where_its_numbers_come_from():
+    """Each script in benchmarks/ writes benchmarks/provenance.py's record (commit, versions, command line)."""
+    scripts = [p for p in sorted((ROOT / "benchmarks").glob("*.py")) if p.name != "provenance.py"]
+    assert len(scripts) >= 9
+    missing = [p.name for p in scripts if not re.search(r"\bprovenance(_line)?\(\)", p.read_text())]
+    assert missing == []
