@@ -22,9 +22,11 @@ install:
 demo: install
 	$(PYTHON) -m dyninfer audit --out $(DEMO_OUT)
 
-# Style and likely bugs (ruff), and the one-way layers (import-linter's contract in pyproject.toml).
+# Style and likely bugs (ruff check), formatting (ruff format), and the one-way layers (import-linter's contract
+# in pyproject.toml).
 lint:
 	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 	lint-imports
 
 test: install lint

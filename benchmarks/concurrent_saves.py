@@ -35,7 +35,7 @@ def _writer(path: str, worker: int, saves: int, errors) -> None:
         for n in range(saves):
             art = versioned_artifact(1000 * worker + n)
             art.save(path, reports={"calibrate": {"summary.json": f"{worker}-{n}".encode()}})
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+    except BaseException as exc:
         errors.put(f"writer {worker}: {type(exc).__name__}: {exc}")
 
 
@@ -46,7 +46,7 @@ def _reader(path: str, stop, errors) -> None:
             version = art.stages["calibrate"]["version"]
             if float(art.tensors["exits"]["w"][0]) != version:
                 errors.put(f"reader: tensors of version {float(art.tensors['exits']['w'][0])}, manifest {version}")
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.put(f"reader: {type(exc).__name__}: {exc}")
 
 

@@ -44,7 +44,7 @@ Examples:
     dyninfer steer extract ./my-model --method valve --data chains.jsonl --rank 16 --steps 300 --out steer/
 
     dyninfer steer extract --method valve --delta-from base --delta-to ./short-adapter --out steer/
-"""  # noqa: E501 (help paragraphs are one line each: Typer keeps line breaks)
+"""
 
 SWEEP_HELP = """For each α, answer held-out questions greedily and measure reasoning length (tokens), accuracy, agreement with the unsteered answers, and perplexity under the base model. Writes steer/sweep-METHOD/ (sweep.json, sweep.png) into the artifact.
 

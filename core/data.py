@@ -211,7 +211,7 @@ def _load_hf(spec: str, field: str) -> list[str]:
         import datasets
 
         dataset = datasets.load_dataset(name, config, split=split)
-    except Exception as exc:  # noqa: BLE001 - offline/hub/format failures all mean "cannot load"
+    except Exception as exc:
         raise DyninferError(
             f"could not load dataset '{spec}' ({type(exc).__name__}: {_short_reason(exc)}); "
             "this machine may be offline: pass a local .txt/.jsonl/.parquet/.csv file instead"

@@ -200,7 +200,7 @@ def _load_pretrained(path_or_id: str, placement: Placement, **kw):
             model.to(device)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kw)
-        except Exception as exc:  # noqa: BLE001 - transformers fails many ways on a missing tokenizer
+        except Exception as exc:
             raise DyninferError(f"could not load the tokenizer of '{path_or_id}': a model folder needs its tokenizer "
                                 "files (tokenizer.json or tokenizer_config.json and the vocabulary), as "
                                 f"tokenizer.save_pretrained writes them (transformers said: {_short(exc, 120)})") from None

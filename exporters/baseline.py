@@ -45,7 +45,7 @@ def load_optimum_baseline(package, provider: str) -> OptimumBaseline:
     try:
         model = ORTModelForCausalLM.from_pretrained(folder, provider=provider, use_cache=True,
                                                     use_io_binding=provider == "CUDAExecutionProvider")
-    except Exception as exc:  # noqa: BLE001 - optimum raises many kinds
+    except Exception as exc:
         raise DyninferError(f"optimum could not load the baseline in '{folder}': "
                             f"{' '.join(str(exc).split())[:300]}; re-run `dyninfer export`") from exc
     return OptimumBaseline(model)

@@ -182,7 +182,7 @@ def export_step_onnx(dynamic: DynamicModel, path: Path, dtype: str = "fp32") -> 
                 input_names=input_names(lm.num_layers), output_names=output_names(lm.num_layers),
                 custom_translation_table=ops.translation_table(), dynamo=True, optimize=True, verbose=False,
             )
-    except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; one line for the user
+    except Exception as exc:
         raise DyninferError(f"ONNX export does not apply to {config.model_type}: its decoding step does not trace "
                             f"({' '.join(str(exc).split())[:300]}); the other stages work") from exc
     finally:
@@ -232,7 +232,7 @@ def export_baseline(dyn: LoadedDynamic, target: Path) -> None:
     try:
         with _quiet_exporters():
             onnx_export_from_model(dyn.loaded.model, target, task="text-generation-with-past", do_validation=False)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise DyninferError(f"optimum could not export the baseline: {' '.join(str(exc).split())[:300]} "
                             "(pass `no_baseline` to skip it)") from exc
     dyn.loaded.tokenizer.save_pretrained(target)

@@ -87,7 +87,7 @@ def create_session(model, provider: str, threads: int | None = None):
         with silenced_native_stderr(enabled=len(wanted) > 1):
             session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
                                            providers=[p for p in wanted if p in available])
-    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+    except Exception as exc:
         raise DyninferError(f"ONNX Runtime could not load '{model}': {' '.join(str(exc).split())[:300]}") from None
     if wanted[0] not in available:
         return session, f"this onnxruntime build has no {wanted[0]} (install onnxruntime-gpu)"

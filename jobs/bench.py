@@ -105,7 +105,7 @@ def run(config: BenchConfig, artifact: str | os.PathLike, progress: ProgressFn |
 
 def certified_here(calibration: dict, result: BenchResult) -> dict | None:
     """The calibration's certified bound beside what the gated mode achieved here, in the same measure."""
-    if not calibration or calibration.get("policy", {}).get("threshold") is None and not calibration.get("ltt"):
+    if not calibration or (calibration.get("policy", {}).get("threshold") is None and not calibration.get("ltt")):
         return None
     generation = calibration.get("risk") == GENERATION_RISK
     measure = calibration.get("config", {}).get("consistency", "tokens") if generation else "tokens"

@@ -55,7 +55,7 @@ class _Accumulator:
     top1: list = field(default_factory=list)  # per batch: [n_index, tokens] int64
 
     def __post_init__(self):
-        z = lambda *shape: np.zeros(shape, dtype=np.float64)  # noqa: E731
+        z = lambda *shape: np.zeros(shape, dtype=np.float64)
         self.agree, self.correct, self.kl = z(self.n_index), z(self.n_index), z(self.n_index)
         self.entropy, self.max_prob = z(self.n_index), z(self.n_index)
         self.bin_count = z(self.n_index, ECE_BINS)

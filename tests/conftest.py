@@ -20,7 +20,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import VOCAB, tiny_model  # noqa: E402
+from tiny_models import VOCAB, tiny_model
 
 WORDS = [f"tok{i}" for i in range(VOCAB - 2)]
 

@@ -30,7 +30,7 @@ from dyninfer.core.artifacts import Artifact
 from dyninfer.core.errors import DyninferError
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from concurrent_saves import concurrent_saves, versioned_artifact  # noqa: E402 - the benchmark's harness
+from concurrent_saves import concurrent_saves, versioned_artifact
 
 pytestmark = pytest.mark.xdist_group("bad_input")  # one worker builds the shared workspace once
 runner = CliRunner()
@@ -601,7 +601,7 @@ def test_a_full_disk_while_writing_a_report_changes_nothing(existing, monkeypatc
         real(path, data)
 
     monkeypatch.setattr(artifacts, "write_file", full)
-    with pytest.raises(DyninferError, match="No space left on device.*nothing was changed"):
+    with pytest.raises(DyninferError, match=r"No space left on device.*nothing was changed"):
         versioned_artifact(2).save(existing, reports=_reports(2))
     assert tree_state(existing) == before and _leftovers(existing.parent) == []
 
@@ -663,7 +663,7 @@ def test_a_read_only_location_is_refused_before_any_work(tmp_path, monkeypatch):
     locked.mkdir()
     real = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == locked else real(path, mode))
-    with pytest.raises(DyninferError, match="cannot write into .*locked.* choose another output path"):
+    with pytest.raises(DyninferError, match=r"cannot write into .*locked.* choose another output path"):
         check_output_dir(locked / "new" / "art")
     check_output_dir(tmp_path / "fine")  # a writable place passes
 

@@ -374,7 +374,7 @@ def test_take_too_many_tokens(tokenizer):
         windows.take("train", available + 1)
     with pytest.raises(DyninferError, match="at least 1"):
         windows.take("train", 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"split must be .train. or .heldout."):
         windows.take("validation", 5)
 
 

@@ -20,6 +20,7 @@ from dyninfer.core import stages
 from dyninfer.core.artifacts import Artifact
 from dyninfer.core.consistency import consistency, prefix_share, rouge_l, token_share
 from dyninfer.core.cost import CostModel
+from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens
 from dyninfer.profilers import generation_risk
@@ -190,7 +191,7 @@ def test_too_few_prompts_says_how_many_are_needed():
     plan.target = 0.95
     prompts = torch.randint(0, VOCAB, (10, 8))
     few = PromptSet(prompts, full_continuations(lm, prompts, 4))
-    with pytest.raises(Exception, match="at least 59 are needed"):
+    with pytest.raises(DyninferError, match="at least 59 are needed"):
         certify_generation(lm, lens, costs, plan, few, few, _trace_points(lm, lens, prompts[:1], [1, 2]),
                            measure="saturation", epsilon=0.05)
 

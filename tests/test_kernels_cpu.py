@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("numba")
 
-from dyninfer.kernels.cpu_sparse_mlp import rows_axpy_cpu, sparse_mlp_cpu  # noqa: E402
-from dyninfer.kernels.reference import (  # noqa: E402
+from dyninfer.kernels.cpu_sparse_mlp import rows_axpy_cpu, sparse_mlp_cpu
+from dyninfer.kernels.reference import (
     ACTIVATIONS,
     activation,
     pack_gated,

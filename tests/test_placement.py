@@ -56,7 +56,7 @@ def test_auto_placement_on_a_cuda_machine(monkeypatch):
     assert auto.torch_dtype(None) == torch.float32  # a config that declares none
     assert Placement("cuda:1", "float16").torch_dtype(torch.bfloat16) == torch.float16
     Placement("cuda:1").validate()
-    with pytest.raises(DyninferError, match="sees 2 CUDA GPU.*cuda:0 to cuda:1"):
+    with pytest.raises(DyninferError, match=r"sees 2 CUDA GPU.*cuda:0 to cuda:1"):
         Placement("cuda:2").validate()
 
 

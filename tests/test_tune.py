@@ -17,6 +17,7 @@ from dyninfer.compressors.exit_tuning import TuningSettings, active_depths, dept
 from dyninfer.compressors.lora import lora_attached, lora_delta
 from dyninfer.compressors.steering import steered
 from dyninfer.core.artifacts import Artifact
+from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens
 
@@ -144,12 +145,12 @@ def test_checkpointing_computes_the_same_training():
 
 def test_refusals():
     lm = _sharp_llama(layers=3)
-    with pytest.raises(Exception, match="exit_layers` 3 is out of range"):
+    with pytest.raises(DyninferError, match="exit_layers` 3 is out of range"):
         tune_exits(lm, _windows(lm, 4), TuningSettings(exit_layers=(3,), steps=1))
-    with pytest.raises(Exception, match="steps` must be at least 1"):
+    with pytest.raises(DyninferError, match="steps` must be at least 1"):
         tune_exits(lm, _windows(lm, 4), TuningSettings(steps=0))
     mamba = LayeredModel(tiny_model("mamba"))
-    with pytest.raises(Exception, match="does not apply to mamba"):
+    with pytest.raises(DyninferError, match="does not apply to mamba"):
         tune_exits(mamba, _windows(mamba, 4), TuningSettings(steps=1))
 
 
@@ -278,7 +279,7 @@ def test_the_plan_trades_acceptance_against_cost():
     flat = plan_speculation([0.0] + [0.9] * 9 + [1.0], costs, 8, "test")
     steep = plan_speculation([0.0, 0.0, 0.05, 0.1, 0.2, 0.5, 0.9, 0.95, 0.97, 0.99, 1.0], costs, 8, "test")
     assert flat.layer == 1 and steep.layer > 4 and steep.acceptance == pytest.approx(0.9, abs=0.1)
-    with pytest.raises(Exception, match="covers 3 layers"):
+    with pytest.raises(DyninferError, match="covers 3 layers"):
         plan_speculation([0.0, 0.5, 0.9, 1.0], costs, 8, "test")
 
 
