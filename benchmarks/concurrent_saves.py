@@ -95,8 +95,7 @@ def main() -> None:
     print(f"{args.writers} writers x {args.saves} saves, {args.readers} readers, lock {'off' if args.no_lock else 'on'}")
     for number in range(args.trials):
         lost, errors = trial(args.writers, args.saves, args.readers)
-        print(f"trial {number + 1}: files lost {len(lost)} {lost}, errors {len(errors)}"
-              + (f" (first: {errors[0]})" if errors else ""))
+        print(f"trial {number + 1}: files lost {len(lost)} {lost}, errors {len(errors)}" + (f" (first: {errors[0]})" if errors else ""))
 
 
 if __name__ == "__main__":

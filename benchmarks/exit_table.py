@@ -43,8 +43,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--lens-train-tokens", type=int, default=8192)
     p.add_argument("--bench-prompts", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--base", type=Path, default=None,
-                   help="keep the artifact with the tuned lens and cached continuations here, for reruns")
+    p.add_argument(
+        "--base", type=Path, default=None, help="keep the artifact with the tuned lens and cached continuations here, for reruns"
+    )
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args()
 
@@ -69,10 +70,19 @@ def main() -> None:
                 if not todo:
                     continue
                 config = calibrate_job.CalibrateConfig(
-                    model=args.model, data=args.data, seq_len=args.seq_len, target=target, risk=risk,
-                    kv_mode=todo[0], prompts=args.prompts, heldout_prompts=args.heldout_prompts,
-                    new_tokens=args.new_tokens, calibration_tokens=args.prompts * args.seq_len,
-                    lens_train_tokens=args.lens_train_tokens, batch_size=args.batch_size)
+                    model=args.model,
+                    data=args.data,
+                    seq_len=args.seq_len,
+                    target=target,
+                    risk=risk,
+                    kv_mode=todo[0],
+                    prompts=args.prompts,
+                    heldout_prompts=args.heldout_prompts,
+                    new_tokens=args.new_tokens,
+                    calibration_tokens=args.prompts * args.seq_len,
+                    lens_train_tokens=args.lens_train_tokens,
+                    batch_size=args.batch_size,
+                )
                 started = time.perf_counter()
                 try:
                     report = calibrate_job.run(config, existing=base, session=session)
@@ -87,35 +97,48 @@ def main() -> None:
                 for kv_mode in todo:
                     rows.append(row(args, session, report, kv_mode, seconds))
                     args.out.write_text(json.dumps({"runs": run_provenance, "rows": rows}, indent=2))
-                    print(json.dumps(rows[-1]["bench"] | {"row": [kv_mode, risk, target], "s": round(seconds)}),
-                          flush=True)
+                    print(json.dumps(rows[-1]["bench"] | {"row": [kv_mode, risk, target], "s": round(seconds)}), flush=True)
 
 
 def row(args, session, report, kv_mode: str, seconds: float) -> dict:
     """One table row: the calibration's numbers and a bench of its policy in `kv_mode`."""
     result = report.result
     dyn = build_dynamic(report.artifact, session, kv_mode=kv_mode)
-    bench_config = bench_job.BenchConfig(prompts=args.bench_prompts, new_tokens=args.new_tokens,
-                                         prompt_tokens=report.config.prompt_tokens)
+    bench_config = bench_job.BenchConfig(prompts=args.bench_prompts, new_tokens=args.new_tokens, prompt_tokens=report.config.prompt_tokens)
     _, prompts, new_tokens = bench_job.bench_prompts(bench_config, dyn)
     bench = run_bench(dyn, prompts, new_tokens, modes=("early-exit",))
     early = bench.mode("early-exit")
     generated = result.generated or {}
     return {
-        "kv_mode": kv_mode, "risk": result.risk, "target": result.target, "epsilon": result.epsilon,
-        "units": result.units, "exit_points": result.policy.exit_points,
-        "threshold": result.policy.threshold, "statement": result.ltt.statement(),
+        "kv_mode": kv_mode,
+        "risk": result.risk,
+        "target": result.target,
+        "epsilon": result.epsilon,
+        "units": result.units,
+        "exit_points": result.policy.exit_points,
+        "threshold": result.policy.threshold,
+        "statement": result.ltt.statement(),
         "simulated_heldout_consistency": result.heldout["consistency"],
         "predicted_speedup_simulated": result.heldout["predicted_speedup"],
-        "calibrate_heldout_generated": {k: generated.get(k) for k in ("tokens", "prefix", "rougeL",
-                                                                      "predicted_speedup", "mean_exit_layer")},
-        "bench": {"prompts": bench.prompts, "new_tokens": bench.new_tokens,
-                  "baseline_tokens_per_s": bench.modes[0].tokens_per_s,
-                  "early_exit_tokens_per_s": early.tokens_per_s, "speedup": early.speedup,
-                  "consistency_tokens": early.consistency, "prefix": early.prefix_agreement,
-                  "rougeL": early.rouge_l, "perplexity": early.perplexity,
-                  "baseline_perplexity": bench.modes[0].perplexity, "mean_exit_layer": early.mean_exit_layer},
-        "candidates_tested": len(result.ltt.lambdas), "calibrate_s": seconds, "notes": result.notes,
+        "calibrate_heldout_generated": {
+            k: generated.get(k) for k in ("tokens", "prefix", "rougeL", "predicted_speedup", "mean_exit_layer")
+        },
+        "bench": {
+            "prompts": bench.prompts,
+            "new_tokens": bench.new_tokens,
+            "baseline_tokens_per_s": bench.modes[0].tokens_per_s,
+            "early_exit_tokens_per_s": early.tokens_per_s,
+            "speedup": early.speedup,
+            "consistency_tokens": early.consistency,
+            "prefix": early.prefix_agreement,
+            "rougeL": early.rouge_l,
+            "perplexity": early.perplexity,
+            "baseline_perplexity": bench.modes[0].perplexity,
+            "mean_exit_layer": early.mean_exit_layer,
+        },
+        "candidates_tested": len(result.ltt.lambdas),
+        "calibrate_s": seconds,
+        "notes": result.notes,
     }
 
 

@@ -38,13 +38,14 @@ def steps(work: Path) -> list[tuple[str, list[str]]]:
     cuda = ["--device", "cuda"]
     return [
         ("probe", ["probe", "--lens", "both", "--tokens", "2048", "--dtype", "bfloat16", *cuda, "--out", art]),
-        ("calibrate", ["calibrate", "--target", "0.9", "--prompts", "64", "--heldout-prompts", "16", "--dtype",
-                       "bfloat16", *cuda, "--out", art]),
+        (
+            "calibrate",
+            ["calibrate", "--target", "0.9", "--prompts", "64", "--heldout-prompts", "16", "--dtype", "bfloat16", *cuda, "--out", art],
+        ),
         ("profile", ["profile", "--energy-seconds", "2", *cuda, "--out", art]),
         ("export", ["export", art, "--provider", "cuda", "--dtype", "fp16"]),
         ("bench-onnx", ["bench", art, "--backend", "onnx", "--provider", "cuda", "--prompts", "8"]),
-        ("prune-triton", ["prune", "--sparsity", "0.5", "--sparse-backend", "triton", *cuda,
-                          "--out", str(work / "pruned")]),
+        ("prune-triton", ["prune", "--sparsity", "0.5", "--sparse-backend", "triton", *cuda, "--out", str(work / "pruned")]),
     ]
 
 
@@ -52,8 +53,12 @@ def run_step(name: str, args: list[str]) -> dict:
     command = [sys.executable, "-m", "dyninfer", *args, "--json"]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    record = {"step": name, "command": " ".join(["dyninfer", *args]), "rc": done.returncode,
-              "seconds": round(time.perf_counter() - started, 1)}
+    record = {
+        "step": name,
+        "command": " ".join(["dyninfer", *args]),
+        "rc": done.returncode,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     try:
         record["summary"] = json.loads(done.stdout)
     except json.JSONDecodeError:
@@ -68,8 +73,9 @@ def check_step(record: dict) -> str | None:
         return f"ran in {summary.get('placement')}, not cuda bfloat16"
     if record["step"] == "profile" and not (summary.get("gpu") or {}).get("available"):
         return f"no NVML readings: {(summary.get('gpu') or {}).get('reason')}"
-    if record["step"] == "bench-onnx" and not any("CUDAExecutionProvider" in n or "provider: cuda" in n.lower()
-                                                  for n in summary.get("notes", [])):
+    if record["step"] == "bench-onnx" and not any(
+        "CUDAExecutionProvider" in n or "provider: cuda" in n.lower() for n in summary.get("notes", [])
+    ):
         return "ONNX Runtime did not run on the CUDA provider"
     if record["step"] == "prune-triton" and (summary.get("speed") or {}).get("backend") != "triton":
         return f"decoded with {(summary.get('speed') or {}).get('backend')}, not triton"
@@ -78,11 +84,20 @@ def check_step(record: dict) -> str | None:
 
 def triton_tests() -> dict:
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                           "tests/test_kernels_triton.py", "-k", "on_cuda"], capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_kernels_triton.py", "-k", "on_cuda"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     tail = done.stdout.strip().splitlines()[-1:] or ["no output"]
-    record = {"step": "triton-cuda-tests", "command": "pytest tests/test_kernels_triton.py -k on_cuda",
-              "rc": done.returncode, "seconds": round(time.perf_counter() - started, 1), "result": tail[0]}
+    record = {
+        "step": "triton-cuda-tests",
+        "command": "pytest tests/test_kernels_triton.py -k on_cuda",
+        "rc": done.returncode,
+        "seconds": round(time.perf_counter() - started, 1),
+        "result": tail[0],
+    }
     if done.returncode == 0 and "skipped" in tail[0]:
         record["rc"], record["error"] = 1, "a CUDA test was skipped on a CUDA machine"
     return record
@@ -104,14 +119,22 @@ def main() -> int:
         if problem:
             record["rc"], record["error"] = 1, problem
         records.append(record)
-        print(f"gpu-check {name}: {'ok' if record['rc'] == 0 else 'FAILED: ' + record.get('error', '')} "
-              f"({record['seconds']} s)", flush=True)
+        print(
+            f"gpu-check {name}: {'ok' if record['rc'] == 0 else 'FAILED: ' + record.get('error', '')} ({record['seconds']} s)", flush=True
+        )
         if name == "profile":  # the kernels' own tests between the model steps and the pruning timing
             records.append(triton_tests())
             print(f"gpu-check triton-cuda-tests: {records[-1].get('error') or records[-1]['result']}", flush=True)
     failed = [r["step"] for r in records if r["rc"] != 0]
-    summary = {"provenance": provenance(), "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "passed": not failed,
-               "failed": failed, "seconds": round(time.perf_counter() - started, 1), "steps": records}
+    summary = {
+        "provenance": provenance(),
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "passed": not failed,
+        "failed": failed,
+        "seconds": round(time.perf_counter() - started, 1),
+        "steps": records,
+    }
     Path(args.out).write_text(json.dumps(summary, indent=2))
     print(f"gpu-check: {'passed' if not failed else 'FAILED: ' + ', '.join(failed)}; wrote {args.out}")
     return 1 if failed else 0

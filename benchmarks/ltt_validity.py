@@ -97,8 +97,11 @@ def validity(args, key: dict, lm, lens, plan, thresholds: list[float], pool: Pro
         run = generate_and_score(dynamic, pool, args.consistency, args.batch_size)
         generation_s += time.perf_counter() - t0
         losses.append(1.0 - run.scores)
-        print(f"{kv_mode} candidate {j}/{len(thresholds) - 1}: threshold {thresholds[j]:.7g}, pool consistency "
-              f"{run.scores.mean():.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(
+            f"{kv_mode} candidate {j}/{len(thresholds) - 1}: threshold {thresholds[j]:.7g}, pool consistency "
+            f"{run.scores.mean():.4f} ({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
         if cache:
             np.savez(cache, losses=np.stack(losses), key=json.dumps(key))
     states = split_states(losses, halves, delta, args.epsilon)
@@ -107,13 +110,22 @@ def validity(args, key: dict, lm, lens, plan, thresholds: list[float], pool: Pro
         test = np.setdiff1d(np.arange(args.pool), cal)
         j = state["chosen"]
         consistency = 1.0 - float(losses[j][test].mean())
-        rows.append({"chosen_index": j, "threshold": thresholds[j], "calibration_consistency":
-                     1.0 - float(losses[j][cal].mean()), "test_consistency": consistency,
-                     "violates": consistency < args.target})
+        rows.append(
+            {
+                "chosen_index": j,
+                "threshold": thresholds[j],
+                "calibration_consistency": 1.0 - float(losses[j][cal].mean()),
+                "test_consistency": consistency,
+                "violates": consistency < args.target,
+            }
+        )
     violations = sum(r["violates"] for r in rows)
     return {
-        "candidates_generated": len(losses) - 1, "pool_consistency": [1.0 - float(row.mean()) for row in losses],
-        "splits": rows, "violations": violations, "violation_rate": violations / args.splits,
+        "candidates_generated": len(losses) - 1,
+        "pool_consistency": [1.0 - float(row.mean()) for row in losses],
+        "splits": rows,
+        "violations": violations,
+        "violation_rate": violations / args.splits,
         # If each split violated with probability epsilon, this many or more would happen with this probability:
         "binomial_tail_at_epsilon": float(stats.binom.sf(violations - 1, args.splits, args.epsilon)) if violations else 1.0,
         "allowed_at_95pct": int(stats.binom.ppf(0.95, args.splits, args.epsilon)),
@@ -140,19 +152,34 @@ def main() -> None:
         raise SystemExit(f"only {pool_windows.shape[0]} windows left for the pool; lower --pool or --seq-len")
     costs = count_costs(lm, context=args.seq_len)
     sequences = fit_sequences(lm, fit, args.prompt_tokens, args.new_tokens, args.batch_size)
-    plan = plan_exits(lm, lens, costs, sequences, targets=[args.target], measure=args.measure,
-                      first=args.prompt_tokens - 1).plans[0]
+    plan = plan_exits(lm, lens, costs, sequences, targets=[args.target], measure=args.measure, first=args.prompt_tokens - 1).plans[0]
     thresholds = generation_grid(plan.fit_trace)
     prompts = pool_windows[:, : args.prompt_tokens]
-    key = dict(model=args.model, data=args.data, seq_len=args.seq_len, pool=args.pool, prompt_tokens=args.prompt_tokens,
-               new_tokens=args.new_tokens, consistency=args.consistency, measure=args.measure,
-               target=args.target, seed=args.seed, points=plan.points, thresholds=thresholds)
+    key = dict(
+        model=args.model,
+        data=args.data,
+        seq_len=args.seq_len,
+        pool=args.pool,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        consistency=args.consistency,
+        measure=args.measure,
+        target=args.target,
+        seed=args.seed,
+        points=plan.points,
+        thresholds=thresholds,
+    )
     reference = full_continuations(lm, prompts, args.new_tokens, args.batch_size)
     pool = PromptSet(prompts, reference)
     setup_s = time.perf_counter() - started
-    result = {"provenance": provenance(), "config": vars(args) | {"cache": str(args.cache), "out": str(args.out)},
-              "exit_points": plan.points,
-              "thresholds": thresholds, "setup_s": setup_s, "modes": {}}
+    result = {
+        "provenance": provenance(),
+        "config": vars(args) | {"cache": str(args.cache), "out": str(args.out)},
+        "exit_points": plan.points,
+        "thresholds": thresholds,
+        "setup_s": setup_s,
+        "modes": {},
+    }
     for kv_mode in args.kv_modes.split(","):
         result["modes"][kv_mode] = validity(args, key | {"kv_mode": kv_mode}, lm, lens, plan, thresholds, pool, kv_mode)
     result["total_s"] = time.perf_counter() - started

@@ -27,9 +27,10 @@ def main() -> None:
     prompt = torch.randint(100, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
 
     def generate(n: int) -> torch.Tensor:
-        out = baseline.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                                      min_new_tokens=n, do_sample=False, pad_token_id=0)
-        return out[:, prompt.shape[1]:]
+        out = baseline.model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+        )
+        return out[:, prompt.shape[1] :]
 
     def loop(n: int) -> torch.Tensor:
         return baseline.greedy(prompt, n)

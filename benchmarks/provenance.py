@@ -16,18 +16,30 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-PACKAGES = ("dyninfer", "torch", "transformers", "optimum-onnx", "onnxruntime-gpu", "onnx", "numpy", "scipy", "peft",
-            "accelerate", "triton", "numba")
+PACKAGES = (
+    "dyninfer",
+    "torch",
+    "transformers",
+    "optimum-onnx",
+    "onnxruntime-gpu",
+    "onnx",
+    "numpy",
+    "scipy",
+    "peft",
+    "accelerate",
+    "triton",
+    "numba",
+)
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _commit() -> str:
     """HEAD's hash, with `+dirty` when the work tree has uncommitted changes; `unknown` outside a git checkout."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")

@@ -56,13 +56,14 @@ def main() -> None:
         for sparsity in args.sparsity:
             active = torch.randperm(n)[: round(n * (1 - sparsity))].sort().values
             values = h[active]
-            dense = median_ms(lambda: [F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), dn) for g, u, dn in weights],
-                              args.rounds)
+            dense = median_ms(lambda: [F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), dn) for g, u, dn in weights], args.rounds)
             fused = median_ms(lambda: [sparse_mlp_cpu(x, p, active, "silu") for p in packed], args.rounds)
             dense_down = median_ms(lambda: [F.linear(h, w[2]) for w in weights], args.rounds)
             sparse_down = median_ms(lambda: [rows_axpy_cpu(r, active, values) for r in down_rows], args.rounds)
-            print(f"sparsity {sparsity:.0%}: MLP dense {dense:.2f} vs fused sparse {fused:.2f} ({dense / fused:.2f}x); "
-                  f"down projection dense {dense_down:.2f} vs rows GEMV {sparse_down:.2f} ({dense_down / sparse_down:.2f}x)")
+            print(
+                f"sparsity {sparsity:.0%}: MLP dense {dense:.2f} vs fused sparse {fused:.2f} ({dense / fused:.2f}x); "
+                f"down projection dense {dense_down:.2f} vs rows GEMV {sparse_down:.2f} ({dense_down / sparse_down:.2f}x)"
+            )
 
 
 if __name__ == "__main__":

@@ -41,11 +41,28 @@ def main() -> None:
         best_k = max(range(1, args.max_draft + 1), key=lambda k: expected_speedup(agreement[layer], layer, k, costs))
         needs = {k: needed_acceptance(layer, k, costs, args.speedup) for k in range(1, args.max_draft + 1)}
         reachable = [v for v in needs.values() if v is not None]
-        rows.append({"layer": layer, "measured_acceptance": agreement[layer],
-                     "expected_speedup": expected_speedup(agreement[layer], layer, best_k, costs), "best_k": best_k,
-                     "needed_for_target": min(reachable) if reachable else None})
-    print(json.dumps({"provenance": provenance(), "artifact": args.artifact, "source": source, "target": args.speedup, "costs": vars(costs),
-                      "layers": rows}, indent=1))
+        rows.append(
+            {
+                "layer": layer,
+                "measured_acceptance": agreement[layer],
+                "expected_speedup": expected_speedup(agreement[layer], layer, best_k, costs),
+                "best_k": best_k,
+                "needed_for_target": min(reachable) if reachable else None,
+            }
+        )
+    print(
+        json.dumps(
+            {
+                "provenance": provenance(),
+                "artifact": args.artifact,
+                "source": source,
+                "target": args.speedup,
+                "costs": vars(costs),
+                "layers": rows,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -19,14 +19,21 @@ from pathlib import Path
 
 from provenance import provenance
 
-COMMANDS = (["--help"], ["--version"], ["probe", "--help"], ["calibrate", "--help"], ["audit", "--help"],
-            ["steer", "extract", "--help"], ["models"], ["models", "--json"])
+COMMANDS = (
+    ["--help"],
+    ["--version"],
+    ["probe", "--help"],
+    ["calibrate", "--help"],
+    ["audit", "--help"],
+    ["steer", "extract", "--help"],
+    ["models"],
+    ["models", "--json"],
+)
 
 
 def wall_clock(args: list[str]) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "dyninfer", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   check=True)
+    subprocess.run([sys.executable, "-m", "dyninfer", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
     return time.perf_counter() - start
 
 
@@ -38,10 +45,10 @@ def main() -> None:
     rows = []
     for command in COMMANDS:
         times = [wall_clock(command) for _ in range(args.repeats)]
-        rows.append({"command": "dyninfer " + " ".join(command), "best_s": round(min(times), 3),
-                     "median_s": round(statistics.median(times), 3)})
-        print(f"{rows[-1]['command']:32s} best {rows[-1]['best_s']:.2f} s, median {rows[-1]['median_s']:.2f} s",
-              flush=True)
+        rows.append(
+            {"command": "dyninfer " + " ".join(command), "best_s": round(min(times), 3), "median_s": round(statistics.median(times), 3)}
+        )
+        print(f"{rows[-1]['command']:32s} best {rows[-1]['best_s']:.2f} s, median {rows[-1]['median_s']:.2f} s", flush=True)
     result = {"provenance": provenance(), "repeats": args.repeats, "commands": rows}
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

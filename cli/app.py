@@ -23,17 +23,25 @@ from dyninfer.core.version import __version__
 # name -> (module in dyninfer.cli, its command: a function or a typer.Typer, the one line `dyninfer --help`
 # shows: the first line of the module's HELP, which tests/test_cli.py holds these to).
 COMMANDS = {
-    "probe": ("probe", "probe", 'Per-layer exit accuracy: how early could each token leave the model?'),
-    "calibrate": ("calibrate", "calibrate", 'Calibrate early-exit thresholds with a statistical guarantee on what runs (CALM, Learn-then-Test).'),  # noqa: E501 (the module's own first line)
-    "prune": ("prune", "prune", 'Learn per-token MLP pruning masks and measure what they cost and save.'),
-    "steer": ("steer", "app", 'Find one direction that makes chains of thought shorter or longer, sweep its strength α, bake one α in.'),
-    "tune-exits": ("tune", "tune_exits", 'Teach the model to exit early: a short LoRA fine-tune (LayerSkip, CALM) that makes its intermediate layers predictive through its own final norm and head, while the full model stays the original.'),  # noqa: E501 (the module's own first line)
-    "export": ("export", "export", 'Export the dynamic model as an ONNX Runtime package, exits and custom exit ops included.'),
-    "run": ("run", "run", 'Generate text with the dynamic model of an artifact; each token is coloured by the layer it left at.'),
+    "probe": ("probe", "probe", "Per-layer exit accuracy: how early could each token leave the model?"),
+    "calibrate": (
+        "calibrate",
+        "calibrate",
+        "Calibrate early-exit thresholds with a statistical guarantee on what runs (CALM, Learn-then-Test).",
+    ),
+    "prune": ("prune", "prune", "Learn per-token MLP pruning masks and measure what they cost and save."),
+    "steer": ("steer", "app", "Find one direction that makes chains of thought shorter or longer, sweep its strength α, bake one α in."),
+    "tune-exits": (
+        "tune",
+        "tune_exits",
+        "Teach the model to exit early: a short LoRA fine-tune (LayerSkip, CALM); the full model stays the original.",
+    ),
+    "export": ("export", "export", "Export the dynamic model as an ONNX Runtime package, exits and custom exit ops included."),
+    "run": ("run", "run", "Generate text with the dynamic model of an artifact; each token is coloured by the layer it left at."),
     "bench": ("bench", "bench", "Benchmark the artifact's dynamic model against the full model in one run (batch 1, greedy)."),
-    "profile": ("profile", "profile", 'Per-layer cost on this machine: parameters, FLOPs, memory, latency, GPU power and energy.'),
-    "audit": ("audit", "audit", 'One-shot model audit: how much could early exit save, what does each layer cost, what can be certified?'),
-    "models": ("models", "models", 'The model types dyninfer is tested on, and which stages apply to each.'),
+    "profile": ("profile", "profile", "Per-layer cost on this machine: parameters, FLOPs, memory, latency, GPU power and energy."),
+    "audit": ("audit", "audit", "One-shot model audit: how much could early exit save, what does each layer cost, what can be certified?"),
+    "models": ("models", "models", "The model types dyninfer is tested on, and which stages apply to each."),
 }
 
 # The click that typer runs on (recent typer vendors its own copy): the base of its usage errors.

@@ -36,19 +36,26 @@ def audit(
     model: opt.Model = DEFAULTS.model,
     data: opt.Data = DEFAULTS.data,
     field: opt.TextField = DEFAULTS.field,
-    lens: Annotated[str, typer.Option("--lens", "-l", help="tuned (trains a tuned lens, or reuses the artifact's; the "
-                                                           "logit lens is reported too) or logit (training-free, "
-                                                           "faster).")] = DEFAULTS.lens,
-    probe_tokens: Annotated[int, typer.Option("--tokens", "-n", help="Held-out tokens the probe reads.")]
-    = DEFAULTS.probe_tokens,
-    target: Annotated[float, typer.Option("--target", "-t", help="Consistency target of the policy the artifact keeps "
-                                                                 "and the gates judge.")] = DEFAULTS.target,
-    extra_targets: Annotated[opt.Numbers, typer.Option("--targets", parser=opt.floats, metavar="X,Y",
-                                                       help="More targets to calibrate and report (comma-separated; "
-                                                            "empty for none).")] = DEFAULTS.extra_targets,
+    lens: Annotated[
+        str,
+        typer.Option(
+            "--lens",
+            "-l",
+            help="tuned (trains a tuned lens, or reuses the artifact's; the logit lens is reported too) or logit (training-free, faster).",
+        ),
+    ] = DEFAULTS.lens,
+    probe_tokens: Annotated[int, typer.Option("--tokens", "-n", help="Held-out tokens the probe reads.")] = DEFAULTS.probe_tokens,
+    target: Annotated[
+        float, typer.Option("--target", "-t", help="Consistency target of the policy the artifact keeps and the gates judge.")
+    ] = DEFAULTS.target,
+    extra_targets: Annotated[
+        opt.Numbers,
+        typer.Option(
+            "--targets", parser=opt.floats, metavar="X,Y", help="More targets to calibrate and report (comma-separated; empty for none)."
+        ),
+    ] = DEFAULTS.extra_targets,
     epsilon: opt.Epsilon = DEFAULTS.epsilon,
-    measure: Annotated[str, typer.Option("--measure", "-m", help="Exit confidence (see `dyninfer calibrate --help`).")]
-    = DEFAULTS.measure,
+    measure: Annotated[str, typer.Option("--measure", "-m", help="Exit confidence (see `dyninfer calibrate --help`).")] = DEFAULTS.measure,
     risk: opt.Risk = DEFAULTS.risk,
     prompts: opt.CalibrationPrompts = DEFAULTS.prompts,
     heldout_prompts: opt.HeldoutPrompts = DEFAULTS.heldout_prompts,
@@ -62,33 +69,42 @@ def audit(
     lens_steps: opt.LensSteps = DEFAULTS.lens_steps,
     repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per piece in the profile.")] = DEFAULTS.repeats,
     energy_seconds: opt.EnergySeconds = DEFAULTS.energy_seconds,
-    prune: Annotated[bool, typer.Option("--prune/--no-prune", help="Also learn threshold pruning masks (first, so the "
-                                                                   "rest audits the pruned model).")] = DEFAULTS.prune,
-    prune_sparsity: Annotated[float, typer.Option("--prune-sparsity", help="MLP sparsity for --prune.")]
-    = DEFAULTS.prune_sparsity,
-    steer: Annotated[str | None, typer.Option("--steer", help="Also extract a CoT-length direction (activation or "
-                                                                 "valve) and sweep it on built-in arithmetic "
-                                                                 "problems.")] = DEFAULTS.steer,
-    steer_alphas: Annotated[opt.Numbers, typer.Option(
-        "--steer-alphas", parser=opt.floats, metavar="A,B",
-        help="α values for --steer (default: 0.25,0.5,1 for activation, 0.1,0.2,0.5 for valve).")]
-    = DEFAULTS.steer_alphas,
-    export: Annotated[bool, typer.Option("--export/--no-export", help="Also export to ONNX Runtime and verify against "
-                                                                      "torch (minutes).")] = DEFAULTS.export,
-    min_oracle_saving: Annotated[float | None, typer.Option(
-        "--min-oracle-saving", help="Gate: the best lens's oracle FLOP saving is at least this (0-1).")]
-    = DEFAULTS.min_oracle_saving,
-    min_speedup: Annotated[float | None, typer.Option(
-        "--min-speedup", help="Gate: the certified policy's predicted held-out speedup is at least this.")]
-    = DEFAULTS.min_speedup,
-    min_consistency: Annotated[float | None, typer.Option(
-        "--min-consistency", help="Gate: the certified policy's held-out consistency is at least this (0-1).")]
-    = DEFAULTS.min_consistency,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window; also the profile's context.")]
-    = DEFAULTS.seq_len,
+    prune: Annotated[
+        bool, typer.Option("--prune/--no-prune", help="Also learn threshold pruning masks (first, so the rest audits the pruned model).")
+    ] = DEFAULTS.prune,
+    prune_sparsity: Annotated[float, typer.Option("--prune-sparsity", help="MLP sparsity for --prune.")] = DEFAULTS.prune_sparsity,
+    steer: Annotated[
+        str | None,
+        typer.Option(
+            "--steer", help="Also extract a CoT-length direction (activation or valve) and sweep it on built-in arithmetic problems."
+        ),
+    ] = DEFAULTS.steer,
+    steer_alphas: Annotated[
+        opt.Numbers,
+        typer.Option(
+            "--steer-alphas",
+            parser=opt.floats,
+            metavar="A,B",
+            help="α values for --steer (default: 0.25,0.5,1 for activation, 0.1,0.2,0.5 for valve).",
+        ),
+    ] = DEFAULTS.steer_alphas,
+    export: Annotated[
+        bool, typer.Option("--export/--no-export", help="Also export to ONNX Runtime and verify against torch (minutes).")
+    ] = DEFAULTS.export,
+    min_oracle_saving: Annotated[
+        float | None, typer.Option("--min-oracle-saving", help="Gate: the best lens's oracle FLOP saving is at least this (0-1).")
+    ] = DEFAULTS.min_oracle_saving,
+    min_speedup: Annotated[
+        float | None, typer.Option("--min-speedup", help="Gate: the certified policy's predicted held-out speedup is at least this.")
+    ] = DEFAULTS.min_speedup,
+    min_consistency: Annotated[
+        float | None, typer.Option("--min-consistency", help="Gate: the certified policy's held-out consistency is at least this (0-1).")
+    ] = DEFAULTS.min_consistency,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window; also the profile's context.")] = DEFAULTS.seq_len,
     seed: opt.Seed = DEFAULTS.seed,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Report and artifact directory (extended if it is an "
-                                                          "artifact).")] = Path("audit"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report and artifact directory (extended if it is an artifact).")] = Path(
+        "audit"
+    ),
     device: opt.Device = DEFAULTS.device,
     dtype: opt.Dtype = DEFAULTS.dtype,
     device_map: opt.DeviceMap = DEFAULTS.device_map,
@@ -105,6 +121,8 @@ def audit(
         print_json(report.summary())
     else:
         stdout.print(markdown(report), markup=False, highlight=False)
-    stderr.print(f"wrote {out}/report.html, report.md, summary.json and the artifact "
-                 f"({report.timings['total_s']:.0f} s; {memory_line(report.probe.placement, report.memory)})")
+    stderr.print(
+        f"wrote {out}/report.html, report.md, summary.json and the artifact "
+        f"({report.timings['total_s']:.0f} s; {memory_line(report.probe.placement, report.memory)})"
+    )
     gates_failed([f"{g.name} ({g.value:.4g} < {g.threshold:g})" for g in report.gates if not g.passed])

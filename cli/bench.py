@@ -37,55 +37,75 @@ Examples:
 
 
 def render(result: BenchResult) -> None:
-    title = (f"{result.prompts} prompts × {result.new_tokens} new tokens, batch 1, KV of skipped layers: "
-             f"{result.kv_mode}")
+    title = f"{result.prompts} prompts × {result.new_tokens} new tokens, batch 1, KV of skipped layers: {result.kv_mode}"
     table = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left")
-    for name in ("mode", "tokens/s", "speedup", "consistency", "shared prefix", "rougeL", "perplexity",
-                 "mean exit layer", "draft acceptance"):
+    for name in (
+        "mode",
+        "tokens/s",
+        "speedup",
+        "consistency",
+        "shared prefix",
+        "rougeL",
+        "perplexity",
+        "mean exit layer",
+        "draft acceptance",
+    ):
         table.add_column(name, justify="left" if name == "mode" else "right")
     for m in result.modes:
-        table.add_row(m.mode, f"{m.tokens_per_s:.1f}", f"{m.speedup:.3f}x", f"{m.consistency:.1%}",
-                      f"{m.prefix_agreement:.1%}", f"{m.rouge_l:.1%}", f"{m.perplexity:.3g}",
-                      f"{m.mean_exit_layer:.1f}", "-" if m.acceptance is None else f"{m.acceptance:.1%}")
+        table.add_row(
+            m.mode,
+            f"{m.tokens_per_s:.1f}",
+            f"{m.speedup:.3f}x",
+            f"{m.consistency:.1%}",
+            f"{m.prefix_agreement:.1%}",
+            f"{m.rouge_l:.1%}",
+            f"{m.perplexity:.3g}",
+            f"{m.mean_exit_layer:.1f}",
+            "-" if m.acceptance is None else f"{m.acceptance:.1%}",
+        )
     stdout.print(table)
     c = result.certified
     if c and c.get("bound") is not None:
-        stdout.print(f"certified by calibrate ({c['risk']} risk): {c['measure']} consistency >= {c['bound']:g} with "
-                     f"probability >= {1 - c['epsilon']:g}; measured here ({c['mode']}): {c['measured']:.1%}")
+        stdout.print(
+            f"certified by calibrate ({c['risk']} risk): {c['measure']} consistency >= {c['bound']:g} with "
+            f"probability >= {1 - c['epsilon']:g}; measured here ({c['mode']}): {c['measured']:.1%}"
+        )
     if result.predicted_speedup:
         early = result.gated
-        stdout.print(f"{early.mode}: realized {early.speedup:.3f}x vs predicted {result.predicted_speedup:.3f}x "
-                     f"({result.predicted_unit} model) = {early.speedup / result.predicted_speedup:.2f}")
+        stdout.print(
+            f"{early.mode}: realized {early.speedup:.3f}x vs predicted {result.predicted_speedup:.3f}x "
+            f"({result.predicted_unit} model) = {early.speedup / result.predicted_speedup:.2f}"
+        )
     notes(result.notes)
 
 
 @handle_errors
 def bench(
     artifact: opt.ArtifactDir,
-    data: Annotated[str | None, typer.Option("--data", "-d", help="Prompt source (default: the calibration's data).")]
-    = DEFAULTS.data,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="Prompt source (default: the calibration's data).")] = DEFAULTS.data,
     field: opt.TextField = DEFAULTS.field,
     prompts: opt.Prompts = DEFAULTS.prompts,
-    prompt_tokens: Annotated[int | None, typer.Option("--prompt-tokens", help="Tokens per prompt (default: the "
-                                                                              "calibration's, else 64).")]
-    = DEFAULTS.prompt_tokens,
-    new_tokens: Annotated[int | None, typer.Option("--new-tokens", help="Tokens generated per prompt (default: the "
-                                                                        "calibration's, else 64).")]
-    = DEFAULTS.new_tokens,
+    prompt_tokens: Annotated[
+        int | None, typer.Option("--prompt-tokens", help="Tokens per prompt (default: the calibration's, else 64).")
+    ] = DEFAULTS.prompt_tokens,
+    new_tokens: Annotated[
+        int | None, typer.Option("--new-tokens", help="Tokens generated per prompt (default: the calibration's, else 64).")
+    ] = DEFAULTS.new_tokens,
     seed: opt.Seed = DEFAULTS.seed,
     model: opt.ModelOverride = DEFAULTS.model,
     kv_mode: opt.KvMode = DEFAULTS.kv_mode,
     draft_layer: opt.DraftLayer = DEFAULTS.draft_layer,
     draft_threshold: opt.DraftThreshold = DEFAULTS.draft_threshold,
-    min_speedup: Annotated[float | None, typer.Option("--min-speedup", help="Gate: early-exit speedup at least this.")]
-    = DEFAULTS.min_speedup,
-    min_consistency: Annotated[float | None, typer.Option("--min-consistency", help="Gate: early-exit token "
-                                                                                    "consistency at least this.")]
-    = DEFAULTS.min_consistency,
-    backend: Annotated[str, typer.Option("--backend", help="torch, or onnx: the exported package vs optimum's ORT "
-                                                           "model.")] = DEFAULTS.backend,
-    package: Annotated[Path | None, typer.Option("--package", help="ONNX backend: the exported package (default: "
-                                                                       "ARTIFACT/onnx).")] = None,
+    min_speedup: Annotated[
+        float | None, typer.Option("--min-speedup", help="Gate: early-exit speedup at least this.")
+    ] = DEFAULTS.min_speedup,
+    min_consistency: Annotated[
+        float | None, typer.Option("--min-consistency", help="Gate: early-exit token consistency at least this.")
+    ] = DEFAULTS.min_consistency,
+    backend: Annotated[
+        str, typer.Option("--backend", help="torch, or onnx: the exported package vs optimum's ORT model.")
+    ] = DEFAULTS.backend,
+    package: Annotated[Path | None, typer.Option("--package", help="ONNX backend: the exported package (default: ARTIFACT/onnx).")] = None,
     provider: opt.Provider = DEFAULTS.provider,
     device: opt.Device = DEFAULTS.device,
     dtype: opt.Dtype = DEFAULTS.dtype,

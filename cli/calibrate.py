@@ -40,49 +40,70 @@ Examples:
 def render(report: job.CalibrateReport) -> None:
     r = report.result
     policy = r.policy
-    stdout.print(f"[bold]Calibrated early exit[/]: {report.base_model['spec']} on {report.data['spec']} "
-                 f"({policy.lens} lens, {policy.measure} confidence, risk = {r.risk})")
+    stdout.print(
+        f"[bold]Calibrated early exit[/]: {report.base_model['spec']} on {report.data['spec']} "
+        f"({policy.lens} lens, {policy.measure} confidence, risk = {r.risk})"
+    )
     stdout.print(f"exit points (after layer): {policy.exit_points or 'none'}; KV of skipped layers: {policy.kv_mode}")
     stdout.print(r.ltt.statement())
-    stdout.print(f"[dim]LTT examples: {r.units}, drawn at random from the train split of {report.data['spec']}; "
-                 "the guarantee assumes deployment text is like it.[/]")
+    stdout.print(
+        f"[dim]LTT examples: {r.units}, drawn at random from the train split of {report.data['spec']}; "
+        "the guarantee assumes deployment text is like it.[/]"
+    )
     if r.generated is not None:
         render_generated(r)
     table = Table(box=box.SIMPLE_HEAD, title="held-out split, teacher-forced simulation", title_justify="left")
-    for name in ("policy", "threshold", "consistency", "accuracy", f"predicted speedup ({report.cost_unit})",
-                 "mean exit layer"):
+    for name in ("policy", "threshold", "consistency", "accuracy", f"predicted speedup ({report.cost_unit})", "mean exit layer"):
         table.add_column(name, justify="right" if name != "policy" else "left")
     rows = [("certified (LTT)", policy.threshold, r.heldout)]
     if r.naive_heldout is not None:
         rows.append(("naive grid (no guarantee)", r.naive_threshold, r.naive_heldout))
     for name, threshold, held in rows:
-        table.add_row(name, "never exits" if threshold is None else f"{threshold:.4g}", f"{held['consistency']:.2%}",
-                      f"{held['accuracy']:.2%}", f"{held['predicted_speedup']:.3f}x", f"{held['mean_exit_layer']:.1f}")
-    table.add_row("full model", "-", "100.00%", f"{r.full_accuracy_heldout:.2%}", "1.000x",
-                  str(report.base_model["num_layers"]))
+        table.add_row(
+            name,
+            "never exits" if threshold is None else f"{threshold:.4g}",
+            f"{held['consistency']:.2%}",
+            f"{held['accuracy']:.2%}",
+            f"{held['predicted_speedup']:.3f}x",
+            f"{held['mean_exit_layer']:.1f}",
+        )
+    table.add_row("full model", "-", "100.00%", f"{r.full_accuracy_heldout:.2%}", "1.000x", str(report.base_model["num_layers"]))
     stdout.print(table)
     dist = ", ".join(f"{layer}: {share:.1%}" for layer, share in r.heldout["exit_distribution"].items())
     stdout.print(f"exit-depth distribution (held-out, simulated, certified policy): {dist}")
     for other in report.others:
         held = other.generated or other.heldout
         value = held.get("certified_measure", held.get("consistency"))
-        stdout.print(f"target {other.target:g}: exit points {other.policy.exit_points or 'none'}, held-out "
-                     f"consistency {value:.2%} ({other.risk}), predicted speedup {held['predicted_speedup']:.3f}x")
+        stdout.print(
+            f"target {other.target:g}: exit points {other.policy.exit_points or 'none'}, held-out "
+            f"consistency {value:.2%} ({other.risk}), predicted speedup {held['predicted_speedup']:.3f}x"
+        )
     notes(r.notes)
 
 
 def render_generated(r) -> None:
     g = r.generated
-    table = Table(box=box.SIMPLE_HEAD, title=f"held-out generation: {g['prompts']} prompts x {g['new_tokens']} new "
-                                              "tokens, against the full model's continuations", title_justify="left")
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        title=f"held-out generation: {g['prompts']} prompts x {g['new_tokens']} new tokens, against the full model's continuations",
+        title_justify="left",
+    )
     for name in ("certified", "tokens", "prefix", "rougeL", "predicted speedup", "mean exit layer"):
         table.add_column(name, justify="right")
-    table.add_row(f"{g['measure']} >= {r.target:g}", f"{g['tokens']:.2%}", f"{g['prefix']:.2%}", f"{g['rougeL']:.2%}",
-                  f"{g['predicted_speedup']:.3f}x", f"{g['mean_exit_layer']:.1f}")
+    table.add_row(
+        f"{g['measure']} >= {r.target:g}",
+        f"{g['tokens']:.2%}",
+        f"{g['prefix']:.2%}",
+        f"{g['rougeL']:.2%}",
+        f"{g['predicted_speedup']:.3f}x",
+        f"{g['mean_exit_layer']:.1f}",
+    )
     stdout.print(table)
     tested = len(r.ltt.lambdas)
-    stdout.print(f"[dim]{tested} of {tested + r.ltt.untested} candidate thresholds generated (fixed-sequence testing "
-                 "stops at the first one not certified).[/]")
+    stdout.print(
+        f"[dim]{tested} of {tested + r.ltt.untested} candidate thresholds generated (fixed-sequence testing "
+        "stops at the first one not certified).[/]"
+    )
 
 
 @handle_errors
@@ -95,27 +116,34 @@ def calibrate(
     risk: opt.Risk = DEFAULTS.risk,
     lens: opt.LensKind = DEFAULTS.lens,
     measure: opt.Measure = DEFAULTS.measure,
-    vocab_top_k: Annotated[int, typer.Option("--vocab-top-k", help="Dynamic vocabulary pruning: later checks score "
-                                                                   "only the first check's top-K (0 = off).")]
-    = DEFAULTS.vocab_top_k,
-    kv_mode: Annotated[str, typer.Option("--kv-mode", help="KV of skipped layers at run time: propagate (CALM) or "
-                                                           "recompute.")] = DEFAULTS.kv_mode,
-    min_layer: Annotated[int | None, typer.Option("--min-layer", help="Earliest exit point (default: a quarter of "
-                                                                      "the depth).")] = DEFAULTS.min_layer,
+    vocab_top_k: Annotated[
+        int, typer.Option("--vocab-top-k", help="Dynamic vocabulary pruning: later checks score only the first check's top-K (0 = off).")
+    ] = DEFAULTS.vocab_top_k,
+    kv_mode: Annotated[
+        str, typer.Option("--kv-mode", help="KV of skipped layers at run time: propagate (CALM) or recompute.")
+    ] = DEFAULTS.kv_mode,
+    min_layer: Annotated[
+        int | None, typer.Option("--min-layer", help="Earliest exit point (default: a quarter of the depth).")
+    ] = DEFAULTS.min_layer,
     max_points: Annotated[int, typer.Option("--max-points", help="Most exit points to place.")] = DEFAULTS.max_points,
     prompts: opt.CalibrationPrompts = DEFAULTS.prompts,
     heldout_prompts: opt.HeldoutPrompts = DEFAULTS.heldout_prompts,
     prompt_tokens: opt.PromptTokens = DEFAULTS.prompt_tokens,
     new_tokens: opt.NewTokens = DEFAULTS.new_tokens,
     consistency: opt.Consistency = DEFAULTS.consistency,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts generated together (each exits as it would "
-                                                                 "alone).")] = DEFAULTS.batch_size,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Prompts generated together (each exits as it would alone).")
+    ] = DEFAULTS.batch_size,
     fit_tokens: opt.FitTokens = DEFAULTS.fit_tokens,
     calibration_tokens: opt.CalibrationTokens = DEFAULTS.calibration_tokens,
     heldout_tokens: opt.HeldoutTokens = DEFAULTS.heldout_tokens,
-    cost: Annotated[str, typer.Option("--cost", help="Cost model for choosing exit points: auto (the artifact's "
-                                                     "measured profile if any, else FLOPs), flops or measured.")]
-    = DEFAULTS.cost,
+    cost: Annotated[
+        str,
+        typer.Option(
+            "--cost",
+            help="Cost model for choosing exit points: auto (the artifact's measured profile if any, else FLOPs), flops or measured.",
+        ),
+    ] = DEFAULTS.cost,
     extra_targets: opt.Targets = DEFAULTS.extra_targets,
     seq_len: opt.SeqLen = DEFAULTS.seq_len,
     seed: opt.Seed = DEFAULTS.seed,
@@ -132,5 +160,12 @@ def calibrate(
     from dyninfer.jobs import calibrate as job
 
     config = opt.config_from(CalibrateConfig, locals())
-    run_and_save(config, job.run, job.save, render, out=out, as_json=as_json,
-                 wrote=lambda target, _: f"wrote {target} (policy in dyninfer.json) and {target / job.REPORT_DIR}/")
+    run_and_save(
+        config,
+        job.run,
+        job.save,
+        render,
+        out=out,
+        as_json=as_json,
+        wrote=lambda target, _: f"wrote {target} (policy in dyninfer.json) and {target / job.REPORT_DIR}/",
+    )

@@ -32,16 +32,18 @@ Examples:
 def export(
     artifact: opt.ArtifactDir,
     out: opt.out_dir("Package directory (default: ARTIFACT/onnx).") = None,
-    provider: Annotated[str, typer.Option("--provider", help="Execution provider the package is for: cuda or cpu.")]
-    = DEFAULTS.provider,
+    provider: Annotated[str, typer.Option("--provider", help="Execution provider the package is for: cuda or cpu.")] = DEFAULTS.provider,
     dtype: Annotated[str, typer.Option("--dtype", help="fp32, or fp16 (CUDA only).")] = DEFAULTS.dtype,
     model: opt.ModelOverride = DEFAULTS.model,
-    kv_mode: Annotated[str | None, typer.Option("--kv-mode", help="Override the policy's KV mode (the graph "
-                                                                  "implements propagate).")] = DEFAULTS.kv_mode,
-    baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="Also export the plain model through "
-                                                                            "optimum.")] = DEFAULTS.baseline,
-    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check the package against torch on this "
-                                                                      "machine's provider.")] = DEFAULTS.verify,
+    kv_mode: Annotated[
+        str | None, typer.Option("--kv-mode", help="Override the policy's KV mode (the graph implements propagate).")
+    ] = DEFAULTS.kv_mode,
+    baseline: Annotated[
+        bool, typer.Option("--baseline/--no-baseline", help="Also export the plain model through optimum.")
+    ] = DEFAULTS.baseline,
+    verify: Annotated[
+        bool, typer.Option("--verify/--no-verify", help="Check the package against torch on this machine's provider.")
+    ] = DEFAULTS.verify,
     as_json: opt.Json = False,
 ) -> None:
     from dyninfer.jobs import export as job
@@ -54,8 +56,10 @@ def export(
         return
     nodes = ", ".join(f"{count}× {name}" for name, count in result.custom_nodes.items()) or "none (no exits)"
     stdout.print(f"[bold]Exported[/] {result.path} ({result.dtype}, for {result.provider}) in {result.seconds:.0f} s")
-    stdout.print(f"exits after layers {result.exit_points} of {result.num_layers}, threshold "
-                 f"{result.threshold}, KV of skipped layers: {result.kv_mode}")
+    stdout.print(
+        f"exits after layers {result.exit_points} of {result.num_layers}, threshold "
+        f"{result.threshold}, KV of skipped layers: {result.kv_mode}"
+    )
     stdout.print(f"custom ops (ai.dyninfer): {nodes}; model {result.model_bytes / 1e6:.0f} MB")
     if result.verify_max_abs_diff is not None:
         stdout.print(f"verified against torch: max |logit difference| {result.verify_max_abs_diff:.2g}")

@@ -1,6 +1,5 @@
 """`dyninfer models`: the model types dyninfer is tested on, and which stages apply to each."""
 
-
 from rich import box
 from rich.table import Table
 

@@ -29,8 +29,7 @@ _BLOCKS = " ▁▂▃▄▅▆▇█"
 stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 140)
 stderr = Console(stderr=True, soft_wrap=True)
 # The running command's field -> flag names (set by `handle_errors`), for messages from the library.
-_command_flags: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar("command_flags",
-                                                                                  default=MappingProxyType({}))
+_command_flags: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar("command_flags", default=MappingProxyType({}))
 
 
 def flag_names(command: Callable) -> dict[str, str]:
@@ -47,10 +46,8 @@ def flag_names(command: Callable) -> dict[str, str]:
                 mapping[name] = name.upper()
             elif isinstance(info, OptionInfo):
                 # In `Annotated`, typer.Option's first argument (its `default` slot) is the first flag.
-                decls = [info.default, *(info.param_decls or ())] if isinstance(info.default, str) \
-                    else list(info.param_decls or ())
-                spellings = [part for decl in decls for part in decl.split("/")
-                             if part.startswith("--")] or [f"--{name.replace('_', '-')}"]
+                decls = [info.default, *(info.param_decls or ())] if isinstance(info.default, str) else list(info.param_decls or ())
+                spellings = [part for decl in decls for part in decl.split("/") if part.startswith("--")] or [f"--{name.replace('_', '-')}"]
                 for spelling in spellings:
                     mapping[spelling[2:].replace("-", "_")] = spelling
                 mapping[name] = spellings[0]
@@ -128,8 +125,12 @@ def progress_reporter(enabled: bool = True) -> Iterator[ProgressFn]:
         yield log_line
         return
     bars = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=stderr, transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=stderr,
+        transient=True,
     )
     tasks: dict[str, int] = {}
 
@@ -149,8 +150,7 @@ def check_out_dir(out) -> None:
         check_output_dir(out)
 
 
-def run_and_save(config, run: Callable, save: Callable, render: Callable, *, out, as_json: bool,
-                 wrote: Callable[[Path, Any], str]):
+def run_and_save(config, run: Callable, save: Callable, render: Callable, *, out, as_json: bool, wrote: Callable[[Path, Any], str]):
     """How a command that writes an artifact ends: the options and `--out` checked before any work, the job run
     with progress (extending the artifact at `out`), the artifact saved (saying what was written, `wrote(target,
     report)`), then the summary as JSON or rendered. Returns the report."""
@@ -203,5 +203,4 @@ def memory_line(placement: dict | None, memory: dict | None) -> str:
     if not memory:
         return f"model on {where}"
     cuda = f", peak CUDA {memory['peak_cuda_mib']:.0f} MiB" if memory.get("peak_cuda_mib") is not None else ""
-    return (f"model on {where}: weights {memory.get('weights_mib', 0):.0f} MiB, peak RSS "
-            f"{memory['peak_rss_mib']:.0f} MiB{cuda}")
+    return f"model on {where}: weights {memory.get('weights_mib', 0):.0f} MiB, peak RSS {memory['peak_rss_mib']:.0f} MiB{cuda}"

@@ -47,8 +47,11 @@ def _lens_list(values: list[str]) -> tuple[str, ...]:
 def render(report: job.ProbeReport) -> None:
     result = report.result
     lenses = result.lenses()
-    table = Table(title=f"Exit probe: {report.base_model['spec']} on {report.data['spec']} "
-                        f"({result.n_tokens} held-out tokens)", title_justify="left", box=box.SIMPLE_HEAD)
+    table = Table(
+        title=f"Exit probe: {report.base_model['spec']} on {report.data['spec']} ({result.n_tokens} held-out tokens)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+    )
     table.add_column("layer", justify="right")
     for lens in lenses:
         for metric in ("agree", "acc", "KL", "ECE", "exit"):
@@ -58,8 +61,7 @@ def render(report: job.ProbeReport) -> None:
         cells = ["embed" if index == 0 else str(index)]
         for lens in lenses:
             row = by_lens[lens].loc[index]
-            cells += [f"{row.agreement:.1%}", f"{row.accuracy:.1%}", f"{row.kl:.3g}", f"{row.ece:.3f}",
-                      f"{row.exit_fraction:.1%}"]
+            cells += [f"{row.agreement:.1%}", f"{row.accuracy:.1%}", f"{row.kl:.3g}", f"{row.ece:.3f}", f"{row.exit_fraction:.1%}"]
         table.add_row(*cells)
     stdout.print(table)
     stdout.print("agreement with the final top-1, per layer (embed → last):")
@@ -73,10 +75,8 @@ def render(report: job.ProbeReport) -> None:
         )
     if report.lens_training is not None:
         t = report.lens_training
-        stdout.print(f"tuned lens trained on {t.train_tokens} tokens in {t.seconds:.0f}s "
-                     f"({t.steps} KL steps after {t.init} init)")
-    stdout.print(f"throughput: probe {result.tokens_per_s:.1f} tokens/s, plain forward "
-                 f"{result.forward_tokens_per_s:.1f} tokens/s")
+        stdout.print(f"tuned lens trained on {t.train_tokens} tokens in {t.seconds:.0f}s ({t.steps} KL steps after {t.init} init)")
+    stdout.print(f"throughput: probe {result.tokens_per_s:.1f} tokens/s, plain forward {result.forward_tokens_per_s:.1f} tokens/s")
     stdout.print(memory_line(report.placement, report.memory))
 
 
@@ -85,26 +85,35 @@ def probe(
     model: opt.Model = DEFAULTS.model,
     data: opt.Data = DEFAULTS.data,
     field: opt.TextField = DEFAULTS.field,
-    lenses: Annotated[list[str], typer.Option(
-        "--lens", "-l", help="logit (training-free, always reported) and/or tuned (trains a tuned lens, or reuses "
-                             "--lens-from; reported beside logit), or both. A tuned lens already in --out is reported "
-                             "too.")] = list(DEFAULTS.lenses),  # noqa: B006 - Typer copies a default, never mutates it
-    tokens: Annotated[int, typer.Option("--tokens", "-n", help="Held-out next-token predictions to probe.")]
-    = DEFAULTS.tokens,
+    lenses: Annotated[
+        list[str],
+        typer.Option(
+            "--lens",
+            "-l",
+            help="logit (training-free, always reported) and/or tuned (trains a tuned lens, or reuses "
+            "--lens-from; reported beside logit), or both. A tuned lens already in --out is reported "
+            "too.",
+        ),
+    ] = list(DEFAULTS.lenses),  # noqa: B006 - Typer copies a default, never mutates it
+    tokens: Annotated[int, typer.Option("--tokens", "-n", help="Held-out next-token predictions to probe.")] = DEFAULTS.tokens,
     seq_len: opt.SeqLen = DEFAULTS.seq_len,
     seed: opt.Seed = DEFAULTS.seed,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = DEFAULTS.batch_size,
     lens_train_tokens: opt.LensTrainTokens = DEFAULTS.lens_train_tokens,
     lens_steps: opt.LensSteps = DEFAULTS.lens_steps,
     lens_from: opt.LensFrom = None,
-    retrain_lens: Annotated[bool, typer.Option("--retrain-lens", help="Train a new tuned lens even if --out already "
-                                                                      "has one.")] = DEFAULTS.retrain_lens,
-    memory_budget_mib: Annotated[int, typer.Option(
-        "--memory-budget", help="MiB for the full-vocabulary tensors of one token chunk: tokens are scored in "
-                                "chunks that fit it, so memory does not grow with vocabulary x layers.")]
-    = DEFAULTS.memory_budget_mib,
-    out: opt.out_dir("Artifact dir: writes/extends it, plus probe/ tables (CSV, Parquet, JSON) and probe.png.")
-    = None,
+    retrain_lens: Annotated[
+        bool, typer.Option("--retrain-lens", help="Train a new tuned lens even if --out already has one.")
+    ] = DEFAULTS.retrain_lens,
+    memory_budget_mib: Annotated[
+        int,
+        typer.Option(
+            "--memory-budget",
+            help="MiB for the full-vocabulary tensors of one token chunk: tokens are scored in "
+            "chunks that fit it, so memory does not grow with vocabulary x layers.",
+        ),
+    ] = DEFAULTS.memory_budget_mib,
+    out: opt.out_dir("Artifact dir: writes/extends it, plus probe/ tables (CSV, Parquet, JSON) and probe.png.") = None,
     device: opt.Device = DEFAULTS.device,
     dtype: opt.Dtype = DEFAULTS.dtype,
     device_map: opt.DeviceMap = DEFAULTS.device_map,
@@ -114,6 +123,14 @@ def probe(
     from dyninfer.jobs import probe as job
 
     config = opt.config_from(ProbeConfig, locals(), lenses=_lens_list(lenses))
-    run_and_save(config, job.run, job.save, render, out=out, as_json=as_json,
-                 wrote=lambda target, _: f"wrote {target} (artifact) and {target / job.REPORT_DIR}/ (layers.csv, "
-                                         "layers.parquet, depth.csv, summary.json, probe.png)")
+    run_and_save(
+        config,
+        job.run,
+        job.save,
+        render,
+        out=out,
+        as_json=as_json,
+        wrote=lambda target, _: (
+            f"wrote {target} (artifact) and {target / job.REPORT_DIR}/ (layers.csv, layers.parquet, depth.csv, summary.json, probe.png)"
+        ),
+    )

@@ -43,8 +43,12 @@ def render(report: job.ProfileReport) -> None:
     p = report.profile
     pieces = p.pieces
     blocks = [b for b in pieces.loc[pieces["layer"] >= 0, "piece"].unique() if b != "rest"]
-    table = Table(title=f"Profile: {report.base_model['spec']} on {p.device} ({p.dtype}), context {p.context}, "
-                        f"median of {p.repeats} after {p.warmup} warm-up", title_justify="left", box=box.SIMPLE_HEAD)
+    table = Table(
+        title=f"Profile: {report.base_model['spec']} on {p.device} ({p.dtype}), context {p.context}, "
+        f"median of {p.repeats} after {p.warmup} warm-up",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+    )
     table.add_column("piece")
     table.add_column("params", justify="right")
     table.add_column("weights MiB", justify="right")
@@ -63,8 +67,7 @@ def render(report: job.ProfileReport) -> None:
         spread = "" if len(rows) > 1 else f" ({rows.iloc[0].decode_ms_p10:.3f}-{rows.iloc[0].decode_ms_p90:.3f})"
         cells = [name, f"{int(total.params):,}", _mb(total.weight_bytes)]
         cells += [f"{rows.loc[rows.piece == b, 'decode_flops'].sum() / 1e6:.3f}" for b in blocks]
-        cells += [f"{total.decode_flops / 1e6:.3f}", f"{total.cache_bytes / 1024:.0f}",
-                  f"{rows['activation_bytes'].max() / 1024:.0f}"]
+        cells += [f"{total.decode_flops / 1e6:.3f}", f"{total.cache_bytes / 1024:.0f}", f"{rows['activation_bytes'].max() / 1024:.0f}"]
         cells += [f"{rows.loc[rows.piece == b, 'decode_ms'].sum():.3f}" for b in blocks]
         cells += [f"{total.decode_ms:.3f}{spread}", f"{total.prefill_ms:.2f}"]
         table.add_row(*cells)
@@ -73,21 +76,26 @@ def render(report: job.ProfileReport) -> None:
         add(name, rows)
     stdout.print(table)
     t = p.totals()
-    stdout.print(f"whole model: {t['params']:,} parameters, {_mb(t['weight_bytes'])} MiB of weights, "
-                 f"{t['decode_flops'] / 1e6:.1f} MFLOPs per decoded token, KV cache {t['cache_bytes'] / 2**20:.2f} MiB "
-                 f"at {p.context} tokens")
-    stdout.print(f"decode step {p.decode_step_ms['median']:.2f} ms (p10-p90 {p.decode_step_ms['p10']:.2f}-"
-                 f"{p.decode_step_ms['p90']:.2f}) = {t['decode_tokens_per_s']:.1f} tokens/s; prefill of {p.context} "
-                 f"tokens {p.prefill_ms['median']:.1f} ms = {t['prefill_tokens_per_s']:.0f} tokens/s; the LM head is "
-                 f"{t['head_share_of_decode_ms']:.1%} of a decode step")
+    stdout.print(
+        f"whole model: {t['params']:,} parameters, {_mb(t['weight_bytes'])} MiB of weights, "
+        f"{t['decode_flops'] / 1e6:.1f} MFLOPs per decoded token, KV cache {t['cache_bytes'] / 2**20:.2f} MiB "
+        f"at {p.context} tokens"
+    )
+    stdout.print(
+        f"decode step {p.decode_step_ms['median']:.2f} ms (p10-p90 {p.decode_step_ms['p10']:.2f}-"
+        f"{p.decode_step_ms['p90']:.2f}) = {t['decode_tokens_per_s']:.1f} tokens/s; prefill of {p.context} "
+        f"tokens {p.prefill_ms['median']:.1f} ms = {t['prefill_tokens_per_s']:.0f} tokens/s; the LM head is "
+        f"{t['head_share_of_decode_ms']:.1%} of a decode step"
+    )
     gpu = report.gpu
     if not gpu.available:
         stdout.print(f"GPU: {gpu.reason}")
     else:
         d = gpu.device
         memory = f"{d.memory_used_bytes / 2**30:.1f}/{d.memory_total_bytes / 2**30:.1f} GiB" if d.memory_total_bytes else "?"
-        stdout.print(f"GPU {d.index}: {d.name}, driver {d.driver}, memory {memory}, utilization "
-                     f"{d.utilization_percent}%, power {d.power_w} W")
+        stdout.print(
+            f"GPU {d.index}: {d.name}, driver {d.driver}, memory {memory}, utilization {d.utilization_percent}%, power {d.power_w} W"
+        )
         for e in gpu.energy:
             per_token = "n/a" if e.joules_per_token is None else f"{e.joules_per_token * 1000:.2f} mJ/token"
             average = "n/a" if e.average_power_w is None else f"{e.average_power_w:.0f} W average"
@@ -98,18 +106,18 @@ def render(report: job.ProfileReport) -> None:
 @handle_errors
 def profile(
     model: opt.Model = DEFAULTS.model,
-    data: Annotated[str, typer.Option("--data", "-d", help="Where the prompt comes from (see `dyninfer probe --help`).")]
-    = DEFAULTS.data,
+    data: Annotated[str, typer.Option("--data", "-d", help="Where the prompt comes from (see `dyninfer probe --help`).")] = DEFAULTS.data,
     field: opt.TextField = DEFAULTS.field,
-    context: Annotated[int, typer.Option("--context", "-c", help="Prompt tokens of the prefill, and cached tokens "
-                                                                 "before the decode step.")] = DEFAULTS.context,
+    context: Annotated[
+        int, typer.Option("--context", "-c", help="Prompt tokens of the prefill, and cached tokens before the decode step.")
+    ] = DEFAULTS.context,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs before timing.")] = DEFAULTS.warmup,
-    repeats: Annotated[int, typer.Option("--repeats", "-r", help="Timed runs (median and 10th-90th percentiles).")]
-    = DEFAULTS.repeats,
+    repeats: Annotated[int, typer.Option("--repeats", "-r", help="Timed runs (median and 10th-90th percentiles).")] = DEFAULTS.repeats,
     energy_seconds: opt.EnergySeconds = DEFAULTS.energy_seconds,
     seed: opt.Seed = DEFAULTS.seed,
-    out: opt.out_dir("Artifact dir to write/extend (measured cost for calibrate) plus profile/ (pieces.csv, "
-                     ".parquet, summary.json, profile.png).") = None,
+    out: opt.out_dir(
+        "Artifact dir to write/extend (measured cost for calibrate) plus profile/ (pieces.csv, .parquet, summary.json, profile.png)."
+    ) = None,
     device: opt.Device = DEFAULTS.device,
     dtype: opt.Dtype = DEFAULTS.dtype,
     device_map: opt.DeviceMap = DEFAULTS.device_map,
@@ -119,6 +127,12 @@ def profile(
     from dyninfer.jobs import profile as job
 
     config = opt.config_from(ProfileConfig, locals())
-    run_and_save(config, job.run, job.save, render, out=out, as_json=as_json,
-                 wrote=lambda target, _: f"wrote {target} (measured cost in dyninfer.json) and "
-                                         f"{target / job.REPORT_DIR}/")
+    run_and_save(
+        config,
+        job.run,
+        job.save,
+        render,
+        out=out,
+        as_json=as_json,
+        wrote=lambda target, _: f"wrote {target} (measured cost in dyninfer.json) and {target / job.REPORT_DIR}/",
+    )

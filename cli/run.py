@@ -38,21 +38,18 @@ Examples:
 
 @handle_errors
 def run(
-    artifact: Annotated[Path, typer.Argument(help="Artifact dir made by `dyninfer calibrate --out` (or, with "
-                                                      "--backend onnx, an exported package).")],
+    artifact: Annotated[
+        Path, typer.Argument(help="Artifact dir made by `dyninfer calibrate --out` (or, with --backend onnx, an exported package).")
+    ],
     prompt: Annotated[str, typer.Argument(help="The prompt text.")],
-    mode: Annotated[str, typer.Option("--mode", help="early-exit, speculative (lossless; torch backend) or full.")]
-    = DEFAULTS.mode,
-    backend: Annotated[str, typer.Option("--backend", help="torch, or onnx (the package made by `dyninfer export`).")]
-    = DEFAULTS.backend,
+    mode: Annotated[str, typer.Option("--mode", help="early-exit, speculative (lossless; torch backend) or full.")] = DEFAULTS.mode,
+    backend: Annotated[str, typer.Option("--backend", help="torch, or onnx (the package made by `dyninfer export`).")] = DEFAULTS.backend,
     provider: opt.Provider = DEFAULTS.provider,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate at most.")]
-    = DEFAULTS.max_new_tokens,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate at most.")] = DEFAULTS.max_new_tokens,
     sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy decoding.")] = DEFAULTS.sample,
     temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature.")] = DEFAULTS.temperature,
     seed: opt.Seed = DEFAULTS.seed,
-    raw: Annotated[bool, typer.Option("--raw", help="Do not wrap the prompt in the model's chat template.")]
-    = DEFAULTS.raw,
+    raw: Annotated[bool, typer.Option("--raw", help="Do not wrap the prompt in the model's chat template.")] = DEFAULTS.raw,
     model: opt.ModelOverride = DEFAULTS.model,
     kv_mode: opt.KvMode = DEFAULTS.kv_mode,
     draft_layer: opt.DraftLayer = DEFAULTS.draft_layer,
@@ -84,5 +81,7 @@ def run(
     stdout.print(legend)
     extra = f", draft acceptance {result.acceptance:.0%}" if result.acceptance is not None else ""
     notes(report.notes, stderr)
-    stdout.print(f"{result.new_tokens} tokens, mean exit layer {result.mean_exit_layer:.1f}/{layers}, "
-                 f"{result.tokens_per_s:.1f} tokens/s ({config.mode}{extra})")
+    stdout.print(
+        f"{result.new_tokens} tokens, mean exit layer {result.mean_exit_layer:.1f}/{layers}, "
+        f"{result.tokens_per_s:.1f} tokens/s ({config.mode}{extra})"
+    )

@@ -64,11 +64,16 @@ Examples:
     dyninfer steer apply steer/ --method valve --alpha 0.75 && dyninfer calibrate --out steer/
 """  # noqa: E501 (help paragraphs are one line each: Typer keeps line breaks)
 
-app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  context_settings={"help_option_names": ["-h", "--help"]}, rich_markup_mode=None)
+app = typer.Typer(
+    help=HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,
+)
 
-Method = Annotated[str | None, typer.Option("--method", "-m", help="activation or valve (default: the only one "
-                                                                       "the artifact holds).")]
+Method = Annotated[str | None, typer.Option("--method", "-m", help="activation or valve (default: the only one the artifact holds).")]
 SteerArtifact = Annotated[Path, typer.Argument(help="Artifact dir holding a direction (from `steer extract`).")]
 
 
@@ -83,34 +88,49 @@ def _existing_artifact(path: Path) -> str:
 def extract(
     model: opt.Model = EXTRACT.model,
     out: Annotated[Path, typer.Option("--out", "-o", help="Artifact dir to write or extend.")] = ...,
-    method: Annotated[str, typer.Option("--method", "-m", help="activation (difference of means / PCA) or valve "
-                                                               "(LoRA / delta).")] = EXTRACT.method,
-    data: Annotated[str, typer.Option("--data", "-d", help=f"{BUILTIN_COT} or a JSONL file (question, long, short, "
-                                                           "answer).")] = EXTRACT.data,
-    examples: Annotated[int, typer.Option("--examples", help="Training examples (the first --shots become the "
-                                                             "prompt's worked examples).")] = EXTRACT.examples,
-    heldout: Annotated[int, typer.Option("--heldout", help="Held-out questions kept for sweep (a file holds out at "
-                                                           "most a fifth).")] = EXTRACT.heldout,
-    shots: Annotated[int, typer.Option("--shots", help="Worked long examples shown before each question (default "
-                                                       "none: the model's own chain of thought is steered).")]
-    = EXTRACT.shots,
-    layers: Annotated[opt.Numbers | None, typer.Option(
-        "--layers", parser=opt.ints, metavar="I,J",
-        help="activation: decoder layers (0-based), e.g. 12,15; default: the middle one.")] = EXTRACT.layers,
-    kind: Annotated[str, typer.Option("--kind", help="activation: mean (difference of means) or pca (first principal "
-                                                     "direction).")] = EXTRACT.kind,
+    method: Annotated[
+        str, typer.Option("--method", "-m", help="activation (difference of means / PCA) or valve (LoRA / delta).")
+    ] = EXTRACT.method,
+    data: Annotated[
+        str, typer.Option("--data", "-d", help=f"{BUILTIN_COT} or a JSONL file (question, long, short, answer).")
+    ] = EXTRACT.data,
+    examples: Annotated[
+        int, typer.Option("--examples", help="Training examples (the first --shots become the prompt's worked examples).")
+    ] = EXTRACT.examples,
+    heldout: Annotated[
+        int, typer.Option("--heldout", help="Held-out questions kept for sweep (a file holds out at most a fifth).")
+    ] = EXTRACT.heldout,
+    shots: Annotated[
+        int,
+        typer.Option(
+            "--shots", help="Worked long examples shown before each question (default none: the model's own chain of thought is steered)."
+        ),
+    ] = EXTRACT.shots,
+    layers: Annotated[
+        opt.Numbers | None,
+        typer.Option(
+            "--layers", parser=opt.ints, metavar="I,J", help="activation: decoder layers (0-based), e.g. 12,15; default: the middle one."
+        ),
+    ] = EXTRACT.layers,
+    kind: Annotated[
+        str, typer.Option("--kind", help="activation: mean (difference of means) or pca (first principal direction).")
+    ] = EXTRACT.kind,
     rank: Annotated[int, typer.Option("--rank", help="valve: LoRA rank.")] = EXTRACT.rank,
     steps: Annotated[int, typer.Option("--steps", help="valve: training steps.")] = EXTRACT.steps,
     lr: Annotated[float, typer.Option("--lr", help="valve: learning rate.")] = EXTRACT.lr,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward/training step.")]
-    = EXTRACT.batch_size,
-    targets: Annotated[opt.Numbers | None, typer.Option(
-        "--targets", parser=opt.names, metavar="NAME,NAME",
-        help="valve: comma-separated module names to adapt (default: all attention and MLP projections).")]
-    = EXTRACT.targets,
-    delta_from: Annotated[str | None, typer.Option(
-        "--delta-from", help="valve: Δθ = θ(--delta-to) − θ(this); `base`, a peft adapter dir or a checkpoint.")]
-    = EXTRACT.delta_from,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward/training step.")] = EXTRACT.batch_size,
+    targets: Annotated[
+        opt.Numbers | None,
+        typer.Option(
+            "--targets",
+            parser=opt.names,
+            metavar="NAME,NAME",
+            help="valve: comma-separated module names to adapt (default: all attention and MLP projections).",
+        ),
+    ] = EXTRACT.targets,
+    delta_from: Annotated[
+        str | None, typer.Option("--delta-from", help="valve: Δθ = θ(--delta-to) − θ(this); `base`, a peft adapter dir or a checkpoint.")
+    ] = EXTRACT.delta_from,
     delta_to: Annotated[str | None, typer.Option("--delta-to", help="valve: see --delta-from.")] = EXTRACT.delta_to,
     seed: opt.Seed = EXTRACT.seed,
     device: opt.Device = EXTRACT.device,
@@ -134,33 +154,46 @@ def extract(
     record = report.record
     if method == "activation":
         for layer in record["layers"]:
-            stdout.print(f"layer {layer}: |direction| {record['norms'][str(layer)]:.3f} "
-                         f"(mean |hidden| {record['hidden_norms'][str(layer)]:.3f}), {record['kind']}")
+            stdout.print(
+                f"layer {layer}: |direction| {record['norms'][str(layer)]:.3f} "
+                f"(mean |hidden| {record['hidden_norms'][str(layer)]:.3f}), {record['kind']}"
+            )
     elif record.get("source") == "lora":
-        stdout.print(f"LoRA rank {record['rank']} on {', '.join(record['targets'])}: {record['steps']} steps, "
-                     f"loss {record['first_loss']:.3f} → {record['final_loss']:.3f}; "
-                     f"{record['parameters']} weights adapted")
+        stdout.print(
+            f"LoRA rank {record['rank']} on {', '.join(record['targets'])}: {record['steps']} steps, "
+            f"loss {record['first_loss']:.3f} → {record['final_loss']:.3f}; "
+            f"{record['parameters']} weights adapted"
+        )
     else:
         stdout.print(f"Δθ = θ({record['delta_to']}) − θ({record['delta_from']}): {record['parameters']} weights")
     stdout.print(f"next: dyninfer steer sweep {out} --method {method}")
 
 
 def render_sweep(result, lines: list[str]) -> None:
-    stdout.print(f"[bold]{result.method} steering[/] on {result.questions} held-out questions "
-                 f"(greedy, ≤ {result.max_new_tokens} new tokens)")
+    stdout.print(
+        f"[bold]{result.method} steering[/] on {result.questions} held-out questions (greedy, ≤ {result.max_new_tokens} new tokens)"
+    )
     table = Table(box=box.SIMPLE_HEAD)
-    for name in ("α", "mean length", "Δ length", "hit limit", "accuracy", "same answer as α=0",
-                 "right at α=0, still right", "perplexity"):
+    for name in ("α", "mean length", "Δ length", "hit limit", "accuracy", "same answer as α=0", "right at α=0, still right", "perplexity"):
         table.add_column(name, justify="right")
     for p in result.points:
-        table.add_row(f"{p.alpha:g}", f"{p.mean_length:.1f}", f"{p.length_change:+.1%}", f"{p.truncated:.0%}",
-                      f"{p.accuracy:.1%}", f"{p.agreement:.1%}", "-" if p.retained is None else f"{p.retained:.1%}",
-                      f"{p.perplexity:.2f}")
+        table.add_row(
+            f"{p.alpha:g}",
+            f"{p.mean_length:.1f}",
+            f"{p.length_change:+.1%}",
+            f"{p.truncated:.0%}",
+            f"{p.accuracy:.1%}",
+            f"{p.agreement:.1%}",
+            "-" if p.retained is None else f"{p.retained:.1%}",
+            f"{p.perplexity:.2f}",
+        )
     stdout.print(table)
     stdout.print(f"Spearman ρ(α, mean length) = {result.spearman:+.3f}")
     if result.best:
-        stdout.print(f"shortest setting keeping ≥ {result.keep:.0%} of the unsteered answers: α = {result.best.alpha:g} "
-                     f"({result.best.length_change:+.1%} length, accuracy {result.best.accuracy:.1%})")
+        stdout.print(
+            f"shortest setting keeping ≥ {result.keep:.0%} of the unsteered answers: α = {result.best.alpha:g} "
+            f"({result.best.length_change:+.1%} length, accuracy {result.best.accuracy:.1%})"
+        )
     else:
         stdout.print(f"no α ≠ 0 keeps ≥ {result.keep:.0%} of the unsteered answers")
     stdout.print(f"goal (|ρ| ≥ 0.9 and ≥ 30% shorter keeping the answers): {'met' if result.goal_met else 'not met'}")
@@ -172,17 +205,15 @@ def render_sweep(result, lines: list[str]) -> None:
 def sweep(
     artifact: SteerArtifact,
     method: Method = SWEEP.method,
-    alphas: Annotated[opt.Numbers, typer.Option("--alphas", parser=opt.floats, metavar="A,B",
-                                                help="Comma-separated α values (0 is always included).")]
-    = SWEEP.alphas,
-    questions: Annotated[int | None, typer.Option("--questions", help="Held-out questions (default: the "
-                                                                         "extraction's --heldout).")]
-    = SWEEP.questions,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Token limit per answer.")]
-    = SWEEP.max_new_tokens,
+    alphas: Annotated[
+        opt.Numbers, typer.Option("--alphas", parser=opt.floats, metavar="A,B", help="Comma-separated α values (0 is always included).")
+    ] = SWEEP.alphas,
+    questions: Annotated[
+        int | None, typer.Option("--questions", help="Held-out questions (default: the extraction's --heldout).")
+    ] = SWEEP.questions,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Token limit per answer.")] = SWEEP.max_new_tokens,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Questions generated together.")] = SWEEP.batch_size,
-    keep: Annotated[float, typer.Option("--keep", help="Fraction of unsteered answers a setting must keep to count "
-                                                       "as best.")] = SWEEP.keep,
+    keep: Annotated[float, typer.Option("--keep", help="Fraction of unsteered answers a setting must keep to count as best.")] = SWEEP.keep,
     model: opt.ModelOverride = SWEEP.model,
     device: opt.Device = SWEEP.device,
     dtype: opt.Dtype = SWEEP.dtype,
@@ -220,8 +251,10 @@ def apply(
     if as_json:
         print_json(result.summary() | {"artifact": str(artifact)})
         return
-    stdout.print(f"applied {result.method} steering at α = {result.alpha:g} to {artifact}; run, bench, calibrate, "
-                 "prune and export now use the steered model")
+    stdout.print(
+        f"applied {result.method} steering at α = {result.alpha:g} to {artifact}; run, bench, calibrate, "
+        "prune and export now use the steered model"
+    )
     if result.gguf:
         stdout.print(f"llama.cpp control vector: {result.gguf} (load it with --control-vector {result.gguf.name})")
     notes(result.notes)

@@ -23,7 +23,9 @@ if TYPE_CHECKING:  # the jobs load torch: a command imports its job when it runs
 
 DEFAULTS = TuneConfig()
 
-HELP = """Teach the model to exit early: a short LoRA fine-tune (LayerSkip, CALM) that makes its intermediate layers predictive through its own final norm and head, while the full model stays the original.
+HELP = """Teach the model to exit early: a short LoRA fine-tune (LayerSkip, CALM); the full model stays the original.
+
+The LoRA makes the intermediate layers predictive through the model's own final norm and head.
 
 Each step trains the exits at some depths (--curriculum rotational: every --rotation-th one, shifting each step; gradual: deepest first; all) with a loss weighted by depth (--depth-weighting), to the original model's final distribution (--exit-target teacher) or to the next token (labels), plus --kl-weight x KL(original final || tuned final), which keeps the tuned full model close to the original. --layer-dropout skips layers with a rate rising with depth. Trains on the train split of --data; measures the original and the tuned model on held-out windows it never saw: per-layer agreement with the final layer, the oracle saving, perplexity and the full model's greedy agreement with the original. The LoRA is saved in the artifact (--out, a new one): probe, calibrate, prune, steer, run, bench and export on that artifact use the tuned model. --merge-out writes a merged Hugging Face checkpoint.
 
@@ -41,9 +43,11 @@ Examples:
 
 def render(report: job.TuneReport) -> None:
     cfg, training = report.config, report.training.summary()
-    stdout.print(f"[bold]tune-exits[/]: {report.base_model['spec']} on {report.data['spec']}, {cfg.steps} steps x "
-                 f"{cfg.batch_size} windows of {cfg.seq_len} ({training['tokens']:,} tokens), rank {cfg.rank}, "
-                 f"{training['trainable_parameters']:,} trained parameters, {training['seconds']:.0f} s")
+    stdout.print(
+        f"[bold]tune-exits[/]: {report.base_model['spec']} on {report.data['spec']}, {cfg.steps} steps x "
+        f"{cfg.batch_size} windows of {cfg.seq_len} ({training['tokens']:,} tokens), rank {cfg.rank}, "
+        f"{training['trainable_parameters']:,} trained parameters, {training['seconds']:.0f} s"
+    )
     table = Table(box=box.SIMPLE_HEAD)
     for name in ("", "perplexity", "oracle saving", "agreement with final (0 → L)"):
         table.add_column(name, justify="right")
@@ -53,18 +57,25 @@ def render(report: job.TuneReport) -> None:
     depths = list(range(len(report.original.agreement)))
     step = max(1, len(depths) // 8)
     shown = depths[step::step]
-    stdout.print("agreement at depth " + ", ".join(
-        f"{d}: {report.original.agreement[d]:.2f} → {report.tuned.agreement[d]:.2f}" for d in shown))
+    stdout.print(
+        "agreement at depth " + ", ".join(f"{d}: {report.original.agreement[d]:.2f} → {report.tuned.agreement[d]:.2f}" for d in shown)
+    )
     if report.draft_vocabulary:
         v = report.draft_vocabulary
-        stdout.print(f"draft vocabulary: {v['size']:,} most frequent train tokens, holding "
-                     f"{v['heldout_coverage']:.1%} of held-out tokens")
-    stdout.print(f"tuned full model: perplexity {report.perplexity_change:+.2%} vs the original, greedy token equal to "
-                 f"the original's at {report.final_agreement:.2%} of held-out positions")
+        stdout.print(f"draft vocabulary: {v['size']:,} most frequent train tokens, holding {v['heldout_coverage']:.1%} of held-out tokens")
+    stdout.print(
+        f"tuned full model: perplexity {report.perplexity_change:+.2%} vs the original, greedy token equal to "
+        f"the original's at {report.final_agreement:.2%} of held-out positions"
+    )
     losses = training["first_losses"], training["final_losses"]
-    stdout.print("loss (first 10 steps → last 10): " + ", ".join(
-        f"{k.replace('_', ' ')} {losses[0][k]:.3f} → {losses[1][k]:.3f}" for k in losses[0]
-        if losses[0][k] is not None and losses[1][k] is not None))
+    stdout.print(
+        "loss (first 10 steps → last 10): "
+        + ", ".join(
+            f"{k.replace('_', ' ')} {losses[0][k]:.3f} → {losses[1][k]:.3f}"
+            for k in losses[0]
+            if losses[0][k] is not None and losses[1][k] is not None
+        )
+    )
     notes(report.notes)
 
 
@@ -72,45 +83,58 @@ def render(report: job.TuneReport) -> None:
 def tune_exits(
     model: opt.Model = DEFAULTS.model,
     out: Annotated[str, typer.Option("--out", "-o", help="Artifact dir to write (new, or one with no stages).")] = ...,
-    exit_layers: Annotated[opt.Numbers | None, typer.Option(
-        "--exit-layers", parser=opt.ints, metavar="I,J",
-        help="Exit depths to train (1 .. layers-1), e.g. 8,12,16; default: every layer.")] = None,
+    exit_layers: Annotated[
+        opt.Numbers | None,
+        typer.Option(
+            "--exit-layers",
+            parser=opt.ints,
+            metavar="I,J",
+            help="Exit depths to train (1 .. layers-1), e.g. 8,12,16; default: every layer.",
+        ),
+    ] = None,
     rank: Annotated[int, typer.Option("--rank", help="LoRA rank.")] = DEFAULTS.rank,
-    targets: Annotated[opt.Numbers | None, typer.Option(
-        "--targets", parser=opt.names, metavar="NAME,NAME",
-        help="Module names to adapt (default: the architecture's attention and MLP projections).")] = None,
+    targets: Annotated[
+        opt.Numbers | None,
+        typer.Option(
+            "--targets",
+            parser=opt.names,
+            metavar="NAME,NAME",
+            help="Module names to adapt (default: the architecture's attention and MLP projections).",
+        ),
+    ] = None,
     steps: Annotated[int, typer.Option("--steps", help="Training steps.")] = DEFAULTS.steps,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (linear warm-up and decay).")] = DEFAULTS.lr,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per step.")] = DEFAULTS.batch_size,
-    curriculum: Annotated[str, typer.Option("--curriculum", help="rotational, gradual or all (LayerSkip).")]
-    = DEFAULTS.curriculum,
-    rotation: Annotated[int, typer.Option("--rotation", help="rotational: train every this-many-th exit per step.")]
-    = DEFAULTS.rotation,
-    depth_weighting: Annotated[str, typer.Option("--depth-weighting", help="Exit loss weight by depth d: quadratic "
-                                                                            "(LayerSkip), linear or uniform.")]
-    = DEFAULTS.depth_weighting,
-    layer_dropout: Annotated[float, typer.Option("--layer-dropout", help="Skip rate of the last layer (0 off); "
-                                                                         "earlier layers less, rising with depth.")]
-    = DEFAULTS.layer_dropout,
-    exit_weight: Annotated[float, typer.Option("--exit-weight", help="Total weight of the exit losses.")]
-    = DEFAULTS.exit_weight,
-    kl_weight: Annotated[float, typer.Option("--kl-weight", help="Weight of KL(original final || tuned final).")]
-    = DEFAULTS.kl_weight,
-    exit_target: Annotated[str, typer.Option("--exit-target", help="teacher (the original's final distribution) or "
-                                                                   "labels (the next token).")] = DEFAULTS.exit_target,
-    exit_token_fraction: Annotated[float, typer.Option("--exit-token-fraction", help="Share of positions the exit "
-                                                                                    "losses score each step (the "
-                                                                                    "head is costly per exit).")]
-    = DEFAULTS.exit_token_fraction,
-    checkpointing: Annotated[bool, typer.Option("--checkpointing/--no-checkpointing",
-                                                help="Recompute layers in the backward pass (less memory).")]
-    = DEFAULTS.checkpointing,
+    curriculum: Annotated[str, typer.Option("--curriculum", help="rotational, gradual or all (LayerSkip).")] = DEFAULTS.curriculum,
+    rotation: Annotated[int, typer.Option("--rotation", help="rotational: train every this-many-th exit per step.")] = DEFAULTS.rotation,
+    depth_weighting: Annotated[
+        str, typer.Option("--depth-weighting", help="Exit loss weight by depth d: quadratic (LayerSkip), linear or uniform.")
+    ] = DEFAULTS.depth_weighting,
+    layer_dropout: Annotated[
+        float, typer.Option("--layer-dropout", help="Skip rate of the last layer (0 off); earlier layers less, rising with depth.")
+    ] = DEFAULTS.layer_dropout,
+    exit_weight: Annotated[float, typer.Option("--exit-weight", help="Total weight of the exit losses.")] = DEFAULTS.exit_weight,
+    kl_weight: Annotated[float, typer.Option("--kl-weight", help="Weight of KL(original final || tuned final).")] = DEFAULTS.kl_weight,
+    exit_target: Annotated[
+        str, typer.Option("--exit-target", help="teacher (the original's final distribution) or labels (the next token).")
+    ] = DEFAULTS.exit_target,
+    exit_token_fraction: Annotated[
+        float,
+        typer.Option("--exit-token-fraction", help="Share of positions the exit losses score each step (the head is costly per exit)."),
+    ] = DEFAULTS.exit_token_fraction,
+    checkpointing: Annotated[
+        bool, typer.Option("--checkpointing/--no-checkpointing", help="Recompute layers in the backward pass (less memory).")
+    ] = DEFAULTS.checkpointing,
     heldout_tokens: opt.HeldoutTokens = DEFAULTS.heldout_tokens,
-    draft_vocab: Annotated[int, typer.Option("--draft-vocab", help="The speculative draft head's candidates: this many "
-                                                                   "most frequent train tokens (0: the full head).")]
-    = DEFAULTS.draft_vocab,
-    merge_out: Annotated[str | None, typer.Option("--merge-out", help="Also write the tuned weights as a Hugging "
-                                                                      "Face checkpoint here.")] = None,
+    draft_vocab: Annotated[
+        int,
+        typer.Option(
+            "--draft-vocab", help="The speculative draft head's candidates: this many most frequent train tokens (0: the full head)."
+        ),
+    ] = DEFAULTS.draft_vocab,
+    merge_out: Annotated[
+        str | None, typer.Option("--merge-out", help="Also write the tuned weights as a Hugging Face checkpoint here.")
+    ] = None,
     data: opt.Data = DEFAULTS.data,
     field: opt.TextField = DEFAULTS.field,
     seq_len: opt.SeqLen = DEFAULTS.seq_len,
@@ -123,8 +147,7 @@ def tune_exits(
 ) -> None:
     from dyninfer.jobs import tune as job
 
-    config = opt.config_from(TuneConfig, locals(), exit_layers=tuple(exit_layers or ()),
-                             targets=tuple(targets or ()))
+    config = opt.config_from(TuneConfig, locals(), exit_layers=tuple(exit_layers or ()), targets=tuple(targets or ()))
     run_and_save(config, job.run, job.save, render, out=out, as_json=as_json, wrote=_wrote)
 
 

@@ -58,8 +58,15 @@ class ExitClassifier(nn.Module):
     def forward(self, point: int, normed: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(normed.float() @ self.weight[point] + self.bias[point])
 
-    def fit(self, features: list[torch.Tensor], labels: list[torch.Tensor], steps: int = 200, lr: float = 0.05,
-            l2: float = 1e-2, world: World = World()) -> None:
+    def fit(
+        self,
+        features: list[torch.Tensor],
+        labels: list[torch.Tensor],
+        steps: int = 200,
+        lr: float = 0.05,
+        l2: float = 1e-2,
+        world: World = World(),
+    ) -> None:
         """Class-balanced logistic regression per exit point (full-batch Adam; features are small).
 
         The L2 penalty keeps the weights from growing without bound where a few thousand tokens are
@@ -89,20 +96,20 @@ class ExitClassifier(nn.Module):
             optimiser.step()
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"classifier.weight": self.weight.detach().cpu().contiguous(),
-                "classifier.bias": self.bias.detach().cpu().contiguous()}
+        return {"classifier.weight": self.weight.detach().cpu().contiguous(), "classifier.bias": self.bias.detach().cpu().contiguous()}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], points: int | None = None,
-                     hidden_size: int | None = None) -> ExitClassifier:
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], points: int | None = None, hidden_size: int | None = None) -> ExitClassifier:
         """The classifier an artifact holds, checked against the policy's exit points and the model's width."""
         weight, bias = tensors.get("classifier.weight"), tensors.get("classifier.bias")
         shape = tuple(weight.shape) if weight is not None else ()
         expected = (points or (shape[0] if shape else 0), hidden_size or (shape[1] if len(shape) == 2 else 0))
         if weight is None or bias is None or shape != expected or tuple(bias.shape) != expected[:1]:
             found = "none" if weight is None or bias is None else f"{shape} and {tuple(bias.shape)}"
-            raise DyninferError(f"the artifact's exit classifier does not fit its policy (weights {found}, expected "
-                                f"{expected}); run `dyninfer calibrate` into it again")
+            raise DyninferError(
+                f"the artifact's exit classifier does not fit its policy (weights {found}, expected "
+                f"{expected}); run `dyninfer calibrate` into it again"
+            )
         model = cls(weight.shape[0], weight.shape[1])
         with torch.no_grad():
             model.weight.copy_(weight)

@@ -41,25 +41,29 @@ def _step(rng: random.Random, value: int, item: str) -> tuple[str, str, str, int
     kind = rng.choice(kinds)
     if kind == "add":
         n = rng.randint(2, 30)
-        return (f"gets {n} more {item}", f"After getting {n} more, that is {value} + {n} = {value + n} {item}.",
-                f"+ {n}", value + n)
+        return (f"gets {n} more {item}", f"After getting {n} more, that is {value} + {n} = {value + n} {item}.", f"+ {n}", value + n)
     if kind == "take" and value > 2:
         n = rng.randint(1, value - 1)
-        return (f"gives away {n} {item}", f"After giving away {n}, that is {value} - {n} = {value - n} {item}.",
-                f"- {n}", value - n)
+        return (f"gives away {n} {item}", f"After giving away {n}, that is {value} - {n} = {value - n} {item}.", f"- {n}", value - n)
     if kind == "groups":
         n = rng.randint(2, 5)
-        return (f"ends up with {n} times as many {item}",
-                f"Having {n} times as many means {value} * {n} = {value * n} {item}.", f"* {n}", value * n)
+        return (
+            f"ends up with {n} times as many {item}",
+            f"Having {n} times as many means {value} * {n} = {value * n} {item}.",
+            f"* {n}",
+            value * n,
+        )
     divisors = [d for d in range(2, 6) if value % d == 0]
     if kind == "share" and divisors:
         n = rng.choice(divisors)
-        return (f"shares them equally among {n} friends and keeps one share",
-                f"Sharing equally among {n} leaves one share of {value} / {n} = {value // n} {item}.",
-                f"/ {n}", value // n)
+        return (
+            f"shares them equally among {n} friends and keeps one share",
+            f"Sharing equally among {n} leaves one share of {value} / {n} = {value // n} {item}.",
+            f"/ {n}",
+            value // n,
+        )
     n = rng.randint(2, 30)  # fallback when the chosen kind does not fit the value
-    return (f"gets {n} more {item}", f"After getting {n} more, that is {value} + {n} = {value + n} {item}.",
-            f"+ {n}", value + n)
+    return (f"gets {n} more {item}", f"After getting {n} more, that is {value} + {n} = {value + n} {item}.", f"+ {n}", value + n)
 
 
 def generate_problems(count: int, seed: int = 0, operations: tuple[int, int] = (2, 4)) -> list[CotExample]:
@@ -80,8 +84,7 @@ def generate_problems(count: int, seed: int = 0, operations: tuple[int, int] = (
             clauses.append(clause)
             steps.append(step)
             expression = f"({expression} {operation})"
-        question = (f"{name} has {start} {item}. Then {name} "
-                    + ", then ".join(clauses) + f". How many {item} does {name} have now?")
+        question = f"{name} has {start} {item}. Then {name} " + ", then ".join(clauses) + f". How many {item} does {name} have now?"
         long = " ".join(steps) + f" The answer is {value}."
         short = f"{expression[1:-1] if expression.startswith('(') else expression} = {value}. The answer is {value}."
         problems.append(CotExample(question, long, short, float(value)))
@@ -114,8 +117,7 @@ def load_cot_jsonl(path: str | Path) -> list[CotExample]:
             raise DyninferError(f"'{path}' line {number} is not a JSON object; expected {', '.join(FIELDS)}")
         missing = [f for f in FIELDS if f not in record]
         if missing:
-            raise DyninferError(f"'{path}' line {number} lacks {', '.join(missing)}; every line needs "
-                                f"{', '.join(FIELDS)}")
+            raise DyninferError(f"'{path}' line {number} lacks {', '.join(missing)}; every line needs {', '.join(FIELDS)}")
         for field in ("question", "long", "short"):
             if not isinstance(record[field], str) or not record[field].strip():
                 raise DyninferError(f"'{path}' line {number}: '{field}' must be a non-empty string")

@@ -50,8 +50,7 @@ class ExitPolicy:
         """The policy an artifact holds, every field checked (exit points against `num_layers`)."""
 
         def invalid(what: str) -> DyninferError:
-            return DyninferError(f"the artifact's early-exit policy is invalid ({what}); run `dyninfer calibrate` "
-                                 "into it again")
+            return DyninferError(f"the artifact's early-exit policy is invalid ({what}); run `dyninfer calibrate` into it again")
 
         if not isinstance(d, dict):
             raise invalid(f"a {type(d).__name__}, not an object")
@@ -65,14 +64,14 @@ class ExitPolicy:
         if not isinstance(points, list) or not all(is_integer(p) for p in points) or points != sorted(set(points)):
             raise invalid(f"exit_points {points!r} is not a list of ascending layer numbers")
         if num_layers is not None and any(not 1 <= p < num_layers for p in points):
-            raise invalid(f"exit_points {points} are not all between 1 and {num_layers - 1} for this "
-                          f"{num_layers}-layer model")
+            raise invalid(f"exit_points {points} are not all between 1 and {num_layers - 1} for this {num_layers}-layer model")
         if threshold is not None and not (is_number(threshold) and not math.isnan(threshold)):
             raise invalid(f"threshold {threshold!r} is not a number")
         if not is_integer(top_k) or top_k < 0:
             raise invalid(f"vocab_top_k {top_k!r} is not a whole number >= 0")
-        return cls(d["lens"], d["measure"], list(points), None if threshold is None else float(threshold), top_k,
-                   d.get("kv_mode", KV_MODES[0]))
+        return cls(
+            d["lens"], d["measure"], list(points), None if threshold is None else float(threshold), top_k, d.get("kv_mode", KV_MODES[0])
+        )
 
 
 @dataclass
@@ -86,8 +85,7 @@ class Trace:
     final_correct: torch.Tensor  # [N]
 
     def subset(self, rows: list[int]) -> Trace:
-        return Trace([self.points[r] for r in rows], self.confidence[rows], self.agrees[rows], self.correct[rows],
-                     self.final_correct)
+        return Trace([self.points[r] for r in rows], self.confidence[rows], self.agrees[rows], self.correct[rows], self.final_correct)
 
 
 @torch.no_grad()
@@ -110,21 +108,35 @@ def trace_exits(
     In a data-parallel run each rank traces its share of the windows and every rank gets the
     whole trace, in window order.
     """
-    options = dict(classifier=classifier, vocab_top_k=vocab_top_k, batch_size=batch_size, first=first,
-                   progress=progress)
+    options = dict(classifier=classifier, vocab_top_k=vocab_top_k, batch_size=batch_size, first=first, progress=progress)
     world = distributed.current()
     if world.size == 1:
         return _trace_local(lm, windows, points, lens, measure, **options)
     n = windows.shape[0]
     own = _trace_local(lm, windows[world.shard(n, "windows")], points, lens, measure, **options)
     tokens = world.gather_window_columns
-    return Trace(list(points), tokens(own.confidence.cpu(), n), tokens(own.agrees.cpu(), n),
-                 tokens(own.correct.cpu(), n), tokens(own.final_correct.cpu(), n, dim=0))
+    return Trace(
+        list(points),
+        tokens(own.confidence.cpu(), n),
+        tokens(own.agrees.cpu(), n),
+        tokens(own.correct.cpu(), n),
+        tokens(own.final_correct.cpu(), n, dim=0),
+    )
 
 
-def _trace_local(lm: LayeredModel, windows: torch.Tensor, points: list[int], lens, measure: str, *,
-                 classifier: conf.ExitClassifier | None, vocab_top_k: int, batch_size: int, first: int,
-                 progress: ProgressFn | None) -> Trace:
+def _trace_local(
+    lm: LayeredModel,
+    windows: torch.Tensor,
+    points: list[int],
+    lens,
+    measure: str,
+    *,
+    classifier: conf.ExitClassifier | None,
+    vocab_top_k: int,
+    batch_size: int,
+    first: int,
+    progress: ProgressFn | None,
+) -> Trace:
     """`trace_exits` on this process's windows."""
     report = progress or silent
     if measure not in HEAD_MEASURES:
@@ -164,8 +176,13 @@ def _trace_local(lm: LayeredModel, windows: torch.Tensor, points: list[int], len
         cols["correct"].append(torch.stack(correct) if points else torch.empty(0, n, dtype=torch.bool))
         cols["final"].append(final_top1 == targets)
         report("tracing exits", b + 1, n_batches)
-    return Trace(list(points), torch.cat(cols["confidence"], 1), torch.cat(cols["agrees"], 1),
-                 torch.cat(cols["correct"], 1), torch.cat(cols["final"]))
+    return Trace(
+        list(points),
+        torch.cat(cols["confidence"], 1),
+        torch.cat(cols["agrees"], 1),
+        torch.cat(cols["correct"], 1),
+        torch.cat(cols["final"]),
+    )
 
 
 def check_cost(costs: CostModel, measure: str, translated: bool, first: bool, vocab_top_k: int, d: int) -> float:
@@ -178,16 +195,16 @@ def check_cost(costs: CostModel, measure: str, translated: bool, first: bool, vo
     return extra + costs.norm + costs.head
 
 
-def exit_costs(costs: CostModel, points: list[int], measure: str, translated: bool, vocab_top_k: int,
-               hidden_size: int) -> tuple[list[float], float]:
+def exit_costs(
+    costs: CostModel, points: list[int], measure: str, translated: bool, vocab_top_k: int, hidden_size: int
+) -> tuple[list[float], float]:
     """(cost of a token that leaves at each point, cost of one that runs the full depth), checks included."""
     cumulative_layers = np.concatenate([[0.0], np.cumsum(costs.layers)])
     check = [check_cost(costs, measure, translated, r == 0, vocab_top_k, hidden_size) for r in range(len(points))]
     cumulative_checks = np.concatenate([[0.0], np.cumsum(check)])
     exit_extra = 0.0 if measure in HEAD_MEASURES else costs.norm + costs.head + (costs.translator if translated else 0.0)
     full = costs.full_cost() + cumulative_checks[-1]  # a token that never exits paid every check
-    return [float(costs.embed + cumulative_layers[p] + cumulative_checks[r + 1] + exit_extra)
-            for r, p in enumerate(points)], float(full)
+    return [float(costs.embed + cumulative_layers[p] + cumulative_checks[r + 1] + exit_extra) for r, p in enumerate(points)], float(full)
 
 
 @dataclass
@@ -200,8 +217,9 @@ class Simulation:
     cost: torch.Tensor  # [N] FLOPs
 
 
-def simulate(trace: Trace, threshold: float | None, costs: CostModel, measure: str, translated: bool,
-             vocab_top_k: int, hidden_size: int) -> Simulation:
+def simulate(
+    trace: Trace, threshold: float | None, costs: CostModel, measure: str, translated: bool, vocab_top_k: int, hidden_size: int
+) -> Simulation:
     n_points, n = trace.confidence.shape
     if threshold is None or n_points == 0:
         passes = torch.zeros(n_points, n, dtype=torch.bool)
@@ -248,8 +266,10 @@ def candidate_thresholds(confidence: torch.Tensor, n: int = 120) -> list[float]:
     values = confidence.flatten().double()
     if values.numel() == 0:
         return [float("inf")]
-    qs = torch.quantile(values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:200_000]],
-                        torch.linspace(1.0, 0.0, n, dtype=torch.float64))
+    qs = torch.quantile(
+        values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:200_000]],
+        torch.linspace(1.0, 0.0, n, dtype=torch.float64),
+    )
     grid = [float("inf")] + [float(q) for q in qs]
     return sorted(set(grid), reverse=True)
 
@@ -278,8 +298,7 @@ def generation_grid(trace: Trace, size: int = 24, lowest: float = 5e-4, highest:
     return grid
 
 
-def _best_empirical(trace: Trace, costs: CostModel, measure: str, translated: bool, vocab_top_k: int, d: int,
-                    target: float) -> float:
+def _best_empirical(trace: Trace, costs: CostModel, measure: str, translated: bool, vocab_top_k: int, d: int, target: float) -> float:
     """Highest predicted speedup with empirical consistency >= target (fit half, no guarantee)."""
     best = 1.0
     full = costs.full_cost()
@@ -290,8 +309,17 @@ def _best_empirical(trace: Trace, costs: CostModel, measure: str, translated: bo
     return best
 
 
-def select_exit_points(trace: Trace, costs: CostModel, measure: str, translated: bool, vocab_top_k: int, d: int,
-                       target: float, max_points: int = 8, progress: ProgressFn | None = None) -> list[int]:
+def select_exit_points(
+    trace: Trace,
+    costs: CostModel,
+    measure: str,
+    translated: bool,
+    vocab_top_k: int,
+    d: int,
+    target: float,
+    max_points: int = 8,
+    progress: ProgressFn | None = None,
+) -> list[int]:
     """Greedy forward selection of exit points by predicted speedup at the target (fit half)."""
     chosen: list[int] = []
     best = 1.0
@@ -368,8 +396,7 @@ def evaluate(trace: Trace, threshold: float | None, costs: CostModel, policy: Ex
 
 
 @torch.no_grad()
-def _fit_classifier(lm: LayeredModel, windows: torch.Tensor, points: list[int], lens,
-                    first: int = 0) -> conf.ExitClassifier:
+def _fit_classifier(lm: LayeredModel, windows: torch.Tensor, points: list[int], lens, first: int = 0) -> conf.ExitClassifier:
     """CALM's meta classifier: label = this point's top-1 equals the final top-1.
 
     Data-parallel: each rank keeps the features of its share of the windows and the classifier
@@ -399,8 +426,7 @@ def run_calibration(
     **options,
 ) -> tuple[CalibrationResult, conf.ExitClassifier | None]:
     """Calibrate one policy at `target` (see `run_calibrations` for the options)."""
-    return run_calibrations(lm, lens, costs, fit_windows, calibration_windows, heldout_windows, targets=[target],
-                            **options)[0]
+    return run_calibrations(lm, lens, costs, fit_windows, calibration_windows, heldout_windows, targets=[target], **options)[0]
 
 
 @dataclass
@@ -430,9 +456,20 @@ def check_calibration_options(targets: list[float], measure: str, risk: str) -> 
             raise DyninferError(f"`target` must be between 0 and 1 (exclusive), got {target}")
 
 
-def plan_exits(lm: LayeredModel, lens, costs: CostModel, fit_windows: torch.Tensor, *, targets: list[float],
-               measure: str, vocab_top_k: int = 0, min_layer: int | None = None, max_points: int = 8,
-               first: int = 0, progress: ProgressFn | None = None) -> ExitPlans:
+def plan_exits(
+    lm: LayeredModel,
+    lens,
+    costs: CostModel,
+    fit_windows: torch.Tensor,
+    *,
+    targets: list[float],
+    measure: str,
+    vocab_top_k: int = 0,
+    min_layer: int | None = None,
+    max_points: int = 8,
+    first: int = 0,
+    progress: ProgressFn | None = None,
+) -> ExitPlans:
     """Fit the classifier (if used) and choose each target's exit points on the fit windows.
 
     `first`: learn from the predictions from this position on only (generation risk: the fit
@@ -451,12 +488,12 @@ def plan_exits(lm: LayeredModel, lens, costs: CostModel, fit_windows: torch.Tens
         half = max(1, fit_windows.shape[0] // 2)
         all_points = _fit_classifier(lm, fit_windows[:half], candidates, lens, first)
         choose_on = fit_windows[half:] if fit_windows.shape[0] > 1 else fit_windows
-    fit_trace = trace_exits(lm, choose_on, candidates, lens, measure, classifier=all_points,
-                            vocab_top_k=vocab_top_k, first=first, progress=progress)
+    fit_trace = trace_exits(
+        lm, choose_on, candidates, lens, measure, classifier=all_points, vocab_top_k=vocab_top_k, first=first, progress=progress
+    )
     plans = []
     for target in targets:
-        chosen = select_exit_points(fit_trace, costs, measure, lens.kind == "tuned", vocab_top_k, d, target,
-                                    max_points, progress)
+        chosen = select_exit_points(fit_trace, costs, measure, lens.kind == "tuned", vocab_top_k, d, target, max_points, progress)
         rows = [candidates.index(p) for p in chosen]
         classifier = None
         if all_points is not None:  # keep only the chosen points' rows, in order
@@ -467,20 +504,27 @@ def plan_exits(lm: LayeredModel, lens, costs: CostModel, fit_windows: torch.Tens
     return ExitPlans(plans, candidates, all_points)
 
 
-def trace_plan(lm: LayeredModel, lens, plans: ExitPlans, plan: ExitPlan, windows: torch.Tensor, measure: str,
-               vocab_top_k: int, shared: dict | None = None, progress: ProgressFn | None = None) -> Trace:
+def trace_plan(
+    lm: LayeredModel,
+    lens,
+    plans: ExitPlans,
+    plan: ExitPlan,
+    windows: torch.Tensor,
+    measure: str,
+    vocab_top_k: int,
+    shared: dict | None = None,
+    progress: ProgressFn | None = None,
+) -> Trace:
     """The teacher-forced trace of `windows` at `plan`'s points.
 
     Without `vocab_top_k` a check's confidence does not depend on which other points are checked,
     so one trace over every candidate (kept in `shared`, keyed by the windows) serves every target.
     """
     if vocab_top_k or shared is None:
-        return trace_exits(lm, windows, plan.points, lens, measure, classifier=plan.classifier,
-                           vocab_top_k=vocab_top_k, progress=progress)
+        return trace_exits(lm, windows, plan.points, lens, measure, classifier=plan.classifier, vocab_top_k=vocab_top_k, progress=progress)
     key = id(windows)
     if key not in shared:
-        shared[key] = trace_exits(lm, windows, plans.candidates, lens, measure, classifier=plans.all_points,
-                                  progress=progress)
+        shared[key] = trace_exits(lm, windows, plans.candidates, lens, measure, classifier=plans.all_points, progress=progress)
     return shared[key].subset(plan.rows)
 
 
@@ -508,24 +552,60 @@ def run_calibrations(
     """
     check_calibration_options(targets, measure, risk)
     if risk not in TEACHER_FORCED_RISKS:
-        raise DyninferError(f"run_calibrations certifies a teacher-forced risk ({', '.join(TEACHER_FORCED_RISKS)}); "
-                            f"'{risk}' needs the dynamic model's generations (profilers.generation_risk)")
-    plans = plan_exits(lm, lens, costs, fit_windows, targets=targets, measure=measure, vocab_top_k=vocab_top_k,
-                       min_layer=min_layer, max_points=max_points, progress=progress)
+        raise DyninferError(
+            f"run_calibrations certifies a teacher-forced risk ({', '.join(TEACHER_FORCED_RISKS)}); "
+            f"'{risk}' needs the dynamic model's generations (profilers.generation_risk)"
+        )
+    plans = plan_exits(
+        lm,
+        lens,
+        costs,
+        fit_windows,
+        targets=targets,
+        measure=measure,
+        vocab_top_k=vocab_top_k,
+        min_layer=min_layer,
+        max_points=max_points,
+        progress=progress,
+    )
     shared: dict | None = {} if len(targets) > 1 else None
     results = []
     for plan in plans.plans:
-        cal_trace, held_trace = (trace_plan(lm, lens, plans, plan, w, measure, vocab_top_k, shared, progress)
-                                 for w in (calibration_windows, heldout_windows))
-        result = _certify(lens.kind, measure, plan, vocab_top_k, costs, lm.hidden_size, lm.num_layers, epsilon, risk,
-                          cal_trace, held_trace, calibration_windows.shape)
+        cal_trace, held_trace = (
+            trace_plan(lm, lens, plans, plan, w, measure, vocab_top_k, shared, progress) for w in (calibration_windows, heldout_windows)
+        )
+        result = _certify(
+            lens.kind,
+            measure,
+            plan,
+            vocab_top_k,
+            costs,
+            lm.hidden_size,
+            lm.num_layers,
+            epsilon,
+            risk,
+            cal_trace,
+            held_trace,
+            calibration_windows.shape,
+        )
         results.append((result, plan.classifier))
     return results
 
 
-def _certify(lens_kind: str, measure: str, plan: ExitPlan, vocab_top_k: int, costs: CostModel, d: int,
-             n_layers: int, epsilon: float, risk: str, cal_trace: Trace, held_trace: Trace,
-             calibration_shape: tuple) -> CalibrationResult:
+def _certify(
+    lens_kind: str,
+    measure: str,
+    plan: ExitPlan,
+    vocab_top_k: int,
+    costs: CostModel,
+    d: int,
+    n_layers: int,
+    epsilon: float,
+    risk: str,
+    cal_trace: Trace,
+    held_trace: Trace,
+    calibration_shape: tuple,
+) -> CalibrationResult:
     """Learn-then-Test over the fit trace's threshold grid on the calibration windows; report on held-out."""
     translated = lens_kind == "tuned"
     target, chosen = plan.target, plan.points
@@ -536,9 +616,11 @@ def _certify(lens_kind: str, measure: str, plan: ExitPlan, vocab_top_k: int, cos
     n_windows, window_len = calibration_shape[0], calibration_shape[1] - 1
     needed = min_examples(1.0 - target, epsilon)
     if chosen and n_windows < needed:
-        raise DyninferError(f"{n_windows} calibration windows cannot certify anything at target {target:g} and "
-                            f"epsilon {epsilon:g}: at least {needed} are needed even when no exit is ever wrong; "
-                            "raise `calibration_tokens`, lower `seq_len`, or loosen `target`/`epsilon`")
+        raise DyninferError(
+            f"{n_windows} calibration windows cannot certify anything at target {target:g} and "
+            f"epsilon {epsilon:g}: at least {needed} are needed even when no exit is ever wrong; "
+            "raise `calibration_tokens`, lower `seq_len`, or loosen `target`/`epsilon`"
+        )
     # The grid comes from the fit trace: chosen before the calibration windows are looked at.
     thresholds = candidate_thresholds(plan.fit_trace.confidence) if chosen else [float("inf")]
     sims = [simulate(cal_trace, t, costs, measure, translated, vocab_top_k, d) for t in thresholds]
@@ -551,8 +633,16 @@ def _certify(lens_kind: str, measure: str, plan: ExitPlan, vocab_top_k: int, cos
     full = costs.full_cost()
     for t, s, p in zip(thresholds, sims, ltt.p_values):
         layers = exit_layers(s, cal_trace, n_layers)
-        curve.append(CurvePoint(t, float(s.consistent.double().mean()), float(s.correct.double().mean()),
-                                float(full / s.cost.mean()), float(layers.double().mean()), float(p)))
+        curve.append(
+            CurvePoint(
+                t,
+                float(s.consistent.double().mean()),
+                float(s.correct.double().mean()),
+                float(full / s.cost.mean()),
+                float(layers.double().mean()),
+                float(p),
+            )
+        )
     if policy.threshold is None and chosen:
         notes.append(f"no threshold reaches target {target:g} with the guarantee: the policy never exits")
     return CalibrationResult(

@@ -54,7 +54,7 @@ def active_depths(depths: list[int], curriculum: str, rotation: int, step: int, 
         return [d for i, d in enumerate(depths) if i % rotation == step % rotation]
     if curriculum == "gradual":  # deepest first, one more every steps/len(depths) steps
         count = min(len(depths), 1 + (step * len(depths)) // steps)
-        return depths[len(depths) - count:]
+        return depths[len(depths) - count :]
     return list(depths)
 
 
@@ -98,13 +98,18 @@ class TuningRecord:
             return sum(values) / len(values) if values else None
 
         keys = sorted({k for r in self.history for k in r if k != "step"})
-        return {"settings": self.settings, "exit_depths": self.exit_depths, "tokens": self.tokens,
-                "seconds": self.seconds, "trainable_parameters": self.trainable_parameters,
-                "first_losses": {k: mean(first, k) for k in keys}, "final_losses": {k: mean(last, k) for k in keys}}
+        return {
+            "settings": self.settings,
+            "exit_depths": self.exit_depths,
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+            "trainable_parameters": self.trainable_parameters,
+            "first_losses": {k: mean(first, k) for k in keys},
+            "final_losses": {k: mean(last, k) for k in keys},
+        }
 
 
-def _exit_loss(lm: LayeredModel, hidden: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
-               target: str) -> torch.Tensor:
+def _exit_loss(lm: LayeredModel, hidden: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, target: str) -> torch.Tensor:
     """The exit's loss at every position: KL(teacher || exit) or cross-entropy against the next token."""
     logp = lm.head(lm.final_norm(hidden)).float().log_softmax(-1)
     if target == "teacher":
@@ -112,8 +117,9 @@ def _exit_loss(lm: LayeredModel, hidden: torch.Tensor, teacher: torch.Tensor, la
     return F.nll_loss(logp.flatten(0, 1), labels.flatten())
 
 
-def tune_exits(lm: LayeredModel, windows: torch.Tensor, settings: TuningSettings,
-               progress: ProgressFn | None = None) -> tuple[ValveDelta, TuningRecord]:
+def tune_exits(
+    lm: LayeredModel, windows: torch.Tensor, settings: TuningSettings, progress: ProgressFn | None = None
+) -> tuple[ValveDelta, TuningRecord]:
     """Train a LoRA that makes the exits at `settings.depths` agree with the full model; returns its delta.
 
     `windows` [N, T + 1]: the train windows, used in order and again from the start if the steps
@@ -123,15 +129,18 @@ def tune_exits(lm: LayeredModel, windows: torch.Tensor, settings: TuningSettings
     settings.validate()
     lm.require_weights("tune-exits")
     if lm.adapter.recurrent:
-        raise DyninferError(f"tune-exits does not apply to {lm.config.model_type}: its recurrent state has no "
-                            "cache to reuse in self-speculation; probe, calibrate and run work")
+        raise DyninferError(
+            f"tune-exits does not apply to {lm.config.model_type}: its recurrent state has no "
+            "cache to reuse in self-speculation; probe, calibrate and run work"
+        )
     depths = settings.depths(lm.num_layers)
     if windows.shape[0] < 1:
         raise DyninferError("no train windows to tune on; use more data")
     world = distributed.current()
     if settings.batch_size < world.size:
-        raise DyninferError(f"{option('batch_size')} {settings.batch_size} cannot be shared among {world.size} "
-                            "processes; give each at least one window")
+        raise DyninferError(
+            f"{option('batch_size')} {settings.batch_size} cannot be shared among {world.size} processes; give each at least one window"
+        )
     report = progress or silent
     groups = layer_groups(depths, lm.num_layers)
     drop_rates = layer_drop_rates(lm.num_layers, settings.layer_dropout)
@@ -145,7 +154,8 @@ def tune_exits(lm: LayeredModel, windows: torch.Tensor, settings: TuningSettings
         optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
         warmup = max(1, settings.steps // 10)
         schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to a tenth
-            optimizer, lambda s: min((s + 1) / warmup, 1.0 - 0.9 * max(0, s - warmup) / max(1, settings.steps - warmup)))
+            optimizer, lambda s: min((s + 1) / warmup, 1.0 - 0.9 * max(0, s - warmup) / max(1, settings.steps - warmup))
+        )
         for step in range(settings.steps):
             rows = [(step * settings.batch_size + i) % n for i in range(settings.batch_size)]
             local = windows[[rows[i] for i in world.shard(len(rows), "windows of a batch")]].to(lm.device)
@@ -154,8 +164,7 @@ def tune_exits(lm: LayeredModel, windows: torch.Tensor, settings: TuningSettings
             with torch.no_grad(), peft_model.disable_adapter():
                 teacher = lm.model(x, use_cache=False).logits.float().log_softmax(-1)
             positions = x.shape[1]
-            scored = torch.randperm(positions, generator=sampling)[: max(1, round(settings.exit_token_fraction
-                                                                                   * positions))].sort().values
+            scored = torch.randperm(positions, generator=sampling)[: max(1, round(settings.exit_token_fraction * positions))].sort().values
             scored = scored.to(lm.device)
             exit_teacher, exit_labels = teacher[:, scored], y[:, scored]
             active = set(active_depths(depths, settings.curriculum, settings.rotation, step, settings.steps))
@@ -171,8 +180,9 @@ def tune_exits(lm: LayeredModel, windows: torch.Tensor, settings: TuningSettings
                     else:
                         hidden = lm.run_layer(fwd, index, hidden)
                 if index + 1 in active:  # the head recomputed in the backward pass: logits are [B, T, V]
-                    losses[index + 1] = checkpoint(_exit_loss, lm, hidden[:, scored], exit_teacher, exit_labels,
-                                                   settings.exit_target, use_reentrant=False)
+                    losses[index + 1] = checkpoint(
+                        _exit_loss, lm, hidden[:, scored], exit_teacher, exit_labels, settings.exit_target, use_reentrant=False
+                    )
             final = _exit_loss(lm, hidden, teacher, y, "teacher")
             loss = sum(weights[d] * losses[d] for d in losses) + settings.kl_weight * final
             optimizer.zero_grad()
@@ -192,8 +202,14 @@ def tune_exits(lm: LayeredModel, windows: torch.Tensor, settings: TuningSettings
             report(f"tuning exits — {_describe_losses(history, groups)}", step + 1, settings.steps)
         delta = lora_delta(peft_model)
         trainable = sum(p.numel() for p in params)
-    record = TuningRecord(asdict(settings), depths, settings.steps * settings.batch_size * (windows.shape[1] - 1),
-                          time.perf_counter() - started, trainable, history)
+    record = TuningRecord(
+        asdict(settings),
+        depths,
+        settings.steps * settings.batch_size * (windows.shape[1] - 1),
+        time.perf_counter() - started,
+        trainable,
+        history,
+    )
     return delta, record
 
 
@@ -226,8 +242,10 @@ def stored_tuning(artifact: Artifact) -> ValveDelta | None:
         return None
     delta = ValveDelta.from_tensors(artifact.tensors.get(TUNING_GROUP, {}), TUNING_PREFIX)
     if delta is None:
-        raise DyninferError("the artifact records a tune stage but holds no tuning.safetensors weights; it is damaged: "
-                            "run `dyninfer tune-exits` into a new artifact")
+        raise DyninferError(
+            "the artifact records a tune stage but holds no tuning.safetensors weights; it is damaged: "
+            "run `dyninfer tune-exits` into a new artifact"
+        )
     return delta
 
 
@@ -255,6 +273,8 @@ def stored_draft_vocabulary(artifact: Artifact) -> torch.Tensor | None:
         return None
     vocab = artifact.base_model.vocab_size
     if ids.dim() != 1 or ids.dtype != torch.int64 or ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab:
-        raise DyninferError("the artifact's draft vocabulary is not a list of token ids of this model; it is damaged: "
-                            "run `dyninfer tune-exits` into a new artifact")
+        raise DyninferError(
+            "the artifact's draft vocabulary is not a list of token ids of this model; it is damaged: "
+            "run `dyninfer tune-exits` into a new artifact"
+        )
     return ids

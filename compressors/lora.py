@@ -31,8 +31,9 @@ def lora_attached(lm: LayeredModel, rank: int, targets: tuple[str, ...] | None =
     targets = tuple(targets or lm.adapter.lora_targets)
     model = lm.model
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets), lora_dropout=0.0, bias="none",
-                        fan_in_fan_out=lm.family == "gpt2")
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, target_modules=list(targets), lora_dropout=0.0, bias="none", fan_in_fan_out=lm.family == "gpt2"
+    )
     torch.manual_seed(seed)  # the LoRA's initialisation
     try:
         peft_model = get_peft_model(model, config)

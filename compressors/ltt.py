@@ -114,9 +114,7 @@ def _check_p_value_args(risk_hat: float, n: int, delta: float) -> tuple[float, i
         raise DyninferError(f"n (the number of calibration examples) must be an integer >= 1, got {n!r}.")
     risk_hat = float(risk_hat)
     if not -LOSS_TOLERANCE <= risk_hat <= 1.0 + LOSS_TOLERANCE:
-        raise DyninferError(
-            f"risk_hat must be an empirical mean of losses in [0, 1], got {risk_hat!r}; rescale the losses."
-        )
+        raise DyninferError(f"risk_hat must be an empirical mean of losses in [0, 1], got {risk_hat!r}; rescale the losses.")
     return min(max(risk_hat, 0.0), 1.0), int(n), delta
 
 
@@ -168,9 +166,7 @@ def _check_losses(losses, lambdas) -> tuple[np.ndarray, list[float]]:
     try:
         lambdas = [float(x) for x in lambdas]
     except (TypeError, ValueError):
-        raise DyninferError(
-            "lambdas must be a sequence of numbers (candidate thresholds, strict -> loose)."
-        ) from None
+        raise DyninferError("lambdas must be a sequence of numbers (candidate thresholds, strict -> loose).") from None
     if not lambdas:
         raise DyninferError("lambdas is empty; give at least one candidate threshold.")
     if any(math.isnan(x) for x in lambdas):
@@ -186,15 +182,12 @@ def _check_losses(losses, lambdas) -> tuple[np.ndarray, list[float]]:
         )
     if array.shape[0] != len(lambdas):
         raise DyninferError(
-            f"losses has {array.shape[0]} rows but there are {len(lambdas)} lambdas; "
-            f"give one row of per-example losses per candidate."
+            f"losses has {array.shape[0]} rows but there are {len(lambdas)} lambdas; give one row of per-example losses per candidate."
         )
     if array.shape[1] < 1:
         raise DyninferError("losses has no examples (0 columns); calibrate on at least one example.")
     if not np.all(np.isfinite(array)):
-        raise DyninferError(
-            "losses contains NaN or infinite values; every per-example loss must be in [0, 1]."
-        )
+        raise DyninferError("losses contains NaN or infinite values; every per-example loss must be in [0, 1].")
     low, high = float(array.min()), float(array.max())
     if low < -LOSS_TOLERANCE or high > 1.0 + LOSS_TOLERANCE:
         raise DyninferError(
@@ -229,8 +222,7 @@ def learn_then_test(losses, lambdas, delta: float, epsilon: float, method: str =
         method = "binomial" if binary else "hoeffding-bentkus"
     elif method == "binomial" and not binary:
         raise DyninferError(
-            "method 'binomial' needs losses that are exactly 0 or 1; use 'hoeffding-bentkus' "
-            "(or 'auto') for losses in [0, 1]."
+            "method 'binomial' needs losses that are exactly 0 or 1; use 'hoeffding-bentkus' (or 'auto') for losses in [0, 1]."
         )
     n = int(array.shape[1])
     p_value = binomial_p_value if method == "binomial" else hoeffding_bentkus_p_value

@@ -53,7 +53,6 @@ GREEDY_STEP = 0.025  # per-layer sparsity grid of the greedy allocation
 MAX_LAYER_SPARSITY = 0.95
 
 
-
 # --------------------------------------------------------------------------- predictor
 
 
@@ -93,13 +92,23 @@ class PruningPlan:
         return len(self.thresholds)
 
     def describe(self) -> dict:
-        return {"method": self.method, "sparsity": self.sparsity, "allocation": self.allocation,
-                "input_sparsity": self.input_sparsity, "rank": self.rank, "label": self.label, "mass": self.mass,
-                "layer_sparsity": [round(s, 4) for s in self.layer_sparsity], "num_layers": self.num_layers}
+        return {
+            "method": self.method,
+            "sparsity": self.sparsity,
+            "allocation": self.allocation,
+            "input_sparsity": self.input_sparsity,
+            "rank": self.rank,
+            "label": self.label,
+            "mass": self.mass,
+            "layer_sparsity": [round(s, 4) for s in self.layer_sparsity],
+            "num_layers": self.num_layers,
+        }
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"thresholds": torch.tensor(self.thresholds, dtype=torch.float32),
-               "layer_sparsity": torch.tensor(self.layer_sparsity, dtype=torch.float32)}
+        out = {
+            "thresholds": torch.tensor(self.thresholds, dtype=torch.float32),
+            "layer_sparsity": torch.tensor(self.layer_sparsity, dtype=torch.float32),
+        }
         if self.input_thresholds:
             out["input_thresholds"] = torch.tensor(self.input_thresholds, dtype=torch.float32)
         for i, predictor in enumerate(self.predictors or []):
@@ -112,8 +121,7 @@ class PruningPlan:
         """The plan an artifact holds, checked against this model; one-line errors when it does not fit."""
         plan = stage.get("plan")
         if not isinstance(plan, dict) or plan.get("method") not in METHODS:
-            raise DyninferError("the artifact's prune stage has no valid plan (a method of "
-                                f"{', '.join(METHODS)}); re-run `dyninfer prune`")
+            raise DyninferError(f"the artifact's prune stage has no valid plan (a method of {', '.join(METHODS)}); re-run `dyninfer prune`")
         method = plan["method"]
         try:
             thresholds = tensors["thresholds"].tolist()
@@ -122,11 +130,11 @@ class PruningPlan:
             raise DyninferError(f"the artifact's pruning masks lack {missing}; re-run `dyninfer prune`") from None
         for name in ("sparsity", "input_sparsity", "mass", "rank"):
             if name in plan and not is_number(plan[name]):
-                raise DyninferError(f"the artifact's pruning plan has a non-numeric {name} ({plan[name]!r}); re-run "
-                                    "`dyninfer prune`")
+                raise DyninferError(f"the artifact's pruning plan has a non-numeric {name} ({plan[name]!r}); re-run `dyninfer prune`")
         if len(thresholds) != lm.num_layers:
-            raise DyninferError(f"the pruning masks are for {len(thresholds)} layers but the model has "
-                                f"{lm.num_layers}; prune this model again")
+            raise DyninferError(
+                f"the pruning masks are for {len(thresholds)} layers but the model has {lm.num_layers}; prune this model again"
+            )
         predictors = None
         if method == "predictor":
             predictors = []
@@ -139,15 +147,23 @@ class PruningPlan:
                 try:
                     predictor.load_state_dict(state)
                 except RuntimeError:  # missing or misshapen weights
-                    raise DyninferError(f"the artifact's pruning predictor for layer {i} does not fit this model; "
-                                        "re-run `dyninfer prune`") from None
+                    raise DyninferError(
+                        f"the artifact's pruning predictor for layer {i} does not fit this model; re-run `dyninfer prune`"
+                    ) from None
                 predictors.append(predictor.to(lm.device).eval().requires_grad_(False))
-        return cls(method=method, sparsity=float(plan.get("sparsity", 0.0)), allocation=plan.get("allocation", "uniform"),
-                   layer_sparsity=layer_sparsity, thresholds=thresholds,
-                   input_sparsity=float(plan.get("input_sparsity", 0.0)),
-                   input_thresholds=tensors["input_thresholds"].tolist() if "input_thresholds" in tensors else [],
-                   rank=int(plan.get("rank", 0)), label=plan.get("label", "topk"), mass=float(plan.get("mass", 0.0)),
-                   predictors=predictors)
+        return cls(
+            method=method,
+            sparsity=float(plan.get("sparsity", 0.0)),
+            allocation=plan.get("allocation", "uniform"),
+            layer_sparsity=layer_sparsity,
+            thresholds=thresholds,
+            input_sparsity=float(plan.get("input_sparsity", 0.0)),
+            input_thresholds=tensors["input_thresholds"].tolist() if "input_thresholds" in tensors else [],
+            rank=int(plan.get("rank", 0)),
+            label=plan.get("label", "topk"),
+            mass=float(plan.get("mass", 0.0)),
+            predictors=predictors,
+        )
 
 
 # --------------------------------------------------------------------------- the module
@@ -201,8 +217,16 @@ class SparseMLP(nn.Module):
     Decoding one token takes the sparse kernels; everything else the masked-dense path.
     """
 
-    def __init__(self, dense: nn.Module, weights: MlpWeights, threshold: float, *, input_threshold: float = 0.0,
-                 predictor: NeuronPredictor | None = None, backend: str = "auto"):
+    def __init__(
+        self,
+        dense: nn.Module,
+        weights: MlpWeights,
+        threshold: float,
+        *,
+        input_threshold: float = 0.0,
+        predictor: NeuronPredictor | None = None,
+        backend: str = "auto",
+    ):
         super().__init__()
         self.dense = dense
         self.weights = weights
@@ -261,8 +285,7 @@ class SparseMLP(nn.Module):
         sparse_mlp, rows_axpy = self._kernels
         w, flat = self.weights, x.reshape(-1)
         if self.predictor is not None and self._resolved == "cpu":  # predictor + selection + MLP in one call
-            out, count = predicted_mlp_cpu(flat, self.predictor, self.threshold, self._layout("packed"), w.act,
-                                           w.first_bias)
+            out, count = predicted_mlp_cpu(flat, self.predictor, self.threshold, self._layout("packed"), w.act, w.first_bias)
         elif self.predictor is not None:
             active = torch.nonzero(self.predictor(flat) > self.threshold).squeeze(1)
             out = sparse_mlp(flat, self._layout("packed"), active, w.act, fc_bias=w.first_bias)
@@ -304,9 +327,14 @@ def install_pruning(lm: LayeredModel, plan: PruningPlan, backend: str = "auto") 
     remove_pruning(lm)
     for i in range(lm.num_layers):
         dense = lm.mlp(i)
-        module = SparseMLP(dense, lm.mlp_weights(i), plan.thresholds[i],
-                           input_threshold=plan.input_thresholds[i] if plan.input_thresholds else 0.0,
-                           predictor=plan.predictors[i] if plan.predictors else None, backend=backend)
+        module = SparseMLP(
+            dense,
+            lm.mlp_weights(i),
+            plan.thresholds[i],
+            input_threshold=plan.input_thresholds[i] if plan.input_thresholds else 0.0,
+            predictor=plan.predictors[i] if plan.predictors else None,
+            backend=backend,
+        )
         lm.set_mlp(i, module)
 
 
@@ -400,8 +428,10 @@ def collect_mlp_samples(lm: LayeredModel, windows: torch.Tensor, progress: Progr
         return _local_mlp_samples(lm, windows, progress)
     own = _local_mlp_samples(lm, windows[world.shard(windows.shape[0], "windows")], progress)
     n = windows.shape[0]
-    return MlpSamples([world.gather_window_columns(x.cpu(), n, dim=0).to(x.device) for x in own.inputs],
-                      [world.gather_window_columns(r.cpu(), n, dim=0).to(r.device) for r in own.residual_sq])
+    return MlpSamples(
+        [world.gather_window_columns(x.cpu(), n, dim=0).to(x.device) for x in own.inputs],
+        [world.gather_window_columns(r.cpu(), n, dim=0).to(r.device) for r in own.residual_sq],
+    )
 
 
 @torch.no_grad()
@@ -412,6 +442,7 @@ def _local_mlp_samples(lm: LayeredModel, windows: torch.Tensor, progress: Progre
     residual: list[list[torch.Tensor]] = [[] for _ in range(lm.num_layers)]
     handles = []
     for i in range(lm.num_layers):
+
         def grab_mlp(module, args, i=i):
             inputs[i].append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
 
@@ -464,8 +495,7 @@ def greedy_allocation(errors: torch.Tensor, target: float, step: float) -> list[
 
 
 @torch.no_grad()
-def layer_errors(lm: LayeredModel, samples: MlpSamples, input_thresholds: list[float], step: float,
-                 max_tokens: int = 512) -> torch.Tensor:
+def layer_errors(lm: LayeredModel, samples: MlpSamples, input_thresholds: list[float], step: float, max_tokens: int = 512) -> torch.Tensor:
     """Mean over tokens of the relative change of the residual stream when a layer's |h| is pruned
     at each grid sparsity. Per-token ratios: a few tokens with huge residual norms (attention
     sinks) would otherwise dominate a ratio of sums and hide the error on ordinary tokens."""
@@ -487,8 +517,9 @@ def layer_errors(lm: LayeredModel, samples: MlpSamples, input_thresholds: list[f
 
 
 @torch.no_grad()
-def calibrate_threshold_plan(lm: LayeredModel, samples: MlpSamples, sparsity: float, *, allocation: str = "uniform",
-                             input_sparsity: float = 0.0) -> PruningPlan:
+def calibrate_threshold_plan(
+    lm: LayeredModel, samples: MlpSamples, sparsity: float, *, allocation: str = "uniform", input_sparsity: float = 0.0
+) -> PruningPlan:
     """TEAL/CATS-style thresholds on |h| (and |x| when `input_sparsity` > 0), no training."""
     input_thresholds = [_quantile(x.abs(), input_sparsity) for x in samples.inputs] if input_sparsity > 0 else []
     layer_sparsity = _allocate(lm, samples, sparsity, allocation, input_thresholds)
@@ -496,12 +527,12 @@ def calibrate_threshold_plan(lm: LayeredModel, samples: MlpSamples, sparsity: fl
     for i, s in enumerate(layer_sparsity):
         h = mlp_hidden(lm.mlp_weights(i), samples.inputs[i], input_thresholds[i] if input_thresholds else 0.0)
         thresholds.append(_quantile(h.abs(), s))
-    return PruningPlan("threshold", sparsity, allocation, layer_sparsity, thresholds, input_sparsity=input_sparsity,
-                       input_thresholds=input_thresholds)
+    return PruningPlan(
+        "threshold", sparsity, allocation, layer_sparsity, thresholds, input_sparsity=input_sparsity, input_thresholds=input_thresholds
+    )
 
 
-def _allocate(lm: LayeredModel, samples: MlpSamples, sparsity: float, allocation: str,
-              input_thresholds: list[float]) -> list[float]:
+def _allocate(lm: LayeredModel, samples: MlpSamples, sparsity: float, allocation: str, input_thresholds: list[float]) -> list[float]:
     if allocation == "uniform":
         return [sparsity] * lm.num_layers
     errors = layer_errors(lm, samples, input_thresholds, GREEDY_STEP)
@@ -533,9 +564,20 @@ class PredictorTraining:
     final_loss: list[float]
 
 
-def train_predictors(lm: LayeredModel, samples: MlpSamples, sparsity: float, *, rank: int = 64, label: str = "topk",
-                     mass: float = 0.9, steps: int = 300, batch: int = 512, lr: float = 3e-3, seed: int = 0,
-                     progress: ProgressFn | None = None) -> tuple[PruningPlan, PredictorTraining]:
+def train_predictors(
+    lm: LayeredModel,
+    samples: MlpSamples,
+    sparsity: float,
+    *,
+    rank: int = 64,
+    label: str = "topk",
+    mass: float = 0.9,
+    steps: int = 300,
+    batch: int = 512,
+    lr: float = 3e-3,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+) -> tuple[PruningPlan, PredictorTraining]:
     """Deja Vu / FTWT predictors, one per layer, and thresholds on their logits for `sparsity`.
 
     Data-parallel (DDP's scheme): every rank draws the same minibatch, takes every size-th row of
@@ -567,8 +609,12 @@ def train_predictors(lm: LayeredModel, samples: MlpSamples, sparsity: float, *, 
             for _ in range(steps):
                 pick = torch.randint(0, x.shape[0], (min(batch, x.shape[0]),), generator=generator)
                 mine = pick[world.rank :: world.size]
-                loss = F.binary_cross_entropy_with_logits(predictor(x[mine]), target[mine], weight=weight[mine],
-                                                          pos_weight=pos_weight, reduction="sum") / target[pick].numel()
+                loss = (
+                    F.binary_cross_entropy_with_logits(
+                        predictor(x[mine]), target[mine], weight=weight[mine], pos_weight=pos_weight, reduction="sum"
+                    )
+                    / target[pick].numel()
+                )
                 optimizer.zero_grad()
                 loss.backward()
                 world.sum_gradients(predictor.parameters())
@@ -581,8 +627,17 @@ def train_predictors(lm: LayeredModel, samples: MlpSamples, sparsity: float, *, 
         losses.append(float(world.sum(float(loss.detach()))))  # the minibatch mean over all ranks
         if progress:
             progress("training predictors", i + 1, lm.num_layers)
-    plan = PruningPlan("predictor", sparsity, "uniform", [sparsity] * lm.num_layers, thresholds, rank=rank,
-                       label=label, mass=mass if label == "mass" else 0.0, predictors=predictors)
+    plan = PruningPlan(
+        "predictor",
+        sparsity,
+        "uniform",
+        [sparsity] * lm.num_layers,
+        thresholds,
+        rank=rank,
+        label=label,
+        mass=mass if label == "mass" else 0.0,
+        predictors=predictors,
+    )
     return plan, PredictorTraining(steps, rank, losses)
 
 
@@ -593,9 +648,9 @@ def predictor_recall(lm: LayeredModel, plan: PruningPlan, samples: MlpSamples) -
     rows = []
     for i in range(lm.num_layers):
         x = samples.inputs[i]
-        truth = neuron_labels(output_contribution(lm.mlp_weights(i), x), label=plan.label,
-                              sparsity=plan.layer_sparsity[i], mass=plan.mass)
+        truth = neuron_labels(output_contribution(lm.mlp_weights(i), x), label=plan.label, sparsity=plan.layer_sparsity[i], mass=plan.mass)
         chosen = plan.predictors[i](x) > plan.thresholds[i]
-        rows.append({"layer": i, "recall": float((chosen & truth).sum() / truth.sum().clamp_min(1)),
-                     "sparsity": 1.0 - float(chosen.float().mean())})
+        rows.append(
+            {"layer": i, "recall": float((chosen & truth).sum() / truth.sum().clamp_min(1)), "sparsity": 1.0 - float(chosen.float().mean())}
+        )
     return rows

@@ -53,21 +53,19 @@ def load_cot_split(spec: str, seed: int, train: int, heldout: int) -> tuple[list
         raise DyninferError(f"unknown built-in CoT data '{spec}'; use {BUILTIN_COT}[:STEPS] or a .jsonl file")
     examples = load_cot_jsonl(spec)
     if len(examples) < 2:
-        raise DyninferError(f"'{spec}' holds {len(examples)} example; steering needs at least 2 "
-                            "(some to extract from, some held out)")
+        raise DyninferError(f"'{spec}' holds {len(examples)} example; steering needs at least 2 (some to extract from, some held out)")
     random.Random(seed).shuffle(examples)
     held = min(heldout, max(1, len(examples) // 5))
-    return examples[: min(train, len(examples) - held)], examples[len(examples) - held:]
+    return examples[: min(train, len(examples) - held)], examples[len(examples) - held :]
 
 
 def _builtin_steps(spec: str) -> tuple[int, int]:
     """`builtin:arithmetic` is 2-4 operations per problem; `builtin:arithmetic:K` exactly K (1-6)."""
     if spec == BUILTIN_COT:
         return (2, 4)
-    count = spec[len(BUILTIN_COT) + 1:]
+    count = spec[len(BUILTIN_COT) + 1 :]
     if not count.isdigit() or not 1 <= int(count) <= 6:
-        raise DyninferError(f"'{spec}': the number of operations after {BUILTIN_COT}: must be 1 to 6, "
-                            f"e.g. {BUILTIN_COT}:2")
+        raise DyninferError(f"'{spec}': the number of operations after {BUILTIN_COT}: must be 1 to 6, e.g. {BUILTIN_COT}:2")
     return (int(count), int(count))
 
 
@@ -104,7 +102,7 @@ class CotPrompter:
 def batches(items: list, size: int):
     """Consecutive slices of `items` of at most `size` each."""
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 def right_padded(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,9 +132,15 @@ def default_layers(num_layers: int) -> list[int]:
 
 
 @torch.no_grad()
-def chain_means(loaded: LoadedModel, prompter: CotPrompter, examples: list[CotExample], layers: list[int],
-                batch_size: int = 8, first_tokens: int | None = None,
-                progress: ProgressFn | None = None) -> dict[str, torch.Tensor]:
+def chain_means(
+    loaded: LoadedModel,
+    prompter: CotPrompter,
+    examples: list[CotExample],
+    layers: list[int],
+    batch_size: int = 8,
+    first_tokens: int | None = None,
+    progress: ProgressFn | None = None,
+) -> dict[str, torch.Tensor]:
     """Mean output of each layer over each chain's tokens (or its first `first_tokens`, counted
     from the last prompt token, where the model decides how to answer): {"long"|"short": [examples, layers, d]}."""
     lm = loaded.layered
@@ -145,6 +149,7 @@ def chain_means(loaded: LoadedModel, prompter: CotPrompter, examples: list[CotEx
     def hook_for(i):
         def hook(module, args, output):
             captured[i] = output[0] if isinstance(output, tuple) else output
+
         return hook
 
     handles = [lm.layers[i].register_forward_hook(hook_for(i)) for i in layers]
@@ -161,9 +166,9 @@ def chain_means(loaded: LoadedModel, prompter: CotPrompter, examples: list[CotEx
                 chain = torch.zeros(ids.shape, dtype=torch.bool)
                 for row, (seq, start) in enumerate(batch):
                     if first_tokens is None:
-                        chain[row, start:len(seq)] = True
+                        chain[row, start : len(seq)] = True
                     else:
-                        chain[row, start - 1:min(len(seq), start - 1 + first_tokens)] = True
+                        chain[row, start - 1 : min(len(seq), start - 1 + first_tokens)] = True
                 weights = chain.float() / chain.sum(1, keepdim=True).clamp(min=1)
                 means.append(torch.stack([torch.einsum("bt,btd->bd", weights, captured[i].float()) for i in layers], 1))
             out[kind] = torch.cat(means)
@@ -195,9 +200,19 @@ def activation_direction(means: dict[str, torch.Tensor], layers: list[int], kind
 # --------------------------------------------------------------------------- CoT-Valve: a LoRA on the short chains
 
 
-def train_valve(loaded: LoadedModel, prompter: CotPrompter, examples: list[CotExample], *, rank: int = 8,
-                steps: int = 200, lr: float = 1e-3, batch_size: int = 8, seed: int = 0,
-                targets: tuple[str, ...] | None = None, progress: ProgressFn | None = None) -> tuple[ValveDelta, dict]:
+def train_valve(
+    loaded: LoadedModel,
+    prompter: CotPrompter,
+    examples: list[CotExample],
+    *,
+    rank: int = 8,
+    steps: int = 200,
+    lr: float = 1e-3,
+    batch_size: int = 8,
+    seed: int = 0,
+    targets: tuple[str, ...] | None = None,
+    progress: ProgressFn | None = None,
+) -> tuple[ValveDelta, dict]:
     """Fit a LoRA (peft) to the short chains; Δθ = its B·A·scaling per adapted weight. The model is left as it was."""
     lm = loaded.layered
     targets = tuple(targets or lm.adapter.lora_targets)
@@ -228,9 +243,15 @@ def train_valve(loaded: LoadedModel, prompter: CotPrompter, examples: list[CotEx
             losses.append(loss.item())
             report("training the CoT-Valve LoRA on the short chains", step + 1, steps)
         delta = lora_delta(peft_model)
-    record = {"rank": rank, "steps": steps, "lr": lr, "batch_size": batch_size, "targets": list(targets),
-              "first_loss": losses[0] if losses else None,
-              "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None}
+    record = {
+        "rank": rank,
+        "steps": steps,
+        "lr": lr,
+        "batch_size": batch_size,
+        "targets": list(targets),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+    }
     return delta, record
 
 
@@ -243,8 +264,10 @@ def _read_adapter(path: Path, loaded: LoadedModel) -> ValveDelta:
 
     config_path, weights_path = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not weights_path.is_file():
-        raise DyninferError(f"'{path}' has no adapter_model.safetensors; save the adapter with peft's "
-                            "save_pretrained (safetensors; pickled .bin files are not read)")
+        raise DyninferError(
+            f"'{path}' has no adapter_model.safetensors; save the adapter with peft's "
+            "save_pretrained (safetensors; pickled .bin files are not read)"
+        )
     try:
         config = json.loads(config_path.read_text())
         rank, alpha = int(config["r"]), float(config["lora_alpha"])
@@ -263,8 +286,9 @@ def _read_adapter(path: Path, loaded: LoadedModel) -> ValveDelta:
         module_name = key[: -len(".lora_A.weight")].removeprefix("base_model.model.")
         b = weights.get(key.replace(".lora_A.", ".lora_B."))
         if b is None or module_name not in modules:
-            raise DyninferError(f"the adapter in '{path}' adapts '{module_name}', which this model does not have; "
-                                "it was made for another model")
+            raise DyninferError(
+                f"the adapter in '{path}' adapts '{module_name}', which this model does not have; it was made for another model"
+            )
         b = b.float() * scaling
         a = a.float()
         low_rank[f"{module_name}.weight"] = (a.T, b.T) if is_conv1d(modules[module_name]) else (b, a)
@@ -283,8 +307,9 @@ def _checkpoint_delta(spec: str, loaded: LoadedModel) -> ValveDelta:
     for name, param in other.model.named_parameters():
         mine = base.get(name)
         if mine is None or mine.shape != param.shape:
-            raise DyninferError(f"'{spec}' is not the same architecture as the base model ('{name}' does not "
-                                "match); pass a checkpoint fine-tuned from it")
+            raise DyninferError(
+                f"'{spec}' is not the same architecture as the base model ('{name}' does not match); pass a checkpoint fine-tuned from it"
+            )
         theirs, ours = param.detach().float(), mine.detach().float().cpu()  # compared in float32 on the CPU
         if not torch.equal(ours, theirs):
             dense[name] = theirs - ours

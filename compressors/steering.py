@@ -49,15 +49,17 @@ class ActivationSteering:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> ActivationSteering | None:
-        found = {int(k[len(_ACTIVATION_PREFIX):]): v for k, v in tensors.items() if k.startswith(_ACTIVATION_PREFIX)}
+        found = {int(k[len(_ACTIVATION_PREFIX) :]): v for k, v in tensors.items() if k.startswith(_ACTIVATION_PREFIX)}
         return cls(found) if found else None
 
     def check(self, lm: LayeredModel) -> None:
         for i, v in self.directions.items():
             if not 0 <= i < lm.num_layers or v.shape != (lm.hidden_size,):
-                raise DyninferError(f"the steering direction for layer {i} (shape {tuple(v.shape)}) does not fit this "
-                                    f"model ({lm.num_layers} layers, hidden size {lm.hidden_size}); "
-                                    "extract it again for this model")
+                raise DyninferError(
+                    f"the steering direction for layer {i} (shape {tuple(v.shape)}) does not fit this "
+                    f"model ({lm.num_layers} layers, hidden size {lm.hidden_size}); "
+                    "extract it again for this model"
+                )
 
 
 class _OutputBias(nn.Module):
@@ -100,6 +102,7 @@ def hooked(lm: LayeredModel, steering: ActivationSteering, alpha: float) -> Iter
             if isinstance(output, tuple):
                 return (output[0] + vector,) + tuple(output[1:])
             return output + vector
+
         return hook
 
     handles = [lm.layers[i].register_forward_hook(hook_for(alpha * v.to(lm.device))) for i, v in steering.directions.items()]
@@ -136,14 +139,13 @@ class ValveDelta:
         for key, value in tensors.items():
             if not key.startswith(prefix):
                 continue
-            name, _, part = key[len(prefix):].rpartition(".")
+            name, _, part = key[len(prefix) :].rpartition(".")
             if part == "delta":
                 dense[name] = value
             elif part == "up":
                 down = tensors.get(f"{prefix}{name}.down")
                 if down is None:
-                    raise DyninferError(f"the stored low-rank delta of '{name}' has no down half; the artifact is "
-                                        "damaged: make it again")
+                    raise DyninferError(f"the stored low-rank delta of '{name}' has no down half; the artifact is damaged: make it again")
                 low_rank[name] = (value, down)
         return cls(low_rank, dense) if low_rank or dense else None
 
@@ -156,31 +158,33 @@ class ValveDelta:
         up, down = self.low_rank[name]
         return up @ down
 
-    def parameters_of(self, model: nn.Module, what: str = "the CoT-Valve delta",
-                      remedy: str = "extract it again for this model") -> dict[str, nn.Parameter]:
+    def parameters_of(
+        self, model: nn.Module, what: str = "the CoT-Valve delta", remedy: str = "extract it again for this model"
+    ) -> dict[str, nn.Parameter]:
         """The model's parameters this delta adapts, checked for shape."""
         params = dict(model.named_parameters())
         found = {}
         for name in self.names():
             param = params.get(name)
-            expected = (self.dense[name].shape if name in self.dense
-                        else (self.low_rank[name][0].shape[0], self.low_rank[name][1].shape[1]))
+            expected = self.dense[name].shape if name in self.dense else (self.low_rank[name][0].shape[0], self.low_rank[name][1].shape[1])
             if param is None or tuple(param.shape) != tuple(expected):
-                raise DyninferError(f"{what} adapts '{name}' {tuple(expected)}, which this model "
-                                    f"{'lacks' if param is None else 'has as ' + str(tuple(param.shape))}; {remedy}")
+                raise DyninferError(
+                    f"{what} adapts '{name}' {tuple(expected)}, which this model "
+                    f"{'lacks' if param is None else 'has as ' + str(tuple(param.shape))}; {remedy}"
+                )
             found[name] = param
         return found
 
-    def add_to(self, model: nn.Module, alpha: float, what: str = "the CoT-Valve delta",
-               remedy: str = "extract it again for this model") -> None:
+    def add_to(
+        self, model: nn.Module, alpha: float, what: str = "the CoT-Valve delta", remedy: str = "extract it again for this model"
+    ) -> None:
         """θ += α·Δθ on every parameter this delta adapts (shapes checked first)."""
         with torch.no_grad():
             for name, param in self.parameters_of(model, what, remedy).items():
                 param.add_((alpha * self.delta(name)).to(param))
 
     def numel(self) -> int:
-        return sum(up.numel() + down.numel() for up, down in self.low_rank.values()) + sum(
-            d.numel() for d in self.dense.values())
+        return sum(up.numel() + down.numel() for up, down in self.low_rank.values()) + sum(d.numel() for d in self.dense.values())
 
 
 # --------------------------------------------------------------------------- baking
@@ -203,8 +207,9 @@ class Steering:
         if method not in METHODS:
             raise DyninferError(f"`method` must be one of {', '.join(METHODS)}, got '{method}'")
         if found is None:
-            raise DyninferError(f"the artifact holds no {method} direction; extract one into it with "
-                                f"`dyninfer steer extract` ({method}) first")
+            raise DyninferError(
+                f"the artifact holds no {method} direction; extract one into it with `dyninfer steer extract` ({method}) first"
+            )
         return found
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -241,8 +246,7 @@ def steered(lm: LayeredModel, direction: ActivationSteering | ValveDelta, alpha:
                     params[name].copy_(value)
         return
     modules = {i: lm.residual_out(i) for i in direction.directions}
-    biases = {i: (m.bias.detach().clone() if isinstance(getattr(m, "bias", None), torch.Tensor) else None)
-              for i, m in modules.items()}
+    biases = {i: (m.bias.detach().clone() if isinstance(getattr(m, "bias", None), torch.Tensor) else None) for i, m in modules.items()}
     try:
         bake(lm, direction, alpha)
         yield
@@ -266,9 +270,11 @@ def load_steering(artifact: Artifact, lm: LayeredModel) -> dict | None:
     """Bake the artifact's applied steering into the model (before masks are installed); its record."""
     record = applied(artifact)
     if record:
-        if not isinstance(record, dict) or record.get("method") not in METHODS or not (
-                is_number(record.get("alpha")) and math.isfinite(record["alpha"])):
-            raise DyninferError(f"the artifact's applied steering is invalid ({record!r}); apply it again with "
-                                "`dyninfer steer apply`")
+        if (
+            not isinstance(record, dict)
+            or record.get("method") not in METHODS
+            or not (is_number(record.get("alpha")) and math.isfinite(record["alpha"]))
+        ):
+            raise DyninferError(f"the artifact's applied steering is invalid ({record!r}); apply it again with `dyninfer steer apply`")
         bake(lm, Steering.from_artifact(artifact).get(record["method"]), float(record["alpha"]))
     return record

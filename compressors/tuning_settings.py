@@ -34,8 +34,7 @@ class TuningSettings:
     seed: int = 0
 
     def validate(self) -> None:
-        for name, allowed in (("curriculum", CURRICULA), ("exit_target", EXIT_TARGETS),
-                              ("depth_weighting", DEPTH_WEIGHTINGS)):
+        for name, allowed in (("curriculum", CURRICULA), ("exit_target", EXIT_TARGETS), ("depth_weighting", DEPTH_WEIGHTINGS)):
             check_choice(name, getattr(self, name), allowed)
         for name in ("rank", "steps", "batch_size", "rotation"):
             check_at_least(name, getattr(self, name), 1)
@@ -55,6 +54,8 @@ class TuningSettings:
             raise DyninferError(f"the model has {num_layers} layer; early exits need at least 2")
         for d in self.exit_layers:
             if not 1 <= d < num_layers:
-                raise DyninferError(f"{option('exit_layers')} {d} is out of range: this model's exits are after layers "
-                                    f"1 to {num_layers - 1} (the last layer is the full model)")
+                raise DyninferError(
+                    f"{option('exit_layers')} {d} is out of range: this model's exits are after layers "
+                    f"1 to {num_layers - 1} (the last layer is the full model)"
+                )
         return sorted(set(self.exit_layers)) or list(range(1, num_layers))

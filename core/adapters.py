@@ -237,9 +237,11 @@ def _rotary_at(lm: LayeredModel, layer: nn.Module, hidden: torch.Tensor, positio
     if lm.step_memo is not None:  # tracing one step: computed once, in the step's main graph
         memo = lm.step_memo.get("rope")
         if memo is None:
-            memo = lm.step_memo["rope"] = (None, base.rotary_emb(hidden, position_ids),
-                                           base.rotary_emb_local(hidden, position_ids)
-                                           if hasattr(base, "rotary_emb_local") else None)
+            memo = lm.step_memo["rope"] = (
+                None,
+                base.rotary_emb(hidden, position_ids),
+                base.rotary_emb_local(hidden, position_ids) if hasattr(base, "rotary_emb_local") else None,
+            )
     else:
         key = (int(position_ids[0, 0]), position_ids.shape[1], hidden.dtype, hidden.device)
         if lm._rope_memo is None or lm._rope_memo[0] != key:
@@ -259,8 +261,7 @@ def _rotary_kwargs_at(lm: LayeredModel, layer: nn.Module, hidden, start: int, ca
     positions = torch.arange(start, start + length, device=hidden.device)
     rope, _ = _rotary_at(lm, layer, hidden, positions[None])
     return dict(
-        attention_mask=_mask_for(lm, start, length, _sliding_window(lm, lm.layer_index(layer)), hidden.dtype,
-                                 hidden.device),
+        attention_mask=_mask_for(lm, start, length, _sliding_window(lm, lm.layer_index(layer)), hidden.dtype, hidden.device),
         position_ids=positions[None],
         past_key_values=cache,
         use_cache=True,
@@ -285,9 +286,15 @@ def _rotary_propagate(lm: LayeredModel, index: int, hidden: torch.Tensor, start:
     positions = torch.arange(start, start + hidden.shape[1], device=hidden.device)
     _, rope = _rotary_at(lm, layer, hidden, positions[None])
     if not _plain_kv(lm, attn):
-        attn(hidden_states=x, position_embeddings=rope, position_ids=positions[None],
-             attention_mask=_mask_for(lm, start, hidden.shape[1], _sliding_window(lm, index), x.dtype, x.device),
-             past_key_values=cache, cache_position=positions, use_cache=True)
+        attn(
+            hidden_states=x,
+            position_embeddings=rope,
+            position_ids=positions[None],
+            attention_mask=_mask_for(lm, start, hidden.shape[1], _sliding_window(lm, index), x.dtype, x.device),
+            past_key_values=cache,
+            cache_position=positions,
+            use_cache=True,
+        )
         return
     shape = (*x.shape[:-1], -1, attn.head_dim)
     key = attn.k_proj(x).view(shape).transpose(1, 2)
@@ -305,8 +312,11 @@ def _plain_kv(lm: LayeredModel, attn: nn.Module) -> bool:
         return False
     norm = getattr(attn, "k_norm", None)
     head_dim = getattr(attn, "head_dim", None)
-    return (isinstance(getattr(attn, "k_proj", None), nn.Linear) and isinstance(getattr(attn, "v_proj", None), nn.Linear)
-            and (norm is None or getattr(norm, "weight", torch.empty(0)).numel() == head_dim))
+    return (
+        isinstance(getattr(attn, "k_proj", None), nn.Linear)
+        and isinstance(getattr(attn, "v_proj", None), nn.Linear)
+        and (norm is None or getattr(norm, "weight", torch.empty(0)).numel() == head_dim)
+    )
 
 
 def _token_embed_at(lm: LayeredModel, input_ids: torch.Tensor, start: int) -> torch.Tensor:
@@ -354,23 +364,52 @@ def _mamba_propagate(lm: LayeredModel, index: int, hidden: torch.Tensor, start: 
     layer(hidden, **_mamba_kwargs_at(lm, layer, hidden, start, cache))
 
 
-_ROTARY = dict(backbone="model", embed="embed_tokens", layers="layers", norm="norm", prepare=_prepare_rotary,
-               new_cache=_dynamic_cache, layer_kwargs_at=_rotary_kwargs_at, propagate=_rotary_propagate,
-               embed_at=_token_embed_at)
+_ROTARY = dict(
+    backbone="model",
+    embed="embed_tokens",
+    layers="layers",
+    norm="norm",
+    prepare=_prepare_rotary,
+    new_cache=_dynamic_cache,
+    layer_kwargs_at=_rotary_kwargs_at,
+    propagate=_rotary_propagate,
+    embed_at=_token_embed_at,
+)
 
 # Families known by name: the ones whose layout is not the standard rotary decoder's.
 NAMED_ADAPTERS: tuple[ArchAdapter, ...] = (
     ArchAdapter(
-        "gpt2", ("gpt2",), backbone="transformer", embed="wte", layers="h", norm="ln_f",
-        prepare=_prepare_gpt2, new_cache=_dynamic_cache, layer_kwargs_at=_gpt2_kwargs_at,
-        propagate=_gpt2_propagate, embed_at=_gpt2_embed_at, residual_out="mlp.c_proj",
-        lora_targets=("c_attn", "c_proj", "c_fc"), blocks=(("attention", "attn"), ("mlp", "mlp")),
+        "gpt2",
+        ("gpt2",),
+        backbone="transformer",
+        embed="wte",
+        layers="h",
+        norm="ln_f",
+        prepare=_prepare_gpt2,
+        new_cache=_dynamic_cache,
+        layer_kwargs_at=_gpt2_kwargs_at,
+        propagate=_gpt2_propagate,
+        embed_at=_gpt2_embed_at,
+        residual_out="mlp.c_proj",
+        lora_targets=("c_attn", "c_proj", "c_fc"),
+        blocks=(("attention", "attn"), ("mlp", "mlp")),
     ),
     ArchAdapter(
-        "mamba", ("mamba",), backbone="backbone", embed="embeddings", layers="layers", norm="norm_f",
-        prepare=_prepare_mamba, new_cache=_mamba_cache, layer_kwargs_at=_mamba_kwargs_at,
-        propagate=_mamba_propagate, embed_at=_token_embed_at, recurrent=True,
-        residual_out="mixer.out_proj", lora_targets=("in_proj", "x_proj", "out_proj"), blocks=(("mixer", "mixer"),),
+        "mamba",
+        ("mamba",),
+        backbone="backbone",
+        embed="embeddings",
+        layers="layers",
+        norm="norm_f",
+        prepare=_prepare_mamba,
+        new_cache=_mamba_cache,
+        layer_kwargs_at=_mamba_kwargs_at,
+        propagate=_mamba_propagate,
+        embed_at=_token_embed_at,
+        recurrent=True,
+        residual_out="mixer.out_proj",
+        lora_targets=("in_proj", "x_proj", "out_proj"),
+        blocks=(("mixer", "mixer"),),
     ),
 )
 
@@ -382,13 +421,11 @@ PLAIN_KV_FAMILIES = frozenset({"llama", "qwen2", "mistral", "gemma3", "qwen3"})
 # The embedding output is scaled in the model's forward, outside the embedding module.
 EMBED_SCALES: dict[str, Callable[[Any], float]] = {
     **dict.fromkeys(("gemma", "gemma2", "vaultgemma"), lambda config: config.hidden_size**0.5),
-    **dict.fromkeys(("granite", "granitemoe", "granitemoeshared", "granitemoehybrid"),
-                    lambda config: config.embedding_multiplier),
+    **dict.fromkeys(("granite", "granitemoe", "granitemoeshared", "granitemoehybrid"), lambda config: config.embedding_multiplier),
 }
 # The LM head's logits are scaled before any softcap.
 LOGIT_SCALES: dict[str, Callable[[Any], float]] = {
-    **dict.fromkeys(("granite", "granitemoe", "granitemoeshared", "granitemoehybrid"),
-                    lambda config: 1.0 / config.logits_scaling),
+    **dict.fromkeys(("granite", "granitemoe", "granitemoeshared", "granitemoehybrid"), lambda config: 1.0 / config.logits_scaling),
     **dict.fromkeys(("cohere", "cohere2"), lambda config: config.logit_scale),
 }
 # Where the standard layout keeps its pieces, in the order they are looked for.
@@ -438,8 +475,14 @@ def _rotary_adapter(model: nn.Module) -> ArchAdapter:
     mlp = first_child(layer, MLP_BLOCKS)
     routers = set(ROUTER_NAMES) if any(is_moe(getattr(x, mlp)) for x in base.layers) else set()
     linear = sorted({name.rpartition(".")[2] for name, m in layer.named_modules() if isinstance(m, nn.Linear)} - routers)
-    return ArchAdapter(family_of(model_type), (model_type,), **(_ROTARY | {"norm": first_child(base, FINAL_NORMS)}),
-                       residual_out=None, lora_targets=tuple(linear), blocks=(("attention", "self_attn"), ("mlp", mlp)))
+    return ArchAdapter(
+        family_of(model_type),
+        (model_type,),
+        **(_ROTARY | {"norm": first_child(base, FINAL_NORMS)}),
+        residual_out=None,
+        lora_targets=tuple(linear),
+        blocks=(("attention", "self_attn"), ("mlp", mlp)),
+    )
 
 
 def residual_out_path(layer: nn.Module) -> str:
@@ -460,8 +503,9 @@ def adapter_for(model: nn.Module) -> ArchAdapter:
     model_type = getattr(model.config, "model_type", None)
     layers = getattr(getattr(model, "model", None), "layers", None)
     if isinstance(layers, nn.ModuleList) and len(layers) == 0:
-        raise DyninferError(f"the {model_type} model has no decoder layers (num_hidden_layers 0); there is nothing "
-                            "to exit from: pass a model with layers")
+        raise DyninferError(
+            f"the {model_type} model has no decoder layers (num_hidden_layers 0); there is nothing to exit from: pass a model with layers"
+        )
     for adapter in NAMED_ADAPTERS:
         if model_type in adapter.model_types:
             return adapter
@@ -469,16 +513,22 @@ def adapter_for(model: nn.Module) -> ArchAdapter:
     if why is None:
         return _rotary_adapter(model)
     hint = " (for Gemma 3 use the text-only checkpoint / Gemma3ForCausalLM)" if model_type == "gemma3" else ""
-    raise DyninferError(f"unsupported architecture '{model_type}'{hint}: {why}. dyninfer runs decoders with the "
-                        "standard rotary layout (model.{embed_tokens, layers, norm, rotary_emb} and lm_head), "
-                        "GPT-2 and Mamba; `dyninfer models` lists the tested families")
+    raise DyninferError(
+        f"unsupported architecture '{model_type}'{hint}: {why}. dyninfer runs decoders with the "
+        "standard rotary layout (model.{embed_tokens, layers, norm, rotary_emb} and lm_head), "
+        "GPT-2 and Mamba; `dyninfer models` lists the tested families"
+    )
 
 
 # Activation names in configs -> the kernels' names (kernels/reference.py).
 _MLP_ACTIVATIONS = {
-    "silu": "silu", "swish": "silu",
-    "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
-    "gelu": "gelu", "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu": "gelu",
+    "relu": "relu",
 }
 
 
@@ -504,8 +554,7 @@ class MlpWeights:
 
 
 def _mlp_activation(config) -> str:
-    name = (getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
-            or getattr(config, "activation_function", None))
+    name = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None) or getattr(config, "activation_function", None)
     if name not in _MLP_ACTIVATIONS:
         raise DyninferError(
             f"MLP pruning does not apply to {getattr(config, 'model_type', '?')}: its MLP activation '{name}' has no "
@@ -522,12 +571,13 @@ def _rows(module: nn.Module) -> torch.Tensor:
 def mlp_weights(config, mlp: nn.Module) -> MlpWeights:
     model_type = getattr(config, "model_type", "?")
     if is_moe(mlp):
-        raise DyninferError(f"MLP pruning does not apply to {model_type}: its MLP is a mixture-of-experts block "
-                            f"({type(mlp).__name__}); the other stages work")
+        raise DyninferError(
+            f"MLP pruning does not apply to {model_type}: its MLP is a mixture-of-experts block "
+            f"({type(mlp).__name__}); the other stages work"
+        )
     act = _mlp_activation(config)
     if hasattr(mlp, "gate_proj"):  # Llama's gated MLP and most of its descendants
-        return MlpWeights("gated", act, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
-                          down_bias=mlp.down_proj.bias)
+        return MlpWeights("gated", act, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, down_bias=mlp.down_proj.bias)
     if hasattr(mlp, "gate_up_proj") and isinstance(mlp.gate_up_proj, nn.Linear):  # Phi-3, GLM: [gate; up] fused
         gate, up = mlp.gate_up_proj.weight.chunk(2, dim=0)
         return MlpWeights("gated", act, gate, up, mlp.down_proj.weight, down_bias=mlp.down_proj.bias)
@@ -535,5 +585,7 @@ def mlp_weights(config, mlp: nn.Module) -> MlpWeights:
         if hasattr(mlp, first) and hasattr(mlp, down):
             one, two = getattr(mlp, first), getattr(mlp, down)
             return MlpWeights("plain", act, _rows(one), None, _rows(two), first_bias=one.bias, down_bias=two.bias)
-    raise DyninferError(f"cannot read the MLP of {model_type} ({type(mlp).__name__}) for pruning; pruning supports "
-                        "gated (gate/up/down, fused gate_up) and two-projection MLPs")
+    raise DyninferError(
+        f"cannot read the MLP of {model_type} ({type(mlp).__name__}) for pruning; pruning supports "
+        "gated (gate/up/down, fused gate_up) and two-projection MLPs"
+    )

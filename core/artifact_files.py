@@ -115,11 +115,13 @@ def check_output_dir(path, on_wait: Callable[[], None] | None = None, *, locked:
     given = pathlib.Path(path)
     shown = str(given)
     if os.path.lexists(given) and not given.is_dir():
-        raise one_line_error(f"output path {shown!r} exists and is a file, not a dyninfer artifact; "
-                     "choose another output path or remove the file")
+        raise one_line_error(
+            f"output path {shown!r} exists and is a file, not a dyninfer artifact; choose another output path or remove the file"
+        )
     if given.is_dir() and not artifact_exists(given) and any(True for _ in os.scandir(given)):
-        raise one_line_error(f"output directory {shown!r} is not empty and is not a dyninfer artifact; "
-                     "choose another output path or empty it")
+        raise one_line_error(
+            f"output directory {shown!r} is not empty and is not a dyninfer artifact; choose another output path or empty it"
+        )
     # The swap renames the target inside its parent: the nearest existing folder above it must be writable.
     above = pathlib.Path(os.path.abspath(given)).parent
     while not os.path.lexists(above):
@@ -210,8 +212,9 @@ def swap_in(tmp: pathlib.Path, target: pathlib.Path, replaced: set[str] | None) 
         shutil.rmtree(backup, ignore_errors=True)
 
 
-def _carry(old: pathlib.Path, new: pathlib.Path, prefix: str, owned: set[str], replaced: set[str],
-           moves: list[tuple[pathlib.Path, pathlib.Path]]) -> None:
+def _carry(
+    old: pathlib.Path, new: pathlib.Path, prefix: str, owned: set[str], replaced: set[str], moves: list[tuple[pathlib.Path, pathlib.Path]]
+) -> None:
     """Move *old*'s entries that the new version keeps into *new* (recording each move)."""
     for entry in sorted(os.listdir(old)):
         relative = prefix + entry

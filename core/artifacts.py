@@ -103,9 +103,7 @@ def _transformers_version() -> str | None:
 
 def _check_group(group: Any) -> str:
     if not isinstance(group, str) or not GROUP_NAME.fullmatch(group):
-        raise ValueError(
-            f"tensor group name must be a simple name matching [a-z0-9_]+, got {group!r}"
-        )
+        raise ValueError(f"tensor group name must be a simple name matching [a-z0-9_]+, got {group!r}")
     return group
 
 
@@ -302,9 +300,7 @@ class Artifact:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = make_temp_dir(target.parent, target.name)
         except OSError as e:
-            raise one_line_error(
-                f"cannot write output directory {str(given)!r} ({e.strerror or e}); choose a writable location"
-            ) from e
+            raise one_line_error(f"cannot write output directory {str(given)!r} ({e.strerror or e}); choose a writable location") from e
         try:
             self._write(tmp, groups)
             for folder, contents in (reports or {}).items():
@@ -333,8 +329,7 @@ class Artifact:
         for g in groups:
             fname = g + TENSOR_SUFFIX
             fpath = directory / fname
-            safetensors.torch.save_file(_prepare_for_save(self.tensors[g]), str(fpath),
-                                        metadata={"format": "pt", "dyninfer_group": g})
+            safetensors.torch.save_file(_prepare_for_save(self.tensors[g]), str(fpath), metadata={"format": "pt", "dyninfer_group": g})
             os.chmod(fpath, file_mode())  # safetensors writes 0600; files get the user's usual mode
             fsync_path(fpath)
             hashes[fname] = _sha256(fpath)
@@ -354,38 +349,25 @@ class Artifact:
     def _read(cls, given: pathlib.Path, expect_model_hash: str | None) -> Artifact:
         shown = str(given)
         if not os.path.exists(given):
-            raise one_line_error(
-                f"artifact {shown!r} does not exist; check the path, or run the dyninfer "
-                "command that creates it first"
-            )
+            raise one_line_error(f"artifact {shown!r} does not exist; check the path, or run the dyninfer command that creates it first")
         if not given.is_dir():
-            raise one_line_error(
-                f"{shown!r} is not a dyninfer artifact (it is a file, not a directory); "
-                "pass the artifact directory"
-            )
+            raise one_line_error(f"{shown!r} is not a dyninfer artifact (it is a file, not a directory); pass the artifact directory")
         manifest_path = given / MANIFEST_NAME
         if not manifest_path.is_file():
-            raise one_line_error(
-                f"{shown!r} is not a dyninfer artifact (no {MANIFEST_NAME}); "
-                "pass a directory written by dyninfer"
-            )
+            raise one_line_error(f"{shown!r} is not a dyninfer artifact (no {MANIFEST_NAME}); pass a directory written by dyninfer")
         try:
             text = manifest_path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise one_line_error(
-                f"artifact {shown!r} is corrupt: {MANIFEST_NAME} is not valid JSON (not UTF-8 text); "
-                "re-create the artifact"
+                f"artifact {shown!r} is corrupt: {MANIFEST_NAME} is not valid JSON (not UTF-8 text); re-create the artifact"
             ) from None
         except OSError as e:
-            raise one_line_error(
-                f"cannot read {str(manifest_path)!r} ({e.strerror or e}); check its permissions"
-            ) from e
+            raise one_line_error(f"cannot read {str(manifest_path)!r} ({e.strerror or e}); check its permissions") from e
         try:
             manifest = json.loads(text)
         except json.JSONDecodeError as e:
             raise one_line_error(
-                f"artifact {shown!r} is corrupt: {MANIFEST_NAME} is not valid JSON "
-                f"({e.msg} at line {e.lineno}); re-create the artifact"
+                f"artifact {shown!r} is corrupt: {MANIFEST_NAME} is not valid JSON ({e.msg} at line {e.lineno}); re-create the artifact"
             ) from None
 
         def corrupt(what: str) -> DyninferError:
@@ -430,26 +412,18 @@ class Artifact:
                 raise corrupt(f"{fname!r} is not a valid tensor file name")
             fpath = given / fname
             if not fpath.is_file():
-                raise one_line_error(
-                    f"artifact {shown!r} is incomplete: {fname} is missing; re-create the artifact"
-                )
+                raise one_line_error(f"artifact {shown!r} is incomplete: {fname} is missing; re-create the artifact")
             try:
                 digest = _sha256(fpath)
             except OSError as e:
-                raise one_line_error(
-                    f"cannot read {str(fpath)!r} ({e.strerror or e}); check its permissions"
-                ) from e
+                raise one_line_error(f"cannot read {str(fpath)!r} ({e.strerror or e}); check its permissions") from e
             if digest != files[fname].lower():
-                raise one_line_error(
-                    f"artifact {shown!r} is corrupt: {fname} does not match its checksum; "
-                    "re-create the artifact"
-                )
+                raise one_line_error(f"artifact {shown!r} is corrupt: {fname} does not match its checksum; re-create the artifact")
             try:
                 tensors[group] = safetensors.torch.load_file(str(fpath), device="cpu")
             except Exception as e:
                 raise one_line_error(
-                    f"artifact {shown!r} is corrupt: {fname} cannot be read as safetensors ({e}); "
-                    "re-create the artifact"
+                    f"artifact {shown!r} is corrupt: {fname} cannot be read as safetensors ({e}); re-create the artifact"
                 ) from e
 
         art = cls(
@@ -463,4 +437,3 @@ class Artifact:
         if expect_model_hash is not None:
             art.check_base_model(expect_model_hash)
         return art
-

@@ -52,8 +52,7 @@ class CostModel:
         """Cost of one hidden-state check (`checks`), or its FLOP count when none is recorded."""
         if name in self.checks:
             return self.checks[name]
-        flops = {"saturation": 3.0 * hidden_size, "classifier": self.norm + 2.0 * hidden_size,
-                 "head_row": 2.0 * hidden_size}
+        flops = {"saturation": 3.0 * hidden_size, "classifier": self.norm + 2.0 * hidden_size, "head_row": 2.0 * hidden_size}
         return flops[name]
 
     @classmethod
@@ -81,9 +80,14 @@ def measured_cost(artifact: Artifact) -> CostModel | None:
         return None
     cost = record["measured_cost"]
     numbers = ("context", "embed", "norm", "head", "translator")
-    if not (isinstance(cost, dict) and all(is_number(cost.get(k)) for k in numbers)
-            and isinstance(cost.get("layers"), list) and cost["layers"] and all(is_number(v) for v in cost["layers"])
-            and all(is_number(v) for v in (cost.get("checks") or {}).values())):
+    if not (
+        isinstance(cost, dict)
+        and all(is_number(cost.get(k)) for k in numbers)
+        and isinstance(cost.get("layers"), list)
+        and cost["layers"]
+        and all(is_number(v) for v in cost["layers"])
+        and all(is_number(v) for v in (cost.get("checks") or {}).values())
+    ):
         raise DyninferError("the artifact's profile has an invalid measured cost; run `dyninfer profile` into it again")
     return CostModel.from_dict(cost)
 

@@ -39,14 +39,9 @@ STDLIB_CODE_TARGET_CHARS = 3_000_000
 STDLIB_CODE_SHUFFLE_SEED = 0
 # Folders that hold tests, test data, installed third-party packages or the docs corpus
 # (pydoc_data/topics.py is the pydocs text wrapped in a dict, not representative code).
-_STDLIB_EXCLUDED_DIRS = frozenset(
-    {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "pydoc_data"}
-)
+_STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "pydoc_data"})
 
-_SPEC_HELP = (
-    "pass builtin:pydocs, builtin:stdlib-code, a .txt/.jsonl/.parquet/.csv file "
-    "or hf:NAME[:CONFIG][:SPLIT]"
-)
+_SPEC_HELP = "pass builtin:pydocs, builtin:stdlib-code, a .txt/.jsonl/.parquet/.csv file or hf:NAME[:CONFIG][:SPLIT]"
 
 
 # --------------------------------------------------------------------------- texts
@@ -62,7 +57,7 @@ def load_texts(spec: str, field: str | None = None) -> list[str]:
         raise DyninferError(f"the data spec is empty; {_SPEC_HELP}")
     spec = spec.strip()
     if spec.startswith("builtin:"):
-        texts = _load_builtin(spec[len("builtin:"):])
+        texts = _load_builtin(spec[len("builtin:") :])
     elif spec.startswith("hf:"):
         texts = _load_hf(spec, field or DEFAULT_FIELD)
     else:
@@ -80,10 +75,7 @@ def _load_builtin(name: str) -> list[str]:
         return [topics[key] for key in sorted(topics)]
     if name == "stdlib-code":
         return list(_stdlib_code_documents())
-    raise DyninferError(
-        f"unknown builtin corpus '{name}'; use one of: "
-        + ", ".join(f"builtin:{corpus}" for corpus in BUILTIN_CORPORA)
-    )
+    raise DyninferError(f"unknown builtin corpus '{name}'; use one of: " + ", ".join(f"builtin:{corpus}" for corpus in BUILTIN_CORPORA))
 
 
 def stdlib_code_files() -> list[Path]:
@@ -116,8 +108,7 @@ def _stdlib_code_documents() -> tuple[str, ...]:
         total_chars += len(text)
     if not documents:
         raise DyninferError(
-            f"found no readable Python source under '{sysconfig.get_paths()['stdlib']}'; "
-            "use `data` builtin:pydocs or a local file"
+            f"found no readable Python source under '{sysconfig.get_paths()['stdlib']}'; use `data` builtin:pydocs or a local file"
         )
     return tuple(documents)
 
@@ -127,9 +118,7 @@ def _load_file(spec: str, field: str) -> list[str]:
     if not path.exists():
         raise DyninferError(f"data file '{spec}' does not exist; {_SPEC_HELP}")
     if path.is_dir():
-        raise DyninferError(
-            f"data path '{spec}' is a directory; pass one file, or hf:{spec} to load the folder with `datasets`"
-        )
+        raise DyninferError(f"data path '{spec}' is a directory; pass one file, or hf:{spec} to load the folder with `datasets`")
     suffix = path.suffix.lower()
     if suffix == ".txt":
         text = _read_utf8(path, spec)
@@ -141,8 +130,7 @@ def _load_file(spec: str, field: str) -> list[str]:
     if suffix in (".parquet", ".csv"):
         return _load_table(path, spec, field, suffix)
     raise DyninferError(
-        f"data file '{spec}' has unsupported type '{path.suffix or '(no extension)'}'; "
-        f"use one of: {', '.join(SUPPORTED_FILE_TYPES)}"
+        f"data file '{spec}' has unsupported type '{path.suffix or '(no extension)'}'; use one of: {', '.join(SUPPORTED_FILE_TYPES)}"
     )
 
 
@@ -150,9 +138,7 @@ def _read_utf8(path: Path, spec: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise DyninferError(
-            f"data file '{spec}' is not valid UTF-8 (byte {exc.start}); re-save it as UTF-8"
-        ) from exc
+        raise DyninferError(f"data file '{spec}' is not valid UTF-8 (byte {exc.start}); re-save it as UTF-8") from exc
 
 
 def _load_jsonl(path: Path, spec: str, field: str) -> list[str]:
@@ -164,20 +150,15 @@ def _load_jsonl(path: Path, spec: str, field: str) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DyninferError(
-                f"data file '{spec}' line {line_number} is not valid JSON ({exc.msg}); "
-                "each line must be one JSON object"
+                f"data file '{spec}' line {line_number} is not valid JSON ({exc.msg}); each line must be one JSON object"
             ) from exc
         if not isinstance(record, dict):
             raise DyninferError(
-                f"data file '{spec}' line {line_number} is a JSON {type(record).__name__}, "
-                "not an object; each line must be one JSON object"
+                f"data file '{spec}' line {line_number} is a JSON {type(record).__name__}, not an object; each line must be one JSON object"
             )
         if field not in record:
             present = ", ".join(sorted(record)) or "(none)"
-            raise DyninferError(
-                f"data file '{spec}' has no field '{field}' on line {line_number}; "
-                f"pass `field` with one of: {present}"
-            )
+            raise DyninferError(f"data file '{spec}' has no field '{field}' on line {line_number}; pass `field` with one of: {present}")
         texts.append(_as_text(record[field], f"data file '{spec}' line {line_number} field '{field}'"))
     return texts
 
@@ -193,16 +174,11 @@ def _load_table(path: Path, spec: str, field: str, suffix: str) -> list[str]:
             frame = pd.read_parquet(path)
     except (ValueError, OSError, pd.errors.ParserError) as exc:
         reason = _short_reason(exc)
-        raise DyninferError(
-            f"could not read data file '{spec}': {reason}; check that it is a valid {suffix[1:]} file"
-        ) from exc
+        raise DyninferError(f"could not read data file '{spec}': {reason}; check that it is a valid {suffix[1:]} file") from exc
     if field not in frame.columns:
         columns = ", ".join(str(column) for column in frame.columns) or "(none)"
         raise DyninferError(f"data file '{spec}' has no column '{field}'; pass `field` with one of: {columns}")
-    return [
-        _as_text(value, f"data file '{spec}' row {row} column '{field}'")
-        for row, value in enumerate(frame[field].tolist())
-    ]
+    return [_as_text(value, f"data file '{spec}' row {row} column '{field}'") for row, value in enumerate(frame[field].tolist())]
 
 
 def _load_hf(spec: str, field: str) -> list[str]:
@@ -218,17 +194,12 @@ def _load_hf(spec: str, field: str) -> list[str]:
         ) from exc
     columns = list(dataset.column_names)
     if field not in columns:
-        raise DyninferError(
-            f"dataset '{spec}' has no column '{field}'; pass `field` with one of: {', '.join(columns) or '(none)'}"
-        )
-    return [
-        _as_text(value, f"dataset '{spec}' row {row} column '{field}'")
-        for row, value in enumerate(dataset[field])
-    ]
+        raise DyninferError(f"dataset '{spec}' has no column '{field}'; pass `field` with one of: {', '.join(columns) or '(none)'}")
+    return [_as_text(value, f"dataset '{spec}' row {row} column '{field}'") for row, value in enumerate(dataset[field])]
 
 
 def _parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
-    parts = spec[len("hf:"):].split(":")
+    parts = spec[len("hf:") :].split(":")
     if len(parts) > 3 or not parts[0]:
         raise DyninferError(f"bad dataset spec '{spec}'; write hf:NAME, hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT")
     name = parts[0]
@@ -375,21 +346,19 @@ def make_windows(
 ) -> TokenWindows:
     """Cut the tokenised corpus into windows of seq_len + 1 tokens and split them by seed."""
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
-        raise DyninferError(
-            f"sequence length must be an integer of at least 2, got {seq_len!r}; pass a larger `seq_len`"
-        )
+        raise DyninferError(f"sequence length must be an integer of at least 2, got {seq_len!r}; pass a larger `seq_len`")
     if not 0.0 < heldout_fraction < 1.0:
-        raise DyninferError(
-            f"heldout fraction must be strictly between 0 and 1, got {heldout_fraction!r}; pass e.g. 0.5"
-        )
+        raise DyninferError(f"heldout fraction must be strictly between 0 and 1, got {heldout_fraction!r}; pass e.g. 0.5")
     if not texts:
         raise DyninferError(f"data '{spec}' contains no text; {_SPEC_HELP}")
 
     stream = token_stream(texts, tokenizer)
     start = sequence_start(tokenizer)
     if len(start) >= seq_len:
-        raise DyninferError(f"sequence length {seq_len} leaves no room for text after the tokenizer's {len(start)} "
-                            "sequence-start tokens; pass a larger `seq_len`")
+        raise DyninferError(
+            f"sequence length {seq_len} leaves no room for text after the tokenizer's {len(start)} "
+            "sequence-start tokens; pass a larger `seq_len`"
+        )
     stride = seq_len + 1 - len(start)  # corpus tokens per window, after the sequence start
     n_windows = len(stream) // stride
     if n_windows < 2:

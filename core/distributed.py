@@ -30,8 +30,9 @@ class World:
     def shard(self, n: int, what: str = "units") -> list[int]:
         """This rank's share of `n` units: every size-th one from its rank (all of them alone)."""
         if n < self.size:
-            raise DyninferError(f"{n} {what} cannot be shared among {self.size} processes; give each process at least "
-                                f"one (more data, or fewer processes)")
+            raise DyninferError(
+                f"{n} {what} cannot be shared among {self.size} processes; give each process at least one (more data, or fewer processes)"
+            )
         return list(range(self.rank, n, self.size))
 
     def sum(self, values):
@@ -49,10 +50,13 @@ class World:
         parts: list = [None] * self.size
         dist.all_gather_object(parts, part)
         first = parts[0]
-        whole = first.new_empty((n, *first.shape[1:])) if isinstance(first, torch.Tensor) \
+        whole = (
+            first.new_empty((n, *first.shape[1:]))
+            if isinstance(first, torch.Tensor)
             else np.empty((n, *first.shape[1:]), dtype=first.dtype)
+        )
         for rank, rows in enumerate(parts):
-            whole[rank::self.size] = rows
+            whole[rank :: self.size] = rows
         return whole
 
     def gather_window_columns(self, part: torch.Tensor, n: int, dim: int = 1) -> torch.Tensor:

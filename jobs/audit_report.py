@@ -55,10 +55,17 @@ def sections(report) -> list[Section]:
         lines.append(f"CI gates: **{verdict}**.")
     out.append(Section("Summary", lines))
     if report.gates:
-        out.append(Section("CI gates", tables=[Table(
-            ["gate", "threshold", "value", "result", "measures"],
-            [[g.name, f"{g.threshold:g}", f"{g.value:.4g}", "pass" if g.passed else "FAIL", g.measures]
-             for g in report.gates])]))
+        out.append(
+            Section(
+                "CI gates",
+                tables=[
+                    Table(
+                        ["gate", "threshold", "value", "result", "measures"],
+                        [[g.name, f"{g.threshold:g}", f"{g.value:.4g}", "pass" if g.passed else "FAIL", g.measures] for g in report.gates],
+                    )
+                ],
+            )
+        )
 
     oracle = summary["oracle"]
     probe = report.probe.result
@@ -70,92 +77,169 @@ def sections(report) -> list[Section]:
             r = by_lens[lens].loc[index]
             row += [_pct(r.agreement), _pct(r.accuracy), f"{r.exit_fraction:.1%}"]
         layer_rows.append(row)
-    out.append(Section(
-        "Exit accuracy per layer (probe)",
-        [f"{probe.n_tokens} held-out tokens. Agreement: top-1 equals the final layer's; accuracy: equals the true "
-         "next token; exits: tokens whose prediction depth is this layer."]
-        + [f"{lens} lens: mean prediction depth {o['mean_depth']:.1f}, oracle saving {_pct(o['flop_saving'])} of "
-           f"FLOPs, {_pct(o['latency_saving'])} of measured time" for lens, o in oracle.items()],
-        [Table(["layer"] + [f"{lens} {m}" for lens in oracle for m in ("agree", "acc", "exits")], layer_rows)],
-        figure="probe",
-    ))
-    out.append(Section("Prediction depth", ["Share of tokens whose top-1 is settled from each layer on."],
-                       figure="depth"))
+    out.append(
+        Section(
+            "Exit accuracy per layer (probe)",
+            [
+                f"{probe.n_tokens} held-out tokens. Agreement: top-1 equals the final layer's; accuracy: equals the true "
+                "next token; exits: tokens whose prediction depth is this layer."
+            ]
+            + [
+                f"{lens} lens: mean prediction depth {o['mean_depth']:.1f}, oracle saving {_pct(o['flop_saving'])} of "
+                f"FLOPs, {_pct(o['latency_saving'])} of measured time"
+                for lens, o in oracle.items()
+            ],
+            [Table(["layer"] + [f"{lens} {m}" for lens in oracle for m in ("agree", "acc", "exits")], layer_rows)],
+            figure="probe",
+        )
+    )
+    out.append(Section("Prediction depth", ["Share of tokens whose top-1 is settled from each layer on."], figure="depth"))
 
     cal = summary["calibration"]
-    out.append(Section(
-        "Calibrated early exit (speedup vs consistency)",
-        [f"{cal['lens']} lens, {cal['measure']} confidence, ε = {cal['epsilon']:g}, risk **{cal['risk']}** "
-         f"(LTT examples: {cal['units']}); exit points chosen with the {head['speedup_unit']} cost model. "
-         f"{cal['statement']}",
-         "certified: the bound LTT guarantees; achieved: "
-         + "; ".join(sorted({t["consistency_is"] for t in summary["targets"]}))
-         + "; simulated: teacher-forced token consistency on held-out windows."] + [f"note: {n}" for n in cal["notes"]],
-        [Table(["target", "exit points", "threshold", "certified ≥", "achieved", "simulated", "predicted speedup",
-                "mean exit layer", "in artifact"],
-               [[f"{t['target']:g}", _points(t["exit_points"]),
-                 "never exits" if t["threshold"] is None else f"{t['threshold']:.6g}", _pct(t["certified_bound"]),
-                 _pct(t["consistency"]), _pct(t["simulated_consistency"]), f"{t['predicted_speedup']:.3f}×",
-                 f"{t['mean_exit_layer']:.1f}", "yes" if t["kept_in_artifact"] else ""] for t in summary["targets"]])],
-        figure="curve",
-    ))
+    out.append(
+        Section(
+            "Calibrated early exit (speedup vs consistency)",
+            [
+                f"{cal['lens']} lens, {cal['measure']} confidence, ε = {cal['epsilon']:g}, risk **{cal['risk']}** "
+                f"(LTT examples: {cal['units']}); exit points chosen with the {head['speedup_unit']} cost model. "
+                f"{cal['statement']}",
+                "certified: the bound LTT guarantees; achieved: "
+                + "; ".join(sorted({t["consistency_is"] for t in summary["targets"]}))
+                + "; simulated: teacher-forced token consistency on held-out windows.",
+            ]
+            + [f"note: {n}" for n in cal["notes"]],
+            [
+                Table(
+                    [
+                        "target",
+                        "exit points",
+                        "threshold",
+                        "certified ≥",
+                        "achieved",
+                        "simulated",
+                        "predicted speedup",
+                        "mean exit layer",
+                        "in artifact",
+                    ],
+                    [
+                        [
+                            f"{t['target']:g}",
+                            _points(t["exit_points"]),
+                            "never exits" if t["threshold"] is None else f"{t['threshold']:.6g}",
+                            _pct(t["certified_bound"]),
+                            _pct(t["consistency"]),
+                            _pct(t["simulated_consistency"]),
+                            f"{t['predicted_speedup']:.3f}×",
+                            f"{t['mean_exit_layer']:.1f}",
+                            "yes" if t["kept_in_artifact"] else "",
+                        ]
+                        for t in summary["targets"]
+                    ],
+                )
+            ],
+            figure="curve",
+        )
+    )
 
     profile = report.profile.profile
     totals = profile.totals()
     cost_rows = []
     for name, rows in profile.grouped():
         total = rows.sum(numeric_only=True)
-        cost_rows.append([name, f"{int(total.params):,}", f"{total.decode_flops / 1e6:.2f}",
-                          f"{total.decode_ms:.3f}", f"{total.prefill_ms:.2f}", f"{total.weight_bytes / 2**20:.2f}",
-                          f"{total.cache_bytes / 1024:.0f}"])
+        cost_rows.append(
+            [
+                name,
+                f"{int(total.params):,}",
+                f"{total.decode_flops / 1e6:.2f}",
+                f"{total.decode_ms:.3f}",
+                f"{total.prefill_ms:.2f}",
+                f"{total.weight_bytes / 2**20:.2f}",
+                f"{total.cache_bytes / 1024:.0f}",
+            ]
+        )
     gpu = report.profile.gpu
     if gpu.available:
         d = gpu.device
         gpu_lines = [f"GPU {d.index}: {d.name}, driver {d.driver}, power {d.power_w} W"] + [
             f"{e.label}: {'n/a' if e.joules_per_token is None else f'{e.joules_per_token * 1000:.2f} mJ/token'} "
-            f"({e.source}, {e.seconds:.1f} s)" for e in gpu.energy]
+            f"({e.source}, {e.seconds:.1f} s)"
+            for e in gpu.energy
+        ]
     else:
         gpu_lines = [f"GPU: {gpu.reason}"]
-    out.append(Section(
-        "Cost per layer (profile)",
-        [f"{profile.device}, {profile.dtype}, context {profile.context}, median of {profile.repeats} runs. Decode step "
-         f"{profile.decode_step_ms['median']:.2f} ms ({totals['decode_tokens_per_s']:.1f} tokens/s); prefill "
-         f"{profile.prefill_ms['median']:.1f} ms ({totals['prefill_tokens_per_s']:.0f} tokens/s); the LM head is "
-         f"{_pct(totals['head_share_of_decode_ms'])} of a decode step. Weights "
-         f"{totals['weight_bytes'] / 2**20:.1f} MiB, KV cache {totals['cache_bytes'] / 2**20:.2f} MiB."] + gpu_lines,
-        [Table(["piece", "params", "decode MFLOPs", "decode ms", "prefill ms", "weights MiB", "KV KiB"], cost_rows)],
-        figure="cost",
-    ))
+    out.append(
+        Section(
+            "Cost per layer (profile)",
+            [
+                f"{profile.device}, {profile.dtype}, context {profile.context}, median of {profile.repeats} runs. Decode step "
+                f"{profile.decode_step_ms['median']:.2f} ms ({totals['decode_tokens_per_s']:.1f} tokens/s); prefill "
+                f"{profile.prefill_ms['median']:.1f} ms ({totals['prefill_tokens_per_s']:.0f} tokens/s); the LM head is "
+                f"{_pct(totals['head_share_of_decode_ms'])} of a decode step. Weights "
+                f"{totals['weight_bytes'] / 2**20:.1f} MiB, KV cache {totals['cache_bytes'] / 2**20:.2f} MiB."
+            ]
+            + gpu_lines,
+            [Table(["piece", "params", "decode MFLOPs", "decode ms", "prefill ms", "weights MiB", "KV KiB"], cost_rows)],
+            figure="cost",
+        )
+    )
 
     if report.prune is not None:
         main = report.prune.main.to_dict()
-        out.append(Section("Pruning", [
-            f"{report.prune.config.method} at {report.prune.config.sparsity:.0%} MLP sparsity: held-out perplexity "
-            f"{report.prune.dense_perplexity:.3f} → {main['perplexity']:.3f} ({main['perplexity_change']:+.2%}), "
-            f"next-token agreement {_pct(main['agreement'])}, MLP FLOPs saved {_pct(main['flops_saved'])}."]))
+        out.append(
+            Section(
+                "Pruning",
+                [
+                    f"{report.prune.config.method} at {report.prune.config.sparsity:.0%} MLP sparsity: held-out perplexity "
+                    f"{report.prune.dense_perplexity:.3f} → {main['perplexity']:.3f} ({main['perplexity_change']:+.2%}), "
+                    f"next-token agreement {_pct(main['agreement'])}, MLP FLOPs saved {_pct(main['flops_saved'])}."
+                ],
+            )
+        )
     steer = summary["steer"]
     if steer is not None:
-        out.append(Section(
-            f"Steering of chain-of-thought length ({steer['method']})",
-            [f"{steer['questions']} held-out arithmetic questions, greedy, at most {steer['max_new_tokens']} new "
-             f"tokens. Spearman ρ(α, length) = {steer['spearman']:.2f}; shortest α keeping {steer['keep']:.0%} of the "
-             f"unsteered answers: {steer['best'] if steer['best'] is not None else 'none'}."],
-            [Table(["α", "mean length", "Δ length", "hit the limit", "accuracy", "same answer as α = 0"],
-                   [[f"{p['alpha']:g}", f"{p['mean_length']:.1f}", f"{p['length_change']:+.1%}", _pct(p["truncated"]),
-                     _pct(p["accuracy"]), _pct(p["agreement"])] for p in steer["points"]])],
-            figure="steer",
-        ))
+        out.append(
+            Section(
+                f"Steering of chain-of-thought length ({steer['method']})",
+                [
+                    f"{steer['questions']} held-out arithmetic questions, greedy, at most {steer['max_new_tokens']} new "
+                    f"tokens. Spearman ρ(α, length) = {steer['spearman']:.2f}; shortest α keeping {steer['keep']:.0%} of the "
+                    f"unsteered answers: {steer['best'] if steer['best'] is not None else 'none'}."
+                ],
+                [
+                    Table(
+                        ["α", "mean length", "Δ length", "hit the limit", "accuracy", "same answer as α = 0"],
+                        [
+                            [
+                                f"{p['alpha']:g}",
+                                f"{p['mean_length']:.1f}",
+                                f"{p['length_change']:+.1%}",
+                                _pct(p["truncated"]),
+                                _pct(p["accuracy"]),
+                                _pct(p["agreement"]),
+                            ]
+                            for p in steer["points"]
+                        ],
+                    )
+                ],
+                figure="steer",
+            )
+        )
     if report.export is not None:
         e = report.export
-        out.append(Section("ONNX export", [
-            f"{e['path']} ({e['dtype']}, {e['provider']}): exits after layers {_points(e['exit_points'])}, "
-            f"verified against torch with max |logit difference| {e['verify_max_abs_diff']:.2g}, "
-            f"{e['model_bytes'] / 1e6:.0f} MB, {e['seconds']:.0f} s."]))
+        out.append(
+            Section(
+                "ONNX export",
+                [
+                    f"{e['path']} ({e['dtype']}, {e['provider']}): exits after layers {_points(e['exit_points'])}, "
+                    f"verified against torch with max |logit difference| {e['verify_max_abs_diff']:.2g}, "
+                    f"{e['model_bytes'] / 1e6:.0f} MB, {e['seconds']:.0f} s."
+                ],
+            )
+        )
     for name, brief in summary["other_stages"].items():
         if (name == "prune" and report.prune is not None) or (name == "steer" and steer is not None):
             continue
-        out.append(Section(f"Stage already in the artifact: {name}",
-                           [f"{key}: {value}" for key, value in brief.items()] or ["recorded"]))
+        out.append(Section(f"Stage already in the artifact: {name}", [f"{key}: {value}" for key, value in brief.items()] or ["recorded"]))
     timings = summary["timings"]
     out.append(Section("Run time", [", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in timings.items())]))
     return out
@@ -211,14 +295,14 @@ def html_page(report, figures: dict[str, bytes]) -> str:
         body += [f"<p>{_inline(line)}</p>" for line in section.lines]
         if section.figure is not None:
             data = base64.b64encode(figures[section.figure]).decode()
-            body.append(f'<figure id="figure-{section.figure}"><img alt="{html.escape(section.title)}" '
-                        f'src="data:image/png;base64,{data}"></figure>')
+            body.append(
+                f'<figure id="figure-{section.figure}"><img alt="{html.escape(section.title)}" src="data:image/png;base64,{data}"></figure>'
+            )
         for table in section.tables:
             long = len(table.rows) > 12
             if long:
                 body.append(f"<details><summary>{len(table.rows)} rows</summary>")
-            body.append("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in table.headers)
-                        + "</tr></thead><tbody>")
+            body.append("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in table.headers) + "</tr></thead><tbody>")
             for row in table.rows:
                 cells = []
                 for cell in row:
@@ -227,5 +311,7 @@ def html_page(report, figures: dict[str, bytes]) -> str:
                 body.append("<tr>" + "".join(cells) + "</tr>")
             body.append("</tbody></table>" + ("</details>" if long else ""))
         body.append("</section>")
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>dyninfer audit: {spec}</title>'
-            f"<style>{_STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>dyninfer audit: {spec}</title>'
+        f"<style>{_STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )

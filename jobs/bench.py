@@ -38,8 +38,13 @@ class BenchReport:
         return not self.gates_failed
 
     def summary(self) -> dict:
-        return {"command": "bench", "data": self.data, **self.result.to_dict(), "gates_failed": self.gates_failed,
-                "placement": self.placement}
+        return {
+            "command": "bench",
+            "data": self.data,
+            **self.result.to_dict(),
+            "gates_failed": self.gates_failed,
+            "placement": self.placement,
+        }
 
 
 def gate_failures(config: BenchConfig, result: BenchResult) -> list[str]:
@@ -68,8 +73,12 @@ def bench_prompts(config: BenchConfig, dyn) -> tuple[str, torch.Tensor, int]:
     prompt_tokens = config.prompt_tokens or (cal_config.get("prompt_tokens") if generation else None) or 64
     new_tokens = config.new_tokens or (cal_config.get("new_tokens") if generation else None) or 64
     spec = config.data or cal_data.get("spec") or DEFAULT_DATA
-    same_split = spec == cal_data.get("spec") and config.field == cal_config.get("field") and \
-        config.seed == cal_data.get("seed", config.seed) and cal_data.get("seq_len", 0) >= prompt_tokens
+    same_split = (
+        spec == cal_data.get("spec")
+        and config.field == cal_config.get("field")
+        and config.seed == cal_data.get("seed", config.seed)
+        and cal_data.get("seq_len", 0) >= prompt_tokens
+    )
     seq_len = cal_data["seq_len"] if same_split else prompt_tokens
     windows = load_windows(spec, dyn.loaded.tokenizer, field=config.field, seq_len=seq_len, seed=config.seed)
     rows = windows.take_rows("heldout", config.prompts * seq_len, option="prompts")
@@ -82,19 +91,19 @@ def run(config: BenchConfig, artifact: str | os.PathLike, progress: ProgressFn |
     package = Path(config.package) if config.package else Path(artifact) / PACKAGE_DIR
     if config.backend == "onnx":  # before the model loads
         if not package.exists():
-            raise DyninferError(f"no ONNX package at '{package}'; run `dyninfer export` on the artifact first, or "
-                                f"pass {option('package')}")
+            raise DyninferError(f"no ONNX package at '{package}'; run `dyninfer export` on the artifact first, or pass {option('package')}")
         read_package(package)
-    dyn = load_dynamic(str(artifact), config.model, kv_mode=config.kv_mode, full_depth_is_enough=config.backend == "torch",
-                       placement=config.placement())
+    dyn = load_dynamic(
+        str(artifact), config.model, kv_mode=config.kv_mode, full_depth_is_enough=config.backend == "torch", placement=config.placement()
+    )
     spec, prompt_ids, new_tokens = bench_prompts(config, dyn)
     if config.backend == "onnx":
-        result = run_onnx_bench(dyn, package, prompt_ids, new_tokens, provider=config.provider,
-                                progress=progress)
+        result = run_onnx_bench(dyn, package, prompt_ids, new_tokens, provider=config.provider, progress=progress)
     else:
         layer, max_draft, plan = draft_settings(dyn, prompt_ids[:1], config.draft_layer)
-        result = run_bench(dyn, prompt_ids, new_tokens, draft_layer=layer, max_draft=max_draft,
-                           draft_threshold=config.draft_threshold, progress=progress)
+        result = run_bench(
+            dyn, prompt_ids, new_tokens, draft_layer=layer, max_draft=max_draft, draft_threshold=config.draft_threshold, progress=progress
+        )
         if plan is not None:
             result.speculation_plan = plan.to_dict()
             result.notes.append(plan_note(plan))
@@ -109,6 +118,11 @@ def certified_here(calibration: dict, result: BenchResult) -> dict | None:
         return None
     generation = calibration.get("risk") == GENERATION_RISK
     measure = calibration.get("config", {}).get("consistency", "tokens") if generation else "tokens"
-    return {"risk": calibration.get("risk"), "measure": measure, "bound": calibration.get("target"),
-            "epsilon": calibration.get("epsilon"), "measured": result.gated.consistency_by(measure),
-            "mode": result.gated.mode}
+    return {
+        "risk": calibration.get("risk"),
+        "measure": measure,
+        "bound": calibration.get("target"),
+        "epsilon": calibration.get("epsilon"),
+        "measured": result.gated.consistency_by(measure),
+        "mode": result.gated.mode,
+    }

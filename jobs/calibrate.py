@@ -54,8 +54,14 @@ class CalibrateReport:
         return speedup_basis(self.cost_model)
 
     def summary(self) -> dict:
-        out = {"command": "calibrate", "model": self.base_model, "data": self.data, "config": asdict(self.config),
-               "timings": self.timings, "placement": self.placement} | self.result.to_dict()
+        out = {
+            "command": "calibrate",
+            "model": self.base_model,
+            "data": self.data,
+            "config": asdict(self.config),
+            "timings": self.timings,
+            "placement": self.placement,
+        } | self.result.to_dict()
         if self.continuations_key is not None:
             out["continuations_key"] = self.continuations_key
         if self.cost_model is not None:
@@ -65,8 +71,7 @@ class CalibrateReport:
         return out
 
     def figure(self) -> bytes:
-        return calibration_curve_png(self.result, f"{self.base_model['spec']} on {self.data['spec']}", self.others,
-                                     self.cost_unit)
+        return calibration_curve_png(self.result, f"{self.base_model['spec']} on {self.data['spec']}", self.others, self.cost_unit)
 
     def files(self) -> dict[str, bytes]:
         """The calibrate/ report folder: the threshold curve (CSV, PNG) and the summary."""
@@ -81,30 +86,42 @@ class CalibrateReport:
 
 def _brief(result: CalibrationResult) -> dict:
     """A policy at another target: what it decided and what it achieved on held-out data."""
-    return {"target": result.target, "policy": result.policy.to_dict(), "heldout": result.heldout,
-            "naive_heldout": result.naive_heldout, "generated": result.generated, "statement": result.ltt.statement(),
-            "notes": result.notes}
+    return {
+        "target": result.target,
+        "policy": result.policy.to_dict(),
+        "heldout": result.heldout,
+        "naive_heldout": result.naive_heldout,
+        "generated": result.generated,
+        "statement": result.ltt.statement(),
+        "notes": result.notes,
+    }
 
 
 def choose_costs(config: CalibrateConfig, lm, artifact: Artifact) -> tuple:
     """(cost model, notes): measured latency from the artifact's profile, or FLOPs."""
     measured = measured_cost(artifact) if config.cost != "flops" else None
     if config.cost == "measured" and measured is None:
-        raise DyninferError(f"{option('cost')} measured needs a profile in the artifact: run `dyninfer profile` "
-                            f"into it first, or use {option('cost')} flops")
+        raise DyninferError(
+            f"{option('cost')} measured needs a profile in the artifact: run `dyninfer profile` "
+            f"into it first, or use {option('cost')} flops"
+        )
     if measured is None:
         return count_costs(lm, context=config.seq_len), []
-    notes = [f"exit points chosen with the decode latency measured by `profile` ({measured.source}); "
-             "predicted speedups are for that machine"]
+    notes = [
+        f"exit points chosen with the decode latency measured by `profile` ({measured.source}); predicted speedups are for that machine"
+    ]
     if measured.num_layers != lm.num_layers:
-        raise DyninferError(f"the artifact's profile has {measured.num_layers} layers but the model has "
-                            f"{lm.num_layers}; re-run `dyninfer profile` on this artifact")
+        raise DyninferError(
+            f"the artifact's profile has {measured.num_layers} layers but the model has "
+            f"{lm.num_layers}; re-run `dyninfer profile` on this artifact"
+        )
     if profile_is_stale(artifact):
-        notes.append("the profile was measured before the artifact's pruning masks changed the model; re-run "
-                     "`dyninfer profile` on it for predictions that match")
+        notes.append(
+            "the profile was measured before the artifact's pruning masks changed the model; re-run "
+            "`dyninfer profile` on it for predictions that match"
+        )
     if measured.context != config.seq_len:
-        notes.append(f"the profile measured decoding at context {measured.context}, calibration uses "
-                     f"{option('seq_len')} {config.seq_len}")
+        notes.append(f"the profile measured decoding at context {measured.context}, calibration uses {option('seq_len')} {config.seq_len}")
     return measured, notes
 
 
@@ -126,19 +143,28 @@ def draw_units(config: CalibrateConfig, windows, lens_rows: set[int]) -> Draw:
     n_units = config.prompts if generation else math.ceil(config.calibration_tokens / config.seq_len)
     order = [r for r in windows.order("train").tolist() if r not in lens_rows]
     if n_fit + n_units > len(order):
-        asked = f"{option('prompts')} {config.prompts} prompts" if generation else \
-            f"{option('calibration_tokens')} {config.calibration_tokens} tokens"
+        asked = (
+            f"{option('prompts')} {config.prompts} prompts"
+            if generation
+            else f"{option('calibration_tokens')} {config.calibration_tokens} tokens"
+        )
         raise DyninferError(
             f"the train split of '{config.data}' has {len(order)} windows of {config.seq_len} tokens the tuned lens and "
             f"the tuning did not train on, but {option('fit_tokens')} and {asked} need {n_fit + n_units} (one window per unit); "
-            f"lower them, lower {option('seq_len')} or use more data")
+            f"lower them, lower {option('seq_len')} or use more data"
+        )
     held_order = windows.order("heldout")
     if generation and config.heldout_prompts > held_order.numel():
-        raise DyninferError(f"the held-out split has {held_order.numel()} windows but {option('heldout_prompts')} is "
-                            f"{config.heldout_prompts}; lower it or use more data")
-    return Draw(torch.tensor(order[:n_fit]), torch.tensor(order[n_fit : n_fit + n_units]),
-                windows.take_rows("heldout", config.heldout_tokens, option="heldout_tokens"),
-                held_order[: config.heldout_prompts] if generation else None)
+        raise DyninferError(
+            f"the held-out split has {held_order.numel()} windows but {option('heldout_prompts')} is "
+            f"{config.heldout_prompts}; lower it or use more data"
+        )
+    return Draw(
+        torch.tensor(order[:n_fit]),
+        torch.tensor(order[n_fit : n_fit + n_units]),
+        windows.take_rows("heldout", config.heldout_tokens, option="heldout_tokens"),
+        held_order[: config.heldout_prompts] if generation else None,
+    )
 
 
 def _trained_rows(provenance: dict | None, windows, draw: Draw) -> tuple[set[int], int | None]:
@@ -153,16 +179,20 @@ def lens_notes(ws, windows, draw: Draw) -> tuple[set[int], list[str]]:
     """The train rows the tuned lens trained on (kept out of fit and calibration), and what to tell the user."""
     provenance = ws.lens_windows()
     if provenance is None:
-        return set(), [f"the tuned lens's training windows are not recorded (an older artifact, or {option('lens_from')} "
-                       "one without a record); the guarantee assumes it did not train on calibration or held-out text"]
+        return set(), [
+            f"the tuned lens's training windows are not recorded (an older artifact, or {option('lens_from')} "
+            "one without a record); the guarantee assumes it did not train on calibration or held-out text"
+        ]
     seen, overlap = _trained_rows(provenance, windows, draw)
     notes = []
     if overlap is None:
         notes.append(f"the tuned lens was trained on other data ({provenance.get('data')})")
     elif overlap:
-        notes.append(f"the tuned lens trained on text of {overlap} held-out windows (another seed or window length "
-                     "split the corpus differently); held-out numbers are optimistic. Retrain it with this split "
-                     f"({option('lens_from')} off, a fresh artifact) for clean ones")
+        notes.append(
+            f"the tuned lens trained on text of {overlap} held-out windows (another seed or window length "
+            "split the corpus differently); held-out numbers are optimistic. Retrain it with this split "
+            f"({option('lens_from')} off, a fresh artifact) for clean ones"
+        )
     return seen, notes
 
 
@@ -173,35 +203,51 @@ def tuning_notes(record: dict | None, windows, draw: Draw) -> tuple[set[int], li
     provenance = record.get("windows")
     seen, overlap = _trained_rows(provenance, windows, draw)
     if overlap is None:
-        return seen, [f"the model was tuned on other data ({(provenance or {}).get('data')}); the guarantee assumes "
-                      "the tuning saw none of this calibration's text"]
+        return seen, [
+            f"the model was tuned on other data ({(provenance or {}).get('data')}); the guarantee assumes "
+            "the tuning saw none of this calibration's text"
+        ]
     if overlap:
-        return seen, [f"the model was tuned on text of {overlap} held-out windows (another seed or window length "
-                      "split the corpus differently); held-out numbers are optimistic"]
+        return seen, [
+            f"the model was tuned on text of {overlap} held-out windows (another seed or window length "
+            "split the corpus differently); held-out numbers are optimistic"
+        ]
     return seen, []
 
 
-def run(config: CalibrateConfig, progress: ProgressFn | None = None, existing: str | Artifact | None = None,
-        session: ModelSession | None = None) -> CalibrateReport:
+def run(
+    config: CalibrateConfig, progress: ProgressFn | None = None, existing: str | Artifact | None = None, session: ModelSession | None = None
+) -> CalibrateReport:
     """Calibrate the policy at `config.target` (and `extra_targets`); the artifact keeps the first."""
     config.validate()
     torch.manual_seed(config.seed)
-    ws = open_workspace(config.model, config.data, field=config.field, seq_len=config.seq_len, seed=config.seed,
-                        existing=existing, progress=progress, session=session,
-                        placement=config.placement())
+    ws = open_workspace(
+        config.model,
+        config.data,
+        field=config.field,
+        seq_len=config.seq_len,
+        seed=config.seed,
+        existing=existing,
+        progress=progress,
+        session=session,
+        placement=config.placement(),
+    )
     lm, windows = ws.lm, ws.windows
     generation = config.risk == GENERATION_RISK
     if generation:
         context = getattr(lm.config, "max_position_embeddings", None) or getattr(lm.config, "n_positions", None)
         if context and config.prompt_tokens + config.new_tokens > context:
-            raise DyninferError(f"{option('prompt_tokens')} {config.prompt_tokens} + {option('new_tokens')} "
-                                f"{config.new_tokens} exceed the model's context of {context} tokens; lower them")
+            raise DyninferError(
+                f"{option('prompt_tokens')} {config.prompt_tokens} + {option('new_tokens')} "
+                f"{config.new_tokens} exceed the model's context of {context} tokens; lower them"
+            )
     draw = draw_units(config, windows, set())  # for the held-out rows, which depend on nothing trained
     # The tuned model is not independent of the windows it was tuned on: they stay out of fit and calibration.
     seen, notes = tuning_notes(ws.artifact.stages.get(stages.TUNE), windows, draw)
     if config.lens == TUNED:
-        lens, _ = ws.tuned_lens(lens_from=config.lens_from, train_tokens=config.lens_train_tokens,
-                                       steps=config.lens_steps, seed=config.seed, progress=progress)
+        lens, _ = ws.tuned_lens(
+            lens_from=config.lens_from, train_tokens=config.lens_train_tokens, steps=config.lens_steps, seed=config.seed, progress=progress
+        )
         lens_rows, lens_messages = lens_notes(ws, windows, draw)
         notes += lens_messages
         seen |= lens_rows
@@ -217,20 +263,37 @@ def run(config: CalibrateConfig, progress: ProgressFn | None = None, existing: s
         results = _generation_calibrations(config, ws, lens, costs, fit, units, heldout, draw, targets, progress)
     else:
         results = run_calibrations(
-            lm, lens, costs, fit, units, heldout, targets=targets, measure=config.measure, epsilon=config.epsilon,
-            risk=config.risk, vocab_top_k=config.vocab_top_k, min_layer=config.min_layer,
-            max_points=config.max_points, progress=progress,
+            lm,
+            lens,
+            costs,
+            fit,
+            units,
+            heldout,
+            targets=targets,
+            measure=config.measure,
+            epsilon=config.epsilon,
+            risk=config.risk,
+            vocab_top_k=config.vocab_top_k,
+            min_layer=config.min_layer,
+            max_points=config.max_points,
+            progress=progress,
         )
     (result, classifier), others = results[0], [r for r, _ in results[1:]]
     for other in others:
         other.policy.kv_mode = config.kv_mode
     result.policy.kv_mode = config.kv_mode
     result.notes += notes
-    report = CalibrateReport(config, ws.loaded.base_model_info(), windows.describe(), result, ws.timings,
-                             cost_model=costs.to_dict(), others=others,
-                             continuations_key=model_state_key(ws) if generation else
-                             ws.artifact.stages.get(stages.CALIBRATE, {}).get("continuations_key"),
-                             placement=ws.loaded.placement)
+    report = CalibrateReport(
+        config,
+        ws.loaded.base_model_info(),
+        windows.describe(),
+        result,
+        ws.timings,
+        cost_model=costs.to_dict(),
+        others=others,
+        continuations_key=model_state_key(ws) if generation else ws.artifact.stages.get(stages.CALIBRATE, {}).get("continuations_key"),
+        placement=ws.loaded.placement,
+    )
     ws.artifact.set_stage(stages.CALIBRATE, report.summary())
     # The exits group holds the tuned lens and, for the classifier measure, this policy's classifier.
     exits = {k: v for k, v in ws.artifact.tensors.get(stages.EXITS_GROUP, {}).items() if not k.startswith("classifier.")}
@@ -242,8 +305,9 @@ def run(config: CalibrateConfig, progress: ProgressFn | None = None, existing: s
     return report
 
 
-def _generation_calibrations(config: CalibrateConfig, ws, lens, costs, fit, units, heldout, draw: Draw,
-                             targets: list[float], progress: ProgressFn | None) -> list:
+def _generation_calibrations(
+    config: CalibrateConfig, ws, lens, costs, fit, units, heldout, draw: Draw, targets: list[float], progress: ProgressFn | None
+) -> list:
     """Plan exit points on the fit windows, then certify each target on the dynamic model's generations."""
     lm, windows = ws.lm, ws.windows
     started = time.perf_counter()
@@ -253,19 +317,41 @@ def _generation_calibrations(config: CalibrateConfig, ws, lens, costs, fit, unit
         prompt_set.continuations = cached_continuations(ws, config, prompt_set.prompts, what, progress)
     ws.timings["full_continuations_s"] = time.perf_counter() - started
     sequences = fit_sequences(lm, fit, config.prompt_tokens, config.new_tokens, config.batch_size, progress)
-    plans = plan_exits(lm, lens, costs, sequences, targets=targets, measure=config.measure,
-                       vocab_top_k=config.vocab_top_k, min_layer=config.min_layer, max_points=config.max_points,
-                       first=config.prompt_tokens - 1, progress=progress)
+    plans = plan_exits(
+        lm,
+        lens,
+        costs,
+        sequences,
+        targets=targets,
+        measure=config.measure,
+        vocab_top_k=config.vocab_top_k,
+        min_layer=config.min_layer,
+        max_points=config.max_points,
+        first=config.prompt_tokens - 1,
+        progress=progress,
+    )
     shared: dict | None = {} if len(targets) > 1 else None
     results = []
     for plan in plans.plans:
         held_trace = trace_plan(lm, lens, plans, plan, heldout, config.measure, config.vocab_top_k, shared, progress)
         started = time.perf_counter()
         result = certify_generation(
-            lm, lens, costs, plan, calibration, held_prompts, held_trace, measure=config.measure,
-            consistency_measure=config.consistency, kv_mode=config.kv_mode, epsilon=config.epsilon,
-            vocab_top_k=config.vocab_top_k, batch_size=config.batch_size,
-            fit_tokens=int(fit.shape[0] * config.seq_len), progress=progress)
+            lm,
+            lens,
+            costs,
+            plan,
+            calibration,
+            held_prompts,
+            held_trace,
+            measure=config.measure,
+            consistency_measure=config.consistency,
+            kv_mode=config.kv_mode,
+            epsilon=config.epsilon,
+            vocab_top_k=config.vocab_top_k,
+            batch_size=config.batch_size,
+            fit_tokens=int(fit.shape[0] * config.seq_len),
+            progress=progress,
+        )
         ws.timings[f"certify_{plan.target:g}_s"] = time.perf_counter() - started
         results.append((result, plan.classifier))
     return results
@@ -273,23 +359,30 @@ def _generation_calibrations(config: CalibrateConfig, ws, lens, costs, fit, unit
 
 def model_state_key(ws) -> str:
     """What the full model's continuations depend on: the weights, the baked steering, the pruning masks."""
-    state = {"model": ws.loaded.content_hash, "steering": ws.session.steering,
-             "pruning": ws.artifact.stages.get(stages.PRUNE, {}).get("plan")}
+    state = {
+        "model": ws.loaded.content_hash,
+        "steering": ws.session.steering,
+        "pruning": ws.artifact.stages.get(stages.PRUNE, {}).get("plan"),
+    }
     return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def cached_continuations(ws, config: CalibrateConfig, prompts: torch.Tensor, what: str,
-                         progress: ProgressFn | None) -> torch.Tensor:
+def cached_continuations(ws, config: CalibrateConfig, prompts: torch.Tensor, what: str, progress: ProgressFn | None) -> torch.Tensor:
     """The full model's continuations of `prompts`, from the artifact when it holds them for this model state."""
     group = ws.artifact.tensors.get(stages.GENERATION_GROUP, {})
     key = model_state_key(ws)
     stored_key = ws.artifact.stages.get(stages.CALIBRATE, {}).get("continuations_key")
     old_prompts, old = group.get(f"{what}.prompts"), group.get(f"{what}.continuations")
-    if (stored_key == key and old_prompts is not None and old is not None and old_prompts.shape == prompts.shape
-            and torch.equal(old_prompts, prompts) and old.shape[1] >= config.new_tokens):
+    if (
+        stored_key == key
+        and old_prompts is not None
+        and old is not None
+        and old_prompts.shape == prompts.shape
+        and torch.equal(old_prompts, prompts)
+        and old.shape[1] >= config.new_tokens
+    ):
         return old[:, : config.new_tokens]
-    continuations = full_continuations(ws.lm, prompts, config.new_tokens, config.batch_size, progress,
-                                       f"full-model continuations ({what})")
+    continuations = full_continuations(ws.lm, prompts, config.new_tokens, config.batch_size, progress, f"full-model continuations ({what})")
     group = dict(group) | {f"{what}.prompts": prompts.clone(), f"{what}.continuations": continuations}
     ws.artifact.put_tensors(stages.GENERATION_GROUP, group)
     return continuations

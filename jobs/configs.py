@@ -69,8 +69,14 @@ class ProbeConfig(PlacementOptions):
         unknown = [k for k in self.lenses if k not in LENS_KINDS]
         if unknown or not self.lenses:
             raise DyninferError(f"unknown lens {', '.join(unknown) or '(none)'}; choose from: {', '.join(LENS_KINDS)}")
-        for name, low in (("tokens", 1), ("seq_len", 2), ("batch_size", 1), ("lens_train_tokens", 1),
-                          ("lens_steps", 0), ("memory_budget_mib", 1)):
+        for name, low in (
+            ("tokens", 1),
+            ("seq_len", 2),
+            ("batch_size", 1),
+            ("lens_train_tokens", 1),
+            ("lens_steps", 0),
+            ("memory_budget_mib", 1),
+        ):
             check_at_least(name, getattr(self, name), low)
         if self.lens_from and TUNED not in self.lenses:
             raise DyninferError(f"{option('lens_from')} only makes sense with {option('lenses')} tuned")
@@ -132,20 +138,37 @@ class CalibrateConfig(PlacementOptions):
 
     def validate(self) -> None:
         self.placement().validate()
-        for name, allowed in (("lens", LENS_KINDS), ("measure", MEASURES), ("risk", RISKS), ("kv_mode", KV_MODES),
-                              ("cost", COST_SOURCES), ("consistency", CONSISTENCY_MEASURES)):
+        for name, allowed in (
+            ("lens", LENS_KINDS),
+            ("measure", MEASURES),
+            ("risk", RISKS),
+            ("kv_mode", KV_MODES),
+            ("cost", COST_SOURCES),
+            ("consistency", CONSISTENCY_MEASURES),
+        ):
             check_choice(name, getattr(self, name), allowed)
-        for name, value in (("target", self.target), ("epsilon", self.epsilon),
-                            *(("extra_targets", t) for t in self.extra_targets)):
+        for name, value in (("target", self.target), ("epsilon", self.epsilon), *(("extra_targets", t) for t in self.extra_targets)):
             check_between(name, value, 0.0, 1.0)
-        for name, low in (("fit_tokens", 1), ("calibration_tokens", 1), ("heldout_tokens", 1), ("prompts", 1),
-                          ("heldout_prompts", 1), ("prompt_tokens", 1), ("new_tokens", 1), ("batch_size", 1),
-                          ("vocab_top_k", 0), ("max_points", 1), ("seq_len", 2)):
+        for name, low in (
+            ("fit_tokens", 1),
+            ("calibration_tokens", 1),
+            ("heldout_tokens", 1),
+            ("prompts", 1),
+            ("heldout_prompts", 1),
+            ("prompt_tokens", 1),
+            ("new_tokens", 1),
+            ("batch_size", 1),
+            ("vocab_top_k", 0),
+            ("max_points", 1),
+            ("seq_len", 2),
+        ):
             check_at_least(name, getattr(self, name), low)
         if self.risk == GENERATION_RISK and self.prompt_tokens > self.seq_len:
-            raise DyninferError(f"{option('prompt_tokens')} {self.prompt_tokens} is longer than the windows prompts "
-                                f"are cut from ({option('seq_len')} {self.seq_len}); lower it or raise "
-                                f"{option('seq_len')}")
+            raise DyninferError(
+                f"{option('prompt_tokens')} {self.prompt_tokens} is longer than the windows prompts "
+                f"are cut from ({option('seq_len')} {self.seq_len}); lower it or raise "
+                f"{option('seq_len')}"
+            )
 
 
 @dataclass
@@ -174,8 +197,12 @@ class PruneConfig(PlacementOptions):
 
     def validate(self) -> None:
         self.placement().validate()
-        for name, allowed in (("method", PRUNE_METHODS), ("allocation", PRUNE_ALLOCATIONS), ("label", PRUNE_LABELS),
-                              ("backend", PRUNE_BACKENDS)):
+        for name, allowed in (
+            ("method", PRUNE_METHODS),
+            ("allocation", PRUNE_ALLOCATIONS),
+            ("label", PRUNE_LABELS),
+            ("backend", PRUNE_BACKENDS),
+        ):
             check_choice(name, getattr(self, name), allowed)
         for name, value in (("sparsity", self.sparsity), *(("sweep", s) for s in self.sweep)):
             check_between(name, value, 0.0, 1.0)
@@ -184,8 +211,16 @@ class PruneConfig(PlacementOptions):
             raise DyninferError(f"{option('input_sparsity')} applies to {option('method')} threshold only")
         if self.label == "mass":
             check_between("mass", self.mass, 0.0, 1.0)
-        for name, low in (("rank", 1), ("steps", 1), ("calibration_tokens", 1), ("heldout_tokens", 1), ("prompts", 1),
-                          ("prompt_tokens", 1), ("new_tokens", 1), ("seq_len", 2)):
+        for name, low in (
+            ("rank", 1),
+            ("steps", 1),
+            ("calibration_tokens", 1),
+            ("heldout_tokens", 1),
+            ("prompts", 1),
+            ("prompt_tokens", 1),
+            ("new_tokens", 1),
+            ("seq_len", 2),
+        ):
             check_at_least(name, getattr(self, name), low)
 
     def sparsities(self) -> list[float]:
@@ -217,8 +252,9 @@ class TuneConfig(PlacementOptions, TuningSettings):
         if self.merge_out is not None:
             check_output_dir(self.merge_out)
             if artifact_exists(self.merge_out):
-                raise DyninferError(f"{option('merge_out')} '{self.merge_out}' is a dyninfer artifact; give the merged "
-                                    "checkpoint its own directory")
+                raise DyninferError(
+                    f"{option('merge_out')} '{self.merge_out}' is a dyninfer artifact; give the merged checkpoint its own directory"
+                )
 
 
 @dataclass
@@ -247,19 +283,16 @@ class ExtractConfig(PlacementOptions):
         for name, low in (("examples", 2), ("heldout", 1), ("rank", 1), ("steps", 1), ("batch_size", 1), ("shots", 0)):
             check_at_least(name, getattr(self, name), low)
         if self.shots >= self.examples:
-            raise DyninferError(f"{option('shots')} ({self.shots}) must be smaller than {option('examples')} "
-                                f"({self.examples})")
+            raise DyninferError(f"{option('shots')} ({self.shots}) must be smaller than {option('examples')} ({self.examples})")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise DyninferError(f"{option('lr')} must be a positive number, got {self.lr}")
         if (self.delta_from is None) != (self.delta_to is None):
             raise DyninferError(f"{option('delta_from')} and {option('delta_to')} go together (either may be `base`)")
         if self.delta_from is not None and self.method != "valve":
-            raise DyninferError(f"{option('delta_from')}/{option('delta_to')} make a CoT-Valve direction: use "
-                                f"{option('method')} valve")
+            raise DyninferError(f"{option('delta_from')}/{option('delta_to')} make a CoT-Valve direction: use {option('method')} valve")
 
     def split_record(self) -> dict:
-        return {"data": self.data, "seed": self.seed, "examples": self.examples, "heldout": self.heldout,
-                "shots": self.shots}
+        return {"data": self.data, "seed": self.seed, "examples": self.examples, "heldout": self.heldout, "shots": self.shots}
 
 
 @dataclass
@@ -348,8 +381,9 @@ class RunConfig(PlacementOptions):
         if self.draft_layer is not None:
             check_at_least("draft_layer", self.draft_layer, 1)
         if self.backend == "onnx" and self.mode == "speculative":
-            raise DyninferError(f"the ONNX backend runs {option('mode')} early-exit or full; speculative runs with "
-                                f"{option('backend')} torch")
+            raise DyninferError(
+                f"the ONNX backend runs {option('mode')} early-exit or full; speculative runs with {option('backend')} torch"
+            )
 
 
 @dataclass
@@ -434,41 +468,87 @@ class AuditConfig(PlacementOptions):
     min_consistency: float | None = None  # held-out token consistency of that policy
 
     def probe_config(self) -> ProbeConfig:
-        return ProbeConfig(**self.placed(), model=self.model, data=self.data, field=self.field,
-                                     seq_len=self.seq_len, seed=self.seed,
-                           lenses=(LOGIT, TUNED) if self.lens == TUNED else (LOGIT,), tokens=self.probe_tokens,
-                           lens_train_tokens=self.lens_train_tokens, lens_steps=self.lens_steps)
+        return ProbeConfig(
+            **self.placed(),
+            model=self.model,
+            data=self.data,
+            field=self.field,
+            seq_len=self.seq_len,
+            seed=self.seed,
+            lenses=(LOGIT, TUNED) if self.lens == TUNED else (LOGIT,),
+            tokens=self.probe_tokens,
+            lens_train_tokens=self.lens_train_tokens,
+            lens_steps=self.lens_steps,
+        )
 
     def profile_config(self) -> ProfileConfig:
-        return ProfileConfig(**self.placed(), model=self.model, data=self.data, field=self.field, context=self.seq_len,
-                             repeats=self.repeats, warmup=2, energy_seconds=self.energy_seconds,
-                             seed=self.seed)
+        return ProfileConfig(
+            **self.placed(),
+            model=self.model,
+            data=self.data,
+            field=self.field,
+            context=self.seq_len,
+            repeats=self.repeats,
+            warmup=2,
+            energy_seconds=self.energy_seconds,
+            seed=self.seed,
+        )
 
     def calibrate_config(self) -> CalibrateConfig:
-        return CalibrateConfig(**self.placed(), model=self.model, data=self.data, field=self.field, seq_len=self.seq_len,
-                               seed=self.seed, lens=self.lens, measure=self.measure, target=self.target,
-                               epsilon=self.epsilon, fit_tokens=self.fit_tokens, risk=self.risk, prompts=self.prompts,
-                               heldout_prompts=self.heldout_prompts, prompt_tokens=self.prompt_tokens,
-                               new_tokens=self.new_tokens, consistency=self.consistency,
-                               calibration_tokens=self.calibration_tokens, heldout_tokens=self.heldout_tokens,
-                               lens_train_tokens=self.lens_train_tokens, lens_steps=self.lens_steps,
-                               extra_targets=tuple(t for t in self.extra_targets if t != self.target))
+        return CalibrateConfig(
+            **self.placed(),
+            model=self.model,
+            data=self.data,
+            field=self.field,
+            seq_len=self.seq_len,
+            seed=self.seed,
+            lens=self.lens,
+            measure=self.measure,
+            target=self.target,
+            epsilon=self.epsilon,
+            fit_tokens=self.fit_tokens,
+            risk=self.risk,
+            prompts=self.prompts,
+            heldout_prompts=self.heldout_prompts,
+            prompt_tokens=self.prompt_tokens,
+            new_tokens=self.new_tokens,
+            consistency=self.consistency,
+            calibration_tokens=self.calibration_tokens,
+            heldout_tokens=self.heldout_tokens,
+            lens_train_tokens=self.lens_train_tokens,
+            lens_steps=self.lens_steps,
+            extra_targets=tuple(t for t in self.extra_targets if t != self.target),
+        )
 
     def prune_config(self) -> PruneConfig:
-        return PruneConfig(**self.placed(), model=self.model, data=self.data, field=self.field,
-                                     seq_len=self.seq_len, seed=self.seed,
-                           sparsity=self.prune_sparsity, heldout_tokens=self.heldout_tokens)
+        return PruneConfig(
+            **self.placed(),
+            model=self.model,
+            data=self.data,
+            field=self.field,
+            seq_len=self.seq_len,
+            seed=self.seed,
+            sparsity=self.prune_sparsity,
+            heldout_tokens=self.heldout_tokens,
+        )
 
     def extract_config(self) -> ExtractConfig:
-        return ExtractConfig(**self.placed(), model=self.model, method=self.steer, examples=self.steer_examples,
-                             heldout=self.steer_questions, seed=self.seed)
+        return ExtractConfig(
+            **self.placed(), model=self.model, method=self.steer, examples=self.steer_examples, heldout=self.steer_questions, seed=self.seed
+        )
 
     def alphas(self) -> list[float]:
         return list(self.steer_alphas or STEER_ALPHAS.get(self.steer, ()))
 
     def sweep_config(self) -> SweepConfig:
-        return SweepConfig(**self.placed(), method=self.steer, alphas=tuple(self.alphas()), questions=self.steer_questions,
-                                 max_new_tokens=self.steer_max_new_tokens, model=self.model)
+        return SweepConfig(
+            **self.placed(),
+            method=self.steer,
+            alphas=tuple(self.alphas()),
+            questions=self.steer_questions,
+            max_new_tokens=self.steer_max_new_tokens,
+            model=self.model,
+        )
 
     def validate(self) -> None:
         """Every stage's options, before any model loads."""

@@ -23,5 +23,6 @@ def run(config: ExportConfig, artifact: str | os.PathLike, progress: ProgressFn 
     steps = 4 if config.baseline else 3
     report("loading the dynamic model", 0, steps)
     dyn = load_dynamic(str(artifact), config.model, require_policy=True, kv_mode=config.kv_mode)
-    return export_dynamic(dyn, target, provider=config.provider, dtype=config.dtype, baseline=config.baseline,
-                          verify=config.verify, progress=progress)
+    return export_dynamic(
+        dyn, target, provider=config.provider, dtype=config.dtype, baseline=config.baseline, verify=config.verify, progress=progress
+    )

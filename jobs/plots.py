@@ -46,8 +46,7 @@ def probe_figure_png(layers: pd.DataFrame, title: str) -> bytes:
         axes[2].plot(rows["layer"], rows["can_exit_by"], drawstyle="steps-post", label=lens)
     axes[0].set(title="top-1 per layer", xlabel="layer (0 = embeddings)", ylabel="fraction of tokens", ylim=(0, 1.02))
     axes[1].set(title="KL(final ‖ layer)", xlabel="layer", ylabel="nats")
-    axes[2].set(title="tokens whose prediction is settled by layer", xlabel="layer", ylabel="cumulative fraction",
-                ylim=(0, 1.02))
+    axes[2].set(title="tokens whose prediction is settled by layer", xlabel="layer", ylabel="cumulative fraction", ylim=(0, 1.02))
     return _finish(fig, axes, title)
 
 
@@ -64,20 +63,32 @@ def calibration_curve_png(result, title: str, others: list | None = None, unit: 
     curve = result.curve
     generated = result.generated is not None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot([c.consistency for c in curve], [c.predicted_speedup for c in curve], marker=".", ms=3,
-            label="candidates generated (calibration prompts)" if generated else "threshold grid (calibration split)")
+    ax.plot(
+        [c.consistency for c in curve],
+        [c.predicted_speedup for c in curve],
+        marker=".",
+        ms=3,
+        label="candidates generated (calibration prompts)" if generated else "threshold grid (calibration split)",
+    )
     ax.axvline(result.target, ls=":", color="grey", label=f"target {result.target:g}")
-    for label, threshold, marker in (("certified (LTT)", result.policy.threshold, "o"),
-                                     ("naive (no guarantee)", result.naive_threshold, "x")):
+    for label, threshold, marker in (
+        ("certified (LTT)", result.policy.threshold, "o"),
+        ("naive (no guarantee)", result.naive_threshold, "x"),
+    ):
         match = [c for c in curve if threshold is not None and c.threshold == threshold]
         if match:
             ax.scatter([match[0].consistency], [match[0].predicted_speedup], marker=marker, s=80, zorder=3, label=label)
     for other in others or []:
         held = other.generated or other.heldout
-        ax.scatter([held.get("certified_measure", held.get("consistency"))], [held["predicted_speedup"]], marker="D",
-                   s=50, zorder=3, label=f"certified at target {other.target:g} (held-out)")
-    what = f"{result.generated['measure']} consistency of generated continuations" if generated else \
-        "token consistency (teacher-forced)"
+        ax.scatter(
+            [held.get("certified_measure", held.get("consistency"))],
+            [held["predicted_speedup"]],
+            marker="D",
+            s=50,
+            zorder=3,
+            label=f"certified at target {other.target:g} (held-out)",
+        )
+    what = f"{result.generated['measure']} consistency of generated continuations" if generated else "token consistency (teacher-forced)"
     ax.set(xlabel=f"{what} with the full model", ylabel=f"predicted speedup ({unit})", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -94,18 +105,17 @@ def pruning_sweep_png(points: list[dict], dense_perplexity: float, title: str) -
     sparsity = [p["achieved_sparsity"] for p in points]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     axes[0].plot(sparsity, [100 * p["perplexity_change"] for p in points], marker="o", label="perplexity change")
-    axes[0].plot(sparsity, [100 * (1 - p["agreement"]) for p in points], marker="s", ls="--",
-                 label="next-token disagreement with dense")
-    axes[0].set(xlabel="achieved MLP sparsity (held-out)", ylabel="%",
-                title=f"quality vs sparsity (dense perplexity {dense_perplexity:.2f})")
+    axes[0].plot(sparsity, [100 * (1 - p["agreement"]) for p in points], marker="s", ls="--", label="next-token disagreement with dense")
+    axes[0].set(
+        xlabel="achieved MLP sparsity (held-out)", ylabel="%", title=f"quality vs sparsity (dense perplexity {dense_perplexity:.2f})"
+    )
     timed = [p for p in points if p.get("speed")]
     if timed:
         xs = [p["achieved_sparsity"] for p in timed]
         axes[1].plot(xs, [p["speed"]["mlp_speedup"] for p in timed], marker="o", label="MLP block (sparse kernel)")
         axes[1].plot(xs, [p["speed"]["decode_speedup"] for p in timed], marker="s", label="end-to-end decode")
         axes[1].axhline(1.0, color="grey", ls=":")
-    axes[1].plot(sparsity, [1 / (1 - p["flops_saved"]) for p in points], ls="--", color="grey",
-                 label="MLP FLOPs ratio (upper bound)")
+    axes[1].plot(sparsity, [1 / (1 - p["flops_saved"]) for p in points], ls="--", color="grey", label="MLP FLOPs ratio (upper bound)")
     axes[1].set(xlabel="achieved MLP sparsity (held-out)", ylabel="speedup vs dense (x)", title="measured speed, batch 1")
     return _finish(fig, axes, title)
 
@@ -146,8 +156,11 @@ def _piece_bars(ax, pieces: pd.DataFrame, column: str, scale: float = 1.0) -> No
             ax.bar([x], [max(float(model_level[piece]), 0.0)], width=0.8, color="grey", hatch="//")
     step = max(1, n_layers // 6)
     layer_ticks = list(range(0, n_layers - step // 2, step))
-    ax.set_xticks(layer_ticks + list(positions.values()),
-                  [str(t) for t in layer_ticks] + [f"\n{p}" if p == "norm" else p for p in positions], fontsize=7)
+    ax.set_xticks(
+        layer_ticks + list(positions.values()),
+        [str(t) for t in layer_ticks] + [f"\n{p}" if p == "norm" else p for p in positions],
+        fontsize=7,
+    )
     ax.set_xlabel("decoder layer (embedding left, final norm and head right)")
 
 
@@ -159,10 +172,12 @@ def profile_png(pieces: pd.DataFrame, title: str) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(14, 8))
-    panels = ((axes[0, 0], "decode_flops", 1e-6, "MFLOPs", "FLOPs of one decode step"),
-              (axes[0, 1], "decode_ms", 1.0, "ms (median)", "decode latency, batch 1"),
-              (axes[1, 0], "prefill_ms", 1.0, "ms (median)", "prefill latency of the prompt"),
-              (axes[1, 1], "weight_bytes", 1 / 2**20, "MiB", "weights (a tied head holds none)"))
+    panels = (
+        (axes[0, 0], "decode_flops", 1e-6, "MFLOPs", "FLOPs of one decode step"),
+        (axes[0, 1], "decode_ms", 1.0, "ms (median)", "decode latency, batch 1"),
+        (axes[1, 0], "prefill_ms", 1.0, "ms (median)", "prefill latency of the prompt"),
+        (axes[1, 1], "weight_bytes", 1 / 2**20, "MiB", "weights (a tied head holds none)"),
+    )
     for ax, column, scale, unit, name in panels:
         _piece_bars(ax, pieces, column, scale)
         ax.set(ylabel=unit, title=name)

@@ -58,8 +58,7 @@ class ProbeReport:
         return out
 
     def figure(self) -> bytes:
-        return probe_figure_png(self.result.layers, f"{self.base_model['spec']} on {self.data['spec']}: "
-                                                    "exit accuracy per layer")
+        return probe_figure_png(self.result.layers, f"{self.base_model['spec']} on {self.data['spec']}: exit accuracy per layer")
 
     def files(self) -> dict[str, bytes]:
         """The probe/ report folder: per-layer and depth tables (CSV, Parquet), the summary and the figure."""
@@ -74,14 +73,23 @@ class ProbeReport:
         }
 
 
-def run(config: ProbeConfig, progress: ProgressFn | None = None, existing: str | Artifact | None = None,
-        session: ModelSession | None = None) -> ProbeReport:
+def run(
+    config: ProbeConfig, progress: ProgressFn | None = None, existing: str | Artifact | None = None, session: ModelSession | None = None
+) -> ProbeReport:
     """Run the probe. `existing`: an artifact (or its directory) to extend; its base model must match."""
     config.validate()
     torch.manual_seed(config.seed)
-    ws = open_workspace(config.model, config.data, field=config.field, seq_len=config.seq_len, seed=config.seed,
-                        existing=existing, progress=progress, session=session,
-                        placement=config.placement())
+    ws = open_workspace(
+        config.model,
+        config.data,
+        field=config.field,
+        seq_len=config.seq_len,
+        seed=config.seed,
+        existing=existing,
+        progress=progress,
+        session=session,
+        placement=config.placement(),
+    )
     heldout = ws.windows.take("heldout", config.tokens)  # raises early if the data is too short
     world = distributed.current()  # data-parallel: this rank probes every size-th held-out window
     heldout = heldout[world.shard(heldout.shape[0], "held-out windows")]
@@ -92,19 +100,40 @@ def run(config: ProbeConfig, progress: ProgressFn | None = None, existing: str |
     lenses: list = [LogitLens(lm)]
     training = None
     if TUNED in config.lenses:
-        tuned, training = ws.tuned_lens(lens_from=config.lens_from, train_tokens=config.lens_train_tokens,
-                                        steps=config.lens_steps, seed=config.seed, retrain=config.retrain_lens,
-                                        progress=progress)
+        tuned, training = ws.tuned_lens(
+            lens_from=config.lens_from,
+            train_tokens=config.lens_train_tokens,
+            steps=config.lens_steps,
+            seed=config.seed,
+            retrain=config.retrain_lens,
+            progress=progress,
+        )
     else:
         tuned = ws.stored_tuned_lens()
     if tuned is not None:
         lenses.append(tuned)
 
-    result = run_probe(lm, heldout, lenses, costs, batch_size=config.batch_size,
-                       memory_budget=config.memory_budget_mib * 2**20, progress=progress, world=world)
+    result = run_probe(
+        lm,
+        heldout,
+        lenses,
+        costs,
+        batch_size=config.batch_size,
+        memory_budget=config.memory_budget_mib * 2**20,
+        progress=progress,
+        world=world,
+    )
     ws.timings["probe_s"] = result.seconds
-    report = ProbeReport(config, ws.loaded.base_model_info(), ws.windows.describe(), result, training, ws.timings,
-                         placement=ws.loaded.placement, memory=peak_memory(lm.model))
+    report = ProbeReport(
+        config,
+        ws.loaded.base_model_info(),
+        ws.windows.describe(),
+        result,
+        training,
+        ws.timings,
+        placement=ws.loaded.placement,
+        memory=peak_memory(lm.model),
+    )
     ws.artifact.set_stage(stages.PROBE, _stage_record(report))
     report.artifact = ws.artifact
     return report
@@ -112,8 +141,7 @@ def run(config: ProbeConfig, progress: ProgressFn | None = None, existing: str |
 
 def _stage_record(report: ProbeReport) -> dict:
     summary = report.summary()
-    return {k: summary[k] for k in ("data", "config", "lenses", "cost_model", "throughput", "n_tokens",
-                                        "placement")} | (
+    return {k: summary[k] for k in ("data", "config", "lenses", "cost_model", "throughput", "n_tokens", "placement")} | (
         {"tuned_lens_training": summary["tuned_lens_training"]} if "tuned_lens_training" in summary else {}
     )
 

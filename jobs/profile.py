@@ -40,8 +40,18 @@ class ProfileReport:
     placement: dict | None = None  # where the model ran ({device, dtype})
 
     def summary(self) -> dict:
-        return {"command": "profile", "model": self.base_model, "data": self.data, "config": asdict(self.config),
-                "timings": self.timings, "placement": self.placement} | self.profile.to_dict() | {"gpu": self.gpu.to_dict()}
+        return (
+            {
+                "command": "profile",
+                "model": self.base_model,
+                "data": self.data,
+                "config": asdict(self.config),
+                "timings": self.timings,
+                "placement": self.placement,
+            }
+            | self.profile.to_dict()
+            | {"gpu": self.gpu.to_dict()}
+        )
 
     def figure(self) -> bytes:
         return profile_png(self.profile.pieces, f"{self.base_model['spec']}: cost per layer on {self.profile.device}")
@@ -58,45 +68,60 @@ class ProfileReport:
         }
 
 
-def gpu_report(lm, prompt: torch.Tensor, device: torch.device, energy_seconds: float,
-               nvml_module=None, synchronize=None) -> GpuReport:
+def gpu_report(lm, prompt: torch.Tensor, device: torch.device, energy_seconds: float, nvml_module=None, synchronize=None) -> GpuReport:
     """NVML readings and energy per token for decode and prefill; a reason instead when no GPU."""
     if device.type != "cuda":
-        return GpuReport(False, "no GPU: profiled on the CPU" + ("" if torch.cuda.is_available()
-                                                                  else " (torch sees no CUDA GPU)"))
+        return GpuReport(False, "no GPU: profiled on the CPU" + ("" if torch.cuda.is_available() else " (torch sees no CUDA GPU)"))
     try:
         gpu = Nvml.open(device.index or 0, module=nvml_module)
     except GpuUnavailable as exc:
         return GpuReport(False, f"no GPU readings: {exc}")
     try:
-        energy = [measure_energy(gpu, label, run, min_seconds=energy_seconds,
-                                 synchronize=synchronize or torch.cuda.synchronize)
-                  for label, run in workloads(lm, prompt).items()]
+        energy = [
+            measure_energy(gpu, label, run, min_seconds=energy_seconds, synchronize=synchronize or torch.cuda.synchronize)
+            for label, run in workloads(lm, prompt).items()
+        ]
         return GpuReport(True, device=gpu.reading(), energy=energy)  # memory read with the model loaded
     finally:
         gpu.close()
 
 
 @torch.no_grad()
-def run(config: ProfileConfig, progress: ProgressFn | None = None, existing: str | Artifact | None = None,
-        session: ModelSession | None = None, nvml_module=None) -> ProfileReport:
+def run(
+    config: ProfileConfig,
+    progress: ProgressFn | None = None,
+    existing: str | Artifact | None = None,
+    session: ModelSession | None = None,
+    nvml_module=None,
+) -> ProfileReport:
     """Profile the model (with the artifact's steering and masks, when extending one) where it is loaded:
     `config.device` and `config.dtype`, or the shared `session`'s placement."""
     config.validate()
     torch.manual_seed(config.seed)
-    ws = open_workspace(config.model, config.data, field=config.field, seq_len=config.context, seed=config.seed,
-                        existing=existing, progress=progress, session=session,
-                        placement=config.placement())
+    ws = open_workspace(
+        config.model,
+        config.data,
+        field=config.field,
+        seq_len=config.context,
+        seed=config.seed,
+        existing=existing,
+        progress=progress,
+        session=session,
+        placement=config.placement(),
+    )
     prompt = ws.windows.take("heldout", config.context, option="context")[:1, : config.context]
     profile = profile_layers(ws.lm, prompt, warmup=config.warmup, repeats=config.repeats, progress=progress)
     gpu = gpu_report(ws.lm, prompt, ws.lm.device, config.energy_seconds, nvml_module)
     ws.timings["profile_s"] = profile.seconds
-    report = ProfileReport(config, ws.loaded.base_model_info(), ws.windows.describe(), profile, gpu, ws.timings,
-                           placement=ws.loaded.placement)
+    report = ProfileReport(
+        config, ws.loaded.base_model_info(), ws.windows.describe(), profile, gpu, ws.timings, placement=ws.loaded.placement
+    )
     # Pruning masks change what a layer costs: calibrate notes a profile taken before them.
-    record = {"config": asdict(config), "pruned": stages.PRUNE in ws.artifact.stages,
-              "placement": ws.loaded.placement} | profile.to_dict() \
+    record = (
+        {"config": asdict(config), "pruned": stages.PRUNE in ws.artifact.stages, "placement": ws.loaded.placement}
+        | profile.to_dict()
         | {"gpu": gpu.to_dict()}
+    )
     ws.artifact.set_stage(stages.PROFILE, record)
     report.artifact = ws.artifact
     return report

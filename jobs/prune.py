@@ -99,14 +99,23 @@ class PruneReport:
         return next(p for p in self.points if math.isclose(p.sparsity, self.config.sparsity, abs_tol=1e-6))
 
     def summary(self) -> dict:
-        return {"command": "prune", "model": self.base_model, "data": self.data, "config": asdict(self.config),
-                "dense_perplexity": self.dense_perplexity, "main": self.main.to_dict(),
-                "points": [p.to_dict() for p in self.points], "timings": self.timings, "notes": self.notes,
-                "placement": self.placement}
+        return {
+            "command": "prune",
+            "model": self.base_model,
+            "data": self.data,
+            "config": asdict(self.config),
+            "dense_perplexity": self.dense_perplexity,
+            "main": self.main.to_dict(),
+            "points": [p.to_dict() for p in self.points],
+            "timings": self.timings,
+            "notes": self.notes,
+            "placement": self.placement,
+        }
 
     def figure(self) -> bytes:
-        return pruning_sweep_png([p.to_dict() for p in self.points], self.dense_perplexity,
-                                 f"{self.base_model['spec']}: {self.config.method} pruning")
+        return pruning_sweep_png(
+            [p.to_dict() for p in self.points], self.dense_perplexity, f"{self.base_model['spec']}: {self.config.method} pruning"
+        )
 
     def files(self) -> dict[str, bytes]:
         """The prune/ report folder: the summary and the quality/speed sweep plot."""
@@ -120,8 +129,9 @@ def _flops(fn) -> int:
 
 
 @torch.no_grad()
-def _mlp_costs(lm: LayeredModel, plan: PruningPlan, layer_sparsity: list[float],
-               input_sparsity: list[float]) -> tuple[float, float, float, float]:
+def _mlp_costs(
+    lm: LayeredModel, plan: PruningPlan, layer_sparsity: list[float], input_sparsity: list[float]
+) -> tuple[float, float, float, float]:
     """(dense FLOPs, sparse FLOPs, dense bytes, sparse bytes) of all MLPs per decoded token.
 
     Dense parts are counted with torch's flop counter on one token; the sparse path runs the
@@ -153,8 +163,7 @@ def _evaluate(lm: LayeredModel, windows: torch.Tensor, plan: PruningPlan | None)
     """(perplexity, argmax predictions, per-layer [active, tokens] counts) on `windows` (sharded when data-parallel)."""
     with pruned(lm, plan, backend="masked"), counting_active(lm) as counts:
         perplexity, argmax = heldout_quality(lm, windows)
-        counted = distributed.current().sum(np.array([list(c) for c in counts], dtype=np.float64)).tolist() \
-            if counts else []
+        counted = distributed.current().sum(np.array([list(c) for c in counts], dtype=np.float64)).tolist() if counts else []
     return perplexity, argmax, counted
 
 
@@ -164,14 +173,24 @@ def _input_sparsity_achieved(plan: PruningPlan, samples: MlpSamples) -> list[flo
     return [float((x.abs() <= t).float().mean()) for x, t in zip(samples.inputs, plan.input_thresholds)]
 
 
-def run(config: PruneConfig, progress: ProgressFn | None = None, existing: str | Artifact | None = None,
-        session: ModelSession | None = None) -> PruneReport:
+def run(
+    config: PruneConfig, progress: ProgressFn | None = None, existing: str | Artifact | None = None, session: ModelSession | None = None
+) -> PruneReport:
     """Learn masks at each sparsity from the dense model (an artifact's old masks are taken out first)."""
     config.validate()
     torch.manual_seed(config.seed)
-    ws = open_workspace(config.model, config.data, field=config.field, seq_len=config.seq_len, seed=config.seed,
-                        existing=existing, progress=progress, apply_pruning=False, session=session,
-                        placement=config.placement())
+    ws = open_workspace(
+        config.model,
+        config.data,
+        field=config.field,
+        seq_len=config.seq_len,
+        seed=config.seed,
+        existing=existing,
+        progress=progress,
+        apply_pruning=False,
+        session=session,
+        placement=config.placement(),
+    )
     lm, windows = ws.lm, ws.windows
     lm.require_prunable()  # refuses families without dense MLPs (recurrent, mixture of experts) before any work
     lm.require_weights("prune")
@@ -190,31 +209,52 @@ def run(config: PruneConfig, progress: ProgressFn | None = None, existing: str |
             progress("pruning at each sparsity", n, len(config.sparsities()))
         training = None
         if config.method == "threshold":
-            plan = calibrate_threshold_plan(lm, samples, sparsity, allocation=config.allocation,
-                                            input_sparsity=config.input_sparsity)
+            plan = calibrate_threshold_plan(lm, samples, sparsity, allocation=config.allocation, input_sparsity=config.input_sparsity)
         else:
-            plan, training = train_predictors(lm, samples, sparsity, rank=config.rank, label=config.label,
-                                              mass=config.mass, steps=config.steps, seed=config.seed, progress=progress)
+            plan, training = train_predictors(
+                lm,
+                samples,
+                sparsity,
+                rank=config.rank,
+                label=config.label,
+                mass=config.mass,
+                steps=config.steps,
+                seed=config.seed,
+                progress=progress,
+            )
         ppl, argmax, counts = _evaluate(lm, heldout, plan)
         achieved = [1.0 - active / (tokens * lm.mlp_weights(i).neurons) for i, (active, tokens) in enumerate(counts)]
         costs = _mlp_costs(lm, plan, achieved, _input_sparsity_achieved(plan, held_samples))
         recall = [r["recall"] for r in predictor_recall(lm, plan, held_samples)] if plan.predictors else None
         speed = None
         if config.speed:
-            speed = measure_speed(lm, plan, mlp_inputs, prompts, config.new_tokens, backend=config.backend,
-                                  progress=progress)
-        points.append(SparsityPoint(sparsity, plan, ppl, ppl / dense_ppl - 1, float((argmax == dense_argmax).float().mean()),
-                                    achieved, *costs, model_flops, recall, speed,
-                                    training.final_loss if training else None))
-    report = PruneReport(config, ws.loaded.base_model_info(), windows.describe(), dense_ppl, points, ws.timings,
-                         placement=ws.loaded.placement)
+            speed = measure_speed(lm, plan, mlp_inputs, prompts, config.new_tokens, backend=config.backend, progress=progress)
+        points.append(
+            SparsityPoint(
+                sparsity,
+                plan,
+                ppl,
+                ppl / dense_ppl - 1,
+                float((argmax == dense_argmax).float().mean()),
+                achieved,
+                *costs,
+                model_flops,
+                recall,
+                speed,
+                training.final_loss if training else None,
+            )
+        )
+    report = PruneReport(
+        config, ws.loaded.base_model_info(), windows.describe(), dense_ppl, points, ws.timings, placement=ws.loaded.placement
+    )
     if config.method == "threshold" and config.input_sparsity == 0:
-        report.notes.append("only the down projection skips rows (gate and up are dense to compute |h|): the MLP "
-                            "block's speedup is bounded by 1/(2/3 + (1-s)/3); `input_sparsity` or `method` "
-                            "predictor sparsify gate/up too")
+        report.notes.append(
+            "only the down projection skips rows (gate and up are dense to compute |h|): the MLP "
+            "block's speedup is bounded by 1/(2/3 + (1-s)/3); `input_sparsity` or `method` "
+            "predictor sparsify gate/up too"
+        )
     main = report.main
-    ws.artifact.set_stage(stages.PRUNE, {k: v for k, v in report.summary().items() if k != "points"}
-                          | {"plan": main.plan.describe()})
+    ws.artifact.set_stage(stages.PRUNE, {k: v for k, v in report.summary().items() if k != "points"} | {"plan": main.plan.describe()})
     ws.artifact.put_tensors(stages.MASKS_GROUP, main.plan.tensors())
     report.artifact = ws.artifact
     return report

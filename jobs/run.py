@@ -35,11 +35,19 @@ class RunReport:
     def summary(self) -> dict:
         r = self.result
         return {
-            "command": "run", "mode": self.config.mode, "text": self.text,
-            "tokens": [{"id": t, "text": s, "exit_layer": e, "confidence": c}
-                       for t, s, e, c in zip(self.tokens, self.token_texts, r.exit_layers, r.confidences)],
-            "mean_exit_layer": r.mean_exit_layer, "num_layers": self.num_layers, "tokens_per_s": r.tokens_per_s,
-            "acceptance": r.acceptance, "backend": self.config.backend, "notes": self.notes,
+            "command": "run",
+            "mode": self.config.mode,
+            "text": self.text,
+            "tokens": [
+                {"id": t, "text": s, "exit_layer": e, "confidence": c}
+                for t, s, e, c in zip(self.tokens, self.token_texts, r.exit_layers, r.confidences)
+            ],
+            "mean_exit_layer": r.mean_exit_layer,
+            "num_layers": self.num_layers,
+            "tokens_per_s": r.tokens_per_s,
+            "acceptance": r.acceptance,
+            "backend": self.config.backend,
+            "notes": self.notes,
         }
 
 
@@ -81,18 +89,22 @@ def draft_settings(dyn, prompt: torch.Tensor, draft_layer: int | None) -> tuple[
 
 
 def plan_note(plan: SpeculationPlan) -> str:
-    needed = (f"1.3x would need {plan.needed_for_1_3x:.1%} there" if plan.needed_for_1_3x is not None else
-              "1.3x is out of reach there even if every draft were accepted")
-    return (f"speculative: drafting at layer {plan.layer} (up to {plan.max_draft} tokens), planned from "
-            f"{plan.source} ({plan.acceptance:.1%} there) and step costs timed here: {plan.predicted_speedup:.2f}x "
-            f"expected; {needed}")
+    needed = (
+        f"1.3x would need {plan.needed_for_1_3x:.1%} there"
+        if plan.needed_for_1_3x is not None
+        else "1.3x is out of reach there even if every draft were accepted"
+    )
+    return (
+        f"speculative: drafting at layer {plan.layer} (up to {plan.max_draft} tokens), planned from "
+        f"{plan.source} ({plan.acceptance:.1%} there) and step costs timed here: {plan.predicted_speedup:.2f}x "
+        f"expected; {needed}"
+    )
 
 
 def encode_prompt(tokenizer, prompt: str, raw: bool) -> torch.Tensor:
     """The prompt's token ids [1, n]: wrapped in the chat template when the tokenizer has one (unless `raw`)."""
     if not raw and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt")
         return ids if isinstance(ids, torch.Tensor) else torch.tensor([ids])
     return tokenizer(prompt, return_tensors="pt").input_ids
 
@@ -109,28 +121,50 @@ def run(config: RunConfig, artifact: str | os.PathLike, prompt: str, progress: P
         runtime = OnnxDynamicModel(package, provider=config.provider)
         tokenizer = AutoTokenizer.from_pretrained(str(package))
         ids = encode_prompt(tokenizer, prompt, config.raw)
-        result = runtime.generate(ids.numpy(), config.max_new_tokens, mode=config.mode, sample=config.sample,
-                                  temperature=config.temperature, seed=config.seed,
-                                  eos_token_id=tokenizer.eos_token_id)
+        result = runtime.generate(
+            ids.numpy(),
+            config.max_new_tokens,
+            mode=config.mode,
+            sample=config.sample,
+            temperature=config.temperature,
+            seed=config.seed,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         num_layers, notes = runtime.num_layers, []
     else:
         report = progress or silent
         report("loading model", 0, 1)
-        dyn = load_dynamic(str(artifact), config.model, require_policy=config.mode == "early-exit",
-                           kv_mode=config.kv_mode, placement=config.placement())
+        dyn = load_dynamic(
+            str(artifact), config.model, require_policy=config.mode == "early-exit", kv_mode=config.kv_mode, placement=config.placement()
+        )
         report("loading model", 1, 1)
         tokenizer = dyn.loaded.tokenizer
         ids = encode_prompt(tokenizer, prompt, config.raw)
         layer, max_draft, plan = config.draft_layer, DEFAULT_MAX_DRAFT, None
         if config.mode == "speculative":
             layer, max_draft, plan = draft_settings(dyn, ids, config.draft_layer)
-        result = dyn.dynamic.generate(ids, config.max_new_tokens, mode=config.mode, sample=config.sample,
-                                      temperature=config.temperature, seed=config.seed,
-                                      eos_token_id=tokenizer.eos_token_id, draft_layer=layer, max_draft=max_draft,
-                                      draft_threshold=config.draft_threshold)
+        result = dyn.dynamic.generate(
+            ids,
+            config.max_new_tokens,
+            mode=config.mode,
+            sample=config.sample,
+            temperature=config.temperature,
+            seed=config.seed,
+            eos_token_id=tokenizer.eos_token_id,
+            draft_layer=layer,
+            max_draft=max_draft,
+            draft_threshold=config.draft_threshold,
+        )
         num_layers, notes = dyn.loaded.layered.num_layers, list(dyn.notes)
         if plan is not None:
             notes.append(plan_note(plan))
     tokens = [int(t) for t in result.tokens[0]]
-    return RunReport(config, result, tokens, tokenizer.decode(tokens, skip_special_tokens=True),
-                     [tokenizer.decode([t]) for t in tokens], num_layers, list(result.notes) + notes)
+    return RunReport(
+        config,
+        result,
+        tokens,
+        tokenizer.decode(tokens, skip_special_tokens=True),
+        [tokenizer.decode([t]) for t in tokens],
+        num_layers,
+        list(result.notes) + notes,
+    )

@@ -56,16 +56,16 @@ class ExtractReport:
         return {"method": self.method, "base_model": self.artifact.base_model.to_dict(), **self.record}
 
 
-def _open(model: str | None, existing: str | Artifact | None, session: ModelSession | None,
-          placement: Placement) -> tuple[LoadedModel, Artifact]:
+def _open(
+    model: str | None, existing: str | Artifact | None, session: ModelSession | None, placement: Placement
+) -> tuple[LoadedModel, Artifact]:
     """The base model (tuned when the artifact is; never steered or pruned) and the artifact to extend, or a new one."""
     if isinstance(existing, Artifact) or (existing and artifact_exists(existing)):
         artifact = existing if isinstance(existing, Artifact) else Artifact.load(existing)
         spec = model or artifact.base_model.spec
     else:
         artifact, spec = None, model or DEFAULT_MODEL
-    if session is None or session.steering is not None or session.loaded.spec != spec or (
-            artifact is None and session.tuning is not None):
+    if session is None or session.steering is not None or session.loaded.spec != spec or (artifact is None and session.tuning is not None):
         session = ModelSession.load(spec, placement)
     remove_pruning(session.lm)  # a shared model may carry an artifact's masks
     loaded = session.loaded
@@ -82,11 +82,12 @@ def _split(split: dict) -> tuple[list, list]:
 
 def _prompter(loaded: LoadedModel, split: dict, train: list) -> tuple[CotPrompter, list]:
     """The prompter (its worked examples: the first `shots` training examples) and the training examples left."""
-    return CotPrompter(loaded.tokenizer, train[: split["shots"]]), train[split["shots"]:]
+    return CotPrompter(loaded.tokenizer, train[: split["shots"]]), train[split["shots"] :]
 
 
-def extract(config: ExtractConfig, existing: str | Artifact | None = None, progress: ProgressFn | None = None,
-            session: ModelSession | None = None) -> ExtractReport:
+def extract(
+    config: ExtractConfig, existing: str | Artifact | None = None, progress: ProgressFn | None = None, session: ModelSession | None = None
+) -> ExtractReport:
     """Extract one direction from the base model (never a steered one) and store it in the artifact."""
     config.validate()
     report = progress or silent
@@ -104,17 +105,28 @@ def extract(config: ExtractConfig, existing: str | Artifact | None = None, progr
             raise DyninferError(f"{option('layers')} must name decoder layers 0..{lm.num_layers - 1}, got {layers}")
         means = chain_means(loaded, prompter, train, sorted(set(layers)), config.batch_size, progress=progress)
         direction = activation_direction(means, sorted(set(layers)), config.kind)
-        record.update(kind=config.kind, layers=sorted(direction.directions),
-                      norms={str(i): float(v.norm()) for i, v in direction.directions.items()},
-                      hidden_norms={str(i): float(means["long"][:, j].norm(dim=-1).mean())
-                                    for j, i in enumerate(sorted(direction.directions))})
+        record.update(
+            kind=config.kind,
+            layers=sorted(direction.directions),
+            norms={str(i): float(v.norm()) for i, v in direction.directions.items()},
+            hidden_norms={str(i): float(means["long"][:, j].norm(dim=-1).mean()) for j, i in enumerate(sorted(direction.directions))},
+        )
     elif config.delta_from is not None:
         direction = valve_between(loaded, config.delta_from, config.delta_to)
         record.update(source="delta", delta_from=config.delta_from, delta_to=config.delta_to)
     else:
-        direction, training = train_valve(loaded, prompter, train, rank=config.rank, steps=config.steps, lr=config.lr,
-                                          batch_size=config.batch_size, seed=config.seed,
-                                          targets=tuple(config.targets) if config.targets else None, progress=progress)
+        direction, training = train_valve(
+            loaded,
+            prompter,
+            train,
+            rank=config.rank,
+            steps=config.steps,
+            lr=config.lr,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            targets=tuple(config.targets) if config.targets else None,
+            progress=progress,
+        )
         record.update(source="lora", **training)
     if isinstance(direction, ValveDelta):
         record.update(parameters=len(direction.names()), delta_numel=direction.numel())
@@ -150,8 +162,7 @@ class SweepReport:
         return f"{stages.STEER}/sweep-{self.result.method}"
 
     def figure(self) -> bytes:
-        return steer_sweep_png(self.summary()["points"],
-                               f"{self.artifact.base_model.spec}: {self.result.method} steering")
+        return steer_sweep_png(self.summary()["points"], f"{self.artifact.base_model.spec}: {self.result.method} steering")
 
     def files(self) -> dict[str, bytes]:
         """The steer/sweep-METHOD/ report folder: sweep.json and sweep.png."""
@@ -162,8 +173,9 @@ def _stage_for(artifact: Artifact, method: str, where: str) -> dict:
     check_choice("method", method, METHODS)
     record = (artifact.stages.get(stages.STEER) or {}).get("methods", {}).get(method)
     if record is None:
-        raise DyninferError(f"{where} holds no {method} direction; extract one into it with "
-                            f"`dyninfer steer extract` ({option('method')} {method}) first")
+        raise DyninferError(
+            f"{where} holds no {method} direction; extract one into it with `dyninfer steer extract` ({option('method')} {method}) first"
+        )
     return record
 
 
@@ -175,8 +187,7 @@ def pick_method(artifact: Artifact, method: str | None, where: str) -> str:
     if len(held) == 1:
         return held[0]
     if not held:
-        raise DyninferError(f"{where} holds no steering direction; extract one into it with `dyninfer steer extract` "
-                            "first")
+        raise DyninferError(f"{where} holds no steering direction; extract one into it with `dyninfer steer extract` first")
     raise DyninferError(f"{where} holds {' and '.join(held)} directions; pick one with {option('method')}")
 
 
@@ -184,8 +195,9 @@ def _where(artifact: Artifact) -> str:
     return f"'{artifact.path}'" if artifact.path is not None else "the artifact"
 
 
-def sweep(config: SweepConfig, artifact: str | Artifact, progress: ProgressFn | None = None,
-          session: ModelSession | None = None) -> SweepReport:
+def sweep(
+    config: SweepConfig, artifact: str | Artifact, progress: ProgressFn | None = None, session: ModelSession | None = None
+) -> SweepReport:
     """Answer held-out questions at each α, from the base model; the sweep's summary goes into the artifact."""
     config.validate()
     artifact = artifact if isinstance(artifact, Artifact) else Artifact.load(artifact)
@@ -199,8 +211,18 @@ def sweep(config: SweepConfig, artifact: str | Artifact, progress: ProgressFn | 
     loaded, _ = _open(config.model, artifact, session, config.placement())
     prompter, _ = _prompter(loaded, split, train)
     direction = Steering.from_artifact(artifact).get(method)
-    result = run_sweep(loaded, direction, method, prompter, heldout, list(config.alphas), config.max_new_tokens,
-                       config.batch_size, config.keep, progress=progress)
+    result = run_sweep(
+        loaded,
+        direction,
+        method,
+        prompter,
+        heldout,
+        list(config.alphas),
+        config.max_new_tokens,
+        config.batch_size,
+        config.keep,
+        progress=progress,
+    )
     notes = []
     if applied(artifact):
         notes.append("the sweep starts from the base model; the artifact's applied α is not part of it")
@@ -225,8 +247,13 @@ class ApplyReport:
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
-        return {"artifact": str(self.artifact.path), "method": self.method, "alpha": self.alpha,
-                "control_vector": str(self.gguf) if self.gguf else None, "notes": self.notes}
+        return {
+            "artifact": str(self.artifact.path),
+            "method": self.method,
+            "alpha": self.alpha,
+            "control_vector": str(self.gguf) if self.gguf else None,
+            "notes": self.notes,
+        }
 
 
 def write_control_vector(path: Path, steering: ActivationSteering, alpha: float, model_hint: str) -> Path:

@@ -71,26 +71,36 @@ class TuneReport:
         return self.tuned.perplexity / self.original.perplexity - 1
 
     def summary(self) -> dict:
-        return {"command": "tune-exits", "model": self.base_model, "data": self.data, "config": asdict(self.config),
-                "training": self.training.summary(), "original": self.original.to_dict(),
-                "tuned": self.tuned.to_dict(), "perplexity_change": self.perplexity_change,
-                "final_agreement": self.final_agreement, "draft_vocabulary": self.draft_vocabulary,
-                "timings": self.timings, "notes": self.notes,
-                "placement": self.placement, "merged_to": self.merged_to}
+        return {
+            "command": "tune-exits",
+            "model": self.base_model,
+            "data": self.data,
+            "config": asdict(self.config),
+            "training": self.training.summary(),
+            "original": self.original.to_dict(),
+            "tuned": self.tuned.to_dict(),
+            "perplexity_change": self.perplexity_change,
+            "final_agreement": self.final_agreement,
+            "draft_vocabulary": self.draft_vocabulary,
+            "timings": self.timings,
+            "notes": self.notes,
+            "placement": self.placement,
+            "merged_to": self.merged_to,
+        }
 
     def files(self) -> dict[str, bytes]:
         """The tune/ report folder: the summary, with every training step's losses."""
         history = [dict(row) for row in self.training.history]
-        return {"summary.json": json.dumps(self.summary(), indent=2, default=str).encode(),
-                "history.json": json.dumps(history).encode()}
+        return {"summary.json": json.dumps(self.summary(), indent=2, default=str).encode(), "history.json": json.dumps(history).encode()}
 
 
 def _measure(lm, heldout: torch.Tensor, costs, progress: ProgressFn | None, what: str) -> tuple[ModelMeasures, torch.Tensor]:
     perplexity, argmax = heldout_quality(lm, heldout)
     result = run_probe(lm, heldout, [LogitLens(lm)], costs, progress=_named(progress, what))
     rows = result.layers[result.layers["lens"] == LOGIT]
-    measures = ModelMeasures(perplexity, [float(v) for v in rows["agreement"]], [float(v) for v in rows["kl"]],
-                             float(result.oracle[LOGIT].saving))
+    measures = ModelMeasures(
+        perplexity, [float(v) for v in rows["agreement"]], [float(v) for v in rows["kl"]], float(result.oracle[LOGIT].saving)
+    )
     return measures, argmax
 
 
@@ -109,20 +119,32 @@ def _check_fresh(existing: str | Artifact | None) -> Artifact | None:
         raise DyninferError(f"the artifact is already tuned; tune into a new {option('out')}")
     measured = sorted(s for s in artifact.stages if s not in (stages.LENS,))
     if measured or artifact.tensors:
-        raise DyninferError(f"the artifact holds {', '.join(measured) or 'tensors'} made on the untuned model; "
-                            f"tune-exits changes the model under them: tune into a new {option('out')} and run "
-                            "those stages again on it")
+        raise DyninferError(
+            f"the artifact holds {', '.join(measured) or 'tensors'} made on the untuned model; "
+            f"tune-exits changes the model under them: tune into a new {option('out')} and run "
+            "those stages again on it"
+        )
     return artifact
 
 
-def run(config: TuneConfig, progress: ProgressFn | None = None, existing: str | Artifact | None = None,
-        session: ModelSession | None = None) -> TuneReport:
+def run(
+    config: TuneConfig, progress: ProgressFn | None = None, existing: str | Artifact | None = None, session: ModelSession | None = None
+) -> TuneReport:
     """Measure the original model, tune its exits on the train split, measure the tuned model."""
     config.validate()
     artifact = _check_fresh(existing)
     torch.manual_seed(config.seed)
-    ws = open_workspace(config.model, config.data, field=config.field, seq_len=config.seq_len, seed=config.seed,
-                        existing=artifact, progress=progress, session=session, placement=config.placement())
+    ws = open_workspace(
+        config.model,
+        config.data,
+        field=config.field,
+        seq_len=config.seq_len,
+        seed=config.seed,
+        existing=artifact,
+        progress=progress,
+        session=session,
+        placement=config.placement(),
+    )
     lm, windows = ws.lm, ws.windows
     settings = config.settings()
     settings.depths(lm.num_layers)  # exit layers out of range fail before any work
@@ -133,9 +155,11 @@ def run(config: TuneConfig, progress: ProgressFn | None = None, existing: str | 
     rows = windows.order("train")[: min(available, needed)]  # a random sample; reused in order when short
     notes = []
     if needed > available:
-        notes.append(f"the steps use {needed} windows and the tuning takes at most half the train split ({available} "
-                     f"windows; the rest is kept for calibrate): each is seen {needed / available:.1f} times; more "
-                     "data makes a better tuning")
+        notes.append(
+            f"the steps use {needed} windows and the tuning takes at most half the train split ({available} "
+            f"windows; the rest is kept for calibrate): each is seen {needed / available:.1f} times; more "
+            "data makes a better tuning"
+        )
     costs = count_costs(lm, context=config.seq_len)
     original, original_argmax = _measure(lm, heldout, costs, progress, "original")
     delta, record = tune_exits(lm, windows.train[rows], settings, progress)
@@ -143,20 +167,32 @@ def run(config: TuneConfig, progress: ProgressFn | None = None, existing: str | 
     with steered(lm, delta, 1.0):
         tuned, tuned_argmax = _measure(lm, heldout, costs, progress, "tuned")
         merged = _merge(ws, config.merge_out) if config.merge_out else None
-    report = TuneReport(config, ws.loaded.base_model_info(), windows.describe(), record, original, tuned,
-                        float((tuned_argmax == original_argmax).float().mean()), ws.timings, notes=notes,
-                        placement=ws.loaded.placement, merged_to=merged)
+    report = TuneReport(
+        config,
+        ws.loaded.base_model_info(),
+        windows.describe(),
+        record,
+        original,
+        tuned,
+        float((tuned_argmax == original_argmax).float().mean()),
+        ws.timings,
+        notes=notes,
+        placement=ws.loaded.placement,
+        merged_to=merged,
+    )
     tensors = delta.tensors(TUNING_PREFIX)
     if config.draft_vocab:
         vocabulary = draft_vocabulary(windows.train, lm.vocab_size, config.draft_vocab)  # counting: the whole split
         tensors[DRAFT_VOCABULARY] = vocabulary
         inside = torch.zeros(lm.vocab_size, dtype=torch.bool)
         inside[vocabulary] = True
-        report.draft_vocabulary = {"size": int(vocabulary.numel()),
-                                   "heldout_coverage": float(inside[heldout[:, 1:]].float().mean())}
+        report.draft_vocabulary = {"size": int(vocabulary.numel()), "heldout_coverage": float(inside[heldout[:, 1:]].float().mean())}
     ws.artifact.put_tensors(stages.TUNING_GROUP, tensors)
-    ws.artifact.set_stage(stages.TUNE, {k: v for k, v in report.summary().items() if k != "command"}
-                          | {"fingerprint": fingerprint(delta), "windows": lens_provenance(windows, rows)})
+    ws.artifact.set_stage(
+        stages.TUNE,
+        {k: v for k, v in report.summary().items() if k != "command"}
+        | {"fingerprint": fingerprint(delta), "windows": lens_provenance(windows, rows)},
+    )
     report.artifact = ws.artifact
     return report
 

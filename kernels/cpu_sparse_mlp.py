@@ -148,8 +148,7 @@ def _compile():
         fused(x, packed, active[:count], act_code, fc_bias, use_bias, partial, out)
         return count
 
-    _kernels = SimpleNamespace(numba=numba, fused=fused, rows_axpy=rows_axpy, rows_axpy_above=rows_axpy_above,
-                               predicted=predicted)
+    _kernels = SimpleNamespace(numba=numba, fused=fused, rows_axpy=rows_axpy, rows_axpy_above=rows_axpy_above, predicted=predicted)
     return _kernels
 
 
@@ -185,8 +184,9 @@ def rows_axpy_cpu(rows: torch.Tensor, active: torch.Tensor, values: torch.Tensor
     kernels = _compile()
     out = torch.empty(rows.shape[1])
     index = active.detach().to(torch.int64).contiguous().numpy()
-    kernels.rows_axpy(rows.detach().numpy(), index, values.detach().contiguous().numpy(),
-                      _partials(kernels.numba, rows.shape[1]), out.numpy())
+    kernels.rows_axpy(
+        rows.detach().numpy(), index, values.detach().contiguous().numpy(), _partials(kernels.numba, rows.shape[1]), out.numpy()
+    )
     return out
 
 
@@ -204,9 +204,16 @@ def sparse_mlp_cpu(
     out = torch.empty(packed.shape[2])
     xs = x.detach().reshape(-1).float().contiguous().numpy()
     extra = gate_pre if packed.shape[1] == 3 else fc_bias
-    kernels.fused(xs, packed.detach().numpy(), active.detach().to(torch.int64).contiguous().numpy(), _ACT_CODES[act],
-                  extra.detach().float().contiguous().numpy() if extra is not None else xs, extra is not None,
-                  _partials(kernels.numba, packed.shape[2]), out.numpy())
+    kernels.fused(
+        xs,
+        packed.detach().numpy(),
+        active.detach().to(torch.int64).contiguous().numpy(),
+        _ACT_CODES[act],
+        extra.detach().float().contiguous().numpy() if extra is not None else xs,
+        extra is not None,
+        _partials(kernels.numba, packed.shape[2]),
+        out.numpy(),
+    )
     return out
 
 
@@ -216,14 +223,20 @@ def rows_axpy_above_cpu(rows: torch.Tensor, values: torch.Tensor, threshold: flo
     _check_cpu_float32(rows, values)
     kernels = _compile()
     out = torch.empty(rows.shape[1])
-    count = kernels.rows_axpy_above(rows.detach().numpy(), values.detach().contiguous().numpy(), np.float32(threshold),
-                                    _index_scratch(values.shape[0]), _partials(kernels.numba, rows.shape[1]),
-                                    out.numpy())
+    count = kernels.rows_axpy_above(
+        rows.detach().numpy(),
+        values.detach().contiguous().numpy(),
+        np.float32(threshold),
+        _index_scratch(values.shape[0]),
+        _partials(kernels.numba, rows.shape[1]),
+        out.numpy(),
+    )
     return out, int(count)
 
 
-def predicted_mlp_cpu(x: torch.Tensor, predictor, threshold: float, packed: torch.Tensor, act: str,
-                      fc_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+def predicted_mlp_cpu(
+    x: torch.Tensor, predictor, threshold: float, packed: torch.Tensor, act: str, fc_bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
     """The predictor method's decoding step in one kernel call: scores from the low-rank
     `predictor` (`down`, `up` Linear layers), neurons above `threshold`, the fused MLP over them.
     Returns (output, number of active neurons)."""
@@ -232,8 +245,17 @@ def predicted_mlp_cpu(x: torch.Tensor, predictor, threshold: float, packed: torc
     out = torch.empty(packed.shape[2])
     bias = fc_bias.detach().float().contiguous().numpy() if fc_bias is not None else out.numpy()
     count = kernels.predicted(
-        x.detach().reshape(-1).contiguous().numpy(), predictor.down.weight.detach().numpy(),
-        predictor.up.weight.detach().numpy(), predictor.up.bias.detach().numpy(), np.float32(threshold),
-        packed.detach().numpy(), _ACT_CODES[act], bias, fc_bias is not None,
-        _index_scratch(packed.shape[0]), _partials(kernels.numba, packed.shape[2]), out.numpy())
+        x.detach().reshape(-1).contiguous().numpy(),
+        predictor.down.weight.detach().numpy(),
+        predictor.up.weight.detach().numpy(),
+        predictor.up.bias.detach().numpy(),
+        np.float32(threshold),
+        packed.detach().numpy(),
+        _ACT_CODES[act],
+        bias,
+        fc_bias is not None,
+        _index_scratch(packed.shape[0]),
+        _partials(kernels.numba, packed.shape[2]),
+        out.numpy(),
+    )
     return out, int(count)

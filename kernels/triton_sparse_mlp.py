@@ -68,10 +68,23 @@ if triton is not None:
 
     @triton.jit
     def _hidden_kernel(
-        x_ptr, first_ptr, up_ptr, active_ptr, gate_pre_ptr, bias_ptr, h_ptr,
-        k, d, stride_n, stride_d,
-        ACT: tl.constexpr, GATED: tl.constexpr, HAS_GATE_PRE: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+        x_ptr,
+        first_ptr,
+        up_ptr,
+        active_ptr,
+        gate_pre_ptr,
+        bias_ptr,
+        h_ptr,
+        k,
+        d,
+        stride_n,
+        stride_d,
+        ACT: tl.constexpr,
+        GATED: tl.constexpr,
+        HAS_GATE_PRE: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         # `first` is the gate row (gated) or the fc row (plain); `up` is only read when gated.
         offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -105,8 +118,16 @@ if triton is not None:
 
     @triton.jit
     def _down_kernel(
-        h_ptr, down_ptr, active_ptr, y_ptr, k, d, stride_n, stride_d,
-        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+        h_ptr,
+        down_ptr,
+        active_ptr,
+        y_ptr,
+        k,
+        d,
+        stride_n,
+        stride_d,
+        BLOCK_K: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_d = offs_d < d
@@ -138,8 +159,7 @@ def sparse_mlp_triton(
     `block_k`, `block_d` (powers of two) tile phase 1; phase 2 uses 2*block_k by block_d/2."""
     if not triton_available():
         raise RuntimeError(
-            "sparse_mlp_triton needs triton and either a CUDA device or TRITON_INTERPRET=1 "
-            "set before this module is imported"
+            "sparse_mlp_triton needs triton and either a CUDA device or TRITON_INTERPRET=1 set before this module is imported"
         )
     if act not in ACT_IDS:
         raise ValueError(f"unknown activation {act!r}; expected one of {', '.join(ACT_IDS)}")
@@ -151,8 +171,9 @@ def sparse_mlp_triton(
     if active.dim() != 1:
         raise ValueError(f"active must be 1-D, got {tuple(active.shape)}")
     if not _INTERPRETED and x.device.type != "cuda":
-        raise RuntimeError(f"compiled Triton kernels need CUDA tensors, got {x.device} "
-                           "(set TRITON_INTERPRET=1 before import to run on CPU)")
+        raise RuntimeError(
+            f"compiled Triton kernels need CUDA tensors, got {x.device} (set TRITON_INTERPRET=1 before import to run on CPU)"
+        )
     gated = parts == 3
     # Like the reference: gate_pre only matters for gated MLPs, fc_bias only for plain ones.
     gate_pre = gate_pre.contiguous() if gated and gate_pre is not None else None
@@ -168,23 +189,47 @@ def sparse_mlp_triton(
     first, up, down = packed[:, 0], packed[:, 1], packed[:, parts - 1]
     stride_n, stride_d = packed.stride(0), packed.stride(2)
     _hidden_kernel[(triton.cdiv(k, block_k),)](
-        x, first, up, active,
+        x,
+        first,
+        up,
+        active,
         gate_pre if gate_pre is not None else h,  # dummy pointers, never read when the flag is off
         fc_bias if fc_bias is not None else h,
-        h, k, d, stride_n, stride_d,
-        ACT=ACT_IDS[act], GATED=gated, HAS_GATE_PRE=gate_pre is not None, HAS_BIAS=fc_bias is not None,
-        BLOCK_K=block_k, BLOCK_D=min(block_d, triton.next_power_of_2(d)),
+        h,
+        k,
+        d,
+        stride_n,
+        stride_d,
+        ACT=ACT_IDS[act],
+        GATED=gated,
+        HAS_GATE_PRE=gate_pre is not None,
+        HAS_BIAS=fc_bias is not None,
+        BLOCK_K=block_k,
+        BLOCK_D=min(block_d, triton.next_power_of_2(d)),
     )
     down_block_d = min(block_d // 2, triton.next_power_of_2(d))  # more column programs for the GPU
     _down_kernel[(triton.cdiv(d, down_block_d),)](
-        h, down, active, y, k, d, stride_n, stride_d,
-        BLOCK_K=2 * block_k, BLOCK_D=down_block_d,
+        h,
+        down,
+        active,
+        y,
+        k,
+        d,
+        stride_n,
+        stride_d,
+        BLOCK_K=2 * block_k,
+        BLOCK_D=down_block_d,
     )
     return y
 
 
 def rows_axpy_triton(
-    rows: torch.Tensor, active: torch.Tensor, values: torch.Tensor, *, block_k: int = 32, block_d: int = 64,
+    rows: torch.Tensor,
+    active: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    block_k: int = 32,
+    block_d: int = 64,
 ) -> torch.Tensor:
     """Same contract as `rows_axpy_reference`: `sum_i values[i] * rows[active[i]]` for `rows` [m, w]
     (any strides), `active` int32/int64 [k], `values` [k]; accumulated in float32, returned in
@@ -192,8 +237,7 @@ def rows_axpy_triton(
     `sparse_mlp_triton`). `block_k`, `block_d` (powers of two) tile the k loop and the columns."""
     if not triton_available():
         raise RuntimeError(
-            "rows_axpy_triton needs triton and either a CUDA device or TRITON_INTERPRET=1 "
-            "set before this module is imported"
+            "rows_axpy_triton needs triton and either a CUDA device or TRITON_INTERPRET=1 set before this module is imported"
         )
     if rows.dim() != 2:
         raise ValueError(f"rows must be [m, w], got {tuple(rows.shape)}")
@@ -205,14 +249,23 @@ def rows_axpy_triton(
     if values.shape != (k,):
         raise ValueError(f"values must be [{k}] like active, got {tuple(values.shape)}")
     if not _INTERPRETED and rows.device.type != "cuda":
-        raise RuntimeError(f"compiled Triton kernels need CUDA tensors, got {rows.device} "
-                           "(set TRITON_INTERPRET=1 before import to run on CPU)")
+        raise RuntimeError(
+            f"compiled Triton kernels need CUDA tensors, got {rows.device} (set TRITON_INTERPRET=1 before import to run on CPU)"
+        )
     y = torch.empty(w, dtype=values.dtype, device=rows.device)
     if k == 0 or w == 0:
         return y.zero_()
     block_d = min(block_d, triton.next_power_of_2(w))
     _down_kernel[(triton.cdiv(w, block_d),)](
-        values.contiguous(), rows, active.contiguous(), y, k, w, rows.stride(0), rows.stride(1),
-        BLOCK_K=block_k, BLOCK_D=block_d,
+        values.contiguous(),
+        rows,
+        active.contiguous(),
+        y,
+        k,
+        w,
+        rows.stride(0),
+        rows.stride(1),
+        BLOCK_K=block_k,
+        BLOCK_D=block_d,
     )
     return y

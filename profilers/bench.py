@@ -129,8 +129,10 @@ def run_bench(
         modes, gated_mode = ("full",), "full"
         notes.append("no early-exit policy: benchmarking the model at full depth against the baseline")
     if dyn.steering:
-        notes.append(f"steered ({dyn.steering['method']}, α = {dyn.steering['alpha']:g}): the steering is baked "
-                     "into the weights, so the baseline is the steered model too")
+        notes.append(
+            f"steered ({dyn.steering['method']}, α = {dyn.steering['alpha']:g}): the steering is baked "
+            "into the weights, so the baseline is the steered model too"
+        )
     lm = dyn.loaded.layered
 
     def baseline(prompt: torch.Tensor) -> torch.Tensor:
@@ -142,19 +144,36 @@ def run_bench(
     with dense_inside(lm):
         greedy_generate(model, warm, 2)
     dynamic.generate(warm, 2, mode="full")
-    runners = {mode: (lambda prompt, mode=mode: dynamic.generate(
-        prompt, new_tokens, mode=mode, draft_layer=draft_layer, max_draft=max_draft, draft_threshold=draft_threshold))
-        for mode in modes}
+    runners = {
+        mode: (
+            lambda prompt, mode=mode: dynamic.generate(
+                prompt, new_tokens, mode=mode, draft_layer=draft_layer, max_draft=max_draft, draft_threshold=draft_threshold
+            )
+        )
+        for mode in modes
+    }
     baseline_name = "baseline (transformers)"
     if dyn.tuning is not None:  # tune-exits: the baseline is the tuned model; the original decodes beside it
         baseline_name = "baseline (transformers, tuned model)"
         runners = {ORIGINAL_MODEL: _untuned_runner(lm, dyn.tuning, new_tokens), **runners}
-        notes.append("tuned with tune-exits: the baseline is the tuned model, which the speculative mode must equal; "
-                     f"'{ORIGINAL_MODEL}' is transformers on the original weights, the speed to beat")
+        notes.append(
+            "tuned with tune-exits: the baseline is the tuned model, which the speculative mode must equal; "
+            f"'{ORIGINAL_MODEL}' is transformers on the original weights, the speed to beat"
+        )
     results = compare_side_by_side(lm, baseline_name, baseline, runners, prompts, progress)
     layer = draft_layer or default_draft_layer(lm.num_layers)
-    return BenchResult(prompts.shape[0], prompts.shape[1], new_tokens, results, _predicted(dyn), _kv_mode(dyn),
-                       layer, notes, gated_mode, _predicted_unit(dyn))
+    return BenchResult(
+        prompts.shape[0],
+        prompts.shape[1],
+        new_tokens,
+        results,
+        _predicted(dyn),
+        _kv_mode(dyn),
+        layer,
+        notes,
+        gated_mode,
+        _predicted_unit(dyn),
+    )
 
 
 def run_onnx_bench(
@@ -180,11 +199,22 @@ def run_onnx_bench(
         "onnx full (exits disabled)": lambda p: _as_torch(runtime.generate(p.numpy(), new_tokens, mode="full")),
         "torch early-exit": lambda p: dyn.dynamic.generate(p, new_tokens, mode="early-exit"),
     }
-    results = compare_side_by_side(dyn.loaded.layered, "baseline (optimum ORTModelForCausalLM)",
-                                   lambda p: optimum.greedy(p, new_tokens), runners, prompts, progress)
+    results = compare_side_by_side(
+        dyn.loaded.layered, "baseline (optimum ORTModelForCausalLM)", lambda p: optimum.greedy(p, new_tokens), runners, prompts, progress
+    )
     notes = list(runtime.notes) + [f"ONNX Runtime provider: {runtime.provider}"]
-    return BenchResult(prompts.shape[0], prompts.shape[1], new_tokens, results, _predicted(dyn), _kv_mode(dyn), None,
-                       notes, gated_mode="onnx early-exit", predicted_unit=_predicted_unit(dyn))
+    return BenchResult(
+        prompts.shape[0],
+        prompts.shape[1],
+        new_tokens,
+        results,
+        _predicted(dyn),
+        _kv_mode(dyn),
+        None,
+        notes,
+        gated_mode="onnx early-exit",
+        predicted_unit=_predicted_unit(dyn),
+    )
 
 
 ORIGINAL_MODEL = "transformers (original model)"
@@ -193,16 +223,17 @@ ORIGINAL_MODEL = "transformers (original model)"
 def _untuned_runner(lm: LayeredModel, tuning, new_tokens: int) -> Callable:
     """transformers' greedy decoding on the weights before tune-exits (its LoRA taken out for the call; the
     swap is not timed)."""
+
     def run(prompt: torch.Tensor) -> GenerationResult:
         swapping = time.perf_counter()
         with dense_inside(lm), steered(lm, tuning, -1.0):
             swapped = time.perf_counter()
             tokens = greedy_generate(lm.model, prompt, new_tokens)
             seconds = time.perf_counter() - swapped
-        result = GenerationResult(tokens, [lm.num_layers] * new_tokens, [None] * new_tokens, seconds, ORIGINAL_MODEL,
-                                  lm.num_layers)
+        result = GenerationResult(tokens, [lm.num_layers] * new_tokens, [None] * new_tokens, seconds, ORIGINAL_MODEL, lm.num_layers)
         result.untimed_seconds = time.perf_counter() - swapping - seconds
         return result
+
     return run
 
 
@@ -231,7 +262,11 @@ def _kv_mode(dyn: LoadedDynamic) -> str | None:
 
 
 def compare_side_by_side(
-    lm: LayeredModel, baseline_name: str, baseline: Callable, runners: dict[str, Callable], prompts: torch.Tensor,
+    lm: LayeredModel,
+    baseline_name: str,
+    baseline: Callable,
+    runners: dict[str, Callable],
+    prompts: torch.Tensor,
     progress: ProgressFn | None = None,
 ) -> list[ModeResult]:
     """Run the baseline and every runner on each prompt in turn (so load changes hit all alike).
@@ -257,31 +292,40 @@ def compare_side_by_side(
             seconds[name] += time.perf_counter() - started - getattr(runs[name][-1], "untimed_seconds", 0.0)
         report("benchmarking prompts", i + 1, total)
     with dense_inside(lm):
-        return _score(lm.model, baseline_name, baseline_outputs, baseline_seconds, runs, seconds, prompts,
-                      lm.num_layers)
+        return _score(lm.model, baseline_name, baseline_outputs, baseline_seconds, runs, seconds, prompts, lm.num_layers)
 
 
 def _score(model, baseline_name, baseline_outputs, baseline_seconds, runs, seconds, prompts, num_layers):
     n_tokens = sum(o.numel() for o in baseline_outputs)
     baseline_tps = n_tokens / baseline_seconds
-    results = [ModeResult(baseline_name, baseline_tps, 1.0, 1.0, 1.0,
-                          _mean([_perplexity(model, prompts[i : i + 1], o) for i, o in enumerate(baseline_outputs)]),
-                          float(num_layers))]
+    results = [
+        ModeResult(
+            baseline_name,
+            baseline_tps,
+            1.0,
+            1.0,
+            1.0,
+            _mean([_perplexity(model, prompts[i : i + 1], o) for i, o in enumerate(baseline_outputs)]),
+            float(num_layers),
+        )
+    ]
     for name, outs in runs.items():
         drafted = sum(o.drafted for o in outs)
         tokens_per_s = sum(o.tokens.numel() for o in outs) / seconds[name]
-        results.append(ModeResult(
-            mode=name,
-            tokens_per_s=tokens_per_s,
-            speedup=tokens_per_s / baseline_tps,
-            consistency=_mean([float((o.tokens == b).double().mean()) for o, b in zip(outs, baseline_outputs)]),
-            prefix_agreement=_mean([_prefix_fraction(o.tokens, b) for o, b in zip(outs, baseline_outputs)]),
-            rouge_l=_mean([float(rouge_l(o.tokens, b)[0]) for o, b in zip(outs, baseline_outputs)]),
-            perplexity=_mean([_perplexity(model, prompts[i : i + 1], o.tokens) for i, o in enumerate(outs)]),
-            mean_exit_layer=_mean([o.mean_exit_layer for o in outs]),
-            acceptance=(sum(o.accepted for o in outs) / drafted) if drafted else None,
-            draft_fallbacks=(sum(o.draft_fallbacks for o in outs) / drafted) if drafted else None,
-        ))
+        results.append(
+            ModeResult(
+                mode=name,
+                tokens_per_s=tokens_per_s,
+                speedup=tokens_per_s / baseline_tps,
+                consistency=_mean([float((o.tokens == b).double().mean()) for o, b in zip(outs, baseline_outputs)]),
+                prefix_agreement=_mean([_prefix_fraction(o.tokens, b) for o, b in zip(outs, baseline_outputs)]),
+                rouge_l=_mean([float(rouge_l(o.tokens, b)[0]) for o, b in zip(outs, baseline_outputs)]),
+                perplexity=_mean([_perplexity(model, prompts[i : i + 1], o.tokens) for i, o in enumerate(outs)]),
+                mean_exit_layer=_mean([o.mean_exit_layer for o in outs]),
+                acceptance=(sum(o.accepted for o in outs) / drafted) if drafted else None,
+                draft_fallbacks=(sum(o.draft_fallbacks for o in outs) / drafted) if drafted else None,
+            )
+        )
     return results
 
 

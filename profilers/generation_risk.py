@@ -73,8 +73,14 @@ class PromptSet:
 
 
 @torch.no_grad()
-def full_continuations(lm: LayeredModel, prompts: torch.Tensor, new_tokens: int, batch_size: int = 32,
-                       progress: ProgressFn | None = None, what: str = "full-model continuations") -> torch.Tensor:
+def full_continuations(
+    lm: LayeredModel,
+    prompts: torch.Tensor,
+    new_tokens: int,
+    batch_size: int = 32,
+    progress: ProgressFn | None = None,
+    what: str = "full-model continuations",
+) -> torch.Tensor:
     """The full model's greedy continuations (the dynamic model's full mode: the path `run` takes).
 
     In a data-parallel run each rank continues its shard of the prompts and every rank gets all of them.
@@ -90,8 +96,14 @@ def full_continuations(lm: LayeredModel, prompts: torch.Tensor, new_tokens: int,
     return world.gather_rows(torch.cat(out), prompts.shape[0])
 
 
-def fit_sequences(lm: LayeredModel, fit_windows: torch.Tensor, prompt_tokens: int, new_tokens: int,
-                  batch_size: int = 32, progress: ProgressFn | None = None) -> torch.Tensor:
+def fit_sequences(
+    lm: LayeredModel,
+    fit_windows: torch.Tensor,
+    prompt_tokens: int,
+    new_tokens: int,
+    batch_size: int = 32,
+    progress: ProgressFn | None = None,
+) -> torch.Tensor:
     """Prompts cut from the fit windows, each followed by the full model's greedy continuation.
 
     Exits decide on the model's own text, which is more predictable than the corpus (a classifier
@@ -115,8 +127,14 @@ class GeneratedRun:
     tokens: torch.Tensor  # [n, T]
 
 
-def generate_and_score(dynamic: DynamicModel, prompts: PromptSet, measure: str, batch_size: int = 32,
-                       progress: ProgressFn | None = None, what: str = "generating") -> GeneratedRun:
+def generate_and_score(
+    dynamic: DynamicModel,
+    prompts: PromptSet,
+    measure: str,
+    batch_size: int = 32,
+    progress: ProgressFn | None = None,
+    what: str = "generating",
+) -> GeneratedRun:
     """Each prompt's greedy early-exit continuation and its consistency with the full one.
 
     For the prefix measure the run is teacher-forced along the full continuation: greedy
@@ -140,14 +158,17 @@ def generate_and_score(dynamic: DynamicModel, prompts: PromptSet, measure: str, 
         decoded.append(run.tokens >= 0)
         tokens.append(run.tokens)
         report(what, min(start + batch_size, prompts.size), prompts.size)
-    return GeneratedRun(world.gather_rows(np.concatenate(scores), n), world.gather_rows(torch.cat(depths), n),
-                        world.gather_rows(torch.cat(decoded), n), world.gather_rows(torch.cat(tokens), n))
+    return GeneratedRun(
+        world.gather_rows(np.concatenate(scores), n),
+        world.gather_rows(torch.cat(depths), n),
+        world.gather_rows(torch.cat(decoded), n),
+        world.gather_rows(torch.cat(tokens), n),
+    )
 
 
 def predicted_speedup(run: GeneratedRun, policy: ExitPolicy, costs: CostModel, hidden_size: int) -> float:
     """Full cost over the mean cost of the decode steps the run took (the prefill's first token excluded)."""
-    point_cost, full = exit_costs(costs, policy.exit_points, policy.measure, policy.lens == "tuned",
-                                  policy.vocab_top_k, hidden_size)
+    point_cost, full = exit_costs(costs, policy.exit_points, policy.measure, policy.lens == "tuned", policy.vocab_top_k, hidden_size)
     price = {p: c for p, c in zip(policy.exit_points, point_cost)}
     depth = run.exit_depth[:, 1:][run.decoded[:, 1:]]
     if depth.numel() == 0:
@@ -184,16 +205,17 @@ def certify_generation(
     reported beside the generated ones.
     """
     if consistency_measure not in CONSISTENCY_MEASURES:
-        raise DyninferError(f"unknown consistency '{consistency_measure}'; choose from: "
-                            f"{', '.join(CONSISTENCY_MEASURES)}")
+        raise DyninferError(f"unknown consistency '{consistency_measure}'; choose from: {', '.join(CONSISTENCY_MEASURES)}")
     target, d = plan.target, lm.hidden_size
     delta = 1.0 - target
     needed = min_examples(delta, epsilon)
     if calibration.size < needed:
-        raise DyninferError(f"{calibration.size} calibration prompts cannot certify anything at target {target:g} and "
-                            f"epsilon {epsilon:g}: at least {needed} are needed even if every continuation matched; "
-                            "raise `prompts` (more prompts also certify looser thresholds), or loosen "
-                            "`target`/`epsilon`")
+        raise DyninferError(
+            f"{calibration.size} calibration prompts cannot certify anything at target {target:g} and "
+            f"epsilon {epsilon:g}: at least {needed} are needed even if every continuation matched; "
+            "raise `prompts` (more prompts also certify looser thresholds), or loosen "
+            "`target`/`epsilon`"
+        )
     policy = ExitPolicy(lens.kind, measure, plan.points, None, vocab_top_k, kv_mode)
     notes = []
     if not plan.points:
@@ -209,10 +231,19 @@ def certify_generation(
             curve.append(CurvePoint(thresholds[0], 1.0, float("nan"), 1.0, float(lm.num_layers), float("nan")))
             return np.zeros(calibration.size)
         policy.threshold = thresholds[j]
-        run = generate_and_score(dynamic, calibration, consistency_measure, batch_size, progress,
-                                 f"certifying threshold {j}/{len(thresholds) - 1} (generation)")
-        curve.append(CurvePoint(thresholds[j], float(run.scores.mean()), float("nan"),
-                                predicted_speedup(run, policy, costs, d), _mean_exit_layer(run), float("nan")))
+        run = generate_and_score(
+            dynamic, calibration, consistency_measure, batch_size, progress, f"certifying threshold {j}/{len(thresholds) - 1} (generation)"
+        )
+        curve.append(
+            CurvePoint(
+                thresholds[j],
+                float(run.scores.mean()),
+                float("nan"),
+                predicted_speedup(run, policy, costs, d),
+                _mean_exit_layer(run),
+                float("nan"),
+            )
+        )
         return 1.0 - run.scores
 
     ltt, _ = fixed_sequence_test(thresholds, losses_of, delta, epsilon)
@@ -220,19 +251,25 @@ def certify_generation(
         point.p_value = p
     policy.threshold = ltt.chosen if ltt.chosen_index is not None and ltt.chosen_index > 0 else None
     if policy.threshold is None and plan.points:
-        notes.append(f"no threshold reaches {consistency_measure} consistency {target:g} in generation with the "
-                     "guarantee: the policy never exits")
+        notes.append(
+            f"no threshold reaches {consistency_measure} consistency {target:g} in generation with the guarantee: the policy never exits"
+        )
     report("held-out generation", 0, 1)
-    held_run = generate_and_score(dynamic, heldout, "tokens", batch_size, progress, "held-out generation") \
-        if policy.threshold is not None else None
+    held_run = (
+        generate_and_score(dynamic, heldout, "tokens", batch_size, progress, "held-out generation")
+        if policy.threshold is not None
+        else None
+    )
     generated = _generated_summary(held_run, heldout, policy, costs, d, lm.num_layers, consistency_measure)
     return CalibrationResult(
         policy=policy,
         target=target,
         epsilon=epsilon,
         risk=GENERATION_RISK,
-        units=(f"{calibration.size} prompts of {calibration.prompts.shape[1]} tokens, "
-               f"{calibration.continuations.shape[1]} new tokens each ({consistency_measure} consistency)"),
+        units=(
+            f"{calibration.size} prompts of {calibration.prompts.shape[1]} tokens, "
+            f"{calibration.continuations.shape[1]} new tokens each ({consistency_measure} consistency)"
+        ),
         ltt=ltt,
         naive_threshold=None,
         curve=curve,
@@ -246,17 +283,32 @@ def certify_generation(
     )
 
 
-def _generated_summary(run: GeneratedRun | None, heldout: PromptSet, policy: ExitPolicy, costs: CostModel, d: int,
-                       num_layers: int, measure: str) -> dict:
+def _generated_summary(
+    run: GeneratedRun | None, heldout: PromptSet, policy: ExitPolicy, costs: CostModel, d: int, num_layers: int, measure: str
+) -> dict:
     """Held-out continuations of the certified policy: every consistency measure, exits, predicted speedup."""
     base = {"prompts": heldout.size, "new_tokens": int(heldout.continuations.shape[1]), "measure": measure}
     if run is None:  # the policy never exits: its continuations are the full model's
-        return base | {name: 1.0 for name in CONSISTENCY_MEASURES} | {
-            "certified_measure": 1.0, "predicted_speedup": 1.0, "mean_exit_layer": float(num_layers),
-            "exit_distribution": {str(num_layers): 1.0}}
+        return (
+            base
+            | {name: 1.0 for name in CONSISTENCY_MEASURES}
+            | {
+                "certified_measure": 1.0,
+                "predicted_speedup": 1.0,
+                "mean_exit_layer": float(num_layers),
+                "exit_distribution": {str(num_layers): 1.0},
+            }
+        )
     measures = all_measures(run.tokens, heldout.continuations)
     depth = run.exit_depth[:, 1:]
     histogram = {str(p): float((depth == p).double().mean()) for p in policy.exit_points + [num_layers]}
-    return base | measures | {"certified_measure": measures[measure],
-                              "predicted_speedup": predicted_speedup(run, policy, costs, d),
-                              "mean_exit_layer": _mean_exit_layer(run), "exit_distribution": histogram}
+    return (
+        base
+        | measures
+        | {
+            "certified_measure": measures[measure],
+            "predicted_speedup": predicted_speedup(run, policy, costs, d),
+            "mean_exit_layer": _mean_exit_layer(run),
+            "exit_distribution": histogram,
+        }
+    )

@@ -41,9 +41,22 @@ Key = tuple[str, int]  # (piece, layer); model-level pieces use layer -1
 MODEL_LEVEL = -1
 
 # Columns of `LayerProfile.pieces`, one row per piece.
-COLUMNS = ("piece", "layer", "params", "weight_bytes", "decode_flops", "prefill_flops_per_token", "cache_bytes",
-           "activation_bytes", "decode_ms", "decode_ms_p10", "decode_ms_p90", "prefill_ms", "prefill_ms_p10",
-           "prefill_ms_p90")
+COLUMNS = (
+    "piece",
+    "layer",
+    "params",
+    "weight_bytes",
+    "decode_flops",
+    "prefill_flops_per_token",
+    "cache_bytes",
+    "activation_bytes",
+    "decode_ms",
+    "decode_ms_p10",
+    "decode_ms_p90",
+    "prefill_ms",
+    "prefill_ms_p10",
+    "prefill_ms_p90",
+)
 
 
 # --------------------------------------------------------------------------- meters
@@ -275,8 +288,7 @@ class LayerProfile:
         """The rows of a per-layer table, in model order: embed, layer i (its blocks and rest), norm, head."""
         p = self.pieces
         layers = [(f"layer {i}", rows) for i, rows in p[p["layer"] >= 0].groupby("layer")]
-        return [("embed", p[p["piece"] == "embed"]), *layers, ("norm", p[p["piece"] == "norm"]),
-                ("head", p[p["piece"] == "head"])]
+        return [("embed", p[p["piece"] == "embed"]), *layers, ("norm", p[p["piece"] == "norm"]), ("head", p[p["piece"] == "head"])]
 
     def by_layer(self) -> pd.DataFrame:
         """One row per decoder layer, its pieces side by side (decode FLOPs and ms per piece)."""
@@ -308,10 +320,18 @@ class LayerProfile:
 
     def to_dict(self) -> dict:
         return {
-            "context": self.context, "device": self.device, "dtype": self.dtype, "warmup": self.warmup,
-            "repeats": self.repeats, "totals": self.totals(), "decode_step_ms": self.decode_step_ms,
-            "prefill_ms": self.prefill_ms, "flop_cost": self.flops.to_dict(), "measured_cost": self.measured.to_dict(),
-            "seconds": self.seconds, "notes": self.notes,
+            "context": self.context,
+            "device": self.device,
+            "dtype": self.dtype,
+            "warmup": self.warmup,
+            "repeats": self.repeats,
+            "totals": self.totals(),
+            "decode_step_ms": self.decode_step_ms,
+            "prefill_ms": self.prefill_ms,
+            "flop_cost": self.flops.to_dict(),
+            "measured_cost": self.measured.to_dict(),
+            "seconds": self.seconds,
+            "notes": self.notes,
         }
 
 
@@ -338,8 +358,7 @@ def _module_bytes(modules: list[nn.Module], exclude: set[int] = frozenset()) -> 
     return params, size
 
 
-def _time_repeated(run: Callable[[_Meter], None], meter: _Clock, warmup: int, repeats: int,
-                   progress: ProgressFn, label: str) -> None:
+def _time_repeated(run: Callable[[_Meter], None], meter: _Clock, warmup: int, repeats: int, progress: ProgressFn, label: str) -> None:
     for i in range(warmup + repeats):
         meter.recording = i >= warmup
         run(meter)
@@ -368,8 +387,7 @@ def _measured_checks(lm: LayeredModel, warmup: int, repeats: int) -> tuple[float
     normed = lm.final_norm(hidden)
     translator = _median_ms(lambda: torch.nn.functional.linear(hidden, weight, bias), device, warmup, repeats)
     checks = {
-        "saturation": _median_ms(lambda: torch.nn.functional.cosine_similarity(previous, hidden, dim=-1), device,
-                                 warmup, repeats),
+        "saturation": _median_ms(lambda: torch.nn.functional.cosine_similarity(previous, hidden, dim=-1), device, warmup, repeats),
         "classifier": _median_ms(lambda: torch.sigmoid(lm.final_norm(hidden) @ classifier), device, warmup, repeats),
         "head_row": _median_ms(lambda: lm.head_rows(normed[0], rows), device, warmup, repeats) / rows.numel(),
     }
@@ -377,8 +395,9 @@ def _measured_checks(lm: LayeredModel, warmup: int, repeats: int) -> tuple[float
 
 
 @torch.no_grad()
-def profile_layers(lm: LayeredModel, prompt: torch.Tensor, *, warmup: int = 3, repeats: int = 20,
-                   progress: ProgressFn | None = None) -> LayerProfile:
+def profile_layers(
+    lm: LayeredModel, prompt: torch.Tensor, *, warmup: int = 3, repeats: int = 20, progress: ProgressFn | None = None
+) -> LayerProfile:
     """Profile every piece of `lm` on `prompt` ([1, context] token ids) and one decode step after it."""
     report = progress or silent
     started = time.perf_counter()
@@ -412,15 +431,24 @@ def profile_layers(lm: LayeredModel, prompt: torch.Tensor, *, warmup: int = 3, r
         if params is None:
             params = _module_bytes(modules or [])
         times = {name: _stats(clocks[name].samples[key]) for name in ("decode", "prefill")}
-        rows.append({
-            "piece": piece, "layer": layer, "params": params[0], "weight_bytes": params[1],
-            "decode_flops": flops["decode"].get(key, 0.0),
-            "prefill_flops_per_token": flops["prefill"].get(key, 0.0) / context,
-            "cache_bytes": cache, "activation_bytes": memory.peaks.get(key, np.nan),
-            "decode_ms": times["decode"][0], "decode_ms_p10": times["decode"][1], "decode_ms_p90": times["decode"][2],
-            "prefill_ms": times["prefill"][0], "prefill_ms_p10": times["prefill"][1],
-            "prefill_ms_p90": times["prefill"][2],
-        })
+        rows.append(
+            {
+                "piece": piece,
+                "layer": layer,
+                "params": params[0],
+                "weight_bytes": params[1],
+                "decode_flops": flops["decode"].get(key, 0.0),
+                "prefill_flops_per_token": flops["prefill"].get(key, 0.0) / context,
+                "cache_bytes": cache,
+                "activation_bytes": memory.peaks.get(key, np.nan),
+                "decode_ms": times["decode"][0],
+                "decode_ms_p10": times["decode"][1],
+                "decode_ms_p90": times["decode"][2],
+                "prefill_ms": times["prefill"][0],
+                "prefill_ms_p10": times["prefill"][1],
+                "prefill_ms_p90": times["prefill"][2],
+            }
+        )
 
     # The embedding is everything outside the layers, the final norm and an untied head.
     owned = (*lm.layers, lm.final_norm) + (() if tied else (lm.lm_head,))
@@ -438,11 +466,9 @@ def profile_layers(lm: LayeredModel, prompt: torch.Tensor, *, warmup: int = 3, r
         rest_key = ("rest", index)
         for name in ("decode", "prefill"):
             samples = clocks[name].samples
-            samples[rest_key] = list(np.asarray(samples[layer_key])
-                                     - sum(np.asarray(samples[(piece, index)]) for piece, _ in blocks))
+            samples[rest_key] = list(np.asarray(samples[layer_key]) - sum(np.asarray(samples[(piece, index)]) for piece, _ in blocks))
             flops[name][rest_key] = flops[name][layer_key] - sum(flops[name][(piece, index)] for piece, _ in blocks)
-        add("rest", index, None, rest_key,
-            params=(total[0] - sum(p for p, _ in block_params), total[1] - sum(b for _, b in block_params)))
+        add("rest", index, None, rest_key, params=(total[0] - sum(p for p, _ in block_params), total[1] - sum(b for _, b in block_params)))
     add("norm", MODEL_LEVEL, [lm.final_norm], ("norm", MODEL_LEVEL))
     head_params = _module_bytes([lm.lm_head])
     # A head tied to the embedding computes with its weight but holds no memory of its own.
@@ -450,10 +476,17 @@ def profile_layers(lm: LayeredModel, prompt: torch.Tensor, *, warmup: int = 3, r
     pieces = pd.DataFrame(rows, columns=list(COLUMNS))
 
     def cost(values: dict[Key, float], unit: str, source: str, translator: float, checks: dict) -> CostModel:
-        return CostModel(context=context, embed=values[("embed", MODEL_LEVEL)],
-                         layers=[values[("layer", i)] for i in range(n)], norm=values[("norm", MODEL_LEVEL)],
-                         head=values[("head", MODEL_LEVEL)], translator=translator, unit=unit, source=source,
-                         checks=checks)
+        return CostModel(
+            context=context,
+            embed=values[("embed", MODEL_LEVEL)],
+            layers=[values[("layer", i)] for i in range(n)],
+            norm=values[("norm", MODEL_LEVEL)],
+            head=values[("head", MODEL_LEVEL)],
+            translator=translator,
+            unit=unit,
+            source=source,
+            checks=checks,
+        )
 
     d = lm.hidden_size
     flop_cost = cost(flops["decode"], "FLOPs/token", "torch.utils.flop_counter", 2.0 * d * d + d, {})
@@ -470,10 +503,22 @@ def profile_layers(lm: LayeredModel, prompt: torch.Tensor, *, warmup: int = 3, r
 
     notes = []
     if lm.adapter.recurrent:
-        notes.append("the state update of Mamba's selective scan is element-wise and counts 0 FLOPs; the mixer's "
-                     "FLOPs are its projections and the state read-out")
+        notes.append(
+            "the state update of Mamba's selective scan is element-wise and counts 0 FLOPs; the mixer's "
+            "FLOPs are its projections and the state read-out"
+        )
     return LayerProfile(
-        pieces=pieces, context=context, device=device_name, dtype=str(head_weight.dtype).replace("torch.", ""),
-        warmup=warmup, repeats=repeats, flops=flop_cost, measured=measured, decode_step_ms=whole("decode"),
-        prefill_ms=whole("prefill"), tied_head=tied, seconds=time.perf_counter() - started, notes=notes,
+        pieces=pieces,
+        context=context,
+        device=device_name,
+        dtype=str(head_weight.dtype).replace("torch.", ""),
+        warmup=warmup,
+        repeats=repeats,
+        flops=flop_cost,
+        measured=measured,
+        decode_step_ms=whole("decode"),
+        prefill_ms=whole("prefill"),
+        tied_head=tied,
+        seconds=time.perf_counter() - started,
+        notes=notes,
     )

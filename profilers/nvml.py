@@ -64,9 +64,12 @@ class GpuReport:
     energy: list[EnergyMeasurement] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"available": self.available, "reason": self.reason,
-                "device": asdict(self.device) if self.device else None,
-                "energy": [e.to_dict() for e in self.energy]}
+        return {
+            "available": self.available,
+            "reason": self.reason,
+            "device": asdict(self.device) if self.device else None,
+            "energy": [e.to_dict() for e in self.energy],
+        }
 
 
 def _text(value) -> str:
@@ -135,17 +138,27 @@ class Nvml:
             driver = "unknown"
         name = self._query(self.nvml.nvmlDeviceGetName)
         return GpuReading(
-            index=self.index, name=_text(name) if name is not None else "unknown", driver=driver,
+            index=self.index,
+            name=_text(name) if name is not None else "unknown",
+            driver=driver,
             memory_used_bytes=int(memory.used) if memory is not None else None,
             memory_total_bytes=int(memory.total) if memory is not None else None,
             utilization_percent=float(utilization.gpu) if utilization is not None else None,
-            power_w=self.power_w(), power_limit_w=limit / 1000.0 if limit is not None else None,
+            power_w=self.power_w(),
+            power_limit_w=limit / 1000.0 if limit is not None else None,
         )
 
 
-def measure_energy(gpu: Nvml, label: str, workload: Callable[[], int], *, min_seconds: float = 3.0,
-                   sample_every: float = 0.05, clock: Callable[[], float] = time.perf_counter,
-                   synchronize: Callable[[], None] = lambda: None) -> EnergyMeasurement:
+def measure_energy(
+    gpu: Nvml,
+    label: str,
+    workload: Callable[[], int],
+    *,
+    min_seconds: float = 3.0,
+    sample_every: float = 0.05,
+    clock: Callable[[], float] = time.perf_counter,
+    synchronize: Callable[[], None] = lambda: None,
+) -> EnergyMeasurement:
     """Run `workload` (returns the tokens it processed) until `min_seconds` have passed.
 
     `synchronize` waits for queued GPU work, so the window covers exactly what ran.
@@ -180,7 +193,13 @@ def measure_energy(gpu: Nvml, label: str, workload: Callable[[], int], *, min_se
         joules, source = None, "unavailable: this GPU reports neither total energy nor power"
     watts = [w for _, w in powers]
     return EnergyMeasurement(
-        label=label, tokens=tokens, seconds=seconds, joules=joules, source=source,
+        label=label,
+        tokens=tokens,
+        seconds=seconds,
+        joules=joules,
+        source=source,
         average_power_w=joules / seconds if joules is not None and seconds > 0 else None,
-        peak_power_w=max(watts) if watts else None, power_samples=len(watts), calls=calls,
+        peak_power_w=max(watts) if watts else None,
+        power_samples=len(watts),
+        calls=calls,
     )

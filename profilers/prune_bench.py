@@ -42,10 +42,16 @@ class SpeedResult:
         return self.decode_sparse_tok_s / self.decode_dense_tok_s
 
     def to_dict(self) -> dict:
-        return {"mlp_dense_ms": self.mlp_dense_ms, "mlp_sparse_ms": self.mlp_sparse_ms, "mlp_speedup": self.mlp_speedup,
-                "decode_dense_tok_s": self.decode_dense_tok_s, "decode_sparse_tok_s": self.decode_sparse_tok_s,
-                "decode_speedup": self.decode_speedup, "decode_agreement": self.decode_agreement,
-                "backend": self.backend}
+        return {
+            "mlp_dense_ms": self.mlp_dense_ms,
+            "mlp_sparse_ms": self.mlp_sparse_ms,
+            "mlp_speedup": self.mlp_speedup,
+            "decode_dense_tok_s": self.decode_dense_tok_s,
+            "decode_sparse_tok_s": self.decode_sparse_tok_s,
+            "decode_speedup": self.decode_speedup,
+            "decode_agreement": self.decode_agreement,
+            "backend": self.backend,
+        }
 
 
 def _sweep_seconds(modules, inputs) -> float:
@@ -56,8 +62,9 @@ def _sweep_seconds(modules, inputs) -> float:
 
 
 @torch.inference_mode()
-def time_mlp_blocks(lm: LayeredModel, plan: PruningPlan, inputs: list[torch.Tensor], *, rounds: int = 30,
-                    backend: str = "auto") -> tuple[float, float]:
+def time_mlp_blocks(
+    lm: LayeredModel, plan: PruningPlan, inputs: list[torch.Tensor], *, rounds: int = 30, backend: str = "auto"
+) -> tuple[float, float]:
     """Median ms of all layers' MLPs on one token each (`inputs[i]`: [1, 1, d]), dense and sparse."""
     with pruned(lm, plan, backend):
         sparse = sparse_modules(lm)
@@ -73,8 +80,15 @@ def time_mlp_blocks(lm: LayeredModel, plan: PruningPlan, inputs: list[torch.Tens
 
 
 @torch.inference_mode()
-def time_decode(lm: LayeredModel, plan: PruningPlan, prompts: torch.Tensor, new_tokens: int, *,
-                backend: str = "auto", progress: ProgressFn | None = None) -> tuple[float, float, float]:
+def time_decode(
+    lm: LayeredModel,
+    plan: PruningPlan,
+    prompts: torch.Tensor,
+    new_tokens: int,
+    *,
+    backend: str = "auto",
+    progress: ProgressFn | None = None,
+) -> tuple[float, float, float]:
     """(dense tok/s, sparse tok/s, agreement) of greedy decoding, prompt by prompt, interleaved."""
     model = lm.model
     warm = prompts[:1, : min(8, prompts.shape[1])]
@@ -102,9 +116,17 @@ def time_decode(lm: LayeredModel, plan: PruningPlan, prompts: torch.Tensor, new_
     return total / dense_s, total / sparse_s, same / total
 
 
-def measure_speed(lm: LayeredModel, plan: PruningPlan, mlp_inputs: list[torch.Tensor], prompts: torch.Tensor,
-                  new_tokens: int, *, backend: str = "auto", rounds: int = 30,
-                  progress: ProgressFn | None = None) -> SpeedResult:
+def measure_speed(
+    lm: LayeredModel,
+    plan: PruningPlan,
+    mlp_inputs: list[torch.Tensor],
+    prompts: torch.Tensor,
+    new_tokens: int,
+    *,
+    backend: str = "auto",
+    rounds: int = 30,
+    progress: ProgressFn | None = None,
+) -> SpeedResult:
     dense_ms, sparse_ms = time_mlp_blocks(lm, plan, mlp_inputs, rounds=rounds, backend=backend)
     dense_tps, sparse_tps, agreement = time_decode(lm, plan, prompts, new_tokens, backend=backend, progress=progress)
     return SpeedResult(dense_ms, sparse_ms, dense_tps, sparse_tps, agreement, resolved_backend(lm, backend))

@@ -22,8 +22,9 @@ def _median_seconds(work: Callable[[], object], repeats: int) -> float:
 
 
 @torch.no_grad()
-def measure_step_costs(lm: LayeredModel, prompt: torch.Tensor, many: int = 8,
-                       draft_vocabulary: torch.Tensor | None = None, repeats: int = 5) -> StepCosts:
+def measure_step_costs(
+    lm: LayeredModel, prompt: torch.Tensor, many: int = 8, draft_vocabulary: torch.Tensor | None = None, repeats: int = 5
+) -> StepCosts:
     """Time one decoder layer over 1 and `many` new positions after `prompt` [1, n] (its K/V cached), the full
     head over 1 and `many` positions, and the draft head (on `draft_vocabulary` when given). Medians of `repeats`
     runs after a warm-up."""

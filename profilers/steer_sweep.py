@@ -34,8 +34,14 @@ class Generation:
 
 
 @torch.no_grad()
-def generate_greedy(loaded: LoadedModel, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
-                    chat: bool = False, progress: ProgressFn | None = None) -> list[Generation]:
+def generate_greedy(
+    loaded: LoadedModel,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    chat: bool = False,
+    progress: ProgressFn | None = None,
+) -> list[Generation]:
     tokenizer, model = loaded.tokenizer, loaded.model
     eos = tokenizer.eos_token_id
     pad = pad_id(tokenizer)
@@ -49,10 +55,11 @@ def generate_greedy(loaded: LoadedModel, prompts: list[str], max_new_tokens: int
         ids = torch.full((len(encoded), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, seq in enumerate(encoded):  # left padding: every prompt ends where generation starts
-            ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=eos)
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=eos
+        )
         for row in out[:, width:].tolist():
             finished = eos is not None and eos in row
             tokens = row[: row.index(eos)] if finished else row
@@ -62,8 +69,7 @@ def generate_greedy(loaded: LoadedModel, prompts: list[str], max_new_tokens: int
 
 
 @torch.no_grad()
-def chain_perplexity(loaded: LoadedModel, prompts: list[str], generations: list[Generation], chat: bool,
-                     batch_size: int = 8) -> float:
+def chain_perplexity(loaded: LoadedModel, prompts: list[str], generations: list[Generation], chat: bool, batch_size: int = 8) -> float:
     """Perplexity of the generated tokens (with the end-of-sequence token where generated) given their prompts."""
     tokenizer = loaded.tokenizer
     items = []
@@ -80,7 +86,7 @@ def chain_perplexity(loaded: LoadedModel, prompts: list[str], generations: list[
         logits = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
         nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
         for row, (seq, start) in enumerate(batch):
-            total += float(nll[row, start - 1: len(seq) - 1].sum())
+            total += float(nll[row, start - 1 : len(seq) - 1].sum())
             count += len(seq) - start
     return math.exp(total / count)
 
@@ -127,18 +133,31 @@ class SweepResult:
 
 def answer_scores(questions: list[CotExample], answers: list, base_answers: list) -> dict:
     """accuracy, agreement with the α = 0 answers, and the share of α = 0's right answers kept right."""
+
     def right(values: list) -> list[bool]:
         return [a is not None and abs(a - q.answer) < 1e-6 for a, q in zip(values, questions)]
 
     now, before = right(answers), right(base_answers)
-    return {"accuracy": sum(now) / len(questions),
-            "agreement": sum(a == b for a, b in zip(answers, base_answers)) / len(questions),
-            "retained": sum(n and b for n, b in zip(now, before)) / sum(before) if any(before) else None}
+    return {
+        "accuracy": sum(now) / len(questions),
+        "agreement": sum(a == b for a, b in zip(answers, base_answers)) / len(questions),
+        "retained": sum(n and b for n, b in zip(now, before)) / sum(before) if any(before) else None,
+    }
 
 
-def run_sweep(loaded: LoadedModel, direction: ActivationSteering | ValveDelta, method: str, prompter: CotPrompter,
-              questions: list[CotExample], alphas: list[float], max_new_tokens: int = 128, batch_size: int = 16,
-              keep: float = 0.9, samples: int = 2, progress: ProgressFn | None = None) -> SweepResult:
+def run_sweep(
+    loaded: LoadedModel,
+    direction: ActivationSteering | ValveDelta,
+    method: str,
+    prompter: CotPrompter,
+    questions: list[CotExample],
+    alphas: list[float],
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+    keep: float = 0.9,
+    samples: int = 2,
+    progress: ProgressFn | None = None,
+) -> SweepResult:
     if len(set(alphas)) < 2:
         raise DyninferError("`alphas` needs at least two different values, e.g. -1,-0.5,0,0.5,1")
     if not questions:
@@ -160,14 +179,17 @@ def run_sweep(loaded: LoadedModel, direction: ActivationSteering | ValveDelta, m
         gens = generated[alpha]
         answers = [extract_answer(g.text) for g in gens]
         length = sum(len(g.tokens) for g in gens) / len(gens)
-        points.append(SweepPoint(
-            alpha=alpha, mean_length=length,
-            length_change=(length - base_length) / base_length if base_length else 0.0,
-            truncated=sum(not g.finished for g in gens) / len(gens),
-            **answer_scores(questions, answers, base_answers),
-            perplexity=chain_perplexity(loaded, prompts, gens, prompter.chat),
-            samples=[g.text for g in gens[:samples]],
-        ))
+        points.append(
+            SweepPoint(
+                alpha=alpha,
+                mean_length=length,
+                length_change=(length - base_length) / base_length if base_length else 0.0,
+                truncated=sum(not g.finished for g in gens) / len(gens),
+                **answer_scores(questions, answers, base_answers),
+                perplexity=chain_perplexity(loaded, prompts, gens, prompter.chat),
+                samples=[g.text for g in gens[:samples]],
+            )
+        )
     lengths = [p.mean_length for p in points]
     rho = float(spearmanr(ordered, lengths).statistic) if len(set(lengths)) > 1 else 0.0
     keeping = [p for p in points if p.agreement >= keep and p.alpha != 0.0]

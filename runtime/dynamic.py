@@ -36,8 +36,14 @@ class DynamicModel:
     # How head-based confidences are computed from logits (the ONNX export swaps in its custom ops).
     logit_confidence = staticmethod(conf.from_logits)
 
-    def __init__(self, lm: LayeredModel, policy: ExitPolicy | None, lens, classifier: conf.ExitClassifier | None = None,
-                 draft_vocabulary: torch.Tensor | None = None):
+    def __init__(
+        self,
+        lm: LayeredModel,
+        policy: ExitPolicy | None,
+        lens,
+        classifier: conf.ExitClassifier | None = None,
+        draft_vocabulary: torch.Tensor | None = None,
+    ):
         self.lm = lm
         self.policy = policy
         self.lens = lens
@@ -105,8 +111,7 @@ class DynamicModel:
         if max_new_tokens < 1:
             raise DyninferError(f"`max_new_tokens` must be at least 1, got {max_new_tokens}")
         if mode == "early-exit" and self.policy is None:  # a calibrated "never exit" policy is fine
-            raise DyninferError("no early-exit policy; run `dyninfer calibrate` first, "
-                                "or use `mode` full or speculative")
+            raise DyninferError("no early-exit policy; run `dyninfer calibrate` first, or use `mode` full or speculative")
         if sample:
             check_positive("temperature", temperature)
         if mode == "speculative":
@@ -114,8 +119,9 @@ class DynamicModel:
             if sample:
                 raise DyninferError("the lossless speculative mode is greedy; drop `sample` or use `mode` early-exit")
             if self.lm.adapter.recurrent:
-                raise DyninferError("speculative decoding needs a KV cache it can roll back; Mamba's recurrent "
-                                    "state cannot be, use `mode` early-exit")
+                raise DyninferError(
+                    "speculative decoding needs a KV cache it can roll back; Mamba's recurrent state cannot be, use `mode` early-exit"
+                )
         generator = torch.Generator().manual_seed(seed)
         started = time.perf_counter()
         state = _DecodeState(self.lm, input_ids.shape[0])
@@ -127,8 +133,7 @@ class DynamicModel:
             result.logits = [logits]
         if mode == "speculative":
             drafter = _Drafter(self, draft_layer, input_ids, tokens[0])
-            self._speculate(state, tokens, exits, confidences, max_new_tokens, eos_token_id, max_draft,
-                            drafter, draft_threshold, result)
+            self._speculate(state, tokens, exits, confidences, max_new_tokens, eos_token_id, max_draft, drafter, draft_threshold, result)
         else:
             while len(tokens) < max_new_tokens and not _finished(tokens, eos_token_id):
                 logits, depth, c = self._step(state, tokens[-1], mode)
@@ -152,8 +157,9 @@ class DynamicModel:
         return state
 
     @torch.no_grad()
-    def generate_rows(self, input_ids: torch.Tensor, max_new_tokens: int, *, forced: torch.Tensor | None = None,
-                      start: _DecodeState | None = None) -> RowGeneration:
+    def generate_rows(
+        self, input_ids: torch.Tensor, max_new_tokens: int, *, forced: torch.Tensor | None = None, start: _DecodeState | None = None
+    ) -> RowGeneration:
         """Greedy early exit over a batch in which every row decides its own exits, as it would alone.
 
         `generate` exits when the whole batch is confident (CALM's batch rule), so a row's output
@@ -263,8 +269,9 @@ class DynamicModel:
         state.length += 1
         return lm.logits_from(hidden[:, -1]), lm.num_layers, None
 
-    def _speculate(self, state, tokens, exits, confidences, max_new_tokens, eos_token_id, max_draft,
-                   drafter: _Drafter, threshold, result) -> None:
+    def _speculate(
+        self, state, tokens, exits, confidences, max_new_tokens, eos_token_id, max_draft, drafter: _Drafter, threshold, result
+    ) -> None:
         """Draft while the exit head's max probability stays >= `threshold`; verify in one pass.
 
         The drafts' K/V for the first `layer` layers stay in the cache: verification runs only the

@@ -63,8 +63,7 @@ class ModelSession:
             self.lm.require_weights("the artifact's steering or pruning masks")
         if record != self.steering:
             if self.steering is not None:
-                raise DyninferError("this loaded model already has another steering baked in; load the model "
-                                    "again for this artifact")
+                raise DyninferError("this loaded model already has another steering baked in; load the model again for this artifact")
             load_steering(artifact, self.lm)
             self.steering = record
         return load_pruning(artifact, self.lm) if pruning else None
@@ -77,8 +76,7 @@ class ModelSession:
         if wanted == self.tuning:
             return
         if self.tuning is not None or self.steering is not None:
-            raise DyninferError("this loaded model already has another tuning or steering baked in; load the model "
-                                "again for this artifact")
+            raise DyninferError("this loaded model already has another tuning or steering baked in; load the model again for this artifact")
         self.lm.require_weights("the artifact's tune-exits LoRA")
         bake_tuning(self.lm, delta)
         self.tuning, self.tuned_by = wanted, delta
@@ -133,8 +131,7 @@ class Workspace:
             if stored is not None:
                 return stored, None
             rows = self.windows.take_rows("train", train_tokens, option="lens_train_tokens")
-            lens, record = train_tuned_lens(self.lm, self.windows.train[rows], steps=steps, seed=seed,
-                                            progress=progress)
+            lens, record = train_tuned_lens(self.lm, self.windows.train[rows], steps=steps, seed=seed, progress=progress)
             self._store(lens, lens_provenance(self.windows, rows))
             return lens, record
         finally:
@@ -157,8 +154,11 @@ class Workspace:
 
 def lens_provenance(windows: TokenWindows, rows) -> dict:
     """The corpus windows a lens trained on: enough to find them again in another split of that corpus."""
-    return {"data": windows.spec, "window_len": windows.stride,  # corpus tokens per window
-            "windows": [int(i) for i in windows.index("train")[rows]]}
+    return {
+        "data": windows.spec,
+        "window_len": windows.stride,  # corpus tokens per window
+        "windows": [int(i) for i in windows.index("train")[rows]],
+    }
 
 
 def trained_on(provenance: dict | None, windows: TokenWindows, split: str, rows) -> int | None:
@@ -255,23 +255,35 @@ def placement_notes(record: dict, placement: dict, stage: str) -> list[str]:
     then = (record or {}).get("placement", {}).get("dtype")
     if then is None or then == placement["dtype"]:
         return []
-    return [f"the artifact's {stage} stage ran in {then} and this run is in {placement['dtype']}: its numbers hold "
-            f"for {then}; run `dyninfer {stage}` in {placement['dtype']} to have them for this precision"]
+    return [
+        f"the artifact's {stage} stage ran in {then} and this run is in {placement['dtype']}: its numbers hold "
+        f"for {then}; run `dyninfer {stage}` in {placement['dtype']} to have them for this precision"
+    ]
 
 
-def load_dynamic(path: str, model: str | None = None, require_policy: bool = True,
-                 kv_mode: str | None = None, full_depth_is_enough: bool = False,
-                 placement: Placement = CPU_FLOAT32) -> LoadedDynamic:
+def load_dynamic(
+    path: str,
+    model: str | None = None,
+    require_policy: bool = True,
+    kv_mode: str | None = None,
+    full_depth_is_enough: bool = False,
+    placement: Placement = CPU_FLOAT32,
+) -> LoadedDynamic:
     """Load the artifact at `path` and its base model (or `model`, which must be the same weights)."""
     placement.validate()  # before the artifact: a bad option is reported as such, whatever the path
     artifact = Artifact.load(path)
     session = ModelSession.load(model or artifact.base_model.spec, placement)
-    return build_dynamic(artifact, session, require_policy=require_policy, kv_mode=kv_mode,
-                         full_depth_is_enough=full_depth_is_enough)
+    return build_dynamic(artifact, session, require_policy=require_policy, kv_mode=kv_mode, full_depth_is_enough=full_depth_is_enough)
 
 
-def build_dynamic(artifact: Artifact, session: ModelSession, *, require_policy: bool = True,
-                  kv_mode: str | None = None, full_depth_is_enough: bool = False) -> LoadedDynamic:
+def build_dynamic(
+    artifact: Artifact,
+    session: ModelSession,
+    *,
+    require_policy: bool = True,
+    kv_mode: str | None = None,
+    full_depth_is_enough: bool = False,
+) -> LoadedDynamic:
     """The dynamic model `artifact` describes, on the session's model.
 
     `kv_mode` overrides the policy's way of filling skipped layers' caches. The artifact's

@@ -39,8 +39,7 @@ class StepCosts:
 
     def heads(self, k: int) -> float:
         """The full head over k positions at once (verification scores every draft)."""
-        return _between(self.head, self.head_many if self.head_many is not None else self.many * self.head, k,
-                        self.many)
+        return _between(self.head, self.head_many if self.head_many is not None else self.many * self.head, k, self.many)
 
     def plain_step(self) -> float:
         return self.num_layers * self.layer_one + self.head
@@ -61,7 +60,7 @@ def _between(one: float, many: float, k: int, n: int) -> float:
 
 def tokens_per_cycle(acceptance: float, k: int) -> float:
     """Expected tokens one cycle of k drafts emits: the accepted drafts, and the correction after a failed one."""
-    return sum(acceptance ** i for i in range(1, k + 1)) + 1 - acceptance ** k
+    return sum(acceptance**i for i in range(1, k + 1)) + 1 - acceptance**k
 
 
 def expected_speedup(acceptance: float, layer: int, k: int, costs: StepCosts) -> float:
@@ -105,11 +104,15 @@ class SpeculationPlan:
 def plan_speculation(agreement: list[float], costs: StepCosts, max_draft: int, source: str) -> SpeculationPlan:
     """The (layer, draft length) with the highest expected speedup; `agreement[d]`: acceptance at depth d (0..L)."""
     if len(agreement) != costs.num_layers + 1:
-        raise DyninferError(f"the measured agreement covers {len(agreement) - 1} layers but the model has "
-                            f"{costs.num_layers}; probe this model again")
+        raise DyninferError(
+            f"the measured agreement covers {len(agreement) - 1} layers but the model has {costs.num_layers}; probe this model again"
+        )
     if max_draft < 1:
         raise DyninferError(f"`max_draft` must be at least 1, got {max_draft}")
-    best = max((expected_speedup(agreement[layer], layer, k, costs), layer, k)
-                for layer in range(1, costs.num_layers) for k in range(1, max_draft + 1))
+    best = max(
+        (expected_speedup(agreement[layer], layer, k, costs), layer, k)
+        for layer in range(1, costs.num_layers)
+        for k in range(1, max_draft + 1)
+    )
     speedup, layer, k = best
     return SpeculationPlan(layer, k, agreement[layer], speedup, needed_acceptance(layer, k, costs, 1.3), source, costs)

@@ -49,8 +49,7 @@ def tree_state(root: Path) -> dict[str, tuple]:
             state[str(path.relative_to(root))] = ("dir", path.stat().st_mode)
         for name in files:
             path = Path(directory, name)
-            state[str(path.relative_to(root))] = ("file", path.stat().st_mode,
-                                                  hashlib.sha256(path.read_bytes()).hexdigest())
+            state[str(path.relative_to(root))] = ("file", path.stat().st_mode, hashlib.sha256(path.read_bytes()).hexdigest())
     return state
 
 
@@ -74,9 +73,32 @@ def text_file(tmp_path_factory) -> Path:
 
 # A quick calibration of a tiny model: saturation checks, a loose target, small splits, and the default
 # generation risk on 24 short prompts (enough to certify at target 0.6: ltt.min_examples(0.4, 0.05) is 6).
-CALIBRATE_ARGS = ["--seq-len", "32", "--fit-tokens", "256", "--calibration-tokens", "1024", "--heldout-tokens", "256",
-                  "--min-layer", "1", "--target", "0.6", "--lens", "logit", "--measure", "saturation",
-                  "--prompts", "24", "--heldout-prompts", "4", "--prompt-tokens", "12", "--new-tokens", "6"]
+CALIBRATE_ARGS = [
+    "--seq-len",
+    "32",
+    "--fit-tokens",
+    "256",
+    "--calibration-tokens",
+    "1024",
+    "--heldout-tokens",
+    "256",
+    "--min-layer",
+    "1",
+    "--target",
+    "0.6",
+    "--lens",
+    "logit",
+    "--measure",
+    "saturation",
+    "--prompts",
+    "24",
+    "--heldout-prompts",
+    "4",
+    "--prompt-tokens",
+    "12",
+    "--new-tokens",
+    "6",
+]
 
 
 def calibrate_tiny(root: Path) -> tuple[Path, Path, Path]:
@@ -89,8 +111,7 @@ def calibrate_tiny(root: Path) -> tuple[Path, Path, Path]:
     data = root / "text.txt"
     data.write_text(random_text(20000))
     artifact = root / "artifact"
-    result = CliRunner().invoke(app, ["calibrate", str(model), "--data", str(data), *CALIBRATE_ARGS,
-                                      "--out", str(artifact)])
+    result = CliRunner().invoke(app, ["calibrate", str(model), "--data", str(data), *CALIBRATE_ARGS, "--out", str(artifact)])
     assert result.exit_code == 0, result.output
     return model, data, artifact
 

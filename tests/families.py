@@ -18,15 +18,40 @@ VOCAB = 128
 # `dyninfer models` lists as tested (core/families.py), so the table and these tests cannot drift apart.
 _SHAPES: dict[str, dict] = {"deepseek_v2": {"num_key_value_heads": 4}, "deepseek_v3": {"num_key_value_heads": 4}}
 FAMILIES: dict[str, dict] = {t: _SHAPES.get(t, {}) for t in STANDARD_LAYOUT_TESTED}
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=8, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
-              eos_token_id=2, tie_word_embeddings=False,
-              # mixture of experts: a few small experts
-              num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-              shared_expert_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=0, n_group=1,
-              topk_group=1, moe_topk=2, moe_num_experts=4, moe_k=2,
-              # latent attention (DeepSeek): small ranks
-              q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+    # mixture of experts: a few small experts
+    num_experts=4,
+    num_local_experts=4,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    shared_expert_intermediate_size=16,
+    n_shared_experts=1,
+    first_k_dense_replace=0,
+    n_group=1,
+    topk_group=1,
+    moe_topk=2,
+    moe_num_experts=4,
+    moe_k=2,
+    # latent attention (DeepSeek): small ranks
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=8,
+)
 SLIDING_WINDOW = 8
 
 

@@ -76,8 +76,9 @@ def test_head_rows_equals_columns_of_full_head():
 def test_unsupported_architecture_says_what_its_layout_lacks():
     from transformers import AutoModelForCausalLM, OPTConfig
 
-    opt = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=64, hidden_size=16, ffn_dim=32, num_hidden_layers=1,
-                                                     num_attention_heads=2, word_embed_proj_dim=16))
+    opt = AutoModelForCausalLM.from_config(
+        OPTConfig(vocab_size=64, hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2, word_embed_proj_dim=16)
+    )
     with pytest.raises(DyninferError) as err:
         adapter_for(opt)  # OPT keeps its layers in model.decoder, with learned positions
     message = str(err.value)

@@ -17,9 +17,32 @@ from dyninfer.core.artifacts import Artifact
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("audit")]
 
 runner = CliRunner()
-SMALL = ["--seq-len", "32", "--tokens", "256", "--calibration-tokens", "1024", "--heldout-tokens", "256",
-         "--lens-train-tokens", "512", "--repeats", "3", "--targets", "0.5,0.9", "--target", "0.7", "--prompts", "32",
-         "--heldout-prompts", "4", "--prompt-tokens", "12", "--new-tokens", "6"]
+SMALL = [
+    "--seq-len",
+    "32",
+    "--tokens",
+    "256",
+    "--calibration-tokens",
+    "1024",
+    "--heldout-tokens",
+    "256",
+    "--lens-train-tokens",
+    "512",
+    "--repeats",
+    "3",
+    "--targets",
+    "0.5,0.9",
+    "--target",
+    "0.7",
+    "--prompts",
+    "32",
+    "--heldout-prompts",
+    "4",
+    "--prompt-tokens",
+    "12",
+    "--new-tokens",
+    "6",
+]
 FIGURES = ("probe", "depth", "curve", "cost")
 
 
@@ -36,8 +59,10 @@ def setup(tmp_path_factory):
 def audited(setup):
     root, model, data = setup
     out = root / "report"
-    result = runner.invoke(app, ["audit", str(model), "--data", str(data), *SMALL, "--out", str(out),
-                                 "--min-consistency", "0.5", "--min-speedup", "0.5", "--json"])
+    result = runner.invoke(
+        app,
+        ["audit", str(model), "--data", str(data), *SMALL, "--out", str(out), "--min-consistency", "0.5", "--min-speedup", "0.5", "--json"],
+    )
     return result, out
 
 
@@ -76,8 +101,14 @@ def test_audit_writes_a_self_contained_report_with_every_plot(audited):
         assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG\r\n\x1a\n")
     assert page.external == []  # nothing to fetch: the file stands alone
     assert page.tables >= 4
-    for heading in ("Summary", "CI gates", "Exit accuracy per layer (probe)", "Prediction depth",
-                    "Calibrated early exit (speedup vs consistency)", "Cost per layer (profile)"):
+    for heading in (
+        "Summary",
+        "CI gates",
+        "Exit accuracy per layer (probe)",
+        "Prediction depth",
+        "Calibrated early exit (speedup vs consistency)",
+        "Cost per layer (profile)",
+    ):
         assert heading in page.headings
 
 
@@ -124,8 +155,24 @@ def test_audit_markdown_says_what_the_html_says(audited):
 def test_a_failed_gate_exits_1_and_still_writes_the_report(setup, tmp_path):
     _, model, data = setup
     out = tmp_path / "gated"
-    result = runner.invoke(app, ["audit", str(model), "--data", str(data), *SMALL, "--lens", "logit",
-                                 "--min-oracle-saving", "1.0", "--min-consistency", "0", "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "audit",
+            str(model),
+            "--data",
+            str(data),
+            *SMALL,
+            "--lens",
+            "logit",
+            "--min-oracle-saving",
+            "1.0",
+            "--min-consistency",
+            "0",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 1, result.output
     assert "gate failed: min-oracle-saving" in result.output
     summary = json.loads((out / "summary.json").read_text())
@@ -137,12 +184,12 @@ def test_a_failed_gate_exits_1_and_still_writes_the_report(setup, tmp_path):
 def test_audit_extends_an_artifact_with_pruning_and_keeps_foreign_files(setup, tmp_path):
     _, model, data = setup
     out = tmp_path / "art"
-    first = runner.invoke(app, ["profile", str(model), "--data", str(data), "--context", "32", "--repeats", "3",
-                                "--out", str(out)])
+    first = runner.invoke(app, ["profile", str(model), "--data", str(data), "--context", "32", "--repeats", "3", "--out", str(out)])
     assert first.exit_code == 0, first.output
     (out / "notes.txt").write_text("mine")
-    result = runner.invoke(app, ["audit", str(model), "--data", str(data), *SMALL, "--lens", "logit", "--prune",
-                                 "--out", str(out), "--json"])
+    result = runner.invoke(
+        app, ["audit", str(model), "--data", str(data), *SMALL, "--lens", "logit", "--prune", "--out", str(out), "--json"]
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["prune"]["main"]["achieved_sparsity"] > 0.3
@@ -151,21 +198,23 @@ def test_audit_extends_an_artifact_with_pruning_and_keeps_foreign_files(setup, t
     assert "## Pruning" in (out / "report.md").read_text()
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--min-consistency", "1.5"], "--min-consistency must be between 0 and 1"),
-    (["--min-speedup", "0"], "--min-speedup must be positive"),
-    (["--targets", "0.9,x"], "'--targets': takes comma-separated numbers"),
-    (["--lens", "fancy"], "--lens must be one of logit, tuned"),
-    (["--steer", "magic"], "--steer must be one of activation, valve"),
-    (["--steer", "valve", "--steer-alphas", "a"], "'--steer-alphas': takes comma-separated numbers"),
-    (["--repeats", "1"], "--repeats must be at least 3"),
-    (["--prompts", "100000"], "one window per unit"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--min-consistency", "1.5"], "--min-consistency must be between 0 and 1"),
+        (["--min-speedup", "0"], "--min-speedup must be positive"),
+        (["--targets", "0.9,x"], "'--targets': takes comma-separated numbers"),
+        (["--lens", "fancy"], "--lens must be one of logit, tuned"),
+        (["--steer", "magic"], "--steer must be one of activation, valve"),
+        (["--steer", "valve", "--steer-alphas", "a"], "'--steer-alphas': takes comma-separated numbers"),
+        (["--repeats", "1"], "--repeats must be at least 3"),
+        (["--prompts", "100000"], "one window per unit"),
+    ],
+)
 def test_bad_input_exits_2_and_writes_nothing(setup, tmp_path, args, fragment):
     _, model, data = setup
     out = tmp_path / "never"
-    result = runner.invoke(app, ["audit", str(model), "--data", str(data), *SMALL, "--lens", "logit", *args,
-                                 "--out", str(out)])
+    result = runner.invoke(app, ["audit", str(model), "--data", str(data), *SMALL, "--lens", "logit", *args, "--out", str(out)])
     assert result.exit_code == 2, result.output
     assert fragment in result.output and "Traceback" not in result.output
     assert not out.exists() and not list(tmp_path.iterdir())  # no report, no temp directory left
@@ -182,12 +231,10 @@ def test_foreign_out_dir_and_other_models_artifact_are_refused_untouched(setup, 
 
     other = save_tiny("llama", tmp_path / "other", seed=1)
     art = tmp_path / "art"
-    made = runner.invoke(app, ["profile", str(other), "--data", str(data), "--repeats", "3", "--context", "32",
-                               "--out", str(art)])
+    made = runner.invoke(app, ["profile", str(other), "--data", str(data), "--repeats", "3", "--context", "32", "--out", str(art)])
     assert made.exit_code == 0
     before = (art / "dyninfer.json").read_text()
-    result = runner.invoke(app, ["audit", str(model), "--data", str(data), *SMALL, "--lens", "logit",
-                                 "--out", str(art)])
+    result = runner.invoke(app, ["audit", str(model), "--data", str(data), *SMALL, "--lens", "logit", "--out", str(art)])
     assert result.exit_code == 2 and "was made for model" in result.output
     assert (art / "dyninfer.json").read_text() == before
 
@@ -195,8 +242,25 @@ def test_foreign_out_dir_and_other_models_artifact_are_refused_untouched(setup, 
 def test_audit_with_a_steering_check(setup, tmp_path):
     _, model, data = setup
     out = tmp_path / "steered"
-    result = runner.invoke(app, ["audit", str(model), "--data", str(data), *SMALL, "--lens", "logit",
-                                 "--steer", "activation", "--steer-alphas", "0.5,1", "--out", str(out), "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "audit",
+            str(model),
+            "--data",
+            str(data),
+            *SMALL,
+            "--lens",
+            "logit",
+            "--steer",
+            "activation",
+            "--steer-alphas",
+            "0.5,1",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     steer = json.loads(result.stdout)["steer"]
     assert [p["alpha"] for p in steer["points"]] == [0.0, 0.5, 1.0] and steer["questions"] == 8
@@ -214,12 +278,14 @@ def test_audit_export_is_benchable_as_written(setup, tmp_path):
     """`audit --export` writes the package with optimum's baseline, so `bench --backend onnx` runs on it as is."""
     _, model, data = setup
     out = tmp_path / "exported"
-    result = runner.invoke(app, ["audit", str(model), "--data", str(data), *SMALL, "--lens", "logit", "--export",
-                                 "--out", str(out), "--json"])
+    result = runner.invoke(
+        app, ["audit", str(model), "--data", str(data), *SMALL, "--lens", "logit", "--export", "--out", str(out), "--json"]
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["export"]["baseline"] is not None
-    bench = runner.invoke(app, ["bench", str(out), "--backend", "onnx", "--prompts", "1", "--prompt-tokens", "8",
-                                "--new-tokens", "4", "--json"])
+    bench = runner.invoke(
+        app, ["bench", str(out), "--backend", "onnx", "--prompts", "1", "--prompt-tokens", "8", "--new-tokens", "4", "--json"]
+    )
     assert bench.exit_code == 0, bench.output
     modes = [m["mode"] for m in json.loads(bench.stdout)["modes"]]
     assert modes[0] == "baseline (optimum ORTModelForCausalLM)" and "onnx early-exit" in modes

@@ -41,6 +41,7 @@ def _edit_manifest(edit):
         manifest = json.loads((artifact / "dyninfer.json").read_text())
         edit(manifest)
         (artifact / "dyninfer.json").write_text(json.dumps(manifest))
+
     return damage
 
 
@@ -59,8 +60,7 @@ DAMAGE = {
     "base-model-field-missing": _edit_manifest(lambda m: m["base_model"].pop("num_layers")),
     "stages-a-list": _edit_manifest(lambda m: m.update(stages=[1])),
     "files-bad-name": _edit_manifest(lambda m: m["files"].update({"../escape.safetensors": "0" * 64})),
-    "checksum-mismatch": lambda a: (a / "exits.safetensors").write_bytes((a / "exits.safetensors").read_bytes()[:-4]
-                                                                       + b"\x00\x00\x00\x00"),
+    "checksum-mismatch": lambda a: (a / "exits.safetensors").write_bytes((a / "exits.safetensors").read_bytes()[:-4] + b"\x00\x00\x00\x00"),
     "tensor-file-missing": lambda a: (a / "exits.safetensors").unlink(),
     "policy-missing-key": _edit_manifest(lambda m: m["stages"]["calibrate"]["policy"].pop("threshold")),
     "policy-a-string": _edit_manifest(lambda m: m["stages"]["calibrate"].update(policy="exit early")),
@@ -75,8 +75,9 @@ DAMAGE = {
     "kv-mode-unknown": _policy(kv_mode="teleport"),
     "vocab-top-k-negative": _policy(vocab_top_k=-3),
     "applied-steering-garbage": _edit_manifest(lambda m: m["stages"].update(steer={"applied": "yes please"})),
-    "applied-steering-nan": _edit_manifest(lambda m: m["stages"].update(
-        steer={"applied": {"method": "activation", "alpha": float("nan")}})),
+    "applied-steering-nan": _edit_manifest(
+        lambda m: m["stages"].update(steer={"applied": {"method": "activation", "alpha": float("nan")}})
+    ),
     "prune-plan-garbage": _edit_manifest(lambda m: m["stages"].update(prune={"plan": "half"})),
     "profile-cost-garbage": _edit_manifest(lambda m: m["stages"].update(profile={"measured_cost": {"layers": "x"}})),
 }
@@ -114,15 +115,20 @@ CASES = [
     ("probe-lens-steps-negative", ["probe", "{model}", "--lens-steps", "-1"], "--lens-steps"),
     ("probe-lens-train-tokens-0", ["probe", "{model}", "--lens-train-tokens", "0"], "--lens-train-tokens"),
     ("probe-lens-from-without-tuned", ["probe", "{model}", "--lens-from", "{art}"], "--lens-from only makes sense"),
-    ("probe-lens-from-missing", ["probe", "{model}", "--data", "{text}", "--lens", "tuned", "--lens-from",
-                                 "{tmp}/nowhere"], "does not exist"),
-    ("probe-lens-from-other-model", ["probe", "{other}", "--data", "{text}", "--lens", "tuned", "--lens-from",
-                                     "{art}"], "made for model"),
+    (
+        "probe-lens-from-missing",
+        ["probe", "{model}", "--data", "{text}", "--lens", "tuned", "--lens-from", "{tmp}/nowhere"],
+        "does not exist",
+    ),
+    ("probe-lens-from-other-model", ["probe", "{other}", "--data", "{text}", "--lens", "tuned", "--lens-from", "{art}"], "made for model"),
     ("probe-out-a-file", ["probe", "{model}", "--out", "{file_txt}"], "is a file"),
     ("probe-out-foreign-dir", ["probe", "{model}", "--out", "{foreign}"], "not empty"),
     ("probe-out-under-a-file", ["probe", "{model}", "--out", "{file_txt}/sub"], "which is a file"),
-    ("probe-out-other-models-artifact", ["probe", "{other}", "--data", "{text}", "--seq-len", "16", "--tokens", "64",
-                                         "--out", "{art}"], "made for model"),
+    (
+        "probe-out-other-models-artifact",
+        ["probe", "{other}", "--data", "{text}", "--seq-len", "16", "--tokens", "64", "--out", "{art}"],
+        "made for model",
+    ),
     ("probe-tokens-not-a-number", ["probe", "{model}", "--tokens", "many"], "'--tokens'"),
     ("probe-unknown-option", ["probe", "{model}", "--bogus"], "No such option"),
     ("unknown-command", ["compress"], "No such command"),
@@ -139,21 +145,42 @@ CASES = [
     ("calibrate-risk-unknown", ["calibrate", "{model}", "--risk", "vibes"], "--risk must be one of"),
     ("calibrate-kv-mode-unknown", ["calibrate", "{model}", "--kv-mode", "teleport"], "--kv-mode must be one of"),
     ("calibrate-cost-unknown", ["calibrate", "{model}", "--cost", "vibes"], "--cost must be one of"),
-    ("calibrate-cost-measured-without-profile", ["calibrate", "{model}", "--data", "{text}", *CALIBRATE_ARGS,
-                                                 "--cost", "measured"], "--cost measured needs a profile"),
+    (
+        "calibrate-cost-measured-without-profile",
+        ["calibrate", "{model}", "--data", "{text}", *CALIBRATE_ARGS, "--cost", "measured"],
+        "--cost measured needs a profile",
+    ),
     ("calibrate-targets-not-numbers", ["calibrate", "{model}", "--targets", "0.9,x"], "comma-separated numbers"),
     ("calibrate-targets-out-of-range", ["calibrate", "{model}", "--targets", "1.5"], "--targets must be between"),
     ("calibrate-vocab-top-k-negative", ["calibrate", "{model}", "--vocab-top-k", "-1"], "--vocab-top-k"),
     ("calibrate-max-points-0", ["calibrate", "{model}", "--max-points", "0"], "--max-points"),
-    ("calibrate-fit-tokens-too-many", ["calibrate", "{model}", "--data", "{text}", "--seq-len", "16", "--fit-tokens",
-                                       "900000", "--prompt-tokens", "8", "--lens", "logit"],
-     "--fit-tokens and --prompts 128 prompts need"),
+    (
+        "calibrate-fit-tokens-too-many",
+        [
+            "calibrate",
+            "{model}",
+            "--data",
+            "{text}",
+            "--seq-len",
+            "16",
+            "--fit-tokens",
+            "900000",
+            "--prompt-tokens",
+            "8",
+            "--lens",
+            "logit",
+        ],
+        "--fit-tokens and --prompts 128 prompts need",
+    ),
     ("calibrate-prompts-longer-than-windows", ["calibrate", "{model}", "--seq-len", "16"], "--prompt-tokens 64 is longer"),
     ("calibrate-seq-len-1", ["calibrate", "{model}", "--seq-len", "1"], "--seq-len"),
     ("calibrate-out-a-file", ["calibrate", "{model}", "--out", "{file_txt}"], "is a file"),
     ("calibrate-out-foreign-dir", ["calibrate", "{model}", "--out", "{foreign}"], "not empty"),
-    ("calibrate-into-broken-profile", ["calibrate", "{model}", "--data", "{text}", *CALIBRATE_ARGS,
-                                       "--out", "{broken:profile-cost-garbage}"], "invalid measured cost"),
+    (
+        "calibrate-into-broken-profile",
+        ["calibrate", "{model}", "--data", "{text}", *CALIBRATE_ARGS, "--out", "{broken:profile-cost-garbage}"],
+        "invalid measured cost",
+    ),
     # --- prune options
     ("prune-sparsity-0", ["prune", "{model}", "--sparsity", "0"], "--sparsity must be between 0 and 1"),
     ("prune-sparsity-over-1", ["prune", "{model}", "--sparsity", "1.2"], "--sparsity must be between 0 and 1"),
@@ -164,34 +191,61 @@ CASES = [
     ("prune-label-unknown", ["prune", "{model}", "--label", "vibes"], "--label must be one of"),
     ("prune-mass-out-of-range", ["prune", "{model}", "--label", "mass", "--mass", "1.5"], "--mass"),
     ("prune-input-sparsity-1", ["prune", "{model}", "--input-sparsity", "1"], "--input-sparsity must be in [0, 1)"),
-    ("prune-input-sparsity-with-predictor", ["prune", "{model}", "--method", "predictor", "--input-sparsity", "0.3"],
-     "--input-sparsity applies to --method threshold"),
+    (
+        "prune-input-sparsity-with-predictor",
+        ["prune", "{model}", "--method", "predictor", "--input-sparsity", "0.3"],
+        "--input-sparsity applies to --method threshold",
+    ),
     ("prune-rank-0", ["prune", "{model}", "--rank", "0"], "--rank"),
     ("prune-steps-0", ["prune", "{model}", "--steps", "0"], "--steps"),
     ("prune-backend-unknown", ["prune", "{model}", "--sparse-backend", "gpu"], "--sparse-backend must be one of"),
     ("prune-method-unknown", ["prune", "{model}", "--method", "random"], "--method must be one of"),
-    ("prune-recurrent-model", ["prune", "{mamba}", "--data", "{text}", "--seq-len", "16", "--calibration-tokens", "64",
-                               "--heldout-tokens", "64", "--no-speed"], "no MLP block"),
+    (
+        "prune-recurrent-model",
+        ["prune", "{mamba}", "--data", "{text}", "--seq-len", "16", "--calibration-tokens", "64", "--heldout-tokens", "64", "--no-speed"],
+        "no MLP block",
+    ),
     # --- profile options
     ("profile-device-unknown", ["profile", "{model}", "--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
     ("profile-device-cuda-without-cuda", ["profile", "{model}", "--device", "cuda"], "sees no CUDA GPU"),
     # --device and --dtype on every command that loads a model (#17)
-    *[(f"{cmd[0]}-device-cuda-without-cuda", [*cmd, "--device", "cuda:0"], "sees no CUDA GPU")
-      for cmd in (["probe", "{model}"], ["calibrate", "{model}"], ["prune", "{model}"], ["audit", "{model}"],
-                  ["run", "{art}", "hi"], ["bench", "{art}"], ["steer", "extract", "{model}", "--out", "{tmp}/steer"])],
-    *[(f"{cmd[0]}-dtype-unknown", [*cmd, "--dtype", "float8"], "--dtype must be one of auto, float32, bfloat16")
-      for cmd in (["probe", "{model}"], ["calibrate", "{model}"], ["run", "{art}", "hi"], ["bench", "{art}"],
-                  ["profile", "{model}"], ["audit", "{model}"])],
+    *[
+        (f"{cmd[0]}-device-cuda-without-cuda", [*cmd, "--device", "cuda:0"], "sees no CUDA GPU")
+        for cmd in (
+            ["probe", "{model}"],
+            ["calibrate", "{model}"],
+            ["prune", "{model}"],
+            ["audit", "{model}"],
+            ["run", "{art}", "hi"],
+            ["bench", "{art}"],
+            ["steer", "extract", "{model}", "--out", "{tmp}/steer"],
+        )
+    ],
+    *[
+        (f"{cmd[0]}-dtype-unknown", [*cmd, "--dtype", "float8"], "--dtype must be one of auto, float32, bfloat16")
+        for cmd in (
+            ["probe", "{model}"],
+            ["calibrate", "{model}"],
+            ["run", "{art}", "hi"],
+            ["bench", "{art}"],
+            ["profile", "{model}"],
+            ["audit", "{model}"],
+        )
+    ],
     ("probe-device-misspelt", ["probe", "{model}", "--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N"),
-    ("probe-max-memory-cannot-hold", ["probe", "{model}", "--device-map", "auto", "--max-memory", "cpu=1KB"],
-     "do not fit --max-memory"),
-    ("probe-max-memory-gpu-without-cuda", ["probe", "{model}", "--device-map", "auto", "--max-memory", "0=1GB"],
-     "names GPU 0"),
-    ("probe-max-memory-all-on-disk", ["probe", "{model}", "--device-map", "auto", "--max-memory", "cpu=1KB,disk=1GB"],
-     "leaves no device room"),
+    ("probe-max-memory-cannot-hold", ["probe", "{model}", "--device-map", "auto", "--max-memory", "cpu=1KB"], "do not fit --max-memory"),
+    ("probe-max-memory-gpu-without-cuda", ["probe", "{model}", "--device-map", "auto", "--max-memory", "0=1GB"], "names GPU 0"),
+    (
+        "probe-max-memory-all-on-disk",
+        ["probe", "{model}", "--device-map", "auto", "--max-memory", "cpu=1KB,disk=1GB"],
+        "leaves no device room",
+    ),
     ("probe-max-memory-without-device-map", ["probe", "{model}", "--max-memory", "cpu=1GB"], "goes with --device-map"),
-    ("prune-offloaded-model", ["prune", "{model}", "--data", "{text}", "--device-map", "auto", "--max-memory",
-                               "cpu=100KB,disk=1GB"], "offloads some of them"),
+    (
+        "prune-offloaded-model",
+        ["prune", "{model}", "--data", "{text}", "--device-map", "auto", "--max-memory", "cpu=100KB,disk=1GB"],
+        "offloads some of them",
+    ),
     ("probe-memory-budget-0", ["probe", "{model}", "--memory-budget", "0"], "--memory-budget must be at least 1"),
     ("profile-repeats-2", ["profile", "{model}", "--repeats", "2"], "--repeats must be at least 3"),
     ("profile-context-0", ["profile", "{model}", "--context", "0"], "--context"),
@@ -204,14 +258,15 @@ CASES = [
     ("run-temperature-negative", ["run", "{art}", "tok1", "--temperature", "-1"], "--temperature must be positive"),
     ("run-temperature-0-sampling", ["run", "{art}", "tok1", "--sample", "--temperature", "0"], "--temperature"),
     ("run-max-new-tokens-0", ["run", "{art}", "tok1", "--max-new-tokens", "0"], "--max-new-tokens"),
-    ("run-draft-threshold-nan", ["run", "{art}", "tok1", "--mode", "speculative", "--draft-threshold", "nan"],
-     "--draft-threshold"),
+    ("run-draft-threshold-nan", ["run", "{art}", "tok1", "--mode", "speculative", "--draft-threshold", "nan"], "--draft-threshold"),
     ("run-draft-layer-0", ["run", "{art}", "tok1", "--draft-layer", "0"], "--draft-layer"),
-    ("run-draft-layer-too-deep", ["run", "{art}", "tok1", "--raw", "--mode", "speculative", "--draft-layer", "99"],
-     "--draft-layer must be between 1 and"),
+    (
+        "run-draft-layer-too-deep",
+        ["run", "{art}", "tok1", "--raw", "--mode", "speculative", "--draft-layer", "99"],
+        "--draft-layer must be between 1 and",
+    ),
     ("run-speculative-sampling", ["run", "{art}", "tok1", "--raw", "--mode", "speculative", "--sample"], "greedy"),
-    ("run-onnx-speculative", ["run", "{art}", "tok1", "--backend", "onnx", "--mode", "speculative"],
-     "the ONNX backend runs"),
+    ("run-onnx-speculative", ["run", "{art}", "tok1", "--backend", "onnx", "--mode", "speculative"], "the ONNX backend runs"),
     ("run-empty-prompt", ["run", "{art}", "   "], "the prompt is empty"),
     ("run-artifact-missing", ["run", "{tmp}/nowhere", "tok1"], "does not exist"),
     ("run-not-an-artifact", ["run", "{foreign}", "tok1"], "not a dyninfer artifact"),
@@ -231,8 +286,7 @@ CASES = [
     ("bench-provider-unknown", ["bench", "{art}", "--provider", "tpu"], "--provider must be one of"),
     ("bench-too-many-prompts", ["bench", "{art}", "--prompts", "5000", "--prompt-tokens", "8"], "lower --prompts"),
     ("bench-onnx-without-package", ["bench", "{art}", "--backend", "onnx"], "no ONNX package at"),
-    ("bench-onnx-not-a-package", ["bench", "{art}", "--backend", "onnx", "--package", "{foreign}"],
-     "not a dyninfer ONNX package"),
+    ("bench-onnx-not-a-package", ["bench", "{art}", "--backend", "onnx", "--package", "{foreign}"], "not a dyninfer ONNX package"),
     # --- export
     ("export-provider-unknown", ["export", "{art}", "--provider", "tpu"], "--provider must be one of"),
     ("export-dtype-unknown", ["export", "{art}", "--dtype", "fp64"], "--dtype must be one of"),
@@ -242,26 +296,33 @@ CASES = [
     ("export-without-policy", ["export", "{probe_art}", "--no-baseline"], "no early-exit policy"),
     ("export-not-an-artifact", ["export", "{foreign}", "--out", "{tmp}/pkg"], "not a dyninfer artifact"),
     # --- steer
-    ("steer-extract-method-unknown", ["steer", "extract", "{model}", "--out", "{tmp}/new", "--method", "magic"],
-     "--method must be one of"),
-    ("steer-extract-kind-unknown", ["steer", "extract", "{model}", "--out", "{tmp}/new", "--kind", "median"],
-     "--kind must be one of"),
-    ("steer-extract-examples-1", ["steer", "extract", "{model}", "--out", "{tmp}/new", "--examples", "1"],
-     "--examples must be at least 2"),
-    ("steer-extract-shots-too-many", ["steer", "extract", "{model}", "--out", "{tmp}/new", "--shots", "5",
-                                      "--examples", "3"], "--shots"),
+    ("steer-extract-method-unknown", ["steer", "extract", "{model}", "--out", "{tmp}/new", "--method", "magic"], "--method must be one of"),
+    ("steer-extract-kind-unknown", ["steer", "extract", "{model}", "--out", "{tmp}/new", "--kind", "median"], "--kind must be one of"),
+    ("steer-extract-examples-1", ["steer", "extract", "{model}", "--out", "{tmp}/new", "--examples", "1"], "--examples must be at least 2"),
+    ("steer-extract-shots-too-many", ["steer", "extract", "{model}", "--out", "{tmp}/new", "--shots", "5", "--examples", "3"], "--shots"),
     ("steer-extract-lr-0", ["steer", "extract", "{model}", "--out", "{tmp}/new", "--lr", "0"], "--lr"),
     ("steer-extract-lr-nan", ["steer", "extract", "{model}", "--out", "{tmp}/new", "--lr", "nan"], "--lr"),
-    ("steer-extract-delta-alone", ["steer", "extract", "{model}", "--out", "{tmp}/new", "--method", "valve",
-                                   "--delta-from", "base"], "go together"),
-    ("steer-extract-delta-activation", ["steer", "extract", "{model}", "--out", "{tmp}/new", "--delta-from", "base",
-                                        "--delta-to", "base"], "CoT-Valve"),
-    ("steer-extract-layers-out-of-range", ["steer", "extract", "{model}", "--out", "{tmp}/new", "--layers", "99",
-                                           "--examples", "4", "--heldout", "2"], "--layers must name decoder layers"),
-    ("steer-extract-layers-not-numbers", ["steer", "extract", "{model}", "--out", "{tmp}/new", "--layers", "1,x"],
-     "comma-separated numbers"),
-    ("steer-extract-no-examples", ["steer", "extract", "{model}", "--out", "{tmp}/new", "--data", "{empty_jsonl}"],
-     "no examples"),
+    (
+        "steer-extract-delta-alone",
+        ["steer", "extract", "{model}", "--out", "{tmp}/new", "--method", "valve", "--delta-from", "base"],
+        "go together",
+    ),
+    (
+        "steer-extract-delta-activation",
+        ["steer", "extract", "{model}", "--out", "{tmp}/new", "--delta-from", "base", "--delta-to", "base"],
+        "CoT-Valve",
+    ),
+    (
+        "steer-extract-layers-out-of-range",
+        ["steer", "extract", "{model}", "--out", "{tmp}/new", "--layers", "99", "--examples", "4", "--heldout", "2"],
+        "--layers must name decoder layers",
+    ),
+    (
+        "steer-extract-layers-not-numbers",
+        ["steer", "extract", "{model}", "--out", "{tmp}/new", "--layers", "1,x"],
+        "comma-separated numbers",
+    ),
+    ("steer-extract-no-examples", ["steer", "extract", "{model}", "--out", "{tmp}/new", "--data", "{empty_jsonl}"], "no examples"),
     ("steer-extract-out-a-file", ["steer", "extract", "{model}", "--out", "{file_txt}"], "is a file"),
     ("steer-sweep-missing", ["steer", "sweep", "{tmp}/nowhere"], "does not exist"),
     ("steer-sweep-no-direction", ["steer", "sweep", "{art}"], "holds no steering direction"),
@@ -274,60 +335,103 @@ CASES = [
     ("steer-apply-no-direction", ["steer", "apply", "{art}", "--alpha", "1"], "holds no steering direction"),
     ("steer-apply-missing", ["steer", "apply", "{tmp}/nowhere", "--alpha", "1"], "does not exist"),
     # --- audit
-    ("audit-min-consistency-over-1", ["audit", "{model}", "--min-consistency", "1.5", "--out", "{tmp}/a"],
-     "--min-consistency must be between 0 and 1"),
+    (
+        "audit-min-consistency-over-1",
+        ["audit", "{model}", "--min-consistency", "1.5", "--out", "{tmp}/a"],
+        "--min-consistency must be between 0 and 1",
+    ),
     ("audit-min-speedup-nan", ["audit", "{model}", "--min-speedup", "nan", "--out", "{tmp}/a"], "--min-speedup"),
-    ("audit-min-oracle-saving-negative", ["audit", "{model}", "--min-oracle-saving", "-0.1", "--out", "{tmp}/a"],
-     "--min-oracle-saving"),
+    ("audit-min-oracle-saving-negative", ["audit", "{model}", "--min-oracle-saving", "-0.1", "--out", "{tmp}/a"], "--min-oracle-saving"),
     ("audit-lens-unknown", ["audit", "{model}", "--lens", "fancy", "--out", "{tmp}/a"], "--lens must be one of"),
     ("audit-steer-unknown", ["audit", "{model}", "--steer", "magic", "--out", "{tmp}/a"], "--steer must be one of"),
     ("audit-repeats-1", ["audit", "{model}", "--repeats", "1", "--out", "{tmp}/a"], "--repeats must be at least 3"),
     ("audit-targets-not-numbers", ["audit", "{model}", "--targets", "x", "--out", "{tmp}/a"], "comma-separated"),
     ("audit-out-a-file", ["audit", "{model}", "--out", "{file_txt}"], "is a file"),
     ("audit-out-foreign-dir", ["audit", "{model}", "--out", "{foreign}"], "not empty"),
-    ("audit-out-other-models-artifact", ["audit", "{other}", "--data", "{text}", "--seq-len", "16", "--tokens", "32",
-                                         "--prompt-tokens", "8", "--lens", "logit", "--out", "{art}"], "made for model"),
+    (
+        "audit-out-other-models-artifact",
+        [
+            "audit",
+            "{other}",
+            "--data",
+            "{text}",
+            "--seq-len",
+            "16",
+            "--tokens",
+            "32",
+            "--prompt-tokens",
+            "8",
+            "--lens",
+            "logit",
+            "--out",
+            "{art}",
+        ],
+        "made for model",
+    ),
     # --- tune-exits
     ("tune-steps-0", ["tune-exits", "{model}", "--steps", "0", "--out", "{tmp}/t"], "--steps must be at least 1"),
     ("tune-rank-0", ["tune-exits", "{model}", "--rank", "0", "--out", "{tmp}/t"], "--rank must be at least 1"),
     ("tune-lr-nan", ["tune-exits", "{model}", "--lr", "nan", "--out", "{tmp}/t"], "--lr"),
     ("tune-layer-dropout-1", ["tune-exits", "{model}", "--layer-dropout", "1", "--out", "{tmp}/t"], "--layer-dropout"),
     ("tune-kl-weight-negative", ["tune-exits", "{model}", "--kl-weight", "-1", "--out", "{tmp}/t"], "--kl-weight"),
-    ("tune-curriculum-unknown", ["tune-exits", "{model}", "--curriculum", "random", "--out", "{tmp}/t"],
-     "--curriculum must be one of"),
-    ("tune-exit-layers-out-of-range", ["tune-exits", "{model}", "--data", "{text}", "--seq-len", "16",
-                                       "--exit-layers", "3", "--out", "{tmp}/t"], "--exit-layers 3 is out of range"),
-    ("tune-exit-layers-0", ["tune-exits", "{model}", "--data", "{text}", "--seq-len", "16", "--exit-layers", "0",
-                            "--out", "{tmp}/t"], "--exit-layers 0 is out of range"),
-    ("tune-recurrent-model", ["tune-exits", "{mamba}", "--data", "{text}", "--seq-len", "16", "--heldout-tokens", "32",
-                              "--out", "{tmp}/t"], "does not apply to mamba"),
-    ("tune-into-a-calibrated-artifact", ["tune-exits", "{model}", "--data", "{text}", "--out", "{art}"],
-     "made on the untuned model"),
+    ("tune-curriculum-unknown", ["tune-exits", "{model}", "--curriculum", "random", "--out", "{tmp}/t"], "--curriculum must be one of"),
+    (
+        "tune-exit-layers-out-of-range",
+        ["tune-exits", "{model}", "--data", "{text}", "--seq-len", "16", "--exit-layers", "3", "--out", "{tmp}/t"],
+        "--exit-layers 3 is out of range",
+    ),
+    (
+        "tune-exit-layers-0",
+        ["tune-exits", "{model}", "--data", "{text}", "--seq-len", "16", "--exit-layers", "0", "--out", "{tmp}/t"],
+        "--exit-layers 0 is out of range",
+    ),
+    (
+        "tune-recurrent-model",
+        ["tune-exits", "{mamba}", "--data", "{text}", "--seq-len", "16", "--heldout-tokens", "32", "--out", "{tmp}/t"],
+        "does not apply to mamba",
+    ),
+    ("tune-into-a-calibrated-artifact", ["tune-exits", "{model}", "--data", "{text}", "--out", "{art}"], "made on the untuned model"),
     ("tune-into-a-tuned-artifact", ["tune-exits", "{model}", "--data", "{text}", "--out", "{tuned}"], "already tuned"),
-    ("tune-merge-out-an-artifact", ["tune-exits", "{model}", "--merge-out", "{art}", "--out", "{tmp}/t"],
-     "is a dyninfer artifact"),
+    ("tune-merge-out-an-artifact", ["tune-exits", "{model}", "--merge-out", "{art}", "--out", "{tmp}/t"], "is a dyninfer artifact"),
     ("tune-out-missing", ["tune-exits", "{model}"], "--out"),
     ("tuned-artifact-with-another-model", ["run", "{tuned}", "tok1", "--model", "{other}"], "made for model"),
-    ("probe-other-model-into-tuned", ["probe", "{other}", "--data", "{text}", "--seq-len", "16", "--tokens", "64",
-                                      "--out", "{tuned}"], "made for model"),
+    (
+        "probe-other-model-into-tuned",
+        ["probe", "{other}", "--data", "{text}", "--seq-len", "16", "--tokens", "64", "--out", "{tuned}"],
+        "made for model",
+    ),
     # --- damaged artifacts
-    *[(f"run-damaged-{name}", ["run", "{broken:" + name + "}", "tok1", "--raw", "-n", "2"], fragment)
-      for name, fragment in [
-        ("manifest-not-json", "is not valid JSON"), ("manifest-not-utf8", "not UTF-8"),
-        ("manifest-a-list", "not a JSON object"), ("schema-too-new", "newer dyninfer"),
-        ("schema-missing", "schema_version is missing"), ("base-model-missing", "base_model is missing"),
-        ("base-model-field-missing", "missing field(s) num_layers"), ("stages-a-list", "stages must be"),
-        ("files-bad-name", "not a valid tensor file name"), ("checksum-mismatch", "does not match its checksum"),
-        ("tensor-file-missing", "is incomplete"), ("policy-missing-key", "(no threshold)"),
-        ("policy-a-string", "policy is invalid (a str"), ("calibrate-without-policy", "without a policy"),
-        ("threshold-a-string", "threshold 'high' is not a number"), ("threshold-a-bool", "threshold True"),
-        ("exit-points-out-of-range", "exit_points [99] are not all between 1 and"),
-        ("exit-points-unsorted", "ascending"), ("exit-points-not-ints", "ascending layer numbers"),
-        ("measure-unknown", "measure 'vibes'"), ("lens-unknown", "lens 'fancy'"),
-        ("kv-mode-unknown", "kv_mode 'teleport'"), ("vocab-top-k-negative", "vocab_top_k -3"),
-        ("applied-steering-garbage", "applied steering is invalid"),
-        ("applied-steering-nan", "applied steering is invalid"), ("prune-plan-garbage", "no valid plan"),
-    ]],
+    *[
+        (f"run-damaged-{name}", ["run", "{broken:" + name + "}", "tok1", "--raw", "-n", "2"], fragment)
+        for name, fragment in [
+            ("manifest-not-json", "is not valid JSON"),
+            ("manifest-not-utf8", "not UTF-8"),
+            ("manifest-a-list", "not a JSON object"),
+            ("schema-too-new", "newer dyninfer"),
+            ("schema-missing", "schema_version is missing"),
+            ("base-model-missing", "base_model is missing"),
+            ("base-model-field-missing", "missing field(s) num_layers"),
+            ("stages-a-list", "stages must be"),
+            ("files-bad-name", "not a valid tensor file name"),
+            ("checksum-mismatch", "does not match its checksum"),
+            ("tensor-file-missing", "is incomplete"),
+            ("policy-missing-key", "(no threshold)"),
+            ("policy-a-string", "policy is invalid (a str"),
+            ("calibrate-without-policy", "without a policy"),
+            ("threshold-a-string", "threshold 'high' is not a number"),
+            ("threshold-a-bool", "threshold True"),
+            ("exit-points-out-of-range", "exit_points [99] are not all between 1 and"),
+            ("exit-points-unsorted", "ascending"),
+            ("exit-points-not-ints", "ascending layer numbers"),
+            ("measure-unknown", "measure 'vibes'"),
+            ("lens-unknown", "lens 'fancy'"),
+            ("kv-mode-unknown", "kv_mode 'teleport'"),
+            ("vocab-top-k-negative", "vocab_top_k -3"),
+            ("applied-steering-garbage", "applied steering is invalid"),
+            ("applied-steering-nan", "applied steering is invalid"),
+            ("prune-plan-garbage", "no valid plan"),
+        ]
+    ],
     ("bench-schema-too-new", ["bench", "{broken:schema-too-new}"], "newer dyninfer"),
     ("export-checksum-mismatch", ["export", "{broken:checksum-mismatch}"], "does not match its checksum"),
 ]
@@ -341,26 +445,38 @@ def workspace(tmp_path_factory):
     places["model"] = save_tiny("llama", root / "model")
     places["other"] = save_tiny("llama", root / "other", seed=3)
     places["mamba"] = save_tiny("mamba", root / "mamba")
-    no_layers = tf.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=0,
-                               num_attention_heads=4, num_key_value_heads=2)
+    no_layers = tf.LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=0, num_attention_heads=4, num_key_value_heads=2
+    )
     tf.AutoModelForCausalLM.from_config(no_layers).save_pretrained(root / "no-layers")
     word_tokenizer().save_pretrained(root / "no-layers")
     places["no_layers"] = root / "no-layers"
-    shutil.copytree(places["model"], root / "no-tokenizer", ignore=lambda d, names: [n for n in names
-                                                                                      if "tok" in n or "vocab" in n])
+    shutil.copytree(places["model"], root / "no-tokenizer", ignore=lambda d, names: [n for n in names if "tok" in n or "vocab" in n])
     places["no_tokenizer"] = root / "no-tokenizer"
     bloom = tf.BloomConfig(vocab_size=128, hidden_size=32, n_layer=2, n_head=4)
     tf.AutoModelForCausalLM.from_config(bloom).save_pretrained(root / "bloom")
     word_tokenizer().save_pretrained(root / "bloom")
     places["bloom"] = root / "bloom"
     files = {
-        "text": random_text(20000), "file_txt": "just a file", "empty_txt": "", "short_txt": "tok1 tok2 tok3",
-        "xyz": "text", "bad_jsonl": '{"text": "ok"}\n{broken\n', "list_jsonl": "[1, 2]\n",
-        "good_jsonl": json.dumps({"text": random_text(50)}) + "\n", "csv": "text\n" + random_text(40) + "\n",
+        "text": random_text(20000),
+        "file_txt": "just a file",
+        "empty_txt": "",
+        "short_txt": "tok1 tok2 tok3",
+        "xyz": "text",
+        "bad_jsonl": '{"text": "ok"}\n{broken\n',
+        "list_jsonl": "[1, 2]\n",
+        "good_jsonl": json.dumps({"text": random_text(50)}) + "\n",
+        "csv": "text\n" + random_text(40) + "\n",
         "empty_jsonl": "\n",
     }
-    suffixes = {"bad_jsonl": ".jsonl", "list_jsonl": ".jsonl", "good_jsonl": ".jsonl", "empty_jsonl": ".jsonl",
-                "csv": ".csv", "xyz": ".xyz"}
+    suffixes = {
+        "bad_jsonl": ".jsonl",
+        "list_jsonl": ".jsonl",
+        "good_jsonl": ".jsonl",
+        "empty_jsonl": ".jsonl",
+        "csv": ".csv",
+        "xyz": ".xyz",
+    }
     for name, text in files.items():
         places[name] = root / f"{name}{suffixes.get(name, '.txt')}"
         places[name].write_text(text)
@@ -374,23 +490,65 @@ def workspace(tmp_path_factory):
     places["foreign"].mkdir()
     (places["foreign"] / "thesis.tex").write_text("mine")
     places["art"] = root / "art"
-    result = runner.invoke(app, ["calibrate", str(places["model"]), "--data", str(places["text"]), *CALIBRATE_ARGS,
-                                 "--measure", "classifier", "--out", str(places["art"])])  # a tensor file to damage
+    result = runner.invoke(
+        app,
+        [
+            "calibrate",
+            str(places["model"]),
+            "--data",
+            str(places["text"]),
+            *CALIBRATE_ARGS,
+            "--measure",
+            "classifier",
+            "--out",
+            str(places["art"]),
+        ],
+    )  # a tensor file to damage
     assert result.exit_code == 0, result.output
     places["steered"] = root / "steered"  # an activation direction, and foreign entries a save carries over
-    result = runner.invoke(app, ["steer", "extract", str(places["model"]), "--examples", "4", "--heldout", "2",
-                                 "--layers", "1", "--out", str(places["steered"])])
+    result = runner.invoke(
+        app,
+        ["steer", "extract", str(places["model"]), "--examples", "4", "--heldout", "2", "--layers", "1", "--out", str(places["steered"])],
+    )
     assert result.exit_code == 0, result.output
     (places["steered"] / "probe").mkdir()
     (places["steered"] / "probe" / "layers.csv").write_text("mine")
     (places["steered"] / "report.md").write_text("# an audit")
     places["tuned"] = root / "tuned"
-    result = runner.invoke(app, ["tune-exits", str(places["model"]), "--data", str(places["text"]), "--seq-len", "16",
-                                 "--steps", "2", "--heldout-tokens", "32", "--out", str(places["tuned"])])
+    result = runner.invoke(
+        app,
+        [
+            "tune-exits",
+            str(places["model"]),
+            "--data",
+            str(places["text"]),
+            "--seq-len",
+            "16",
+            "--steps",
+            "2",
+            "--heldout-tokens",
+            "32",
+            "--out",
+            str(places["tuned"]),
+        ],
+    )
     assert result.exit_code == 0, result.output
     places["probe_art"] = root / "probe-art"
-    result = runner.invoke(app, ["probe", str(places["model"]), "--data", str(places["text"]), "--seq-len", "16",
-                                 "--tokens", "64", "--out", str(places["probe_art"])])
+    result = runner.invoke(
+        app,
+        [
+            "probe",
+            str(places["model"]),
+            "--data",
+            str(places["text"]),
+            "--seq-len",
+            "16",
+            "--tokens",
+            "64",
+            "--out",
+            str(places["probe_art"]),
+        ],
+    )
     assert result.exit_code == 0, result.output
     return places
 
@@ -406,7 +564,7 @@ def test_bad_input_is_one_error_line_and_changes_nothing(workspace, tmp_path, mo
     command = []
     for arg in args:
         if arg.startswith("{broken:"):  # a damaged copy of the calibrated artifact, in this case's own folder
-            copy = tmp_path / arg[len("{broken:"):-1]
+            copy = tmp_path / arg[len("{broken:") : -1]
             shutil.copytree(workspace["art"], copy)
             DAMAGE[copy.name](copy)
             command.append(str(copy))
@@ -422,8 +580,9 @@ def test_bad_input_is_one_error_line_and_changes_nothing(workspace, tmp_path, mo
     assert "Traceback" not in result.output and result.stdout == ""
     after = tree_state(workspace["tmp"]), tree_state(tmp_path)
     assert after[0] == before[0], "the workspace changed"
-    assert {k: v for k, v in after[1].items() if not k.startswith("cache")} == \
-        {k: v for k, v in before[1].items() if not k.startswith("cache")}
+    assert {k: v for k, v in after[1].items() if not k.startswith("cache")} == {
+        k: v for k, v in before[1].items() if not k.startswith("cache")
+    }
 
 
 def test_ctrl_c_while_starting_up_is_one_line_and_exit_130(tmp_path):
@@ -445,8 +604,7 @@ sys.argv = ["dyninfer", "--version"]
 from dyninfer.cli import main
 main()
 """
-    process = subprocess.Popen([sys.executable, "-c", held_import], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, cwd=tmp_path)
+    process = subprocess.Popen([sys.executable, "-c", held_import], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     assert process.stdout.readline().strip() == "importing"
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=60)
@@ -489,10 +647,11 @@ def test_steer_apply_saves_with_the_renames_the_fault_cases_cover(workspace, tmp
 
 FAULTS = [
     *[(f"ctrl-c-at-rename-{n}", "rename", n, KeyboardInterrupt(), 130, "interrupted") for n in range(1, APPLY_RENAMES + 1)],
-    *[(f"full-disk-at-rename-{n}", "rename", n, OSError(errno.ENOSPC, "No space left on device"), 2,
-       "No space left on device") for n in range(1, APPLY_RENAMES + 1)],
-    ("full-disk-writing-the-manifest", "open", 0, OSError(errno.ENOSPC, "No space left on device"), 2,
-     "No space left on device"),
+    *[
+        (f"full-disk-at-rename-{n}", "rename", n, OSError(errno.ENOSPC, "No space left on device"), 2, "No space left on device")
+        for n in range(1, APPLY_RENAMES + 1)
+    ],
+    ("full-disk-writing-the-manifest", "open", 0, OSError(errno.ENOSPC, "No space left on device"), 2, "No space left on device"),
 ]
 
 
@@ -515,9 +674,9 @@ def test_a_fault_while_saving_changes_nothing(workspace, tmp_path, monkeypatch, 
 
 # --------------------------------------------------------------------------- the save itself, in the library
 
+
 def _reports(version: int) -> dict:
-    return {"calibrate": {"summary.json": f'{{"version": {version}}}'.encode()},
-            "steer/sweep-valve": {"sweep.json": f"{version}".encode()}}
+    return {"calibrate": {"summary.json": f'{{"version": {version}}}'.encode()}, "steer/sweep-valve": {"sweep.json": f"{version}".encode()}}
 
 
 @pytest.fixture
@@ -561,8 +720,7 @@ def _renames_of_one_save(existing: Path, monkeypatch) -> int:
     return len(calls)
 
 
-@pytest.mark.parametrize("fault", [KeyboardInterrupt, lambda: OSError(errno.ENOSPC, "No space left on device")],
-                         ids=["ctrl-c", "enospc"])
+@pytest.mark.parametrize("fault", [KeyboardInterrupt, lambda: OSError(errno.ENOSPC, "No space left on device")], ids=["ctrl-c", "enospc"])
 def test_a_fault_at_each_rename_of_the_swap_leaves_the_artifact_as_it_was(existing, tmp_path, monkeypatch, fault):
     # Count the renames of a full save on a twin of `existing`, then fail each one in turn.
     twin = tmp_path / "twin"
@@ -636,8 +794,7 @@ def test_ctrl_c_during_the_swap_lands_after_it(existing):
     import subprocess
 
     benchmarks = Path(__file__).parents[1] / "benchmarks"
-    done = subprocess.run([sys.executable, "-c", _CTRL_C_DURING_SWAP, str(existing), str(benchmarks)],
-                          capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", _CTRL_C_DURING_SWAP, str(existing), str(benchmarks)], capture_output=True, text=True)
     assert done.returncode == 130, done.stderr[-2000:]  # the interrupt was raised, after the swap
     assert Artifact.load(existing).stages["calibrate"] == {"version": 2}
     assert (existing / "calibrate" / "summary.json").read_text() == '{"version": 2}'
@@ -676,9 +833,9 @@ def test_a_second_writer_waits_for_the_first_and_says_so(existing):
 
     waited, saved = [], threading.Event()
     with artifact_lock(existing):  # another process's swap, as far as the lock goes
-        thread = threading.Thread(target=lambda: (versioned_artifact(2).save(existing, reports=_reports(2),
-                                                                              on_wait=lambda: waited.append(1)),
-                                                  saved.set()))
+        thread = threading.Thread(
+            target=lambda: (versioned_artifact(2).save(existing, reports=_reports(2), on_wait=lambda: waited.append(1)), saved.set())
+        )
         thread.start()
         time.sleep(0.5)
         assert waited == [1] and not saved.is_set()  # it waits, and said so once

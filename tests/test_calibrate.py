@@ -51,8 +51,16 @@ def test_simulated_costs_and_exits_by_hand():
     cheap = simulate(trace, 0.7, COSTS, "saturation", translated=False, vocab_top_k=0, hidden_size=8)
     assert cheap.cost.tolist()[0] == 20 + 3 * 8 + 1 + 40
     # A measured cost model (from `profile`) prices the checks by what they took, not by FLOPs.
-    measured = CostModel(context=0, embed=0.0, layers=[10.0] * 6, norm=1.0, head=40.0, translator=5.0,
-                         unit="ms/token", checks={"saturation": 7.0, "classifier": 2.0, "head_row": 0.5})
+    measured = CostModel(
+        context=0,
+        embed=0.0,
+        layers=[10.0] * 6,
+        norm=1.0,
+        head=40.0,
+        translator=5.0,
+        unit="ms/token",
+        checks={"saturation": 7.0, "classifier": 2.0, "head_row": 0.5},
+    )
     assert simulate(trace, 0.7, measured, "saturation", False, 0, 8).cost.tolist()[0] == 20 + 7 + 1 + 40
     assert simulate(trace, 0.7, measured, "classifier", False, 0, 8).cost.tolist()[0] == 20 + 2 + 1 + 40
     assert simulate(trace, 0.7, measured, "softmax", False, 4, 8).cost.tolist()[1] == 40 + 41 + 1 + 4 * 0.5
@@ -65,8 +73,9 @@ def test_never_exits_without_threshold_or_points():
 
 
 def test_no_exit_points_means_the_full_model():
-    trace = Trace([], torch.empty(0, 4), torch.empty(0, 4, dtype=torch.bool), torch.empty(0, 4, dtype=torch.bool),
-                  torch.ones(4, dtype=torch.bool))
+    trace = Trace(
+        [], torch.empty(0, 4), torch.empty(0, 4, dtype=torch.bool), torch.empty(0, 4, dtype=torch.bool), torch.ones(4, dtype=torch.bool)
+    )
     sim = simulate(trace, float("inf"), COSTS, "softmax", False, 0, 8)
     assert sim.exit_row.tolist() == [-1] * 4 and sim.cost.tolist() == [COSTS.full_cost()] * 4
 
@@ -109,8 +118,9 @@ def test_guarantee_holds_on_synthetic_traces_with_known_truth():
     for _ in range(trials):
         cal = draw(4000)
         thresholds = candidate_thresholds(cal.confidence, n=60)
-        losses = np.stack([window_losses(simulate(cal, t, COSTS, "softmax", False, 0, 8), cal,
-                                         "teacher-forced-consistency", 500) for t in thresholds])
+        losses = np.stack(
+            [window_losses(simulate(cal, t, COSTS, "softmax", False, 0, 8), cal, "teacher-forced-consistency", 500) for t in thresholds]
+        )
         ltt = learn_then_test(losses, thresholds, delta=delta, epsilon=epsilon)
         if ltt.chosen_index is None:
             continue
@@ -140,9 +150,28 @@ def test_policy_round_trips():
     assert ExitPolicy.from_dict(json.loads(json.dumps(policy.to_dict()))) == policy
 
 
-CAL = ["--seq-len", "32", "--fit-tokens", "256", "--calibration-tokens", "1024", "--heldout-tokens", "256",
-       "--min-layer", "1", "--target", "0.8", "--prompts", "24", "--heldout-prompts", "4", "--prompt-tokens", "12",
-       "--new-tokens", "6"]
+CAL = [
+    "--seq-len",
+    "32",
+    "--fit-tokens",
+    "256",
+    "--calibration-tokens",
+    "1024",
+    "--heldout-tokens",
+    "256",
+    "--min-layer",
+    "1",
+    "--target",
+    "0.8",
+    "--prompts",
+    "24",
+    "--heldout-prompts",
+    "4",
+    "--prompt-tokens",
+    "12",
+    "--new-tokens",
+    "6",
+]
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +186,25 @@ def long_text(tmp_path_factory):
 @pytest.mark.parametrize("measure, risk", [("softmax", "teacher-forced-consistency"), ("classifier", "generation")])
 def test_calibrate_cli_writes_policy(tiny_llama_dir, long_text, tmp_path, measure, risk):
     out = tmp_path / "art"
-    result = CliRunner().invoke(app, ["calibrate", str(tiny_llama_dir), "--data", str(long_text), *CAL, "--lens",
-                                      "logit", "--measure", measure, "--risk", risk, "--out", str(out), "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "calibrate",
+            str(tiny_llama_dir),
+            "--data",
+            str(long_text),
+            *CAL,
+            "--lens",
+            "logit",
+            "--measure",
+            measure,
+            "--risk",
+            risk,
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     policy = summary["policy"]
@@ -176,16 +222,18 @@ def test_calibrate_cli_writes_policy(tiny_llama_dir, long_text, tmp_path, measur
         assert (out / "calibrate" / name).is_file()
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--target", "1.5"], "--target must be between 0 and 1"),
-    (["--measure", "vibes"], "--measure must be one of"),
-    (["--kv-mode", "none"], "--kv-mode must be one of"),
-    (["--calibration-tokens", "100000", "--risk", "teacher-forced-consistency"], "one window per unit"),
-    (["--calibration-tokens", "256", "--risk", "teacher-forced-consistency"], "at least 14 are needed"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--target", "1.5"], "--target must be between 0 and 1"),
+        (["--measure", "vibes"], "--measure must be one of"),
+        (["--kv-mode", "none"], "--kv-mode must be one of"),
+        (["--calibration-tokens", "100000", "--risk", "teacher-forced-consistency"], "one window per unit"),
+        (["--calibration-tokens", "256", "--risk", "teacher-forced-consistency"], "at least 14 are needed"),
+    ],
+)
 def test_calibrate_bad_options(tiny_llama_dir, long_text, args, fragment):
-    result = CliRunner().invoke(app, ["calibrate", str(tiny_llama_dir), "--data", str(long_text), *CAL, "--lens",
-                                      "logit", *args])
+    result = CliRunner().invoke(app, ["calibrate", str(tiny_llama_dir), "--data", str(long_text), *CAL, "--lens", "logit", *args])
     assert result.exit_code == 2, result.output
     assert fragment in result.stderr and "Traceback" not in result.output
 
@@ -202,8 +250,15 @@ def test_several_targets_on_shared_traces_equal_one_run_per_target(measure):
     lens = LogitLens(lm)
     targets = [0.05, 0.3, 0.8]
     options = dict(measure=measure, min_layer=1)
-    cheap = CostModel(context=0, embed=0.0, layers=[10.0] * 6, norm=0.0, head=1.0, translator=0.0,
-                      checks={"classifier": 0.1, "saturation": 0.1, "head_row": 0.01})  # checks pay off
+    cheap = CostModel(
+        context=0,
+        embed=0.0,
+        layers=[10.0] * 6,
+        norm=0.0,
+        head=1.0,
+        translator=0.0,
+        checks={"classifier": 0.1, "saturation": 0.1, "head_row": 0.01},
+    )  # checks pay off
     together = run_calibrations(lm, lens, cheap, fit, cal, held, targets=targets, **options)
     for target, (result, classifier) in zip(targets, together):
         alone, alone_classifier = run_calibration(lm, lens, cheap, fit, cal, held, target=target, **options)

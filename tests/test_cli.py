@@ -34,16 +34,20 @@ def assert_one_line_error(result, *fragments):
 HEAVY = ("torch", "transformers", "numpy", "scipy", "pandas")
 
 
-@pytest.mark.parametrize("args", [["--help"], ["probe", "--help"], ["steer", "extract", "--help"],
-                                  ["tune-exits", "--help"], ["audit", "--help"], ["models", "--json"]])
+@pytest.mark.parametrize(
+    "args",
+    [["--help"], ["probe", "--help"], ["steer", "extract", "--help"], ["tune-exits", "--help"], ["audit", "--help"], ["models", "--json"]],
+)
 def test_help_and_models_load_no_model_library(args):
     """What keeps `--help` and `models` fast on a CI runner: none of the libraries that take seconds to import is
     loaded (checked in a fresh interpreter, through the console entry point)."""
     import subprocess
     import sys
 
-    probe = ("import sys\nsys.argv = ['dyninfer', *sys.argv[1:]]\nfrom dyninfer.cli import main\n"
-             "try:\n    main()\nfinally:\n    print(sorted(m for m in " + repr(HEAVY) + " if m in sys.modules))")
+    probe = (
+        "import sys\nsys.argv = ['dyninfer', *sys.argv[1:]]\nfrom dyninfer.cli import main\n"
+        "try:\n    main()\nfinally:\n    print(sorted(m for m in " + repr(HEAVY) + " if m in sys.modules))"
+    )
     done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-500:]
@@ -104,8 +108,22 @@ def test_table_output(tiny_llama_dir, text_file):
 
 def test_out_writes_artifact_tables_and_plot_then_reuses_the_lens(tiny_llama_dir, text_file, tmp_path):
     out = tmp_path / "art"
-    result = invoke("probe", tiny_llama_dir, "--data", text_file, *SMALL, "--lens", "both",
-                    "--lens-train-tokens", "512", "--lens-steps", "2", "--out", out, "--json")
+    result = invoke(
+        "probe",
+        tiny_llama_dir,
+        "--data",
+        text_file,
+        *SMALL,
+        "--lens",
+        "both",
+        "--lens-train-tokens",
+        "512",
+        "--lens-steps",
+        "2",
+        "--out",
+        out,
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert set(summary["lenses"]) == {"logit", "tuned"}
@@ -120,8 +138,7 @@ def test_out_writes_artifact_tables_and_plot_then_reuses_the_lens(tiny_llama_dir
     table = pd.read_parquet(out / "probe" / "layers.parquet")
     assert set(table["lens"]) == {"logit", "tuned"} and len(table) == 8
 
-    again = invoke("probe", tiny_llama_dir, "--data", text_file, *SMALL, "--lens", "tuned",
-                   "--lens-from", out, "--json")
+    again = invoke("probe", tiny_llama_dir, "--data", text_file, *SMALL, "--lens", "tuned", "--lens-from", out, "--json")
     assert again.exit_code == 0, again.output
     reused = json.loads(again.stdout)
     assert "tuned_lens_training" not in reused  # loaded, not retrained
@@ -156,16 +173,18 @@ def test_empty_data(tiny_llama_dir, tmp_path):
 
 
 def test_tokens_larger_than_data(tiny_llama_dir, text_file):
-    assert_one_line_error(invoke("probe", tiny_llama_dir, "--data", text_file, "--tokens", "100000",
-                                 "--seq-len", "16"), "--tokens")
+    assert_one_line_error(invoke("probe", tiny_llama_dir, "--data", text_file, "--tokens", "100000", "--seq-len", "16"), "--tokens")
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--lens", "fancy"], "unknown lens fancy"),
-    (["--tokens", "0"], "--tokens must be at least 1"),
-    (["--seq-len", "1"], "--seq-len must be at least 2"),
-    (["--lens-steps", "-1"], "--lens-steps"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--lens", "fancy"], "unknown lens fancy"),
+        (["--tokens", "0"], "--tokens must be at least 1"),
+        (["--seq-len", "1"], "--seq-len must be at least 2"),
+        (["--lens-steps", "-1"], "--lens-steps"),
+    ],
+)
 def test_out_of_range_options(tiny_llama_dir, text_file, args, fragment):
     assert_one_line_error(invoke("probe", tiny_llama_dir, "--data", text_file, *args), fragment)
 
@@ -180,8 +199,9 @@ def test_corrupt_gguf(tmp_path, monkeypatch):
 def test_unsupported_architecture(tmp_path):
     from transformers import OPTConfig, OPTForCausalLM
 
-    OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
-                             num_attention_heads=2, word_embed_proj_dim=16)).save_pretrained(tmp_path / "opt")
+    OPTForCausalLM(
+        OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16)
+    ).save_pretrained(tmp_path / "opt")
     assert_one_line_error(invoke("probe", tmp_path / "opt"), "unsupported architecture", "standard rotary layout")
 
 
@@ -226,8 +246,7 @@ def test_a_model_whose_tokenizer_adds_bos_sees_it_in_every_window_and_prompt(tmp
     tokenizer = word_tokenizer()
     bos = tokenizer.convert_tokens_to_ids("tok0")  # a word id the text never uses (random_text draws from tok0..39)
     tokenizer.bos_token = "tok0"
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="tok0 $A",
-                                                                               special_tokens=[("tok0", bos)])
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="tok0 $A", special_tokens=[("tok0", bos)])
     tiny_model("llama").save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     (tmp_path / "text.txt").write_text(" ".join(w for w in random_text(20000).split() if w != "tok0"))

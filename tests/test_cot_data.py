@@ -43,12 +43,15 @@ def test_generator_is_seeded():
         generate_problems(3, operations=(0, 2))
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("so 3 + 4 = 7. The answer is 7.", 7.0),
-    ("The answer is -2.5, not 3", -2.5),
-    ("first 12, then 40", 40.0),
-    ("no digits here", None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("so 3 + 4 = 7. The answer is 7.", 7.0),
+        ("The answer is -2.5, not 3", -2.5),
+        ("first 12, then 40", 40.0),
+        ("no digits here", None),
+    ],
+)
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
 

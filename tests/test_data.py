@@ -361,8 +361,7 @@ def test_take_draws_nested_random_windows_from_the_whole_split(tokenizer):
     quarter = windows.take_rows("train", 9 * (windows.train.shape[0] // 4))
     assert quarter.max() >= windows.train.shape[0] // 2
     # Each row's corpus position: the window's tokens are that stretch of the token stream.
-    stream = torch.cat([windows.train, windows.heldout])[torch.argsort(torch.cat([windows.index("train"),
-                                                                                 windows.index("heldout")]))]
+    stream = torch.cat([windows.train, windows.heldout])[torch.argsort(torch.cat([windows.index("train"), windows.index("heldout")]))]
     assert torch.equal(stream.flatten(), torch.tensor(token_stream(DOCUMENTS, tokenizer)[: stream.numel()]))
 
 
@@ -420,8 +419,7 @@ def test_lens_overlap_is_found_across_seeds_and_window_lengths(tokenizer):
     for seed, seq_len in ((0, 9), (1, 9), (2, 13)):
         other = make_windows(DOCUMENTS, tokenizer, spec="unit", seq_len=seq_len, seed=seed)
         every = torch.arange(other.heldout.shape[0])
-        expected = sum(bool(seen & set(range(k * (seq_len + 1), (k + 1) * (seq_len + 1))))
-                       for k in other.index("heldout").tolist())
+        expected = sum(bool(seen & set(range(k * (seq_len + 1), (k + 1) * (seq_len + 1)))) for k in other.index("heldout").tolist())
         assert trained_on(record, other, "heldout", every) == expected
         if seed == 0 and seq_len == 9:
             assert expected == 0  # the same split: the lens trained on train windows only
@@ -454,8 +452,7 @@ def test_windows_start_as_the_tokenizer_starts_a_sequence():
     # they are its prefix, nothing skipped or repeated.
     stream = expected_stream(DOCUMENTS, tokenizer.eos_token_id)
     assert windows.stride == seq_len
-    whole = torch.cat([windows.train, windows.heldout])[torch.cat([windows.train_index, windows.heldout_index])
-                                                        .argsort()]
+    whole = torch.cat([windows.train, windows.heldout])[torch.cat([windows.train_index, windows.heldout_index]).argsort()]
     assert whole[:, 1:].reshape(-1).tolist() == stream[: len(stream) // seq_len * seq_len]
     assert windows.describe()["sequence_start"] == [bos_id]
     assert make_windows(DOCUMENTS, build_tokenizer(WORDS), seq_len=seq_len).describe()["sequence_start"] == []

@@ -25,9 +25,22 @@ TIMED = {"timings", "throughput", "seconds", "calibrate_s", "tokens_per_s", "mem
 def _launcher(processes: int, launcher: str = "torchrun") -> list[str]:
     port = str(29500 + os.getpid() % 1000)
     if launcher == "accelerate":  # `--multi_gpu` is accelerate's torch.distributed launcher; gloo without CUDA
-        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-                "--num_machines", "1", "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", port]
+        return [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--multi_gpu",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            port,
+        ]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-port", port]
 
 
@@ -93,18 +106,38 @@ def test_two_gloo_processes_probe_calibrate_prune_and_tune_like_one(workspace):
     # and so a few of ~1,000 tokens whose confidence lies that close to a candidate threshold cross it: their
     # rates and speedups agree to 1e-2, not 1e-4.
     stages = [
-        (["probe", *base, "--seq-len", "32", "--tokens", "256", "--lens", "tuned", "--lens-train-tokens", "512",
-          "--lens-steps", "3"], "artifact", 1e-4),
+        (
+            ["probe", *base, "--seq-len", "32", "--tokens", "256", "--lens", "tuned", "--lens-train-tokens", "512", "--lens-steps", "3"],
+            "artifact",
+            1e-4,
+        ),
         (["calibrate", *base, *CALIBRATE_ARGS], "artifact", 1e-4),
         # The teacher-forced risk with the classifier: the traces and the classifier's training are sharded.
-        (["calibrate", *base, *CALIBRATE_ARGS, "--risk", "teacher-forced-consistency", "--measure", "classifier"],
-         "artifact", 1e-2),
+        (["calibrate", *base, *CALIBRATE_ARGS, "--risk", "teacher-forced-consistency", "--measure", "classifier"], "artifact", 1e-2),
         # The MLP samples and the held-out evaluation are sharded; the predictors train with DDP.
-        (["prune", *base, "--seq-len", "32", "--method", "predictor", "--steps", "20", "--rank", "8",
-          "--calibration-tokens", "512", "--heldout-tokens", "256", "--no-speed"], "artifact", 1e-2),
+        (
+            [
+                "prune",
+                *base,
+                "--seq-len",
+                "32",
+                "--method",
+                "predictor",
+                "--steps",
+                "20",
+                "--rank",
+                "8",
+                "--calibration-tokens",
+                "512",
+                "--heldout-tokens",
+                "256",
+                "--no-speed",
+            ],
+            "artifact",
+            1e-2,
+        ),
         # tune-exits: each process trains on its share of every batch and the LoRA's gradients are summed.
-        (["tune-exits", *base, "--seq-len", "32", "--steps", "4", "--batch-size", "4", "--heldout-tokens", "64"],
-         "tuned", 1e-3),
+        (["tune-exits", *base, "--seq-len", "32", "--steps", "4", "--batch-size", "4", "--heldout-tokens", "64"], "tuned", 1e-3),
     ]
     one = _in_this_process([[*args, "--out", str(workspace / f"{name}-1")] for args, name, _ in stages])
     two = _in_one_group([[*args, "--out", str(workspace / f"{name}-2")] for args, name, _ in stages], workspace)
@@ -161,19 +194,22 @@ def _close(a, b, rel: float = 1e-4, where: str = "") -> bool:
     if isinstance(a, str) and isinstance(b, str):  # a statement quotes rounded numbers: their last digit may differ
         numbers = re.compile(r"-?\d+\.\d+")
         assert numbers.sub("#", a) == numbers.sub("#", b), where
-        return _close([float(x) for x in numbers.findall(a)], [float(x) for x in numbers.findall(b)],
-                      max(rel, 1e-5), where)
+        return _close([float(x) for x in numbers.findall(a)], [float(x) for x in numbers.findall(b)], max(rel, 1e-5), where)
     assert a == b, where
     return True
 
 
 def test_data_too_small_to_shard_is_one_error_line_and_writes_nothing(workspace):
     out = workspace / "never"
-    done = _dyninfer(["probe", str(workspace / "model"), "--data", str(workspace / "text.txt"), "--seq-len", "32",
-                      "--tokens", "32", "--out", str(out)], 2, workspace)
+    done = _dyninfer(
+        ["probe", str(workspace / "model"), "--data", str(workspace / "text.txt"), "--seq-len", "32", "--tokens", "32", "--out", str(out)],
+        2,
+        workspace,
+    )
     assert done.returncode != 0
     ours = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert ours == ["error: 1 held-out windows cannot be shared among 2 processes; give each process at least one "
-                    "(more data, or fewer processes)"]
+    assert ours == [
+        "error: 1 held-out windows cannot be shared among 2 processes; give each process at least one (more data, or fewer processes)"
+    ]
     assert "exitcode  : 2" in done.stderr  # the rank exits 2; torchrun then reports the failed child its own way
     assert not out.exists()

@@ -25,8 +25,9 @@ def _setup(arch, layers=4):
 
 def _hf_greedy(model, prompt, n=NEW):
     with torch.no_grad():
-        return model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                              attention_mask=torch.ones_like(prompt), pad_token_id=0)[:, prompt.shape[1]:]
+        return model.generate(
+            prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(prompt), pad_token_id=0
+        )[:, prompt.shape[1] :]
 
 
 def _mixed_policy(lm, prompt, kv_mode, points=(1, 2)):
@@ -63,8 +64,7 @@ def test_propagate_runs_and_exits_only_at_exit_points(arch):
     assert run.tokens.shape == (1, NEW)
     assert all(e in (2, 3, lm.num_layers) for e in run.exit_layers)  # never before the first exit point
     assert len(run.confidences) == NEW
-    assert all(c is not None and c >= policy.threshold for c, e in zip(run.confidences, run.exit_layers)
-               if e < lm.num_layers)
+    assert all(c is not None and c >= policy.threshold for c, e in zip(run.confidences, run.exit_layers) if e < lm.num_layers)
 
 
 @pytest.mark.parametrize("arch", ATTENTION_ARCHS)

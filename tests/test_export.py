@@ -158,7 +158,8 @@ def _run_function(name: str, inputs: dict[str, np.ndarray], n_outputs: int = 1):
     input_names, output_names = ops._SIGNATURES[name]
     node = helper.make_node(name, list(input_names), list(output_names), domain=ops.DOMAIN)
     graph = helper.make_graph(
-        [node], "one_op",
+        [node],
+        "one_op",
         [helper.make_tensor_value_info(k, TensorProto.FLOAT, list(v.shape)) for k, v in inputs.items()],
         [onnx.ValueInfoProto(name=o) for o in output_names],
     )

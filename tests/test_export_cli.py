@@ -64,14 +64,12 @@ def test_run_onnx_backend_equals_torch_backend(exported):
 
 def test_bench_onnx_backend_compares_with_optimum_in_one_run(exported):
     _, _, artifact, _ = exported
-    args = ["bench", str(artifact), "--backend", "onnx", "--prompts", "2", "--prompt-tokens", "8",
-            "--new-tokens", "6", "--json"]
+    args = ["bench", str(artifact), "--backend", "onnx", "--prompts", "2", "--prompt-tokens", "8", "--new-tokens", "6", "--json"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     modes = {m["mode"]: m for m in out["modes"]}
-    assert set(modes) == {"baseline (optimum ORTModelForCausalLM)", "onnx early-exit", "onnx full (exits disabled)",
-                          "torch early-exit"}
+    assert set(modes) == {"baseline (optimum ORTModelForCausalLM)", "onnx early-exit", "onnx full (exits disabled)", "torch early-exit"}
     assert modes["onnx full (exits disabled)"]["consistency"] == 1.0  # the full model's greedy tokens
     assert modes["onnx early-exit"]["consistency"] == modes["torch early-exit"]["consistency"]
     assert out["gated_mode"] == "onnx early-exit"
@@ -82,16 +80,24 @@ def test_bench_onnx_backend_compares_with_optimum_in_one_run(exported):
 def test_export_bad_inputs(exported, tmp_path):
     model, data, artifact, _ = exported
     probe_only = tmp_path / "probe-only"
-    assert runner.invoke(app, ["probe", str(model), "--data", str(data), "--tokens", "32", "--seq-len", "16",
-                               "--out", str(probe_only)]).exit_code == 0
+    assert (
+        runner.invoke(
+            app, ["probe", str(model), "--data", str(data), "--tokens", "32", "--seq-len", "16", "--out", str(probe_only)]
+        ).exit_code
+        == 0
+    )
     result = runner.invoke(app, ["export", str(probe_only)])
     assert result.exit_code == 2 and "calibrate" in result.stderr
     assert not (probe_only / "onnx").exists()
     other = save_tiny("llama", tmp_path / "other", seed=3)
     result = runner.invoke(app, ["export", str(artifact), "--model", str(other), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "made for model" in result.stderr and not (tmp_path / "x").exists()
-    for options, message in ((["--provider", "tpu"], "--provider"), (["--dtype", "int3"], "--dtype"),
-                             (["--dtype", "fp16"], "fp16"), (["--kv-mode", "recompute"], "--kv-mode propagate")):
+    for options, message in (
+        (["--provider", "tpu"], "--provider"),
+        (["--dtype", "int3"], "--dtype"),
+        (["--dtype", "fp16"], "fp16"),
+        (["--kv-mode", "recompute"], "--kv-mode propagate"),
+    ):
         result = runner.invoke(app, ["export", str(artifact), "--out", str(tmp_path / "y"), *options])
         assert result.exit_code == 2 and message in result.stderr, result.output
         assert not (tmp_path / "y").exists()
@@ -99,8 +105,12 @@ def test_export_bad_inputs(exported, tmp_path):
         result = runner.invoke(app, ["export", str(artifact), "--provider", "cuda", "--out", str(tmp_path / "z")])
         assert result.exit_code == 2 and "CUDAExecutionProvider" in result.stderr and not (tmp_path / "z").exists()
         # A real process, so that ONNX Runtime's native (file descriptor 2) logging is seen too.
-        process = subprocess.run([sys.executable, "-m", "dyninfer", "run", str(artifact), "tok1", "--backend", "onnx",
-                                  "--provider", "cuda", "-n", "3"], capture_output=True, text=True, timeout=300)
+        process = subprocess.run(
+            [sys.executable, "-m", "dyninfer", "run", str(artifact), "tok1", "--backend", "onnx", "--provider", "cuda", "-n", "3"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert process.returncode == 0 and "fell back to CPUExecutionProvider" in process.stderr
         assert "onnxruntime" not in process.stderr.replace("CPUExecutionProvider", ""), process.stderr
     a_file = tmp_path / "file"

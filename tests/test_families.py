@@ -24,8 +24,23 @@ pytestmark = pytest.mark.slow  # 2 tests x 43 families: the full suite runs them
 NEW = 14  # prompt 10 + 14 new tokens: past the sliding window of 8
 # Families whose MLP pruning is refused, and why: the error names the feature and the model type.
 NO_PRUNING = {
-    **dict.fromkeys(("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss", "hunyuan_v1_moe",
-                     "dots1", "glm4_moe", "deepseek_v2", "deepseek_v3", "ernie4_5_moe"), "mixture-of-experts"),
+    **dict.fromkeys(
+        (
+            "mixtral",
+            "qwen2_moe",
+            "qwen3_moe",
+            "olmoe",
+            "granitemoe",
+            "gpt_oss",
+            "hunyuan_v1_moe",
+            "dots1",
+            "glm4_moe",
+            "deepseek_v2",
+            "deepseek_v3",
+            "ernie4_5_moe",
+        ),
+        "mixture-of-experts",
+    ),
     **dict.fromkeys(("arcee", "nemotron", "bitnet"), "activation 'relu2'"),
     "apertus": "activation 'xielu'",
 }
@@ -47,8 +62,7 @@ def test_family_runs_like_transformers(model_type):
 
     prompt = ids[:1, :10]
     with torch.no_grad():
-        greedy = model.generate(prompt, max_new_tokens=NEW, do_sample=False, attention_mask=torch.ones_like(prompt),
-                                pad_token_id=0)[:, 10:]
+        greedy = model.generate(prompt, max_new_tokens=NEW, do_sample=False, attention_mask=torch.ones_like(prompt), pad_token_id=0)[:, 10:]
     full = DynamicModel(lm, None, LogitLens(lm)).generate(prompt, NEW, mode="full")
     assert torch.equal(full.tokens, greedy)
 
@@ -81,8 +95,18 @@ def test_family_runs_like_transformers(model_type):
 def test_family_calibrates_prunes_and_steers(model_type):
     lm = LayeredModel(family_model(model_type))
     windows = _random((40, 17), 2)
-    result, _ = run_calibration(lm, LogitLens(lm), count_costs(lm, context=16), windows[:8], windows[8:32],
-                                windows[32:], target=0.6, epsilon=0.1, measure="softmax", min_layer=1)
+    result, _ = run_calibration(
+        lm,
+        LogitLens(lm),
+        count_costs(lm, context=16),
+        windows[:8],
+        windows[8:32],
+        windows[32:],
+        target=0.6,
+        epsilon=0.1,
+        measure="softmax",
+        min_layer=1,
+    )
     policy = ExitPolicy.from_dict(result.policy.to_dict(), lm.num_layers)  # what the artifact would hold
     assert result.calibration_tokens == 24 * 16 and 0.0 <= result.heldout["consistency"] <= 1.0
     if policy.threshold is not None:

@@ -150,8 +150,7 @@ def _plan(lm, points):
     """An exit plan at `points` (saturation checks) with a fit trace, and a cost model where checks pay."""
     fit = torch.randint(0, VOCAB, (6, 17), generator=torch.Generator().manual_seed(9))
     lens = LogitLens(lm)
-    cheap = CostModel(context=0, embed=0.0, layers=[10.0] * lm.num_layers, norm=0.0, head=1.0, translator=0.0,
-                      checks={"saturation": 0.1})
+    cheap = CostModel(context=0, embed=0.0, layers=[10.0] * lm.num_layers, norm=0.0, head=1.0, translator=0.0, checks={"saturation": 0.1})
     return lens, cheap, ExitPlan(0.6, points, None, _trace_points(lm, lens, fit, points), list(range(len(points))))
 
 
@@ -169,18 +168,37 @@ def test_certify_generation_uses_the_dynamic_models_own_generations(monkeypatch)
     full = full_continuations(lm, prompts, 6)
     calibration, heldout = PromptSet(prompts[:30], full[:30]), PromptSet(prompts[30:], full[30:])
     held_trace = _trace_points(lm, lens, torch.randint(0, VOCAB, (2, 17)), [1, 2])
-    result = certify_generation(lm, lens, costs, plan, calibration, heldout, held_trace, measure="saturation",
-                                consistency_measure="tokens", kv_mode="propagate", epsilon=0.1)
+    result = certify_generation(
+        lm,
+        lens,
+        costs,
+        plan,
+        calibration,
+        heldout,
+        held_trace,
+        measure="saturation",
+        consistency_measure="tokens",
+        kv_mode="propagate",
+        epsilon=0.1,
+    )
     assert result.risk == "generation" and len(result.curve) == len(result.ltt.lambdas)
     last = len(result.ltt.lambdas) - 1
-    assert result.ltt.rejected[:last] == [True] * last and (result.ltt.rejected[last] is False
-                                                           or result.ltt.untested == 0)
+    assert result.ltt.rejected[:last] == [True] * last and (result.ltt.rejected[last] is False or result.ltt.untested == 0)
     # Recompute one tested candidate's risk independently: each prompt alone through `generate`.
     j = min(1, last)
     policy = ExitPolicy("logit", "saturation", [1, 2], result.ltt.lambdas[j], 0, "propagate")
     dynamic = DynamicModel(lm, policy if j else None, lens)
-    shares = [float((dynamic.generate(calibration.prompts[i : i + 1], 6, mode="early-exit" if j else "full")
-                     .tokens[0] == calibration.continuations[i]).double().mean()) for i in range(30)]
+    shares = [
+        float(
+            (
+                dynamic.generate(calibration.prompts[i : i + 1], 6, mode="early-exit" if j else "full").tokens[0]
+                == calibration.continuations[i]
+            )
+            .double()
+            .mean()
+        )
+        for i in range(30)
+    ]
     assert result.ltt.risks[j] == pytest.approx(1 - np.mean(shares))
     assert result.generated["prompts"] == 10 and 0.0 <= result.generated["tokens"] <= 1.0
 
@@ -192,13 +210,35 @@ def test_too_few_prompts_says_how_many_are_needed():
     prompts = torch.randint(0, VOCAB, (10, 8))
     few = PromptSet(prompts, full_continuations(lm, prompts, 4))
     with pytest.raises(DyninferError, match="at least 59 are needed"):
-        certify_generation(lm, lens, costs, plan, few, few, _trace_points(lm, lens, prompts[:1], [1, 2]),
-                           measure="saturation", epsilon=0.05)
+        certify_generation(
+            lm, lens, costs, plan, few, few, _trace_points(lm, lens, prompts[:1], [1, 2]), measure="saturation", epsilon=0.05
+        )
 
 
-GEN = ["--seq-len", "32", "--fit-tokens", "256", "--heldout-tokens", "256", "--min-layer", "1", "--target", "0.7",
-       "--lens", "logit", "--measure", "saturation", "--prompts", "40", "--heldout-prompts", "8", "--prompt-tokens",
-       "12", "--new-tokens", "6"]
+GEN = [
+    "--seq-len",
+    "32",
+    "--fit-tokens",
+    "256",
+    "--heldout-tokens",
+    "256",
+    "--min-layer",
+    "1",
+    "--target",
+    "0.7",
+    "--lens",
+    "logit",
+    "--measure",
+    "saturation",
+    "--prompts",
+    "40",
+    "--heldout-prompts",
+    "8",
+    "--prompt-tokens",
+    "12",
+    "--new-tokens",
+    "6",
+]
 
 
 @pytest.fixture(scope="module")
@@ -212,8 +252,7 @@ def gen_text(tmp_path_factory):
 
 def test_calibrate_generation_cli_caches_continuations(tiny_llama_dir, gen_text, tmp_path, monkeypatch):
     out = tmp_path / "art"
-    result = CliRunner().invoke(app, ["calibrate", str(tiny_llama_dir), "--data", str(gen_text), *GEN, "--out",
-                                      str(out), "--json"])
+    result = CliRunner().invoke(app, ["calibrate", str(tiny_llama_dir), "--data", str(gen_text), *GEN, "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["risk"] == "generation" and summary["units"].startswith("40 prompts of 12 tokens")
@@ -225,31 +264,35 @@ def test_calibrate_generation_cli_caches_continuations(tiny_llama_dir, gen_text,
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     first = group["calibration.prompts"][:3]
-    expected = hf.generate(first, max_new_tokens=6, min_new_tokens=6, do_sample=False,
-                           attention_mask=torch.ones_like(first), pad_token_id=0)[:, 12:]
+    expected = hf.generate(
+        first, max_new_tokens=6, min_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(first), pad_token_id=0
+    )[:, 12:]
     assert torch.equal(group["calibration.continuations"][:3], expected)
     # A second calibration of the same model and prompts reuses them.
     calls = []
     original = generation_risk.full_continuations
     monkeypatch.setattr("dyninfer.jobs.calibrate.full_continuations", lambda *a, **k: calls.append(1) or original(*a, **k))
-    again = CliRunner().invoke(app, ["calibrate", str(tiny_llama_dir), "--data", str(gen_text), *GEN, "--kv-mode",
-                                     "recompute", "--out", str(out), "--json"])
+    again = CliRunner().invoke(
+        app, ["calibrate", str(tiny_llama_dir), "--data", str(gen_text), *GEN, "--kv-mode", "recompute", "--out", str(out), "--json"]
+    )
     assert again.exit_code == 0, again.output
     assert calls == [] and json.loads(again.stdout)["policy"]["kv_mode"] == "recompute"
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--prompts", "20", "--target", "0.95"], "at least 59 are needed"),
-    (["--new-tokens", "0"], "--new-tokens must be at least 1"),
-    (["--prompt-tokens", "40"], "longer than the windows"),
-    (["--prompts", "5000"], "one window per unit"),
-    (["--new-tokens", "600"], "exceed the model's context"),
-    (["--consistency", "bleu"], "--consistency must be one of"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--prompts", "20", "--target", "0.95"], "at least 59 are needed"),
+        (["--new-tokens", "0"], "--new-tokens must be at least 1"),
+        (["--prompt-tokens", "40"], "longer than the windows"),
+        (["--prompts", "5000"], "one window per unit"),
+        (["--new-tokens", "600"], "exceed the model's context"),
+        (["--consistency", "bleu"], "--consistency must be one of"),
+    ],
+)
 def test_generation_bad_input(tiny_llama_dir, gen_text, tmp_path, args, fragment):
     out = tmp_path / "art"
-    result = CliRunner().invoke(app, ["calibrate", str(tiny_llama_dir), "--data", str(gen_text), *GEN, *args,
-                                      "--out", str(out)])
+    result = CliRunner().invoke(app, ["calibrate", str(tiny_llama_dir), "--data", str(gen_text), *GEN, *args, "--out", str(out)])
     assert result.exit_code == 2, result.output
     assert fragment in result.stderr and "Traceback" not in result.output
     assert not out.exists()
@@ -259,8 +302,13 @@ def test_generation_grid_is_strict_to_loose_by_exit_share():
     from dyninfer.compressors.exit_policy import Trace, generation_grid
 
     confidence = torch.rand(3, 4000, generator=torch.Generator().manual_seed(0))
-    trace = Trace([1, 2, 3], confidence, torch.ones(3, 4000, dtype=torch.bool), torch.ones(3, 4000, dtype=torch.bool),
-                  torch.ones(4000, dtype=torch.bool))
+    trace = Trace(
+        [1, 2, 3],
+        confidence,
+        torch.ones(3, 4000, dtype=torch.bool),
+        torch.ones(3, 4000, dtype=torch.bool),
+        torch.ones(4000, dtype=torch.bool),
+    )
     grid = generation_grid(trace, size=12, lowest=1e-3, highest=0.5)
     assert grid[0] > confidence.max() and grid == sorted(set(grid), reverse=True)
     best = confidence.max(0).values

@@ -44,8 +44,7 @@ def test_probe_runs_on_the_bundled_model_offline():
     # only where its two best logits nearly tie (measured: 1 to 3% of the tokens at a layer). Tolerances: per
     # layer, agreement and accuracy within 0.05 (6 of these 128 tokens), KL within 0.05 nats plus 5%, the
     # oracle saving within 0.03.
-    result = CliRunner().invoke(app, ["probe", "--tokens", "128", "--seq-len", "128", "--dtype", "bfloat16",
-                                      "--json"])
+    result = CliRunner().invoke(app, ["probe", "--tokens", "128", "--seq-len", "128", "--dtype", "bfloat16", "--json"])
     assert result.exit_code == 0, result.output
     half = json.loads(result.stdout)
     assert half["placement"] == {"device": "cpu", "dtype": "bfloat16"}
@@ -121,9 +120,24 @@ def test_bundled_model_prunes_to_half_its_mlp_neurons_on_unseen_code(tmp_path):
     from dyninfer.runtime.loader import load_dynamic
 
     artifact = tmp_path / "pruned"
-    result = CliRunner().invoke(app, ["prune", "--data", "builtin:stdlib-code", "--sparsity", "0.5",
-                                      "--calibration-tokens", "1024", "--heldout-tokens", "1024", "--no-speed",
-                                      "--out", str(artifact), "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "prune",
+            "--data",
+            "builtin:stdlib-code",
+            "--sparsity",
+            "0.5",
+            "--calibration-tokens",
+            "1024",
+            "--heldout-tokens",
+            "1024",
+            "--no-speed",
+            "--out",
+            str(artifact),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     main = json.loads(result.stdout)["main"]
     assert abs(main["achieved_sparsity"] - 0.5) <= 0.02
@@ -146,13 +160,13 @@ def test_bundled_model_steering_extracts_applies_and_writes_a_control_vector(bun
     from dyninfer.core.choices import BUILTIN_COT
 
     artifact = tmp_path / "steer"
-    extracted = CliRunner().invoke(app, ["steer", "extract", "--examples", "9", "--heldout", "6", "--out",
-                                         str(artifact), "--json"])
+    extracted = CliRunner().invoke(app, ["steer", "extract", "--examples", "9", "--heldout", "6", "--out", str(artifact), "--json"])
     assert extracted.exit_code == 0, extracted.output
     layer = json.loads(extracted.stdout)["layers"][0]
     assert layer == 15
-    direction = Steering.from_artifact(__import__("dyninfer.core.artifacts", fromlist=["Artifact"]).Artifact.load(
-        str(artifact))).activation.directions[layer]
+    direction = Steering.from_artifact(
+        __import__("dyninfer.core.artifacts", fromlist=["Artifact"]).Artifact.load(str(artifact))
+    ).activation.directions[layer]
     train, held = load_cot_split(BUILTIN_COT, 0, 9, 6)
     means = chain_means(bundled, CotPrompter(bundled.tokenizer, []), held, [layer])
     unseen_shift = (means["short"] - means["long"])[:, 0]
@@ -163,8 +177,9 @@ def test_bundled_model_steering_extracts_applies_and_writes_a_control_vector(bun
     (tensor,) = reader.tensors
     assert tensor.name == f"direction.{layer}"
     torch.testing.assert_close(torch.from_numpy(tensor.data.copy()).reshape(-1), 0.5 * direction)
-    swept = CliRunner().invoke(app, ["steer", "sweep", str(artifact), "--alphas", "0,0.5", "--questions", "2",
-                                     "--max-new-tokens", "12", "--json"])
+    swept = CliRunner().invoke(
+        app, ["steer", "sweep", str(artifact), "--alphas", "0,0.5", "--questions", "2", "--max-new-tokens", "12", "--json"]
+    )
     assert swept.exit_code == 0, swept.output
     points = json.loads(swept.stdout)["points"]
     assert [p["alpha"] for p in points] == [0.0, 0.5] and 0 < points[0]["mean_length"] <= 12
@@ -173,11 +188,41 @@ def test_bundled_model_steering_extracts_applies_and_writes_a_control_vector(bun
 def test_audit_of_the_bundled_model_on_unseen_code(bundled, tmp_path):
     """A small audit on stdlib code (not the default corpus): every stage runs on the real model."""
     out = tmp_path / "audit"
-    result = CliRunner().invoke(app, ["audit", "--data", "builtin:stdlib-code", "--lens", "logit", "--tokens", "64",
-                                      "--fit-tokens", "256", "--heldout-tokens", "64", "--seq-len", "64",
-                                      "--prompts", "64", "--heldout-prompts", "4", "--prompt-tokens", "16",
-                                      "--new-tokens", "6", "--repeats", "3", "--targets", "", "--min-consistency", "0.5",
-                                      "--out", str(out), "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "audit",
+            "--data",
+            "builtin:stdlib-code",
+            "--lens",
+            "logit",
+            "--tokens",
+            "64",
+            "--fit-tokens",
+            "256",
+            "--heldout-tokens",
+            "64",
+            "--seq-len",
+            "64",
+            "--prompts",
+            "64",
+            "--heldout-prompts",
+            "4",
+            "--prompt-tokens",
+            "16",
+            "--new-tokens",
+            "6",
+            "--repeats",
+            "3",
+            "--targets",
+            "",
+            "--min-consistency",
+            "0.5",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     head = summary["headline"]

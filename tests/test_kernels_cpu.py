@@ -49,8 +49,12 @@ def test_sparse_mlp_equals_reference(n, d, sparsity, kind):
 @pytest.mark.parametrize("act", ACTIVATIONS)
 def test_all_active_equals_the_dense_mlp(act):
     g = torch.Generator().manual_seed(1)
-    gate_w, up_w, down_w, x = (torch.randn(80, 24, generator=g), torch.randn(80, 24, generator=g),
-                               torch.randn(24, 80, generator=g), torch.randn(24, generator=g))
+    gate_w, up_w, down_w, x = (
+        torch.randn(80, 24, generator=g),
+        torch.randn(80, 24, generator=g),
+        torch.randn(24, 80, generator=g),
+        torch.randn(24, generator=g),
+    )
     expected = F.linear(activation(act, F.linear(x, gate_w)) * F.linear(x, up_w), down_w)
     _close(sparse_mlp_cpu(x, pack_gated(gate_w, up_w, down_w), torch.arange(80), act), expected)
     bias = torch.randn(80, generator=g)

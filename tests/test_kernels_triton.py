@@ -45,8 +45,19 @@ def _cases() -> list[dict]:
         for sparsity in (0.0, 0.5, 0.9, 1.0):
             for order in ("sorted", "unsorted"):
                 for kind in KINDS:
-                    cases.append(_case("ref", kind=kind, act=ACTS[i % 4], dtype="float32", n=n, d=d,
-                                       sparsity=sparsity, order=order, small_blocks=i % 2 == 1))
+                    cases.append(
+                        _case(
+                            "ref",
+                            kind=kind,
+                            act=ACTS[i % 4],
+                            dtype="float32",
+                            n=n,
+                            d=d,
+                            sparsity=sparsity,
+                            order=order,
+                            small_blocks=i % 2 == 1,
+                        )
+                    )
                     i += 1
     # Low precision across shapes, dense and very sparse.
     for n, d in SHAPES:
@@ -55,9 +66,13 @@ def _cases() -> list[dict]:
                 cases.append(_case("ref", kind="gated", act="silu", dtype=dtype, n=n, d=d, sparsity=sparsity, order="sorted"))
                 cases.append(_case("ref", kind="plain_bias", act="gelu_tanh", dtype=dtype, n=n, d=d, sparsity=sparsity, order="unsorted"))
     # All neurons active against a dense F.linear MLP built from unpacked weights (not the reference).
-    cases += [_case("dense", kind="gated", act="silu"), _case("dense", kind="gated", act="gelu_tanh"),
-              _case("dense", kind="gated_pre", act="silu"), _case("dense", kind="plain_bias", act="gelu_tanh"),
-              _case("dense", kind="plain", act="relu")]
+    cases += [
+        _case("dense", kind="gated", act="silu"),
+        _case("dense", kind="gated", act="gelu_tanh"),
+        _case("dense", kind="gated_pre", act="silu"),
+        _case("dense", kind="plain_bias", act="gelu_tanh"),
+        _case("dense", kind="plain", act="relu"),
+    ]
     cases += [_case("saturation", act=act) for act in ACTS]
     cases += [_case("strided", kind=kind) for kind in ("gated", "plain_bias")]
     cases.append(_case("errors"))
@@ -67,8 +82,7 @@ def _cases() -> list[dict]:
         for sparsity in (0.0, 0.5, 0.9, 1.0):
             for order in ("sorted", "unsorted"):
                 for dtype in TOL:
-                    cases.append(_case("axpy", dtype=dtype, m=m, w=w, sparsity=sparsity, order=order,
-                                       small_blocks=i % 2 == 1))
+                    cases.append(_case("axpy", dtype=dtype, m=m, w=w, sparsity=sparsity, order=order, small_blocks=i % 2 == 1))
                     i += 1
     cases += [_case("axpy_strided", layout=layout) for layout in ("transposed", "step")]
     cases += [_case("axpy_dense"), _case("axpy_errors")]
@@ -80,6 +94,7 @@ assert len({c["id"] for c in CASES}) == len(CASES)
 
 
 # ---------------------------------------------------------------- subprocess side (TRITON_INTERPRET=1)
+
 
 def _random_inputs(case, g):
     n, d, dtype = case["n"], case["d"], getattr(torch, case["dtype"])
@@ -157,8 +172,9 @@ def _check(case) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     if check == "saturation":
         # Huge pre-activations: exp must not overflow into inf/inf or 0*inf (NaN). With up = 1 and
         # down = identity, y[j] = act(gate_pre[j]): each activation value is checked on its own.
-        gate_pre = torch.tensor([-1e30, -1e4, -300.0, -100.0, -30.0, -10.0, -3.0, -1.0, -1e-3, 0.0,
-                                 1e-3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e4, 1e30])
+        gate_pre = torch.tensor(
+            [-1e30, -1e4, -300.0, -100.0, -30.0, -10.0, -3.0, -1.0, -1e-3, 0.0, 1e-3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e4, 1e30]
+        )
         n = d = len(gate_pre)
         x, packed = torch.eye(d)[0], torch.full((n, 3, d), float("nan"))
         packed[:, 1], packed[:, 2] = torch.eye(d)[0], torch.eye(d)
@@ -178,8 +194,11 @@ def _check(case) -> tuple[torch.Tensor, torch.Tensor, float, float]:
         return got, expected, *_scaled(1e-4, expected)
     if check == "errors":
         x, packed, active = torch.randn(8), torch.randn(4, 3, 8), torch.arange(4)
-        for bad, exc in [({"act": "swish"}, ValueError), ({"packed": torch.randn(4, 4, 8)}, ValueError),
-                         ({"x": torch.randn(9)}, ValueError)]:
+        for bad, exc in [
+            ({"act": "swish"}, ValueError),
+            ({"packed": torch.randn(4, 4, 8)}, ValueError),
+            ({"x": torch.randn(9)}, ValueError),
+        ]:
             args = {"x": x, "packed": packed, "active": active, "act": "silu", **bad}
             try:
                 sparse_mlp_triton(**args)
@@ -219,8 +238,12 @@ def _check(case) -> tuple[torch.Tensor, torch.Tensor, float, float]:
         return rows_axpy_triton(rows, active, v[active]), expected, *_scaled(1e-4, expected)
     if check == "axpy_errors":
         rows, active, values = torch.randn(6, 8), torch.arange(3), torch.randn(3)
-        for bad, exc in [({"rows": torch.randn(6, 8, 1)}, ValueError), ({"values": torch.randn(4)}, ValueError),
-                         ({"active": active.float()}, TypeError), ({"active": active[None]}, ValueError)]:
+        for bad, exc in [
+            ({"rows": torch.randn(6, 8, 1)}, ValueError),
+            ({"values": torch.randn(4)}, ValueError),
+            ({"active": active.float()}, TypeError),
+            ({"active": active[None]}, ValueError),
+        ]:
             args = {"rows": rows, "active": active, "values": values, **bad}
             try:
                 rows_axpy_triton(**args)
@@ -252,13 +275,13 @@ def _run_all(cases_path: str) -> None:
 
 # ---------------------------------------------------------------- pytest side
 
+
 @pytest.fixture(scope="module")
 def interpreted_results(tmp_path_factory) -> dict:
     cases_path = tmp_path_factory.mktemp("triton") / "cases.json"
     cases_path.write_text(json.dumps(CASES))
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, __file__, str(cases_path)], env=env, capture_output=True,
-                          text=True, timeout=600, check=False)
+    proc = subprocess.run([sys.executable, __file__, str(cases_path)], env=env, capture_output=True, text=True, timeout=600, check=False)
     results = {}
     for line in proc.stdout.splitlines():
         if line.startswith("{"):
@@ -298,14 +321,15 @@ def test_kernels_compile_for_sm90():
     except ImportError:
         pytest.skip("this triton has no ASTSource/GPUTarget API")
     flags = ("ACT", "GATED", "HAS_GATE_PRE", "HAS_BIAS")
-    variants = [(mod._hidden_kernel, {**dict(zip(flags, v)), "BLOCK_K": 16, "BLOCK_D": 128})
-                for v in ((0, True, False, False), (1, True, True, False), (2, False, False, True))]
+    variants = [
+        (mod._hidden_kernel, {**dict(zip(flags, v)), "BLOCK_K": 16, "BLOCK_D": 128})
+        for v in ((0, True, False, False), (1, True, True, False), (2, False, False, True))
+    ]
     variants.append((mod._down_kernel, {"BLOCK_K": 32, "BLOCK_D": 64}))
     variants.append((mod._down_kernel, {"BLOCK_K": 32, "BLOCK_D": 64}, {"h_ptr": "*bf16", "active_ptr": "*i32"}))  # rows_axpy
     for fn, consts, *overrides in variants:
         pointer = {"active_ptr": "*i64", "h_ptr": "*fp32", **(overrides[0] if overrides else {})}  # others: bf16
-        sig = {a: "constexpr" if a in consts else pointer.get(a, "*bf16") if a.endswith("_ptr") else "i32"
-               for a in fn.arg_names}
+        sig = {a: "constexpr" if a in consts else pointer.get(a, "*bf16") if a.endswith("_ptr") else "i32" for a in fn.arg_names}
         compiled = triton_compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
         assert compiled.asm.get("cubin"), fn.__name__
 

@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, sys.argv[1])
     from tiny_models import tiny_model
-    from dyninfer.core.adapters import LayeredModel
+    from dyninfer.core.layered import LayeredModel
     from dyninfer.compressors.pruning import calibrate_threshold_plan, collect_mlp_samples, pruned, train_predictors
 
     for arch in ("llama", "gpt2"):
@@ -38,7 +38,8 @@ SCRIPT = textwrap.dedent("""
 
 def test_triton_backend_decodes_like_the_masked_model():
     tests_dir = os.path.dirname(__file__)
-    result = subprocess.run([sys.executable, "-c", SCRIPT, tests_dir], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, tests_dir], capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("ok") == 4

@@ -53,8 +53,9 @@ def test_corrupt_gguf_is_a_clear_error_and_leaves_no_cache(tmp_path, monkeypatch
 def test_unsupported_architecture_in_a_directory(tmp_path):
     from transformers import OPTConfig, OPTForCausalLM
 
-    OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
-                             num_attention_heads=2, word_embed_proj_dim=16)).save_pretrained(tmp_path / "opt")
+    OPTForCausalLM(
+        OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16)
+    ).save_pretrained(tmp_path / "opt")
     message = _one_line_error(str(tmp_path / "opt"))
     assert "unsupported architecture 'opt'" in message and "`dyninfer models`" in message
 

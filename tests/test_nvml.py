@@ -39,13 +39,18 @@ def fake_nvml(count: int = 1, energy: bool = True, power: bool = True, init_fail
         return 250_000  # mW
 
     module = types.SimpleNamespace(
-        NVMLError=FakeNVMLError, nvmlInit=init, nvmlShutdown=shutdown, nvmlDeviceGetCount=lambda: count,
-        nvmlDeviceGetHandleByIndex=lambda i: f"handle{i}", nvmlDeviceGetName=lambda h: b"NVIDIA H200",
+        NVMLError=FakeNVMLError,
+        nvmlInit=init,
+        nvmlShutdown=shutdown,
+        nvmlDeviceGetCount=lambda: count,
+        nvmlDeviceGetHandleByIndex=lambda i: f"handle{i}",
+        nvmlDeviceGetName=lambda h: b"NVIDIA H200",
         nvmlSystemGetDriverVersion=lambda: "565.57.01",
         nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=3 * 2**30, total=141 * 2**30, free=0),
         nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=87, memory=40),
         nvmlDeviceGetEnforcedPowerLimit=lambda h: 700_000,
-        nvmlDeviceGetPowerUsage=power_usage, nvmlDeviceGetTotalEnergyConsumption=total_energy,
+        nvmlDeviceGetPowerUsage=power_usage,
+        nvmlDeviceGetTotalEnergyConsumption=total_energy,
     )
     return module, state
 
@@ -63,6 +68,7 @@ def _workload(state, clock, seconds: float = 0.5, tokens: int = 4, millijoules: 
         clock.now += seconds
         state.energy_mj += millijoules
         return tokens
+
     return run
 
 
@@ -145,7 +151,7 @@ def test_cpu_profile_never_touches_nvml():
 def test_gpu_report_measures_decode_and_prefill_energy_of_the_model():
     from tiny_models import tiny_model
 
-    from dyninfer.core.adapters import LayeredModel
+    from dyninfer.core.layered import LayeredModel
 
     module, state = fake_nvml()
     lm = LayeredModel(tiny_model("llama"))

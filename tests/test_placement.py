@@ -60,11 +60,14 @@ def test_auto_placement_on_a_cuda_machine(monkeypatch):
         Placement("cuda:2").validate()
 
 
-@pytest.mark.parametrize(("device", "dtype", "message"), [
-    ("tpu", "auto", "must be auto, cpu, cuda or cuda:N"),
-    ("cuda:x", "auto", "must be auto, cpu, cuda or cuda:N"),
-    ("cpu", "fp16", "must be one of auto, float32, bfloat16, float16"),
-])
+@pytest.mark.parametrize(
+    ("device", "dtype", "message"),
+    [
+        ("tpu", "auto", "must be auto, cpu, cuda or cuda:N"),
+        ("cuda:x", "auto", "must be auto, cpu, cuda or cuda:N"),
+        ("cpu", "fp16", "must be one of auto, float32, bfloat16, float16"),
+    ],
+)
 def test_bad_placements_are_refused(device, dtype, message):
     with pytest.raises(DyninferError, match=message):
         Placement(device, dtype).validate()
@@ -79,8 +82,28 @@ def _json(args: list[str]) -> dict:
 def test_bfloat16_stages_record_their_dtype_and_train_float32_heads(bf16_checkpoint, tmp_path):
     model, text = bf16_checkpoint
     art = tmp_path / "art"
-    probe = _json(["probe", str(model), "--data", str(text), "--seq-len", "32", "--tokens", "128", "--lens", "tuned",
-                   "--lens-train-tokens", "512", "--lens-steps", "2", "--dtype", "bfloat16", "--out", str(art)])
+    probe = _json(
+        [
+            "probe",
+            str(model),
+            "--data",
+            str(text),
+            "--seq-len",
+            "32",
+            "--tokens",
+            "128",
+            "--lens",
+            "tuned",
+            "--lens-train-tokens",
+            "512",
+            "--lens-steps",
+            "2",
+            "--dtype",
+            "bfloat16",
+            "--out",
+            str(art),
+        ]
+    )
     assert probe["placement"] == {"device": "cpu", "dtype": "bfloat16"}
     args = [a if a != "logit" else "tuned" for a in CALIBRATE_ARGS]
     args[args.index("saturation")] = "classifier"
@@ -120,8 +143,7 @@ class _VocabTensors(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         inputs = {a.untyped_storage().data_ptr() for a in [*args, *(kwargs or {}).values()] if isinstance(a, torch.Tensor)}
         for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == self.vocab \
-                    and t.untyped_storage().data_ptr() not in inputs:
+            if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == self.vocab and t.untyped_storage().data_ptr() not in inputs:
                 self.largest = max(self.largest, t.numel())
         return out
 
@@ -157,8 +179,7 @@ def test_gpu_check_without_cuda_says_so_and_passes(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
-    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "gpu.json")], capture_output=True,
-                          text=True)
+    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "gpu.json")], capture_output=True, text=True)
     if torch.cuda.is_available():
         pytest.skip("a CUDA machine runs the whole check with `make gpu-check`")
     assert done.returncode == 0 and done.stdout.strip().count("\n") == 0 and "sees no CUDA GPU" in done.stdout
@@ -174,10 +195,8 @@ def test_gpu_check_fails_a_step_that_ran_off_the_gpu_path():
 
     assert "not cuda bfloat16" in check_step({"step": "probe", "summary": {"placement": {"dtype": "float32"}}})
     assert "no NVML" in check_step({"step": "profile", "summary": {"gpu": {"available": False, "reason": "x"}}})
-    assert "CUDA provider" in check_step({"step": "bench-onnx", "summary": {"notes": [
-        "ONNX Runtime provider: CPUExecutionProvider"]}})
-    assert check_step({"step": "bench-onnx", "summary": {"notes": [
-        "ONNX Runtime provider: CUDAExecutionProvider"]}}) is None
+    assert "CUDA provider" in check_step({"step": "bench-onnx", "summary": {"notes": ["ONNX Runtime provider: CPUExecutionProvider"]}})
+    assert check_step({"step": "bench-onnx", "summary": {"notes": ["ONNX Runtime provider: CUDAExecutionProvider"]}}) is None
     assert "not triton" in check_step({"step": "prune-triton", "summary": {"speed": {"backend": "numba"}}})
 
 
@@ -193,8 +212,7 @@ def test_a_dispatched_offloaded_model_probes_and_decodes_like_the_plain_one(tmp_
     mapped = load_model(model, Placement(device_map="auto", max_memory="cpu=100KB,disk=1GB"))
     assert mapped.layered.offloaded and mapped.placement["device_map"] == {"cpu": 2, "disk": 5}  # layer 0 on the CPU
     windows = torch.randint(0, 128, (4, 33), generator=torch.Generator().manual_seed(1))
-    results = [run_probe(m.layered, windows, [LogitLens(m.layered)], count_costs(plain.layered, context=32))
-               for m in (plain, mapped)]
+    results = [run_probe(m.layered, windows, [LogitLens(m.layered)], count_costs(plain.layered, context=32)) for m in (plain, mapped)]
     for column in ("agreement", "accuracy", "kl", "ece"):
         assert results[1].layers[column].tolist() == pytest.approx(results[0].layers[column].tolist(), abs=1e-6)
     prompt = windows[:1, :12]
@@ -204,8 +222,12 @@ def test_a_dispatched_offloaded_model_probes_and_decodes_like_the_plain_one(tmp_
     from dyninfer.compressors.exit_policy import ExitPolicy
 
     for kv_mode in ("propagate", "recompute"):
-        runs = [DynamicModel(m.layered, ExitPolicy("logit", "softmax", [1, 2], 0.0, 0, kv_mode), LogitLens(m.layered),
-                             None).generate(prompt, 10, mode="early-exit") for m in (plain, mapped)]
+        runs = [
+            DynamicModel(m.layered, ExitPolicy("logit", "softmax", [1, 2], 0.0, 0, kv_mode), LogitLens(m.layered), None).generate(
+                prompt, 10, mode="early-exit"
+            )
+            for m in (plain, mapped)
+        ]
         assert runs[0].exit_layers[1:] == [1] * 9 and runs[1].exit_layers == runs[0].exit_layers
         assert torch.equal(runs[0].tokens, runs[1].tokens), kv_mode
     # The vocabulary-subset head reads the offloaded head weight through its hook.

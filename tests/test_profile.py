@@ -73,8 +73,13 @@ def test_gpt2_and_mamba_blocks_match_a_hand_count():
     _, prof = _profile("mamba")
     c = tiny_config("mamba")
     inner, rank = c.expand * c.hidden_size, c.time_step_rank
-    mixer = 2 * c.hidden_size * 2 * inner + 2 * inner * (rank + 2 * c.state_size) + 2 * rank * inner \
-        + 2 * inner * c.hidden_size + 2 * inner * c.state_size  # in, x, dt, out projections; the read-out h.C
+    mixer = (
+        2 * c.hidden_size * 2 * inner
+        + 2 * inner * (rank + 2 * c.state_size)
+        + 2 * rank * inner
+        + 2 * inner * c.hidden_size
+        + 2 * inner * c.state_size
+    )  # in, x, dt, out projections; the read-out h.C
     assert _piece(prof, "mixer", 0).decode_flops == mixer
     assert _piece(prof, "mixer", 0).cache_bytes == (inner * c.conv_kernel + inner * c.state_size) * 4
     assert any("selective scan" in note for note in prof.notes)
@@ -90,8 +95,7 @@ def test_every_architecture_adds_up(arch):
     assert prof.flops.full_cost() == pytest.approx(totals["decode_flops"])
     timed = prof.pieces[["decode_ms", "prefill_ms"]]
     assert (prof.pieces.loc[prof.pieces.piece != "rest", ["decode_ms", "prefill_ms"]] > 0).all().all()
-    assert (prof.pieces.decode_ms_p10 <= prof.pieces.decode_ms).all() and \
-        (prof.pieces.decode_ms <= prof.pieces.decode_ms_p90).all()
+    assert (prof.pieces.decode_ms_p10 <= prof.pieces.decode_ms).all() and (prof.pieces.decode_ms <= prof.pieces.decode_ms_p90).all()
     assert timed.notna().all().all()
     measured = prof.measured
     assert measured.unit == "ms/token" and measured.num_layers == lm.num_layers
@@ -129,8 +133,21 @@ def test_decode_is_measured_at_a_fixed_context():
 
 def test_profile_cli_writes_the_stage_and_reports_no_gpu(tiny_llama_dir, text_file, tmp_path):
     out = tmp_path / "art"
-    args = ["profile", str(tiny_llama_dir), "--data", str(text_file), "--context", "16", "--repeats", "3",
-            "--warmup", "1", "--out", str(out), "--json"]
+    args = [
+        "profile",
+        str(tiny_llama_dir),
+        "--data",
+        str(text_file),
+        "--context",
+        "16",
+        "--repeats",
+        "3",
+        "--warmup",
+        "1",
+        "--out",
+        str(out),
+        "--json",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
@@ -146,12 +163,15 @@ def test_profile_cli_writes_the_stage_and_reports_no_gpu(tiny_llama_dir, text_fi
     assert table.exit_code == 0 and "layer 2" in table.stdout and "no GPU" in table.stdout
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--repeats", "2"], "--repeats must be at least 3"),
-    (["--context", "0"], "--context must be at least 1"),
-    (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
-    (["--energy-seconds", "0"], "--energy-seconds must be positive"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--repeats", "2"], "--repeats must be at least 3"),
+        (["--context", "0"], "--context must be at least 1"),
+        (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
+        (["--energy-seconds", "0"], "--energy-seconds must be positive"),
+    ],
+)
 def test_profile_bad_options(tiny_llama_dir, text_file, args, fragment):
     result = runner.invoke(app, ["profile", str(tiny_llama_dir), "--data", str(text_file), *args])
     assert result.exit_code == 2 and fragment in result.output and "Traceback" not in result.output
@@ -170,14 +190,15 @@ def test_calibrate_uses_the_measured_cost_when_profiled(tmp_path):
     model, data, artifact = calibrate_tiny(tmp_path)
     flops = Artifact.load(artifact).stages["calibrate"]["cost_model"]
     assert flops["unit"] == "FLOPs/token"
-    refused = runner.invoke(app, ["calibrate", str(model), "--data", str(data), *CALIBRATE_ARGS, "--cost", "measured",
-                                  "--out", str(artifact)])
+    refused = runner.invoke(
+        app, ["calibrate", str(model), "--data", str(data), *CALIBRATE_ARGS, "--cost", "measured", "--out", str(artifact)]
+    )
     assert refused.exit_code == 2 and "dyninfer profile" in refused.output
-    profiled = runner.invoke(app, ["profile", str(model), "--data", str(data), "--context", "32", "--repeats", "3",
-                                   "--out", str(artifact)])
+    profiled = runner.invoke(app, ["profile", str(model), "--data", str(data), "--context", "32", "--repeats", "3", "--out", str(artifact)])
     assert profiled.exit_code == 0, profiled.output
-    result = runner.invoke(app, ["calibrate", str(model), "--data", str(data), *CALIBRATE_ARGS, "--out", str(artifact),
-                                 "--targets", "0.5,0.7", "--json"])
+    result = runner.invoke(
+        app, ["calibrate", str(model), "--data", str(data), *CALIBRATE_ARGS, "--out", str(artifact), "--targets", "0.5,0.7", "--json"]
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     measured = Artifact.load(artifact).stages["profile"]["measured_cost"]
@@ -185,8 +206,9 @@ def test_calibrate_uses_the_measured_cost_when_profiled(tmp_path):
     assert any("measured by `profile`" in note for note in summary["notes"])
     assert [t["target"] for t in summary["other_targets"]] == [0.5, 0.7]
     # --cost flops ignores the profile.
-    result = runner.invoke(app, ["calibrate", str(model), "--data", str(data), *CALIBRATE_ARGS, "--cost", "flops",
-                                 "--out", str(artifact), "--json"])
+    result = runner.invoke(
+        app, ["calibrate", str(model), "--data", str(data), *CALIBRATE_ARGS, "--cost", "flops", "--out", str(artifact), "--json"]
+    )
     assert json.loads(result.stdout)["cost_model"]["unit"] == "FLOPs/token"
 
 
@@ -194,8 +216,11 @@ def test_a_profile_taken_before_pruning_is_stale():
     from dyninfer.core.artifacts import BaseModelInfo
     from dyninfer.core.cost import profile_is_stale
 
-    artifact = Artifact(BaseModelInfo.from_dict({"spec": "m", "content_hash": "0" * 64, "architecture": "llama",
-                                                 "num_layers": 3, "hidden_size": 32, "vocab_size": 128}))
+    artifact = Artifact(
+        BaseModelInfo.from_dict(
+            {"spec": "m", "content_hash": "0" * 64, "architecture": "llama", "num_layers": 3, "hidden_size": 32, "vocab_size": 128}
+        )
+    )
     assert not profile_is_stale(artifact)  # no profile at all
     artifact.set_stage("profile", {"pruned": False, "measured_cost": {}})
     assert not profile_is_stale(artifact)

@@ -19,8 +19,20 @@ from dyninfer.runtime.loader import load_dynamic
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("prune_cli")]
 
 runner = CliRunner()
-QUICK = ["--seq-len", "32", "--calibration-tokens", "1024", "--heldout-tokens", "512", "--prompts", "2",
-         "--prompt-tokens", "8", "--new-tokens", "4"]
+QUICK = [
+    "--seq-len",
+    "32",
+    "--calibration-tokens",
+    "1024",
+    "--heldout-tokens",
+    "512",
+    "--prompts",
+    "2",
+    "--prompt-tokens",
+    "8",
+    "--new-tokens",
+    "4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +42,9 @@ def pruned_artifact(tmp_path_factory):
     data = root / "text.txt"
     data.write_text(random_text(20000))
     artifact = root / "artifact"
-    result = runner.invoke(app, ["prune", str(model), "--data", str(data), "--sparsity", "0.5", "--sweep", "0.3",
-                                 *QUICK, "--out", str(artifact), "--json"])
+    result = runner.invoke(
+        app, ["prune", str(model), "--data", str(data), "--sparsity", "0.5", "--sweep", "0.3", *QUICK, "--out", str(artifact), "--json"]
+    )
     assert result.exit_code == 0, result.output
     return model, data, artifact, json.loads(result.stdout)
 
@@ -66,8 +79,7 @@ def test_run_and_bench_use_the_masks(pruned_artifact):
     prompt = dyn.loaded.tokenizer("tok3 tok9 tok4", return_tensors="pt").input_ids
     with pruned(lm, dyn.pruning, "masked"):  # the same masks, computed densely
         assert greedy_generate(lm.model, prompt, 6)[0].tolist() == tokens
-    bench = runner.invoke(app, ["bench", str(artifact), "--prompts", "2", "--prompt-tokens", "8", "--new-tokens", "4",
-                                "--json"])
+    bench = runner.invoke(app, ["bench", str(artifact), "--prompts", "2", "--prompt-tokens", "8", "--new-tokens", "4", "--json"])
     assert bench.exit_code == 0, bench.output
     out = json.loads(bench.stdout)
     assert [m["mode"] for m in out["modes"]] == ["baseline (transformers)", "full"]
@@ -78,8 +90,7 @@ def test_pruned_model_calibrates_and_exports(pruned_artifact, tmp_path):
     model, data, artifact, _ = pruned_artifact
     no_policy = runner.invoke(app, ["export", str(artifact)])
     assert no_policy.exit_code == 2 and "calibrate" in no_policy.output
-    calibrated = runner.invoke(app, ["calibrate", str(model), "--data", str(data), *CALIBRATE_ARGS,
-                                     "--out", str(artifact)])
+    calibrated = runner.invoke(app, ["calibrate", str(model), "--data", str(data), *CALIBRATE_ARGS, "--out", str(artifact)])
     assert calibrated.exit_code == 0, calibrated.output
     stages = json.loads((artifact / "dyninfer.json").read_text())["stages"]
     assert {"prune", "calibrate"} <= set(stages)
@@ -95,22 +106,43 @@ def test_pruned_model_calibrates_and_exports(pruned_artifact, tmp_path):
 
 def test_predictor_method_reports_recall(pruned_artifact, tmp_path):
     model, data, _, _ = pruned_artifact
-    result = runner.invoke(app, ["prune", str(model), "--data", str(data), "--method", "predictor", "--sparsity",
-                                 "0.4", "--rank", "4", "--steps", "20", "--no-speed", *QUICK, "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "prune",
+            str(model),
+            "--data",
+            str(data),
+            "--method",
+            "predictor",
+            "--sparsity",
+            "0.4",
+            "--rank",
+            "4",
+            "--steps",
+            "20",
+            "--no-speed",
+            *QUICK,
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     main = json.loads(result.stdout)["main"]
     assert len(main["recall"]) == 3 and 0 < main["mean_recall"] <= 1
     assert main["speed"] is None and main["plan"]["rank"] == 4
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--sparsity", "1.5"], "between 0 and 1"),
-    (["--method", "magic"], "--method"),
-    (["--sweep", "0.2,abc"], "--sweep"),
-    (["--method", "predictor", "--input-sparsity", "0.2"], "--input-sparsity"),
-    (["--sparse-backend", "gpu"], "--sparse-backend"),
-    (["--rank", "0", "--method", "predictor"], "--rank"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--sparsity", "1.5"], "between 0 and 1"),
+        (["--method", "magic"], "--method"),
+        (["--sweep", "0.2,abc"], "--sweep"),
+        (["--method", "predictor", "--input-sparsity", "0.2"], "--input-sparsity"),
+        (["--sparse-backend", "gpu"], "--sparse-backend"),
+        (["--rank", "0", "--method", "predictor"], "--rank"),
+    ],
+)
 def test_bad_options_get_one_line_errors_and_write_nothing(pruned_artifact, tmp_path, args, message):
     model, data, _, _ = pruned_artifact
     out = tmp_path / "never"

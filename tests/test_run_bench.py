@@ -96,8 +96,12 @@ def test_bench_uses_the_calibrations_held_out_prompts_and_shows_its_bound(calibr
 def test_artifact_without_policy_and_for_another_model(calibrated, tmp_path):
     model, data, artifact = calibrated
     probe_only = tmp_path / "probe-only"
-    assert runner.invoke(app, ["probe", str(model), "--data", str(data), "--tokens", "32", "--seq-len", "16",
-                               "--out", str(probe_only)]).exit_code == 0
+    assert (
+        runner.invoke(
+            app, ["probe", str(model), "--data", str(data), "--tokens", "32", "--seq-len", "16", "--out", str(probe_only)]
+        ).exit_code
+        == 0
+    )
     result = runner.invoke(app, ["run", str(probe_only), "tok1"])
     assert result.exit_code == 2 and "run `dyninfer calibrate" in result.stderr
     other = save_tiny("llama", tmp_path / "other", seed=3)
@@ -109,13 +113,35 @@ def test_artifact_without_policy_and_for_another_model(calibrated, tmp_path):
 def test_calibrate_with_lens_from_stores_the_lens(calibrated, tmp_path):
     model, data, _ = calibrated
     probed = tmp_path / "probed"
-    assert runner.invoke(app, ["probe", str(model), "--data", str(data), "--tokens", "32", "--seq-len", "32",
-                               "--lens", "tuned", "--lens-train-tokens", "512", "--lens-steps", "1",
-                               "--out", str(probed)]).exit_code == 0
+    assert (
+        runner.invoke(
+            app,
+            [
+                "probe",
+                str(model),
+                "--data",
+                str(data),
+                "--tokens",
+                "32",
+                "--seq-len",
+                "32",
+                "--lens",
+                "tuned",
+                "--lens-train-tokens",
+                "512",
+                "--lens-steps",
+                "1",
+                "--out",
+                str(probed),
+            ],
+        ).exit_code
+        == 0
+    )
     out = tmp_path / "calibrated"
     args = [a for a in CAL if a not in ("--lens", "logit")]
-    result = runner.invoke(app, ["calibrate", str(model), "--data", str(data), *args, "--lens", "tuned",
-                                 "--lens-from", str(probed), "--out", str(out)])
+    result = runner.invoke(
+        app, ["calibrate", str(model), "--data", str(data), *args, "--lens", "tuned", "--lens-from", str(probed), "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     from dyninfer.core.artifacts import Artifact
 

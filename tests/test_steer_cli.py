@@ -29,11 +29,45 @@ def steer_setup(tmp_path_factory):
     data = root / "chains.jsonl"
     data.write_text("\n".join(json.dumps(e.to_dict()) for e in _word_examples(20)) + "\n")
     artifact = root / "artifact"
-    activation = runner.invoke(app, ["steer", "extract", str(model), "--data", str(data), "--method", "activation",
-                                     "--layers", "1,2", *QUICK, "--out", str(artifact), "--json"])
+    activation = runner.invoke(
+        app,
+        [
+            "steer",
+            "extract",
+            str(model),
+            "--data",
+            str(data),
+            "--method",
+            "activation",
+            "--layers",
+            "1,2",
+            *QUICK,
+            "--out",
+            str(artifact),
+            "--json",
+        ],
+    )
     assert activation.exit_code == 0, activation.output
-    valve = runner.invoke(app, ["steer", "extract", str(model), "--data", str(data), "--method", "valve", "--rank", "2",
-                                "--steps", "3", *QUICK, "--out", str(artifact), "--json"])
+    valve = runner.invoke(
+        app,
+        [
+            "steer",
+            "extract",
+            str(model),
+            "--data",
+            str(data),
+            "--method",
+            "valve",
+            "--rank",
+            "2",
+            "--steps",
+            "3",
+            *QUICK,
+            "--out",
+            str(artifact),
+            "--json",
+        ],
+    )
     assert valve.exit_code == 0, valve.output
     return model, data, artifact, json.loads(activation.stdout), json.loads(valve.stdout)
 
@@ -44,15 +78,15 @@ def test_extract_stores_both_directions_with_their_recipe(steer_setup):
     assert valve["source"] == "lora" and valve["rank"] == 2 and valve["parameters"] == 21
     stage = json.loads((artifact / "dyninfer.json").read_text())["stages"]["steer"]
     assert set(stage["methods"]) == {"activation", "valve"}
-    assert stage["methods"]["valve"]["split"] == {"data": str(data), "seed": 0, "examples": 12, "heldout": 3,
-                                                  "shots": 1}
+    assert stage["methods"]["valve"]["split"] == {"data": str(data), "seed": 0, "examples": 12, "heldout": 3, "shots": 1}
     assert (artifact / "steering.safetensors").is_file()
 
 
 def test_sweep_writes_a_report_and_records_it(steer_setup):
     _, _, artifact, _, _ = steer_setup
-    result = runner.invoke(app, ["steer", "sweep", str(artifact), "--method", "activation", "--alphas", "-1,1",
-                                 "--max-new-tokens", "4", "--json"])
+    result = runner.invoke(
+        app, ["steer", "sweep", str(artifact), "--method", "activation", "--alphas", "-1,1", "--max-new-tokens", "4", "--json"]
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert [p["alpha"] for p in summary["points"]] == [-1.0, 0.0, 1.0] and summary["questions"] == 3
@@ -61,16 +95,14 @@ def test_sweep_writes_a_report_and_records_it(steer_setup):
     assert stored["spearman"] == summary["spearman"]
     stage = json.loads((artifact / "dyninfer.json").read_text())["stages"]["steer"]
     assert [p["alpha"] for p in stage["sweeps"]["activation"]["points"]] == [-1.0, 0.0, 1.0]
-    table = runner.invoke(app, ["steer", "sweep", str(artifact), "--method", "valve", "--alphas", "0,1",
-                                "--max-new-tokens", "3"])
+    table = runner.invoke(app, ["steer", "sweep", str(artifact), "--method", "valve", "--alphas", "0,1", "--max-new-tokens", "3"])
     assert table.exit_code == 0 and "Spearman" in table.output
 
 
 @pytest.mark.slow
 def test_applied_steering_is_baked_for_run_bench_calibrate_and_export(steer_setup, tmp_path):
     model, _, artifact, _, _ = steer_setup
-    applied = runner.invoke(app, ["steer", "apply", str(artifact), "--method", "activation", "--alpha", "2",
-                                  "--json"])
+    applied = runner.invoke(app, ["steer", "apply", str(artifact), "--method", "activation", "--alpha", "2", "--json"])
     assert applied.exit_code == 0, applied.output
     assert json.loads(applied.stdout)["control_vector"] == str(artifact / "control_vector.gguf")
     dyn = load_dynamic(str(artifact), require_policy=False)
@@ -83,14 +115,12 @@ def test_applied_steering_is_baked_for_run_bench_calibrate_and_export(steer_setu
         ours = dyn.loaded.model(PROMPT).logits
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)  # baked, no hooks on the loaded model
     assert not torch.allclose(ours, plain, atol=1e-3)
-    bench = runner.invoke(app, ["bench", str(artifact), "--prompts", "1", "--prompt-tokens", "6", "--new-tokens", "3",
-                                "--json"])
+    bench = runner.invoke(app, ["bench", str(artifact), "--prompts", "1", "--prompt-tokens", "6", "--new-tokens", "3", "--json"])
     assert bench.exit_code == 0, bench.output
     assert any("steered" in n for n in json.loads(bench.stdout)["notes"])
     data = tmp_path / "text.txt"
     data.write_text(random_text(20000))
-    calibrated = runner.invoke(app, ["calibrate", str(model), "--data", str(data), *CALIBRATE_ARGS,
-                                     "--out", str(artifact)])
+    calibrated = runner.invoke(app, ["calibrate", str(model), "--data", str(data), *CALIBRATE_ARGS, "--out", str(artifact)])
     assert calibrated.exit_code == 0, calibrated.output
     exported = runner.invoke(app, ["export", str(artifact), "--no-baseline", "--json"])
     assert exported.exit_code == 0, exported.output
@@ -103,29 +133,38 @@ def test_applied_steering_is_baked_for_run_bench_calibrate_and_export(steer_setu
     prompt = reference.tokenizer("tok3 tok9 tok4", return_tensors="pt").input_ids
     with torch.no_grad(), hooked(reference.layered, steering, 2.0):
         hooked_ids = reference.model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert ids == hooked_ids[0, prompt.shape[1]:].tolist()
+    assert ids == hooked_ids[0, prompt.shape[1] :].tolist()
     again = runner.invoke(app, ["steer", "apply", str(artifact), "--method", "activation", "--alpha", "1", "--json"])
     assert again.exit_code == 0 and any("export" in n for n in json.loads(again.stdout)["notes"])
 
 
-@pytest.mark.parametrize("args, message", [
-    (["steer", "apply", "{artifact}", "--alpha", "nan"], "finite"),
-    (["steer", "apply", "{artifact}", "--alpha", "1"], "pick one with --method"),
-    (["steer", "sweep", "{artifact}", "--method", "valve", "--alphas", "0,x"], "comma-separated"),
-    (["steer", "sweep", "{artifact}", "--method", "valve", "--alphas", "0"], "two different"),
-    (["steer", "sweep", "{artifact}", "--method", "nope"], "must be one of"),
-    (["steer", "sweep", "{missing}"], "does not exist"),
-    (["steer", "extract", "{model}", "--data", "{empty}", "--out", "{new}"], "no examples"),
-    (["steer", "extract", "{model}", "--layers", "7", "--data", "{data}", "--out", "{new}"], "--layers"),
-    (["steer", "extract", "{model}", "--method", "valve", "--delta-from", "base", "--out", "{new}"], "go together"),
-    (["steer", "extract", "{model}", "--shots", "5", "--examples", "3", "--out", "{new}"], "--shots"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["steer", "apply", "{artifact}", "--alpha", "nan"], "finite"),
+        (["steer", "apply", "{artifact}", "--alpha", "1"], "pick one with --method"),
+        (["steer", "sweep", "{artifact}", "--method", "valve", "--alphas", "0,x"], "comma-separated"),
+        (["steer", "sweep", "{artifact}", "--method", "valve", "--alphas", "0"], "two different"),
+        (["steer", "sweep", "{artifact}", "--method", "nope"], "must be one of"),
+        (["steer", "sweep", "{missing}"], "does not exist"),
+        (["steer", "extract", "{model}", "--data", "{empty}", "--out", "{new}"], "no examples"),
+        (["steer", "extract", "{model}", "--layers", "7", "--data", "{data}", "--out", "{new}"], "--layers"),
+        (["steer", "extract", "{model}", "--method", "valve", "--delta-from", "base", "--out", "{new}"], "go together"),
+        (["steer", "extract", "{model}", "--shots", "5", "--examples", "3", "--out", "{new}"], "--shots"),
+    ],
+)
 def test_bad_input_gets_one_line_errors_and_writes_nothing(steer_setup, tmp_path, args, message):
     model, data, artifact, _, _ = steer_setup
     (tmp_path / "empty.jsonl").write_text("\n")
     before = (artifact / "dyninfer.json").read_text()
-    values = {"artifact": artifact, "missing": tmp_path / "missing", "model": model, "data": data,
-              "empty": tmp_path / "empty.jsonl", "new": tmp_path / "new"}
+    values = {
+        "artifact": artifact,
+        "missing": tmp_path / "missing",
+        "model": model,
+        "data": data,
+        "empty": tmp_path / "empty.jsonl",
+        "new": tmp_path / "new",
+    }
     result = runner.invoke(app, [a.format(**values) for a in args])
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output

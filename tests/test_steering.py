@@ -103,8 +103,7 @@ def _peft_adapter(arch: str, directory, seed: int):
     base = tiny_model(arch)
     targets = ["c_attn", "c_fc"] if arch == "gpt2" else ["q_proj", "down_proj"]
     torch.manual_seed(seed)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
-                        fan_in_fan_out=arch == "gpt2")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, fan_in_fan_out=arch == "gpt2")
     peft_model = get_peft_model(base, config)
     peft_model.save_pretrained(directory)
     with torch.no_grad():
@@ -200,7 +199,7 @@ def test_batched_left_padded_generation_equals_one_at_a_time(tmp_path):
     assert [g.tokens for g in batched] == [g.tokens for g in single]
     for prompt, gen in zip(prompts, single):
         ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids
-        reference = loaded.model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+        reference = loaded.model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, ids.shape[1] :]
         eos = loaded.tokenizer.eos_token_id
         ref = reference.tolist()
         assert gen.tokens == (ref[: ref.index(eos)] if eos in ref else ref)
@@ -211,8 +210,7 @@ def test_sweep_reports_every_alpha_and_restores_the_model(tmp_path):
     before = _state(loaded.model)
     steering = _random_steering(loaded.layered)
     questions = _word_examples(3, seed=1)
-    result = run_sweep(loaded, steering, "activation", CotPrompter(loaded.tokenizer, []), questions, [-2.0, 2.0],
-                       max_new_tokens=5)
+    result = run_sweep(loaded, steering, "activation", CotPrompter(loaded.tokenizer, []), questions, [-2.0, 2.0], max_new_tokens=5)
     assert [p.alpha for p in result.points] == [-2.0, 0.0, 2.0]
     zero = result.points[1]
     assert zero.agreement == 1.0 and zero.length_change == 0.0

@@ -27,10 +27,15 @@ from dyninfer.jobs import steer as steer_job
 ROOT = Path(__file__).parents[1]
 LIBRARY = ["core", "kernels", "compressors", "runtime", "exporters", "profilers", "jobs"]
 COMMANDS = [  # (command function, the Config it builds)
-    (probe.probe, probe_job.ProbeConfig), (profile.profile, profile_job.ProfileConfig),
-    (calibrate.calibrate, calibrate_job.CalibrateConfig), (prune.prune, prune_job.PruneConfig),
-    (steer.extract, steer_job.ExtractConfig), (steer.sweep, steer_job.SweepConfig),
-    (export.export, export_job.ExportConfig), (run.run, run_job.RunConfig), (bench.bench, bench_job.BenchConfig),
+    (probe.probe, probe_job.ProbeConfig),
+    (profile.profile, profile_job.ProfileConfig),
+    (calibrate.calibrate, calibrate_job.CalibrateConfig),
+    (prune.prune, prune_job.PruneConfig),
+    (steer.extract, steer_job.ExtractConfig),
+    (steer.sweep, steer_job.SweepConfig),
+    (export.export, export_job.ExportConfig),
+    (run.run, run_job.RunConfig),
+    (bench.bench, bench_job.BenchConfig),
     (audit.audit, audit_job.AuditConfig),
 ]
 
@@ -48,19 +53,24 @@ def _cli_flags() -> set[str]:
 def test_library_code_spells_no_cli_flag():
     flags = _cli_flags()
     assert {"--out", "--fit-tokens", "--no-baseline", "--sparse-backend"} <= flags  # the collection works
-    pattern = re.compile(r"(?<![\w-])(" + "|".join(re.escape(f) for f in sorted(flags, key=len, reverse=True))
-                         + r")(?![\w-])")
-    found = [f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
-             for package in LIBRARY for path in sorted((ROOT / package).glob("*.py"))
-             for number, line in enumerate(path.read_text().splitlines(), start=1) if pattern.search(line)]
+    pattern = re.compile(r"(?<![\w-])(" + "|".join(re.escape(f) for f in sorted(flags, key=len, reverse=True)) + r")(?![\w-])")
+    found = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for package in LIBRARY
+        for path in sorted((ROOT / package).glob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if pattern.search(line)
+    ]
     assert found == []
 
 
 @pytest.mark.parametrize("command, config_class", COMMANDS, ids=lambda x: getattr(x, "__name__", ""))
 def test_cli_defaults_are_the_configs_defaults(command, config_class):
-    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                for f in dataclasses.fields(config_class)
-                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    defaults = {
+        f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        for f in dataclasses.fields(config_class)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    }
     shared = 0
     for name, parameter in inspect.signature(command).parameters.items():
         if name in defaults and parameter.default is not inspect.Parameter.empty:
@@ -75,16 +85,34 @@ def test_cli_defaults_are_the_configs_defaults(command, config_class):
 
 def test_a_library_error_names_the_commands_flag(tiny_llama_dir, text_file):
     # CalibrateConfig names `fit_tokens`; the CLI shows --fit-tokens, and audit shows its own --tokens for `tokens`.
-    result = CliRunner().invoke(app, ["calibrate", str(tiny_llama_dir), "--data", str(text_file), "--seq-len", "16",
-                                      "--prompt-tokens", "8", "--lens", "logit", "--fit-tokens", "100000"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "calibrate",
+            str(tiny_llama_dir),
+            "--data",
+            str(text_file),
+            "--seq-len",
+            "16",
+            "--prompt-tokens",
+            "8",
+            "--lens",
+            "logit",
+            "--fit-tokens",
+            "100000",
+        ],
+    )
     assert result.exit_code == 2 and "--fit-tokens" in result.stderr and "`" not in result.stderr.split("error:")[1]
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["probe", "--bogus"], "No such option: --bogus"),
-    (["probe", "--tokens", "many"], "'--tokens'"),
-    (["calibrate", "--targets", "0.9,x"], "'--targets': takes comma-separated numbers"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["probe", "--bogus"], "No such option: --bogus"),
+        (["probe", "--tokens", "many"], "'--tokens'"),
+        (["calibrate", "--targets", "0.9,x"], "'--targets': takes comma-separated numbers"),
+    ],
+)
 def test_usage_errors_are_one_error_line(args, fragment):
     result = CliRunner().invoke(app, args)
     lines = [line for line in result.stderr.splitlines() if line.strip()]

@@ -106,8 +106,9 @@ def _windows(lm, rows: int, length: int = 25, seed: int = 0) -> torch.Tensor:
 def _exit_kl(lm: LayeredModel, windows: torch.Tensor, final: torch.Tensor) -> list[float]:
     """KL(final || exit d) for every depth d on `windows`; `final`: the original model's log-probabilities."""
     states = [h for _, h in lm.hidden_states(windows[:, :-1])]
-    return [float(torch.nn.functional.kl_div(lm.logits_from(h).log_softmax(-1), final, log_target=True,
-                                              reduction="batchmean")) for h in states]
+    return [
+        float(torch.nn.functional.kl_div(lm.logits_from(h).log_softmax(-1), final, log_target=True, reduction="batchmean")) for h in states
+    ]
 
 
 def test_tuning_brings_the_exits_closer_to_the_original_and_keeps_the_full_model():
@@ -163,9 +164,28 @@ def test_cli_tunes_and_every_loader_uses_the_tuned_model(tmp_path):
     data = tmp_path / "text.txt"
     data.write_text(random_text(20000))
     art, merged = tmp_path / "art", tmp_path / "merged"
-    result = runner.invoke(app, ["tune-exits", str(model), "--data", str(data), "--seq-len", "32", "--steps", "6",
-                                 "--lr", "5e-2", "--heldout-tokens", "128", "--out", str(art), "--merge-out",
-                                 str(merged), "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "tune-exits",
+            str(model),
+            "--data",
+            str(data),
+            "--seq-len",
+            "32",
+            "--steps",
+            "6",
+            "--lr",
+            "5e-2",
+            "--heldout-tokens",
+            "128",
+            "--out",
+            str(art),
+            "--merge-out",
+            str(merged),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["placement"]["dtype"] == "float32" and isinstance(summary["notes"], list)
@@ -176,15 +196,33 @@ def test_cli_tunes_and_every_loader_uses_the_tuned_model(tmp_path):
 
     # probe and prune on the artifact measure the tuned model: on the same held-out windows they give what
     # tune-exits measured for it (and not what it measured for the original).
-    result = runner.invoke(app, ["probe", str(model), "--data", str(data), "--seq-len", "32", "--tokens", "128",
-                                 "--lens", "logit", "--out", str(art), "--json"])
+    result = runner.invoke(
+        app,
+        ["probe", str(model), "--data", str(data), "--seq-len", "32", "--tokens", "128", "--lens", "logit", "--out", str(art), "--json"],
+    )
     assert result.exit_code == 0, result.output
     probed = json.loads(result.stdout)["lenses"]["logit"]["agreement"]
     assert probed == pytest.approx(summary["tuned"]["agreement"], abs=1e-6)
     assert probed != pytest.approx(summary["original"]["agreement"], abs=1e-6)
-    result = runner.invoke(app, ["prune", str(model), "--data", str(data), "--seq-len", "32", "--calibration-tokens",
-                                 "128", "--heldout-tokens", "128", "--no-speed", "--out", str(tmp_path / "pruned"),
-                                 "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "prune",
+            str(model),
+            "--data",
+            str(data),
+            "--seq-len",
+            "32",
+            "--calibration-tokens",
+            "128",
+            "--heldout-tokens",
+            "128",
+            "--no-speed",
+            "--out",
+            str(tmp_path / "pruned"),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["dense_perplexity"] == pytest.approx(summary["original"]["perplexity"], rel=1e-6)
 
@@ -194,12 +232,41 @@ def test_cli_tunes_and_every_loader_uses_the_tuned_model(tmp_path):
     original = AutoModelForCausalLM.from_pretrained(model)
     assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), original.state_dict().values()))
     from transformers import AutoTokenizer
+
     ids = AutoTokenizer.from_pretrained(merged)(prompt, return_tensors="pt").input_ids
-    expected = tuned.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
-    calibrate = ["calibrate", str(model), "--data", str(data), "--seq-len", "32", "--fit-tokens", "256",
-                 "--calibration-tokens", "1024", "--heldout-tokens", "256", "--min-layer", "1", "--target", "0.6",
-                 "--lens", "logit", "--measure", "saturation", "--prompts", "24", "--heldout-prompts", "4",
-                 "--prompt-tokens", "12", "--new-tokens", "6", "--out", str(art)]
+    expected = tuned.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :].tolist()
+    calibrate = [
+        "calibrate",
+        str(model),
+        "--data",
+        str(data),
+        "--seq-len",
+        "32",
+        "--fit-tokens",
+        "256",
+        "--calibration-tokens",
+        "1024",
+        "--heldout-tokens",
+        "256",
+        "--min-layer",
+        "1",
+        "--target",
+        "0.6",
+        "--lens",
+        "logit",
+        "--measure",
+        "saturation",
+        "--prompts",
+        "24",
+        "--heldout-prompts",
+        "4",
+        "--prompt-tokens",
+        "12",
+        "--new-tokens",
+        "6",
+        "--out",
+        str(art),
+    ]
     result = runner.invoke(app, calibrate)
     assert result.exit_code == 0, result.output
     for mode in ("full", "speculative"):  # lossless against the tuned model
@@ -219,8 +286,25 @@ def test_cli_tunes_and_every_loader_uses_the_tuned_model(tmp_path):
     plan = bench["speculation_plan"]
     assert plan["source"].startswith("the probe") and 1 <= plan["layer"] < 3 and bench["draft_layer"] == plan["layer"]
     # Last (its masks change what runs): prune starts from the tuned dense model.
-    result = runner.invoke(app, ["prune", str(model), "--data", str(data), "--seq-len", "32", "--calibration-tokens",
-                                 "128", "--heldout-tokens", "128", "--no-speed", "--out", str(art), "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "prune",
+            str(model),
+            "--data",
+            str(data),
+            "--seq-len",
+            "32",
+            "--calibration-tokens",
+            "128",
+            "--heldout-tokens",
+            "128",
+            "--no-speed",
+            "--out",
+            str(art),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["dense_perplexity"] == pytest.approx(summary["tuned"]["perplexity"], rel=1e-6)
 
@@ -237,8 +321,9 @@ def test_calibration_never_draws_a_window_the_tuning_trained_on(tmp_path):
     windows = load_windows(str(data), word_tokenizer(), seq_len=32, seed=0)
     tuned_rows = windows.order("train")[:200]  # what tune-exits takes: the start of the same random order
     record = {"windows": lens_provenance(windows, tuned_rows)}
-    config = CalibrateConfig(data=str(data), seq_len=32, fit_tokens=256, calibration_tokens=1024, heldout_tokens=256,
-                             risk="teacher-forced-consistency")
+    config = CalibrateConfig(
+        data=str(data), seq_len=32, fit_tokens=256, calibration_tokens=1024, heldout_tokens=256, risk="teacher-forced-consistency"
+    )
     plain = draw_units(config, windows, set())
     assert set(plain.units.tolist()) & set(tuned_rows.tolist())  # without the record it would reuse them
     seen, notes = tuning_notes(record, windows, plain)
@@ -247,9 +332,17 @@ def test_calibration_never_draws_a_window_the_tuning_trained_on(tmp_path):
     assert not (set(draw.fit.tolist()) | set(draw.units.tolist())) & seen
     # Another window length cuts the corpus differently: the overlapping held-out windows are reported.
     other = load_windows(str(data), word_tokenizer(), seq_len=20, seed=1)
-    _, notes = tuning_notes(record, other, draw_units(config.__class__(data=str(data), seq_len=20, fit_tokens=100,
-                                                                        calibration_tokens=200, heldout_tokens=400,
-                                                                        risk="teacher-forced-consistency"), other, set()))
+    _, notes = tuning_notes(
+        record,
+        other,
+        draw_units(
+            config.__class__(
+                data=str(data), seq_len=20, fit_tokens=100, calibration_tokens=200, heldout_tokens=400, risk="teacher-forced-consistency"
+            ),
+            other,
+            set(),
+        ),
+    )
     assert notes and "held-out numbers are optimistic" in notes[0]
 
 
