@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import ARCHS, VOCAB, mixed_saturation_policy, tiny_model
 
-from dyninfer.compressors.exit_policy import ExitPolicy
+from dyninfer.compressors.exit_policy import ExitPolicy, trace_exits
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens
@@ -110,9 +110,19 @@ def test_batch_exits_together_and_matches_per_sequence_full_decoding():
     full = DynamicModel(lm, None, LogitLens(lm)).generate(prompts, 12, mode="full")
     for row in range(2):
         assert torch.equal(full.tokens[row : row + 1], _hf_greedy(model, prompts[row : row + 1], 12))
-    policy = ExitPolicy("logit", "saturation", [1, 2], 0.3, 0, "recompute")
+    # CALM's batch rule: the batch leaves at the first point where every row is confident. In recompute mode every
+    # state is the full model's along the tokens the batch chose, so a teacher-forced trace of those tokens gives
+    # each row's confidence at each decode step independently of the runtime.
+    threshold = 0.95  # saturation here runs 0.88-0.99: rows often disagree
+    policy = ExitPolicy("logit", "saturation", [1, 2], threshold, 0, "recompute")
     run = DynamicModel(lm, policy, LogitLens(lm)).generate(prompts, 12)
     assert run.tokens.shape == (2, 12) and len(run.exit_layers) == 12  # one exit decision per step
+    trace = trace_exits(lm, torch.cat([prompts, run.tokens], 1), [1, 2], LogitLens(lm), "saturation", first=8)
+    confident = (trace.confidence >= threshold).reshape(2, 2, -1)  # [point, row, step - 1]
+    everyone, anyone = confident.all(1), confident.any(1)
+    expected = [next((p for p, ok in zip([1, 2], everyone[:, t]) if ok), lm.num_layers) for t in range(11)]
+    assert run.exit_layers[1:] == expected  # step t reads input position 7 + t
+    assert (everyone != anyone).any()  # some step where one row alone would have left: the rule was exercised
 
 
 def test_vocabulary_pruning_picks_among_the_first_checks_candidates():

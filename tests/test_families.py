@@ -9,7 +9,7 @@ import torch
 from families import FAMILIES, VOCAB, family_model
 from tiny_models import mixed_saturation_policy
 
-from dyninfer.compressors.exit_policy import ExitPolicy, run_calibration
+from dyninfer.compressors.exit_policy import ExitPolicy, exit_layers, run_calibration, simulate, trace_exits
 from dyninfer.compressors.pruning import calibrate_threshold_plan, collect_mlp_samples, pruned
 from dyninfer.compressors.steering import ActivationSteering, hooked, steered
 from dyninfer.core.cost import count_costs
@@ -43,6 +43,15 @@ NO_PRUNING = {
     ),
     **dict.fromkeys(("arcee", "nemotron", "bitnet"), "activation 'relu2'"),
     "apertus": "activation 'xielu'",
+}
+# Families whose calibration, built to certify at target 0.6 on the logit lens, certifies nothing, and why.
+# Empty: every tested family certifies (tests/test_families.py would say which stopped).
+NOT_CERTIFYING: dict[str, str] = {}
+# Families whose certified policy exits on held-out text (teacher-forced) but not along the model's own greedy
+# continuations of those prompts, and why: the gap the generation risk exists to close.
+NO_EXITS_ON_OWN_TEXT = {
+    "gemma2": "its own continuations are repetitive, and their layer-1 confidence stays just under the threshold "
+    "(22% of held-out tokens exit, 0 of 32 generated)",
 }
 
 
@@ -108,10 +117,25 @@ def test_family_calibrates_prunes_and_steers(model_type):
         min_layer=1,
     )
     policy = ExitPolicy.from_dict(result.policy.to_dict(), lm.num_layers)  # what the artifact would hold
-    assert result.calibration_tokens == 24 * 16 and 0.0 <= result.heldout["consistency"] <= 1.0
-    if policy.threshold is not None:
-        run = DynamicModel(lm, policy, LogitLens(lm)).generate(windows[32:33, :8], 6)
-        assert all(e in policy.exit_points + [lm.num_layers] for e in run.exit_layers)
+    assert result.calibration_tokens == 24 * 16
+    if model_type in NOT_CERTIFYING:
+        assert policy.threshold is None, f"{model_type} certifies now: take it off NOT_CERTIFYING"
+    else:  # built to certify (a loose target on a shallow model): it must, and the policy must exit when run
+        assert policy.exit_points and policy.threshold is not None, result.notes
+        assert result.heldout["consistency"] >= 0.5  # held-out windows, teacher-forced: the bound is 0.6 at 90%
+        # The runtime obeys the certified rule: along the full model's own continuations of held-out prompts
+        # (recompute keeps every state the full model's), each decode step exits where the calibration's
+        # simulation of that token says, and some do exit.
+        prompts = windows[32:36, :8]
+        continuation = DynamicModel(lm, None, None).generate(prompts, 9, mode="full").tokens
+        policy.kv_mode = "recompute"
+        run = DynamicModel(lm, policy, LogitLens(lm)).generate_rows(prompts, 8, forced=continuation[:, :8])
+        sequences = torch.cat([prompts, continuation], 1)
+        trace = trace_exits(lm, sequences, policy.exit_points, LogitLens(lm), "softmax", first=8)
+        simulated = simulate(trace, policy.threshold, count_costs(lm, context=16), "softmax", False, 0, lm.hidden_size)
+        expected = exit_layers(simulated, trace, lm.num_layers).reshape(4, 8)  # step k reads input position 7 + k
+        assert run.steps >= 2 and torch.equal(run.exit_depth[:, 1 : run.steps], expected[:, : run.steps - 1])
+        assert (expected < lm.num_layers).any() != (model_type in NO_EXITS_ON_OWN_TEXT)
 
     ids = windows[:2]
     with torch.no_grad():

@@ -58,8 +58,17 @@ def test_forced_run_gives_the_exact_prefix_and_stops():
     free = dynamic.generate_rows(prompts, NEW)
     forced = dynamic.generate_rows(prompts, NEW, forced=full)
     np.testing.assert_array_equal(prefix_share(forced.tokens, full), prefix_share(free.tokens, full))
-    if (prefix_share(free.tokens, full) < 1).all():
-        assert forced.steps < NEW and (forced.tokens[:, forced.steps :] == -1).all()
+    # Row i first differs from the full continuation at d_i (NEW if never); decoding stops once every row has.
+    differs = free.tokens != full
+    first_difference = torch.where(differs.any(1), differs.float().argmax(1), torch.full((6,), NEW))
+    assert forced.steps == min(NEW, int(first_difference.max()) + 1)
+    assert (forced.tokens[:, forced.steps :] == -1).all()
+    # The rows that do differ, alone: now every row has differed before the end, so the run stops early.
+    rows = differs.any(1)
+    assert 2 <= int(rows.sum()) < 6
+    stopped = dynamic.generate_rows(prompts[rows], NEW, forced=full[rows])
+    assert stopped.steps == int(first_difference[rows].max()) + 1 < NEW
+    assert (stopped.tokens[:, stopped.steps :] == -1).all() and (stopped.tokens[:, : stopped.steps] >= 0).all()
 
 
 def _lcs(a, b):

@@ -90,7 +90,8 @@ def test_every_architecture_adds_up(arch):
     lm, prof = _profile(arch)
     totals = prof.totals()
     assert totals["params"] == sum(p.numel() for p in lm.model.parameters())
-    # The decode pieces add up to an independent count of the whole step (cost.count_costs).
+    # The decode pieces add up to the whole step as the cost model counts it (the same counter: consistency only;
+    # test_the_cost_models_decode_step_matches_a_hand_count holds that count to the architecture's formula).
     assert totals["decode_flops"] == pytest.approx(count_costs(lm, context=CONTEXT).full_cost())
     assert prof.flops.full_cost() == pytest.approx(totals["decode_flops"])
     timed = prof.pieces[["decode_ms", "prefill_ms"]]
@@ -228,3 +229,23 @@ def test_a_profile_taken_before_pruning_is_stale():
     assert profile_is_stale(artifact)
     artifact.set_stage("profile", {"pruned": True, "measured_cost": {}})
     assert not profile_is_stale(artifact)
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "mamba"])  # Mamba's scan is no matmul formula
+def test_the_cost_models_decode_step_matches_a_hand_count(arch):
+    """One decode step at CONTEXT cached tokens, from the config alone: projections, attention over CONTEXT + 1
+    keys, the MLP and the head (2 FLOPs per multiply-add), and each rotary table's inv_freq x position product."""
+    lm = LayeredModel(tiny_model(arch))
+    c = lm.config
+    if arch == "gpt2":
+        d, heads, inner = c.n_embd, c.n_head, c.n_inner or 4 * c.n_embd
+        layer = 2 * d * 3 * d + 2 * d * d + 2 * 2 * d * inner + 2 * 2 * d * (CONTEXT + 1)
+        rotary = 0
+    else:
+        d, heads, kv, inter = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size
+        hd = getattr(c, "head_dim", None) or d // heads
+        projections = 2 * d * heads * hd * 2 + 2 * d * kv * hd * 2  # q and o, k and v
+        layer = projections + 2 * 2 * heads * hd * (CONTEXT + 1) + 3 * 2 * d * inter
+        rotary = (2 if arch == "gemma3" else 1) * 2 * (hd // 2)  # Gemma 3: a local and a global table
+    expected = c.num_hidden_layers * layer + 2 * d * VOCAB + rotary
+    assert count_costs(lm, context=CONTEXT).full_cost() == expected
