@@ -20,6 +20,8 @@ import math
 
 import torch
 
+from dyninfer.early_exit.rule import batch_leaves
+
 DOMAIN = "ai.dyninfer"
 DOMAIN_VERSION = 1
 _STD_OPSET = 18
@@ -30,8 +32,8 @@ _STD_OPSET = 18
 
 @torch.library.custom_op("dyninfer::exit_gate", mutates_args=())
 def exit_gate(confidence: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """True when every row's confidence reaches the threshold (CALM decides on the batch minimum)."""
-    return confidence.min() >= threshold
+    """True when every row's confidence reaches the threshold (the exit rule's batch form, early_exit/rule.py)."""
+    return batch_leaves(confidence, threshold)
 
 
 @exit_gate.register_fake

@@ -20,10 +20,10 @@ import copy
 import torch
 from torch import nn
 
-from dyninfer.compressors.exit_policy import ExitPolicy
 from dyninfer.core.choices import HEAD_MEASURES
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel
+from dyninfer.early_exit.policy import ExitPolicy
 from dyninfer.exporters import ops
 from dyninfer.runtime.dynamic import DynamicModel
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dyninfer.compressors.exit_policy import CalibrationResult, plan_exits, run_calibrations, trace_plan
 from dyninfer.core import stages
 from dyninfer.core.artifacts import Artifact
 from dyninfer.core.choices import GENERATION_RISK, TUNED
@@ -27,9 +26,11 @@ from dyninfer.core.cost import count_costs, measured_cost, profile_is_stale, spe
 from dyninfer.core.errors import DyninferError, option
 from dyninfer.core.lenses import LogitLens
 from dyninfer.core.progress import ProgressFn
+from dyninfer.early_exit.calibrate import calibrate_exits
+from dyninfer.early_exit.certify import CalibrationResult, run_calibrations
+from dyninfer.early_exit.generation import PromptSet, full_continuations
 from dyninfer.jobs.configs import CalibrateConfig
 from dyninfer.jobs.plots import calibration_curve_png
-from dyninfer.profilers.generation_risk import PromptSet, certify_generation, fit_sequences, full_continuations
 from dyninfer.runtime.loader import ModelSession, lens_overlaps, open_workspace, trained_on
 
 REPORT_DIR = stages.CALIBRATE
@@ -308,52 +309,38 @@ def run(
 def _generation_calibrations(
     config: CalibrateConfig, ws, lens, costs, fit, units, heldout, draw: Draw, targets: list[float], progress: ProgressFn | None
 ) -> list:
-    """Plan exit points on the fit windows, then certify each target on the dynamic model's generations."""
-    lm, windows = ws.lm, ws.windows
+    """The full model's continuations (cached in the artifact), then `calibrate_exits` on the generation risk."""
+    windows = ws.windows
     started = time.perf_counter()
     calibration = PromptSet(units[:, : config.prompt_tokens], None)
     held_prompts = PromptSet(windows.heldout[draw.heldout_prompts][:, : config.prompt_tokens], None)
     for prompt_set, what in ((calibration, "calibration"), (held_prompts, "heldout")):
         prompt_set.continuations = cached_continuations(ws, config, prompt_set.prompts, what, progress)
     ws.timings["full_continuations_s"] = time.perf_counter() - started
-    sequences = fit_sequences(lm, fit, config.prompt_tokens, config.new_tokens, config.batch_size, progress)
-    plans = plan_exits(
-        lm,
+    started = time.perf_counter()
+    results = calibrate_exits(
+        ws.lm,
         lens,
         costs,
-        sequences,
+        fit,
+        calibration,
+        heldout,
         targets=targets,
+        risk=GENERATION_RISK,
         measure=config.measure,
+        epsilon=config.epsilon,
         vocab_top_k=config.vocab_top_k,
         min_layer=config.min_layer,
         max_points=config.max_points,
-        first=config.prompt_tokens - 1,
+        kv_mode=config.kv_mode,
+        prompt_tokens=config.prompt_tokens,
+        new_tokens=config.new_tokens,
+        consistency=config.consistency,
+        heldout_prompts=held_prompts,
+        batch_size=config.batch_size,
         progress=progress,
     )
-    shared: dict | None = {} if len(targets) > 1 else None
-    results = []
-    for plan in plans.plans:
-        held_trace = trace_plan(lm, lens, plans, plan, heldout, config.measure, config.vocab_top_k, shared, progress)
-        started = time.perf_counter()
-        result = certify_generation(
-            lm,
-            lens,
-            costs,
-            plan,
-            calibration,
-            held_prompts,
-            held_trace,
-            measure=config.measure,
-            consistency_measure=config.consistency,
-            kv_mode=config.kv_mode,
-            epsilon=config.epsilon,
-            vocab_top_k=config.vocab_top_k,
-            batch_size=config.batch_size,
-            fit_tokens=int(fit.shape[0] * config.seq_len),
-            progress=progress,
-        )
-        ws.timings[f"certify_{plan.target:g}_s"] = time.perf_counter() - started
-        results.append((result, plan.classifier))
+    ws.timings["certify_s"] = time.perf_counter() - started
     return results
 
 

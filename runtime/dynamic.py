@@ -24,12 +24,13 @@ from dataclasses import dataclass
 
 import torch
 
-from dyninfer.compressors import confidence as conf
-from dyninfer.compressors.exit_policy import ExitPolicy
 from dyninfer.core.choices import RUN_MODES as MODES
 from dyninfer.core.errors import DyninferError, check_between, check_positive
 from dyninfer.core.generation import GenerationResult
 from dyninfer.core.layered import LayeredModel
+from dyninfer.early_exit import confidence as conf
+from dyninfer.early_exit.policy import ExitPolicy
+from dyninfer.early_exit.rule import batch_leaves, leaves
 
 
 class DynamicModel:
@@ -227,7 +228,7 @@ class DynamicModel:
                 continue
             d = index + 1
             c, logits, candidates = self._check(points[d], d, hidden[:, -1], previous[:, -1], candidates)
-            leaving = (~exited & (c >= policy.threshold)).nonzero().squeeze(1)
+            leaving = (~exited & leaves(c, policy.threshold)).nonzero().squeeze(1)
             if leaving.numel():
                 subset = None if logits is None else logits[leaving]
                 chosen = None if candidates is None else candidates[leaving]
@@ -263,7 +264,7 @@ class DynamicModel:
                 last = hidden[:, -1]
                 c, logits, candidates = self._check(points[depth], depth, last, previous[:, -1], candidates)
                 confidence = float(c.min())
-                if confidence >= policy.threshold:  # the whole batch is confident: leave here
+                if bool(batch_leaves(c, policy.threshold)):  # the whole batch is confident: leave here
                     state.skip_rest(depth, hidden, position, policy.kv_mode)
                     return self._exit_logits(depth, last, logits, candidates), depth, confidence
         state.length += 1

@@ -15,8 +15,6 @@ import bisect
 import time
 from dataclasses import dataclass, field
 
-from dyninfer.compressors.confidence import ExitClassifier
-from dyninfer.compressors.exit_policy import ExitPolicy
 from dyninfer.compressors.exit_tuning import bake_tuning, fingerprint, stored_draft_vocabulary, stored_tuning
 from dyninfer.compressors.pruning import PruningPlan, load_pruning, remove_pruning
 from dyninfer.compressors.steering import ValveDelta, applied, load_steering
@@ -31,6 +29,8 @@ from dyninfer.core.lenses import LogitLens, TunedLens, TunedLensTraining, train_
 from dyninfer.core.models import LoadedModel, load_model
 from dyninfer.core.placement import CPU_FLOAT32, Placement
 from dyninfer.core.progress import ProgressFn, silent
+from dyninfer.early_exit.confidence import ExitClassifier
+from dyninfer.early_exit.policy import ExitPolicy
 from dyninfer.runtime.dynamic import DynamicModel
 
 

@@ -11,20 +11,16 @@ from tiny_models import VOCAB, tiny_model
 from typer.testing import CliRunner
 
 from dyninfer.cli.app import app
-from dyninfer.compressors.exit_policy import (
-    ExitPolicy,
-    Trace,
-    candidate_thresholds,
-    select_exit_points,
-    simulate,
-    trace_exits,
-    window_losses,
-)
 from dyninfer.compressors.ltt import learn_then_test
 from dyninfer.core.artifacts import Artifact
-from dyninfer.core.cost import CostModel
+from dyninfer.core.cost import CostModel, count_costs
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens
+from dyninfer.early_exit.calibrate import calibrate_exits
+from dyninfer.early_exit.plan import candidate_thresholds, select_exit_points
+from dyninfer.early_exit.policy import ExitPolicy
+from dyninfer.early_exit.rule import batch_leaves, first_exit, leaves
+from dyninfer.early_exit.trace import Trace, simulate, trace_exits, window_losses
 
 COSTS = CostModel(context=0, embed=0.0, layers=[10.0] * 6, norm=1.0, head=40.0, translator=5.0)
 
@@ -250,7 +246,7 @@ def test_calibrate_bad_options(tiny_llama_dir, long_text, args, fragment):
 @pytest.mark.parametrize("measure", ["classifier", "softmax"])
 def test_several_targets_on_shared_traces_equal_one_run_per_target(measure):
     """Tracing every candidate once and reading each target's rows gives what tracing its points alone gives."""
-    from dyninfer.compressors.exit_policy import run_calibration, run_calibrations
+    from dyninfer.early_exit.certify import run_calibration, run_calibrations
 
     lm = LayeredModel(tiny_model("llama", layers=6))
     windows = torch.randint(0, VOCAB, (48, 17), generator=torch.Generator().manual_seed(1))
@@ -276,3 +272,38 @@ def test_several_targets_on_shared_traces_equal_one_run_per_target(measure):
         if classifier is not None:
             assert torch.equal(classifier.weight, alone_classifier.weight)
     assert any(r.policy.exit_points and r.policy.threshold is not None for r, _ in together)  # not all trivial
+
+
+def test_the_exit_rule_by_hand():
+    confidence = torch.tensor([[0.2, 0.9, 0.5, float("nan")], [0.8, 0.1, 0.4, 0.9]])  # [points, tokens]
+    assert first_exit(confidence, 0.7).tolist() == [1, 0, -1, 1]  # the first point that passes; NaN never does
+    assert first_exit(confidence, None).tolist() == [-1] * 4 and first_exit(confidence[:0], 0.5).tolist() == [-1] * 4
+    assert leaves(torch.tensor([0.7, 0.69]), 0.7).tolist() == [True, False]  # reaching the threshold is enough
+    assert bool(batch_leaves(torch.tensor([0.9, 0.75]), 0.7)) and not bool(batch_leaves(torch.tensor([0.9, 0.6]), 0.7))
+
+
+@pytest.mark.parametrize("risk", ["teacher-forced-consistency", "generation"])
+def test_calibrate_exits_certifies_every_risk_without_the_job(risk):
+    """The library call: windows in, certified policies out, one per target, for either risk."""
+    lm = LayeredModel(tiny_model("llama", layers=3))
+    windows = torch.randint(3, VOCAB, (72, 17), generator=torch.Generator().manual_seed(2))
+    results = calibrate_exits(
+        lm,
+        LogitLens(lm),
+        count_costs(lm, context=16),
+        windows[:8],
+        windows[8:64],
+        windows[64:],
+        targets=[0.6, 0.8],
+        risk=risk,
+        epsilon=0.1,
+        min_layer=1,
+        prompt_tokens=8,
+        new_tokens=6,
+    )
+    assert [r.target for r, _ in results] == [0.6, 0.8]
+    for result, classifier in results:
+        assert result.risk == risk and classifier is None  # softmax: no classifier
+        assert result.policy.exit_points and result.policy.threshold is not None, result.notes
+        assert (result.generated is not None) == (risk == "generation")
+        assert ("56 prompts of 8 tokens" in result.units) == (risk == "generation")

@@ -6,10 +6,11 @@ import pytest
 import torch
 from tiny_models import ARCHS, VOCAB, mixed_saturation_policy, tiny_model
 
-from dyninfer.compressors.exit_policy import ExitPolicy, trace_exits
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens
+from dyninfer.early_exit.policy import ExitPolicy
+from dyninfer.early_exit.trace import trace_exits
 from dyninfer.runtime.dynamic import DynamicModel
 
 NEW = 24

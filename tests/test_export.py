@@ -12,13 +12,13 @@ from families import family_model
 from onnx import TensorProto, helper
 from tiny_models import ARCHS, VOCAB, tiny_model
 
-from dyninfer.compressors import confidence as conf
-from dyninfer.compressors.confidence import ExitClassifier
-from dyninfer.compressors.exit_policy import ExitPolicy
 from dyninfer.core.choices import HEAD_MEASURES
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens
+from dyninfer.early_exit import confidence as conf
+from dyninfer.early_exit.confidence import ExitClassifier
+from dyninfer.early_exit.policy import ExitPolicy
 from dyninfer.exporters import ops
 from dyninfer.exporters.onnx_export import MODEL_FILE, write_package
 from dyninfer.exporters.onnx_runtime import PACKAGE_MANIFEST, OnnxDynamicModel

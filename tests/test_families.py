@@ -9,7 +9,6 @@ import torch
 from families import FAMILIES, VOCAB, family_model
 from tiny_models import mixed_saturation_policy
 
-from dyninfer.compressors.exit_policy import ExitPolicy, exit_layers, run_calibration, simulate, trace_exits
 from dyninfer.compressors.pruning import calibrate_threshold_plan, collect_mlp_samples, pruned
 from dyninfer.compressors.steering import ActivationSteering, hooked, steered
 from dyninfer.core.cost import count_costs
@@ -17,6 +16,9 @@ from dyninfer.core.errors import DyninferError
 from dyninfer.core.families import family_of
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens
+from dyninfer.early_exit.certify import run_calibration
+from dyninfer.early_exit.policy import ExitPolicy
+from dyninfer.early_exit.trace import exit_layers, simulate, trace_exits
 from dyninfer.runtime.dynamic import DynamicModel
 
 pytestmark = pytest.mark.slow  # 2 tests x 43 families: the full suite runs them, the fast loop does not

@@ -14,7 +14,6 @@ from tiny_models import ARCHS, VOCAB, tiny_model
 from typer.testing import CliRunner
 
 from dyninfer.cli.app import app
-from dyninfer.compressors.exit_policy import ExitPlan, ExitPolicy
 from dyninfer.compressors.ltt import fixed_sequence_test, hoeffding_bentkus_p_value, learn_then_test, min_examples
 from dyninfer.core import stages
 from dyninfer.core.artifacts import Artifact
@@ -23,8 +22,10 @@ from dyninfer.core.cost import CostModel
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens
-from dyninfer.profilers import generation_risk
-from dyninfer.profilers.generation_risk import PromptSet, certify_generation, full_continuations
+from dyninfer.early_exit import generation as generation_risk
+from dyninfer.early_exit.generation import PromptSet, certify_generation, full_continuations
+from dyninfer.early_exit.plan import ExitPlan
+from dyninfer.early_exit.policy import ExitPolicy
 from dyninfer.runtime.dynamic import DynamicModel
 
 KV_CASES = [(arch, kv) for arch in ARCHS for kv in ("propagate", "recompute") if not (arch == "mamba" and kv == "recompute")]
@@ -164,7 +165,7 @@ def _plan(lm, points):
 
 
 def _trace_points(lm, lens, windows, points):
-    from dyninfer.compressors.exit_policy import trace_exits
+    from dyninfer.early_exit.trace import trace_exits
 
     return trace_exits(lm, windows, points, lens, "saturation")
 
@@ -308,7 +309,8 @@ def test_generation_bad_input(tiny_llama_dir, gen_text, tmp_path, args, fragment
 
 
 def test_generation_grid_is_strict_to_loose_by_exit_share():
-    from dyninfer.compressors.exit_policy import Trace, generation_grid
+    from dyninfer.early_exit.plan import generation_grid
+    from dyninfer.early_exit.trace import Trace
 
     confidence = torch.rand(3, 4000, generator=torch.Generator().manual_seed(0))
     trace = Trace(

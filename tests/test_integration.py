@@ -80,8 +80,8 @@ def test_bundled_model_exports_to_onnx_and_matches_torch(bundled, tmp_path):
 
     import numpy as np
 
-    from dyninfer.compressors.confidence import saturation
-    from dyninfer.compressors.exit_policy import ExitPolicy
+    from dyninfer.early_exit.confidence import saturation
+    from dyninfer.early_exit.policy import ExitPolicy
     from dyninfer.exporters.onnx_export import write_package
     from dyninfer.exporters.onnx_runtime import OnnxDynamicModel
     from dyninfer.runtime.dynamic import DynamicModel

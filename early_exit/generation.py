@@ -26,16 +26,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dyninfer.compressors.exit_policy import (
-    CalibrationResult,
-    CurvePoint,
-    ExitPlan,
-    ExitPolicy,
-    Trace,
-    evaluate,
-    exit_costs,
-    generation_grid,
-)
 from dyninfer.compressors.ltt import fixed_sequence_test, min_examples
 from dyninfer.core import distributed
 from dyninfer.core.choices import CONSISTENCY_MEASURES, GENERATION_RISK
@@ -45,6 +35,10 @@ from dyninfer.core.distributed import World
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.progress import ProgressFn, silent
+from dyninfer.early_exit.certify import CalibrationResult, CurvePoint
+from dyninfer.early_exit.plan import ExitPlan, generation_grid
+from dyninfer.early_exit.policy import ExitPolicy
+from dyninfer.early_exit.trace import Trace, evaluate, exit_costs
 from dyninfer.runtime.dynamic import DynamicModel
 
 
