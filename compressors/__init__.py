@@ -1,10 +1,12 @@
-"""The methods: how a model is made dynamic, as decisions and weight changes.
+"""The methods other than early exit (which has its own package, `early_exit`): decisions and weight changes.
 
-- early exit: `confidence` (exit measures and the CALM classifier), `ltt` (Learn-then-Test),
-  `exit_policy` (exit points, thresholds and the certified `ExitPolicy`);
+- `ltt`: Learn-then-Test (fixed-sequence testing, binomial and Hoeffding-Bentkus p-values), used by
+  early exit and by any other certified rule;
 - pruning: `pruning` (per-token MLP masks: thresholds or predictors, `SparseMLP`);
 - steering: `steering` (directions baked into weights), `steer_extract` (finding them),
-  `cot_data` (paired long/short chains of thought).
+  `cot_data` (paired long/short chains of thought);
+- tune-exits: `exit_tuning` (a LoRA trained with early-exit losses, LayerSkip), `tuning_settings`
+  (its options, no torch), `lora` (attaching a LoRA and reading its low-rank delta).
 
 May import: `core`, `kernels`.
 """

@@ -5,5 +5,5 @@
 - `onnx_runtime`: run a package with ONNX Runtime (numpy only; CUDA provider, CPU fallback);
 - `baseline`: optimum's ORTModelForCausalLM, the reference a package is benchmarked against.
 
-May import: `runtime`, `compressors`, `kernels`, `core`.
+May import: `runtime`, `early_exit` (its lower half), `compressors`, `kernels`, `core`.
 """
