@@ -16,6 +16,7 @@ from provenance import provenance
 
 from dyninfer.core.choices import DEFAULT_DATA
 from dyninfer.core.data import load_windows
+from dyninfer.core.records import ProbeRecord
 from dyninfer.jobs.run import measured_agreement
 from dyninfer.profilers.speculation_cost import measure_step_costs
 from dyninfer.runtime.loader import load_dynamic
@@ -32,7 +33,8 @@ def main() -> None:
     agreement, source = measured_agreement(dyn.artifact)
     if agreement is None:
         raise SystemExit("the artifact measured no agreement: run `dyninfer probe --out ARTIFACT` first")
-    spec = (dyn.artifact.stages.get("probe") or {}).get("data", {}).get("spec", DEFAULT_DATA)
+    probe = ProbeRecord.read(dyn.artifact)
+    spec = (probe.data if probe is not None else {}).get("spec", DEFAULT_DATA)
     prompt = load_windows(spec, dyn.loaded.tokenizer, seq_len=64, seed=0).heldout[:1, :64]
     lm = dyn.loaded.layered
     costs = measure_step_costs(lm, prompt, args.max_draft, dyn.dynamic.draft_vocabulary)

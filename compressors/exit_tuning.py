@@ -42,7 +42,8 @@ from dyninfer.core.artifacts import Artifact
 from dyninfer.core.errors import DyninferError, option
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.progress import ProgressFn, silent
-from dyninfer.core.stages import TUNE, TUNING_GROUP
+from dyninfer.core.records import TuneRecord
+from dyninfer.core.stages import TUNING_GROUP
 
 # Where the LoRA's delta lives in the artifact's `tuning` tensor group.
 TUNING_PREFIX = "lora."
@@ -238,7 +239,7 @@ def fingerprint(delta: ValveDelta) -> str:
 
 def stored_tuning(artifact: Artifact) -> ValveDelta | None:
     """The tune-exits LoRA the artifact holds (None when it was never tuned)."""
-    if TUNE not in artifact.stages:
+    if TuneRecord.read(artifact) is None:
         return None
     delta = ValveDelta.from_tensors(artifact.tensors.get(TUNING_GROUP, {}), TUNING_PREFIX)
     if delta is None:

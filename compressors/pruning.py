@@ -39,7 +39,8 @@ from dyninfer.core.choices import PRUNE_METHODS as METHODS
 from dyninfer.core.errors import DyninferError, is_number
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.progress import ProgressFn
-from dyninfer.core.stages import MASKS_GROUP, PRUNE
+from dyninfer.core.records import PruneRecord
+from dyninfer.core.stages import MASKS_GROUP
 from dyninfer.kernels.cpu_sparse_mlp import (
     cpu_kernel_available,
     predicted_mlp_cpu,
@@ -340,10 +341,10 @@ def install_pruning(lm: LayeredModel, plan: PruningPlan, backend: str = "auto") 
 
 def load_pruning(artifact, lm: LayeredModel, backend: str = "auto") -> PruningPlan | None:
     """Install the artifact's pruning masks on `lm` (returns the plan; None when it has none)."""
-    stage = artifact.stages.get(PRUNE)
-    if stage is None:
+    record = PruneRecord.read(artifact)
+    if record is None:
         return None
-    plan = PruningPlan.from_artifact(stage, artifact.tensors.get(MASKS_GROUP, {}), lm)
+    plan = PruningPlan.from_artifact(record.to_dict(), artifact.tensors.get(MASKS_GROUP, {}), lm)
     install_pruning(lm, plan, backend)
     return plan
 

@@ -29,7 +29,8 @@ from dyninfer.core.artifacts import Artifact
 from dyninfer.core.choices import STEER_METHODS as METHODS
 from dyninfer.core.errors import DyninferError, is_number
 from dyninfer.core.layered import LayeredModel
-from dyninfer.core.stages import STEER, STEERING_GROUP
+from dyninfer.core.records import SteerRecord
+from dyninfer.core.stages import STEERING_GROUP
 
 _ACTIVATION_PREFIX = "activation.layer"
 _VALVE_PREFIX = "valve."
@@ -263,7 +264,8 @@ def steered(lm: LayeredModel, direction: ActivationSteering | ValveDelta, alpha:
 
 def applied(artifact: Artifact) -> dict | None:
     """The stage's record of the baked steering ({"method", "alpha"}), if any."""
-    return (artifact.stages.get(STEER) or {}).get("applied")
+    record = SteerRecord.read(artifact)
+    return None if record is None else record.applied
 
 
 def load_steering(artifact: Artifact, lm: LayeredModel) -> dict | None:

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from dyninfer.core.artifacts import Artifact
 from dyninfer.core.errors import DyninferError, is_number
 from dyninfer.core.layered import LayeredModel
-from dyninfer.core.stages import PROFILE, PRUNE
+from dyninfer.core.records import ProfileRecord, PruneRecord
 
 
 @dataclass
@@ -75,10 +75,10 @@ def speedup_basis(cost_model: dict | None) -> str:
 
 def measured_cost(artifact: Artifact) -> CostModel | None:
     """The per-piece decode latency a `profile` recorded in this artifact, if any."""
-    record = artifact.stages.get(PROFILE)
-    if not record or "measured_cost" not in record:
+    record = ProfileRecord.read(artifact)
+    if record is None or record.measured_cost is None:
         return None
-    cost = record["measured_cost"]
+    cost = record.measured_cost
     numbers = ("context", "embed", "norm", "head", "translator")
     if not (
         isinstance(cost, dict)
@@ -94,8 +94,8 @@ def measured_cost(artifact: Artifact) -> CostModel | None:
 
 def profile_is_stale(artifact: Artifact) -> bool:
     """True when the artifact was pruned after its profile was measured (or the other way round)."""
-    record = artifact.stages.get(PROFILE) or {}
-    return bool(record) and record.get("pruned", False) != (PRUNE in artifact.stages)
+    record = ProfileRecord.read(artifact)
+    return record is not None and record.pruned != (PruneRecord.read(artifact) is not None)
 
 
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:

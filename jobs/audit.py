@@ -23,6 +23,7 @@ from dyninfer.core.choices import TUNED
 from dyninfer.core.errors import DyninferError, option
 from dyninfer.core.memory import peak_memory
 from dyninfer.core.progress import ProgressFn, silent
+from dyninfer.core.records import AuditRecord, read_all
 from dyninfer.exporters.onnx_export import export_dynamic, preflight, provider_problem
 from dyninfer.jobs import calibrate as calibrate_job
 from dyninfer.jobs import probe as probe_job
@@ -126,12 +127,9 @@ class AuditReport:
         return self.steer.result.summary() if self.steer is not None else None
 
     def summary(self) -> dict:
-        artifact_stages = sorted(self.artifact.stages) if self.artifact is not None else []
-        others = {
-            name: _stage_brief(self.artifact.stages[name])
-            for name in REPORTED_STAGES
-            if self.artifact is not None and name in self.artifact.stages
-        }
+        records = read_all(self.artifact) if self.artifact is not None else {}
+        artifact_stages = sorted(records)
+        others = {name: _stage_brief(records[name].to_dict()) for name in REPORTED_STAGES if name in records}
         return {
             "command": "audit",
             "passed": self.passed,
@@ -294,7 +292,7 @@ def run(
     report.gates = evaluate_gates(report)
     timings["total_s"] = time.perf_counter() - started
     report.memory = peak_memory(session.loaded.model)
-    report.artifact.set_stage(stages.AUDIT, _stage_record(report))
+    AuditRecord.from_dict(_stage_record(report)).write(report.artifact)
     if out is not None:
         write(report, out, session, progress, on_wait)
     return report

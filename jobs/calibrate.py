@@ -26,6 +26,7 @@ from dyninfer.core.cost import count_costs, measured_cost, profile_is_stale, spe
 from dyninfer.core.errors import DyninferError, option
 from dyninfer.core.lenses import LogitLens
 from dyninfer.core.progress import ProgressFn
+from dyninfer.core.records import CalibrateRecord, PruneRecord, TuneRecord
 from dyninfer.early_exit.calibrate import calibrate_exits
 from dyninfer.early_exit.certify import CalibrationResult, run_calibrations
 from dyninfer.early_exit.generation import PromptSet, full_continuations
@@ -197,11 +198,11 @@ def lens_notes(ws, windows, draw: Draw) -> tuple[set[int], list[str]]:
     return seen, notes
 
 
-def tuning_notes(record: dict | None, windows, draw: Draw) -> tuple[set[int], list[str]]:
+def tuning_notes(record: TuneRecord | None, windows, draw: Draw) -> tuple[set[int], list[str]]:
     """The train rows the tune-exits LoRA trained on (kept out of fit and calibration), and what to tell the user."""
     if record is None:
         return set(), []
-    provenance = record.get("windows")
+    provenance = record.windows
     seen, overlap = _trained_rows(provenance, windows, draw)
     if overlap is None:
         return seen, [
@@ -244,7 +245,7 @@ def run(
             )
     draw = draw_units(config, windows, set())  # for the held-out rows, which depend on nothing trained
     # The tuned model is not independent of the windows it was tuned on: they stay out of fit and calibration.
-    seen, notes = tuning_notes(ws.artifact.stages.get(stages.TUNE), windows, draw)
+    seen, notes = tuning_notes(TuneRecord.read(ws.artifact), windows, draw)
     if config.lens == TUNED:
         lens, _ = ws.tuned_lens(
             lens_from=config.lens_from, train_tokens=config.lens_train_tokens, steps=config.lens_steps, seed=config.seed, progress=progress
@@ -292,10 +293,10 @@ def run(
         ws.timings,
         cost_model=costs.to_dict(),
         others=others,
-        continuations_key=model_state_key(ws) if generation else ws.artifact.stages.get(stages.CALIBRATE, {}).get("continuations_key"),
+        continuations_key=model_state_key(ws) if generation else _stored_continuations_key(ws),
         placement=ws.loaded.placement,
     )
-    ws.artifact.set_stage(stages.CALIBRATE, report.summary())
+    CalibrateRecord.from_dict(report.summary()).write(ws.artifact)
     # The exits group holds the tuned lens and, for the classifier measure, this policy's classifier.
     exits = {k: v for k, v in ws.artifact.tensors.get(stages.EXITS_GROUP, {}).items() if not k.startswith("classifier.")}
     if classifier is not None:
@@ -344,12 +345,17 @@ def _generation_calibrations(
     return results
 
 
+def _stored_continuations_key(ws) -> str | None:
+    record = CalibrateRecord.read(ws.artifact)
+    return None if record is None else record.continuations_key
+
+
 def model_state_key(ws) -> str:
     """What the full model's continuations depend on: the weights, the baked steering, the pruning masks."""
     state = {
         "model": ws.loaded.content_hash,
         "steering": ws.session.steering,
-        "pruning": ws.artifact.stages.get(stages.PRUNE, {}).get("plan"),
+        "pruning": None if (pruned := PruneRecord.read(ws.artifact)) is None else pruned.plan,
     }
     return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -358,7 +364,7 @@ def cached_continuations(ws, config: CalibrateConfig, prompts: torch.Tensor, wha
     """The full model's continuations of `prompts`, from the artifact when it holds them for this model state."""
     group = ws.artifact.tensors.get(stages.GENERATION_GROUP, {})
     key = model_state_key(ws)
-    stored_key = ws.artifact.stages.get(stages.CALIBRATE, {}).get("continuations_key")
+    stored_key = _stored_continuations_key(ws)
     old_prompts, old = group.get(f"{what}.prompts"), group.get(f"{what}.continuations")
     if (
         stored_key == key

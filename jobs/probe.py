@@ -22,6 +22,7 @@ from dyninfer.core.cost import CostModel, count_costs
 from dyninfer.core.lenses import LogitLens, TunedLensTraining
 from dyninfer.core.memory import peak_memory
 from dyninfer.core.progress import ProgressFn
+from dyninfer.core.records import ProbeRecord
 from dyninfer.jobs.configs import ProbeConfig
 from dyninfer.jobs.plots import probe_figure_png
 from dyninfer.profilers.exit_probe import ProbeResult, run_probe
@@ -134,7 +135,7 @@ def run(
         placement=ws.loaded.placement,
         memory=peak_memory(lm.model),
     )
-    ws.artifact.set_stage(stages.PROBE, _stage_record(report))
+    ProbeRecord.from_dict(_stage_record(report)).write(ws.artifact)
     report.artifact = ws.artifact
     return report
 

@@ -19,6 +19,7 @@ import torch
 from dyninfer.core import stages
 from dyninfer.core.artifacts import Artifact
 from dyninfer.core.progress import ProgressFn
+from dyninfer.core.records import ProfileRecord
 from dyninfer.jobs.configs import ProfileConfig
 from dyninfer.jobs.plots import profile_png
 from dyninfer.profilers.layer_profile import LayerProfile, profile_layers, workloads
@@ -122,7 +123,7 @@ def run(
         | profile.to_dict()
         | {"gpu": gpu.to_dict()}
     )
-    ws.artifact.set_stage(stages.PROFILE, record)
+    ProfileRecord.from_dict(record).write(ws.artifact)
     report.artifact = ws.artifact
     return report
 

@@ -39,6 +39,7 @@ from dyninfer.core.artifacts import Artifact
 from dyninfer.core.cost import count_costs
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.progress import ProgressFn
+from dyninfer.core.records import PruneRecord
 from dyninfer.jobs.configs import PruneConfig
 from dyninfer.jobs.plots import pruning_sweep_png
 from dyninfer.profilers.exit_probe import heldout_quality
@@ -254,7 +255,7 @@ def run(
             "predictor sparsify gate/up too"
         )
     main = report.main
-    ws.artifact.set_stage(stages.PRUNE, {k: v for k, v in report.summary().items() if k != "points"} | {"plan": main.plan.describe()})
+    PruneRecord.from_dict({k: v for k, v in report.summary().items() if k != "points"} | {"plan": main.plan.describe()}).write(ws.artifact)
     ws.artifact.put_tensors(stages.MASKS_GROUP, main.plan.tensors())
     report.artifact = ws.artifact
     return report

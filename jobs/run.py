@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dyninfer.core import stages
 from dyninfer.core.choices import LOGIT
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.generation import GenerationResult
 from dyninfer.core.progress import ProgressFn, silent
+from dyninfer.core.records import ProbeRecord, TuneRecord
 from dyninfer.exporters.onnx_runtime import OnnxDynamicModel, find_package
 from dyninfer.jobs.configs import RunConfig
 from dyninfer.profilers.speculation_cost import measure_step_costs
@@ -57,12 +57,11 @@ DEFAULT_MAX_DRAFT = 8
 def measured_agreement(artifact) -> tuple[list[float] | None, str]:
     """Per depth, how often the logit lens's top-1 equals the final layer's, as the artifact measured it on
     held-out text: its probe (on the model the artifact describes) or its tune-exits report."""
-    probe = (artifact.stages.get(stages.PROBE) or {}).get("lenses", {}).get(LOGIT, {})
-    if probe.get("agreement"):
-        return list(probe["agreement"]), "the probe's held-out agreement (logit lens)"
-    tuned = (artifact.stages.get(stages.TUNE) or {}).get("tuned", {})
-    if tuned.get("agreement"):
-        return list(tuned["agreement"]), "tune-exits' held-out agreement (logit lens)"
+    probe, tune = ProbeRecord.read(artifact), TuneRecord.read(artifact)
+    if probe is not None and probe.agreement(LOGIT):
+        return probe.agreement(LOGIT), "the probe's held-out agreement (logit lens)"
+    if tune is not None and tune.agreement():
+        return tune.agreement(), "tune-exits' held-out agreement (logit lens)"
     return None, ""
 
 

@@ -38,6 +38,7 @@ from dyninfer.core.errors import DyninferError, check_choice, option
 from dyninfer.core.models import LoadedModel
 from dyninfer.core.placement import Placement
 from dyninfer.core.progress import ProgressFn, silent
+from dyninfer.core.records import SteerRecord
 from dyninfer.jobs.configs import ApplyConfig, ExtractConfig, SweepConfig
 from dyninfer.jobs.plots import steer_sweep_png
 from dyninfer.profilers.steer_sweep import SweepResult, run_sweep
@@ -133,12 +134,12 @@ def extract(
     steering = Steering.from_artifact(artifact)
     setattr(steering, config.method, direction)
     artifact.put_tensors(stages.STEERING_GROUP, steering.tensors())
-    stage = dict(artifact.stages.get(stages.STEER, {}))
-    stage.setdefault("methods", {})[config.method] = record
-    stage.get("sweeps", {}).pop(config.method, None)  # a sweep of the old direction no longer applies
-    if (stage.get("applied") or {}).get("method") == config.method:
-        stage["applied"] = None  # the applied direction changed: apply it again deliberately
-    artifact.set_stage(stages.STEER, stage)
+    stage = SteerRecord.read(artifact) or SteerRecord()
+    stage.methods[config.method] = record
+    stage.report.get("sweeps", {}).pop(config.method, None)  # a sweep of the old direction no longer applies
+    if isinstance(stage.applied, dict) and stage.applied.get("method") == config.method:
+        stage.applied = None  # the applied direction changed: apply it again deliberately
+    stage.write(artifact)
     report("done", 1, 1)
     return ExtractReport(artifact, config.method, record)
 
@@ -171,7 +172,7 @@ class SweepReport:
 
 def _stage_for(artifact: Artifact, method: str, where: str) -> dict:
     check_choice("method", method, METHODS)
-    record = (artifact.stages.get(stages.STEER) or {}).get("methods", {}).get(method)
+    record = _steer_methods(artifact).get(method)
     if record is None:
         raise DyninferError(
             f"{where} holds no {method} direction; extract one into it with `dyninfer steer extract` ({option('method')} {method}) first"
@@ -179,11 +180,16 @@ def _stage_for(artifact: Artifact, method: str, where: str) -> dict:
     return record
 
 
+def _steer_methods(artifact: Artifact) -> dict:
+    record = SteerRecord.read(artifact)
+    return {} if record is None else record.methods
+
+
 def pick_method(artifact: Artifact, method: str | None, where: str) -> str:
     """The method named, or the only one the artifact holds."""
     if method is not None:
         return method
-    held = sorted((artifact.stages.get(stages.STEER) or {}).get("methods", {}))
+    held = sorted(_steer_methods(artifact))
     if len(held) == 1:
         return held[0]
     if not held:
@@ -226,9 +232,9 @@ def sweep(
     notes = []
     if applied(artifact):
         notes.append("the sweep starts from the base model; the artifact's applied α is not part of it")
-    stage = dict(artifact.stages[stages.STEER])
-    stage.setdefault("sweeps", {})[method] = result.summary()
-    artifact.set_stage(stages.STEER, stage)
+    stage = SteerRecord.read(artifact)
+    stage.report.setdefault("sweeps", {})[method] = result.summary()
+    stage.write(artifact)
     return SweepReport(artifact, result, notes)
 
 
@@ -283,9 +289,9 @@ def apply(config: ApplyConfig, path: str | os.PathLike, on_wait: Callable[[], No
     method = pick_method(artifact, config.method, where)
     _stage_for(artifact, method, where)
     direction = Steering.from_artifact(artifact).get(method)
-    stage = dict(artifact.stages[stages.STEER])
-    stage["applied"] = {"method": method, "alpha": float(config.alpha)}
-    artifact.set_stage(stages.STEER, stage)
+    stage = SteerRecord.read(artifact)
+    stage.applied = {"method": method, "alpha": float(config.alpha)}
+    stage.write(artifact)
     notes: list[str] = []
     activation = isinstance(direction, ActivationSteering)
 

@@ -30,6 +30,7 @@ from dyninfer.core.cost import count_costs
 from dyninfer.core.errors import DyninferError, option
 from dyninfer.core.lenses import LogitLens
 from dyninfer.core.progress import ProgressFn
+from dyninfer.core.records import TuneRecord
 from dyninfer.jobs.configs import TuneConfig
 from dyninfer.profilers.exit_probe import heldout_quality, run_probe
 from dyninfer.runtime.loader import ModelSession, lens_provenance, open_workspace
@@ -188,11 +189,10 @@ def run(
         inside[vocabulary] = True
         report.draft_vocabulary = {"size": int(vocabulary.numel()), "heldout_coverage": float(inside[heldout[:, 1:]].float().mean())}
     ws.artifact.put_tensors(stages.TUNING_GROUP, tensors)
-    ws.artifact.set_stage(
-        stages.TUNE,
+    TuneRecord.from_dict(
         {k: v for k, v in report.summary().items() if k != "command"}
-        | {"fingerprint": fingerprint(delta), "windows": lens_provenance(windows, rows)},
-    )
+        | {"fingerprint": fingerprint(delta), "windows": lens_provenance(windows, rows)}
+    ).write(ws.artifact)
     report.artifact = ws.artifact
     return report
 

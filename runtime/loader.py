@@ -29,6 +29,7 @@ from dyninfer.core.lenses import LogitLens, TunedLens, TunedLensTraining, train_
 from dyninfer.core.models import LoadedModel, load_model
 from dyninfer.core.placement import CPU_FLOAT32, Placement
 from dyninfer.core.progress import ProgressFn, silent
+from dyninfer.core.records import CalibrateRecord, LensRecord, PruneRecord
 from dyninfer.early_exit.confidence import ExitClassifier
 from dyninfer.early_exit.policy import ExitPolicy
 from dyninfer.runtime.dynamic import DynamicModel
@@ -125,7 +126,7 @@ class Workspace:
             if lens_from:
                 source = Artifact.load(lens_from, expect_model_hash=self.loaded.content_hash)
                 lens = TunedLens.from_tensors(self.lm, source.tensors.get(stages.EXITS_GROUP, {}))
-                self._store(lens, source.stages.get(stages.LENS))  # the artifact must stand alone
+                self._store(lens, _lens_windows(source))  # the artifact must stand alone
                 return lens, None
             stored = None if retrain else self.stored_tuned_lens()
             if stored is not None:
@@ -139,7 +140,7 @@ class Workspace:
 
     def lens_windows(self) -> dict | None:
         """Where the artifact's tuned lens was trained (`lens_provenance`), or None when unknown."""
-        return self.artifact.stages.get(stages.LENS)
+        return _lens_windows(self.artifact)
 
     def _store(self, lens: TunedLens, provenance: dict | None) -> None:
         """Put the lens in the artifact's exits group, keeping whatever else the group holds, and where it trained."""
@@ -147,9 +148,14 @@ class Workspace:
         exits.update(lens.tensors())
         self.artifact.put_tensors(stages.EXITS_GROUP, exits)
         if provenance is None:
-            self.artifact.stages.pop(stages.LENS, None)
+            LensRecord.clear(self.artifact)
         else:
-            self.artifact.set_stage(stages.LENS, provenance)
+            LensRecord(**provenance).write(self.artifact)
+
+
+def _lens_windows(artifact: Artifact) -> dict | None:
+    record = LensRecord.read(artifact)
+    return None if record is None else record.provenance()
 
 
 def lens_provenance(windows: TokenWindows, rows) -> dict:
@@ -242,7 +248,8 @@ class LoadedDynamic:
 
     @property
     def calibration(self) -> dict:
-        return self.artifact.stages.get(stages.CALIBRATE, {})
+        record = CalibrateRecord.read(self.artifact)
+        return {} if record is None else record.to_dict()
 
     @property
     def notes(self) -> list[str]:
@@ -293,13 +300,13 @@ def build_dynamic(
     """
     pruning = session.apply(artifact)
     where = f"'{artifact.path}'" if artifact.path is not None else "the artifact"
-    stage = artifact.stages.get(stages.CALIBRATE)
-    compressed = stages.PRUNE in artifact.stages or applied(artifact) is not None
+    stage = CalibrateRecord.read(artifact)
+    compressed = PruneRecord.read(artifact) is not None or applied(artifact) is not None
     if stage is None and require_policy and not (full_depth_is_enough and compressed):
         raise DyninferError(f"{where} has no early-exit policy; run `dyninfer calibrate` into it first")
-    if stage is not None and "policy" not in stage:
+    if stage is not None and stage.policy is None:
         raise DyninferError(f"{where} has a calibrate stage without a policy; run `dyninfer calibrate` into it again")
-    policy = ExitPolicy.from_dict(stage["policy"], session.lm.num_layers) if stage else None
+    policy = ExitPolicy.from_dict(stage.policy, session.lm.num_layers) if stage else None
     if kv_mode is not None:
         check_choice("kv_mode", kv_mode, KV_MODES)
         if policy is not None:

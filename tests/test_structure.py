@@ -25,7 +25,7 @@ from dyninfer.jobs import run as run_job
 from dyninfer.jobs import steer as steer_job
 
 ROOT = Path(__file__).parents[1]
-LIBRARY = ["core", "kernels", "compressors", "runtime", "exporters", "profilers", "jobs"]
+LIBRARY = ["core", "kernels", "compressors", "early_exit", "runtime", "exporters", "profilers", "jobs"]
 COMMANDS = [  # (command function, the Config it builds)
     (probe.probe, probe_job.ProbeConfig),
     (profile.profile, profile_job.ProfileConfig),
@@ -126,3 +126,17 @@ def test_every_benchmark_records_where_its_numbers_come_from():
     assert len(scripts) >= 9
     missing = [p.name for p in scripts if not re.search(r"\bprovenance(_line)?\(\)", p.read_text())]
     assert missing == []
+
+
+def test_stage_records_are_read_and_written_only_through_core_records():
+    """No library module reaches into an artifact's stage dicts by key: core/records.py is the one door."""
+    pattern = re.compile(r"\.stages(\.get\(|\[|\.pop\()|\bset_stage\(")
+    found = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for package in LIBRARY
+        for path in sorted((ROOT / package).glob("*.py"))
+        if path.relative_to(ROOT).as_posix() not in ("core/artifacts.py", "core/records.py")
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if pattern.search(line)
+    ]
+    assert found == []

@@ -313,6 +313,7 @@ def test_calibration_never_draws_a_window_the_tuning_trained_on(tmp_path):
     from conftest import word_tokenizer
 
     from dyninfer.core.data import load_windows
+    from dyninfer.core.records import TuneRecord
     from dyninfer.jobs.calibrate import CalibrateConfig, draw_units, tuning_notes
     from dyninfer.runtime.loader import lens_provenance
 
@@ -320,7 +321,7 @@ def test_calibration_never_draws_a_window_the_tuning_trained_on(tmp_path):
     data.write_text(random_text(20000))
     windows = load_windows(str(data), word_tokenizer(), seq_len=32, seed=0)
     tuned_rows = windows.order("train")[:200]  # what tune-exits takes: the start of the same random order
-    record = {"windows": lens_provenance(windows, tuned_rows)}
+    record = TuneRecord(windows=lens_provenance(windows, tuned_rows))
     config = CalibrateConfig(
         data=str(data), seq_len=32, fit_tokens=256, calibration_tokens=1024, heldout_tokens=256, risk="teacher-forced-consistency"
     )
