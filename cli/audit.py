@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated
 
@@ -9,7 +10,7 @@ import typer
 
 from dyninfer.cli import options as opt
 from dyninfer.cli.output import gates_failed, handle_errors, memory_line, print_json, progress_reporter, stderr, stdout, waiting
-from dyninfer.jobs.configs import AuditConfig
+from dyninfer.jobs.configs import AuditConfig, CalibrateConfig, ProbeConfig, ProfileConfig, PruneConfig, audit_steering
 
 DEFAULTS = AuditConfig()  # the options' defaults are the library's
 
@@ -44,41 +45,43 @@ def audit(
             help="tuned (trains a tuned lens, or reuses the artifact's; the logit lens is reported too) or logit (training-free, faster).",
         ),
     ] = DEFAULTS.lens,
-    probe_tokens: Annotated[int, typer.Option("--tokens", "-n", help="Held-out tokens the probe reads.")] = DEFAULTS.probe_tokens,
+    probe_tokens: Annotated[int, typer.Option("--tokens", "-n", help="Held-out tokens the probe reads.")] = DEFAULTS.probe.tokens,
     target: Annotated[
         float, typer.Option("--target", "-t", help="Consistency target of the policy the artifact keeps and the gates judge.")
-    ] = DEFAULTS.target,
+    ] = DEFAULTS.calibrate.target,
     extra_targets: Annotated[
         opt.Numbers,
         typer.Option(
             "--targets", parser=opt.floats, metavar="X,Y", help="More targets to calibrate and report (comma-separated; empty for none)."
         ),
-    ] = DEFAULTS.extra_targets,
-    epsilon: opt.Epsilon = DEFAULTS.epsilon,
-    measure: Annotated[str, typer.Option("--measure", "-m", help="Exit confidence (see `dyninfer calibrate --help`).")] = DEFAULTS.measure,
-    risk: opt.Risk = DEFAULTS.risk,
-    prompts: opt.CalibrationPrompts = DEFAULTS.prompts,
-    heldout_prompts: opt.HeldoutPrompts = DEFAULTS.heldout_prompts,
-    prompt_tokens: opt.PromptTokens = DEFAULTS.prompt_tokens,
-    new_tokens: opt.NewTokens = DEFAULTS.new_tokens,
-    consistency: opt.Consistency = DEFAULTS.consistency,
-    fit_tokens: opt.FitTokens = DEFAULTS.fit_tokens,
-    calibration_tokens: opt.CalibrationTokens = DEFAULTS.calibration_tokens,
-    heldout_tokens: opt.HeldoutTokens = DEFAULTS.heldout_tokens,
-    lens_train_tokens: opt.LensTrainTokens = DEFAULTS.lens_train_tokens,
-    lens_steps: opt.LensSteps = DEFAULTS.lens_steps,
-    repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per piece in the profile.")] = DEFAULTS.repeats,
-    energy_seconds: opt.EnergySeconds = DEFAULTS.energy_seconds,
+    ] = DEFAULTS.calibrate.extra_targets,
+    epsilon: opt.Epsilon = DEFAULTS.calibrate.epsilon,
+    measure: Annotated[
+        str, typer.Option("--measure", "-m", help="Exit confidence (see `dyninfer calibrate --help`).")
+    ] = DEFAULTS.calibrate.measure,
+    risk: opt.Risk = DEFAULTS.calibrate.risk,
+    prompts: opt.CalibrationPrompts = DEFAULTS.calibrate.prompts,
+    heldout_prompts: opt.HeldoutPrompts = DEFAULTS.calibrate.heldout_prompts,
+    prompt_tokens: opt.PromptTokens = DEFAULTS.calibrate.prompt_tokens,
+    new_tokens: opt.NewTokens = DEFAULTS.calibrate.new_tokens,
+    consistency: opt.Consistency = DEFAULTS.calibrate.consistency,
+    fit_tokens: opt.FitTokens = DEFAULTS.calibrate.fit_tokens,
+    calibration_tokens: opt.CalibrationTokens = DEFAULTS.calibrate.calibration_tokens,
+    heldout_tokens: opt.HeldoutTokens = DEFAULTS.calibrate.heldout_tokens,
+    lens_train_tokens: opt.LensTrainTokens = DEFAULTS.calibrate.lens_train_tokens,
+    lens_steps: opt.LensSteps = DEFAULTS.calibrate.lens_steps,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per piece in the profile.")] = DEFAULTS.profile.repeats,
+    energy_seconds: opt.EnergySeconds = DEFAULTS.profile.energy_seconds,
     prune: Annotated[
         bool, typer.Option("--prune/--no-prune", help="Also learn threshold pruning masks (first, so the rest audits the pruned model).")
-    ] = DEFAULTS.prune,
-    prune_sparsity: Annotated[float, typer.Option("--prune-sparsity", help="MLP sparsity for --prune.")] = DEFAULTS.prune_sparsity,
+    ] = False,
+    prune_sparsity: Annotated[float, typer.Option("--prune-sparsity", help="MLP sparsity for --prune.")] = PruneConfig().sparsity,
     steer: Annotated[
         str | None,
         typer.Option(
             "--steer", help="Also extract a CoT-length direction (activation or valve) and sweep it on built-in arithmetic problems."
         ),
-    ] = DEFAULTS.steer,
+    ] = None,
     steer_alphas: Annotated[
         opt.Numbers,
         typer.Option(
@@ -87,7 +90,7 @@ def audit(
             metavar="A,B",
             help="α values for --steer (default: 0.25,0.5,1 for activation, 0.1,0.2,0.5 for valve).",
         ),
-    ] = DEFAULTS.steer_alphas,
+    ] = DEFAULTS.sweep.alphas,
     export: Annotated[
         bool, typer.Option("--export/--no-export", help="Also export to ONNX Runtime and verify against torch (minutes).")
     ] = DEFAULTS.export,
@@ -114,7 +117,17 @@ def audit(
     from dyninfer.jobs import audit as job
     from dyninfer.jobs.audit_report import markdown
 
-    config = opt.config_from(AuditConfig, locals())
+    values = locals()
+    config = opt.config_from(
+        AuditConfig,
+        values,
+        probe=opt.config_from(ProbeConfig, values, base=DEFAULTS.probe, tokens=probe_tokens),
+        profile=opt.config_from(ProfileConfig, values, base=DEFAULTS.profile),
+        calibrate=opt.config_from(CalibrateConfig, values, base=DEFAULTS.calibrate),
+        prune=PruneConfig(sparsity=prune_sparsity, heldout_tokens=heldout_tokens) if prune else None,
+        steer=audit_steering(steer) if steer else None,
+        sweep=dataclasses.replace(DEFAULTS.sweep, alphas=tuple(steer_alphas)),
+    )
     with progress_reporter() as progress:
         report = job.run(config, out, progress, on_wait=waiting(out))
     if as_json:

@@ -177,8 +177,9 @@ MinConsistency = Annotated[
 ]
 
 
-def config_from(config_class, values: dict, **overrides):
-    """`config_class` built from a command's parameters (those named like its fields) and `overrides`.
+def config_from(config_class, values: dict, *, base=None, **overrides):
+    """`config_class` built from a command's parameters (those named like its fields) and `overrides`; with
+    `base` (an instance), the fields no parameter names keep `base`'s values.
 
     Paths become strings and comma lists tuples, the types the library's Configs hold.
     """
@@ -189,4 +190,4 @@ def config_from(config_class, values: dict, **overrides):
         elif f.name in values:
             value = values[f.name]
             kwargs[f.name] = str(value) if isinstance(value, Path) else tuple(value) if isinstance(value, Numbers) else value
-    return config_class(**kwargs)
+    return dataclasses.replace(base, **kwargs) if base is not None else config_class(**kwargs)

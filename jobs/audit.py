@@ -111,7 +111,7 @@ class AuditReport:
             "oracle_lens": best,
             "mean_prediction_depth": oracle[best]["mean_depth"],
             "num_layers": self.probe.base_model["num_layers"],
-            "target": self.config.target,
+            "target": self.config.calibrate.target,
             "exit_points": self.calibration.result.policy.exit_points,
             "consistency": kept["consistency"],
             "consistency_is": kept["consistency_is"],
@@ -141,10 +141,10 @@ class AuditReport:
             "targets": self.targets(),
             "calibration": {
                 "statement": self.calibration.result.ltt.statement(),
-                "epsilon": self.config.epsilon,
+                "epsilon": self.config.calibrate.epsilon,
                 "risk": self.calibration.result.risk,
                 "units": self.calibration.result.units,
-                "measure": self.config.measure,
+                "measure": self.config.calibrate.measure,
                 "lens": self.config.lens,
                 "cost_model": self.calibration.cost_model,
                 "notes": self.calibration.result.notes,
@@ -256,7 +256,9 @@ def run(
     timings: dict[str, float] = {}
     started = time.perf_counter()
     report_progress = progress or silent
-    plan = [stages.PRUNE] * config.prune + [stages.PROBE, stages.PROFILE, stages.CALIBRATE] + [stages.STEER] * bool(config.steer)
+    plan = (
+        [stages.PRUNE] * (config.prune is not None) + [stages.PROBE, stages.PROFILE, stages.CALIBRATE] + [stages.STEER] * bool(config.steer)
+    )
 
     def timed(name: str, work):
         label = f"audit stage {plan.index(name) + 1}/{len(plan)}: {name}"
@@ -273,7 +275,7 @@ def run(
         report_progress("loading model", 1, 1)
     artifact: str | Artifact | None = existing
     pruned = None
-    if config.prune:  # first, so the stages after it audit the pruned model that would ship
+    if config.prune is not None:  # first, so the stages after it audit the pruned model that would ship
         pruned = timed(stages.PRUNE, lambda: prune_job.run(config.prune_config(), progress, artifact, session))
         artifact = pruned.artifact
     probed = timed(stages.PROBE, lambda: probe_job.run(config.probe_config(), progress, artifact, session))

@@ -425,128 +425,80 @@ class BenchConfig(PlacementOptions):
             check_between("min_consistency", self.min_consistency, 0.0, 1.0, low_open=False, high_open=False)
 
 
+def _quick_probe() -> ProbeConfig:
+    return ProbeConfig(tokens=1024, lens_train_tokens=4096, lens_steps=30)
+
+
+def _quick_calibrate() -> CalibrateConfig:
+    # 0.99 needs at least 299 calibration prompts at epsilon 0.05 (ltt.min_examples): more than the bundled corpus
+    # offers at the default window length, so the extra target is 0.9.
+    return CalibrateConfig(fit_tokens=2048, heldout_tokens=1024, lens_train_tokens=4096, lens_steps=30, extra_targets=(0.9,))
+
+
+def audit_steering(method: str) -> ExtractConfig:
+    """The audit's steering check: a direction from 32 worked examples, 8 held-out questions."""
+    return ExtractConfig(method=method, examples=32, heldout=8)
+
+
 @dataclass
 class AuditConfig(PlacementOptions):
+    """The audit: what every stage shares (model, data, windows, seed, lens, where it runs), each stage's own
+    Config, and the CI gates. The stage Configs' defaults are sized so the bundled model's audit takes minutes
+    on 2 CPU cores (docs/audit.md says how many); the shared fields override theirs when a stage runs."""
+
     model: str = DEFAULT_MODEL
     data: str = DEFAULT_DATA
     field: str | None = None
-    seq_len: int = 256
+    seq_len: int = 256  # also the profile's context
     seed: int = 0
     lens: str = TUNED  # tuned: trains (or reuses) a tuned lens; logit: training-free and faster
-    # Defaults sized so the bundled model's audit takes minutes on 2 CPU cores (docs/audit.md says how many).
-    probe_tokens: int = 1024
-    lens_train_tokens: int = 4096
-    lens_steps: int = 30
-    target: float = 0.95  # the policy the artifact keeps and the gates judge
-    # 0.99 needs at least 299 calibration prompts at epsilon 0.05 (ltt.min_examples): more than the bundled corpus
-    # offers at the default window length.
-    extra_targets: tuple[float, ...] = (0.9,)
-    epsilon: float = 0.05
-    measure: str = "classifier"
-    risk: str = GENERATION_RISK
-    prompts: int = 128
-    heldout_prompts: int = 32
-    prompt_tokens: int = 64
-    new_tokens: int = 32
-    consistency: str = "tokens"
-    fit_tokens: int = 2048
-    calibration_tokens: int = 32768
-    heldout_tokens: int = 1024
-    repeats: int = 10
-    energy_seconds: float = 3.0
-    prune: bool = False
-    prune_sparsity: float = 0.5
+    probe: ProbeConfig = dataclasses.field(default_factory=_quick_probe)
+    profile: ProfileConfig = dataclasses.field(default_factory=lambda: ProfileConfig(warmup=2, repeats=10))
+    calibrate: CalibrateConfig = dataclasses.field(default_factory=_quick_calibrate)  # its `target`: the gates' policy
+    prune: PruneConfig | None = None  # set: learn threshold masks first, so the rest audits the pruned model
+    steer: ExtractConfig | None = None  # set: extract a CoT-length direction and sweep it (not applied)
+    # The sweep's alphas default to STEER_ALPHAS[method]; 128 new tokens: the bundled model's chains run past 96.
+    sweep: SweepConfig = dataclasses.field(default_factory=lambda: SweepConfig(alphas=(), questions=8, max_new_tokens=128))
     export: bool = False
-    steer: str | None = None  # activation or valve: extract a CoT-length direction and sweep it
-    steer_alphas: tuple[float, ...] = ()  # default: STEER_ALPHAS[steer]
-    steer_examples: int = 32
-    steer_questions: int = 8
-    steer_max_new_tokens: int = 128  # the sweep's own default: the bundled model's chains run past 96
     # CI gates (None: not checked); `run` still writes the report when one fails, and the CLI exits 1.
     min_oracle_saving: float | None = None  # the best lens's oracle FLOP saving (probe)
-    min_speedup: float | None = None  # predicted held-out speedup of the certified policy at `target`
+    min_speedup: float | None = None  # predicted held-out speedup of the certified policy at the calibration target
     min_consistency: float | None = None  # held-out token consistency of that policy
 
+    def _shared(self) -> dict:
+        return self.placed() | {"model": self.model, "data": self.data, "field": self.field, "seed": self.seed}
+
     def probe_config(self) -> ProbeConfig:
-        return ProbeConfig(
-            **self.placed(),
-            model=self.model,
-            data=self.data,
-            field=self.field,
-            seq_len=self.seq_len,
-            seed=self.seed,
-            lenses=(LOGIT, TUNED) if self.lens == TUNED else (LOGIT,),
-            tokens=self.probe_tokens,
-            lens_train_tokens=self.lens_train_tokens,
-            lens_steps=self.lens_steps,
-        )
+        lenses = (LOGIT, TUNED) if self.lens == TUNED else (LOGIT,)
+        return dataclasses.replace(self.probe, **self._shared(), seq_len=self.seq_len, lenses=lenses)
 
     def profile_config(self) -> ProfileConfig:
-        return ProfileConfig(
-            **self.placed(),
-            model=self.model,
-            data=self.data,
-            field=self.field,
-            context=self.seq_len,
-            repeats=self.repeats,
-            warmup=2,
-            energy_seconds=self.energy_seconds,
-            seed=self.seed,
-        )
+        return dataclasses.replace(self.profile, **self._shared(), context=self.seq_len)
 
     def calibrate_config(self) -> CalibrateConfig:
-        return CalibrateConfig(
-            **self.placed(),
-            model=self.model,
-            data=self.data,
-            field=self.field,
-            seq_len=self.seq_len,
-            seed=self.seed,
-            lens=self.lens,
-            measure=self.measure,
-            target=self.target,
-            epsilon=self.epsilon,
-            fit_tokens=self.fit_tokens,
-            risk=self.risk,
-            prompts=self.prompts,
-            heldout_prompts=self.heldout_prompts,
-            prompt_tokens=self.prompt_tokens,
-            new_tokens=self.new_tokens,
-            consistency=self.consistency,
-            calibration_tokens=self.calibration_tokens,
-            heldout_tokens=self.heldout_tokens,
-            lens_train_tokens=self.lens_train_tokens,
-            lens_steps=self.lens_steps,
-            extra_targets=tuple(t for t in self.extra_targets if t != self.target),
-        )
+        extra = tuple(t for t in self.calibrate.extra_targets if t != self.calibrate.target)
+        return dataclasses.replace(self.calibrate, **self._shared(), seq_len=self.seq_len, lens=self.lens, extra_targets=extra)
 
-    def prune_config(self) -> PruneConfig:
-        return PruneConfig(
-            **self.placed(),
-            model=self.model,
-            data=self.data,
-            field=self.field,
-            seq_len=self.seq_len,
-            seed=self.seed,
-            sparsity=self.prune_sparsity,
-            heldout_tokens=self.heldout_tokens,
-        )
+    def prune_config(self) -> PruneConfig | None:
+        return None if self.prune is None else dataclasses.replace(self.prune, **self._shared(), seq_len=self.seq_len)
 
-    def extract_config(self) -> ExtractConfig:
-        return ExtractConfig(
-            **self.placed(), model=self.model, method=self.steer, examples=self.steer_examples, heldout=self.steer_questions, seed=self.seed
-        )
+    def extract_config(self) -> ExtractConfig | None:
+        if self.steer is None:
+            return None
+        return dataclasses.replace(self.steer, **self.placed(), model=self.model, seed=self.seed)
 
     def alphas(self) -> list[float]:
-        return list(self.steer_alphas or STEER_ALPHAS.get(self.steer, ()))
+        return list(self.sweep.alphas or STEER_ALPHAS.get(self.steer.method if self.steer else "", ()))
 
-    def sweep_config(self) -> SweepConfig:
-        return SweepConfig(
+    def sweep_config(self) -> SweepConfig | None:
+        if self.steer is None:
+            return None
+        return dataclasses.replace(
+            self.sweep,
             **self.placed(),
-            method=self.steer,
+            method=self.steer.method,
             alphas=tuple(self.alphas()),
-            questions=self.steer_questions,
-            max_new_tokens=self.steer_max_new_tokens,
+            questions=self.sweep.questions or self.steer.heldout,
             model=self.model,
         )
 
@@ -557,13 +509,16 @@ class AuditConfig(PlacementOptions):
                 check_between(name, getattr(self, name), 0.0, 1.0, low_open=False, high_open=False)
         if self.min_speedup is not None:
             check_positive("min_speedup", self.min_speedup)
-        if self.steer is not None:
-            check_choice("steer", self.steer, STEER_METHODS)
-            self.extract_config().validate()
-            self.sweep_config().validate()
         check_choice("lens", self.lens, (LOGIT, TUNED))
-        self.probe_config().validate()
-        self.profile_config().validate()
-        self.calibrate_config().validate()
-        if self.prune:
-            self.prune_config().validate()
+        if self.steer is not None:
+            check_choice("steer", self.steer.method, STEER_METHODS)
+        for config in (
+            self.probe_config(),
+            self.profile_config(),
+            self.calibrate_config(),
+            self.prune_config(),
+            self.extract_config(),
+            self.sweep_config(),
+        ):
+            if config is not None:
+                config.validate()

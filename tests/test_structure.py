@@ -71,6 +71,16 @@ def test_cli_defaults_are_the_configs_defaults(command, config_class):
         for f in dataclasses.fields(config_class)
         if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
     }
+    # A composed Config (the audit's): its stage Configs' fields are the command's options too, under their own
+    # names (the probe's `tokens` is the audit's `probe_tokens`); `prune` and `steer` are the flags that switch
+    # a stage on, whose Config the command builds.
+    for name, stage in list(defaults.items()):
+        if dataclasses.is_dataclass(stage):
+            del defaults[name]
+            for f in dataclasses.fields(stage):
+                defaults.setdefault(f"{name}_{f.name}" if (name, f.name) == ("probe", "tokens") else f.name, getattr(stage, f.name))
+    if config_class is audit_job.AuditConfig:
+        defaults = {k: v for k, v in defaults.items() if k not in ("prune", "steer")} | {"steer_alphas": ()}
     shared = 0
     for name, parameter in inspect.signature(command).parameters.items():
         if name in defaults and parameter.default is not inspect.Parameter.empty:
