@@ -14,6 +14,7 @@ from dyninfer.cli.app import app
 from dyninfer.compressors.ltt import learn_then_test
 from dyninfer.core.artifacts import Artifact
 from dyninfer.core.cost import CostModel, count_costs
+from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens
 from dyninfer.early_exit.calibrate import calibrate_exits
@@ -307,3 +308,23 @@ def test_calibrate_exits_certifies_every_risk_without_the_job(risk):
         assert result.policy.exit_points and result.policy.threshold is not None, result.notes
         assert (result.generated is not None) == (risk == "generation")
         assert ("56 prompts of 8 tokens" in result.units) == (risk == "generation")
+
+
+def test_calibrate_exits_refuses_what_it_cannot_certify_on_and_continues_bare_prompts():
+    from dyninfer.early_exit.generation import PromptSet
+
+    lm = LayeredModel(tiny_model("llama", layers=3))
+    windows = torch.randint(3, VOCAB, (40, 17), generator=torch.Generator().manual_seed(3))
+    costs, lens = count_costs(lm, context=16), LogitLens(lm)
+    common = dict(targets=[0.6], epsilon=0.1, min_layer=1, prompt_tokens=8, new_tokens=4)
+    with pytest.raises(DyninferError, match="unknown risk 'vibes'"):
+        calibrate_exits(lm, lens, costs, windows[:8], windows[8:32], windows[32:], risk="vibes", **common)
+    with pytest.raises(DyninferError, match="certifies on calibration windows, not on prompts"):
+        calibrate_exits(
+            lm, lens, costs, windows[:8], PromptSet(windows[8:32, :8], None), windows[32:], risk="teacher-forced-consistency", **common
+        )
+    with pytest.raises(DyninferError, match="fewer than a prompt's 8"):
+        calibrate_exits(lm, lens, costs, windows[:8], windows[8:32, :5], windows[32:], **common)
+    prompts = PromptSet(windows[8:32, :8], None)  # no continuations yet: the full model's are computed
+    ((result, _),) = calibrate_exits(lm, lens, costs, windows[:8], prompts, windows[32:], **common)
+    assert prompts.continuations.shape == (24, 4) and result.units.startswith("24 prompts of 8 tokens")

@@ -259,3 +259,27 @@ def test_a_model_whose_tokenizer_adds_bos_sees_it_in_every_window_and_prompt(tmp
     assert json.loads(calibrate.stdout)["data"]["sequence_start"] == [bos]
     prompts = Artifact.load(tmp_path / "art").tensors["generation"]["calibration.prompts"]
     assert (prompts[:, 0] == bos).all() and (prompts[:, 1:] != bos).all()  # every prompt starts as a sequence does
+
+
+@pytest.mark.parametrize("rank, joined_before", [(0, False), (1, False), (1, True)])
+def test_a_launched_command_joins_the_group_when_it_runs_and_leaves_after(monkeypatch, rank, joined_before):
+    """Under torchrun (WORLD_SIZE > 1) a command joins the process group once its options parsed and leaves it when
+    it ends; ranks other than 0 print nothing; a caller that joined the group itself (tests/ddp_commands.py) keeps it."""
+    from dyninfer.cli import app as app_module
+    from dyninfer.core import distributed
+
+    events = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed, "current", lambda: distributed.World(rank, 2 if joined_before else 1))
+    monkeypatch.setattr(distributed, "join", lambda: events.append("join") or distributed.World(rank, 2))
+    monkeypatch.setattr(distributed, "leave", lambda: events.append("leave"))
+    monkeypatch.setattr(app_module, "_silence", lambda: events.append("silence"))
+    wrapped = app_module._in_launched_group(lambda value: events.append(f"run {value}") or value)
+    assert wrapped(7) == 7
+    if joined_before:
+        assert events == ["run 7"]
+    else:
+        assert events == ["join", *(["silence"] if rank else []), "run 7", "leave"]
+    monkeypatch.setenv("WORLD_SIZE", "1")  # no launcher: nothing is joined
+    events.clear()
+    assert wrapped(3) == 3 and events == ["run 3"]

@@ -213,3 +213,14 @@ def test_data_too_small_to_shard_is_one_error_line_and_writes_nothing(workspace)
     ]
     assert "exitcode  : 2" in done.stderr  # the rank exits 2; torchrun then reports the failed child its own way
     assert not out.exists()
+
+
+def test_without_a_launcher_join_is_the_one_process_world_and_leave_does_nothing(monkeypatch):
+    from dyninfer.core import distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    world = distributed.join()
+    assert (world.rank, world.size, world.is_main) == (0, 1, True)
+    assert not torch.distributed.is_initialized()
+    distributed.leave()  # nothing was started: nothing to end
+    assert distributed.current() == world
