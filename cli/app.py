@@ -54,7 +54,7 @@ def load_command(name: str):
     module = importlib.import_module(f"dyninfer.cli.{module_name}")
     target = getattr(module, attribute)
     if isinstance(target, typer.Typer):
-        command = typer.main.get_group(target)
+        command = typer.main.get_command(target)  # a group of subcommands (steer)
     else:
         single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
         single.command(name, help=module.HELP)(target)

@@ -70,7 +70,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
-    rich_markup_mode=None,
 )
 
 Method = Annotated[str | None, typer.Option("--method", "-m", help="activation or valve (default: the only one the artifact holds).")]
