@@ -6,6 +6,7 @@ import contextvars
 import functools
 import json
 import sys
+import time
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -15,7 +16,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from typer.models import ArgumentInfo, OptionInfo
 
 from dyninfer.core.artifact_files import check_output_dir
@@ -101,12 +102,27 @@ def notes(lines: list[str], console: Console = stdout) -> None:
         console.print(f"[yellow]note:[/] {with_flags(line)}")
 
 
+def time_left(elapsed: float, done: int, total: int) -> str:
+    """ ", 12 s elapsed, about 30 s left" at the pace so far (nothing before the first step, or when done)."""
+    if done <= 0 or total <= 0:
+        return ""
+    if done >= total:
+        return f", {_duration(elapsed)}"
+    return f", {_duration(elapsed)} elapsed, about {_duration(elapsed * (total - done) / done)} left"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
+
+
 @contextmanager
 def progress_reporter(enabled: bool = True) -> Iterator[ProgressFn]:
     """A `progress(description, done, total)` callback for long work, drawn on stderr.
 
-    On a terminal: transient progress bars. Otherwise (CI logs, pipes): one plain line
-    when a stage starts, at each further tenth, and when it ends. A description "task — state"
+    On a terminal: transient progress bars with the time elapsed and an estimate of the time left.
+    Otherwise (CI logs, pipes): one plain line when a stage starts, at each further tenth (with the
+    time elapsed and, at the pace so far, the time left), and when it ends. A description "task — state"
     is one task whose state changes (a training loss): its bar, or its next line, shows the latest.
     """
     if not enabled:
@@ -114,13 +130,16 @@ def progress_reporter(enabled: bool = True) -> Iterator[ProgressFn]:
         return
     if not stderr.is_terminal:
         last_tenth: dict[str, int] = {}
+        started: dict[str, float] = {}
 
         def log_line(description: str, done: int, total: int) -> None:
             tenth = (10 * done) // max(total, 1)
             task = description.partition(" — ")[0]
+            started.setdefault(task, time.monotonic())
             if last_tenth.get(task) != tenth:
                 last_tenth[task] = tenth
-                stderr.print(f"{description}: {done}/{total}", highlight=False, markup=False)
+                timing = time_left(time.monotonic() - started[task], done, total)
+                stderr.print(f"{description}: {done}/{total}{timing}", highlight=False, markup=False)
 
         yield log_line
         return
@@ -129,6 +148,8 @@ def progress_reporter(enabled: bool = True) -> Iterator[ProgressFn]:
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
         console=stderr,
         transient=True,
     )

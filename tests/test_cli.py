@@ -283,3 +283,12 @@ def test_a_launched_command_joins_the_group_when_it_runs_and_leaves_after(monkey
     monkeypatch.setenv("WORLD_SIZE", "1")  # no launcher: nothing is joined
     events.clear()
     assert wrapped(3) == 3 and events == ["run 3"]
+
+
+def test_progress_lines_estimate_the_time_left_at_the_pace_so_far():
+    from dyninfer.cli.output import time_left
+
+    assert time_left(12.0, 0, 10) == ""  # nothing done yet: no pace to go by
+    assert time_left(12.0, 3, 12) == ", 12 s elapsed, about 36 s left"
+    assert time_left(90.0, 1, 2) == ", 1 min 30 s elapsed, about 1 min 30 s left"
+    assert time_left(125.4, 5, 5) == ", 2 min 5 s"  # done: how long it took
