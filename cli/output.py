@@ -103,7 +103,8 @@ def notes(lines: list[str], console: Console = stdout) -> None:
 
 
 def time_left(elapsed: float, done: int, total: int) -> str:
-    """ ", 12 s elapsed, about 30 s left" at the pace so far (nothing before the first step, or when done)."""
+    """The suffix of a progress line: ", 12 s elapsed, about 30 s left" at the pace so far; nothing before the first
+    step; once done, how long it took."""
     if done <= 0 or total <= 0:
         return ""
     if done >= total:

@@ -118,9 +118,9 @@ class PruningPlan:
         return out
 
     @classmethod
-    def from_artifact(cls, stage: dict, tensors: dict[str, torch.Tensor], lm: LayeredModel) -> PruningPlan:
+    def from_artifact(cls, record: PruneRecord, tensors: dict[str, torch.Tensor], lm: LayeredModel) -> PruningPlan:
         """The plan an artifact holds, checked against this model; one-line errors when it does not fit."""
-        plan = stage.get("plan")
+        plan = record.plan
         if not isinstance(plan, dict) or plan.get("method") not in METHODS:
             raise DyninferError(f"the artifact's prune stage has no valid plan (a method of {', '.join(METHODS)}); re-run `dyninfer prune`")
         method = plan["method"]
@@ -344,7 +344,7 @@ def load_pruning(artifact, lm: LayeredModel, backend: str = "auto") -> PruningPl
     record = PruneRecord.read(artifact)
     if record is None:
         return None
-    plan = PruningPlan.from_artifact(record.to_dict(), artifact.tensors.get(MASKS_GROUP, {}), lm)
+    plan = PruningPlan.from_artifact(record, artifact.tensors.get(MASKS_GROUP, {}), lm)
     install_pruning(lm, plan, backend)
     return plan
 

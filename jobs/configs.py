@@ -498,7 +498,6 @@ class AuditConfig(PlacementOptions):
             **self.placed(),
             method=self.steer.method,
             alphas=tuple(self.alphas()),
-            questions=self.sweep.questions or self.steer.heldout,
             model=self.model,
         )
 

@@ -25,6 +25,7 @@ from dyninfer.compressors.pruning import (
 )
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel
+from dyninfer.core.records import PruneRecord
 from dyninfer.profilers.bench import greedy_generate
 
 ATTENTION_ARCHS = ("llama", "qwen2", "mistral", "gemma3", "gpt2")
@@ -164,7 +165,7 @@ def test_plan_round_trips_through_artifact_tensors():
     lm = _lm("llama")
     samples = collect_mlp_samples(lm, _windows(4))
     plan, _ = train_predictors(lm, samples, 0.5, rank=4, steps=5)
-    stage = {"plan": plan.describe()}
+    stage = PruneRecord(plan=plan.describe())
     loaded = PruningPlan.from_artifact(stage, plan.tensors(), lm)
     assert loaded.thresholds == pytest.approx(plan.thresholds) and loaded.method == "predictor"
     x = samples.inputs[0][:3]
