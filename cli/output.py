@@ -132,14 +132,22 @@ def progress_reporter(enabled: bool = True) -> Iterator[ProgressFn]:
     if not stderr.is_terminal:
         last_tenth: dict[str, int] = {}
         started: dict[str, float] = {}
+        last_done: dict[str, int] = {}
+        last_report = [time.monotonic()]
 
         def log_line(description: str, done: int, total: int) -> None:
             tenth = (10 * done) // max(total, 1)
             task = description.partition(" — ")[0]
-            started.setdefault(task, time.monotonic())
+            now = time.monotonic()
+            # A task heard of anew (or starting over: the same words for the next target) with work already done
+            # started when the work before it ended.
+            if task not in started or done < last_done[task]:
+                started[task] = now if done == 0 else last_report[0]
+                last_tenth.pop(task, None)
+            last_done[task], last_report[0] = done, now
             if last_tenth.get(task) != tenth:
                 last_tenth[task] = tenth
-                timing = time_left(time.monotonic() - started[task], done, total)
+                timing = time_left(now - started[task], done, total)
                 stderr.print(f"{description}: {done}/{total}{timing}", highlight=False, markup=False)
 
         yield log_line

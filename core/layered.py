@@ -188,6 +188,25 @@ class LayeredModel:
             return [sum(t.nbytes for t in vars(layer).values() if isinstance(t, torch.Tensor)) for layer in cache.layers]
         return [cache.conv_states[i].nbytes + cache.ssm_states[i].nbytes for i in range(self.num_layers)]
 
+    def cache_rows(self, cache, rows: torch.Tensor, length: int):
+        """A copy of a decoding cache holding only `rows`, cut back to its first `length` positions."""
+        self._require_croppable(cache)
+        other, rows = full_dynamic_cache(self.model, rows.shape[0]), rows.to(self.device)
+        for index, layer in enumerate(cache.layers):
+            other.update(layer.keys[rows, :, :length].clone(), layer.values[rows, :, :length].clone(), index)
+        return other
+
+    def put_cache_rows(self, cache, rows: torch.Tensor, other) -> None:
+        """Overwrite `rows` of a decoding cache with `other`'s (as many rows, the same length)."""
+        self._require_croppable(cache)
+        rows = rows.to(self.device)
+        for mine, theirs in zip(cache.layers, other.layers):
+            mine.keys[rows], mine.values[rows] = theirs.keys, theirs.values
+
+    def _require_croppable(self, cache) -> None:
+        if self.adapter.recurrent or not hasattr(cache, "layers"):
+            raise DyninferError("this model's decoding state cannot be cut back to an earlier position (a recurrent state)")
+
     def propagate(self, index: int, hidden: torch.Tensor, start: int, cache) -> None:
         """Fill layer `index`'s cache entry at `start` from an exit hidden state (CALM)."""
         self.adapter.propagate(self, index, hidden, start, cache)

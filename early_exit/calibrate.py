@@ -49,6 +49,7 @@ def calibrate_exits(
     heldout_prompts: torch.Tensor | PromptSet | None = None,
     batch_size: int = 32,
     progress: ProgressFn | None = None,
+    reuse: bool = True,
 ) -> list[tuple[CalibrationResult, ExitClassifier | None]]:
     """One certified policy per target, each with its exit points, threshold and (classifier measure) classifier.
 
@@ -56,7 +57,9 @@ def calibrate_exits(
     (teacher-forced risks: whole windows; generation risk: each window's first `prompt_tokens` tokens are
     one prompt), or for the generation risk a `PromptSet` whose full continuations are already known.
     `heldout_prompts` (generation risk): prompts for the held-out generation report; default: the held-out
-    windows' starts.
+    windows' starts. `reuse` (generation risk): each candidate's runs continue the previous candidate's, and
+    targets that chose the same exit points share them (the same certified result for less work; False
+    generates every candidate from its prompts, for comparison).
     """
     if risk not in RISKS:
         raise DyninferError(f"unknown risk '{risk}'; choose from: {', '.join(RISKS)}")
@@ -99,6 +102,7 @@ def calibrate_exits(
         progress=progress,
     )
     shared: dict | None = {} if len(targets) > 1 else None
+    runs_cache: dict | None = {} if reuse else None
     results = []
     for plan in plans.plans:
         held_trace = trace_plan(lm, lens, plans, plan, heldout, measure, vocab_top_k, shared, progress)
@@ -118,6 +122,8 @@ def calibrate_exits(
             batch_size=batch_size,
             fit_tokens=int(fit.shape[0] * (fit.shape[1] - 1)),
             progress=progress,
+            reuse=reuse,
+            runs_cache=runs_cache,
         )
         results.append((result, plan.classifier))
     return results

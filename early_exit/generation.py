@@ -21,6 +21,7 @@ them (the same corpus, prompt length and number of new tokens, greedy decoding).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,8 +39,9 @@ from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.early_exit.certify import CalibrationResult, CurvePoint
 from dyninfer.early_exit.plan import ExitPlan, generation_grid
 from dyninfer.early_exit.policy import ExitPolicy
+from dyninfer.early_exit.rule import first_exit
 from dyninfer.early_exit.trace import Trace, evaluate, exit_costs
-from dyninfer.runtime.dynamic import DynamicModel
+from dyninfer.runtime.dynamic import DynamicModel, RowGeneration
 
 
 @dataclass
@@ -112,6 +114,15 @@ def fit_sequences(
 
 
 @dataclass
+class _PointRuns:
+    """One exit-point set's runs within a calibration: the runner, each candidate's scores, the held-out runs."""
+
+    runs: CandidateRuns | None = None
+    scored: dict = field(default_factory=dict)  # threshold -> (scores, predicted speedup, mean exit layer)
+    heldout: dict = field(default_factory=dict)  # threshold -> GeneratedRun on the held-out prompts
+
+
+@dataclass
 class GeneratedRun:
     """One policy's continuations of a prompt set, scored against the full model's."""
 
@@ -135,29 +146,115 @@ def generate_and_score(
     generation equals it up to the first difference, which is all the measure reads. In a
     data-parallel run each rank generates its shard of the prompts and every rank gets all the rows.
     """
+    forced = measure == "prefix"
+
+    def batch_run(start: int, mine: PromptSet, batch: slice) -> RowGeneration:
+        if start not in mine.prefills:
+            mine.prefills[start] = dynamic.prefill_rows(mine.prompts[batch])
+        reference = mine.continuations[batch] if forced else None
+        return dynamic.generate_rows(mine.prompts[batch], mine.continuations.shape[1], forced=reference, start=mine.prefills[start])
+
+    return _scored_batches(prompts, measure, batch_size, progress, what, batch_run)
+
+
+def _scored_batches(prompts: PromptSet, measure: str, batch_size: int, progress: ProgressFn | None, what: str, batch_run) -> GeneratedRun:
+    """`batch_run(start, shard, rows)` over this rank's shard in batches, scored and gathered from every rank."""
     world, n = distributed.current(), prompts.size
-    prompts = prompts.shard(world)
+    mine = prompts.shard(world)
     report = progress or silent
     scores, depths, decoded, tokens = [], [], [], []
-    new_tokens = prompts.continuations.shape[1]
-    for start in range(0, prompts.size, batch_size):
+    report(what, 0, mine.size)
+    for start in range(0, mine.size, batch_size):
         batch = slice(start, start + batch_size)
-        reference = prompts.continuations[batch]
-        forced = reference if measure == "prefix" else None
-        if start not in prompts.prefills:
-            prompts.prefills[start] = dynamic.prefill_rows(prompts.prompts[batch])
-        run = dynamic.generate_rows(prompts.prompts[batch], new_tokens, forced=forced, start=prompts.prefills[start])
-        scores.append(consistency(measure, run.tokens, reference))
+        run = batch_run(start, mine, batch)
+        scores.append(consistency(measure, run.tokens, mine.continuations[batch]))
         depths.append(run.exit_depth)
         decoded.append(run.tokens >= 0)
         tokens.append(run.tokens)
-        report(what, min(start + batch_size, prompts.size), prompts.size)
+        report(what, min(start + batch_size, mine.size), mine.size)
     return GeneratedRun(
         world.gather_rows(np.concatenate(scores), n),
         world.gather_rows(torch.cat(depths), n),
         world.gather_rows(torch.cat(decoded), n),
         world.gather_rows(torch.cat(tokens), n),
     )
+
+
+class CandidateRuns:
+    """The dynamic model's runs on one prompt set for candidate thresholds visited strict to loose, each
+    continued from the previous one's instead of generated anew.
+
+    A row's exits read only its confidences, and a looser threshold leaves wherever a stricter one left, at
+    the same point or an earlier one. So where a looser candidate decides every position of a prompt as the
+    previous candidate did, its run is that run (the same caches, the same tokens); where it first decides
+    differently, at position t, everything before t is shared, and only t onwards is decoded again, from the
+    previous run's cache cut back to t. The decisions are read off the confidences the previous run recorded
+    at every point it checked (all points up to the one it left at, which is as far as a looser threshold
+    can look). This holds for both KV modes (each row's cache entries depend only on its tokens and exits)
+    and is exact up to floating point: the rows decoded again form smaller batches, whose matrix products
+    may round differently.
+
+    Not used (every candidate generated from its prompt) for the prefix measure, whose runs are
+    teacher-forced and stop early, and for recurrent models, whose state cannot be cut back. The kept
+    states hold the KV cache of every prompt's whole run.
+    """
+
+    def __init__(self, dynamic: DynamicModel, prompts: PromptSet, measure: str, batch_size: int = 32, progress: ProgressFn | None = None):
+        self.dynamic, self.prompts, self.measure = dynamic, prompts, measure
+        self.batch_size, self.progress = batch_size, progress
+        self.reuses = measure != "prefix" and not dynamic.lm.adapter.recurrent
+        self.threshold: float | None = None  # the last candidate run
+        self.records: dict[int, RowGeneration] = {}  # batch start (in this rank's shard) -> its last run
+        # Positions decoded, and what generating every candidate from its prompts would have decoded (the saving).
+        self.positions_decoded = self.positions_asked = 0
+
+    def run(self, threshold: float, what: str = "generating") -> GeneratedRun:
+        """The runs at `threshold` (no stricter than the last one), scored against the full continuations."""
+        policy = self.dynamic.policy
+        if not self.reuses:
+            policy.threshold = threshold
+            return generate_and_score(self.dynamic, self.prompts, self.measure, self.batch_size, self.progress, what)
+        if self.threshold is not None and threshold > self.threshold:
+            raise DyninferError(f"candidates run strict to loose: {threshold:g} is stricter than the last, {self.threshold:g}")
+        policy.threshold, self.threshold = threshold, threshold
+        new_tokens = self.prompts.continuations.shape[1]
+
+        def batch_run(start: int, mine: PromptSet, batch: slice) -> RowGeneration:
+            record = self.records.get(start)
+            if record is None:
+                if start not in mine.prefills:
+                    mine.prefills[start] = self.dynamic.prefill_rows(mine.prompts[batch])
+                record = self.dynamic.generate_rows(mine.prompts[batch], new_tokens, start=mine.prefills[start], keep_state=True)
+                self.records[start] = record
+                self._count(record.tokens.numel(), record.tokens.numel())
+                return record
+            changed, step = self._first_changes(record, threshold)
+            self._count(changed.numel() * (new_tokens - step), record.tokens.numel())
+            if changed.numel():
+                again = self.dynamic.resume_rows(record, changed, step)
+                record.tokens[changed], record.exit_depth[changed] = again.tokens, again.exit_depth
+                record.confidence[changed] = again.confidence
+                record.state.put_rows(changed, again.state)
+            return record
+
+        return _scored_batches(self.prompts, self.measure, self.batch_size, self.progress, what, batch_run)
+
+    def _count(self, decoded: int, asked: int) -> None:
+        self.positions_decoded += decoded
+        self.positions_asked += asked
+
+    def _first_changes(self, record: RowGeneration, threshold: float) -> tuple[torch.Tensor, int]:
+        """(rows whose exits at `threshold` differ from `record`'s somewhere, the first position any of them differs)."""
+        points = self.dynamic.policy.exit_points
+        rows, new_tokens, n_points = record.confidence.shape
+        first = first_exit(record.confidence.reshape(-1, n_points).T, threshold).reshape(rows, new_tokens)
+        depth_of = torch.tensor(points + [self.dynamic.lm.num_layers])
+        decided = depth_of[first]  # first_exit's -1 (no point passes) indexes the full depth
+        differs = decided != record.exit_depth
+        changed = differs.any(1).nonzero().squeeze(1)
+        if not changed.numel():
+            return changed, 0
+        return changed, int(differs[changed].float().argmax(1).min())
 
 
 def predicted_speedup(run: GeneratedRun, policy: ExitPolicy, costs: CostModel, hidden_size: int) -> float:
@@ -192,11 +289,16 @@ def certify_generation(
     batch_size: int = 32,
     fit_tokens: int = 0,
     progress: ProgressFn | None = None,
+    reuse: bool = True,
+    runs_cache: dict | None = None,
 ) -> CalibrationResult:
     """Learn-then-Test over calibration prompts on the dynamic model's generations at `plan`'s points.
 
     `held_trace`: the teacher-forced held-out trace at the plan's points, for the simulated numbers
-    reported beside the generated ones.
+    reported beside the generated ones. `reuse`: continue each candidate's runs from the previous
+    candidate's (`CandidateRuns`; the same result for a fraction of the work) rather than generating
+    each from its prompts. `runs_cache`: a dict shared by the calls of one calibration (the same model,
+    lens and prompts), in which targets that chose the same exit points share their runs.
     """
     if consistency_measure not in CONSISTENCY_MEASURES:
         raise DyninferError(f"unknown consistency '{consistency_measure}'; choose from: {', '.join(CONSISTENCY_MEASURES)}")
@@ -216,29 +318,27 @@ def certify_generation(
         notes.append("no exit point pays for its checks at this target on the fit data; the policy never exits")
     # Fixed before any calibration prompt is generated: from the fit trace only.
     thresholds = generation_grid(plan.fit_trace) if plan.points else [float("inf")]
-    dynamic = DynamicModel(lm, policy, lens, plan.classifier)
-    report = progress or silent
+    # Candidate runs on the same exit points are the same runs (the classifier's rows are the points'), so
+    # targets that chose the same points share them: cached per point set, with each candidate's scores.
+    key = (tuple(plan.points), kv_mode, consistency_measure, reuse)
+    shared = runs_cache.setdefault(key, _PointRuns()) if runs_cache is not None else _PointRuns()
+    if shared.runs is None:
+        dynamic = DynamicModel(lm, dataclasses.replace(policy), lens, plan.classifier)  # its own policy: it moves the threshold
+        shared.runs = CandidateRuns(dynamic, calibration, consistency_measure, batch_size, progress)
+        shared.runs.reuses &= reuse
+    runs = shared.runs
     curve: list[CurvePoint] = []
 
     def losses_of(j: int) -> np.ndarray:
         if j == 0:  # the strictest candidate never exits: the full continuation itself, loss 0
             curve.append(CurvePoint(thresholds[0], 1.0, float("nan"), 1.0, float(lm.num_layers), float("nan")))
             return np.zeros(calibration.size)
-        policy.threshold = thresholds[j]
-        run = generate_and_score(
-            dynamic, calibration, consistency_measure, batch_size, progress, f"certifying threshold {j}/{len(thresholds) - 1} (generation)"
-        )
-        curve.append(
-            CurvePoint(
-                thresholds[j],
-                float(run.scores.mean()),
-                float("nan"),
-                predicted_speedup(run, policy, costs, d),
-                _mean_exit_layer(run),
-                float("nan"),
-            )
-        )
-        return 1.0 - run.scores
+        if thresholds[j] not in shared.scored:
+            run = runs.run(thresholds[j], f"certifying threshold {j}/{len(thresholds) - 1} (generation)")
+            shared.scored[thresholds[j]] = (run.scores, predicted_speedup(run, runs.dynamic.policy, costs, d), _mean_exit_layer(run))
+        scores, speedup, mean_layer = shared.scored[thresholds[j]]
+        curve.append(CurvePoint(thresholds[j], float(scores.mean()), float("nan"), speedup, mean_layer, float("nan")))
+        return 1.0 - scores
 
     ltt, _ = fixed_sequence_test(thresholds, losses_of, delta, epsilon)
     for point, p in zip(curve, ltt.p_values):
@@ -248,13 +348,16 @@ def certify_generation(
         notes.append(
             f"no threshold reaches {consistency_measure} consistency {target:g} in generation with the guarantee: the policy never exits"
         )
-    report("held-out generation", 0, 1)
-    held_run = (
-        generate_and_score(dynamic, heldout, "tokens", batch_size, progress, "held-out generation")
-        if policy.threshold is not None
-        else None
-    )
+    held_run = None
+    if policy.threshold is not None:
+        if policy.threshold not in shared.heldout:
+            held = DynamicModel(lm, dataclasses.replace(policy), lens, plan.classifier)
+            shared.heldout[policy.threshold] = generate_and_score(held, heldout, "tokens", batch_size, progress, "held-out generation")
+        held_run = shared.heldout[policy.threshold]
     generated = _generated_summary(held_run, heldout, policy, costs, d, lm.num_layers, consistency_measure)
+    if runs.reuses and runs.positions_decoded:
+        generated["candidate_positions_decoded"] = runs.positions_decoded
+        generated["candidate_positions_from_prompts"] = runs.positions_asked
     return CalibrationResult(
         policy=policy,
         target=target,

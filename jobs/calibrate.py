@@ -340,6 +340,7 @@ def _generation_calibrations(
         heldout_prompts=held_prompts,
         batch_size=config.batch_size,
         progress=progress,
+        reuse=config.reuse_runs,
     )
     ws.timings["certify_s"] = time.perf_counter() - started
     return results

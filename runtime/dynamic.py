@@ -159,7 +159,13 @@ class DynamicModel:
 
     @torch.no_grad()
     def generate_rows(
-        self, input_ids: torch.Tensor, max_new_tokens: int, *, forced: torch.Tensor | None = None, start: _DecodeState | None = None
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        forced: torch.Tensor | None = None,
+        start: _DecodeState | None = None,
+        keep_state: bool = False,
     ) -> RowGeneration:
         """Greedy early exit over a batch in which every row decides its own exits, as it would alone.
 
@@ -175,6 +181,7 @@ class DynamicModel:
         generation equals this run up to its first difference from `forced`, so the prefix of equal
         tokens is exact; decoding stops once every row has differed, and later positions hold -1.
         `start`: these prompts' `prefill_rows`, copied instead of running the prefill again.
+        `keep_state`: keep the final decoding state in the result, for `resume_rows`.
         """
         if self.policy is None:
             raise DyninferError("no early-exit policy; run `dyninfer calibrate` first")
@@ -183,10 +190,40 @@ class DynamicModel:
         check_positive("max_new_tokens", max_new_tokens)
         if self.lm.adapter.recurrent and self.policy.kv_mode != "propagate":
             raise DyninferError("Mamba's recurrent state only supports the propagate KV mode")
-        rows, num_layers = input_ids.shape[0], self.lm.num_layers
+        rows = input_ids.shape[0]
         state = (start or self.prefill_rows(input_ids)).fork()
-        tokens = [state.first]
-        depths = [torch.full((rows,), num_layers)]
+        first = _RowSteps([state.first], [torch.full((rows,), self.lm.num_layers)], [self._unchecked(rows)])
+        return self._decode_rows(state, first, max_new_tokens, forced, keep_state)
+
+    @torch.no_grad()
+    def resume_rows(self, previous: RowGeneration, rows: torch.Tensor, step: int) -> RowGeneration:
+        """Rows of a kept `generate_rows` run (not forced), decoded again from position `step` under this policy.
+
+        Valid when the rows' earlier positions would decide the same exits under this policy as they did
+        in `previous`: their caches are then the same up to `step`, so the run goes on from there instead of
+        from the prompt (calibration's candidates, nested strict to loose, share such prefixes). Returns
+        the rows' whole run (positions before `step` copied), with its state kept.
+        """
+        if previous.state is None:
+            raise DyninferError("the run to resume kept no state; generate it with keep_state=True")
+        new_tokens = previous.tokens.shape[1]
+        check_between("step", step, 1, new_tokens - 1, low_open=False, high_open=False)
+        state = previous.state.select(rows, previous.state.length - (new_tokens - step))
+        done = _RowSteps(
+            list(previous.tokens[rows, :step].split(1, dim=1)),
+            list(previous.exit_depth[rows, :step].unbind(1)),
+            list(previous.confidence[rows, :step].unbind(1)),
+        )
+        return self._decode_rows(state, done, new_tokens, None, True)
+
+    def _unchecked(self, rows: int) -> torch.Tensor:
+        return torch.full((rows, len(self._point_rows)), float("nan"))
+
+    def _decode_rows(
+        self, state: _DecodeState, done: _RowSteps, max_new_tokens: int, forced: torch.Tensor | None, keep_state: bool
+    ) -> RowGeneration:
+        rows, num_layers = done.tokens[0].shape[0], self.lm.num_layers
+        tokens, depths, confidences = done.tokens, done.depths, done.confidences
         diverged = torch.zeros(rows, dtype=torch.bool)
         while len(tokens) < max_new_tokens:
             feed = tokens[-1]
@@ -196,17 +233,22 @@ class DynamicModel:
                 if bool(diverged.all()):
                     break
                 feed = forced[:, step : step + 1]
-            logits, depth = self._step_rows(state, feed)
+            logits, depth, confidence = self._step_rows(state, feed)
             tokens.append(logits.argmax(-1, keepdim=True))
             depths.append(depth)
+            confidences.append(confidence)
         out = torch.full((rows, max_new_tokens), -1, dtype=torch.long)
         exit_depth = torch.full((rows, max_new_tokens), num_layers)
+        checked = torch.full((rows, max_new_tokens, len(self._point_rows)), float("nan"))
         out[:, : len(tokens)] = torch.cat(tokens, dim=1)
         exit_depth[:, : len(depths)] = torch.stack(depths, dim=1)
-        return RowGeneration(out, exit_depth, len(tokens))
+        checked[:, : len(confidences)] = torch.stack(confidences, dim=1)
+        return RowGeneration(out, exit_depth, len(tokens), checked, state if keep_state else None)
 
-    def _step_rows(self, state: _DecodeState, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step with per-row exits; returns (logits [B, V], exit depth [B])."""
+    def _step_rows(self, state: _DecodeState, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One decode step with per-row exits; returns (logits [B, V], exit depth [B], confidence [B, points]).
+
+        A row's confidence is NaN at the points after the one it left at (they were not checked for it)."""
         lm, policy = self.lm, self.policy
         position = state.length
         hidden = lm.embed_at(token, position)
@@ -217,6 +259,7 @@ class DynamicModel:
         depth = torch.full((rows,), lm.num_layers)
         exit_hidden = hidden.clone()
         logits_out = torch.empty(rows, lm.vocab_size)
+        checked = self._unchecked(rows)
         candidates = None
         for index in range(lm.num_layers):
             if propagate and bool(exited.all()):  # every row has left: batch-1 propagation for the rest
@@ -228,6 +271,7 @@ class DynamicModel:
                 continue
             d = index + 1
             c, logits, candidates = self._check(points[d], d, hidden[:, -1], previous[:, -1], candidates)
+            checked[:, points[d]] = torch.where(exited, float("nan"), c.float())
             leaving = (~exited & leaves(c, policy.threshold)).nonzero().squeeze(1)
             if leaving.numel():
                 subset = None if logits is None else logits[leaving]
@@ -241,7 +285,7 @@ class DynamicModel:
             logits_out[staying] = lm.logits_from(hidden[staying, -1]).to(logits_out.dtype)
         state.length += 1
         state.filled = [state.length] * lm.num_layers
-        return logits_out, depth
+        return logits_out, depth, checked
 
     def _pick(self, logits, sample: bool, temperature: float, generator) -> torch.Tensor:
         if not sample:
@@ -376,6 +420,19 @@ class RowGeneration:
     tokens: torch.Tensor  # [B, T]; -1 after a forced run stopped
     exit_depth: torch.Tensor  # [B, T]; num_layers where the token ran the full model
     steps: int  # positions decoded (T unless a forced run stopped early)
+    # [B, T, exit points]: each point's confidence where it was checked, NaN where not (after the row left,
+    # at the prefill's token, after a forced run stopped)
+    confidence: torch.Tensor
+    state: _DecodeState | None = None  # the decoding state after the last position (`keep_state`)
+
+
+@dataclass
+class _RowSteps:
+    """The per-position outputs of a row-wise decode so far (lists of [B, 1], [B], [B, points])."""
+
+    tokens: list[torch.Tensor]
+    depths: list[torch.Tensor]
+    confidences: list[torch.Tensor]
 
 
 def default_draft_layer(num_layers: int) -> int:
@@ -411,6 +468,22 @@ class _DecodeState:
         other.cache = copy.deepcopy(self.cache)
         other.filled, other.pending = list(self.filled), dict(self.pending)
         return other
+
+    def select(self, rows: torch.Tensor, length: int) -> _DecodeState:
+        """A copy holding only `rows`, with its cache cut back to the first `length` positions."""
+        if self.pending or min(self.filled) < self.length:
+            raise DyninferError("only a complete decoding state (every layer filled) can be cut back")
+        other = _DecodeState.__new__(_DecodeState)
+        other.lm, other.length, other.first = self.lm, length, None if self.first is None else self.first[rows]
+        other.cache = self.lm.cache_rows(self.cache, rows, length)
+        other.filled, other.pending = [length] * self.lm.num_layers, {}
+        return other
+
+    def put_rows(self, rows: torch.Tensor, other: _DecodeState) -> None:
+        """Replace `rows` of this state by `other` (a state of as many rows, at the same length)."""
+        if other.length != self.length:
+            raise DyninferError(f"cannot put a state of length {other.length} into one of length {self.length}")
+        self.lm.put_cache_rows(self.cache, rows, other.cache)
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.lm.embed_at(input_ids, 0)

@@ -292,3 +292,26 @@ def test_progress_lines_estimate_the_time_left_at_the_pace_so_far():
     assert time_left(12.0, 3, 12) == ", 12 s elapsed, about 36 s left"
     assert time_left(90.0, 1, 2) == ", 1 min 30 s elapsed, about 1 min 30 s left"
     assert time_left(125.4, 5, 5) == ", 2 min 5 s"  # done: how long it took
+
+
+def test_progress_log_clocks_a_task_from_the_end_of_the_work_before_it(monkeypatch, capsys):
+    """Off a terminal: a task first reported with work already done started when the previous report was made,
+    and a task whose words come back for the next target starts its clock again."""
+    from dyninfer.cli import output
+
+    clock = iter([0.0, 10.0, 40.0, 100.0, 130.0, 190.0])
+    monkeypatch.setattr(output.time, "monotonic", lambda: next(clock))
+    with output.progress_reporter() as report:  # the reporter reads the clock once (0 s)
+        report("loading", 1, 1)  # 10 s: started at 0 s
+        report("generating", 1, 2)  # 40 s: started at 10 s, 30 s a half
+        report("generating", 2, 2)  # 100 s
+        report("generating", 1, 2)  # 130 s: the next target, started at 100 s
+        report("generating", 2, 2)  # 190 s
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "loading: 1/1, 10 s",
+        "generating: 1/2, 30 s elapsed, about 30 s left",
+        "generating: 2/2, 1 min 30 s",
+        "generating: 1/2, 30 s elapsed, about 30 s left",
+        "generating: 2/2, 1 min 30 s",
+    ]

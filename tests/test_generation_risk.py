@@ -326,3 +326,85 @@ def test_generation_grid_is_strict_to_loose_by_exit_share():
     shares = [float((best >= t).double().mean()) for t in grid[1:]]
     expected = np.geomspace(1e-3, 0.5, 11)
     np.testing.assert_allclose(shares, expected, rtol=0.15, atol=2 / 4000)
+
+
+REUSE_CASES = [(arch, kv) for arch, kv in KV_CASES if arch != "mamba"]
+
+
+@pytest.mark.parametrize("arch, kv_mode", REUSE_CASES)
+def test_candidate_runs_equal_runs_generated_anew(arch, kv_mode):
+    """Each candidate continued from the previous one's runs is, token for token and exit for exit, the run
+    generated from the prompt (batch 1 on both sides, so no rounding differs), for less decoding."""
+    lm = LayeredModel(tiny_model(arch, layers=4))
+    prompts = torch.randint(0, VOCAB, (6, 10), generator=torch.Generator().manual_seed(7))
+    new_tokens = 8
+    full = full_continuations(lm, prompts, new_tokens)
+    middle, _ = _mixed_policy(lm, prompts[:1], kv_mode)
+    policy = ExitPolicy("logit", "saturation", [1, 2], None, 0, kv_mode)
+    # Strict to loose, around the threshold at which exits are mixed.
+    thresholds = sorted({min(1.0, middle.threshold + step) for step in (0.05, 0.02, 0.01, 0.0, -0.01, -0.03, -0.1)}, reverse=True)
+    runs = generation_risk.CandidateRuns(DynamicModel(lm, policy, LogitLens(lm)), PromptSet(prompts, full), "tokens", batch_size=1)
+    plain = DynamicModel(lm, ExitPolicy("logit", "saturation", [1, 2], None, 0, kv_mode), LogitLens(lm))
+    depths = []
+    for threshold in thresholds:
+        fast = runs.run(threshold)
+        plain.policy.threshold = threshold
+        anew = [plain.generate_rows(prompts[i : i + 1], new_tokens) for i in range(prompts.shape[0])]
+        assert torch.equal(fast.tokens, torch.cat([r.tokens for r in anew])), threshold
+        assert torch.equal(fast.exit_depth, torch.cat([r.exit_depth for r in anew])), threshold
+        np.testing.assert_array_equal(fast.scores, [float((r.tokens[0] == full[i]).double().mean()) for i, r in enumerate(anew)])
+        depths.append(fast.exit_depth[:, 1:].double().mean().item())
+    assert depths[0] > depths[-1]  # the candidates exit more and more, so later runs did differ
+    assert 0 < runs.positions_decoded < runs.positions_asked  # and part of the decoding was saved
+
+
+def test_candidate_runs_refuse_a_stricter_threshold_after_a_looser_one():
+    lm = LayeredModel(tiny_model("llama", layers=4))
+    prompts = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
+    policy = ExitPolicy("logit", "saturation", [1, 2], None, 0, "propagate")
+    runs = generation_risk.CandidateRuns(
+        DynamicModel(lm, policy, LogitLens(lm)), PromptSet(prompts, full_continuations(lm, prompts, 4)), "tokens"
+    )
+    runs.run(0.5)
+    with pytest.raises(DyninferError, match="strict to loose"):
+        runs.run(0.6)
+
+
+@pytest.mark.parametrize("batch_size", [1, 32])
+def test_certified_result_is_the_same_with_and_without_reuse(batch_size):
+    """The acceptance check of the fast path: the same seed and data certify the same threshold and exit points,
+    with the same p-values and held-out numbers, whether candidates continue one another or are generated anew.
+    Two targets on the same points share their runs."""
+    lm = LayeredModel(tiny_model("llama", layers=4))
+    lens, costs, plan = _plan(lm, [1, 2])
+    prompts = torch.randint(0, VOCAB, (40, 8), generator=torch.Generator().manual_seed(4))
+    full = full_continuations(lm, prompts, 6)
+    held_trace = _trace_points(lm, lens, torch.randint(0, VOCAB, (2, 17)), [1, 2])
+    results = {}
+    for reuse in (False, True):
+        cache: dict = {}
+        for target in (0.6, 0.5):
+            plan.target = target
+            results[reuse, target] = certify_generation(
+                lm,
+                lens,
+                costs,
+                plan,
+                PromptSet(prompts[:30], full[:30]),
+                PromptSet(prompts[30:], full[30:]),
+                held_trace,
+                measure="saturation",
+                epsilon=0.1,
+                batch_size=batch_size,
+                reuse=reuse,
+                runs_cache=cache,
+            )
+    for target in (0.6, 0.5):
+        plain, fast = results[False, target], results[True, target]
+        assert fast.policy.threshold == plain.policy.threshold and fast.policy.exit_points == plain.policy.exit_points
+        assert fast.ltt.lambdas == plain.ltt.lambdas and fast.ltt.p_values == pytest.approx(plain.ltt.p_values, abs=1e-12)
+        assert [c.consistency for c in fast.curve] == pytest.approx([c.consistency for c in plain.curve], abs=1e-12)
+        assert {k: v for k, v in fast.generated.items() if not k.startswith("candidate_")} == plain.generated
+    assert len(results[True, 0.5].ltt.lambdas) > 2  # several candidates were tested, so reuse was exercised
+    decoded = results[True, 0.5].generated["candidate_positions_decoded"]
+    assert decoded < results[True, 0.5].generated["candidate_positions_from_prompts"]
