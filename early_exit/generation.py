@@ -46,17 +46,29 @@ from dyninfer.runtime.dynamic import DynamicModel, RowGeneration
 
 @dataclass
 class PromptSet:
-    """Prompts and the full model's greedy continuations of them."""
+    """Prompts and the full model's greedy continuations of them (None until known: then `new_tokens` says how long)."""
 
     prompts: torch.Tensor  # [n, prompt tokens]
-    continuations: torch.Tensor  # [n, new tokens]
+    continuations: torch.Tensor | None  # [n, new tokens]
     # Per batch of prompts: its prefill (the same at every threshold), kept for the next candidate.
     prefills: dict = field(default_factory=dict, repr=False)
     shards: dict = field(default_factory=dict, repr=False)  # World -> this rank's PromptSet (its own prefills)
+    new_tokens: int = 0  # the continuations' length while they are unknown
 
     @property
     def size(self) -> int:
         return int(self.prompts.shape[0])
+
+    @property
+    def length(self) -> int:
+        """Tokens per continuation."""
+        return self.new_tokens if self.continuations is None else int(self.continuations.shape[1])
+
+    def set_continuations(self, continuations: torch.Tensor) -> None:
+        """Know the continuations (all rows; the shards get theirs)."""
+        self.continuations = continuations
+        for world, mine in self.shards.items():
+            mine.continuations = continuations[world.shard(self.size, "prompts")]
 
     def shard(self, world: World) -> PromptSet:
         """This rank's prompts in a data-parallel run (every size-th one), kept with their prefills."""
@@ -64,7 +76,8 @@ class PromptSet:
             return self
         if world not in self.shards:
             rows = world.shard(self.size, "prompts")
-            self.shards[world] = PromptSet(self.prompts[rows], self.continuations[rows])
+            known = None if self.continuations is None else self.continuations[rows]
+            self.shards[world] = PromptSet(self.prompts[rows], known, new_tokens=self.new_tokens)
         return self.shards[world]
 
 
@@ -118,6 +131,7 @@ class _PointRuns:
     """One exit-point set's runs within a calibration: the runner, each candidate's scores, the held-out runs."""
 
     runs: CandidateRuns | None = None
+    held_runs: CandidateRuns | None = None  # the held-out prompts' runs at the certified thresholds
     scored: dict = field(default_factory=dict)  # threshold -> (scores, predicted speedup, mean exit layer)
     heldout: dict = field(default_factory=dict)  # threshold -> GeneratedRun on the held-out prompts
 
@@ -152,7 +166,7 @@ def generate_and_score(
         if start not in mine.prefills:
             mine.prefills[start] = dynamic.prefill_rows(mine.prompts[batch])
         reference = mine.continuations[batch] if forced else None
-        return dynamic.generate_rows(mine.prompts[batch], mine.continuations.shape[1], forced=reference, start=mine.prefills[start])
+        return dynamic.generate_rows(mine.prompts[batch], mine.length, forced=reference, start=mine.prefills[start])
 
     return _scored_batches(prompts, measure, batch_size, progress, what, batch_run)
 
@@ -194,9 +208,12 @@ class CandidateRuns:
     and is exact up to floating point: the rows decoded again form smaller batches, whose matrix products
     may round differently.
 
+    The first run is `full()`: no exit, every point checked, so it is also how the full model's
+    continuations are generated when they are not known yet (one generation instead of two).
+
     Not used (every candidate generated from its prompt) for the prefix measure, whose runs are
-    teacher-forced and stop early, and for recurrent models, whose state cannot be cut back. The kept
-    states hold the KV cache of every prompt's whole run.
+    teacher-forced and stop early, for recurrent models, whose state cannot be cut back, and for a
+    threshold stricter than the last one run. The kept states hold the KV cache of every prompt's whole run.
     """
 
     def __init__(self, dynamic: DynamicModel, prompts: PromptSet, measure: str, batch_size: int = 32, progress: ProgressFn | None = None):
@@ -205,29 +222,44 @@ class CandidateRuns:
         self.reuses = measure != "prefix" and not dynamic.lm.adapter.recurrent
         self.threshold: float | None = None  # the last candidate run
         self.records: dict[int, RowGeneration] = {}  # batch start (in this rank's shard) -> its last run
-        # Positions decoded, and what generating every candidate from its prompts would have decoded (the saving).
-        self.positions_decoded = self.positions_asked = 0
+        self.positions_decoded = self.positions_asked = 0  # `_count`
+
+    def full(self, what: str = "full-model continuations") -> torch.Tensor:
+        """The first run: never exit, checking every point. Its tokens are the full model's continuations (set on
+        the prompt set when it did not know them); the candidates continue from it."""
+        if not self.reuses:
+            raise DyninferError("this prompt set's candidates cannot continue one another (prefix measure or recurrent model)")
+        world, policy = distributed.current(), self.dynamic.policy
+        policy.threshold = self.threshold = float("inf")
+        mine, report = self.prompts.shard(world), self.progress or silent
+        report(what, 0, mine.size)
+        for start in range(0, mine.size, self.batch_size):
+            batch = slice(start, start + self.batch_size)
+            if start not in mine.prefills:
+                mine.prefills[start] = self.dynamic.prefill_rows(mine.prompts[batch])
+            record = self.dynamic.generate_rows(mine.prompts[batch], self.prompts.length, start=mine.prefills[start], keep_state=True)
+            self.records[start] = record
+            # Generating the continuations is work done either way; a run beside known ones is extra.
+            self._count(0 if self.prompts.continuations is None else record.tokens.numel(), 0)
+            report(what, min(start + self.batch_size, mine.size), mine.size)
+        tokens = world.gather_rows(torch.cat([r.tokens for r in self.records.values()]), self.prompts.size)
+        if self.prompts.continuations is None:
+            self.prompts.set_continuations(tokens)
+        return tokens
 
     def run(self, threshold: float, what: str = "generating") -> GeneratedRun:
-        """The runs at `threshold` (no stricter than the last one), scored against the full continuations."""
-        policy = self.dynamic.policy
-        if not self.reuses:
-            policy.threshold = threshold
+        """The runs at `threshold`, scored against the full continuations: continued from the last run when
+        `threshold` is no stricter than its (else generated anew)."""
+        if not self.reuses or (self.threshold is not None and threshold > self.threshold):
+            self.dynamic.policy.threshold = threshold
             return generate_and_score(self.dynamic, self.prompts, self.measure, self.batch_size, self.progress, what)
-        if self.threshold is not None and threshold > self.threshold:
-            raise DyninferError(f"candidates run strict to loose: {threshold:g} is stricter than the last, {self.threshold:g}")
-        policy.threshold, self.threshold = threshold, threshold
-        new_tokens = self.prompts.continuations.shape[1]
+        if not self.records:
+            self.full()
+        self.dynamic.policy.threshold = self.threshold = threshold
+        new_tokens = self.prompts.length
 
         def batch_run(start: int, mine: PromptSet, batch: slice) -> RowGeneration:
-            record = self.records.get(start)
-            if record is None:
-                if start not in mine.prefills:
-                    mine.prefills[start] = self.dynamic.prefill_rows(mine.prompts[batch])
-                record = self.dynamic.generate_rows(mine.prompts[batch], new_tokens, start=mine.prefills[start], keep_state=True)
-                self.records[start] = record
-                self._count(record.tokens.numel(), record.tokens.numel())
-                return record
+            record = self.records[start]
             changed, step = self._first_changes(record, threshold)
             self._count(changed.numel() * (new_tokens - step), record.tokens.numel())
             if changed.numel():
@@ -240,6 +272,7 @@ class CandidateRuns:
         return _scored_batches(self.prompts, self.measure, self.batch_size, self.progress, what, batch_run)
 
     def _count(self, decoded: int, asked: int) -> None:
+        """Positions decoded, and what generating each candidate from its prompts would decode (the saving)."""
         self.positions_decoded += decoded
         self.positions_asked += asked
 
@@ -323,10 +356,22 @@ def certify_generation(
     key = (tuple(plan.points), kv_mode, consistency_measure, reuse)
     shared = runs_cache.setdefault(key, _PointRuns()) if runs_cache is not None else _PointRuns()
     if shared.runs is None:
-        dynamic = DynamicModel(lm, dataclasses.replace(policy), lens, plan.classifier)  # its own policy: it moves the threshold
-        shared.runs = CandidateRuns(dynamic, calibration, consistency_measure, batch_size, progress)
-        shared.runs.reuses &= reuse
+        for prompt_set, measure_of_runs, attribute in ((calibration, consistency_measure, "runs"), (heldout, "tokens", "held_runs")):
+            # Each runner has its own policy: it moves the threshold.
+            dynamic = DynamicModel(lm, dataclasses.replace(policy), lens, plan.classifier)
+            setattr(shared, attribute, CandidateRuns(dynamic, prompt_set, measure_of_runs, batch_size, progress))
+            getattr(shared, attribute).reuses &= reuse
     runs = shared.runs
+    for runner, what in ((runs, "calibration"), (shared.held_runs, "held-out")):
+        if runner.prompts.continuations is None:  # the runs' first, never-exit, run generates them
+            if runner.reuses and plan.points:
+                runner.full(f"full-model continuations ({what})")
+            else:
+                runner.prompts.set_continuations(
+                    full_continuations(
+                        lm, runner.prompts.prompts, runner.prompts.length, batch_size, progress, f"full-model continuations ({what})"
+                    )
+                )
     curve: list[CurvePoint] = []
 
     def losses_of(j: int) -> np.ndarray:
@@ -351,8 +396,7 @@ def certify_generation(
     held_run = None
     if policy.threshold is not None:
         if policy.threshold not in shared.heldout:
-            held = DynamicModel(lm, dataclasses.replace(policy), lens, plan.classifier)
-            shared.heldout[policy.threshold] = generate_and_score(held, heldout, "tokens", batch_size, progress, "held-out generation")
+            shared.heldout[policy.threshold] = shared.held_runs.run(policy.threshold, "held-out generation")
         held_run = shared.heldout[policy.threshold]
     generated = _generated_summary(held_run, heldout, policy, costs, d, lm.num_layers, consistency_measure)
     if runs.reuses and runs.positions_decoded:
@@ -365,7 +409,7 @@ def certify_generation(
         risk=GENERATION_RISK,
         units=(
             f"{calibration.size} prompts of {calibration.prompts.shape[1]} tokens, "
-            f"{calibration.continuations.shape[1]} new tokens each ({consistency_measure} consistency)"
+            f"{calibration.length} new tokens each ({consistency_measure} consistency)"
         ),
         ltt=ltt,
         naive_threshold=None,
@@ -374,7 +418,7 @@ def certify_generation(
         naive_heldout=None,
         full_accuracy_heldout=float(held_trace.final_correct.double().mean()),
         fit_tokens=fit_tokens,
-        calibration_tokens=int(calibration.size * calibration.continuations.shape[1]),
+        calibration_tokens=calibration.size * calibration.length,
         notes=notes,
         generated=generated,
     )

@@ -279,14 +279,18 @@ def test_calibrate_generation_cli_caches_continuations(tiny_llama_dir, gen_text,
     )[:, 12:]
     assert torch.equal(group["calibration.continuations"][:3], expected)
     # A second calibration of the same model and prompts reuses them.
-    calls = []
-    original = generation_risk.full_continuations
-    monkeypatch.setattr("dyninfer.jobs.calibrate.full_continuations", lambda *a, **k: calls.append(1) or original(*a, **k))
+    generating = []  # whether each first (never-exit) candidate run had to generate its prompts' continuations
+    original_full = generation_risk.CandidateRuns.full
+    monkeypatch.setattr(
+        generation_risk.CandidateRuns,
+        "full",
+        lambda runs, *a, **k: generating.append(runs.prompts.continuations is None) or original_full(runs, *a, **k),
+    )
     again = CliRunner().invoke(
         app, ["calibrate", str(tiny_llama_dir), "--data", str(gen_text), *GEN, "--kv-mode", "recompute", "--out", str(out), "--json"]
     )
     assert again.exit_code == 0, again.output
-    assert calls == [] and json.loads(again.stdout)["policy"]["kv_mode"] == "recompute"
+    assert generating and not any(generating) and json.loads(again.stdout)["policy"]["kv_mode"] == "recompute"
 
 
 @pytest.mark.parametrize(
@@ -358,16 +362,22 @@ def test_candidate_runs_equal_runs_generated_anew(arch, kv_mode):
     assert 0 < runs.positions_decoded < runs.positions_asked  # and part of the decoding was saved
 
 
-def test_candidate_runs_refuse_a_stricter_threshold_after_a_looser_one():
+def test_candidate_runs_generate_a_stricter_threshold_anew_and_go_on_from_their_last_run():
+    """Out of order (stricter than the last run), a candidate is generated from its prompts; the next looser one
+    still continues the records, and both equal runs generated anew."""
     lm = LayeredModel(tiny_model("llama", layers=4))
-    prompts = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
+    prompts = torch.randint(0, VOCAB, (4, 8), generator=torch.Generator().manual_seed(1))
+    middle, _ = _mixed_policy(lm, prompts[:1], "propagate")
     policy = ExitPolicy("logit", "saturation", [1, 2], None, 0, "propagate")
-    runs = generation_risk.CandidateRuns(
-        DynamicModel(lm, policy, LogitLens(lm)), PromptSet(prompts, full_continuations(lm, prompts, 4)), "tokens"
-    )
-    runs.run(0.5)
-    with pytest.raises(DyninferError, match="strict to loose"):
-        runs.run(0.6)
+    prompt_set = PromptSet(prompts, None, new_tokens=6)
+    runs = generation_risk.CandidateRuns(DynamicModel(lm, policy, LogitLens(lm)), prompt_set, "tokens", batch_size=1)
+    assert torch.equal(runs.full(), full_continuations(lm, prompts, 6, batch_size=1))  # never exiting is the full model
+    assert torch.equal(prompt_set.continuations, runs.full())
+    plain = DynamicModel(lm, ExitPolicy("logit", "saturation", [1, 2], None, 0, "propagate"), LogitLens(lm))
+    for threshold in (middle.threshold, middle.threshold + 0.05, middle.threshold - 0.05):
+        plain.policy.threshold = threshold
+        anew = torch.cat([plain.generate_rows(prompts[i : i + 1], 6).tokens for i in range(4)])
+        assert torch.equal(runs.run(threshold).tokens, anew), threshold
 
 
 @pytest.mark.parametrize("batch_size", [1, 32])
