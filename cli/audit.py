@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from dyninfer.cli import options as opt
-from dyninfer.cli.output import gates_failed, handle_errors, memory_line, print_json, progress_reporter, stderr, stdout, waiting
+from dyninfer.cli.output import duration, gates_failed, handle_errors, memory_line, print_json, progress_reporter, stderr, stdout, waiting
 from dyninfer.jobs.configs import AuditConfig, CalibrateConfig, ProbeConfig, ProfileConfig, PruneConfig, audit_steering
 
 DEFAULTS = AuditConfig()  # the options' defaults are the library's
@@ -129,7 +129,7 @@ def audit(
         sweep=dataclasses.replace(DEFAULTS.sweep, alphas=tuple(steer_alphas)),
     )
     with progress_reporter() as progress:
-        report = job.run(config, out, progress, on_wait=waiting(out))
+        report = job.run(config, out, progress, on_wait=waiting(out), on_plan=say_plan)
     if as_json:
         print_json(report.summary())
     else:
@@ -139,3 +139,13 @@ def audit(
         f"({report.timings['total_s']:.0f} s; {memory_line(report.probe.placement, report.memory)})"
     )
     gates_failed([f"{g.name} ({g.value:.4g} < {g.threshold:g})" for g in report.gates if not g.passed])
+
+
+def say_plan(expected: dict[str, float]) -> None:
+    """The audit's plan and its expected duration, before the first stage starts."""
+    stages = ", ".join(f"{name} about {duration(seconds)}" for name, seconds in expected.items())
+    stderr.print(
+        f"plan: {stages}; about {duration(sum(expected.values()))} in all (estimated from rates timed on this machine)",
+        highlight=False,
+        markup=False,
+    )

@@ -108,11 +108,12 @@ def time_left(elapsed: float, done: int, total: int) -> str:
     if done <= 0 or total <= 0:
         return ""
     if done >= total:
-        return f", {_duration(elapsed)}"
-    return f", {_duration(elapsed)} elapsed, about {_duration(elapsed * (total - done) / done)} left"
+        return f", {duration(elapsed)}"
+    return f", {duration(elapsed)} elapsed, about {duration(elapsed * (total - done) / done)} left"
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """ "42 s" or "3 min 5 s"."""
     seconds = max(0, round(seconds))
     return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
 

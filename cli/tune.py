@@ -31,7 +31,7 @@ Each step trains the exits at some depths (--curriculum rotational: every --rota
 
 Examples:
 
-    dyninfer tune-exits --out tuned/                  (bundled model, pydocs, 200 steps)
+    dyninfer tune-exits --out tuned/                  (bundled model, pydocs, 60 steps)
 
     dyninfer tune-exits --steps 400 --exit-layers 8,12,16 --out tuned/ && dyninfer probe --out tuned/
 

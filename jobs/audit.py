@@ -20,10 +20,11 @@ from dyninfer.core import stages
 from dyninfer.core.artifact_files import MANIFEST_NAME, artifact_exists, check_output_dir
 from dyninfer.core.artifacts import Artifact
 from dyninfer.core.choices import TUNED
+from dyninfer.core.cost import count_costs
 from dyninfer.core.errors import DyninferError, option
 from dyninfer.core.memory import peak_memory
 from dyninfer.core.progress import ProgressFn, silent
-from dyninfer.core.records import AuditRecord, read_all
+from dyninfer.core.records import AuditRecord, LensRecord, read_all
 from dyninfer.exporters.onnx_export import export_dynamic, preflight, provider_problem
 from dyninfer.jobs import calibrate as calibrate_job
 from dyninfer.jobs import probe as probe_job
@@ -32,9 +33,10 @@ from dyninfer.jobs import prune as prune_job
 from dyninfer.jobs import steer as steer_job
 from dyninfer.jobs.audit_report import html_page, markdown
 from dyninfer.jobs.configs import PACKAGE_DIR, AuditConfig
+from dyninfer.jobs.estimate import audit_plan, time_rates
 from dyninfer.jobs.plots import depth_histogram_png
 from dyninfer.profilers.exit_probe import oracle_saving
-from dyninfer.runtime.loader import ModelSession, build_dynamic
+from dyninfer.runtime.loader import ModelSession, build_dynamic, open_workspace
 
 # Stages other commands record that the audit report summarises when the artifact has them.
 REPORTED_STAGES = (stages.PRUNE, stages.STEER)
@@ -63,6 +65,7 @@ class AuditReport:
     gates: list[GateResult] = field(default_factory=list)
     artifact: Artifact | None = None
     memory: dict | None = None  # peak RSS (and CUDA memory) over the whole audit, and the weights, in MiB
+    expected: dict[str, float] = field(default_factory=dict)  # the plan's expected seconds per stage, said before it ran
 
     @property
     def passed(self) -> bool:
@@ -157,6 +160,7 @@ class AuditReport:
             "artifact_stages": artifact_stages,
             "other_stages": others,
             "timings": self.timings,
+            "expected_timings": {f"{name}_s": seconds for name, seconds in self.expected.items()},
             "config": asdict(self.config),
             "placement": self.probe.placement,
             "memory": self.memory,
@@ -241,9 +245,11 @@ def run(
     progress: ProgressFn | None = None,
     session: ModelSession | None = None,
     on_wait: Callable[[], None] | None = None,
+    on_plan: Callable[[dict[str, float]], None] | None = None,
 ) -> AuditReport:
     """Run every stage on one loaded model (`session`, or the model loaded once here) and, when `out` is
-    given, write OUT (an artifact there is extended). `export` needs `out`: the package goes to OUT/onnx."""
+    given, write OUT (an artifact there is extended). `export` needs `out`: the package goes to OUT/onnx.
+    `on_plan` hears the expected seconds of each stage (`jobs.estimate`) before the first one starts."""
     config.validate()
     out = Path(out) if out is not None else None
     if out is not None:
@@ -274,6 +280,10 @@ def run(
         session = ModelSession.load(config.model, config.placement())
         report_progress("loading model", 1, 1)
     artifact: str | Artifact | None = existing
+    _check_data(config, session, existing)
+    expected = expected_durations(config, session, existing)
+    if on_plan is not None:
+        on_plan(expected)
     pruned = None
     if config.prune is not None:  # first, so the stages after it audit the pruned model that would ship
         pruned = timed(stages.PRUNE, lambda: prune_job.run(config.prune_config(), progress, artifact, session))
@@ -290,7 +300,9 @@ def run(
 
         steering = timed(stages.STEER, steer_check)
         artifact = steering.artifact
-    report = AuditReport(config, probed, profiled, calibration, prune=pruned, steer=steering, timings=timings, artifact=artifact)
+    report = AuditReport(
+        config, probed, profiled, calibration, prune=pruned, steer=steering, timings=timings, artifact=artifact, expected=expected
+    )
     report.gates = evaluate_gates(report)
     timings["total_s"] = time.perf_counter() - started
     report.memory = peak_memory(session.loaded.model)
@@ -298,6 +310,26 @@ def run(
     if out is not None:
         write(report, out, session, progress, on_wait)
     return report
+
+
+def _check_data(config: AuditConfig, session: ModelSession, existing: str | None) -> None:
+    """Refuse, before the first stage, data too short for the calibration's draw (it comes last)."""
+    calibrate = config.calibrate_config()
+    ws = open_workspace(
+        calibrate.model, calibrate.data, field=calibrate.field, seq_len=calibrate.seq_len, seed=calibrate.seed, session=session
+    )
+    lens_stored = existing is not None and LensRecord.read(Artifact.load(existing)) is not None
+    lens_tokens = config.probe.lens_train_tokens if config.lens == TUNED and not lens_stored else 0
+    calibrate_job.check_draw(calibrate, ws.windows, lens_tokens)
+
+
+def expected_durations(config: AuditConfig, session: ModelSession, existing: str | None) -> dict[str, float]:
+    """Each stage's expected seconds (`jobs.estimate`), from rates timed on the loaded model."""
+    lm = session.lm
+    costs = count_costs(lm, context=config.seq_len)
+    rates = time_rates(lm, costs, min(config.calibrate.batch_size, config.calibrate.prompts))
+    lens_stored = existing is not None and LensRecord.read(Artifact.load(existing)) is not None
+    return audit_plan(config, lm, costs, rates, lens_stored=lens_stored)
 
 
 def _stage_record(report: AuditReport) -> dict:

@@ -241,7 +241,11 @@ def sections(report) -> list[Section]:
             continue
         out.append(Section(f"Stage already in the artifact: {name}", [f"{key}: {value}" for key, value in brief.items()] or ["recorded"]))
     timings = summary["timings"]
-    out.append(Section("Run time", [", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in timings.items())]))
+    lines = [", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in timings.items())]
+    if report.expected:
+        expected = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in report.expected.items())
+        lines.append(f"Expected before the run (jobs/estimate.py): {expected}, {sum(report.expected.values()):.0f} s in all")
+    out.append(Section("Run time", lines))
     return out
 
 

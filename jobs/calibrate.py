@@ -169,6 +169,13 @@ def draw_units(config: CalibrateConfig, windows, lens_rows: set[int]) -> Draw:
     )
 
 
+def check_draw(config: CalibrateConfig, windows, lens_tokens: int = 0) -> None:
+    """Before any work: the data holds the windows calibration will draw, even after a tuned lens of `lens_tokens`
+    training tokens (trained first, on train windows calibration then skips) takes its share."""
+    lens_rows = {int(r) for r in windows.take_rows("train", lens_tokens, option="lens_train_tokens")} if lens_tokens else set()
+    draw_units(config, windows, lens_rows)
+
+
 def _trained_rows(provenance: dict | None, windows, draw: Draw) -> tuple[set[int], int | None]:
     """The train rows a record's windows cover, and how many of the draw's held-out rows they touch (None: other data)."""
     train_rows = torch.arange(windows.train.shape[0])

@@ -212,6 +212,7 @@ def run_probe(
     n_batches = (windows.shape[0] + batch_size - 1) // batch_size
     n_tokens = 0
     started = time.perf_counter()
+    report("probing layers", 0, n_batches)
     for b, start in enumerate(range(0, windows.shape[0], batch_size)):
         batch = windows[start : start + batch_size].to(lm.device)
         inputs, targets = batch[:, :-1], batch[:, 1:].reshape(-1)
@@ -229,7 +230,9 @@ def run_probe(
             del final
         report("probing layers", b + 1, n_batches)
     seconds = time.perf_counter() - started
+    report("timing the plain forward", 0, 1)
     forward_tps = world.sum(_time_plain_forward(lm.model, windows, batch_size))  # ranks run side by side
+    report("timing the plain forward", 1, 1)
     n_tokens, seconds = int(world.sum(n_tokens)), world.max(seconds)
 
     layer_rows, depth_rows, oracle = [], [], {}

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from dyninfer.cli.app import app
 from dyninfer.core.artifacts import Artifact
+from dyninfer.core.errors import DyninferError
 
 # One xdist worker runs this module: its module fixture is built once.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("audit")]
@@ -138,6 +139,12 @@ def test_audit_summary_matches_its_stages(audited):
     gates = {g["name"]: g for g in summary["gates"]}
     assert gates["min-consistency"]["value"] == summary["headline"]["consistency"]
     assert "min-oracle-saving" not in gates  # not set, not checked
+    # The plan's expected duration was said before the first stage started, and is kept beside the measured times.
+    assert set(summary["expected_timings"]) == {"probe_s", "profile_s", "calibrate_s"}
+    assert all(seconds > 0 for seconds in summary["expected_timings"].values())
+    said = result.stderr.splitlines()
+    plan = next(i for i, line in enumerate(said) if line.startswith("plan: probe about"))
+    assert plan < next(i for i, line in enumerate(said) if line.startswith("audit stage 1/3: probe"))
 
 
 def test_audit_markdown_says_what_the_html_says(audited):
@@ -218,6 +225,30 @@ def test_bad_input_exits_2_and_writes_nothing(setup, tmp_path, args, fragment):
     assert result.exit_code == 2, result.output
     assert fragment in result.output and "Traceback" not in result.output
     assert not out.exists() and not list(tmp_path.iterdir())  # no report, no temp directory left
+    assert "audit stage" not in result.output  # refused before the first stage: no work was done
+
+
+def test_data_too_short_for_calibration_once_the_lens_trained_is_refused_before_the_probe(setup, tmp_path):
+    """The draw calibration makes last is checked first, with the tuned lens's training windows taken out: a prompt
+    count that fits the data alone but not beside the lens is refused before any stage runs."""
+    from transformers import AutoTokenizer
+
+    from dyninfer.core.data import load_windows
+    from dyninfer.jobs import calibrate as calibrate_job
+    from dyninfer.jobs.configs import CalibrateConfig
+
+    _, model, data = setup
+    windows = load_windows(str(data), AutoTokenizer.from_pretrained(model), seq_len=32, seed=0)
+    fit_windows = 1024 // 32  # the audit's calibration fit tokens over the window length
+    lens_windows = 4
+    prompts = windows.train.shape[0] - fit_windows - lens_windows + 1  # fits alone, not beside the lens
+    config = CalibrateConfig(data=str(data), seq_len=32, fit_tokens=1024, prompts=prompts)
+    calibrate_job.check_draw(config, windows)  # no lens: it fits
+    with pytest.raises(DyninferError, match="one window per unit"):
+        calibrate_job.check_draw(config, windows, lens_tokens=lens_windows * 32)
+    args = [*SMALL, "--prompts", str(prompts), "--fit-tokens", "1024", "--lens-train-tokens", str(lens_windows * 32)]
+    result = runner.invoke(app, ["audit", str(model), "--data", str(data), *args, "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "one window per unit" in result.output and "audit stage" not in result.output
 
 
 def test_foreign_out_dir_and_other_models_artifact_are_refused_untouched(setup, tmp_path):
