@@ -247,7 +247,7 @@ def train_tuned_lens(
 
     with torch.no_grad():
         report("tuned lens: validation KL after training", 0, 1)
-        record.kl_refined = mean_kl_per_layer(lens, lm, val)
+        record.kl_refined = mean_kl_per_layer(lens, lm, val) if steps else list(record.kl_init)  # no step: no change
         report("tuned lens: validation KL after training", 1, 1)
         for index in range(lm.num_layers):
             keep = record.kl_refined[index] <= record.kl_init[index]

@@ -5,8 +5,10 @@ as in the probe, the traces and the prefills) and a decode step at the calibrati
 as in generation). The work is counted from the configuration and the model's per-token costs
 (`core.cost.count_costs`): forwards, the exit heads the probe and the traces score at every layer, the
 full model's continuations and the candidates' runs. What cannot be known ahead is assumed:
-- the candidates' runs cost about one generation of the calibration prompts per exit-point set beyond the
-  first, never-exit, run (what `CandidateRuns` decoded on the bundled model: 4,158 positions for 4,096);
+- the candidates' runs beyond the first, never-exit, one cost about a quarter of a generation of the
+  calibration prompts (on the bundled model they decoded 62 positions again where generating each anew
+  would have decoded 12,288, and took 22 s beside the 46 s of the first run: checking and scoring cost
+  too; a model whose tokens exit more often decodes more again);
 - every target chooses the same exit points (one set of runs);
 - a stage already in the artifact (a tuned lens) is still counted unless the audit knows it is there.
 So the estimate is a planning number, reported beside the measured times (docs/audit.md compares them).
@@ -79,7 +81,7 @@ def audit_plan(config: AuditConfig, lm: LayeredModel, costs: CostModel, rates: R
         "probe": (lens_training(probe.lens_train_tokens, probe.lens_steps) if train_lens else 0.0)
         + batched(probe.tokens * (2 * layers + costs.head) + probe.tokens * (num_layers + 1) * lenses * head),
         "profile": batched((config.profile.warmup + config.profile.repeats) * config.seq_len * (layers + costs.head)),
-        "calibrate": _calibration(config, lm, costs, rates, layers, head),
+        "calibrate": _calibration(config, lm, costs, rates, layers),
     }
     if config.prune is not None:  # roughly: forwards and backwards over its calibration tokens, held-out forwards, decoding
         prune = config.prune
@@ -93,11 +95,11 @@ def audit_plan(config: AuditConfig, lm: LayeredModel, costs: CostModel, rates: R
     return plan
 
 
-def _calibration(config: AuditConfig, lm: LayeredModel, costs: CostModel, rates: Rates, layers: float, head: float) -> float:
+def _calibration(config: AuditConfig, lm: LayeredModel, costs: CostModel, rates: Rates, layers: float) -> float:
     calibrate = config.calibrate_config()
     first = calibrate.min_layer if calibrate.min_layer is not None else 1
-    points = max(1, lm.num_layers - first)  # candidate exit points the traces score
-    heads = points * head + (points * costs.translator if calibrate.lens == TUNED else 0.0)
+    points = max(1, lm.num_layers - first)  # candidate exit points the traces score (the head and its argmax)
+    heads = points * costs.head + (points * costs.translator if calibrate.lens == TUNED else 0.0)
     fit_windows = math.ceil(calibrate.fit_tokens / config.seq_len)
     heldout_windows = math.ceil(calibrate.heldout_tokens / config.seq_len)
     if calibrate.risk != GENERATION_RISK:
@@ -112,9 +114,9 @@ def _calibration(config: AuditConfig, lm: LayeredModel, costs: CostModel, rates:
 
     fit_prompts = fit_windows * max(1, config.seq_len // calibrate.prompt_tokens)
     fit_tokens = fit_prompts * (calibrate.prompt_tokens + calibrate.new_tokens)
-    # Continuations (the fit's, then calibration's and held-out's as the candidates' first runs), about one more
-    # generation of each for the candidates and the certified policies' held-out runs; the traces of the fit
+    # Continuations (the fit's, then calibration's and held-out's as the candidates' first runs), a quarter of a
+    # generation more for the candidates and the certified policies' held-out runs; the traces of the fit
     # sequences (the classifier's labels, the exit points) and of the held-out windows at every candidate point.
-    generations = generation(fit_prompts) + 2 * generation(calibrate.prompts) + 2 * generation(calibrate.heldout_prompts)
+    generations = generation(fit_prompts) + 1.25 * (generation(calibrate.prompts) + generation(calibrate.heldout_prompts))
     traces = (fit_tokens + heldout_windows * config.seq_len) * (layers + heads) / rates.batched
     return generations + traces
