@@ -214,11 +214,18 @@ def trace_plan(
     """The teacher-forced trace of `windows` at `plan`'s points.
 
     Without `vocab_top_k` a check's confidence does not depend on which other points are checked,
-    so one trace over every candidate (kept in `shared`, keyed by the windows) serves every target.
+    so one trace over the points any plan chose (kept in `shared`, keyed by the windows) serves every
+    target; the candidates no plan chose are not scored (each costs the full head per token).
     """
-    if vocab_top_k or shared is None:
+    union = sorted({row for p in plans.plans for row in p.rows})
+    if vocab_top_k or shared is None or not union:
         return trace_exits(lm, windows, plan.points, lens, measure, classifier=plan.classifier, vocab_top_k=vocab_top_k, progress=progress)
     key = id(windows)
     if key not in shared:
-        shared[key] = trace_exits(lm, windows, plans.candidates, lens, measure, classifier=plans.all_points, progress=progress)
-    return shared[key].subset(plan.rows)
+        classifier = None
+        if plans.all_points is not None:
+            weight, bias = plans.all_points.weight.detach()[union], plans.all_points.bias.detach()[union]
+            classifier = conf.ExitClassifier.from_tensors({"classifier.weight": weight, "classifier.bias": bias})
+        points = [plans.candidates[row] for row in union]
+        shared[key] = trace_exits(lm, windows, points, lens, measure, classifier=classifier, progress=progress)
+    return shared[key].subset([union.index(row) for row in plan.rows])

@@ -73,7 +73,9 @@ def audit_plan(config: AuditConfig, lm: LayeredModel, costs: CostModel, rates: R
         validation = min(LENS_VALIDATION, tokens // 4)
         candidates = min(vocab, LENS_STEP_TOKENS * LENS_TOP_K // 4)  # the union of the tokens' top-k, roughly
         step = LENS_STEP_TOKENS * num_layers * 3 * (costs.translator + 2 * d * candidates)  # forward and backward
-        return batched(tokens * layers + 3 * validation * (num_layers + 1) * head + steps * step)
+        # The validation (before and after) scores the full head once per token, then the candidates per layer.
+        check = validation * (head + num_layers * (costs.translator + 2 * d * candidates))
+        return batched(tokens * layers + 2 * check + steps * step)
 
     probe = config.probe
     lenses = 2 if config.lens == TUNED else 1

@@ -246,7 +246,7 @@ def test_calibrate_bad_options(tiny_llama_dir, long_text, args, fragment):
 @pytest.mark.slow
 @pytest.mark.parametrize("measure", ["classifier", "softmax"])
 def test_several_targets_on_shared_traces_equal_one_run_per_target(measure):
-    """Tracing every candidate once and reading each target's rows gives what tracing its points alone gives."""
+    """Tracing the points any target chose once and reading each target's rows gives what tracing its points alone gives."""
     from dyninfer.early_exit.certify import run_calibration, run_calibrations
 
     lm = LayeredModel(tiny_model("llama", layers=6))
