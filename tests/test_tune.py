@@ -118,7 +118,7 @@ def test_tuning_brings_the_exits_closer_to_the_original_and_keeps_the_full_model
         final = lm.model(held[:, :-1]).logits.log_softmax(-1)
     weights = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     before = _exit_kl(lm, held, final)
-    settings = TuningSettings(steps=40, lr=3e-3, rank=8, curriculum="all", exit_token_fraction=1.0, seed=0)
+    settings = TuningSettings(steps=40, lr=3e-3, rank=8, curriculum="all", exit_token_fraction=1.0, kl_weight=1.0, seed=0)
     delta, record = tune_exits(lm, train, settings)
     assert all(torch.equal(weights[n], p) for n, p in lm.model.named_parameters())  # tuning changed no weight
     with steered(lm, delta, 1.0):
