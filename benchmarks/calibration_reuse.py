@@ -38,7 +38,7 @@ def _result(report: calibrate_job.CalibrateReport) -> dict:
                 "exit_points": r.policy.exit_points,
                 "threshold": r.policy.threshold,
                 "curve": [(c.threshold, c.consistency, c.p_value) for c in r.curve],
-                "generated": {k: v for k, v in r.generated.items() if not k.startswith("candidate_")},
+                "generated": r.generated,
             }
         )
     return out
@@ -69,9 +69,7 @@ def main() -> int:
         }
         artifact = report.artifact  # the next side finds the lens and the continuations there
         results[name] = _result(report)
-        generated = report.result.generated
-        timings[name]["positions_decoded"] = generated.get("candidate_positions_decoded")
-        timings[name]["positions_from_prompts"] = generated.get("candidate_positions_from_prompts")
+        timings[name] |= report.result.work
         print(f"{name}: {json.dumps(timings[name])}", file=sys.stderr)
     identical = len(results) < 2 or results["anew"] == results["reuse"]
     out = {"provenance": provenance(), "timings": timings, "identical": identical, "results": results}

@@ -56,9 +56,13 @@ class CalibrationResult:
     notes: list[str] = field(default_factory=list)
     # generation risk: the certified policy's own greedy continuations of held-out prompts against the full model's
     generated: dict | None = None
+    # How much decoding the candidates took (generation risk): it depends on how prompts were batched and sharded,
+    # so it is reported with the timings, not with the result.
+    work: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         out = asdict(self)
+        out.pop("work")
         out["ltt"] = self.ltt.to_dict()
         out["statement"] = self.ltt.statement()
         for point in out["curve"]:  # JSON has no infinity: the never-exit candidate's threshold is None

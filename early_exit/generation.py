@@ -399,9 +399,8 @@ def certify_generation(
             shared.heldout[policy.threshold] = shared.held_runs.run(policy.threshold, "held-out generation")
         held_run = shared.heldout[policy.threshold]
     generated = _generated_summary(held_run, heldout, policy, costs, d, lm.num_layers, consistency_measure)
-    if runs.reuses and runs.positions_decoded:
-        generated["candidate_positions_decoded"] = runs.positions_decoded
-        generated["candidate_positions_from_prompts"] = runs.positions_asked
+    # This rank's count in a data-parallel run.
+    work = {"candidate_positions_decoded": runs.positions_decoded, "candidate_positions_from_prompts": runs.positions_asked}
     return CalibrationResult(
         policy=policy,
         target=target,
@@ -421,6 +420,7 @@ def certify_generation(
         calibration_tokens=calibration.size * calibration.length,
         notes=notes,
         generated=generated,
+        work=work,
     )
 
 

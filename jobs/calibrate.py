@@ -288,6 +288,7 @@ def run(
             progress=progress,
         )
     (result, classifier), others = results[0], [r for r, _ in results[1:]]
+    ws.timings |= result.work
     for other in others:
         other.policy.kv_mode = config.kv_mode
     result.policy.kv_mode = config.kv_mode

@@ -136,8 +136,13 @@ def test_two_gloo_processes_probe_calibrate_prune_and_tune_like_one(workspace):
             "artifact",
             1e-2,
         ),
-        # tune-exits: each process trains on its share of every batch and the LoRA's gradients are summed.
-        (["tune-exits", *base, "--seq-len", "32", "--steps", "4", "--batch-size", "4", "--heldout-tokens", "64"], "tuned", 1e-3),
+        # tune-exits: each process trains on its share of every batch and the LoRA's gradients are summed. KL weight 1:
+        # at the default 10 the first steps' final KL (~3e-6 nats) amplifies the summation order's rounding past 1e-3.
+        (
+            ["tune-exits", *base, "--seq-len", "32", "--steps", "4", "--batch-size", "4", "--heldout-tokens", "64", "--kl-weight", "1"],
+            "tuned",
+            1e-3,
+        ),
     ]
     one = _in_this_process([[*args, "--out", str(workspace / f"{name}-1")] for args, name, _ in stages])
     two = _in_one_group([[*args, "--out", str(workspace / f"{name}-2")] for args, name, _ in stages], workspace)
