@@ -64,6 +64,12 @@ class PromptSet:
         """Tokens per continuation."""
         return self.new_tokens if self.continuations is None else int(self.continuations.shape[1])
 
+    def prefill(self, dynamic: DynamicModel, start: int, batch: slice):
+        """The prefill of the batch of prompts at `start` (this prompt set's rows `batch`), made once and kept."""
+        if start not in self.prefills:
+            self.prefills[start] = dynamic.prefill_rows(self.prompts[batch])
+        return self.prefills[start]
+
     def set_continuations(self, continuations: torch.Tensor) -> None:
         """Know the continuations (all rows; the shards get theirs)."""
         self.continuations = continuations
@@ -163,10 +169,8 @@ def generate_and_score(
     forced = measure == "prefix"
 
     def batch_run(start: int, mine: PromptSet, batch: slice) -> RowGeneration:
-        if start not in mine.prefills:
-            mine.prefills[start] = dynamic.prefill_rows(mine.prompts[batch])
         reference = mine.continuations[batch] if forced else None
-        return dynamic.generate_rows(mine.prompts[batch], mine.length, forced=reference, start=mine.prefills[start])
+        return dynamic.generate_rows(mine.prompts[batch], mine.length, forced=reference, start=mine.prefill(dynamic, start, batch))
 
     return _scored_batches(prompts, measure, batch_size, progress, what, batch_run)
 
@@ -216,10 +220,19 @@ class CandidateRuns:
     threshold stricter than the last one run. The kept states hold the KV cache of every prompt's whole run.
     """
 
-    def __init__(self, dynamic: DynamicModel, prompts: PromptSet, measure: str, batch_size: int = 32, progress: ProgressFn | None = None):
+    def __init__(
+        self,
+        dynamic: DynamicModel,
+        prompts: PromptSet,
+        measure: str,
+        batch_size: int = 32,
+        progress: ProgressFn | None = None,
+        reuse: bool = True,
+    ):
         self.dynamic, self.prompts, self.measure = dynamic, prompts, measure
         self.batch_size, self.progress = batch_size, progress
-        self.reuses = measure != "prefix" and not dynamic.lm.adapter.recurrent
+        # `reuse` False: every candidate generated anew (the plain path, for comparison).
+        self.reuses = reuse and measure != "prefix" and not dynamic.lm.adapter.recurrent
         self.threshold: float | None = None  # the last candidate run
         self.records: dict[int, RowGeneration] = {}  # batch start (in this rank's shard) -> its last run
         self.positions_decoded = self.positions_asked = 0  # `_count`
@@ -235,9 +248,8 @@ class CandidateRuns:
         report(what, 0, mine.size)
         for start in range(0, mine.size, self.batch_size):
             batch = slice(start, start + self.batch_size)
-            if start not in mine.prefills:
-                mine.prefills[start] = self.dynamic.prefill_rows(mine.prompts[batch])
-            record = self.dynamic.generate_rows(mine.prompts[batch], self.prompts.length, start=mine.prefills[start], keep_state=True)
+            prefill = mine.prefill(self.dynamic, start, batch)
+            record = self.dynamic.generate_rows(mine.prompts[batch], self.prompts.length, start=prefill, keep_state=True)
             self.records[start] = record
             # Generating the continuations is work done either way; a run beside known ones is extra.
             self._count(0 if self.prompts.continuations is None else record.tokens.numel(), 0)
@@ -356,11 +368,12 @@ def certify_generation(
     key = (tuple(plan.points), kv_mode, consistency_measure, reuse)
     shared = runs_cache.setdefault(key, _PointRuns()) if runs_cache is not None else _PointRuns()
     if shared.runs is None:
-        for prompt_set, measure_of_runs, attribute in ((calibration, consistency_measure, "runs"), (heldout, "tokens", "held_runs")):
-            # Each runner has its own policy: it moves the threshold.
-            dynamic = DynamicModel(lm, dataclasses.replace(policy), lens, plan.classifier)
-            setattr(shared, attribute, CandidateRuns(dynamic, prompt_set, measure_of_runs, batch_size, progress))
-            getattr(shared, attribute).reuses &= reuse
+
+        def runner(prompt_set: PromptSet, measure_of_runs: str) -> CandidateRuns:
+            dynamic = DynamicModel(lm, dataclasses.replace(policy), lens, plan.classifier)  # its own policy: it moves the threshold
+            return CandidateRuns(dynamic, prompt_set, measure_of_runs, batch_size, progress, reuse=reuse)
+
+        shared.runs, shared.held_runs = runner(calibration, consistency_measure), runner(heldout, "tokens")
     runs = shared.runs
     for runner, what in ((runs, "calibration"), (shared.held_runs, "held-out")):
         if runner.prompts.continuations is None:  # the runs' first, never-exit, run generates them

@@ -191,13 +191,16 @@ def plan_exits(
     for target in targets:
         chosen = select_exit_points(fit_trace, costs, measure, lens.kind == "tuned", vocab_top_k, d, target, max_points, progress)
         rows = [candidates.index(p) for p in chosen]
-        classifier = None
-        if all_points is not None:  # keep only the chosen points' rows, in order
-            classifier = conf.ExitClassifier.from_tensors(
-                {"classifier.weight": all_points.weight.detach()[rows], "classifier.bias": all_points.bias.detach()[rows]}
-            )
-        plans.append(ExitPlan(target, chosen, classifier, fit_trace.subset(rows), rows))
+        plans.append(ExitPlan(target, chosen, _classifier_rows(all_points, rows), fit_trace.subset(rows), rows))
     return ExitPlans(plans, candidates, all_points)
+
+
+def _classifier_rows(all_points: conf.ExitClassifier | None, rows: list[int]) -> conf.ExitClassifier | None:
+    """The classifier of every candidate point cut down to `rows` (in that order); None without a classifier."""
+    if all_points is None:
+        return None
+    weight, bias = all_points.weight.detach()[rows], all_points.bias.detach()[rows]
+    return conf.ExitClassifier.from_tensors({"classifier.weight": weight, "classifier.bias": bias})
 
 
 def trace_plan(
@@ -222,10 +225,7 @@ def trace_plan(
         return trace_exits(lm, windows, plan.points, lens, measure, classifier=plan.classifier, vocab_top_k=vocab_top_k, progress=progress)
     key = id(windows)
     if key not in shared:
-        classifier = None
-        if plans.all_points is not None:
-            weight, bias = plans.all_points.weight.detach()[union], plans.all_points.bias.detach()[union]
-            classifier = conf.ExitClassifier.from_tensors({"classifier.weight": weight, "classifier.bias": bias})
         points = [plans.candidates[row] for row in union]
+        classifier = _classifier_rows(plans.all_points, union)
         shared[key] = trace_exits(lm, windows, points, lens, measure, classifier=classifier, progress=progress)
     return shared[key].subset([union.index(row) for row in plan.rows])

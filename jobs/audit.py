@@ -280,8 +280,9 @@ def run(
         session = ModelSession.load(config.model, config.placement())
         report_progress("loading model", 1, 1)
     artifact: str | Artifact | None = existing
-    _check_data(config, session, existing)
-    expected = expected_durations(config, session, existing)
+    lens_stored = existing is not None and LensRecord.read(Artifact.load(existing)) is not None
+    _check_data(config, session, lens_stored)
+    expected = expected_durations(config, session, lens_stored)
     if on_plan is not None:
         on_plan(expected)
     pruned = None
@@ -312,23 +313,21 @@ def run(
     return report
 
 
-def _check_data(config: AuditConfig, session: ModelSession, existing: str | None) -> None:
+def _check_data(config: AuditConfig, session: ModelSession, lens_stored: bool) -> None:
     """Refuse, before the first stage, data too short for the calibration's draw (it comes last)."""
     calibrate = config.calibrate_config()
     ws = open_workspace(
         calibrate.model, calibrate.data, field=calibrate.field, seq_len=calibrate.seq_len, seed=calibrate.seed, session=session
     )
-    lens_stored = existing is not None and LensRecord.read(Artifact.load(existing)) is not None
     lens_tokens = config.probe.lens_train_tokens if config.lens == TUNED and not lens_stored else 0
     calibrate_job.check_draw(calibrate, ws.windows, lens_tokens)
 
 
-def expected_durations(config: AuditConfig, session: ModelSession, existing: str | None) -> dict[str, float]:
+def expected_durations(config: AuditConfig, session: ModelSession, lens_stored: bool) -> dict[str, float]:
     """Each stage's expected seconds (`jobs.estimate`), from rates timed on the loaded model."""
     lm = session.lm
     costs = count_costs(lm, context=config.seq_len)
     rates = time_rates(lm, costs, min(config.calibrate.batch_size, config.calibrate.prompts))
-    lens_stored = existing is not None and LensRecord.read(Artifact.load(existing)) is not None
     return audit_plan(config, lm, costs, rates, lens_stored=lens_stored)
 
 
