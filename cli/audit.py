@@ -9,7 +9,18 @@ from typing import Annotated
 import typer
 
 from dyninfer.cli import options as opt
-from dyninfer.cli.output import duration, gates_failed, handle_errors, memory_line, print_json, progress_reporter, stderr, stdout, waiting
+from dyninfer.cli.output import (
+    duration,
+    gates_failed,
+    handle_errors,
+    memory_line,
+    print_json,
+    progress_reporter,
+    stderr,
+    stdout,
+    waiting,
+    writing,
+)
 from dyninfer.jobs.configs import AuditConfig, CalibrateConfig, ProbeConfig, ProfileConfig, PruneConfig, audit_steering
 
 DEFAULTS = AuditConfig()  # the options' defaults are the library's
@@ -128,7 +139,7 @@ def audit(
         steer=audit_steering(steer) if steer else None,
         sweep=dataclasses.replace(DEFAULTS.sweep, alphas=tuple(steer_alphas)),
     )
-    with progress_reporter() as progress:
+    with writing(out), progress_reporter() as progress:
         report = job.run(config, out, progress, on_wait=waiting(out), on_plan=say_plan)
     if as_json:
         print_json(report.summary())

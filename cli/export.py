@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from dyninfer.cli import options as opt
-from dyninfer.cli.output import handle_errors, notes, print_json, progress_reporter, stdout
+from dyninfer.cli.output import handle_errors, notes, print_json, progress_reporter, stdout, writing
 from dyninfer.jobs.configs import ExportConfig
 
 DEFAULTS = ExportConfig()
@@ -49,7 +49,8 @@ def export(
     from dyninfer.jobs import export as job
 
     config = opt.config_from(ExportConfig, locals())
-    with progress_reporter() as progress:
+    # The package is written into the artifact (or --out): the artifact, or --out, is this command's meanwhile.
+    with writing(out if out is not None else artifact), progress_reporter() as progress:
         result = job.run(config, artifact, progress=progress)
     if as_json:
         print_json({"command": "export", **result.to_dict()})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import json
+import os
 import sys
 import time
 import typing
@@ -19,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from typer.models import ArgumentInfo, OptionInfo
 
-from dyninfer.core.artifact_files import check_output_dir
+from dyninfer.core.artifact_files import check_output_dir, writer_lock
 from dyninfer.core.errors import OPTION_REFERENCE, DyninferError
 from dyninfer.core.progress import ProgressFn, silent
 
@@ -187,16 +188,28 @@ def run_and_save(config, run: Callable, save: Callable, render: Callable, *, out
     report)`), then the summary as JSON or rendered. Returns the report."""
     config.validate()
     check_out_dir(out)
-    with progress_reporter() as progress:
+    with writing(out), progress_reporter() as progress:
         report = run(config, progress=progress, existing=str(out) if out else None)
-    if out is not None:
-        target = save(report, out, waiting(out))
-        stderr.print(wrote(Path(target), report))
+        if out is not None:
+            target = save(report, out, waiting(out))
+            stderr.print(wrote(Path(target), report))
     if as_json:
         print_json(report.summary())
     else:
         render(report)
     return report
+
+
+@contextmanager
+def writing(out) -> Iterator[None]:
+    """The artifact at `out` is this command's from before it is read until it is saved (`writer_lock`): another
+    command writing it waits, and says so. Under a launcher only rank 0, the one that saves, takes it (read from
+    the launcher's environment: the process group may not be started yet)."""
+    if out is None or os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    with writer_lock(out, on_wait=waiting(out)):
+        yield
 
 
 def waiting(out) -> Callable[[], None]:

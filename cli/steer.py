@@ -10,7 +10,7 @@ from rich import box
 from rich.table import Table
 
 from dyninfer.cli import options as opt
-from dyninfer.cli.output import check_out_dir, handle_errors, notes, print_json, progress_reporter, stderr, stdout, waiting
+from dyninfer.cli.output import check_out_dir, handle_errors, notes, print_json, progress_reporter, stderr, stdout, waiting, writing
 from dyninfer.core.choices import BUILTIN_COT
 from dyninfer.core.errors import DyninferError
 from dyninfer.jobs.configs import ApplyConfig, ExtractConfig, SweepConfig
@@ -143,9 +143,9 @@ def extract(
     config = opt.config_from(ExtractConfig, locals())
     config.validate()
     check_out_dir(out)
-    with progress_reporter() as progress:
+    with writing(out), progress_reporter() as progress:
         report = job.extract(config, existing=str(out), progress=progress)
-    target = job.save_extract(report, out, waiting(out))
+        target = job.save_extract(report, out, waiting(out))
     stderr.print(f"wrote {target} ({method} direction in steering.safetensors)")
     if as_json:
         print_json(report.summary())
@@ -225,9 +225,9 @@ def sweep(
     config = opt.config_from(SweepConfig, locals())
     config.validate()
     path = _existing_artifact(artifact)
-    with progress_reporter() as progress:
+    with writing(path), progress_reporter() as progress:
         report = job.sweep(config, path, progress=progress)
-    target = job.save_sweep(report, path, waiting(path))
+        target = job.save_sweep(report, path, waiting(path))
     stderr.print(f"wrote {target / report.folder}/ and the sweep summary in the manifest")
     if as_json:
         print_json(report.summary())
@@ -246,7 +246,8 @@ def apply(
     path = _existing_artifact(artifact)
     from dyninfer.jobs import steer as job
 
-    result = job.apply(ApplyConfig(alpha=alpha, method=method), path, waiting(path))
+    with writing(path):
+        result = job.apply(ApplyConfig(alpha=alpha, method=method), path, waiting(path))
     if as_json:
         print_json(result.summary() | {"artifact": str(artifact)})
         return

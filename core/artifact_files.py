@@ -10,6 +10,7 @@ carried over.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pathlib
@@ -59,17 +60,46 @@ def fsync_path(path: pathlib.Path) -> None:
         os.close(fd)
 
 
-def make_temp_dir(parent: pathlib.Path, name: str) -> pathlib.Path:
-    # os.mkdir (not tempfile.mkdtemp) so the directory gets the usual umask-based mode,
-    # not 0o700: it becomes the artifact directory.
-    for _ in range(100):
-        tmp = parent / f".{name}.tmp-{secrets.token_hex(6)}"
-        try:
-            os.mkdir(tmp)
-        except FileExistsError:
-            continue
-        return tmp
-    raise FileExistsError(f"could not create a unique temporary directory in {parent}")
+@contextlib.contextmanager
+def staging_dir(parent: pathlib.Path, name: str) -> Iterator[pathlib.Path]:
+    """A hidden sibling folder `.NAME.tmp-*` to build a new version in, removed afterwards unless swapped in.
+
+    The folder is locked (flock) while this process builds in it, so a later open can tell a folder left by
+    a killed process (unlocked: removed by `stale_entries`' caller) from one another process still fills.
+    """
+    # os.mkdir (not tempfile.mkdtemp) so the directory gets the usual umask-based mode, not 0o700: it
+    # becomes the artifact directory.
+    with artifact_lock(lock_target(parent / name), shared=True):  # so no other process takes it for a leftover meanwhile
+        for _ in range(100):
+            tmp = parent / f".{name}.tmp-{secrets.token_hex(6)}"
+            try:
+                os.mkdir(tmp)
+            except FileExistsError:
+                continue
+            break
+        else:
+            raise FileExistsError(f"could not create a unique temporary directory in {parent}")
+        fd = _lock_fd(tmp, fcntl.LOCK_EX) if fcntl is not None else None
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after a swap; the aborted copy otherwise
+        if fd is not None:
+            os.close(fd)
+
+
+def _lock_fd(path: pathlib.Path, kind: int) -> int | None:
+    """An fd on *path* holding flock *kind* (non-blocking); None if it is held elsewhere or cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _free_name(parent: pathlib.Path, name: str, kind: str) -> pathlib.Path:
@@ -158,9 +188,61 @@ def artifact_lock(path, *, shared: bool = False, on_wait: Callable[[], None] | N
             if on_wait is not None:
                 on_wait()
             fcntl.flock(fd, kind)
+        # A swap a killed process left, or its leftovers, beside the artifact or inside it (ARTIFACT/onnx): finish, clear.
+        untidy = [d for d in (parent, pathlib.Path(os.path.realpath(path))) if d.is_dir() and (pending_swaps(d) or stale_entries(d))]
+        if untidy:
+            if shared:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            for directory in untidy:
+                _tidy(directory)
+            if shared:
+                fcntl.flock(fd, fcntl.LOCK_SH)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def writer_lock(path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Held by a command that writes the artifact at *path*, from before it reads the artifact until after it
+    saves: writers of one artifact run one after the other, each starting from the version the previous one
+    saved, so none loses another's stages. Readers do not take it (they only wait for a swap, `artifact_lock`).
+
+    It is an flock on an empty file beside the artifact (`.NAME.lock`) that the holder removes when done; a
+    writer that locked a file removed meanwhile locks the new one instead. Artifacts side by side have their
+    own. No fcntl: nothing to lock.
+    """
+    target = pathlib.Path(os.path.realpath(path))
+    if fcntl is None or not target.name or not target.parent.is_dir():
+        yield
+        return
+    lock_file = target.parent / f".{target.name}.lock"
+    said = False
+    while True:
+        try:
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, file_mode())
+        except OSError:
+            yield  # a place this user cannot write: the save will say so
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None and not said:
+                on_wait()
+                said = True
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(lock_file).st_ino == os.fstat(fd).st_ino:
+                break  # still the file at that name: ours
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the previous holder removed it after we opened it: lock the new one
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_file)
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -181,52 +263,225 @@ def interrupts_held() -> Iterator[None]:
             signal.raise_signal(received[0])
 
 
+_STAGED = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|bak)-[0-9a-f]{12}")
+_JOURNAL_SUFFIX = ".swap"
+_JOURNAL_DRAFT = re.compile(r"\..+\.swap-[0-9a-f]{12}")
+
+
+def _journal_path(parent: pathlib.Path, name: str) -> pathlib.Path:
+    return parent / f".{name}{_JOURNAL_SUFFIX}"
+
+
 def swap_in(tmp: pathlib.Path, target: pathlib.Path, replaced: set[str] | None) -> None:
-    """Make *tmp* the directory at *target* in one rename.
+    """Make *tmp* the directory at *target*, surviving a kill at any instruction.
 
     With `replaced` (a set of relative paths), the entries of an existing *target* that its manifest
     does not own and that `replaced` does not name are carried over into *tmp* first (a folder both
-    have is merged); with None, *target* is replaced whole. Any failure or interrupt (BaseException)
-    undoes every rename, so *target* is as it was.
+    have is merged); with None, *target* is replaced whole.
+
+    A new *target* is one rename. Replacing one takes several (the carried entries, the old version
+    aside, the new one in), so the plan is first written to a journal beside it (`.NAME.swap`, made
+    durable by one atomic rename): the journal is the commit point. A failure or interrupt in this
+    process undoes the renames; a process killed after the commit leaves the journal, and the next
+    process that opens the artifact (`recover`, under its lock) completes the swap. Before the commit,
+    *target* is untouched and the staged folder is a leftover the next save clears.
     """
-    moves: list[tuple[pathlib.Path, pathlib.Path]] = []
-    backup = None
-    try:
-        if os.path.isdir(target):
-            if replaced is not None:
-                _carry(target, tmp, "", _owned_names(target), replaced, moves)
-                with contextlib.suppress(OSError):
-                    shutil.copymode(target, tmp)
-            backup = _free_name(target.parent, target.name, "bak")
-            os.rename(target, backup)
+    parent, name = target.parent, target.name
+    if not os.path.isdir(target):
         os.rename(tmp, target)
+        return
+    carry: list[str] = []
+    if replaced is not None:
+        _plan_carry(target, tmp, "", _owned_names(target), replaced, carry)
+    journal = {"staged": tmp.name, "backup": _free_name(parent, name, "bak").name, "carry": carry}
+    _write_journal(parent, name, journal)
+    try:
+        _roll_forward(parent, name, journal)
     except BaseException:
-        if backup is not None and not os.path.lexists(target):
-            os.rename(backup, target)
-            backup = None
-        for source, moved_to in reversed(moves):
+        if _roll_back(parent, name, journal):
             with contextlib.suppress(OSError):
-                os.rename(moved_to, source)
+                os.unlink(_journal_path(parent, name))
         raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
 
 
-def _carry(
-    old: pathlib.Path, new: pathlib.Path, prefix: str, owned: set[str], replaced: set[str], moves: list[tuple[pathlib.Path, pathlib.Path]]
-) -> None:
-    """Move *old*'s entries that the new version keeps into *new* (recording each move)."""
+def _write_journal(parent: pathlib.Path, name: str, journal: dict) -> None:
+    path = _journal_path(parent, name)
+    draft = parent / f".{name}.swap-{secrets.token_hex(6)}"
+    try:
+        with open(draft, "w", encoding="utf-8") as f:
+            json.dump(journal, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(draft, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(draft)
+        raise
+    fsync_path(parent)
+
+
+def _roll_forward(parent: pathlib.Path, name: str, journal: dict) -> None:
+    """Carry out the journal's swap from wherever a killed process left it (every step is idempotent)."""
+    target, staged, backup = parent / name, parent / journal["staged"], parent / journal["backup"]
+    if os.path.isdir(staged):  # the new version is not in yet
+        old = target if os.path.lexists(target) else backup
+        for relative in journal["carry"]:
+            source, destination = old / relative, staged / relative
+            if os.path.lexists(source) and not os.path.lexists(destination):
+                os.rename(source, destination)
+        if os.path.lexists(target):
+            with contextlib.suppress(OSError):
+                shutil.copymode(target, staged)
+            os.rename(target, backup)
+        os.rename(staged, target)
+        fsync_path(parent)
+    elif not os.path.lexists(target) and os.path.isdir(backup):  # nothing staged to put in: keep the old one
+        os.rename(backup, target)
+    shutil.rmtree(backup, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_journal_path(parent, name))
+    fsync_path(parent)
+
+
+def _roll_back(parent: pathlib.Path, name: str, journal: dict) -> bool:
+    """Undo a swap this process started and failed in; False if the new version was already in."""
+    target, staged, backup = parent / name, parent / journal["staged"], parent / journal["backup"]
+    if not os.path.isdir(staged):
+        return False
+    try:
+        if not os.path.lexists(target) and os.path.isdir(backup):
+            os.rename(backup, target)
+        for relative in reversed(journal["carry"]):
+            source, moved_to = target / relative, staged / relative
+            if os.path.lexists(moved_to) and not os.path.lexists(source):
+                os.rename(moved_to, source)
+    except OSError:
+        return False  # the journal stays: the next open completes the swap
+    return True
+
+
+def _valid_journal(name: str, journal) -> bool:
+    """A journal names only this artifact's own staged and backup folders, and relative paths inside it."""
+    if not isinstance(journal, dict) or not isinstance(journal.get("carry"), list):
+        return False
+    for key, kind in (("staged", "tmp"), ("backup", "bak")):
+        found = _STAGED.fullmatch(str(journal.get(key, "")))
+        if found is None or found["name"] != name or found["kind"] != kind:
+            return False
+    return all(isinstance(r, str) and _inside_relative(r) for r in journal["carry"])
+
+
+def recover(directory: pathlib.Path) -> list[str]:
+    """Complete every swap in *directory* that a killed process left (its journal); return the names completed.
+
+    Call with the lock of the artifacts in *directory* held exclusively.
+    """
+    completed = []
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return completed
+    for entry in entries:
+        if not (entry.startswith(".") and entry.endswith(_JOURNAL_SUFFIX)):
+            continue
+        name, path = entry[1 : -len(_JOURNAL_SUFFIX)], directory / entry
+        try:
+            journal = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            journal = None
+        if not _valid_journal(name, journal):
+            continue  # not ours, or damaged: never act on it
+        _roll_forward(directory, name, journal)
+        completed.append(name)
+    return completed
+
+
+def pending_swaps(directory: pathlib.Path) -> bool:
+    try:
+        return any(e.startswith(".") and e.endswith(_JOURNAL_SUFFIX) for e in os.listdir(directory))
+    except OSError:
+        return False
+
+
+def stale_entries(directory: pathlib.Path) -> list[pathlib.Path]:
+    """What killed processes left in *directory*: staged folders no live process holds (`.NAME.tmp-*`), and,
+    where no swap is pending, backups (`.NAME.bak-*`) and journal drafts. Remove them only with the lock of
+    the artifacts in *directory* held exclusively (staged folders are made under it held shared)."""
+    if fcntl is None:
+        return []
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return []
+    pending = {e[1 : -len(_JOURNAL_SUFFIX)] for e in entries if e.startswith(".") and e.endswith(_JOURNAL_SUFFIX)}
+    stale = []
+    for entry in entries:
+        found = _STAGED.fullmatch(entry)
+        if found is not None and found["name"] not in pending:
+            if found["kind"] == "tmp":
+                fd = _lock_fd(directory / entry, fcntl.LOCK_EX)
+                if fd is None:
+                    continue  # a live process is building in it
+                os.close(fd)
+            stale.append(directory / entry)
+        elif _JOURNAL_DRAFT.fullmatch(entry) and entry.split(".swap-")[0][1:] not in pending:
+            stale.append(directory / entry)
+    return stale
+
+
+def lock_target(path) -> pathlib.Path:
+    """The path whose `artifact_lock` guards *path*: the artifact around a folder inside one (ARTIFACT/onnx),
+    else *path* itself."""
+    path = pathlib.Path(path)
+    return path.parent if artifact_exists(path.parent) else path
+
+
+def manifest_digest(directory) -> str | None:
+    """sha256 of the artifact's manifest as it is on disk now (None: no manifest): a version stamp."""
+    try:
+        return hashlib.sha256((pathlib.Path(directory) / MANIFEST_NAME).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _tidy(directory: pathlib.Path) -> None:
+    """Complete pending swaps and remove leftovers in *directory* (its lock held exclusively)."""
+    recover(directory)
+    for path in stale_entries(directory):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+def _plan_carry(old: pathlib.Path, new: pathlib.Path, prefix: str, owned: set[str], replaced: set[str], carry: list[str]) -> None:
+    """The relative paths of *old*'s entries the new version keeps (moved into *new* by the swap)."""
     for entry in sorted(os.listdir(old)):
         relative = prefix + entry
-        if entry in owned or relative in replaced:
-            continue
+        if entry in owned or relative in replaced or _STAGED.fullmatch(entry) or entry.endswith(_JOURNAL_SUFFIX):
+            continue  # a staged folder or journal of a nested swap is never part of a version
         source, destination = old / entry, new / entry
         if os.path.lexists(destination):
             if _plain_dir(source) and _plain_dir(destination):  # e.g. steer/ around a new sweep folder
-                _carry(source, destination, relative + "/", set(), replaced, moves)
+                _plan_carry(source, destination, relative + "/", set(), replaced, carry)
             continue  # the new version's entry wins
-        os.rename(source, destination)
-        moves.append((source, destination))
+        carry.append(relative)
+
+
+def inside(root, path) -> bool:
+    """True if *path* (links followed) resolves inside the folder *root*: what a file named by an artifact or
+    package must do, so that a hostile manifest or a planted link cannot make a command read elsewhere."""
+    base = os.path.realpath(root)
+    return os.path.commonpath([base, os.path.realpath(path)]) == base
+
+
+def _inside_relative(name: str) -> bool:
+    """True for a relative path that stays inside the folder it is relative to (no absolute path, no `..`)."""
+    if not name or "\x00" in name or "\\" in name:
+        return False
+    path = pathlib.PurePosixPath(name)
+    return not path.is_absolute() and ".." not in path.parts
 
 
 def _plain_dir(path: pathlib.Path) -> bool:
@@ -256,19 +511,15 @@ def write_file(path: pathlib.Path, data: bytes) -> None:
 
 @contextlib.contextmanager
 def staged_directory(target, lock: bool = True, on_wait: Callable[[], None] | None = None) -> Iterator[pathlib.Path]:
-    """Build a directory in a temporary sibling; it replaces `target` whole, in one rename, only if the
-    block succeeds. An interrupted or failed build leaves `target` as it was and removes the partial one.
+    """Build a directory in a temporary sibling; it replaces `target` whole (`swap_in`) only if the block
+    succeeds. An interrupted or failed build leaves `target` as it was and removes the partial one.
 
     Inside an artifact (an ONNX package in ARTIFACT/onnx) the swap holds the artifact's lock, so it
     cannot interleave with a save of the artifact around it. `lock=False`: a directory built inside a
     staged copy that no other process can see yet.
     """
     target = pathlib.Path(target)
-    tmp = make_temp_dir(target.parent, target.name)
-    try:
+    with staging_dir(target.parent, target.name) as tmp:
         yield tmp
-        locked = target.parent if artifact_exists(target.parent) else target
-        with artifact_lock(locked, on_wait=on_wait) if lock else contextlib.nullcontext(), interrupts_held():
+        with artifact_lock(lock_target(target), on_wait=on_wait) if lock else contextlib.nullcontext(), interrupts_held():
             swap_in(tmp, target, None)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -24,7 +24,6 @@ import json
 import os
 import pathlib
 import platform
-import shutil
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -45,13 +44,14 @@ from dyninfer.core.artifact_files import (
     TENSOR_SUFFIX,
     artifact_lock,
     check_output_dir,
-    file_mode,
     fsync_path,
     group_of_file,
+    inside,
     interrupts_held,
-    make_temp_dir,
+    manifest_digest,
     one_line_error,
     relative_folder,
+    staging_dir,
     swap_in,
     write_file,
 )
@@ -194,6 +194,8 @@ class Artifact:
     created_with: dict = field(default_factory=_tool_versions)
     # Where this artifact was loaded from / last saved to (None for a new one).
     path: pathlib.Path | None = field(default=None, init=False, repr=False)
+    # (where it was read from, that manifest's sha256): a save there refuses if the manifest changed since.
+    _read_version: tuple[pathlib.Path | None, str | None] = field(default=(None, None), init=False, repr=False)
 
     # ---- editing
 
@@ -298,30 +300,38 @@ class Artifact:
 
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = make_temp_dir(target.parent, target.name)
-        except OSError as e:
-            raise one_line_error(f"cannot write output directory {str(given)!r} ({e.strerror or e}); choose a writable location") from e
-        try:
-            self._write(tmp, groups)
-            for folder, contents in (reports or {}).items():
-                for name, data in contents.items():
-                    write_file(tmp / folder / name, data)
-            if build is not None:
-                build(tmp)
-            fsync_path(tmp)
-            with artifact_lock(target, on_wait=on_wait), interrupts_held():
-                check_output_dir(given, locked=True)  # again: something may have been put there meanwhile
-                swap_in(tmp, target, replaced)
+            with staging_dir(target.parent, target.name) as tmp:
+                self._write(tmp, groups)
+                for folder, contents in (reports or {}).items():
+                    for name, data in contents.items():
+                        write_file(tmp / folder / name, data)
+                if build is not None:
+                    build(tmp)
+                fsync_path(tmp)
+                with artifact_lock(target, on_wait=on_wait), interrupts_held():
+                    check_output_dir(given, locked=True)  # again: something may have been put there meanwhile
+                    self._check_unchanged(target)
+                    swap_in(tmp, target, replaced)
         except OSError as e:
             raise one_line_error(
                 f"cannot write artifact to {str(given)!r} ({e.strerror or e}); "
                 "check free disk space and permissions of the output directory; nothing was changed"
             ) from e
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # gone after a swap; the aborted copy otherwise
         fsync_path(target.parent)
         self.path = given
+        self._read_version = (target, manifest_digest(target))
         return given
+
+    def _check_unchanged(self, target: pathlib.Path) -> None:
+        """Refuse to save over a version of the artifact this one was not read from (another process saved meanwhile):
+        its stages would be lost. Commands run from the CLI never meet this: they hold the artifact's writer lock from
+        before they read it until they save (`writer_lock`)."""
+        read_from, digest = self._read_version
+        if read_from == target and manifest_digest(target) != digest:
+            raise one_line_error(
+                f"artifact {str(self.path)!r} was changed by another process after this one read it; nothing was changed "
+                "(saving would lose that process's stages); run the command again, or run commands on one artifact one after the other"
+            )
 
     def _write(self, directory: pathlib.Path, groups: list[str]) -> None:
         """The tensor files, then the manifest (a directory with a manifest is a complete artifact)."""
@@ -329,8 +339,10 @@ class Artifact:
         for g in groups:
             fname = g + TENSOR_SUFFIX
             fpath = directory / fname
-            safetensors.torch.save_file(_prepare_for_save(self.tensors[g]), str(fpath), metadata={"format": "pt", "dyninfer_group": g})
-            os.chmod(fpath, file_mode())  # safetensors writes 0600; files get the user's usual mode
+            # Serialised here and written by us: a full disk is then an OSError (safetensors' writer raises its own
+            # error type), and the file gets the user's usual mode (safetensors writes 0600).
+            data = safetensors.torch.save(_prepare_for_save(self.tensors[g]), metadata={"format": "pt", "dyninfer_group": g})
+            write_file(fpath, data)
             fsync_path(fpath)
             hashes[fname] = _sha256(fpath)
         text = json.dumps(self._manifest(hashes), indent=2, ensure_ascii=False) + "\n"
@@ -356,7 +368,8 @@ class Artifact:
         if not manifest_path.is_file():
             raise one_line_error(f"{shown!r} is not a dyninfer artifact (no {MANIFEST_NAME}); pass a directory written by dyninfer")
         try:
-            text = manifest_path.read_text(encoding="utf-8")
+            raw = manifest_path.read_bytes()
+            text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise one_line_error(
                 f"artifact {shown!r} is corrupt: {MANIFEST_NAME} is not valid JSON (not UTF-8 text); re-create the artifact"
@@ -411,6 +424,10 @@ class Artifact:
             if group is None:  # also keeps a hostile manifest from naming ../ paths
                 raise corrupt(f"{fname!r} is not a valid tensor file name")
             fpath = given / fname
+            if not inside(given, fpath):
+                raise one_line_error(
+                    f"artifact {shown!r} is unsafe: {fname} is a link to a file outside it; copy the file into the artifact or re-create it"
+                )
             if not fpath.is_file():
                 raise one_line_error(f"artifact {shown!r} is incomplete: {fname} is missing; re-create the artifact")
             try:
@@ -434,6 +451,7 @@ class Artifact:
             created_with=created_with,
         )
         art.path = given
+        art._read_version = (pathlib.Path(os.path.realpath(given)), hashlib.sha256(raw).hexdigest())
         if expect_model_hash is not None:
             art.check_base_model(expect_model_hash)
         return art

@@ -11,6 +11,7 @@ import safetensors.torch
 import torch
 
 from dyninfer.core.artifact_files import MANIFEST_NAME, artifact_exists
+from dyninfer.core import artifacts
 from dyninfer.core.artifacts import SCHEMA_VERSION, Artifact, BaseModelInfo
 from dyninfer.core.errors import DyninferError
 
@@ -222,16 +223,16 @@ def test_failed_save_leaves_target_untouched(tmp_path, monkeypatch):
     (target / "probe" / "report.csv").write_text("x")
     before = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
 
-    real_save = safetensors.torch.save_file
+    real_save = safetensors.torch.save
     calls = []
 
-    def flaky_save(tensors, filename, metadata=None):
-        calls.append(filename)
+    def flaky_save(tensors, metadata=None):
+        calls.append(metadata)
         if len(calls) == 2:
             raise RuntimeError("simulated crash while writing the second group")
-        return real_save(tensors, filename, metadata=metadata)
+        return real_save(tensors, metadata=metadata)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", flaky_save)
+    monkeypatch.setattr(safetensors.torch, "save", flaky_save)
     new = Artifact(base_model=_info(OTHER_HASH))
     new.put_tensors("exits", {"a": torch.zeros(3)})
     new.put_tensors("masks", {"b": torch.ones(3)})
@@ -251,7 +252,7 @@ def test_failed_first_save_leaves_nothing(tmp_path, monkeypatch):
     def broken(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr(artifacts, "write_file", broken)  # the first file written: a tensor file
     art = _artifact()
     with pytest.raises(DyninferError) as ei:
         art.save(tmp_path / "new")
