@@ -9,12 +9,14 @@ CLI's own modules and the jobs below it, so the layer contract is unchanged.
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib
 import os
 import sys
 
 import typer
+from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
 from dyninfer.cli.output import stderr
@@ -126,9 +128,31 @@ class LazyCommands(TyperGroup):
             hint = f" (see `{context.command_path} --help`)" if context is not None else ""
             message = " ".join(exc.format_message().split())
             if message:  # empty: a group called without a command, whose help was just shown
-                stderr.print(f"[bold red]error:[/] {message}{hint}", highlight=False, markup=True)
+                stderr.print(f"[bold red]error:[/] {escape(message)}{hint}", highlight=False, markup=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:
+            # Every file the library writes maps its failures to a DyninferError; what is left is the command's own
+            # output (--json to a full disk, a closed pipe).
+            if exc.errno not in _OUTPUT_ERRORS:
+                raise
+            _silence_stdout()  # so the interpreter's last flush of it does not fail again at exit
+            stderr.print(
+                f"[bold red]error:[/] cannot write the command's output ({escape(exc.strerror or str(exc))}); "
+                "check free space where standard output goes, or write it elsewhere",
+                highlight=False,
+                markup=True,
+            )
+            sys.exit(2)
         sys.exit(result if isinstance(result, int) else 0)
+
+
+_OUTPUT_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EPIPE, errno.EIO, errno.EFBIG)
+
+
+def _silence_stdout() -> None:
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
+    sys.stdout = open(os.devnull, "w")
 
 
 def _silence() -> None:

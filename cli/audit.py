@@ -147,7 +147,8 @@ def audit(
         stdout.print(markdown(report), markup=False, highlight=False)
     stderr.print(
         f"wrote {out}/report.html, report.md, summary.json and the artifact "
-        f"({report.timings['total_s']:.0f} s; {memory_line(report.probe.placement, report.memory)})"
+        f"({report.timings['total_s']:.0f} s; {memory_line(report.probe.placement, report.memory)})",
+        markup=False,
     )
     gates_failed([f"{g.name} ({g.value:.4g} < {g.threshold:g})" for g in report.gates if not g.passed])
 

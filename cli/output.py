@@ -17,6 +17,8 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.errors import MarkupError
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from typer.models import ArgumentInfo, OptionInfo
 
@@ -27,9 +29,25 @@ from dyninfer.core.progress import ProgressFn, silent
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 _BLOCKS = " ▁▂▃▄▅▆▇█"
 
+
+
+class _Console(Console):
+    """A rich console that never lets the text it shows rewrite itself: no emoji codes (`:a:` in a path), and a
+    line whose user-given part reads as broken markup (`[/]` in a path) is shown as written instead of crashing."""
+
+    def __init__(self, **kwargs):
+        super().__init__(emoji=False, **kwargs)
+
+    def print(self, *objects, **kwargs):
+        try:
+            super().print(*objects, **kwargs)
+        except MarkupError:
+            super().print(*objects, **{**kwargs, "markup": False})
+
+
 # Off a terminal (CI logs, files) rich would assume 80 columns and squeeze wide tables.
-stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 140)
-stderr = Console(stderr=True, soft_wrap=True)
+stdout = _Console(soft_wrap=True, width=None if sys.stdout.isatty() else 140)
+stderr = _Console(stderr=True, soft_wrap=True)
 # The running command's field -> flag names (set by `handle_errors`), for messages from the library.
 _command_flags: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar("command_flags", default=MappingProxyType({}))
 
@@ -65,7 +83,7 @@ def with_flags(message: str) -> str:
 def fail(message: str) -> None:
     """Print a one-line error on stderr and exit with the bad-input code."""
     first_line = " ".join(with_flags(str(message)).split())
-    stderr.print(f"[bold red]error:[/] {first_line}", highlight=False, markup=True)
+    stderr.print(f"[bold red]error:[/] {escape(first_line)}", highlight=False, markup=True)
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
@@ -93,14 +111,14 @@ def handle_errors(command: Callable) -> Callable:
 def gates_failed(failures: list[str]) -> None:
     """Name each failed CI gate on stderr and exit with the gate code (nothing when all passed)."""
     for failure in failures:
-        stderr.print(f"[bold red]gate failed:[/] {with_flags(failure)}", highlight=False)
+        stderr.print(f"[bold red]gate failed:[/] {escape(with_flags(failure))}", highlight=False)
     if failures:
         raise typer.Exit(EXIT_GATE_FAILED)
 
 
 def notes(lines: list[str], console: Console = stdout) -> None:
     for line in lines:
-        console.print(f"[yellow]note:[/] {with_flags(line)}")
+        console.print(f"[yellow]note:[/] {escape(with_flags(line))}")
 
 
 def time_left(elapsed: float, done: int, total: int) -> str:
@@ -192,7 +210,7 @@ def run_and_save(config, run: Callable, save: Callable, render: Callable, *, out
         report = run(config, progress=progress, existing=str(out) if out else None)
         if out is not None:
             target = save(report, out, waiting(out))
-            stderr.print(wrote(Path(target), report))
+            stderr.print(wrote(Path(target), report), markup=False, highlight=False)
     if as_json:
         print_json(report.summary())
     else:
@@ -214,7 +232,7 @@ def writing(out) -> Iterator[None]:
 
 def waiting(out) -> Callable[[], None]:
     """What a save says when another dyninfer process is writing the same artifact and it waits."""
-    return lambda: stderr.print(f"waiting: another dyninfer process is writing {out}", highlight=False)
+    return lambda: stderr.print(f"waiting: another dyninfer process is writing {out}", highlight=False, markup=False)
 
 
 def print_json(data) -> None:

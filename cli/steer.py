@@ -146,7 +146,7 @@ def extract(
     with writing(out), progress_reporter() as progress:
         report = job.extract(config, existing=str(out), progress=progress)
         target = job.save_extract(report, out, waiting(out))
-    stderr.print(f"wrote {target} ({method} direction in steering.safetensors)")
+    stderr.print(f"wrote {target} ({method} direction in steering.safetensors)", markup=False)
     if as_json:
         print_json(report.summary())
         return
@@ -228,7 +228,7 @@ def sweep(
     with writing(path), progress_reporter() as progress:
         report = job.sweep(config, path, progress=progress)
         target = job.save_sweep(report, path, waiting(path))
-    stderr.print(f"wrote {target / report.folder}/ and the sweep summary in the manifest")
+    stderr.print(f"wrote {target / report.folder}/ and the sweep summary in the manifest", markup=False)
     if as_json:
         print_json(report.summary())
     else:
@@ -253,7 +253,8 @@ def apply(
         return
     stdout.print(
         f"applied {result.method} steering at α = {result.alpha:g} to {artifact}; run, bench, calibrate, "
-        "prune and export now use the steered model"
+        "prune and export now use the steered model",
+        markup=False,
     )
     if result.gguf:
         stdout.print(f"llama.cpp control vector: {result.gguf} (load it with --control-vector {result.gguf.name})")

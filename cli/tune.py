@@ -148,6 +148,7 @@ def tune_exits(
     from dyninfer.jobs import tune as job
 
     config = opt.config_from(TuneConfig, locals(), exit_layers=tuple(exit_layers or ()), targets=tuple(targets or ()))
+    config.check_outputs(out)
     run_and_save(config, job.run, job.save, render, out=out, as_json=as_json, wrote=_wrote)
 
 

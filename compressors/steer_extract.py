@@ -273,6 +273,8 @@ def _read_adapter(path: Path, loaded: LoadedModel) -> ValveDelta:
         rank, alpha = int(config["r"]), float(config["lora_alpha"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DyninferError(f"'{config_path}' is not a readable LoRA adapter config ({exc})") from None
+    if rank < 1 or not math.isfinite(alpha):
+        raise DyninferError(f"'{config_path}' says r = {rank}, lora_alpha = {alpha:g}: a LoRA needs r of at least 1 and a finite alpha")
     scaling = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
     try:
         weights = safetensors.torch.load_file(str(weights_path))

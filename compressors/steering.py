@@ -53,6 +53,10 @@ class ActivationSteering:
         found = {int(k[len(_ACTIVATION_PREFIX) :]): v for k, v in tensors.items() if k.startswith(_ACTIVATION_PREFIX)}
         return cls(found) if found else None
 
+    def largest_change(self, alpha: float) -> float:
+        """The largest entry of α·direction (float64: α may be out of any model dtype's range)."""
+        return max((abs(alpha) * float(v.double().abs().max()) for v in self.directions.values()), default=0.0)
+
     def check(self, lm: LayeredModel) -> None:
         for i, v in self.directions.items():
             if not 0 <= i < lm.num_layers or v.shape != (lm.hidden_size,):
@@ -184,6 +188,16 @@ class ValveDelta:
             for name, param in self.parameters_of(model, what, remedy).items():
                 param.add_((alpha * self.delta(name)).to(param))
 
+    def largest_change(self, alpha: float) -> float:
+        """A bound on the largest entry of α·Δθ (float64), from the halves' row and column norms (Cauchy-Schwarz):
+        the products themselves would be weight-sized."""
+        largest = 0.0
+        for up, down in self.low_rank.values():
+            largest = max(largest, float(up.double().norm(dim=1).max()) * float(down.double().norm(dim=0).max()))
+        for delta in self.dense.values():
+            largest = max(largest, float(delta.double().abs().max()))
+        return abs(alpha) * largest
+
     def numel(self) -> int:
         return sum(up.numel() + down.numel() for up, down in self.low_rank.values()) + sum(d.numel() for d in self.dense.values())
 
@@ -262,6 +276,15 @@ def steered(lm: LayeredModel, direction: ActivationSteering | ValveDelta, alpha:
                     module.bias.copy_(biases[i])
 
 
+# A hidden-state or weight change past this squares to inf in float32 (RMSNorm and LayerNorm square their input), so every
+# output after it would be NaN.
+LARGEST_SAFE_CHANGE = math.sqrt(torch.finfo(torch.float32).max)
+
+
+def safe_change(change: float) -> bool:
+    return math.isfinite(change) and change <= LARGEST_SAFE_CHANGE
+
+
 def applied(artifact: Artifact) -> dict | None:
     """The stage's record of the baked steering ({"method", "alpha"}), if any."""
     record = SteerRecord.read(artifact)
@@ -278,5 +301,11 @@ def load_steering(artifact: Artifact, lm: LayeredModel) -> dict | None:
             or not (is_number(record.get("alpha")) and math.isfinite(record["alpha"]))
         ):
             raise DyninferError(f"the artifact's applied steering is invalid ({record!r}); apply it again with `dyninfer steer apply`")
-        bake(lm, Steering.from_artifact(artifact).get(record["method"]), float(record["alpha"]))
+        direction = Steering.from_artifact(artifact).get(record["method"])
+        if not safe_change(direction.largest_change(float(record["alpha"]))):
+            raise DyninferError(
+                f"the artifact's applied steering (α = {record['alpha']:g}) would make the model's weights inf or NaN; apply a "
+                "smaller α with `dyninfer steer apply`"
+            )
+        bake(lm, direction, float(record["alpha"]))
     return record

@@ -368,7 +368,7 @@ def _valid_journal(name: str, journal) -> bool:
         found = _STAGED.fullmatch(str(journal.get(key, "")))
         if found is None or found["name"] != name or found["kind"] != kind:
             return False
-    return all(isinstance(r, str) and _inside_relative(r) for r in journal["carry"])
+    return all(isinstance(r, str) and relative_inside(r) for r in journal["carry"])
 
 
 def recover(directory: pathlib.Path) -> list[str]:
@@ -476,7 +476,7 @@ def inside(root, path) -> bool:
     return os.path.commonpath([base, os.path.realpath(path)]) == base
 
 
-def _inside_relative(name: str) -> bool:
+def relative_inside(name: str) -> bool:
     """True for a relative path that stays inside the folder it is relative to (no absolute path, no `..`)."""
     if not name or "\x00" in name or "\\" in name:
         return False
@@ -501,6 +501,15 @@ def file_mode() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask
+
+
+def give_usual_modes(directory: pathlib.Path) -> None:
+    """Every file under *directory* gets the mode the user's umask gives new files (writers such as safetensors and
+    onnx's external data make them 0600)."""
+    mode = file_mode()
+    for path in pathlib.Path(directory).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
 
 
 def write_file(path: pathlib.Path, data: bytes) -> None:

@@ -297,6 +297,13 @@ class Artifact:
         for g in groups:
             _check_group(g)
         json.dumps(self.stages)  # TypeError now rather than half-way through
+        for g in groups:
+            for name, tensor in self.tensors[g].items():
+                if tensor.is_floating_point() and bool(torch.isnan(tensor).any()):
+                    raise one_line_error(
+                        f"the result {g}/{name} holds NaN values, so the computation that made it diverged (the model's own "
+                        "outputs are NaN or inf on this data, or an option is out of range); nothing was saved"
+                    )
 
         try:
             target.parent.mkdir(parents=True, exist_ok=True)

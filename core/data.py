@@ -119,6 +119,8 @@ def _load_file(spec: str, field: str) -> list[str]:
         raise DyninferError(f"data file '{spec}' does not exist; {_SPEC_HELP}")
     if path.is_dir():
         raise DyninferError(f"data path '{spec}' is a directory; pass one file, or hf:{spec} to load the folder with `datasets`")
+    if not path.is_file():  # a FIFO would block the read, a device never ends
+        raise DyninferError(f"data path '{spec}' is not a regular file (a pipe, device or socket); save the data to a file and pass that")
     suffix = path.suffix.lower()
     if suffix == ".txt":
         text = _read_utf8(path, spec)
@@ -136,7 +138,7 @@ def _load_file(spec: str, field: str) -> list[str]:
 
 def _read_utf8(path: Path, spec: str) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some editors write, is not text
     except UnicodeDecodeError as exc:
         raise DyninferError(f"data file '{spec}' is not valid UTF-8 (byte {exc.start}); re-save it as UTF-8") from exc
 

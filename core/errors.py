@@ -50,6 +50,14 @@ def check_between(field: str, value, low: float, high: float, *, low_open: bool 
         raise DyninferError(f"{option(field)} must be {where}, got {value}")
 
 
+SEED_LIMIT = 2**32  # numpy's and the ONNX backend's generators take seeds in [0, 2^32)
+
+
+def check_seed(value) -> None:
+    if not is_integer(value) or not 0 <= value < SEED_LIMIT:
+        raise DyninferError(f"{option('seed')} must be an integer from 0 to {SEED_LIMIT - 1}, got {value}")
+
+
 def check_positive(field: str, value) -> None:
     if not (_finite(value) and value > 0):
         raise DyninferError(f"{option(field)} must be positive, got {value}")

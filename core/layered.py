@@ -75,6 +75,15 @@ class LayeredModel:
         return self.lm_head.weight.shape[0]
 
     @property
+    def context_length(self) -> int | None:
+        """The positions the model has (learned position embeddings) or was trained for (rotary); None if unsaid."""
+        for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+            value = getattr(self.config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    @property
     def device(self) -> torch.device:
         """Where inputs go: the embedding's device (its execution device when accelerate dispatched the
         model over several devices or offloaded it)."""

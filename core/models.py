@@ -29,6 +29,7 @@ import torch
 
 from dyninfer.core import distributed
 from dyninfer.core.adapters import adapter_for
+from dyninfer.core.artifact_files import staged_directory
 from dyninfer.core.choices import DEFAULT_MODEL
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.families import TESTED_FAMILIES, TESTED_MODEL_TYPES
@@ -198,10 +199,13 @@ def _load_pretrained(path_or_id: str, placement: Placement, **kw):
         warnings.simplefilter("ignore")
         if placement.device_map:
             plan = _device_map(config, placement, dtype)
-            model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, device_map=plan, offload_folder=_offload_folder(), **kw)
+            model, loading = AutoModelForCausalLM.from_pretrained(
+                path_or_id, dtype=dtype, device_map=plan, offload_folder=_offload_folder(), output_loading_info=True, **kw
+            )
         else:
-            model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, **kw)
+            model, loading = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, output_loading_info=True, **kw)
             model.to(device)
+        _check_loading(path_or_id, loading)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kw)
         except Exception as exc:
@@ -213,6 +217,26 @@ def _load_pretrained(path_or_id: str, placement: Placement, **kw):
     if tokenizer is None:
         raise DyninferError(f"'{path_or_id}' has no tokenizer; save one with the model (tokenizer.save_pretrained)")
     return model.eval(), tokenizer
+
+
+def _check_loading(path_or_id: str, loading: dict) -> None:
+    """Refuse weights that do not fit the config: transformers would initialise missing parameters at random (and
+    only warn), so every result would silently describe a different model."""
+    problems = []
+    for key, what in (("missing_keys", "missing from the weights"), ("mismatched_keys", "of another shape than the config says")):
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in loading.get(key) or ())
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            problems.append(f"{len(names)} parameter(s) {what} ({shown})")
+    unexpected = sorted(str(k) for k in loading.get("unexpected_keys") or ())
+    if unexpected:
+        shown = ", ".join(unexpected[:3]) + (f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else "")
+        problems.append(f"{len(unexpected)} weight(s) the config has no place for ({shown})")
+    if problems:
+        raise DyninferError(
+            f"the weights of '{path_or_id}' do not fit its config.json: {'; '.join(problems)}; pass the checkpoint's own "
+            "config (the layer count, sizes and vocabulary it was trained with)"
+        )
 
 
 def _gguf_cache_path(gguf: Path, digest: str) -> Path:
@@ -238,19 +262,39 @@ def _convert_gguf(gguf: Path, target: Path, digest: str) -> None:
     eos_id = model.config.eos_token_id
     if isinstance(eos_id, int) and tokenizer.eos_token_id != eos_id:
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / _SOURCE_RECORD).write_text(json.dumps({"gguf": str(gguf), "sha256": digest}, indent=2))
-        if target.exists():  # another process converted it meanwhile
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with staged_directory(target) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            weights = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.suffix in _WEIGHT_SUFFIXES}
+            record = {"gguf": str(gguf), "sha256": digest, "weights": weights}
+            (tmp / _SOURCE_RECORD).write_text(json.dumps(record, indent=2))
+    except Exception as exc:  # safetensors raises its own error type on a full disk, not OSError
+        raise DyninferError(
+            f"cannot write the converted model to the cache {str(target.parent)!r} ({_short(exc, 120)}); free space there or "
+            "point DYNINFER_CACHE at a disk with room (it needs about 4 bytes per parameter); nothing was changed"
+        ) from None
+
+
+def _cached_conversion_valid(cached: Path, digest: str) -> bool:
+    """A converted model in the cache is used only if its source record names this GGUF's hash and every weight
+    file it lists still has the hash recorded when it was written (a planted or damaged folder is converted anew)."""
+    try:
+        record = json.loads((cached / _SOURCE_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    weights = record.get("weights") if isinstance(record, dict) else None
+    if record.get("sha256") != digest or not isinstance(weights, dict) or not weights:
+        return False
+    on_disk = sorted(p.name for p in cached.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+    if on_disk != sorted(weights):
+        return False
+    for name, expected in weights.items():
+        path = cached / name
+        if path.is_symlink() or not path.is_file() or file_sha256(path) != expected:
+            return False
+    return True
 
 
 def _load_gguf(gguf: Path, spec: str, placement: Placement) -> LoadedModel:
@@ -258,7 +302,7 @@ def _load_gguf(gguf: Path, spec: str, placement: Placement) -> LoadedModel:
         raise DyninferError(f"GGUF file '{gguf}' does not exist")
     digest = file_sha256(gguf)
     cached = _gguf_cache_path(gguf, digest)
-    if not (cached / _SOURCE_RECORD).is_file():
+    if not _cached_conversion_valid(cached, digest):
         _convert_gguf(gguf, cached, digest)
     model, tokenizer = _load_pretrained(str(cached), placement)
     return LoadedModel(spec, model, tokenizer, digest, str(gguf))
@@ -309,6 +353,12 @@ def load_model(spec: str = DEFAULT_MODEL, placement: Placement = CPU_FLOAT32) ->
     placement.validate()
     loaded = _load(spec, placement)
     lm = loaded.layered  # refuses a model dyninfer cannot run layer by layer, now
+    tokens = len(loaded.tokenizer)
+    if tokens > lm.vocab_size:  # its top ids would index past the embedding
+        raise DyninferError(
+            f"the tokenizer of '{spec}' has {tokens} tokens but the model's vocabulary has {lm.vocab_size} rows; pass the "
+            "tokenizer the model was trained with"
+        )
     if lm.family not in TESTED_FAMILIES:  # recognised by structure only: check it runs as its own forward does
         lm.check_against_forward()
     return loaded

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from dyninfer.core.artifact_files import MANIFEST_NAME, staged_directory
+from dyninfer.core.artifact_files import MANIFEST_NAME, give_usual_modes, staged_directory
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens
@@ -333,6 +333,7 @@ def export_dynamic(
         if baseline:
             report("exporting the optimum baseline", 3, steps)
             export_baseline(dyn, tmp / BASELINE_DIR)
+        give_usual_modes(tmp)  # model.onnx.data and safetensors files are written 0600
         model_bytes = sum(p.stat().st_size for p in tmp.iterdir() if p.name.startswith(MODEL_FILE))
         counts = manifest["custom_ops"]["nodes"]
     report("done", steps, steps)

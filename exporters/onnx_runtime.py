@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dyninfer.core.artifact_files import inside, relative_inside
 from dyninfer.core.errors import DyninferError, check_positive
 from dyninfer.core.generation import GenerationResult
 
@@ -45,7 +46,14 @@ def read_package(path) -> dict:
         raise DyninferError(
             f"the package at '{path}' was made by a newer dyninfer (format version {manifest['version']}); upgrade dyninfer"
         )
-    for name, size in manifest.get("files", {}).items():
+    files = manifest.get("files", {})
+    for name in [manifest.get("model_file"), *files]:
+        if not isinstance(name, str) or not relative_inside(name) or not inside(path, path / name):
+            raise DyninferError(
+                f"the package at '{path}' names the file {name!r}, which is not a file inside the package (an absolute path, "
+                "`..` or a link out of it); re-run `dyninfer export`"
+            )
+    for name, size in files.items():
         file = path / name
         if not file.is_file():
             raise DyninferError(f"the package at '{path}' lacks '{name}'; re-run `dyninfer export`")

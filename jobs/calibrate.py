@@ -244,12 +244,17 @@ def run(
     lm, windows = ws.lm, ws.windows
     generation = config.risk == GENERATION_RISK
     if generation:
-        context = getattr(lm.config, "max_position_embeddings", None) or getattr(lm.config, "n_positions", None)
+        context = lm.context_length
         if context and config.prompt_tokens + config.new_tokens > context:
             raise DyninferError(
                 f"{option('prompt_tokens')} {config.prompt_tokens} + {option('new_tokens')} "
                 f"{config.new_tokens} exceed the model's context of {context} tokens; lower them"
             )
+    if config.vocab_top_k > lm.vocab_size:
+        raise DyninferError(
+            f"{option('vocab_top_k')} {config.vocab_top_k} is more than the model's {lm.vocab_size} tokens; pass at most "
+            f"{lm.vocab_size} (0 scores the whole vocabulary)"
+        )
     draw = draw_units(config, windows, set())  # for the held-out rows, which depend on nothing trained
     # The tuned model is not independent of the windows it was tuned on: they stay out of fit and calibration.
     seen, notes = tuning_notes(TuneRecord.read(ws.artifact), windows, draw)

@@ -40,8 +40,14 @@ from dyninfer.core.choices import (
     STEER_METHODS,
     TUNED,
 )
-from dyninfer.core.errors import DyninferError, check_at_least, check_between, check_choice, check_positive, option
+from dyninfer.core.errors import DyninferError, check_at_least, check_between, check_choice, check_positive, check_seed, option
 from dyninfer.core.placement import PlacementOptions
+
+
+def _check_seed(config) -> None:
+    if hasattr(config, "seed"):
+        check_seed(config.seed)
+
 
 PACKAGE_DIR = "onnx"  # an export's package, inside the artifact unless `out` says otherwise
 # α values a steering check sweeps by default: around where each method starts to act (docs/steer.md).
@@ -66,6 +72,7 @@ class ProbeConfig(PlacementOptions):
 
     def validate(self) -> None:
         self.placement().validate()
+        _check_seed(self)
         unknown = [k for k in self.lenses if k not in LENS_KINDS]
         if unknown or not self.lenses:
             raise DyninferError(f"unknown lens {', '.join(unknown) or '(none)'}; choose from: {', '.join(LENS_KINDS)}")
@@ -95,6 +102,7 @@ class ProfileConfig(PlacementOptions):
 
     def validate(self) -> None:
         self.placement().validate()
+        _check_seed(self)
         for name, low in (("context", 1), ("warmup", 0), ("repeats", 3)):
             check_at_least(name, getattr(self, name), low)
         check_positive("energy_seconds", self.energy_seconds)
@@ -141,6 +149,7 @@ class CalibrateConfig(PlacementOptions):
 
     def validate(self) -> None:
         self.placement().validate()
+        _check_seed(self)
         for name, allowed in (
             ("lens", LENS_KINDS),
             ("measure", MEASURES),
@@ -200,6 +209,7 @@ class PruneConfig(PlacementOptions):
 
     def validate(self) -> None:
         self.placement().validate()
+        _check_seed(self)
         for name, allowed in (
             ("method", PRUNE_METHODS),
             ("allocation", PRUNE_ALLOCATIONS),
@@ -248,6 +258,7 @@ class TuneConfig(PlacementOptions, TuningSettings):
 
     def validate(self) -> None:
         self.placement().validate()
+        _check_seed(self)
         self.settings().validate()
         check_at_least("heldout_tokens", self.heldout_tokens, 1)
         check_at_least("draft_vocab", self.draft_vocab, 0)
@@ -258,6 +269,18 @@ class TuneConfig(PlacementOptions, TuningSettings):
                 raise DyninferError(
                     f"{option('merge_out')} '{self.merge_out}' is a dyninfer artifact; give the merged checkpoint its own directory"
                 )
+
+    def check_outputs(self, out) -> None:
+        """The merged checkpoint and the artifact must not share a folder (either would replace the other), checked
+        before the training."""
+        if self.merge_out is None or out is None:
+            return
+        merged, artifact = os.path.realpath(self.merge_out), os.path.realpath(out)
+        if os.path.commonpath([merged, artifact]) in (merged, artifact):
+            raise DyninferError(
+                f"{option('merge_out')} '{self.merge_out}' and the artifact '{out}' overlap; give the merged checkpoint a "
+                "directory of its own, outside the artifact"
+            )
 
 
 @dataclass
@@ -281,6 +304,7 @@ class ExtractConfig(PlacementOptions):
 
     def validate(self) -> None:
         self.placement().validate()
+        _check_seed(self)
         check_choice("method", self.method, STEER_METHODS)
         check_choice("kind", self.kind, STEER_KINDS)
         for name, low in (("examples", 2), ("heldout", 1), ("rank", 1), ("steps", 1), ("batch_size", 1), ("shots", 0)):
@@ -310,6 +334,7 @@ class SweepConfig(PlacementOptions):
 
     def validate(self) -> None:
         self.placement().validate()
+        _check_seed(self)
         if self.method is not None:
             check_choice("method", self.method, STEER_METHODS)
         check_at_least("max_new_tokens", self.max_new_tokens, 1)
@@ -372,6 +397,7 @@ class RunConfig(PlacementOptions):
 
     def validate(self) -> None:
         self.placement().validate()
+        _check_seed(self)
         check_choice("mode", self.mode, RUN_MODES)
         check_choice("backend", self.backend, RUN_BACKENDS)
         if self.provider is not None:
@@ -387,6 +413,7 @@ class RunConfig(PlacementOptions):
             raise DyninferError(
                 f"the ONNX backend runs {option('mode')} early-exit or full; speculative runs with {option('backend')} torch"
             )
+        _refuse_unused(self, RunConfig())
 
 
 @dataclass
@@ -411,6 +438,7 @@ class BenchConfig(PlacementOptions):
 
     def validate(self) -> None:
         self.placement().validate()
+        _check_seed(self)
         for name in ("prompts", "prompt_tokens", "new_tokens"):
             if getattr(self, name) is not None:
                 check_at_least(name, getattr(self, name), 1)
@@ -426,6 +454,25 @@ class BenchConfig(PlacementOptions):
             check_positive("min_speedup", self.min_speedup)
         if self.min_consistency is not None:
             check_between("min_consistency", self.min_consistency, 0.0, 1.0, low_open=False, high_open=False)
+        _refuse_unused(self, BenchConfig())
+
+
+def _refuse_unused(config, defaults) -> None:
+    """Refuse an option set away from its default where the chosen mode or backend never reads it (it would be
+    silently ignored)."""
+    unused = []
+    mode, backend, sample = getattr(config, "mode", "speculative"), config.backend, getattr(config, "sample", True)
+    if mode != "speculative":
+        unused += [(name, f"{option('mode')} {mode}") for name in ("draft_layer", "draft_threshold")]
+    if backend == "onnx":
+        unused += [(name, f"{option('backend')} onnx (the package runs the KV mode it was exported with)") for name in ("kv_mode",)]
+    else:
+        unused += [(name, f"{option('backend')} {backend}") for name in ("provider", "package")]
+    if not sample:
+        unused.append(("temperature", "greedy decoding (pass `sample` to sample)"))
+    for name, where in unused:
+        if hasattr(config, name) and getattr(config, name) != getattr(defaults, name):
+            raise DyninferError(f"{option(name)} does not apply to {where}; leave it out or change the mode")
 
 
 def _quick_probe() -> ProbeConfig:

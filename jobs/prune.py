@@ -37,6 +37,7 @@ from dyninfer.compressors.pruning import (
 from dyninfer.core import distributed, stages
 from dyninfer.core.artifacts import Artifact
 from dyninfer.core.cost import count_costs
+from dyninfer.core.errors import DyninferError, option
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.progress import ProgressFn
 from dyninfer.core.records import PruneRecord
@@ -195,6 +196,11 @@ def run(
     lm, windows = ws.lm, ws.windows
     lm.require_prunable()  # refuses families without dense MLPs (recurrent, mixture of experts) before any work
     lm.require_weights("prune")
+    if config.method != "threshold" and config.rank > lm.hidden_size:  # a predictor [d x rank] beyond full rank
+        raise DyninferError(
+            f"{option('rank')} {config.rank} is more than the model's hidden size {lm.hidden_size}: a low-rank predictor "
+            f"gains nothing past it; pass {option('rank')} {lm.hidden_size} or less"
+        )
     calibration = windows.take("train", config.calibration_tokens, option="calibration_tokens")
     heldout = windows.take("heldout", config.heldout_tokens, option="heldout_tokens")
     samples = collect_mlp_samples(lm, calibration, progress)

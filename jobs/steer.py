@@ -28,7 +28,7 @@ from dyninfer.compressors.steer_extract import (
     train_valve,
     valve_between,
 )
-from dyninfer.compressors.steering import ActivationSteering, Steering, ValveDelta, applied
+from dyninfer.compressors.steering import LARGEST_SAFE_CHANGE, ActivationSteering, Steering, ValveDelta, applied, safe_change
 from dyninfer.core import stages
 from dyninfer.core.artifact_files import artifact_exists
 from dyninfer.core.artifacts import Artifact, BaseModelInfo
@@ -289,6 +289,12 @@ def apply(config: ApplyConfig, path: str | os.PathLike, on_wait: Callable[[], No
     method = pick_method(artifact, config.method, where)
     _stage_for(artifact, method, where)
     direction = Steering.from_artifact(artifact).get(method)
+    change = direction.largest_change(float(config.alpha))
+    if not safe_change(change):
+        raise DyninferError(
+            f"α = {config.alpha:g} changes the model by up to {change:.3g}, past what float32 can square ({LARGEST_SAFE_CHANGE:.3g}), "
+            "so every output would be NaN; pass a smaller `alpha` (`dyninfer steer sweep` finds one that keeps the answers)"
+        )
     stage = SteerRecord.read(artifact)
     stage.applied = {"method": method, "alpha": float(config.alpha)}
     stage.write(artifact)

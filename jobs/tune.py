@@ -23,7 +23,7 @@ import torch
 from dyninfer.compressors.exit_tuning import DRAFT_VOCABULARY, TUNING_PREFIX, TuningRecord, draft_vocabulary, fingerprint, tune_exits
 from dyninfer.compressors.steering import steered
 from dyninfer.core import stages
-from dyninfer.core.artifact_files import artifact_exists, staged_directory
+from dyninfer.core.artifact_files import artifact_exists, give_usual_modes, staged_directory
 from dyninfer.core.artifacts import Artifact
 from dyninfer.core.choices import CURRICULA, DEPTH_WEIGHTINGS, EXIT_TARGETS, LOGIT
 from dyninfer.core.cost import count_costs
@@ -202,7 +202,8 @@ def _merge(ws, target: str) -> str:
     with staged_directory(target, lock=False) as staged:
         ws.loaded.model.save_pretrained(staged, safe_serialization=True)
         ws.loaded.tokenizer.save_pretrained(staged)
-    return str(Path(target).resolve())
+        give_usual_modes(staged)  # safetensors writes 0600: a checkpoint is shared like any file the user makes
+    return str(target)  # as the user gave it: reports show the paths typed, not where they resolve
 
 
 def save(report: TuneReport, out: str | os.PathLike, on_wait: Callable[[], None] | None = None) -> Path:

@@ -23,7 +23,7 @@ from dyninfer.core.artifact_files import artifact_exists
 from dyninfer.core.artifacts import Artifact, BaseModelInfo
 from dyninfer.core.choices import KV_MODES, TUNED
 from dyninfer.core.data import TokenWindows, load_windows
-from dyninfer.core.errors import DyninferError, check_choice
+from dyninfer.core.errors import DyninferError, check_choice, option
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens, TunedLens, TunedLensTraining, train_tuned_lens
 from dyninfer.core.models import LoadedModel, load_model
@@ -85,6 +85,11 @@ class ModelSession:
     def windows(self, data: str, field: str | None, seq_len: int, seed: int) -> TokenWindows:
         """The data's token windows, tokenised once per session (stages of an audit share them)."""
         key = (data, field, seq_len, seed)
+        context = self.lm.context_length
+        if context is not None and seq_len > context:
+            raise DyninferError(
+                f"{option('seq_len')} {seq_len} is beyond the model's {context} positions; pass {option('seq_len')} {context} or less"
+            )
         if key not in self._windows:
             self._windows[key] = load_windows(data, self.loaded.tokenizer, field=field, seq_len=seq_len, seed=seed)
         return self._windows[key]

@@ -10,8 +10,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from dyninfer.core.artifact_files import MANIFEST_NAME, artifact_exists
 from dyninfer.core import artifacts
+from dyninfer.core.artifact_files import MANIFEST_NAME, artifact_exists
 from dyninfer.core.artifacts import SCHEMA_VERSION, Artifact, BaseModelInfo
 from dyninfer.core.errors import DyninferError
 

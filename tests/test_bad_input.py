@@ -80,7 +80,15 @@ DAMAGE = {
     ),
     "prune-plan-garbage": _edit_manifest(lambda m: m["stages"].update(prune={"plan": "half"})),
     "profile-cost-garbage": _edit_manifest(lambda m: m["stages"].update(profile={"measured_cost": {"layers": "x"}})),
+    "tensor-file-links-outside": lambda a: _link_outside(a / "exits.safetensors"),
 }
+
+
+def _link_outside(path: Path) -> None:
+    """The tensor file moved out of the artifact, a link left in its place (the checksum still matches)."""
+    outside = path.parent.parent / f"outside-{path.parent.name}.safetensors"
+    shutil.move(path, outside)
+    path.symlink_to(outside)
 
 CASES = [
     # --- models
@@ -106,6 +114,41 @@ CASES = [
     ("data-hf-offline", ["probe", "{model}", "--data", "hf:no-org/no-dataset"], "could not load dataset"),
     ("data-unknown-builtin", ["probe", "{model}", "--data", "builtin:novels"], "unknown builtin corpus"),
     ("data-too-short", ["probe", "{model}", "--data", "{short_txt}"], "need at least 2 windows"),
+    # --- inputs that do not fit each other
+    ("model-config-more-layers-than-weights", ["probe", "{more_layers}", "--data", "{text}"], "do not fit its config.json"),
+    ("model-tokenizer-larger-than-vocabulary", ["probe", "{small_vocab}", "--data", "{text}"], "tokenizer"),
+    ("probe-seq-len-beyond-positions", ["probe", "{short_gpt2}", "--data", "{text}", "--seq-len", "64"], "beyond the model's 16 positions"),
+    ("data-a-fifo", ["probe", "{model}", "--data", "{fifo}"], "not a regular file"),
+    ("data-a-device", ["probe", "{model}", "--data", "/dev/zero"], "not a regular file"),
+    ("seed-beyond-2-32", ["probe", "{model}", "--data", "{text}", "--seed", str(2**32)], "--seed must be an integer from 0"),
+    ("seed-negative-onnx", ["run", "{art}", "--backend", "onnx", "--seed", "-1", "hello"], "--seed must be an integer from 0"),
+    ("run-draft-layer-in-full-mode", ["run", "{art}", "--mode", "full", "--draft-layer", "2", "hello"], "--draft-layer does not apply"),
+    ("run-kv-mode-on-onnx", ["run", "{art}", "--backend", "onnx", "--kv-mode", "recompute", "hello"], "--kv-mode does not apply"),
+    ("run-temperature-greedy", ["run", "{art}", "--temperature", "0.3", "hello"], "--temperature does not apply"),
+    ("bench-provider-on-torch", ["bench", "{art}", "--provider", "cpu"], "--provider does not apply"),
+    (
+        "calibrate-vocab-top-k-above-vocabulary",
+        ["calibrate", "{model}", "--data", "{text}", *CALIBRATE_ARGS, "--vocab-top-k", "100000"],
+        "more than the model's",
+    ),
+    (
+        "prune-predictor-rank-above-hidden",
+        ["prune", "{model}", "--data", "{text}", "--method", "predictor", "--rank", "100000000"],
+        "more than the model's hidden size",
+    ),
+    ("steer-apply-alpha-overflows", ["steer", "apply", "{steered}", "--alpha", "1e39"], "past what float32 can square"),
+    (
+        "steer-valve-adapter-rank-0",
+        ["steer", "extract", "{model}", "--method", "valve", "--delta-from", "base", "--delta-to", "{rank0_adapter}", "--out", "{tmp}/v"],
+        "r = 0",
+    ),
+    (
+        "tune-merge-out-is-out",
+        ["tune-exits", "{model}", "--data", "{text}", "--out", "{tmp}/tuned", "--merge-out", "{tmp}/tuned"],
+        "overlap",
+    ),
+    ("path-with-rich-markup", ["probe", "{tmp}/[/]odd[bold]name"], "[/]odd[bold]name"),
+    ("path-with-emoji-code", ["probe", "{tmp}/:a:model:smile:"], ":a:model:smile:"),
     # --- probe options
     ("probe-tokens-0", ["probe", "{model}", "--data", "{text}", "--tokens", "0"], "--tokens must be at least 1"),
     ("probe-tokens-too-many", ["probe", "{model}", "--data", "{text}", "--tokens", "900000"], "lower --tokens"),
@@ -430,6 +473,7 @@ CASES = [
             ("applied-steering-garbage", "applied steering is invalid"),
             ("applied-steering-nan", "applied steering is invalid"),
             ("prune-plan-garbage", "no valid plan"),
+            ("tensor-file-links-outside", "a link to a file outside it"),
         ]
     ],
     ("bench-schema-too-new", ["bench", "{broken:schema-too-new}"], "newer dyninfer"),
@@ -489,6 +533,32 @@ def workspace(tmp_path_factory):
     places["foreign"] = root / "foreign"
     places["foreign"].mkdir()
     (places["foreign"] / "thesis.tex").write_text("mine")
+    more_layers = root / "more-layers"  # the config says 3 layers, the weights hold 2
+    shutil.copytree(places["model"], more_layers)
+    config = json.loads((more_layers / "config.json").read_text())
+    config["num_hidden_layers"] += 1
+    (more_layers / "config.json").write_text(json.dumps(config))
+    places["more_layers"] = more_layers
+    small = tf.LlamaConfig(
+        vocab_size=len(word_tokenizer()) - 8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    tf.AutoModelForCausalLM.from_config(small).save_pretrained(root / "small-vocab")
+    word_tokenizer().save_pretrained(root / "small-vocab")
+    places["small_vocab"] = root / "small-vocab"
+    short = tf.GPT2Config(vocab_size=len(word_tokenizer()), n_embd=32, n_layer=2, n_head=4, n_positions=16)
+    tf.AutoModelForCausalLM.from_config(short).save_pretrained(root / "short-gpt2")
+    word_tokenizer().save_pretrained(root / "short-gpt2")
+    places["short_gpt2"] = root / "short-gpt2"
+    specials = tmp_path_factory.mktemp("specials")  # outside the tree the cases hash: a FIFO blocks a reader
+    places["fifo"] = specials / "data.txt"
+    os.mkfifo(places["fifo"])
+    adapter = root / "rank0-adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 0, "lora_alpha": 8}))
+    from safetensors.torch import save_file as save_tensors
+
+    save_tensors({"x.lora_A.weight": __import__("torch").zeros(1, 32)}, str(adapter / "adapter_model.safetensors"))
+    places["rank0_adapter"] = adapter
     places["art"] = root / "art"
     result = runner.invoke(
         app,

@@ -85,3 +85,31 @@ def test_bundled_default_model_is_smollm2_and_cached():
     with torch.no_grad():
         next_token = loaded.model(ids).logits[0, -1].argmax().item()
     assert loaded.tokenizer.decode([next_token]).strip() == "b"
+
+
+@pytest.mark.integration
+def test_a_planted_or_damaged_conversion_in_the_cache_is_not_used(tmp_path, monkeypatch):
+    """The cache is checked against its source record: weights that are not the ones the conversion wrote (a folder
+    planted with a copied record, a damaged file) are converted anew, and the real model loads."""
+    import json as json_module
+    import shutil
+
+    from dyninfer.core.models import _gguf_cache_path, bundled_gguf_path, file_sha256
+
+    gguf = bundled_gguf_path()
+    cached = _gguf_cache_path(gguf, file_sha256(gguf))
+    load_model("default")  # the conversion, once (shared with the other bundled-model tests)
+    monkeypatch.setenv("DYNINFER_CACHE", str(tmp_path))
+    planted = _gguf_cache_path(gguf, file_sha256(gguf))
+    shutil.copytree(cached, planted)
+    weights = planted / "model.safetensors"
+    tampered = bytearray(weights.read_bytes())
+    tampered[-64:] = bytes(64)  # the last weights zeroed, the record untouched
+    weights.write_bytes(bytes(tampered))
+    record = json_module.loads((planted / "dyninfer-source.json").read_text())
+    assert record["weights"]["model.safetensors"] == file_sha256(cached / "model.safetensors")
+    loaded = load_model("default")
+    assert file_sha256(weights) == record["weights"]["model.safetensors"]  # converted anew, in place
+    ids = loaded.tokenizer("def add(a, b):\n    return a +", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert loaded.tokenizer.decode([loaded.model(ids).logits[0, -1].argmax().item()]).strip() == "b"
