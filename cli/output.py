@@ -30,7 +30,6 @@ EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 _BLOCKS = " ▁▂▃▄▅▆▇█"
 
 
-
 class _Console(Console):
     """A rich console that never lets the text it shows rewrite itself: no emoji codes (`:a:` in a path), and a
     line whose user-given part reads as broken markup (`[/]` in a path) is shown as written instead of crashing."""

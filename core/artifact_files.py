@@ -1,10 +1,12 @@
-"""An artifact's directory on disk: the files it owns, its advisory lock, and the staged copy swapped in.
+"""An artifact's directory on disk: the files it owns, its locks, and the staged copy swapped in.
 
 The filesystem half of an artifact, apart from its schema (core/artifacts.py), and importable
-without torch: the CLI checks an output path before any work. A save builds the new version in
-a hidden sibling folder, then swaps it in by rename under the artifact's lock, with Ctrl-C and
-SIGTERM held for the few renames; files a command does not own (report folders, `onnx/`) are
-carried over.
+without torch: the CLI checks an output path before any work. A save builds the new version in a
+hidden sibling folder, then swaps it in (`swap_in`: one rename for a new artifact; a journal, the
+commit point, and a few renames to replace one) under the artifact's swap lock, with Ctrl-C and
+SIGTERM held meanwhile; files a command does not own (report folders, `onnx/`) are carried over.
+The next open completes a swap a killed process left and clears its leftovers. A command that
+writes holds the artifact's `writer_lock` from before it reads it until it saved.
 """
 
 from __future__ import annotations
@@ -216,7 +218,7 @@ def writer_lock(path, on_wait: Callable[[], None] | None = None) -> Iterator[Non
     if fcntl is None or not target.name or not target.parent.is_dir():
         yield
         return
-    lock_file = target.parent / f".{target.name}.lock"
+    lock_file = target.parent / f".{target.name}{_WRITER_LOCK_SUFFIX}"
     said = False
     while True:
         try:
@@ -265,6 +267,7 @@ def interrupts_held() -> Iterator[None]:
 
 _STAGED = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|bak)-[0-9a-f]{12}")
 _JOURNAL_SUFFIX = ".swap"
+_WRITER_LOCK_SUFFIX = ".lock"
 _JOURNAL_DRAFT = re.compile(r"\..+\.swap-[0-9a-f]{12}")
 
 
@@ -426,7 +429,27 @@ def stale_entries(directory: pathlib.Path) -> list[pathlib.Path]:
             stale.append(directory / entry)
         elif _JOURNAL_DRAFT.fullmatch(entry) and entry.split(".swap-")[0][1:] not in pending:
             stale.append(directory / entry)
+        elif _stale_writer_lock(directory, entry):
+            stale.append(directory / entry)  # a writer lock its killed holder could not remove
     return stale
+
+
+def _stale_writer_lock(directory: pathlib.Path, entry: str) -> bool:
+    """`.NAME.lock` beside the artifact NAME (never another tool's file), held by nobody."""
+    if not (entry.startswith(".") and entry.endswith(_WRITER_LOCK_SUFFIX)):
+        return False
+    name = entry[1 : -len(_WRITER_LOCK_SUFFIX)]
+    if not name or not artifact_exists(directory / name):
+        return False
+    return _lock_free(directory / entry)
+
+
+def _lock_free(path: pathlib.Path) -> bool:
+    fd = _lock_fd(path, fcntl.LOCK_EX)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
 
 
 def lock_target(path) -> pathlib.Path:
@@ -450,6 +473,13 @@ def _tidy(directory: pathlib.Path) -> None:
     for path in stale_entries(directory):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
+        elif path.name.endswith(_WRITER_LOCK_SUFFIX):
+            # Removed while held, as its holders do: a writer that opened it meanwhile sees it gone and locks anew.
+            fd = _lock_fd(path, fcntl.LOCK_EX)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                os.close(fd)
         else:
             with contextlib.suppress(OSError):
                 os.unlink(path)

@@ -90,6 +90,7 @@ def _link_outside(path: Path) -> None:
     shutil.move(path, outside)
     path.symlink_to(outside)
 
+
 CASES = [
     # --- models
     ("model-missing", ["probe", "./no-such-model"], "does not exist"),

@@ -456,3 +456,16 @@ def test_windows_start_as_the_tokenizer_starts_a_sequence():
     assert whole[:, 1:].reshape(-1).tolist() == stream[: len(stream) // seq_len * seq_len]
     assert windows.describe()["sequence_start"] == [bos_id]
     assert make_windows(DOCUMENTS, build_tokenizer(WORDS), seq_len=seq_len).describe()["sequence_start"] == []
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    """Editors on some systems start UTF-8 files with a BOM: a JSONL or text file with one reads as without it."""
+    from dyninfer.core.data import load_texts
+
+    records = [{"text": "first line"}, {"text": "second line"}]
+    jsonl = tmp_path / "with-bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in records).encode())
+    assert load_texts(str(jsonl)) == ["first line", "second line"]
+    text = tmp_path / "with-bom.txt"
+    text.write_bytes(b"\xef\xbb\xbfplain words")
+    assert load_texts(str(text)) == ["plain words"]

@@ -48,9 +48,7 @@ def _existing(path: Path) -> Path:
 
 def _litter(parent: Path) -> list[str]:
     return sorted(
-        str(p.relative_to(parent))
-        for p in parent.rglob(".*")
-        if any(mark in p.name for mark in (".tmp-", ".bak-", ".swap", ".lock"))
+        str(p.relative_to(parent)) for p in parent.rglob(".*") if any(mark in p.name for mark in (".tmp-", ".bak-", ".swap", ".lock"))
     )
 
 
@@ -148,6 +146,7 @@ def test_leftovers_of_a_process_still_writing_are_kept(tmp_path):
 
 
 # --------------------------------------------------------------------------- a full disk, for real
+
 
 def _small_filesystem(tmp_path: Path, size: str) -> Path:
     mount = tmp_path / "small"
@@ -269,3 +268,35 @@ def test_converting_the_bundled_model_into_a_full_cache_is_one_error_line(tmp_pa
         assert _litter(mount) == [] and not any(p.is_file() for p in mount.rglob("*"))
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+# --------------------------------------------------------------------------- files named by a package
+
+
+@pytest.mark.parametrize("named", ["/etc/hostname", "../outside.onnx", "linked.onnx"], ids=["absolute", "dot-dot", "link-out"])
+def test_a_package_naming_a_file_outside_it_is_refused(tmp_path, named):
+    from dyninfer.exporters.onnx_runtime import PACKAGE_FORMAT, PACKAGE_MANIFEST, read_package
+
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (tmp_path / "outside.onnx").write_bytes(b"graph")
+    (package / "linked.onnx").symlink_to(tmp_path / "outside.onnx")
+    (package / "model.onnx").write_bytes(b"graph")
+    manifest = {"format": PACKAGE_FORMAT, "version": 1, "model_file": "model.onnx", "files": {"model.onnx": 5}}
+    (package / PACKAGE_MANIFEST).write_text(json.dumps(manifest))
+    assert read_package(package)["model_file"] == "model.onnx"  # the same package, naming its own file: accepted
+    manifest["model_file"] = named
+    (package / PACKAGE_MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DyninferError, match="not a file inside the package"):
+        read_package(package)
+
+
+def test_a_writer_lock_its_killed_holder_left_is_cleared_and_a_held_one_kept(tmp_path):
+    path = _existing(tmp_path / "art")
+    with artifact_files.writer_lock(path):
+        Artifact.load(path)
+        assert (tmp_path / ".art.lock").is_file()  # held by a live writer (this one)
+    (tmp_path / ".art.lock").write_text("")  # as a writer killed while holding it leaves it
+    (tmp_path / ".other.lock").write_text("")  # not beside an artifact: another tool's, never touched
+    Artifact.load(path)
+    assert not (tmp_path / ".art.lock").exists() and (tmp_path / ".other.lock").exists()
