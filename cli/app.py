@@ -9,6 +9,7 @@ CLI's own modules and the jobs below it, so the layer contract is unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import importlib
@@ -150,9 +151,9 @@ _OUTPUT_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EPIPE, errno.EIO, errno.EFBI
 
 
 def _silence_stdout() -> None:
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, sys.stdout.fileno())
-    sys.stdout = open(os.devnull, "w")
+    with contextlib.suppress(OSError, ValueError):  # a stream without a descriptor (an in-memory one) has nothing to flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.stdout = open(os.devnull, "w")  # replaces the broken stream until exit
 
 
 def _silence() -> None:

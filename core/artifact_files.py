@@ -28,6 +28,8 @@ try:
 except ImportError:  # not POSIX: no advisory locks
     fcntl = None
 
+from safetensors import SafetensorError
+
 from dyninfer.core.errors import DyninferError
 
 MANIFEST_NAME = "dyninfer.json"
@@ -558,7 +560,13 @@ def staged_directory(target, lock: bool = True, on_wait: Callable[[], None] | No
     staged copy that no other process can see yet.
     """
     target = pathlib.Path(target)
-    with staging_dir(target.parent, target.name) as tmp:
-        yield tmp
-        with artifact_lock(lock_target(target), on_wait=on_wait) if lock else contextlib.nullcontext(), interrupts_held():
-            swap_in(tmp, target, None)
+    try:
+        with staging_dir(target.parent, target.name) as tmp:
+            yield tmp
+            with artifact_lock(lock_target(target), on_wait=on_wait) if lock else contextlib.nullcontext(), interrupts_held():
+                swap_in(tmp, target, None)
+    except (OSError, SafetensorError) as e:  # safetensors raises its own error type on a full disk
+        reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:160]
+        raise one_line_error(
+            f"cannot write {str(target)!r} ({reason}); check free disk space and permissions there; nothing was changed"
+        ) from e

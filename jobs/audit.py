@@ -314,13 +314,17 @@ def run(
 
 
 def _check_data(config: AuditConfig, session: ModelSession, lens_stored: bool) -> None:
-    """Refuse, before the first stage, data too short for the calibration's draw (it comes last)."""
+    """Refuse, before the first stage, data too short for a later stage: the calibration's draw (it comes last, after
+    the tuned lens took its train windows) and the probe's held-out tokens (after the pruning). The first stage checks
+    its own data before its work."""
     calibrate = config.calibrate_config()
     ws = open_workspace(
         calibrate.model, calibrate.data, field=calibrate.field, seq_len=calibrate.seq_len, seed=calibrate.seed, session=session
     )
     lens_tokens = config.probe.lens_train_tokens if config.lens == TUNED and not lens_stored else 0
     calibrate_job.check_draw(calibrate, ws.windows, lens_tokens)
+    # The probe runs after the pruning (when asked for): its held-out tokens are checked before the pruning's work.
+    ws.windows.take("heldout", config.probe_config().tokens, option="probe_tokens")
 
 
 def expected_durations(config: AuditConfig, session: ModelSession, lens_stored: bool) -> dict[str, float]:

@@ -258,6 +258,10 @@ def run(
     draw = draw_units(config, windows, set())  # for the held-out rows, which depend on nothing trained
     # The tuned model is not independent of the windows it was tuned on: they stay out of fit and calibration.
     seen, notes = tuning_notes(TuneRecord.read(ws.artifact), windows, draw)
+    if config.lens == TUNED and config.lens_from is None and ws.stored_tuned_lens() is None:
+        # The lens trains first, on train windows the draw then skips: the data must hold both, known before it trains.
+        planned = windows.take_rows("train", config.lens_train_tokens, option="lens_train_tokens")
+        draw_units(config, windows, seen | {int(r) for r in planned})
     if config.lens == TUNED:
         lens, _ = ws.tuned_lens(
             lens_from=config.lens_from, train_tokens=config.lens_train_tokens, steps=config.lens_steps, seed=config.seed, progress=progress

@@ -912,3 +912,34 @@ def test_a_second_writer_waits_for_the_first_and_says_so(existing):
         assert waited == [1] and not saved.is_set()  # it waits, and said so once
     thread.join(30)
     assert saved.is_set() and Artifact.load(existing).stages["calibrate"] == {"version": 2}
+
+
+def test_a_calibration_whose_data_the_tuned_lens_would_exhaust_stops_before_training_it(workspace):
+    """The lens trains first on train windows the calibration then skips: data for both is checked before it trains."""
+    args = ["calibrate", str(workspace["model"]), "--data", str(workspace["text"]), *CALIBRATE_ARGS]
+    args[args.index("--lens") + 1] = "tuned"
+    result = runner.invoke(app, [*args, "--lens-train-tokens", "9000", "--lens-steps", "2"])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "train split" in errors[0], result.output
+    assert "lens" not in result.stderr.replace(errors[0], ""), result.stderr  # no lens training started
+
+
+def test_an_applied_steering_edited_past_float32_is_refused_when_loaded(workspace, tmp_path):
+    """A manifest edited to α = 1e39 would bake inf into the weights and generate from NaN logits."""
+    copy = tmp_path / "steered"
+    shutil.copytree(workspace["steered"], copy)
+    _edit_manifest(lambda m: m["stages"]["steer"].update(applied={"method": "activation", "alpha": 1e39}))(copy)
+    before = tree_state(tmp_path)
+    result = runner.invoke(app, ["run", str(copy), "tok1", "--raw", "-n", "2"])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "inf or NaN" in errors[0], result.output
+    assert tree_state(tmp_path) == before
+
+
+def test_an_audit_whose_data_is_short_for_the_probe_stops_before_the_pruning_that_runs_first(workspace, tmp_path):
+    args = ["audit", str(workspace["model"]), "--data", str(workspace["text"]), "--seq-len", "32", "--prompts", "24"]
+    args += ["--prompt-tokens", "12", "--new-tokens", "6", "--tokens", "900000", "--prune", "--out", str(tmp_path / "a")]
+    result = runner.invoke(app, args)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "lower --tokens" in errors[0], result.output
+    assert "prun" not in result.stderr.replace(errors[0], "") and not (tmp_path / "a").exists(), result.stderr

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import calibrate_tiny, save_tiny
+from conftest import calibrate_tiny, save_tiny, tree_state
 from typer.testing import CliRunner
 
 from dyninfer.cli.app import app
@@ -43,6 +43,10 @@ def test_export_writes_a_verified_package_with_baseline(exported):
         assert (package / name).is_file()
     assert (package / "baseline" / "model.onnx").is_file()  # optimum's export of the plain model
     assert not [p for p in artifact.iterdir() if p.name.startswith(".onnx")]  # no temporary leftovers
+    from dyninfer.core.artifact_files import file_mode
+
+    modes = {str(p.relative_to(package)): p.stat().st_mode & 0o777 for p in package.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {file_mode()}, modes  # model.onnx.data too (onnx writes it 0600)
 
 
 def test_run_onnx_backend_equals_torch_backend(exported):
@@ -138,6 +142,22 @@ def test_a_failed_export_leaves_the_previous_package_untouched(exported, monkeyp
     assert result.exit_code == 2 and "simulated" in result.stderr
     assert {p.name: p.stat().st_mtime_ns for p in package.iterdir()} == before
     assert not [p for p in artifact.iterdir() if p.name.startswith(".onnx")]
+
+
+def test_an_export_onto_a_full_disk_is_one_error_line_and_changes_nothing(exported, tmp_path):
+    from test_faults import _fill, _small_filesystem
+
+    _, _, artifact, _ = exported
+    mount = _small_filesystem(tmp_path, "1m")
+    try:
+        _fill(mount, 100_000)  # less than the package needs
+        before = tree_state(mount)
+        result = runner.invoke(app, ["export", str(artifact), "--out", str(mount / "pkg"), "--no-baseline"])
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.exit_code == 2 and len(errors) == 1 and "No space left" in errors[0], result.output
+        assert "Traceback" not in result.output and tree_state(mount) == before
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_damaged_or_missing_packages_get_clear_errors(exported, tmp_path):
