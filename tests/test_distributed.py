@@ -229,3 +229,35 @@ def test_without_a_launcher_join_is_the_one_process_world_and_leave_does_nothing
     assert not torch.distributed.is_initialized()
     distributed.leave()  # nothing was started: nothing to end
     assert distributed.current() == world
+
+
+def test_the_dyninfer_launcher_exits_with_the_ranks_code(workspace):
+    """torchrun exits 1 for any failed rank; `python -m dyninfer.cli.launch` exits with the rank's own code (2 here)."""
+    out = workspace / "never-launched"
+    port = str(29500 + (os.getpid() + 7) % 1000)
+    args = ["probe", str(workspace / "model"), "--data", str(workspace / "text.txt"), "--seq-len", "32", "--tokens", "32"]
+    launch = [sys.executable, "-m", "dyninfer.cli.launch", "--nproc-per-node", "2", "--master-port", port]
+    done = _launch([*launch, *args, "--out", str(out)], workspace)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert [line for line in done.stderr.splitlines() if line.startswith("error:")] == [
+        "error: 1 held-out windows cannot be shared among 2 processes; give each process at least one (more data, or fewer processes)"
+    ]
+    assert "ChildFailedError" not in done.stderr and not out.exists()
+
+
+def test_ctrl_c_on_the_dyninfer_launcher_exits_130(workspace):
+    import signal
+    import time
+
+    port = str(29500 + (os.getpid() + 11) % 1000)
+    args = ["probe", str(workspace / "model"), "--data", str(workspace / "text.txt"), "--seq-len", "16", "--tokens", "64"]
+    launch = [sys.executable, "-m", "dyninfer.cli.launch", "--nproc-per-node", "2", "--master-port", port]
+    training = ["--lens", "tuned", "--lens-train-tokens", "512", "--lens-steps", "100000"]
+    process = subprocess.Popen([*launch, *args, *training], cwd=workspace, stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:  # the ranks are training: well inside the run
+        if "tuned lens" in line:
+            break
+    time.sleep(1)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=120)
+    assert process.returncode == 130
