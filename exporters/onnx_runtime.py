@@ -91,6 +91,8 @@ def create_session(model, provider: str, threads: int | None = None):
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    if not isinstance(model, bytes):
+        check_external_data(Path(model))
     wanted = session_providers(provider)
     available = ort.get_available_providers()
     try:
@@ -106,6 +108,41 @@ def create_session(model, provider: str, threads: int | None = None):
     if wanted[0] != session.get_providers()[0]:
         return session, f"{wanted[0]} could not start here (no CUDA device or driver)"
     return session, None
+
+
+def check_external_data(model: Path) -> None:
+    """Refuse a graph whose weights live in files outside its folder (an absolute path or `..` in a tensor's
+    external-data location, or a link out): ONNX Runtime would read them."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:160]
+        raise DyninferError(f"'{model}' is not a readable ONNX graph ({reason}); re-run `dyninfer export`") from None
+    for tensor in _graph_tensors(proto.graph, [node for function in proto.functions for node in function.node]):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+        if not relative_inside(location) or not inside(model.parent, model.parent / location):
+            raise DyninferError(
+                f"the graph '{model}' reads the weights of {tensor.name!r} from {location!r}, outside its folder; re-run `dyninfer export`"
+            )
+
+
+def _graph_tensors(graph, extra_nodes=()):
+    """Every tensor a graph holds: its initializers and the tensors in its nodes' attributes, subgraphs (If branches)
+    included."""
+    yield from graph.initializer
+    for node in [*graph.node, *extra_nodes]:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _graph_tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _graph_tensors(subgraph)
 
 
 @contextlib.contextmanager

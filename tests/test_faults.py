@@ -300,3 +300,32 @@ def test_a_writer_lock_its_killed_holder_left_is_cleared_and_a_held_one_kept(tmp
     (tmp_path / ".other.lock").write_text("")  # not beside an artifact: another tool's, never touched
     Artifact.load(path)
     assert not (tmp_path / ".art.lock").exists() and (tmp_path / ".other.lock").exists()
+
+
+def test_a_graph_reading_weights_from_outside_its_folder_is_refused(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from dyninfer.exporters.onnx_runtime import check_external_data
+
+    weights = numpy_helper.from_array(np.ones((4, 4), dtype=np.float32), name="w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
+        initializer=[weights],
+    )
+    package = tmp_path / "pkg"
+    package.mkdir()
+    model = helper.make_model(graph)
+    onnx.save(model, str(package / "model.onnx"), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    check_external_data(package / "model.onnx")  # its own data file: fine
+    proto = onnx.load(str(package / "model.onnx"), load_external_data=False)
+    for entry in proto.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = "../stolen.data"
+    onnx.save(proto, str(package / "model.onnx"))
+    with pytest.raises(DyninferError, match="outside its folder"):
+        check_external_data(package / "model.onnx")
