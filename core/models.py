@@ -343,6 +343,35 @@ def _load_hub(model_id: str, placement: Placement) -> LoadedModel:
     return LoadedModel(model_id, model, tokenizer, dir_weights_hash(snapshot), model_id)
 
 
+def load_tokenizer(spec: str):
+    """The model's tokenizer alone, where it can be read without the weights: a model folder, the bundled model once
+    converted, a hub id in the Hugging Face cache. None otherwise (another GGUF, a first conversion, anything that
+    fails here: loading the model then says what is wrong). Lets a command check its data before the weights load."""
+    spec = (spec or "").strip()
+    try:
+        if spec == DEFAULT_MODEL:
+            gguf = bundled_gguf_path()
+            digest = file_sha256(gguf)
+            folder = _gguf_cache_path(gguf, digest)
+            if not _cached_conversion_valid(folder, digest):
+                return None
+        elif spec.lower().endswith(".gguf"):
+            return None  # its tokenizer is in the conversion, keyed by a hash of the whole file: read with the model
+        else:
+            folder = Path(spec).expanduser()
+            if not folder.exists() and _looks_like_path(spec):
+                return None
+        from transformers import AutoTokenizer
+
+        _quiet_transformers()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            local = {} if folder.exists() else {"local_files_only": True}
+            return AutoTokenizer.from_pretrained(str(folder) if folder.exists() else spec, **local)
+    except Exception:  # any problem is reported, in one line, by the model's own load
+        return None
+
+
 def _looks_like_path(spec: str) -> bool:
     """Hub ids are `name` or `org/name`; anything else path-shaped is a (missing) path."""
     return spec.startswith((".", "/", "~")) or spec.lower().endswith(".gguf") or spec.count("/") > 1

@@ -36,7 +36,7 @@ from dyninfer.jobs.configs import PACKAGE_DIR, AuditConfig
 from dyninfer.jobs.estimate import audit_plan, time_rates
 from dyninfer.jobs.plots import depth_histogram_png
 from dyninfer.profilers.exit_probe import oracle_saving
-from dyninfer.runtime.loader import ModelSession, build_dynamic, open_workspace
+from dyninfer.runtime.loader import ModelSession, build_dynamic, windows_before_loading
 
 # Stages other commands record that the audit report summarises when the artifact has them.
 REPORTED_STAGES = (stages.PRUNE, stages.STEER)
@@ -275,13 +275,20 @@ def run(
         report_progress(label, 1, 1)
         return result
 
+    artifact: str | Artifact | None = existing
+    lens_stored = existing is not None and LensRecord.read(Artifact.load(existing)) is not None
+    calibrate = config.calibrate_config()
+    early = None
     if session is None:
+        early = windows_before_loading(config.model, calibrate.data, calibrate.field, calibrate.seq_len, calibrate.seed)
+        if early is not None:  # the data checked with the tokenizer alone, before the weights load
+            _check_windows(config, early, lens_stored)
         report_progress("loading model", 0, 1)
         session = ModelSession.load(config.model, config.placement())
         report_progress("loading model", 1, 1)
-    artifact: str | Artifact | None = existing
-    lens_stored = existing is not None and LensRecord.read(Artifact.load(existing)) is not None
-    _check_data(config, session, lens_stored)
+    windows = session.windows(calibrate.data, calibrate.field, calibrate.seq_len, calibrate.seed, made=early)
+    if early is None:
+        _check_windows(config, windows, lens_stored)
     expected = expected_durations(config, session, lens_stored)
     if on_plan is not None:
         on_plan(expected)
@@ -313,18 +320,14 @@ def run(
     return report
 
 
-def _check_data(config: AuditConfig, session: ModelSession, lens_stored: bool) -> None:
+def _check_windows(config: AuditConfig, windows, lens_stored: bool) -> None:
     """Refuse, before the first stage, data too short for a later stage: the calibration's draw (it comes last, after
     the tuned lens took its train windows) and the probe's held-out tokens (after the pruning). The first stage checks
     its own data before its work."""
-    calibrate = config.calibrate_config()
-    ws = open_workspace(
-        calibrate.model, calibrate.data, field=calibrate.field, seq_len=calibrate.seq_len, seed=calibrate.seed, session=session
-    )
     lens_tokens = config.probe.lens_train_tokens if config.lens == TUNED and not lens_stored else 0
-    calibrate_job.check_draw(calibrate, ws.windows, lens_tokens)
+    calibrate_job.check_draw(config.calibrate_config(), windows, lens_tokens)
     # The probe runs after the pruning (when asked for): its held-out tokens are checked before the pruning's work.
-    ws.windows.take("heldout", config.probe_config().tokens, option="probe_tokens")
+    windows.take("heldout", config.probe_config().tokens, option="probe_tokens")
 
 
 def expected_durations(config: AuditConfig, session: ModelSession, lens_stored: bool) -> dict[str, float]:

@@ -32,7 +32,7 @@ from dyninfer.early_exit.certify import CalibrationResult, run_calibrations
 from dyninfer.early_exit.generation import PromptSet
 from dyninfer.jobs.configs import CalibrateConfig
 from dyninfer.jobs.plots import calibration_curve_png
-from dyninfer.runtime.loader import ModelSession, lens_overlaps, open_workspace, trained_on
+from dyninfer.runtime.loader import ModelSession, lens_overlaps, lens_to_train, open_workspace, trained_on
 
 REPORT_DIR = stages.CALIBRATE
 
@@ -169,6 +169,11 @@ def draw_units(config: CalibrateConfig, windows, lens_rows: set[int]) -> Draw:
     )
 
 
+def _lens_tokens(config: CalibrateConfig, stored: Artifact | None) -> int:
+    """The train tokens a tuned lens trained by this calibration takes (0: none is trained)."""
+    return config.lens_train_tokens if config.lens == TUNED and lens_to_train(stored, config.lens_from) else 0
+
+
 def check_draw(config: CalibrateConfig, windows, lens_tokens: int = 0) -> None:
     """Before any work: the data holds the windows calibration will draw, even after a tuned lens of `lens_tokens`
     training tokens (trained first, on train windows calibration then skips) takes its share."""
@@ -240,6 +245,7 @@ def run(
         progress=progress,
         session=session,
         placement=config.placement(),
+        check_data=lambda windows, stored: check_draw(config, windows, _lens_tokens(config, stored)),
     )
     lm, windows = ws.lm, ws.windows
     generation = config.risk == GENERATION_RISK

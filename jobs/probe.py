@@ -26,7 +26,7 @@ from dyninfer.core.records import ProbeRecord
 from dyninfer.jobs.configs import ProbeConfig
 from dyninfer.jobs.plots import probe_figure_png
 from dyninfer.profilers.exit_probe import ProbeResult, run_probe
-from dyninfer.runtime.loader import ModelSession, open_workspace
+from dyninfer.runtime.loader import ModelSession, lens_to_train, open_workspace
 
 REPORT_DIR = stages.PROBE
 
@@ -74,6 +74,13 @@ class ProbeReport:
         }
 
 
+def check_data(config: ProbeConfig, windows, stored: Artifact | None) -> None:
+    """The held-out tokens to probe, and the train tokens of a tuned lens it will train, are in the data."""
+    windows.take("heldout", config.tokens)
+    if TUNED in config.lenses and lens_to_train(stored, config.lens_from, config.retrain_lens):
+        windows.take_rows("train", config.lens_train_tokens, option="lens_train_tokens")
+
+
 def run(
     config: ProbeConfig, progress: ProgressFn | None = None, existing: str | Artifact | None = None, session: ModelSession | None = None
 ) -> ProbeReport:
@@ -90,8 +97,9 @@ def run(
         progress=progress,
         session=session,
         placement=config.placement(),
+        check_data=lambda windows, stored: check_data(config, windows, stored),
     )
-    heldout = ws.windows.take("heldout", config.tokens)  # raises early if the data is too short
+    heldout = ws.windows.take("heldout", config.tokens)
     world = distributed.current()  # data-parallel: this rank probes every size-th held-out window
     heldout = heldout[world.shard(heldout.shape[0], "held-out windows")]
     lm = ws.lm

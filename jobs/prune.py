@@ -192,6 +192,10 @@ def run(
         apply_pruning=False,
         session=session,
         placement=config.placement(),
+        check_data=lambda windows, stored: (
+            windows.take("train", config.calibration_tokens, option="calibration_tokens"),
+            windows.take("heldout", config.heldout_tokens, option="heldout_tokens"),
+        ),
     )
     lm, windows = ws.lm, ws.windows
     lm.require_prunable()  # refuses families without dense MLPs (recurrent, mixture of experts) before any work

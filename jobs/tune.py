@@ -145,6 +145,7 @@ def run(
         progress=progress,
         session=session,
         placement=config.placement(),
+        check_data=lambda windows, stored: windows.take("heldout", config.heldout_tokens, option="heldout_tokens"),
     )
     lm, windows = ws.lm, ws.windows
     settings = config.settings()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dyninfer.compressors.exit_tuning import bake_tuning, fingerprint, stored_draft_vocabulary, stored_tuning
@@ -26,7 +27,7 @@ from dyninfer.core.data import TokenWindows, load_windows
 from dyninfer.core.errors import DyninferError, check_choice, option
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens, TunedLens, TunedLensTraining, train_tuned_lens
-from dyninfer.core.models import LoadedModel, load_model
+from dyninfer.core.models import LoadedModel, load_model, load_tokenizer
 from dyninfer.core.placement import CPU_FLOAT32, Placement
 from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.core.records import CalibrateRecord, LensRecord, PruneRecord
@@ -82,9 +83,12 @@ class ModelSession:
         bake_tuning(self.lm, delta)
         self.tuning, self.tuned_by = wanted, delta
 
-    def windows(self, data: str, field: str | None, seq_len: int, seed: int) -> TokenWindows:
-        """The data's token windows, tokenised once per session (stages of an audit share them)."""
+    def windows(self, data: str, field: str | None, seq_len: int, seed: int, made: TokenWindows | None = None) -> TokenWindows:
+        """The data's token windows, tokenised once per session (stages of an audit share them); `made`: the same
+        windows, cut with this model's tokenizer before the model loaded."""
         key = (data, field, seq_len, seed)
+        if made is not None:
+            self._windows.setdefault(key, made)
         context = self.lm.context_length
         if context is not None and seq_len > context:
             raise DyninferError(
@@ -197,6 +201,20 @@ def lens_overlaps(provenance: dict | None, windows: TokenWindows, split: str, ro
     return overlaps
 
 
+def windows_before_loading(model: str, data: str, field: str | None, seq_len: int, seed: int) -> TokenWindows | None:
+    """The data's windows cut by the model's tokenizer read alone (None where it cannot be: `load_tokenizer`), so a
+    command refuses data too short for its work before the weights load."""
+    tokenizer = load_tokenizer(model)
+    return None if tokenizer is None else load_windows(data, tokenizer, field=field, seq_len=seq_len, seed=seed)
+
+
+def lens_to_train(artifact: Artifact | None, lens_from: str | None, retrain: bool = False) -> bool:
+    """Whether asking for the tuned lens trains one now (none stored in the artifact, none given, or a retrain)."""
+    if lens_from:
+        return False
+    return retrain or artifact is None or "tuned_lens.weight" not in artifact.tensors.get(stages.EXITS_GROUP, {})
+
+
 def open_workspace(
     model: str,
     data: str,
@@ -209,8 +227,13 @@ def open_workspace(
     apply_pruning: bool = True,
     session: ModelSession | None = None,
     placement: Placement = CPU_FLOAT32,
+    check_data: Callable[[TokenWindows, Artifact | None], None] | None = None,
 ) -> Workspace:
     """Load the model (unless `session` holds it), then the artifact to extend, then the data.
+
+    `check_data(windows, stored artifact or None)` refuses data too short for the command's work: called with
+    windows cut by the tokenizer alone before the weights load where the tokenizer can be read alone, else
+    once the data is loaded.
 
     `existing`: an artifact directory, or an artifact already in memory (`audit` chains its
     stages this way and saves once at the end).
@@ -221,23 +244,28 @@ def open_workspace(
     """
     report = progress or silent
     timings: dict[str, float] = {}
+    extends = isinstance(existing, Artifact) or (bool(existing) and artifact_exists(existing))
+    stored = (existing if isinstance(existing, Artifact) else Artifact.load(existing)) if extends else None
     started = time.perf_counter()
+    early = None
     if session is None:
+        if check_data is not None:  # the data checked with the tokenizer alone, before the weights load
+            early = windows_before_loading(model, data, field, seq_len, seed)
+            if early is not None:
+                check_data(early, stored)
         report("loading model", 0, 1)
         session = ModelSession.load(model, placement)
         report("loading model", 1, 1)
     elif model != session.loaded.spec:
         raise DyninferError(f"the loaded model is '{session.loaded.spec}', not '{model}'")
     timings["load_model_s"] = time.perf_counter() - started
-    extends = isinstance(existing, Artifact) or (bool(existing) and artifact_exists(existing))
-    if extends:
-        artifact = existing if isinstance(existing, Artifact) else Artifact.load(existing)
-    else:
-        artifact = Artifact(BaseModelInfo.from_dict(session.loaded.base_model_info()), tokenizer=model)
+    artifact = stored if stored is not None else Artifact(BaseModelInfo.from_dict(session.loaded.base_model_info()), tokenizer=model)
     session.apply(artifact, pruning=apply_pruning)
     started = time.perf_counter()
-    windows = session.windows(data, field, seq_len, seed)
+    windows = session.windows(data, field, seq_len, seed, made=early)
     timings["load_data_s"] = time.perf_counter() - started
+    if check_data is not None and early is None:
+        check_data(windows, stored)
     return Workspace(session, windows, artifact, extends, timings)
 
 

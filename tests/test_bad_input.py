@@ -922,6 +922,7 @@ def test_a_calibration_whose_data_the_tuned_lens_would_exhaust_stops_before_trai
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.exit_code == 2 and len(errors) == 1 and "train split" in errors[0], result.output
     assert "lens" not in result.stderr.replace(errors[0], ""), result.stderr  # no lens training started
+    assert "loading model" not in result.stderr  # known from the tokenizer alone, before the weights load
 
 
 def test_an_applied_steering_edited_past_float32_is_refused_when_loaded(workspace, tmp_path):
@@ -943,3 +944,22 @@ def test_an_audit_whose_data_is_short_for_the_probe_stops_before_the_pruning_tha
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.exit_code == 2 and len(errors) == 1 and "lower --tokens" in errors[0], result.output
     assert "prun" not in result.stderr.replace(errors[0], "") and not (tmp_path / "a").exists(), result.stderr
+    assert "loading model" not in result.stderr  # known from the tokenizer alone, before the weights load
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["probe", "--tokens", "900000"],
+        ["prune", "--heldout-tokens", "900000"],
+        ["tune-exits", "--heldout-tokens", "900000", "--out", "{tmp}/never-tuned"],
+        ["calibrate", *CALIBRATE_ARGS, "--heldout-tokens", "900000"],
+    ],
+    ids=["probe", "prune", "tune-exits", "calibrate"],
+)
+def test_data_too_short_for_the_work_is_refused_before_the_weights_load(workspace, tmp_path, command):
+    args = [command[0], str(workspace["model"]), "--data", str(workspace["text"]), *[a.format(tmp=tmp_path) for a in command[1:]]]
+    result = runner.invoke(app, args)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "900000" in errors[0], result.output
+    assert "loading model" not in result.stderr, result.stderr

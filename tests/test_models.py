@@ -113,3 +113,17 @@ def test_a_planted_or_damaged_conversion_in_the_cache_is_not_used(tmp_path, monk
     ids = loaded.tokenizer("def add(a, b):\n    return a +", return_tensors="pt").input_ids
     with torch.no_grad():
         assert loaded.tokenizer.decode([loaded.model(ids).logits[0, -1].argmax().item()]).strip() == "b"
+
+
+@pytest.mark.integration
+def test_the_tokenizer_alone_reads_as_the_models_own(tmp_path, tiny_llama_dir):
+    from dyninfer.core.models import load_tokenizer
+
+    loaded = load_model("default")  # converted: its tokenizer can now be read without the weights
+    alone = load_tokenizer("default")
+    text = "def add(a, b):\n    return a + b"
+    assert alone is not None and alone(text).input_ids == loaded.tokenizer(text).input_ids
+    assert load_tokenizer(str(tiny_llama_dir))("tok1 tok2").input_ids == load_model(str(tiny_llama_dir)).tokenizer("tok1 tok2").input_ids
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert load_tokenizer("no-org/no-such-model") is None and load_tokenizer(str(tmp_path / "m.gguf")) is None
+    assert load_tokenizer(str(tmp_path / "nowhere")) is None
