@@ -243,6 +243,7 @@ def test_a_simulated_full_disk_at_each_write_changes_nothing(tmp_path, monkeypat
 # --------------------------------------------------------------------------- commands racing on one artifact
 
 
+@pytest.mark.slow  # two CLI processes, each importing torch and running a stage
 def test_a_probe_and_a_calibration_started_together_both_keep_their_stages(tmp_path, tiny_llama_dir):
     """`probe --lens tuned --out A` and `calibrate --out A` at the same moment: the second to reach A waits for the
     first to save, then starts from that version, so both stages (and the tuned lens) are in A."""
