@@ -202,6 +202,7 @@ def test_a_saved_family_runs_probe_calibrate_and_run_from_the_command_line(model
     assert 1 <= len(tokens) <= 5 and all(1 <= t["exit_layer"] <= 3 for t in tokens)  # at most 5: EOS stops it
     if model_type == "qwen3_moe":  # the stage that does not apply says so, and nothing else changes
         before = (tmp_path / "artifact" / "dyninfer.json").read_bytes()
-        prune = runner.invoke(app, ["prune", *base, "--seq-len", "16", *out])
+        tokens = ["--calibration-tokens", "256", "--heldout-tokens", "256"]  # data enough: the refusal is the architecture's
+        prune = runner.invoke(app, ["prune", *base, "--seq-len", "16", *tokens, *out])
         assert prune.exit_code == 2 and "MLP pruning does not apply to qwen3_moe" in prune.output
         assert (tmp_path / "artifact" / "dyninfer.json").read_bytes() == before
