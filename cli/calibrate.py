@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from dyninfer.cli import options as opt
@@ -41,13 +42,13 @@ def render(report: job.CalibrateReport) -> None:
     r = report.result
     policy = r.policy
     stdout.print(
-        f"[bold]Calibrated early exit[/]: {report.base_model['spec']} on {report.data['spec']} "
+        f"[bold]Calibrated early exit[/]: {escape(report.base_model['spec'])} on {escape(report.data['spec'])} "
         f"({policy.lens} lens, {policy.measure} confidence, risk = {r.risk})"
     )
     stdout.print(f"exit points (after layer): {policy.exit_points or 'none'}; KV of skipped layers: {policy.kv_mode}")
     stdout.print(r.ltt.statement())
     stdout.print(
-        f"[dim]LTT examples: {r.units}, drawn at random from the train split of {report.data['spec']}; "
+        f"[dim]LTT examples: {r.units}, drawn at random from the train split of {escape(report.data['spec'])}; "
         "the guarantee assumes deployment text is like it.[/]"
     )
     if r.generated is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from dyninfer.cli import options as opt
 from dyninfer.cli.output import handle_errors, notes, print_json, progress_reporter, stdout, writing
@@ -56,7 +57,7 @@ def export(
         print_json({"command": "export", **result.to_dict()})
         return
     nodes = ", ".join(f"{count}× {name}" for name, count in result.custom_nodes.items()) or "none (no exits)"
-    stdout.print(f"[bold]Exported[/] {result.path} ({result.dtype}, for {result.provider}) in {result.seconds:.0f} s")
+    stdout.print(f"[bold]Exported[/] {escape(str(result.path))} ({result.dtype}, for {result.provider}) in {result.seconds:.0f} s")
     stdout.print(
         f"exits after layers {result.exit_points} of {result.num_layers}, threshold "
         f"{result.threshold}, KV of skipped layers: {result.kv_mode}"

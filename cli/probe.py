@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from dyninfer.cli import options as opt
@@ -48,7 +49,7 @@ def render(report: job.ProbeReport) -> None:
     result = report.result
     lenses = result.lenses()
     table = Table(
-        title=f"Exit probe: {report.base_model['spec']} on {report.data['spec']} ({result.n_tokens} held-out tokens)",
+        title=f"Exit probe: {escape(report.base_model['spec'])} on {escape(report.data['spec'])} ({result.n_tokens} held-out tokens)",
         title_justify="left",
         box=box.SIMPLE_HEAD,
     )

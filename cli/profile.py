@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from dyninfer.cli import options as opt
@@ -44,7 +45,7 @@ def render(report: job.ProfileReport) -> None:
     pieces = p.pieces
     blocks = [b for b in pieces.loc[pieces["layer"] >= 0, "piece"].unique() if b != "rest"]
     table = Table(
-        title=f"Profile: {report.base_model['spec']} on {p.device} ({p.dtype}), context {p.context}, "
+        title=f"Profile: {escape(report.base_model['spec'])} on {p.device} ({p.dtype}), context {p.context}, "
         f"median of {p.repeats} after {p.warmup} warm-up",
         title_justify="left",
         box=box.SIMPLE_HEAD,

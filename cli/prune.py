@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from dyninfer.cli import options as opt
@@ -42,7 +43,7 @@ Examples:
 def render(report: job.PruneReport) -> None:
     cfg = report.config
     stdout.print(
-        f"[bold]Dynamic MLP pruning[/]: {report.base_model['spec']} on {report.data['spec']} "
+        f"[bold]Dynamic MLP pruning[/]: {escape(report.base_model['spec'])} on {escape(report.data['spec'])} "
         f"({cfg.method}, {cfg.allocation} allocation); dense held-out perplexity {report.dense_perplexity:.3f}"
     )
     table = Table(box=box.SIMPLE_HEAD)

@@ -164,8 +164,8 @@ def extract(
             f"{record['parameters']} weights adapted"
         )
     else:
-        stdout.print(f"Δθ = θ({record['delta_to']}) − θ({record['delta_from']}): {record['parameters']} weights")
-    stdout.print(f"next: dyninfer steer sweep {out} --method {method}")
+        stdout.print(f"Δθ = θ({record['delta_to']}) − θ({record['delta_from']}): {record['parameters']} weights", markup=False)
+    stdout.print(f"next: dyninfer steer sweep {out} --method {method}", markup=False)
 
 
 def render_sweep(result, lines: list[str]) -> None:
@@ -257,5 +257,5 @@ def apply(
         markup=False,
     )
     if result.gguf:
-        stdout.print(f"llama.cpp control vector: {result.gguf} (load it with --control-vector {result.gguf.name})")
+        stdout.print(f"llama.cpp control vector: {result.gguf} (load it with --control-vector {result.gguf.name})", markup=False)
     notes(result.notes)

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from dyninfer.cli import options as opt
@@ -44,7 +45,7 @@ Examples:
 def render(report: job.TuneReport) -> None:
     cfg, training = report.config, report.training.summary()
     stdout.print(
-        f"[bold]tune-exits[/]: {report.base_model['spec']} on {report.data['spec']}, {cfg.steps} steps x "
+        f"[bold]tune-exits[/]: {escape(report.base_model['spec'])} on {escape(report.data['spec'])}, {cfg.steps} steps x "
         f"{cfg.batch_size} windows of {cfg.seq_len} ({training['tokens']:,} tokens), rank {cfg.rank}, "
         f"{training['trainable_parameters']:,} trained parameters, {training['seconds']:.0f} s"
     )

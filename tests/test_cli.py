@@ -315,3 +315,20 @@ def test_progress_log_clocks_a_task_from_the_end_of_the_work_before_it(monkeypat
         "generating: 1/2, 30 s elapsed, about 30 s left",
         "generating: 2/2, 1 min 30 s",
     ]
+
+
+def test_paths_that_read_as_markup_or_emoji_codes_are_shown_as_typed(tmp_path, tiny_llama_dir):
+    """Rich would turn `[bold]` into a style and `:a:` into an emoji: a model or data path is shown as the user typed it."""
+    import shutil
+
+    from conftest import random_text
+
+    model = tmp_path / "m[bold]odel:a:"
+    shutil.copytree(tiny_llama_dir, model)
+    data = tmp_path / "d[red]ata:smile:.txt"
+    data.write_text(random_text(3000))
+    out = tmp_path / "o[i]ut"
+    result = runner.invoke(app, ["probe", str(model), "--data", str(data), "--seq-len", "16", "--tokens", "64", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"Exit probe: {model} on {data}" in " ".join(result.stdout.split())
+    assert f"wrote {out}" in result.stderr
