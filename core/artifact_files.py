@@ -343,7 +343,7 @@ def _roll_forward(parent: pathlib.Path, name: str, journal: dict) -> None:
     elif not os.path.lexists(target) and os.path.isdir(backup):  # nothing staged to put in: keep the old one
         os.rename(backup, target)
     shutil.rmtree(backup, ignore_errors=True)
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(OSError):  # the new version is in: a journal that stays is finished again, harmlessly
         os.unlink(_journal_path(parent, name))
     fsync_path(parent)
 
