@@ -376,6 +376,11 @@ def _valid_journal(name: str, journal) -> bool:
     return all(isinstance(r, str) and relative_inside(r) for r in journal["carry"])
 
 
+def _journaled(entries) -> set[str]:
+    """The names of the artifacts whose swap has a journal among *entries* (`.NAME.swap`)."""
+    return {e[1 : -len(_JOURNAL_SUFFIX)] for e in entries if e.startswith(".") and e.endswith(_JOURNAL_SUFFIX)}
+
+
 def recover(directory: pathlib.Path) -> list[str]:
     """Complete every swap in *directory* that a killed process left (its journal); return the names completed.
 
@@ -386,10 +391,8 @@ def recover(directory: pathlib.Path) -> list[str]:
         entries = os.listdir(directory)
     except OSError:
         return completed
-    for entry in entries:
-        if not (entry.startswith(".") and entry.endswith(_JOURNAL_SUFFIX)):
-            continue
-        name, path = entry[1 : -len(_JOURNAL_SUFFIX)], directory / entry
+    for name in _journaled(entries):
+        path = _journal_path(directory, name)
         try:
             journal = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -403,7 +406,7 @@ def recover(directory: pathlib.Path) -> list[str]:
 
 def pending_swaps(directory: pathlib.Path) -> bool:
     try:
-        return any(e.startswith(".") and e.endswith(_JOURNAL_SUFFIX) for e in os.listdir(directory))
+        return bool(_journaled(os.listdir(directory)))
     except OSError:
         return False
 
@@ -418,16 +421,13 @@ def stale_entries(directory: pathlib.Path) -> list[pathlib.Path]:
         entries = os.listdir(directory)
     except OSError:
         return []
-    pending = {e[1 : -len(_JOURNAL_SUFFIX)] for e in entries if e.startswith(".") and e.endswith(_JOURNAL_SUFFIX)}
+    pending = _journaled(entries)
     stale = []
     for entry in entries:
         found = _STAGED.fullmatch(entry)
         if found is not None and found["name"] not in pending:
-            if found["kind"] == "tmp":
-                fd = _lock_fd(directory / entry, fcntl.LOCK_EX)
-                if fd is None:
-                    continue  # a live process is building in it
-                os.close(fd)
+            if found["kind"] == "tmp" and not _lock_free(directory / entry):
+                continue  # a live process is building in it
             stale.append(directory / entry)
         elif _JOURNAL_DRAFT.fullmatch(entry) and entry.split(".swap-")[0][1:] not in pending:
             stale.append(directory / entry)

@@ -308,7 +308,7 @@ class Artifact:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             with staging_dir(target.parent, target.name) as tmp:
-                self._write(tmp, groups)
+                written = self._write(tmp, groups)
                 for folder, contents in (reports or {}).items():
                     for name, data in contents.items():
                         write_file(tmp / folder / name, data)
@@ -326,7 +326,7 @@ class Artifact:
             ) from e
         fsync_path(target.parent)
         self.path = given
-        self._read_version = (target, manifest_digest(target))
+        self._read_version = (target, written)
         return given
 
     def _check_unchanged(self, target: pathlib.Path) -> None:
@@ -340,8 +340,9 @@ class Artifact:
                 "(saving would lose that process's stages); run the command again, or run commands on one artifact one after the other"
             )
 
-    def _write(self, directory: pathlib.Path, groups: list[str]) -> None:
-        """The tensor files, then the manifest (a directory with a manifest is a complete artifact)."""
+    def _write(self, directory: pathlib.Path, groups: list[str]) -> str:
+        """The tensor files, then the manifest (a directory with a manifest is a complete artifact); the manifest's
+        sha256 (this version's stamp)."""
         hashes: dict[str, str] = {}
         for g in groups:
             fname = g + TENSOR_SUFFIX
@@ -351,10 +352,12 @@ class Artifact:
             data = safetensors.torch.save(_prepare_for_save(self.tensors[g]), metadata={"format": "pt", "dyninfer_group": g})
             write_file(fpath, data)
             fsync_path(fpath)
-            hashes[fname] = _sha256(fpath)
+            hashes[fname] = hashlib.sha256(data).hexdigest()
         text = json.dumps(self._manifest(hashes), indent=2, ensure_ascii=False) + "\n"
-        write_file(directory / MANIFEST_NAME, text.encode("utf-8"))
+        data = text.encode("utf-8")
+        write_file(directory / MANIFEST_NAME, data)
         fsync_path(directory / MANIFEST_NAME)
+        return hashlib.sha256(data).hexdigest()
 
     # ---- load
 
