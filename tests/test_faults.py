@@ -330,3 +330,19 @@ def test_a_graph_reading_weights_from_outside_its_folder_is_refused(tmp_path):
     onnx.save(proto, str(package / "model.onnx"))
     with pytest.raises(DyninferError, match="outside its folder"):
         check_external_data(package / "model.onnx")
+
+
+def test_a_library_save_over_a_version_it_did_not_read_is_refused(tmp_path):
+    """Code that does not hold the writer lock: an artifact loaded from A refuses to save over a newer A."""
+    path = _existing(tmp_path / "art")
+    mine = Artifact.load(path)
+    mine.set_stage("probe", {"mine": True})
+    mine.save(path)  # nothing changed since it was read: saved
+    mine.set_stage("profile", {"mine": True})
+    mine.save(path)  # its own save is the version it now holds: saved again
+    versioned_artifact(3).save(path, reports=REPORTS[2])  # another process's version
+    before = tree_state(tmp_path)
+    mine.set_stage("prune", {"mine": True})
+    with pytest.raises(DyninferError, match="was changed by another process after this one read it; nothing was changed"):
+        mine.save(path)
+    assert tree_state(tmp_path) == before and Artifact.load(path).stages["calibrate"] == {"version": 3}
