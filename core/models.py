@@ -11,6 +11,7 @@ Specs:
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import importlib.util
 import json
@@ -103,7 +104,15 @@ def bundled_gguf_path() -> Path:
     return path
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+def file_sha256(path: Path) -> str:
+    # Remembered per version of the file (its inode, size and modification time) for the process: reading the
+    # tokenizer alone before the weights checks the same files the model's load then checks.
+    stat = os.stat(path)
+    return _sha256_of(os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_of(path: str, inode: int, size: int, modified_ns: int, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -223,15 +232,15 @@ def _check_loading(path_or_id: str, loading: dict) -> None:
     """Refuse weights that do not fit the config: transformers would initialise missing parameters at random (and
     only warn), so every result would silently describe a different model."""
     problems = []
-    for key, what in (("missing_keys", "missing from the weights"), ("mismatched_keys", "of another shape than the config says")):
-        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in loading.get(key) or ())
+    for key, what in (
+        ("missing_keys", "parameter(s) missing from the weights"),
+        ("mismatched_keys", "parameter(s) of another shape than the config says"),
+        ("unexpected_keys", "weight(s) the config has no place for"),
+    ):
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in loading.get(key) or ())  # mismatched: (name, shapes)
         if names:
             shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-            problems.append(f"{len(names)} parameter(s) {what} ({shown})")
-    unexpected = sorted(str(k) for k in loading.get("unexpected_keys") or ())
-    if unexpected:
-        shown = ", ".join(unexpected[:3]) + (f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else "")
-        problems.append(f"{len(unexpected)} weight(s) the config has no place for ({shown})")
+            problems.append(f"{len(names)} {what} ({shown})")
     if problems:
         raise DyninferError(
             f"the weights of '{path_or_id}' do not fit its config.json: {'; '.join(problems)}; pass the checkpoint's own "

@@ -36,7 +36,7 @@ from dyninfer.jobs.configs import PACKAGE_DIR, AuditConfig
 from dyninfer.jobs.estimate import audit_plan, time_rates
 from dyninfer.jobs.plots import depth_histogram_png
 from dyninfer.profilers.exit_probe import oracle_saving
-from dyninfer.runtime.loader import ModelSession, build_dynamic, windows_before_loading
+from dyninfer.runtime.loader import ModelSession, build_dynamic, load_checked
 
 # Stages other commands record that the audit report summarises when the artifact has them.
 REPORTED_STAGES = (stages.PRUNE, stages.STEER)
@@ -280,12 +280,8 @@ def run(
     calibrate = config.calibrate_config()
     early = None
     if session is None:
-        early = windows_before_loading(config.model, calibrate.data, calibrate.field, calibrate.seq_len, calibrate.seed)
-        if early is not None:  # the data checked with the tokenizer alone, before the weights load
-            _check_windows(config, early, lens_stored)
-        report_progress("loading model", 0, 1)
-        session = ModelSession.load(config.model, config.placement())
-        report_progress("loading model", 1, 1)
+        data = (calibrate.data, calibrate.field, calibrate.seq_len, calibrate.seed)
+        session, early = load_checked(config.model, config.placement(), data, lambda w: _check_windows(config, w, lens_stored), progress)
     windows = session.windows(calibrate.data, calibrate.field, calibrate.seq_len, calibrate.seed, made=early)
     if early is None:
         _check_windows(config, windows, lens_stored)

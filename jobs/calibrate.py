@@ -174,11 +174,12 @@ def _lens_tokens(config: CalibrateConfig, stored: Artifact | None) -> int:
     return config.lens_train_tokens if config.lens == TUNED and lens_to_train(stored, config.lens_from) else 0
 
 
-def check_draw(config: CalibrateConfig, windows, lens_tokens: int = 0) -> None:
+def check_draw(config: CalibrateConfig, windows, lens_tokens: int = 0, excluded: set[int] | frozenset[int] = frozenset()) -> None:
     """Before any work: the data holds the windows calibration will draw, even after a tuned lens of `lens_tokens`
-    training tokens (trained first, on train windows calibration then skips) takes its share."""
+    training tokens (trained first, on train windows calibration then skips) takes its share, and without the train
+    rows `excluded` (a tuning's)."""
     lens_rows = {int(r) for r in windows.take_rows("train", lens_tokens, option="lens_train_tokens")} if lens_tokens else set()
-    draw_units(config, windows, lens_rows)
+    draw_units(config, windows, lens_rows | excluded)
 
 
 def _trained_rows(provenance: dict | None, windows, draw: Draw) -> tuple[set[int], int | None]:
@@ -264,10 +265,8 @@ def run(
     draw = draw_units(config, windows, set())  # for the held-out rows, which depend on nothing trained
     # The tuned model is not independent of the windows it was tuned on: they stay out of fit and calibration.
     seen, notes = tuning_notes(TuneRecord.read(ws.artifact), windows, draw)
-    if config.lens == TUNED and config.lens_from is None and ws.stored_tuned_lens() is None:
-        # The lens trains first, on train windows the draw then skips: the data must hold both, known before it trains.
-        planned = windows.take_rows("train", config.lens_train_tokens, option="lens_train_tokens")
-        draw_units(config, windows, seen | {int(r) for r in planned})
+    # The lens trains first, on train windows the draw then skips: the data must hold both, known before it trains.
+    check_draw(config, windows, _lens_tokens(config, ws.artifact), seen)
     if config.lens == TUNED:
         lens, _ = ws.tuned_lens(
             lens_from=config.lens_from, train_tokens=config.lens_train_tokens, steps=config.lens_steps, seed=config.seed, progress=progress

@@ -116,8 +116,7 @@ class Workspace:
         return self.session.lm
 
     def stored_tuned_lens(self) -> TunedLens | None:
-        tensors = self.artifact.tensors.get(stages.EXITS_GROUP, {})
-        return TunedLens.from_tensors(self.lm, tensors) if "tuned_lens.weight" in tensors else None
+        return TunedLens.from_tensors(self.lm, self.artifact.tensors[stages.EXITS_GROUP]) if has_tuned_lens(self.artifact) else None
 
     def tuned_lens(
         self,
@@ -201,18 +200,38 @@ def lens_overlaps(provenance: dict | None, windows: TokenWindows, split: str, ro
     return overlaps
 
 
-def windows_before_loading(model: str, data: str, field: str | None, seq_len: int, seed: int) -> TokenWindows | None:
-    """The data's windows cut by the model's tokenizer read alone (None where it cannot be: `load_tokenizer`), so a
-    command refuses data too short for its work before the weights load."""
-    tokenizer = load_tokenizer(model)
-    return None if tokenizer is None else load_windows(data, tokenizer, field=field, seq_len=seq_len, seed=seed)
+def load_checked(
+    model: str,
+    placement: Placement,
+    data: tuple[str, str | None, int, int],
+    check: Callable[[TokenWindows], None] | None,
+    progress: ProgressFn | None = None,
+) -> tuple[ModelSession, TokenWindows | None]:
+    """Load the model; `check` first refuses data (spec, field, seq_len, seed) too short for the command's work, with
+    the windows cut by the tokenizer read alone, before the weights load. Returns the session and those windows (None
+    where the tokenizer cannot be read alone, `load_tokenizer`: check the session's windows then)."""
+    report = progress or silent
+    tokenizer = load_tokenizer(model) if check is not None else None
+    early = None
+    if tokenizer is not None:
+        spec, field, seq_len, seed = data
+        early = load_windows(spec, tokenizer, field=field, seq_len=seq_len, seed=seed)
+        check(early)
+    report("loading model", 0, 1)
+    session = ModelSession.load(model, placement)
+    report("loading model", 1, 1)
+    return session, early
 
 
 def lens_to_train(artifact: Artifact | None, lens_from: str | None, retrain: bool = False) -> bool:
     """Whether asking for the tuned lens trains one now (none stored in the artifact, none given, or a retrain)."""
     if lens_from:
         return False
-    return retrain or artifact is None or "tuned_lens.weight" not in artifact.tensors.get(stages.EXITS_GROUP, {})
+    return retrain or artifact is None or not has_tuned_lens(artifact)
+
+
+def has_tuned_lens(artifact: Artifact) -> bool:
+    return "tuned_lens.weight" in artifact.tensors.get(stages.EXITS_GROUP, {})
 
 
 def open_workspace(
@@ -242,20 +261,14 @@ def open_workspace(
     (later stages work on the steered, pruned model) unless `apply_pruning` is False (`prune`
     itself starts from the dense model).
     """
-    report = progress or silent
     timings: dict[str, float] = {}
     extends = isinstance(existing, Artifact) or (bool(existing) and artifact_exists(existing))
     stored = (existing if isinstance(existing, Artifact) else Artifact.load(existing)) if extends else None
     started = time.perf_counter()
     early = None
     if session is None:
-        if check_data is not None:  # the data checked with the tokenizer alone, before the weights load
-            early = windows_before_loading(model, data, field, seq_len, seed)
-            if early is not None:
-                check_data(early, stored)
-        report("loading model", 0, 1)
-        session = ModelSession.load(model, placement)
-        report("loading model", 1, 1)
+        check = (lambda windows: check_data(windows, stored)) if check_data is not None else None
+        session, early = load_checked(model, placement, (data, field, seq_len, seed), check, progress)
     elif model != session.loaded.spec:
         raise DyninferError(f"the loaded model is '{session.loaded.spec}', not '{model}'")
     timings["load_model_s"] = time.perf_counter() - started
