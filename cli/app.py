@@ -32,6 +32,11 @@ COMMANDS = {
         "calibrate",
         "Calibrate early-exit thresholds with a statistical guarantee on what runs (CALM, Learn-then-Test).",
     ),
+    "stop": (
+        "stop",
+        "stop",
+        "Stop generating what nobody will use: a stop rule for completions or chains of thought, certified by Learn-then-Test.",
+    ),
     "prune": ("prune", "prune", "Learn per-token MLP pruning masks and measure what they cost and save."),
     "steer": ("steer", "app", "Find one direction that makes chains of thought shorter or longer, sweep its strength α, bake one α in."),
     "tune-exits": (

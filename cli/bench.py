@@ -15,6 +15,7 @@ from dyninfer.jobs.configs import BenchConfig
 
 if TYPE_CHECKING:  # the jobs load torch: a command imports its job when it runs (fast --help)
     from dyninfer.profilers.bench import BenchResult
+    from dyninfer.profilers.stop_bench import StopBenchResult
 
 DEFAULTS = BenchConfig()
 
@@ -33,6 +34,8 @@ Examples:
     dyninfer bench audit/ --min-speedup 1.1 --min-consistency 0.9    (CI gate)
 
     dyninfer bench audit/ --backend onnx    (after `dyninfer export audit/`: vs optimum's ORTModelForCausalLM)
+
+    dyninfer bench audit/ --stop completion --prompts 32 --min-speedup 1.5    (after `dyninfer stop`: seconds per request, value kept)
 """  # noqa: E501 (help paragraphs are one line each: Typer keeps line breaks)
 
 
@@ -79,6 +82,35 @@ def render(result: BenchResult) -> None:
     notes(result.notes)
 
 
+def render_stop(result: StopBenchResult) -> None:
+    title = f"{result.workload} stop rule: {result.prompts} held-out requests, up to {result.new_tokens} new tokens, batch 1, greedy"
+    table = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left")
+    quality = ("value_kept", "mean_share_kept", "precision_shown") if result.workload == "completion" else ("accuracy", "right_kept")
+    for name in (
+        "runner",
+        "s/request",
+        "vs baseline",
+        "tokens/request",
+        "tokens saved",
+        *[q.replace("_", " ") for q in quality],
+        "ended by",
+    ):
+        table.add_column(name, justify="left" if name in ("runner", "ended by") else "right")
+    for r in [result.baseline, *result.runners]:
+        ended = ", ".join(f"{k} {v}" for k, v in r.ended.items()) or "-"
+        table.add_row(
+            r.name,
+            f"{r.seconds_per_request:.3f}",
+            f"{r.request_speedup:.2f}x",
+            f"{r.tokens_per_request:.1f}",
+            f"{r.tokens_saved:.1%}",
+            *[f"{r.quality[q]:.1%}" for q in quality],
+            ended,
+        )
+    stdout.print(table)
+    notes(result.notes)
+
+
 @handle_errors
 def bench(
     artifact: opt.ArtifactDir,
@@ -107,6 +139,13 @@ def bench(
     ] = DEFAULTS.backend,
     package: Annotated[Path | None, typer.Option("--package", help="ONNX backend: the exported package (default: ARTIFACT/onnx).")] = None,
     provider: opt.Provider = DEFAULTS.provider,
+    stop: Annotated[
+        str | None,
+        typer.Option(
+            "--stop",
+            help="Benchmark the artifact's stop rule (completion or reasoning) on its held-out units: time per request, value kept.",
+        ),
+    ] = DEFAULTS.stop,
     device: opt.Device = DEFAULTS.device,
     dtype: opt.Dtype = DEFAULTS.dtype,
     device_map: opt.DeviceMap = DEFAULTS.device_map,
@@ -120,6 +159,8 @@ def bench(
         report = job.run(config, artifact, progress=progress)
     if as_json:
         print_json(report.summary())
+    elif config.stop is not None:
+        render_stop(report.result)
     else:
         render(report.result)
     gates_failed(report.gates_failed)

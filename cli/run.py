@@ -33,6 +33,10 @@ Examples:
     dyninfer run audit/ "Hello" --mode speculative --json    (lossless: identical to the full model)
 
     dyninfer run audit/ "Hello" --backend onnx --provider cuda    (the package from `dyninfer export`)
+
+    dyninfer run audit/ "import os" --raw --mode full --stop completion    (stops where the completion stops being worth it)
+
+    dyninfer run audit/ "Ada has 3 apples and gets 4 more. How many?" --mode full --stop reasoning --max-new-tokens 160
 """
 
 
@@ -54,6 +58,10 @@ def run(
     kv_mode: opt.KvMode = DEFAULTS.kv_mode,
     draft_layer: opt.DraftLayer = DEFAULTS.draft_layer,
     draft_threshold: opt.DraftThreshold = DEFAULTS.draft_threshold,
+    stop: Annotated[
+        str | None,
+        typer.Option("--stop", help="Obey the artifact's certified stop rule: completion, or reasoning (made by `dyninfer stop`)."),
+    ] = DEFAULTS.stop,
     device: opt.Device = DEFAULTS.device,
     dtype: opt.Dtype = DEFAULTS.dtype,
     device_map: opt.DeviceMap = DEFAULTS.device_map,
@@ -80,6 +88,9 @@ def run(
     legend.append(f"full ({layers})", style="white")
     stdout.print(legend)
     extra = f", draft acceptance {result.acceptance:.0%}" if result.acceptance is not None else ""
+    if result.stop is not None:
+        probes = f", {result.stop['probes']} probes ({result.stop['probe_tokens']} tokens)" if "probes" in result.stop else ""
+        extra += f"; ended by: {result.stop['reason']}{probes}"
     notes(report.notes, stderr)
     stdout.print(
         f"{result.new_tokens} tokens, mean exit layer {result.mean_exit_layer:.1f}/{layers}, "

@@ -15,6 +15,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dyninfer.core.choices import BUILTIN_COT
 from dyninfer.core.errors import DyninferError
 
 FIELDS = ("question", "long", "short", "answer")
@@ -100,8 +101,9 @@ def extract_answer(text: str) -> float | None:
     return float(numbers[-1]) if numbers else None
 
 
-def load_cot_jsonl(path: str | Path) -> list[CotExample]:
-    """Paired chains from JSONL (`question`, `long`, `short`, `answer` on every line)."""
+def load_cot_jsonl(path: str | Path, required: tuple[str, ...] = FIELDS) -> list[CotExample]:
+    """Paired chains from JSONL (`question`, `long`, `short`, `answer` on every line; with `required` only
+    `question` and `answer`, the chains are optional and empty when absent)."""
     path = Path(path)
     if not path.is_file():
         raise DyninferError(f"CoT data file '{path}' does not exist; pass a .jsonl file or builtin:arithmetic")
@@ -115,11 +117,13 @@ def load_cot_jsonl(path: str | Path) -> list[CotExample]:
             raise DyninferError(f"'{path}' line {number} is not valid JSON ({exc.msg}); one object per line") from None
         if not isinstance(record, dict):
             raise DyninferError(f"'{path}' line {number} is not a JSON object; expected {', '.join(FIELDS)}")
-        missing = [f for f in FIELDS if f not in record]
+        missing = [f for f in required if f not in record]
         if missing:
-            raise DyninferError(f"'{path}' line {number} lacks {', '.join(missing)}; every line needs {', '.join(FIELDS)}")
+            raise DyninferError(f"'{path}' line {number} lacks {', '.join(missing)}; every line needs {', '.join(required)}")
         for field in ("question", "long", "short"):
-            if not isinstance(record[field], str) or not record[field].strip():
+            if field not in required and field not in record:
+                record[field] = ""
+            elif not isinstance(record[field], str) or not record[field].strip():
                 raise DyninferError(f"'{path}' line {number}: '{field}' must be a non-empty string")
         answer = record["answer"]
         parsed = extract_answer(str(answer)) if not isinstance(answer, bool) else None
@@ -129,3 +133,38 @@ def load_cot_jsonl(path: str | Path) -> list[CotExample]:
     if not examples:
         raise DyninferError(f"'{path}' holds no examples; write one JSON object per line")
     return examples
+
+
+def is_builtin(spec: str) -> bool:
+    return spec == BUILTIN_COT or spec.startswith(BUILTIN_COT + ":")
+
+
+def builtin_problems(spec: str, seed: int, count: int) -> list[CotExample]:
+    """`count` problems with distinct questions from the seeded generator: `builtin:arithmetic` has 2-4 operations
+    per problem, `builtin:arithmetic:K` exactly K (1-6). A longer request keeps the same prefix."""
+    steps = (2, 4)
+    if spec != BUILTIN_COT:
+        tail = spec[len(BUILTIN_COT) + 1 :]
+        if not tail.isdigit() or not 1 <= int(tail) <= 6:
+            raise DyninferError(f"'{spec}': the number of operations after {BUILTIN_COT}: must be 1 to 6, e.g. {BUILTIN_COT}:2")
+        steps = (int(tail), int(tail))
+    examples, seen = [], set()
+    for example in generate_problems(4 * count, seed, steps):
+        if example.question not in seen:
+            seen.add(example.question)
+            examples.append(example)
+        if len(examples) == count:
+            break
+    return examples
+
+
+def load_problems(spec: str, seed: int, count: int) -> list[CotExample]:
+    """Up to `count` distinct problems in the random order of `seed`: the built-in generator's, or a JSONL file's,
+    whose lines need only `question` and `answer`."""
+    if is_builtin(spec):
+        return builtin_problems(spec, seed, count)
+    if spec.startswith("builtin:"):
+        raise DyninferError(f"unknown built-in problems '{spec}'; use {BUILTIN_COT}[:K] or a .jsonl file with question and answer")
+    examples = load_cot_jsonl(spec, required=("question", "answer"))
+    random.Random(seed).shuffle(examples)
+    return examples[:count]

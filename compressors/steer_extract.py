@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dyninfer.compressors.cot_data import CotExample, generate_problems, load_cot_jsonl
+from dyninfer.compressors.cot_data import CotExample, builtin_problems, is_builtin, load_cot_jsonl
 from dyninfer.compressors.lora import is_conv1d, lora_attached, lora_delta
 from dyninfer.compressors.steering import ActivationSteering, ValveDelta
 from dyninfer.core.choices import BUILTIN_COT
@@ -39,15 +39,8 @@ def load_cot_split(spec: str, seed: int, train: int, heldout: int) -> tuple[list
     """
     if train < 1 or heldout < 1:
         raise DyninferError(f"need at least one training and one held-out example, got {train} and {heldout}")
-    if spec == BUILTIN_COT or spec.startswith(BUILTIN_COT + ":"):
-        steps = _builtin_steps(spec)
-        examples, seen = [], set()
-        for example in generate_problems(4 * (train + heldout), seed, steps):
-            if example.question not in seen:
-                seen.add(example.question)
-                examples.append(example)
-            if len(examples) == train + heldout:
-                break
+    if is_builtin(spec):
+        examples = builtin_problems(spec, seed, train + heldout)
         return examples[:train], examples[train:]
     if spec.startswith("builtin:"):
         raise DyninferError(f"unknown built-in CoT data '{spec}'; use {BUILTIN_COT}[:STEPS] or a .jsonl file")
@@ -57,16 +50,6 @@ def load_cot_split(spec: str, seed: int, train: int, heldout: int) -> tuple[list
     random.Random(seed).shuffle(examples)
     held = min(heldout, max(1, len(examples) // 5))
     return examples[: min(train, len(examples) - held)], examples[len(examples) - held :]
-
-
-def _builtin_steps(spec: str) -> tuple[int, int]:
-    """`builtin:arithmetic` is 2-4 operations per problem; `builtin:arithmetic:K` exactly K (1-6)."""
-    if spec == BUILTIN_COT:
-        return (2, 4)
-    count = spec[len(BUILTIN_COT) + 1 :]
-    if not count.isdigit() or not 1 <= int(count) <= 6:
-        raise DyninferError(f"'{spec}': the number of operations after {BUILTIN_COT}: must be 1 to 6, e.g. {BUILTIN_COT}:2")
-    return (int(count), int(count))
 
 
 @dataclass

@@ -58,3 +58,4 @@ STEER_KINDS = ("mean", "pca")
 CURRICULA = ("rotational", "gradual", "all")
 EXIT_TARGETS = ("teacher", "labels")
 DEPTH_WEIGHTINGS = ("quadratic", "linear", "uniform")
+STOP_WORKLOADS = ("completion", "reasoning")  # what a stop rule stops: corpus completions, or chains of thought

@@ -22,6 +22,7 @@ class GenerationResult:
     draft_fallbacks: int = 0  # drafts the restricted draft head was unsure of, scored again with the full head
     notes: list[str] = field(default_factory=list)
     logits: list | None = None  # per step [batch, vocab], when asked for (parity checks)
+    stop: dict | None = None  # with a stop rule: why generation ended (rule, answered, budget, end of sequence), probes
 
     @property
     def new_tokens(self) -> int:

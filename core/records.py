@@ -167,12 +167,34 @@ class LensRecord(StageRecord):
 
 
 @dataclass
+class StopRecord(StageRecord):
+    """The certified stop rules, one per workload: {workload: {"policy": StopPolicy.to_dict(), "summary": the stop job's}}."""
+
+    STAGE: ClassVar[str] = stages.STOP
+    rules: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        self._expect("rules", dict)
+        for workload, rule in self.rules.items():
+            if not isinstance(rule, dict) or not isinstance(rule.get("policy"), dict):
+                raise self._invalid(f"the {workload} rule has no policy")
+
+    def policy(self, workload: str) -> dict | None:
+        rule = self.rules.get(workload)
+        return None if rule is None else rule["policy"]
+
+    def put(self, workload: str, policy: dict, summary: dict) -> None:
+        self.rules = self.rules | {workload: {"policy": policy, "summary": summary}}
+
+
+@dataclass
 class AuditRecord(StageRecord):
     STAGE: ClassVar[str] = stages.AUDIT
 
 
 RECORDS: dict[str, type[StageRecord]] = {
-    r.STAGE: r for r in (ProbeRecord, ProfileRecord, CalibrateRecord, PruneRecord, SteerRecord, TuneRecord, LensRecord, AuditRecord)
+    r.STAGE: r
+    for r in (ProbeRecord, ProfileRecord, CalibrateRecord, PruneRecord, SteerRecord, TuneRecord, LensRecord, StopRecord, AuditRecord)
 }
 
 

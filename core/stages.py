@@ -10,6 +10,7 @@ PRUNE = "prune"
 STEER = "steer"
 TUNE = "tune"  # tune-exits: a LoRA that teaches the exits, baked in before every other change
 AUDIT = "audit"
+STOP = "stop"  # certified stop rules (one per workload: completion, reasoning)
 # Where the tuned lens in the exits group was trained (which corpus windows), so that a later stage
 # can tell whether it trained on text that stage evaluates on.
 LENS = "lens"

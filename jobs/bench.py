@@ -21,15 +21,17 @@ from dyninfer.core.progress import ProgressFn
 from dyninfer.exporters.onnx_runtime import read_package
 from dyninfer.jobs.configs import PACKAGE_DIR, BenchConfig
 from dyninfer.jobs.run import draft_settings, plan_note
+from dyninfer.jobs.stop import heldout_requests
 from dyninfer.profilers.bench import BenchResult, run_bench, run_onnx_bench
-from dyninfer.runtime.loader import load_dynamic
+from dyninfer.profilers.stop_bench import StopBenchResult, run_stop_bench
+from dyninfer.runtime.loader import load_dynamic, stored_stop_policy
 
 
 @dataclass
 class BenchReport:
     config: BenchConfig
     data: str
-    result: BenchResult
+    result: BenchResult | StopBenchResult
     gates_failed: list[str] = field(default_factory=list)
     placement: dict | None = None  # where the torch model ran ({device, dtype})
 
@@ -94,8 +96,15 @@ def run(config: BenchConfig, artifact: str | os.PathLike, progress: ProgressFn |
             raise DyninferError(f"no ONNX package at '{package}'; run `dyninfer export` on the artifact first, or pass {option('package')}")
         read_package(package)
     dyn = load_dynamic(
-        str(artifact), config.model, kv_mode=config.kv_mode, full_depth_is_enough=config.backend == "torch", placement=config.placement()
+        str(artifact),
+        config.model,
+        require_policy=config.stop is None,
+        kv_mode=config.kv_mode,
+        full_depth_is_enough=config.backend == "torch",
+        placement=config.placement(),
     )
+    if config.stop is not None:
+        return _run_stop(config, dyn, progress)
     spec, prompt_ids, new_tokens = bench_prompts(config, dyn)
     if config.backend == "onnx":
         result = run_onnx_bench(dyn, package, prompt_ids, new_tokens, provider=config.provider, progress=progress)
@@ -110,6 +119,24 @@ def run(config: BenchConfig, artifact: str | os.PathLike, progress: ProgressFn |
     result.certified = certified_here(dyn.calibration, result)
     result.notes += dyn.notes
     return BenchReport(config, spec, result, gate_failures(config, result), dyn.loaded.placement)
+
+
+def _run_stop(config: BenchConfig, dyn, progress: ProgressFn | None) -> BenchReport:
+    """The stop rule side by side with plain generation, on the stop job's held-out units."""
+    policy = stored_stop_policy(dyn, config.stop)
+    stop_config, requests = heldout_requests(dyn, config.stop, config.prompts)
+    if config.new_tokens is not None and config.new_tokens != policy.new_tokens:
+        raise DyninferError(
+            f"the {config.stop} stop rule was certified for {policy.new_tokens} new tokens; leave {option('new_tokens')} out "
+            "(bench measures the setting it was certified for)"
+        )
+    result = run_stop_bench(dyn, policy, requests, policy.new_tokens, progress)
+    result.notes += [policy.statement] + dyn.notes
+    failures = []
+    gated = result.runner(result.gated)
+    if config.min_speedup is not None and not gated.request_speedup >= config.min_speedup:
+        failures.append(f"time per request {gated.request_speedup:.3f}x faster < `min_speedup` {config.min_speedup}")
+    return BenchReport(config, stop_config.resolved_data(), result, failures, dyn.loaded.placement)
 
 
 def certified_here(calibration: dict, result: BenchResult) -> dict | None:

@@ -6,7 +6,6 @@ the summary).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -26,13 +25,13 @@ from dyninfer.core.cost import count_costs, measured_cost, profile_is_stale, spe
 from dyninfer.core.errors import DyninferError, option
 from dyninfer.core.lenses import LogitLens
 from dyninfer.core.progress import ProgressFn
-from dyninfer.core.records import CalibrateRecord, PruneRecord, TuneRecord
+from dyninfer.core.records import CalibrateRecord, TuneRecord
 from dyninfer.early_exit.calibrate import calibrate_exits
 from dyninfer.early_exit.certify import CalibrationResult, run_calibrations
 from dyninfer.early_exit.generation import PromptSet
 from dyninfer.jobs.configs import CalibrateConfig
 from dyninfer.jobs.plots import calibration_curve_png
-from dyninfer.runtime.loader import ModelSession, lens_overlaps, lens_to_train, open_workspace, trained_on
+from dyninfer.runtime.loader import ModelSession, lens_overlaps, lens_to_train, model_state, open_workspace, trained_on
 
 REPORT_DIR = stages.CALIBRATE
 
@@ -379,13 +378,7 @@ def _stored_continuations_key(ws) -> str | None:
 
 
 def model_state_key(ws) -> str:
-    """What the full model's continuations depend on: the weights, the baked steering, the pruning masks."""
-    state = {
-        "model": ws.loaded.content_hash,
-        "steering": ws.session.steering,
-        "pruning": None if (pruned := PruneRecord.read(ws.artifact)) is None else pruned.plan,
-    }
-    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return model_state(ws.session, ws.artifact)
 
 
 def stored_continuations(ws, config: CalibrateConfig, prompts: torch.Tensor, what: str) -> torch.Tensor | None:

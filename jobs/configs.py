@@ -38,6 +38,7 @@ from dyninfer.core.choices import (
     RUN_MODES,
     STEER_KINDS,
     STEER_METHODS,
+    STOP_WORKLOADS,
     TUNED,
 )
 from dyninfer.core.errors import DyninferError, check_at_least, check_between, check_choice, check_positive, check_seed, option
@@ -379,6 +380,68 @@ class ExportConfig:
 
 
 @dataclass
+class StopConfig(PlacementOptions):
+    """`dyninfer stop`: fit and certify a stop rule for completions (corpus prefixes) or reasoning (problems)."""
+
+    workload: str = "completion"  # completion: a corpus's prefixes; reasoning: problems with answers
+    model: str = DEFAULT_MODEL
+    data: str | None = None  # None: builtin:stdlib-code (completion) or builtin:arithmetic (reasoning)
+    field: str | None = None
+    seed: int = 0
+    signal: str = "auto"  # auto: the signal that saves most on the fit split at the target
+    target: float = 0.95  # value (completion) or right answers (reasoning) kept
+    epsilon: float = 0.05
+    condition: str = "valued"  # the guarantee is about units with something to lose (valued) or all units
+    value_unit: str = "tokens"  # completion value: the matching prefix in tokens, characters or lines
+    prompt_tokens: int = 64  # completion
+    new_tokens: int = 64  # completion length
+    fit_prompts: int = 64  # units that choose the signal and the candidate thresholds
+    prompts: int = 192  # calibration units (Learn-then-Test's examples)
+    heldout_prompts: int = 64  # units that report what the certified rule does
+    batch_size: int = 16
+    mode: str = "full"  # the generation it is certified on: full, or early-exit with the artifact's exits
+    shots: int = 0  # reasoning: worked examples in the prompt
+    probe_tokens: int = 6  # reasoning: tokens a trial answer may take
+    chain_tokens: int = 160  # reasoning: the chain's token budget
+
+    def resolved_data(self) -> str:
+        return self.data or ("builtin:stdlib-code" if self.workload == "completion" else BUILTIN_COT)
+
+    def validate(self) -> None:
+        self.placement().validate()
+        _check_seed(self)
+        check_choice("workload", self.workload, STOP_WORKLOADS)
+        signals = ("auto", "confidence", "prefix") if self.workload == "completion" else ("auto", "confidence", "stable")
+        check_choice("signal", self.signal, signals)
+        check_choice("condition", self.condition, ("valued", "all"))
+        check_choice("value_unit", self.value_unit, ("tokens", "characters", "lines"))
+        check_choice("mode", self.mode, ("full", "early-exit"))
+        check_between("target", self.target, 0.0, 1.0)
+        check_between("epsilon", self.epsilon, 0.0, 1.0)
+        for name, low in (
+            ("prompt_tokens", 1),
+            ("new_tokens", 1),
+            ("fit_prompts", 1),
+            ("prompts", 1),
+            ("heldout_prompts", 1),
+            ("batch_size", 1),
+            ("shots", 0),
+            ("probe_tokens", 1),
+            ("chain_tokens", 1),
+        ):
+            check_at_least(name, getattr(self, name), low)
+        defaults = StopConfig()
+        only = {"completion": ("prompt_tokens", "new_tokens", "value_unit"), "reasoning": ("shots", "probe_tokens", "chain_tokens")}
+        for workload, names in only.items():
+            for name in names:
+                if workload != self.workload and getattr(self, name) != getattr(defaults, name):
+                    raise DyninferError(f"{option(name)} is for {option('workload')} {workload}; leave it out or change the workload")
+
+    def target_path(self, out: str | os.PathLike) -> Path:
+        return check_output_dir(out)
+
+
+@dataclass
 class RunConfig(PlacementOptions):
     mode: str = "early-exit"  # early-exit, speculative (lossless; torch backend) or full
     backend: str = "torch"  # torch, or onnx: the package made by `export`
@@ -394,11 +457,13 @@ class RunConfig(PlacementOptions):
     # this machine's step costs, else 70% of the depth)
     draft_layer: int | None = None
     draft_threshold: float = 0.5  # speculative: keep drafting while the draft's max probability reaches this
+    stop: str | None = None  # obey the artifact's certified stop rule for this workload (completion, reasoning)
 
     def validate(self) -> None:
         self.placement().validate()
         _check_seed(self)
         check_choice("mode", self.mode, RUN_MODES)
+        _check_stop(self)
         check_choice("backend", self.backend, RUN_BACKENDS)
         if self.provider is not None:
             check_choice("provider", self.provider, ONNX_PROVIDERS)
@@ -435,10 +500,22 @@ class BenchConfig(PlacementOptions):
     provider: str | None = None  # onnx backend: cuda or cpu (None: the package's own)
     min_speedup: float | None = None  # gate on the gated mode's measured speedup
     min_consistency: float | None = None  # gate on its token consistency with the baseline
+    stop: str | None = None  # benchmark the artifact's stop rule for this workload (time per request, value kept)
 
     def validate(self) -> None:
         self.placement().validate()
         _check_seed(self)
+        if self.stop is not None:
+            check_choice("stop", self.stop, STOP_WORKLOADS)
+            for name in ("data", "field", "prompt_tokens", "min_consistency", "draft_layer", "kv_mode"):
+                if getattr(self, name) is not None:
+                    raise DyninferError(
+                        f"{option(name)} does not apply to {option('stop')}: it benchmarks the rule on its own held-out units"
+                    )
+            if self.backend != "torch":
+                raise DyninferError(
+                    f"{option('stop')} runs on {option('backend')} torch; the ONNX package's stop output is checked by `dyninfer export`"
+                )
         for name in ("prompts", "prompt_tokens", "new_tokens"):
             if getattr(self, name) is not None:
                 check_at_least(name, getattr(self, name), 1)
@@ -455,6 +532,18 @@ class BenchConfig(PlacementOptions):
         if self.min_consistency is not None:
             check_between("min_consistency", self.min_consistency, 0.0, 1.0, low_open=False, high_open=False)
         _refuse_unused(self, BenchConfig())
+
+
+def _check_stop(config) -> None:
+    """A stop rule is certified on greedy decoding, one prompt at a time, in the full or early-exit mode."""
+    if config.stop is None:
+        return
+    check_choice("stop", config.stop, STOP_WORKLOADS)
+    if config.mode == "speculative" or getattr(config, "sample", False):
+        raise DyninferError(
+            f"{option('stop')} obeys a rule certified on greedy decoding in the full or early-exit mode; "
+            "drop it, or the sampling or speculation"
+        )
 
 
 def _refuse_unused(config, defaults) -> None:

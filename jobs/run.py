@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dyninfer.compressors.stop_rule import StopPolicy
 from dyninfer.core.choices import LOGIT
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.generation import GenerationResult
@@ -18,7 +19,7 @@ from dyninfer.core.records import ProbeRecord, TuneRecord
 from dyninfer.exporters.onnx_runtime import OnnxDynamicModel, find_package
 from dyninfer.jobs.configs import RunConfig
 from dyninfer.profilers.speculation_cost import measure_step_costs
-from dyninfer.runtime.loader import load_dynamic
+from dyninfer.runtime.loader import load_dynamic, stopper_for, stored_stop_policy
 from dyninfer.runtime.speculation import SpeculationPlan, plan_speculation
 
 
@@ -47,6 +48,7 @@ class RunReport:
             "tokens_per_s": r.tokens_per_s,
             "acceptance": r.acceptance,
             "backend": self.config.backend,
+            "stop": r.stop,
             "notes": self.notes,
         }
 
@@ -100,6 +102,16 @@ def plan_note(plan: SpeculationPlan) -> str:
     )
 
 
+def stop_notes_for(policy: StopPolicy, mode: str, max_new_tokens: int) -> list[str]:
+    """What differs between this run and the setting the stop rule was certified for."""
+    out = [f"{policy.describe()}; certified: {policy.statement}"]
+    if mode != policy.mode:
+        out.append(f"the stop rule was certified on the {policy.mode} mode; this run uses {mode}, where its guarantee is not tested")
+    if max_new_tokens != policy.new_tokens:
+        out.append(f"the stop rule was certified for {policy.new_tokens} new tokens; this run asks for {max_new_tokens}")
+    return out
+
+
 def encode_prompt(tokenizer, prompt: str, raw: bool) -> torch.Tensor:
     """The prompt's token ids [1, n]: wrapped in the chat template when the tokenizer has one (unless `raw`)."""
     if not raw and getattr(tokenizer, "chat_template", None):
@@ -140,6 +152,10 @@ def run(config: RunConfig, artifact: str | os.PathLike, prompt: str, progress: P
         tokenizer = dyn.loaded.tokenizer
         ids = encode_prompt(tokenizer, prompt, config.raw)
         layer, max_draft, plan = config.draft_layer, DEFAULT_MAX_DRAFT, None
+        stopper, stop_notes = None, []
+        if config.stop is not None:
+            policy = stored_stop_policy(dyn, config.stop)
+            stopper, stop_notes = stopper_for(dyn, policy), stop_notes_for(policy, config.mode, config.max_new_tokens)
         if config.mode == "speculative":
             layer, max_draft, plan = draft_settings(dyn, ids, config.draft_layer)
         result = dyn.dynamic.generate(
@@ -153,8 +169,9 @@ def run(config: RunConfig, artifact: str | os.PathLike, prompt: str, progress: P
             draft_layer=layer,
             max_draft=max_draft,
             draft_threshold=config.draft_threshold,
+            stop=stopper,
         )
-        num_layers, notes = dyn.loaded.layered.num_layers, list(dyn.notes)
+        num_layers, notes = dyn.loaded.layered.num_layers, list(dyn.notes) + stop_notes
         if plan is not None:
             notes.append(plan_note(plan))
     tokens = [int(t) for t in result.tokens[0]]

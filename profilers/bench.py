@@ -81,13 +81,14 @@ class BenchResult:
 
 
 @torch.no_grad()
-def greedy_generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+def greedy_generate(model, prompt: torch.Tensor, new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:
+    """transformers' forward with its KV cache in a plain greedy loop (batch 1 when it stops at `eos_token_id`)."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
     logits = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1]
     out = [logits.argmax(-1, keepdim=True)]
-    while len(out) < new_tokens:
+    while len(out) < new_tokens and not (eos_token_id is not None and int(out[-1][0, 0]) == eos_token_id):
         logits = model(out[-1], past_key_values=cache, use_cache=True).logits[:, -1]
         out.append(logits.argmax(-1, keepdim=True))
     return torch.cat(out, dim=1)

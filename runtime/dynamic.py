@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dyninfer.compressors.stop_rule import CompletionStopper, ProbeVocabulary, ReasoningStopper, TrialAnswer, read_answer
 from dyninfer.core.choices import RUN_MODES as MODES
 from dyninfer.core.errors import DyninferError, check_between, check_positive
 from dyninfer.core.generation import GenerationResult
@@ -104,6 +105,7 @@ class DynamicModel:
         draft_layer: int | None = None,
         draft_threshold: float = 0.5,
         return_logits: bool = False,
+        stop: CompletionStopper | ReasoningStopper | None = None,
     ) -> GenerationResult:
         if mode not in MODES:
             raise DyninferError(f"unknown mode '{mode}'; choose from: {', '.join(MODES)}")
@@ -123,6 +125,8 @@ class DynamicModel:
                 raise DyninferError(
                     "speculative decoding needs a KV cache it can roll back; Mamba's recurrent state cannot be, use `mode` early-exit"
                 )
+        if stop is not None and (mode == "speculative" or input_ids.shape[0] != 1):
+            raise DyninferError("a stop rule runs with one prompt at a time in the full or early-exit mode, not speculative")
         generator = torch.Generator().manual_seed(seed)
         started = time.perf_counter()
         state = _DecodeState(self.lm, input_ids.shape[0])
@@ -135,6 +139,8 @@ class DynamicModel:
         if mode == "speculative":
             drafter = _Drafter(self, draft_layer, input_ids, tokens[0])
             self._speculate(state, tokens, exits, confidences, max_new_tokens, eos_token_id, max_draft, drafter, draft_threshold, result)
+        elif stop is not None:
+            self._generate_until_stop(state, logits, tokens, exits, confidences, max_new_tokens, eos_token_id, mode, stop, result)
         else:
             while len(tokens) < max_new_tokens and not _finished(tokens, eos_token_id):
                 logits, depth, c = self._step(state, tokens[-1], mode)
@@ -143,10 +149,61 @@ class DynamicModel:
                 tokens.append(self._pick(logits, sample, temperature, generator))
                 exits.append(depth)
                 confidences.append(c)
-        result.tokens = torch.cat(tokens[:max_new_tokens], dim=1)
-        del exits[max_new_tokens:], confidences[max_new_tokens:]
+        if stop is None or result.stop["reason"] != "answered":
+            del tokens[max_new_tokens:], exits[max_new_tokens:], confidences[max_new_tokens:]
+        result.tokens = torch.cat(tokens, dim=1) if tokens else torch.empty((input_ids.shape[0], 0), dtype=torch.long)
         result.seconds = time.perf_counter() - started
         return result
+
+    def _generate_until_stop(self, state, logits, tokens, exits, confidences, max_new_tokens, eos_token_id, mode, stop, result) -> None:
+        """Greedy decoding that obeys a stop rule: a completion stops before its first token scored below the
+        threshold; a chain of thought probes a trial answer at each step boundary and, when the rule fires,
+        shows the chain so far, the forced answer continuation and the answer (then stops)."""
+        reason = "budget"
+        if isinstance(stop, CompletionStopper) and stop.stops_before(max_probability(logits)):
+            tokens.clear(), exits.clear(), confidences.clear()
+            reason = "rule"
+        while reason == "budget" and len(tokens) < max_new_tokens and not _finished(tokens, eos_token_id):
+            if isinstance(stop, ReasoningStopper) and stop.is_boundary(int(tokens[-1])):
+                trial = self._probe(state, tokens[-1], stop.vocabulary, stop.policy.probe_tokens)
+                if stop.decide(len(tokens), trial):
+                    shown = stop.vocabulary.suffix + trial.ids
+                    tokens += [torch.tensor([[t]]) for t in shown]
+                    exits += [self.lm.num_layers] * len(shown)
+                    confidences += [None] * len(shown)
+                    reason = "answered"
+                    break
+            logits, depth, c = self._step(state, tokens[-1], mode)
+            token = logits.argmax(-1, keepdim=True)
+            if isinstance(stop, CompletionStopper) and stop.stops_before(max_probability(logits)):
+                reason = "rule"
+                break
+            tokens.append(token)
+            exits.append(depth)
+            confidences.append(c)
+        if reason == "budget" and _finished(tokens, eos_token_id):
+            reason = "end of sequence"
+        chain = len(tokens) - (len(stop.vocabulary.suffix) + len(stop.probes[-1][1].ids) if reason == "answered" else 0)
+        result.stop = {"reason": reason, "policy": stop.policy.describe(), "spent": min(chain, max_new_tokens)}
+        if isinstance(stop, ReasoningStopper):
+            # decode steps spent: the chain so far and every probe (the answer shown is the last probe's)
+            result.stop |= {"probes": len(stop.probes), "probe_tokens": stop.probe_tokens, "spent": chain + stop.probe_tokens}
+
+    def _probe(self, state: _DecodeState, token: torch.Tensor, vocabulary: ProbeVocabulary, limit: int) -> TrialAnswer:
+        """On a fork of the state: feed `token` and the forced answer continuation, then read the greedy answer."""
+        fork = state.fork()
+        for t in [token, *[torch.tensor([[i]]) for i in vocabulary.suffix]]:
+            logits, _, _ = self._step(fork, t, "full")
+        picked, step_confidences = [], []
+        while len(picked) < limit:
+            nxt = int(logits.argmax(-1))
+            picked.append(nxt)
+            step_confidences.append(max_probability(logits))
+            if not vocabulary.continues(picked[:-1], nxt) or len(picked) == limit:
+                break
+            logits, _, _ = self._step(fork, torch.tensor([[nxt]]), "full")
+        ids, confidence = read_answer(step_confidences, picked, vocabulary)
+        return TrialAnswer(ids, picked, confidence, len(vocabulary.suffix) + len(picked))
 
     @torch.no_grad()
     def prefill_rows(self, input_ids: torch.Tensor) -> _DecodeState:
@@ -439,6 +496,11 @@ def default_draft_layer(num_layers: int) -> int:
     """LayerSkip-style drafting from about 70% of the depth: shallow drafts are rarely
     accepted on models not trained for early exit, deep ones save little (U-shaped)."""
     return min(num_layers - 1, max(1, round(0.7 * num_layers)))
+
+
+def max_probability(logits: torch.Tensor) -> float:
+    """The max probability of a one-row distribution (what stop rules score)."""
+    return float(torch.softmax(logits.float(), dim=-1).max())
 
 
 def _finished(tokens: list[torch.Tensor], eos_token_id: int | None) -> bool:

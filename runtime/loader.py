@@ -12,6 +12,9 @@
 from __future__ import annotations
 
 import bisect
+import functools
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 from dyninfer.compressors.exit_tuning import bake_tuning, fingerprint, stored_draft_vocabulary, stored_tuning
 from dyninfer.compressors.pruning import PruningPlan, load_pruning, remove_pruning
 from dyninfer.compressors.steering import ValveDelta, applied, load_steering
+from dyninfer.compressors.stop_rule import COMPLETION, CompletionStopper, ProbeVocabulary, ReasoningStopper, StopPolicy
 from dyninfer.core import stages
 from dyninfer.core.artifact_files import artifact_exists
 from dyninfer.core.artifacts import Artifact, BaseModelInfo
@@ -30,7 +34,7 @@ from dyninfer.core.lenses import LogitLens, TunedLens, TunedLensTraining, train_
 from dyninfer.core.models import LoadedModel, load_model, load_tokenizer
 from dyninfer.core.placement import CPU_FLOAT32, Placement
 from dyninfer.core.progress import ProgressFn, silent
-from dyninfer.core.records import CalibrateRecord, LensRecord, PruneRecord
+from dyninfer.core.records import CalibrateRecord, LensRecord, PruneRecord, StopRecord
 from dyninfer.early_exit.confidence import ExitClassifier
 from dyninfer.early_exit.policy import ExitPolicy
 from dyninfer.runtime.dynamic import DynamicModel
@@ -223,6 +227,19 @@ def load_checked(
     return session, early
 
 
+def model_state(session: ModelSession, artifact: Artifact) -> str:
+    """What the model's generations depend on: the weights, the tuning and steering baked in, the pruning masks."""
+    state = {
+        "model": session.loaded.content_hash,
+        "tuning": session.tuning,
+        "steering": session.steering,
+        "pruning": None if (pruned := PruneRecord.read(artifact)) is None else pruned.plan,
+    }
+    if state["tuning"] is None:  # keys made before tunings were part of them stay valid
+        del state["tuning"]
+    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def lens_to_train(artifact: Artifact | None, lens_from: str | None, retrain: bool = False) -> bool:
     """Whether asking for the tuned lens trains one now (none stored in the artifact, none given, or a retrain)."""
     if lens_from:
@@ -291,6 +308,7 @@ class LoadedDynamic:
     pruning: PruningPlan | None = None  # installed on the model's MLPs
     steering: dict | None = None  # the applied steering ({method, alpha}), baked into the weights
     tuning: ValveDelta | None = None  # the tune-exits LoRA, baked into the weights
+    session: ModelSession | None = None
 
     @property
     def calibration(self) -> dict:
@@ -301,6 +319,35 @@ class LoadedDynamic:
     def notes(self) -> list[str]:
         """What a report on this dynamic model should say: a calibration certified in another dtype."""
         return placement_notes(self.calibration, self.loaded.placement, stages.CALIBRATE)
+
+
+def stored_stop_policy(dyn: LoadedDynamic, workload: str) -> StopPolicy:
+    """The artifact's certified stop rule for `workload`, refused when it was certified on another model state
+    (steering, pruning or tuning changed since) or the record is damaged."""
+    record = StopRecord.read(dyn.artifact)
+    where = f"'{dyn.artifact.path}'" if dyn.artifact.path is not None else "the artifact"
+    raw = None if record is None else record.policy(workload)
+    if raw is None:
+        raise DyninferError(f"{where} has no {workload} stop rule; run `dyninfer stop --workload {workload}` into it first")
+    policy = StopPolicy.from_dict(raw)
+    if policy.model_state != model_state(dyn.session, dyn.artifact):
+        raise DyninferError(
+            f"{where}'s {workload} stop rule was certified on another model (its steering, pruning or tuning has changed "
+            f"since, or another model was loaded); run `dyninfer stop --workload {workload}` into it again"
+        )
+    return policy
+
+
+def stopper_for(dyn: LoadedDynamic, policy: StopPolicy) -> CompletionStopper | ReasoningStopper:
+    """A fresh stopper for one generation (a stopper keeps per-generation state)."""
+    if policy.workload == COMPLETION:
+        return CompletionStopper(policy)
+    return ReasoningStopper(policy, probe_vocabulary(dyn.loaded.tokenizer, policy.probe_suffix))
+
+
+@functools.lru_cache(maxsize=4)
+def probe_vocabulary(tokenizer, suffix: str) -> ProbeVocabulary:
+    return ProbeVocabulary.from_tokenizer(tokenizer, suffix)
 
 
 def placement_notes(record: dict, placement: dict, stage: str) -> list[str]:
@@ -364,4 +411,4 @@ def build_dynamic(
     if policy is not None and policy.measure == "classifier":
         classifier = ExitClassifier.from_tensors(exits, len(policy.exit_points), lm.hidden_size).to(lm.device)
     dynamic = DynamicModel(lm, policy, lens, classifier, draft_vocabulary=stored_draft_vocabulary(artifact))
-    return LoadedDynamic(artifact, session.loaded, dynamic, policy, pruning, session.steering, session.tuned_by)
+    return LoadedDynamic(artifact, session.loaded, dynamic, policy, pruning, session.steering, session.tuned_by, session)

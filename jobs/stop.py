@@ -1,0 +1,338 @@
+"""`stop`: fit and certify a stop rule on an artifact's model, and record it beside the exit policy.
+
+Units are drawn at random and never overlap: completion prompts are the starts of corpus windows
+(fit and calibration from the train split's random order, held-out from the held-out split);
+reasoning problems are shuffled with the seed and cut into fit, calibration and held-out. The fit
+units choose the signal and the candidate thresholds; Learn-then-Test certifies one on the
+calibration units; the held-out units report what it does. `save` writes the artifact and its
+`stop/` report folder (the candidate curve as CSV, the summary).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from dyninfer.compressors.cot_data import load_problems
+from dyninfer.compressors.steer_extract import CotPrompter
+from dyninfer.compressors.stop_rule import (
+    COMPLETION,
+    PROBE_SUFFIX,
+    REASONING,
+    SIGNALS,
+    CompletionRuns,
+    ProbeVocabulary,
+    ReasoningRun,
+    StopCertificate,
+    StopPolicy,
+    certify_completion,
+    certify_reasoning,
+    completion_grid,
+    empirical_choice,
+    reasoning_grid,
+    reasoning_outcome,
+    scores,
+)
+from dyninfer.core import stages
+from dyninfer.core.artifact_files import artifact_exists
+from dyninfer.core.artifacts import Artifact, BaseModelInfo
+from dyninfer.core.data import TokenWindows, load_windows
+from dyninfer.core.errors import DyninferError, option
+from dyninfer.core.progress import ProgressFn, silent
+from dyninfer.core.records import StopRecord
+from dyninfer.jobs.configs import StopConfig
+from dyninfer.profilers.stop_bench import StopRequests
+from dyninfer.profilers.stop_runs import completion_runs, reasoning_runs
+from dyninfer.runtime.loader import LoadedDynamic, ModelSession, build_dynamic, model_state, open_workspace
+
+REPORT_DIR = stages.STOP
+
+
+@dataclass
+class StopReport:
+    config: StopConfig
+    base_model: dict
+    data: dict
+    policy: StopPolicy
+    certificate: StopCertificate
+    fit: dict  # per signal: what the fit split says it saves at the target
+    timings: dict
+    notes: list[str] = field(default_factory=list)
+    artifact: Artifact | None = None
+
+    def summary(self) -> dict:
+        return {
+            "command": "stop",
+            "model": self.base_model,
+            "data": self.data,
+            "config": asdict(self.config),
+            "policy": self.policy.to_dict(),
+            "certificate": self.certificate.to_dict(),
+            "statement": self.certificate.statement(),
+            "empirical_choice": empirical_choice(self.certificate.curve, self.config.target),
+            "fit": self.fit,
+            "timings": self.timings,
+            "notes": self.notes,
+        }
+
+    def files(self) -> dict[str, bytes]:
+        curve = io.StringIO()
+        pd.DataFrame(self.certificate.curve).to_csv(curve, index=False)
+        return {"curve.csv": curve.getvalue().encode(), "summary.json": json.dumps(self.summary(), indent=2, default=str).encode()}
+
+
+def _check_counts(config: StopConfig, train: int, heldout: int, what: str) -> None:
+    needed = config.fit_prompts + config.prompts
+    if train < needed or heldout < config.heldout_prompts:
+        raise DyninferError(
+            f"'{config.resolved_data()}' gives {train} {what} to fit and calibrate on and {heldout} held out, but "
+            f"{option('fit_prompts')} + {option('prompts')} need {needed} and {option('heldout_prompts')} "
+            f"{config.heldout_prompts}; lower them or use more data"
+        )
+
+
+def check_windows(config: StopConfig, windows: TokenWindows) -> None:
+    """Completion data: enough windows, each a prompt followed by its real continuation."""
+    if windows.train.shape[1] < config.prompt_tokens + config.new_tokens:
+        raise DyninferError(
+            f"'{config.resolved_data()}' has no reference continuation of {config.new_tokens} tokens after prompts of "
+            f"{config.prompt_tokens}; use longer documents or lower {option('prompt_tokens')}/{option('new_tokens')}"
+        )
+    _check_counts(config, windows.train.shape[0], windows.heldout.shape[0], "prompts (windows with a real continuation)")
+
+
+def _choose_signal(config: StopConfig, fit_of: Callable[[str], tuple[list[float], list[dict]]]) -> tuple[str, dict]:
+    """The signal that saves most on the fit units at the target (the fit units' own empirical choice)."""
+    signals = SIGNALS[config.workload] if config.signal == "auto" else (config.signal,)
+    found = {}
+    for signal in signals:
+        grid, curve = fit_of(signal)
+        choice = empirical_choice(curve, config.target)
+        found[signal] = {
+            "grid": grid,
+            "tokens_saved": choice["tokens_saved"] if choice else 0.0,
+            "threshold": choice and choice["threshold"],
+        }
+    best = max(found, key=lambda s: found[s]["tokens_saved"])
+    return best, {s: {k: v for k, v in f.items() if k != "grid"} for s, f in found.items()} | {
+        "grids": {s: f["grid"] for s, f in found.items()}
+    }
+
+
+def _policy(config: StopConfig, certificate: StopCertificate, state: str) -> StopPolicy:
+    return StopPolicy(
+        workload=config.workload,
+        signal=certificate.signal,
+        threshold=certificate.threshold,
+        target=config.target,
+        epsilon=config.epsilon,
+        new_tokens=config.new_tokens if config.workload == COMPLETION else config.chain_tokens,
+        value_unit=config.value_unit,
+        condition=config.condition,
+        mode=config.mode,
+        model_state=state,
+        probe_tokens=config.probe_tokens,
+        statement=certificate.statement(),
+    ).check()
+
+
+def _dynamic(config: StopConfig, artifact: Artifact, session: ModelSession) -> LoadedDynamic:
+    dyn = build_dynamic(artifact, session, require_policy=config.mode == "early-exit", full_depth_is_enough=True)
+    if config.mode == "early-exit" and dyn.policy is None:
+        raise DyninferError(f"{option('mode')} early-exit needs the artifact's exit policy; run `dyninfer calibrate` into it first")
+    return dyn
+
+
+def _completion(config: StopConfig, existing, session, progress) -> StopReport:
+    report = progress or silent
+    seq_len = config.prompt_tokens + config.new_tokens
+    ws = open_workspace(
+        config.model,
+        config.resolved_data(),
+        field=config.field,
+        seq_len=seq_len,
+        seed=config.seed,
+        existing=existing,
+        progress=progress,
+        session=session,
+        placement=config.placement(),
+        check_data=lambda windows, _: check_windows(config, windows),
+    )
+    check_windows(config, ws.windows)
+    dyn = _dynamic(config, ws.artifact, ws.session)
+    windows = ws.windows
+    order = windows.order("train")
+    rows = {
+        "fit": order[: config.fit_prompts],
+        "calibration": order[config.fit_prompts : config.fit_prompts + config.prompts],
+    }
+    held = windows.order("heldout")[: config.heldout_prompts]
+    started = time.perf_counter()
+    decode = lambda ids: ws.loaded.tokenizer.decode(ids)
+    runs: dict[str, CompletionRuns] = {}
+    for what, source in (
+        ("fit", windows.train[rows["fit"]]),
+        ("calibration", windows.train[rows["calibration"]]),
+        ("heldout", windows.heldout[held]),
+    ):
+        runs[what] = completion_runs(
+            dyn.dynamic,
+            source[:, : config.prompt_tokens],
+            source[:, config.prompt_tokens : seq_len],
+            mode=config.mode,
+            batch_size=config.batch_size,
+            value_unit=config.value_unit,
+            decode=decode,
+            progress=report,
+            what=f"completions ({what})",
+        )
+    ws.timings["generate_s"] = time.perf_counter() - started
+
+    def fit_of(signal: str):
+        grid = completion_grid(scores(runs["fit"].confidence, signal))
+        fit = runs["fit"].subset(runs["fit"].units(config.condition))
+        return grid, certify_completion(fit, grid, signal, config.target, config.epsilon, config.condition).curve if fit.size else []
+
+    signal, fit = _choose_signal(config, fit_of)
+    certificate = certify_completion(runs["calibration"], fit["grids"][signal], signal, config.target, config.epsilon, config.condition)
+    certificate.heldout = runs["heldout"].outcome(signal, certificate.threshold)
+    certificate.heldout_never = runs["heldout"].outcome(signal, None)
+    policy = _policy(config, certificate, model_state(ws.session, ws.artifact))
+    data = windows.describe() | {"fit_rows": len(rows["fit"]), "calibration_rows": len(rows["calibration"]), "heldout_rows": len(held)}
+    return _finish(config, ws.loaded.base_model_info(), data, policy, certificate, fit, ws.timings, ws.artifact)
+
+
+def split_problems(config: StopConfig) -> dict[str, list]:
+    """Fit, calibration and held-out problems: disjoint, from one random order of the source."""
+    total = config.fit_prompts + config.prompts + config.heldout_prompts
+    problems = load_problems(config.resolved_data(), config.seed, total)
+    _check_counts(
+        config, len(problems) - min(len(problems), config.heldout_prompts), min(len(problems), config.heldout_prompts), "problems"
+    )
+    return {
+        "fit": problems[: config.fit_prompts],
+        "calibration": problems[config.fit_prompts : config.fit_prompts + config.prompts],
+        "heldout": problems[config.fit_prompts + config.prompts :],
+    }
+
+
+def problem_prompts(prompter: CotPrompter, problems: list) -> list[torch.Tensor]:
+    tokenizer = prompter.tokenizer
+    return [torch.tensor([tokenizer(prompter.prompt(p.question), add_special_tokens=not prompter.chat)["input_ids"]]) for p in problems]
+
+
+def _reasoning(config: StopConfig, existing, session, progress) -> StopReport:
+    report = progress or silent
+    split = split_problems(config)  # bad data fails before the model loads
+    timings = {}
+    started = time.perf_counter()
+    stored = existing if isinstance(existing, Artifact) else (Artifact.load(existing) if existing and artifact_exists(existing) else None)
+    if session is None or session.loaded.spec != config.model:
+        report("loading model", 0, 1)
+        session = ModelSession.load(config.model, config.placement())
+    artifact = stored or Artifact(BaseModelInfo.from_dict(session.loaded.base_model_info()), tokenizer=config.model)
+    dyn = _dynamic(config, artifact, session)
+    timings["load_model_s"] = time.perf_counter() - started
+    tokenizer = session.loaded.tokenizer
+    shots = split["fit"][: config.shots]
+    if any(not s.long for s in shots):
+        raise DyninferError(f"{option('shots')} needs worked chains ('long') in the data; pass {option('shots')} 0")
+    prompter = CotPrompter(tokenizer, shots)
+    vocabulary = ProbeVocabulary.from_tokenizer(tokenizer, PROBE_SUFFIX)
+    recording = StopPolicy(
+        REASONING, "confidence", None, config.target, config.epsilon, config.chain_tokens, probe_tokens=config.probe_tokens
+    )
+    context = session.lm.context_length
+    runs: dict[str, list[ReasoningRun]] = {}
+    started = time.perf_counter()
+    for what, problems in split.items():
+        prompts = problem_prompts(prompter, problems)
+        longest = max(p.shape[1] for p in prompts)
+        if context and longest + config.chain_tokens + len(vocabulary.suffix) + config.probe_tokens > context:
+            raise DyninferError(
+                f"a prompt of {longest} tokens and a chain of {option('chain_tokens')} {config.chain_tokens} exceed the model's "
+                f"context of {context} tokens; lower {option('chain_tokens')} or {option('shots')}"
+            )
+        runs[what] = reasoning_runs(
+            dyn.dynamic,
+            prompts,
+            problems,
+            recording,
+            vocabulary,
+            lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+            mode=config.mode,
+            eos_token_id=tokenizer.eos_token_id,
+            progress=report,
+            what=f"chains and probes ({what})",
+        )
+    timings["generate_s"] = time.perf_counter() - started
+
+    def fit_of(signal: str):
+        grid = reasoning_grid(runs["fit"], signal)
+        units = [r for r in runs["fit"] if config.condition == "all" or r.right(r.full_answer)]
+        return grid, certify_reasoning(units, grid, signal, config.target, config.epsilon, "all").curve if units else []
+
+    signal, fit = _choose_signal(config, fit_of)
+    certificate = certify_reasoning(runs["calibration"], fit["grids"][signal], signal, config.target, config.epsilon, config.condition)
+    certificate.heldout = reasoning_outcome(runs["heldout"], signal, certificate.threshold)
+    certificate.heldout_never = reasoning_outcome(runs["heldout"], signal, None)
+    policy = _policy(config, certificate, model_state(session, artifact))
+    data = {"spec": config.resolved_data(), "seed": config.seed} | {f"{k}_problems": len(v) for k, v in split.items()}
+    return _finish(config, session.loaded.base_model_info(), data, policy, certificate, fit, timings, artifact)
+
+
+def heldout_requests(dyn: LoadedDynamic, policy_workload: str, count: int) -> tuple[StopConfig, StopRequests]:
+    """The stop job's own held-out units (the first `count`), rebuilt from its recorded config: prompts never
+    used to fit or certify the rule, with what counts as right for each."""
+    record = StopRecord.read(dyn.artifact)
+    saved = (record.rules[policy_workload].get("summary") or {}).get("config") or {}
+    names = {f.name for f in dataclasses.fields(StopConfig)}
+    config = StopConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names})
+    tokenizer = dyn.loaded.tokenizer
+    if config.workload == COMPLETION:
+        seq_len = config.prompt_tokens + config.new_tokens
+        windows = load_windows(config.resolved_data(), tokenizer, field=config.field, seq_len=seq_len, seed=config.seed)
+        rows = windows.heldout[windows.order("heldout")[:count]]
+        return config, StopRequests([row[None, : config.prompt_tokens] for row in rows], references=rows[:, config.prompt_tokens : seq_len])
+    split = split_problems(config)
+    prompter = CotPrompter(tokenizer, split["fit"][: config.shots])
+    problems = split["heldout"][:count]
+    return config, StopRequests(
+        problem_prompts(prompter, problems),
+        answers=[p.answer for p in problems],
+        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+    )
+
+
+def _finish(config, base_model, data, policy, certificate, fit, timings, artifact) -> StopReport:
+    fit = {k: v for k, v in fit.items() if k != "grids"}
+    report = StopReport(config, base_model, data, policy, certificate, fit, timings)
+    record = StopRecord.read(artifact) or StopRecord()
+    summary = report.summary()
+    summary["certificate"] = {k: v for k, v in summary["certificate"].items() if k != "curve"}  # the curve is in the report folder
+    record.put(config.workload, policy.to_dict(), summary)
+    record.write(artifact)
+    report.artifact = artifact
+    return report
+
+
+def run(config: StopConfig, progress: ProgressFn | None = None, existing: str | Artifact | None = None, session=None) -> StopReport:
+    """Fit and certify a stop rule (the artifact keeps one per workload)."""
+    config.validate()
+    torch.manual_seed(config.seed)
+    if config.workload == COMPLETION:
+        return _completion(config, existing, session, progress)
+    return _reasoning(config, existing, session, progress)
+
+
+def save(report: StopReport, out: str | os.PathLike, on_wait: Callable[[], None] | None = None) -> Path:
+    return report.artifact.save(out, reports={f"{REPORT_DIR}-{report.config.workload}": report.files()}, on_wait=on_wait)
