@@ -529,3 +529,13 @@ class ReasoningStopper:
     @property
     def probe_tokens(self) -> int:
         return sum(t.cost for _, t in self.probes)
+
+
+def stop_summary(stop: CompletionStopper | ReasoningStopper, reason: str, shown: int) -> dict:
+    """Why a generation that obeyed `stop` ended, and the decode steps it spent (`shown`: tokens it shows)."""
+    out = {"reason": reason, "policy": stop.policy.describe(), "spent": shown}
+    if isinstance(stop, ReasoningStopper):
+        answered = len(stop.vocabulary.suffix) + len(stop.probes[-1][1].ids) if reason == "answered" else 0
+        # the chain so far and every probe (the answer shown is the last probe's)
+        out |= {"probes": len(stop.probes), "probe_tokens": stop.probe_tokens, "spent": shown - answered + stop.probe_tokens}
+    return out

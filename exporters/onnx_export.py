@@ -26,23 +26,26 @@ from pathlib import Path
 
 import torch
 
+from dyninfer.compressors.stop_rule import REASONING
 from dyninfer.core.artifact_files import MANIFEST_NAME, give_usual_modes, staged_directory
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens
 from dyninfer.core.progress import ProgressFn, silent
+from dyninfer.core.records import StopRecord
 from dyninfer.exporters import ops
 from dyninfer.exporters.onnx_runtime import (
     PACKAGE_FORMAT,
     PACKAGE_MANIFEST,
     PACKAGE_VERSION,
     PROVIDERS,
+    STOP_OUTPUT,
     OnnxDynamicModel,
     create_session,
 )
 from dyninfer.exporters.step import DynamicStep, check_exportable
 from dyninfer.runtime.dynamic import DynamicModel
-from dyninfer.runtime.loader import LoadedDynamic
+from dyninfer.runtime.loader import LoadedDynamic, probe_vocabulary, stored_stop_policy
 
 MODEL_FILE = "model.onnx"
 BASELINE_DIR = "baseline"
@@ -75,7 +78,9 @@ def input_names(num_layers: int) -> list[str]:
 
 
 def output_names(num_layers: int) -> list[str]:
-    return ["logits", "exit_layer", "exit_confidence"] + [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return ["logits", "exit_layer", "exit_confidence", STOP_OUTPUT] + [
+        f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")
+    ]
 
 
 def check_options(provider: str, dtype: str) -> None:
@@ -321,6 +326,8 @@ def export_dynamic(
         dyn.loaded.model.config.save_pretrained(tmp)
         shutil.copyfile(source_manifest, tmp / "source-artifact.json")
         manifest["baseline"] = BASELINE_DIR if baseline else None
+        manifest["stop"], stop_notes = package_stop_rules(dyn)
+        notes += stop_notes
         _write_manifest(tmp, manifest)
         difference = None
         if verify:
@@ -353,6 +360,23 @@ def export_dynamic(
         time.perf_counter() - started,
         notes,
     )
+
+
+def package_stop_rules(dyn: LoadedDynamic) -> tuple[dict, list[str]]:
+    """The artifact's stop rules certified on this model, as the package's runtime obeys them (a reasoning rule
+    with its probe vocabulary: the runtime has no tokenizer); a note for each rule left out."""
+    record = StopRecord.read(dyn.artifact)
+    rules, notes = {}, []
+    for workload in record.rules if record is not None else {}:
+        try:
+            policy = stored_stop_policy(dyn, workload)
+            rules[workload] = {"policy": policy.to_dict()}
+            if workload == REASONING:
+                rules[workload]["vocabulary"] = probe_vocabulary(dyn.loaded.tokenizer, policy.probe_suffix).to_dict()
+        except DyninferError as exc:
+            rules.pop(workload, None)
+            notes.append(f"the {workload} stop rule is not in the package: {exc}")
+    return rules, notes
 
 
 def verify_package(dynamic: DynamicModel, package: Path, provider: str) -> float:

@@ -17,13 +17,24 @@ from pathlib import Path
 
 import numpy as np
 
+from dyninfer.compressors.stop_rule import (
+    REASONING,
+    CompletionStopper,
+    ProbeVocabulary,
+    ReasoningStopper,
+    StopPolicy,
+    TrialAnswer,
+    read_answer,
+    stop_summary,
+)
 from dyninfer.core.artifact_files import inside, relative_inside
 from dyninfer.core.errors import DyninferError, check_positive
 from dyninfer.core.generation import GenerationResult
 
 PACKAGE_MANIFEST = "dyninfer-onnx.json"
 PACKAGE_FORMAT = "dyninfer-onnx"
-PACKAGE_VERSION = 1
+PACKAGE_VERSION = 2  # 2: the step's stop_confidence output, and the stop rules in the manifest
+STOP_OUTPUT = "stop_confidence"
 MODES = ("early-exit", "full")
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 _NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -179,12 +190,28 @@ class OnnxDynamicModel:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.past_names = self.input_names[2:]
-        self.present_names = self.output_names[3:]
+        self.present_names = [n for n in self.output_names if n.startswith("present.")]
+        self.scalar_names = [n for n in self.output_names if not n.startswith("present.")]
         self.geometry = self.manifest["kv_geometry"]
 
     @property
     def eos_token_id(self) -> int | None:
         return self.manifest.get("eos_token_id")
+
+    def stopper(self, workload: str):
+        """A fresh stopper obeying the package's `workload` stop rule (the one `dyninfer stop` certified)."""
+        rule = (self.manifest.get("stop") or {}).get(workload)
+        if rule is None:
+            raise DyninferError(
+                f"the package at '{self.path}' carries no {workload} stop rule; run `dyninfer stop --workload {workload}` "
+                "into the artifact, then export it again"
+            )
+        if STOP_OUTPUT not in self.output_names:
+            raise DyninferError(f"the package at '{self.path}' has no {STOP_OUTPUT} output (an older export); export it again")
+        policy = StopPolicy.from_dict(rule["policy"])
+        if workload == REASONING:
+            return ReasoningStopper(policy, ProbeVocabulary.from_dict(rule.get("vocabulary") or {}))
+        return CompletionStopper(policy)
 
     def _threshold(self, mode: str) -> float:
         if mode == "full" or self.policy.get("threshold") is None:
@@ -202,6 +229,7 @@ class OnnxDynamicModel:
         seed: int = 0,
         eos_token_id: int | None = None,
         return_logits: bool = False,
+        stop: CompletionStopper | ReasoningStopper | None = None,
     ) -> GenerationResult:
         import onnxruntime as ort
 
@@ -224,39 +252,77 @@ class OnnxDynamicModel:
             for _ in range(2)
         ]
         threshold = self._threshold(mode)
+        if stop is not None and (sample or batch != 1):
+            raise DyninferError("a stop rule runs greedy decoding with one prompt at a time")
         tokens, exits, confidences, all_logits = [], [], [], []
         step_ids, step_threshold = ids, self.disabled_threshold  # the prefill runs every layer
+        ended = None
         while True:
-            logits, exit_layer, confidence, past = self._run(binding, step_ids, step_threshold, past)
+            logits, exit_layer, confidence, stop_confidence, new_past = self._run(binding, step_ids, step_threshold, past)
             if return_logits:
                 all_logits.append(logits)
             token = _pick(logits, sample, temperature, rng)
+            if isinstance(stop, CompletionStopper) and stop.stops_before(stop_confidence):
+                ended = "rule"
+                break
+            past = new_past
             tokens.append(token)
             exits.append(exit_layer)
             confidences.append(confidence if confidence >= 0 else None)
             if len(tokens) >= max_new_tokens or _finished(tokens, eos_token_id):
                 break
+            if isinstance(stop, ReasoningStopper) and int(token[0, 0]) in stop.vocabulary.boundaries:
+                trial = self._probe(binding, token, past, stop)
+                if stop.decide(len(tokens), trial):
+                    tokens += [np.array([[t]], dtype=np.int64) for t in stop.vocabulary.suffix + trial.ids]
+                    ended = "answered"
+                    break
             step_ids, step_threshold = token, threshold
-        result = GenerationResult(
-            np.concatenate(tokens, axis=1), exits, confidences, time.perf_counter() - started, mode, self.num_layers, notes=list(self.notes)
-        )
+        shown = np.concatenate(tokens, axis=1) if tokens else np.zeros((batch, 0), dtype=np.int64)
+        result = GenerationResult(shown, exits, confidences, time.perf_counter() - started, mode, self.num_layers, notes=list(self.notes))
+        if stop is not None:
+            result.stop = stop_summary(stop, ended or ("end of sequence" if _finished(tokens, eos_token_id) else "budget"), len(tokens))
         if return_logits:
             result.logits = all_logits
         return result
+
+    def _probe(self, binding, token: np.ndarray, past: list, stop: ReasoningStopper) -> TrialAnswer:
+        """Feed the step's last token and the forced answer continuation at full depth from `past` (kept: the
+        chain goes on from it), then read the greedy answer."""
+        vocabulary = stop.vocabulary
+        step_ids = np.concatenate([token, np.array([vocabulary.suffix], dtype=np.int64)], axis=1)
+        picked, step_confidences = [], []
+        while True:
+            logits, _, _, stop_confidence, past = self._run(binding, step_ids, self.disabled_threshold, past)
+            picked.append(int(logits.argmax(-1)[0]))
+            step_confidences.append(stop_confidence)
+            if not vocabulary.continues(picked[:-1], picked[-1]) or len(picked) == stop.policy.probe_tokens:
+                break
+            step_ids = np.array([[picked[-1]]], dtype=np.int64)
+        ids, confidence = read_answer(step_confidences, picked, vocabulary)
+        return TrialAnswer(ids, picked, confidence, len(vocabulary.suffix) + len(picked))
 
     def _run(self, binding, ids: np.ndarray, threshold: float, past: list):
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("exit_threshold", np.array(threshold, dtype=np.float32))
         for name, value in zip(self.past_names, past):
             binding.bind_ortvalue_input(name, value)
-        for name in self.output_names[:3]:
+        for name in self.scalar_names:
             binding.bind_output(name, "cpu")
         for name in self.present_names:
             binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        logits = outputs[0].numpy()
-        return logits, int(outputs[1].numpy()), float(outputs[2].numpy()), list(outputs[3:])
+        outputs = dict(zip(self.output_names, binding.get_outputs()))
+        logits = outputs["logits"].numpy()
+        # packages exported before stop rules (format 1) lack the stop output: computed here from the logits
+        stop_confidence = float(outputs[STOP_OUTPUT].numpy()[0]) if STOP_OUTPUT in outputs else _max_probability(logits)
+        present = [outputs[name] for name in self.present_names]
+        return logits, int(outputs["exit_layer"].numpy()), float(outputs["exit_confidence"].numpy()), stop_confidence, present
+
+
+def _max_probability(logits: np.ndarray) -> float:
+    row = logits[0].astype(np.float64)
+    return float(1.0 / np.exp(row - row.max()).sum())
 
 
 def _pick(logits: np.ndarray, sample: bool, temperature: float, rng) -> np.ndarray:

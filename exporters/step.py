@@ -95,7 +95,10 @@ class DynamicStep(nn.Module):
         start = past[0].shape[2]
         hidden = self.lm.embed_at(input_ids, start)
         with self.lm.traced_step(hidden, start):
-            return self._step(hidden, threshold, past, start)
+            logits, exit_layer, exit_confidence, *present = self._step(hidden, threshold, past, start)
+        # What a stop rule scores: the max probability of the distribution the next token is picked from.
+        stop_confidence = torch.softmax(logits.float(), dim=-1).amax(dim=-1)
+        return (logits, exit_layer, exit_confidence, stop_confidence, *present)
 
     def _step(self, hidden, threshold, past, start):
         bounds = [0] + self.points + [self.num_layers]

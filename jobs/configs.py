@@ -514,7 +514,7 @@ class BenchConfig(PlacementOptions):
                     )
             if self.backend != "torch":
                 raise DyninferError(
-                    f"{option('stop')} runs on {option('backend')} torch; the ONNX package's stop output is checked by `dyninfer export`"
+                    f"{option('stop')} benchmarks on {option('backend')} torch; `run --backend onnx --stop ...` obeys a package's rule"
                 )
         for name in ("prompts", "prompt_tokens", "new_tokens"):
             if getattr(self, name) is not None:

@@ -132,6 +132,7 @@ def run(config: RunConfig, artifact: str | os.PathLike, prompt: str, progress: P
         runtime = OnnxDynamicModel(package, provider=config.provider)
         tokenizer = AutoTokenizer.from_pretrained(str(package))
         ids = encode_prompt(tokenizer, prompt, config.raw)
+        stopper = runtime.stopper(config.stop) if config.stop is not None else None
         result = runtime.generate(
             ids.numpy(),
             config.max_new_tokens,
@@ -140,8 +141,10 @@ def run(config: RunConfig, artifact: str | os.PathLike, prompt: str, progress: P
             temperature=config.temperature,
             seed=config.seed,
             eos_token_id=tokenizer.eos_token_id,
+            stop=stopper,
         )
-        num_layers, notes = runtime.num_layers, []
+        num_layers = runtime.num_layers
+        notes = [] if stopper is None else stop_notes_for(stopper.policy, config.mode, config.max_new_tokens)
     else:
         report = progress or silent
         report("loading model", 0, 1)

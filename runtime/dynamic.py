@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dyninfer.compressors.stop_rule import CompletionStopper, ProbeVocabulary, ReasoningStopper, TrialAnswer, read_answer
+from dyninfer.compressors.stop_rule import CompletionStopper, ProbeVocabulary, ReasoningStopper, TrialAnswer, read_answer, stop_summary
 from dyninfer.core.choices import RUN_MODES as MODES
 from dyninfer.core.errors import DyninferError, check_between, check_positive
 from dyninfer.core.generation import GenerationResult
@@ -183,11 +183,7 @@ class DynamicModel:
             confidences.append(c)
         if reason == "budget" and _finished(tokens, eos_token_id):
             reason = "end of sequence"
-        chain = len(tokens) - (len(stop.vocabulary.suffix) + len(stop.probes[-1][1].ids) if reason == "answered" else 0)
-        result.stop = {"reason": reason, "policy": stop.policy.describe(), "spent": min(chain, max_new_tokens)}
-        if isinstance(stop, ReasoningStopper):
-            # decode steps spent: the chain so far and every probe (the answer shown is the last probe's)
-            result.stop |= {"probes": len(stop.probes), "probe_tokens": stop.probe_tokens, "spent": chain + stop.probe_tokens}
+        result.stop = stop_summary(stop, reason, len(tokens) if reason == "answered" else min(len(tokens), max_new_tokens))
 
     def _probe(self, state: _DecodeState, token: torch.Tensor, vocabulary: ProbeVocabulary, limit: int) -> TrialAnswer:
         """On a fork of the state: feed `token` and the forced answer continuation, then read the greedy answer."""

@@ -215,3 +215,42 @@ def test_fp16_package_for_cuda_stores_half_weights_and_runs(tmp_path):
     reference = dynamic.generate(prompt, 4, mode="full", return_logits=True)
     assert ours.logits[0].dtype == np.float16
     np.testing.assert_allclose(ours.logits[0].astype(np.float32), reference.logits[0].numpy(), atol=5e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("export-llama")
+def test_the_package_obeys_stop_rules_as_the_torch_runtime_does(exported):
+    """The package's stop output scores each token as torch does, and both runtimes stop completions and answer
+    chains of thought at the same step, in the early-exit and the full mode."""
+    from dyninfer.compressors.stop_rule import (
+        COMPLETION,
+        REASONING,
+        CompletionStopper,
+        ProbeVocabulary,
+        ReasoningStopper,
+        StopPolicy,
+    )
+
+    dynamic, prompt, package = exported("llama")
+    runtime = OnnxDynamicModel(package, provider="cpu")
+    vocabulary = ProbeVocabulary(frozenset(range(10, 50)), {i: str(i % 10) for i in range(50, 110)}, frozenset({5}), [3, 4])
+    reasons = set()
+    for mode in ("early-exit", "full"):
+        full = dynamic.generate(prompt, STEPS, mode=mode, return_logits=True)
+        confidence = [float(torch.softmax(s.float(), -1).max()) for s in full.logits]
+        for threshold in np.quantile(confidence, [0.2, 0.6]):
+            policy = StopPolicy(COMPLETION, "confidence", float(threshold), 0.9, 0.1, STEPS)
+            ours = runtime.generate(prompt.numpy(), STEPS, mode=mode, stop=CompletionStopper(policy))
+            reference = dynamic.generate(prompt, STEPS, mode=mode, stop=CompletionStopper(policy))
+            assert np.array_equal(ours.tokens, reference.tokens.numpy()) and ours.stop == reference.stop
+            reasons.add(ours.stop["reason"])
+        recorder = ReasoningStopper(StopPolicy(REASONING, "confidence", None, 0.9, 0.1, STEPS, probe_tokens=3), vocabulary, record_only=True)
+        dynamic.generate(prompt, STEPS, mode=mode, stop=recorder)
+        confident = sorted({t.confidence for _, t in recorder.probes if t.ids})
+        assert confident, "no probe read an answer: the comparison would be empty"
+        policy = StopPolicy(REASONING, "confidence", confident[len(confident) // 2], 0.9, 0.1, STEPS, probe_tokens=3)
+        ours = runtime.generate(prompt.numpy(), STEPS, mode=mode, stop=ReasoningStopper(policy, vocabulary))
+        reference = dynamic.generate(prompt, STEPS, mode=mode, stop=ReasoningStopper(policy, vocabulary))
+        assert np.array_equal(ours.tokens, reference.tokens.numpy()) and ours.stop == reference.stop
+        reasons.add(ours.stop["reason"])
+    assert {"rule", "answered"} <= reasons
