@@ -166,6 +166,7 @@ def _completion(config: StopConfig, existing, session, progress) -> StopReport:
         session=session,
         placement=config.placement(),
         check_data=lambda windows, _: check_windows(config, windows),
+        length_options=("prompt_tokens", "new_tokens"),
     )
     check_windows(config, ws.windows)
     dyn = _dynamic(config, ws.artifact, ws.session)

@@ -87,17 +87,19 @@ class ModelSession:
         bake_tuning(self.lm, delta)
         self.tuning, self.tuned_by = wanted, delta
 
-    def windows(self, data: str, field: str | None, seq_len: int, seed: int, made: TokenWindows | None = None) -> TokenWindows:
+    def windows(
+        self, data: str, field: str | None, seq_len: int, seed: int, made: TokenWindows | None = None, length_options=("seq_len",)
+    ) -> TokenWindows:
         """The data's token windows, tokenised once per session (stages of an audit share them); `made`: the same
-        windows, cut with this model's tokenizer before the model loaded."""
+        windows, cut with this model's tokenizer before the model loaded. `length_options`: the options that set
+        `seq_len` (named when it is too long)."""
         key = (data, field, seq_len, seed)
         if made is not None:
             self._windows.setdefault(key, made)
         context = self.lm.context_length
         if context is not None and seq_len > context:
-            raise DyninferError(
-                f"{option('seq_len')} {seq_len} is beyond the model's {context} positions; pass {option('seq_len')} {context} or less"
-            )
+            named = " + ".join(option(name) for name in length_options)
+            raise DyninferError(f"{named} = {seq_len} tokens is beyond the model's {context} positions; lower it to {context} or less")
         if key not in self._windows:
             self._windows[key] = load_windows(data, self.loaded.tokenizer, field=field, seq_len=seq_len, seed=seed)
         return self._windows[key]
@@ -264,6 +266,7 @@ def open_workspace(
     session: ModelSession | None = None,
     placement: Placement = CPU_FLOAT32,
     check_data: Callable[[TokenWindows, Artifact | None], None] | None = None,
+    length_options: tuple[str, ...] = ("seq_len",),
 ) -> Workspace:
     """Load the model (unless `session` holds it), then the artifact to extend, then the data.
 
@@ -292,7 +295,7 @@ def open_workspace(
     artifact = stored if stored is not None else Artifact(BaseModelInfo.from_dict(session.loaded.base_model_info()), tokenizer=model)
     session.apply(artifact, pruning=apply_pruning)
     started = time.perf_counter()
-    windows = session.windows(data, field, seq_len, seed, made=early)
+    windows = session.windows(data, field, seq_len, seed, made=early, length_options=length_options)
     timings["load_data_s"] = time.perf_counter() - started
     if check_data is not None and early is None:
         check_data(windows, stored)

@@ -35,6 +35,20 @@ def word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
 
 
+def char_tokenizer():
+    """One token per character (printable ASCII and newline), decoded without spaces: digits, full stops and
+    newlines are tokens of their own, as in the tokenizers of real models that split numbers into digits."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>"] + chars)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
+
+
 def random_text(n_words: int, seed: int = 0) -> str:
     rng = random.Random(seed)
     return " ".join(rng.choice(WORDS[:40]) for _ in range(n_words))

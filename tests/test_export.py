@@ -244,7 +244,9 @@ def test_the_package_obeys_stop_rules_as_the_torch_runtime_does(exported):
             reference = dynamic.generate(prompt, STEPS, mode=mode, stop=CompletionStopper(policy))
             assert np.array_equal(ours.tokens, reference.tokens.numpy()) and ours.stop == reference.stop
             reasons.add(ours.stop["reason"])
-        recorder = ReasoningStopper(StopPolicy(REASONING, "confidence", None, 0.9, 0.1, STEPS, probe_tokens=3), vocabulary, record_only=True)
+        recorder = ReasoningStopper(
+            StopPolicy(REASONING, "confidence", None, 0.9, 0.1, STEPS, probe_tokens=3), vocabulary, record_only=True
+        )
         dynamic.generate(prompt, STEPS, mode=mode, stop=recorder)
         confident = sorted({t.confidence for _, t in recorder.probes if t.ids})
         assert confident, "no probe read an answer: the comparison would be empty"
