@@ -21,13 +21,13 @@ from dyninfer.cli.output import (
     waiting,
     writing,
 )
-from dyninfer.jobs.configs import AuditConfig, CalibrateConfig, ProbeConfig, ProfileConfig, PruneConfig, audit_steering
+from dyninfer.jobs.configs import AuditConfig, CalibrateConfig, ProbeConfig, ProfileConfig, PruneConfig, audit_steering, audit_stop
 
 DEFAULTS = AuditConfig()  # the options' defaults are the library's
 
 HELP = """One-shot model audit: how much could early exit save, what does each layer cost, what can be certified?
 
-Runs the exit probe (logit lens, and a tuned lens unless --lens logit), the per-layer profile (FLOPs, memory, latency; GPU power and energy on a GPU) and a calibration at --target and each of --targets (exit points chosen with the measured latency; by default certified on the dynamic model's own generations, --risk), then writes OUT/: report.html (self-contained: exit accuracy per layer per lens, prediction-depth histogram, speedup vs consistency, cost per layer), report.md (the same as text, for CI logs and PR comments), summary.json, and the artifact with every stage (run/bench/export use it). --prune, --steer and --export add a pruning, a steering and an ONNX export check. An existing artifact in OUT is extended (its tuned lens, masks and steering are used) and replaced only when the audit succeeds.
+Runs the exit probe (logit lens, and a tuned lens unless --lens logit), the per-layer profile (FLOPs, memory, latency; GPU power and energy on a GPU) and a calibration at --target and each of --targets (exit points chosen with the measured latency; by default certified on the dynamic model's own generations, --risk), then writes OUT/: report.html (self-contained: exit accuracy per layer per lens, prediction-depth histogram, speedup vs consistency, cost per layer), report.md (the same as text, for CI logs and PR comments), summary.json, and the artifact with every stage (run/bench/export use it). --prune, --steer, --stop and --export add a pruning, a steering, a certified stop rule and an ONNX export check. An existing artifact in OUT is extended (its tuned lens, masks and steering are used) and replaced only when the audit succeeds.
 
 Exit codes: 0 every gate passed (or none set), 1 a gate failed (the report is still written), 2 bad input or error.
 
@@ -40,6 +40,8 @@ Examples:
     dyninfer audit ./my-model --data code.jsonl --field content --targets 0.9,0.99 --prompts 320 --prune --export --out audit-my-model/
 
     dyninfer audit --lens logit --steer activation --steer-alphas 0.5,1    (adds a CoT-length steering sweep)
+
+    dyninfer audit --stop completion --min-stop-saving 0.3    (adds a certified stop rule for completions, and gates its saving)
 """  # noqa: E501 (help paragraphs are one line each: Typer keeps line breaks)
 
 
@@ -102,6 +104,17 @@ def audit(
             help="α values for --steer (default: 0.25,0.5,1 for activation, 0.1,0.2,0.5 for valve).",
         ),
     ] = DEFAULTS.sweep.alphas,
+    stop: Annotated[
+        str | None,
+        typer.Option(
+            "--stop",
+            help="Also fit and certify a stop rule: completion (prompts from --data) or reasoning (built-in arithmetic problems).",
+        ),
+    ] = None,
+    min_stop_saving: Annotated[
+        float | None,
+        typer.Option("--min-stop-saving", help="Gate: held-out tokens saved by the certified stop rule is at least this (0-1)."),
+    ] = DEFAULTS.min_stop_saving,
     export: Annotated[
         bool, typer.Option("--export/--no-export", help="Also export to ONNX Runtime and verify against torch (minutes).")
     ] = DEFAULTS.export,
@@ -137,6 +150,7 @@ def audit(
         calibrate=opt.config_from(CalibrateConfig, values, base=DEFAULTS.calibrate),
         prune=PruneConfig(sparsity=prune_sparsity, heldout_tokens=heldout_tokens) if prune else None,
         steer=audit_steering(steer) if steer else None,
+        stop=audit_stop(stop) if stop else None,
         sweep=dataclasses.replace(DEFAULTS.sweep, alphas=tuple(steer_alphas)),
     )
     with writing(out), progress_reporter() as progress:

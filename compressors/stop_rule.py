@@ -387,6 +387,46 @@ def certify_reasoning(
     return StopCertificate(ltt, REASONING, signal, condition, curve)
 
 
+def certify(
+    workload: str, runs, grid: list[float], signal: str, target: float, epsilon: float, condition: str = "valued"
+) -> StopCertificate:
+    """Learn-then-Test of `grid` (strict to loose) on calibration `runs` (CompletionRuns, or a list of ReasoningRun)."""
+    if workload == COMPLETION:
+        return certify_completion(runs, grid, signal, target, epsilon, condition)
+    return certify_reasoning(runs, grid, signal, target, epsilon, condition)
+
+
+def candidate_grid(workload: str, fit_runs, signal: str) -> list[float]:
+    """The candidate thresholds, from the fit units alone."""
+    return completion_grid(scores(fit_runs.confidence, signal)) if workload == COMPLETION else reasoning_grid(fit_runs, signal)
+
+
+def outcome(workload: str, runs, signal: str, threshold: float | None) -> dict:
+    return runs.outcome(signal, threshold) if workload == COMPLETION else reasoning_outcome(runs, signal, threshold)
+
+
+def choose_signal(
+    workload: str, fit_runs, signals: tuple[str, ...], target: float, epsilon: float, condition: str = "valued"
+) -> tuple[str, list[float], dict]:
+    """(signal, its candidate grid, what each signal saves on the fit units): the signal whose loosest threshold
+    meeting the target on the fit units alone saves the most there. The fit units never certify anything."""
+    found = {}
+    for signal in signals:
+        grid = candidate_grid(workload, fit_runs, signal)
+        try:
+            curve = certify(workload, fit_runs, grid, signal, target, epsilon, condition).curve
+        except DyninferError:  # the fit units hold nothing to lose: nothing to choose on
+            curve = []
+        choice = empirical_choice(curve, target)
+        found[signal] = {
+            "grid": grid,
+            "tokens_saved": choice["tokens_saved"] if choice else 0.0,
+            "threshold": choice and choice["threshold"],
+        }
+    best = max(found, key=lambda s: found[s]["tokens_saved"])
+    return best, found[best]["grid"], {s: {k: v for k, v in f.items() if k != "grid"} for s, f in found.items()}
+
+
 def empirical_choice(curve: list[dict], target: float) -> dict | None:
     """The loosest candidate whose calibration risk alone meets the target (no guarantee; for comparison)."""
     passing = [point for point in curve if point["risk"] <= 1.0 - target]

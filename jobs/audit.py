@@ -31,6 +31,7 @@ from dyninfer.jobs import probe as probe_job
 from dyninfer.jobs import profile as profile_job
 from dyninfer.jobs import prune as prune_job
 from dyninfer.jobs import steer as steer_job
+from dyninfer.jobs import stop as stop_job
 from dyninfer.jobs.audit_report import html_page, markdown
 from dyninfer.jobs.configs import PACKAGE_DIR, AuditConfig
 from dyninfer.jobs.estimate import audit_plan, time_rates
@@ -39,7 +40,7 @@ from dyninfer.profilers.exit_probe import oracle_saving
 from dyninfer.runtime.loader import ModelSession, build_dynamic, load_checked
 
 # Stages other commands record that the audit report summarises when the artifact has them.
-REPORTED_STAGES = (stages.PRUNE, stages.STEER)
+REPORTED_STAGES = (stages.PRUNE, stages.STEER, stages.STOP)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class AuditReport:
     calibration: calibrate_job.CalibrateReport
     prune: prune_job.PruneReport | None = None
     steer: steer_job.SweepReport | None = None
+    stop: stop_job.StopReport | None = None
     export: dict | None = None
     path: Path | None = None  # OUT, once written
     timings: dict[str, float] = field(default_factory=dict)
@@ -129,6 +131,15 @@ class AuditReport:
     def steer_summary(self) -> dict | None:
         return self.steer.result.summary() if self.steer is not None else None
 
+    def stop_summary(self) -> dict | None:
+        if self.stop is None:
+            return None
+        full = self.stop.summary()
+        return {k: full[k] for k in ("policy", "statement", "fit", "data")} | {
+            "heldout": self.stop.certificate.heldout,
+            "heldout_never": self.stop.certificate.heldout_never,
+        }
+
     def summary(self) -> dict:
         records = read_all(self.artifact) if self.artifact is not None else {}
         artifact_stages = sorted(records)
@@ -156,6 +167,7 @@ class AuditReport:
             "profile": self.profile.summary(),
             "prune": self.prune.summary() if self.prune else None,
             "steer": self.steer_summary(),
+            "stop": self.stop_summary(),
             "export": self.export,
             "artifact_stages": artifact_stages,
             "other_stages": others,
@@ -227,6 +239,16 @@ def evaluate_gates(report: AuditReport) -> list[GateResult]:
             f"held-out consistency of the certified policy at target {head['target']:g} ({head['consistency_is']})",
         ),
     )
+    if report.stop is not None:
+        held = report.stop.certificate.heldout
+        checks += (
+            (
+                "min-stop-saving",
+                config.min_stop_saving,
+                held["tokens_saved"],
+                f"held-out tokens saved by the certified {report.stop.policy.workload} stop rule",
+            ),
+        )
     return [
         GateResult(name, threshold, float(value), float(value) >= threshold, what)
         for name, threshold, value, what in checks
@@ -263,7 +285,10 @@ def run(
     started = time.perf_counter()
     report_progress = progress or silent
     plan = (
-        [stages.PRUNE] * (config.prune is not None) + [stages.PROBE, stages.PROFILE, stages.CALIBRATE] + [stages.STEER] * bool(config.steer)
+        [stages.PRUNE] * (config.prune is not None)
+        + [stages.PROBE, stages.PROFILE, stages.CALIBRATE]
+        + [stages.STEER] * bool(config.steer)
+        + [stages.STOP] * bool(config.stop)
     )
 
     def timed(name: str, work):
@@ -304,8 +329,21 @@ def run(
 
         steering = timed(stages.STEER, steer_check)
         artifact = steering.artifact
+    stopped = None
+    if config.stop:  # on the model the artifact describes (its pruning and applied steering), like `run` would use
+        stopped = timed(stages.STOP, lambda: stop_job.run(config.stop_config(), progress, artifact, session))
+        artifact = stopped.artifact
     report = AuditReport(
-        config, probed, profiled, calibration, prune=pruned, steer=steering, timings=timings, artifact=artifact, expected=expected
+        config,
+        probed,
+        profiled,
+        calibration,
+        prune=pruned,
+        steer=steering,
+        stop=stopped,
+        timings=timings,
+        artifact=artifact,
+        expected=expected,
     )
     report.gates = evaluate_gates(report)
     timings["total_s"] = time.perf_counter() - started
@@ -349,6 +387,8 @@ def _stage_files(report: AuditReport) -> dict[str, dict[str, bytes]]:
         files[stages.PRUNE] = report.prune.files()
     if report.steer is not None:
         files[report.steer.folder] = report.steer.files()
+    if report.stop is not None:
+        files[f"{stop_job.REPORT_DIR}-{report.stop.policy.workload}"] = report.stop.files()
     return files
 
 

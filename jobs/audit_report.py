@@ -224,6 +224,9 @@ def sections(report) -> list[Section]:
                 figure="steer",
             )
         )
+    stop = summary["stop"]
+    if stop is not None:
+        out.append(stop_section(stop))
     if report.export is not None:
         e = report.export
         out.append(
@@ -237,7 +240,11 @@ def sections(report) -> list[Section]:
             )
         )
     for name, brief in summary["other_stages"].items():
-        if (name == "prune" and report.prune is not None) or (name == "steer" and steer is not None):
+        if (
+            (name == "prune" and report.prune is not None)
+            or (name == "steer" and steer is not None)
+            or (name == "stop" and stop is not None)
+        ):
             continue
         out.append(Section(f"Stage already in the artifact: {name}", [f"{key}: {value}" for key, value in brief.items()] or ["recorded"]))
     timings = summary["timings"]
@@ -247,6 +254,25 @@ def sections(report) -> list[Section]:
         lines.append(f"Expected before the run (jobs/estimate.py): {expected}, {sum(report.expected.values()):.0f} s in all")
     out.append(Section("Run time", lines))
     return out
+
+
+def stop_section(stop: dict) -> Section:
+    policy, held, never = stop["policy"], stop["heldout"], stop["heldout_never"]
+    completion = policy["workload"] == "completion"
+    units = "prompts" if completion else "problems"
+    rule = "never stops" if policy["threshold"] is None else f"{policy['signal']} threshold {policy['threshold']:.4g}"
+    if completion:
+        header = ["rule", "tokens saved", "value kept", "mean share kept", "precision of shown tokens"]
+        keys = ("tokens_saved", "value_kept", "mean_share_kept", "precision_shown")
+    else:
+        header = ["rule", "chain tokens saved (probes included)", "accuracy", "right answers kept"]
+        keys = ("tokens_saved", "accuracy", "right_kept")
+    rows = [[name, *[_pct(h[k]) for k in keys]] for name, h in (("certified rule", held), ("no rule", never))]
+    return Section(
+        f"Stop rule ({policy['workload']})",
+        [f"{stop['data']['spec']}: {rule}, certified on the {policy['mode']} mode.", stop["statement"], f"Held-out {units}:"],
+        [Table(header, rows)],
+    )
 
 
 # --------------------------------------------------------------------------- Markdown

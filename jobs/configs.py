@@ -564,6 +564,12 @@ def _refuse_unused(config, defaults) -> None:
             raise DyninferError(f"{option(name)} does not apply to {where}; leave it out or change the mode")
 
 
+def audit_stop(workload: str) -> StopConfig:
+    """The audit's stop check (completion units follow the calibration's: `AuditConfig.stop_config`)."""
+    check_choice("stop", workload, STOP_WORKLOADS)
+    return StopConfig(workload=workload, fit_prompts=32, prompts=128, heldout_prompts=32)
+
+
 def _quick_probe() -> ProbeConfig:
     # Sizes from measured curves (benchmarks/audit_defaults.py, docs/audit.md): 512 probe tokens read the oracle
     # saving within about a point of 2,048 tokens' in a quarter of the time; lens steps past 30 lower the
@@ -601,11 +607,14 @@ class AuditConfig(PlacementOptions):
     steer: ExtractConfig | None = None  # set: extract a CoT-length direction and sweep it (not applied)
     # The sweep's alphas default to STEER_ALPHAS[method]; 128 new tokens: the bundled model's chains run past 96.
     sweep: SweepConfig = dataclasses.field(default_factory=lambda: SweepConfig(alphas=(), questions=8, max_new_tokens=128))
+    # set: fit and certify a stop rule too (completion prompts from the audit's data, or reasoning problems)
+    stop: StopConfig | None = None
     export: bool = False
     # CI gates (None: not checked); `run` still writes the report when one fails, and the CLI exits 1.
     min_oracle_saving: float | None = None  # the best lens's oracle FLOP saving (probe)
     min_speedup: float | None = None  # predicted held-out speedup of the certified policy at the calibration target
     min_consistency: float | None = None  # held-out token consistency of that policy
+    min_stop_saving: float | None = None  # held-out tokens saved by the certified stop rule (needs `stop`)
 
     def _shared(self) -> dict:
         return self.placed() | {"model": self.model, "data": self.data, "field": self.field, "seed": self.seed}
@@ -629,6 +638,24 @@ class AuditConfig(PlacementOptions):
             return None
         return dataclasses.replace(self.steer, **self.placed(), model=self.model, seed=self.seed)
 
+    def stop_config(self) -> StopConfig | None:
+        if self.stop is None:
+            return None
+        if self.stop.workload == "reasoning":
+            return dataclasses.replace(self.stop, **self.placed(), model=self.model, seed=self.seed)
+        # completions of the audit's data in the setting its exits are certified for: the same prompt and
+        # continuation lengths, as many calibration and held-out prompts, a quarter as many to fit on
+        calibrate = self.calibrate
+        return dataclasses.replace(
+            self.stop,
+            **self._shared(),
+            prompt_tokens=calibrate.prompt_tokens,
+            new_tokens=calibrate.new_tokens,
+            prompts=calibrate.prompts,
+            heldout_prompts=calibrate.heldout_prompts,
+            fit_prompts=max(8, calibrate.prompts // 4),
+        )
+
     def alphas(self) -> list[float]:
         return list(self.sweep.alphas or STEER_ALPHAS.get(self.steer.method if self.steer else "", ()))
 
@@ -645,9 +672,11 @@ class AuditConfig(PlacementOptions):
 
     def validate(self) -> None:
         """Every stage's options, before any model loads."""
-        for name in ("min_oracle_saving", "min_consistency"):
+        for name in ("min_oracle_saving", "min_consistency", "min_stop_saving"):
             if getattr(self, name) is not None:
                 check_between(name, getattr(self, name), 0.0, 1.0, low_open=False, high_open=False)
+        if self.min_stop_saving is not None and self.stop is None:
+            raise DyninferError(f"{option('min_stop_saving')} gates the stop rule: pass {option('stop')} too")
         if self.min_speedup is not None:
             check_positive("min_speedup", self.min_speedup)
         check_choice("lens", self.lens, (LOGIT, TUNED))
@@ -660,6 +689,7 @@ class AuditConfig(PlacementOptions):
             self.prune_config(),
             self.extract_config(),
             self.sweep_config(),
+            self.stop_config(),
         ):
             if config is not None:
                 config.validate()

@@ -94,6 +94,13 @@ def audit_plan(config: AuditConfig, lm: LayeredModel, costs: CostModel, rates: R
         sweep = config.sweep_config()
         generations = config.steer.examples + len(sweep.alphas) * sweep.questions + sweep.questions
         plan["steer"] = generations * sweep.max_new_tokens * (layers + costs.head) / (rates.decode / max(1, config.calibrate.batch_size))
+    if config.stop is not None:  # one full generation per unit (completions batched; chains one at a time, probes ~1/3 more)
+        stop = config.stop_config()
+        units = stop.fit_prompts + stop.prompts + stop.heldout_prompts
+        if stop.workload == "completion":
+            plan["stop"] = units * (stop.prompt_tokens * layers / rates.batched + stop.new_tokens * (layers + costs.head) / rates.decode)
+        else:
+            plan["stop"] = 1.33 * units * stop.chain_tokens * (layers + costs.head) / (rates.decode / max(1, config.calibrate.batch_size))
     return plan
 
 

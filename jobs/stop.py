@@ -30,17 +30,13 @@ from dyninfer.compressors.stop_rule import (
     REASONING,
     SIGNALS,
     CompletionRuns,
-    ProbeVocabulary,
     ReasoningRun,
     StopCertificate,
     StopPolicy,
-    certify_completion,
-    certify_reasoning,
-    completion_grid,
+    certify,
+    choose_signal,
     empirical_choice,
-    reasoning_grid,
-    reasoning_outcome,
-    scores,
+    outcome,
 )
 from dyninfer.core import stages
 from dyninfer.core.artifact_files import artifact_exists
@@ -52,7 +48,7 @@ from dyninfer.core.records import StopRecord
 from dyninfer.jobs.configs import StopConfig
 from dyninfer.profilers.stop_bench import StopRequests
 from dyninfer.profilers.stop_runs import completion_runs, reasoning_runs
-from dyninfer.runtime.loader import LoadedDynamic, ModelSession, build_dynamic, model_state, open_workspace
+from dyninfer.runtime.loader import LoadedDynamic, ModelSession, build_dynamic, model_state, open_workspace, probe_vocabulary
 
 REPORT_DIR = stages.STOP
 
@@ -110,22 +106,15 @@ def check_windows(config: StopConfig, windows: TokenWindows) -> None:
     _check_counts(config, windows.train.shape[0], windows.heldout.shape[0], "prompts (windows with a real continuation)")
 
 
-def _choose_signal(config: StopConfig, fit_of: Callable[[str], tuple[list[float], list[dict]]]) -> tuple[str, dict]:
-    """The signal that saves most on the fit units at the target (the fit units' own empirical choice)."""
+def _certify(config: StopConfig, runs: dict) -> tuple[StopCertificate, dict]:
+    """The signal and candidates from the fit units, the certificate from the calibration units, the report from
+    the held-out units."""
     signals = SIGNALS[config.workload] if config.signal == "auto" else (config.signal,)
-    found = {}
-    for signal in signals:
-        grid, curve = fit_of(signal)
-        choice = empirical_choice(curve, config.target)
-        found[signal] = {
-            "grid": grid,
-            "tokens_saved": choice["tokens_saved"] if choice else 0.0,
-            "threshold": choice and choice["threshold"],
-        }
-    best = max(found, key=lambda s: found[s]["tokens_saved"])
-    return best, {s: {k: v for k, v in f.items() if k != "grid"} for s, f in found.items()} | {
-        "grids": {s: f["grid"] for s, f in found.items()}
-    }
+    signal, grid, fit = choose_signal(config.workload, runs["fit"], signals, config.target, config.epsilon, config.condition)
+    certificate = certify(config.workload, runs["calibration"], grid, signal, config.target, config.epsilon, config.condition)
+    certificate.heldout = outcome(config.workload, runs["heldout"], signal, certificate.threshold)
+    certificate.heldout_never = outcome(config.workload, runs["heldout"], signal, None)
+    return certificate, fit
 
 
 def _policy(config: StopConfig, certificate: StopCertificate, state: str) -> StopPolicy:
@@ -198,15 +187,7 @@ def _completion(config: StopConfig, existing, session, progress) -> StopReport:
         )
     ws.timings["generate_s"] = time.perf_counter() - started
 
-    def fit_of(signal: str):
-        grid = completion_grid(scores(runs["fit"].confidence, signal))
-        fit = runs["fit"].subset(runs["fit"].units(config.condition))
-        return grid, certify_completion(fit, grid, signal, config.target, config.epsilon, config.condition).curve if fit.size else []
-
-    signal, fit = _choose_signal(config, fit_of)
-    certificate = certify_completion(runs["calibration"], fit["grids"][signal], signal, config.target, config.epsilon, config.condition)
-    certificate.heldout = runs["heldout"].outcome(signal, certificate.threshold)
-    certificate.heldout_never = runs["heldout"].outcome(signal, None)
+    certificate, fit = _certify(config, runs)
     policy = _policy(config, certificate, model_state(ws.session, ws.artifact))
     data = windows.describe() | {"fit_rows": len(rows["fit"]), "calibration_rows": len(rows["calibration"]), "heldout_rows": len(held)}
     return _finish(config, ws.loaded.base_model_info(), data, policy, certificate, fit, ws.timings, ws.artifact)
@@ -248,7 +229,7 @@ def _reasoning(config: StopConfig, existing, session, progress) -> StopReport:
     if any(not s.long for s in shots):
         raise DyninferError(f"{option('shots')} needs worked chains ('long') in the data; pass {option('shots')} 0")
     prompter = CotPrompter(tokenizer, shots)
-    vocabulary = ProbeVocabulary.from_tokenizer(tokenizer, PROBE_SUFFIX)
+    vocabulary = probe_vocabulary(tokenizer, PROBE_SUFFIX)
     recording = StopPolicy(
         REASONING, "confidence", None, config.target, config.epsilon, config.chain_tokens, probe_tokens=config.probe_tokens
     )
@@ -277,15 +258,7 @@ def _reasoning(config: StopConfig, existing, session, progress) -> StopReport:
         )
     timings["generate_s"] = time.perf_counter() - started
 
-    def fit_of(signal: str):
-        grid = reasoning_grid(runs["fit"], signal)
-        units = [r for r in runs["fit"] if config.condition == "all" or r.right(r.full_answer)]
-        return grid, certify_reasoning(units, grid, signal, config.target, config.epsilon, "all").curve if units else []
-
-    signal, fit = _choose_signal(config, fit_of)
-    certificate = certify_reasoning(runs["calibration"], fit["grids"][signal], signal, config.target, config.epsilon, config.condition)
-    certificate.heldout = reasoning_outcome(runs["heldout"], signal, certificate.threshold)
-    certificate.heldout_never = reasoning_outcome(runs["heldout"], signal, None)
+    certificate, fit = _certify(config, runs)
     policy = _policy(config, certificate, model_state(session, artifact))
     data = {"spec": config.resolved_data(), "seed": config.seed} | {f"{k}_problems": len(v) for k, v in split.items()}
     return _finish(config, session.loaded.base_model_info(), data, policy, certificate, fit, timings, artifact)
@@ -315,7 +288,6 @@ def heldout_requests(dyn: LoadedDynamic, policy_workload: str, count: int) -> tu
 
 
 def _finish(config, base_model, data, policy, certificate, fit, timings, artifact) -> StopReport:
-    fit = {k: v for k, v in fit.items() if k != "grids"}
     report = StopReport(config, base_model, data, policy, certificate, fit, timings)
     record = StopRecord.read(artifact) or StopRecord()
     summary = report.summary()

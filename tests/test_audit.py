@@ -320,3 +320,24 @@ def test_audit_export_is_benchable_as_written(setup, tmp_path):
     assert bench.exit_code == 0, bench.output
     modes = [m["mode"] for m in json.loads(bench.stdout)["modes"]]
     assert modes[0] == "baseline (optimum ORTModelForCausalLM)" and "onnx early-exit" in modes
+
+
+def test_audit_with_a_stop_rule_reports_and_gates_it(setup, tmp_path):
+    _, model, data = setup
+    out = tmp_path / "stopped"
+    args = ["audit", str(model), "--data", str(data), *SMALL, "--lens", "logit", "--stop", "completion", "--out", str(out), "--json"]
+    result = runner.invoke(app, [*args, "--min-stop-saving", "0.5"])
+    assert result.exit_code in (0, 1), result.output
+    summary = json.loads(result.stdout)
+    stop = summary["stop"]
+    assert stop["policy"]["workload"] == "completion" and stop["policy"]["new_tokens"] == 6  # the calibration's setting
+    gate = next(g for g in summary["gates"] if g["name"] == "min-stop-saving")
+    assert gate["value"] == stop["heldout"]["tokens_saved"] and gate["passed"] == (gate["value"] >= 0.5)
+    assert result.exit_code == (0 if gate["passed"] else 1)
+    assert Artifact.load(out).stages["stop"]["rules"]["completion"]["policy"] == stop["policy"]
+    assert (out / "stop-completion" / "curve.csv").is_file()
+    assert "Stop rule (completion)" in (out / "report.md").read_text()
+    refused = runner.invoke(
+        app, ["audit", str(model), "--data", str(data), *SMALL, "--min-stop-saving", "0.5", "--out", str(tmp_path / "x")]
+    )
+    assert refused.exit_code == 2 and "--min-stop-saving gates the stop rule" in refused.output
