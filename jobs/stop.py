@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from dyninfer.compressors.cot_data import load_problems
-from dyninfer.compressors.steer_extract import CotPrompter
+from dyninfer.compressors.steer_extract import CotPrompter, load_cot_split
 from dyninfer.compressors.stop_rule import (
     COMPLETION,
     PROBE_SUFFIX,
@@ -44,7 +44,7 @@ from dyninfer.core.artifacts import Artifact, BaseModelInfo
 from dyninfer.core.data import TokenWindows, load_windows
 from dyninfer.core.errors import DyninferError, option
 from dyninfer.core.progress import ProgressFn, silent
-from dyninfer.core.records import StopRecord
+from dyninfer.core.records import SteerRecord, StopRecord
 from dyninfer.jobs.configs import StopConfig
 from dyninfer.profilers.stop_bench import StopRequests
 from dyninfer.profilers.stop_runs import completion_runs, reasoning_runs
@@ -193,10 +193,25 @@ def _completion(config: StopConfig, existing, session, progress) -> StopReport:
     return _finish(config, ws.loaded.base_model_info(), data, policy, certificate, fit, ws.timings, ws.artifact)
 
 
-def split_problems(config: StopConfig) -> dict[str, list]:
-    """Fit, calibration and held-out problems: disjoint, from one random order of the source."""
+def steering_questions(artifact: Artifact | None) -> set[str]:
+    """The questions the artifact's steering directions were made or swept on (their training and held-out
+    problems): a stop rule certified on the steered model must not be evaluated on them."""
+    record = SteerRecord.read(artifact) if artifact is not None else None
+    questions: set[str] = set()
+    for extraction in (record.methods if record is not None else {}).values():
+        split = extraction.get("split") if isinstance(extraction, dict) else None
+        if split:
+            train, held = load_cot_split(split["data"], split["seed"], split["examples"], split["heldout"])
+            questions |= {p.question for p in train + held}
+    return questions
+
+
+def split_problems(config: StopConfig, exclude: set[str] = frozenset()) -> dict[str, list]:
+    """Fit, calibration and held-out problems: disjoint, from one random order of the source, without the
+    questions in `exclude`."""
     total = config.fit_prompts + config.prompts + config.heldout_prompts
-    problems = load_problems(config.resolved_data(), config.seed, total)
+    problems = [p for p in load_problems(config.resolved_data(), config.seed, total + len(exclude)) if p.question not in exclude]
+    problems = problems[:total]
     _check_counts(
         config, len(problems) - min(len(problems), config.heldout_prompts), min(len(problems), config.heldout_prompts), "problems"
     )
@@ -214,10 +229,11 @@ def problem_prompts(prompter: CotPrompter, problems: list) -> list[torch.Tensor]
 
 def _reasoning(config: StopConfig, existing, session, progress) -> StopReport:
     report = progress or silent
-    split = split_problems(config)  # bad data fails before the model loads
+    stored = existing if isinstance(existing, Artifact) else (Artifact.load(existing) if existing and artifact_exists(existing) else None)
+    excluded = steering_questions(stored)
+    split = split_problems(config, excluded)  # bad data fails before the model loads
     timings = {}
     started = time.perf_counter()
-    stored = existing if isinstance(existing, Artifact) else (Artifact.load(existing) if existing and artifact_exists(existing) else None)
     if session is None or session.loaded.spec != config.model:
         report("loading model", 0, 1)
         session = ModelSession.load(config.model, config.placement())
@@ -260,8 +276,10 @@ def _reasoning(config: StopConfig, existing, session, progress) -> StopReport:
 
     certificate, fit = _certify(config, runs)
     policy = _policy(config, certificate, model_state(session, artifact))
-    data = {"spec": config.resolved_data(), "seed": config.seed} | {f"{k}_problems": len(v) for k, v in split.items()}
-    return _finish(config, session.loaded.base_model_info(), data, policy, certificate, fit, timings, artifact)
+    data = {"spec": config.resolved_data(), "seed": config.seed, "excluded_steering_questions": len(excluded)}
+    data |= {f"{k}_problems": len(v) for k, v in split.items()}
+    notes = [f"{len(excluded)} questions the steering was made or swept on are kept out of the units"] if excluded else []
+    return _finish(config, session.loaded.base_model_info(), data, policy, certificate, fit, timings, artifact, notes)
 
 
 def heldout_requests(dyn: LoadedDynamic, policy_workload: str, count: int) -> tuple[StopConfig, StopRequests]:
@@ -277,7 +295,7 @@ def heldout_requests(dyn: LoadedDynamic, policy_workload: str, count: int) -> tu
         windows = load_windows(config.resolved_data(), tokenizer, field=config.field, seq_len=seq_len, seed=config.seed)
         rows = windows.heldout[windows.order("heldout")[:count]]
         return config, StopRequests([row[None, : config.prompt_tokens] for row in rows], references=rows[:, config.prompt_tokens : seq_len])
-    split = split_problems(config)
+    split = split_problems(config, steering_questions(dyn.artifact))
     prompter = CotPrompter(tokenizer, split["fit"][: config.shots])
     problems = split["heldout"][:count]
     return config, StopRequests(
@@ -287,8 +305,8 @@ def heldout_requests(dyn: LoadedDynamic, policy_workload: str, count: int) -> tu
     )
 
 
-def _finish(config, base_model, data, policy, certificate, fit, timings, artifact) -> StopReport:
-    report = StopReport(config, base_model, data, policy, certificate, fit, timings)
+def _finish(config, base_model, data, policy, certificate, fit, timings, artifact, notes=()) -> StopReport:
+    report = StopReport(config, base_model, data, policy, certificate, fit, timings, list(notes))
     record = StopRecord.read(artifact) or StopRecord()
     summary = report.summary()
     summary["certificate"] = {k: v for k, v in summary["certificate"].items() if k != "curve"}  # the curve is in the report folder

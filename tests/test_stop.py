@@ -233,3 +233,24 @@ def test_the_runtime_answers_a_chain_where_the_recorded_probes_say_the_rule_stop
                 assert out.tokens[0].tolist() == full.tokens[0, :boundary].tolist() + vocabulary.suffix + trial.ids
                 checked += 1
     assert checked >= 4
+
+
+def test_reasoning_units_leave_out_the_problems_a_steering_direction_was_made_or_swept_on():
+    from dyninfer.compressors.steer_extract import load_cot_split
+    from dyninfer.core.artifacts import Artifact, BaseModelInfo
+    from dyninfer.core.records import SteerRecord
+    from dyninfer.jobs.configs import StopConfig
+    from dyninfer.jobs.stop import split_problems, steering_questions
+
+    artifact = Artifact(BaseModelInfo("m", "0" * 64, "llama", 2, 8, 32))
+    split = {"data": "builtin:arithmetic:1", "seed": 0, "examples": 40, "heldout": 8, "shots": 0}
+    SteerRecord(methods={"valve": {"split": split}}).write(artifact)
+    train, held = load_cot_split("builtin:arithmetic:1", 0, 40, 8)
+    excluded = steering_questions(artifact)
+    assert excluded == {p.question for p in train + held}
+    config = StopConfig(workload="reasoning", data="builtin:arithmetic:1", fit_prompts=10, prompts=30, heldout_prompts=10)
+    units = split_problems(config, excluded)
+    questions = [p.question for part in units.values() for p in part]
+    assert len(questions) == 50 == len(set(questions))
+    assert not excluded & set(questions)
+    assert split_problems(config)["fit"][0].question in excluded  # the same seed's stream starts with the steering's problems
