@@ -44,11 +44,20 @@ from dyninfer.core.artifacts import Artifact, BaseModelInfo
 from dyninfer.core.data import TokenWindows, load_windows
 from dyninfer.core.errors import DyninferError, option
 from dyninfer.core.progress import ProgressFn, silent
-from dyninfer.core.records import SteerRecord, StopRecord
+from dyninfer.core.records import SteerRecord, StopRecord, TuneRecord
 from dyninfer.jobs.configs import StopConfig
 from dyninfer.profilers.stop_bench import StopRequests
 from dyninfer.profilers.stop_runs import completion_runs, reasoning_runs
-from dyninfer.runtime.loader import LoadedDynamic, ModelSession, build_dynamic, model_state, open_workspace, probe_vocabulary
+from dyninfer.runtime.loader import (
+    LoadedDynamic,
+    ModelSession,
+    build_dynamic,
+    lens_overlaps,
+    model_state,
+    open_workspace,
+    probe_vocabulary,
+    trained_on,
+)
 
 REPORT_DIR = stages.STOP
 
@@ -160,7 +169,12 @@ def _completion(config: StopConfig, existing, session, progress) -> StopReport:
     check_windows(config, ws.windows)
     dyn = _dynamic(config, ws.artifact, ws.session)
     windows = ws.windows
-    order = windows.order("train")
+    order, notes = _untrained_order(ws.artifact, windows)
+    if order.numel() < config.fit_prompts + config.prompts:
+        raise DyninferError(
+            f"after the {windows.order('train').numel() - order.numel()} windows the tune-exits LoRA trained on, the train split "
+            f"holds {order.numel()} prompts, but {option('fit_prompts')} + {option('prompts')} need {config.fit_prompts + config.prompts}"
+        )
     rows = {
         "fit": order[: config.fit_prompts],
         "calibration": order[config.fit_prompts : config.fit_prompts + config.prompts],
@@ -190,7 +204,24 @@ def _completion(config: StopConfig, existing, session, progress) -> StopReport:
     certificate, fit = _certify(config, runs)
     policy = _policy(config, certificate, model_state(ws.session, ws.artifact))
     data = windows.describe() | {"fit_rows": len(rows["fit"]), "calibration_rows": len(rows["calibration"]), "heldout_rows": len(held)}
-    return _finish(config, ws.loaded.base_model_info(), data, policy, certificate, fit, ws.timings, ws.artifact)
+    return _finish(config, ws.loaded.base_model_info(), data, policy, certificate, fit, ws.timings, ws.artifact, notes)
+
+
+def _untrained_order(artifact: Artifact, windows: TokenWindows) -> tuple[torch.Tensor, list[str]]:
+    """The train split's random order without the windows the artifact's tune-exits LoRA trained on (the tuned
+    model is not independent of them), and a note when they are unknown or the held-out split overlaps them."""
+    order = windows.order("train")
+    record = TuneRecord.read(artifact)
+    if record is None:
+        return order, []
+    seen = lens_overlaps(record.windows, windows, "train", order)
+    if seen is None:
+        return order, [
+            f"the model was tuned on other data ({(record.windows or {}).get('data')}); the guarantee assumes the tuning saw none of it"
+        ]
+    held = trained_on(record.windows, windows, "heldout", windows.order("heldout"))
+    notes = [f"the model was tuned on text of {held} held-out windows; held-out numbers are optimistic"] if held else []
+    return order[[not hit for hit in seen]], notes
 
 
 def steering_questions(artifact: Artifact | None) -> set[str]:
