@@ -22,6 +22,9 @@ stricter one, so losses grow along the sequence and the fixed-sequence test of `
   the stopped answer is not. The probes' tokens are counted in the cost, including the probes of a
   chain the rule never stops.
 
+Obeying a rule (`CompletionStopper`, `ReasoningStopper`, `ProbeVocabulary`) is token-id level and free of
+torch, so the torch runtime and the ONNX runtime take the very decisions the certification simulated.
+
 Guarantee (Learn-then-Test, Hoeffding-Bentkus or exact binomial p-values): with probability at least
 1 - epsilon over the random draw of the calibration units, the certified rule's expected loss is at most
 delta on units exchangeable with them. By default the units are those where there is something to lose
@@ -72,16 +75,27 @@ class StopPolicy:
     statement: str = ""
 
     def check(self) -> StopPolicy:
-        check_choice("stop workload", self.workload, WORKLOADS)
-        check_choice(f"{self.workload} stop signal", self.signal, SIGNALS[self.workload])
-        check_choice("stop value unit", self.value_unit, VALUE_UNITS)
-        check_choice("stop condition", self.condition, CONDITIONS)
-        if self.threshold is not None and (not isinstance(self.threshold, (int, float)) or not math.isfinite(self.threshold)):
-            raise DyninferError(f"the stop rule's threshold must be a finite number or null, got {self.threshold!r}")
-        if not 0 < self.target < 1 or not 0 < self.epsilon < 1:
-            raise DyninferError(f"the stop rule's target and epsilon must lie in (0, 1), got {self.target} and {self.epsilon}")
-        if not isinstance(self.new_tokens, int) or self.new_tokens < 1 or not isinstance(self.probe_tokens, int) or self.probe_tokens < 1:
-            raise DyninferError("the stop rule's new_tokens and probe_tokens must be whole numbers >= 1")
+        """Refuse a damaged or foreign rule with one line (it comes from an artifact or a package on disk)."""
+
+        def number(value, low: float, high: float) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and low < value < high
+
+        def whole(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+        problems = [
+            (self.workload in WORKLOADS, "workload"),
+            (self.signal in SIGNALS.get(self.workload, ()), "signal"),
+            (self.value_unit in VALUE_UNITS, "value_unit"),
+            (self.condition in CONDITIONS, "condition"),
+            (self.threshold is None or number(self.threshold, -math.inf, math.inf), "threshold"),
+            (number(self.target, 0.0, 1.0) and number(self.epsilon, 0.0, 1.0), "target or epsilon"),
+            (whole(self.new_tokens) and whole(self.probe_tokens), "new_tokens or probe_tokens"),
+            (isinstance(self.probe_suffix, str) and isinstance(self.model_state, str), "probe_suffix or model_state"),
+        ]
+        bad = [name for ok, name in problems if not ok]
+        if bad:
+            raise DyninferError(f"the stop rule's {bad[0]} is invalid; run `dyninfer stop` again to make a new one")
         return self
 
     @property
@@ -116,7 +130,7 @@ def scores(confidence: np.ndarray, signal: str) -> np.ndarray:
     confidence = np.asarray(confidence, dtype=float)
     if signal == "prefix":
         return np.cumprod(confidence, axis=1)
-    check_choice("completion stop signal", signal, SIGNALS[COMPLETION])
+    check_choice("signal", signal, SIGNALS[COMPLETION])
     return confidence
 
 
@@ -141,7 +155,7 @@ def token_values(generated: np.ndarray, reference: np.ndarray) -> np.ndarray:
 def text_values(shown_texts: list[str], reference_text: str, unit: str) -> np.ndarray:
     """[L + 1] for one prompt: the value of each shown prefix's text (`shown_texts[k]`: the first k tokens
     decoded) against the real continuation, in characters or complete lines of the common prefix."""
-    check_choice("stop value unit", unit, VALUE_UNITS[1:])
+    check_choice("value_unit", unit, VALUE_UNITS[1:])
     out = np.zeros(len(shown_texts))
     for k, text in enumerate(shown_texts):
         common = 0
@@ -241,7 +255,7 @@ class ReasoningRun:
         return value is not None and abs(value - self.answer) < 1e-6
 
     def probe_scores(self, signal: str) -> list[float]:
-        check_choice("reasoning stop signal", signal, SIGNALS[REASONING])
+        check_choice("signal", signal, SIGNALS[REASONING])
         out, previous = [], object()
         for p in self.probes:
             agrees = signal == "confidence" or (p.answer is not None and p.answer == previous)
@@ -349,8 +363,11 @@ class StopCertificate:
 
 
 def _ltt_over(losses: np.ndarray, grid: list[float], delta: float, epsilon: float) -> LTTResult:
-    # Fixed-sequence order is the grid's (strict to loose); learn_then_test never sorts it.
-    return learn_then_test(losses, [min(g, np.finfo(float).max) for g in grid], delta, epsilon) if grid else None
+    """Fixed-sequence testing in the grid's order (strict to loose: learn_then_test never sorts); the reasoning
+    grid's "never" (+inf) is passed as the largest float, then the grid itself is kept as the candidates."""
+    result = learn_then_test(losses, [min(g, np.finfo(float).max) for g in grid], delta, epsilon)
+    result.lambdas = list(grid)
+    return result
 
 
 def certify_completion(
@@ -366,7 +383,6 @@ def certify_completion(
     sub = cal.subset(units)
     losses = np.stack([completion_losses(sub.values, shown_tokens(scores(sub.confidence, signal), t)) for t in grid])
     ltt = _ltt_over(losses, grid, 1.0 - target, epsilon)
-    ltt.lambdas = list(grid)
     curve = [cal.outcome(signal, t) | {"risk": float(r), "p_value": float(p)} for t, r, p in zip(grid, ltt.risks, ltt.p_values)]
     return StopCertificate(ltt, COMPLETION, signal, condition, curve)
 
@@ -382,7 +398,6 @@ def certify_reasoning(
         )
     losses = np.stack([reasoning_losses(units, signal, t) for t in grid])
     ltt = _ltt_over(losses, grid, 1.0 - target, epsilon)
-    ltt.lambdas = list(grid)
     curve = [reasoning_outcome(cal, signal, t) | {"risk": float(r), "p_value": float(p)} for t, r, p in zip(grid, ltt.risks, ltt.p_values)]
     return StopCertificate(ltt, REASONING, signal, condition, curve)
 
