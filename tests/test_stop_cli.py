@@ -162,6 +162,10 @@ def test_a_rule_certified_on_another_model_state_is_refused(completion_artifact,
     prompt = " ".join(data.read_text().split()[:12])
     result = invoke("run", copy, prompt, "--raw", "--mode", "full", "--stop", "completion")
     assert result.exit_code == 2 and "certified on another model" in result.output
+    manifest["stages"]["stop"]["rules"]["completion"]["policy"]["threshold"] = "high"
+    (copy / "dyninfer.json").write_text(json.dumps(manifest))
+    result = invoke("run", copy, prompt, "--raw", "--mode", "full", "--stop", "completion")
+    assert result.exit_code == 2 and "stop rule's threshold is invalid" in result.output and "Traceback" not in result.output
     result = invoke("run", out, prompt, "--raw", "--mode", "full", "--stop", "reasoning")
     assert result.exit_code == 2 and "no reasoning stop rule" in result.output
     result = invoke("run", out, prompt, "--raw", "--mode", "speculative", "--stop", "completion")
