@@ -188,8 +188,12 @@ class DynamicModel:
     def _probe(self, state: _DecodeState, token: torch.Tensor, vocabulary: ProbeVocabulary, limit: int) -> TrialAnswer:
         """On a fork of the state: feed `token` and the forced answer continuation, then read the greedy answer."""
         fork = state.fork()
-        for t in [token, *[torch.tensor([[i]]) for i in vocabulary.suffix]]:
-            logits, _, _ = self._step(fork, t, "full")
+        chunk = torch.cat([token, torch.tensor([vocabulary.suffix], dtype=token.dtype)], dim=1)
+        if fork.complete:  # one forward for the boundary token and the whole forced continuation
+            logits = fork.extend(chunk)
+        else:  # recompute mode with layers still to catch up: a token at a time, as decoding does
+            for t in chunk.split(1, dim=1):
+                logits, _, _ = self._step(fork, t, "full")
         picked, step_confidences = [], []
         while len(picked) < limit:
             nxt = int(logits.argmax(-1))
@@ -542,6 +546,21 @@ class _DecodeState:
         if other.length != self.length:
             raise DyninferError(f"cannot put a state of length {other.length} into one of length {self.length}")
         self.lm.put_cache_rows(self.cache, rows, other.cache)
+
+    @property
+    def complete(self) -> bool:
+        """Every layer holds every position entered (nothing pending)."""
+        return not self.pending and min(self.filled) >= self.length
+
+    def extend(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Enter several tokens at full depth in one forward (a complete state only); the last one's logits."""
+        start = self.length
+        hidden = self.lm.embed_at(input_ids, start)
+        for index in range(self.lm.num_layers):
+            hidden = self.lm.layer_at(index, hidden, start, self.cache)
+        self.length = start + input_ids.shape[1]
+        self.filled = [self.length] * self.lm.num_layers
+        return self.lm.logits_from(hidden[:, -1])
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.lm.embed_at(input_ids, 0)
