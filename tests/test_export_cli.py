@@ -25,6 +25,11 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     model, data, artifact = calibrate_tiny(tmp_path_factory.mktemp("export"))
+    stop_args = ["--prompt-tokens", "12", "--new-tokens", "8", "--fit-prompts", "8", "--prompts", "24", "--heldout-prompts", "4"]
+    stopped = runner.invoke(
+        app, ["stop", str(model), "--data", str(data), *stop_args, "--condition", "all", "--target", "0.7", "--out", str(artifact)]
+    )
+    assert stopped.exit_code == 0, stopped.output
     result = runner.invoke(app, ["export", str(artifact), "--json"])
     assert result.exit_code == 0, result.output
     return model, data, artifact, json.loads(result.stdout)
@@ -36,7 +41,9 @@ def test_export_writes_a_verified_package_with_baseline(exported):
     assert report["path"] == str(package)
     manifest = json.loads((package / PACKAGE_MANIFEST).read_text())
     assert manifest["inputs"][2:4] == ["past_key_values.0.key", "past_key_values.0.value"]
-    assert manifest["outputs"][3:5] == ["present.0.key", "present.0.value"]
+    assert manifest["outputs"][3:6] == ["stop_confidence", "present.0.key", "present.0.value"]
+    stop = json.loads((artifact / "dyninfer.json").read_text())["stages"]["stop"]["rules"]["completion"]["policy"]
+    assert manifest["stop"] == {"completion": {"policy": stop}}  # the word tokenizer spells no number: no reasoning rule
     assert report["custom_nodes"]["ExitGate"] == len(report["exit_points"]) > 0
     assert report["verify_max_abs_diff"] < 1e-3
     for name in ("model.onnx", "model.onnx.data", "tokenizer.json", "config.json", "source-artifact.json"):
@@ -64,6 +71,20 @@ def test_run_onnx_backend_equals_torch_backend(exported):
     assert sampled.exit_code == 0 and json.loads(sampled.stdout)["tokens"] == json.loads(again.stdout)["tokens"]
     assert runner.invoke(app, args + ["--backend", "onnx", "--mode", "speculative"]).exit_code == 2
     assert runner.invoke(app, args + ["--backend", "tpu"]).exit_code == 2
+
+
+def test_run_onnx_backend_obeys_the_stop_rule_as_torch_does(exported):
+    _, _, artifact, _ = exported
+    for prompt in ("tok3 tok9 tok4", "tok1 tok1 tok7 tok30", "tok12"):
+        args = ["run", str(artifact), prompt, "--raw", "-n", "8", "--stop", "completion", "--json"]
+        torch_run, onnx_run = runner.invoke(app, args), runner.invoke(app, args + ["--backend", "onnx"])
+        assert torch_run.exit_code == 0 and onnx_run.exit_code == 0, onnx_run.output
+        ours, reference = json.loads(onnx_run.stdout), json.loads(torch_run.stdout)
+        assert [t["id"] for t in ours["tokens"]] == [t["id"] for t in reference["tokens"]]
+        assert ours["stop"] == reference["stop"]
+        assert any("certified on the full mode" in note for note in ours["notes"])  # run in early-exit: said so
+    missing = runner.invoke(app, ["run", str(artifact), "tok3", "--raw", "--backend", "onnx", "--stop", "reasoning"])
+    assert missing.exit_code == 2 and "no reasoning stop rule" in missing.output
 
 
 def test_bench_onnx_backend_compares_with_optimum_in_one_run(exported):
