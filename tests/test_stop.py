@@ -204,6 +204,7 @@ def test_the_runtime_stops_a_completion_where_the_simulation_on_the_full_generat
                 assert out.stop["reason"] == ("rule" if expected[row] < 12 else "budget")
 
 
+@pytest.mark.slow
 def test_the_runtime_answers_a_chain_where_the_recorded_probes_say_the_rule_stops(tiny_dynamic):
     from dyninfer.compressors.stop_rule import ProbeVocabulary, ReasoningStopper
 

@@ -84,6 +84,7 @@ def test_bench_measures_the_rule_side_by_side_per_request(completion_artifact):
     assert stopped["tokens_per_request"] <= 8 and sum(stopped["ended"].values()) == 3
 
 
+@pytest.mark.slow
 def test_reasoning_rule_on_a_character_model_and_run_answers_with_it(char_model, tmp_path):
     out = tmp_path / "artifact"
     result = invoke("stop", char_model, *REASONING_ARGS, "--data", "builtin:arithmetic:1", "--condition", "all", "--out", out, "--json")
