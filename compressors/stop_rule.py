@@ -264,11 +264,14 @@ class ReasoningRun:
         return out
 
     def stop(self, signal: str, threshold: float | None) -> tuple[float | None, int]:
-        """(the answer given, the tokens spent: chain tokens generated plus every probe run)."""
+        """(the answer given, the tokens spent: chain tokens generated plus every probe run). A rule that never
+        stops runs no probe."""
+        if threshold is None or not math.isfinite(threshold):
+            return self.full_answer, self.chain_tokens
         spent = 0
         for probe, score in zip(self.probes, self.probe_scores(signal)):
             spent += probe.cost
-            if threshold is not None and math.isfinite(threshold) and score >= threshold:
+            if score >= threshold:
                 return probe.answer, probe.boundary + spent
         return self.full_answer, self.chain_tokens + spent
 
@@ -569,7 +572,9 @@ class ReasoningStopper:
             raise DyninferError(f"a {self.policy.workload} stop rule is not a reasoning stop rule")
 
     def is_boundary(self, token: int) -> bool:
-        return token in self.vocabulary.boundaries
+        """A step ends at `token` and the rule may stop there (a rule that never stops never probes)."""
+        probing = self.record_only or (self.policy.threshold is not None and math.isfinite(self.policy.threshold))
+        return probing and token in self.vocabulary.boundaries
 
     def decide(self, boundary: int, trial: TrialAnswer) -> bool:
         previous = self.probes[-1][1].value(self.vocabulary) if self.probes else None

@@ -271,7 +271,7 @@ class OnnxDynamicModel:
             confidences.append(confidence if confidence >= 0 else None)
             if len(tokens) >= max_new_tokens or _finished(tokens, eos_token_id):
                 break
-            if isinstance(stop, ReasoningStopper) and int(token[0, 0]) in stop.vocabulary.boundaries:
+            if isinstance(stop, ReasoningStopper) and stop.is_boundary(int(token[0, 0])):
                 trial = self._probe(binding, token, past, stop)
                 if stop.decide(len(tokens), trial):
                     tokens += [np.array([[t]], dtype=np.int64) for t in stop.vocabulary.suffix + trial.ids]

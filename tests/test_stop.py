@@ -134,7 +134,7 @@ def test_reasoning_stop_answers_at_the_first_confident_probe_and_counts_every_pr
     assert run.stop("confidence", 0.85) == (7.0, 30 + 15)
     assert run.stop("confidence", 0.5) == (7.0, 20 + 10)
     assert run.stop("confidence", 0.3) == (3.0, 10 + 5)
-    assert run.stop("confidence", NEVER[REASONING]) == (7.0, 50 + 15)  # never stops: the chain and all its probes
+    assert run.stop("confidence", NEVER[REASONING]) == (7.0, 50)  # never stops: the chain, and no probe runs
     # stable: a probe counts only when its answer equals the previous probe's
     assert run.probe_scores("stable") == [0.0, 0.0, 0.9]
     assert run.stop("stable", 0.3) == (7.0, 30 + 15)

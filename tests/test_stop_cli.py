@@ -91,8 +91,7 @@ def test_reasoning_rule_on_a_character_model_and_run_answers_with_it(char_model,
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["policy"]["workload"] == "reasoning"
-    held = summary["certificate"]["heldout_never"]
-    assert held["tokens_saved"] <= 0  # never stopping still pays for the probes: they are counted
+    assert summary["certificate"]["heldout_never"]["tokens_saved"] == 0  # a rule that never stops runs no probe
     run = invoke(
         "run", out, "Ada has 3 apples and gets 4 more. How many?", "--raw", "--mode", "full", "-n", "40", "--stop", "reasoning", "--json"
     )
