@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from dyninfer.compressors.ltt import LTTResult, learn_then_test
-from dyninfer.core.errors import DyninferError, check_choice
+from dyninfer.core.errors import DyninferError, check_choice, option
 
 COMPLETION = "completion"
 REASONING = "reasoning"
@@ -381,7 +381,7 @@ def certify_completion(
     if units.size == 0:
         raise DyninferError(
             "no calibration prompt has a completion of any value (none of the full model's completions starts like the real text); "
-            "use more prompts, other data, or --condition all"
+            f"use more prompts, other data, or {option('condition')} all"
         )
     sub = cal.subset(units)
     losses = np.stack([completion_losses(sub.values, shown_tokens(scores(sub.confidence, signal), t)) for t in grid])
@@ -397,7 +397,7 @@ def certify_reasoning(
     if not units:
         raise DyninferError(
             "the full chains answer none of the calibration problems right, so there are no right answers to keep; "
-            "use easier problems, more of them, or --condition all"
+            f"use easier problems, more of them, or {option('condition')} all"
         )
     losses = np.stack([reasoning_losses(units, signal, t) for t in grid])
     ltt = _ltt_over(losses, grid, 1.0 - target, epsilon)

@@ -28,7 +28,7 @@ from dyninfer.compressors.stop_rule import (
     stop_summary,
 )
 from dyninfer.core.artifact_files import inside, relative_inside
-from dyninfer.core.errors import DyninferError, check_positive
+from dyninfer.core.errors import DyninferError, check_positive, option
 from dyninfer.core.generation import GenerationResult
 
 PACKAGE_MANIFEST = "dyninfer-onnx.json"
@@ -203,7 +203,7 @@ class OnnxDynamicModel:
         rule = (self.manifest.get("stop") or {}).get(workload)
         if rule is None:
             raise DyninferError(
-                f"the package at '{self.path}' carries no {workload} stop rule; run `dyninfer stop --workload {workload}` "
+                f"the package at '{self.path}' carries no {workload} stop rule; run `dyninfer stop` with {option('workload')} {workload} "
                 "into the artifact, then export it again"
             )
         if STOP_OUTPUT not in self.output_names:

@@ -514,7 +514,7 @@ class BenchConfig(PlacementOptions):
                     )
             if self.backend != "torch":
                 raise DyninferError(
-                    f"{option('stop')} benchmarks on {option('backend')} torch; `run --backend onnx --stop ...` obeys a package's rule"
+                    f"{option('stop')} benchmarks on {option('backend')} torch; `run` with {option('backend')} onnx obeys a package's rule"
                 )
         for name in ("prompts", "prompt_tokens", "new_tokens"):
             if getattr(self, name) is not None:

@@ -331,12 +331,12 @@ def stored_stop_policy(dyn: LoadedDynamic, workload: str) -> StopPolicy:
     where = f"'{dyn.artifact.path}'" if dyn.artifact.path is not None else "the artifact"
     raw = None if record is None else record.policy(workload)
     if raw is None:
-        raise DyninferError(f"{where} has no {workload} stop rule; run `dyninfer stop --workload {workload}` into it first")
+        raise DyninferError(f"{where} has no {workload} stop rule; run `dyninfer stop` with {option('workload')} {workload} into it first")
     policy = StopPolicy.from_dict(raw)
     if policy.model_state != model_state(dyn.session, dyn.artifact):
         raise DyninferError(
             f"{where}'s {workload} stop rule was certified on another model (its steering, pruning or tuning has changed "
-            f"since, or another model was loaded); run `dyninfer stop --workload {workload}` into it again"
+            f"since, or another model was loaded); run `dyninfer stop` with {option('workload')} {workload} into it again"
         )
     return policy
 
