@@ -5,7 +5,7 @@ Units are drawn at random and never overlap: completion prompts are the starts o
 reasoning problems are shuffled with the seed and cut into fit, calibration and held-out. The fit
 units choose the signal and the candidate thresholds; Learn-then-Test certifies one on the
 calibration units; the held-out units report what it does. `save` writes the artifact and its
-`stop/` report folder (the candidate curve as CSV, the summary).
+`stop-WORKLOAD/` report folder (the candidate curve as CSV, the summary).
 """
 
 from __future__ import annotations
@@ -166,7 +166,6 @@ def _completion(config: StopConfig, existing, session, progress) -> StopReport:
         check_data=lambda windows, _: check_windows(config, windows),
         length_options=("prompt_tokens", "new_tokens"),
     )
-    check_windows(config, ws.windows)
     dyn = _dynamic(config, ws.artifact, ws.session)
     windows = ws.windows
     order, notes = _untrained_order(ws.artifact, windows)
