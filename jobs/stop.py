@@ -298,6 +298,7 @@ def _reasoning(config: StopConfig, existing, session, progress) -> StopReport:
             vocabulary,
             lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
             mode=config.mode,
+            batch_size=config.batch_size,
             eos_token_id=tokenizer.eos_token_id,
             progress=report,
             what=f"chains and probes ({what})",

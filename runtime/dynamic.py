@@ -187,23 +187,74 @@ class DynamicModel:
 
     def _probe(self, state: _DecodeState, token: torch.Tensor, vocabulary: ProbeVocabulary, limit: int) -> TrialAnswer:
         """On a fork of the state: feed `token` and the forced answer continuation, then read the greedy answer."""
-        fork = state.fork()
-        chunk = torch.cat([token, torch.tensor([vocabulary.suffix], dtype=token.dtype)], dim=1)
+        return self._probe_rows(state.fork(), token, vocabulary, limit)[0]
+
+    def _probe_rows(self, fork: _DecodeState, token: torch.Tensor, vocabulary: ProbeVocabulary, limit: int) -> list[TrialAnswer]:
+        """A trial answer per row of `fork` (a state the probe may consume), after its boundary token `token` [k, 1]."""
+        rows = token.shape[0]
+        suffix = torch.tensor([vocabulary.suffix], dtype=token.dtype).expand(rows, -1)
+        chunk = torch.cat([token, suffix], dim=1)
         if fork.complete:  # one forward for the boundary token and the whole forced continuation
             logits = fork.extend(chunk)
         else:  # recompute mode with layers still to catch up: a token at a time, as decoding does
             for t in chunk.split(1, dim=1):
                 logits, _, _ = self._step(fork, t, "full")
-        picked, step_confidences = [], []
-        while len(picked) < limit:
-            nxt = int(logits.argmax(-1))
-            picked.append(nxt)
-            step_confidences.append(max_probability(logits))
-            if not vocabulary.continues(picked[:-1], nxt) or len(picked) == limit:
+        picked: list[list[int]] = [[] for _ in range(rows)]
+        step_confidences: list[list[float]] = [[] for _ in range(rows)]
+        reading = [True] * rows
+        while True:
+            greedy = logits.argmax(-1)
+            best = torch.softmax(logits.float(), dim=-1).max(-1).values
+            for row in range(rows):
+                if reading[row]:
+                    nxt = int(greedy[row])
+                    picked[row].append(nxt)
+                    step_confidences[row].append(float(best[row]))
+                    reading[row] = vocabulary.continues(picked[row][:-1], nxt) and len(picked[row]) < limit
+            if not any(reading):
                 break
-            logits, _, _ = self._step(fork, torch.tensor([[nxt]]), "full")
-        ids, confidence = read_answer(step_confidences, picked, vocabulary)
-        return TrialAnswer(ids, picked, confidence, len(vocabulary.suffix) + len(picked))
+            # rows that have read their answer ride along (their outputs are dropped)
+            logits, _, _ = self._step(fork, greedy[:, None], "full")
+        trials = []
+        for row in range(rows):
+            ids, confidence = read_answer(step_confidences[row], picked[row], vocabulary)
+            trials.append(TrialAnswer(ids, picked[row], confidence, len(vocabulary.suffix) + len(picked[row])))
+        return trials
+
+    @torch.no_grad()
+    def record_chains(
+        self, input_ids: torch.Tensor, max_new_tokens: int, stoppers: list[ReasoningStopper], *, eos_token_id: int | None = None
+    ) -> list[list[int]]:
+        """Full-depth greedy chains of a batch of prompts of one length, each row probed at its step boundaries by
+        its own record-only stopper, as `generate(stop=...)` probes that prompt alone: batching serves throughput
+        only. Returns each row's tokens (through its end-of-sequence token, or `max_new_tokens` of them)."""
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            raise DyninferError("the prompt is empty; give at least one token")
+        check_positive("max_new_tokens", max_new_tokens)
+        if len(stoppers) != input_ids.shape[0] or not all(s.record_only for s in stoppers):
+            raise DyninferError("record_chains needs one record-only reasoning stopper per prompt")
+        state = _DecodeState(self.lm, input_ids.shape[0])
+        token = state.prefill(input_ids).argmax(-1, keepdim=True)
+        chains = [[int(t)] for t in token[:, 0]]
+        active = list(range(input_ids.shape[0]))  # the prompt of each row of the state
+        while True:
+            going = [i for i, r in enumerate(active) if len(chains[r]) < max_new_tokens and chains[r][-1] != eos_token_id]
+            if not going:
+                return chains
+            if len(going) < len(active):  # finished rows leave the batch
+                keep = torch.tensor(going)
+                state, token, active = state.select(keep, state.length), token[keep], [active[i] for i in going]
+            boundary = [i for i, r in enumerate(active) if stoppers[r].is_boundary(chains[r][-1])]
+            if boundary:
+                at = torch.tensor(boundary)
+                limit = stoppers[active[boundary[0]]].policy.probe_tokens
+                trials = self._probe_rows(state.select(at, state.length), token[at], stoppers[active[boundary[0]]].vocabulary, limit)
+                for i, trial in zip(boundary, trials):
+                    stoppers[active[i]].decide(len(chains[active[i]]), trial)
+            logits, _, _ = self._step(state, token, "full")
+            token = logits.argmax(-1, keepdim=True)
+            for i, r in enumerate(active):
+                chains[r].append(int(token[i]))
 
     @torch.no_grad()
     def prefill_rows(self, input_ids: torch.Tensor) -> _DecodeState:

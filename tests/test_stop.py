@@ -236,6 +236,31 @@ def test_the_runtime_answers_a_chain_where_the_recorded_probes_say_the_rule_stop
     assert checked >= 4
 
 
+def test_batched_chains_are_probed_row_by_row_as_each_prompt_alone(tiny_dynamic):
+    from dyninfer.compressors.cot_data import CotExample
+    from dyninfer.compressors.stop_rule import ProbeVocabulary, ReasoningStopper
+    from dyninfer.profilers.stop_runs import reasoning_runs
+
+    vocabulary = ProbeVocabulary(frozenset(range(10, 40)), {i: str(i % 10) for i in range(40, 110)}, frozenset({5}), [3, 4])
+    record = StopPolicy(REASONING, "confidence", None, 0.9, 0.1, 24, probe_tokens=3)
+    torch.manual_seed(2)
+    # two prompt lengths (batches hold one length), and an end-of-sequence token one chain reaches early
+    prompts = [torch.randint(2, 120, (1, 6 + 2 * (k % 2))) for k in range(7)]
+    eos = int(tiny_dynamic.generate(prompts[0], 6, mode="full").tokens[0, 4])
+    alone = []
+    for prompt in prompts:
+        recorder = ReasoningStopper(record, vocabulary, record_only=True)
+        out = tiny_dynamic.generate(prompt, 24, mode="full", eos_token_id=eos, stop=recorder)
+        alone.append((out.tokens.shape[1], recorder.probes))
+    assert any(length < 24 for length, _ in alone) and sum(len(p) for _, p in alone) >= 7
+    problems = [CotExample(f"q{k}", "", "", 1.0) for k in range(7)]
+    batched = reasoning_runs(tiny_dynamic, prompts, problems, record, vocabulary, lambda ids: "", batch_size=3, eos_token_id=eos)
+    for run, (length, probes) in zip(batched, alone):
+        assert run.chain_tokens == length
+        assert [(p.boundary, p.answer, p.cost) for p in run.probes] == [(b, t.value(vocabulary), t.cost) for b, t in probes]
+        assert [p.confidence for p in run.probes] == pytest.approx([t.confidence for _, t in probes], abs=1e-5)
+
+
 def test_reasoning_units_leave_out_the_problems_a_steering_direction_was_made_or_swept_on():
     from dyninfer.compressors.steer_extract import load_cot_split
     from dyninfer.core.artifacts import Artifact, BaseModelInfo
