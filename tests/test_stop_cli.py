@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import char_tokenizer, random_text, save_tiny, tree_state
 from tiny_models import tiny_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from dyninfer.cli.app import app
@@ -55,23 +57,36 @@ def test_stop_certifies_a_completion_rule_and_records_it(completion_artifact):
     assert (out / "stop-completion" / "curve.csv").is_file()
 
 
+def _shown_under_rule(model_dir, prompt: str, policy: dict, new_tokens: int) -> int:
+    """Tokens a completion rule shows, from transformers' own greedy scores (independent of dyninfer's runtime)."""
+    tokenizer, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    confidence = torch.stack([torch.softmax(s[0].float(), -1).max() for s in out.scores])
+    score = confidence if policy["signal"] == "confidence" else torch.cumprod(confidence, 0)
+    below = (score < policy["threshold"]).nonzero()
+    return int(below[0]) if len(below) else new_tokens
+
+
 def test_run_obeys_the_rule_and_shows_a_prefix_of_the_full_generation(completion_artifact):
-    _, data, out, summary = completion_artifact
-    prompt = " ".join(data.read_text().split()[:12])
-    full = json.loads(invoke("run", out, prompt, "--raw", "--mode", "full", "-n", "8", "--json").stdout)
-    stopped = invoke("run", out, prompt, "--raw", "--mode", "full", "-n", "8", "--stop", "completion", "--json")
-    assert stopped.exit_code == 0, stopped.output
-    stopped = json.loads(stopped.stdout)
-    shown = [t["id"] for t in stopped["tokens"]]
-    assert shown == [t["id"] for t in full["tokens"]][: len(shown)]
-    assert stopped["stop"]["reason"] == ("rule" if len(shown) < 8 else "budget")
-    threshold = summary["policy"]["threshold"]
-    if threshold is None:
-        assert stopped["stop"]["reason"] == "budget"
+    model, data, out, summary = completion_artifact
+    assert summary["policy"]["threshold"] is not None
+    for words in (12, 20):
+        prompt = " ".join(data.read_text().split()[:words])
+        full = json.loads(invoke("run", out, prompt, "--raw", "--mode", "full", "-n", "8", "--json").stdout)
+        stopped = invoke("run", out, prompt, "--raw", "--mode", "full", "-n", "8", "--stop", "completion", "--json")
+        assert stopped.exit_code == 0, stopped.output
+        stopped = json.loads(stopped.stdout)
+        shown = [t["id"] for t in stopped["tokens"]]
+        assert shown == [t["id"] for t in full["tokens"]][: len(shown)]
+        assert len(shown) == _shown_under_rule(model, prompt, summary["policy"], 8)
+        assert stopped["stop"]["reason"] == ("rule" if len(shown) < 8 else "budget")
 
 
 def test_bench_measures_the_rule_side_by_side_per_request(completion_artifact):
-    _, _, out, _ = completion_artifact
+    _, _, out, certified = completion_artifact
+    # a random model's completions have no value: the certified rule stops every held-out prompt at once
+    assert certified["certificate"]["heldout"]["tokens_saved"] == 1.0
     result = invoke("bench", out, "--stop", "completion", "--prompts", "3", "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
@@ -80,8 +95,9 @@ def test_bench_measures_the_rule_side_by_side_per_request(completion_artifact):
     assert summary["baseline"]["name"] == "baseline (transformers)"
     for r in summary["runners"]:
         assert r["seconds_per_request"] > 0 and r["request_speedup"] > 0
-    stopped = summary["runners"][1]
-    assert stopped["tokens_per_request"] <= 8 and sum(stopped["ended"].values()) == 3
+    full, stopped = summary["runners"]
+    assert full["tokens_per_request"] == 8 and full["ended"] == {"budget": 3}
+    assert stopped["tokens_per_request"] == 0 and stopped["ended"] == {"rule": 3}
 
 
 @pytest.mark.slow
