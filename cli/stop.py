@@ -106,8 +106,12 @@ def stop(
     chain_tokens: Annotated[int, typer.Option("--chain-tokens", help="reasoning: the chain's token budget.")] = DEFAULTS.chain_tokens,
     probe_tokens: Annotated[int, typer.Option("--probe-tokens", help="reasoning: tokens a trial answer may take.")] = DEFAULTS.probe_tokens,
     shots: Annotated[int, typer.Option("--shots", help="reasoning: worked examples in each prompt.")] = DEFAULTS.shots,
+    probe_at: Annotated[
+        str,
+        typer.Option("--probe-at", help="reasoning: probe at sentence or line ends (auto: the one that saves most on the fit units)."),
+    ] = DEFAULTS.probe_at,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", help="completion: prompts generated together (full mode).")
+        int, typer.Option("--batch-size", help="Prompts generated together in the full mode (each as it would be alone).")
     ] = DEFAULTS.batch_size,
     seed: opt.Seed = DEFAULTS.seed,
     out: opt.out_dir("Artifact dir to write/extend (the rule in dyninfer.json, and stop-WORKLOAD/ with the curve).") = None,

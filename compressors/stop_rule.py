@@ -51,6 +51,9 @@ WORKLOADS = (COMPLETION, REASONING)
 SIGNALS = {COMPLETION: ("confidence", "prefix"), REASONING: ("confidence", "stable")}
 VALUE_UNITS = ("tokens", "characters", "lines")
 CONDITIONS = ("valued", "all")  # which units the guarantee is about (see the module docstring)
+# Where a chain is probed: at every sentence end (".", "!", "?", ":", ";" or a line end), or at line ends only
+# (fewer probes, each a step of a chain written a step per line).
+PROBE_SITES = ("sentences", "lines")
 # The strictest candidates, which never stop: no score is below 0 (completion) or at least +inf (reasoning).
 NEVER = {COMPLETION: 0.0, REASONING: math.inf}
 PROBE_SUFFIX = "\nThe answer is"
@@ -73,6 +76,7 @@ class StopPolicy:
     probe_suffix: str = PROBE_SUFFIX  # reasoning: the forced answer continuation
     probe_tokens: int = 6  # reasoning: tokens a probe may generate
     statement: str = ""
+    probe_at: str = "sentences"  # reasoning: the probe sites (PROBE_SITES; rules made before it probed at sentences)
 
     def check(self) -> StopPolicy:
         """Refuse a damaged or foreign rule with one line (it comes from an artifact or a package on disk)."""
@@ -92,6 +96,7 @@ class StopPolicy:
             (number(self.target, 0.0, 1.0) and number(self.epsilon, 0.0, 1.0), "target or epsilon"),
             (whole(self.new_tokens) and whole(self.probe_tokens), "new_tokens or probe_tokens"),
             (isinstance(self.probe_suffix, str) and isinstance(self.model_state, str), "probe_suffix or model_state"),
+            (self.probe_at in PROBE_SITES, "probe_at"),
         ]
         bad = [name for ok, name in problems if not ok]
         if bad:
@@ -118,8 +123,9 @@ class StopPolicy:
     def describe(self) -> str:
         if self.threshold is None:
             return f"{self.workload} stop: never stops (nothing looser was certified)"
-        sign = "<" if self.workload == COMPLETION else ">="
-        return f"{self.workload} stop: stops when the {self.signal} score is {sign} {self.threshold:.4g}"
+        if self.workload == COMPLETION:
+            return f"{self.workload} stop: stops when the {self.signal} score is < {self.threshold:.4g}"
+        return f"{self.workload} stop: probes at {self.probe_at[:-1]} ends, stops when the {self.signal} score is >= {self.threshold:.4g}"
 
 
 # --------------------------------------------------------------------------- completion
@@ -240,6 +246,7 @@ class Probe:
     answer: float | None
     confidence: float
     cost: int  # tokens it fed and generated
+    line_end: bool = True  # its boundary token ends a line (a site of the "lines" rules too)
 
 
 @dataclass
@@ -253,6 +260,12 @@ class ReasoningRun:
 
     def right(self, value: float | None) -> bool:
         return value is not None and abs(value - self.answer) < 1e-6
+
+    def at(self, probe_at: str) -> ReasoningRun:
+        """The run as a rule probing only at `probe_at` sites sees it (recorded runs probe every sentence end)."""
+        check_choice("probe_at", probe_at, PROBE_SITES)
+        probes = self.probes if probe_at == "sentences" else [p for p in self.probes if p.line_end]
+        return ReasoningRun(self.chain_tokens, self.full_answer, self.answer, probes)
 
     def probe_scores(self, signal: str) -> list[float]:
         check_choice("signal", signal, SIGNALS[REASONING])
@@ -463,10 +476,14 @@ _STEP_END = re.compile(r"(\n|[.!?:;]\s*$)")
 class ProbeVocabulary:
     """Token ids that end a reasoning step, and ids that spell (part of) a number, with their text."""
 
-    boundaries: frozenset[int]
+    boundaries: frozenset[int]  # ids that end a sentence or a line
     numbers: dict[int, str]  # id -> its text (digits, sign, point, with any leading space)
     spaces: frozenset[int]  # whitespace-only ids, allowed before a number starts
     suffix: list[int]  # the forced answer continuation's ids
+    line_ends: frozenset[int] = frozenset()  # the boundaries that end a line
+
+    def sites(self, probe_at: str) -> frozenset[int]:
+        return self.line_ends if probe_at == "lines" else self.boundaries
 
     @classmethod
     def from_tokenizer(cls, tokenizer, suffix: str) -> ProbeVocabulary:
@@ -480,7 +497,7 @@ class ProbeVocabulary:
             raise DyninferError(f"the probe suffix {suffix!r} encodes to no tokens; give a non-empty one")
         if not numbers:
             raise DyninferError("the tokenizer has no token that spells a number, so no trial answer can be read")
-        return cls(boundaries, numbers, spaces, list(ids))
+        return cls(boundaries, numbers, spaces, list(ids), frozenset(i for i in boundaries if "\n" in texts[i]))
 
     def to_dict(self) -> dict:
         """JSON-ready (an exported package carries it: its runtime has no tokenizer)."""
@@ -489,6 +506,7 @@ class ProbeVocabulary:
             "numbers": {str(i): t for i, t in sorted(self.numbers.items())},
             "spaces": sorted(self.spaces),
             "suffix": list(self.suffix),
+            "line_ends": sorted(self.line_ends),
         }
 
     @classmethod
@@ -499,6 +517,7 @@ class ProbeVocabulary:
                 {int(i): str(t) for i, t in raw["numbers"].items()},
                 frozenset(int(i) for i in raw["spaces"]),
                 [int(i) for i in raw["suffix"]],
+                frozenset(int(i) for i in raw.get("line_ends", ())),  # packages made before line-end rules lack it
             )
         except (KeyError, TypeError, ValueError, AttributeError):
             raise DyninferError("the stored probe vocabulary is damaged; export the package again") from None
@@ -573,8 +592,10 @@ class ReasoningStopper:
 
     def is_boundary(self, token: int) -> bool:
         """A step ends at `token` and the rule may stop there (a rule that never stops never probes)."""
-        probing = self.record_only or (self.policy.threshold is not None and math.isfinite(self.policy.threshold))
-        return probing and token in self.vocabulary.boundaries
+        if self.record_only:  # every site of every rule
+            return token in self.vocabulary.boundaries
+        probing = self.policy.threshold is not None and math.isfinite(self.policy.threshold)
+        return probing and token in self.vocabulary.sites(self.policy.probe_at)
 
     def decide(self, boundary: int, trial: TrialAnswer) -> bool:
         previous = self.probes[-1][1].value(self.vocabulary) if self.probes else None

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from dyninfer.compressors.stop_rule import PROBE_SITES
 from dyninfer.compressors.tuning_settings import TuningSettings
 from dyninfer.core.artifact_files import artifact_exists, check_output_dir
 from dyninfer.core.choices import (
@@ -402,6 +403,7 @@ class StopConfig(PlacementOptions):
     mode: str = "full"  # the generation it is certified on: full, or early-exit with the artifact's exits
     shots: int = 0  # reasoning: worked examples in the prompt
     probe_tokens: int = 6  # reasoning: tokens a trial answer may take
+    probe_at: str = "auto"  # reasoning: probe at sentence or line ends (auto: the one that saves most on the fit units)
     chain_tokens: int = 160  # reasoning: the chain's token budget
 
     def resolved_data(self) -> str:
@@ -416,6 +418,7 @@ class StopConfig(PlacementOptions):
         check_choice("condition", self.condition, ("valued", "all"))
         check_choice("value_unit", self.value_unit, ("tokens", "characters", "lines"))
         check_choice("mode", self.mode, ("full", "early-exit"))
+        check_choice("probe_at", self.probe_at, ("auto", *PROBE_SITES))
         check_between("target", self.target, 0.0, 1.0)
         check_between("epsilon", self.epsilon, 0.0, 1.0)
         for name, low in (
@@ -431,7 +434,10 @@ class StopConfig(PlacementOptions):
         ):
             check_at_least(name, getattr(self, name), low)
         defaults = StopConfig()
-        only = {"completion": ("prompt_tokens", "new_tokens", "value_unit"), "reasoning": ("shots", "probe_tokens", "chain_tokens")}
+        only = {
+            "completion": ("prompt_tokens", "new_tokens", "value_unit"),
+            "reasoning": ("shots", "probe_tokens", "chain_tokens", "probe_at"),
+        }
         for workload, names in only.items():
             for name in names:
                 if workload != self.workload and getattr(self, name) != getattr(defaults, name):

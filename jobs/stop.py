@@ -115,18 +115,30 @@ def check_windows(config: StopConfig, windows: TokenWindows) -> None:
     _check_counts(config, windows.train.shape[0], windows.heldout.shape[0], "prompts (windows with a real continuation)")
 
 
-def _certify(config: StopConfig, runs: dict) -> tuple[StopCertificate, dict]:
-    """The signal and candidates from the fit units, the certificate from the calibration units, the report from
-    the held-out units."""
+def _certify(config: StopConfig, runs: dict) -> tuple[StopCertificate, dict, str]:
+    """The signal, probe sites and candidates from the fit units, the certificate from the calibration units, the
+    report from the held-out units. Returns (certificate, what each choice saves on the fit units, probe sites)."""
     signals = SIGNALS[config.workload] if config.signal == "auto" else (config.signal,)
-    signal, grid, fit = choose_signal(config.workload, runs["fit"], signals, config.target, config.epsilon, config.condition)
+    if config.workload == COMPLETION:
+        signal, grid, fit = choose_signal(config.workload, runs["fit"], signals, config.target, config.epsilon, config.condition)
+        probe_at = StopPolicy.probe_at
+    else:  # each probe site's view of the runs; on a tie the fewer probes (line ends) win
+        sites = ("lines", "sentences") if config.probe_at == "auto" else (config.probe_at,)
+        chosen, fit = None, {}
+        for site in sites:
+            seen = {what: [run.at(site) for run in units] for what, units in runs.items()}
+            best, site_grid, found = choose_signal(config.workload, seen["fit"], signals, config.target, config.epsilon, config.condition)
+            fit |= {f"{s} at {site[:-1]} ends": f for s, f in found.items()}
+            if chosen is None or found[best]["tokens_saved"] > chosen[0]:
+                chosen = (found[best]["tokens_saved"], site, best, site_grid, seen)
+        _, probe_at, signal, grid, runs = chosen
     certificate = certify(config.workload, runs["calibration"], grid, signal, config.target, config.epsilon, config.condition)
     certificate.heldout = outcome(config.workload, runs["heldout"], signal, certificate.threshold)
     certificate.heldout_never = outcome(config.workload, runs["heldout"], signal, None)
-    return certificate, fit
+    return certificate, fit, probe_at
 
 
-def _policy(config: StopConfig, certificate: StopCertificate, state: str) -> StopPolicy:
+def _policy(config: StopConfig, certificate: StopCertificate, state: str, probe_at: str) -> StopPolicy:
     return StopPolicy(
         workload=config.workload,
         signal=certificate.signal,
@@ -140,6 +152,7 @@ def _policy(config: StopConfig, certificate: StopCertificate, state: str) -> Sto
         model_state=state,
         probe_tokens=config.probe_tokens,
         statement=certificate.statement(),
+        probe_at=probe_at,
     ).check()
 
 
@@ -200,8 +213,8 @@ def _completion(config: StopConfig, existing, session, progress) -> StopReport:
         )
     ws.timings["generate_s"] = time.perf_counter() - started
 
-    certificate, fit = _certify(config, runs)
-    policy = _policy(config, certificate, model_state(ws.session, ws.artifact))
+    certificate, fit, probe_at = _certify(config, runs)
+    policy = _policy(config, certificate, model_state(ws.session, ws.artifact), probe_at)
     data = windows.describe() | {"fit_rows": len(rows["fit"]), "calibration_rows": len(rows["calibration"]), "heldout_rows": len(held)}
     return _finish(config, ws.loaded.base_model_info(), data, policy, certificate, fit, ws.timings, ws.artifact, notes)
 
@@ -305,8 +318,8 @@ def _reasoning(config: StopConfig, existing, session, progress) -> StopReport:
         )
     timings["generate_s"] = time.perf_counter() - started
 
-    certificate, fit = _certify(config, runs)
-    policy = _policy(config, certificate, model_state(session, artifact))
+    certificate, fit, probe_at = _certify(config, runs)
+    policy = _policy(config, certificate, model_state(session, artifact), probe_at)
     data = {"spec": config.resolved_data(), "seed": config.seed, "excluded_steering_questions": len(excluded)}
     data |= {f"{k}_problems": len(v) for k, v in split.items()}
     notes = [f"{len(excluded)} questions the steering was made or swept on are kept out of the units"] if excluded else []

@@ -83,7 +83,8 @@ def reasoning_runs(
     progress: ProgressFn | None = None,
     what: str = "chains",
 ) -> list[ReasoningRun]:
-    """Each problem's full chain (`policy.new_tokens` at most) with a trial answer probed at every step.
+    """Each problem's full chain (`policy.new_tokens` at most) with a trial answer probed at every sentence end
+    (the sites of every rule; `ReasoningRun.at` keeps those of one).
 
     The full mode decodes prompts of one length a batch at a time, each row probed as it would be alone; the
     early-exit mode (and a recurrent model, whose state cannot be split by rows) one problem at a time, as
@@ -107,7 +108,10 @@ def reasoning_runs(
         report(what, done, len(problems))
     runs = []
     for chain, stopper, problem in zip(chains, stoppers, problems):
-        probes = [Probe(boundary, trial.value(vocabulary), trial.confidence, trial.cost) for boundary, trial in stopper.probes]
+        probes = [
+            Probe(boundary, trial.value(vocabulary), trial.confidence, trial.cost, chain[boundary - 1] in vocabulary.line_ends)
+            for boundary, trial in stopper.probes
+        ]
         # the cost of the full chain counts every token generated, its end-of-sequence token included
         text = decode([t for t in chain if t != eos_token_id])
         runs.append(ReasoningRun(len(chain), extract_answer(text), problem.answer, probes))

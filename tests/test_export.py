@@ -233,7 +233,8 @@ def test_the_package_obeys_stop_rules_as_the_torch_runtime_does(exported):
 
     dynamic, prompt, package = exported("llama")
     runtime = OnnxDynamicModel(package, provider="cpu")
-    vocabulary = ProbeVocabulary(frozenset(range(10, 50)), {i: str(i % 10) for i in range(50, 110)}, frozenset({5}), [3, 4])
+    numbers = {i: str(i % 10) for i in range(50, 110)}
+    vocabulary = ProbeVocabulary(frozenset(range(10, 50)), numbers, frozenset({5}), [3, 4], frozenset(range(10, 30)))
     reasons = set()
     for mode in ("early-exit", "full"):
         full = dynamic.generate(prompt, STEPS, mode=mode, return_logits=True)
@@ -247,12 +248,15 @@ def test_the_package_obeys_stop_rules_as_the_torch_runtime_does(exported):
         recorder = ReasoningStopper(
             StopPolicy(REASONING, "confidence", None, 0.9, 0.1, STEPS, probe_tokens=3), vocabulary, record_only=True
         )
-        dynamic.generate(prompt, STEPS, mode=mode, stop=recorder)
-        confident = sorted({t.confidence for _, t in recorder.probes if t.ids})
-        assert confident, "no probe read an answer: the comparison would be empty"
-        policy = StopPolicy(REASONING, "confidence", confident[len(confident) // 2], 0.9, 0.1, STEPS, probe_tokens=3)
-        ours = runtime.generate(prompt.numpy(), STEPS, mode=mode, stop=ReasoningStopper(policy, vocabulary))
-        reference = dynamic.generate(prompt, STEPS, mode=mode, stop=ReasoningStopper(policy, vocabulary))
-        assert np.array_equal(ours.tokens, reference.tokens.numpy()) and ours.stop == reference.stop
-        reasons.add(ours.stop["reason"])
+        chain = dynamic.generate(prompt, STEPS, mode=mode, stop=recorder).tokens[0]
+        for probe_at in ("sentences", "lines"):
+            sites = vocabulary.sites(probe_at)
+            confident = sorted({t.confidence for b, t in recorder.probes if t.ids and int(chain[b - 1]) in sites})
+            assert confident, "no probe read an answer: the comparison would be empty"
+            threshold = confident[len(confident) // 2]
+            policy = StopPolicy(REASONING, "confidence", threshold, 0.9, 0.1, STEPS, probe_tokens=3, probe_at=probe_at)
+            ours = runtime.generate(prompt.numpy(), STEPS, mode=mode, stop=ReasoningStopper(policy, vocabulary))
+            reference = dynamic.generate(prompt, STEPS, mode=mode, stop=ReasoningStopper(policy, vocabulary))
+            assert np.array_equal(ours.tokens, reference.tokens.numpy()) and ours.stop == reference.stop
+            reasons.add(ours.stop["reason"])
     assert {"rule", "answered"} <= reasons

@@ -140,6 +140,23 @@ def test_reasoning_stop_answers_at_the_first_confident_probe_and_counts_every_pr
     assert run.stop("stable", 0.3) == (7.0, 30 + 15)
 
 
+def test_a_rule_probing_at_line_ends_sees_and_pays_for_only_those_probes():
+    probes = [
+        Probe(10, 3.0, 0.9, 5, line_end=False),
+        Probe(20, 7.0, 0.6, 5),
+        Probe(30, 7.0, 0.8, 5, line_end=False),
+        Probe(40, 7.0, 0.7, 5),
+    ]
+    run = ReasoningRun(60, 7.0, 7.0, probes)
+    lines = run.at("lines")
+    assert [p.boundary for p in lines.probes] == [20, 40] and run.at("sentences").probes == probes
+    assert run.stop("confidence", 0.65) == (3.0, 10 + 5)  # every sentence end: the first probe is confident
+    assert lines.stop("confidence", 0.65) == (7.0, 40 + 10)  # line ends: two probes paid, the second confident
+    assert lines.probe_scores("stable") == [0.0, 0.7]  # stable compares consecutive probes at the rule's sites
+    with pytest.raises(DyninferError):
+        run.at("words")
+
+
 def test_reasoning_certificate_is_about_the_right_answers_of_the_full_chains():
     rng = random.Random(0)
     runs = []
@@ -165,9 +182,20 @@ def test_reasoning_certificate_is_about_the_right_answers_of_the_full_chains():
 def test_stop_policy_round_trips_and_refuses_damage():
     policy = StopPolicy(COMPLETION, "prefix", 0.25, 0.95, 0.05, 64)
     assert StopPolicy.from_dict(policy.to_dict()) == policy
-    for bad in ({"signal": "stable"}, {"threshold": math.nan}, {"target": 1.5}, {"workload": "poetry"}, {"new_tokens": 0}):
+    for bad in (
+        {"signal": "stable"},
+        {"threshold": math.nan},
+        {"target": 1.5},
+        {"workload": "poetry"},
+        {"new_tokens": 0},
+        {"probe_at": "words"},
+    ):
         with pytest.raises(DyninferError):
             StopPolicy.from_dict(policy.to_dict() | bad)
+    reasoning = StopPolicy(REASONING, "stable", 0.5, 0.95, 0.05, 64, probe_at="lines")
+    assert StopPolicy.from_dict(reasoning.to_dict()) == reasoning and "line ends" in reasoning.describe()
+    made_before = {k: v for k, v in reasoning.to_dict().items() if k != "probe_at"}
+    assert StopPolicy.from_dict(made_before).probe_at == "sentences"  # rules made before probe sites probed every sentence end
     with pytest.raises(DyninferError, match="incomplete"):
         StopPolicy.from_dict({"workload": COMPLETION})
 
@@ -209,7 +237,10 @@ def test_the_runtime_answers_a_chain_where_the_recorded_probes_say_the_rule_stop
     from dyninfer.compressors.stop_rule import ProbeVocabulary, ReasoningStopper
 
     # A vocabulary where some ids end steps and some spell digits, so a random model probes and answers.
-    vocabulary = ProbeVocabulary(frozenset(range(10, 40)), {i: str(i % 10) for i in range(40, 110)}, frozenset({5}), [3, 4])
+    # line ends: a third of the step ends
+    vocabulary = ProbeVocabulary(
+        frozenset(range(10, 40)), {i: str(i % 10) for i in range(40, 110)}, frozenset({5}), [3, 4], frozenset(range(10, 20))
+    )
     record = StopPolicy(REASONING, "confidence", None, 0.9, 0.1, 40, probe_tokens=3)
     torch.manual_seed(1)
     checked = 0
@@ -217,23 +248,26 @@ def test_the_runtime_answers_a_chain_where_the_recorded_probes_say_the_rule_stop
         prompt = torch.randint(2, 120, (1, 8))
         recorder = ReasoningStopper(record, vocabulary, record_only=True)
         full = tiny_dynamic.generate(prompt, 40, mode="full", stop=recorder)
-        probes = [Probe(b, t.value(vocabulary), t.confidence, t.cost) for b, t in recorder.probes]
-        run = ReasoningRun(full.tokens.shape[1], None, 0.0, probes)
-        for signal in ("confidence", "stable"):
+        chain = full.tokens[0].tolist()
+        probes = [Probe(b, t.value(vocabulary), t.confidence, t.cost, chain[b - 1] in vocabulary.line_ends) for b, t in recorder.probes]
+        recorded = ReasoningRun(full.tokens.shape[1], None, 0.0, probes)
+        for signal, probe_at in [(s, p) for s in ("confidence", "stable") for p in ("sentences", "lines")]:
+            run = recorded.at(probe_at)
             confident = [s for s in run.probe_scores(signal) if s > 0]
             for threshold in sorted(set(confident))[:2]:
                 answer, spent = run.stop(signal, threshold)
-                policy = StopPolicy(REASONING, signal, threshold, 0.9, 0.1, 40, probe_tokens=3)
+                policy = StopPolicy(REASONING, signal, threshold, 0.9, 0.1, 40, probe_tokens=3, probe_at=probe_at)
                 stopper = ReasoningStopper(policy, vocabulary)
                 out = tiny_dynamic.generate(prompt, 40, mode="full", stop=stopper)
                 assert out.stop["reason"] == "answered"
+                assert all(chain[b - 1] in vocabulary.sites(probe_at) for b, _ in stopper.probes)
                 boundary, trial = stopper.probes[-1]
                 assert trial.value(vocabulary) == answer
                 assert boundary + stopper.probe_tokens == spent
                 # what is shown: the chain up to the boundary, the forced continuation, the answer
                 assert out.tokens[0].tolist() == full.tokens[0, :boundary].tolist() + vocabulary.suffix + trial.ids
                 checked += 1
-    assert checked >= 4
+    assert checked >= 8
 
 
 def test_batched_chains_are_probed_row_by_row_as_each_prompt_alone(tiny_dynamic):
@@ -241,7 +275,9 @@ def test_batched_chains_are_probed_row_by_row_as_each_prompt_alone(tiny_dynamic)
     from dyninfer.compressors.stop_rule import ProbeVocabulary, ReasoningStopper
     from dyninfer.profilers.stop_runs import reasoning_runs
 
-    vocabulary = ProbeVocabulary(frozenset(range(10, 40)), {i: str(i % 10) for i in range(40, 110)}, frozenset({5}), [3, 4])
+    vocabulary = ProbeVocabulary(
+        frozenset(range(10, 40)), {i: str(i % 10) for i in range(40, 110)}, frozenset({5}), [3, 4], frozenset(range(10, 20))
+    )
     record = StopPolicy(REASONING, "confidence", None, 0.9, 0.1, 24, probe_tokens=3)
     torch.manual_seed(2)
     # two prompt lengths (batches hold one length), and an end-of-sequence token one chain reaches early
@@ -251,12 +287,13 @@ def test_batched_chains_are_probed_row_by_row_as_each_prompt_alone(tiny_dynamic)
     for prompt in prompts:
         recorder = ReasoningStopper(record, vocabulary, record_only=True)
         out = tiny_dynamic.generate(prompt, 24, mode="full", eos_token_id=eos, stop=recorder)
-        alone.append((out.tokens.shape[1], recorder.probes))
-    assert any(length < 24 for length, _ in alone) and sum(len(p) for _, p in alone) >= 7
+        alone.append((out.tokens.shape[1], recorder.probes, out.tokens[0].tolist()))
+    assert any(length < 24 for length, _, _ in alone) and sum(len(p) for _, p, _ in alone) >= 7
     problems = [CotExample(f"q{k}", "", "", 1.0) for k in range(7)]
     batched = reasoning_runs(tiny_dynamic, prompts, problems, record, vocabulary, lambda ids: "", batch_size=3, eos_token_id=eos)
-    for run, (length, probes) in zip(batched, alone):
+    for run, (length, probes, chain) in zip(batched, alone):
         assert run.chain_tokens == length
+        assert [p.line_end for p in run.probes] == [chain[b - 1] in vocabulary.line_ends for b, _ in probes]
         assert [(p.boundary, p.answer, p.cost) for p in run.probes] == [(b, t.value(vocabulary), t.cost) for b, t in probes]
         assert [p.confidence for p in run.probes] == pytest.approx([t.confidence for _, t in probes], abs=1e-5)
 

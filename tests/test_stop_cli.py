@@ -107,6 +107,9 @@ def test_reasoning_rule_on_a_character_model_and_run_answers_with_it(char_model,
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["policy"]["workload"] == "reasoning"
+    # --probe-at auto: both probe sites (and both signals) were weighed on the fit problems
+    assert summary["policy"]["probe_at"] in ("sentences", "lines")
+    assert {f"{s} at {p} ends" for s in ("confidence", "stable") for p in ("sentence", "line")} == set(summary["fit"])
     assert summary["certificate"]["heldout_never"]["tokens_saved"] == 0  # a rule that never stops runs no probe
     run = invoke(
         "run", out, "Ada has 3 apples and gets 4 more. How many?", "--raw", "--mode", "full", "-n", "40", "--stop", "reasoning", "--json"
@@ -128,6 +131,8 @@ def _unchanged(path, before):
         (["--signal", "stable"], "--signal"),
         (["--workload", "reasoning", "--value-unit", "lines"], "is for --workload completion"),
         (["--chain-tokens", "10"], "--chain-tokens"),
+        (["--probe-at", "lines"], "--probe-at"),
+        (["--workload", "reasoning", "--probe-at", "words"], "--probe-at"),
         (["--prompts", "100000"], "--prompts"),
         (
             ["--prompt-tokens", "500", "--new-tokens", "64", "--fit-prompts", "1", "--prompts", "1", "--heldout-prompts", "1"],
