@@ -18,6 +18,7 @@ from dyninfer.core.choices import DEFAULT_DATA, GENERATION_RISK
 from dyninfer.core.data import load_windows
 from dyninfer.core.errors import DyninferError, option
 from dyninfer.core.progress import ProgressFn
+from dyninfer.core.provenance import provenance
 from dyninfer.exporters.onnx_runtime import read_package
 from dyninfer.jobs.configs import PACKAGE_DIR, BenchConfig
 from dyninfer.jobs.run import draft_settings, plan_note
@@ -34,6 +35,7 @@ class BenchReport:
     result: BenchResult | StopBenchResult
     gates_failed: list[str] = field(default_factory=list)
     placement: dict | None = None  # where the torch model ran ({device, dtype})
+    provenance: dict = field(default_factory=provenance)  # the commit, versions and command line it ran with
 
     @property
     def passed(self) -> bool:
@@ -46,6 +48,7 @@ class BenchReport:
             **self.result.to_dict(),
             "gates_failed": self.gates_failed,
             "placement": self.placement,
+            "provenance": self.provenance,
         }
 
 

@@ -44,6 +44,7 @@ from dyninfer.core.artifacts import Artifact, BaseModelInfo
 from dyninfer.core.data import TokenWindows, load_windows
 from dyninfer.core.errors import DyninferError, option
 from dyninfer.core.progress import ProgressFn, silent
+from dyninfer.core.provenance import provenance
 from dyninfer.core.records import SteerRecord, StopRecord, TuneRecord
 from dyninfer.jobs.configs import StopConfig
 from dyninfer.profilers.stop_bench import StopRequests
@@ -73,6 +74,7 @@ class StopReport:
     timings: dict
     notes: list[str] = field(default_factory=list)
     artifact: Artifact | None = None
+    provenance: dict = field(default_factory=provenance)  # the commit, versions and command line it ran with
 
     def summary(self) -> dict:
         return {
@@ -87,6 +89,7 @@ class StopReport:
             "fit": self.fit,
             "timings": self.timings,
             "notes": self.notes,
+            "provenance": self.provenance,
         }
 
     def files(self) -> dict[str, bytes]:

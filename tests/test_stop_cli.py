@@ -55,6 +55,7 @@ def test_stop_certifies_a_completion_rule_and_records_it(completion_artifact):
     manifest = json.loads((out / "dyninfer.json").read_text())
     assert manifest["stages"]["stop"]["rules"]["completion"]["policy"] == policy
     assert (out / "stop-completion" / "curve.csv").is_file()
+    assert {"commit", "command", "packages"} <= set(summary["provenance"]) and "torch" in summary["provenance"]["packages"]
 
 
 def _shown_under_rule(model_dir, prompt: str, policy: dict, new_tokens: int) -> int:
@@ -95,6 +96,7 @@ def test_bench_measures_the_rule_side_by_side_per_request(completion_artifact):
     assert summary["baseline"]["name"] == "baseline (transformers)"
     for r in summary["runners"]:
         assert r["seconds_per_request"] > 0 and r["request_speedup"] > 0
+    assert {"commit", "command", "packages"} <= set(summary["provenance"])  # every measurement says what made it
     full, stopped = summary["runners"]
     assert full["tokens_per_request"] == 8 and full["ended"] == {"budget": 3}
     assert stopped["tokens_per_request"] == 0 and stopped["ended"] == {"rule": 3}
