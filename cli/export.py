@@ -17,13 +17,15 @@ HELP = """Export the dynamic model as an ONNX Runtime package, exits and custom 
 
 The graph is one decoding step with KV cache (inputs past_key_values.{i}.key/value, outputs present.{i}.key/value, like optimum), with the calibrated exits as real `If` branches that skip the deeper layers and each exit decision as an `ai.dyninfer.ExitGate` custom-op node defined as an ONNX function, so stock ONNX Runtime runs it on any execution provider.
 
-The package goes to ARTIFACT/onnx/ (or --out): model.onnx + model.onnx.data, the tokenizer, dyninfer-onnx.json, and baseline/ (the plain model exported by optimum, for `bench --backend onnx`). It is verified against the torch dynamic model before it replaces anything.
+The package goes to ARTIFACT/onnx/ (or --out): model.onnx + model.onnx.data, the tokenizer, dyninfer-onnx.json, and baseline/ (the plain model exported by optimum, for `bench --backend onnx`). It is verified against the torch dynamic model before it replaces anything. --weights int8|int4 then quantizes the weights of every projection with ONNX Runtime's MatMulNBits (CPU and CUDA kernels), and the baseline the same way; how far that moved the logits is reported.
 
 Examples:
 
     dyninfer export audit/                            (CPU, fp32, with the optimum baseline)
 
     dyninfer export audit/ --provider cuda --dtype fp16 --out audit-gpu/    (on a GPU machine; --no-verify builds it elsewhere)
+
+    dyninfer export audit/ --weights int4 --out audit-int4/      (weight-only int4, blocks of 32; the baseline quantized alike)
 
     dyninfer export audit/ --no-baseline --json
 """  # noqa: E501 (help paragraphs are one line each: Typer keeps line breaks)
@@ -35,6 +37,11 @@ def export(
     out: opt.out_dir("Package directory (default: ARTIFACT/onnx).") = None,
     provider: Annotated[str, typer.Option("--provider", help="Execution provider the package is for: cuda or cpu.")] = DEFAULTS.provider,
     dtype: Annotated[str, typer.Option("--dtype", help="fp32, or fp16 (CUDA only).")] = DEFAULTS.dtype,
+    weights: Annotated[
+        str,
+        typer.Option("--weights", help="full (in --dtype), or int8/int4 weight-only quantization (MatMulNBits; the baseline's too)."),
+    ] = DEFAULTS.weights,
+    block_size: Annotated[int, typer.Option("--block-size", help="int8/int4: weights per quantization scale.")] = DEFAULTS.block_size,
     model: opt.ModelOverride = DEFAULTS.model,
     kv_mode: Annotated[
         str | None, typer.Option("--kv-mode", help="Override the policy's KV mode (the graph implements propagate).")
@@ -65,6 +72,12 @@ def export(
     stdout.print(f"custom ops (ai.dyninfer): {nodes}; model {result.model_bytes / 1e6:.0f} MB")
     if result.verify_max_abs_diff is not None:
         stdout.print(f"verified against torch: max |logit difference| {result.verify_max_abs_diff:.2g}")
+    if result.weights is not None:
+        moved = "" if result.quantized_max_abs_diff is None else f"; logits moved by up to {result.quantized_max_abs_diff:.2g}"
+        stdout.print(
+            f"weights: {result.weights['format']} in blocks of {result.weights['block_size']} "
+            f"({result.weights['quantized_matmuls']} MatMuls quantized{moved})"
+        )
     if result.baseline:
         stdout.print(f"optimum baseline: {result.baseline}")
     notes(result.notes)

@@ -43,6 +43,7 @@ RUN_MODES = ("full", "early-exit", "speculative")
 RUN_BACKENDS = ("torch", "onnx")
 ONNX_PROVIDERS = ("cuda", "cpu")
 EXPORT_DTYPES = ("fp32", "fp16")
+EXPORT_WEIGHTS = ("full", "int8", "int4")  # full: the weights in the graph's dtype; int8/int4: weight-only MatMulNBits
 
 # --- pruning (compressors/pruning.py)
 PRUNE_METHODS = ("threshold", "predictor")

@@ -43,6 +43,7 @@ from dyninfer.exporters.onnx_runtime import (
     OnnxDynamicModel,
     create_session,
 )
+from dyninfer.exporters.quantize import quantize_weights
 from dyninfer.exporters.step import DynamicStep, check_exportable
 from dyninfer.runtime.dynamic import DynamicModel
 from dyninfer.runtime.loader import LoadedDynamic, probe_vocabulary, stored_stop_policy
@@ -64,10 +65,12 @@ class ExportResult:
     kv_mode: str | None
     custom_nodes: dict[str, int]  # op type -> count in the saved graph
     model_bytes: int
-    verify_max_abs_diff: float | None  # logits, ONNX vs torch, one prefill + decode step
+    verify_max_abs_diff: float | None  # logits, ONNX vs torch, one prefill + decode step (before quantizing)
     baseline: str | None
     seconds: float
     notes: list[str] = field(default_factory=list)
+    weights: dict | None = None  # the weight-only quantization ({format, block_size, ...}); None: full weights
+    quantized_max_abs_diff: float | None = None  # logits, the quantized package vs torch (information, not a check)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -288,6 +291,8 @@ def export_dynamic(
     dtype: str = "fp32",
     baseline: bool = True,
     verify: bool = True,
+    weights: str = "full",
+    block_size: int = 32,
     source_manifest: Path | None = None,
     lock: bool = True,
     progress: ProgressFn | None = None,
@@ -306,7 +311,7 @@ def export_dynamic(
             raise ValueError("export_dynamic needs a saved artifact, or its manifest as `source_manifest`")
         source_manifest = Path(dyn.artifact.path) / MANIFEST_NAME
     started = time.perf_counter()
-    steps = 4 if baseline else 3
+    steps = (4 if baseline else 3) + (weights != "full")
     lm = dyn.loaded.layered
     notes = []
     if dyn.policy.threshold is None:
@@ -337,9 +342,19 @@ def export_dynamic(
                 raise DyninferError(
                     f"the exported graph's logits differ from torch by {difference:.3g}; the export is wrong, nothing was written"
                 )
+        quantized = quantized_difference = None
+        if weights != "full":
+            report(f"quantizing the weights to {weights}", 3, steps)
+            quantized = manifest["weights"] = quantize_weights(tmp / MODEL_FILE, weights, block_size)
+            _write_manifest(tmp, manifest)
+            if verify:  # how far quantizing moved the logits: reported, since any quantization moves them
+                quantized_difference = verify_package(dyn.dynamic, tmp, provider)
         if baseline:
-            report("exporting the optimum baseline", 3, steps)
+            report("exporting the optimum baseline", steps - 1, steps)
             export_baseline(dyn, tmp / BASELINE_DIR)
+            if weights != "full":  # the same quantizer, so the baseline is the plain model at the same precision
+                manifest["baseline_weights"] = quantize_weights(tmp / BASELINE_DIR / "model.onnx", weights, block_size)
+                _write_manifest(tmp, manifest)
         give_usual_modes(tmp)  # model.onnx.data and safetensors files are written 0600
         model_bytes = sum(p.stat().st_size for p in tmp.iterdir() if p.name.startswith(MODEL_FILE))
         counts = manifest["custom_ops"]["nodes"]
@@ -359,6 +374,8 @@ def export_dynamic(
         str(target / BASELINE_DIR) if baseline else None,
         time.perf_counter() - started,
         notes,
+        quantized,
+        quantized_difference,
     )
 
 

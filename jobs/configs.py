@@ -24,6 +24,7 @@ from dyninfer.core.choices import (
     DEFAULT_DATA,
     DEFAULT_MODEL,
     EXPORT_DTYPES,
+    EXPORT_WEIGHTS,
     GENERATION_RISK,
     KV_MODES,
     LENS_KINDS,
@@ -44,6 +45,7 @@ from dyninfer.core.choices import (
 )
 from dyninfer.core.errors import DyninferError, check_at_least, check_between, check_choice, check_positive, check_seed, option
 from dyninfer.core.placement import PlacementOptions
+from dyninfer.exporters.quantize import check_block_size
 
 
 def _check_seed(config) -> None:
@@ -369,10 +371,16 @@ class ExportConfig:
     kv_mode: str | None = None  # override the policy's KV mode (the graph implements propagate)
     baseline: bool = True  # also export the plain model through optimum (for `bench` on ONNX)
     verify: bool = True  # check the package against torch on this machine's provider
+    weights: str = "full"  # full (the dtype's), or int8/int4 weight-only quantization (the baseline's too)
+    block_size: int = 32  # inputs per quantization scale (int8/int4)
 
     def validate(self) -> None:
         check_choice("provider", self.provider, ONNX_PROVIDERS)
         check_choice("dtype", self.dtype, EXPORT_DTYPES)
+        check_choice("weights", self.weights, EXPORT_WEIGHTS)
+        check_block_size(self.block_size)
+        if self.weights == "full" and self.block_size != ExportConfig.block_size:
+            raise DyninferError(f"{option('block_size')} is for {option('weights')} int8 or int4; leave it out or quantize")
         if self.kv_mode is not None:
             check_choice("kv_mode", self.kv_mode, KV_MODES)
 

@@ -20,9 +20,17 @@ def run(config: ExportConfig, artifact: str | os.PathLike, progress: ProgressFn 
     target = config.target(artifact)
     preflight(target, config.provider, config.dtype, config.verify)
     report = progress or silent
-    steps = 4 if config.baseline else 3
+    steps = (4 if config.baseline else 3) + (config.weights != "full")
     report("loading the dynamic model", 0, steps)
     dyn = load_dynamic(str(artifact), config.model, require_policy=True, kv_mode=config.kv_mode)
     return export_dynamic(
-        dyn, target, provider=config.provider, dtype=config.dtype, baseline=config.baseline, verify=config.verify, progress=progress
+        dyn,
+        target,
+        provider=config.provider,
+        dtype=config.dtype,
+        baseline=config.baseline,
+        verify=config.verify,
+        weights=config.weights,
+        block_size=config.block_size,
+        progress=progress,
     )

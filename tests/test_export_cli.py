@@ -102,6 +102,42 @@ def test_bench_onnx_backend_compares_with_optimum_in_one_run(exported):
     assert failing.exit_code == 1 and "--min-speedup" in failing.stderr
 
 
+@pytest.mark.parametrize("weights", ["int4", "int8"])
+def test_a_quantized_package_decodes_as_the_baseline_quantized_alike(exported, tmp_path, weights):
+    """With exits disabled, the package is the plain model: quantized by the same quantizer, it must decode the
+    baseline's greedy tokens. Both graphs hold the same weights in the same MatMulNBits blocks and run the same
+    kernels, so their logits differ only by the order of float sums (the fp32 package matches torch to ~1e-5);
+    1e-3 on logits of a few units leaves room for that and none for a differently quantized weight."""
+    import numpy as np
+    import torch
+
+    from dyninfer.exporters.baseline import load_optimum_baseline
+    from dyninfer.exporters.onnx_runtime import OnnxDynamicModel
+
+    _, _, artifact, full = exported
+    out = tmp_path / weights
+    result = runner.invoke(app, ["export", str(artifact), "--weights", weights, "--block-size", "16", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    manifest = json.loads((out / PACKAGE_MANIFEST).read_text())
+    assert report["weights"] == manifest["weights"] and manifest["weights"]["format"] == weights
+    assert manifest["weights"]["block_size"] == 16 and manifest["weights"]["quantized_matmuls"] > 0
+    assert manifest["baseline_weights"]["quantized_matmuls"] > 0
+    assert (out / "model.onnx.data").stat().st_size < (artifact / "onnx" / "model.onnx.data").stat().st_size
+    assert report["verify_max_abs_diff"] < 1e-3 and report["quantized_max_abs_diff"] > report["verify_max_abs_diff"]
+    prompt = torch.tensor([[3, 9, 4, 7, 1, 12]])
+    package = OnnxDynamicModel(out, provider="cpu")
+    ours = package.generate(prompt.numpy(), 8, mode="full", return_logits=True)
+    baseline = load_optimum_baseline(out, "CPUExecutionProvider").model
+    ids, past = prompt, None
+    for step, logits in enumerate(ours.logits):
+        reference = baseline(input_ids=ids, attention_mask=torch.ones(1, prompt.shape[1] + step), past_key_values=past, use_cache=True)
+        expected = reference.logits[0, -1].numpy()
+        assert np.abs(logits[0] - expected).max() < 1e-3, step
+        assert int(ours.tokens[0, step]) == int(expected.argmax())
+        ids, past = torch.tensor([[int(ours.tokens[0, step])]]), reference.past_key_values
+
+
 def test_export_bad_inputs(exported, tmp_path):
     model, data, artifact, _ = exported
     probe_only = tmp_path / "probe-only"
@@ -122,6 +158,10 @@ def test_export_bad_inputs(exported, tmp_path):
         (["--dtype", "int3"], "--dtype"),
         (["--dtype", "fp16"], "fp16"),
         (["--kv-mode", "recompute"], "--kv-mode propagate"),
+        (["--weights", "int3"], "--weights"),
+        (["--weights", "int4", "--block-size", "48"], "--block-size"),
+        (["--weights", "int4", "--block-size", "8"], "--block-size"),
+        (["--block-size", "64"], "is for --weights int8 or int4"),
     ):
         result = runner.invoke(app, ["export", str(artifact), "--out", str(tmp_path / "y"), *options])
         assert result.exit_code == 2 and message in result.stderr, result.output
