@@ -386,6 +386,18 @@ def _ltt_over(losses: np.ndarray, grid: list[float], delta: float, epsilon: floa
     return result
 
 
+def _most_saving(ltt: LTTResult, curve: list[dict]) -> LTTResult:
+    """Choose, among the candidates the test certified, the one that saves the most tokens on the calibration units
+    (on a tie, the loosest). Fixed-sequence testing certifies every candidate it rejects at once (with probability
+    >= 1 - epsilon all of them keep the target), so choosing among them on the same units keeps the guarantee.
+    The loosest is not always the cheapest: a reasoning rule pays for its probes, and one that probes at every
+    step but seldom fires spends more than never stopping (which is then the choice)."""
+    certified = [j for j, rejected in enumerate(ltt.rejected) if rejected]
+    if certified:
+        ltt.chosen_index = max(certified, key=lambda j: (curve[j]["tokens_saved"], j))
+    return ltt
+
+
 def certify_completion(
     cal: CompletionRuns, grid: list[float | None], signal: str, target: float, epsilon: float, condition: str = "valued"
 ) -> StopCertificate:
@@ -400,7 +412,7 @@ def certify_completion(
     losses = np.stack([completion_losses(sub.values, shown_tokens(scores(sub.confidence, signal), t)) for t in grid])
     ltt = _ltt_over(losses, grid, 1.0 - target, epsilon)
     curve = [cal.outcome(signal, t) | {"risk": float(r), "p_value": float(p)} for t, r, p in zip(grid, ltt.risks, ltt.p_values)]
-    return StopCertificate(ltt, COMPLETION, signal, condition, curve)
+    return StopCertificate(_most_saving(ltt, curve), COMPLETION, signal, condition, curve)
 
 
 def certify_reasoning(
@@ -415,7 +427,7 @@ def certify_reasoning(
     losses = np.stack([reasoning_losses(units, signal, t) for t in grid])
     ltt = _ltt_over(losses, grid, 1.0 - target, epsilon)
     curve = [reasoning_outcome(cal, signal, t) | {"risk": float(r), "p_value": float(p)} for t, r, p in zip(grid, ltt.risks, ltt.p_values)]
-    return StopCertificate(ltt, REASONING, signal, condition, curve)
+    return StopCertificate(_most_saving(ltt, curve), REASONING, signal, condition, curve)
 
 
 def certify(

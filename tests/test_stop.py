@@ -179,6 +179,22 @@ def test_reasoning_certificate_is_about_the_right_answers_of_the_full_chains():
         certify_reasoning([_reasoning_run([], 10, 1.0, 2.0)], grid, "confidence", 0.9, 0.05)
 
 
+def test_among_certified_rules_the_one_saving_most_is_chosen_so_probes_that_seldom_fire_never_run():
+    rng = random.Random(1)
+    runs = []
+    for k in range(240):
+        if k % 2:  # unsure all along: three probes no rule above 0.3 fires at, wrong answers
+            probes = [(10, 9.0, 0.3), (20, 9.0, 0.3), (30, 9.0, 0.3)]
+        else:  # sure, but only at the end: the probes cost more than the tokens they save
+            probes = [(10, 9.0, 0.3), (20, 9.0, 0.3), (35, 7.0, 0.8 + 0.1 * rng.random())]
+        runs.append(_reasoning_run(probes, chain=40, full=7.0, answer=7.0))
+    grid = [NEVER[REASONING], 0.8, 0.3]
+    cert = certify_reasoning(runs, grid, "confidence", target=0.95, epsilon=0.05)
+    assert cert.ltt.rejected[:2] == [True, True] and not cert.ltt.rejected[2]  # 0.8 is certified, 0.3 is not
+    assert cert.curve[1]["tokens_saved"] < 0  # it keeps every right answer, and costs more than it saves
+    assert cert.threshold is None and "never stopping" in cert.statement()
+
+
 def test_stop_policy_round_trips_and_refuses_damage():
     policy = StopPolicy(COMPLETION, "prefix", 0.25, 0.95, 0.05, 64)
     assert StopPolicy.from_dict(policy.to_dict()) == policy
