@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from dyninfer.compressors.ltt import LTTResult, learn_then_test
+from dyninfer.core.choices import STOP_PROBE_SITES
 from dyninfer.core.errors import DyninferError, check_choice, option
 
 COMPLETION = "completion"
@@ -53,7 +54,7 @@ VALUE_UNITS = ("tokens", "characters", "lines")
 CONDITIONS = ("valued", "all")  # which units the guarantee is about (see the module docstring)
 # Where a chain is probed: at every sentence end (".", "!", "?", ":", ";" or a line end), or at line ends only
 # (fewer probes, each a step of a chain written a step per line).
-PROBE_SITES = ("sentences", "lines")
+PROBE_SITES = STOP_PROBE_SITES
 # The strictest candidates, which never stop: no score is below 0 (completion) or at least +inf (reasoning).
 NEVER = {COMPLETION: 0.0, REASONING: math.inf}
 PROBE_SUFFIX = "\nThe answer is"

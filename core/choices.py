@@ -60,3 +60,5 @@ CURRICULA = ("rotational", "gradual", "all")
 EXIT_TARGETS = ("teacher", "labels")
 DEPTH_WEIGHTINGS = ("quadratic", "linear", "uniform")
 STOP_WORKLOADS = ("completion", "reasoning")  # what a stop rule stops: corpus completions, or chains of thought
+# where a reasoning rule probes: every sentence end, or line ends only (compressors/stop_rule.py)
+STOP_PROBE_SITES = ("sentences", "lines")

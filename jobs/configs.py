@@ -14,7 +14,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from dyninfer.compressors.stop_rule import PROBE_SITES
 from dyninfer.compressors.tuning_settings import TuningSettings
 from dyninfer.core.artifact_files import artifact_exists, check_output_dir
 from dyninfer.core.choices import (
@@ -40,6 +39,7 @@ from dyninfer.core.choices import (
     RUN_MODES,
     STEER_KINDS,
     STEER_METHODS,
+    STOP_PROBE_SITES,
     STOP_WORKLOADS,
     TUNED,
 )
@@ -426,7 +426,7 @@ class StopConfig(PlacementOptions):
         check_choice("condition", self.condition, ("valued", "all"))
         check_choice("value_unit", self.value_unit, ("tokens", "characters", "lines"))
         check_choice("mode", self.mode, ("full", "early-exit"))
-        check_choice("probe_at", self.probe_at, ("auto", *PROBE_SITES))
+        check_choice("probe_at", self.probe_at, ("auto", *STOP_PROBE_SITES))
         check_between("target", self.target, 0.0, 1.0)
         check_between("epsilon", self.epsilon, 0.0, 1.0)
         for name, low in (
