@@ -25,7 +25,7 @@ from provenance import provenance
 
 from dyninfer.compressors.cot_data import load_problems
 from dyninfer.compressors.steer_extract import CotPrompter
-from dyninfer.compressors.stop_rule import PROBE_SITES, PROBE_SUFFIX, REASONING, SIGNALS, ReasoningRun, StopPolicy
+from dyninfer.compressors.stop_rule import PROBE_SITES, PROBE_SUFFIX, REASONING, SIGNALS, ReasoningRun, StopPolicy, reasoning_outcome
 from dyninfer.core.models import load_model
 from dyninfer.profilers.stop_runs import reasoning_runs
 from dyninfer.runtime.dynamic import DynamicModel
@@ -47,16 +47,9 @@ def saving(runs: list[ReasoningRun], spent: list[int]) -> float:
 
 
 def rule_table(runs: list[ReasoningRun], signal: str) -> list[dict]:
-    """Per threshold (every probe score seen), the tokens saved and the right answers kept."""
-    right = [r for r in runs if r.right(r.full_answer)]
-    rows = []
-    for threshold in sorted({s for r in runs for s in r.probe_scores(signal) if s > 0}, reverse=True):
-        answers = [r.stop(signal, threshold) for r in runs]
-        kept = sum(r.right(a) for r, (a, _) in zip(runs, answers) if r.right(r.full_answer))
-        rows.append(
-            {"threshold": threshold, "tokens_saved": saving(runs, [s for _, s in answers]), "right_kept": kept / max(1, len(right))}
-        )
-    return rows
+    """Per threshold (every probe score seen), what the rule does: tokens saved, right answers kept, ..."""
+    thresholds = sorted({s for r in runs for s in r.probe_scores(signal) if s > 0}, reverse=True)
+    return [reasoning_outcome(runs, signal, threshold) for threshold in thresholds]
 
 
 def main() -> None:

@@ -25,19 +25,21 @@ def check_block_size(block_size: int) -> None:
         raise DyninferError(f"{option('block_size')} must be a power of two of at least 16 (e.g. 32, 64, 128), got {block_size}")
 
 
-def _matmul_counts(graph, counts: dict[str, int] | None = None) -> dict[str, int]:
-    """MatMul and MatMulNBits nodes in `graph` and its subgraphs (the exits' `If` branches)."""
+def _subgraphs(node) -> list:
+    """The graphs a node holds (an `If`'s branches, a loop's body)."""
     import onnx
 
+    return [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH] + [g for a in node.attribute for g in a.graphs]
+
+
+def _matmul_counts(graph, counts: dict[str, int] | None = None) -> dict[str, int]:
+    """MatMul and MatMulNBits nodes in `graph` and its subgraphs (the exits' `If` branches)."""
     counts = counts if counts is not None else {"MatMul": 0, "MatMulNBits": 0}
     for node in graph.node:
         if node.op_type in counts:
             counts[node.op_type] += 1
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                _matmul_counts(attribute.g, counts)
-            for sub in attribute.graphs:
-                _matmul_counts(sub, counts)
+        for sub in _subgraphs(node):
+            _matmul_counts(sub, counts)
     return counts
 
 
@@ -45,7 +47,6 @@ def _gemms_as_matmuls(model) -> int:
     """Rewrite each Gemm whose weight is a constant of the main graph (a head the exporter wrote as
     Gemm(x, W, transB=1)) as a MatMul on the transposed constant, plus its bias: MatMulNBits quantizes MatMuls
     only, and optimum's export writes the same layer as a MatMul. Returns how many were rewritten."""
-    import onnx
     from onnx import helper, numpy_helper
 
     constants = {tensor.name: tensor for tensor in model.graph.initializer}
@@ -56,11 +57,8 @@ def _gemms_as_matmuls(model) -> int:
         nonlocal rewritten
         nodes = []
         for node in graph.node:
-            for attribute in node.attribute:
-                if attribute.type == onnx.AttributeProto.GRAPH:
-                    visit(attribute.g)
-                for sub in attribute.graphs:
-                    visit(sub)
+            for sub in _subgraphs(node):
+                visit(sub)
             settings = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             plain = settings.get("alpha", 1.0) == 1.0 and settings.get("beta", 1.0) == 1.0 and not settings.get("transA", 0)
             if node.op_type != "Gemm" or not plain or node.input[1] not in constants:
