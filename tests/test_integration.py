@@ -247,6 +247,7 @@ def test_the_bundled_tokenizer_gives_probes_steps_and_numbers(bundled):
     assert [k for k in kinds if k[1]] == [("1", True, False, False), ("2", True, False, False), ("8", True, False, False)]
     assert [k[0] for k in kinds if k[2]] == [t for t, *_ in kinds if t == "." or "\n" in t]  # the stop and the line ends
     assert "." in [k[0] for k in kinds if k[2]] and not any(k[2] for k in kinds if k[0] == "So")
+    assert [tokenizer.decode([i]) for i in ids if i in vocabulary.line_ends] == [t for t, *_ in kinds if "\n" in t]  # not the "."
     assert vocabulary.answer([i for i in ids if i in vocabulary.numbers]) == 128.0
 
 
