@@ -17,7 +17,9 @@ HELP = """Export the dynamic model as an ONNX Runtime package, exits and custom 
 
 The graph is one decoding step with KV cache (inputs past_key_values.{i}.key/value, outputs present.{i}.key/value, like optimum), with the calibrated exits as real `If` branches that skip the deeper layers and each exit decision as an `ai.dyninfer.ExitGate` custom-op node defined as an ONNX function, so stock ONNX Runtime runs it on any execution provider.
 
-The package goes to ARTIFACT/onnx/ (or --out): model.onnx + model.onnx.data, the tokenizer, dyninfer-onnx.json, and baseline/ (the plain model exported by optimum, for `bench --backend onnx`). It is verified against the torch dynamic model before it replaces anything. --weights int8|int4 then quantizes the weights of every projection with ONNX Runtime's MatMulNBits (CPU and CUDA kernels), and the baseline the same way; how far that moved the logits is reported.
+The package goes to ARTIFACT/onnx/ (or --out): model.onnx + model.onnx.data, the tokenizer, dyninfer-onnx.json, and baseline/ (the plain model exported by optimum, for `bench --backend onnx`). It is verified against the torch dynamic model before it replaces anything. --weights int8|int4 then quantizes the weights of every projection (and the head) with ONNX Runtime's MatMulNBits (CPU and CUDA kernels), and the baseline the same way; how far that moved the logits is reported.
+
+The manifest carries the consistency bound the package ships with. By default it is calibration's, computed on the torch model: for a quantized or fp16 package that is another graph, and every report says so. --certify certifies the package itself: on calibration's prompts (needs `calibrate --risk generation`), the package generates through ONNX Runtime, batch 1, and Learn-then-Test runs along calibration's candidate thresholds, exits disabled first, against the original model's cached continuations. The threshold it certifies becomes the package's. It decodes every calibration prompt once per candidate tried (on 2 CPU cores: about 4 minutes a candidate for 128 prompts of 64 new tokens).
 
 Examples:
 
@@ -26,6 +28,8 @@ Examples:
     dyninfer export audit/ --provider cuda --dtype fp16 --out audit-gpu/    (on a GPU machine; --no-verify builds it elsewhere)
 
     dyninfer export audit/ --weights int4 --out audit-int4/      (weight-only int4, blocks of 32; the baseline quantized alike)
+
+    dyninfer export audit/ --weights int4 --certify --out audit-int4/   (and certify the int4 package on its own continuations)
 
     dyninfer export audit/ --no-baseline --json
 """  # noqa: E501 (help paragraphs are one line each: Typer keeps line breaks)
@@ -52,6 +56,10 @@ def export(
     verify: Annotated[
         bool, typer.Option("--verify/--no-verify", help="Check the package against torch on this machine's provider.")
     ] = DEFAULTS.verify,
+    certify: Annotated[
+        bool,
+        typer.Option("--certify/--no-certify", help="Certify the package itself (its ONNX Runtime continuations vs the original model)."),
+    ] = DEFAULTS.certify,
     as_json: opt.Json = False,
 ) -> None:
     from dyninfer.jobs import export as job
@@ -78,6 +86,8 @@ def export(
             f"weights: {result.weights['format']} in blocks of {result.weights['block_size']} "
             f"({result.weights['quantized_matmuls']} MatMuls quantized{moved})"
         )
+    if result.certificate is not None:
+        stdout.print(f"bound: {escape(result.certificate['statement'])}")
     if result.baseline:
         stdout.print(f"optimum baseline: {result.baseline}")
     notes(result.notes)

@@ -21,6 +21,7 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,12 +29,14 @@ import torch
 
 from dyninfer.compressors.stop_rule import REASONING
 from dyninfer.core.artifact_files import MANIFEST_NAME, give_usual_modes, staged_directory
-from dyninfer.core.errors import DyninferError
+from dyninfer.core.errors import DyninferError, option
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens
 from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.core.records import StopRecord
 from dyninfer.exporters import ops
+from dyninfer.exporters.certificate import PackageCertificate, carried_over, graph_hashes
+from dyninfer.exporters.graph_tidy import fold_weight_transposes, strip_node_metadata
 from dyninfer.exporters.onnx_runtime import (
     PACKAGE_FORMAT,
     PACKAGE_MANIFEST,
@@ -71,6 +74,7 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
     weights: dict | None = None  # the weight-only quantization ({format, block_size, ...}); None: full weights
     quantized_max_abs_diff: float | None = None  # logits, the quantized package vs torch (information, not a check)
+    certificate: dict | None = None  # PackageCertificate.to_dict(): the bound the manifest carries, and what it is about
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -205,6 +209,8 @@ def export_step_onnx(dynamic: DynamicModel, path: Path, dtype: str = "fp32") -> 
         config._attn_implementation = attention
     model = program.model_proto
     ops.add_function_definitions(model)
+    strip_node_metadata(model)
+    fold_weight_transposes(model)
     onnx.save_model(
         model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=1024
     )
@@ -295,13 +301,16 @@ def export_dynamic(
     block_size: int = 32,
     source_manifest: Path | None = None,
     lock: bool = True,
+    certify: Callable[[Path], PackageCertificate] | None = None,
     progress: ProgressFn | None = None,
 ) -> ExportResult:
     """Export `dyn` as a package at `target`, built aside and swapped in only when complete and verified.
 
     Call `preflight` first (before loading anything). The package keeps a copy of the artifact's
     manifest: `source_manifest`, else the one of the saved artifact `dyn` was built from. `lock=False`:
-    `target` is inside a staged copy of the artifact that no other process sees (`audit`).
+    `target` is inside a staged copy of the artifact that no other process sees (`audit`). `certify(package)`:
+    certifies the staged package (after quantizing, before the baseline); its threshold becomes the package's.
+    Without it the manifest carries calibration's bound, marked as computed on the torch model.
     """
     report = progress or silent
     if dyn.policy is None:
@@ -311,7 +320,7 @@ def export_dynamic(
             raise ValueError("export_dynamic needs a saved artifact, or its manifest as `source_manifest`")
         source_manifest = Path(dyn.artifact.path) / MANIFEST_NAME
     started = time.perf_counter()
-    steps = (4 if baseline else 3) + (weights != "full")
+    steps = (4 if baseline else 3) + (weights != "full") + (certify is not None)
     lm = dyn.loaded.layered
     notes = []
     if dyn.policy.threshold is None:
@@ -349,6 +358,15 @@ def export_dynamic(
             _write_manifest(tmp, manifest)
             if verify:  # how far quantizing moved the logits: reported, since any quantization moves them
                 quantized_difference = verify_package(dyn.dynamic, tmp, provider)
+        if certify is not None:
+            report("certifying the package", steps - 1 - baseline, steps)
+            certificate = certify(tmp)
+            certificate.graph_sha256 = graph_hashes(tmp, sorted(p.name for p in tmp.iterdir() if p.name.startswith(MODEL_FILE)))
+            manifest["policy"]["threshold"] = certificate.threshold  # the threshold certified on this graph
+        else:
+            certificate = _carried_over_bound(dyn, dtype, weights)
+        manifest["certificate"] = certificate.to_dict() if certificate is not None else None
+        _write_manifest(tmp, manifest)
         if baseline:
             report("exporting the optimum baseline", steps - 1, steps)
             export_baseline(dyn, tmp / BASELINE_DIR)
@@ -360,13 +378,17 @@ def export_dynamic(
         counts = manifest["custom_ops"]["nodes"]
     report("done", steps, steps)
     policy = dyn.policy
+    if certificate is not None and not certificate.on_package:
+        notes.append(
+            f"the bound is calibration's: {certificate.statement()}; export with {option('certify')} to certify the package itself"
+        )
     return ExportResult(
         str(target),
         provider,
         dtype,
         lm.num_layers,
         list(policy.exit_points),
-        policy.threshold,
+        manifest["policy"]["threshold"],  # the certified package's own, or the policy's
         policy.kv_mode,
         counts,
         model_bytes,
@@ -376,7 +398,17 @@ def export_dynamic(
         notes,
         quantized,
         quantized_difference,
+        certificate.to_dict() if certificate is not None else None,
     )
+
+
+def _carried_over_bound(dyn: LoadedDynamic, dtype: str, weights: str) -> PackageCertificate | None:
+    """Calibration's bound, as what the package carries when it was not certified itself."""
+    placement = dyn.calibration.get("placement") or {}
+    model = f"the torch dynamic model ({placement.get('dtype', 'float32')})"
+    if dtype != "fp32" or weights != "full":
+        model += f", not this {weights if weights != 'full' else dtype} graph"
+    return carried_over(dyn.calibration, dyn.loaded.base_model_info(), model)
 
 
 def package_stop_rules(dyn: LoadedDynamic) -> tuple[dict, list[str]]:

@@ -30,6 +30,7 @@ from dyninfer.compressors.stop_rule import (
 from dyninfer.core.artifact_files import inside, relative_inside
 from dyninfer.core.errors import DyninferError, check_positive, option
 from dyninfer.core.generation import GenerationResult
+from dyninfer.exporters.certificate import PackageCertificate
 
 PACKAGE_MANIFEST = "dyninfer-onnx.json"
 PACKAGE_FORMAT = "dyninfer-onnx"
@@ -195,6 +196,20 @@ class OnnxDynamicModel:
         self.geometry = self.manifest["kv_geometry"]
 
     @property
+    def certificate(self) -> PackageCertificate | None:
+        """The consistency bound the package ships with (None: packages exported before certificates, or a policy
+        calibrated on a teacher-forced risk)."""
+        stored = self.manifest.get("certificate")
+        return PackageCertificate.from_dict(stored) if isinstance(stored, dict) else None
+
+    def certificate_notes(self, mode: str) -> list[str]:
+        """What a report of a run in `mode` should say about the bound: when it is about another graph."""
+        certificate = self.certificate
+        if mode != "early-exit" or certificate is None or certificate.on_package:
+            return []
+        return [f"the package's bound: {certificate.statement()} (export with --certify to certify this graph)"]
+
+    @property
     def eos_token_id(self) -> int | None:
         return self.manifest.get("eos_token_id")
 
@@ -230,7 +245,10 @@ class OnnxDynamicModel:
         eos_token_id: int | None = None,
         return_logits: bool = False,
         stop: CompletionStopper | ReasoningStopper | None = None,
+        exit_threshold: float | None = None,
     ) -> GenerationResult:
+        """`exit_threshold`: exit at this threshold instead of the policy's (early-exit mode; certification tries
+        candidates)."""
         import onnxruntime as ort
 
         if mode not in MODES:
@@ -251,7 +269,7 @@ class OnnxDynamicModel:
             for heads, dim in self.geometry
             for _ in range(2)
         ]
-        threshold = self._threshold(mode)
+        threshold = self._threshold(mode) if exit_threshold is None or mode == "full" else float(exit_threshold)
         if stop is not None and (sample or batch != 1):
             raise DyninferError("a stop rule runs greedy decoding with one prompt at a time")
         tokens, exits, confidences, all_logits = [], [], [], []

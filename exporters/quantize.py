@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 from dyninfer.core.errors import DyninferError, option
+from dyninfer.exporters.graph_tidy import fold_weight_transposes, strip_node_metadata, subgraphs
 
 WEIGHT_BITS = {"int8": 8, "int4": 4}  # the quantized weight formats (`full`: the graph's own dtype)
 METHOD = "onnxruntime MatMulNBits, blockwise symmetric round-to-nearest"
@@ -25,20 +26,13 @@ def check_block_size(block_size: int) -> None:
         raise DyninferError(f"{option('block_size')} must be a power of two of at least 16 (e.g. 32, 64, 128), got {block_size}")
 
 
-def _subgraphs(node) -> list:
-    """The graphs a node holds (an `If`'s branches, a loop's body)."""
-    import onnx
-
-    return [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH] + [g for a in node.attribute for g in a.graphs]
-
-
 def _matmul_counts(graph, counts: dict[str, int] | None = None) -> dict[str, int]:
     """MatMul and MatMulNBits nodes in `graph` and its subgraphs (the exits' `If` branches)."""
     counts = counts if counts is not None else {"MatMul": 0, "MatMulNBits": 0}
     for node in graph.node:
         if node.op_type in counts:
             counts[node.op_type] += 1
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             _matmul_counts(sub, counts)
     return counts
 
@@ -57,7 +51,7 @@ def _gemms_as_matmuls(model) -> int:
         nonlocal rewritten
         nodes = []
         for node in graph.node:
-            for sub in _subgraphs(node):
+            for sub in subgraphs(node):
                 visit(sub)
             settings = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             plain = settings.get("alpha", 1.0) == 1.0 and settings.get("beta", 1.0) == 1.0 and not settings.get("transA", 0)
@@ -113,6 +107,10 @@ def quantize_weights(path: Path, weights: str, block_size: int) -> dict:
         if entry.key == "location"
     }
     model = onnx.load(str(path))
+    # Both graphs quantize the same weights: every constant one, the head too (optimum's tied head is a Transpose
+    # of the embedding; ours a Gemm) and the weights torch's branches read through a Transpose.
+    strip_node_metadata(model)
+    fold_weight_transposes(model)
     _gemms_as_matmuls(model)
     with _quiet_quantizer():
         quantizer = MatMulNBitsQuantizer(model, bits=WEIGHT_BITS[weights], block_size=block_size, is_symmetric=True)

@@ -373,6 +373,9 @@ class ExportConfig:
     verify: bool = True  # check the package against torch on this machine's provider
     weights: str = "full"  # full (the dtype's), or int8/int4 weight-only quantization (the baseline's too)
     block_size: int = 32  # inputs per quantization scale (int8/int4)
+    # certify the package itself: its own continuations through ONNX Runtime against the original model's (minutes to
+    # hours: every calibration prompt decoded per candidate); else the manifest carries calibration's torch bound
+    certify: bool = False
 
     def validate(self) -> None:
         check_choice("provider", self.provider, ONNX_PROVIDERS)

@@ -1,28 +1,38 @@
 """`export`: the artifact's dynamic model as an ONNX Runtime package (default `ARTIFACT/onnx/`).
 
 `run` checks every option and the output path before the model loads, then builds, verifies and
-swaps in the package (see `exporters.onnx_export`).
+swaps in the package (see `exporters.onnx_export`). With `certify` the staged package is certified on its own
+continuations before it replaces anything (`early_exit.package_certificate`).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from pathlib import Path
 
+from dyninfer.core import stages
+from dyninfer.core.choices import GENERATION_RISK
+from dyninfer.core.errors import DyninferError, option
 from dyninfer.core.progress import ProgressFn, silent
+from dyninfer.early_exit.package_certificate import certify_package
+from dyninfer.exporters.certificate import PackageCertificate
 from dyninfer.exporters.onnx_export import ExportResult, export_dynamic, preflight
+from dyninfer.exporters.onnx_runtime import OnnxDynamicModel
 from dyninfer.jobs.configs import ExportConfig
-from dyninfer.runtime.loader import load_dynamic
+from dyninfer.runtime.loader import LoadedDynamic, load_dynamic, model_state
 
 
 def run(config: ExportConfig, artifact: str | os.PathLike, progress: ProgressFn | None = None) -> ExportResult:
     """Export the artifact at `artifact`; returns what was written and how it verified."""
     config.validate()
     target = config.target(artifact)
-    preflight(target, config.provider, config.dtype, config.verify)
+    preflight(target, config.provider, config.dtype, config.verify or config.certify)
     report = progress or silent
-    steps = (4 if config.baseline else 3) + (config.weights != "full")
+    steps = (4 if config.baseline else 3) + (config.weights != "full") + config.certify
     report("loading the dynamic model", 0, steps)
     dyn = load_dynamic(str(artifact), config.model, require_policy=True, kv_mode=config.kv_mode)
+    certify = package_certifier(dyn, config.provider, progress) if config.certify else None
     return export_dynamic(
         dyn,
         target,
@@ -32,5 +42,49 @@ def run(config: ExportConfig, artifact: str | os.PathLike, progress: ProgressFn 
         verify=config.verify,
         weights=config.weights,
         block_size=config.block_size,
+        certify=certify,
         progress=progress,
     )
+
+
+def package_certifier(dyn: LoadedDynamic, provider: str, progress: ProgressFn | None) -> Callable[[Path], PackageCertificate]:
+    """Certification of a package of `dyn` on `provider`, against calibration's cached continuations of the original
+    model and along its candidate thresholds; refused before any export work when the artifact cannot support it."""
+    calibration = dyn.calibration
+    where = f"'{dyn.artifact.path}'" if dyn.artifact.path is not None else "the artifact"
+    if calibration.get("risk") != GENERATION_RISK or not calibration.get("ltt"):
+        raise DyninferError(
+            f"{option('certify')} needs a calibration on generations: {where} was calibrated with the "
+            f"{calibration.get('risk') or 'no'} risk; run `dyninfer calibrate --risk {GENERATION_RISK}` into it first"
+        )
+    group = dyn.artifact.tensors.get(stages.GENERATION_GROUP, {})
+    sets = {what: (group.get(f"{what}.prompts"), group.get(f"{what}.continuations")) for what in ("calibration", "heldout")}
+    if any(tensor is None for tensor in sets["calibration"]):
+        raise DyninferError(f"{where} keeps no calibration continuations; run `dyninfer calibrate --risk {GENERATION_RISK}` into it again")
+    if calibration.get("continuations_key") != model_state(dyn.session, dyn.artifact):
+        raise DyninferError(
+            f"{where} changed since calibration (steering, pruning or tuning): its continuations are not this model's; "
+            "run `dyninfer calibrate` into it again"
+        )
+    config = calibration.get("config") or {}
+    new_tokens = int(config.get("new_tokens", sets["calibration"][1].shape[1]))
+
+    def cut(pair):  # the stored continuations may be longer than the calibration's (an earlier, longer run)
+        prompts, continuations = pair
+        return None if prompts is None or continuations is None else (prompts.numpy(), continuations[:, :new_tokens].numpy())
+
+    def certify(package: Path) -> PackageCertificate:
+        runtime = OnnxDynamicModel(package, provider=provider)
+        return certify_package(
+            runtime,
+            cut(sets["calibration"]),
+            cut(sets["heldout"]),
+            calibration["ltt"]["lambdas"],
+            target=float(calibration["target"]),
+            epsilon=float(calibration["epsilon"]),
+            measure=config.get("consistency", "tokens"),
+            original_model=dyn.loaded.base_model_info(),
+            progress=progress,
+        )
+
+    return certify

@@ -144,7 +144,8 @@ def run(config: RunConfig, artifact: str | os.PathLike, prompt: str, progress: P
             stop=stopper,
         )
         num_layers = runtime.num_layers
-        notes = [] if stopper is None else stop_notes_for(stopper.policy, config.mode, config.max_new_tokens)
+        notes = runtime.certificate_notes(config.mode)
+        notes += [] if stopper is None else stop_notes_for(stopper.policy, config.mode, config.max_new_tokens)
     else:
         report = progress or silent
         report("loading model", 0, 1)

@@ -138,6 +138,99 @@ def test_a_quantized_package_decodes_as_the_baseline_quantized_alike(exported, t
         ids, past = torch.tensor([[int(ours.tokens[0, step])]]), reference.past_key_values
 
 
+def _sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_certified_fp32_package_reproduces_calibration_on_torch(exported, tmp_path):
+    """The fp32 package decodes as the torch dynamic model, so certifying it on its own ONNX Runtime continuations
+    must retrace calibration's test: the same consistency and p-value at every candidate, the same threshold."""
+    _, _, artifact, _ = exported
+    out = tmp_path / "certified"
+    result = runner.invoke(app, ["export", str(artifact), "--certify", "--no-baseline", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    calibration = json.loads((artifact / "dyninfer.json").read_text())["stages"]["calibrate"]
+    manifest = json.loads((out / PACKAGE_MANIFEST).read_text())
+    certificate = manifest["certificate"]
+    assert certificate == report["certificate"] and certificate["computed_on"] == "package"
+    assert certificate["threshold"] == calibration["ltt"]["chosen"] == manifest["policy"]["threshold"] == report["threshold"]
+    assert (certificate["target"], certificate["epsilon"], certificate["prompts"]) == (
+        calibration["target"],
+        calibration["epsilon"],
+        calibration["ltt"]["n"],
+    )
+    base_model = json.loads((artifact / "dyninfer.json").read_text())["base_model"]
+    assert certificate["original_model"]["content_hash"] == base_model["content_hash"]
+    ours = [(p["consistency"], p["p_value"]) for p in certificate["curve"]]
+    theirs = [(p["consistency"], p["p_value"]) for p in calibration["curve"]]
+    assert len(ours) == len(theirs) > 2
+    for (c, p), (c_ref, p_ref) in zip(ours, theirs):
+        assert abs(c - c_ref) < 1e-9 and abs(p - p_ref) < 1e-9
+    assert certificate["heldout"]["tokens"] == calibration["generated"]["tokens"]
+    assert certificate["graph_sha256"] == {name: _sha256(out / name) for name in ("model.onnx", "model.onnx.data")}
+
+
+def test_a_certified_quantized_package_measures_its_own_tokens(exported, tmp_path):
+    """int4 weights change tokens: the certificate's exits-disabled point is the package's own full-depth consistency
+    with the original model's continuations, recomputed here from the calibration prompts the artifact keeps."""
+    import numpy as np
+
+    from dyninfer.compressors.ltt import hoeffding_bentkus_p_value
+    from dyninfer.core.artifacts import Artifact
+    from dyninfer.exporters.onnx_runtime import OnnxDynamicModel
+
+    _, _, artifact, _ = exported
+    out = tmp_path / "int4"
+    args = ["export", str(artifact), "--weights", "int4", "--block-size", "16", "--certify", "--no-baseline", "--out", str(out), "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    certificate = json.loads((out / PACKAGE_MANIFEST).read_text())["certificate"]
+    group = Artifact.load(artifact).tensors["generation"]
+    prompts, reference = group["calibration.prompts"].numpy(), group["calibration.continuations"].numpy()
+    package = OnnxDynamicModel(out, provider="cpu")
+    tokens = np.stack([package.generate(p[None], reference.shape[1], mode="full").tokens[0] for p in prompts])
+    shares = (tokens == reference).mean(axis=1)
+    assert shares.mean() < 1.0  # the quantized graph does change tokens: the point measures something
+    first = certificate["curve"][0]
+    assert first["threshold"] is None and abs(first["consistency"] - shares.mean()) < 1e-9
+    assert abs(first["p_value"] - hoeffding_bentkus_p_value(1 - shares.mean(), len(prompts), 1 - certificate["target"])) < 1e-12
+    certified = first["p_value"] <= certificate["epsilon"]
+    assert certificate["full_depth_certified"] == certified
+    if not certified:  # nothing certified: the package ships never exiting, and says so
+        assert certificate["threshold"] is None and "nothing certified" in certificate["statement"]
+        run = package.generate(prompts[:1], 4)
+        assert run.exit_layers == [package.num_layers] * 4
+
+
+def test_an_uncertified_package_says_its_bound_is_about_another_graph(exported, tmp_path):
+    _, _, artifact, _ = exported
+    out = tmp_path / "int8"
+    result = runner.invoke(app, ["export", str(artifact), "--weights", "int8", "--no-baseline", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    certificate = json.loads((out / PACKAGE_MANIFEST).read_text())["certificate"]
+    assert certificate["computed_on"] != "package" and "not this int8 graph" in certificate["computed_on"]
+    assert "not on this package's graph" in certificate["statement"]
+    assert any("certify" in note and "not on this package's graph" in note for note in json.loads(result.stdout)["notes"])
+    run = runner.invoke(app, ["run", str(out), "tok3 tok9", "--raw", "-n", "3", "--backend", "onnx"])
+    assert run.exit_code == 0 and "not on this package's graph" in run.output, run.output
+
+
+def test_certify_needs_calibration_on_generations(exported, tmp_path):
+    from conftest import CALIBRATE_ARGS
+
+    model, data, _, _ = exported
+    simulated = tmp_path / "simulated"
+    args = ["calibrate", str(model), "--data", str(data), *CALIBRATE_ARGS, "--risk", "teacher-forced-consistency", "--out", str(simulated)]
+    assert runner.invoke(app, args).exit_code == 0
+    result = runner.invoke(app, ["export", str(simulated), "--certify", "--no-baseline", "--out", str(tmp_path / "p")])
+    assert result.exit_code == 2 and "--certify needs a calibration on generations" in result.stderr
+    assert "--risk generation" in result.stderr
+    assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr and not (tmp_path / "p").exists()
+
+
 def test_export_bad_inputs(exported, tmp_path):
     model, data, artifact, _ = exported
     probe_only = tmp_path / "probe-only"
