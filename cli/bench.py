@@ -42,35 +42,30 @@ Examples:
 def render(result: BenchResult) -> None:
     title = f"{result.prompts} prompts × {result.new_tokens} new tokens, batch 1, KV of skipped layers: {result.kv_mode}"
     table = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left")
-    for name in (
-        "mode",
-        "tokens/s",
-        "speedup",
-        "consistency",
-        "shared prefix",
-        "rougeL",
-        "perplexity",
-        "mean exit layer",
-        "draft acceptance",
-    ):
+    ratios = list(result.modes[0].ratios)  # the ONNX bench: each row against every optimum row
+    memory = any(m.memory for m in result.modes)
+    speedup = f"speedup vs {result.speedup_reference}" if result.speedup_reference else "speedup"
+    columns = ["mode", "tokens/s", speedup, *[r for r in ratios if r != f"vs {result.speedup_reference}"]]
+    columns += ["consistency", "shared prefix", "rougeL", "perplexity", *(["Δ perplexity"] if ratios else [])]
+    columns += ["mean exit layer", *(["peak RSS (model)"] if memory else []), *([] if ratios else ["draft acceptance"])]
+    for name in columns:
         table.add_column(name, justify="left" if name == "mode" else "right")
     for m in result.modes:
-        table.add_row(
-            m.mode,
-            f"{m.tokens_per_s:.1f}",
-            f"{m.speedup:.3f}x",
-            f"{m.consistency:.1%}",
-            f"{m.prefix_agreement:.1%}",
-            f"{m.rouge_l:.1%}",
-            f"{m.perplexity:.3g}",
-            f"{m.mean_exit_layer:.1f}",
-            "-" if m.acceptance is None else f"{m.acceptance:.1%}",
-        )
+        row = [m.mode, f"{m.tokens_per_s:.1f}", f"{m.speedup:.3f}x"]
+        row += [f"{m.ratios[r]:.3f}x" for r in ratios if r != f"vs {result.speedup_reference}"]
+        row += [f"{m.consistency:.1%}", f"{m.prefix_agreement:.1%}", f"{m.rouge_l:.1%}", f"{m.perplexity:.3g}"]
+        row += [f"{m.perplexity_change:+.1%}"] if ratios else []
+        row += [f"{m.mean_exit_layer:.1f}"]
+        if memory:
+            row += ["-" if not m.memory else f"{m.memory['peak_rss_mib']:.0f} MiB ({m.memory['model_rss_mib']:.0f})"]
+        row += [] if ratios else ["-" if m.acceptance is None else f"{m.acceptance:.1%}"]
+        table.add_row(*row)
     stdout.print(table)
     c = result.certified
     if c and c.get("bound") is not None:
+        where = "calibrate" if "computed_on" not in c else ("the package" if c["computed_on"] == "package" else c["computed_on"])
         stdout.print(
-            f"certified by calibrate ({c['risk']} risk): {c['measure']} consistency >= {c['bound']:g} with "
+            f"certified on {where} ({c['risk']} risk): {c['measure']} consistency >= {c['bound']:g} with "
             f"probability >= {1 - c['epsilon']:g}; measured here ({c['mode']}): {c['measured']:.1%}"
         )
     if result.predicted_speedup:

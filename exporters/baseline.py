@@ -4,6 +4,7 @@ plain model, exported by `dyninfer export` into the package's baseline/ folder."
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -14,6 +15,7 @@ from dyninfer.exporters.onnx_runtime import find_package, read_package
 @dataclass
 class OptimumBaseline:
     model: object  # optimum.onnxruntime.ORTModelForCausalLM
+    folder: Path | None = None  # the export it was loaded from
 
     @torch.no_grad()
     def greedy(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -33,14 +35,15 @@ class OptimumBaseline:
         return torch.cat(out, dim=1)
 
 
-def load_optimum_baseline(package, provider: str) -> OptimumBaseline:
-    """Load baseline/ with optimum on `provider` (an ONNX Runtime provider name)."""
+def load_optimum_baseline(package, provider: str, which: str = "baseline") -> OptimumBaseline:
+    """Load the package's optimum export named by manifest key `which` (`baseline`: at the package's precision;
+    `baseline_full`: a quantized package's float one) with optimum on `provider` (an ONNX Runtime provider name)."""
     manifest = read_package(package)
-    if not manifest.get("baseline"):
+    if not manifest.get(which):
         raise DyninferError(f"the package at '{package}' has no optimum baseline; re-run `dyninfer export` with `baseline`")
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    folder = find_package(package) / manifest["baseline"]
+    folder = find_package(package) / manifest[which]
     try:
         model = ORTModelForCausalLM.from_pretrained(
             folder, provider=provider, use_cache=True, use_io_binding=provider == "CUDAExecutionProvider"
@@ -49,4 +52,4 @@ def load_optimum_baseline(package, provider: str) -> OptimumBaseline:
         raise DyninferError(
             f"optimum could not load the baseline in '{folder}': {' '.join(str(exc).split())[:300]}; re-run `dyninfer export`"
         ) from exc
-    return OptimumBaseline(model)
+    return OptimumBaseline(model, folder)

@@ -7,7 +7,9 @@ The package (default `ARTIFACT/onnx/`) holds
   source-artifact.json            a copy of the artifact's manifest;
   tokenizer files and config.json;
   baseline/                       the plain full model exported by optimum (the reference a user
-                                  would otherwise deploy), unless `no_baseline`.
+                                  would otherwise deploy), unless `no_baseline`; quantized like the
+                                  package, when it is;
+  baseline-full/                  a quantized package's plain model with float weights (optimum fp32).
 It is built in a temporary directory and swapped in only when complete and verified.
 """
 
@@ -53,6 +55,7 @@ from dyninfer.runtime.loader import LoadedDynamic, probe_vocabulary, stored_stop
 
 MODEL_FILE = "model.onnx"
 BASELINE_DIR = "baseline"
+BASELINE_FULL_DIR = "baseline-full"  # a quantized package's plain model with float weights (bench's fp32 row)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 EXITS_DISABLED = 2.0  # an exit threshold no confidence (<= 1) reaches
 
@@ -371,6 +374,8 @@ def export_dynamic(
             report("exporting the optimum baseline", steps - 1, steps)
             export_baseline(dyn, tmp / BASELINE_DIR)
             if weights != "full":  # the same quantizer, so the baseline is the plain model at the same precision
+                shutil.copytree(tmp / BASELINE_DIR, tmp / BASELINE_FULL_DIR)
+                manifest["baseline_full"] = BASELINE_FULL_DIR
                 manifest["baseline_weights"] = quantize_weights(tmp / BASELINE_DIR / "model.onnx", weights, block_size)
                 _write_manifest(tmp, manifest)
         give_usual_modes(tmp)  # model.onnx.data and safetensors files are written 0600

@@ -27,6 +27,7 @@ from dyninfer.core.layered import LayeredModel
 from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.exporters.baseline import load_optimum_baseline
 from dyninfer.exporters.onnx_runtime import OnnxDynamicModel
+from dyninfer.profilers.row_memory import row_peak_memory
 from dyninfer.runtime.dynamic import default_draft_layer
 from dyninfer.runtime.loader import LoadedDynamic
 
@@ -43,6 +44,9 @@ class ModeResult:
     acceptance: float | None = None  # speculative: accepted / drafted
     draft_fallbacks: float | None = None  # speculative with a draft vocabulary: share of drafts re-scored in full
     rouge_l: float = 1.0  # ROUGE-L F1 of the output against the baseline's (CALM's textual consistency)
+    ratios: dict = field(default_factory=dict)  # ONNX bench: tokens/s against each optimum row ("vs optimum fp32": x)
+    perplexity_change: float | None = None  # ONNX bench: perplexity over the original model's, minus 1
+    memory: dict | None = None  # ONNX bench: {peak_rss_mib, imports_rss_mib, model_rss_mib} of this row alone
 
     def consistency_by(self, measure: str) -> float:
         """This mode's consistency under a calibration measure (tokens, prefix or rougeL)."""
@@ -64,6 +68,7 @@ class BenchResult:
     # What calibration certified ({risk, measure, bound, epsilon}) and the gated mode's value under that measure here.
     certified: dict | None = None
     speculation_plan: dict | None = None  # the planned draft layer and length (runtime.speculation), when planned
+    speedup_reference: str | None = None  # the row speedups are against (None: the first, the baseline)
 
     def mode(self, name: str) -> ModeResult:
         return next(m for m in self.modes if m.mode == name)
@@ -184,26 +189,43 @@ def run_onnx_bench(
     new_tokens: int = 64,
     *,
     provider: str | None = None,
+    memory: bool = True,
     progress: ProgressFn | None = None,
 ) -> BenchResult:
-    """The exported package against optimum's ORTModelForCausalLM (its baseline/ export), in one run:
-    our ONNX dynamic model, our ONNX model with exits disabled, and the torch dynamic model."""
+    """The exported package against what a user would ship instead, in one run: transformers on the original model
+    (the reference for consistency and perplexity), optimum's ORTModelForCausalLM in fp32 and at the package's
+    precision (its baseline/ exports), and the package with exits on and disabled. Speedups are against optimum
+    at the package's precision; `ratios` holds each row against every optimum row. `memory`: each row's peak RSS,
+    measured in a process of its own (`row_memory`)."""
     _check_sizes(prompts, new_tokens)
     runtime = OnnxDynamicModel(package, provider=provider)
-    optimum = load_optimum_baseline(package, runtime.provider)
+    manifest = runtime.manifest
+    precision = (manifest.get("weights") or {}).get("format") or manifest["dtype"]
+    optimum_rows = {f"optimum {precision}": load_optimum_baseline(package, runtime.provider)}
+    if manifest.get("baseline_full"):  # a quantized package: the plain model's float export beside the quantized one
+        optimum_rows = {f"optimum {manifest['dtype']}": load_optimum_baseline(package, runtime.provider, "baseline_full")} | optimum_rows
     warm = prompts[:1, : min(8, prompts.shape[1])]
-    optimum.greedy(warm, 2)
+    for optimum in optimum_rows.values():
+        optimum.greedy(warm, 2)
     runtime.generate(warm.numpy(), 2, mode="full")
-    dyn.dynamic.generate(warm, 2, mode="full")
-    runners = {
-        "onnx early-exit": lambda p: _as_torch(runtime.generate(p.numpy(), new_tokens, mode="early-exit")),
-        "onnx full (exits disabled)": lambda p: _as_torch(runtime.generate(p.numpy(), new_tokens, mode="full")),
-        "torch early-exit": lambda p: dyn.dynamic.generate(p, new_tokens, mode="early-exit"),
+    depth = runtime.num_layers
+    runners = {name: (lambda p, o=optimum, n=name: _as_result(o.greedy(p, new_tokens), n, depth)) for name, optimum in optimum_rows.items()}
+    runners |= {
+        PACKAGE_EXITS: lambda p: _as_torch(runtime.generate(p.numpy(), new_tokens, mode="early-exit")),
+        PACKAGE_DISABLED: lambda p: _as_torch(runtime.generate(p.numpy(), new_tokens, mode="full")),
     }
-    results = compare_side_by_side(
-        dyn.loaded.layered, "baseline (optimum ORTModelForCausalLM)", lambda p: optimum.greedy(p, new_tokens), runners, prompts, progress
-    )
+    lm = dyn.loaded.layered
+    results = compare_side_by_side(lm, ORIGINAL_MODEL, lambda p: greedy_generate(lm.model, p, new_tokens), runners, prompts, progress)
+    reference = next(m for m in results if m.mode == f"optimum {precision}")
+    optimum_speeds = {m.mode: m.tokens_per_s for m in results if m.mode in optimum_rows}
+    for m in results:
+        m.speedup = m.tokens_per_s / reference.tokens_per_s
+        m.ratios = {f"vs {name}": m.tokens_per_s / speed for name, speed in optimum_speeds.items()}
+        m.perplexity_change = m.perplexity / results[0].perplexity - 1.0
     notes = list(runtime.notes) + [f"ONNX Runtime provider: {runtime.provider}"]
+    if memory:
+        _measure_memory(results, dyn, runtime, optimum_rows, prompts[0].tolist(), new_tokens, progress)
+        notes.append("peak RSS: one process per row that imports only its runtime, loads the model and decodes one prompt")
     return BenchResult(
         prompts.shape[0],
         prompts.shape[1],
@@ -213,9 +235,35 @@ def run_onnx_bench(
         _kv_mode(dyn),
         None,
         notes,
-        gated_mode="onnx early-exit",
+        gated_mode=PACKAGE_EXITS,
         predicted_unit=_predicted_unit(dyn),
+        speedup_reference=reference.mode,
     )
+
+
+PACKAGE_EXITS, PACKAGE_DISABLED = "package early-exit", "package exits disabled"
+
+
+def _measure_memory(
+    results: list[ModeResult], dyn: LoadedDynamic, runtime, optimum_rows: dict, prompt: list[int], new_tokens: int, progress
+) -> None:
+    """Each row's peak RSS in a process of its own (see `row_memory`)."""
+    report = progress or silent
+    provider = runtime.device
+    rows = {ORIGINAL_MODEL: ("transformers", dyn.loaded.source, "full")}
+    rows |= {name: ("optimum", str(optimum.folder), "full") for name, optimum in optimum_rows.items()}
+    rows |= {PACKAGE_EXITS: ("package", str(runtime.path), "early-exit"), PACKAGE_DISABLED: ("package", str(runtime.path), "full")}
+    by_name = {m.mode: m for m in results}
+    for i, (name, (kind, path, mode)) in enumerate(rows.items()):
+        report("peak memory per row", i, len(rows))
+        by_name[name].memory = row_peak_memory(kind, path, prompt, new_tokens, provider, mode)
+    report("peak memory per row", len(rows), len(rows))
+
+
+def _as_result(tokens: torch.Tensor, name: str, num_layers: int) -> GenerationResult:
+    """A plain runner's tokens as a generation result (every token at full depth)."""
+    steps = tokens.shape[1]
+    return GenerationResult(tokens, [num_layers] * steps, [None] * steps, 0.0, name, num_layers)
 
 
 ORIGINAL_MODEL = "transformers (original model)"

@@ -94,12 +94,23 @@ def test_bench_onnx_backend_compares_with_optimum_in_one_run(exported):
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     modes = {m["mode"]: m for m in out["modes"]}
-    assert set(modes) == {"baseline (optimum ORTModelForCausalLM)", "onnx early-exit", "onnx full (exits disabled)", "torch early-exit"}
-    assert modes["onnx full (exits disabled)"]["consistency"] == 1.0  # the full model's greedy tokens
-    assert modes["onnx early-exit"]["consistency"] == modes["torch early-exit"]["consistency"]
-    assert out["gated_mode"] == "onnx early-exit"
+    assert list(modes) == ["transformers (original model)", "optimum fp32", "package early-exit", "package exits disabled"]
+    assert out["speedup_reference"] == "optimum fp32" and modes["optimum fp32"]["speedup"] == 1.0
+    for row in modes.values():  # every row against the reference, and the perplexity change against the original's
+        assert abs(row["ratios"]["vs optimum fp32"] - row["tokens_per_s"] / modes["optimum fp32"]["tokens_per_s"]) < 1e-9
+        original = modes["transformers (original model)"]["perplexity"]
+        assert abs(row["perplexity_change"] - (row["perplexity"] / original - 1)) < 1e-9
+    # fp32 graphs decode the original model's greedy tokens
+    assert modes["package exits disabled"]["consistency"] == modes["optimum fp32"]["consistency"] == 1.0
+    assert out["gated_mode"] == "package early-exit"
+    # each row's memory comes from its own process; the package's imports no torch, optimum's and transformers' do
+    memory = {name: row["memory"] for name, row in modes.items()}
+    assert all(m["peak_rss_mib"] >= m["imports_rss_mib"] > 0 for m in memory.values())
+    assert memory["package exits disabled"]["imports_rss_mib"] < memory["optimum fp32"]["imports_rss_mib"] - 50
+    certified = out["certified"]  # the fp32 package was not certified itself: the bound is calibration's, and says so
+    assert certified["computed_on"].startswith("the torch dynamic model") and certified["mode"] == "package early-exit"
     failing = runner.invoke(app, args + ["--min-speedup", "1000"])
-    assert failing.exit_code == 1 and "--min-speedup" in failing.stderr
+    assert failing.exit_code == 1 and "--min-speedup" in failing.stderr and "against optimum fp32" in failing.stderr
 
 
 @pytest.mark.parametrize("weights", ["int4", "int8"])
@@ -136,6 +147,16 @@ def test_a_quantized_package_decodes_as_the_baseline_quantized_alike(exported, t
         assert np.abs(logits[0] - expected).max() < 1e-3, step
         assert int(ours.tokens[0, step]) == int(expected.argmax())
         ids, past = torch.tensor([[int(ours.tokens[0, step])]]), reference.past_key_values
+    bench_args = ["--prompts", "2", "--prompt-tokens", "8", "--new-tokens", "6", "--json"]
+    bench = runner.invoke(app, ["bench", str(artifact), "--backend", "onnx", "--package", str(out), *bench_args])
+    assert bench.exit_code == 0, bench.output
+    report = json.loads(bench.stdout)
+    modes = {m["mode"]: m for m in report["modes"]}
+    assert list(modes)[:3] == ["transformers (original model)", "optimum fp32", f"optimum {weights}"]
+    assert report["speedup_reference"] == f"optimum {weights}"
+    # the same tokens as the same-precision baseline (above), so the same consistency with the original model
+    assert modes["package exits disabled"]["consistency"] == modes[f"optimum {weights}"]["consistency"]
+    assert modes["optimum fp32"]["consistency"] == 1.0
 
 
 def _sha256(path) -> str:
