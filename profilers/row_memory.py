@@ -20,19 +20,30 @@ KINDS = ("transformers", "optimum", "package")
 _MIB = 2**20
 
 
-def _rss_mib() -> float:
-    """This process's resident set size now (Linux /proc; the peak so far elsewhere)."""
+def _status_mib(field: str) -> float | None:
+    """A memory line of Linux's /proc/self/status in MiB (None elsewhere)."""
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             for line in status:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return _peak_mib()
+    return None
+
+
+def _rss_mib() -> float:
+    """This process's resident set size now (the peak so far where /proc is missing)."""
+    now = _status_mib("VmRSS")
+    return now if now is not None else _peak_mib()
 
 
 def _peak_mib() -> float:
+    """This process's peak RSS. Linux: VmHWM, this program's own; getrusage's ru_maxrss is not, since Linux carries
+    it across exec from the parent that forked us (a bench process of gigabytes would set every row's peak)."""
+    peak = _status_mib("VmHWM")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return peak / (_MIB if sys.platform == "darwin" else 1024)
 
@@ -63,6 +74,7 @@ def _decode(kind: str, path: str, prompt: list[int], new_tokens: int, provider: 
     """Import `kind`'s runtime, note the RSS, load and decode; returns the RSS after the imports."""
     if kind == "package":
         import numpy as np
+        import onnxruntime  # noqa: F401 (imported here, not at the first session: it belongs to the imports' share)
 
         from dyninfer.exporters.onnx_runtime import OnnxDynamicModel
 
