@@ -8,6 +8,8 @@ On the bundled model, each step a dyninfer command (its JSON summary kept):
 3. `profile --device cuda` with NVML power and energy (fails if NVML gives no readings);
 4. `export --provider cuda --dtype fp16`;
 5. `bench --backend onnx --provider cuda` against optimum's CUDA ORT model;
+5b. `export --provider cuda --weights int4 --certify` (MatMulNBits on CUDA, the package certified on its own
+    continuations through the CUDA provider) and its `bench --backend onnx` against optimum fp32 and int4;
 6. the CUDA-only Triton kernel tests (a skip counts as a failure here);
 7. `prune --device cuda --sparse-backend triton` with its decode timing, dense against sparse.
 
@@ -34,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def steps(work: Path) -> list[tuple[str, list[str]]]:
-    art = str(work / "artifact")
+    art, int4 = str(work / "artifact"), str(work / "int4")
     cuda = ["--device", "cuda"]
     return [
         ("probe", ["probe", "--lens", "both", "--tokens", "2048", "--dtype", "bfloat16", *cuda, "--out", art]),
@@ -45,6 +47,8 @@ def steps(work: Path) -> list[tuple[str, list[str]]]:
         ("profile", ["profile", "--energy-seconds", "2", *cuda, "--out", art]),
         ("export", ["export", art, "--provider", "cuda", "--dtype", "fp16"]),
         ("bench-onnx", ["bench", art, "--backend", "onnx", "--provider", "cuda", "--prompts", "8"]),
+        ("export-int4", ["export", art, "--provider", "cuda", "--weights", "int4", "--certify", "--out", int4]),
+        ("bench-onnx-int4", ["bench", art, "--backend", "onnx", "--provider", "cuda", "--package", int4, "--prompts", "8"]),
         ("prune-triton", ["prune", "--sparsity", "0.5", "--sparse-backend", "triton", *cuda, "--out", str(work / "pruned")]),
     ]
 
@@ -73,7 +77,11 @@ def check_step(record: dict) -> str | None:
         return f"ran in {summary.get('placement')}, not cuda bfloat16"
     if record["step"] == "profile" and not (summary.get("gpu") or {}).get("available"):
         return f"no NVML readings: {(summary.get('gpu') or {}).get('reason')}"
-    if record["step"] == "bench-onnx" and not any(
+    if record["step"] == "export-int4" and (summary.get("certificate") or {}).get("provider") != "CUDAExecutionProvider":
+        return f"the int4 package was not certified on the CUDA provider: {(summary.get('certificate') or {}).get('provider')}"
+    if record["step"] == "bench-onnx-int4" and "optimum int4" not in [m.get("mode") for m in summary.get("modes", [])]:
+        return "no optimum int4 row: the baseline was not quantized"
+    if record["step"] in ("bench-onnx", "bench-onnx-int4") and not any(
         "CUDAExecutionProvider" in n or "provider: cuda" in n.lower() for n in summary.get("notes", [])
     ):
         return "ONNX Runtime did not run on the CUDA provider"

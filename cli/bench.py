@@ -21,7 +21,9 @@ DEFAULTS = BenchConfig()
 
 HELP = """Benchmark the artifact's dynamic model against the full model in one run (batch 1, greedy).
 
-Same prompts for every mode: the starts of held-out windows of the calibration's own split (never text it calibrated on), with its prompt and continuation lengths when it certified generations. the full model through transformers with its KV cache (the baseline), the calibrated early exit, lossless self-speculation, and the dynamic code path with exits disabled. With --backend onnx: optimum's ORTModelForCausalLM on the plain model (the baseline), the exported dynamic package with its exits and with exits disabled, and the torch dynamic model. Reports tokens/s, speedup, consistency with the baseline (tokens, shared prefix, ROUGE-L; the certified bound beside the calibration's measure), perplexity of the output under the full model, and realized vs predicted speedup.
+Same prompts for every mode: the starts of held-out windows of the calibration's own split (never text it calibrated on), with its prompt and continuation lengths when it certified generations. the full model through transformers with its KV cache (the baseline), the calibrated early exit, lossless self-speculation, and the dynamic code path with exits disabled. Reports tokens/s, speedup, consistency with the baseline (tokens, shared prefix, ROUGE-L; the certified bound beside the calibration's measure), perplexity of the output under the full model, and realized vs predicted speedup.
+
+With --backend onnx the rows are: transformers on the original model (the reference for consistency and perplexity), optimum's ORTModelForCausalLM in fp32 and, for a quantized package, at its precision (the package's baseline exports), and the package with its exits and with exits disabled. Speedups (and --min-speedup) are against optimum at the package's precision; every row is also given against each optimum row, with its perplexity change and its peak RSS (each row measured alone, in a process that imports only its runtime; --no-memory skips it). The bound shown is the package's own certificate (`export --certify`) or, marked as such, calibration's on the torch model.
 
 Exit codes: 0 pass, 1 a gate (--min-speedup, --min-consistency) failed, 2 bad input.
 
@@ -34,6 +36,8 @@ Examples:
     dyninfer bench audit/ --min-speedup 1.1 --min-consistency 0.9    (CI gate)
 
     dyninfer bench audit/ --backend onnx    (after `dyninfer export audit/`: vs optimum's ORTModelForCausalLM)
+
+    dyninfer bench audit/ --backend onnx --package audit-int4/ --json    (an int4 package vs optimum fp32 and int4)
 
     dyninfer bench audit/ --stop completion --prompts 32 --min-speedup 1.5    (after `dyninfer stop`: seconds per request, value kept)
 """  # noqa: E501 (help paragraphs are one line each: Typer keeps line breaks)
@@ -63,9 +67,10 @@ def render(result: BenchResult) -> None:
     stdout.print(table)
     c = result.certified
     if c and c.get("bound") is not None:
-        where = "calibrate" if "computed_on" not in c else ("the package" if c["computed_on"] == "package" else c["computed_on"])
+        where = c.get("computed_on")
+        where = "by calibrate" if where is None else ("on the package" if where == "package" else f"on {where}")
         stdout.print(
-            f"certified on {where} ({c['risk']} risk): {c['measure']} consistency >= {c['bound']:g} with "
+            f"certified {where} ({c['risk']} risk): {c['measure']} consistency >= {c['bound']:g} with "
             f"probability >= {1 - c['epsilon']:g}; measured here ({c['mode']}): {c['measured']:.1%}"
         )
     if result.predicted_speedup:
@@ -133,6 +138,9 @@ def bench(
         str, typer.Option("--backend", help="torch, or onnx: the exported package vs optimum's ORT model.")
     ] = DEFAULTS.backend,
     package: Annotated[Path | None, typer.Option("--package", help="ONNX backend: the exported package (default: ARTIFACT/onnx).")] = None,
+    memory: Annotated[
+        bool, typer.Option("--memory/--no-memory", help="ONNX backend: each row's peak RSS, measured in a process of its own.")
+    ] = DEFAULTS.memory,
     provider: opt.Provider = DEFAULTS.provider,
     stop: Annotated[
         str | None,

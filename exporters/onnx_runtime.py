@@ -207,7 +207,7 @@ class OnnxDynamicModel:
         certificate = self.certificate
         if mode != "early-exit" or certificate is None or certificate.on_package:
             return []
-        return [f"the package's bound: {certificate.statement()} (export with --certify to certify this graph)"]
+        return [f"the package's bound: {certificate.statement()} (export with {option('certify')} to certify this graph)"]
 
     @property
     def eos_token_id(self) -> int | None:

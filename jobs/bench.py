@@ -111,7 +111,7 @@ def run(config: BenchConfig, artifact: str | os.PathLike, progress: ProgressFn |
         return _run_stop(config, dyn, progress)
     spec, prompt_ids, new_tokens = bench_prompts(config, dyn)
     if config.backend == "onnx":
-        result = run_onnx_bench(dyn, package, prompt_ids, new_tokens, provider=config.provider, progress=progress)
+        result = run_onnx_bench(dyn, package, prompt_ids, new_tokens, provider=config.provider, memory=config.memory, progress=progress)
     else:
         layer, max_draft, plan = draft_settings(dyn, prompt_ids[:1], config.draft_layer)
         result = run_bench(

@@ -518,6 +518,7 @@ class BenchConfig(PlacementOptions):
     min_speedup: float | None = None  # gate on the gated mode's measured speedup
     min_consistency: float | None = None  # gate on its token consistency with the baseline
     stop: str | None = None  # benchmark the artifact's stop rule for this workload (time per request, value kept)
+    memory: bool = True  # onnx backend: each row's peak RSS, from a process of its own (seconds a row)
 
     def validate(self) -> None:
         self.placement().validate()

@@ -55,12 +55,14 @@ def package_certifier(dyn: LoadedDynamic, provider: str, progress: ProgressFn | 
     if calibration.get("risk") != GENERATION_RISK or not calibration.get("ltt"):
         raise DyninferError(
             f"{option('certify')} needs a calibration on generations: {where} was calibrated with the "
-            f"{calibration.get('risk') or 'no'} risk; run `dyninfer calibrate --risk {GENERATION_RISK}` into it first"
+            f"{calibration.get('risk') or 'no'} risk; run `dyninfer calibrate` with {option('risk')} {GENERATION_RISK} into it first"
         )
     group = dyn.artifact.tensors.get(stages.GENERATION_GROUP, {})
     sets = {what: (group.get(f"{what}.prompts"), group.get(f"{what}.continuations")) for what in ("calibration", "heldout")}
     if any(tensor is None for tensor in sets["calibration"]):
-        raise DyninferError(f"{where} keeps no calibration continuations; run `dyninfer calibrate --risk {GENERATION_RISK}` into it again")
+        raise DyninferError(
+            f"{where} keeps no calibration continuations; run `dyninfer calibrate` with {option('risk')} {GENERATION_RISK} into it again"
+        )
     if calibration.get("continuations_key") != model_state(dyn.session, dyn.artifact):
         raise DyninferError(
             f"{where} changed since calibration (steering, pruning or tuning): its continuations are not this model's; "

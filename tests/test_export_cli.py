@@ -147,7 +147,7 @@ def test_a_quantized_package_decodes_as_the_baseline_quantized_alike(exported, t
         assert np.abs(logits[0] - expected).max() < 1e-3, step
         assert int(ours.tokens[0, step]) == int(expected.argmax())
         ids, past = torch.tensor([[int(ours.tokens[0, step])]]), reference.past_key_values
-    bench_args = ["--prompts", "2", "--prompt-tokens", "8", "--new-tokens", "6", "--json"]
+    bench_args = ["--prompts", "2", "--prompt-tokens", "8", "--new-tokens", "6", "--no-memory", "--json"]
     bench = runner.invoke(app, ["bench", str(artifact), "--backend", "onnx", "--package", str(out), *bench_args])
     assert bench.exit_code == 0, bench.output
     report = json.loads(bench.stdout)
@@ -157,6 +157,7 @@ def test_a_quantized_package_decodes_as_the_baseline_quantized_alike(exported, t
     # the same tokens as the same-precision baseline (above), so the same consistency with the original model
     assert modes["package exits disabled"]["consistency"] == modes[f"optimum {weights}"]["consistency"]
     assert modes["optimum fp32"]["consistency"] == 1.0
+    assert all(m["memory"] is None for m in modes.values())  # --no-memory
 
 
 def _sha256(path) -> str:
@@ -248,7 +249,7 @@ def test_certify_needs_calibration_on_generations(exported, tmp_path):
     assert runner.invoke(app, args).exit_code == 0
     result = runner.invoke(app, ["export", str(simulated), "--certify", "--no-baseline", "--out", str(tmp_path / "p")])
     assert result.exit_code == 2 and "--certify needs a calibration on generations" in result.stderr
-    assert "--risk generation" in result.stderr
+    assert "with --risk generation" in result.stderr
     assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr and not (tmp_path / "p").exists()
 
 
