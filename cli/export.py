@@ -19,7 +19,7 @@ The graph is one decoding step with KV cache (inputs past_key_values.{i}.key/val
 
 The package goes to ARTIFACT/onnx/ (or --out): model.onnx + model.onnx.data, the tokenizer, dyninfer-onnx.json, and baseline/ (the plain model exported by optimum, for `bench --backend onnx`). It is verified against the torch dynamic model before it replaces anything. --weights int8|int4 then quantizes the weights of every projection (and the head) with ONNX Runtime's MatMulNBits (CPU and CUDA kernels), and the baseline the same way; how far that moved the logits is reported.
 
-The manifest carries the consistency bound the package ships with. By default it is calibration's, computed on the torch model: for a quantized or fp16 package that is another graph, and every report says so. --certify certifies the package itself: on calibration's prompts (needs `calibrate --risk generation`), the package generates through ONNX Runtime, batch 1, and Learn-then-Test runs along calibration's candidate thresholds, exits disabled first, against the original model's cached continuations. The threshold it certifies becomes the package's. It decodes every calibration prompt once per candidate tried (on 2 CPU cores: about 4 minutes a candidate for 128 prompts of 64 new tokens).
+The manifest carries the consistency bound the package ships with. By default it is calibration's, computed on the torch model: for a quantized or fp16 package that is another graph, and every report says so. --certify certifies the package itself: on calibration's prompts (needs `calibrate --risk generation`), the package generates through ONNX Runtime, batch 1, and Learn-then-Test runs along calibration's candidate thresholds, exits disabled first, against the original model's cached continuations. The threshold it certifies becomes the package's. --target and --epsilon set the bound to certify (default: the calibration's): a quantized graph may keep less consistency with the original model than the torch policy was certified for. --accuracy-level sets MatMulNBits' CPU compute precision (default 4, int8 activations: the fast int4 path on CPUs; CUDA ignores it). It decodes every calibration prompt once per candidate tried (on 2 CPU cores: about 4 minutes a candidate for 128 prompts of 64 new tokens).
 
 Examples:
 
@@ -46,6 +46,10 @@ def export(
         typer.Option("--weights", help="full (in --dtype), or int8/int4 weight-only quantization (MatMulNBits; the baseline's too)."),
     ] = DEFAULTS.weights,
     block_size: Annotated[int, typer.Option("--block-size", help="int8/int4: weights per quantization scale.")] = DEFAULTS.block_size,
+    accuracy_level: Annotated[
+        int,
+        typer.Option("--accuracy-level", help="int8/int4: MatMulNBits' CPU compute precision: 0 input's, 1 fp32, 2 fp16, 3 bf16, 4 int8."),
+    ] = DEFAULTS.accuracy_level,
     model: opt.ModelOverride = DEFAULTS.model,
     kv_mode: Annotated[
         str | None, typer.Option("--kv-mode", help="Override the policy's KV mode (the graph implements propagate).")
@@ -60,6 +64,12 @@ def export(
         bool,
         typer.Option("--certify/--no-certify", help="Certify the package itself (its ONNX Runtime continuations vs the original model)."),
     ] = DEFAULTS.certify,
+    target: Annotated[
+        float | None, typer.Option("--target", help="--certify: the consistency to certify (default: the calibration's).")
+    ] = DEFAULTS.target,
+    epsilon: Annotated[
+        float | None, typer.Option("--epsilon", help="--certify: the error probability (default: the calibration's).")
+    ] = DEFAULTS.epsilon,
     as_json: opt.Json = False,
 ) -> None:
     from dyninfer.jobs import export as job
@@ -83,7 +93,8 @@ def export(
     if result.weights is not None:
         moved = "" if result.quantized_max_abs_diff is None else f"; logits moved by up to {result.quantized_max_abs_diff:.2g}"
         stdout.print(
-            f"weights: {result.weights['format']} in blocks of {result.weights['block_size']} "
+            f"weights: {result.weights['format']} in blocks of {result.weights['block_size']}, "
+            f"accuracy level {result.weights['accuracy_level']} "
             f"({result.weights['quantized_matmuls']} MatMuls quantized{moved})"
         )
     if result.certificate is not None:

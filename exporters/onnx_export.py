@@ -48,7 +48,7 @@ from dyninfer.exporters.onnx_runtime import (
     OnnxDynamicModel,
     create_session,
 )
-from dyninfer.exporters.quantize import quantize_weights
+from dyninfer.exporters.quantize import DEFAULT_ACCURACY_LEVEL, quantize_weights
 from dyninfer.exporters.step import DynamicStep, check_exportable
 from dyninfer.runtime.dynamic import DynamicModel
 from dyninfer.runtime.loader import LoadedDynamic, probe_vocabulary, stored_stop_policy
@@ -302,6 +302,7 @@ def export_dynamic(
     verify: bool = True,
     weights: str = "full",
     block_size: int = 32,
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
     source_manifest: Path | None = None,
     lock: bool = True,
     certify: Callable[[Path], PackageCertificate] | None = None,
@@ -357,7 +358,7 @@ def export_dynamic(
         quantized = quantized_difference = None
         if weights != "full":
             report(f"quantizing the weights to {weights}", 3, steps)
-            quantized = manifest["weights"] = quantize_weights(tmp / MODEL_FILE, weights, block_size)
+            quantized = manifest["weights"] = quantize_weights(tmp / MODEL_FILE, weights, block_size, accuracy_level)
             _write_manifest(tmp, manifest)
             if verify:  # how far quantizing moved the logits: reported, since any quantization moves them
                 quantized_difference = verify_package(dyn.dynamic, tmp, provider)
@@ -376,7 +377,7 @@ def export_dynamic(
             if weights != "full":  # the same quantizer, so the baseline is the plain model at the same precision
                 shutil.copytree(tmp / BASELINE_DIR, tmp / BASELINE_FULL_DIR)
                 manifest["baseline_full"] = BASELINE_FULL_DIR
-                manifest["baseline_weights"] = quantize_weights(tmp / BASELINE_DIR / "model.onnx", weights, block_size)
+                manifest["baseline_weights"] = quantize_weights(tmp / BASELINE_DIR / "model.onnx", weights, block_size, accuracy_level)
                 _write_manifest(tmp, manifest)
         give_usual_modes(tmp)  # model.onnx.data and safetensors files are written 0600
         model_bytes = sum(p.stat().st_size for p in tmp.iterdir() if p.name.startswith(MODEL_FILE))

@@ -18,6 +18,19 @@ from dyninfer.exporters.graph_tidy import fold_weight_transposes, strip_node_met
 
 WEIGHT_BITS = {"int8": 8, "int4": 4}  # the quantized weight formats (`full`: the graph's own dtype)
 METHOD = "onnxruntime MatMulNBits, blockwise symmetric round-to-nearest"
+# MatMulNBits' accuracy_level: the precision its CPU kernels compute in (0 the input's, 1 fp32, 2 fp16, 3 bf16,
+# 4 int8: activations quantized per block). 4 by measurement: on 2 AVX2 cores an int4 SmolLM2-135M decodes at
+# 0.98x of fp32 with level 0 and 1.76x with level 4 (benchmarks/quantization_variants.py). CUDA ignores it.
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+DEFAULT_ACCURACY_LEVEL = 4
+
+
+def check_accuracy_level(level: int) -> None:
+    if isinstance(level, bool) or level not in ACCURACY_LEVELS:
+        raise DyninferError(
+            f"{option('accuracy_level')} must be one of {', '.join(map(str, ACCURACY_LEVELS))} (ONNX Runtime's MatMulNBits: "
+            f"0 the input's precision, 1 fp32, 2 fp16, 3 bf16, 4 int8), got {level}"
+        )
 
 
 def check_block_size(block_size: int) -> None:
@@ -90,7 +103,7 @@ def _quiet_quantizer():
         logger.setLevel(level)
 
 
-def quantize_weights(path: Path, weights: str, block_size: int) -> dict:
+def quantize_weights(path: Path, weights: str, block_size: int, accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> dict:
     """Quantize the constant-weight MatMuls of the graph at `path` in place (its external data rewritten beside
     it); returns what was done, for the package manifest."""
     import onnx
@@ -99,6 +112,7 @@ def quantize_weights(path: Path, weights: str, block_size: int) -> dict:
     if weights not in WEIGHT_BITS:
         raise DyninferError(f"{option('weights')} must be one of full, {', '.join(WEIGHT_BITS)}; got '{weights}'")
     check_block_size(block_size)
+    check_accuracy_level(accuracy_level)
     path = Path(path)
     data_files = {
         entry.value
@@ -113,7 +127,9 @@ def quantize_weights(path: Path, weights: str, block_size: int) -> dict:
     fold_weight_transposes(model)
     _gemms_as_matmuls(model)
     with _quiet_quantizer():
-        quantizer = MatMulNBitsQuantizer(model, bits=WEIGHT_BITS[weights], block_size=block_size, is_symmetric=True)
+        quantizer = MatMulNBitsQuantizer(
+            model, bits=WEIGHT_BITS[weights], block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level
+        )
         quantizer.process()
     quantized = quantizer.model.model
     counts = _matmul_counts(quantized.graph)
@@ -129,6 +145,7 @@ def quantize_weights(path: Path, weights: str, block_size: int) -> dict:
         "format": weights,
         "bits": WEIGHT_BITS[weights],
         "block_size": block_size,
+        "accuracy_level": accuracy_level,
         "method": METHOD,
         "quantized_matmuls": counts["MatMulNBits"],
         "float_matmuls": counts["MatMul"],  # activation x activation (attention), or weights not stored as constants

@@ -26,13 +26,13 @@ from dyninfer.runtime.loader import LoadedDynamic, load_dynamic, model_state
 def run(config: ExportConfig, artifact: str | os.PathLike, progress: ProgressFn | None = None) -> ExportResult:
     """Export the artifact at `artifact`; returns what was written and how it verified."""
     config.validate()
-    target = config.target(artifact)
+    target = config.package_dir(artifact)
     preflight(target, config.provider, config.dtype, config.verify or config.certify)
     report = progress or silent
     steps = (4 if config.baseline else 3) + (config.weights != "full") + config.certify
     report("loading the dynamic model", 0, steps)
     dyn = load_dynamic(str(artifact), config.model, require_policy=True, kv_mode=config.kv_mode)
-    certify = package_certifier(dyn, config.provider, progress) if config.certify else None
+    certify = package_certifier(dyn, config.provider, progress, config.target, config.epsilon) if config.certify else None
     return export_dynamic(
         dyn,
         target,
@@ -42,14 +42,18 @@ def run(config: ExportConfig, artifact: str | os.PathLike, progress: ProgressFn 
         verify=config.verify,
         weights=config.weights,
         block_size=config.block_size,
+        accuracy_level=config.accuracy_level,
         certify=certify,
         progress=progress,
     )
 
 
-def package_certifier(dyn: LoadedDynamic, provider: str, progress: ProgressFn | None) -> Callable[[Path], PackageCertificate]:
+def package_certifier(
+    dyn: LoadedDynamic, provider: str, progress: ProgressFn | None, target: float | None = None, epsilon: float | None = None
+) -> Callable[[Path], PackageCertificate]:
     """Certification of a package of `dyn` on `provider`, against calibration's cached continuations of the original
-    model and along its candidate thresholds; refused before any export work when the artifact cannot support it."""
+    model and along its candidate thresholds, at `target` and `epsilon` (None: calibration's); refused before any
+    export work when the artifact cannot support it."""
     calibration = dyn.calibration
     where = f"'{dyn.artifact.path}'" if dyn.artifact.path is not None else "the artifact"
     if calibration.get("risk") != GENERATION_RISK or not calibration.get("ltt"):
@@ -82,8 +86,8 @@ def package_certifier(dyn: LoadedDynamic, provider: str, progress: ProgressFn | 
             cut(sets["calibration"]),
             cut(sets["heldout"]),
             calibration["ltt"]["lambdas"],
-            target=float(calibration["target"]),
-            epsilon=float(calibration["epsilon"]),
+            target=float(calibration["target"] if target is None else target),
+            epsilon=float(calibration["epsilon"] if epsilon is None else epsilon),
             measure=config.get("consistency", "tokens"),
             original_model=dyn.loaded.base_model_info(),
             progress=progress,

@@ -277,6 +277,10 @@ def test_export_bad_inputs(exported, tmp_path):
         (["--weights", "int4", "--block-size", "48"], "--block-size"),
         (["--weights", "int4", "--block-size", "8"], "--block-size"),
         (["--block-size", "64"], "is for --weights int8 or int4"),
+        (["--weights", "int4", "--accuracy-level", "5"], "--accuracy-level"),
+        (["--accuracy-level", "1"], "is for --weights int8 or int4"),
+        (["--target", "0.5"], "add --certify"),
+        (["--certify", "--epsilon", "1.5"], "--epsilon"),
     ):
         result = runner.invoke(app, ["export", str(artifact), "--out", str(tmp_path / "y"), *options])
         assert result.exit_code == 2 and message in result.stderr, result.output
