@@ -27,8 +27,7 @@ from transformers import AutoTokenizer
 from dyninfer.core.consistency import prefix_share, token_share
 from dyninfer.core.data import load_windows
 from dyninfer.exporters.baseline import OptimumBaseline
-from dyninfer.exporters.graph_tidy import fold_weight_transposes, strip_node_metadata
-from dyninfer.exporters.quantize import _gemms_as_matmuls, _quiet_quantizer
+from dyninfer.exporters.quantize import prepare_for_quantization, quiet_quantizer
 
 VARIANTS = {  # name -> (bits, block size, symmetric, quantize the head, accuracy level)
     "int8 sym b32, level 0": (8, 32, True, True, 0),
@@ -47,12 +46,10 @@ def quantized_copy(source: Path, target: Path, bits: int, block: int, symmetric:
     for data in target.glob("*.onnx.data"):
         data.unlink()
     model = onnx.load(str(source / "model.onnx"))
-    strip_node_metadata(model)
-    fold_weight_transposes(model)
-    _gemms_as_matmuls(model)
+    prepare_for_quantization(model)
     vocab = max(t.dims[0] for t in model.graph.initializer if len(t.dims) == 2)
     excluded = [n.name for n in model.graph.node if n.op_type == "MatMul" and not head and _is_head(model, n, vocab)]
-    with _quiet_quantizer():
+    with quiet_quantizer():
         quantizer = MatMulNBitsQuantizer(
             model, bits=bits, block_size=block, is_symmetric=symmetric, accuracy_level=level, nodes_to_exclude=excluded
         )

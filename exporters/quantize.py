@@ -91,8 +91,17 @@ def _gemms_as_matmuls(model) -> int:
     return rewritten
 
 
+def prepare_for_quantization(model) -> None:
+    """Put a graph (ours or optimum's) in the form in which the quantizer sees every constant weight, so that both
+    graphs quantize the same ones: the head too (optimum's tied head is a Transpose of the embedding; ours a Gemm)
+    and the weights torch's branches read through a Transpose."""
+    strip_node_metadata(model)
+    fold_weight_transposes(model)
+    _gemms_as_matmuls(model)
+
+
 @contextlib.contextmanager
-def _quiet_quantizer():
+def quiet_quantizer():
     """The quantizer logs a line for every node it skips; none of that is the user's business."""
     logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = logger.level
@@ -121,12 +130,8 @@ def quantize_weights(path: Path, weights: str, block_size: int, accuracy_level: 
         if entry.key == "location"
     }
     model = onnx.load(str(path))
-    # Both graphs quantize the same weights: every constant one, the head too (optimum's tied head is a Transpose
-    # of the embedding; ours a Gemm) and the weights torch's branches read through a Transpose.
-    strip_node_metadata(model)
-    fold_weight_transposes(model)
-    _gemms_as_matmuls(model)
-    with _quiet_quantizer():
+    prepare_for_quantization(model)
+    with quiet_quantizer():
         quantizer = MatMulNBitsQuantizer(
             model, bits=WEIGHT_BITS[weights], block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level
         )
