@@ -50,6 +50,12 @@ class LoadedModel:
     tokenizer: object
     content_hash: str  # sha256 of the source weights: identifies the base model in artifacts
     source: str  # where the weights were read from (a path or a hub id)
+    pretrained: str | None = None  # what from_pretrained reads these weights from, when not `source` (a GGUF's conversion)
+
+    @property
+    def pretrained_path(self) -> str:
+        """A directory or hub id transformers' from_pretrained loads this model from."""
+        return self.pretrained or self.source
 
     @property
     def placement(self) -> dict:
@@ -314,7 +320,7 @@ def _load_gguf(gguf: Path, spec: str, placement: Placement) -> LoadedModel:
     if not _cached_conversion_valid(cached, digest):
         _convert_gguf(gguf, cached, digest)
     model, tokenizer = _load_pretrained(str(cached), placement)
-    return LoadedModel(spec, model, tokenizer, digest, str(gguf))
+    return LoadedModel(spec, model, tokenizer, digest, str(gguf), pretrained=str(cached))
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -349,7 +355,7 @@ def _load_hub(model_id: str, placement: Placement) -> LoadedModel:
     from huggingface_hub import snapshot_download
 
     snapshot = Path(snapshot_download(model_id, local_files_only=True))
-    return LoadedModel(model_id, model, tokenizer, dir_weights_hash(snapshot), model_id)
+    return LoadedModel(model_id, model, tokenizer, dir_weights_hash(snapshot), model_id, pretrained=str(snapshot))
 
 
 def load_tokenizer(spec: str):

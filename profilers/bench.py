@@ -250,7 +250,7 @@ def _measure_memory(
     """Each row's peak RSS in a process of its own (see `row_memory`)."""
     report = progress or silent
     provider = runtime.device
-    rows = {ORIGINAL_MODEL: ("transformers", dyn.loaded.source, "full")}
+    rows = {ORIGINAL_MODEL: ("transformers", dyn.loaded.pretrained_path, "full")}
     rows |= {name: ("optimum", str(optimum.folder), "full") for name, optimum in optimum_rows.items()}
     rows |= {PACKAGE_EXITS: ("package", str(runtime.path), "early-exit"), PACKAGE_DISABLED: ("package", str(runtime.path), "full")}
     by_name = {m.mode: m for m in results}

@@ -268,3 +268,18 @@ def test_a_completion_stop_rule_on_the_bundled_model_saves_tokens_on_unseen_code
     )
     assert run.exit_code == 0, run.output
     assert json.loads(run.stdout)["stop"]["reason"] in ("rule", "budget")
+
+
+def test_a_bench_row_of_the_bundled_model_holds_its_weights_in_its_own_process(bundled):
+    """bench's transformers row reloads the model in a process of its own: from the GGUF's fp32 conversion (the
+    GGUF itself is not something from_pretrained reads), and its memory share holds at least the fp32 weights."""
+    from dyninfer.profilers.row_memory import row_peak_memory
+
+    assert bundled.pretrained_path != bundled.source and not bundled.pretrained_path.endswith(".gguf")
+    weights_mib = sum(p.numel() * p.element_size() for p in bundled.model.parameters()) / 2**20
+    memory = row_peak_memory("transformers", bundled.pretrained_path, [1, 2, 3], 2)
+    assert memory["model_rss_mib"] >= 0.9 * weights_mib, (memory, weights_mib)
+    assert (
+        memory["peak_rss_mib"] == memory["imports_rss_mib"] + memory["model_rss_mib"]
+        or abs(memory["peak_rss_mib"] - memory["imports_rss_mib"] - memory["model_rss_mib"]) < 0.2
+    )
