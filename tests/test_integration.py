@@ -279,7 +279,4 @@ def test_a_bench_row_of_the_bundled_model_holds_its_weights_in_its_own_process(b
     weights_mib = sum(p.numel() * p.element_size() for p in bundled.model.parameters()) / 2**20
     memory = row_peak_memory("transformers", bundled.pretrained_path, [1, 2, 3], 2)
     assert memory["model_rss_mib"] >= 0.9 * weights_mib, (memory, weights_mib)
-    assert (
-        memory["peak_rss_mib"] == memory["imports_rss_mib"] + memory["model_rss_mib"]
-        or abs(memory["peak_rss_mib"] - memory["imports_rss_mib"] - memory["model_rss_mib"]) < 0.2
-    )
+    assert abs(memory["peak_rss_mib"] - memory["imports_rss_mib"] - memory["model_rss_mib"]) < 0.2  # rounding only
