@@ -6,7 +6,8 @@ Every setting decodes the same held-out pydocs prompts with exits disabled, inte
 optimum's ORTModelForCausalLM at the package's precision (its baseline/ folder) under ONNX Runtime's defaults, so
 load changes hit all alike. Settings: the thread count (intra-op 1, 2 = the cores here, or ORT's default), the
 graph optimization level (basic, extended, all), and whether idle worker threads spin. Prints tokens/s per
-setting and its ratio to optimum; writes the numbers with the commit, versions and command line.
+setting, its ratio to optimum and the share of tokens it decodes as the shipped default does (graph fusions change
+float rounding, which int8 activations turn into other tokens); writes the numbers with the commit, versions and command line.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def main() -> None:
     sessions = {name: session(args.package / runtime.manifest["model_file"], *spec) for name, spec in SETTINGS.items()}
     speeds: dict[str, list[float]] = {name: [] for name in ["optimum (ORT defaults)", *SETTINGS]}
     reference = None
+    agreement: dict[str, float] = {}  # fusions change rounding, and with int8 activations (int4 packages) tokens
     for _ in range(args.rounds):
         for name in speeds:
             started = time.perf_counter()
@@ -79,16 +81,17 @@ def main() -> None:
                     runtime.session = sessions[name]
                     tokens.append(runtime.generate(prompt[None].numpy(), args.new_tokens, mode="full").tokens)
             speeds[name].append(args.prompts * args.new_tokens / (time.perf_counter() - started))
-            if not name.startswith("optimum"):  # every setting must decode the same tokens
+            if not name.startswith("optimum"):  # how many positions each setting decodes as the shipped default does
                 reference = tokens if reference is None else reference
-                assert all(np.array_equal(a, b) for a, b in zip(tokens, reference)), name
+                agreement.setdefault(name, float(np.mean([np.mean(a == b) for a, b in zip(tokens, reference)])))
     base = np.mean(speeds["optimum (ORT defaults)"])
     rows = {
         name: {"tokens_per_s": values, "mean": float(np.mean(values)), "vs_optimum": float(np.mean(values) / base)}
         for name, values in speeds.items()
     }
     for name, row in rows.items():
-        print(f"{name:55s} " + " ".join(f"{v:.1f}" for v in row["tokens_per_s"]) + f" tok/s  {row['vs_optimum']:.3f}x", flush=True)
+        same = "" if row["tokens_as_default"] is None else f"  tokens as the default: {row['tokens_as_default']:.1%}"
+        print(f"{name:55s} " + " ".join(f"{v:.1f}" for v in row["tokens_per_s"]) + f" tok/s  {row['vs_optimum']:.3f}x{same}", flush=True)
     if args.out:
         record = {"provenance": provenance(), "package": str(args.package), "weights": runtime.manifest.get("weights"), "rows": rows}
         args.out.write_text(json.dumps(record, indent=2) + "\n")

@@ -32,6 +32,7 @@ class PackageCertificate:
     curve: list[dict] = field(default_factory=list)  # per candidate tested: threshold, consistency, p-value
     heldout: dict | None = None  # the certified package on held-out prompts: every consistency measure, mean exit
     graph_sha256: dict | None = None  # model file -> sha256, the graph the certificate is about (on the package)
+    package_graph: str | None = None  # the package's precision (fp32, fp16, int8, int4): what the bound is not about, when carried over
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -39,7 +40,8 @@ class PackageCertificate:
         return self.computed_on == ON_PACKAGE
 
     def statement(self) -> str:
-        where = "on this package (ONNX Runtime)" if self.on_package else f"on {self.computed_on}, not on this package's graph"
+        graph = f" ({self.package_graph})" if self.package_graph else ""
+        where = "on this package (ONNX Runtime)" if self.on_package else f"on {self.computed_on}, not on this package's graph{graph}"
         what = "exits disabled" if self.threshold is None else f"exit threshold {self.threshold:.4g}"
         if self.threshold is None and not self.full_depth_certified:
             return (
@@ -72,7 +74,7 @@ def graph_hashes(package: Path, files: list[str]) -> dict[str, str]:
     return out
 
 
-def carried_over(calibration: dict, original_model: dict, computed_on: str) -> PackageCertificate | None:
+def carried_over(calibration: dict, original_model: dict, computed_on: str, package_graph: str) -> PackageCertificate | None:
     """The calibration's certified generation bound as the package's certificate, marked as computed on another graph
     (None when calibration certified no generation bound: a teacher-forced risk is about simulated exits)."""
     generated = calibration.get("generated") or {}
@@ -91,4 +93,5 @@ def carried_over(calibration: dict, original_model: dict, computed_on: str) -> P
         new_tokens=int(generated.get("new_tokens", config.get("new_tokens", 0))),
         threshold=(calibration.get("policy") or {}).get("threshold"),
         full_depth_certified=True,  # the torch model at full depth is the original model
+        package_graph=package_graph,
     )

@@ -412,9 +412,7 @@ def _carried_over_bound(dyn: LoadedDynamic, dtype: str, weights: str) -> Package
     """Calibration's bound, as what the package carries when it was not certified itself."""
     placement = dyn.calibration.get("placement") or {}
     model = f"the torch dynamic model ({placement.get('dtype', 'float32')})"
-    if dtype != "fp32" or weights != "full":
-        model += f", not this {weights if weights != 'full' else dtype} graph"
-    return carried_over(dyn.calibration, dyn.loaded.base_model_info(), model)
+    return carried_over(dyn.calibration, dyn.loaded.base_model_info(), model, weights if weights != "full" else dtype)
 
 
 def package_stop_rules(dyn: LoadedDynamic) -> tuple[dict, list[str]]:
