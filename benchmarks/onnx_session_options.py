@@ -86,7 +86,12 @@ def main() -> None:
                 agreement.setdefault(name, float(np.mean([np.mean(a == b) for a, b in zip(tokens, reference)])))
     base = np.mean(speeds["optimum (ORT defaults)"])
     rows = {
-        name: {"tokens_per_s": values, "mean": float(np.mean(values)), "vs_optimum": float(np.mean(values) / base)}
+        name: {
+            "tokens_per_s": values,
+            "mean": float(np.mean(values)),
+            "vs_optimum": float(np.mean(values) / base),
+            "tokens_as_default": agreement.get(name),
+        }
         for name, values in speeds.items()
     }
     for name, row in rows.items():
