@@ -59,13 +59,13 @@ def package_certifier(
     if calibration.get("risk") != GENERATION_RISK or not calibration.get("ltt"):
         raise DyninferError(
             f"{option('certify')} needs a calibration on generations: {where} was calibrated with the "
-            f"{calibration.get('risk') or 'no'} risk; run `dyninfer calibrate` with {option('risk')} {GENERATION_RISK} into it first"
+            f"{calibration.get('risk') or 'no'} risk; run `dyninfer calibrate` into it with the {GENERATION_RISK} risk (its default) first"
         )
     group = dyn.artifact.tensors.get(stages.GENERATION_GROUP, {})
     sets = {what: (group.get(f"{what}.prompts"), group.get(f"{what}.continuations")) for what in ("calibration", "heldout")}
     if any(tensor is None for tensor in sets["calibration"]):
         raise DyninferError(
-            f"{where} keeps no calibration continuations; run `dyninfer calibrate` with {option('risk')} {GENERATION_RISK} into it again"
+            f"{where} keeps no calibration continuations; calibrate into it again with the {GENERATION_RISK} risk (the default)"
         )
     if calibration.get("continuations_key") != model_state(dyn.session, dyn.artifact):
         raise DyninferError(

@@ -249,7 +249,7 @@ def test_certify_needs_calibration_on_generations(exported, tmp_path):
     assert runner.invoke(app, args).exit_code == 0
     result = runner.invoke(app, ["export", str(simulated), "--certify", "--no-baseline", "--out", str(tmp_path / "p")])
     assert result.exit_code == 2 and "--certify needs a calibration on generations" in result.stderr
-    assert "with --risk generation" in result.stderr
+    assert "with the generation risk" in result.stderr
     assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr and not (tmp_path / "p").exists()
 
 
