@@ -1,9 +1,9 @@
 """Rewrites of an exported graph that change no result but what ONNX Runtime reads, stores and quantizes.
 
 - `fold_weight_transposes`: torch's exporter writes a projection inside the exits' `If` branches as
-  MatMul(x, Transpose(W)) with W an initializer of the main graph. ONNX Runtime then transposes W at every step
-  (its constant folding does not reach outer-scope initializers from a branch), and its weight quantizer, which
-  wants a constant weight, leaves the MatMul in float. Folding stores Wᵀ once instead.
+  MatMul(x, Transpose(W)) with W an initializer of the main graph. ONNX Runtime's session folds that Transpose at
+  load (checked on the optimized graph), but its weight quantizer, which runs before and wants a constant weight,
+  leaves the MatMul in float. Folding stores Wᵀ once instead, so the quantizer sees it.
 - `strip_node_metadata`: torch records a Python stack trace on every node (`pkg.torch.onnx.stack_trace`), about
   46 KB a node inside the branches: most of model.onnx, parsed at every session load, and nothing ONNX Runtime
   uses.
