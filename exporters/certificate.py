@@ -7,10 +7,10 @@ every place that shows it says so.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from dyninfer.core.artifact_files import file_sha256
 from dyninfer.core.choices import GENERATION_RISK
 
 ON_PACKAGE = "package"  # PackageCertificate.computed_on: this package's graph, through ONNX Runtime
@@ -64,14 +64,7 @@ class PackageCertificate:
 
 def graph_hashes(package: Path, files: list[str]) -> dict[str, str]:
     """sha256 of each of the package's model files (the graph and its weights)."""
-    out = {}
-    for name in files:
-        digest = hashlib.sha256()
-        with open(Path(package) / name, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-        out[name] = digest.hexdigest()
-    return out
+    return {name: file_sha256(Path(package) / name) for name in files}
 
 
 def carried_over(calibration: dict, original_model: dict, computed_on: str, package_graph: str) -> PackageCertificate | None:
