@@ -99,6 +99,16 @@ def greedy_generate(model, prompt: torch.Tensor, new_tokens: int, eos_token_id: 
     return torch.cat(out, dim=1)
 
 
+def dense_greedy(lm: LayeredModel, new_tokens: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The full model's greedy decoding of a prompt, as bench's baseline: dense even when pruning masks are installed."""
+
+    def run(prompt: torch.Tensor) -> torch.Tensor:
+        with dense_inside(lm):
+            return greedy_generate(lm.model, prompt, new_tokens)
+
+    return run
+
+
 @torch.no_grad()
 def _perplexity(model, prompt: torch.Tensor, generated: torch.Tensor) -> float:
     sequence = torch.cat([prompt, generated], dim=1)
@@ -125,7 +135,7 @@ def run_bench(
 ) -> BenchResult:
     """`prompts`: [n, prompt_tokens] token ids, decoded one at a time (batch 1)."""
     _check_sizes(prompts, new_tokens)
-    model, dynamic = dyn.loaded.model, dyn.dynamic
+    dynamic = dyn.dynamic
     notes = []
     if dyn.loaded.layered.adapter.recurrent and "speculative" in modes:
         modes = tuple(m for m in modes if m != "speculative")
@@ -140,15 +150,10 @@ def run_bench(
             "into the weights, so the baseline is the steered model too"
         )
     lm = dyn.loaded.layered
-
-    def baseline(prompt: torch.Tensor) -> torch.Tensor:
-        with dense_inside(lm):  # the baseline is the dense model even when masks are installed
-            return greedy_generate(model, prompt, new_tokens)
-
+    baseline = dense_greedy(lm, new_tokens)
     # Warm-up (allocator, kernels) so the first timed prompt is not penalised.
     warm = prompts[:1, : min(8, prompts.shape[1])]
-    with dense_inside(lm):
-        greedy_generate(model, warm, 2)
+    dense_greedy(lm, 2)(warm)
     dynamic.generate(warm, 2, mode="full")
     runners = {
         mode: (
@@ -208,14 +213,15 @@ def run_onnx_bench(
     for optimum in optimum_rows.values():
         optimum.greedy(warm, 2)
     runtime.generate(warm.numpy(), 2, mode="full")
+    lm = dyn.loaded.layered
+    dense_greedy(lm, 2)(warm)  # the transformers row is warmed like the others
     depth = runtime.num_layers
     runners = {name: (lambda p, o=optimum, n=name: _as_result(o.greedy(p, new_tokens), n, depth)) for name, optimum in optimum_rows.items()}
     runners |= {
         PACKAGE_EXITS: lambda p: _as_torch(runtime.generate(p.numpy(), new_tokens, mode="early-exit")),
         PACKAGE_DISABLED: lambda p: _as_torch(runtime.generate(p.numpy(), new_tokens, mode="full")),
     }
-    lm = dyn.loaded.layered
-    results = compare_side_by_side(lm, ORIGINAL_MODEL, lambda p: greedy_generate(lm.model, p, new_tokens), runners, prompts, progress)
+    results = compare_side_by_side(lm, ORIGINAL_MODEL, dense_greedy(lm, new_tokens), runners, prompts, progress)
     reference = next(m for m in results if m.mode == f"optimum {precision}")
     optimum_speeds = {m.mode: m.tokens_per_s for m in results if m.mode in optimum_rows}
     for m in results:
