@@ -41,14 +41,14 @@ VARIANTS = {  # name -> (bits, block size, symmetric, quantize the head, accurac
 
 def quantized_copy(source: Path, target: Path, bits: int, block: int, symmetric: bool, head: bool, level: int | None) -> None:
     shutil.copytree(source, target)
-    for data in target.glob("*.onnx_data"):
-        data.unlink()
-    for data in target.glob("*.onnx.data"):
+    for data in [*target.glob("*.onnx_data"), *target.glob("*.onnx.data")]:
         data.unlink()
     model = onnx.load(str(source / "model.onnx"))
     prepare_for_quantization(model)
-    vocab = max(t.dims[0] for t in model.graph.initializer if len(t.dims) == 2)
-    excluded = [n.name for n in model.graph.node if n.op_type == "MatMul" and not head and _is_head(model, n, vocab)]
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    vocab = max(dims[0] for dims in shapes.values() if len(dims) == 2)
+    # the head: the MatMul whose constant weight produces the vocabulary's logits
+    excluded = [n.name for n in model.graph.node if n.op_type == "MatMul" and not head and shapes.get(n.input[1], [None])[-1] == vocab]
     with quiet_quantizer():
         quantizer = MatMulNBitsQuantizer(
             model, bits=bits, block_size=block, is_symmetric=symmetric, accuracy_level=level, nodes_to_exclude=excluded
@@ -62,12 +62,6 @@ def quantized_copy(source: Path, target: Path, bits: int, block: int, symmetric:
         location="model.onnx.data",
         size_threshold=1024,
     )
-
-
-def _is_head(model, node, vocab: int) -> bool:
-    """The MatMul whose constant weight produces the vocabulary's logits."""
-    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
-    return shapes.get(node.input[1], [None, None])[-1] == vocab
 
 
 def load(folder: Path) -> OptimumBaseline:

@@ -39,9 +39,9 @@ def package_continuations(runtime: OnnxDynamicModel, prompts, new_tokens: int, t
     report = progress or silent
     prompts = np.asarray(prompts, dtype=np.int64)
     rows, layers = [], []
+    mode = "full" if threshold is None else "early-exit"
     report(what, 0, len(prompts))
     for i, prompt in enumerate(prompts):
-        mode = "full" if threshold is None else "early-exit"
         run = runtime.generate(prompt[None], new_tokens, mode=mode, exit_threshold=threshold)
         rows.append(run.tokens[0])
         layers += run.exit_layers[1:]  # the first token comes from the prefill, at full depth

@@ -19,19 +19,19 @@ def subgraphs(node) -> list:
     return [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH] + [g for a in node.attribute for g in a.graphs]
 
 
-def _all_graphs(graph) -> list:
+def all_graphs(graph) -> list:
     """`graph` and every graph nested in its nodes."""
     out = [graph]
     for node in graph.node:
         for sub in subgraphs(node):
-            out += _all_graphs(sub)
+            out += all_graphs(sub)
     return out
 
 
 def strip_node_metadata(model) -> int:
     """Drop every node's metadata_props (main graph, subgraphs, functions); returns the bytes dropped."""
     dropped = 0
-    nodes = [node for graph in _all_graphs(model.graph) for node in graph.node]
+    nodes = [node for graph in all_graphs(model.graph) for node in graph.node]
     nodes += [node for function in model.functions for node in function.node]
     for node in nodes:
         dropped += sum(len(p.key) + len(p.value) for p in node.metadata_props)
@@ -86,7 +86,7 @@ def _rename_inputs(graph, renamed: dict[str, str]) -> None:
     """Point every read of a name in `renamed` (in `graph`, its subgraphs and its outputs) at the new name."""
     if not renamed:
         return
-    for g in _all_graphs(graph):
+    for g in all_graphs(graph):
         for node in g.node:
             for i, name in enumerate(node.input):
                 if name in renamed:
@@ -99,7 +99,7 @@ def _rename_inputs(graph, renamed: dict[str, str]) -> None:
 
 
 def _drop_unread_initializers(model) -> None:
-    read = {name for graph in _all_graphs(model.graph) for node in graph.node for name in node.input}
+    read = {name for graph in all_graphs(model.graph) for node in graph.node for name in node.input}
     read |= {name for function in model.functions for node in function.node for name in node.input}
     read |= {output.name for output in model.graph.output}
     kept = [tensor for tensor in model.graph.initializer if tensor.name in read]

@@ -14,13 +14,14 @@ import logging
 from pathlib import Path
 
 from dyninfer.core.errors import DyninferError, option
-from dyninfer.exporters.graph_tidy import fold_weight_transposes, strip_node_metadata, subgraphs
+from dyninfer.exporters.graph_tidy import all_graphs, fold_weight_transposes, strip_node_metadata, subgraphs
 
 WEIGHT_BITS = {"int8": 8, "int4": 4}  # the quantized weight formats (`full`: the graph's own dtype)
 METHOD = "onnxruntime MatMulNBits, blockwise symmetric round-to-nearest"
 # MatMulNBits' accuracy_level: the precision its CPU kernels compute in (0 the input's, 1 fp32, 2 fp16, 3 bf16,
 # 4 int8: activations quantized per block). 4 by measurement: on 2 AVX2 cores an int4 SmolLM2-135M decodes at
-# 0.98x of fp32 with level 0 and 1.76x with level 4 (benchmarks/quantization_variants.py). CUDA ignores it.
+# 1.07x of fp32 with level 0 and 1.73x with level 4, int8 at 0.08x and 1.47x (benchmarks/quantization_variants.py,
+# the table in docs/export.md). CUDA ignores it.
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 DEFAULT_ACCURACY_LEVEL = 4
 
@@ -39,15 +40,10 @@ def check_block_size(block_size: int) -> None:
         raise DyninferError(f"{option('block_size')} must be a power of two of at least 16 (e.g. 32, 64, 128), got {block_size}")
 
 
-def _matmul_counts(graph, counts: dict[str, int] | None = None) -> dict[str, int]:
+def _matmul_counts(graph) -> dict[str, int]:
     """MatMul and MatMulNBits nodes in `graph` and its subgraphs (the exits' `If` branches)."""
-    counts = counts if counts is not None else {"MatMul": 0, "MatMulNBits": 0}
-    for node in graph.node:
-        if node.op_type in counts:
-            counts[node.op_type] += 1
-        for sub in subgraphs(node):
-            _matmul_counts(sub, counts)
-    return counts
+    ops = [node.op_type for g in all_graphs(graph) for node in g.node]
+    return {op: ops.count(op) for op in ("MatMul", "MatMulNBits")}
 
 
 def _gemms_as_matmuls(model) -> int:
