@@ -69,9 +69,9 @@ def test_folding_transposed_weights_keeps_every_output_and_leaves_no_transpose()
     for flag in (True, False):
         for ours, reference in zip(_run(model, flag), expected[flag]):
             np.testing.assert_array_equal(ours, reference)
-    names = {t.name for t in model.graph.initializer}
+    names = sorted(t.name for t in model.graph.initializer)
     # W's two transposes (one per branch) share one stored copy; the originals nothing reads any more are gone
-    assert names == {"w.transposed", "v.transposed", "u.transposed"}
+    assert names == ["u.transposed", "v.transposed", "w.transposed"]
 
 
 def test_a_weight_read_untransposed_elsewhere_is_kept():
