@@ -21,6 +21,8 @@ The package goes to ARTIFACT/onnx/ (or --out): model.onnx + model.onnx.data, the
 
 The manifest carries the consistency bound the package ships with. By default it is calibration's, computed on the torch model: for a quantized or fp16 package that is another graph, and every report says so. --certify certifies the package itself: on calibration's prompts (needs `calibrate --risk generation`), the package generates through ONNX Runtime, batch 1, and Learn-then-Test runs along calibration's candidate thresholds, exits disabled first, against the original model's cached continuations. The threshold it certifies becomes the package's. It decodes every calibration prompt once per candidate tried (on 2 CPU cores, 128 prompts of 64 new tokens: about 2 minutes a candidate for an int4 package of the bundled model, 4 for fp32). --target and --epsilon set the bound to certify (default: the calibration's): a quantized graph may keep less consistency with the original model than the torch policy was certified for. --accuracy-level sets MatMulNBits' CPU compute precision (default 4, int8 activations: the fast int4 path on CPUs; CUDA ignores it).
 
+KV cache: by default (--kv-layout auto) each layer's past is one preallocated buffer that the step's attention (ONNX Runtime's GroupQueryAttention, one node a layer) writes the new positions into in place; the runtime binds it as both input and output, so a step moves only the token ids in and the logits out. It is used wherever it reproduces the model's step (checked before export on every family); otherwise, and for fp32 on CUDA (whose kernel is fp16/bf16 only), the package concatenates past and new K/V each step, as optimum's does, and says why. --kv-layout buffer refuses a model it does not fit; concat forces the old layout.
+
 Examples:
 
     dyninfer export audit/                            (CPU, fp32, with the optimum baseline)
@@ -70,6 +72,10 @@ def export(
     epsilon: Annotated[
         float | None, typer.Option("--epsilon", help="--certify: the error probability (default: the calibration's).")
     ] = DEFAULTS.epsilon,
+    kv_layout: Annotated[
+        str,
+        typer.Option("--kv-layout", help="auto, buffer (preallocated KV, updated in place) or concat (past and new joined each step)."),
+    ] = DEFAULTS.kv_layout,
     as_json: opt.Json = False,
 ) -> None:
     from dyninfer.jobs import export as job
@@ -87,7 +93,7 @@ def export(
         f"exits after layers {result.exit_points} of {result.num_layers}, threshold "
         f"{result.threshold}, KV of skipped layers: {result.kv_mode}"
     )
-    stdout.print(f"custom ops (ai.dyninfer): {nodes}; model {result.model_bytes / 1e6:.0f} MB")
+    stdout.print(f"custom ops (ai.dyninfer): {nodes}; model {result.model_bytes / 1e6:.0f} MB; KV cache: {result.kv_layout}")
     if result.verify_max_abs_diff is not None:
         stdout.print(f"verified against torch: max |logit difference| {result.verify_max_abs_diff:.2g}")
     if result.weights is not None:

@@ -270,6 +270,12 @@ def _rotary_kwargs_at(lm: LayeredModel, layer: nn.Module, hidden, start: int, ca
     )
 
 
+def extra_layer_kwargs(cache) -> dict:
+    """Keywords a cache asks layers to be called with (the export's buffered KV cache reaches its attention
+    function this way; transformers hands a layer's extra keywords down to it). None for transformers' caches."""
+    return getattr(cache, "layer_kwargs", {})
+
+
 def _rotary_propagate(lm: LayeredModel, index: int, hidden: torch.Tensor, start: int, cache) -> None:
     """CALM state propagation: the skipped layer's K/V computed from the exit hidden state.
 
@@ -294,6 +300,7 @@ def _rotary_propagate(lm: LayeredModel, index: int, hidden: torch.Tensor, start:
             past_key_values=cache,
             cache_position=positions,
             use_cache=True,
+            **extra_layer_kwargs(cache),
         )
         return
     shape = (*x.shape[:-1], -1, attn.head_dim)

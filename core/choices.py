@@ -43,6 +43,9 @@ RUN_MODES = ("full", "early-exit", "speculative")
 RUN_BACKENDS = ("torch", "onnx")
 ONNX_PROVIDERS = ("cuda", "cpu")
 EXPORT_DTYPES = ("fp32", "fp16")
+# auto: preallocated KV buffers updated in place (one GroupQueryAttention node a layer) wherever they reproduce the
+# model's step, else the concatenated cache; buffer refuses a model they do not fit
+EXPORT_KV_LAYOUTS = ("auto", "buffer", "concat")
 EXPORT_WEIGHTS = ("full", "int8", "int4")  # full: the weights in the graph's dtype; int8/int4: weight-only MatMulNBits
 
 # --- pruning (compressors/pruning.py)

@@ -20,6 +20,7 @@ from dyninfer.core.adapters import (
     ForwardPass,
     MlpWeights,
     adapter_for,
+    extra_layer_kwargs,
     first_child,
     full_dynamic_cache,
     mlp_weights,
@@ -127,7 +128,7 @@ class LayeredModel:
         if self.adapter.recurrent and hidden.shape[1] > 1 and start > 0:
             outs = [self.layer_at(index, hidden[:, t : t + 1], start + t, cache) for t in range(hidden.shape[1])]
             return torch.cat(outs, dim=1)
-        out = layer(hidden, **self.adapter.layer_kwargs_at(self, layer, hidden, start, cache))
+        out = layer(hidden, **self.adapter.layer_kwargs_at(self, layer, hidden, start, cache), **extra_layer_kwargs(cache))
         return out[0] if isinstance(out, tuple) else out
 
     @contextlib.contextmanager

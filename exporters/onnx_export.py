@@ -31,25 +31,27 @@ import torch
 
 from dyninfer.compressors.stop_rule import REASONING
 from dyninfer.core.artifact_files import MANIFEST_NAME, give_usual_modes, staged_directory
+from dyninfer.core.choices import EXPORT_KV_LAYOUTS
 from dyninfer.core.errors import DyninferError, option
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens
 from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.core.records import StopRecord
-from dyninfer.exporters import ops
+from dyninfer.exporters import attention, ops
 from dyninfer.exporters.certificate import PackageCertificate, carried_over, graph_hashes
 from dyninfer.exporters.graph_tidy import fold_weight_transposes, strip_node_metadata
 from dyninfer.exporters.onnx_runtime import (
     PACKAGE_FORMAT,
     PACKAGE_MANIFEST,
     PACKAGE_VERSION,
+    POSITIONS_INPUT,
     PROVIDERS,
     STOP_OUTPUT,
     OnnxDynamicModel,
     create_session,
 )
 from dyninfer.exporters.quantize import DEFAULT_ACCURACY_LEVEL, quantize_weights
-from dyninfer.exporters.step import DynamicStep, check_exportable
+from dyninfer.exporters.step import DynamicStep, buffered_step_problem, check_exportable, step_attention
 from dyninfer.runtime.dynamic import DynamicModel
 from dyninfer.runtime.loader import LoadedDynamic, probe_vocabulary, stored_stop_policy
 
@@ -78,13 +80,15 @@ class ExportResult:
     weights: dict | None = None  # the weight-only quantization ({format, block_size, ...}); None: full weights
     quantized_max_abs_diff: float | None = None  # logits, the quantized package vs torch (information, not a check)
     certificate: dict | None = None  # PackageCertificate.to_dict(): the bound the manifest carries, and what it is about
+    kv_layout: str = "concat"  # "buffer": preallocated KV buffers updated in place (exporters/attention.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def input_names(num_layers: int) -> list[str]:
-    return ["input_ids", "exit_threshold"] + [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+def input_names(num_layers: int, kv_layout: str = "concat") -> list[str]:
+    positions = [POSITIONS_INPUT] if kv_layout == "buffer" else []
+    return ["input_ids", "exit_threshold", *positions] + [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
 
 
 def output_names(num_layers: int) -> list[str]:
@@ -149,11 +153,15 @@ def _quiet_exporters():
                 logger.setLevel(level)
 
 
-def _example_inputs(lm, batch: int, new: int, past_len: int, dtype) -> tuple:
+def _example_inputs(lm, batch: int, new: int, past_len: int, dtype, kv_layout: str) -> tuple:
+    """Example step inputs; sizes > 1 and distinct, so the tracer keeps every dimension symbolic (a buffer's
+    capacity is past_len + new + 2)."""
     geometry = kv_geometry(lm)
     ids = torch.randint(0, lm.vocab_size, (batch, new))
-    past = tuple(torch.randn(batch, heads, past_len, dim, dtype=dtype) for heads, dim in geometry for _ in range(2))
-    return ids, torch.tensor(EXITS_DISABLED), past
+    positions = (torch.arange(past_len + new),) if kv_layout == "buffer" else ()
+    length = past_len + new + 2 if kv_layout == "buffer" else past_len
+    past = tuple(torch.randn(batch, heads, length, dim, dtype=dtype) for heads, dim in geometry for _ in range(2))
+    return (ids, torch.tensor(EXITS_DISABLED), *positions), past
 
 
 def kv_geometry(lm) -> list[tuple[int, int]]:
@@ -168,7 +176,7 @@ def kv_geometry(lm) -> list[tuple[int, int]]:
     return [(layer.keys.shape[1], layer.keys.shape[3]) for layer in cache.layers]
 
 
-def export_step_onnx(dynamic: DynamicModel, path: Path, dtype: str = "fp32") -> None:
+def export_step_onnx(dynamic: DynamicModel, path: Path, dtype: str = "fp32", kv_layout: str = "concat") -> None:
     """Trace the dynamic model's decoding step and save it (weights as external data) at `path`."""
     import onnx
     from torch.export import Dim
@@ -179,26 +187,24 @@ def export_step_onnx(dynamic: DynamicModel, path: Path, dtype: str = "fp32") -> 
         lm = LayeredModel(copy.deepcopy(lm.model).to(torch_dtype))
         lens = copy.deepcopy(lens).to(torch_dtype) if isinstance(lens, torch.nn.Module) else LogitLens(lm)
         dynamic = DynamicModel(lm, dynamic.policy, lens, dynamic.classifier)
-    step = DynamicStep(dynamic).eval()
+    step = DynamicStep(dynamic, kv_layout).eval()
     batch, new = Dim("batch", min=1, max=256), Dim("sequence", min=1, max=65536)
-    past_len = Dim("past", min=0, max=65536)
-    # Example sizes >1 and distinct, so the tracer keeps every dimension symbolic.
-    ids, threshold, past = _example_inputs(lm, 2, 3, 4, torch_dtype)
-    shapes = ({0: batch, 1: new}, None, tuple({0: batch, 2: past_len} for _ in past))
+    inputs, past = _example_inputs(lm, 2, 3, 4, torch_dtype, kv_layout)
+    if kv_layout == "buffer":
+        capacity = Dim("capacity", min=1, max=65536)
+        shapes = ({0: batch, 1: new}, None, ({0: Dim("total", min=1, max=65536)}, *({0: batch, 2: capacity} for _ in past)))
+    else:
+        shapes = ({0: batch, 1: new}, None, tuple({0: batch, 2: Dim("past", min=0, max=65536)} for _ in past))
     config = lm.model.config
-    attention = config._attn_implementation
-    # Trace the SDPA attention path: it exports cleanly for every family (GPT-2's eager path
-    # slices a fixed causal buffer, which torch.export cannot keep symbolic inside branches).
-    config._attn_implementation = "sdpa"
     try:
-        with torch.no_grad(), _quiet_exporters():
+        with torch.no_grad(), _quiet_exporters(), step_attention(lm, kv_layout):
             program = torch.onnx.export(
                 step,
-                (ids, threshold, *past),
+                (*inputs, *past),
                 dynamic_shapes=shapes,
-                input_names=input_names(lm.num_layers),
+                input_names=input_names(lm.num_layers, kv_layout),
                 output_names=output_names(lm.num_layers),
-                custom_translation_table=ops.translation_table(),
+                custom_translation_table=ops.translation_table() | attention.translation_table(),
                 dynamo=True,
                 optimize=True,
                 verbose=False,
@@ -208,8 +214,6 @@ def export_step_onnx(dynamic: DynamicModel, path: Path, dtype: str = "fp32") -> 
             f"ONNX export does not apply to {config.model_type}: its decoding step does not trace "
             f"({' '.join(str(exc).split())[:300]}); the other stages work"
         ) from exc
-    finally:
-        config._attn_implementation = attention
     model = program.model_proto
     ops.add_function_definitions(model)
     strip_node_metadata(model)
@@ -217,6 +221,25 @@ def export_step_onnx(dynamic: DynamicModel, path: Path, dtype: str = "fp32") -> 
     onnx.save_model(
         model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=1024
     )
+
+
+def choose_kv_layout(dynamic: DynamicModel, provider: str, dtype: str, wanted: str = "auto") -> tuple[str, str | None]:
+    """The package's KV layout and, when it is not the buffered one, why. "auto" takes the buffer wherever it
+    reproduces the model's step; "buffer" refuses a model where it does not."""
+    if wanted not in EXPORT_KV_LAYOUTS:
+        raise DyninferError(f"{option('kv_layout')} must be one of {', '.join(EXPORT_KV_LAYOUTS)}, got '{wanted}'")
+    if wanted == "concat":
+        return "concat", None
+    problem = None
+    if provider == "cuda" and dtype == "fp32":
+        problem = "ONNX Runtime's CUDA GroupQueryAttention computes in fp16 or bf16 only (export fp16 for it)"
+    else:
+        problem = buffered_step_problem(dynamic, kv_geometry(dynamic.lm))
+    if problem is None:
+        return "buffer", None
+    if wanted == "buffer":
+        raise DyninferError(f"the buffered KV layout does not fit this model: {problem}; export with {option('kv_layout')} concat or auto")
+    return "concat", f"the KV cache is concatenated each step, not preallocated: {problem}"
 
 
 def write_package(
@@ -227,14 +250,17 @@ def write_package(
     dtype: str = "fp32",
     eos_token_id: int | None = None,
     base_model: dict | None = None,
+    kv_layout: str = "auto",
 ) -> dict:
-    """Export the step into `directory` and write the package manifest; returns the manifest."""
+    """Export the step into `directory` and write the package manifest; returns the manifest (its `notes`: what
+    the export could not do as asked)."""
     import onnx
 
     check_options(provider, dtype)
     check_exportable(dynamic.lm, dynamic.policy)
     lm = dynamic.lm
-    export_step_onnx(dynamic, directory / MODEL_FILE, dtype)
+    kv_layout, layout_note = choose_kv_layout(dynamic, provider, dtype, kv_layout)
+    export_step_onnx(dynamic, directory / MODEL_FILE, dtype, kv_layout)
     counts: dict[str, int] = {}
     for node in ops.custom_nodes(onnx.load(str(directory / MODEL_FILE), load_external_data=False)):
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
@@ -252,10 +278,12 @@ def write_package(
         "policy": policy,
         "eos_token_id": eos_token_id,
         "base_model": base_model,
-        "inputs": input_names(lm.num_layers),
+        "kv_layout": kv_layout,
+        "inputs": input_names(lm.num_layers, kv_layout),
         "outputs": output_names(lm.num_layers),
         "exits_disabled_threshold": EXITS_DISABLED,
         "custom_ops": {"domain": ops.DOMAIN, "nodes": counts},
+        "notes": [layout_note] if layout_note else [],
     }
     _write_manifest(directory, manifest)
     return manifest
@@ -306,6 +334,7 @@ def export_dynamic(
     source_manifest: Path | None = None,
     lock: bool = True,
     certify: Callable[[Path], PackageCertificate] | None = None,
+    kv_layout: str = "auto",
     progress: ProgressFn | None = None,
 ) -> ExportResult:
     """Export `dyn` as a package at `target`, built aside and swapped in only when complete and verified.
@@ -339,7 +368,9 @@ def export_dynamic(
             dtype=dtype,
             eos_token_id=tokenizer.eos_token_id,
             base_model={"spec": dyn.loaded.spec, "content_hash": dyn.loaded.content_hash},
+            kv_layout=kv_layout,
         )
+        notes += manifest["notes"]
         tokenizer.save_pretrained(tmp)
         dyn.loaded.model.config.save_pretrained(tmp)
         shutil.copyfile(source_manifest, tmp / "source-artifact.json")
@@ -405,6 +436,7 @@ def export_dynamic(
         quantized,
         quantized_difference,
         certificate.to_dict() if certificate is not None else None,
+        manifest["kv_layout"],
     )
 
 

@@ -1,9 +1,13 @@
 """Run an exported dyninfer ONNX package with ONNX Runtime: numpy and onnxruntime only, no torch.
 
 Providers: the CUDA execution provider when asked for (the package's default), falling back
-to the CPU one with a note saying why. The decode loop uses IOBinding: each step's present
-K/V stay where ONNX Runtime put them (device memory on CUDA) and are bound as the next
-step's past, so only the token ids go in and the logits, exit layer and confidence come out.
+to the CPU one with a note saying why. The decode loop uses IOBinding. In the buffered KV
+layout (exporters/attention.py) each layer's K/V live in one buffer allocated per generation,
+sized for the prompt, the new tokens and any reasoning probe, and bound as both the step's past
+input and its present output: ONNX Runtime writes the new positions in place. In the older
+concatenated layout each step's present K/V stay where ONNX Runtime put them (device memory on
+CUDA) and are bound as the next past. Either way only the token ids, the threshold (and the
+positions' count) go in and the logits, exit layer and confidences come out.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ from dyninfer.exporters.certificate import PackageCertificate
 
 PACKAGE_MANIFEST = "dyninfer-onnx.json"
 PACKAGE_FORMAT = "dyninfer-onnx"
-PACKAGE_VERSION = 2  # 2: the step's stop_confidence output, and the stop rules in the manifest
+PACKAGE_VERSION = 3  # 2: the step's stop_confidence output, and the stop rules in the manifest; 3: kv_layout
 STOP_OUTPUT = "stop_confidence"
+POSITIONS_INPUT = "positions"  # buffered KV layout: the positions the buffers hold after the step (its length is read)
 MODES = ("early-exit", "full")
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 _NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -184,13 +189,15 @@ class OnnxDynamicModel:
         self.policy = self.manifest["policy"]
         self.disabled_threshold = float(self.manifest["exits_disabled_threshold"])
         self.dtype = _NUMPY_DTYPES[self.manifest["dtype"]]
+        # "buffer": the past is one preallocated buffer a layer, updated in place (exporters/attention.py)
+        self.kv_layout = self.manifest.get("kv_layout", "concat")
         self.session, problem = create_session(self.path / self.manifest["model_file"], provider or self.manifest["provider"], threads)
         self.notes = [f"{problem}; fell back to CPUExecutionProvider"] if problem else []
         self.provider = self.session.get_providers()[0]
         self.device = "cuda" if self.provider == PROVIDERS["cuda"] else "cpu"
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.past_names = self.input_names[2:]
+        self.past_names = [n for n in self.input_names if n.startswith("past_key_values.")]
         self.present_names = [n for n in self.output_names if n.startswith("present.")]
         self.scalar_names = [n for n in self.output_names if not n.startswith("present.")]
         self.geometry = self.manifest["kv_geometry"]
@@ -264,11 +271,14 @@ class OnnxDynamicModel:
         batch = ids.shape[0]
         started = time.perf_counter()
         binding = self.session.io_binding()
+        capacity = ids.shape[1] + max_new_tokens + (_probe_room(stop) if isinstance(stop, ReasoningStopper) else 0)
+        length = capacity if self.kv_layout == "buffer" else 0
         past = [
-            ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, heads, 0, dim), dtype=self.dtype), self.device)
+            ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, heads, length, dim), dtype=self.dtype), self.device)
             for heads, dim in self.geometry
             for _ in range(2)
         ]
+        filled = 0  # positions the past holds
         threshold = self._threshold(mode) if exit_threshold is None or mode == "full" else float(exit_threshold)
         if stop is not None and (sample or batch != 1):
             raise DyninferError("a stop rule runs greedy decoding with one prompt at a time")
@@ -276,21 +286,21 @@ class OnnxDynamicModel:
         step_ids, step_threshold = ids, self.disabled_threshold  # the prefill runs every layer
         ended = None
         while True:
-            logits, exit_layer, confidence, stop_confidence, new_past = self._run(binding, step_ids, step_threshold, past)
+            logits, exit_layer, confidence, stop_confidence, new_past = self._run(binding, step_ids, step_threshold, past, filled)
             if return_logits:
                 all_logits.append(logits)
             token = _pick(logits, sample, temperature, rng)
             if isinstance(stop, CompletionStopper) and stop.stops_before(stop_confidence):
                 ended = "rule"
                 break
-            past = new_past
+            past, filled = new_past, filled + step_ids.shape[1]
             tokens.append(token)
             exits.append(exit_layer)
             confidences.append(confidence if confidence >= 0 else None)
             if len(tokens) >= max_new_tokens or _finished(tokens, eos_token_id):
                 break
             if isinstance(stop, ReasoningStopper) and stop.is_boundary(int(token[0, 0])):
-                trial = self._probe(binding, token, past, stop)
+                trial = self._probe(binding, token, past, filled, stop)
                 if stop.decide(len(tokens), trial):
                     tokens += [np.array([[t]], dtype=np.int64) for t in stop.vocabulary.suffix + trial.ids]
                     ended = "answered"
@@ -304,14 +314,16 @@ class OnnxDynamicModel:
             result.logits = all_logits
         return result
 
-    def _probe(self, binding, token: np.ndarray, past: list, stop: ReasoningStopper) -> TrialAnswer:
+    def _probe(self, binding, token: np.ndarray, past: list, filled: int, stop: ReasoningStopper) -> TrialAnswer:
         """Feed the step's last token and the forced answer continuation at full depth from `past` (kept: the
-        chain goes on from it), then read the greedy answer."""
+        chain goes on from it; a buffer's positions past `filled` are overwritten later), then read the greedy
+        answer."""
         vocabulary = stop.vocabulary
         step_ids = np.concatenate([token, np.array([vocabulary.suffix], dtype=np.int64)], axis=1)
         picked, step_confidences = [], []
         while True:
-            logits, _, _, stop_confidence, past = self._run(binding, step_ids, self.disabled_threshold, past)
+            logits, _, _, stop_confidence, past = self._run(binding, step_ids, self.disabled_threshold, past, filled)
+            filled += step_ids.shape[1]
             picked.append(int(logits.argmax(-1)[0]))
             step_confidences.append(stop_confidence)
             if not vocabulary.continues(picked[:-1], picked[-1]) or len(picked) == stop.policy.probe_tokens:
@@ -320,22 +332,35 @@ class OnnxDynamicModel:
         ids, confidence = read_answer(step_confidences, picked, vocabulary)
         return TrialAnswer(ids, picked, confidence, len(vocabulary.suffix) + len(picked))
 
-    def _run(self, binding, ids: np.ndarray, threshold: float, past: list):
+    def _run(self, binding, ids: np.ndarray, threshold: float, past: list, filled: int):
+        """One step on `ids` after the `filled` positions in `past`. With buffers, each is bound as the past input
+        and the present output: ONNX Runtime writes the new positions into it, nothing else is copied."""
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("exit_threshold", np.array(threshold, dtype=np.float32))
+        if self.kv_layout == "buffer":
+            binding.bind_cpu_input(POSITIONS_INPUT, np.arange(filled + ids.shape[1], dtype=np.int64))
         for name, value in zip(self.past_names, past):
             binding.bind_ortvalue_input(name, value)
         for name in self.scalar_names:
             binding.bind_output(name, "cpu")
-        for name in self.present_names:
-            binding.bind_output(name, self.device)
+        for name, value in zip(self.present_names, past):
+            if self.kv_layout == "buffer":
+                binding.bind_ortvalue_output(name, value)
+            else:
+                binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
         outputs = dict(zip(self.output_names, binding.get_outputs()))
         logits = outputs["logits"].numpy()
         # packages exported before stop rules (format 1) lack the stop output: computed here from the logits
         stop_confidence = float(outputs[STOP_OUTPUT].numpy()[0]) if STOP_OUTPUT in outputs else _max_probability(logits)
-        present = [outputs[name] for name in self.present_names]
+        # The buffers themselves, not the binding's outputs: those views die with the next binding.
+        present = past if self.kv_layout == "buffer" else [outputs[name] for name in self.present_names]
         return logits, int(outputs["exit_layer"].numpy()), float(outputs["exit_confidence"].numpy()), stop_confidence, present
+
+
+def _probe_room(stop: ReasoningStopper) -> int:
+    """Positions a reasoning probe may write past the chain: the forced suffix and the answer it reads."""
+    return len(stop.vocabulary.suffix) + stop.policy.probe_tokens + 1
 
 
 def _max_probability(logits: np.ndarray) -> float:

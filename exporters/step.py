@@ -11,10 +11,16 @@ every exit (the prefill and the "exits disabled" mode use the same graph).
 Outputs: logits of the last position [B, V], the exit layer (int64, num_layers when the
 token ran every layer), the exit confidence (-1 when it did not exit), then the present
 K and V of every layer.
+
+KV layouts (`KV_LAYOUTS`): "concat", the past of each layer holds exactly the positions before
+this step and the present is past and new concatenated; "buffer" (exporters/attention.py), each
+layer's past is a preallocated buffer the step writes into in place, and the step takes one more
+input, `positions` [total], whose length says how many positions the buffers hold after it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -24,8 +30,10 @@ from dyninfer.core.choices import HEAD_MEASURES
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel
 from dyninfer.early_exit.policy import ExitPolicy
-from dyninfer.exporters import ops
+from dyninfer.exporters import attention, ops
 from dyninfer.runtime.dynamic import DynamicModel
+
+KV_LAYOUTS = ("concat", "buffer")
 
 
 class StepCache:
@@ -65,9 +73,28 @@ def check_exportable(lm: LayeredModel, policy: ExitPolicy | None) -> None:
         )
 
 
+@contextlib.contextmanager
+def step_attention(lm: LayeredModel, kv_layout: str):
+    """Run the step's layers with the attention its layout needs: the buffered function for "buffer"; SDPA for
+    "concat", which exports cleanly for every family (GPT-2's eager path slices a fixed causal buffer, which
+    torch.export cannot keep symbolic inside branches)."""
+    config = lm.model.config
+    saved = config._attn_implementation
+    if kv_layout == "buffer":
+        attention.register()
+    config._attn_implementation = attention.ATTENTION_NAME if kv_layout == "buffer" else "sdpa"
+    try:
+        yield
+    finally:
+        config._attn_implementation = saved
+
+
 class DynamicStep(nn.Module):
-    def __init__(self, dynamic: DynamicModel):
+    def __init__(self, dynamic: DynamicModel, kv_layout: str = "concat"):
         super().__init__()
+        if kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
+        self.buffered = kv_layout == "buffer"
         lm, policy = dynamic.lm, dynamic.policy
         check_exportable(lm, policy)
         # The torch dynamic model's own exit heads and checks, with head confidences as custom ops.
@@ -91,8 +118,12 @@ class DynamicStep(nn.Module):
     # head call at the end serves both exits and full-depth tokens. Head-based checks cost a
     # head each, so they get their own `If`. Branches are flat, never nested per exit point:
     # torch.export retraces nested branches once per enclosing one (exponential).
-    def forward(self, input_ids: torch.Tensor, threshold: torch.Tensor, *past: torch.Tensor):
-        start = past[0].shape[2]
+    def forward(self, input_ids: torch.Tensor, threshold: torch.Tensor, *inputs: torch.Tensor):
+        if self.buffered:  # the buffers' length is their capacity: `positions` says how much is filled
+            positions, *past = inputs
+            start = positions.shape[0] - input_ids.shape[1]
+        else:
+            past, start = inputs, inputs[0].shape[2]
         hidden = self.lm.embed_at(input_ids, start)
         with self.lm.traced_step(hidden, start):
             logits, exit_layer, exit_confidence, *present = self._step(hidden, threshold, past, start)
@@ -156,11 +187,16 @@ class DynamicStep(nn.Module):
 
     def _layers(self, first: int, last: int, hidden, past, start):
         """Layers [first, last) on `hidden`: (input of the last one, output, their present K/V)."""
-        cache = StepCache.for_layers(first, past)
+        cache = self._cache(first, past, start, hidden.shape[1])
         previous = hidden
         for index in range(first, last):
             previous, hidden = hidden, self.lm.layer_at(index, hidden, start, cache)
         return previous, hidden, _flat(cache.present, first, last)
+
+    def _cache(self, first: int, past, start, new: int):
+        if self.buffered:
+            return attention.BufferedCache.for_layers(first, past, start, new)
+        return StepCache.for_layers(first, past)
 
     def _run_branch(self, first: int, last: int, start):
         def run(hidden, previous, *past):
@@ -174,9 +210,11 @@ class DynamicStep(nn.Module):
         """The token left earlier: fill these layers' K/V from its exit hidden state (CALM)."""
 
         def propagate(hidden, previous, *past):
-            cache = StepCache.for_layers(first, past)
+            cache = self._cache(first, past, start, hidden.shape[1])
             for index in range(first, last):
                 self.lm.propagate(index, hidden, start, cache)
+                if self.buffered and index in cache.pending:  # K/V computed, no attention run
+                    cache.write(index)
             return (hidden.clone(), previous.clone()) + _flat(cache.present, first, last)
 
         return propagate
@@ -238,3 +276,36 @@ def _scalar(value, dtype) -> torch.Tensor:
 
 def _flat(present: dict, first: int, last: int) -> tuple:
     return tuple(t for index in range(first, last) for t in present[index])
+
+
+def buffered_step_problem(dynamic: DynamicModel, geometry: list[tuple[int, int]]) -> str | None:
+    """Why the buffered layout does not reproduce this model's step (None when it does): both layouts run
+    eagerly on a prompt and three more steps, exits disabled, then every exit point forced (propagation), and
+    their logits must agree. A family whose attention has a feature the contrib op lacks fails here."""
+    lm = dynamic.lm
+    generator = torch.Generator().manual_seed(0)
+    steps = [torch.randint(0, lm.vocab_size, (1, n), generator=generator) for n in (5, 1, 2, 1)]
+    logits = {}
+    for layout in KV_LAYOUTS:
+        step = DynamicStep(dynamic, layout).eval()
+        try:
+            with torch.no_grad(), step_attention(lm, layout):
+                logits[layout] = [_eager_steps(step, lm, steps, geometry, threshold) for threshold in (2.0, -1.0)]
+        except attention.UnsupportedAttention as exc:
+            return str(exc)
+    difference = max(float((a - b).abs().max()) for runs in zip(*logits.values()) for a, b in zip(*runs))
+    return None if difference <= 1e-4 else f"its logits differ from the concatenated cache's by {difference:.2g}"
+
+
+def _eager_steps(step: DynamicStep, lm: LayeredModel, steps: list, geometry, threshold: float) -> list:
+    dtype = next(lm.model.parameters()).dtype
+    capacity = sum(ids.shape[1] for ids in steps) if step.buffered else 0
+    past = [torch.zeros(1, heads, capacity, dim, dtype=dtype) for heads, dim in geometry for _ in range(2)]
+    filled, logits = 0, []
+    for ids in steps:
+        filled += ids.shape[1]
+        positions = (torch.arange(filled),) if step.buffered else ()
+        out = step(ids, torch.tensor(threshold), *positions, *past)
+        logits.append(out[0].float())
+        past = list(out[4:])
+    return logits

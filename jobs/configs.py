@@ -23,6 +23,7 @@ from dyninfer.core.choices import (
     DEFAULT_DATA,
     DEFAULT_MODEL,
     EXPORT_DTYPES,
+    EXPORT_KV_LAYOUTS,
     EXPORT_WEIGHTS,
     GENERATION_RISK,
     KV_MODES,
@@ -381,9 +382,11 @@ class ExportConfig:
     # consistency with the original model than the torch policy was certified for.
     target: float | None = None
     epsilon: float | None = None
+    kv_layout: str = "auto"  # auto | buffer (preallocated, updated in place) | concat (past and new concatenated each step)
 
     def validate(self) -> None:
         check_choice("provider", self.provider, ONNX_PROVIDERS)
+        check_choice("kv_layout", self.kv_layout, EXPORT_KV_LAYOUTS)
         check_choice("dtype", self.dtype, EXPORT_DTYPES)
         check_choice("weights", self.weights, EXPORT_WEIGHTS)
         check_block_size(self.block_size)

@@ -44,6 +44,7 @@ def run(config: ExportConfig, artifact: str | os.PathLike, progress: ProgressFn 
         block_size=config.block_size,
         accuracy_level=config.accuracy_level,
         certify=certify,
+        kv_layout=config.kv_layout,
         progress=progress,
     )
 

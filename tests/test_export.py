@@ -141,14 +141,54 @@ def test_saved_graph_keeps_custom_nodes_with_standard_op_functions(exported):
         assert all(node.domain in ("", "ai.onnx") for node in function.node)
     assert any(o.domain == ops.DOMAIN for o in model.opset_import)
 
-    def if_nodes(graph):
-        return sum((n.op_type == "If") + sum(if_nodes(a.g) for a in n.attribute if a.g.node) for n in graph.node)
-
-    assert if_nodes(model.graph) == len(dynamic.policy.exit_points)  # one run-or-propagate branch per segment
+    assert _op_count(model.graph, "If") == len(dynamic.policy.exit_points)  # one run-or-propagate branch per segment
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(package / MODEL_FILE), providers=["CPUExecutionProvider"])
     assert session.get_providers() == ["CPUExecutionProvider"]
+
+
+def _op_count(graph, op_type: str) -> int:
+    return sum((n.op_type == op_type) + sum(_op_count(a.g, op_type) for a in n.attribute if a.g.node) for n in graph.node)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("export-llama")
+def test_buffered_package_writes_each_layer_buffer_in_place(exported):
+    """One buffer a layer, bound as past and present: ONNX Runtime writes the prompt's keys into it (the model's own,
+    from transformers' forward), nothing past them, and allocates no present of its own."""
+    import onnxruntime as ort
+    from transformers import DynamicCache
+
+    dynamic, prompt, package = exported("llama")
+    runtime = OnnxDynamicModel(package, provider="cpu")
+    assert runtime.kv_layout == "buffer" and runtime.manifest["inputs"][2] == "positions"
+    model = onnx.load(str(package / MODEL_FILE), load_external_data=False)
+    # one per layer run, one per layer a branch fills by propagation
+    assert _op_count(model.graph, "GroupQueryAttention") == 2 * dynamic.lm.num_layers - dynamic.policy.exit_points[0]
+    length = prompt.shape[1]
+    shapes = [(1, heads, length + 3, dim) for heads, dim in runtime.geometry for _ in range(2)]
+    past = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for shape in shapes]
+    binding = runtime.session.io_binding()
+    runtime._run(binding, prompt.numpy(), runtime.disabled_threshold, past, 0)
+    present = [value for name, value in zip(runtime.output_names, binding.get_outputs()) if name.startswith("present.")]
+    assert [value.data_ptr() for value in present] == [value.data_ptr() for value in past]
+    cache = DynamicCache()
+    with torch.no_grad():
+        dynamic.lm.model(prompt, past_key_values=cache, use_cache=True)
+    for index, layer in enumerate(cache.layers):
+        for buffer, expected in zip(past[2 * index : 2 * index + 2], (layer.keys, layer.values)):
+            np.testing.assert_allclose(buffer.numpy()[:, :, :length], expected.numpy(), atol=1e-5)
+            assert not buffer.numpy()[:, :, length:].any()
+
+
+@pytest.mark.slow
+def test_concatenated_cache_layout_still_exports_like_torch(tmp_path):
+    dynamic, prompt = _dynamic("llama", model=tiny_model("llama", layers=2), **ONE_EXIT)
+    manifest = write_package(tmp_path, dynamic, kv_layout="concat")
+    assert manifest["kv_layout"] == "concat" and "positions" not in manifest["inputs"]
+    assert _op_count(onnx.load(str(tmp_path / MODEL_FILE), load_external_data=False).graph, "GroupQueryAttention") == 0
+    _assert_parity(dynamic, prompt, tmp_path)
 
 
 def _run_function(name: str, inputs: dict[str, np.ndarray], n_outputs: int = 1):

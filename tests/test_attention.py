@@ -1,0 +1,171 @@
+"""The buffered-KV attention op: its torch reference and ONNX Runtime's GroupQueryAttention it exports to, both
+held to a naive attention computed position by position; and the layout's fallback."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from dyninfer.core.errors import DyninferError
+from dyninfer.core.layered import LayeredModel
+from dyninfer.core.lenses import LogitLens
+from dyninfer.early_exit.policy import ExitPolicy
+from dyninfer.exporters import attention
+from dyninfer.exporters.onnx_export import choose_kv_layout, kv_geometry
+from dyninfer.exporters.step import buffered_step_problem
+from dyninfer.runtime.dynamic import DynamicModel
+
+HEADS, KV_HEADS, DIM, CAPACITY, SCALE = 4, 2, 8, 24, 0.3
+STEPS = (6, 1, 3, 1, 1)  # a prompt, then single tokens and a multi-token step on a filled buffer
+
+
+def _naive(queries, keys, values, window, softcap):
+    """Attention of the last len(queries) positions over all keys, one query and head at a time (numpy, fp64)."""
+    total, new = len(keys), len(queries)
+    out = np.zeros((new, HEADS, DIM))
+    for i in range(new):
+        position = total - new + i
+        seen = [j for j in range(position + 1) if window <= 0 or j > position - window]
+        for head in range(HEADS):
+            kv = head // (HEADS // KV_HEADS)
+            scores = np.array([queries[i, head] @ keys[j, kv] * SCALE for j in seen])
+            if softcap > 0:
+                scores = softcap * np.tanh(scores / softcap)
+            weights = np.exp(scores - scores.max())
+            out[i, head] = (weights / weights.sum()) @ values[seen, kv]
+    return out.reshape(new, HEADS * DIM)
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self, window: int, softcap: float):
+        super().__init__()
+        self.window, self.softcap = window, softcap
+
+    def forward(self, query, key, value, past_key, past_value, seqlens_k, total_length):
+        return attention.group_query_attention(
+            query, key, value, past_key, past_value, seqlens_k, total_length, HEADS, KV_HEADS, SCALE, self.softcap, self.window
+        )
+
+
+@pytest.fixture(scope="module")
+def sessions(tmp_path_factory):
+    """(window, softcap) -> an ONNX Runtime session of the op exported through dyninfer's translation."""
+    from torch.export import Dim
+
+    made = {}
+
+    def session(window: int, softcap: float):
+        if (window, softcap) not in made:
+            path = tmp_path_factory.mktemp("gqa") / "attention.onnx"
+            new = Dim("new", min=1, max=64)
+            args = _inputs(np.zeros((2, KV_HEADS, CAPACITY, DIM), np.float32), np.random.default_rng(0), 2, 5)
+            shapes = ({1: new}, {1: new}, {1: new}, None, None, None, None)
+            program = torch.onnx.export(
+                _Attention(window, softcap),
+                tuple(torch.from_numpy(a) for a in args),
+                dynamic_shapes=shapes,
+                custom_translation_table=attention.translation_table(),
+                dynamo=True,
+            )
+            program.save(str(path))
+            made[window, softcap] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return made[window, softcap]
+
+    return session
+
+
+def _inputs(buffers: np.ndarray, rng, filled: int, new: int):
+    """query, key, value for `new` positions after `filled`, the buffers, and the lengths."""
+    query, key, value = (rng.standard_normal((1, new, heads * DIM)).astype(np.float32) for heads in (HEADS, KV_HEADS, KV_HEADS))
+    total = filled + new
+    return query, key, value, buffers[0:1], buffers[1:2], np.array([total - 1], np.int32), np.array(total, np.int32)
+
+
+@pytest.mark.parametrize(("window", "softcap"), [(0, 0.0), (3, 0.0), (5, 2.0), (0, 1.5)])
+def test_reference_and_onnx_runtime_attend_like_naive_attention_over_a_shared_buffer(window, softcap, sessions):
+    """ONNX Runtime writes the new K/V into the very buffer bound as past and present; the reference returns it."""
+    session = sessions(window, softcap)
+    rng = np.random.default_rng(1)
+    buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, KV_HEADS, CAPACITY, DIM), np.float32)) for _ in range(2)]
+    reference = [torch.zeros(1, KV_HEADS, CAPACITY, DIM) for _ in range(2)]
+    keys, values, filled = np.zeros((0, KV_HEADS, DIM)), np.zeros((0, KV_HEADS, DIM)), 0
+    names = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    binding = session.io_binding()
+    for new in STEPS:
+        query, key, value, _, _, seqlens, total = _inputs(np.zeros((2, 1)), rng, filled, new)
+        keys = np.concatenate([keys, key[0].reshape(new, KV_HEADS, DIM)])
+        values = np.concatenate([values, value[0].reshape(new, KV_HEADS, DIM)])
+        expected = _naive(query[0].reshape(new, HEADS, DIM).astype(np.float64), keys, values, window, softcap)
+        for name, array in zip(names, (query, key, value)):
+            binding.bind_cpu_input(name, array)
+        binding.bind_cpu_input(names[5], seqlens)
+        binding.bind_cpu_input(names[6], total)
+        for name, buffer in zip(names[3:5], buffers):
+            binding.bind_ortvalue_input(name, buffer)
+        binding.bind_output(outputs[0], "cpu")
+        for name, buffer in zip(outputs[1:], buffers):
+            binding.bind_ortvalue_output(name, buffer)
+        session.run_with_iobinding(binding)
+        np.testing.assert_allclose(binding.get_outputs()[0].numpy()[0], expected, atol=1e-5)
+        torch_out, *reference = attention.group_query_attention(
+            *(torch.from_numpy(a) for a in (query, key, value)),
+            *reference,
+            torch.from_numpy(seqlens),
+            torch.from_numpy(total),
+            HEADS,
+            KV_HEADS,
+            SCALE,
+            softcap,
+            window,
+        )
+        np.testing.assert_allclose(torch_out[0].numpy(), expected, atol=1e-5)
+        filled += new
+        for buffer, torch_buffer, written in zip(buffers, reference, (keys, values)):
+            held = buffer.numpy()[0].transpose(1, 0, 2)  # [positions, kv heads, dim]
+            np.testing.assert_allclose(held[:filled], written, atol=0)
+            assert not held[filled:].any()  # nothing written past the filled positions
+            np.testing.assert_array_equal(torch_buffer[0].numpy().transpose(1, 0, 2), held)
+
+
+def _dynamic(model) -> DynamicModel:
+    lm = LayeredModel(model)
+    return DynamicModel(lm, ExitPolicy("logit", "saturation", [1], 0.5, 0, "propagate"), LogitLens(lm), None)
+
+
+def test_buffered_step_reproduces_the_concatenated_one():
+    dynamic = _dynamic(tiny_model("mistral", layers=2))  # a sliding window of 8, passed by the 10 positions
+    assert buffered_step_problem(dynamic, kv_geometry(dynamic.lm)) is None
+    assert choose_kv_layout(dynamic, "cpu", "fp32") == ("buffer", None)
+
+
+def test_attention_the_contrib_op_cannot_compute_falls_back_to_the_concatenated_cache():
+    model = tiny_model("llama", layers=2)
+    model.model.layers[1].self_attn.is_causal = False  # the concatenated step's masks still make it causal
+    dynamic = _dynamic(model)
+    problem = buffered_step_problem(dynamic, kv_geometry(dynamic.lm))
+    assert problem is not None and "causal" in problem
+    layout, note = choose_kv_layout(dynamic, "cpu", "fp32")
+    assert layout == "concat" and problem in note
+    with pytest.raises(DyninferError, match="does not fit this model") as refused:
+        choose_kv_layout(dynamic, "cpu", "fp32", "buffer")
+    assert "--kv-layout concat" in str(refused.value) or "kv_layout" in str(refused.value)
+
+
+def test_fp32_on_cuda_keeps_the_concatenated_cache():
+    """ONNX Runtime's CUDA kernel of the op is fp16/bf16 only: an fp32 CUDA package would run it on the CPU."""
+    layout, note = choose_kv_layout(_dynamic(tiny_model("llama", layers=2)), "cuda", "fp32")
+    assert layout == "concat" and "fp16" in note
+    assert choose_kv_layout(_dynamic(tiny_model("llama", layers=2)), "cuda", "fp16")[0] == "buffer"
+
+
+def test_a_buffered_step_that_computes_otherwise_is_caught(monkeypatch):
+    """The check compares logits, so a family whose attention the buffered route gets wrong keeps the old layout."""
+    attend = attention.BufferedCache.attend
+    monkeypatch.setattr(attention.BufferedCache, "attend", lambda self, *args: attend(self, *args) * 1.01)
+    dynamic = _dynamic(tiny_model("qwen2", layers=2))
+    problem = buffered_step_problem(dynamic, kv_geometry(dynamic.lm))
+    assert problem is not None and "differ" in problem
