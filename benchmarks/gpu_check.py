@@ -6,7 +6,7 @@ On the bundled model, each step a dyninfer command (its JSON summary kept):
 1. `probe --device cuda --dtype bfloat16 --lens both`;
 2. `calibrate --device cuda --dtype bfloat16` (generation risk, target 0.9);
 3. `profile --device cuda` with NVML power and energy (fails if NVML gives no readings);
-4. `export --provider cuda --dtype fp16`;
+4. `export --provider cuda --dtype fp16` (KV buffers written in place by GroupQueryAttention's CUDA kernel);
 5. `bench --backend onnx --provider cuda` against optimum's CUDA ORT model;
 5b. `export --provider cuda --weights int4 --certify` (MatMulNBits on CUDA, the package certified on its own
     continuations through the CUDA provider) and its `bench --backend onnx` against optimum fp32 and int4;
@@ -77,6 +77,8 @@ def check_step(record: dict) -> str | None:
         return f"ran in {summary.get('placement')}, not cuda bfloat16"
     if record["step"] == "profile" and not (summary.get("gpu") or {}).get("available"):
         return f"no NVML readings: {(summary.get('gpu') or {}).get('reason')}"
+    if record["step"] == "export" and summary.get("kv_layout") != "buffer":  # GroupQueryAttention's fp16 CUDA kernel
+        return f"the fp16 package did not get the buffered KV layout: {summary.get('notes')}"
     if record["step"] == "export-int4" and (summary.get("certificate") or {}).get("provider") != "CUDAExecutionProvider":
         return f"the int4 package was not certified on the CUDA provider: {(summary.get('certificate') or {}).get('provider')}"
     if record["step"] == "bench-onnx-int4" and "optimum int4" not in [m.get("mode") for m in summary.get("modes", [])]:

@@ -56,8 +56,8 @@ def group_query_attention(
     scores = q @ keys.transpose(-1, -2) * scale
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
-    positions = torch.arange(total - new, total)[:, None]
-    seen = torch.arange(total)[None, :]
+    positions = torch.arange(total - new, total, device=query.device)[:, None]
+    seen = torch.arange(total, device=query.device)[None, :]
     allowed = seen <= positions
     if window > 0:
         allowed &= seen > positions - window

@@ -284,7 +284,7 @@ def buffered_step_problem(dynamic: DynamicModel, geometry: list[tuple[int, int]]
     their logits must agree. A family whose attention has a feature the contrib op lacks fails here."""
     lm = dynamic.lm
     generator = torch.Generator().manual_seed(0)
-    steps = [torch.randint(0, lm.vocab_size, (1, n), generator=generator) for n in (5, 1, 2, 1)]
+    steps = [torch.randint(0, lm.vocab_size, (1, n), generator=generator).to(lm.device) for n in (5, 1, 2, 1)]
     logits = {}
     for layout in KV_LAYOUTS:
         step = DynamicStep(dynamic, layout).eval()
@@ -300,12 +300,12 @@ def buffered_step_problem(dynamic: DynamicModel, geometry: list[tuple[int, int]]
 def _eager_steps(step: DynamicStep, lm: LayeredModel, steps: list, geometry, threshold: float) -> list:
     dtype = next(lm.model.parameters()).dtype
     capacity = sum(ids.shape[1] for ids in steps) if step.buffered else 0
-    past = [torch.zeros(1, heads, capacity, dim, dtype=dtype) for heads, dim in geometry for _ in range(2)]
+    past = [torch.zeros(1, heads, capacity, dim, dtype=dtype, device=lm.device) for heads, dim in geometry for _ in range(2)]
     filled, logits = 0, []
     for ids in steps:
         filled += ids.shape[1]
-        positions = (torch.arange(filled),) if step.buffered else ()
-        out = step(ids, torch.tensor(threshold), *positions, *past)
+        positions = (torch.arange(filled, device=lm.device),) if step.buffered else ()
+        out = step(ids, torch.tensor(threshold, device=lm.device), *positions, *past)
         logits.append(out[0].float())
         past = list(out[4:])
     return logits

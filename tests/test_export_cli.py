@@ -40,7 +40,8 @@ def test_export_writes_a_verified_package_with_baseline(exported):
     package = artifact / "onnx"
     assert report["path"] == str(package)
     manifest = json.loads((package / PACKAGE_MANIFEST).read_text())
-    assert manifest["inputs"][2:4] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert manifest["inputs"][2:5] == ["positions", "past_key_values.0.key", "past_key_values.0.value"]
+    assert manifest["kv_layout"] == report["kv_layout"] == "buffer"
     assert manifest["outputs"][3:6] == ["stop_confidence", "present.0.key", "present.0.value"]
     stop = json.loads((artifact / "dyninfer.json").read_text())["stages"]["stop"]["rules"]["completion"]["policy"]
     assert manifest["stop"] == {"completion": {"policy": stop}}  # the word tokenizer spells no number: no reasoning rule
@@ -283,6 +284,7 @@ def test_export_bad_inputs(exported, tmp_path):
         (["--accuracy-level", "1"], "is for --weights int8 or int4"),
         (["--target", "0.5"], "add --certify"),
         (["--certify", "--epsilon", "1.5"], "--epsilon"),
+        (["--kv-layout", "paged"], "--kv-layout"),
     ):
         result = runner.invoke(app, ["export", str(artifact), "--out", str(tmp_path / "y"), *options])
         assert result.exit_code == 2 and message in result.stderr, result.output

@@ -198,6 +198,8 @@ def test_gpu_check_fails_a_step_that_ran_off_the_gpu_path():
     assert "CUDA provider" in check_step({"step": "bench-onnx", "summary": {"notes": ["ONNX Runtime provider: CPUExecutionProvider"]}})
     assert check_step({"step": "bench-onnx", "summary": {"notes": ["ONNX Runtime provider: CUDAExecutionProvider"]}}) is None
     assert "not triton" in check_step({"step": "prune-triton", "summary": {"speed": {"backend": "numba"}}})
+    assert "buffered KV layout" in check_step({"step": "export", "summary": {"kv_layout": "concat", "notes": []}})
+    assert check_step({"step": "export", "summary": {"kv_layout": "buffer"}}) is None
 
 
 def test_a_dispatched_offloaded_model_probes_and_decodes_like_the_plain_one(tmp_path):
