@@ -40,6 +40,7 @@ PACKAGE_MANIFEST = "dyninfer-onnx.json"
 PACKAGE_FORMAT = "dyninfer-onnx"
 PACKAGE_VERSION = 3  # 2: the step's stop_confidence output, and the stop rules in the manifest; 3: kv_layout
 STOP_OUTPUT = "stop_confidence"
+KV_LAYOUTS = ("concat", "buffer")  # how a package's step takes its KV cache (exporters/step.py)
 POSITIONS_INPUT = "positions"  # buffered KV layout: the positions the buffers hold after the step (its length is read)
 MODES = ("early-exit", "full")
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
@@ -62,6 +63,11 @@ def read_package(path) -> dict:
     if manifest.get("version", 0) > PACKAGE_VERSION:
         raise DyninferError(
             f"the package at '{path}' was made by a newer dyninfer (format version {manifest['version']}); upgrade dyninfer"
+        )
+    if manifest.get("kv_layout", "concat") not in KV_LAYOUTS:
+        raise DyninferError(
+            f"the package at '{path}' has KV layout {manifest['kv_layout']!r}, which this dyninfer does not know "
+            f"({', '.join(KV_LAYOUTS)}); re-run `dyninfer export`"
         )
     files = manifest.get("files", {})
     for name in [manifest.get("model_file"), *files]:

@@ -29,11 +29,11 @@ from torch import nn
 from dyninfer.core.choices import HEAD_MEASURES
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel
+from dyninfer.core.lenses import ExitTranslators, TunedLens
 from dyninfer.early_exit.policy import ExitPolicy
 from dyninfer.exporters import attention, ops
+from dyninfer.exporters.onnx_runtime import KV_LAYOUTS
 from dyninfer.runtime.dynamic import DynamicModel
-
-KV_LAYOUTS = ("concat", "buffer")
 
 
 class StepCache:
@@ -106,9 +106,11 @@ class DynamicStep(nn.Module):
         self.points = list(policy.exit_points) if certified else []
         self.measure = policy.measure if policy is not None else None
         self.top_k = policy.vocab_top_k if certified and self.measure in HEAD_MEASURES else 0
+        if isinstance(dynamic.lens, TunedLens):  # the graph stores (and a quantizer sees) the exits' translators only
+            self.dynamic.lens = ExitTranslators(dynamic.lens, self.points)
         # Register the wrapped modules so their weights are parameters of the traced program.
         self.model = lm.model
-        self.exit_heads = dynamic.lens if isinstance(dynamic.lens, nn.Module) else None
+        self.exit_heads = self.dynamic.lens if isinstance(self.dynamic.lens, nn.Module) else None
         self.classifier = dynamic.classifier
 
     # -- the step ---------------------------------------------------------------------

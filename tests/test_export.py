@@ -15,7 +15,7 @@ from tiny_models import ARCHS, VOCAB, tiny_model
 from dyninfer.core.choices import HEAD_MEASURES
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel
-from dyninfer.core.lenses import LogitLens
+from dyninfer.core.lenses import ExitTranslators, LogitLens, TunedLens
 from dyninfer.early_exit import confidence as conf
 from dyninfer.early_exit.confidence import ExitClassifier
 from dyninfer.early_exit.policy import ExitPolicy
@@ -34,10 +34,20 @@ OTHER_MEASURES = {"llama": ("classifier", 0), "qwen2": ("softmax", 16)}
 ONE_EXIT = {"points": (1,)}
 
 
-def _dynamic(arch: str, measure: str = "saturation", top_k: int = 0, points=(1, 2), model=None):
+def _random_tuned_lens(lm: LayeredModel) -> TunedLens:
+    lens = TunedLens(lm)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        lens.weight.normal_(std=0.05, generator=generator)
+        lens.bias.normal_(std=0.05, generator=generator)
+    return lens
+
+
+def _dynamic(arch: str, measure: str = "saturation", top_k: int = 0, points=(1, 2), model=None, tuned: bool = False):
     """A dynamic model whose threshold makes some steps exit early and others run the full depth."""
     model = model if model is not None else tiny_model(arch, layers=3)
     lm = LayeredModel(model)
+    lens = _random_tuned_lens(lm) if tuned else LogitLens(lm)
     prompt = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(5))
     classifier = None
     if measure == "classifier":
@@ -47,7 +57,7 @@ def _dynamic(arch: str, measure: str = "saturation", top_k: int = 0, points=(1, 
     for _ in range(40):  # more steps run deep as the threshold rises: bisect on it
         threshold = (low + high) / 2
         policy = ExitPolicy("logit", measure, list(points), threshold, top_k, "propagate")
-        dynamic = DynamicModel(lm, policy, LogitLens(lm), classifier)
+        dynamic = DynamicModel(lm, policy, lens, classifier)
         run = dynamic.generate(prompt, STEPS)
         deep = sum(e == lm.num_layers for e in run.exit_layers[1:])
         if 3 <= deep <= STEPS - 4:
@@ -189,6 +199,30 @@ def test_concatenated_cache_layout_still_exports_like_torch(tmp_path):
     assert manifest["kv_layout"] == "concat" and "positions" not in manifest["inputs"]
     assert _op_count(onnx.load(str(tmp_path / MODEL_FILE), load_external_data=False).graph, "GroupQueryAttention") == 0
     _assert_parity(dynamic, prompt, tmp_path)
+
+
+@pytest.mark.slow
+def test_a_tuned_lens_package_stores_only_its_exits_translators(tmp_path):
+    """All L translators stacked would be stored (and left unquantized) for the few the exits read."""
+    dynamic, prompt = _dynamic("qwen2", "softmax", points=(1,), model=tiny_model("qwen2", layers=3), tuned=True)
+    write_package(tmp_path, dynamic)
+    _assert_parity(dynamic, prompt, tmp_path)
+    model = onnx.load(str(tmp_path / MODEL_FILE), load_external_data=False)
+    hidden = dynamic.lm.hidden_size
+    stored = sorted(list(t.dims) for t in model.graph.initializer if t.name.startswith("exit_heads."))
+    assert stored == [[hidden], [hidden, hidden]]  # exit 1's translator alone, not the [3, d, d] stack
+
+
+def test_exit_translators_translate_as_the_lens_does():
+    lm = LayeredModel(tiny_model("llama", layers=4))
+    lens = _random_tuned_lens(lm)
+    kept = ExitTranslators(lens, [3, 1, 4])  # index 4 is the model's output: no translator
+    hidden = torch.randn(2, lm.hidden_size, generator=torch.Generator().manual_seed(0))
+    for index in (1, 3, 4):
+        torch.testing.assert_close(kept.translate(index, hidden), lens.translate(index, hidden), rtol=0, atol=1e-6)
+    assert sum(p.numel() for p in kept.parameters()) == 2 * (lm.hidden_size**2 + lm.hidden_size)
+    with pytest.raises(KeyError):
+        kept.translate(2, hidden)
 
 
 def _run_function(name: str, inputs: dict[str, np.ndarray], n_outputs: int = 1):

@@ -354,6 +354,10 @@ def test_damaged_or_missing_packages_get_clear_errors(exported, tmp_path):
     os.truncate(data, data.stat().st_size // 2)
     result = runner.invoke(app, ["run", str(copy), "tok1", "--backend", "onnx"])
     assert result.exit_code == 2 and "damaged or incomplete" in result.stderr
+    manifest = json.loads((copy / PACKAGE_MANIFEST).read_text())
+    (copy / PACKAGE_MANIFEST).write_text(json.dumps({**manifest, "kv_layout": "paged"}))
+    result = runner.invoke(app, ["run", str(copy), "tok1", "--backend", "onnx"])
+    assert result.exit_code == 2 and "KV layout 'paged'" in result.stderr
     (copy / PACKAGE_MANIFEST).write_text("{not json")
     result = runner.invoke(app, ["run", str(copy), "tok1", "--backend", "onnx"])
     assert result.exit_code == 2 and "damaged" in result.stderr
