@@ -41,6 +41,7 @@ from dyninfer.exporters import attention, ops
 from dyninfer.exporters.certificate import PackageCertificate, carried_over, graph_hashes
 from dyninfer.exporters.graph_tidy import fold_weight_transposes, strip_node_metadata
 from dyninfer.exporters.onnx_runtime import (
+    NEXT_TOKEN_OUTPUT,
     PACKAGE_FORMAT,
     PACKAGE_MANIFEST,
     PACKAGE_VERSION,
@@ -92,7 +93,7 @@ def input_names(num_layers: int, kv_layout: str = "concat") -> list[str]:
 
 
 def output_names(num_layers: int) -> list[str]:
-    return ["logits", "exit_layer", "exit_confidence", STOP_OUTPUT] + [
+    return ["logits", "exit_layer", "exit_confidence", STOP_OUTPUT, NEXT_TOKEN_OUTPUT] + [
         f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")
     ]
 

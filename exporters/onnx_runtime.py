@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -38,8 +39,10 @@ from dyninfer.exporters.certificate import PackageCertificate
 
 PACKAGE_MANIFEST = "dyninfer-onnx.json"
 PACKAGE_FORMAT = "dyninfer-onnx"
-PACKAGE_VERSION = 3  # 2: the step's stop_confidence output, and the stop rules in the manifest; 3: kv_layout
+# 2: the step's stop_confidence output, and the stop rules in the manifest; 3: kv_layout and the next_token output
+PACKAGE_VERSION = 3
 STOP_OUTPUT = "stop_confidence"
+NEXT_TOKEN_OUTPUT = "next_token"  # the greedy token, so greedy decoding brings no logits to the host
 KV_LAYOUTS = ("concat", "buffer")  # how a package's step takes its KV cache (exporters/step.py)
 POSITIONS_INPUT = "positions"  # buffered KV layout: the positions the buffers hold after the step (its length is read)
 MODES = ("early-exit", "full")
@@ -291,18 +294,19 @@ class OnnxDynamicModel:
         tokens, exits, confidences, all_logits = [], [], [], []
         step_ids, step_threshold = ids, self.disabled_threshold  # the prefill runs every layer
         ended = None
+        need_logits = return_logits or sample
         while True:
-            logits, exit_layer, confidence, stop_confidence, new_past = self._run(binding, step_ids, step_threshold, past, filled)
+            step = self._run(binding, step_ids, step_threshold, past, filled, need_logits)
             if return_logits:
-                all_logits.append(logits)
-            token = _pick(logits, sample, temperature, rng)
-            if isinstance(stop, CompletionStopper) and stop.stops_before(stop_confidence):
+                all_logits.append(step.logits)
+            token = _sample(step.logits, temperature, rng) if sample else step.greedy
+            if isinstance(stop, CompletionStopper) and stop.stops_before(step.stop_confidence):
                 ended = "rule"
                 break
-            past, filled = new_past, filled + step_ids.shape[1]
+            past, filled = step.present, filled + step_ids.shape[1]
             tokens.append(token)
-            exits.append(exit_layer)
-            confidences.append(confidence if confidence >= 0 else None)
+            exits.append(step.exit_layer)
+            confidences.append(step.exit_confidence if step.exit_confidence >= 0 else None)
             if len(tokens) >= max_new_tokens or _finished(tokens, eos_token_id):
                 break
             if isinstance(stop, ReasoningStopper) and stop.is_boundary(int(token[0, 0])):
@@ -328,9 +332,10 @@ class OnnxDynamicModel:
         step_ids = np.concatenate([token, np.array([vocabulary.suffix], dtype=np.int64)], axis=1)
         picked, step_confidences = [], []
         while True:
-            logits, _, _, stop_confidence, past = self._run(binding, step_ids, self.disabled_threshold, past, filled)
+            step = self._run(binding, step_ids, self.disabled_threshold, past, filled)
+            past, stop_confidence = step.present, step.stop_confidence
             filled += step_ids.shape[1]
-            picked.append(int(logits.argmax(-1)[0]))
+            picked.append(int(step.greedy[0, 0]))
             step_confidences.append(stop_confidence)
             if not vocabulary.continues(picked[:-1], picked[-1]) or len(picked) == stop.policy.probe_tokens:
                 break
@@ -338,17 +343,20 @@ class OnnxDynamicModel:
         ids, confidence = read_answer(step_confidences, picked, vocabulary)
         return TrialAnswer(ids, picked, confidence, len(vocabulary.suffix) + len(picked))
 
-    def _run(self, binding, ids: np.ndarray, threshold: float, past: list, filled: int):
+    def _run(self, binding, ids: np.ndarray, threshold: float, past: list, filled: int, need_logits: bool = False) -> Step:
         """One step on `ids` after the `filled` positions in `past`. With buffers, each is bound as the past input
-        and the present output: ONNX Runtime writes the new positions into it, nothing else is copied."""
+        and the present output: ONNX Runtime writes the new positions into it, nothing else is copied. Unless
+        `need_logits`, the logits stay where ONNX Runtime put them (device memory on CUDA) and only the greedy
+        token comes to the host."""
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("exit_threshold", np.array(threshold, dtype=np.float32))
         if self.kv_layout == "buffer":
             binding.bind_cpu_input(POSITIONS_INPUT, np.arange(filled + ids.shape[1], dtype=np.int64))
         for name, value in zip(self.past_names, past):
             binding.bind_ortvalue_input(name, value)
+        fetched_on_device = not need_logits and NEXT_TOKEN_OUTPUT in self.output_names
         for name in self.scalar_names:
-            binding.bind_output(name, "cpu")
+            binding.bind_output(name, self.device if name == "logits" and fetched_on_device else "cpu")
         for name, value in zip(self.present_names, past):
             if self.kv_layout == "buffer":
                 binding.bind_ortvalue_output(name, value)
@@ -356,12 +364,25 @@ class OnnxDynamicModel:
                 binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
         outputs = dict(zip(self.output_names, binding.get_outputs()))
-        logits = outputs["logits"].numpy()
-        # packages exported before stop rules (format 1) lack the stop output: computed here from the logits
+        logits = None if fetched_on_device else outputs["logits"].numpy()
+        # older packages lack the stop (format 1) or next-token (format 2) output: computed here from the logits
         stop_confidence = float(outputs[STOP_OUTPUT].numpy()[0]) if STOP_OUTPUT in outputs else _max_probability(logits)
+        greedy = outputs[NEXT_TOKEN_OUTPUT].numpy()[:, None] if NEXT_TOKEN_OUTPUT in outputs else logits.argmax(-1)[:, None]
         # The buffers themselves, not the binding's outputs: those views die with the next binding.
         present = past if self.kv_layout == "buffer" else [outputs[name] for name in self.present_names]
-        return logits, int(outputs["exit_layer"].numpy()), float(outputs["exit_confidence"].numpy()), stop_confidence, present
+        exit_layer, confidence = int(outputs["exit_layer"].numpy()), float(outputs["exit_confidence"].numpy())
+        return Step(logits, exit_layer, confidence, stop_confidence, present, greedy.astype(np.int64))
+
+
+class Step(NamedTuple):
+    """What one step of the package gives the decode loop."""
+
+    logits: np.ndarray | None  # [batch, vocab]; None when left on the device (greedy decoding)
+    exit_layer: int
+    exit_confidence: float  # -1: no exit
+    stop_confidence: float
+    present: list  # the K/V to bind as the next past
+    greedy: np.ndarray  # [batch, 1] the argmax token ids
 
 
 def _probe_room(stop: ReasoningStopper) -> int:
@@ -374,9 +395,7 @@ def _max_probability(logits: np.ndarray) -> float:
     return float(1.0 / np.exp(row - row.max()).sum())
 
 
-def _pick(logits: np.ndarray, sample: bool, temperature: float, rng) -> np.ndarray:
-    if not sample:
-        return logits.argmax(-1)[:, None].astype(np.int64)
+def _sample(logits: np.ndarray, temperature: float, rng) -> np.ndarray:
     scaled = logits.astype(np.float64) / max(temperature, 1e-5)
     scaled -= scaled.max(-1, keepdims=True)
     probs = np.exp(scaled)

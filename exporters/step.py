@@ -9,8 +9,8 @@ present KV by CALM propagation from its exit hidden state. A threshold above 1 d
 every exit (the prefill and the "exits disabled" mode use the same graph).
 
 Outputs: logits of the last position [B, V], the exit layer (int64, num_layers when the
-token ran every layer), the exit confidence (-1 when it did not exit), then the present
-K and V of every layer.
+token ran every layer), the exit confidence (-1 when it did not exit), the stop confidence [B],
+the greedy next token [B], then the present K and V of every layer.
 
 KV layouts (`KV_LAYOUTS`): "concat", the past of each layer holds exactly the positions before
 this step and the present is past and new concatenated; "buffer" (exporters/attention.py), each
@@ -131,7 +131,7 @@ class DynamicStep(nn.Module):
             logits, exit_layer, exit_confidence, *present = self._step(hidden, threshold, past, start)
         # What a stop rule scores: the max probability of the distribution the next token is picked from.
         stop_confidence = torch.softmax(logits.float(), dim=-1).amax(dim=-1)
-        return (logits, exit_layer, exit_confidence, stop_confidence, *present)
+        return (logits, exit_layer, exit_confidence, stop_confidence, logits.argmax(dim=-1), *present)
 
     def _step(self, hidden, threshold, past, start):
         bounds = [0] + self.points + [self.num_layers]
@@ -309,5 +309,5 @@ def _eager_steps(step: DynamicStep, lm: LayeredModel, steps: list, geometry, thr
         positions = (torch.arange(filled, device=lm.device),) if step.buffered else ()
         out = step(ids, torch.tensor(threshold, device=lm.device), *positions, *past)
         logits.append(out[0].float())
-        past = list(out[4:])
+        past = list(out[5:])
     return logits

@@ -180,9 +180,14 @@ def test_buffered_package_writes_each_layer_buffer_in_place(exported):
     shapes = [(1, heads, length + 3, dim) for heads, dim in runtime.geometry for _ in range(2)]
     past = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for shape in shapes]
     binding = runtime.session.io_binding()
-    runtime._run(binding, prompt.numpy(), runtime.disabled_threshold, past, 0)
+    step = runtime._run(binding, prompt.numpy(), runtime.disabled_threshold, past, 0, need_logits=True)
     present = [value for name, value in zip(runtime.output_names, binding.get_outputs()) if name.startswith("present.")]
     assert [value.data_ptr() for value in present] == [value.data_ptr() for value in past]
+    assert step.greedy.shape == (1, 1) and step.greedy[0, 0] == step.logits.argmax(-1)[0]
+    # greedy decoding leaves the logits where ONNX Runtime put them: only the graph's argmax comes back
+    fresh = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for shape in shapes]
+    greedy_only = runtime._run(runtime.session.io_binding(), prompt.numpy(), runtime.disabled_threshold, fresh, 0)
+    assert greedy_only.logits is None and greedy_only.greedy[0, 0] == step.greedy[0, 0]
     cache = DynamicCache()
     with torch.no_grad():
         dynamic.lm.model(prompt, past_key_values=cache, use_cache=True)

@@ -42,7 +42,7 @@ def test_export_writes_a_verified_package_with_baseline(exported):
     manifest = json.loads((package / PACKAGE_MANIFEST).read_text())
     assert manifest["inputs"][2:5] == ["positions", "past_key_values.0.key", "past_key_values.0.value"]
     assert manifest["kv_layout"] == report["kv_layout"] == "buffer"
-    assert manifest["outputs"][3:6] == ["stop_confidence", "present.0.key", "present.0.value"]
+    assert manifest["outputs"][3:7] == ["stop_confidence", "next_token", "present.0.key", "present.0.value"]
     stop = json.loads((artifact / "dyninfer.json").read_text())["stages"]["stop"]["rules"]["completion"]["policy"]
     assert manifest["stop"] == {"completion": {"policy": stop}}  # the word tokenizer spells no number: no reasoning rule
     assert report["custom_nodes"]["ExitGate"] == len(report["exit_points"]) > 0
