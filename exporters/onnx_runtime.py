@@ -7,7 +7,8 @@ sized for the prompt, the new tokens and any reasoning probe, and bound as both 
 input and its present output: ONNX Runtime writes the new positions in place. In the older
 concatenated layout each step's present K/V stay where ONNX Runtime put them (device memory on
 CUDA) and are bound as the next past. Either way only the token ids, the threshold (and the
-positions' count) go in and the logits, exit layer and confidences come out.
+positions) go in, and the greedy token, exit layer and confidences come out: the logits are
+fetched only when sampling or asked for.
 """
 
 from __future__ import annotations
