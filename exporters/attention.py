@@ -1,6 +1,6 @@
 """Attention with a preallocated KV buffer: one ONNX Runtime `GroupQueryAttention` node per layer.
 
-The default step concatenates each layer's past and new K/V, so every decoding step copies the
+The concatenated layout joins each layer's past and new K/V, so every decoding step copies the
 whole cache into a new tensor, and the family's attention exports as some thirty small nodes a
 layer (repeat of the KV heads, masks, two matmuls, softmax, transposes). In the buffered layout
 the past of a layer is one buffer [batch, kv heads, capacity, head dim] that the step's
@@ -9,11 +9,12 @@ their positions and attends over in one kernel. The runtime binds each buffer as
 input and the present output, so ONNX Runtime updates it in place.
 
 Route: the family's own layer code runs unchanged up to the attention call (projections, norms,
-rotary). The layer is called with one more keyword, the cache (transformers passes a layer's
-extra keywords down to the attention function). `BufferedCache.update` returns the new K/V only; the attention function registered
-here (transformers' `AttentionInterface`) then calls the custom op `dyninfer::group_query_attention`
-with the layer's buffers, and the exporter's translation table turns that op into the contrib
-node. The op's torch implementation is the reference the export is checked against: causal
+rotary). The layer is called with one more keyword, the cache: transformers passes a layer's
+extra keywords down to the attention function (a context variable would not survive tracing
+`torch.cond` branches). `BufferedCache.update` returns the new K/V only; the attention function
+registered here (transformers' `AttentionInterface`) then calls the custom op
+`dyninfer::group_query_attention` with the layer's buffers, and the exporter's translation table
+turns that op into the contrib node. The op's torch implementation is the reference the export is checked against: causal
 attention over the first `total_length` positions, optionally within a sliding window and with
 logits softcapped, as the contrib op computes it.
 """
@@ -148,7 +149,7 @@ class BufferedCache:
     @classmethod
     def for_layers(cls, first: int, past, start, new: int) -> BufferedCache:
         """The cache of layers first, first + 1, ... from their flat (key, value, key, value, ...) buffers."""
-        return cls({first + i: (past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)}, start, new)
+        return cls(layer_pairs(first, past), start, new)
 
     @property
     def layer_kwargs(self) -> dict:
@@ -194,6 +195,11 @@ class BufferedCache:
         """Write the layer's pending K/V without attending (a query of the KV heads' width, output unused)."""
         key, _ = self.pending[layer_idx]
         self.attend(layer_idx, torch.zeros_like(key), key.shape[1], 1.0, None, None)
+
+
+def layer_pairs(first: int, past) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Layer index -> (key, value), from the flat (key, value, key, value, ...) past of layers first, first + 1, ..."""
+    return {first + i: (past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)}
 
 
 def _packed(x: torch.Tensor) -> torch.Tensor:

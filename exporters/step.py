@@ -57,7 +57,7 @@ class StepCache:
     @classmethod
     def for_layers(cls, first: int, past) -> StepCache:
         """The cache of layers first, first + 1, ... from their flat (key, value, key, value, ...) past."""
-        return cls({first + i: (past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)})
+        return cls(attention.layer_pairs(first, past))
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.past[layer_idx][0].shape[2]
