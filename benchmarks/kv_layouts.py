@@ -33,8 +33,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    print(provenance_line(), flush=True)
     names = [str(p) for p in args.packages]
+    if len(set(names)) != len(names):  # rows are keyed by package: a repeat would merge two rows' timings
+        parser.error("give each package once")
+    print(provenance_line(), flush=True)
     models = {name: OnnxDynamicModel(path, provider="cpu") for name, path in zip(names, args.packages)}
     tokenizer = AutoTokenizer.from_pretrained(str(models[names[0]].path))
     prompts = load_windows("builtin:pydocs", tokenizer, seq_len=64, seed=1).heldout[: args.prompts].numpy()
