@@ -154,10 +154,9 @@ def _quiet_exporters():
                 logger.setLevel(level)
 
 
-def _example_inputs(lm, batch: int, new: int, past_len: int, dtype, kv_layout: str) -> tuple:
+def _example_inputs(lm, geometry, batch: int, new: int, past_len: int, dtype, kv_layout: str) -> tuple:
     """Example step inputs; sizes > 1 and distinct, so the tracer keeps every dimension symbolic (a buffer's
     capacity is past_len + new + 2)."""
-    geometry = kv_geometry(lm)
     ids = torch.randint(0, lm.vocab_size, (batch, new))
     positions = (torch.arange(past_len + new),) if kv_layout == "buffer" else ()
     length = past_len + new + 2 if kv_layout == "buffer" else past_len
@@ -177,8 +176,11 @@ def kv_geometry(lm) -> list[tuple[int, int]]:
     return [(layer.keys.shape[1], layer.keys.shape[3]) for layer in cache.layers]
 
 
-def export_step_onnx(dynamic: DynamicModel, path: Path, dtype: str = "fp32", kv_layout: str = "concat") -> None:
-    """Trace the dynamic model's decoding step and save it (weights as external data) at `path`."""
+def export_step_onnx(
+    dynamic: DynamicModel, path: Path, geometry: list[tuple[int, int]], dtype: str = "fp32", kv_layout: str = "concat"
+) -> None:
+    """Trace the dynamic model's decoding step and save it (weights as external data) at `path`; `geometry`:
+    its `kv_geometry`."""
     import onnx
     from torch.export import Dim
 
@@ -190,7 +192,7 @@ def export_step_onnx(dynamic: DynamicModel, path: Path, dtype: str = "fp32", kv_
         dynamic = DynamicModel(lm, dynamic.policy, lens, dynamic.classifier)
     step = DynamicStep(dynamic, kv_layout).eval()
     batch, new = Dim("batch", min=1, max=256), Dim("sequence", min=1, max=65536)
-    inputs, past = _example_inputs(lm, 2, 3, 4, torch_dtype, kv_layout)
+    inputs, past = _example_inputs(lm, geometry, 2, 3, 4, torch_dtype, kv_layout)
     if kv_layout == "buffer":
         capacity = Dim("capacity", min=1, max=65536)
         shapes = ({0: batch, 1: new}, None, ({0: Dim("total", min=1, max=65536)}, *({0: batch, 2: capacity} for _ in past)))
@@ -224,18 +226,19 @@ def export_step_onnx(dynamic: DynamicModel, path: Path, dtype: str = "fp32", kv_
     )
 
 
-def choose_kv_layout(dynamic: DynamicModel, provider: str, dtype: str, wanted: str = "auto") -> tuple[str, str | None]:
+def choose_kv_layout(
+    dynamic: DynamicModel, geometry: list[tuple[int, int]], provider: str, dtype: str, wanted: str = "auto"
+) -> tuple[str, str | None]:
     """The package's KV layout and, when it is not the buffered one, why. "auto" takes the buffer wherever it
-    reproduces the model's step; "buffer" refuses a model where it does not."""
+    reproduces the model's step; "buffer" refuses a model where it does not. `geometry`: the model's `kv_geometry`."""
     if wanted not in EXPORT_KV_LAYOUTS:
         raise DyninferError(f"{option('kv_layout')} must be one of {', '.join(EXPORT_KV_LAYOUTS)}, got '{wanted}'")
     if wanted == "concat":
         return "concat", None
-    problem = None
     if provider == "cuda" and dtype == "fp32":
         problem = "ONNX Runtime's CUDA GroupQueryAttention computes in fp16 or bf16 only (export fp16 for it)"
     else:
-        problem = buffered_step_problem(dynamic, kv_geometry(dynamic.lm))
+        problem = buffered_step_problem(dynamic, geometry)
     if problem is None:
         return "buffer", None
     if wanted == "buffer":
@@ -260,8 +263,9 @@ def write_package(
     check_options(provider, dtype)
     check_exportable(dynamic.lm, dynamic.policy)
     lm = dynamic.lm
-    kv_layout, layout_note = choose_kv_layout(dynamic, provider, dtype, kv_layout)
-    export_step_onnx(dynamic, directory / MODEL_FILE, dtype, kv_layout)
+    geometry = kv_geometry(lm)  # a forward pass through every layer: once per package
+    kv_layout, layout_note = choose_kv_layout(dynamic, geometry, provider, dtype, kv_layout)
+    export_step_onnx(dynamic, directory / MODEL_FILE, geometry, dtype, kv_layout)
     counts: dict[str, int] = {}
     for node in ops.custom_nodes(onnx.load(str(directory / MODEL_FILE), load_external_data=False)):
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
@@ -275,7 +279,7 @@ def write_package(
         "family": lm.family,
         "num_layers": lm.num_layers,
         "vocab_size": lm.vocab_size,
-        "kv_geometry": kv_geometry(lm),
+        "kv_geometry": geometry,
         "policy": policy,
         "eos_token_id": eos_token_id,
         "base_model": base_model,

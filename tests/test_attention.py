@@ -138,28 +138,32 @@ def _dynamic(model) -> DynamicModel:
 
 def test_buffered_step_reproduces_the_concatenated_one():
     dynamic = _dynamic(tiny_model("mistral", layers=2))  # a sliding window of 8, passed by the 10 positions
-    assert buffered_step_problem(dynamic, kv_geometry(dynamic.lm)) is None
-    assert choose_kv_layout(dynamic, "cpu", "fp32") == ("buffer", None)
+    geometry = kv_geometry(dynamic.lm)
+    assert buffered_step_problem(dynamic, geometry) is None
+    assert choose_kv_layout(dynamic, geometry, "cpu", "fp32") == ("buffer", None)
 
 
 def test_attention_the_contrib_op_cannot_compute_falls_back_to_the_concatenated_cache():
     model = tiny_model("llama", layers=2)
     model.model.layers[1].self_attn.is_causal = False  # the concatenated step's masks still make it causal
     dynamic = _dynamic(model)
-    problem = buffered_step_problem(dynamic, kv_geometry(dynamic.lm))
+    geometry = kv_geometry(dynamic.lm)
+    problem = buffered_step_problem(dynamic, geometry)
     assert problem is not None and "causal" in problem
-    layout, note = choose_kv_layout(dynamic, "cpu", "fp32")
+    layout, note = choose_kv_layout(dynamic, geometry, "cpu", "fp32")
     assert layout == "concat" and problem in note
     with pytest.raises(DyninferError, match="does not fit this model") as refused:
-        choose_kv_layout(dynamic, "cpu", "fp32", "buffer")
+        choose_kv_layout(dynamic, geometry, "cpu", "fp32", "buffer")
     assert "--kv-layout concat" in str(refused.value) or "kv_layout" in str(refused.value)
 
 
 def test_fp32_on_cuda_keeps_the_concatenated_cache():
     """ONNX Runtime's CUDA kernel of the op is fp16/bf16 only: an fp32 CUDA package would run it on the CPU."""
-    layout, note = choose_kv_layout(_dynamic(tiny_model("llama", layers=2)), "cuda", "fp32")
+    dynamic = _dynamic(tiny_model("llama", layers=2))
+    geometry = kv_geometry(dynamic.lm)
+    layout, note = choose_kv_layout(dynamic, geometry, "cuda", "fp32")
     assert layout == "concat" and "fp16" in note
-    assert choose_kv_layout(_dynamic(tiny_model("llama", layers=2)), "cuda", "fp16")[0] == "buffer"
+    assert choose_kv_layout(dynamic, geometry, "cuda", "fp16")[0] == "buffer"
 
 
 def test_a_buffered_step_that_computes_otherwise_is_caught(monkeypatch):
