@@ -21,6 +21,7 @@ import math
 import torch
 
 from dyninfer.early_exit.rule import batch_leaves
+from dyninfer.exporters.graph_tidy import all_graphs
 
 DOMAIN = "ai.dyninfer"
 DOMAIN_VERSION = 1
@@ -215,15 +216,4 @@ def add_function_definitions(model) -> None:
 
 def custom_nodes(model) -> list:
     """Every node of our domain in the model, including inside `If` branches."""
-    found = []
-
-    def walk(graph):
-        for node in graph.node:
-            if node.domain == DOMAIN:
-                found.append(node)
-            for attribute in node.attribute:
-                if attribute.g is not None and attribute.g.node:
-                    walk(attribute.g)
-
-    walk(model.graph)
-    return found
+    return [node for graph in all_graphs(model.graph) for node in graph.node if node.domain == DOMAIN]
