@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 
 from dyninfer.core.consistency import token_share
 from dyninfer.core.data import load_windows
-from dyninfer.exporters.onnx_runtime import OnnxDynamicModel
+from dyninfer.runtime.onnx_decoder import OnnxDecoder
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     if len(set(names)) != len(names):  # rows are keyed by package: a repeat would merge two rows' timings
         parser.error("give each package once")
     print(provenance_line(), flush=True)
-    models = {name: OnnxDynamicModel(path, provider="cpu") for name, path in zip(names, args.packages)}
+    models = {name: OnnxDecoder(path, provider="cpu") for name, path in zip(names, args.packages)}
     tokenizer = AutoTokenizer.from_pretrained(str(models[names[0]].path))
     prompts = load_windows("builtin:pydocs", tokenizer, seq_len=64, seed=1).heldout[: args.prompts].numpy()
     for model in models.values():  # warm-up

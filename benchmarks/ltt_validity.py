@@ -30,12 +30,12 @@ import torch
 from provenance import provenance
 from scipy import stats
 
+from dyninfer.certification.exits import PromptSet, fit_sequences, full_continuations, generate_and_score
 from dyninfer.compressors.ltt import hoeffding_bentkus_p_value
 from dyninfer.core.choices import DEFAULT_MODEL
 from dyninfer.core.cost import count_costs
-from dyninfer.early_exit.generation import PromptSet, fit_sequences, full_continuations, generate_and_score
+from dyninfer.core.policies import ExitPolicy
 from dyninfer.early_exit.plan import generation_grid, plan_exits
-from dyninfer.early_exit.policy import ExitPolicy
 from dyninfer.runtime.dynamic import DynamicModel
 from dyninfer.runtime.loader import open_workspace
 

@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 
 from dyninfer.core.data import load_windows
 from dyninfer.exporters.baseline import load_optimum_baseline
-from dyninfer.exporters.onnx_runtime import OnnxDynamicModel
+from dyninfer.runtime.onnx_decoder import OnnxDecoder
 
 LEVELS = {
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -61,12 +61,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     print(provenance_line(), flush=True)
-    runtime = OnnxDynamicModel(args.package, provider="cpu")
+    runtime = OnnxDecoder(args.package, provider="cpu")
     tokenizer = AutoTokenizer.from_pretrained(str(args.package))
     windows = load_windows("builtin:pydocs", tokenizer, seq_len=64, seed=1)
     prompts = windows.heldout[: args.prompts]
     optimum = load_optimum_baseline(args.package, "CPUExecutionProvider")
-    sessions = {name: session(args.package / runtime.manifest["model_file"], *spec) for name, spec in SETTINGS.items()}
+    sessions = {name: session(args.package / runtime.manifest.model_file, *spec) for name, spec in SETTINGS.items()}
     speeds: dict[str, list[float]] = {name: [] for name in ["optimum (ORT defaults)", *SETTINGS]}
     reference = None
     agreement: dict[str, float] = {}  # fusions change rounding, and with int8 activations (int4 packages) tokens
@@ -98,7 +98,7 @@ def main() -> None:
         same = "" if row["tokens_as_default"] is None else f"  tokens as the default: {row['tokens_as_default']:.1%}"
         print(f"{name:55s} " + " ".join(f"{v:.1f}" for v in row["tokens_per_s"]) + f" tok/s  {row['vs_optimum']:.3f}x{same}", flush=True)
     if args.out:
-        record = {"provenance": provenance(), "package": str(args.package), "weights": runtime.manifest.get("weights"), "rows": rows}
+        record = {"provenance": provenance(), "package": str(args.package), "weights": runtime.manifest.weights, "rows": rows}
         args.out.write_text(json.dumps(record, indent=2) + "\n")
 
 

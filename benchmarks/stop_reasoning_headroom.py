@@ -25,8 +25,12 @@ from provenance import provenance
 
 from dyninfer.compressors.cot_data import load_problems
 from dyninfer.compressors.steer_extract import CotPrompter
-from dyninfer.compressors.stop_rule import PROBE_SITES, PROBE_SUFFIX, REASONING, SIGNALS, ReasoningRun, StopPolicy, reasoning_outcome
+from dyninfer.compressors.stop_simulate import ReasoningRun, reasoning_outcome
+from dyninfer.core.choices import REASONING
+from dyninfer.core.choices import STOP_PROBE_SITES as PROBE_SITES
+from dyninfer.core.choices import STOP_SIGNALS as SIGNALS
 from dyninfer.core.models import load_model
+from dyninfer.core.policies import PROBE_SUFFIX, StopPolicy
 from dyninfer.profilers.stop_runs import reasoning_runs
 from dyninfer.runtime.dynamic import DynamicModel
 from dyninfer.runtime.loader import probe_vocabulary

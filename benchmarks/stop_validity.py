@@ -26,17 +26,11 @@ import torch
 from provenance import provenance
 from scipy import stats
 
-from dyninfer.compressors.stop_rule import (
-    SIGNALS,
-    CompletionRuns,
-    certify,
-    choose_signal,
-    completion_losses,
-    empirical_choice,
-    shown_tokens,
-)
-from dyninfer.compressors.stop_rule import scores as signal_scores
+from dyninfer.compressors.stop_certify import certify, choose_signal, empirical_choice
+from dyninfer.compressors.stop_obey import completion_scores as signal_scores
+from dyninfer.compressors.stop_simulate import CompletionRuns, completion_losses, shown_tokens
 from dyninfer.core.choices import DEFAULT_MODEL
+from dyninfer.core.choices import STOP_SIGNALS as SIGNALS
 from dyninfer.profilers.stop_runs import completion_runs
 from dyninfer.runtime.loader import build_dynamic, open_workspace
 

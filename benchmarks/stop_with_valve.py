@@ -30,7 +30,7 @@ from dyninfer.compressors.cot_data import extract_answer
 from dyninfer.compressors.steering import Steering, steered
 from dyninfer.jobs.stop import heldout_requests
 from dyninfer.profilers.bench import greedy_generate
-from dyninfer.runtime.loader import load_dynamic, stopper_for, stored_stop_policy
+from dyninfer.runtime.loader import load_dynamic, stored_stop_policy, stored_stopper
 
 
 def main() -> None:
@@ -67,7 +67,7 @@ def main() -> None:
         seconds["valve alone"] += time.perf_counter() - t0
         ways["valve alone"].append((alone.tokens.shape[1], right(alone.tokens[0].tolist(), answer)))
         t0 = time.perf_counter()
-        both = dyn.dynamic.generate(prompt, policy.new_tokens, mode="full", eos_token_id=eos, stop=stopper_for(dyn, policy))
+        both = dyn.dynamic.generate(prompt, policy.new_tokens, mode="full", eos_token_id=eos, stop=stored_stopper(dyn, policy))
         seconds["valve + stop"] += time.perf_counter() - t0
         ways["valve + stop"].append((both.stop["spent"], right(both.tokens[0].tolist(), answer)))
     n = len(requests.prompts)

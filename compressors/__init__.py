@@ -2,6 +2,9 @@
 
 - `ltt`: Learn-then-Test (fixed-sequence testing, binomial and Hoeffding-Bentkus p-values), used by
   early exit and by any other certified rule;
+- stop rules: `stop_obey` (each workload's decision, once, and the stoppers both runtimes call),
+  `stop_simulate` (what each candidate threshold does to recorded generations), `stop_certify`
+  (Learn-then-Test over the candidates);
 - pruning: `pruning` (per-token MLP masks: thresholds or predictors, `SparseMLP`);
 - steering: `steering` (directions baked into weights), `steer_extract` (finding them),
   `cot_data` (paired long/short chains of thought);

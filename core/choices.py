@@ -9,13 +9,14 @@ from __future__ import annotations
 # --- what to load
 DEFAULT_MODEL = "default"  # the bundled SmolLM2-135M-Instruct
 DEFAULT_DATA = "builtin:pydocs"
-BUILTIN_COT = "builtin:arithmetic"  # chain-of-thought problems for steering
+BUILTIN_COT = "builtin:arithmetic"  # chain-of-thought problems for steering and reasoning stop rules
+BUILTIN_CODE = "builtin:stdlib-code"  # the standard library's source: completion stop rules' default corpus
 
 # --- where and how it runs (core/placement.py)
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_CHOICES = ("auto", *MODEL_DTYPES)
 
-# --- exit heads and confidence (core/lenses.py, compressors/confidence.py)
+# --- exit heads and confidence (core/lenses.py, early_exit/confidence.py)
 LOGIT = "logit"
 TUNED = "tuned"
 LENS_KINDS = (LOGIT, TUNED)
@@ -23,7 +24,7 @@ HEAD_MEASURES = ("softmax", "margin", "entropy")  # need the exit head's logits
 STATE_MEASURES = ("saturation", "classifier")  # read the hidden state only
 MEASURES = HEAD_MEASURES + STATE_MEASURES
 
-# --- what early exit certifies (compressors/exit_policy.py)
+# --- what early exit certifies (core/policies.py, early_exit/certify.py, certification/)
 # generation: 1 - consistency of the dynamic model's own greedy continuation of a prompt with the full
 # model's. The teacher-forced risks simulate exits on the full model's hidden states along the text:
 # cheaper, and optimistic for what generation ships.
@@ -38,14 +39,21 @@ CONSISTENCY_MEASURES = ("tokens", "prefix", "rougeL")  # core/consistency.py
 # when there is one, else FLOPs.
 COST_SOURCES = ("auto", "flops", "measured")
 
-# --- running it (runtime/dynamic.py, exporters/onnx_runtime.py)
-RUN_MODES = ("full", "early-exit", "speculative")
+# --- running it (runtime/decoding.py, runtime/dynamic.py, runtime/onnx_decoder.py)
+FULL, EARLY_EXIT, SPECULATIVE = "full", "early-exit", "speculative"
+RUN_MODES = (FULL, EARLY_EXIT, SPECULATIVE)
+PACKAGE_RUN_MODES = (EARLY_EXIT, FULL)  # an exported package has no self-speculation
 RUN_BACKENDS = ("torch", "onnx")
-ONNX_PROVIDERS = ("cuda", "cpu")
+# ONNX Runtime's execution provider for each `provider` value (a package runs the first it can start)
+PROVIDER_NAMES = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+ONNX_PROVIDERS = tuple(PROVIDER_NAMES)
 EXPORT_DTYPES = ("fp32", "fp16")
-# auto: preallocated KV buffers updated in place (one GroupQueryAttention node a layer) wherever they reproduce the
-# model's step, else the concatenated cache; buffer refuses a model they do not fit
-EXPORT_KV_LAYOUTS = ("auto", "buffer", "concat")
+# How a package's step takes its KV cache (runtime/package_format.py): "concat", past and new concatenated each
+# step; "buffer", one preallocated buffer a layer that ONNX Runtime writes in place.
+KV_LAYOUTS = ("concat", "buffer")
+# auto: the buffers wherever they reproduce the model's step, else the concatenated cache; buffer refuses a model
+# they do not fit
+EXPORT_KV_LAYOUTS = ("auto", *reversed(KV_LAYOUTS))
 EXPORT_WEIGHTS = ("full", "int8", "int4")  # full: the weights in the graph's dtype; int8/int4: weight-only MatMulNBits
 
 # --- pruning (compressors/pruning.py)
@@ -62,6 +70,15 @@ STEER_KINDS = ("mean", "pca")
 CURRICULA = ("rotational", "gradual", "all")
 EXIT_TARGETS = ("teacher", "labels")
 DEPTH_WEIGHTINGS = ("quadratic", "linear", "uniform")
-STOP_WORKLOADS = ("completion", "reasoning")  # what a stop rule stops: corpus completions, or chains of thought
-# where a reasoning rule probes: every sentence end, or line ends only (compressors/stop_rule.py)
+
+# --- stop rules (core/policies.py, compressors/stop_*.py)
+COMPLETION, REASONING = "completion", "reasoning"
+STOP_WORKLOADS = (COMPLETION, REASONING)  # what a stop rule stops: corpus completions, or chains of thought
+# What each workload's rule scores: a completion token's max probability or the product up to it (prefix); a
+# reasoning probe's confidence, or the same only when its answer repeats the previous probe's (stable)
+STOP_SIGNALS = {COMPLETION: ("confidence", "prefix"), REASONING: ("confidence", "stable")}
+STOP_VALUE_UNITS = ("tokens", "characters", "lines")  # a completion's value: its prefix matching the real text
+STOP_CONDITIONS = ("valued", "all")  # which units a stop guarantee is about: those with something to lose, or all
+STOP_MODES = (FULL, EARLY_EXIT)  # the generation a stop rule is certified on (greedy, one prompt at a time)
+# where a reasoning rule probes: every sentence end, or line ends only
 STOP_PROBE_SITES = ("sentences", "lines")

@@ -11,11 +11,14 @@ whose layout it has. tests/test_records.py loads an artifact saved by that relea
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import math
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from dyninfer.core import stages
-from dyninfer.core.errors import DyninferError, is_integer
+from dyninfer.core.choices import BUILTIN_CODE, BUILTIN_COT, COMPLETION, CONSISTENCY_MEASURES, GENERATION_RISK, RISKS, STOP_WORKLOADS
+from dyninfer.core.errors import DyninferError, is_integer, is_number
+from dyninfer.core.policies import ExitPolicy, StopPolicy
 
 VERSION_KEY = "record_version"
 
@@ -46,17 +49,24 @@ class StageRecord:
                 f"({cls.VERSION}); upgrade dyninfer, or run `dyninfer {cls.STAGE}` into the artifact again"
             )
         names = [f.name for f in dataclasses.fields(cls) if f.name != "report"]
-        typed = {name: raw[name] for name in names if name in raw}
-        record = cls(report={k: v for k, v in raw.items() if k not in typed and k != VERSION_KEY}, **typed)
+        stored = {name: raw[name] for name in names if name in raw}
+        record = cls(report={k: v for k, v in raw.items() if k not in stored and k != VERSION_KEY}, **cls._typed(raw, version, stored))
         record.check()
         return record
+
+    @classmethod
+    def _typed(cls, raw: dict, version: int, stored: dict) -> dict:
+        """The typed fields from the stored JSON (`stored`: the fields' own keys); a record type with nested types, or
+        whose older versions kept its fields elsewhere in `raw`, builds them here (the disk boundary)."""
+        return stored
 
     def check(self) -> None:
         """Refuse a record whose read fields have the wrong shape (one line, naming the stage)."""
 
     def to_dict(self) -> dict:
         typed = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "report"}
-        return self.report | {k: v for k, v in typed.items() if v is not None} | {VERSION_KEY: self.VERSION}
+        typed = {k: v.to_dict() if hasattr(v, "to_dict") else v for k, v in typed.items() if v is not None}
+        return self.report | typed | {VERSION_KEY: self.VERSION}
 
     def write(self, artifact) -> None:
         artifact.set_stage(self.STAGE, self.to_dict())
@@ -104,15 +114,138 @@ class ProfileRecord(StageRecord):
 
 
 @dataclass
+class CorpusDraw:
+    """Where a stage's units were drawn: the corpus, its field, the window length and the split's seed."""
+
+    spec: str
+    field: str | None
+    seq_len: int
+    seed: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw) -> CorpusDraw:
+        if not isinstance(raw, dict):
+            raise ValueError("corpus is not an object")
+        draw = cls(raw.get("spec"), raw.get("field"), raw.get("seq_len"), raw.get("seed"))
+        if not (isinstance(draw.spec, str) and (draw.field is None or isinstance(draw.field, str))):
+            raise ValueError(f"corpus spec {draw.spec!r} or field {draw.field!r}")
+        if not (is_integer(draw.seq_len) and draw.seq_len >= 1 and is_integer(draw.seed)):
+            raise ValueError(f"corpus seq_len {draw.seq_len!r} or seed {draw.seed!r}")
+        return draw
+
+
+@dataclass
+class ExitCertificate:
+    """What calibration certified, as export and bench read it: the bound, its risk and measure, the candidates the
+    fixed-sequence test ran through (strict to loose; None: never exit), and the units it was certified on."""
+
+    risk: str
+    target: float
+    epsilon: float
+    candidates: list[float | None]
+    units: int  # calibration prompts (generation risk) or windows
+    measure: str = "tokens"  # generation risk: the consistency measure (the teacher-forced risks: tokens)
+    prompt_tokens: int | None = None  # generation risk: the prompts' length and the continuations'
+    new_tokens: int | None = None
+
+    @property
+    def on_generation(self) -> bool:
+        return self.risk == GENERATION_RISK
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw) -> ExitCertificate:
+        if not isinstance(raw, dict):
+            raise ValueError("certificate is not an object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        certificate = cls(**{k: v for k, v in raw.items() if k in names})
+        checks = [
+            ("risk", certificate.risk in RISKS),
+            ("target", is_number(certificate.target) and 0 < certificate.target < 1),
+            ("epsilon", is_number(certificate.epsilon) and 0 < certificate.epsilon < 1),
+            ("candidates", isinstance(certificate.candidates, list) and all(c is None or is_number(c) for c in certificate.candidates)),
+            ("units", is_integer(certificate.units) and certificate.units >= 0),
+            ("measure", certificate.measure in CONSISTENCY_MEASURES),
+            (
+                "prompt_tokens",
+                certificate.prompt_tokens is None or (is_integer(certificate.prompt_tokens) and certificate.prompt_tokens > 0),
+            ),
+            ("new_tokens", certificate.new_tokens is None or (is_integer(certificate.new_tokens) and certificate.new_tokens > 0)),
+        ]
+        bad = next((name for name, ok in checks if not ok), None)
+        if bad is not None:
+            raise ValueError(f"certificate {bad} {getattr(certificate, bad)!r}")
+        return certificate
+
+
+@dataclass
 class CalibrateRecord(StageRecord):
+    """The exit policy, what certified it and on what, and what later stages read of the calibration."""
+
     STAGE: ClassVar[str] = stages.CALIBRATE
-    policy: dict | None = None  # ExitPolicy.to_dict() (early_exit/policy.py checks its fields)
+    VERSION: ClassVar[int] = 2  # 2: the certificate, corpus, predicted speedup and cost unit typed
+    policy: ExitPolicy | None = None
+    certificate: ExitCertificate | None = None
+    corpus: CorpusDraw | None = None
+    predicted_speedup: float | None = None  # the certified policy's held-out speedup (simulated), as its cost model counts
+    cost_unit: str | None = None  # what that speedup is a ratio of: "FLOPs" or "latency"
     continuations_key: str | None = None  # the model state its cached full continuations belong to
     placement: dict | None = None  # where it ran ({device, dtype}): the certificate holds for that dtype
 
-    def check(self) -> None:  # the policy's own fields: ExitPolicy.from_dict, where the loader reads it
+    @classmethod
+    def _typed(cls, raw: dict, version: int, stored: dict) -> dict:
+        try:
+            if version == 1:  # release 0.1.0 kept the certificate's fields across the calibration's summary
+                stored |= _calibration_v1(raw)
+            if stored.get("policy") is not None:
+                stored["policy"] = ExitPolicy.from_dict(stored["policy"])
+            for name, kind in (("certificate", ExitCertificate), ("corpus", CorpusDraw)):
+                if stored.get(name) is not None:
+                    stored[name] = kind.from_dict(stored[name])
+        except (ValueError, TypeError) as exc:  # the policy refuses itself, naming its field
+            raise cls._invalid(str(exc)) from None
+        return stored
+
+    def check(self) -> None:
         self._expect("continuations_key", str)
         self._expect("placement", dict)
+        self._expect("cost_unit", str)
+        if self.predicted_speedup is not None and not (is_number(self.predicted_speedup) and math.isfinite(self.predicted_speedup)):
+            raise self._invalid(f"predicted_speedup is {self.predicted_speedup!r}")
+
+    @property
+    def dtype(self) -> str | None:
+        """The dtype the calibration ran in (its certificate holds for it)."""
+        return (self.placement or {}).get("dtype")
+
+
+def _calibration_v1(raw: dict) -> dict:
+    """A version-1 calibration's typed fields, from where its summary kept them."""
+    config, ltt, data = raw.get("config") or {}, raw.get("ltt") or {}, raw.get("data") or {}
+    generation = raw.get("risk") == GENERATION_RISK
+    typed = {}
+    if ltt and raw.get("risk"):
+        typed["certificate"] = {
+            "risk": raw["risk"],
+            "target": raw.get("target"),
+            "epsilon": raw.get("epsilon"),
+            "candidates": list(ltt.get("lambdas") or []),
+            "units": ltt.get("n", 0),
+            "measure": config.get("consistency", "tokens") if generation else "tokens",
+            "prompt_tokens": config.get("prompt_tokens") if generation else None,
+            "new_tokens": ((raw.get("generated") or {}).get("new_tokens") or config.get("new_tokens")) if generation else None,
+        }
+    if data.get("spec") is not None:
+        typed["corpus"] = {"spec": data["spec"], "field": config.get("field"), "seq_len": data.get("seq_len"), "seed": data.get("seed")}
+    speedup = (raw.get("heldout") or {}).get("predicted_speedup")
+    typed["predicted_speedup"] = float(speedup) if is_number(speedup) else None
+    typed["cost_unit"] = "latency" if str((raw.get("cost_model") or {}).get("unit", "")).startswith("ms") else "FLOPs"
+    return typed
 
 
 @dataclass
@@ -167,24 +300,91 @@ class LensRecord(StageRecord):
 
 
 @dataclass
+class StopDraw:
+    """Where a stop rule's units came from, enough to draw its held-out units again (bench): the source and its
+    seed, the unit counts of each split, the completion lengths or the reasoning prompt's worked examples."""
+
+    workload: str
+    data: str
+    field: str | None
+    seed: int
+    fit_prompts: int
+    prompts: int
+    heldout_prompts: int
+    prompt_tokens: int = 64  # completion
+    new_tokens: int = 64  # completion
+    shots: int = 0  # reasoning
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw) -> StopDraw:
+        if not isinstance(raw, dict):
+            raise ValueError("its units' draw is not an object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        draw = cls(**{k: v for k, v in raw.items() if k in names})
+        whole = ("seed", "fit_prompts", "prompts", "heldout_prompts", "prompt_tokens", "new_tokens", "shots")
+        bad = [n for n in whole if not (is_integer(getattr(draw, n)) and getattr(draw, n) >= 0)]
+        if draw.workload not in STOP_WORKLOADS or not isinstance(draw.data, str) or bad:
+            raise ValueError(f"its units' draw has a bad {(bad or ['workload or data'])[0]}")
+        return draw
+
+
+@dataclass
+class StopRule:
+    """One workload's certified rule, where its units came from, and the stop job's summary (for reports)."""
+
+    policy: StopPolicy
+    draw: StopDraw | None = None  # None: a rule recorded before draws were typed (its summary's config has it)
+    summary: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"policy": self.policy.to_dict(), "draw": None if self.draw is None else self.draw.to_dict(), "summary": self.summary}
+
+
+@dataclass
 class StopRecord(StageRecord):
-    """The certified stop rules, one per workload: {workload: {"policy": StopPolicy.to_dict(), "summary": the stop job's}}."""
+    """The certified stop rules, one per workload."""
 
     STAGE: ClassVar[str] = stages.STOP
-    rules: dict = field(default_factory=dict)
+    VERSION: ClassVar[int] = 2  # 2: each rule's draw typed (version 1 kept it in its summary's config)
+    rules: dict[str, StopRule] = field(default_factory=dict)
 
-    def check(self) -> None:
-        self._expect("rules", dict)
-        for workload, rule in self.rules.items():
-            if not isinstance(rule, dict) or not isinstance(rule.get("policy"), dict):
-                raise self._invalid(f"the {workload} rule has no policy")
+    @classmethod
+    def _typed(cls, raw: dict, version: int, stored: dict) -> dict:
+        rules = stored.get("rules", {})
+        if not isinstance(rules, dict):
+            raise cls._invalid("rules is not an object")
+        typed = {}
+        for workload, rule in rules.items():
+            if workload not in STOP_WORKLOADS or not isinstance(rule, dict) or not isinstance(rule.get("policy"), dict):
+                raise cls._invalid(f"the {workload} rule has no policy")
+            summary = rule.get("summary") if isinstance(rule.get("summary"), dict) else {}
+            draw = rule.get("draw") if version > 1 else _stop_draw_v1(workload, summary)
+            try:
+                typed[workload] = StopRule(
+                    StopPolicy.from_dict(rule["policy"]), None if draw is None else StopDraw.from_dict(draw), summary
+                )
+            except (ValueError, TypeError) as exc:
+                raise cls._invalid(f"the {workload} rule: {exc}") from None
+        return stored | {"rules": typed}
 
-    def policy(self, workload: str) -> dict | None:
-        rule = self.rules.get(workload)
-        return None if rule is None else rule["policy"]
+    def to_dict(self) -> dict:
+        return self.report | {"rules": {w: rule.to_dict() for w, rule in self.rules.items()}, VERSION_KEY: self.VERSION}
 
-    def put(self, workload: str, policy: dict, summary: dict) -> None:
-        self.rules = self.rules | {workload: {"policy": policy, "summary": summary}}
+    def put(self, workload: str, rule: StopRule) -> None:
+        self.rules = self.rules | {workload: rule}
+
+
+def _stop_draw_v1(workload: str, summary: dict) -> dict | None:
+    """A version-1 rule's draw, from the stop job's config in its summary."""
+    config = summary.get("config")
+    if not isinstance(config, dict):
+        return None
+    default = BUILTIN_CODE if workload == COMPLETION else BUILTIN_COT
+    names = ("field", "seed", "fit_prompts", "prompts", "heldout_prompts", "prompt_tokens", "new_tokens", "shots")
+    return {"workload": workload, "data": config.get("data") or default} | {k: config[k] for k in names if k in config}
 
 
 @dataclass

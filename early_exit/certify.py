@@ -21,10 +21,10 @@ from dyninfer.core.choices import TEACHER_FORCED_RISKS
 from dyninfer.core.cost import CostModel
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel
+from dyninfer.core.policies import ExitPolicy
 from dyninfer.core.progress import ProgressFn
 from dyninfer.early_exit import confidence as conf
 from dyninfer.early_exit.plan import ExitPlan, candidate_thresholds, check_calibration_options, plan_exits, trace_plan
-from dyninfer.early_exit.policy import ExitPolicy
 from dyninfer.early_exit.trace import Trace, evaluate, exit_layers, simulate, window_losses
 
 

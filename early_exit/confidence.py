@@ -29,11 +29,17 @@ def check_measure(measure: str) -> str:
     return measure
 
 
+def max_probability(logits: torch.Tensor) -> torch.Tensor:
+    """The max probability of each row's distribution ([..., V] -> [...]): the softmax measure, and the score stop
+    rules read (the runtime computes it, and the exported step outputs it, with this function)."""
+    return torch.softmax(logits.float(), dim=-1).amax(dim=-1)
+
+
 def from_logits(measure: str, logits: torch.Tensor) -> torch.Tensor:
     """Confidence per row of `logits` ([..., V])."""
-    probs = torch.softmax(logits.float(), dim=-1)
     if measure == "softmax":
-        return probs.max(dim=-1).values
+        return max_probability(logits)
+    probs = torch.softmax(logits.float(), dim=-1)
     if measure == "margin":
         top2 = probs.topk(2, dim=-1).values
         return top2[..., 0] - top2[..., 1]

@@ -17,9 +17,9 @@ from dyninfer.core import distributed
 from dyninfer.core.choices import HEAD_MEASURES, STATE_MEASURES, TEACHER_FORCED_RISKS
 from dyninfer.core.cost import CostModel
 from dyninfer.core.layered import LayeredModel
+from dyninfer.core.policies import ExitPolicy
 from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.early_exit import confidence as conf
-from dyninfer.early_exit.policy import ExitPolicy
 from dyninfer.early_exit.rule import first_exit
 
 

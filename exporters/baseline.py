@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from dyninfer.core.errors import DyninferError
-from dyninfer.exporters.onnx_runtime import find_package, read_package
+from dyninfer.runtime.package_format import read_package
 
 
 @dataclass
@@ -35,15 +35,16 @@ class OptimumBaseline:
         return torch.cat(out, dim=1)
 
 
-def load_optimum_baseline(package, provider: str, which: str = "baseline") -> OptimumBaseline:
-    """Load the package's optimum export named by manifest key `which` (`baseline`: at the package's precision;
-    `baseline_full`: a quantized package's float one) with optimum on `provider` (an ONNX Runtime provider name)."""
+def load_optimum_baseline(package, provider: str, full: bool = False) -> OptimumBaseline:
+    """Load the package's optimum export (at the package's precision; `full`: a quantized package's float one) with
+    optimum on `provider` (an ONNX Runtime provider name)."""
     manifest = read_package(package)
-    if not manifest.get(which):
+    folder = manifest.baseline_full if full else manifest.baseline
+    if not folder:
         raise DyninferError(f"the package at '{package}' has no optimum baseline; re-run `dyninfer export` with `baseline`")
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    folder = find_package(package) / manifest[which]
+    folder = manifest.path / folder
     try:
         model = ORTModelForCausalLM.from_pretrained(
             folder, provider=provider, use_cache=True, use_io_binding=provider == "CUDAExecutionProvider"

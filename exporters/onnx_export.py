@@ -3,7 +3,8 @@
 The package (default `ARTIFACT/onnx/`) holds
   model.onnx (+ model.onnx.data)  one decoding step with KV cache, exits as `If` branches,
                                   exit decisions as `ai.dyninfer` custom-op nodes (functions);
-  dyninfer-onnx.json              the package manifest (geometry, policy, files, checks);
+  dyninfer-onnx.json              the package manifest (runtime/package_format.py: geometry, policy, files,
+                                  stop rules, certificate);
   source-artifact.json            a copy of the artifact's manifest;
   tokenizer files and config.json;
   baseline/                       the plain full model exported by optimum (the reference a user
@@ -15,52 +16,38 @@ It is built in a temporary directory and swapped in only when complete and verif
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import json
-import logging
 import os
 import shutil
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from dyninfer.compressors.stop_rule import REASONING
-from dyninfer.core.artifact_files import MANIFEST_NAME, give_usual_modes, staged_directory
-from dyninfer.core.choices import EXPORT_KV_LAYOUTS
+from dyninfer.certification.package import carried_over
+from dyninfer.core.artifact_files import MANIFEST_NAME, file_sha256, give_usual_modes, staged_directory
+from dyninfer.core.choices import EXPORT_DTYPES, ONNX_PROVIDERS, REASONING
 from dyninfer.core.errors import DyninferError, option
-from dyninfer.core.layered import LayeredModel
-from dyninfer.core.lenses import LogitLens
 from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.core.records import StopRecord
-from dyninfer.exporters import attention, ops
-from dyninfer.exporters.certificate import PackageCertificate, carried_over, graph_hashes
-from dyninfer.exporters.graph_tidy import fold_weight_transposes, strip_node_metadata
-from dyninfer.exporters.onnx_runtime import (
-    NEXT_TOKEN_OUTPUT,
-    PACKAGE_FORMAT,
-    PACKAGE_MANIFEST,
-    PACKAGE_VERSION,
-    POSITIONS_INPUT,
-    PROVIDERS,
-    STOP_OUTPUT,
-    OnnxDynamicModel,
-    create_session,
-)
+from dyninfer.exporters import ops
 from dyninfer.exporters.quantize import DEFAULT_ACCURACY_LEVEL, quantize_weights
-from dyninfer.exporters.step import DynamicStep, buffered_step_problem, check_exportable, step_attention
+from dyninfer.exporters.step import check_exportable
+from dyninfer.exporters.step_export import choose_kv_layout, export_step_onnx, kv_geometry, quiet_exporters
 from dyninfer.runtime.dynamic import DynamicModel
 from dyninfer.runtime.loader import LoadedDynamic, probe_vocabulary, stored_stop_policy
-
-MODEL_FILE = "model.onnx"
-BASELINE_DIR = "baseline"
-BASELINE_FULL_DIR = "baseline-full"  # a quantized package's plain model with float weights (bench's fp32 row)
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-EXITS_DISABLED = 2.0  # an exit threshold no confidence (<= 1) reaches
+from dyninfer.runtime.onnx_decoder import OnnxDecoder
+from dyninfer.runtime.onnx_session import create_session
+from dyninfer.runtime.package_format import (
+    BASELINE_DIR,
+    BASELINE_FULL_DIR,
+    MODEL_FILE,
+    PACKAGE_MANIFEST,
+    PackageCertificate,
+    PackageManifest,
+    PackageStopRule,
+)
 
 
 @dataclass
@@ -87,22 +74,11 @@ class ExportResult:
         return asdict(self)
 
 
-def input_names(num_layers: int, kv_layout: str = "concat") -> list[str]:
-    positions = [POSITIONS_INPUT] if kv_layout == "buffer" else []
-    return ["input_ids", "exit_threshold", *positions] + [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-
-
-def output_names(num_layers: int) -> list[str]:
-    return ["logits", "exit_layer", "exit_confidence", STOP_OUTPUT, NEXT_TOKEN_OUTPUT] + [
-        f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")
-    ]
-
-
 def check_options(provider: str, dtype: str) -> None:
-    if provider not in PROVIDERS:
-        raise DyninferError(f"`provider` must be one of {', '.join(PROVIDERS)}, got '{provider}'")
-    if dtype not in DTYPES:
-        raise DyninferError(f"`dtype` must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    if provider not in ONNX_PROVIDERS:
+        raise DyninferError(f"`provider` must be one of {', '.join(ONNX_PROVIDERS)}, got '{provider}'")
+    if dtype not in EXPORT_DTYPES:
+        raise DyninferError(f"`dtype` must be one of {', '.join(EXPORT_DTYPES)}, got '{dtype}'")
     if dtype == "fp16" and provider == "cpu":
         raise DyninferError(
             "fp16 packages are for the CUDA execution provider (ONNX Runtime's CPU kernels are fp32); use `provider` cuda or `dtype` fp32"
@@ -137,175 +113,12 @@ def check_package_dir(out: Path) -> None:
         raise DyninferError(f"cannot write into '{parent}' (permission denied); choose another `out`")
 
 
-@contextlib.contextmanager
-def _quiet_exporters():
-    """The exporters' warnings (tracer notes, torchvision absent, axis renames) are not the user's
-    business: they would bury our progress lines. Real failures still raise."""
-    loggers = [logging.getLogger(name) for name in ("torch", "optimum", "transformers", "onnxscript")]
-    levels = [logger.level for logger in loggers]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for logger in loggers:
-            logger.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for logger, level in zip(loggers, levels):
-                logger.setLevel(level)
-
-
-def _example_inputs(lm, geometry, batch: int, new: int, past_len: int, dtype, kv_layout: str) -> tuple:
-    """Example step inputs; sizes > 1 and distinct, so the tracer keeps every dimension symbolic (a buffer's
-    capacity is past_len + new + 2)."""
-    ids = torch.randint(0, lm.vocab_size, (batch, new))
-    positions = (torch.arange(past_len + new),) if kv_layout == "buffer" else ()
-    length = past_len + new + 2 if kv_layout == "buffer" else past_len
-    past = tuple(torch.randn(batch, heads, length, dim, dtype=dtype) for heads, dim in geometry for _ in range(2))
-    return (ids, torch.tensor(EXITS_DISABLED), *positions), past
-
-
-def kv_geometry(lm) -> list[tuple[int, int]]:
-    """(KV heads, head dim) per layer, read from a one-token probe of each layer's cache."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    with torch.no_grad():
-        hidden = lm.embed_at(torch.zeros(1, 1, dtype=torch.long), 0)
-        for index in range(lm.num_layers):
-            lm.layer_at(index, hidden, 0, cache)
-    return [(layer.keys.shape[1], layer.keys.shape[3]) for layer in cache.layers]
-
-
-def export_step_onnx(
-    dynamic: DynamicModel, path: Path, geometry: list[tuple[int, int]], dtype: str = "fp32", kv_layout: str = "concat"
-) -> None:
-    """Trace the dynamic model's decoding step and save it (weights as external data) at `path`; `geometry`:
-    its `kv_geometry`."""
-    import onnx
-    from torch.export import Dim
-
-    lm, lens = dynamic.lm, dynamic.lens
-    torch_dtype = DTYPES[dtype]
-    if torch_dtype != torch.float32:  # trace a converted copy; the loaded model stays fp32
-        lm = LayeredModel(copy.deepcopy(lm.model).to(torch_dtype))
-        lens = copy.deepcopy(lens).to(torch_dtype) if isinstance(lens, torch.nn.Module) else LogitLens(lm)
-        dynamic = DynamicModel(lm, dynamic.policy, lens, dynamic.classifier)
-    step = DynamicStep(dynamic, kv_layout).eval()
-    batch, new = Dim("batch", min=1, max=256), Dim("sequence", min=1, max=65536)
-    inputs, past = _example_inputs(lm, geometry, 2, 3, 4, torch_dtype, kv_layout)
-    if kv_layout == "buffer":
-        capacity = Dim("capacity", min=1, max=65536)
-        shapes = ({0: batch, 1: new}, None, ({0: Dim("total", min=1, max=65536)}, *({0: batch, 2: capacity} for _ in past)))
-    else:
-        shapes = ({0: batch, 1: new}, None, tuple({0: batch, 2: Dim("past", min=0, max=65536)} for _ in past))
-    config = lm.model.config
-    try:
-        with torch.no_grad(), _quiet_exporters(), step_attention(lm, kv_layout):
-            program = torch.onnx.export(
-                step,
-                (*inputs, *past),
-                dynamic_shapes=shapes,
-                input_names=input_names(lm.num_layers, kv_layout),
-                output_names=output_names(lm.num_layers),
-                custom_translation_table=ops.translation_table() | attention.translation_table(),
-                dynamo=True,
-                optimize=True,
-                verbose=False,
-            )
-    except Exception as exc:
-        raise DyninferError(
-            f"ONNX export does not apply to {config.model_type}: its decoding step does not trace "
-            f"({' '.join(str(exc).split())[:300]}); the other stages work"
-        ) from exc
-    model = program.model_proto
-    ops.add_function_definitions(model)
-    strip_node_metadata(model)
-    fold_weight_transposes(model)
-    onnx.save_model(
-        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=1024
-    )
-
-
-def choose_kv_layout(
-    dynamic: DynamicModel, geometry: list[tuple[int, int]], provider: str, dtype: str, wanted: str = "auto"
-) -> tuple[str, str | None]:
-    """The package's KV layout and, when it is not the buffered one, why. "auto" takes the buffer wherever it
-    reproduces the model's step; "buffer" refuses a model where it does not. `geometry`: the model's `kv_geometry`."""
-    if wanted not in EXPORT_KV_LAYOUTS:
-        raise DyninferError(f"{option('kv_layout')} must be one of {', '.join(EXPORT_KV_LAYOUTS)}, got '{wanted}'")
-    if wanted == "concat":
-        return "concat", None
-    if provider == "cuda" and dtype == "fp32":
-        problem = "ONNX Runtime's CUDA GroupQueryAttention computes in fp16 or bf16 only (export fp16 for it)"
-    else:
-        problem = buffered_step_problem(dynamic, geometry)
-    if problem is None:
-        return "buffer", None
-    if wanted == "buffer":
-        raise DyninferError(f"the buffered KV layout does not fit this model: {problem}; export with {option('kv_layout')} concat or auto")
-    return "concat", f"the KV cache is concatenated each step, not preallocated: {problem}"
-
-
-def write_package(
-    directory: Path,
-    dynamic: DynamicModel,
-    *,
-    provider: str = "cpu",
-    dtype: str = "fp32",
-    eos_token_id: int | None = None,
-    base_model: dict | None = None,
-    kv_layout: str = "auto",
-) -> dict:
-    """Export the step into `directory` and write the package manifest; returns the manifest (its `notes`: what
-    the export could not do as asked)."""
-    import onnx
-
-    check_options(provider, dtype)
-    check_exportable(dynamic.lm, dynamic.policy)
-    lm = dynamic.lm
-    geometry = kv_geometry(lm)  # a forward pass through every layer: once per package
-    kv_layout, layout_note = choose_kv_layout(dynamic, geometry, provider, dtype, kv_layout)
-    export_step_onnx(dynamic, directory / MODEL_FILE, geometry, dtype, kv_layout)
-    counts: dict[str, int] = {}
-    for node in ops.custom_nodes(onnx.load(str(directory / MODEL_FILE), load_external_data=False)):
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    policy = dynamic.policy.to_dict() if dynamic.policy is not None else {"threshold": None, "exit_points": []}
-    manifest = {
-        "format": PACKAGE_FORMAT,
-        "version": PACKAGE_VERSION,
-        "model_file": MODEL_FILE,
-        "provider": provider,
-        "dtype": dtype,
-        "family": lm.family,
-        "num_layers": lm.num_layers,
-        "vocab_size": lm.vocab_size,
-        "kv_geometry": geometry,
-        "policy": policy,
-        "eos_token_id": eos_token_id,
-        "base_model": base_model,
-        "kv_layout": kv_layout,
-        "inputs": input_names(lm.num_layers, kv_layout),
-        "outputs": output_names(lm.num_layers),
-        "exits_disabled_threshold": EXITS_DISABLED,
-        "custom_ops": {"domain": ops.DOMAIN, "nodes": counts},
-        "notes": [layout_note] if layout_note else [],
-    }
-    _write_manifest(directory, manifest)
-    return manifest
-
-
-def _write_manifest(directory: Path, manifest: dict) -> None:
-    """(Re)write the manifest with the size of every file now in the package."""
-    manifest["files"] = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and p.name != PACKAGE_MANIFEST}
-    (directory / PACKAGE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-
-
 def export_baseline(dyn: LoadedDynamic, target: Path) -> None:
     """The plain model through optimum's exporter (what a user would deploy without dyninfer)."""
     from optimum.exporters.onnx import onnx_export_from_model
 
     try:
-        with _quiet_exporters():
+        with quiet_exporters():
             onnx_export_from_model(dyn.loaded.model, target, task="text-generation-with-past", do_validation=False)
     except Exception as exc:
         raise DyninferError(
@@ -325,6 +138,69 @@ def preflight(target: Path | None, provider: str, dtype: str, verify: bool) -> N
         raise DyninferError(f"{problem}; export with `provider` cpu, or with `no_verify` to build the package for another machine")
 
 
+def write_package(
+    directory: Path,
+    dynamic: DynamicModel,
+    *,
+    provider: str = "cpu",
+    dtype: str = "fp32",
+    eos_token_id: int | None = None,
+    base_model: dict | None = None,
+    kv_layout: str = "auto",
+) -> PackageManifest:
+    """Export the step into `directory` and write the package manifest; returns it (its `notes`: what the export
+    could not do as asked)."""
+    import onnx
+
+    check_options(provider, dtype)
+    check_exportable(dynamic.lm, dynamic.policy)
+    lm = dynamic.lm
+    geometry = kv_geometry(lm)  # a forward pass through every layer: once per package
+    kv_layout, layout_note = choose_kv_layout(dynamic, geometry, provider, dtype, kv_layout)
+    export_step_onnx(dynamic, directory / MODEL_FILE, geometry, dtype, kv_layout)
+    counts: dict[str, int] = {}
+    for node in ops.custom_nodes(onnx.load(str(directory / MODEL_FILE), load_external_data=False)):
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    manifest = PackageManifest(
+        provider=provider,
+        dtype=dtype,
+        family=lm.family,
+        num_layers=lm.num_layers,
+        vocab_size=lm.vocab_size,
+        kv_geometry=[list(g) for g in geometry],
+        policy=dynamic.policy,
+        eos_token_id=eos_token_id,
+        base_model=base_model,
+        kv_layout=kv_layout,
+        custom_ops={"domain": ops.DOMAIN, "nodes": counts},
+        notes=[layout_note] if layout_note else [],
+    )
+    manifest.validate().write(directory)
+    return manifest
+
+
+@dataclass
+class _Export:
+    """One export's settings and what it has found so far (`export_dynamic` runs its steps on it)."""
+
+    dyn: LoadedDynamic
+    directory: Path  # the staged package
+    provider: str
+    dtype: str
+    verify: bool
+    baseline: bool
+    report: ProgressFn
+    steps: int
+    manifest: PackageManifest | None = None
+    notes: list[str] = field(default_factory=list)
+    difference: float | None = None
+    quantized_difference: float | None = None
+
+    def verified(self) -> float:
+        """The staged package's logits against torch's (the manifest not written yet: passed along)."""
+        return verify_package(self.dyn.dynamic, self.directory, self.provider, self.manifest)
+
+
 def export_dynamic(
     dyn: LoadedDynamic,
     target: Path,
@@ -338,7 +214,7 @@ def export_dynamic(
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
     source_manifest: Path | None = None,
     lock: bool = True,
-    certify: Callable[[Path], PackageCertificate] | None = None,
+    certify: Callable[[Path, PackageManifest], PackageCertificate] | None = None,
     kv_layout: str = "auto",
     progress: ProgressFn | None = None,
 ) -> ExportResult:
@@ -346,11 +222,10 @@ def export_dynamic(
 
     Call `preflight` first (before loading anything). The package keeps a copy of the artifact's
     manifest: `source_manifest`, else the one of the saved artifact `dyn` was built from. `lock=False`:
-    `target` is inside a staged copy of the artifact that no other process sees (`audit`). `certify(package)`:
-    certifies the staged package (after quantizing, before the baseline); its threshold becomes the package's.
-    Without it the manifest carries calibration's bound, marked as computed on the torch model.
+    `target` is inside a staged copy of the artifact that no other process sees (`audit`). `certify(package,
+    manifest)`: certifies the staged package (after quantizing, before the baseline); its threshold becomes the
+    package's. Without it the manifest carries calibration's bound, marked as computed on the torch model.
     """
-    report = progress or silent
     if dyn.policy is None:
         raise DyninferError("the artifact has no early-exit policy; run `dyninfer calibrate` into it first")
     if source_manifest is None:
@@ -359,100 +234,113 @@ def export_dynamic(
         source_manifest = Path(dyn.artifact.path) / MANIFEST_NAME
     started = time.perf_counter()
     steps = (4 if baseline else 3) + (weights != "full") + (certify is not None)
-    lm = dyn.loaded.layered
-    notes = []
-    if dyn.policy.threshold is None:
-        notes.append("the policy certified no threshold: the package never exits (it is the full model)")
     with staged_directory(target, lock=lock) as tmp:
-        report("exporting the dynamic step", 1, steps)
-        tokenizer = dyn.loaded.tokenizer
-        manifest = write_package(
-            tmp,
-            dyn.dynamic,
-            provider=provider,
-            dtype=dtype,
-            eos_token_id=tokenizer.eos_token_id,
-            base_model={"spec": dyn.loaded.spec, "content_hash": dyn.loaded.content_hash},
-            kv_layout=kv_layout,
-        )
-        notes += manifest["notes"]
-        tokenizer.save_pretrained(tmp)
-        dyn.loaded.model.config.save_pretrained(tmp)
-        shutil.copyfile(source_manifest, tmp / "source-artifact.json")
-        manifest["baseline"] = BASELINE_DIR if baseline else None
-        manifest["stop"], stop_notes = package_stop_rules(dyn)
-        notes += stop_notes
-        _write_manifest(tmp, manifest)
-        difference = None
-        if verify:
-            report("verifying against torch", 2, steps)
-            difference = verify_package(dyn.dynamic, tmp, provider)
-            if difference > (1e-2 if dtype == "fp32" else 0.5):
-                raise DyninferError(
-                    f"the exported graph's logits differ from torch by {difference:.3g}; the export is wrong, nothing was written"
-                )
-        quantized = quantized_difference = None
+        job = _Export(dyn, tmp, provider, dtype, verify, baseline, progress or silent, steps)
+        _write_step(job, kv_layout, source_manifest)
         if weights != "full":
-            report(f"quantizing the weights to {weights}", 3, steps)
-            quantized = manifest["weights"] = quantize_weights(tmp / MODEL_FILE, weights, block_size, accuracy_level)
-            _write_manifest(tmp, manifest)
-            if verify:  # how far quantizing moved the logits: reported, since any quantization moves them
-                quantized_difference = verify_package(dyn.dynamic, tmp, provider)
-        if certify is not None:
-            report("certifying the package", steps - 1 - baseline, steps)
-            certificate = certify(tmp)
-            certificate.graph_sha256 = graph_hashes(tmp, sorted(p.name for p in tmp.iterdir() if p.name.startswith(MODEL_FILE)))
-            manifest["policy"]["threshold"] = certificate.threshold  # the threshold certified on this graph
-        else:
-            certificate = _carried_over_bound(dyn, dtype, weights)
-        manifest["certificate"] = certificate.to_dict() if certificate is not None else None
-        _write_manifest(tmp, manifest)
+            job.report(f"quantizing the weights to {weights}", 3, steps)
+            job.manifest.weights = quantize_weights(tmp / MODEL_FILE, weights, block_size, accuracy_level)
+            job.quantized_difference = job.verified() if verify else None  # reported: any quantization moves the logits
+        _certify(job, certify, weights)
         if baseline:
-            report("exporting the optimum baseline", steps - 1, steps)
-            export_baseline(dyn, tmp / BASELINE_DIR)
-            if weights != "full":  # the same quantizer, so the baseline is the plain model at the same precision
-                shutil.copytree(tmp / BASELINE_DIR, tmp / BASELINE_FULL_DIR)
-                manifest["baseline_full"] = BASELINE_FULL_DIR
-                manifest["baseline_weights"] = quantize_weights(tmp / BASELINE_DIR / "model.onnx", weights, block_size, accuracy_level)
-                _write_manifest(tmp, manifest)
+            _baselines(job, weights, block_size, accuracy_level)
+        job.manifest.write(tmp)
         give_usual_modes(tmp)  # model.onnx.data and safetensors files are written 0600
-        model_bytes = sum(p.stat().st_size for p in tmp.iterdir() if p.name.startswith(MODEL_FILE))
-        counts = manifest["custom_ops"]["nodes"]
-    report("done", steps, steps)
-    policy = dyn.policy
-    if certificate is not None and not certificate.on_package:
-        notes.append(
-            f"the bound is calibration's: {certificate.statement()}; export with {option('certify')} to certify the package itself"
+    job.report("done", steps, steps)
+    return _result(job, target, baseline, time.perf_counter() - started)
+
+
+def _write_step(job: _Export, kv_layout: str, source_manifest: Path) -> None:
+    """The traced step, the tokenizer and config, the stop rules; verified against torch."""
+    dyn, tmp = job.dyn, job.directory
+    job.report("exporting the dynamic step", 1, job.steps)
+    if dyn.policy.threshold is None:
+        job.notes.append("the policy certified no threshold: the package never exits (it is the full model)")
+    tokenizer = dyn.loaded.tokenizer
+    base_model = {"spec": dyn.loaded.spec, "content_hash": dyn.loaded.content_hash}
+    job.manifest = write_package(
+        tmp,
+        dyn.dynamic,
+        provider=job.provider,
+        dtype=job.dtype,
+        eos_token_id=tokenizer.eos_token_id,
+        base_model=base_model,
+        kv_layout=kv_layout,
+    )
+    job.notes += job.manifest.notes
+    tokenizer.save_pretrained(tmp)
+    dyn.loaded.model.config.save_pretrained(tmp)
+    shutil.copyfile(source_manifest, tmp / "source-artifact.json")
+    job.manifest.stop, stop_notes = package_stop_rules(dyn)
+    job.notes += stop_notes
+    if job.verify:
+        job.report("verifying against torch", 2, job.steps)
+        job.difference = job.verified()
+        if job.difference > (1e-2 if job.dtype == "fp32" else 0.5):
+            raise DyninferError(
+                f"the exported graph's logits differ from torch by {job.difference:.3g}; the export is wrong, nothing was written"
+            )
+
+
+def _certify(job: _Export, certify, weights: str) -> None:
+    """The package's certificate: its own (on the staged graph, whose hashes it records), or calibration's carried over."""
+    if certify is None:
+        record = job.dyn.calibration
+        model = f"the torch dynamic model ({(record.dtype if record else None) or 'float32'})"
+        job.manifest.certificate = carried_over(
+            record, job.dyn.loaded.base_model_info(), model, weights if weights != "full" else job.dtype
         )
+        if job.manifest.certificate is not None:
+            job.notes.append(
+                f"the bound is calibration's: {job.manifest.certificate.statement()}; export with {option('certify')} to certify the "
+                "package itself"
+            )
+        return
+    job.report("certifying the package", job.steps - 1 - job.baseline, job.steps)
+    certificate = certify(job.directory, job.manifest)
+    graph = sorted(p.name for p in job.directory.iterdir() if p.name.startswith(MODEL_FILE))
+    certificate.graph_sha256 = {name: file_sha256(job.directory / name) for name in graph}
+    job.manifest.policy.threshold = certificate.threshold  # the threshold certified on this graph
+    job.manifest.certificate = certificate
+
+
+def _baselines(job: _Export, weights: str, block_size: int, accuracy_level: int) -> None:
+    """optimum's export of the plain model at the package's precision (and, quantized, in float beside it)."""
+    job.report("exporting the optimum baseline", job.steps - 1, job.steps)
+    tmp = job.directory
+    export_baseline(job.dyn, tmp / BASELINE_DIR)
+    job.manifest.baseline = BASELINE_DIR
+    if weights != "full":  # the same quantizer, so the baseline is the plain model at the same precision
+        shutil.copytree(tmp / BASELINE_DIR, tmp / BASELINE_FULL_DIR)
+        job.manifest.baseline_full = BASELINE_FULL_DIR
+        job.manifest.baseline_weights = quantize_weights(tmp / BASELINE_DIR / "model.onnx", weights, block_size, accuracy_level)
+
+
+def _result(job: _Export, target: Path, baseline: bool, seconds: float) -> ExportResult:
+    manifest, policy = job.manifest, job.dyn.policy
+    certificate = manifest.certificate
     return ExportResult(
         str(target),
-        provider,
-        dtype,
-        lm.num_layers,
+        job.provider,
+        job.dtype,
+        manifest.num_layers,
         list(policy.exit_points),
-        manifest["policy"]["threshold"],  # the certified package's own, or the policy's
+        manifest.policy.threshold,  # the certified package's own, or the policy's
         policy.kv_mode,
-        counts,
-        model_bytes,
-        difference,
+        manifest.custom_ops["nodes"],
+        sum(size for name, size in manifest.files.items() if name.startswith(MODEL_FILE)),
+        job.difference,
         str(target / BASELINE_DIR) if baseline else None,
-        time.perf_counter() - started,
-        notes,
-        quantized,
-        quantized_difference,
+        seconds,
+        job.notes,
+        manifest.weights,
+        job.quantized_difference,
         certificate.to_dict() if certificate is not None else None,
-        manifest["kv_layout"],
+        manifest.kv_layout,
     )
 
 
-def _carried_over_bound(dyn: LoadedDynamic, dtype: str, weights: str) -> PackageCertificate | None:
-    """Calibration's bound, as what the package carries when it was not certified itself."""
-    placement = dyn.calibration.get("placement") or {}
-    model = f"the torch dynamic model ({placement.get('dtype', 'float32')})"
-    return carried_over(dyn.calibration, dyn.loaded.base_model_info(), model, weights if weights != "full" else dtype)
-
-
-def package_stop_rules(dyn: LoadedDynamic) -> tuple[dict, list[str]]:
+def package_stop_rules(dyn: LoadedDynamic) -> tuple[dict[str, PackageStopRule], list[str]]:
     """The artifact's stop rules certified on this model, as the package's runtime obeys them (a reasoning rule
     with its probe vocabulary: the runtime has no tokenizer); a note for each rule left out."""
     record = StopRecord.read(dyn.artifact)
@@ -460,18 +348,16 @@ def package_stop_rules(dyn: LoadedDynamic) -> tuple[dict, list[str]]:
     for workload in record.rules if record is not None else {}:
         try:
             policy = stored_stop_policy(dyn, workload)
-            rules[workload] = {"policy": policy.to_dict()}
-            if workload == REASONING:
-                rules[workload]["vocabulary"] = probe_vocabulary(dyn.loaded.tokenizer, policy.probe_suffix).to_dict()
+            vocabulary = probe_vocabulary(dyn.loaded.tokenizer, policy.probe_suffix) if workload == REASONING else None
+            rules[workload] = PackageStopRule(policy, vocabulary)
         except DyninferError as exc:
-            rules.pop(workload, None)
             notes.append(f"the {workload} stop rule is not in the package: {exc}")
     return rules, notes
 
 
-def verify_package(dynamic: DynamicModel, package: Path, provider: str) -> float:
+def verify_package(dynamic: DynamicModel, package: Path, provider: str, manifest: PackageManifest | None = None) -> float:
     """Max |logit difference| between the package and the torch dynamic model: prefill, then one decode step."""
-    runtime = OnnxDynamicModel(package, provider=provider)
+    runtime = OnnxDecoder(package, provider=provider, manifest=manifest)
     prompt = torch.arange(1, 6)[None] % dynamic.lm.vocab_size
     reference = dynamic.generate(prompt, 2, mode="early-exit", return_logits=True)
     ours = runtime.generate(prompt.numpy(), 2, mode="early-exit", return_logits=True)

@@ -16,10 +16,9 @@ onnxscript 0.7.2).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from dyninfer.early_exit.confidence import from_logits
 from dyninfer.early_exit.rule import batch_leaves
 from dyninfer.exporters.graph_tidy import all_graphs
 
@@ -42,26 +41,20 @@ def _(confidence, threshold):
     return torch.empty((), dtype=torch.bool)
 
 
-def _probabilities(logits: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(logits.float(), dim=-1)
-
-
+# The head measures as ops, each the torch runtime's own function (early_exit/confidence.py).
 @torch.library.custom_op("dyninfer::softmax_confidence", mutates_args=())
 def softmax_confidence(logits: torch.Tensor) -> torch.Tensor:
-    return _probabilities(logits).max(dim=-1).values
+    return from_logits("softmax", logits)
 
 
 @torch.library.custom_op("dyninfer::margin_confidence", mutates_args=())
 def margin_confidence(logits: torch.Tensor) -> torch.Tensor:
-    top2 = _probabilities(logits).topk(2, dim=-1).values
-    return top2[..., 0] - top2[..., 1]
+    return from_logits("margin", logits)
 
 
 @torch.library.custom_op("dyninfer::entropy_confidence", mutates_args=())
 def entropy_confidence(logits: torch.Tensor) -> torch.Tensor:
-    probs = _probabilities(logits)
-    entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
-    return 1.0 - entropy / math.log(logits.shape[-1])
+    return from_logits("entropy", logits)
 
 
 for _op in (softmax_confidence, margin_confidence, entropy_confidence):

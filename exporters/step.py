@@ -26,13 +26,13 @@ import copy
 import torch
 from torch import nn
 
-from dyninfer.core.choices import HEAD_MEASURES
+from dyninfer.core.choices import HEAD_MEASURES, KV_LAYOUTS
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import ExitTranslators, TunedLens
-from dyninfer.early_exit.policy import ExitPolicy
+from dyninfer.core.policies import ExitPolicy
+from dyninfer.early_exit.confidence import max_probability
 from dyninfer.exporters import attention, ops
-from dyninfer.exporters.onnx_runtime import KV_LAYOUTS
 from dyninfer.runtime.dynamic import DynamicModel
 
 
@@ -129,9 +129,9 @@ class DynamicStep(nn.Module):
         hidden = self.lm.embed_at(input_ids, start)
         with self.lm.traced_step(hidden, start):
             logits, exit_layer, exit_confidence, *present = self._step(hidden, threshold, past, start)
-        # What a stop rule scores: the max probability of the distribution the next token is picked from.
-        stop_confidence = torch.softmax(logits.float(), dim=-1).amax(dim=-1)
-        return (logits, exit_layer, exit_confidence, stop_confidence, logits.argmax(dim=-1), *present)
+        # What a stop rule scores: the max probability of the distribution the next token is picked from (the
+        # torch runtime's own function). The order is the package format's (runtime/package_format.py: STEP_OUTPUTS).
+        return (logits, exit_layer, exit_confidence, max_probability(logits), logits.argmax(dim=-1), *present)
 
     def _step(self, hidden, threshold, past, start):
         bounds = [0] + self.points + [self.num_layers]
@@ -178,13 +178,13 @@ class DynamicStep(nn.Module):
         """A check that needs no head, without a branch: it only takes effect if not done yet."""
         done, exit_layer, exit_confidence, exit_normed = state
         last = hidden[:, -1]
-        confidence, _, _ = self.dynamic._check(row, depth, last, previous[:, -1], None)
+        confidence, _, _ = self.dynamic.check(row, depth, last, previous[:, -1], None)
         leave = ops.exit_gate(confidence, threshold) & ~done
         return (
             done | leave,
             torch.where(leave, depth, exit_layer),
             torch.where(leave, confidence.min().float(), exit_confidence),
-            torch.where(leave, self.dynamic._normed(depth, last), exit_normed),
+            torch.where(leave, self.dynamic.normed(depth, last), exit_normed),
         )
 
     def _layers(self, first: int, last: int, hidden, past, start):
@@ -226,14 +226,14 @@ class DynamicStep(nn.Module):
 
         def check(hidden, previous, threshold, done, exit_layer, exit_confidence, exit_logits, *candidates):
             last = hidden[:, -1]
-            confidence, logits, chosen = self.dynamic._check(
+            confidence, logits, chosen = self.dynamic.check(
                 row, depth, last, previous[:, -1], candidates[0] if candidates and row else None
             )
             leave = ops.exit_gate(confidence, threshold)
 
             def exit_head(last, old, *extra):
                 # Cloned: with the full vocabulary the exit logits are the check's own, an input here.
-                return (self.dynamic._exit_logits(depth, last, *_unpack(extra, logits, chosen)).clone(),)
+                return (self.dynamic.exit_logits(depth, last, *_unpack(extra, logits, chosen)).clone(),)
 
             exit_logits = _cond(leave, exit_head, lambda last, old, *extra: (old.clone(),), (last, exit_logits) + _present(logits, chosen))[
                 0

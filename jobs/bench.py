@@ -19,13 +19,15 @@ from dyninfer.core.data import load_windows
 from dyninfer.core.errors import DyninferError, option
 from dyninfer.core.progress import ProgressFn
 from dyninfer.core.provenance import provenance
-from dyninfer.exporters.onnx_runtime import read_package
+from dyninfer.core.records import CalibrateRecord
 from dyninfer.jobs.configs import PACKAGE_DIR, BenchConfig
 from dyninfer.jobs.run import draft_settings, plan_note
 from dyninfer.jobs.stop import heldout_requests
 from dyninfer.profilers.bench import BenchResult, run_bench, run_onnx_bench
 from dyninfer.profilers.stop_bench import StopBenchResult, run_stop_bench
 from dyninfer.runtime.loader import load_dynamic, stored_stop_policy
+from dyninfer.runtime.onnx_decoder import OnnxDecoder
+from dyninfer.runtime.package_format import PackageCertificate, read_package
 
 
 @dataclass
@@ -73,19 +75,21 @@ def bench_prompts(config: BenchConfig, dyn) -> tuple[str, torch.Tensor, int]:
     prompt length and continuation length default to the calibration's, the setting its
     generation guarantee is for.
     """
-    calibration = dyn.calibration
-    cal_config, cal_data = calibration.get("config", {}), calibration.get("data", {})
-    generation = calibration.get("risk") == GENERATION_RISK
-    prompt_tokens = config.prompt_tokens or (cal_config.get("prompt_tokens") if generation else None) or 64
-    new_tokens = config.new_tokens or (cal_config.get("new_tokens") if generation else None) or 64
-    spec = config.data or cal_data.get("spec") or DEFAULT_DATA
+    record = dyn.calibration
+    certificate = record.certificate if record is not None else None
+    corpus = record.corpus if record is not None else None
+    generation = certificate is not None and certificate.on_generation
+    prompt_tokens = config.prompt_tokens or (certificate.prompt_tokens if generation else None) or 64
+    new_tokens = config.new_tokens or (certificate.new_tokens if generation else None) or 64
+    spec = config.data or (corpus.spec if corpus else None) or DEFAULT_DATA
     same_split = (
-        spec == cal_data.get("spec")
-        and config.field == cal_config.get("field")
-        and config.seed == cal_data.get("seed", config.seed)
-        and cal_data.get("seq_len", 0) >= prompt_tokens
+        corpus is not None
+        and spec == corpus.spec
+        and config.field == corpus.field
+        and config.seed == corpus.seed
+        and corpus.seq_len >= prompt_tokens
     )
-    seq_len = cal_data["seq_len"] if same_split else prompt_tokens
+    seq_len = corpus.seq_len if same_split else prompt_tokens
     windows = load_windows(spec, dyn.loaded.tokenizer, field=config.field, seq_len=seq_len, seed=config.seed)
     rows = windows.take_rows("heldout", config.prompts * seq_len, option="prompts")
     return spec, windows.heldout[rows][:, :prompt_tokens], new_tokens
@@ -111,7 +115,8 @@ def run(config: BenchConfig, artifact: str | os.PathLike, progress: ProgressFn |
         return _run_stop(config, dyn, progress)
     spec, prompt_ids, new_tokens = bench_prompts(config, dyn)
     if config.backend == "onnx":
-        result = run_onnx_bench(dyn, package, prompt_ids, new_tokens, provider=config.provider, memory=config.memory, progress=progress)
+        runtime = OnnxDecoder(package, provider=config.provider)
+        result = run_onnx_bench(dyn, runtime, prompt_ids, new_tokens, memory=config.memory, progress=progress)
     else:
         layer, max_draft, plan = draft_settings(dyn, prompt_ids[:1], config.draft_layer)
         result = run_bench(
@@ -121,7 +126,7 @@ def run(config: BenchConfig, artifact: str | os.PathLike, progress: ProgressFn |
             result.speculation_plan = plan.to_dict()
             result.notes.append(plan_note(plan))
     if config.backend == "onnx":  # what the package ships with: its own certificate, or calibration's marked as such
-        result.certified = package_certified_here(read_package(package).get("certificate"), result)
+        result.certified = package_certified_here(runtime.certificate, result)
     else:
         result.certified = certified_here(dyn.calibration, result)
     result.notes += dyn.notes
@@ -131,7 +136,7 @@ def run(config: BenchConfig, artifact: str | os.PathLike, progress: ProgressFn |
 def _run_stop(config: BenchConfig, dyn, progress: ProgressFn | None) -> BenchReport:
     """The stop rule side by side with plain generation, on the stop job's held-out units."""
     policy = stored_stop_policy(dyn, config.stop)
-    stop_config, requests = heldout_requests(dyn, config.stop, config.prompts)
+    draw, requests = heldout_requests(dyn, config.stop, config.prompts)
     if config.new_tokens is not None and config.new_tokens != policy.new_tokens:
         raise DyninferError(
             f"the {config.stop} stop rule was certified for {policy.new_tokens} new tokens; leave {option('new_tokens')} out "
@@ -143,37 +148,35 @@ def _run_stop(config: BenchConfig, dyn, progress: ProgressFn | None) -> BenchRep
     gated = result.runner(result.gated)
     if config.min_speedup is not None and not gated.request_speedup >= config.min_speedup:
         failures.append(f"time per request {gated.request_speedup:.3f}x faster < `min_speedup` {config.min_speedup}")
-    return BenchReport(config, stop_config.resolved_data(), result, failures, dyn.loaded.placement)
+    return BenchReport(config, draw.data, result, failures, dyn.loaded.placement)
 
 
-def certified_here(calibration: dict, result: BenchResult) -> dict | None:
+def certified_here(record: CalibrateRecord | None, result: BenchResult) -> dict | None:
     """The calibration's certified bound beside what the gated mode achieved here, in the same measure."""
-    if not calibration or (calibration.get("policy", {}).get("threshold") is None and not calibration.get("ltt")):
+    certificate = None if record is None else record.certificate
+    if certificate is None:
         return None
-    generation = calibration.get("risk") == GENERATION_RISK
-    measure = calibration.get("config", {}).get("consistency", "tokens") if generation else "tokens"
     return {
-        "risk": calibration.get("risk"),
-        "measure": measure,
-        "bound": calibration.get("target"),
-        "epsilon": calibration.get("epsilon"),
-        "measured": result.gated.consistency_by(measure),
+        "risk": certificate.risk,
+        "measure": certificate.measure,
+        "bound": certificate.target,
+        "epsilon": certificate.epsilon,
+        "measured": result.gated.consistency_by(certificate.measure),
         "mode": result.gated.mode,
     }
 
 
-def package_certified_here(certificate: dict | None, result: BenchResult) -> dict | None:
+def package_certified_here(certificate: PackageCertificate | None, result: BenchResult) -> dict | None:
     """The package's certificate beside what its exits achieved here against the original model, in its measure."""
-    if not certificate:
+    if certificate is None:
         return None
-    measure = certificate.get("measure", "tokens")
     return {
         "risk": GENERATION_RISK,
-        "measure": measure,
-        "bound": certificate.get("target"),
-        "epsilon": certificate.get("epsilon"),
-        "measured": result.gated.consistency_by(measure),
+        "measure": certificate.measure,
+        "bound": certificate.target,
+        "epsilon": certificate.epsilon,
+        "measured": result.gated.consistency_by(certificate.measure),
         "mode": result.gated.mode,
-        "computed_on": certificate.get("computed_on"),
-        "statement": certificate.get("statement"),
+        "computed_on": certificate.computed_on,
+        "statement": certificate.statement(),
     }

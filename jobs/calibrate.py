@@ -18,6 +18,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from dyninfer.certification.calibrate import calibrate_exits
+from dyninfer.certification.exits import PromptSet
 from dyninfer.core import stages
 from dyninfer.core.artifacts import Artifact
 from dyninfer.core.choices import GENERATION_RISK, TUNED
@@ -25,10 +27,8 @@ from dyninfer.core.cost import count_costs, measured_cost, profile_is_stale, spe
 from dyninfer.core.errors import DyninferError, option
 from dyninfer.core.lenses import LogitLens
 from dyninfer.core.progress import ProgressFn
-from dyninfer.core.records import CalibrateRecord, TuneRecord
-from dyninfer.early_exit.calibrate import calibrate_exits
+from dyninfer.core.records import CalibrateRecord, CorpusDraw, ExitCertificate, TuneRecord
 from dyninfer.early_exit.certify import CalibrationResult, run_calibrations
-from dyninfer.early_exit.generation import PromptSet
 from dyninfer.jobs.configs import CalibrateConfig
 from dyninfer.jobs.plots import calibration_curve_png
 from dyninfer.runtime.loader import ModelSession, lens_overlaps, lens_to_train, model_state, open_workspace, trained_on
@@ -70,6 +70,32 @@ class CalibrateReport:
         if self.others:
             out["other_targets"] = [_brief(r) for r in self.others]
         return out
+
+    def record(self) -> CalibrateRecord:
+        """What the artifact keeps: the policy and its certificate typed, the rest of the summary as reported."""
+        result, config = self.result, self.config
+        generation = result.risk == GENERATION_RISK
+        certificate = ExitCertificate(
+            result.risk,
+            result.target,
+            result.epsilon,
+            [None if math.isinf(x) else float(x) for x in result.ltt.lambdas],
+            result.ltt.n,
+            config.consistency if generation else "tokens",
+            config.prompt_tokens if generation else None,
+            config.new_tokens if generation else None,
+        )
+        typed = CalibrateRecord(
+            policy=result.policy,
+            certificate=certificate,
+            corpus=CorpusDraw(self.data["spec"], config.field, self.data["seq_len"], self.data["seed"]),
+            predicted_speedup=result.heldout.get("predicted_speedup"),
+            cost_unit=self.cost_unit,
+            continuations_key=self.continuations_key,
+            placement=self.placement,
+        )
+        typed.report = {k: v for k, v in self.summary().items() if k not in typed.to_dict()}
+        return typed
 
     def figure(self) -> bytes:
         return calibration_curve_png(self.result, f"{self.base_model['spec']} on {self.data['spec']}", self.others, self.cost_unit)
@@ -317,7 +343,7 @@ def run(
         continuations_key=model_state_key(ws) if generation else _stored_continuations_key(ws),
         placement=ws.loaded.placement,
     )
-    CalibrateRecord.from_dict(report.summary()).write(ws.artifact)
+    report.record().write(ws.artifact)
     # The exits group holds the tuned lens and, for the classifier measure, this policy's classifier.
     exits = {k: v for k, v in ws.artifact.tensors.get(stages.EXITS_GROUP, {}).items() if not k.startswith("classifier.")}
     if classifier is not None:

@@ -17,7 +17,9 @@ from pathlib import Path
 from dyninfer.compressors.tuning_settings import TuningSettings
 from dyninfer.core.artifact_files import artifact_exists, check_output_dir
 from dyninfer.core.choices import (
+    BUILTIN_CODE,
     BUILTIN_COT,
+    COMPLETION,
     CONSISTENCY_MEASURES,
     COST_SOURCES,
     DEFAULT_DATA,
@@ -35,17 +37,23 @@ from dyninfer.core.choices import (
     PRUNE_BACKENDS,
     PRUNE_LABELS,
     PRUNE_METHODS,
+    REASONING,
     RISKS,
     RUN_BACKENDS,
     RUN_MODES,
     STEER_KINDS,
     STEER_METHODS,
+    STOP_CONDITIONS,
+    STOP_MODES,
     STOP_PROBE_SITES,
+    STOP_SIGNALS,
+    STOP_VALUE_UNITS,
     STOP_WORKLOADS,
     TUNED,
 )
 from dyninfer.core.errors import DyninferError, check_at_least, check_between, check_choice, check_positive, check_seed, option
 from dyninfer.core.placement import PlacementOptions
+from dyninfer.core.records import StopDraw
 from dyninfer.exporters.quantize import DEFAULT_ACCURACY_LEVEL, check_accuracy_level, check_block_size
 
 
@@ -412,7 +420,7 @@ class ExportConfig:
 class StopConfig(PlacementOptions):
     """`dyninfer stop`: fit and certify a stop rule for completions (corpus prefixes) or reasoning (problems)."""
 
-    workload: str = "completion"  # completion: a corpus's prefixes; reasoning: problems with answers
+    workload: str = COMPLETION  # completion: a corpus's prefixes; reasoning: problems with answers
     model: str = DEFAULT_MODEL
     data: str | None = None  # None: builtin:stdlib-code (completion) or builtin:arithmetic (reasoning)
     field: str | None = None
@@ -435,17 +443,31 @@ class StopConfig(PlacementOptions):
     chain_tokens: int = 160  # reasoning: the chain's token budget
 
     def resolved_data(self) -> str:
-        return self.data or ("builtin:stdlib-code" if self.workload == "completion" else BUILTIN_COT)
+        return self.data or (BUILTIN_CODE if self.workload == COMPLETION else BUILTIN_COT)
+
+    def draw(self) -> StopDraw:
+        """Where the rule's units come from (the artifact records it: bench draws the held-out units again)."""
+        return StopDraw(
+            self.workload,
+            self.resolved_data(),
+            self.field,
+            self.seed,
+            self.fit_prompts,
+            self.prompts,
+            self.heldout_prompts,
+            self.prompt_tokens,
+            self.new_tokens,
+            self.shots,
+        )
 
     def validate(self) -> None:
         self.placement().validate()
         _check_seed(self)
         check_choice("workload", self.workload, STOP_WORKLOADS)
-        signals = ("auto", "confidence", "prefix") if self.workload == "completion" else ("auto", "confidence", "stable")
-        check_choice("signal", self.signal, signals)
-        check_choice("condition", self.condition, ("valued", "all"))
-        check_choice("value_unit", self.value_unit, ("tokens", "characters", "lines"))
-        check_choice("mode", self.mode, ("full", "early-exit"))
+        check_choice("signal", self.signal, ("auto", *STOP_SIGNALS[self.workload]))
+        check_choice("condition", self.condition, STOP_CONDITIONS)
+        check_choice("value_unit", self.value_unit, STOP_VALUE_UNITS)
+        check_choice("mode", self.mode, STOP_MODES)
         check_choice("probe_at", self.probe_at, ("auto", *STOP_PROBE_SITES))
         check_between("target", self.target, 0.0, 1.0)
         check_between("epsilon", self.epsilon, 0.0, 1.0)
@@ -462,10 +484,7 @@ class StopConfig(PlacementOptions):
         ):
             check_at_least(name, getattr(self, name), low)
         defaults = StopConfig()
-        only = {
-            "completion": ("prompt_tokens", "new_tokens", "value_unit"),
-            "reasoning": ("shots", "probe_tokens", "chain_tokens", "probe_at"),
-        }
+        only = {COMPLETION: ("prompt_tokens", "new_tokens", "value_unit"), REASONING: ("shots", "probe_tokens", "chain_tokens", "probe_at")}
         for workload, names in only.items():
             for name in names:
                 if workload != self.workload and getattr(self, name) != getattr(defaults, name):
@@ -676,7 +695,7 @@ class AuditConfig(PlacementOptions):
     def stop_config(self) -> StopConfig | None:
         if self.stop is None:
             return None
-        if self.stop.workload == "reasoning":
+        if self.stop.workload == REASONING:
             return dataclasses.replace(self.stop, **self.placed(), model=self.model, seed=self.seed)
         # completions of the audit's data in the setting its exits are certified for: the same prompt and
         # continuation lengths, as many calibration and held-out prompts, a quarter as many to fit on

@@ -2,7 +2,7 @@
 
 `run` checks every option and the output path before the model loads, then builds, verifies and
 swaps in the package (see `exporters.onnx_export`). With `certify` the staged package is certified on its own
-continuations before it replaces anything (`early_exit.package_certificate`).
+continuations before it replaces anything (`certification.package`).
 """
 
 from __future__ import annotations
@@ -11,16 +11,16 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from dyninfer.certification.package import certify_package
 from dyninfer.core import stages
 from dyninfer.core.choices import GENERATION_RISK
 from dyninfer.core.errors import DyninferError, option
 from dyninfer.core.progress import ProgressFn, silent
-from dyninfer.early_exit.package_certificate import certify_package
-from dyninfer.exporters.certificate import PackageCertificate
 from dyninfer.exporters.onnx_export import ExportResult, export_dynamic, preflight
-from dyninfer.exporters.onnx_runtime import OnnxDynamicModel
 from dyninfer.jobs.configs import ExportConfig
 from dyninfer.runtime.loader import LoadedDynamic, load_dynamic, model_state
+from dyninfer.runtime.onnx_decoder import OnnxDecoder
+from dyninfer.runtime.package_format import PackageCertificate, PackageManifest
 
 
 def run(config: ExportConfig, artifact: str | os.PathLike, progress: ProgressFn | None = None) -> ExportResult:
@@ -51,16 +51,18 @@ def run(config: ExportConfig, artifact: str | os.PathLike, progress: ProgressFn 
 
 def package_certifier(
     dyn: LoadedDynamic, provider: str, progress: ProgressFn | None, target: float | None = None, epsilon: float | None = None
-) -> Callable[[Path], PackageCertificate]:
+) -> Callable[[Path, PackageManifest], PackageCertificate]:
     """Certification of a package of `dyn` on `provider`, against calibration's cached continuations of the original
     model and along its candidate thresholds, at `target` and `epsilon` (None: calibration's); refused before any
     export work when the artifact cannot support it."""
     calibration = dyn.calibration
-    where = f"'{dyn.artifact.path}'" if dyn.artifact.path is not None else "the artifact"
-    if calibration.get("risk") != GENERATION_RISK or not calibration.get("ltt"):
+    certificate = None if calibration is None else calibration.certificate
+    where = dyn.where
+    if certificate is None or not certificate.on_generation:
+        risk = certificate.risk if certificate is not None else "no"
         raise DyninferError(
             f"{option('certify')} needs a calibration on generations: {where} was calibrated with the "
-            f"{calibration.get('risk') or 'no'} risk; run `dyninfer calibrate` into it with the {GENERATION_RISK} risk (its default) first"
+            f"{risk} risk; run `dyninfer calibrate` into it with the {GENERATION_RISK} risk (its default) first"
         )
     group = dyn.artifact.tensors.get(stages.GENERATION_GROUP, {})
     sets = {what: (group.get(f"{what}.prompts"), group.get(f"{what}.continuations")) for what in ("calibration", "heldout")}
@@ -68,29 +70,29 @@ def package_certifier(
         raise DyninferError(
             f"{where} keeps no calibration continuations; calibrate into it again with the {GENERATION_RISK} risk (the default)"
         )
-    if calibration.get("continuations_key") != model_state(dyn.session, dyn.artifact):
+    if calibration.continuations_key != model_state(dyn.session, dyn.artifact):
         raise DyninferError(
             f"{where} changed since calibration (steering, pruning or tuning): its continuations are not this model's; "
             "run `dyninfer calibrate` into it again"
         )
-    config = calibration.get("config") or {}
-    new_tokens = int(config.get("new_tokens", sets["calibration"][1].shape[1]))
+    new_tokens = certificate.new_tokens or sets["calibration"][1].shape[1]
 
     def cut(pair):  # the stored continuations may be longer than the calibration's (an earlier, longer run)
         prompts, continuations = pair
         return None if prompts is None or continuations is None else (prompts.numpy(), continuations[:, :new_tokens].numpy())
 
-    def certify(package: Path) -> PackageCertificate:
-        runtime = OnnxDynamicModel(package, provider=provider)
+    def certify(package: Path, manifest: PackageManifest) -> PackageCertificate:
+        runtime = OnnxDecoder(package, provider=provider, manifest=manifest)
         return certify_package(
             runtime,
             cut(sets["calibration"]),
             cut(sets["heldout"]),
-            calibration["ltt"]["lambdas"],
-            target=float(calibration["target"] if target is None else target),
-            epsilon=float(calibration["epsilon"] if epsilon is None else epsilon),
-            measure=config.get("consistency", "tokens"),
+            certificate.candidates,
+            target=certificate.target if target is None else target,
+            epsilon=certificate.epsilon if epsilon is None else epsilon,
+            measure=certificate.measure,
             original_model=dyn.loaded.base_model_info(),
+            provider=runtime.provider,
             progress=progress,
         )
 

@@ -10,16 +10,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dyninfer.compressors.stop_rule import StopPolicy
 from dyninfer.core.choices import LOGIT
 from dyninfer.core.errors import DyninferError
-from dyninfer.core.generation import GenerationResult
+from dyninfer.core.policies import StopPolicy
 from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.core.records import ProbeRecord, TuneRecord
-from dyninfer.exporters.onnx_runtime import OnnxDynamicModel, find_package
 from dyninfer.jobs.configs import RunConfig
 from dyninfer.profilers.speculation_cost import measure_step_costs
-from dyninfer.runtime.loader import load_dynamic, stopper_for, stored_stop_policy
+from dyninfer.runtime.decoding import GenerationResult
+from dyninfer.runtime.loader import load_dynamic, stored_stop_policy, stored_stopper
+from dyninfer.runtime.onnx_decoder import OnnxDecoder
+from dyninfer.runtime.package_format import find_package
 from dyninfer.runtime.speculation import SpeculationPlan, plan_speculation
 
 
@@ -129,7 +130,7 @@ def run(config: RunConfig, artifact: str | os.PathLike, prompt: str, progress: P
         from transformers import AutoTokenizer  # seconds to import; only this path needs it at this layer
 
         package = find_package(artifact)
-        runtime = OnnxDynamicModel(package, provider=config.provider)
+        runtime = OnnxDecoder(package, provider=config.provider)
         tokenizer = AutoTokenizer.from_pretrained(str(package))
         ids = encode_prompt(tokenizer, prompt, config.raw)
         stopper = runtime.stopper(config.stop) if config.stop is not None else None
@@ -159,7 +160,7 @@ def run(config: RunConfig, artifact: str | os.PathLike, prompt: str, progress: P
         stopper, stop_notes = None, []
         if config.stop is not None:
             policy = stored_stop_policy(dyn, config.stop)
-            stopper, stop_notes = stopper_for(dyn, policy), stop_notes_for(policy, config.mode, config.max_new_tokens)
+            stopper, stop_notes = stored_stopper(dyn, policy), stop_notes_for(policy, config.mode, config.max_new_tokens)
         if config.mode == "speculative":
             layer, max_draft, plan = draft_settings(dyn, ids, config.draft_layer)
         result = dyn.dynamic.generate(

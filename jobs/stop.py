@@ -10,7 +10,6 @@ calibration units; the held-out units report what it does. `save` writes the art
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
@@ -24,28 +23,18 @@ import torch
 
 from dyninfer.compressors.cot_data import load_problems
 from dyninfer.compressors.steer_extract import CotPrompter, load_cot_split
-from dyninfer.compressors.stop_rule import (
-    COMPLETION,
-    PROBE_SUFFIX,
-    REASONING,
-    SIGNALS,
-    CompletionRuns,
-    ReasoningRun,
-    StopCertificate,
-    StopPolicy,
-    certify,
-    choose_signal,
-    empirical_choice,
-    outcome,
-)
+from dyninfer.compressors.stop_certify import StopCertificate, certify, choose_signal, empirical_choice
+from dyninfer.compressors.stop_simulate import CompletionRuns, ReasoningRun, outcome
 from dyninfer.core import stages
 from dyninfer.core.artifact_files import artifact_exists
 from dyninfer.core.artifacts import Artifact, BaseModelInfo
+from dyninfer.core.choices import COMPLETION, REASONING, STOP_SIGNALS
 from dyninfer.core.data import TokenWindows, load_windows
 from dyninfer.core.errors import DyninferError, option
+from dyninfer.core.policies import PROBE_SUFFIX, StopPolicy
 from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.core.provenance import provenance
-from dyninfer.core.records import SteerRecord, StopRecord, TuneRecord
+from dyninfer.core.records import SteerRecord, StopDraw, StopRecord, StopRule, TuneRecord
 from dyninfer.jobs.configs import StopConfig
 from dyninfer.profilers.stop_bench import StopRequests
 from dyninfer.profilers.stop_runs import completion_runs, reasoning_runs
@@ -98,13 +87,13 @@ class StopReport:
         return {"curve.csv": curve.getvalue().encode(), "summary.json": json.dumps(self.summary(), indent=2, default=str).encode()}
 
 
-def _check_counts(config: StopConfig, train: int, heldout: int, what: str) -> None:
-    needed = config.fit_prompts + config.prompts
-    if train < needed or heldout < config.heldout_prompts:
+def _check_counts(draw: StopDraw, train: int, heldout: int, what: str) -> None:
+    needed = draw.fit_prompts + draw.prompts
+    if train < needed or heldout < draw.heldout_prompts:
         raise DyninferError(
-            f"'{config.resolved_data()}' gives {train} {what} to fit and calibrate on and {heldout} held out, but "
+            f"'{draw.data}' gives {train} {what} to fit and calibrate on and {heldout} held out, but "
             f"{option('fit_prompts')} + {option('prompts')} need {needed} and {option('heldout_prompts')} "
-            f"{config.heldout_prompts}; lower them or use more data"
+            f"{draw.heldout_prompts}; lower them or use more data"
         )
 
 
@@ -115,13 +104,13 @@ def check_windows(config: StopConfig, windows: TokenWindows) -> None:
             f"'{config.resolved_data()}' has no reference continuation of {config.new_tokens} tokens after prompts of "
             f"{config.prompt_tokens}; use longer documents or lower {option('prompt_tokens')}/{option('new_tokens')}"
         )
-    _check_counts(config, windows.train.shape[0], windows.heldout.shape[0], "prompts (windows with a real continuation)")
+    _check_counts(config.draw(), windows.train.shape[0], windows.heldout.shape[0], "prompts (windows with a real continuation)")
 
 
 def _certify(config: StopConfig, runs: dict) -> tuple[StopCertificate, dict, str]:
     """The signal, probe sites and candidates from the fit units, the certificate from the calibration units, the
     report from the held-out units. Returns (certificate, what each choice saves on the fit units, probe sites)."""
-    signals = SIGNALS[config.workload] if config.signal == "auto" else (config.signal,)
+    signals = STOP_SIGNALS[config.workload] if config.signal == "auto" else (config.signal,)
     if config.workload == COMPLETION:
         signal, grid, fit = choose_signal(config.workload, runs["fit"], signals, config.target, config.epsilon, config.condition)
         probe_at = StopPolicy.probe_at
@@ -252,19 +241,18 @@ def steering_questions(artifact: Artifact | None) -> set[str]:
     return questions
 
 
-def split_problems(config: StopConfig, exclude: set[str] = frozenset()) -> dict[str, list]:
+def split_problems(draw: StopDraw, exclude: set[str] = frozenset()) -> dict[str, list]:
     """Fit, calibration and held-out problems: disjoint, from one random order of the source, without the
     questions in `exclude`."""
-    total = config.fit_prompts + config.prompts + config.heldout_prompts
-    problems = [p for p in load_problems(config.resolved_data(), config.seed, total + len(exclude)) if p.question not in exclude]
+    total = draw.fit_prompts + draw.prompts + draw.heldout_prompts
+    problems = [p for p in load_problems(draw.data, draw.seed, total + len(exclude)) if p.question not in exclude]
     problems = problems[:total]
-    _check_counts(
-        config, len(problems) - min(len(problems), config.heldout_prompts), min(len(problems), config.heldout_prompts), "problems"
-    )
+    held = min(len(problems), draw.heldout_prompts)
+    _check_counts(draw, len(problems) - held, held, "problems")
     return {
-        "fit": problems[: config.fit_prompts],
-        "calibration": problems[config.fit_prompts : config.fit_prompts + config.prompts],
-        "heldout": problems[config.fit_prompts + config.prompts :],
+        "fit": problems[: draw.fit_prompts],
+        "calibration": problems[draw.fit_prompts : draw.fit_prompts + draw.prompts],
+        "heldout": problems[draw.fit_prompts + draw.prompts :],
     }
 
 
@@ -277,7 +265,7 @@ def _reasoning(config: StopConfig, existing, session, progress) -> StopReport:
     report = progress or silent
     stored = existing if isinstance(existing, Artifact) else (Artifact.load(existing) if existing and artifact_exists(existing) else None)
     excluded = steering_questions(stored)
-    split = split_problems(config, excluded)  # bad data fails before the model loads
+    split = split_problems(config.draw(), excluded)  # bad data fails before the model loads
     timings = {}
     started = time.perf_counter()
     if session is None or session.loaded.spec != config.model:
@@ -329,23 +317,25 @@ def _reasoning(config: StopConfig, existing, session, progress) -> StopReport:
     return _finish(config, session.loaded.base_model_info(), data, policy, certificate, fit, timings, artifact, notes)
 
 
-def heldout_requests(dyn: LoadedDynamic, policy_workload: str, count: int) -> tuple[StopConfig, StopRequests]:
-    """The stop job's own held-out units (the first `count`), rebuilt from its recorded config: prompts never
+def heldout_requests(dyn: LoadedDynamic, workload: str, count: int) -> tuple[StopDraw, StopRequests]:
+    """The stop job's own held-out units (the first `count`), drawn again as the rule's record says: prompts never
     used to fit or certify the rule, with what counts as right for each."""
-    record = StopRecord.read(dyn.artifact)
-    saved = (record.rules[policy_workload].get("summary") or {}).get("config") or {}
-    names = {f.name for f in dataclasses.fields(StopConfig)}
-    config = StopConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names})
+    rule = StopRecord.read(dyn.artifact).rules[workload]
+    draw = rule.draw
+    if draw is None:
+        raise DyninferError(
+            f"{dyn.where}'s {workload} stop rule does not record where its units came from; run `dyninfer stop` into it again"
+        )
     tokenizer = dyn.loaded.tokenizer
-    if config.workload == COMPLETION:
-        seq_len = config.prompt_tokens + config.new_tokens
-        windows = load_windows(config.resolved_data(), tokenizer, field=config.field, seq_len=seq_len, seed=config.seed)
+    if draw.workload == COMPLETION:
+        seq_len = draw.prompt_tokens + draw.new_tokens
+        windows = load_windows(draw.data, tokenizer, field=draw.field, seq_len=seq_len, seed=draw.seed)
         rows = windows.heldout[windows.order("heldout")[:count]]
-        return config, StopRequests([row[None, : config.prompt_tokens] for row in rows], references=rows[:, config.prompt_tokens : seq_len])
-    split = split_problems(config, steering_questions(dyn.artifact))
-    prompter = CotPrompter(tokenizer, split["fit"][: config.shots])
+        return draw, StopRequests([row[None, : draw.prompt_tokens] for row in rows], references=rows[:, draw.prompt_tokens : seq_len])
+    split = split_problems(draw, steering_questions(dyn.artifact))
+    prompter = CotPrompter(tokenizer, split["fit"][: draw.shots])
     problems = split["heldout"][:count]
-    return config, StopRequests(
+    return draw, StopRequests(
         problem_prompts(prompter, problems),
         answers=[p.answer for p in problems],
         decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
@@ -357,7 +347,7 @@ def _finish(config, base_model, data, policy, certificate, fit, timings, artifac
     record = StopRecord.read(artifact) or StopRecord()
     summary = report.summary()
     summary["certificate"] = {k: v for k, v in summary["certificate"].items() if k != "curve"}  # the curve is in the report folder
-    record.put(config.workload, policy.to_dict(), summary)
+    record.put(config.workload, StopRule(policy, config.draw(), summary))
     record.write(artifact)
     report.artifact = artifact
     return report

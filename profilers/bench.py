@@ -20,16 +20,15 @@ import torch
 from dyninfer.compressors.pruning import dense_inside
 from dyninfer.compressors.steering import steered
 from dyninfer.core.consistency import rouge_l
-from dyninfer.core.cost import speedup_basis
 from dyninfer.core.errors import DyninferError
-from dyninfer.core.generation import GenerationResult
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.exporters.baseline import load_optimum_baseline
-from dyninfer.exporters.onnx_runtime import OnnxDynamicModel
 from dyninfer.profilers.row_memory import row_peak_memory
-from dyninfer.runtime.dynamic import default_draft_layer
+from dyninfer.runtime.decoding import GenerationResult, generate
 from dyninfer.runtime.loader import LoadedDynamic
+from dyninfer.runtime.onnx_decoder import OnnxDecoder
+from dyninfer.runtime.self_speculation import default_draft_layer
 
 
 @dataclass
@@ -189,11 +188,10 @@ def run_bench(
 
 def run_onnx_bench(
     dyn: LoadedDynamic,
-    package,
+    runtime: OnnxDecoder,
     prompts: torch.Tensor,
     new_tokens: int = 64,
     *,
-    provider: str | None = None,
     memory: bool = True,
     progress: ProgressFn | None = None,
 ) -> BenchResult:
@@ -203,23 +201,22 @@ def run_onnx_bench(
     at the package's precision; `ratios` holds each row against every optimum row. `memory`: each row's peak RSS,
     measured in a process of its own (`row_memory`)."""
     _check_sizes(prompts, new_tokens)
-    runtime = OnnxDynamicModel(package, provider=provider)
-    manifest = runtime.manifest
-    precision = (manifest.get("weights") or {}).get("format") or manifest["dtype"]
+    manifest, package = runtime.manifest, runtime.path
+    precision = manifest.precision
     optimum_rows = {f"optimum {precision}": load_optimum_baseline(package, runtime.provider)}
-    if manifest.get("baseline_full"):  # a quantized package: the plain model's float export beside the quantized one
-        optimum_rows = {f"optimum {manifest['dtype']}": load_optimum_baseline(package, runtime.provider, "baseline_full")} | optimum_rows
+    if manifest.baseline_full:  # a quantized package: the plain model's float export beside the quantized one
+        optimum_rows = {f"optimum {manifest.dtype}": load_optimum_baseline(package, runtime.provider, full=True)} | optimum_rows
     warm = prompts[:1, : min(8, prompts.shape[1])]
     for optimum in optimum_rows.values():
         optimum.greedy(warm, 2)
-    runtime.generate(warm.numpy(), 2, mode="full")
+    generate(runtime, warm.numpy(), 2, mode="full")
     lm = dyn.loaded.layered
     dense_greedy(lm, 2)(warm)  # the transformers row is warmed like the others
     depth = runtime.num_layers
     runners = {name: (lambda p, o=optimum, n=name: _as_result(o.greedy(p, new_tokens), n, depth)) for name, optimum in optimum_rows.items()}
     runners |= {
-        PACKAGE_EXITS: lambda p: _as_torch(runtime.generate(p.numpy(), new_tokens, mode="early-exit")),
-        PACKAGE_DISABLED: lambda p: _as_torch(runtime.generate(p.numpy(), new_tokens, mode="full")),
+        PACKAGE_EXITS: lambda p: _as_torch(generate(runtime, p.numpy(), new_tokens, mode="early-exit")),
+        PACKAGE_DISABLED: lambda p: _as_torch(generate(runtime, p.numpy(), new_tokens, mode="full")),
     }
     results = compare_side_by_side(lm, ORIGINAL_MODEL, dense_greedy(lm, new_tokens), runners, prompts, progress)
     reference = next(m for m in results if m.mode == f"optimum {precision}")
@@ -305,11 +302,13 @@ def _check_sizes(prompts: torch.Tensor, new_tokens: int) -> None:
 
 
 def _predicted(dyn: LoadedDynamic) -> float | None:
-    return dyn.calibration.get("heldout", {}).get("predicted_speedup")
+    record = dyn.calibration
+    return None if record is None else record.predicted_speedup
 
 
 def _predicted_unit(dyn: LoadedDynamic) -> str:
-    return speedup_basis(dyn.calibration.get("cost_model"))
+    record = dyn.calibration
+    return (record.cost_unit if record is not None else None) or "FLOPs"
 
 
 def _kv_mode(dyn: LoadedDynamic) -> str | None:

@@ -76,10 +76,10 @@ def _decode(kind: str, path: str, prompt: list[int], new_tokens: int, provider: 
         import numpy as np
         import onnxruntime  # noqa: F401 (imported here, not at the first session: it belongs to the imports' share)
 
-        from dyninfer.exporters.onnx_runtime import OnnxDynamicModel
+        from dyninfer.runtime.onnx_decoder import OnnxDecoder
 
         imported = _rss_mib()
-        OnnxDynamicModel(path, provider=provider).generate(np.array([prompt], dtype=np.int64), new_tokens, mode=mode)
+        OnnxDecoder(path, provider=provider).generate(np.array([prompt], dtype=np.int64), new_tokens, mode=mode)
         return imported
     import torch
 

@@ -21,10 +21,12 @@ import torch
 
 from dyninfer.compressors.cot_data import extract_answer
 from dyninfer.compressors.pruning import dense_inside
-from dyninfer.compressors.stop_rule import COMPLETION, StopPolicy, token_values
+from dyninfer.compressors.stop_simulate import token_values
+from dyninfer.core.choices import COMPLETION
+from dyninfer.core.policies import StopPolicy
 from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.profilers.bench import greedy_generate
-from dyninfer.runtime.loader import LoadedDynamic, stopper_for
+from dyninfer.runtime.loader import LoadedDynamic, stored_stopper
 
 
 @dataclass
@@ -118,7 +120,7 @@ def run_stop_bench(
     for mode in modes:
         runners[f"{mode} (no stop)"] = lambda p, mode=mode: dynamic.generate(p, new_tokens, mode=mode, eos_token_id=eos)
         runners[f"{mode} + stop"] = lambda p, mode=mode: dynamic.generate(
-            p, new_tokens, mode=mode, eos_token_id=eos, stop=stopper_for(dyn, policy)
+            p, new_tokens, mode=mode, eos_token_id=eos, stop=stored_stopper(dyn, policy)
         )
     warm = requests.prompts[0][:, :8]
     baseline(warm)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import hashlib
 import json
@@ -22,21 +23,21 @@ from dataclasses import dataclass, field
 from dyninfer.compressors.exit_tuning import bake_tuning, fingerprint, stored_draft_vocabulary, stored_tuning
 from dyninfer.compressors.pruning import PruningPlan, load_pruning, remove_pruning
 from dyninfer.compressors.steering import ValveDelta, applied, load_steering
-from dyninfer.compressors.stop_rule import COMPLETION, CompletionStopper, ProbeVocabulary, ReasoningStopper, StopPolicy
+from dyninfer.compressors.stop_obey import ProbeVocabulary, Stopper, stopper_for
 from dyninfer.core import stages
 from dyninfer.core.artifact_files import artifact_exists
 from dyninfer.core.artifacts import Artifact, BaseModelInfo
-from dyninfer.core.choices import KV_MODES, TUNED
+from dyninfer.core.choices import COMPLETION, KV_MODES, TUNED
 from dyninfer.core.data import TokenWindows, load_windows
 from dyninfer.core.errors import DyninferError, check_choice, option
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens, TunedLens, TunedLensTraining, train_tuned_lens
 from dyninfer.core.models import LoadedModel, load_model, load_tokenizer
 from dyninfer.core.placement import CPU_FLOAT32, Placement
+from dyninfer.core.policies import ExitPolicy, StopPolicy
 from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.core.records import CalibrateRecord, LensRecord, PruneRecord, StopRecord
 from dyninfer.early_exit.confidence import ExitClassifier
-from dyninfer.early_exit.policy import ExitPolicy
 from dyninfer.runtime.dynamic import DynamicModel
 
 
@@ -314,25 +315,31 @@ class LoadedDynamic:
     session: ModelSession | None = None
 
     @property
-    def calibration(self) -> dict:
-        record = CalibrateRecord.read(self.artifact)
-        return {} if record is None else record.to_dict()
+    def calibration(self) -> CalibrateRecord | None:
+        """The artifact's calibration (None: never calibrated)."""
+        return CalibrateRecord.read(self.artifact)
+
+    @property
+    def where(self) -> str:
+        """The artifact, as messages name it."""
+        return f"'{self.artifact.path}'" if self.artifact.path is not None else "the artifact"
 
     @property
     def notes(self) -> list[str]:
         """What a report on this dynamic model should say: a calibration certified in another dtype."""
-        return placement_notes(self.calibration, self.loaded.placement, stages.CALIBRATE)
+        record = self.calibration
+        return placement_notes(record.dtype if record else None, self.loaded.placement, stages.CALIBRATE)
 
 
 def stored_stop_policy(dyn: LoadedDynamic, workload: str) -> StopPolicy:
     """The artifact's certified stop rule for `workload`, refused when it was certified on another model state
     (steering, pruning or tuning changed since) or the record is damaged."""
     record = StopRecord.read(dyn.artifact)
-    where = f"'{dyn.artifact.path}'" if dyn.artifact.path is not None else "the artifact"
-    raw = None if record is None else record.policy(workload)
-    if raw is None:
+    where = dyn.where
+    rule = None if record is None else record.rules.get(workload)
+    if rule is None:
         raise DyninferError(f"{where} has no {workload} stop rule; run `dyninfer stop` with {option('workload')} {workload} into it first")
-    policy = StopPolicy.from_dict(raw)
+    policy = rule.policy
     if policy.model_state != model_state(dyn.session, dyn.artifact):
         raise DyninferError(
             f"{where}'s {workload} stop rule was certified on another model (its steering, pruning or tuning has changed "
@@ -341,11 +348,10 @@ def stored_stop_policy(dyn: LoadedDynamic, workload: str) -> StopPolicy:
     return policy
 
 
-def stopper_for(dyn: LoadedDynamic, policy: StopPolicy) -> CompletionStopper | ReasoningStopper:
-    """A fresh stopper for one generation (a stopper keeps per-generation state)."""
-    if policy.workload == COMPLETION:
-        return CompletionStopper(policy)
-    return ReasoningStopper(policy, probe_vocabulary(dyn.loaded.tokenizer, policy.probe_suffix))
+def stored_stopper(dyn: LoadedDynamic, policy: StopPolicy) -> Stopper:
+    """A fresh stopper for one generation of `dyn` (a stopper keeps per-generation state)."""
+    vocabulary = None if policy.workload == COMPLETION else probe_vocabulary(dyn.loaded.tokenizer, policy.probe_suffix)
+    return stopper_for(policy, vocabulary)
 
 
 @functools.lru_cache(maxsize=4)
@@ -353,9 +359,8 @@ def probe_vocabulary(tokenizer, suffix: str) -> ProbeVocabulary:
     return ProbeVocabulary.from_tokenizer(tokenizer, suffix)
 
 
-def placement_notes(record: dict, placement: dict, stage: str) -> list[str]:
-    """A note when the stage `record` (if any) ran in another dtype than `placement`'s."""
-    then = (record or {}).get("placement", {}).get("dtype")
+def placement_notes(then: str | None, placement: dict, stage: str) -> list[str]:
+    """A note when the stage ran in another dtype (`then`; None: unknown or never ran) than `placement`'s."""
     if then is None or then == placement["dtype"]:
         return []
     return [
@@ -402,7 +407,7 @@ def build_dynamic(
         raise DyninferError(f"{where} has no early-exit policy; run `dyninfer calibrate` into it first")
     if stage is not None and stage.policy is None:
         raise DyninferError(f"{where} has a calibrate stage without a policy; run `dyninfer calibrate` into it again")
-    policy = ExitPolicy.from_dict(stage.policy, session.lm.num_layers) if stage else None
+    policy = dataclasses.replace(stage.policy).check_points(session.lm.num_layers) if stage else None
     if kv_mode is not None:
         check_choice("kv_mode", kv_mode, KV_MODES)
         if policy is not None:

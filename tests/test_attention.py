@@ -12,7 +12,7 @@ from tiny_models import tiny_model
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens
-from dyninfer.early_exit.policy import ExitPolicy
+from dyninfer.core.policies import ExitPolicy
 from dyninfer.exporters import attention
 from dyninfer.exporters.onnx_export import choose_kv_layout, kv_geometry
 from dyninfer.exporters.step import buffered_step_problem

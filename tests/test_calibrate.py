@@ -10,6 +10,7 @@ import torch
 from tiny_models import VOCAB, tiny_model
 from typer.testing import CliRunner
 
+from dyninfer.certification.calibrate import calibrate_exits
 from dyninfer.cli.app import app
 from dyninfer.compressors.ltt import learn_then_test
 from dyninfer.core.artifacts import Artifact
@@ -17,9 +18,8 @@ from dyninfer.core.cost import CostModel, count_costs
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens
-from dyninfer.early_exit.calibrate import calibrate_exits
+from dyninfer.core.policies import ExitPolicy
 from dyninfer.early_exit.plan import candidate_thresholds, select_exit_points
-from dyninfer.early_exit.policy import ExitPolicy
 from dyninfer.early_exit.rule import batch_leaves, first_exit, leaves
 from dyninfer.early_exit.trace import Trace, simulate, trace_exits, window_losses
 
@@ -311,7 +311,7 @@ def test_calibrate_exits_certifies_every_risk_without_the_job(risk):
 
 
 def test_calibrate_exits_refuses_what_it_cannot_certify_on_and_continues_bare_prompts():
-    from dyninfer.early_exit.generation import PromptSet
+    from dyninfer.certification.exits import PromptSet
 
     lm = LayeredModel(tiny_model("llama", layers=3))
     windows = torch.randint(3, VOCAB, (40, 17), generator=torch.Generator().manual_seed(3))

@@ -70,11 +70,12 @@ def test_the_command_list_shows_each_commands_own_first_line():
 def test_the_option_vocabularies_match_what_the_code_accepts():
     """core/choices.py holds the names the Configs check; the modules that act on them hold their own tables."""
     from dyninfer.core import choices
-    from dyninfer.exporters import onnx_export, onnx_runtime, quantize
+    from dyninfer.exporters import quantize, step_export
+    from dyninfer.runtime import onnx_decoder
 
-    assert tuple(onnx_export.DTYPES) == choices.EXPORT_DTYPES
+    assert tuple(step_export.DTYPES) == tuple(onnx_decoder._NUMPY_DTYPES) == choices.EXPORT_DTYPES
     assert ("full", *quantize.WEIGHT_BITS) == choices.EXPORT_WEIGHTS
-    assert set(onnx_runtime.PROVIDERS) == set(choices.ONNX_PROVIDERS)
+    assert set(choices.EXPORT_KV_LAYOUTS) == {"auto", *choices.KV_LAYOUTS}
 
 
 def test_help_lists_probe_with_examples():

@@ -9,7 +9,7 @@ from tiny_models import ARCHS, VOCAB, mixed_saturation_policy, tiny_model
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens
-from dyninfer.early_exit.policy import ExitPolicy
+from dyninfer.core.policies import ExitPolicy
 from dyninfer.early_exit.trace import trace_exits
 from dyninfer.runtime.dynamic import DynamicModel
 

@@ -16,14 +16,15 @@ from dyninfer.core.choices import HEAD_MEASURES
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import ExitTranslators, LogitLens, TunedLens
+from dyninfer.core.policies import ExitPolicy
 from dyninfer.early_exit import confidence as conf
 from dyninfer.early_exit.confidence import ExitClassifier
-from dyninfer.early_exit.policy import ExitPolicy
 from dyninfer.exporters import ops
 from dyninfer.exporters.graph_tidy import all_graphs
-from dyninfer.exporters.onnx_export import MODEL_FILE, write_package
-from dyninfer.exporters.onnx_runtime import PACKAGE_MANIFEST, OnnxDynamicModel
+from dyninfer.exporters.onnx_export import write_package
 from dyninfer.runtime.dynamic import DynamicModel
+from dyninfer.runtime.onnx_decoder import OnnxDecoder
+from dyninfer.runtime.package_format import MODEL_FILE, PACKAGE_MANIFEST
 
 STEPS = 32
 ATTENTION_ARCHS = [a for a in ARCHS if a != "mamba"]
@@ -68,8 +69,8 @@ def _dynamic(arch: str, measure: str = "saturation", top_k: int = 0, points=(1, 
 
 
 def _assert_parity(dynamic: DynamicModel, prompt, package, kv_layout: str = "buffer") -> None:
-    runtime = OnnxDynamicModel(package, provider="cpu")
-    assert runtime.kv_layout == kv_layout, runtime.manifest["notes"]  # every family exported here fits the buffers
+    runtime = OnnxDecoder(package, provider="cpu")
+    assert runtime.manifest.kv_layout == kv_layout, runtime.manifest.notes  # every family exported here fits the buffers
     reference = dynamic.generate(prompt, STEPS, return_logits=True)
     ours = runtime.generate(prompt.numpy(), STEPS, return_logits=True)
     assert np.array_equal(ours.tokens, reference.tokens.numpy())
@@ -169,27 +170,24 @@ def _op_count(graph, op_type: str) -> int:
 def test_buffered_package_writes_each_layer_buffer_in_place(exported):
     """One buffer a layer, bound as past and present: ONNX Runtime writes the prompt's keys into it (the model's own,
     from transformers' forward), nothing past them, and allocates no present of its own."""
-    import onnxruntime as ort
     from transformers import DynamicCache
 
     dynamic, prompt, package = exported("llama")
-    runtime = OnnxDynamicModel(package, provider="cpu")
-    assert runtime.kv_layout == "buffer" and runtime.manifest["inputs"][2] == "positions"
+    runtime = OnnxDecoder(package, provider="cpu")
+    assert runtime.buffered and runtime.manifest.inputs[2] == "positions"
     model = onnx.load(str(package / MODEL_FILE), load_external_data=False)
     # one per layer run, one per layer a branch fills by propagation
     assert _op_count(model.graph, "GroupQueryAttention") == 2 * dynamic.lm.num_layers - dynamic.policy.exit_points[0]
     length = prompt.shape[1]
-    shapes = [(1, heads, length + 3, dim) for heads, dim in runtime.geometry for _ in range(2)]
-    past = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for shape in shapes]
-    binding = runtime.session.io_binding()
-    step = runtime._run(binding, prompt.numpy(), runtime.disabled_threshold, past, 0, need_logits=True)
-    present = [value for name, value in zip(runtime.output_names, binding.get_outputs()) if name.startswith("present.")]
+    state, step = runtime.prefill(prompt.numpy(), length + 3, logits=True, scores=True)
+    past = state.past
+    assert [tuple(value.shape()) for value in past] == [(1, h, length + 3, d) for h, d in runtime.manifest.kv_geometry for _ in range(2)]
+    present = [value for name, value in zip(runtime.output_names, state.binding.get_outputs()) if name.startswith("present.")]
     assert [value.data_ptr() for value in present] == [value.data_ptr() for value in past]
-    assert step.greedy.shape == (1, 1) and step.greedy[0, 0] == step.logits.argmax(-1)[0]
+    assert step.token.shape == (1,) and step.token[0] == step.logits.argmax(-1)[0]
     # greedy decoding leaves the logits where ONNX Runtime put them: only the graph's argmax comes back
-    fresh = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for shape in shapes]
-    greedy_only = runtime._run(runtime.session.io_binding(), prompt.numpy(), runtime.disabled_threshold, fresh, 0)
-    assert greedy_only.logits is None and greedy_only.greedy[0, 0] == step.greedy[0, 0]
+    _, greedy_only = runtime.prefill(prompt.numpy(), length + 3, logits=False, scores=False)
+    assert greedy_only.logits is None and greedy_only.token[0] == step.token[0]
     cache = DynamicCache()
     with torch.no_grad():
         dynamic.lm.model(prompt, past_key_values=cache, use_cache=True)
@@ -203,7 +201,7 @@ def test_buffered_package_writes_each_layer_buffer_in_place(exported):
 def test_concatenated_cache_layout_still_exports_like_torch(tmp_path):
     dynamic, prompt = _dynamic("llama", model=tiny_model("llama", layers=2), **ONE_EXIT)
     manifest = write_package(tmp_path, dynamic, kv_layout="concat")
-    assert manifest["kv_layout"] == "concat" and "positions" not in manifest["inputs"]
+    assert manifest.kv_layout == "concat" and "positions" not in manifest.inputs
     assert _op_count(onnx.load(str(tmp_path / MODEL_FILE), load_external_data=False).graph, "GroupQueryAttention") == 0
     _assert_parity(dynamic, prompt, tmp_path, kv_layout="concat")
 
@@ -287,11 +285,11 @@ def test_fp16_package_for_cuda_stores_half_weights_and_runs(tmp_path):
     """Built here for another machine (--provider cuda --no-verify); ONNX Runtime's CPU EP still runs it."""
     dynamic, prompt = _dynamic("llama", model=tiny_model("llama", layers=2), **ONE_EXIT)
     manifest = write_package(tmp_path, dynamic, provider="cuda", dtype="fp16")
-    assert manifest["dtype"] == "fp16" and manifest["provider"] == "cuda"
+    assert manifest.dtype == "fp16" and manifest.provider == "cuda"
     model = onnx.load(str(tmp_path / MODEL_FILE), load_external_data=False)
     matrices = [i for i in model.graph.initializer if len(i.dims) == 2]
     assert matrices and all(i.data_type == TensorProto.FLOAT16 for i in matrices)
-    runtime = OnnxDynamicModel(tmp_path, provider="cpu")
+    runtime = OnnxDecoder(tmp_path, provider="cpu")
     ours = runtime.generate(prompt.numpy(), 4, mode="full", return_logits=True)
     reference = dynamic.generate(prompt, 4, mode="full", return_logits=True)
     assert ours.logits[0].dtype == np.float16
@@ -303,23 +301,18 @@ def test_fp16_package_for_cuda_stores_half_weights_and_runs(tmp_path):
 def test_the_package_obeys_stop_rules_as_the_torch_runtime_does(exported):
     """The package's stop output scores each token as torch does, and both runtimes stop completions and answer
     chains of thought at the same step, in the early-exit and the full mode."""
-    from dyninfer.compressors.stop_rule import (
-        COMPLETION,
-        REASONING,
-        CompletionStopper,
-        ProbeVocabulary,
-        ReasoningStopper,
-        StopPolicy,
-    )
+    from dyninfer.compressors.stop_obey import CompletionStopper, ProbeVocabulary, ReasoningStopper
+    from dyninfer.core.choices import COMPLETION, REASONING
+    from dyninfer.core.policies import StopPolicy
 
     dynamic, prompt, package = exported("llama")
-    runtime = OnnxDynamicModel(package, provider="cpu")
+    runtime = OnnxDecoder(package, provider="cpu")
     numbers = {i: str(i % 10) for i in range(50, 110)}
     vocabulary = ProbeVocabulary(frozenset(range(10, 50)), numbers, frozenset({5}), [3, 4], frozenset(range(10, 30)))
     reasons = set()
     for mode in ("early-exit", "full"):
-        full = dynamic.generate(prompt, STEPS, mode=mode, return_logits=True)
-        confidence = [float(torch.softmax(s.float(), -1).max()) for s in full.logits]
+        full = dynamic.generate(prompt, STEPS, mode=mode, return_scores=True)
+        confidence = [float(s[0]) for s in full.stop_scores]
         for threshold in np.quantile(confidence, [0.2, 0.6]):
             policy = StopPolicy(COMPLETION, "confidence", float(threshold), 0.9, 0.1, STEPS)
             ours = runtime.generate(prompt.numpy(), STEPS, mode=mode, stop=CompletionStopper(policy))

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from dyninfer.cli.app import app
 from dyninfer.core.errors import DyninferError
 from dyninfer.exporters import onnx_export
-from dyninfer.exporters.onnx_runtime import PACKAGE_MANIFEST
+from dyninfer.runtime.package_format import PACKAGE_MANIFEST
 
 # One xdist worker runs this module: its module fixture is built once.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("export_cli")]
@@ -126,7 +126,7 @@ def test_a_quantized_package_decodes_as_the_baseline_quantized_alike(exported, t
     import torch
 
     from dyninfer.exporters.baseline import load_optimum_baseline
-    from dyninfer.exporters.onnx_runtime import OnnxDynamicModel
+    from dyninfer.runtime.onnx_decoder import OnnxDecoder
 
     _, _, artifact, full = exported
     out = tmp_path / weights
@@ -140,7 +140,7 @@ def test_a_quantized_package_decodes_as_the_baseline_quantized_alike(exported, t
     assert (out / "model.onnx.data").stat().st_size < (artifact / "onnx" / "model.onnx.data").stat().st_size
     assert report["verify_max_abs_diff"] < 1e-3 and report["quantized_max_abs_diff"] > report["verify_max_abs_diff"]
     prompt = torch.tensor([[3, 9, 4, 7, 1, 12]])
-    package = OnnxDynamicModel(out, provider="cpu")
+    package = OnnxDecoder(out, provider="cpu")
     ours = package.generate(prompt.numpy(), 8, mode="full", return_logits=True)
     baseline = load_optimum_baseline(out, "CPUExecutionProvider").model
     ids, past = prompt, None
@@ -205,7 +205,7 @@ def test_a_certified_quantized_package_measures_its_own_tokens(exported, tmp_pat
 
     from dyninfer.compressors.ltt import hoeffding_bentkus_p_value
     from dyninfer.core.artifacts import Artifact
-    from dyninfer.exporters.onnx_runtime import OnnxDynamicModel
+    from dyninfer.runtime.onnx_decoder import OnnxDecoder
 
     _, _, artifact, _ = exported
     out = tmp_path / "int4"
@@ -215,7 +215,7 @@ def test_a_certified_quantized_package_measures_its_own_tokens(exported, tmp_pat
     certificate = json.loads((out / PACKAGE_MANIFEST).read_text())["certificate"]
     group = Artifact.load(artifact).tensors["generation"]
     prompts, reference = group["calibration.prompts"].numpy(), group["calibration.continuations"].numpy()
-    package = OnnxDynamicModel(out, provider="cpu")
+    package = OnnxDecoder(out, provider="cpu")
     tokens = np.stack([package.generate(p[None], reference.shape[1], mode="full").tokens[0] for p in prompts])
     shares = (tokens == reference).mean(axis=1)
     assert shares.mean() < 1.0  # the quantized graph does change tokens: the point measures something
@@ -357,7 +357,7 @@ def test_damaged_or_missing_packages_get_clear_errors(exported, tmp_path):
     manifest = json.loads((copy / PACKAGE_MANIFEST).read_text())
     (copy / PACKAGE_MANIFEST).write_text(json.dumps({**manifest, "kv_layout": "paged"}))
     result = runner.invoke(app, ["run", str(copy), "tok1", "--backend", "onnx"])
-    assert result.exit_code == 2 and "KV layout 'paged'" in result.stderr
+    assert result.exit_code == 2 and "`kv_layout` is 'paged'" in result.stderr
     (copy / PACKAGE_MANIFEST).write_text("{not json")
     result = runner.invoke(app, ["run", str(copy), "tok1", "--backend", "onnx"])
     assert result.exit_code == 2 and "damaged" in result.stderr

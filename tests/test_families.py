@@ -16,8 +16,8 @@ from dyninfer.core.errors import DyninferError
 from dyninfer.core.families import family_of
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens
+from dyninfer.core.policies import ExitPolicy
 from dyninfer.early_exit.certify import run_calibration
-from dyninfer.early_exit.policy import ExitPolicy
 from dyninfer.early_exit.trace import exit_layers, simulate, trace_exits
 from dyninfer.runtime.dynamic import DynamicModel
 

@@ -276,16 +276,17 @@ def test_converting_the_bundled_model_into_a_full_cache_is_one_error_line(tmp_pa
 
 @pytest.mark.parametrize("named", ["/etc/hostname", "../outside.onnx", "linked.onnx"], ids=["absolute", "dot-dot", "link-out"])
 def test_a_package_naming_a_file_outside_it_is_refused(tmp_path, named):
-    from dyninfer.exporters.onnx_runtime import PACKAGE_FORMAT, PACKAGE_MANIFEST, read_package
+    from dyninfer.runtime.package_format import PACKAGE_FORMAT, PACKAGE_MANIFEST, read_package
 
     package = tmp_path / "pkg"
     package.mkdir()
     (tmp_path / "outside.onnx").write_bytes(b"graph")
     (package / "linked.onnx").symlink_to(tmp_path / "outside.onnx")
     (package / "model.onnx").write_bytes(b"graph")
-    manifest = {"format": PACKAGE_FORMAT, "version": 1, "model_file": "model.onnx", "files": {"model.onnx": 5}}
+    manifest = {"format": PACKAGE_FORMAT, "version": 3, "model_file": "model.onnx", "files": {"model.onnx": 5}, "provider": "cpu"}
+    manifest |= {"dtype": "fp32", "family": "llama", "num_layers": 1, "vocab_size": 8, "kv_geometry": [[1, 4]], "policy": None}
     (package / PACKAGE_MANIFEST).write_text(json.dumps(manifest))
-    assert read_package(package)["model_file"] == "model.onnx"  # the same package, naming its own file: accepted
+    assert read_package(package).model_file == "model.onnx"  # the same package, naming its own file: accepted
     manifest["model_file"] = named
     (package / PACKAGE_MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(DyninferError, match="not a file inside the package"):
@@ -308,7 +309,7 @@ def test_a_graph_reading_weights_from_outside_its_folder_is_refused(tmp_path):
     import onnx
     from onnx import helper, numpy_helper
 
-    from dyninfer.exporters.onnx_runtime import check_external_data
+    from dyninfer.runtime.onnx_session import check_external_data
 
     weights = numpy_helper.from_array(np.ones((4, 4), dtype=np.float32), name="w")
     graph = helper.make_graph(

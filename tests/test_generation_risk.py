@@ -13,6 +13,8 @@ from test_dynamic import NEW, _mixed_policy
 from tiny_models import ARCHS, VOCAB, tiny_model
 from typer.testing import CliRunner
 
+from dyninfer.certification import exits as generation_risk
+from dyninfer.certification.exits import PromptSet, certify_generation, full_continuations
 from dyninfer.cli.app import app
 from dyninfer.compressors.ltt import fixed_sequence_test, hoeffding_bentkus_p_value, learn_then_test, min_examples
 from dyninfer.core import stages
@@ -22,10 +24,8 @@ from dyninfer.core.cost import CostModel
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens
-from dyninfer.early_exit import generation as generation_risk
-from dyninfer.early_exit.generation import PromptSet, certify_generation, full_continuations
+from dyninfer.core.policies import ExitPolicy
 from dyninfer.early_exit.plan import ExitPlan
-from dyninfer.early_exit.policy import ExitPolicy
 from dyninfer.runtime.dynamic import DynamicModel
 
 KV_CASES = [(arch, kv) for arch in ARCHS for kv in ("propagate", "recompute") if not (arch == "mamba" and kv == "recompute")]

@@ -80,11 +80,11 @@ def test_bundled_model_exports_to_onnx_and_matches_torch(bundled, tmp_path):
 
     import numpy as np
 
+    from dyninfer.core.policies import ExitPolicy
     from dyninfer.early_exit.confidence import saturation
-    from dyninfer.early_exit.policy import ExitPolicy
     from dyninfer.exporters.onnx_export import write_package
-    from dyninfer.exporters.onnx_runtime import OnnxDynamicModel
     from dyninfer.runtime.dynamic import DynamicModel
+    from dyninfer.runtime.onnx_decoder import OnnxDecoder
 
     model = copy.deepcopy(bundled.model)  # the head stays tied to the embedding in the copy
     model.model.layers = model.model.layers[:4]
@@ -104,7 +104,7 @@ def test_bundled_model_exports_to_onnx_and_matches_torch(bundled, tmp_path):
             break
     assert len(set(reference.exit_layers[1:])) > 1
     write_package(tmp_path, dynamic)
-    ours = OnnxDynamicModel(tmp_path).generate(prompt.numpy(), 12, return_logits=True)
+    ours = OnnxDecoder(tmp_path).generate(prompt.numpy(), 12, return_logits=True)
     assert np.array_equal(ours.tokens, reference.tokens.numpy())
     assert ours.exit_layers == reference.exit_layers
     for a, b in zip(ours.logits, reference.logits):
@@ -237,7 +237,8 @@ def test_audit_of_the_bundled_model_on_unseen_code(bundled, tmp_path):
 
 def test_the_bundled_tokenizer_gives_probes_steps_and_numbers(bundled):
     """Reasoning probes read the real tokenizer: digits are number pieces, line ends and full stops end steps."""
-    from dyninfer.compressors.stop_rule import PROBE_SUFFIX, ProbeVocabulary
+    from dyninfer.compressors.stop_obey import ProbeVocabulary
+    from dyninfer.core.policies import PROBE_SUFFIX
 
     tokenizer = bundled.tokenizer
     vocabulary = ProbeVocabulary.from_tokenizer(tokenizer, PROBE_SUFFIX)

@@ -221,7 +221,7 @@ def test_a_dispatched_offloaded_model_probes_and_decodes_like_the_plain_one(tmp_
     tokens = [DynamicModel(m.layered, None, None, None).generate(prompt, 10, mode="full").tokens for m in (plain, mapped)]
     assert torch.equal(tokens[0], tokens[1])
     # Early exits (every token leaves at layer 1 after the prompt) fill the skipped layers' caches the same way.
-    from dyninfer.early_exit.policy import ExitPolicy
+    from dyninfer.core.policies import ExitPolicy
 
     for kv_mode in ("propagate", "recompute"):
         runs = [

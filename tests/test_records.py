@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from dyninfer.cli.app import app
 from dyninfer.core.artifacts import Artifact
 from dyninfer.core.errors import DyninferError
+from dyninfer.core.policies import ExitPolicy
 from dyninfer.core.records import (
     VERSION_KEY,
     CalibrateRecord,
@@ -24,7 +25,6 @@ from dyninfer.core.records import (
     TuneRecord,
     read_all,
 )
-from dyninfer.early_exit.policy import ExitPolicy
 
 RELEASE = Path(__file__).parent / "fixtures" / "release-0.1.0"
 
@@ -43,16 +43,25 @@ def test_an_artifact_of_release_0_1_0_reads_through_the_typed_records():
     assert isinstance(profile, ProfileRecord) and len(profile.measured_cost["layers"]) == 3 and profile.pruned is False
     calibration = records["calibrate"]
     assert isinstance(calibration, CalibrateRecord) and calibration.continuations_key
-    policy = ExitPolicy.from_dict(calibration.policy, 3)
-    assert policy.measure == "softmax" and policy.exit_points
+    policy = calibration.policy
+    assert isinstance(policy, ExitPolicy) and policy.measure == "softmax" and policy.exit_points
+    # release 0.1.0 kept the certificate's fields across the calibration's summary: the record reads them from there
+    stored, certificate = artifact.stages["calibrate"], calibration.certificate
+    assert (certificate.risk, certificate.target, certificate.epsilon) == (stored["risk"], stored["target"], stored["epsilon"])
+    assert certificate.candidates == stored["ltt"]["lambdas"] and certificate.units == stored["ltt"]["n"] > 0
+    assert (certificate.prompt_tokens, certificate.new_tokens) == (stored["config"]["prompt_tokens"], stored["generated"]["new_tokens"])
+    assert (calibration.corpus.spec, calibration.corpus.seq_len) == (stored["data"]["spec"], stored["data"]["seq_len"])
+    assert calibration.predicted_speedup == stored["heldout"]["predicted_speedup"] and calibration.cost_unit == "latency"
     assert isinstance(records["prune"], PruneRecord) and records["prune"].plan["method"] == "threshold"
     steer = records["steer"]
     assert isinstance(steer, SteerRecord) and set(steer.methods) == {"activation"}
     assert steer.applied == {"method": "activation", "alpha": 0.5}
     lens = records["lens"]
     assert isinstance(lens, LensRecord) and lens.window_len and lens.windows
-    # What each stage reported beyond the read fields is kept as written.
-    assert calibration.to_dict() == artifact.stages["calibrate"] | {VERSION_KEY: 1}
+    # What each stage reported beyond the read fields is kept as written; the upgraded record adds its typed fields.
+    written = calibration.to_dict()
+    assert {k: written[k] for k in stored} == stored and written[VERSION_KEY] == CalibrateRecord.VERSION == 2
+    assert CalibrateRecord.from_dict(written) == calibration  # and reads back the same
     tuned = TuneRecord.read(Artifact.load(RELEASE / "tuned"))
     assert tuned.fingerprint and tuned.windows["windows"] and len(tuned.agreement()) == 4
 

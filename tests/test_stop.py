@@ -10,25 +10,23 @@ import numpy as np
 import pytest
 import torch
 
-from dyninfer.compressors.stop_rule import (
-    COMPLETION,
+from dyninfer.compressors.stop_certify import certify_completion, certify_reasoning
+from dyninfer.compressors.stop_obey import completion_scores as scores
+from dyninfer.compressors.stop_simulate import (
     NEVER,
-    REASONING,
     CompletionRuns,
     Probe,
     ReasoningRun,
-    StopPolicy,
-    certify_completion,
-    certify_reasoning,
     completion_grid,
     completion_losses,
     reasoning_grid,
-    scores,
     shown_tokens,
     text_values,
     token_values,
 )
+from dyninfer.core.choices import COMPLETION, REASONING
 from dyninfer.core.errors import DyninferError
+from dyninfer.core.policies import StopPolicy
 
 
 def _brute_shown(score_row, threshold):
@@ -230,11 +228,12 @@ def tiny_dynamic():
 
 
 def test_the_runtime_stops_a_completion_where_the_simulation_on_the_full_generation_stops(tiny_dynamic):
-    from dyninfer.compressors.stop_rule import CompletionStopper
+    from dyninfer.compressors.stop_obey import CompletionStopper
 
     torch.manual_seed(0)
     prompts = torch.randint(2, 120, (6, 10))
     full = tiny_dynamic.generate(prompts, 12, mode="full", return_logits=True)
+    # the scores from the logits themselves, not the runtime's own stop scores
     confidence = torch.stack([torch.softmax(s.float(), -1).max(-1).values for s in full.logits], dim=1).numpy()
     for signal in ("confidence", "prefix"):
         score = scores(confidence, signal)
@@ -250,7 +249,7 @@ def test_the_runtime_stops_a_completion_where_the_simulation_on_the_full_generat
 
 @pytest.mark.slow
 def test_the_runtime_answers_a_chain_where_the_recorded_probes_say_the_rule_stops(tiny_dynamic):
-    from dyninfer.compressors.stop_rule import ProbeVocabulary, ReasoningStopper
+    from dyninfer.compressors.stop_obey import ProbeVocabulary, ReasoningStopper
 
     # A vocabulary where some ids end steps and some spell digits, so a random model probes and answers.
     # line ends: a third of the step ends
@@ -288,7 +287,7 @@ def test_the_runtime_answers_a_chain_where_the_recorded_probes_say_the_rule_stop
 
 def test_batched_chains_are_probed_row_by_row_as_each_prompt_alone(tiny_dynamic):
     from dyninfer.compressors.cot_data import CotExample
-    from dyninfer.compressors.stop_rule import ProbeVocabulary, ReasoningStopper
+    from dyninfer.compressors.stop_obey import ProbeVocabulary, ReasoningStopper
     from dyninfer.profilers.stop_runs import reasoning_runs
 
     vocabulary = ProbeVocabulary(

@@ -51,7 +51,7 @@ def mixed_saturation_policy(lm, prompt, kv_mode: str, steps: int, points=(1, 2),
     More steps run deep as the threshold rises, so bisect on it.
     """
     from dyninfer.core.lenses import LogitLens
-    from dyninfer.early_exit.policy import ExitPolicy
+    from dyninfer.core.policies import ExitPolicy
     from dyninfer.runtime.dynamic import DynamicModel
 
     low, high = -1.0, 1.0 + 1e-6

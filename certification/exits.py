@@ -35,13 +35,14 @@ from dyninfer.core.cost import CostModel
 from dyninfer.core.distributed import World
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel
+from dyninfer.core.policies import ExitPolicy
 from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.early_exit.certify import CalibrationResult, CurvePoint
 from dyninfer.early_exit.plan import ExitPlan, generation_grid
-from dyninfer.early_exit.policy import ExitPolicy
 from dyninfer.early_exit.rule import first_exit
 from dyninfer.early_exit.trace import Trace, evaluate, exit_costs
-from dyninfer.runtime.dynamic import DynamicModel, RowGeneration
+from dyninfer.runtime.dynamic import DynamicModel
+from dyninfer.runtime.row_decoding import RowGeneration
 
 
 @dataclass

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from dyninfer.certification.exits import PromptSet, certify_generation, fit_sequences, full_continuations
 from dyninfer.core.choices import GENERATION_RISK, RISKS
 from dyninfer.core.cost import CostModel
 from dyninfer.core.errors import DyninferError
@@ -23,7 +24,6 @@ from dyninfer.core.layered import LayeredModel
 from dyninfer.core.progress import ProgressFn
 from dyninfer.early_exit.certify import CalibrationResult, run_calibrations
 from dyninfer.early_exit.confidence import ExitClassifier
-from dyninfer.early_exit.generation import PromptSet, certify_generation, fit_sequences, full_continuations
 from dyninfer.early_exit.plan import check_calibration_options, plan_exits, trace_plan
 
 

@@ -29,12 +29,13 @@ from dyninfer.core.choices import CONSISTENCY_MEASURES
 from dyninfer.core.consistency import all_measures, consistency
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.progress import ProgressFn, silent
-from dyninfer.exporters.certificate import ON_PACKAGE, PackageCertificate
-from dyninfer.exporters.onnx_runtime import OnnxDynamicModel
+from dyninfer.core.records import CalibrateRecord
+from dyninfer.runtime.decoding import Decoder, generate
+from dyninfer.runtime.package_format import ON_PACKAGE, PackageCertificate
 
 
-def package_continuations(runtime: OnnxDynamicModel, prompts, new_tokens: int, threshold: float | None, progress, what: str):
-    """The package's greedy continuations of `prompts` ([n, prompt tokens]), batch 1: (tokens [n, T], mean exit layer).
+def package_continuations(runtime: Decoder, prompts, new_tokens: int, threshold: float | None, progress, what: str):
+    """The decoder's greedy continuations of `prompts` ([n, prompt tokens]), batch 1: (tokens [n, T], mean exit layer).
     `threshold` None: exits disabled."""
     report = progress or silent
     prompts = np.asarray(prompts, dtype=np.int64)
@@ -42,15 +43,15 @@ def package_continuations(runtime: OnnxDynamicModel, prompts, new_tokens: int, t
     mode = "full" if threshold is None else "early-exit"
     report(what, 0, len(prompts))
     for i, prompt in enumerate(prompts):
-        run = runtime.generate(prompt[None], new_tokens, mode=mode, exit_threshold=threshold)
-        rows.append(run.tokens[0])
+        run = generate(runtime, prompt[None], new_tokens, mode=mode, exit_threshold=threshold)
+        rows.append(np.array(run.tokens[0].tolist(), dtype=np.int64))
         layers += run.exit_layers[1:]  # the first token comes from the prefill, at full depth
         report(what, i + 1, len(prompts))
     return np.stack(rows), float(np.mean(layers)) if layers else float(runtime.num_layers)
 
 
 def certify_package(
-    runtime: OnnxDynamicModel,
+    runtime: Decoder,
     calibration: tuple,
     heldout: tuple | None,
     thresholds: list[float],
@@ -59,6 +60,7 @@ def certify_package(
     epsilon: float,
     measure: str,
     original_model: dict,
+    provider: str | None = None,
     progress: ProgressFn | None = None,
 ) -> PackageCertificate:
     """Learn-then-Test on the package's continuations. `calibration`, `heldout`: (prompts [n, P], the original
@@ -118,8 +120,31 @@ def certify_package(
         new_tokens=int(new_tokens),
         threshold=threshold,
         full_depth_certified=chosen is not None,
-        provider=runtime.provider,
+        provider=provider,
         curve=curve,
         heldout=held,
         notes=notes,
+    )
+
+
+def carried_over(
+    calibration: CalibrateRecord | None, original_model: dict, computed_on: str, package_graph: str
+) -> PackageCertificate | None:
+    """The calibration's certified generation bound as the package's certificate, marked as computed on another graph
+    (None when calibration certified no generation bound: a teacher-forced risk is about simulated exits)."""
+    certificate = None if calibration is None else calibration.certificate
+    if certificate is None or not certificate.on_generation:
+        return None
+    return PackageCertificate(
+        computed_on=computed_on,
+        original_model=original_model,
+        measure=certificate.measure,
+        target=certificate.target,
+        epsilon=certificate.epsilon,
+        prompts=certificate.units,
+        prompt_tokens=certificate.prompt_tokens or 0,
+        new_tokens=certificate.new_tokens or 0,
+        threshold=calibration.policy.threshold if calibration.policy is not None else None,
+        full_depth_certified=True,  # the torch model at full depth is the original model
+        package_graph=package_graph,
     )
