@@ -2,7 +2,7 @@
 
 `dyninfer --help` lists the commands from the table below without importing any of them, and
 `dyninfer COMMAND --help` imports that command's module alone, which reads its options from the
-torch-free Configs (jobs/configs.py). A command imports its job (and with it torch and
+torch-free Configs (jobs/configs/). A command imports its job (and with it torch and
 transformers) when it runs. This is click's lazy-group pattern; the imports it defers are the
 CLI's own modules and the jobs below it, so the layer contract is unchanged.
 """

@@ -1,6 +1,6 @@
 """The values dyninfer's options take, declared once and importable without torch.
 
-The jobs' Configs (jobs/configs.py) validate against these, and the CLI builds its `--help`
+The jobs' Configs (jobs/configs/, one module per command) validate against these, and the CLI builds its `--help`
 from those Configs without loading torch; the modules that act on a value import it from here.
 """
 
