@@ -127,21 +127,8 @@ def tune_exits(
     need more (a caller shuffles them). The model's weights are unchanged afterwards.
     Data-parallel: every rank draws the same batch rows and trains on its share; gradients are summed.
     """
-    settings.validate()
-    lm.require_weights("tune-exits")
-    if lm.adapter.recurrent:
-        raise DyninferError(
-            f"tune-exits does not apply to {lm.config.model_type}: its recurrent state has no "
-            "cache to reuse in self-speculation; probe, calibrate and run work"
-        )
-    depths = settings.depths(lm.num_layers)
-    if windows.shape[0] < 1:
-        raise DyninferError("no train windows to tune on; use more data")
     world = distributed.current()
-    if settings.batch_size < world.size:
-        raise DyninferError(
-            f"{option('batch_size')} {settings.batch_size} cannot be shared among {world.size} processes; give each at least one window"
-        )
+    depths = _checked_depths(lm, windows, settings, world)
     report = progress or silent
     groups = layer_groups(depths, lm.num_layers)
     drop_rates = layer_drop_rates(lm.num_layers, settings.layer_dropout)
@@ -149,54 +136,21 @@ def tune_exits(
     sampling = torch.Generator().manual_seed(settings.seed + 2)
     started = time.perf_counter()
     history: list[dict] = []
-    n = windows.shape[0]
     with lora_attached(lm, settings.rank, settings.targets or None, settings.seed) as peft_model:
         params = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-        warmup = max(1, settings.steps // 10)
-        schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to a tenth
-            optimizer, lambda s: min((s + 1) / warmup, 1.0 - 0.9 * max(0, s - warmup) / max(1, settings.steps - warmup))
-        )
+        optimizer, schedule = _optimizer_and_schedule(params, settings)
         for step in range(settings.steps):
-            rows = [(step * settings.batch_size + i) % n for i in range(settings.batch_size)]
-            local = windows[[rows[i] for i in world.shard(len(rows), "windows of a batch")]].to(lm.device)
-            share = local.shape[0] / len(rows)
-            x, y = local[:, :-1], local[:, 1:]
-            with torch.no_grad(), peft_model.disable_adapter():
-                teacher = lm.model(x, use_cache=False).logits.float().log_softmax(-1)
-            positions = x.shape[1]
-            scored = torch.randperm(positions, generator=sampling)[: max(1, round(settings.exit_token_fraction * positions))].sort().values
-            scored = scored.to(lm.device)
-            exit_teacher, exit_labels = teacher[:, scored], y[:, scored]
+            local, share = _local_batch(windows, step, settings.batch_size, world, lm.device)
             active = set(active_depths(depths, settings.curriculum, settings.rotation, step, settings.steps))
-            weights = depth_weights(sorted(active), settings.depth_weighting, settings.exit_weight)
             skip = (torch.rand(lm.num_layers, generator=dropout) < torch.tensor(drop_rates)).tolist()
-            losses: dict[int, torch.Tensor] = {}
-            fwd = lm.begin(x)
-            hidden = fwd.hidden
-            for index in range(lm.num_layers):
-                if not skip[index]:
-                    if settings.checkpointing:
-                        hidden = checkpoint(lm.run_layer, fwd, index, hidden, use_reentrant=False)
-                    else:
-                        hidden = lm.run_layer(fwd, index, hidden)
-                if index + 1 in active:  # the head recomputed in the backward pass: logits are [B, T, V]
-                    losses[index + 1] = checkpoint(
-                        _exit_loss, lm, hidden[:, scored], exit_teacher, exit_labels, settings.exit_target, use_reentrant=False
-                    )
-            final = _exit_loss(lm, hidden, teacher, y, "teacher")
-            loss = sum(weights[d] * losses[d] for d in losses) + settings.kl_weight * final
+            loss, final, losses = _step_loss(lm, peft_model, local, active, skip, sampling, settings)
             optimizer.zero_grad()
             (loss * share).backward()
             world.sum_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
-            row = {"step": step, "final_kl": float(world.sum(float(final.detach()) * share))}
-            for name, found in groups.items():
-                trained = [d for d in found if d in losses]
-                if trained:
-                    row[name] = float(world.sum(sum(float(losses[d].detach()) for d in trained) / len(trained) * share))
+            row = _history_row(step, final, losses, groups, share, world)
             if not math.isfinite(row["final_kl"]):
                 raise DyninferError(f"the tuning loss became {row['final_kl']} at step {step + 1}; lower {option('lr')}")
             history.append(row)
@@ -212,6 +166,96 @@ def tune_exits(
         history,
     )
     return delta, record
+
+
+def _checked_depths(lm: LayeredModel, windows: torch.Tensor, settings: TuningSettings, world: distributed.World) -> list[int]:
+    """The exit depths to train, once the settings, the model, the windows and the world size are checked."""
+    settings.validate()
+    lm.require_weights("tune-exits")
+    if lm.adapter.recurrent:
+        raise DyninferError(
+            f"tune-exits does not apply to {lm.config.model_type}: its recurrent state has no "
+            "cache to reuse in self-speculation; probe, calibrate and run work"
+        )
+    depths = settings.depths(lm.num_layers)
+    if windows.shape[0] < 1:
+        raise DyninferError("no train windows to tune on; use more data")
+    if settings.batch_size < world.size:
+        raise DyninferError(
+            f"{option('batch_size')} {settings.batch_size} cannot be shared among {world.size} processes; give each at least one window"
+        )
+    return depths
+
+
+def _optimizer_and_schedule(params: list[torch.nn.Parameter], settings: TuningSettings):
+    """AdamW with a linear warm-up over the first tenth of the steps, then a linear decay to a tenth of the rate."""
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    warmup = max(1, settings.steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, 1.0 - 0.9 * max(0, s - warmup) / max(1, settings.steps - warmup))
+    )
+    return optimizer, schedule
+
+
+def _local_batch(
+    windows: torch.Tensor, step: int, batch_size: int, world: distributed.World, device: torch.device
+) -> tuple[torch.Tensor, float]:
+    """This rank's share of the step's batch (the windows in order, wrapping around) and its fraction of the batch."""
+    n = windows.shape[0]
+    rows = [(step * batch_size + i) % n for i in range(batch_size)]
+    local = windows[[rows[i] for i in world.shard(len(rows), "windows of a batch")]].to(device)
+    return local, local.shape[0] / len(rows)
+
+
+def _step_loss(
+    lm: LayeredModel,
+    peft_model,
+    local: torch.Tensor,
+    active: set[int],
+    skip: list[bool],
+    sampling: torch.Generator,
+    settings: TuningSettings,
+) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+    """One step's loss on `local` (the weighted exit losses plus the final KL), the final KL, and each exit depth's loss.
+
+    The `active` exit depths are scored on a random fraction of the positions; the layers marked in `skip` are dropped.
+    """
+    x, y = local[:, :-1], local[:, 1:]
+    with torch.no_grad(), peft_model.disable_adapter():
+        teacher = lm.model(x, use_cache=False).logits.float().log_softmax(-1)
+    positions = x.shape[1]
+    scored = torch.randperm(positions, generator=sampling)[: max(1, round(settings.exit_token_fraction * positions))].sort().values
+    scored = scored.to(lm.device)
+    exit_teacher, exit_labels = teacher[:, scored], y[:, scored]
+    weights = depth_weights(sorted(active), settings.depth_weighting, settings.exit_weight)
+    losses: dict[int, torch.Tensor] = {}
+    fwd = lm.begin(x)
+    hidden = fwd.hidden
+    for index in range(lm.num_layers):
+        if not skip[index]:
+            if settings.checkpointing:
+                hidden = checkpoint(lm.run_layer, fwd, index, hidden, use_reentrant=False)
+            else:
+                hidden = lm.run_layer(fwd, index, hidden)
+        if index + 1 in active:  # the head recomputed in the backward pass: logits are [B, T, V]
+            losses[index + 1] = checkpoint(
+                _exit_loss, lm, hidden[:, scored], exit_teacher, exit_labels, settings.exit_target, use_reentrant=False
+            )
+    final = _exit_loss(lm, hidden, teacher, y, "teacher")
+    loss = sum(weights[d] * losses[d] for d in losses) + settings.kl_weight * final
+    return loss, final, losses
+
+
+def _history_row(
+    step: int, final: torch.Tensor, losses: dict[int, torch.Tensor], groups: dict[str, list[int]], share: float, world: distributed.World
+) -> dict:
+    """The step's final KL and the mean exit loss of each group trained, averaged over all ranks."""
+    row = {"step": step, "final_kl": float(world.sum(float(final.detach()) * share))}
+    for name, found in groups.items():
+        trained = [d for d in found if d in losses]
+        if trained:
+            row[name] = float(world.sum(sum(float(losses[d].detach()) for d in trained) / len(trained) * share))
+    return row
 
 
 def _describe_losses(history: list[dict], groups: dict[str, list[int]]) -> str:

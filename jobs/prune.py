@@ -24,14 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from dyninfer.compressors.pruning import (
+from dyninfer.compressors.pruning import PruningPlan, counting_active, pruned
+from dyninfer.compressors.pruning_calibration import (
     MlpSamples,
-    PruningPlan,
+    PredictorTraining,
     calibrate_threshold_plan,
     collect_mlp_samples,
-    counting_active,
     predictor_recall,
-    pruned,
     train_predictors,
 )
 from dyninfer.core import distributed, stages
@@ -45,7 +44,7 @@ from dyninfer.jobs.configs import PruneConfig
 from dyninfer.jobs.plots import pruning_sweep_png
 from dyninfer.profilers.exit_probe import heldout_quality
 from dyninfer.profilers.prune_bench import SpeedResult, measure_speed
-from dyninfer.runtime.loader import ModelSession, open_workspace
+from dyninfer.runtime.loader import ModelSession, Workspace, open_workspace
 
 
 @dataclass
@@ -175,12 +174,24 @@ def _input_sparsity_achieved(plan: PruningPlan, samples: MlpSamples) -> list[flo
     return [float((x.abs() <= t).float().mean()) for x, t in zip(samples.inputs, plan.input_thresholds)]
 
 
-def run(
-    config: PruneConfig, progress: ProgressFn | None = None, existing: str | Artifact | None = None, session: ModelSession | None = None
-) -> PruneReport:
-    """Learn masks at each sparsity from the dense model (an artifact's old masks are taken out first)."""
-    config.validate()
-    torch.manual_seed(config.seed)
+@dataclass
+class _DenseBaseline:
+    """What every sparsity is measured against: the held-out windows and their MLP samples, the dense
+    model's perplexity, predictions and FLOPs, and the inputs of the speed measurement."""
+
+    heldout: torch.Tensor
+    samples: MlpSamples
+    perplexity: float
+    argmax: torch.Tensor
+    model_flops: float
+    prompts: torch.Tensor
+    mlp_inputs: list[torch.Tensor]
+
+
+def _open_prunable_workspace(
+    config: PruneConfig, progress: ProgressFn | None, existing: str | Artifact | None, session: ModelSession | None
+) -> Workspace:
+    """The workspace with the dense model (masks taken out); refuses models and ranks pruning cannot use."""
     ws = open_workspace(
         config.model,
         config.data,
@@ -197,7 +208,7 @@ def run(
             windows.take("heldout", config.heldout_tokens, option="heldout_tokens"),
         ),
     )
-    lm, windows = ws.lm, ws.windows
+    lm = ws.lm
     lm.require_prunable()  # refuses families without dense MLPs (recurrent, mixture of experts) before any work
     lm.require_weights("prune")
     if config.method != "threshold" and config.rank > lm.hidden_size:  # a predictor [d x rank] beyond full rank
@@ -205,58 +216,98 @@ def run(
             f"{option('rank')} {config.rank} is more than the model's hidden size {lm.hidden_size}: a low-rank predictor "
             f"gains nothing past it; pass {option('rank')} {lm.hidden_size} or less"
         )
-    calibration = windows.take("train", config.calibration_tokens, option="calibration_tokens")
-    heldout = windows.take("heldout", config.heldout_tokens, option="heldout_tokens")
-    samples = collect_mlp_samples(lm, calibration, progress)
+    return ws
+
+
+def _dense_baseline(lm: LayeredModel, heldout: torch.Tensor, config: PruneConfig) -> _DenseBaseline:
     held_samples = collect_mlp_samples(lm, heldout[: max(1, min(4, heldout.shape[0]))])
     dense_ppl, dense_argmax, _ = _evaluate(lm, heldout, None)
     model_flops = count_costs(lm, context=config.seq_len).full_cost()
     prompts = heldout[: config.prompts, : config.prompt_tokens]
     # One decoding token per layer for the MLP-block timing: a held-out position's real MLP input.
     mlp_inputs = [x[-1:].view(1, 1, -1).to(lm.device, lm.lm_head.weight.dtype) for x in held_samples.inputs]
+    return _DenseBaseline(heldout, held_samples, dense_ppl, dense_argmax, model_flops, prompts, mlp_inputs)
+
+
+def _learn_plan(
+    lm: LayeredModel, samples: MlpSamples, sparsity: float, config: PruneConfig, progress: ProgressFn | None
+) -> tuple[PruningPlan, PredictorTraining | None]:
+    """The plan for `sparsity` by `config.method`, and the predictors' training (None for thresholds)."""
+    if config.method == "threshold":
+        return calibrate_threshold_plan(lm, samples, sparsity, allocation=config.allocation, input_sparsity=config.input_sparsity), None
+    return train_predictors(
+        lm,
+        samples,
+        sparsity,
+        rank=config.rank,
+        label=config.label,
+        mass=config.mass,
+        steps=config.steps,
+        seed=config.seed,
+        progress=progress,
+    )
+
+
+def _measure_point(
+    lm: LayeredModel,
+    sparsity: float,
+    plan: PruningPlan,
+    training: PredictorTraining | None,
+    base: _DenseBaseline,
+    config: PruneConfig,
+    progress: ProgressFn | None,
+) -> SparsityPoint:
+    """Quality, achieved sparsity, cost and (unless `config.speed` is off) speed of `plan` against the dense model."""
+    ppl, argmax, counts = _evaluate(lm, base.heldout, plan)
+    achieved = [1.0 - active / (tokens * lm.mlp_weights(i).neurons) for i, (active, tokens) in enumerate(counts)]
+    costs = _mlp_costs(lm, plan, achieved, _input_sparsity_achieved(plan, base.samples))
+    recall = [r["recall"] for r in predictor_recall(lm, plan, base.samples)] if plan.predictors else None
+    speed = None
+    if config.speed:
+        speed = measure_speed(lm, plan, base.mlp_inputs, base.prompts, config.new_tokens, backend=config.backend, progress=progress)
+    return SparsityPoint(
+        sparsity,
+        plan,
+        ppl,
+        ppl / base.perplexity - 1,
+        float((argmax == base.argmax).float().mean()),
+        achieved,
+        *costs,
+        base.model_flops,
+        recall,
+        speed,
+        training.final_loss if training else None,
+    )
+
+
+def _record_main_plan(report: PruneReport, artifact: Artifact) -> None:
+    """Write the target sparsity's plan into the artifact: the `prune` stage and its masks."""
+    main = report.main
+    PruneRecord.from_dict({k: v for k, v in report.summary().items() if k != "points"} | {"plan": main.plan.describe()}).write(artifact)
+    artifact.put_tensors(stages.MASKS_GROUP, main.plan.tensors())
+    report.artifact = artifact
+
+
+def run(
+    config: PruneConfig, progress: ProgressFn | None = None, existing: str | Artifact | None = None, session: ModelSession | None = None
+) -> PruneReport:
+    """Learn masks at each sparsity from the dense model (an artifact's old masks are taken out first)."""
+    config.validate()
+    torch.manual_seed(config.seed)
+    ws = _open_prunable_workspace(config, progress, existing, session)
+    lm, windows = ws.lm, ws.windows
+    calibration = windows.take("train", config.calibration_tokens, option="calibration_tokens")
+    heldout = windows.take("heldout", config.heldout_tokens, option="heldout_tokens")
+    samples = collect_mlp_samples(lm, calibration, progress)
+    base = _dense_baseline(lm, heldout, config)
     points = []
     for n, sparsity in enumerate(config.sparsities()):
         if progress:
             progress("pruning at each sparsity", n, len(config.sparsities()))
-        training = None
-        if config.method == "threshold":
-            plan = calibrate_threshold_plan(lm, samples, sparsity, allocation=config.allocation, input_sparsity=config.input_sparsity)
-        else:
-            plan, training = train_predictors(
-                lm,
-                samples,
-                sparsity,
-                rank=config.rank,
-                label=config.label,
-                mass=config.mass,
-                steps=config.steps,
-                seed=config.seed,
-                progress=progress,
-            )
-        ppl, argmax, counts = _evaluate(lm, heldout, plan)
-        achieved = [1.0 - active / (tokens * lm.mlp_weights(i).neurons) for i, (active, tokens) in enumerate(counts)]
-        costs = _mlp_costs(lm, plan, achieved, _input_sparsity_achieved(plan, held_samples))
-        recall = [r["recall"] for r in predictor_recall(lm, plan, held_samples)] if plan.predictors else None
-        speed = None
-        if config.speed:
-            speed = measure_speed(lm, plan, mlp_inputs, prompts, config.new_tokens, backend=config.backend, progress=progress)
-        points.append(
-            SparsityPoint(
-                sparsity,
-                plan,
-                ppl,
-                ppl / dense_ppl - 1,
-                float((argmax == dense_argmax).float().mean()),
-                achieved,
-                *costs,
-                model_flops,
-                recall,
-                speed,
-                training.final_loss if training else None,
-            )
-        )
+        plan, training = _learn_plan(lm, samples, sparsity, config, progress)
+        points.append(_measure_point(lm, sparsity, plan, training, base, config, progress))
     report = PruneReport(
-        config, ws.loaded.base_model_info(), windows.describe(), dense_ppl, points, ws.timings, placement=ws.loaded.placement
+        config, ws.loaded.base_model_info(), windows.describe(), base.perplexity, points, ws.timings, placement=ws.loaded.placement
     )
     if config.method == "threshold" and config.input_sparsity == 0:
         report.notes.append(
@@ -264,10 +315,7 @@ def run(
             "block's speedup is bounded by 1/(2/3 + (1-s)/3); `input_sparsity` or `method` "
             "predictor sparsify gate/up too"
         )
-    main = report.main
-    PruneRecord.from_dict({k: v for k, v in report.summary().items() if k != "points"} | {"plan": main.plan.describe()}).write(ws.artifact)
-    ws.artifact.put_tensors(stages.MASKS_GROUP, main.plan.tensors())
-    report.artifact = ws.artifact
+    _record_main_plan(report, ws.artifact)
     return report
 
 

@@ -36,7 +36,24 @@ def _compile():
     if _kernels is not None:
         return _kernels
     import numba
-    from numba import njit, prange
+
+    helpers = _inline_helpers()
+    fused = _fused_kernel(helpers)
+    rows_axpy = _rows_axpy_kernel(helpers)
+    select_above = _select_above_kernel()
+    rows_axpy_above = _rows_axpy_above_kernel(select_above, rows_axpy)
+    predicted = _predicted_kernel(helpers, select_above, fused)
+    _kernels = SimpleNamespace(numba=numba, fused=fused, rows_axpy=rows_axpy, rows_axpy_above=rows_axpy_above, predicted=predicted)
+    return _kernels
+
+
+# Each kernel is built by its own factory; the jitted functions it calls reach it as closure
+# variables, which numba compiles in as constants (as when they were all defined in one function).
+
+
+def _inline_helpers() -> SimpleNamespace:
+    """The building blocks the kernels share, inlined into them: activation, dot, axpy4, reduce_rows."""
+    from numba import njit
 
     @njit(inline="always", fastmath=True)
     def activate(code, value):
@@ -81,6 +98,14 @@ def _compile():
                 acc[c] += a0 * r0[c]
             i += 1
 
+    return SimpleNamespace(activate=activate, reduce_rows=reduce_rows, dot=dot, axpy4=axpy4)
+
+
+def _fused_kernel(helpers: SimpleNamespace):
+    from numba import njit, prange
+
+    activate, dot, axpy4, reduce_rows = helpers.activate, helpers.dot, helpers.axpy4, helpers.reduce_rows
+
     @njit(parallel=True, fastmath=True, nogil=True, cache=True)
     def fused(x, packed, active, act_code, extra, use_extra, partial, out):
         """The MLP over the `active` neurons of `packed` (3 parts: gated, 2 parts: plain).
@@ -102,6 +127,14 @@ def _compile():
             axpy4(partial[t], h, packed, parts - 1, active, lo, hi)
         reduce_rows(partial, out)
 
+    return fused
+
+
+def _rows_axpy_kernel(helpers: SimpleNamespace):
+    from numba import njit, prange
+
+    axpy4, reduce_rows = helpers.axpy4, helpers.reduce_rows
+
     @njit(parallel=True, fastmath=True, nogil=True, cache=True)
     def rows_axpy(rows, active, values, partial, out):
         threads = partial.shape[0]
@@ -111,6 +144,12 @@ def _compile():
             partial[t, :] = 0.0
             axpy4(partial[t], values, rows3, 0, active, t * count // threads, (t + 1) * count // threads)
         reduce_rows(partial, out)
+
+    return rows_axpy
+
+
+def _select_above_kernel():
+    from numba import njit
 
     @njit(fastmath=True, nogil=True, cache=True)
     def select_above(values, threshold, magnitude, active):
@@ -123,6 +162,12 @@ def _compile():
                 count += 1
         return count
 
+    return select_above
+
+
+def _rows_axpy_above_kernel(select_above, rows_axpy):
+    from numba import njit
+
     @njit(fastmath=True, nogil=True, cache=True)  # the rows_axpy it calls is the parallel part
     def rows_axpy_above(rows, values, threshold, active, partial, out):
         """rows_axpy over the inputs with |values| > threshold, selection included (one call per layer)."""
@@ -132,6 +177,14 @@ def _compile():
             picked[i] = values[active[i]]
         rows_axpy(rows, active[:count], picked, partial, out)
         return count
+
+    return rows_axpy_above
+
+
+def _predicted_kernel(helpers: SimpleNamespace, select_above, fused):
+    from numba import njit, prange
+
+    dot = helpers.dot
 
     @njit(parallel=True, fastmath=True, nogil=True, cache=True)
     def predicted(x, down, up, bias, threshold, packed, act_code, fc_bias, use_bias, active, partial, out):
@@ -148,8 +201,7 @@ def _compile():
         fused(x, packed, active[:count], act_code, fc_bias, use_bias, partial, out)
         return count
 
-    _kernels = SimpleNamespace(numba=numba, fused=fused, rows_axpy=rows_axpy, rows_axpy_above=rows_axpy_above, predicted=predicted)
-    return _kernels
+    return predicted
 
 
 # Reused buffers: allocating them per call costs as much as a small layer's kernel.

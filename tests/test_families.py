@@ -9,7 +9,8 @@ import torch
 from families import FAMILIES, VOCAB, family_model
 from tiny_models import mixed_saturation_policy
 
-from dyninfer.compressors.pruning import calibrate_threshold_plan, collect_mlp_samples, pruned
+from dyninfer.compressors.pruning import pruned
+from dyninfer.compressors.pruning_calibration import calibrate_threshold_plan, collect_mlp_samples
 from dyninfer.compressors.steering import ActivationSteering, hooked, steered
 from dyninfer.core.cost import count_costs
 from dyninfer.core.errors import DyninferError

@@ -18,7 +18,8 @@ SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     from tiny_models import tiny_model
     from dyninfer.core.layered import LayeredModel
-    from dyninfer.compressors.pruning import calibrate_threshold_plan, collect_mlp_samples, pruned, train_predictors
+    from dyninfer.compressors.pruning import pruned
+    from dyninfer.compressors.pruning_calibration import calibrate_threshold_plan, collect_mlp_samples, train_predictors
 
     for arch in ("llama", "gpt2"):
         lm = LayeredModel(tiny_model(arch).requires_grad_(False))

@@ -10,17 +10,19 @@ from tiny_models import tiny_model
 from dyninfer.compressors.pruning import (
     PruningPlan,
     SparseMLP,
-    calibrate_threshold_plan,
-    collect_mlp_samples,
     counting_active,
     dense_inside,
-    greedy_allocation,
     install_pruning,
-    neuron_labels,
-    predictor_recall,
     pruned,
     remove_pruning,
     sparse_modules,
+)
+from dyninfer.compressors.pruning_calibration import (
+    calibrate_threshold_plan,
+    collect_mlp_samples,
+    greedy_allocation,
+    neuron_labels,
+    predictor_recall,
     train_predictors,
 )
 from dyninfer.core.errors import DyninferError
