@@ -20,7 +20,7 @@ from pathlib import Path
 
 from provenance import provenance
 
-from dyninfer.core.artifact_files import artifact_exists
+from dyninfer.core.artifact_paths import artifact_exists
 from dyninfer.core.artifacts import Artifact
 from dyninfer.core.choices import DEFAULT_MODEL
 from dyninfer.jobs import bench as bench_job

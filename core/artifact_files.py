@@ -1,4 +1,4 @@
-"""An artifact's directory on disk: the files it owns, its locks, and the staged copy swapped in.
+"""An artifact's directory on disk: the files it owns, its swap lock, and the staged copy swapped in.
 
 The filesystem half of an artifact, apart from its schema (core/artifacts.py), and importable
 without torch: the CLI checks an output path before any work. A save builds the new version in a
@@ -6,14 +6,13 @@ hidden sibling folder, then swaps it in (`swap_in`: one rename for a new artifac
 commit point, and a few renames to replace one) under the artifact's swap lock, with Ctrl-C and
 SIGTERM held meanwhile; files a command does not own (report folders, `onnx/`) are carried over.
 The next open completes a swap a killed process left and clears its leftovers. A command that
-writes holds the artifact's `writer_lock` from before it reads it until it saved.
+writes holds the artifact's `writer_lock` (core/file_locks.py) from before it reads it until it
+saved; names, paths, modes and digests of the files are in core/artifact_paths.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import json
 import os
 import pathlib
@@ -31,24 +30,14 @@ except ImportError:  # not POSIX: no advisory locks
 
 from safetensors import SafetensorError
 
+from dyninfer.core.artifact_paths import MANIFEST_NAME, artifact_exists, group_of_file, relative_inside
 from dyninfer.core.errors import DyninferError
-
-MANIFEST_NAME = "dyninfer.json"
-TENSOR_SUFFIX = ".safetensors"
-GROUP_NAME = re.compile(r"[a-z0-9_]+")
+from dyninfer.core.file_locks import WRITER_LOCK_SUFFIX, lock_fd, lock_free, stale_writer_lock
 
 
 def one_line_error(message: str) -> DyninferError:
     """A DyninferError whose message is guaranteed to be a single line."""
     return DyninferError(" ".join(str(message).split()))
-
-
-def group_of_file(name: str) -> str | None:
-    """'exits.safetensors' -> 'exits'; None if *name* is not a group file name."""
-    if not name.endswith(TENSOR_SUFFIX):
-        return None
-    stem = name[: -len(TENSOR_SUFFIX)]
-    return stem if GROUP_NAME.fullmatch(stem) else None
 
 
 def fsync_path(path: pathlib.Path) -> None:
@@ -84,27 +73,13 @@ def staging_dir(parent: pathlib.Path, name: str) -> Iterator[pathlib.Path]:
             break
         else:
             raise FileExistsError(f"could not create a unique temporary directory in {parent}")
-        fd = _lock_fd(tmp, fcntl.LOCK_EX) if fcntl is not None else None
+        fd = lock_fd(tmp, fcntl.LOCK_EX) if fcntl is not None else None
     try:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone after a swap; the aborted copy otherwise
         if fd is not None:
             os.close(fd)
-
-
-def _lock_fd(path: pathlib.Path, kind: int) -> int | None:
-    """An fd on *path* holding flock *kind* (non-blocking); None if it is held elsewhere or cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, kind | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
 
 
 def _free_name(parent: pathlib.Path, name: str, kind: str) -> pathlib.Path:
@@ -129,12 +104,6 @@ def _owned_names(directory: pathlib.Path) -> set[str]:
         if group_of_file(entry) is not None:
             owned.add(entry)
     return owned
-
-
-def artifact_exists(path) -> bool:
-    """True if *path* is a directory containing a dyninfer manifest."""
-    p = pathlib.Path(path)
-    return p.is_dir() and (p / MANIFEST_NAME).is_file()
 
 
 def check_output_dir(path, on_wait: Callable[[], None] | None = None, *, locked: bool = False) -> None:
@@ -208,49 +177,6 @@ def artifact_lock(path, *, shared: bool = False, on_wait: Callable[[], None] | N
 
 
 @contextlib.contextmanager
-def writer_lock(path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
-    """Held by a command that writes the artifact at *path*, from before it reads the artifact until after it
-    saves: writers of one artifact run one after the other, each starting from the version the previous one
-    saved, so none loses another's stages. Readers do not take it (they only wait for a swap, `artifact_lock`).
-
-    It is an flock on an empty file beside the artifact (`.NAME.lock`) that the holder removes when done; a
-    writer that locked a file removed meanwhile locks the new one instead. Artifacts side by side have their
-    own. No fcntl: nothing to lock.
-    """
-    target = pathlib.Path(os.path.realpath(path))
-    if fcntl is None or not target.name or not target.parent.is_dir():
-        yield
-        return
-    lock_file = target.parent / f".{target.name}{_WRITER_LOCK_SUFFIX}"
-    said = False
-    while True:
-        try:
-            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, file_mode())
-        except OSError:
-            yield  # a place this user cannot write: the save will say so
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if on_wait is not None and not said:
-                on_wait()
-                said = True
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            if os.stat(lock_file).st_ino == os.fstat(fd).st_ino:
-                break  # still the file at that name: ours
-        except FileNotFoundError:
-            pass
-        os.close(fd)  # the previous holder removed it after we opened it: lock the new one
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(lock_file)
-        os.close(fd)
-
-
-@contextlib.contextmanager
 def interrupts_held() -> Iterator[None]:
     """Ctrl-C and SIGTERM wait until the block is done, then act (in the main thread; elsewhere, as is)."""
     if threading.current_thread() is not threading.main_thread():
@@ -270,7 +196,6 @@ def interrupts_held() -> Iterator[None]:
 
 _STAGED = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|bak)-[0-9a-f]{12}")
 _JOURNAL_SUFFIX = ".swap"
-_WRITER_LOCK_SUFFIX = ".lock"
 _JOURNAL_DRAFT = re.compile(r"\..+\.swap-[0-9a-f]{12}")
 
 
@@ -427,32 +352,14 @@ def stale_entries(directory: pathlib.Path) -> list[pathlib.Path]:
     for entry in entries:
         found = _STAGED.fullmatch(entry)
         if found is not None and found["name"] not in pending:
-            if found["kind"] == "tmp" and not _lock_free(directory / entry):
+            if found["kind"] == "tmp" and not lock_free(directory / entry):
                 continue  # a live process is building in it
             stale.append(directory / entry)
         elif _JOURNAL_DRAFT.fullmatch(entry) and entry.split(".swap-")[0][1:] not in pending:
             stale.append(directory / entry)
-        elif _stale_writer_lock(directory, entry):
+        elif stale_writer_lock(directory, entry):
             stale.append(directory / entry)  # a writer lock its killed holder could not remove
     return stale
-
-
-def _stale_writer_lock(directory: pathlib.Path, entry: str) -> bool:
-    """`.NAME.lock` beside the artifact NAME (never another tool's file), held by nobody."""
-    if not (entry.startswith(".") and entry.endswith(_WRITER_LOCK_SUFFIX)):
-        return False
-    name = entry[1 : -len(_WRITER_LOCK_SUFFIX)]
-    if not name or not artifact_exists(directory / name):
-        return False
-    return _lock_free(directory / entry)
-
-
-def _lock_free(path: pathlib.Path) -> bool:
-    fd = _lock_fd(path, fcntl.LOCK_EX)
-    if fd is None:
-        return False
-    os.close(fd)
-    return True
 
 
 def lock_target(path) -> pathlib.Path:
@@ -462,23 +369,15 @@ def lock_target(path) -> pathlib.Path:
     return path.parent if artifact_exists(path.parent) else path
 
 
-def manifest_digest(directory) -> str | None:
-    """sha256 of the artifact's manifest as it is on disk now (None: no manifest): a version stamp."""
-    try:
-        return hashlib.sha256((pathlib.Path(directory) / MANIFEST_NAME).read_bytes()).hexdigest()
-    except OSError:
-        return None
-
-
 def _tidy(directory: pathlib.Path) -> None:
     """Complete pending swaps and remove leftovers in *directory* (its lock held exclusively)."""
     recover(directory)
     for path in stale_entries(directory):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
-        elif path.name.endswith(_WRITER_LOCK_SUFFIX):
+        elif path.name.endswith(WRITER_LOCK_SUFFIX):
             # Removed while held, as its holders do: a writer that opened it meanwhile sees it gone and locks anew.
-            fd = _lock_fd(path, fcntl.LOCK_EX)
+            fd = lock_fd(path, fcntl.LOCK_EX)
             if fd is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
@@ -502,47 +401,8 @@ def _plan_carry(old: pathlib.Path, new: pathlib.Path, prefix: str, owned: set[st
         carry.append(relative)
 
 
-def inside(root, path) -> bool:
-    """True if *path* (links followed) resolves inside the folder *root*: what a file named by an artifact or
-    package must do, so that a hostile manifest or a planted link cannot make a command read elsewhere."""
-    base = os.path.realpath(root)
-    return os.path.commonpath([base, os.path.realpath(path)]) == base
-
-
-def relative_inside(name: str) -> bool:
-    """True for a relative path that stays inside the folder it is relative to (no absolute path, no `..`)."""
-    if not name or "\x00" in name or "\\" in name:
-        return False
-    path = pathlib.PurePosixPath(name)
-    return not path.is_absolute() and ".." not in path.parts
-
-
 def _plain_dir(path: pathlib.Path) -> bool:
     return path.is_dir() and not path.is_symlink()
-
-
-def relative_folder(name: str) -> str:
-    """A report path inside the artifact: relative, no `..`; ValueError otherwise (a programming error)."""
-    parts = pathlib.PurePosixPath(name).parts
-    if not parts or name.startswith("/") or any(part in ("..", ".") for part in parts) or parts[0] == MANIFEST_NAME:
-        raise ValueError(f"report paths are relative paths inside the artifact, got {name!r}")
-    return str(pathlib.PurePosixPath(*parts))
-
-
-def file_mode() -> int:
-    """The mode the user's umask gives a new file (0644 under the usual umask 022)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def give_usual_modes(directory: pathlib.Path) -> None:
-    """Every file under *directory* gets the mode the user's umask gives new files (writers such as safetensors and
-    onnx's external data make them 0600)."""
-    mode = file_mode()
-    for path in pathlib.Path(directory).rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            os.chmod(path, mode)
 
 
 def write_file(path: pathlib.Path, data: bytes) -> None:
@@ -571,19 +431,3 @@ def staged_directory(target, lock: bool = True, on_wait: Callable[[], None] | No
         raise one_line_error(
             f"cannot write {str(target)!r} ({reason}); check free disk space and permissions there; nothing was changed"
         ) from e
-
-
-def file_sha256(path) -> str:
-    # Remembered per version of the file (its inode, size and modification time) for the process: reading the
-    # tokenizer alone before the weights checks the same files the model's load then checks.
-    stat = os.stat(path)
-    return _sha256_of(os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=256)
-def _sha256_of(path: str, inode: int, size: int, modified_ns: int, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

@@ -39,21 +39,24 @@ except ImportError:  # not POSIX: no advisory locks
 
 from dyninfer.core import distributed
 from dyninfer.core.artifact_files import (
-    GROUP_NAME,
-    MANIFEST_NAME,
-    TENSOR_SUFFIX,
     artifact_lock,
     check_output_dir,
     fsync_path,
-    group_of_file,
-    inside,
     interrupts_held,
-    manifest_digest,
     one_line_error,
-    relative_folder,
     staging_dir,
     swap_in,
     write_file,
+)
+from dyninfer.core.artifact_paths import (
+    GROUP_NAME,
+    MANIFEST_NAME,
+    TENSOR_SUFFIX,
+    file_sha256,
+    group_of_file,
+    inside,
+    manifest_digest,
+    relative_folder,
 )
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.version import __version__
@@ -105,14 +108,6 @@ def _check_group(group: Any) -> str:
     if not isinstance(group, str) or not GROUP_NAME.fullmatch(group):
         raise ValueError(f"tensor group name must be a simple name matching [a-z0-9_]+, got {group!r}")
     return group
-
-
-def _sha256(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _prepare_for_save(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -369,99 +364,115 @@ class Artifact:
 
     @classmethod
     def _read(cls, given: pathlib.Path, expect_model_hash: str | None) -> Artifact:
-        shown = str(given)
-        if not os.path.exists(given):
-            raise one_line_error(f"artifact {shown!r} does not exist; check the path, or run the dyninfer command that creates it first")
-        if not given.is_dir():
-            raise one_line_error(f"{shown!r} is not a dyninfer artifact (it is a file, not a directory); pass the artifact directory")
-        manifest_path = given / MANIFEST_NAME
-        if not manifest_path.is_file():
-            raise one_line_error(f"{shown!r} is not a dyninfer artifact (no {MANIFEST_NAME}); pass a directory written by dyninfer")
-        try:
-            raw = manifest_path.read_bytes()
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise one_line_error(
-                f"artifact {shown!r} is corrupt: {MANIFEST_NAME} is not valid JSON (not UTF-8 text); re-create the artifact"
-            ) from None
-        except OSError as e:
-            raise one_line_error(f"cannot read {str(manifest_path)!r} ({e.strerror or e}); check its permissions") from e
-        try:
-            manifest = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise one_line_error(
-                f"artifact {shown!r} is corrupt: {MANIFEST_NAME} is not valid JSON ({e.msg} at line {e.lineno}); re-create the artifact"
-            ) from None
-
-        def corrupt(what: str) -> DyninferError:
-            return one_line_error(f"artifact {shown!r} has an invalid {MANIFEST_NAME}: {what}; re-create the artifact")
-
-        if not isinstance(manifest, dict):
-            raise corrupt("the top level is not a JSON object")
-        if "schema_version" not in manifest:
-            raise corrupt("schema_version is missing")
-        version = manifest["schema_version"]
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise corrupt(f"schema_version {version!r} is not a positive integer")
-        if version > SCHEMA_VERSION:
-            raise one_line_error(
-                f"artifact {shown!r} was made by a newer dyninfer (schema version {version}, "
-                f"this dyninfer reads up to {SCHEMA_VERSION}); upgrade dyninfer (pip install -U dyninfer)"
-            )
-        if "base_model" not in manifest:
-            raise corrupt("required field base_model is missing")
-        try:
-            base_model = BaseModelInfo.from_dict(manifest["base_model"])
-        except ValueError as e:
-            raise corrupt(str(e)) from None
-
-        stages = manifest.get("stages", {})
-        if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
-            raise corrupt("stages must be an object of objects")
-        files = manifest.get("files", {})
-        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
-            raise corrupt("files must be an object of file name -> sha256")
-        tokenizer = manifest.get("tokenizer")
-        if tokenizer is not None and not isinstance(tokenizer, str):
-            raise corrupt("tokenizer must be a string")
-        created_with = manifest.get("created_with", {})
-        if not isinstance(created_with, dict):
-            raise corrupt("created_with must be an object")
-
-        tensors: dict[str, dict[str, torch.Tensor]] = {}
-        for fname in sorted(files):
-            group = group_of_file(fname)
-            if group is None:  # also keeps a hostile manifest from naming ../ paths
-                raise corrupt(f"{fname!r} is not a valid tensor file name")
-            fpath = given / fname
-            if not inside(given, fpath):
-                raise one_line_error(
-                    f"artifact {shown!r} is unsafe: {fname} is a link to a file outside it; copy the file into the artifact or re-create it"
-                )
-            if not fpath.is_file():
-                raise one_line_error(f"artifact {shown!r} is incomplete: {fname} is missing; re-create the artifact")
-            try:
-                digest = _sha256(fpath)
-            except OSError as e:
-                raise one_line_error(f"cannot read {str(fpath)!r} ({e.strerror or e}); check its permissions") from e
-            if digest != files[fname].lower():
-                raise one_line_error(f"artifact {shown!r} is corrupt: {fname} does not match its checksum; re-create the artifact")
-            try:
-                tensors[group] = safetensors.torch.load_file(str(fpath), device="cpu")
-            except Exception as e:
-                raise one_line_error(
-                    f"artifact {shown!r} is corrupt: {fname} cannot be read as safetensors ({e}); re-create the artifact"
-                ) from e
-
-        art = cls(
-            base_model=base_model,
-            stages=stages,
-            tensors=tensors,
-            tokenizer=tokenizer,
-            created_with=created_with,
-        )
+        raw, manifest = _read_manifest(given)
+        fields, files = _manifest_fields(manifest, str(given))
+        art = cls(**fields, tensors=_read_tensor_files(given, files))
         art.path = given
         art._read_version = (pathlib.Path(os.path.realpath(given)), hashlib.sha256(raw).hexdigest())
         if expect_model_hash is not None:
             art.check_base_model(expect_model_hash)
         return art
+
+
+# --------------------------------------------------------------------------- reading an artifact
+
+
+def _read_manifest(given: pathlib.Path) -> tuple[bytes, Any]:
+    """The manifest's bytes and its JSON; a one-line error when *given* is no artifact or its manifest is unreadable."""
+    shown = str(given)
+    if not os.path.exists(given):
+        raise one_line_error(f"artifact {shown!r} does not exist; check the path, or run the dyninfer command that creates it first")
+    if not given.is_dir():
+        raise one_line_error(f"{shown!r} is not a dyninfer artifact (it is a file, not a directory); pass the artifact directory")
+    manifest_path = given / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise one_line_error(f"{shown!r} is not a dyninfer artifact (no {MANIFEST_NAME}); pass a directory written by dyninfer")
+    try:
+        raw = manifest_path.read_bytes()
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise one_line_error(
+            f"artifact {shown!r} is corrupt: {MANIFEST_NAME} is not valid JSON (not UTF-8 text); re-create the artifact"
+        ) from None
+    except OSError as e:
+        raise one_line_error(f"cannot read {str(manifest_path)!r} ({e.strerror or e}); check its permissions") from e
+    try:
+        return raw, json.loads(text)
+    except json.JSONDecodeError as e:
+        raise one_line_error(
+            f"artifact {shown!r} is corrupt: {MANIFEST_NAME} is not valid JSON ({e.msg} at line {e.lineno}); re-create the artifact"
+        ) from None
+
+
+def _invalid_manifest(shown: str, what: str) -> DyninferError:
+    return one_line_error(f"artifact {shown!r} has an invalid {MANIFEST_NAME}: {what}; re-create the artifact")
+
+
+def _manifest_fields(manifest: Any, shown: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The validated manifest: the Artifact's fields read from it (all but its tensors), and its files (name -> sha256)."""
+    if not isinstance(manifest, dict):
+        raise _invalid_manifest(shown, "the top level is not a JSON object")
+    _check_schema_version(manifest, shown)
+    if "base_model" not in manifest:
+        raise _invalid_manifest(shown, "required field base_model is missing")
+    try:
+        base_model = BaseModelInfo.from_dict(manifest["base_model"])
+    except ValueError as e:
+        raise _invalid_manifest(shown, str(e)) from None
+
+    stages = manifest.get("stages", {})
+    if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
+        raise _invalid_manifest(shown, "stages must be an object of objects")
+    files = manifest.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise _invalid_manifest(shown, "files must be an object of file name -> sha256")
+    tokenizer = manifest.get("tokenizer")
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        raise _invalid_manifest(shown, "tokenizer must be a string")
+    created_with = manifest.get("created_with", {})
+    if not isinstance(created_with, dict):
+        raise _invalid_manifest(shown, "created_with must be an object")
+    return {"base_model": base_model, "stages": stages, "tokenizer": tokenizer, "created_with": created_with}, files
+
+
+def _check_schema_version(manifest: dict, shown: str) -> None:
+    if "schema_version" not in manifest:
+        raise _invalid_manifest(shown, "schema_version is missing")
+    version = manifest["schema_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise _invalid_manifest(shown, f"schema_version {version!r} is not a positive integer")
+    if version > SCHEMA_VERSION:
+        raise one_line_error(
+            f"artifact {shown!r} was made by a newer dyninfer (schema version {version}, "
+            f"this dyninfer reads up to {SCHEMA_VERSION}); upgrade dyninfer (pip install -U dyninfer)"
+        )
+
+
+def _read_tensor_files(given: pathlib.Path, files: dict[str, str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Each tensor group the manifest names, after checking its file is inside the artifact and matches its sha256."""
+    shown = str(given)
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for fname in sorted(files):
+        group = group_of_file(fname)
+        if group is None:  # also keeps a hostile manifest from naming ../ paths
+            raise _invalid_manifest(shown, f"{fname!r} is not a valid tensor file name")
+        fpath = given / fname
+        if not inside(given, fpath):
+            raise one_line_error(
+                f"artifact {shown!r} is unsafe: {fname} is a link to a file outside it; copy the file into the artifact or re-create it"
+            )
+        if not fpath.is_file():
+            raise one_line_error(f"artifact {shown!r} is incomplete: {fname} is missing; re-create the artifact")
+        try:
+            digest = file_sha256(fpath)
+        except OSError as e:
+            raise one_line_error(f"cannot read {str(fpath)!r} ({e.strerror or e}); check its permissions") from e
+        if digest != files[fname].lower():
+            raise one_line_error(f"artifact {shown!r} is corrupt: {fname} does not match its checksum; re-create the artifact")
+        try:
+            tensors[group] = safetensors.torch.load_file(str(fpath), device="cpu")
+        except Exception as e:
+            raise one_line_error(
+                f"artifact {shown!r} is corrupt: {fname} cannot be read as safetensors ({e}); re-create the artifact"
+            ) from e
+    return tensors

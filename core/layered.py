@@ -2,7 +2,8 @@
 
 The rest of dyninfer reads every layer's hidden state, stops early or swaps a layer's MLP through
 it, without knowing the family: what differs between families comes from the model's
-`ArchAdapter` (core/adapters.py). The code mirrors the forward loops of transformers 4.57.
+`ArchAdapter` (core/adapters.py, its forward code in core/adapter_forward.py). The code mirrors
+the forward loops of transformers 4.57.
 """
 
 from __future__ import annotations
@@ -13,16 +14,14 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from dyninfer.core.adapter_forward import ForwardPass, extra_layer_kwargs, full_dynamic_cache
 from dyninfer.core.adapters import (
     ATTENTION_INPUT_NORMS,
     EMBED_SCALES,
     LOGIT_SCALES,
-    ForwardPass,
     MlpWeights,
     adapter_for,
-    extra_layer_kwargs,
     first_child,
-    full_dynamic_cache,
     mlp_weights,
     residual_out_path,
 )
@@ -54,7 +53,7 @@ class LayeredModel:
         self.embed_scale = EMBED_SCALES[model_type](self.config) if model_type in EMBED_SCALES else None
         self.logit_scale = LOGIT_SCALES[model_type](self.config) if model_type in LOGIT_SCALES else None
         self._layer_index = {id(layer): i for i, layer in enumerate(self.layers)}
-        self._rope_memo = None  # (positions key, global rotary, local rotary) of the last step
+        self.rope_memo = None  # (positions key, global rotary, local rotary) of the last step
         # While a step is traced for export: rotary embeddings and masks computed once per step
         # (in its main graph, so every branch shares them) and no data-dependent shortcuts.
         self.step_memo: dict | None = None

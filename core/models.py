@@ -29,7 +29,8 @@ import torch
 
 from dyninfer.core import distributed
 from dyninfer.core.adapters import adapter_for
-from dyninfer.core.artifact_files import file_sha256, staged_directory
+from dyninfer.core.artifact_files import staged_directory
+from dyninfer.core.artifact_paths import file_sha256
 from dyninfer.core.choices import DEFAULT_MODEL
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.families import TESTED_FAMILIES, TESTED_MODEL_TYPES

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from dyninfer.certification.package import carried_over
-from dyninfer.core.artifact_files import MANIFEST_NAME, file_sha256, give_usual_modes, staged_directory
+from dyninfer.core.artifact_files import staged_directory
+from dyninfer.core.artifact_paths import MANIFEST_NAME, file_sha256, give_usual_modes
 from dyninfer.core.choices import EXPORT_DTYPES, ONNX_PROVIDERS, REASONING
 from dyninfer.core.errors import DyninferError, option
 from dyninfer.core.progress import ProgressFn, silent

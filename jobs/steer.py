@@ -30,7 +30,7 @@ from dyninfer.compressors.steer_extract import (
 )
 from dyninfer.compressors.steering import LARGEST_SAFE_CHANGE, ActivationSteering, Steering, ValveDelta, applied, safe_change
 from dyninfer.core import stages
-from dyninfer.core.artifact_files import artifact_exists
+from dyninfer.core.artifact_paths import artifact_exists
 from dyninfer.core.artifacts import Artifact, BaseModelInfo
 from dyninfer.core.choices import DEFAULT_MODEL
 from dyninfer.core.choices import STEER_METHODS as METHODS

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from dyninfer.core.artifact_files import inside, relative_inside
+from dyninfer.core.artifact_paths import inside, relative_inside
 from dyninfer.core.choices import PROVIDER_NAMES
 from dyninfer.core.errors import DyninferError, check_choice
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from dyninfer.compressors.stop_obey import ProbeVocabulary
-from dyninfer.core.artifact_files import inside, relative_inside
+from dyninfer.core.artifact_paths import inside, relative_inside
 from dyninfer.core.choices import EXPORT_DTYPES, KV_LAYOUTS, ONNX_PROVIDERS, REASONING, STOP_WORKLOADS
 from dyninfer.core.errors import DyninferError, is_integer, is_number
 from dyninfer.core.policies import ExitPolicy, StopPolicy

@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 
 from dyninfer.core import artifacts
-from dyninfer.core.artifact_files import MANIFEST_NAME, artifact_exists
+from dyninfer.core.artifact_paths import MANIFEST_NAME, artifact_exists
 from dyninfer.core.artifacts import SCHEMA_VERSION, Artifact, BaseModelInfo
 from dyninfer.core.errors import DyninferError
 

@@ -51,7 +51,7 @@ def test_export_writes_a_verified_package_with_baseline(exported):
         assert (package / name).is_file()
     assert (package / "baseline" / "model.onnx").is_file()  # optimum's export of the plain model
     assert not [p for p in artifact.iterdir() if p.name.startswith(".onnx")]  # no temporary leftovers
-    from dyninfer.core.artifact_files import file_mode
+    from dyninfer.core.artifact_paths import file_mode
 
     modes = {str(p.relative_to(package)): p.stat().st_mode & 0o777 for p in package.rglob("*") if p.is_file()}
     assert set(modes.values()) == {file_mode()}, modes  # model.onnx.data too (onnx writes it 0600)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import tree_state
 
-from dyninfer.core import artifact_files
+from dyninfer.core import artifact_files, artifact_paths, file_locks
 from dyninfer.core.artifacts import Artifact
 from dyninfer.core.errors import DyninferError
 
@@ -81,8 +81,10 @@ def _killed_save(path: Path, kill_at, counted: Path | None = None) -> int:
         os.rename = lambda a, b: (hit("rename"), real_rename(a, b))[1]
         os.replace = lambda a, b: (hit("rename"), real_replace(a, b))[1]
 
+        save_code = {m.__file__ for m in (artifact_files, artifact_paths, file_locks, sys.modules["dyninfer.core.artifacts"])}
+
         def tracer(frame, event, arg):
-            if frame.f_code.co_filename in (artifact_files.__file__, sys.modules["dyninfer.core.artifacts"].__file__):
+            if frame.f_code.co_filename in save_code:
                 if event == "line":
                     hit("line")
                 return tracer
@@ -295,7 +297,7 @@ def test_a_package_naming_a_file_outside_it_is_refused(tmp_path, named):
 
 def test_a_writer_lock_its_killed_holder_left_is_cleared_and_a_held_one_kept(tmp_path):
     path = _existing(tmp_path / "art")
-    with artifact_files.writer_lock(path):
+    with file_locks.writer_lock(path):
         Artifact.load(path)
         assert (tmp_path / ".art.lock").is_file()  # held by a live writer (this one)
     (tmp_path / ".art.lock").write_text("")  # as a writer killed while holding it leaves it

@@ -190,7 +190,7 @@ def test_cli_tunes_and_every_loader_uses_the_tuned_model(tmp_path):
     summary = json.loads(result.stdout)
     assert summary["placement"]["dtype"] == "float32" and isinstance(summary["notes"], list)
     assert summary["merged_to"] == str(merged) and summary["draft_vocabulary"]["size"] > 0
-    from dyninfer.core.artifact_files import file_mode
+    from dyninfer.core.artifact_paths import file_mode
 
     assert {oct(p.stat().st_mode & 0o777) for p in merged.iterdir() if p.is_file()} == {oct(file_mode())}  # not safetensors' 0600
     assert len(summary["original"]["agreement"]) == 4 and summary["original"]["agreement"][-1] == 1.0

@@ -7,7 +7,8 @@ import os
 from dataclasses import dataclass
 
 from dyninfer.compressors.tuning_settings import TuningSettings
-from dyninfer.core.artifact_files import artifact_exists, check_output_dir
+from dyninfer.core.artifact_files import check_output_dir
+from dyninfer.core.artifact_paths import artifact_exists
 from dyninfer.core.choices import (
     DEFAULT_DATA,
     DEFAULT_MODEL,
