@@ -139,22 +139,33 @@ def audit(
     as_json: opt.Json = False,
 ) -> None:
     from dyninfer.jobs import audit as job
-    from dyninfer.jobs.audit_report import markdown
 
-    values = locals()
-    config = opt.config_from(
-        AuditConfig,
-        values,
-        probe=opt.config_from(ProbeConfig, values, base=DEFAULTS.probe, tokens=probe_tokens),
-        profile=opt.config_from(ProfileConfig, values, base=DEFAULTS.profile),
-        calibrate=opt.config_from(CalibrateConfig, values, base=DEFAULTS.calibrate),
-        prune=PruneConfig(sparsity=prune_sparsity, heldout_tokens=heldout_tokens) if prune else None,
-        steer=audit_steering(steer) if steer else None,
-        stop=audit_stop(stop) if stop else None,
-        sweep=dataclasses.replace(DEFAULTS.sweep, alphas=tuple(steer_alphas)),
-    )
+    config = audit_config(locals())
     with writing(out), progress_reporter() as progress:
         report = job.run(config, out, progress, on_wait=waiting(out), on_plan=say_plan)
+    render(report, out, as_json)
+    gates_failed([f"{g.name} ({g.value:.4g} < {g.threshold:g})" for g in report.gates if not g.passed])
+
+
+def audit_config(values: dict) -> AuditConfig:
+    """The audit's Config from the command's parameters: each stage's Config from the options named like its fields."""
+    return opt.config_from(
+        AuditConfig,
+        values,
+        probe=opt.config_from(ProbeConfig, values, base=DEFAULTS.probe, tokens=values["probe_tokens"]),
+        profile=opt.config_from(ProfileConfig, values, base=DEFAULTS.profile),
+        calibrate=opt.config_from(CalibrateConfig, values, base=DEFAULTS.calibrate),
+        prune=PruneConfig(sparsity=values["prune_sparsity"], heldout_tokens=values["heldout_tokens"]) if values["prune"] else None,
+        steer=audit_steering(values["steer"]) if values["steer"] else None,
+        stop=audit_stop(values["stop"]) if values["stop"] else None,
+        sweep=dataclasses.replace(DEFAULTS.sweep, alphas=tuple(values["steer_alphas"])),
+    )
+
+
+def render(report, out: Path, as_json: bool) -> None:
+    """The summary as JSON or the Markdown report on stdout; where it was written on stderr."""
+    from dyninfer.jobs.audit_report import markdown
+
     if as_json:
         print_json(report.summary())
     else:
@@ -164,7 +175,6 @@ def audit(
         f"({report.timings['total_s']:.0f} s; {memory_line(report.probe.placement, report.memory)})",
         markup=False,
     )
-    gates_failed([f"{g.name} ({g.value:.4g} < {g.threshold:g})" for g in report.gates if not g.passed])
 
 
 def say_plan(expected: dict[str, float]) -> None:

@@ -150,7 +150,11 @@ def extract(
     if as_json:
         print_json(report.summary())
         return
-    record = report.record
+    render_extract(report.record, method, out)
+
+
+def render_extract(record: dict, method: str, out: Path) -> None:
+    """What the extraction found (per layer, or the LoRA's training, or the delta) and the next command."""
     if method == "activation":
         for layer in record["layers"]:
             stdout.print(

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dyninfer.core import stages
-from dyninfer.core.artifact_files import MANIFEST_NAME, artifact_exists, check_output_dir
+from dyninfer.core.artifact_files import check_output_dir
+from dyninfer.core.artifact_paths import MANIFEST_NAME, artifact_exists
 from dyninfer.core.artifacts import Artifact
 from dyninfer.core.choices import TUNED
 from dyninfer.core.cost import count_costs
@@ -273,6 +274,29 @@ def run(
     given, write OUT (an artifact there is extended). `export` needs `out`: the package goes to OUT/onnx.
     `on_plan` hears the expected seconds of each stage (`jobs.estimate`) before the first one starts."""
     config.validate()
+    out = _checked_out(config, out)
+    existing = str(out) if out is not None and artifact_exists(out) else None
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    timed = _stage_timer(_stage_plan(config), timings, progress or silent)
+    lens_stored = existing is not None and LensRecord.read(Artifact.load(existing)) is not None
+    session = _loaded(config, session, lens_stored, progress)
+    expected = expected_durations(config, session, lens_stored)
+    if on_plan is not None:
+        on_plan(expected)
+    report = _run_stages(config, existing, session, timed, progress)
+    report.timings, report.expected = timings, expected
+    report.gates = evaluate_gates(report)
+    timings["total_s"] = time.perf_counter() - started
+    report.memory = peak_memory(session.loaded.model)
+    AuditRecord.from_dict(_stage_record(report)).write(report.artifact)
+    if out is not None:
+        write(report, out, session, progress, on_wait)
+    return report
+
+
+def _checked_out(config: AuditConfig, out: str | os.PathLike | None) -> Path | None:
+    """OUT as a path, checked before any work; with `export`, also that the export it ends with can run."""
     out = Path(out) if out is not None else None
     if out is not None:
         check_output_dir(out)
@@ -280,28 +304,36 @@ def run(
         if out is None:
             raise DyninferError(f"{option('export')} writes OUT/{PACKAGE_DIR}: pass {option('out')}")
         preflight(None, "cpu", "fp32", verify=True)
-    existing = str(out) if out is not None and artifact_exists(out) else None
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-    report_progress = progress or silent
-    plan = (
+    return out
+
+
+def _stage_plan(config: AuditConfig) -> list[str]:
+    """The stages this audit runs, in order."""
+    return (
         [stages.PRUNE] * (config.prune is not None)
         + [stages.PROBE, stages.PROFILE, stages.CALIBRATE]
         + [stages.STEER] * bool(config.steer)
         + [stages.STOP] * bool(config.stop)
     )
 
+
+def _stage_timer(plan: list[str], timings: dict[str, float], progress: ProgressFn) -> Callable[[str, Callable], object]:
+    """`timed(name, work)`: runs one stage of `plan`, reporting it as stage i of n and recording its seconds in `timings`."""
+
     def timed(name: str, work):
         label = f"audit stage {plan.index(name) + 1}/{len(plan)}: {name}"
-        report_progress(label, 0, 1)
+        progress(label, 0, 1)
         begin = time.perf_counter()
         result = work()
         timings[f"{name}_s"] = time.perf_counter() - begin
-        report_progress(label, 1, 1)
+        progress(label, 1, 1)
         return result
 
-    artifact: str | Artifact | None = existing
-    lens_stored = existing is not None and LensRecord.read(Artifact.load(existing)) is not None
+    return timed
+
+
+def _loaded(config: AuditConfig, session: ModelSession | None, lens_stored: bool, progress: ProgressFn | None) -> ModelSession:
+    """`session`, or the model loaded here; either way the data is checked for every stage before the first starts."""
     calibrate = config.calibrate_config()
     early = None
     if session is None:
@@ -310,9 +342,14 @@ def run(
     windows = session.windows(calibrate.data, calibrate.field, calibrate.seq_len, calibrate.seed, made=early)
     if early is None:
         _check_windows(config, windows, lens_stored)
-    expected = expected_durations(config, session, lens_stored)
-    if on_plan is not None:
-        on_plan(expected)
+    return session
+
+
+def _run_stages(
+    config: AuditConfig, existing: str | None, session: ModelSession, timed: Callable, progress: ProgressFn | None
+) -> AuditReport:
+    """Every stage in plan order, each on the artifact the one before it made (`existing` extended, when given)."""
+    artifact: str | Artifact | None = existing
     pruned = None
     if config.prune is not None:  # first, so the stages after it audit the pruned model that would ship
         pruned = timed(stages.PRUNE, lambda: prune_job.run(config.prune_config(), progress, artifact, session))
@@ -333,25 +370,7 @@ def run(
     if config.stop:  # on the model the artifact describes (its pruning and applied steering), like `run` would use
         stopped = timed(stages.STOP, lambda: stop_job.run(config.stop_config(), progress, artifact, session))
         artifact = stopped.artifact
-    report = AuditReport(
-        config,
-        probed,
-        profiled,
-        calibration,
-        prune=pruned,
-        steer=steering,
-        stop=stopped,
-        timings=timings,
-        artifact=artifact,
-        expected=expected,
-    )
-    report.gates = evaluate_gates(report)
-    timings["total_s"] = time.perf_counter() - started
-    report.memory = peak_memory(session.loaded.model)
-    AuditRecord.from_dict(_stage_record(report)).write(report.artifact)
-    if out is not None:
-        write(report, out, session, progress, on_wait)
-    return report
+    return AuditReport(config, probed, profiled, calibration, prune=pruned, steer=steering, stop=stopped, artifact=artifact)
 
 
 def _check_windows(config: AuditConfig, windows, lens_stored: bool) -> None:

@@ -33,12 +33,9 @@ def _points(points: list[int]) -> str:
     return ", ".join(map(str, points)) or "none"
 
 
-def sections(report) -> list[Section]:
-    summary = report.summary()
+def _summary_sections(report, summary: dict) -> list[Section]:
     head = summary["headline"]
     model = summary["model"]
-    out = []
-
     verdict = "PASSED" if report.passed else "FAILED"
     lines = [
         f"Model **{model['spec']}** ({model['architecture']}, {head['num_layers']} layers, {head['params']:,} parameters) "
@@ -53,20 +50,17 @@ def sections(report) -> list[Section]:
     ]
     if report.gates:
         lines.append(f"CI gates: **{verdict}**.")
-    out.append(Section("Summary", lines))
-    if report.gates:
-        out.append(
-            Section(
-                "CI gates",
-                tables=[
-                    Table(
-                        ["gate", "threshold", "value", "result", "measures"],
-                        [[g.name, f"{g.threshold:g}", f"{g.value:.4g}", "pass" if g.passed else "FAIL", g.measures] for g in report.gates],
-                    )
-                ],
-            )
-        )
+    return [Section("Summary", lines)]
 
+
+def _gate_sections(report, summary: dict) -> list[Section]:
+    if not report.gates:
+        return []
+    rows = [[g.name, f"{g.threshold:g}", f"{g.value:.4g}", "pass" if g.passed else "FAIL", g.measures] for g in report.gates]
+    return [Section("CI gates", tables=[Table(["gate", "threshold", "value", "result", "measures"], rows)])]
+
+
+def _probe_sections(report, summary: dict) -> list[Section]:
     oracle = summary["oracle"]
     probe = report.probe.result
     layer_rows = []
@@ -77,7 +71,7 @@ def sections(report) -> list[Section]:
             r = by_lens[lens].loc[index]
             row += [_pct(r.agreement), _pct(r.accuracy), f"{r.exit_fraction:.1%}"]
         layer_rows.append(row)
-    out.append(
+    return [
         Section(
             "Exit accuracy per layer (probe)",
             [
@@ -91,56 +85,63 @@ def sections(report) -> list[Section]:
             ],
             [Table(["layer"] + [f"{lens} {m}" for lens in oracle for m in ("agree", "acc", "exits")], layer_rows)],
             figure="probe",
-        )
-    )
-    out.append(Section("Prediction depth", ["Share of tokens whose top-1 is settled from each layer on."], figure="depth"))
+        ),
+        Section("Prediction depth", ["Share of tokens whose top-1 is settled from each layer on."], figure="depth"),
+    ]
 
+
+_TARGET_HEADERS = [
+    "target",
+    "exit points",
+    "threshold",
+    "certified ≥",
+    "achieved",
+    "simulated",
+    "predicted speedup",
+    "mean exit layer",
+    "in artifact",
+]
+
+
+def _target_row(t: dict) -> list[str]:
+    return [
+        f"{t['target']:g}",
+        _points(t["exit_points"]),
+        "never exits" if t["threshold"] is None else f"{t['threshold']:.6g}",
+        _pct(t["certified_bound"]),
+        _pct(t["consistency"]),
+        _pct(t["simulated_consistency"]),
+        f"{t['predicted_speedup']:.3f}×",
+        f"{t['mean_exit_layer']:.1f}",
+        "yes" if t["kept_in_artifact"] else "",
+    ]
+
+
+def _calibration_sections(report, summary: dict) -> list[Section]:
     cal = summary["calibration"]
-    out.append(
-        Section(
-            "Calibrated early exit (speedup vs consistency)",
-            [
-                f"{cal['lens']} lens, {cal['measure']} confidence, ε = {cal['epsilon']:g}, risk **{cal['risk']}** "
-                f"(LTT examples: {cal['units']}); exit points chosen with the {head['speedup_unit']} cost model. "
-                f"{cal['statement']}",
-                "certified: the bound LTT guarantees; achieved: "
-                + "; ".join(sorted({t["consistency_is"] for t in summary["targets"]}))
-                + "; simulated: teacher-forced token consistency on held-out windows.",
-            ]
-            + [f"note: {n}" for n in cal["notes"]],
-            [
-                Table(
-                    [
-                        "target",
-                        "exit points",
-                        "threshold",
-                        "certified ≥",
-                        "achieved",
-                        "simulated",
-                        "predicted speedup",
-                        "mean exit layer",
-                        "in artifact",
-                    ],
-                    [
-                        [
-                            f"{t['target']:g}",
-                            _points(t["exit_points"]),
-                            "never exits" if t["threshold"] is None else f"{t['threshold']:.6g}",
-                            _pct(t["certified_bound"]),
-                            _pct(t["consistency"]),
-                            _pct(t["simulated_consistency"]),
-                            f"{t['predicted_speedup']:.3f}×",
-                            f"{t['mean_exit_layer']:.1f}",
-                            "yes" if t["kept_in_artifact"] else "",
-                        ]
-                        for t in summary["targets"]
-                    ],
-                )
-            ],
-            figure="curve",
-        )
-    )
+    lines = [
+        f"{cal['lens']} lens, {cal['measure']} confidence, ε = {cal['epsilon']:g}, risk **{cal['risk']}** "
+        f"(LTT examples: {cal['units']}); exit points chosen with the {summary['headline']['speedup_unit']} cost model. "
+        f"{cal['statement']}",
+        "certified: the bound LTT guarantees; achieved: "
+        + "; ".join(sorted({t["consistency_is"] for t in summary["targets"]}))
+        + "; simulated: teacher-forced token consistency on held-out windows.",
+    ] + [f"note: {n}" for n in cal["notes"]]
+    table = Table(_TARGET_HEADERS, [_target_row(t) for t in summary["targets"]])
+    return [Section("Calibrated early exit (speedup vs consistency)", lines, [table], figure="curve")]
 
+
+def _gpu_lines(gpu) -> list[str]:
+    if not gpu.available:
+        return [f"GPU: {gpu.reason}"]
+    d = gpu.device
+    return [f"GPU {d.index}: {d.name}, driver {d.driver}, power {d.power_w} W"] + [
+        f"{e.label}: {'n/a' if e.joules_per_token is None else f'{e.joules_per_token * 1000:.2f} mJ/token'} ({e.source}, {e.seconds:.1f} s)"
+        for e in gpu.energy
+    ]
+
+
+def _cost_sections(report, summary: dict) -> list[Section]:
     profile = report.profile.profile
     totals = profile.totals()
     cost_rows = []
@@ -157,17 +158,7 @@ def sections(report) -> list[Section]:
                 f"{total.cache_bytes / 1024:.0f}",
             ]
         )
-    gpu = report.profile.gpu
-    if gpu.available:
-        d = gpu.device
-        gpu_lines = [f"GPU {d.index}: {d.name}, driver {d.driver}, power {d.power_w} W"] + [
-            f"{e.label}: {'n/a' if e.joules_per_token is None else f'{e.joules_per_token * 1000:.2f} mJ/token'} "
-            f"({e.source}, {e.seconds:.1f} s)"
-            for e in gpu.energy
-        ]
-    else:
-        gpu_lines = [f"GPU: {gpu.reason}"]
-    out.append(
+    return [
         Section(
             "Cost per layer (profile)",
             [
@@ -177,83 +168,117 @@ def sections(report) -> list[Section]:
                 f"{_pct(totals['head_share_of_decode_ms'])} of a decode step. Weights "
                 f"{totals['weight_bytes'] / 2**20:.1f} MiB, KV cache {totals['cache_bytes'] / 2**20:.2f} MiB."
             ]
-            + gpu_lines,
+            + _gpu_lines(report.profile.gpu),
             [Table(["piece", "params", "decode MFLOPs", "decode ms", "prefill ms", "weights MiB", "KV KiB"], cost_rows)],
             figure="cost",
         )
-    )
+    ]
 
-    if report.prune is not None:
-        main = report.prune.main.to_dict()
-        out.append(
-            Section(
-                "Pruning",
-                [
-                    f"{report.prune.config.method} at {report.prune.config.sparsity:.0%} MLP sparsity: held-out perplexity "
-                    f"{report.prune.dense_perplexity:.3f} → {main['perplexity']:.3f} ({main['perplexity_change']:+.2%}), "
-                    f"next-token agreement {_pct(main['agreement'])}, MLP FLOPs saved {_pct(main['flops_saved'])}."
-                ],
-            )
+
+def _prune_sections(report, summary: dict) -> list[Section]:
+    if report.prune is None:
+        return []
+    main = report.prune.main.to_dict()
+    return [
+        Section(
+            "Pruning",
+            [
+                f"{report.prune.config.method} at {report.prune.config.sparsity:.0%} MLP sparsity: held-out perplexity "
+                f"{report.prune.dense_perplexity:.3f} → {main['perplexity']:.3f} ({main['perplexity_change']:+.2%}), "
+                f"next-token agreement {_pct(main['agreement'])}, MLP FLOPs saved {_pct(main['flops_saved'])}."
+            ],
         )
+    ]
+
+
+def _steer_sections(report, summary: dict) -> list[Section]:
     steer = summary["steer"]
-    if steer is not None:
-        out.append(
-            Section(
-                f"Steering of chain-of-thought length ({steer['method']})",
-                [
-                    f"{steer['questions']} held-out arithmetic questions, greedy, at most {steer['max_new_tokens']} new "
-                    f"tokens. Spearman ρ(α, length) = {steer['spearman']:.2f}; shortest α keeping {steer['keep']:.0%} of the "
-                    f"unsteered answers: {steer['best'] if steer['best'] is not None else 'none'}."
-                ],
-                [
-                    Table(
-                        ["α", "mean length", "Δ length", "hit the limit", "accuracy", "same answer as α = 0"],
-                        [
-                            [
-                                f"{p['alpha']:g}",
-                                f"{p['mean_length']:.1f}",
-                                f"{p['length_change']:+.1%}",
-                                _pct(p["truncated"]),
-                                _pct(p["accuracy"]),
-                                _pct(p["agreement"]),
-                            ]
-                            for p in steer["points"]
-                        ],
-                    )
-                ],
-                figure="steer",
-            )
+    if steer is None:
+        return []
+    rows = [
+        [
+            f"{p['alpha']:g}",
+            f"{p['mean_length']:.1f}",
+            f"{p['length_change']:+.1%}",
+            _pct(p["truncated"]),
+            _pct(p["accuracy"]),
+            _pct(p["agreement"]),
+        ]
+        for p in steer["points"]
+    ]
+    return [
+        Section(
+            f"Steering of chain-of-thought length ({steer['method']})",
+            [
+                f"{steer['questions']} held-out arithmetic questions, greedy, at most {steer['max_new_tokens']} new "
+                f"tokens. Spearman ρ(α, length) = {steer['spearman']:.2f}; shortest α keeping {steer['keep']:.0%} of the "
+                f"unsteered answers: {steer['best'] if steer['best'] is not None else 'none'}."
+            ],
+            [Table(["α", "mean length", "Δ length", "hit the limit", "accuracy", "same answer as α = 0"], rows)],
+            figure="steer",
         )
-    stop = summary["stop"]
-    if stop is not None:
-        out.append(stop_section(stop))
-    if report.export is not None:
-        e = report.export
-        out.append(
-            Section(
-                "ONNX export",
-                [
-                    f"{e['path']} ({e['dtype']}, {e['provider']}): exits after layers {_points(e['exit_points'])}, "
-                    f"verified against torch with max |logit difference| {e['verify_max_abs_diff']:.2g}, "
-                    f"{e['model_bytes'] / 1e6:.0f} MB, {e['seconds']:.0f} s."
-                ],
-            )
+    ]
+
+
+def _stop_sections(report, summary: dict) -> list[Section]:
+    return [] if summary["stop"] is None else [stop_section(summary["stop"])]
+
+
+def _export_sections(report, summary: dict) -> list[Section]:
+    if report.export is None:
+        return []
+    e = report.export
+    return [
+        Section(
+            "ONNX export",
+            [
+                f"{e['path']} ({e['dtype']}, {e['provider']}): exits after layers {_points(e['exit_points'])}, "
+                f"verified against torch with max |logit difference| {e['verify_max_abs_diff']:.2g}, "
+                f"{e['model_bytes'] / 1e6:.0f} MB, {e['seconds']:.0f} s."
+            ],
         )
-    for name, brief in summary["other_stages"].items():
-        if (
-            (name == "prune" and report.prune is not None)
-            or (name == "steer" and steer is not None)
-            or (name == "stop" and stop is not None)
-        ):
-            continue
-        out.append(Section(f"Stage already in the artifact: {name}", [f"{key}: {value}" for key, value in brief.items()] or ["recorded"]))
+    ]
+
+
+def _other_stage_sections(report, summary: dict) -> list[Section]:
+    """Stages other commands recorded in the artifact, unless a section above already reports them."""
+    reported = {"prune": report.prune is not None, "steer": summary["steer"] is not None, "stop": summary["stop"] is not None}
+    return [
+        Section(f"Stage already in the artifact: {name}", [f"{key}: {value}" for key, value in brief.items()] or ["recorded"])
+        for name, brief in summary["other_stages"].items()
+        if not reported.get(name, False)
+    ]
+
+
+def _run_time_sections(report, summary: dict) -> list[Section]:
     timings = summary["timings"]
     lines = [", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in timings.items())]
     if report.expected:
         expected = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in report.expected.items())
         lines.append(f"Expected before the run (jobs/estimate.py): {expected}, {sum(report.expected.values()):.0f} s in all")
-    out.append(Section("Run time", lines))
-    return out
+    return [Section("Run time", lines)]
+
+
+# Each builder takes the report and its summary() and returns its sections (none when its stage did not run).
+_SECTION_BUILDERS = (
+    _summary_sections,
+    _gate_sections,
+    _probe_sections,
+    _calibration_sections,
+    _cost_sections,
+    _prune_sections,
+    _steer_sections,
+    _stop_sections,
+    _export_sections,
+    _other_stage_sections,
+    _run_time_sections,
+)
+
+
+def sections(report) -> list[Section]:
+    """The report's sections, in order."""
+    summary = report.summary()
+    return [section for build in _SECTION_BUILDERS for section in build(report, summary)]
 
 
 def stop_section(stop: dict) -> Section:

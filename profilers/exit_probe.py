@@ -185,6 +185,40 @@ def _time_plain_forward(model: torch.nn.Module, windows: torch.Tensor, batch_siz
     return windows.shape[0] * (windows.shape[1] - 1) / (time.perf_counter() - started)
 
 
+def _lens_rows(kind: str, acc: _Accumulator, n_tokens: int, world: World) -> tuple[list[dict], list[dict], np.ndarray]:
+    """One lens's rows over all ranks: per index its metrics and its prediction-depth share, and the depth counts.
+
+    `acc`'s sums are all-reduced in place first, so every rank reports over every rank's tokens."""
+    layer_rows, depth_rows = [], []
+    for name in ("agree", "correct", "kl", "entropy", "max_prob", "bin_count", "bin_conf", "bin_correct"):
+        setattr(acc, name, world.sum(getattr(acc, name)))
+    n = float(n_tokens)
+    occupied = acc.bin_count > 0
+    gap = np.abs(acc.bin_correct - acc.bin_conf)  # |sum correct - sum conf| per bin = n_b * |acc_b - conf_b|
+    ece = np.where(occupied, gap, 0.0).sum(axis=1) / n
+    depth = prediction_depth(np.concatenate(acc.top1, axis=1))
+    counts = world.sum(np.bincount(depth, minlength=acc.n_index)).astype(np.int64)
+    cumulative = np.cumsum(counts) / n
+    for index in range(acc.n_index):
+        layer_rows.append(
+            {
+                "lens": kind,
+                "layer": index,
+                "name": "embed" if index == 0 else f"layer {index}",
+                "agreement": acc.agree[index] / n,
+                "accuracy": acc.correct[index] / n,
+                "kl": acc.kl[index] / n,
+                "entropy": acc.entropy[index] / n,
+                "max_prob": acc.max_prob[index] / n,
+                "ece": ece[index],
+                "exit_fraction": counts[index] / n,
+                "can_exit_by": cumulative[index],
+            }
+        )
+        depth_rows.append({"lens": kind, "layer": index, "tokens": int(counts[index]), "fraction": counts[index] / n})
+    return layer_rows, depth_rows, counts
+
+
 @torch.no_grad()
 def run_probe(
     lm: LayeredModel,
@@ -237,32 +271,9 @@ def run_probe(
 
     layer_rows, depth_rows, oracle = [], [], {}
     for kind, acc in accs.items():
-        for name in ("agree", "correct", "kl", "entropy", "max_prob", "bin_count", "bin_conf", "bin_correct"):
-            setattr(acc, name, world.sum(getattr(acc, name)))
-        n = float(n_tokens)
-        occupied = acc.bin_count > 0
-        gap = np.abs(acc.bin_correct - acc.bin_conf)  # |sum correct - sum conf| per bin = n_b * |acc_b - conf_b|
-        ece = np.where(occupied, gap, 0.0).sum(axis=1) / n
-        depth = prediction_depth(np.concatenate(acc.top1, axis=1))
-        counts = world.sum(np.bincount(depth, minlength=n_index)).astype(np.int64)
-        cumulative = np.cumsum(counts) / n
-        for index in range(n_index):
-            layer_rows.append(
-                {
-                    "lens": kind,
-                    "layer": index,
-                    "name": "embed" if index == 0 else f"layer {index}",
-                    "agreement": acc.agree[index] / n,
-                    "accuracy": acc.correct[index] / n,
-                    "kl": acc.kl[index] / n,
-                    "entropy": acc.entropy[index] / n,
-                    "max_prob": acc.max_prob[index] / n,
-                    "ece": ece[index],
-                    "exit_fraction": counts[index] / n,
-                    "can_exit_by": cumulative[index],
-                }
-            )
-            depth_rows.append({"lens": kind, "layer": index, "tokens": int(counts[index]), "fraction": counts[index] / n})
+        lens_layers, lens_depths, counts = _lens_rows(kind, acc, n_tokens, world)
+        layer_rows += lens_layers
+        depth_rows += lens_depths
         oracle[kind] = oracle_saving(counts, costs, translated=kind != LOGIT)
     return ProbeResult(
         layers=pd.DataFrame(layer_rows),

@@ -5,8 +5,8 @@ decoder layer's blocks (attention and MLP; Mamba's mixer) plus the rest of the l
 norms and residual adds), the final norm and the LM head. A prefill runs a `context`-token
 prompt; a decode step runs one token after `context` tokens of cache.
 
-Three meters walk the same layer-by-layer pass (`LayeredModel`), each reading the blocks
-through forward hooks so no architecture code is needed here:
+Three meters (`piece_meters`) walk the same layer-by-layer pass (`LayeredModel`), each reading
+the blocks through forward hooks so no architecture code is needed here:
 - FLOPs: torch.utils.flop_counter (matmuls and attention; norms and element-wise ops count
   zero, and so does the element-wise state update of Mamba's selective scan in its CPU path);
 - memory: the peak of tensor bytes allocated inside a piece while it runs (its output and
@@ -19,26 +19,18 @@ through forward hooks so no architecture code is needed here:
 from __future__ import annotations
 
 import time
-import weakref
-from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode
 
-from dyninfer.core.cost import EXTRA_FLOP_FORMULAS, CostModel
+from dyninfer.core.cost import CostModel
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.progress import ProgressFn, silent
-
-Key = tuple[str, int]  # (piece, layer); model-level pieces use layer -1
-MODEL_LEVEL = -1
+from dyninfer.profilers.piece_meters import MODEL_LEVEL, Clock, FlopMeter, Key, MemoryMeter, Meter
 
 # Columns of `LayerProfile.pieces`, one row per piece.
 COLUMNS = (
@@ -59,154 +51,10 @@ COLUMNS = (
 )
 
 
-# --------------------------------------------------------------------------- meters
-
-
-class _Meter:
-    """Measures named pieces of one pass; decoder-layer blocks are measured through hooks."""
-
-    def start(self, key: Key):
-        return None
-
-    def stop(self, key: Key, token) -> None:
-        pass
-
-    def active(self):
-        return nullcontext()
-
-    @contextmanager
-    def piece(self, key: Key) -> Iterator[None]:
-        token = self.start(key)
-        try:
-            yield
-        finally:
-            self.stop(key, token)
-
-    @contextmanager
-    def hooked(self, lm: LayeredModel) -> Iterator[None]:
-        handles, open_tokens = [], {}
-        for index in range(lm.num_layers):
-            for piece, module in lm.blocks(index):
-                key = (piece, index)
-
-                def before(_module, _args, key=key):
-                    open_tokens[key] = self.start(key)
-
-                def after(_module, _args, _output, key=key):
-                    self.stop(key, open_tokens.pop(key))
-
-                handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-
-class _Clock(_Meter):
-    """Seconds per piece, one sample per run while `recording`."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.samples: dict[Key, list[float]] = defaultdict(list)
-        self.recording = False
-
-    def now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def start(self, key: Key) -> float:
-        return self.now()
-
-    def stop(self, key: Key, token: float) -> None:
-        if self.recording:
-            self.samples[key].append(self.now() - token)
-
-
-class _Flops(_Meter):
-    """FLOPs per piece in one pass, read off one running counter."""
-
-    def __init__(self):
-        self.counter = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
-        self.flops: dict[Key, float] = {}
-
-    def active(self):
-        return self.counter
-
-    def start(self, key: Key) -> int:
-        return self.counter.get_total_flops()
-
-    def stop(self, key: Key, token: int) -> None:
-        self.flops[key] = float(self.counter.get_total_flops() - token)
-
-
-class _LiveBytes(TorchDispatchMode):
-    """Bytes of tensor storage alive, and the peak of it inside each open window."""
-
-    def __init__(self):
-        super().__init__()
-        self.live: set[int] = set()
-        self.current = 0
-        self.windows: dict[int, list[int]] = {}  # id -> [bytes at open, peak]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        # Views and in-place results share an input's storage: not an allocation.
-        inputs = {v.untyped_storage().data_ptr() for v in tree_flatten((args, kwargs))[0] if isinstance(v, torch.Tensor)}
-        for value in tree_flatten(out)[0]:
-            if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() not in inputs:
-                self._track(value.untyped_storage())
-        return out
-
-    def _track(self, storage) -> None:
-        key, size = storage.data_ptr(), storage.nbytes()
-        if size == 0 or key in self.live:
-            return
-        self.live.add(key)
-        self.current += size
-        weakref.finalize(storage, self._free, key, size)
-        for window in self.windows.values():
-            window[1] = max(window[1], self.current)
-
-    def _free(self, key: int, size: int) -> None:
-        self.live.discard(key)
-        self.current -= size
-
-
-class _Memory(_Meter):
-    """Peak bytes allocated inside each piece, above what was alive when it started."""
-
-    def __init__(self):
-        self.tracker = _LiveBytes()
-        self.peaks: dict[Key, float] = {}
-        self._next = 0
-
-    def active(self):
-        return self.tracker
-
-    def start(self, key: Key) -> int:
-        self._next += 1
-        self.tracker.windows[self._next] = [self.tracker.current, self.tracker.current]
-        return self._next
-
-    def stop(self, key: Key, token: int) -> None:
-        at_open, peak = self.tracker.windows.pop(token)
-        self.peaks[key] = float(peak - at_open)
-
-
-def peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak bytes of tensors allocated while fn() runs, above what was alive before."""
-    meter = _Memory()
-    with meter.active(), meter.piece(("call", MODEL_LEVEL)):
-        fn()
-    return int(meter.peaks[("call", MODEL_LEVEL)])
-
-
 # --------------------------------------------------------------------------- one pass
 
 
-def _pass(lm: LayeredModel, input_ids: torch.Tensor, cache, meter: _Meter) -> None:
+def _pass(lm: LayeredModel, input_ids: torch.Tensor, cache, meter: Meter) -> None:
     """Embedding, each decoder layer, final norm and head, each measured as a piece."""
     with meter.piece(("embed", MODEL_LEVEL)):
         fwd = lm.begin(input_ids, cache=cache)
@@ -230,10 +78,10 @@ class _Workload:
         self.context = prompt.shape[1]
         self._decode_cache = None
 
-    def prefill(self, meter: _Meter) -> None:
+    def prefill(self, meter: Meter) -> None:
         _pass(self.lm, self.prompt, self.lm.new_decoding_cache(1), meter)
 
-    def decode(self, meter: _Meter) -> None:
+    def decode(self, meter: Meter) -> None:
         """One token after exactly `context` cached tokens."""
         _pass(self.lm, self.step, self.cache_at_context(), meter)
 
@@ -250,7 +98,7 @@ class _Workload:
 
 def workloads(lm: LayeredModel, prompt: torch.Tensor) -> dict[str, Callable[[], int]]:
     """Unmeasured prefill and decode passes (for energy windows); each returns its token count."""
-    work, meter = _Workload(lm, prompt), _Meter()
+    work, meter = _Workload(lm, prompt), Meter()
 
     def prefill() -> int:
         work.prefill(meter)
@@ -358,7 +206,7 @@ def _module_bytes(modules: list[nn.Module], exclude: set[int] = frozenset()) -> 
     return params, size
 
 
-def _time_repeated(run: Callable[[_Meter], None], meter: _Clock, warmup: int, repeats: int, progress: ProgressFn, label: str) -> None:
+def _time_repeated(run: Callable[[Meter], None], meter: Clock, warmup: int, repeats: int, progress: ProgressFn, label: str) -> None:
     for i in range(warmup + repeats):
         meter.recording = i >= warmup
         run(meter)
@@ -367,7 +215,7 @@ def _time_repeated(run: Callable[[_Meter], None], meter: _Clock, warmup: int, re
 
 
 def _median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    clock = _Clock(device)
+    clock = Clock(device)
     for i in range(warmup + repeats):
         clock.recording = i >= warmup
         with clock.piece(("op", MODEL_LEVEL)):
@@ -394,6 +242,127 @@ def _measured_checks(lm: LayeredModel, warmup: int, repeats: int) -> tuple[float
     return translator, checks
 
 
+@dataclass
+class _Readings:
+    """What the meters read: FLOPs and clock samples per pass ("prefill", "decode") and the prefill's memory peaks."""
+
+    flops: dict[str, dict[Key, float]]
+    peaks: dict[Key, float]
+    samples: dict[str, dict[Key, list[float]]]
+    context: int
+
+    def row(self, piece: str, layer: int, key: Key, params: tuple[int, int], cache: int = 0) -> dict:
+        """One row of `LayerProfile.pieces` (COLUMNS)."""
+        times = {name: _stats(self.samples[name][key]) for name in ("decode", "prefill")}
+        return {
+            "piece": piece,
+            "layer": layer,
+            "params": params[0],
+            "weight_bytes": params[1],
+            "decode_flops": self.flops["decode"].get(key, 0.0),
+            "prefill_flops_per_token": self.flops["prefill"].get(key, 0.0) / self.context,
+            "cache_bytes": cache,
+            "activation_bytes": self.peaks.get(key, np.nan),
+            "decode_ms": times["decode"][0],
+            "decode_ms_p10": times["decode"][1],
+            "decode_ms_p90": times["decode"][2],
+            "prefill_ms": times["prefill"][0],
+            "prefill_ms_p10": times["prefill"][1],
+            "prefill_ms_p90": times["prefill"][2],
+        }
+
+    def derive_rest(self, index: int, blocks: list[tuple[str, nn.Module]]) -> Key:
+        """Record the rest of layer `index` (what the layer costs beyond its blocks) and return its key."""
+        layer_key, rest_key = ("layer", index), ("rest", index)
+        for name in ("decode", "prefill"):
+            samples, flops = self.samples[name], self.flops[name]
+            samples[rest_key] = list(np.asarray(samples[layer_key]) - sum(np.asarray(samples[(piece, index)]) for piece, _ in blocks))
+            flops[rest_key] = flops[layer_key] - sum(flops[(piece, index)] for piece, _ in blocks)
+        return rest_key
+
+    def whole(self, name: str, num_layers: int) -> dict[str, float]:
+        """Median, p10 and p90 of a whole `name` pass: embed, every layer, norm and head added up per run."""
+        samples = self.samples[name]
+        keys = [("embed", MODEL_LEVEL), *[("layer", i) for i in range(num_layers)], ("norm", MODEL_LEVEL), ("head", MODEL_LEVEL)]
+        median, p10, p90 = _stats(list(np.sum([samples[k] for k in keys], axis=0)))
+        return {"median": median, "p10": p10, "p90": p90}
+
+
+def _count(lm: LayeredModel, work: _Workload) -> tuple[dict[str, dict[Key, float]], dict[Key, float]]:
+    """FLOPs per piece of a prefill and of a decode pass, and the peak memory per piece of a prefill."""
+    flops = {}
+    for name, run in (("prefill", work.prefill), ("decode", work.decode)):
+        meter = FlopMeter()
+        with meter.active(), meter.hooked(lm):
+            run(meter)
+        flops[name] = meter.flops
+    memory = MemoryMeter()
+    with memory.active(), memory.hooked(lm):
+        work.prefill(memory)
+    return flops, memory.peaks
+
+
+def _time(lm: LayeredModel, work: _Workload, warmup: int, repeats: int, progress: ProgressFn) -> dict[str, dict[Key, list[float]]]:
+    """Clock samples per piece of repeated prefill and decode passes."""
+    samples = {}
+    for name, run in (("prefill", work.prefill), ("decode", work.decode)):
+        clock = Clock(lm.device)
+        with clock.hooked(lm):
+            _time_repeated(run, clock, warmup, repeats, progress, f"timing {name}")
+        samples[name] = clock.samples
+    return samples
+
+
+def _piece_rows(lm: LayeredModel, readings: _Readings, cache_bytes: list[int], tied: bool) -> list[dict]:
+    """The rows of `LayerProfile.pieces`, in model order (derives each layer's rest into `readings`)."""
+    # The embedding is everything outside the layers, the final norm and an untied head.
+    owned = (*lm.layers, lm.final_norm) + (() if tied else (lm.lm_head,))
+    embed = _module_bytes([lm.model], exclude={t.data_ptr() for m in owned for t in (*m.parameters(), *m.buffers())})
+    rows = [readings.row("embed", MODEL_LEVEL, ("embed", MODEL_LEVEL), embed)]
+    for index in range(lm.num_layers):
+        blocks = lm.blocks(index)
+        block_params = []
+        for position, (piece, module) in enumerate(blocks):
+            block_params.append(_module_bytes([module]))
+            rows.append(readings.row(piece, index, (piece, index), block_params[-1], cache=cache_bytes[index] if position == 0 else 0))
+        total = _module_bytes([lm.layers[index]])
+        rest = (total[0] - sum(p for p, _ in block_params), total[1] - sum(b for _, b in block_params))
+        rows.append(readings.row("rest", index, readings.derive_rest(index, blocks), rest))
+    rows.append(readings.row("norm", MODEL_LEVEL, ("norm", MODEL_LEVEL), _module_bytes([lm.final_norm])))
+    head_params = _module_bytes([lm.lm_head])
+    # A head tied to the embedding computes with its weight but holds no memory of its own.
+    rows.append(readings.row("head", MODEL_LEVEL, ("head", MODEL_LEVEL), (head_params[0], 0 if tied else head_params[1])))
+    return rows
+
+
+def _cost_model(
+    values: dict[Key, float], num_layers: int, context: int, unit: str, source: str, translator: float, checks: dict
+) -> CostModel:
+    """A cost model of one decode step from per-piece values (FLOPs or milliseconds)."""
+    return CostModel(
+        context=context,
+        embed=values[("embed", MODEL_LEVEL)],
+        layers=[values[("layer", i)] for i in range(num_layers)],
+        norm=values[("norm", MODEL_LEVEL)],
+        head=values[("head", MODEL_LEVEL)],
+        translator=translator,
+        unit=unit,
+        source=source,
+        checks=checks,
+    )
+
+
+def _notes(lm: LayeredModel) -> list[str]:
+    """Caveats the numbers carry for this architecture."""
+    notes = []
+    if lm.adapter.recurrent:
+        notes.append(
+            "the state update of Mamba's selective scan is element-wise and counts 0 FLOPs; the mixer's "
+            "FLOPs are its projections and the state read-out"
+        )
+    return notes
+
+
 @torch.no_grad()
 def profile_layers(
     lm: LayeredModel, prompt: torch.Tensor, *, warmup: int = 3, repeats: int = 20, progress: ProgressFn | None = None
@@ -403,110 +372,21 @@ def profile_layers(
     started = time.perf_counter()
     work = _Workload(lm, prompt)
     context, n = work.context, lm.num_layers
-
-    flops = {}
-    for name, run in (("prefill", work.prefill), ("decode", work.decode)):
-        meter = _Flops()
-        with meter.active(), meter.hooked(lm):
-            run(meter)
-        flops[name] = meter.flops
-    memory = _Memory()
-    with memory.active(), memory.hooked(lm):
-        work.prefill(memory)
+    flops, peaks = _count(lm, work)
     report("counting FLOPs and memory", 1, 1)
+    readings = _Readings(flops, peaks, _time(lm, work, warmup, repeats, report), context)
 
-    clocks = {}
-    for name, run in (("prefill", work.prefill), ("decode", work.decode)):
-        clock = _Clock(lm.device)
-        with clock.hooked(lm):
-            _time_repeated(run, clock, warmup, repeats, report, f"timing {name}")
-        clocks[name] = clock
-
-    cache_bytes = lm.cache_bytes(work.cache_at_context())
     head_weight = lm.lm_head.weight
     tied = any(p is head_weight for p in lm.backbone.parameters())
-    rows = []
-
-    def add(piece: str, layer: int, modules: list[nn.Module] | None, key: Key, params=None, cache=0):
-        if params is None:
-            params = _module_bytes(modules or [])
-        times = {name: _stats(clocks[name].samples[key]) for name in ("decode", "prefill")}
-        rows.append(
-            {
-                "piece": piece,
-                "layer": layer,
-                "params": params[0],
-                "weight_bytes": params[1],
-                "decode_flops": flops["decode"].get(key, 0.0),
-                "prefill_flops_per_token": flops["prefill"].get(key, 0.0) / context,
-                "cache_bytes": cache,
-                "activation_bytes": memory.peaks.get(key, np.nan),
-                "decode_ms": times["decode"][0],
-                "decode_ms_p10": times["decode"][1],
-                "decode_ms_p90": times["decode"][2],
-                "prefill_ms": times["prefill"][0],
-                "prefill_ms_p10": times["prefill"][1],
-                "prefill_ms_p90": times["prefill"][2],
-            }
-        )
-
-    # The embedding is everything outside the layers, the final norm and an untied head.
-    owned = (*lm.layers, lm.final_norm) + (() if tied else (lm.lm_head,))
-    embed = _module_bytes([lm.model], exclude={t.data_ptr() for m in owned for t in (*m.parameters(), *m.buffers())})
-    add("embed", MODEL_LEVEL, None, ("embed", MODEL_LEVEL), params=embed)
-    for index in range(n):
-        layer_key = ("layer", index)
-        blocks = lm.blocks(index)
-        block_params = []
-        for position, (piece, module) in enumerate(blocks):
-            block_params.append(_module_bytes([module]))
-            add(piece, index, [module], (piece, index), cache=cache_bytes[index] if position == 0 else 0)
-        # The rest of the layer: what the layer costs beyond its blocks.
-        total = _module_bytes([lm.layers[index]])
-        rest_key = ("rest", index)
-        for name in ("decode", "prefill"):
-            samples = clocks[name].samples
-            samples[rest_key] = list(np.asarray(samples[layer_key]) - sum(np.asarray(samples[(piece, index)]) for piece, _ in blocks))
-            flops[name][rest_key] = flops[name][layer_key] - sum(flops[name][(piece, index)] for piece, _ in blocks)
-        add("rest", index, None, rest_key, params=(total[0] - sum(p for p, _ in block_params), total[1] - sum(b for _, b in block_params)))
-    add("norm", MODEL_LEVEL, [lm.final_norm], ("norm", MODEL_LEVEL))
-    head_params = _module_bytes([lm.lm_head])
-    # A head tied to the embedding computes with its weight but holds no memory of its own.
-    add("head", MODEL_LEVEL, None, ("head", MODEL_LEVEL), params=(head_params[0], 0 if tied else head_params[1]))
+    rows = _piece_rows(lm, readings, lm.cache_bytes(work.cache_at_context()), tied)
     pieces = pd.DataFrame(rows, columns=list(COLUMNS))
 
-    def cost(values: dict[Key, float], unit: str, source: str, translator: float, checks: dict) -> CostModel:
-        return CostModel(
-            context=context,
-            embed=values[("embed", MODEL_LEVEL)],
-            layers=[values[("layer", i)] for i in range(n)],
-            norm=values[("norm", MODEL_LEVEL)],
-            head=values[("head", MODEL_LEVEL)],
-            translator=translator,
-            unit=unit,
-            source=source,
-            checks=checks,
-        )
-
     d = lm.hidden_size
-    flop_cost = cost(flops["decode"], "FLOPs/token", "torch.utils.flop_counter", 2.0 * d * d + d, {})
+    flop_cost = _cost_model(flops["decode"], n, context, "FLOPs/token", "torch.utils.flop_counter", 2.0 * d * d + d, {})
     translator_ms, checks_ms = _measured_checks(lm, warmup, repeats)
-    decode_medians = {key: _stats(s)[0] for key, s in clocks["decode"].samples.items()}
+    decode_medians = {key: _stats(s)[0] for key, s in readings.samples["decode"].items()}
     device_name = lm.device.type
-    measured = cost(decode_medians, "ms/token", f"measured: profile on {device_name}", translator_ms, checks_ms)
-
-    def whole(name: str) -> dict[str, float]:
-        samples = clocks[name].samples
-        keys = [("embed", MODEL_LEVEL), *[("layer", i) for i in range(n)], ("norm", MODEL_LEVEL), ("head", MODEL_LEVEL)]
-        median, p10, p90 = _stats(list(np.sum([samples[k] for k in keys], axis=0)))
-        return {"median": median, "p10": p10, "p90": p90}
-
-    notes = []
-    if lm.adapter.recurrent:
-        notes.append(
-            "the state update of Mamba's selective scan is element-wise and counts 0 FLOPs; the mixer's "
-            "FLOPs are its projections and the state read-out"
-        )
+    measured = _cost_model(decode_medians, n, context, "ms/token", f"measured: profile on {device_name}", translator_ms, checks_ms)
     return LayerProfile(
         pieces=pieces,
         context=context,
@@ -516,9 +396,9 @@ def profile_layers(
         repeats=repeats,
         flops=flop_cost,
         measured=measured,
-        decode_step_ms=whole("decode"),
-        prefill_ms=whole("prefill"),
+        decode_step_ms=readings.whole("decode", n),
+        prefill_ms=readings.whole("prefill", n),
         tied_head=tied,
         seconds=time.perf_counter() - started,
-        notes=notes,
+        notes=_notes(lm),
     )

@@ -13,7 +13,8 @@ from dyninfer.cli.app import app
 from dyninfer.core.artifacts import Artifact
 from dyninfer.core.cost import count_costs
 from dyninfer.core.layered import LayeredModel
-from dyninfer.profilers.layer_profile import peak_bytes, profile_layers
+from dyninfer.profilers.layer_profile import profile_layers
+from dyninfer.profilers.piece_meters import peak_bytes
 
 runner = CliRunner()
 CONTEXT = 8
@@ -115,13 +116,14 @@ def test_peak_bytes_counts_what_is_alive_together():
 
 
 def test_decode_is_measured_at_a_fixed_context():
-    from dyninfer.profilers.layer_profile import _Flops, _Meter, _Workload
+    from dyninfer.profilers.layer_profile import _Workload
+    from dyninfer.profilers.piece_meters import FlopMeter, Meter
 
     lm, prof = _profile("llama")
     work = _Workload(lm, torch.randint(0, VOCAB, (1, CONTEXT), generator=torch.Generator().manual_seed(0)))
     for _ in range(5):  # as many steps as warm-up and repeats take
-        work.decode(_Meter())
-    meter = _Flops()
+        work.decode(Meter())
+    meter = FlopMeter()
     with meter.active(), meter.hooked(lm):
         work.decode(meter)
     # The cache is cropped back before each step: the sixth step still attends to CONTEXT + 1 keys.
