@@ -142,6 +142,14 @@ class _PointRuns:
     scored: dict = field(default_factory=dict)  # threshold -> (scores, predicted speedup, mean exit layer)
     heldout: dict = field(default_factory=dict)  # threshold -> GeneratedRun on the held-out prompts
 
+    def held_out(self, threshold: float | None) -> GeneratedRun | None:
+        """The held-out prompts' runs at `threshold`, generated once (None: a policy that never exits)."""
+        if threshold is None:
+            return None
+        if threshold not in self.heldout:
+            self.heldout[threshold] = self.held_runs.run(threshold, "held-out generation")
+        return self.heldout[threshold]
+
 
 @dataclass
 class GeneratedRun:
@@ -348,20 +356,9 @@ def certify_generation(
     """
     if consistency_measure not in CONSISTENCY_MEASURES:
         raise DyninferError(f"unknown consistency '{consistency_measure}'; choose from: {', '.join(CONSISTENCY_MEASURES)}")
-    target, d = plan.target, lm.hidden_size
-    delta = 1.0 - target
-    needed = min_examples(delta, epsilon)
-    if calibration.size < needed:
-        raise DyninferError(
-            f"{calibration.size} calibration prompts cannot certify anything at target {target:g} and "
-            f"epsilon {epsilon:g}: at least {needed} are needed even if every continuation matched; "
-            "raise `prompts` (more prompts also certify looser thresholds), or loosen "
-            "`target`/`epsilon`"
-        )
+    _check_enough(calibration.size, plan.target, epsilon)
     policy = ExitPolicy(lens.kind, measure, plan.points, None, vocab_top_k, kv_mode)
-    notes = []
-    if not plan.points:
-        notes.append("no exit point pays for its checks at this target on the fit data; the policy never exits")
+    notes = [] if plan.points else ["no exit point pays for its checks at this target on the fit data; the policy never exits"]
     # Fixed before any calibration prompt is generated: from the fit trace only.
     thresholds = generation_grid(plan.fit_trace) if plan.points else [float("inf")]
     # Candidate runs on the same exit points are the same runs (the classifier's rows are the points'), so
@@ -375,49 +372,21 @@ def certify_generation(
             return CandidateRuns(dynamic, prompt_set, measure_of_runs, batch_size, progress, reuse=reuse)
 
         shared.runs, shared.held_runs = runner(calibration, consistency_measure), runner(heldout, "tokens")
-    runs = shared.runs
-    for runner, what in ((runs, "calibration"), (shared.held_runs, "held-out")):
-        if runner.prompts.continuations is None:  # the runs' first, never-exit, run generates them
-            if runner.reuses and plan.points:
-                runner.full(f"full-model continuations ({what})")
-            else:
-                runner.prompts.set_continuations(
-                    full_continuations(
-                        lm, runner.prompts.prompts, runner.prompts.length, batch_size, progress, f"full-model continuations ({what})"
-                    )
-                )
+    _know_continuations(lm, shared, bool(plan.points), batch_size, progress)
     curve: list[CurvePoint] = []
-
-    def losses_of(j: int) -> np.ndarray:
-        if j == 0:  # the strictest candidate never exits: the full continuation itself, loss 0
-            curve.append(CurvePoint(thresholds[0], 1.0, float("nan"), 1.0, float(lm.num_layers), float("nan")))
-            return np.zeros(calibration.size)
-        if thresholds[j] not in shared.scored:
-            run = runs.run(thresholds[j], f"certifying threshold {j}/{len(thresholds) - 1} (generation)")
-            shared.scored[thresholds[j]] = (run.scores, predicted_speedup(run, runs.dynamic.policy, costs, d), _mean_exit_layer(run))
-        scores, speedup, mean_layer = shared.scored[thresholds[j]]
-        curve.append(CurvePoint(thresholds[j], float(scores.mean()), float("nan"), speedup, mean_layer, float("nan")))
-        return 1.0 - scores
-
-    ltt, _ = fixed_sequence_test(thresholds, losses_of, delta, epsilon)
+    ltt, _ = fixed_sequence_test(thresholds, _losses(shared, thresholds, costs, curve), 1.0 - plan.target, epsilon)
     for point, p in zip(curve, ltt.p_values):
         point.p_value = p
     policy.threshold = ltt.chosen if ltt.chosen_index is not None and ltt.chosen_index > 0 else None
     if policy.threshold is None and plan.points:
         notes.append(
-            f"no threshold reaches {consistency_measure} consistency {target:g} in generation with the guarantee: the policy never exits"
+            f"no threshold reaches {consistency_measure} consistency {plan.target:g} in generation with the guarantee: "
+            "the policy never exits"
         )
-    held_run = None
-    if policy.threshold is not None:
-        if policy.threshold not in shared.heldout:
-            shared.heldout[policy.threshold] = shared.held_runs.run(policy.threshold, "held-out generation")
-        held_run = shared.heldout[policy.threshold]
-    generated = _generated_summary(held_run, heldout, policy, costs, d, lm.num_layers, consistency_measure)
-    # This rank's count in a data-parallel run.
-    work = {"candidate_positions_decoded": runs.positions_decoded, "candidate_positions_from_prompts": runs.positions_asked}
+    d, runs = lm.hidden_size, shared.runs
     return CalibrationResult(
         policy=policy,
-        target=target,
+        target=plan.target,
         epsilon=epsilon,
         risk=GENERATION_RISK,
         units=(
@@ -433,9 +402,57 @@ def certify_generation(
         fit_tokens=fit_tokens,
         calibration_tokens=calibration.size * calibration.length,
         notes=notes,
-        generated=generated,
-        work=work,
+        generated=_generated_summary(shared.held_out(policy.threshold), heldout, policy, costs, d, lm.num_layers, consistency_measure),
+        # This rank's count in a data-parallel run.
+        work={"candidate_positions_decoded": runs.positions_decoded, "candidate_positions_from_prompts": runs.positions_asked},
     )
+
+
+def _check_enough(prompts: int, target: float, epsilon: float) -> None:
+    """Refuse a calibration that could certify nothing even if every continuation matched."""
+    needed = min_examples(1.0 - target, epsilon)
+    if prompts < needed:
+        raise DyninferError(
+            f"{prompts} calibration prompts cannot certify anything at target {target:g} and "
+            f"epsilon {epsilon:g}: at least {needed} are needed even if every continuation matched; "
+            "raise `prompts` (more prompts also certify looser thresholds), or loosen "
+            "`target`/`epsilon`"
+        )
+
+
+def _know_continuations(lm: LayeredModel, shared: _PointRuns, exits: bool, batch_size: int, progress) -> None:
+    """The full model's continuations of both prompt sets: the candidates' first, never-exit, run generates them
+    when runs continue one another; else a plain full-model generation."""
+    for runner, what in ((shared.runs, "calibration"), (shared.held_runs, "held-out")):
+        if runner.prompts.continuations is not None:
+            continue
+        if runner.reuses and exits:
+            runner.full(f"full-model continuations ({what})")
+        else:
+            continuations = full_continuations(
+                lm, runner.prompts.prompts, runner.prompts.length, batch_size, progress, f"full-model continuations ({what})"
+            )
+            runner.prompts.set_continuations(continuations)
+
+
+def _losses(shared: _PointRuns, thresholds: list[float], costs: CostModel, curve: list[CurvePoint]):
+    """Candidate j's per-prompt losses (1 - consistency), generated on demand, each added to `curve`."""
+    runs = shared.runs
+    lm = runs.dynamic.lm
+
+    def losses_of(j: int) -> np.ndarray:
+        if j == 0:  # the strictest candidate never exits: the full continuation itself, loss 0
+            curve.append(CurvePoint(thresholds[0], 1.0, float("nan"), 1.0, float(lm.num_layers), float("nan")))
+            return np.zeros(runs.prompts.size)
+        if thresholds[j] not in shared.scored:
+            run = runs.run(thresholds[j], f"certifying threshold {j}/{len(thresholds) - 1} (generation)")
+            speedup = predicted_speedup(run, runs.dynamic.policy, costs, lm.hidden_size)
+            shared.scored[thresholds[j]] = (run.scores, speedup, _mean_exit_layer(run))
+        scores, speedup, mean_layer = shared.scored[thresholds[j]]
+        curve.append(CurvePoint(thresholds[j], float(scores.mean()), float("nan"), speedup, mean_layer, float("nan")))
+        return 1.0 - scores
+
+    return losses_of
 
 
 def _generated_summary(

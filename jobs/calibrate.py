@@ -31,7 +31,7 @@ from dyninfer.core.records import CalibrateRecord, CorpusDraw, ExitCertificate, 
 from dyninfer.early_exit.certify import CalibrationResult, run_calibrations
 from dyninfer.jobs.configs import CalibrateConfig
 from dyninfer.jobs.plots import calibration_curve_png
-from dyninfer.runtime.loader import ModelSession, lens_overlaps, lens_to_train, model_state, open_workspace, trained_on
+from dyninfer.runtime.loader import ModelSession, lens_overlaps, lens_to_train, model_state, trained_on, workspace_for
 
 REPORT_DIR = stages.CALIBRATE
 
@@ -261,48 +261,19 @@ def run(
     """Calibrate the policy at `config.target` (and `extra_targets`); the artifact keeps the first."""
     config.validate()
     torch.manual_seed(config.seed)
-    ws = open_workspace(
-        config.model,
+    ws = workspace_for(
+        config,
         config.data,
-        field=config.field,
-        seq_len=config.seq_len,
-        seed=config.seed,
+        config.seq_len,
         existing=existing,
         progress=progress,
         session=session,
-        placement=config.placement(),
         check_data=lambda windows, stored: check_draw(config, windows, _lens_tokens(config, stored)),
     )
     lm, windows = ws.lm, ws.windows
     generation = config.risk == GENERATION_RISK
-    if generation:
-        context = lm.context_length
-        if context and config.prompt_tokens + config.new_tokens > context:
-            raise DyninferError(
-                f"{option('prompt_tokens')} {config.prompt_tokens} + {option('new_tokens')} "
-                f"{config.new_tokens} exceed the model's context of {context} tokens; lower them"
-            )
-    if config.vocab_top_k > lm.vocab_size:
-        raise DyninferError(
-            f"{option('vocab_top_k')} {config.vocab_top_k} is more than the model's {lm.vocab_size} tokens; pass at most "
-            f"{lm.vocab_size} (0 scores the whole vocabulary)"
-        )
-    draw = draw_units(config, windows, set())  # for the held-out rows, which depend on nothing trained
-    # The tuned model is not independent of the windows it was tuned on: they stay out of fit and calibration.
-    seen, notes = tuning_notes(TuneRecord.read(ws.artifact), windows, draw)
-    # The lens trains first, on train windows the draw then skips: the data must hold both, known before it trains.
-    check_draw(config, windows, _lens_tokens(config, ws.artifact), seen)
-    if config.lens == TUNED:
-        lens, _ = ws.tuned_lens(
-            lens_from=config.lens_from, train_tokens=config.lens_train_tokens, steps=config.lens_steps, seed=config.seed, progress=progress
-        )
-        lens_rows, lens_messages = lens_notes(ws, windows, draw)
-        notes += lens_messages
-        seen |= lens_rows
-    else:
-        lens = LogitLens(lm)
-    if seen:
-        draw = draw_units(config, windows, seen)
+    _check_model(config, lm)
+    lens, draw, notes = _lens_and_draw(config, ws, progress)
     costs, cost_notes = choose_costs(config, lm, ws.artifact)
     notes += cost_notes
     targets = [config.target, *config.extra_targets]
@@ -344,14 +315,54 @@ def run(
         placement=ws.loaded.placement,
     )
     report.record().write(ws.artifact)
-    # The exits group holds the tuned lens and, for the classifier measure, this policy's classifier.
-    exits = {k: v for k, v in ws.artifact.tensors.get(stages.EXITS_GROUP, {}).items() if not k.startswith("classifier.")}
+    _store_exits(ws.artifact, classifier)
+    report.artifact = ws.artifact
+    return report
+
+
+def _check_model(config: CalibrateConfig, lm) -> None:
+    """What the options ask of the model: the prompt and its continuation within its context, the top-k within its
+    vocabulary."""
+    context = lm.context_length
+    if config.risk == GENERATION_RISK and context and config.prompt_tokens + config.new_tokens > context:
+        raise DyninferError(
+            f"{option('prompt_tokens')} {config.prompt_tokens} + {option('new_tokens')} "
+            f"{config.new_tokens} exceed the model's context of {context} tokens; lower them"
+        )
+    if config.vocab_top_k > lm.vocab_size:
+        raise DyninferError(
+            f"{option('vocab_top_k')} {config.vocab_top_k} is more than the model's {lm.vocab_size} tokens; pass at most "
+            f"{lm.vocab_size} (0 scores the whole vocabulary)"
+        )
+
+
+def _lens_and_draw(config: CalibrateConfig, ws, progress: ProgressFn | None) -> tuple:
+    """(the exit head, the units drawn, notes): the tuned lens trains first, on train windows the draw then skips, and
+    the windows a tuning trained on stay out of fit and calibration (the tuned model is not independent of them)."""
+    windows = ws.windows
+    draw = draw_units(config, windows, set())  # for the held-out rows, which depend on nothing trained
+    seen, notes = tuning_notes(TuneRecord.read(ws.artifact), windows, draw)
+    # The data must hold both the lens's windows and the draw, known before the lens trains.
+    check_draw(config, windows, _lens_tokens(config, ws.artifact), seen)
+    if config.lens == TUNED:
+        lens, _ = ws.tuned_lens(
+            lens_from=config.lens_from, train_tokens=config.lens_train_tokens, steps=config.lens_steps, seed=config.seed, progress=progress
+        )
+        lens_rows, lens_messages = lens_notes(ws, windows, draw)
+        notes += lens_messages
+        seen |= lens_rows
+    else:
+        lens = LogitLens(ws.lm)
+    return lens, draw_units(config, windows, seen) if seen else draw, notes
+
+
+def _store_exits(artifact: Artifact, classifier) -> None:
+    """The exits group holds the tuned lens and, for the classifier measure, this policy's classifier."""
+    exits = {k: v for k, v in artifact.tensors.get(stages.EXITS_GROUP, {}).items() if not k.startswith("classifier.")}
     if classifier is not None:
         exits.update(classifier.tensors())
     if exits:
-        ws.artifact.put_tensors(stages.EXITS_GROUP, exits)
-    report.artifact = ws.artifact
-    return report
+        artifact.put_tensors(stages.EXITS_GROUP, exits)
 
 
 def _generation_calibrations(

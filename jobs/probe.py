@@ -26,7 +26,7 @@ from dyninfer.core.records import ProbeRecord
 from dyninfer.jobs.configs import ProbeConfig
 from dyninfer.jobs.plots import probe_figure_png
 from dyninfer.profilers.exit_probe import ProbeResult, run_probe
-from dyninfer.runtime.loader import ModelSession, lens_to_train, open_workspace
+from dyninfer.runtime.loader import ModelSession, lens_to_train, workspace_for
 
 REPORT_DIR = stages.PROBE
 
@@ -87,16 +87,13 @@ def run(
     """Run the probe. `existing`: an artifact (or its directory) to extend; its base model must match."""
     config.validate()
     torch.manual_seed(config.seed)
-    ws = open_workspace(
-        config.model,
+    ws = workspace_for(
+        config,
         config.data,
-        field=config.field,
-        seq_len=config.seq_len,
-        seed=config.seed,
+        config.seq_len,
         existing=existing,
         progress=progress,
         session=session,
-        placement=config.placement(),
         check_data=lambda windows, stored: check_data(config, windows, stored),
     )
     heldout = ws.windows.take("heldout", config.tokens)

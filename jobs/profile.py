@@ -24,7 +24,7 @@ from dyninfer.jobs.configs import ProfileConfig
 from dyninfer.jobs.plots import profile_png
 from dyninfer.profilers.layer_profile import LayerProfile, profile_layers, workloads
 from dyninfer.profilers.nvml import GpuReport, GpuUnavailable, Nvml, measure_energy
-from dyninfer.runtime.loader import ModelSession, open_workspace
+from dyninfer.runtime.loader import ModelSession, workspace_for
 
 REPORT_DIR = stages.PROFILE
 
@@ -99,17 +99,7 @@ def run(
     `config.device` and `config.dtype`, or the shared `session`'s placement."""
     config.validate()
     torch.manual_seed(config.seed)
-    ws = open_workspace(
-        config.model,
-        config.data,
-        field=config.field,
-        seq_len=config.context,
-        seed=config.seed,
-        existing=existing,
-        progress=progress,
-        session=session,
-        placement=config.placement(),
-    )
+    ws = workspace_for(config, config.data, config.context, existing=existing, progress=progress, session=session)
     prompt = ws.windows.take("heldout", config.context, option="context")[:1, : config.context]
     profile = profile_layers(ws.lm, prompt, warmup=config.warmup, repeats=config.repeats, progress=progress)
     gpu = gpu_report(ws.lm, prompt, ws.lm.device, config.energy_seconds, nvml_module)

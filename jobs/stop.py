@@ -26,7 +26,7 @@ from dyninfer.compressors.steer_extract import CotPrompter, load_cot_split
 from dyninfer.compressors.stop_certify import StopCertificate, certify, choose_signal, empirical_choice
 from dyninfer.compressors.stop_simulate import CompletionRuns, ReasoningRun, outcome
 from dyninfer.core import stages
-from dyninfer.core.artifact_files import artifact_exists
+from dyninfer.core.artifact_paths import artifact_exists
 from dyninfer.core.artifacts import Artifact, BaseModelInfo
 from dyninfer.core.choices import COMPLETION, REASONING, STOP_SIGNALS
 from dyninfer.core.data import TokenWindows, load_windows
@@ -44,9 +44,9 @@ from dyninfer.runtime.loader import (
     build_dynamic,
     lens_overlaps,
     model_state,
-    open_workspace,
     probe_vocabulary,
     trained_on,
+    workspace_for,
 )
 
 REPORT_DIR = stages.STOP
@@ -158,16 +158,13 @@ def _dynamic(config: StopConfig, artifact: Artifact, session: ModelSession) -> L
 def _completion(config: StopConfig, existing, session, progress) -> StopReport:
     report = progress or silent
     seq_len = config.prompt_tokens + config.new_tokens
-    ws = open_workspace(
-        config.model,
+    ws = workspace_for(
+        config,
         config.resolved_data(),
-        field=config.field,
-        seq_len=seq_len,
-        seed=config.seed,
+        seq_len,
         existing=existing,
         progress=progress,
         session=session,
-        placement=config.placement(),
         check_data=lambda windows, _: check_windows(config, windows),
         length_options=("prompt_tokens", "new_tokens"),
     )

@@ -23,7 +23,8 @@ import torch
 from dyninfer.compressors.exit_tuning import DRAFT_VOCABULARY, TUNING_PREFIX, TuningRecord, draft_vocabulary, fingerprint, tune_exits
 from dyninfer.compressors.steering import steered
 from dyninfer.core import stages
-from dyninfer.core.artifact_files import artifact_exists, give_usual_modes, staged_directory
+from dyninfer.core.artifact_files import staged_directory
+from dyninfer.core.artifact_paths import artifact_exists, give_usual_modes
 from dyninfer.core.artifacts import Artifact
 from dyninfer.core.choices import CURRICULA, DEPTH_WEIGHTINGS, EXIT_TARGETS, LOGIT
 from dyninfer.core.cost import count_costs
@@ -33,7 +34,7 @@ from dyninfer.core.progress import ProgressFn
 from dyninfer.core.records import TuneRecord
 from dyninfer.jobs.configs import TuneConfig
 from dyninfer.profilers.exit_probe import heldout_quality, run_probe
-from dyninfer.runtime.loader import ModelSession, lens_provenance, open_workspace
+from dyninfer.runtime.loader import ModelSession, lens_provenance, workspace_for
 
 __all__ = ["CURRICULA", "DEPTH_WEIGHTINGS", "EXIT_TARGETS", "TuneConfig", "TuneReport", "run", "save"]
 
@@ -135,16 +136,13 @@ def run(
     config.validate()
     artifact = _check_fresh(existing)
     torch.manual_seed(config.seed)
-    ws = open_workspace(
-        config.model,
+    ws = workspace_for(
+        config,
         config.data,
-        field=config.field,
-        seq_len=config.seq_len,
-        seed=config.seed,
+        config.seq_len,
         existing=artifact,
         progress=progress,
         session=session,
-        placement=config.placement(),
         check_data=lambda windows, stored: windows.take("heldout", config.heldout_tokens, option="heldout_tokens"),
     )
     lm, windows = ws.lm, ws.windows

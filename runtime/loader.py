@@ -19,13 +19,14 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from dyninfer.compressors.exit_tuning import bake_tuning, fingerprint, stored_draft_vocabulary, stored_tuning
 from dyninfer.compressors.pruning import PruningPlan, load_pruning, remove_pruning
 from dyninfer.compressors.steering import ValveDelta, applied, load_steering
 from dyninfer.compressors.stop_obey import ProbeVocabulary, Stopper, stopper_for
 from dyninfer.core import stages
-from dyninfer.core.artifact_files import artifact_exists
+from dyninfer.core.artifact_paths import artifact_exists
 from dyninfer.core.artifacts import Artifact, BaseModelInfo
 from dyninfer.core.choices import COMPLETION, KV_MODES, TUNED
 from dyninfer.core.data import TokenWindows, load_windows
@@ -301,6 +302,42 @@ def open_workspace(
     if check_data is not None and early is None:
         check_data(windows, stored)
     return Workspace(session, windows, artifact, extends, timings)
+
+
+class WorkspaceOptions(Protocol):
+    """The fields every stage's Config shares (jobs/configs/): what to load, which data, and where to run."""
+
+    model: str
+    field: str | None
+    seed: int
+
+    def placement(self) -> Placement: ...
+
+
+def workspace_for(
+    config: WorkspaceOptions,
+    data: str,
+    seq_len: int,
+    *,
+    existing: str | Artifact | None = None,
+    progress: ProgressFn | None = None,
+    session: ModelSession | None = None,
+    **options,
+) -> Workspace:
+    """`open_workspace` with a Config's shared fields (the model, the data's field, the seed, the placement); `options`:
+    `open_workspace`'s others (`check_data`, `apply_pruning`, `length_options`)."""
+    return open_workspace(
+        config.model,
+        data,
+        field=config.field,
+        seq_len=seq_len,
+        seed=config.seed,
+        existing=existing,
+        progress=progress,
+        session=session,
+        placement=config.placement(),
+        **options,
+    )
 
 
 @dataclass
