@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import json
-import os
 import sys
 import time
 import typing
@@ -22,9 +21,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from typer.models import ArgumentInfo, OptionInfo
 
-from dyninfer.core.artifact_files import check_output_dir, writer_lock
+from dyninfer.core.artifact_files import check_output_dir
 from dyninfer.core.errors import OPTION_REFERENCE, DyninferError
 from dyninfer.core.progress import ProgressFn, silent
+from dyninfer.jobs import writer as jobs_writer
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 _BLOCKS = " ▁▂▃▄▅▆▇█"
@@ -205,11 +205,10 @@ def run_and_save(config, run: Callable, save: Callable, render: Callable, *, out
     report)`), then the summary as JSON or rendered. Returns the report."""
     config.validate()
     check_out_dir(out)
-    with writing(out), progress_reporter() as progress:
-        report = run(config, progress=progress, existing=str(out) if out else None)
-        if out is not None:
-            target = save(report, out, waiting(out))
-            stderr.print(wrote(Path(target), report), markup=False, highlight=False)
+    with progress_reporter() as progress:
+        report, target = jobs_writer.run_and_save(run, save, config, out, progress=progress, on_wait=waiting(out))
+    if target is not None:
+        stderr.print(wrote(Path(target), report), markup=False, highlight=False)
     if as_json:
         print_json(report.summary())
     else:
@@ -217,16 +216,10 @@ def run_and_save(config, run: Callable, save: Callable, render: Callable, *, out
     return report
 
 
-@contextmanager
-def writing(out) -> Iterator[None]:
-    """The artifact at `out` is this command's from before it is read until it is saved (`writer_lock`): another
-    command writing it waits, and says so. Under a launcher only rank 0, the one that saves, takes it (read from
-    the launcher's environment: the process group may not be started yet)."""
-    if out is None or os.environ.get("RANK", "0") != "0":
-        yield
-        return
-    with writer_lock(out, on_wait=waiting(out)):
-        yield
+def writing(out):
+    """The artifact at `out` is this command's from before it is read until it is saved (`jobs.writer.writing`):
+    another command writing it waits, and says so."""
+    return jobs_writer.writing(out, on_wait=waiting(out))
 
 
 def waiting(out) -> Callable[[], None]:
