@@ -49,6 +49,36 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
 
 
+def answering_model(directory: Path) -> Path:
+    """A llama with the character tokenizer whose greedy next character is a fixed function of the last one: after
+    a question it writes " 7." and a new line, again and again, and a forced "The answer is" is followed by " 7".
+    Its chains have sentence and line ends to probe at, and every probe reads an answer, with probability ~1.
+
+    Each layer adds nothing to the residual stream (zero output projections), the embedding is one-hot, and the
+    head maps each character to its successor."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = char_tokenizer()
+    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4)
+    config.num_key_value_heads, config.max_position_embeddings, config.tie_word_embeddings = 2, 512, False
+    model = LlamaForCausalLM(config).eval()
+    ids = tokenizer.get_vocab()
+    successor = {" ": "7", "7": ".", ".": "\n", "\n": " "}  # every other character is followed by a space
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(torch.eye(128))
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        head = torch.zeros(128, 128)
+        for char, token in ids.items():
+            head[ids[successor.get(char, " ")], token] = 50.0
+        model.lm_head.weight.copy_(head)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def random_text(n_words: int, seed: int = 0) -> str:
     rng = random.Random(seed)
     return " ".join(rng.choice(WORDS[:40]) for _ in range(n_words))

@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import char_tokenizer, random_text, save_tiny, tree_state
-from tiny_models import tiny_model
+from conftest import answering_model, random_text, save_tiny, tree_state
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
@@ -34,15 +33,6 @@ def completion_artifact(tmp_path_factory):
     return model, data, out, json.loads(result.stdout)
 
 
-@pytest.fixture(scope="module")
-def char_model(tmp_path_factory):
-    """A tiny llama with a character tokenizer: its chains have digits, full stops and newlines to probe at."""
-    directory = tmp_path_factory.mktemp("char-model")
-    tiny_model("llama", seed=4).save_pretrained(directory)
-    char_tokenizer().save_pretrained(directory)
-    return directory
-
-
 def test_stop_certifies_a_completion_rule_and_records_it(completion_artifact):
     _, _, out, summary = completion_artifact
     policy = summary["policy"]
@@ -58,30 +48,55 @@ def test_stop_certifies_a_completion_rule_and_records_it(completion_artifact):
     assert {"commit", "command", "packages"} <= set(summary["provenance"]) and "torch" in summary["provenance"]["packages"]
 
 
-def _shown_under_rule(model_dir, prompt: str, policy: dict, new_tokens: int) -> int:
-    """Tokens a completion rule shows, from transformers' own greedy scores (independent of dyninfer's runtime)."""
+def _greedy_scores(model_dir, prompt: str, new_tokens: int) -> torch.Tensor:
+    """The max probability of each greedy token, from transformers' own generate (independent of dyninfer's runtime)."""
     tokenizer, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, output_scores=True, return_dict_in_generate=True)
-    confidence = torch.stack([torch.softmax(s[0].float(), -1).max() for s in out.scores])
+    return torch.stack([torch.softmax(s[0].float(), -1).max() for s in out.scores])
+
+
+def _shown_under_rule(model_dir, prompt: str, policy: dict, new_tokens: int) -> int:
+    """Tokens a completion rule shows: those before the first whose score is below the threshold."""
+    confidence = _greedy_scores(model_dir, prompt, new_tokens)
     score = confidence if policy["signal"] == "confidence" else torch.cumprod(confidence, 0)
     below = (score < policy["threshold"]).nonzero()
     return int(below[0]) if len(below) else new_tokens
 
 
-def test_run_obeys_the_rule_and_shows_a_prefix_of_the_full_generation(completion_artifact):
-    model, data, out, summary = completion_artifact
-    assert summary["policy"]["threshold"] is not None
-    for words in (12, 20):
-        prompt = " ".join(data.read_text().split()[:words])
+@pytest.fixture(scope="module")
+def mid_completion_rule(completion_artifact, tmp_path_factory):
+    """The certified artifact with its rule moved to a prefix threshold that stops both test prompts mid-completion
+    (the certified one stops a random model before its first token, which would leave nothing to compare): this
+    fixture is about obeying a rule, `test_stop_certifies_a_completion_rule_and_records_it` about certifying one."""
+    import shutil
+
+    model, data, out, _ = completion_artifact
+    prompts = [" ".join(data.read_text().split()[:words]) for words in (12, 20)]
+    prefix = [torch.cumprod(_greedy_scores(model, p, 8), 0) for p in prompts]
+    low, high = max(float(s[5]) for s in prefix), min(float(s[0]) for s in prefix)
+    assert low < high, "no prefix threshold stops both prompts between their first and seventh token"
+    moved = tmp_path_factory.mktemp("mid-rule") / "artifact"
+    shutil.copytree(out, moved)
+    manifest = json.loads((moved / "dyninfer.json").read_text())
+    policy = manifest["stages"]["stop"]["rules"]["completion"]["policy"]
+    policy |= {"signal": "prefix", "threshold": (low * high) ** 0.5}
+    (moved / "dyninfer.json").write_text(json.dumps(manifest))
+    return model, prompts, moved, policy
+
+
+def test_run_obeys_the_rule_and_shows_a_prefix_of_the_full_generation(mid_completion_rule):
+    model, prompts, out, policy = mid_completion_rule
+    for prompt in prompts:
         full = json.loads(invoke("run", out, prompt, "--raw", "--mode", "full", "-n", "8", "--json").stdout)
         stopped = invoke("run", out, prompt, "--raw", "--mode", "full", "-n", "8", "--stop", "completion", "--json")
         assert stopped.exit_code == 0, stopped.output
         stopped = json.loads(stopped.stdout)
         shown = [t["id"] for t in stopped["tokens"]]
+        assert 1 <= len(shown) < 8  # the rule stops mid-completion: the comparison below has tokens on both sides
         assert shown == [t["id"] for t in full["tokens"]][: len(shown)]
-        assert len(shown) == _shown_under_rule(model, prompt, summary["policy"], 8)
-        assert stopped["stop"]["reason"] == ("rule" if len(shown) < 8 else "budget")
+        assert len(shown) == _shown_under_rule(model, prompt, policy, 8)
+        assert stopped["stop"]["reason"] == "rule" and stopped["stop"]["spent"] == len(shown)
 
 
 def test_bench_measures_the_rule_side_by_side_per_request(completion_artifact):
@@ -102,22 +117,53 @@ def test_bench_measures_the_rule_side_by_side_per_request(completion_artifact):
     assert stopped["tokens_per_request"] == 0 and stopped["ended"] == {"rule": 3}
 
 
+@pytest.fixture(scope="module")
+def answering(tmp_path_factory):
+    return answering_model(tmp_path_factory.mktemp("answering-model"))
+
+
 @pytest.mark.slow
-def test_reasoning_rule_on_a_character_model_and_run_answers_with_it(char_model, tmp_path):
+def test_reasoning_rule_on_a_character_model_and_run_answers_with_it(answering, tmp_path):
+    """The certified rule of a model whose every probe answers: `run` answers at the probe the recorded chain says
+    the rule fires at, showing the chain up to it, the forced continuation and the answer."""
+    from dyninfer.compressors.stop_obey import ProbeVocabulary, ReasoningStopper
+    from dyninfer.compressors.stop_simulate import Probe, ReasoningRun
+    from dyninfer.core.layered import LayeredModel
+    from dyninfer.core.policies import StopPolicy
+    from dyninfer.runtime.dynamic import DynamicModel
+
     out = tmp_path / "artifact"
-    result = invoke("stop", char_model, *REASONING_ARGS, "--data", "builtin:arithmetic:1", "--condition", "all", "--out", out, "--json")
+    # 24 calibration problems certify target 0.8 at epsilon 0.05 when nothing is lost (0.8^24 < 0.05; 0.95 needs 59)
+    args = [*REASONING_ARGS, "--data", "builtin:arithmetic:1", "--condition", "all", "--target", "0.8"]
+    result = invoke("stop", answering, *args, "--out", out, "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["policy"]["workload"] == "reasoning"
+    policy = summary["policy"]
+    assert policy["workload"] == "reasoning" and policy["threshold"] is not None  # stopping at once loses no answer
     # --probe-at auto: both probe sites (and both signals) were weighed on the fit problems
-    assert summary["policy"]["probe_at"] in ("sentences", "lines")
+    assert policy["probe_at"] in ("sentences", "lines")
     assert {f"{s} at {p} ends" for s in ("confidence", "stable") for p in ("sentence", "line")} == set(summary["fit"])
     assert summary["certificate"]["heldout_never"]["tokens_saved"] == 0  # a rule that never stops runs no probe
-    run = invoke(
-        "run", out, "Ada has 3 apples and gets 4 more. How many?", "--raw", "--mode", "full", "-n", "40", "--stop", "reasoning", "--json"
-    )
+    # The question's full chain with every probe recorded, by the library's own loop, and where the rule fires on it.
+    prompt = "Ada has 3 apples and gets 4 more. How many?"
+    tokenizer = AutoTokenizer.from_pretrained(answering)
+    vocabulary = ProbeVocabulary.from_tokenizer(tokenizer, policy["probe_suffix"])
+    recorder = ReasoningStopper(StopPolicy.from_dict(policy | {"threshold": None}), vocabulary, record_only=True)
+    model = DynamicModel(LayeredModel(AutoModelForCausalLM.from_pretrained(answering)), None, None)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    chain = model.generate(ids, 40, mode="full", eos_token_id=tokenizer.eos_token_id, stop=recorder).tokens[0].tolist()
+    sites = vocabulary.sites(policy["probe_at"])
+    probes = [(b, t) for b, t in recorder.probes if chain[b - 1] in sites]
+    recorded = ReasoningRun(len(chain), None, 0.0, [Probe(b, t.value(vocabulary), t.confidence, t.cost) for b, t in probes])
+    fires = [score >= policy["threshold"] for score in recorded.probe_scores(policy["signal"])]
+    assert any(fires), "the rule never fires on this chain: the run below would prove nothing"
+    boundary, trial = probes[fires.index(True)]
+    run = invoke("run", out, prompt, "--raw", "--mode", "full", "-n", "40", "--stop", "reasoning", "--json")
     assert run.exit_code == 0, run.output
-    assert json.loads(run.stdout)["stop"]["reason"] in ("answered", "budget", "end of sequence")
+    shown = json.loads(run.stdout)
+    assert shown["stop"]["reason"] == "answered" and shown["stop"]["probes"] == fires.index(True) + 1
+    assert [t["id"] for t in shown["tokens"]] == chain[:boundary] + vocabulary.suffix + trial.ids
+    assert tokenizer.decode(trial.ids).strip() == "7" and shown["stop"]["spent"] == recorded.stop(policy["signal"], policy["threshold"])[1]
 
 
 def _unchanged(path, before):
