@@ -262,8 +262,11 @@ def test_a_completion_stop_rule_on_the_bundled_model_saves_tokens_on_unseen_code
     summary = json.loads(result.stdout)
     held, never = summary["certificate"]["heldout"], summary["certificate"]["heldout_never"]
     assert never["tokens_saved"] == 0.0 and 0.0 < never["precision_without"] < 1.0
-    if summary["policy"]["threshold"] is not None:
-        assert held["tokens_saved"] > 0.0 and held["precision_shown"] >= never["precision_without"]
+    # A rule is certified (the model continues some code right, and 0.8 needs only 14 valued units that lose
+    # nothing), and on held-out code it saves tokens and shows a higher share of right ones than generating all.
+    assert summary["policy"]["threshold"] is not None, summary["statement"]
+    assert summary["certificate"]["ltt"]["n"] >= 14
+    assert held["tokens_saved"] > 0.0 and held["precision_shown"] > never["precision_without"]
     run = CliRunner().invoke(
         app, ["run", str(out), "import os\nimport sys\n", "--raw", "--mode", "full", "-n", "16", "--stop", "completion", "--json"]
     )
