@@ -259,20 +259,54 @@ class SteerRecord(StageRecord):
     STAGE: ClassVar[str] = stages.STEER
     methods: dict = field(default_factory=dict)  # method -> its extraction (and sweep) record
     applied: Any = None  # {method, alpha} baked into the weights by every loader (checked where it is baked)
+    sweeps: dict = field(default_factory=dict)  # method -> the summary of its direction's last sweep
 
     def check(self) -> None:
         self._expect("methods", dict)
+        self._expect("sweeps", dict)
+
+
+@dataclass
+class TrainedWindows:
+    """The corpus windows something trained on (a tuned lens, a tune-exits LoRA): enough to find them again in
+    another split of that corpus (runtime/loader.lens_overlaps)."""
+
+    data: str  # the corpus spec
+    window_len: int  # corpus tokens per window
+    windows: list[int]  # the windows' indices in the corpus
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw) -> TrainedWindows:
+        if not isinstance(raw, dict):
+            raise ValueError("the trained windows are not an object")
+        trained = cls(raw.get("data"), raw.get("window_len"), raw.get("windows"))
+        if not isinstance(trained.data, str) or not (is_integer(trained.window_len) and trained.window_len >= 1):
+            raise ValueError(f"the trained windows' data {trained.data!r} or window_len {trained.window_len!r}")
+        if not isinstance(trained.windows, list) or not all(is_integer(w) and w >= 0 for w in trained.windows):
+            raise ValueError("the trained windows' indices are not whole numbers")
+        return trained
 
 
 @dataclass
 class TuneRecord(StageRecord):
     STAGE: ClassVar[str] = stages.TUNE
-    windows: dict | None = None  # the corpus windows the LoRA trained on (lens_provenance)
+    windows: TrainedWindows | None = None  # the corpus windows the LoRA trained on
     tuned: dict = field(default_factory=dict)  # the tuned model's held-out measures (agreement per depth, ...)
     fingerprint: str | None = None  # the LoRA delta's hash
 
+    @classmethod
+    def _typed(cls, raw: dict, version: int, stored: dict) -> dict:
+        try:
+            if stored.get("windows") is not None:
+                stored["windows"] = TrainedWindows.from_dict(stored["windows"])
+        except ValueError as exc:
+            raise cls._invalid(str(exc)) from None
+        return stored
+
     def check(self) -> None:
-        self._expect("windows", dict)
         self._expect("tuned", dict)
         self._expect("fingerprint", str)
 
@@ -295,8 +329,12 @@ class LensRecord(StageRecord):
         self._expect("window_len", int)
         self._expect("windows", list)
 
-    def provenance(self) -> dict:
-        return {"data": self.data, "window_len": self.window_len, "windows": self.windows}
+    def provenance(self) -> TrainedWindows | None:
+        """The lens's training windows (None: a record without them)."""
+        try:
+            return TrainedWindows.from_dict({"data": self.data, "window_len": self.window_len, "windows": self.windows})
+        except ValueError:
+            return None
 
 
 @dataclass

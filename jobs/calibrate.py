@@ -27,7 +27,7 @@ from dyninfer.core.cost import count_costs, measured_cost, profile_is_stale, spe
 from dyninfer.core.errors import DyninferError, option
 from dyninfer.core.lenses import LogitLens
 from dyninfer.core.progress import ProgressFn
-from dyninfer.core.records import CalibrateRecord, CorpusDraw, ExitCertificate, TuneRecord
+from dyninfer.core.records import CalibrateRecord, CorpusDraw, ExitCertificate, TrainedWindows, TuneRecord
 from dyninfer.early_exit.certify import CalibrationResult, run_calibrations
 from dyninfer.jobs.configs import CalibrateConfig
 from dyninfer.jobs.plots import calibration_curve_png
@@ -207,7 +207,7 @@ def check_draw(config: CalibrateConfig, windows, lens_tokens: int = 0, excluded:
     draw_units(config, windows, lens_rows | excluded)
 
 
-def _trained_rows(provenance: dict | None, windows, draw: Draw) -> tuple[set[int], int | None]:
+def _trained_rows(provenance: TrainedWindows | None, windows, draw: Draw) -> tuple[set[int], int | None]:
     """The train rows a record's windows cover, and how many of the draw's held-out rows they touch (None: other data)."""
     train_rows = torch.arange(windows.train.shape[0])
     seen = {int(r) for r, hit in zip(train_rows, lens_overlaps(provenance, windows, "train", train_rows) or []) if hit}
@@ -226,7 +226,7 @@ def lens_notes(ws, windows, draw: Draw) -> tuple[set[int], list[str]]:
     seen, overlap = _trained_rows(provenance, windows, draw)
     notes = []
     if overlap is None:
-        notes.append(f"the tuned lens was trained on other data ({provenance.get('data')})")
+        notes.append(f"the tuned lens was trained on other data ({provenance.data})")
     elif overlap:
         notes.append(
             f"the tuned lens trained on text of {overlap} held-out windows (another seed or window length "
@@ -244,7 +244,7 @@ def tuning_notes(record: TuneRecord | None, windows, draw: Draw) -> tuple[set[in
     seen, overlap = _trained_rows(provenance, windows, draw)
     if overlap is None:
         return seen, [
-            f"the model was tuned on other data ({(provenance or {}).get('data')}); the guarantee assumes "
+            f"the model was tuned on other data ({provenance.data if provenance else 'unknown'}); the guarantee assumes "
             "the tuning saw none of this calibration's text"
         ]
     if overlap:

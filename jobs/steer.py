@@ -136,7 +136,7 @@ def extract(
     artifact.put_tensors(stages.STEERING_GROUP, steering.tensors())
     stage = SteerRecord.read(artifact) or SteerRecord()
     stage.methods[config.method] = record
-    stage.report.get("sweeps", {}).pop(config.method, None)  # a sweep of the old direction no longer applies
+    stage.sweeps.pop(config.method, None)  # a sweep of the old direction no longer applies
     if isinstance(stage.applied, dict) and stage.applied.get("method") == config.method:
         stage.applied = None  # the applied direction changed: apply it again deliberately
     stage.write(artifact)
@@ -233,7 +233,7 @@ def sweep(
     if applied(artifact):
         notes.append("the sweep starts from the base model; the artifact's applied α is not part of it")
     stage = SteerRecord.read(artifact)
-    stage.report.setdefault("sweeps", {})[method] = result.summary()
+    stage.sweeps[method] = result.summary()
     stage.write(artifact)
     return SweepReport(artifact, result, notes)
 

@@ -218,7 +218,8 @@ def _untrained_order(artifact: Artifact, windows: TokenWindows) -> tuple[torch.T
     seen = lens_overlaps(record.windows, windows, "train", order)
     if seen is None:
         return order, [
-            f"the model was tuned on other data ({(record.windows or {}).get('data')}); the guarantee assumes the tuning saw none of it"
+            f"the model was tuned on other data ({record.windows.data if record.windows else 'unknown'}); the guarantee assumes the "
+            "tuning saw none of it"
         ]
     held = trained_on(record.windows, windows, "heldout", windows.order("heldout"))
     notes = [f"the model was tuned on text of {held} held-out windows; held-out numbers are optimistic"] if held else []

@@ -188,10 +188,11 @@ def run(
         inside[vocabulary] = True
         report.draft_vocabulary = {"size": int(vocabulary.numel()), "heldout_coverage": float(inside[heldout[:, 1:]].float().mean())}
     ws.artifact.put_tensors(stages.TUNING_GROUP, tensors)
-    TuneRecord.from_dict(
-        {k: v for k, v in report.summary().items() if k != "command"}
-        | {"fingerprint": fingerprint(delta), "windows": lens_provenance(windows, rows)}
-    ).write(ws.artifact)
+    summary = {k: v for k, v in report.summary().items() if k not in ("command", "tuned")}
+    record = TuneRecord(
+        windows=lens_provenance(windows, rows), tuned=report.tuned.to_dict(), fingerprint=fingerprint(delta), report=summary
+    )
+    record.write(ws.artifact)
     report.artifact = ws.artifact
     return report
 

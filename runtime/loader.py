@@ -37,7 +37,7 @@ from dyninfer.core.models import LoadedModel, load_model, load_tokenizer
 from dyninfer.core.placement import CPU_FLOAT32, Placement
 from dyninfer.core.policies import ExitPolicy, StopPolicy
 from dyninfer.core.progress import ProgressFn, silent
-from dyninfer.core.records import CalibrateRecord, LensRecord, PruneRecord, StopRecord
+from dyninfer.core.records import CalibrateRecord, LensRecord, PruneRecord, StopRecord, TrainedWindows
 from dyninfer.early_exit.confidence import ExitClassifier
 from dyninfer.runtime.dynamic import DynamicModel
 
@@ -154,11 +154,11 @@ class Workspace:
         finally:
             self.timings["tuned_lens_s"] = time.perf_counter() - started
 
-    def lens_windows(self) -> dict | None:
+    def lens_windows(self) -> TrainedWindows | None:
         """Where the artifact's tuned lens was trained (`lens_provenance`), or None when unknown."""
         return _lens_windows(self.artifact)
 
-    def _store(self, lens: TunedLens, provenance: dict | None) -> None:
+    def _store(self, lens: TunedLens, provenance: TrainedWindows | None) -> None:
         """Put the lens in the artifact's exits group, keeping whatever else the group holds, and where it trained."""
         exits = dict(self.artifact.tensors.get(stages.EXITS_GROUP, {}))
         exits.update(lens.tensors())
@@ -166,24 +166,20 @@ class Workspace:
         if provenance is None:
             LensRecord.clear(self.artifact)
         else:
-            LensRecord(**provenance).write(self.artifact)
+            LensRecord(data=provenance.data, window_len=provenance.window_len, windows=provenance.windows).write(self.artifact)
 
 
-def _lens_windows(artifact: Artifact) -> dict | None:
+def _lens_windows(artifact: Artifact) -> TrainedWindows | None:
     record = LensRecord.read(artifact)
     return None if record is None else record.provenance()
 
 
-def lens_provenance(windows: TokenWindows, rows) -> dict:
-    """The corpus windows a lens trained on: enough to find them again in another split of that corpus."""
-    return {
-        "data": windows.spec,
-        "window_len": windows.stride,  # corpus tokens per window
-        "windows": [int(i) for i in windows.index("train")[rows]],
-    }
+def lens_provenance(windows: TokenWindows, rows) -> TrainedWindows:
+    """The corpus windows a lens (or a tuning) trained on: `rows` of the train split."""
+    return TrainedWindows(windows.spec, windows.stride, [int(i) for i in windows.index("train")[rows]])
 
 
-def trained_on(provenance: dict | None, windows: TokenWindows, split: str, rows) -> int | None:
+def trained_on(provenance: TrainedWindows | None, windows: TokenWindows, split: str, rows) -> int | None:
     """How many of `rows` of `split` share corpus tokens with the windows `provenance` records.
 
     None when that cannot be known: no record, or a lens trained on another corpus.
@@ -192,12 +188,12 @@ def trained_on(provenance: dict | None, windows: TokenWindows, split: str, rows)
     return None if overlaps is None else sum(overlaps)
 
 
-def lens_overlaps(provenance: dict | None, windows: TokenWindows, split: str, rows) -> list[bool] | None:
+def lens_overlaps(provenance: TrainedWindows | None, windows: TokenWindows, split: str, rows) -> list[bool] | None:
     """Per row of `rows` of `split`: does it share corpus tokens with the lens's windows (None: unknown)."""
-    if not provenance or provenance.get("data") != windows.spec:
+    if provenance is None or provenance.data != windows.spec:
         return None
-    length = provenance["window_len"]
-    seen = sorted((i * length, (i + 1) * length) for i in provenance["windows"])
+    length = provenance.window_len
+    seen = sorted((i * length, (i + 1) * length) for i in provenance.windows)
     starts = [a for a, _ in seen]
     here = windows.stride
     overlaps = []

@@ -63,7 +63,7 @@ def test_an_artifact_of_release_0_1_0_reads_through_the_typed_records():
     assert {k: written[k] for k in stored} == stored and written[VERSION_KEY] == CalibrateRecord.VERSION == 2
     assert CalibrateRecord.from_dict(written) == calibration  # and reads back the same
     tuned = TuneRecord.read(Artifact.load(RELEASE / "tuned"))
-    assert tuned.fingerprint and tuned.windows["windows"] and len(tuned.agreement()) == 4
+    assert tuned.fingerprint and tuned.windows.windows and len(tuned.agreement()) == 4
 
 
 def test_the_release_artifact_runs_with_its_policy_pruning_and_steering(tmp_path):

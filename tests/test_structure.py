@@ -138,6 +138,63 @@ def test_every_benchmark_records_where_its_numbers_come_from():
     assert missing == []
 
 
+# The modules where stored JSON becomes typed records and back (the disk boundary): the records themselves, the
+# artifact's and the package's manifest formats, and the model cache's record.
+RECORD_BOUNDARY = {"core/records.py", "core/policies.py", "runtime/package_format.py", "core/artifacts.py", "core/artifact_files.py", "core/models.py"}
+# An expression that holds a record, a manifest or a certificate, or a record turned back into a dict.
+RECORD_HOLDER = re.compile(r"record|calibration|manifest|certificate|\brule\b|stage|\.report\b|to_dict\(\)")
+
+
+def _typed_record_keys() -> set[str]:
+    """The field names of every typed record, and the keys a version-1 record kept them under."""
+    from dyninfer.core import policies, records
+    from dyninfer.runtime import package_format
+
+    classes = [
+        *records.RECORDS.values(),
+        records.ExitCertificate,
+        records.CorpusDraw,
+        records.StopRule,
+        records.StopDraw,
+        records.TrainedWindows,
+        package_format.PackageManifest,
+        package_format.PackageCertificate,
+        package_format.PackageStopRule,
+        policies.ExitPolicy,
+        policies.StopPolicy,
+    ]
+    return ({f.name for c in classes for f in dataclasses.fields(c)} | {"ltt", "summary", "config", "lambdas"}) - {"report", "path"}
+
+
+def test_records_are_read_by_attribute_not_by_nested_keys():
+    """A stage record, a stop rule, a package manifest or a certificate is read through its typed attributes: the
+    dicts it is stored as are parsed at the disk boundary (RECORD_BOUNDARY) and never indexed elsewhere, and no
+    record is turned back into a dict to be read (`.report` keeps only what was reported, for reports)."""
+    import ast
+
+    keys = _typed_record_keys()
+    assert {"threshold", "certificate", "kv_layout", "draw", "candidates"} <= keys  # the collection works
+    found = []
+    for package in [*LIBRARY, "certification"]:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            relative = path.relative_to(ROOT).as_posix()
+            if relative in RECORD_BOUNDARY:
+                continue
+            source = path.read_text()
+            for node in ast.walk(ast.parse(source)):
+                if isinstance(node, ast.Subscript):
+                    key, holder = node.slice, node.value
+                elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("get", "setdefault"):
+                    key, holder = (node.args or [None])[0], node.func.value
+                else:
+                    continue
+                text = ast.get_source_segment(source, holder) or ""
+                keyed = isinstance(key, ast.Constant) and isinstance(key.value, str)
+                if text.endswith(".report") or (keyed and key.value in keys and RECORD_HOLDER.search(text)):
+                    found.append(f"{relative}:{node.lineno}: {ast.get_source_segment(source, node)}")
+    assert found == []
+
+
 def test_stage_records_are_read_and_written_only_through_core_records():
     """No library module reaches into an artifact's stage dicts by key: core/records.py is the one door."""
     pattern = re.compile(r"\.stages(\.get\(|\[|\.pop\()|\bset_stage\(")
