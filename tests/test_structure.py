@@ -140,7 +140,14 @@ def test_every_benchmark_records_where_its_numbers_come_from():
 
 # The modules where stored JSON becomes typed records and back (the disk boundary): the records themselves, the
 # artifact's and the package's manifest formats, and the model cache's record.
-RECORD_BOUNDARY = {"core/records.py", "core/policies.py", "runtime/package_format.py", "core/artifacts.py", "core/artifact_files.py", "core/models.py"}
+RECORD_BOUNDARY = {
+    "core/records.py",
+    "core/policies.py",
+    "runtime/package_format.py",
+    "core/artifacts.py",
+    "core/artifact_files.py",
+    "core/models.py",
+}
 # An expression that holds a record, a manifest or a certificate, or a record turned back into a dict.
 RECORD_HOLDER = re.compile(r"record|calibration|manifest|certificate|\brule\b|stage|\.report\b|to_dict\(\)")
 
