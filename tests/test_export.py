@@ -218,6 +218,24 @@ def test_a_tuned_lens_package_stores_only_its_exits_translators(tmp_path):
     assert stored == [[hidden], [hidden, hidden]]  # exit 1's translator alone, not the [3, d, d] stack
 
 
+def test_a_package_of_format_2_still_runs_like_the_torch_model():
+    """A package written by an earlier release (format 2: the KV cache concatenated each step, no next_token output;
+    tests/fixtures/package-format-2/README.md) loads and decodes as today's torch dynamic model does."""
+    from pathlib import Path
+
+    runtime = OnnxDecoder(Path(__file__).parent / "fixtures" / "package-format-2", provider="cpu")
+    assert runtime.manifest.version == 2 and runtime.manifest.kv_layout == "concat" and not runtime.greedy_output
+    lm = LayeredModel(tiny_model("llama", layers=3))
+    dynamic = DynamicModel(lm, runtime.manifest.policy, LogitLens(lm))
+    prompt = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(5))
+    reference = dynamic.generate(prompt, 24, return_logits=True)
+    ours = runtime.generate(prompt.numpy(), 24, return_logits=True)
+    assert np.array_equal(ours.tokens, reference.tokens.numpy()) and ours.exit_layers == reference.exit_layers
+    assert len(set(reference.exit_layers[1:])) > 1  # exits and full-depth steps both compared
+    for a, b in zip(ours.logits, reference.logits):
+        np.testing.assert_allclose(a, b.numpy(), atol=1e-3, rtol=0)
+
+
 def test_exit_translators_translate_as_the_lens_does():
     lm = LayeredModel(tiny_model("llama", layers=4))
     lens = _random_tuned_lens(lm)
