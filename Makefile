@@ -27,7 +27,9 @@ demo: install
 lint:
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
-	lint-imports
+	# import-linter has no `python -m` entry: its console script, run by this interpreter (a virtualenv's
+	# Python need not be activated, nor its bin/ on PATH)
+	$(PYTHON) -c "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
 
 test: install lint
 	$(PYTHON) -m pytest -q $(PARALLEL)

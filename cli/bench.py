@@ -11,6 +11,7 @@ from rich.table import Table
 
 from dyninfer.cli import options as opt
 from dyninfer.cli.output import gates_failed, handle_errors, notes, print_json, progress_reporter, stdout
+from dyninfer.core.choices import COMPLETION
 from dyninfer.jobs.configs import BenchConfig
 
 if TYPE_CHECKING:  # the jobs load torch: a command imports its job when it runs (fast --help)
@@ -85,7 +86,7 @@ def render(result: BenchResult) -> None:
 def render_stop(result: StopBenchResult) -> None:
     title = f"{result.workload} stop rule: {result.prompts} held-out requests, up to {result.new_tokens} new tokens, batch 1, greedy"
     table = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left")
-    quality = ("value_kept", "mean_share_kept", "precision_shown") if result.workload == "completion" else ("accuracy", "right_kept")
+    quality = ("value_kept", "mean_share_kept", "precision_shown") if result.workload == COMPLETION else ("accuracy", "right_kept")
     for name in (
         "runner",
         "s/request",

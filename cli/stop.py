@@ -11,6 +11,7 @@ from rich.table import Table
 
 from dyninfer.cli import options as opt
 from dyninfer.cli.output import handle_errors, notes, run_and_save, stdout
+from dyninfer.core.choices import COMPLETION
 from dyninfer.jobs.configs import StopConfig
 
 if TYPE_CHECKING:
@@ -40,14 +41,14 @@ Examples:
 
 def render(report: job.StopReport) -> None:
     cert, policy = report.certificate, report.policy
-    units = "prompts" if policy.workload == "completion" else "problems"
+    units = "prompts" if policy.workload == COMPLETION else "problems"
     stdout.print(f"[bold]Stop rule ({policy.workload})[/]: {escape(report.base_model['spec'])} on {escape(report.data['spec'])}")
     stdout.print(escape(policy.describe()))
     stdout.print(escape(cert.statement()))
     fit = ", ".join(f"{s}: {f['tokens_saved']:.1%} saved" for s, f in report.fit.items())
     stdout.print(f"[dim]signal chosen on the fit {units} ({fit}); {len(cert.ltt.lambdas)} candidates tested in fixed sequence.[/]")
     table = Table(box=box.SIMPLE_HEAD, title=f"held-out {units}, with and without the rule", title_justify="left")
-    if policy.workload == "completion":
+    if policy.workload == COMPLETION:
         columns = ("rule", "tokens saved", "value kept", "mean share kept", "precision of shown tokens")
         keys = ("tokens_saved", "value_kept", "mean_share_kept", "precision_shown")
     else:

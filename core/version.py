@@ -1,3 +1,3 @@
 """The version of dyninfer (also written into every artifact)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

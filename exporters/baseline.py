@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from dyninfer.core.choices import PROVIDER_NAMES
 from dyninfer.core.errors import DyninferError
 from dyninfer.runtime.package_format import read_package
 
@@ -47,7 +48,7 @@ def load_optimum_baseline(package, provider: str, full: bool = False) -> Optimum
     folder = manifest.path / folder
     try:
         model = ORTModelForCausalLM.from_pretrained(
-            folder, provider=provider, use_cache=True, use_io_binding=provider == "CUDAExecutionProvider"
+            folder, provider=provider, use_cache=True, use_io_binding=provider == PROVIDER_NAMES["cuda"]
         )
     except Exception as exc:
         raise DyninferError(

@@ -10,6 +10,8 @@ import base64
 import html
 from dataclasses import dataclass, field
 
+from dyninfer.core.choices import COMPLETION
+
 
 @dataclass
 class Table:
@@ -283,7 +285,7 @@ def sections(report) -> list[Section]:
 
 def stop_section(stop: dict) -> Section:
     policy, held, never = stop["policy"], stop["heldout"], stop["heldout_never"]
-    completion = policy["workload"] == "completion"
+    completion = policy["workload"] == COMPLETION
     units = "prompts" if completion else "problems"
     rule = "never stops" if policy["threshold"] is None else f"{policy['signal']} threshold {policy['threshold']:.4g}"
     if completion:

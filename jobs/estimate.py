@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dyninfer.core.choices import GENERATION_RISK, TUNED
+from dyninfer.core.choices import COMPLETION, GENERATION_RISK, TUNED
 from dyninfer.core.cost import CostModel
 from dyninfer.core.layered import LayeredModel
 from dyninfer.jobs.configs import AuditConfig
@@ -97,7 +97,7 @@ def audit_plan(config: AuditConfig, lm: LayeredModel, costs: CostModel, rates: R
     if config.stop is not None:  # one full generation per unit (completions batched; chains one at a time, probes ~1/3 more)
         stop = config.stop_config()
         units = stop.fit_prompts + stop.prompts + stop.heldout_prompts
-        if stop.workload == "completion":
+        if stop.workload == COMPLETION:
             plan["stop"] = units * (stop.prompt_tokens * layers / rates.batched + stop.new_tokens * (layers + costs.head) / rates.decode)
         else:
             plan["stop"] = 1.33 * units * stop.chain_tokens * (layers + costs.head) / (rates.decode / max(1, config.calibrate.batch_size))

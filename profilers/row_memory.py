@@ -16,6 +16,8 @@ import resource
 import subprocess
 import sys
 
+from dyninfer.core.choices import PROVIDER_NAMES
+
 KINDS = ("transformers", "optimum", "package")
 _MIB = 2**20
 
@@ -90,7 +92,7 @@ def _decode(kind: str, path: str, prompt: list[int], new_tokens: int, provider: 
         from dyninfer.exporters.baseline import OptimumBaseline
 
         imported = _rss_mib()
-        runtime = "CUDAExecutionProvider" if provider == "cuda" else "CPUExecutionProvider"
+        runtime = PROVIDER_NAMES[provider]
         model = ORTModelForCausalLM.from_pretrained(path, provider=runtime, use_cache=True, use_io_binding=provider == "cuda")
         OptimumBaseline(model).greedy(ids, new_tokens)
         return imported

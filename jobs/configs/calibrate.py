@@ -57,7 +57,7 @@ class CalibrateConfig(PlacementOptions):
     # More targets to calibrate on the same traces (reported; the artifact keeps `target`'s policy).
     extra_targets: tuple[float, ...] = ()
     # generation risk: continue each candidate's runs from the previous candidate's (the same certified result for
-    # less work, early_exit/generation.py's CandidateRuns); False generates every candidate anew (benchmarks compare)
+    # less work, certification/exits.py's CandidateRuns); False generates every candidate anew (benchmarks compare)
     reuse_runs: bool = True
 
     def validate(self) -> None:
