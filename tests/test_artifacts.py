@@ -448,3 +448,32 @@ def test_error_messages_single_line_even_with_newlines_in_inputs(tmp_path):
     with pytest.raises(DyninferError) as ei:
         art.check_base_model(OTHER_HASH, spec="other\nmodel")
     _assert_one_line(ei)
+
+
+def test_library_callers_of_run_and_save_queue_on_one_artifact(tmp_path):
+    """jobs.writer.run_and_save holds the artifact's writer lock from before the job reads until it saved: a second
+    caller (here a thread of the same process) waits, is told so, and reads only once the first has saved."""
+    import threading
+    import time
+
+    from dyninfer.jobs.writer import run_and_save
+
+    out, events, waited = tmp_path / "artifact", [], []
+
+    def run(config, progress=None, existing=None):
+        events.append(f"{config} reads")
+        time.sleep(0.3 if config == "first" else 0.0)
+        return config
+
+    def save(report, target, on_wait):
+        events.append(f"{report} saves")
+        return target
+
+    first = threading.Thread(target=run_and_save, args=(run, save, "first", out))
+    first.start()
+    while not events:
+        time.sleep(0.01)
+    report, target = run_and_save(run, save, "second", out, on_wait=lambda: waited.append(True))
+    first.join()
+    assert events == ["first reads", "first saves", "second reads", "second saves"]
+    assert waited == [True] and (report, target) == ("second", out)
