@@ -44,7 +44,7 @@ from dyninfer.jobs.configs import PruneConfig
 from dyninfer.jobs.plots import pruning_sweep_png
 from dyninfer.profilers.exit_probe import heldout_quality
 from dyninfer.profilers.prune_bench import SpeedResult, measure_speed
-from dyninfer.runtime.loader import ModelSession, Workspace, open_workspace
+from dyninfer.runtime.loader import ModelSession, Workspace, workspace_for
 
 
 @dataclass
@@ -192,17 +192,14 @@ def _open_prunable_workspace(
     config: PruneConfig, progress: ProgressFn | None, existing: str | Artifact | None, session: ModelSession | None
 ) -> Workspace:
     """The workspace with the dense model (masks taken out); refuses models and ranks pruning cannot use."""
-    ws = open_workspace(
-        config.model,
+    ws = workspace_for(
+        config,
         config.data,
-        field=config.field,
-        seq_len=config.seq_len,
-        seed=config.seed,
+        config.seq_len,
         existing=existing,
         progress=progress,
-        apply_pruning=False,
         session=session,
-        placement=config.placement(),
+        apply_pruning=False,
         check_data=lambda windows, stored: (
             windows.take("train", config.calibration_tokens, option="calibration_tokens"),
             windows.take("heldout", config.heldout_tokens, option="heldout_tokens"),
