@@ -414,7 +414,7 @@ def test_lens_overlap_is_found_across_seeds_and_window_lengths(tokenizer):
     rows = first.take_rows("train", 27)
     record = lens_provenance(first, rows)
     seen = set()
-    for k in record["windows"]:
+    for k in record.windows:
         seen.update(range(k * 10, (k + 1) * 10))  # stream tokens of each lens window
     for seed, seq_len in ((0, 9), (1, 9), (2, 13)):
         other = make_windows(DOCUMENTS, tokenizer, spec="unit", seq_len=seq_len, seed=seed)
