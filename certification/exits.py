@@ -11,7 +11,7 @@ free generation one early difference changes everything after it. So here:
 - for each candidate threshold, strict to loose, the dynamic model generates greedily (the
   policy's KV mode, each prompt deciding its exits as it would alone) and a prompt's loss is
   1 - its consistency with the full continuation (tokens, prefix or ROUGE-L);
-- Learn-then-Test over the prompts: fixed-sequence testing with Hoeffding-Bentkus p-values,
+- Learn-then-Test over the prompts: fixed-sequence testing with betting p-values (the losses are shares),
   generating only until the first candidate that is not rejected.
 
 Guarantee: with probability >= 1 - epsilon over the draw of the calibration prompts, the mean
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dyninfer.compressors.ltt import fixed_sequence_test, min_examples
+from dyninfer.compressors.ltt import SHARE_P_VALUE, fixed_sequence_test, min_examples
 from dyninfer.core import distributed
 from dyninfer.core.choices import CONSISTENCY_MEASURES, GENERATION_RISK
 from dyninfer.core.consistency import all_measures, consistency
@@ -374,7 +374,7 @@ def certify_generation(
         shared.runs, shared.held_runs = runner(calibration, consistency_measure), runner(heldout, "tokens")
     _know_continuations(lm, shared, bool(plan.points), batch_size, progress)
     curve: list[CurvePoint] = []
-    ltt, _ = fixed_sequence_test(thresholds, _losses(shared, thresholds, costs, curve), 1.0 - plan.target, epsilon)
+    ltt, _ = fixed_sequence_test(thresholds, _losses(shared, thresholds, costs, curve), 1.0 - plan.target, epsilon, SHARE_P_VALUE)
     for point, p in zip(curve, ltt.p_values):
         point.p_value = p
     policy.threshold = ltt.chosen if ltt.chosen_index is not None and ltt.chosen_index > 0 else None
@@ -410,7 +410,7 @@ def certify_generation(
 
 def _check_enough(prompts: int, target: float, epsilon: float) -> None:
     """Refuse a calibration that could certify nothing even if every continuation matched."""
-    needed = min_examples(1.0 - target, epsilon)
+    needed = min_examples(1.0 - target, epsilon, SHARE_P_VALUE)
     if prompts < needed:
         raise DyninferError(
             f"{prompts} calibration prompts cannot certify anything at target {target:g} and "

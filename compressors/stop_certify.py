@@ -1,6 +1,7 @@
 """Stop rules, certified: Learn-then-Test over the candidate thresholds on calibration units.
 
-Guarantee (Learn-then-Test, Hoeffding-Bentkus or exact binomial p-values): with probability at least
+Guarantee (Learn-then-Test; betting p-values for completion losses, which are shares, exact binomial ones for
+reasoning losses, which are 0 or 1: compressors/ltt.py): with probability at least
 1 - epsilon over the random draw of the calibration units, the certified rule's expected loss is at most
 delta on units exchangeable with them. By default the units are those where there is something to lose
 (a completion with value > 0, a problem the full chain answers right), so the guarantee is about the
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dyninfer.compressors.ltt import LTTResult, learn_then_test
+from dyninfer.compressors.ltt import BINARY_P_VALUE, SHARE_P_VALUE, LTTResult, learn_then_test
 from dyninfer.compressors.stop_simulate import NEVER, CompletionRuns, ReasoningRun, candidate_grid, reasoning_losses, reasoning_outcome
 from dyninfer.core.choices import COMPLETION, REASONING
 from dyninfer.core.errors import DyninferError, option
@@ -75,10 +76,10 @@ class StopCertificate:
         }
 
 
-def _ltt_over(losses: np.ndarray, grid: list[float], delta: float, epsilon: float) -> LTTResult:
+def _ltt_over(losses: np.ndarray, grid: list[float], delta: float, epsilon: float, method: str) -> LTTResult:
     """Fixed-sequence testing in the grid's order (strict to loose: learn_then_test never sorts); the reasoning
     grid's "never" (+inf) is passed as the largest float, then the grid itself is kept as the candidates."""
-    result = learn_then_test(losses, [min(g, np.finfo(float).max) for g in grid], delta, epsilon)
+    result = learn_then_test(losses, [min(g, np.finfo(float).max) for g in grid], delta, epsilon, method)
     result.lambdas = list(grid)
     return result
 
@@ -107,7 +108,7 @@ def certify_completion(
         )
     sub = cal.subset(units)
     losses = np.stack([sub.losses(signal, t) for t in grid])
-    ltt = _ltt_over(losses, grid, 1.0 - target, epsilon)
+    ltt = _ltt_over(losses, grid, 1.0 - target, epsilon, SHARE_P_VALUE)  # a share of the value is lost
     curve = [cal.outcome(signal, t) | {"risk": float(r), "p_value": float(p)} for t, r, p in zip(grid, ltt.risks, ltt.p_values)]
     return StopCertificate(_most_saving(ltt, curve), COMPLETION, signal, condition, curve)
 
@@ -122,7 +123,7 @@ def certify_reasoning(
             f"use easier problems, more of them, or {option('condition')} all"
         )
     losses = np.stack([reasoning_losses(units, signal, t) for t in grid])
-    ltt = _ltt_over(losses, grid, 1.0 - target, epsilon)
+    ltt = _ltt_over(losses, grid, 1.0 - target, epsilon, BINARY_P_VALUE)  # a right answer is lost or not
     curve = [reasoning_outcome(cal, signal, t) | {"risk": float(r), "p_value": float(p)} for t, r, p in zip(grid, ltt.risks, ltt.p_values)]
     return StopCertificate(_most_saving(ltt, curve), REASONING, signal, condition, curve)
 

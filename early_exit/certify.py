@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from dyninfer.compressors.ltt import LTTResult, learn_then_test, min_examples, naive_choice
+from dyninfer.compressors.ltt import SHARE_P_VALUE, LTTResult, learn_then_test, min_examples, naive_choice
 from dyninfer.core.choices import TEACHER_FORCED_RISKS
 from dyninfer.core.cost import CostModel
 from dyninfer.core.errors import DyninferError
@@ -171,7 +171,7 @@ def _certify(
     if not chosen:
         notes.append("no exit point pays for its checks at this target on the fit data; the policy never exits")
     n_windows, window_len = calibration_shape[0], calibration_shape[1] - 1
-    needed = min_examples(1.0 - target, epsilon)
+    needed = min_examples(1.0 - target, epsilon, SHARE_P_VALUE)
     if chosen and n_windows < needed:
         raise DyninferError(
             f"{n_windows} calibration windows cannot certify anything at target {target:g} and "
@@ -182,7 +182,7 @@ def _certify(
     thresholds = candidate_thresholds(plan.fit_trace.confidence) if chosen else [float("inf")]
     sims = [simulate(cal_trace, t, costs, measure, translated, vocab_top_k, d) for t in thresholds]
     losses = np.stack([window_losses(s, cal_trace, risk, n_windows) for s in sims])
-    ltt = learn_then_test(losses, thresholds, delta=1.0 - target, epsilon=epsilon)
+    ltt = learn_then_test(losses, thresholds, delta=1.0 - target, epsilon=epsilon, method=SHARE_P_VALUE)
     naive_index = naive_choice(losses, thresholds, delta=1.0 - target)
     policy.threshold = ltt.chosen if ltt.chosen_index is not None and ltt.chosen_index > 0 else None
     naive_threshold = thresholds[naive_index] if naive_index not in (None, 0) else None

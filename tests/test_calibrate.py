@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from dyninfer.certification.calibrate import calibrate_exits
 from dyninfer.cli.app import app
-from dyninfer.compressors.ltt import learn_then_test
+from dyninfer.compressors.ltt import SHARE_P_VALUE, learn_then_test, min_examples
 from dyninfer.core.artifacts import Artifact
 from dyninfer.core.cost import CostModel, count_costs
 from dyninfer.core.errors import DyninferError
@@ -234,7 +234,11 @@ def test_calibrate_cli_writes_policy(tiny_llama_dir, long_text, tmp_path, measur
         (["--measure", "vibes"], "--measure must be one of"),
         (["--kv-mode", "none"], "--kv-mode must be one of"),
         (["--calibration-tokens", "100000", "--risk", "teacher-forced-consistency"], "one window per unit"),
-        (["--calibration-tokens", "256", "--risk", "teacher-forced-consistency"], "at least 14 are needed"),
+        # the number the certificate's own p-value rule needs at target 0.8, epsilon 0.05 (test_ltt checks min_examples)
+        (
+            ["--calibration-tokens", "256", "--risk", "teacher-forced-consistency"],
+            f"at least {min_examples(0.2, 0.05, SHARE_P_VALUE)} are needed",
+        ),
     ],
 )
 def test_calibrate_bad_options(tiny_llama_dir, long_text, args, fragment):

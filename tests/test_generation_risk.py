@@ -16,7 +16,13 @@ from typer.testing import CliRunner
 from dyninfer.certification import exits as generation_risk
 from dyninfer.certification.exits import PromptSet, certify_generation, full_continuations
 from dyninfer.cli.app import app
-from dyninfer.compressors.ltt import fixed_sequence_test, hoeffding_bentkus_p_value, learn_then_test, min_examples
+from dyninfer.compressors.ltt import (
+    SHARE_P_VALUE,
+    fixed_sequence_test,
+    hoeffding_bentkus_p_value,
+    learn_then_test,
+    min_examples,
+)
 from dyninfer.core import stages
 from dyninfer.core.artifacts import Artifact
 from dyninfer.core.consistency import consistency, prefix_share, rouge_l, token_share
@@ -115,8 +121,8 @@ def test_lazy_fixed_sequence_test_equals_the_full_test_and_stops_early():
         asked.append(j)
         return losses[j]
 
-    lazy, used = fixed_sequence_test(lambdas, losses_of, delta=0.1, epsilon=0.05)
-    full = learn_then_test(losses, lambdas, delta=0.1, epsilon=0.05, method="hoeffding-bentkus")
+    lazy, used = fixed_sequence_test(lambdas, losses_of, delta=0.1, epsilon=0.05, method="betting")
+    full = learn_then_test(losses, lambdas, delta=0.1, epsilon=0.05, method="betting")
     assert lazy.chosen == full.chosen and lazy.chosen_index is not None
     assert asked == list(range(lazy.chosen_index + 2))  # up to the first candidate not rejected, no further
     assert lazy.untested == 15 - len(asked) and used.shape == (len(asked), 200)
@@ -219,7 +225,7 @@ def test_too_few_prompts_says_how_many_are_needed():
     plan.target = 0.95
     prompts = torch.randint(0, VOCAB, (10, 8))
     few = PromptSet(prompts, full_continuations(lm, prompts, 4))
-    with pytest.raises(DyninferError, match="at least 59 are needed"):
+    with pytest.raises(DyninferError, match=f"at least {min_examples(0.05, 0.05, SHARE_P_VALUE)} are needed"):
         certify_generation(
             lm, lens, costs, plan, few, few, _trace_points(lm, lens, prompts[:1], [1, 2]), measure="saturation", epsilon=0.05
         )
@@ -296,7 +302,7 @@ def test_calibrate_generation_cli_caches_continuations(tiny_llama_dir, gen_text,
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["--prompts", "20", "--target", "0.95"], "at least 59 are needed"),
+        (["--prompts", "20", "--target", "0.95"], f"at least {min_examples(0.05, 0.05, SHARE_P_VALUE)} are needed"),
         (["--new-tokens", "0"], "--new-tokens must be at least 1"),
         (["--prompt-tokens", "40"], "longer than the windows"),
         (["--prompts", "5000"], "one window per unit"),

@@ -11,9 +11,12 @@ import pytest
 
 from dyninfer.compressors.ltt import (
     LTTResult,
+    betting_p_value,
     binomial_p_value,
+    examples_needed,
     hoeffding_bentkus_p_value,
     learn_then_test,
+    min_examples,
     naive_choice,
 )
 from dyninfer.core.errors import DyninferError
@@ -147,7 +150,8 @@ def test_method_selection():
     assert learn_then_test(binary, [1, 0], 0.2, 0.1, method="hoeffding-bentkus").method == "hoeffding-bentkus"
     graded = binary * 0.5
     graded[0, 0] = 0.25
-    assert learn_then_test(graded, [1, 0], 0.2, 0.1).method == "hoeffding-bentkus"
+    assert learn_then_test(graded, [1, 0], 0.2, 0.1).method == "betting"
+    assert learn_then_test(graded, [1, 0], 0.2, 0.1, method="hoeffding-bentkus").method == "hoeffding-bentkus"
     with pytest.raises(DyninferError, match="exactly 0 or 1"):
         learn_then_test(graded, [1, 0], 0.2, 0.1, method="binomial")
 
@@ -162,14 +166,14 @@ SLACK = 3 * math.sqrt(EPSILON * (1 - EPSILON) / TRIALS)
 TRUE_RISKS = np.array([0.02, 0.04, 0.06, 0.08, 0.09, 0.095, 0.1, 0.101, 0.103, 0.105, 0.11, 0.15])
 
 
-def simulate(draw_losses, seed: int, n: int = 200) -> dict:
+def simulate(draw_losses, seed: int, n: int = 200, method: str = "auto") -> dict:
     rng = np.random.default_rng(seed)
     lambdas = list(range(len(TRUE_RISKS)))
     ltt_bad = naive_bad = ltt_none = 0
     methods = set()
     for _ in range(TRIALS):
         losses = draw_losses(rng, n)
-        result = learn_then_test(losses, lambdas, DELTA, EPSILON)
+        result = learn_then_test(losses, lambdas, DELTA, EPSILON, method)
         methods.add(result.method)
         if result.chosen_index is None:
             ltt_none += 1
@@ -208,13 +212,38 @@ def test_guarantee_holds_binary_losses():
     assert out["none"] <= 0.05
 
 
-def test_guarantee_holds_bounded_losses():
-    out = simulate(beta_losses, seed=1)
-    assert out["methods"] == {"hoeffding-bentkus"}
+@pytest.mark.parametrize("method", ["hoeffding-bentkus", "betting"])
+def test_guarantee_holds_bounded_losses(method):
+    out = simulate(beta_losses, seed=1, method=method)
+    assert out["methods"] == {method}
     assert out["ltt"] <= EPSILON + SLACK
     assert out["naive"] >= 0.3
     assert out["naive"] >= out["ltt"] + 0.2
     assert out["none"] <= 0.05
+
+
+def test_the_betting_p_value_is_valid_at_the_null_boundary():
+    """Losses whose true mean is exactly delta (the hardest null): the betting p-value falls below epsilon in at most
+    about epsilon of draws, whatever the losses' spread (a constant is the worst case for Hoeffding's bound, a
+    two-point law for Bernstein-type ones)."""
+    rng = np.random.default_rng(5)
+    for draw in (
+        lambda n: rng.beta(0.5, 4.5, n),  # mean 0.1, skewed
+        lambda n: np.where(rng.random(n) < 0.1, 1.0, 0.0),  # 0/1 losses of mean 0.1
+        lambda n: np.full(n, 0.1),  # no spread at all
+    ):
+        rejected = np.mean([betting_p_value(draw(120), 0.1, 0.1) <= 0.1 for _ in range(600)])
+        assert rejected <= 0.1 + 3 * math.sqrt(0.1 * 0.9 / 600)
+
+
+def test_betting_needs_a_third_fewer_units_than_hoeffding_bentkus_for_small_losses():
+    """Target 0.95 at epsilon 0.05 with a measured loss of 1% (issue #42's comparison): Hoeffding-Bentkus reads the
+    mean alone; betting reads the losses' small spread."""
+    hb = examples_needed(0.01, 0.05, 0.05, "hoeffding-bentkus", spread=0.02)
+    bet = examples_needed(0.01, 0.05, 0.05, "betting", spread=0.02)
+    assert bet <= hb * 2 / 3, (bet, hb)
+    # With no loss at all betting pays a little for its caution: 63 units against 59.
+    assert (min_examples(0.05, 0.05, "betting"), min_examples(0.05, 0.05)) == (63, 59)
 
 
 # --- validation -----------------------------------------------------------------------
