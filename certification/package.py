@@ -10,7 +10,7 @@ bound on it. Here the package generates, one prompt at a time as it runs when de
   from the fit split before any calibration prompt was generated; cutting the list where calibration's own test
   stopped only removes candidates, which cannot add a false rejection;
 - the first candidate is the package with exits disabled: quantization error counts against the target too;
-- Learn-then-Test with Hoeffding-Bentkus p-values, generating only until the first candidate not rejected.
+- Learn-then-Test with betting p-values (the losses are shares), generating only until the first candidate not rejected.
 
 Guarantee: with probability >= 1 - epsilon over the draw of the calibration prompts, the mean consistency of this
 package's continuations with the original model's is >= target, on prompts exchangeable with them (the same
@@ -24,10 +24,12 @@ import math
 
 import numpy as np
 
-from dyninfer.compressors.ltt import fixed_sequence_test, min_examples
-from dyninfer.core.choices import CONSISTENCY_MEASURES
+from dyninfer.certification.fidelity import certify_fidelity, decoder_logits
+from dyninfer.compressors.ltt import SHARE_P_VALUE, fixed_sequence_test, min_examples
+from dyninfer.core.choices import CONSISTENCY_MEASURES, FIDELITY_RISK, TOP1
 from dyninfer.core.consistency import all_measures, consistency
 from dyninfer.core.errors import DyninferError
+from dyninfer.core.layered import LayeredModel
 from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.core.records import CalibrateRecord
 from dyninfer.runtime.decoding import Decoder, generate
@@ -73,9 +75,10 @@ def certify_package(
     if n != len(prompts) or n == 0:
         raise DyninferError("the calibration prompts and their continuations do not pair up; re-run `dyninfer calibrate`")
     delta = 1.0 - target
-    if n < min_examples(delta, epsilon):
+    if n < min_examples(delta, epsilon, SHARE_P_VALUE):
         raise DyninferError(
-            f"{n} calibration prompts cannot certify target {target:g} at epsilon {epsilon:g} (at least {min_examples(delta, epsilon)} "
+            f"{n} calibration prompts cannot certify target {target:g} at epsilon {epsilon:g} (at least "
+            f"{min_examples(delta, epsilon, SHARE_P_VALUE)} "
             "are needed); calibrate with more prompts"
         )
     # Exits disabled first (quantization alone may already cost the target), then the candidates that exit.
@@ -93,7 +96,7 @@ def certify_package(
         return 1.0 - scores
 
     # fixed_sequence_test wants numbers: exits disabled is +inf (stricter than every threshold)
-    ltt, _ = fixed_sequence_test([math.inf if c is None else c for c in candidates], losses_of, delta, epsilon)
+    ltt, _ = fixed_sequence_test([math.inf if c is None else c for c in candidates], losses_of, delta, epsilon, SHARE_P_VALUE)
     for point, p in zip(curve, ltt.p_values):
         point["p_value"] = float(p)
     chosen = ltt.chosen_index
@@ -127,13 +130,69 @@ def certify_package(
     )
 
 
+def certify_package_fidelity(
+    runtime: Decoder,
+    lm: LayeredModel,
+    calibration: tuple,
+    heldout: tuple | None,
+    thresholds: list,
+    *,
+    target: float,
+    epsilon: float,
+    original_model: dict,
+    kl_tau: float | None = None,
+    provider: str | None = None,
+    progress: ProgressFn | None = None,
+) -> PackageCertificate:
+    """The fidelity risk on the package (certification/fidelity.py: its step teacher-forced along the original model's
+    cached continuations, `lm` the original model giving the reference distributions), with its free-running
+    consistency on the held-out prompts beside it as information."""
+    certified = certify_fidelity(
+        decoder_logits(runtime), lm, calibration, heldout, thresholds, target=target, epsilon=epsilon, kl_tau=kl_tau, progress=progress
+    )
+    prompts, continuations = (np.asarray(a) for a in calibration)
+    free = None
+    if heldout is not None and certified.full_depth_certified:
+        held_prompts, held_reference = (np.asarray(a) for a in heldout)
+        tokens, mean_layer = package_continuations(
+            runtime, held_prompts, held_reference.shape[1], certified.threshold, progress, "held-out prompts (free-running)"
+        )
+        free = {"prompts": len(held_prompts), "mean_exit_layer": mean_layer} | all_measures(tokens, held_reference)
+    notes = []
+    if not certified.full_depth_certified:
+        first = certified.curve[0]
+        notes.append(
+            f"with exits disabled the package keeps the original model's top-1 token at {first['same_top1']:.3f} of positions on "
+            f"{len(prompts)} prompts: not enough to certify {target:g}; export with more precise weights or loosen the target"
+        )
+    return PackageCertificate(
+        computed_on=ON_PACKAGE,
+        original_model=original_model,
+        measure=TOP1,
+        target=target,
+        epsilon=epsilon,
+        prompts=len(prompts),
+        prompt_tokens=int(prompts.shape[1]),
+        new_tokens=int(continuations.shape[1]),
+        threshold=certified.threshold,
+        full_depth_certified=certified.full_depth_certified,
+        provider=provider,
+        curve=certified.curve,
+        heldout=free,
+        notes=notes,
+        risk=FIDELITY_RISK,
+        kl_tau=kl_tau,
+        fidelity=certified.heldout,
+    )
+
+
 def carried_over(
     calibration: CalibrateRecord | None, original_model: dict, computed_on: str, package_graph: str
 ) -> PackageCertificate | None:
     """The calibration's certified generation bound as the package's certificate, marked as computed on another graph
     (None when calibration certified no generation bound: a teacher-forced risk is about simulated exits)."""
     certificate = None if calibration is None else calibration.certificate
-    if certificate is None or not certificate.on_generation:
+    if certificate is None or not certificate.on_prompts:
         return None
     return PackageCertificate(
         computed_on=computed_on,
@@ -147,4 +206,6 @@ def carried_over(
         threshold=calibration.policy.threshold if calibration.policy is not None else None,
         full_depth_certified=True,  # the torch model at full depth is the original model
         package_graph=package_graph,
+        risk=certificate.risk,
+        kl_tau=certificate.kl_tau,
     )

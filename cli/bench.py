@@ -44,22 +44,38 @@ Examples:
 """  # noqa: E501 (help paragraphs are one line each: Typer keeps line breaks)
 
 
+def _maybe(value, form: str) -> str:
+    return "-" if value is None else form.format(value)
+
+
 def render(result: BenchResult) -> None:
     title = f"{result.prompts} prompts × {result.new_tokens} new tokens, batch 1, KV of skipped layers: {result.kv_mode}"
     table = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left")
     ratios = list(result.modes[0].ratios)  # the ONNX bench: each row against every optimum row
     memory = any(m.memory for m in result.modes)
+    fidelity = any(m.fidelity for m in result.modes)
     speedup = f"speedup vs {result.speedup_reference}" if result.speedup_reference else "speedup"
-    columns = ["mode", "tokens/s", speedup, *[r for r in ratios if r != f"vs {result.speedup_reference}"]]
+    columns = ["mode", "tokens/s", "prefill ms", "decode tok/s", speedup, *[r for r in ratios if r != f"vs {result.speedup_reference}"]]
     columns += ["consistency", "shared prefix", "rougeL", "perplexity", *(["Δ perplexity"] if ratios else [])]
+    columns += ["same top-1", "mean KL", "KL p99", "ppl ratio"] if fidelity else []
     columns += ["mean exit layer", *(["peak RSS (model)"] if memory else []), *([] if ratios else ["draft acceptance"])]
     for name in columns:
         table.add_column(name, justify="left" if name == "mode" else "right")
     for m in result.modes:
-        row = [m.mode, f"{m.tokens_per_s:.1f}", f"{m.speedup:.3f}x"]
+        row = [
+            m.mode,
+            f"{m.tokens_per_s:.1f}",
+            _maybe(m.prefill_ms, "{:.0f}"),
+            _maybe(m.decode_tokens_per_s, "{:.1f}"),
+            f"{m.speedup:.3f}x",
+        ]
         row += [f"{m.ratios[r]:.3f}x" for r in ratios if r != f"vs {result.speedup_reference}"]
         row += [f"{m.consistency:.1%}", f"{m.prefix_agreement:.1%}", f"{m.rouge_l:.1%}", f"{m.perplexity:.3g}"]
         row += [f"{m.perplexity_change:+.1%}"] if ratios else []
+        if fidelity:
+            f = m.fidelity or {}
+            row += [_maybe(f.get("same_top1"), "{:.1%}"), _maybe(f.get("mean_kl"), "{:.4f}"), _maybe(f.get("kl_p99"), "{:.3f}")]
+            row += [_maybe(f.get("perplexity_ratio"), "{:.4f}")]
         row += [f"{m.mean_exit_layer:.1f}"]
         if memory:
             row += ["-" if not m.memory else f"{m.memory['peak_rss_mib']:.0f} MiB ({m.memory['model_rss_mib']:.0f})"]
@@ -70,10 +86,14 @@ def render(result: BenchResult) -> None:
     if c and c.get("bound") is not None:
         where = c.get("computed_on")
         where = "by calibrate" if where is None else ("on the package" if where == "package" else f"on {where}")
+        what = "same top-1 as the original model" if c["measure"] == "top1" else f"{c['measure']} consistency"
         stdout.print(
-            f"certified {where} ({c['risk']} risk): {c['measure']} consistency >= {c['bound']:g} with "
+            f"certified {where} ({c['risk']} risk): {what} >= {c['bound']:g} with "
             f"probability >= {1 - c['epsilon']:g}; measured here ({c['mode']}): {c['measured']:.1%}"
         )
+    overhead = [f"{m.mode} {m.host_overhead:.1%}" for m in result.modes if m.host_overhead is not None]
+    if overhead:
+        stdout.print(f"decoding time outside ONNX Runtime (Python, binding, checks): {', '.join(overhead)}")
     if result.predicted_speedup:
         early = result.gated
         stdout.print(

@@ -100,6 +100,12 @@ def render_generated(r) -> None:
         f"{g['mean_exit_layer']:.1f}",
     )
     stdout.print(table)
+    if g.get("fidelity"):
+        f = g["fidelity"]
+        stdout.print(
+            f"fed the full model's continuations (certified): same top-1 {f['same_top1']:.2%}, mean KL {f['mean_kl']:.4f}, "
+            f"99th-percentile KL {f['kl_p99']:.4f}, perplexity ratio {f['perplexity_ratio']:.4f}"
+        )
     tested = len(r.ltt.lambdas)
     stdout.print(
         f"[dim]{tested} of {tested + r.ltt.untested} candidate thresholds generated (fixed-sequence testing "
@@ -132,6 +138,10 @@ def calibrate(
     prompt_tokens: opt.PromptTokens = DEFAULTS.prompt_tokens,
     new_tokens: opt.NewTokens = DEFAULTS.new_tokens,
     consistency: opt.Consistency = DEFAULTS.consistency,
+    kl_tau: Annotated[
+        float | None,
+        typer.Option("--kl-tau", help="--risk fidelity: also certify the share of positions with KL(full model || dynamic) <= this."),
+    ] = DEFAULTS.kl_tau,
     batch_size: Annotated[
         int, typer.Option("--batch-size", help="Prompts generated together (each exits as it would alone).")
     ] = DEFAULTS.batch_size,

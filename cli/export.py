@@ -72,6 +72,18 @@ def export(
     epsilon: Annotated[
         float | None, typer.Option("--epsilon", help="--certify: the error probability (default: the calibration's).")
     ] = DEFAULTS.epsilon,
+    certify_risk: Annotated[
+        str,
+        typer.Option(
+            "--certify-risk",
+            help="--certify: fidelity (the package fed the original model's continuations keeps its top-1 token) or generation "
+            "(its free-running greedy tokens match).",
+        ),
+    ] = DEFAULTS.certify_risk,
+    kl_tau: Annotated[
+        float | None,
+        typer.Option("--kl-tau", help="--certify fidelity: also certify the share of positions with KL(original || package) <= this."),
+    ] = DEFAULTS.kl_tau,
     kv_layout: Annotated[
         str,
         typer.Option("--kv-layout", help="auto, buffer (preallocated KV, updated in place) or concat (past and new joined each step)."),

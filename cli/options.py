@@ -131,7 +131,8 @@ Risk = Annotated[
     typer.Option(
         "--risk",
         help="What LTT certifies: generation (the dynamic model's own greedy continuations against the full "
-        "model's), teacher-forced-consistency or teacher-forced-accuracy-drop (simulated exits).",
+        "model's), fidelity (fed the full model's continuations, the share of positions with its top-1 token), "
+        "teacher-forced-consistency or teacher-forced-accuracy-drop (simulated exits).",
     ),
 ]
 CalibrationPrompts = Annotated[

@@ -29,8 +29,14 @@ MEASURES = HEAD_MEASURES + STATE_MEASURES
 # model's. The teacher-forced risks simulate exits on the full model's hidden states along the text:
 # cheaper, and optimistic for what generation ships.
 GENERATION_RISK = "generation"
+# fidelity: the share of positions where the dynamic model (or a package), fed the full model's own continuation,
+# picks another top-1 token than the full model on the same context (certification/fidelity.py)
+FIDELITY_RISK = "fidelity"
+TOP1 = "top1"  # the fidelity risk's measure: same top-1 as the original model
+PROMPT_RISKS = (GENERATION_RISK, FIDELITY_RISK)  # certified on prompts and the full model's continuations of them
 TEACHER_FORCED_RISKS = ("teacher-forced-consistency", "teacher-forced-accuracy-drop")
-RISKS = (GENERATION_RISK, *TEACHER_FORCED_RISKS)
+RISKS = (*PROMPT_RISKS, *TEACHER_FORCED_RISKS)
+PACKAGE_RISKS = (FIDELITY_RISK, GENERATION_RISK)  # the risks a package can be certified on
 # How the dynamic model fills the caches of layers a token skipped: CALM state propagation, or a
 # recompute when a later token needs them.
 KV_MODES = ("propagate", "recompute")
@@ -54,7 +60,9 @@ KV_LAYOUTS = ("concat", "buffer")
 # auto: the buffers wherever they reproduce the model's step, else the concatenated cache; buffer refuses a model
 # they do not fit
 EXPORT_KV_LAYOUTS = ("auto", *reversed(KV_LAYOUTS))
-EXPORT_WEIGHTS = ("full", "int8", "int4")  # full: the weights in the graph's dtype; int8/int4: weight-only MatMulNBits
+# full: the weights in the graph's dtype; int8/int4: weight-only MatMulNBits, round to nearest; source: a quantized GGUF
+# source's own blocks carried into MatMulNBits (exporters/source_blocks.py)
+EXPORT_WEIGHTS = ("full", "int8", "int4", "source")
 
 # --- pruning (compressors/pruning.py)
 PRUNE_METHODS = ("threshold", "predictor")

@@ -16,7 +16,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from dyninfer.core import stages
-from dyninfer.core.choices import BUILTIN_CODE, BUILTIN_COT, COMPLETION, CONSISTENCY_MEASURES, GENERATION_RISK, RISKS, STOP_WORKLOADS
+from dyninfer.core.choices import (
+    BUILTIN_CODE,
+    BUILTIN_COT,
+    COMPLETION,
+    CONSISTENCY_MEASURES,
+    GENERATION_RISK,
+    PROMPT_RISKS,
+    RISKS,
+    STOP_WORKLOADS,
+    TOP1,
+)
 from dyninfer.core.errors import DyninferError, is_integer, is_number
 from dyninfer.core.policies import ExitPolicy, StopPolicy
 
@@ -147,13 +157,15 @@ class ExitCertificate:
     epsilon: float
     candidates: list[float | None]
     units: int  # calibration prompts (generation risk) or windows
-    measure: str = "tokens"  # generation risk: the consistency measure (the teacher-forced risks: tokens)
-    prompt_tokens: int | None = None  # generation risk: the prompts' length and the continuations'
+    measure: str = "tokens"  # generation risk: the consistency measure; fidelity: top1 (the teacher-forced risks: tokens)
+    prompt_tokens: int | None = None  # prompt risks: the prompts' length and the continuations'
     new_tokens: int | None = None
+    kl_tau: float | None = None  # fidelity: the KL above which a position counts against the second risk (None: none)
 
     @property
-    def on_generation(self) -> bool:
-        return self.risk == GENERATION_RISK
+    def on_prompts(self) -> bool:
+        """Certified on prompts and the full model's continuations (generation or fidelity), which the artifact caches."""
+        return self.risk in PROMPT_RISKS
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -170,7 +182,8 @@ class ExitCertificate:
             ("epsilon", is_number(certificate.epsilon) and 0 < certificate.epsilon < 1),
             ("candidates", isinstance(certificate.candidates, list) and all(c is None or is_number(c) for c in certificate.candidates)),
             ("units", is_integer(certificate.units) and certificate.units >= 0),
-            ("measure", certificate.measure in CONSISTENCY_MEASURES),
+            ("measure", certificate.measure in (*CONSISTENCY_MEASURES, TOP1)),
+            ("kl_tau", certificate.kl_tau is None or (is_number(certificate.kl_tau) and certificate.kl_tau > 0)),
             (
                 "prompt_tokens",
                 certificate.prompt_tokens is None or (is_integer(certificate.prompt_tokens) and certificate.prompt_tokens > 0),

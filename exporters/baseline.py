@@ -3,6 +3,7 @@ plain model, exported by `dyninfer export` into the package's baseline/ folder."
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,20 +20,23 @@ class OptimumBaseline:
     folder: Path | None = None  # the export it was loaded from
 
     @torch.no_grad()
-    def greedy(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    def greedy(self, prompt: torch.Tensor, new_tokens: int, timing: dict | None = None) -> torch.Tensor:
         """Greedy decoding, exactly `new_tokens` tokens, driving optimum's forward (its own KV handling).
 
         A plain loop, not `generate()`: generate's per-step logits processing and stopping
         checks cost ~17% of the step on this model on 2 CPU cores (22.4 vs 26.7 tokens/s), and
-        the baseline should be the fastest way to run optimum's model.
+        the baseline should be the fastest way to run optimum's model. `timing` receives the prefill's seconds.
         """
         ids, mask, past, out = prompt, torch.ones_like(prompt), None, []
+        started = time.perf_counter()
         for _ in range(new_tokens):
             step = self.model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
             past = step.past_key_values
             ids = step.logits[:, -1].argmax(-1, keepdim=True)
             out.append(ids)
             mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+            if timing is not None and len(out) == 1:
+                timing["prefill_seconds"] = time.perf_counter() - started
         return torch.cat(out, dim=1)
 
 

@@ -33,7 +33,9 @@ from dyninfer.core.errors import DyninferError, option
 from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.core.records import StopRecord
 from dyninfer.exporters import ops
-from dyninfer.exporters.quantize import DEFAULT_ACCURACY_LEVEL, quantize_weights
+from dyninfer.exporters.quantize import quantize_weights
+from dyninfer.exporters.quantize_settings import DEFAULT_ACCURACY_LEVEL
+from dyninfer.exporters.source_blocks import SourceWeights
 from dyninfer.exporters.step import check_exportable
 from dyninfer.exporters.step_export import choose_kv_layout, export_step_onnx, kv_geometry, quiet_exporters
 from dyninfer.runtime.dynamic import DynamicModel
@@ -211,6 +213,7 @@ def export_dynamic(
     baseline: bool = True,
     verify: bool = True,
     weights: str = "full",
+    source: SourceWeights | None = None,
     block_size: int = 32,
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
     source_manifest: Path | None = None,
@@ -240,11 +243,11 @@ def export_dynamic(
         _write_step(job, kv_layout, source_manifest)
         if weights != "full":
             job.report(f"quantizing the weights to {weights}", 3, steps)
-            job.manifest.weights = quantize_weights(tmp / MODEL_FILE, weights, block_size, accuracy_level)
+            job.manifest.weights = quantize_weights(tmp / MODEL_FILE, weights, block_size, accuracy_level, source)
             job.quantized_difference = job.verified() if verify else None  # reported: any quantization moves the logits
         _certify(job, certify, weights)
         if baseline:
-            _baselines(job, weights, block_size, accuracy_level)
+            _baselines(job, weights, block_size, accuracy_level, source)
         job.manifest.write(tmp)
         give_usual_modes(tmp)  # model.onnx.data and safetensors files are written 0600
     job.report("done", steps, steps)
@@ -305,7 +308,7 @@ def _certify(job: _Export, certify, weights: str) -> None:
     job.manifest.certificate = certificate
 
 
-def _baselines(job: _Export, weights: str, block_size: int, accuracy_level: int) -> None:
+def _baselines(job: _Export, weights: str, block_size: int, accuracy_level: int, source: SourceWeights | None) -> None:
     """optimum's export of the plain model at the package's precision (and, quantized, in float beside it)."""
     job.report("exporting the optimum baseline", job.steps - 1, job.steps)
     tmp = job.directory
@@ -314,7 +317,7 @@ def _baselines(job: _Export, weights: str, block_size: int, accuracy_level: int)
     if weights != "full":  # the same quantizer, so the baseline is the plain model at the same precision
         shutil.copytree(tmp / BASELINE_DIR, tmp / BASELINE_FULL_DIR)
         job.manifest.baseline_full = BASELINE_FULL_DIR
-        job.manifest.baseline_weights = quantize_weights(tmp / BASELINE_DIR / "model.onnx", weights, block_size, accuracy_level)
+        job.manifest.baseline_weights = quantize_weights(tmp / BASELINE_DIR / "model.onnx", weights, block_size, accuracy_level, source)
 
 
 def _result(job: _Export, target: Path, baseline: bool, seconds: float) -> ExportResult:

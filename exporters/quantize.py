@@ -15,29 +15,11 @@ from pathlib import Path
 
 from dyninfer.core.errors import DyninferError, option
 from dyninfer.exporters.graph_tidy import all_graphs, fold_weight_transposes, strip_node_metadata, subgraphs
+from dyninfer.exporters.quantize_settings import DEFAULT_ACCURACY_LEVEL, check_accuracy_level, check_block_size
+from dyninfer.exporters.source_blocks import SOURCE, SourceWeights, carry_source_blocks
 
 WEIGHT_BITS = {"int8": 8, "int4": 4}  # the quantized weight formats (`full`: the graph's own dtype)
 METHOD = "onnxruntime MatMulNBits, blockwise symmetric round-to-nearest"
-# MatMulNBits' accuracy_level: the precision its CPU kernels compute in (0 the input's, 1 fp32, 2 fp16, 3 bf16,
-# 4 int8: activations quantized per block). 4 by measurement: on 2 AVX2 cores an int4 SmolLM2-135M decodes at
-# 1.07x of fp32 with level 0 and 1.73x with level 4, int8 at 0.08x and 1.47x (benchmarks/quantization_variants.py,
-# the table in docs/export.md). CUDA ignores it.
-ACCURACY_LEVELS = (0, 1, 2, 3, 4)
-DEFAULT_ACCURACY_LEVEL = 4
-
-
-def check_accuracy_level(level: int) -> None:
-    if isinstance(level, bool) or level not in ACCURACY_LEVELS:
-        raise DyninferError(
-            f"{option('accuracy_level')} must be one of {', '.join(map(str, ACCURACY_LEVELS))} (ONNX Runtime's MatMulNBits: "
-            f"0 the input's precision, 1 fp32, 2 fp16, 3 bf16, 4 int8), got {level}"
-        )
-
-
-def check_block_size(block_size: int) -> None:
-    """MatMulNBits' blocks are a power of two of at least 16 inputs."""
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
-        raise DyninferError(f"{option('block_size')} must be a power of two of at least 16 (e.g. 32, 64, 128), got {block_size}")
 
 
 def _matmul_counts(graph) -> dict[str, int]:
@@ -108,14 +90,17 @@ def quiet_quantizer():
         logger.setLevel(level)
 
 
-def quantize_weights(path: Path, weights: str, block_size: int, accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> dict:
+def quantize_weights(
+    path: Path, weights: str, block_size: int, accuracy_level: int = DEFAULT_ACCURACY_LEVEL, source: SourceWeights | None = None
+) -> dict:
     """Quantize the constant-weight MatMuls of the graph at `path` in place (its external data rewritten beside
-    it); returns what was done, for the package manifest."""
+    it); returns what was done, for the package manifest. `weights` "source": the source GGUF's own blocks where a
+    weight is one of its tensors (`source`), 8-bit round-to-nearest elsewhere."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    if weights not in WEIGHT_BITS:
-        raise DyninferError(f"{option('weights')} must be one of full, {', '.join(WEIGHT_BITS)}; got '{weights}'")
+    if weights not in (*WEIGHT_BITS, SOURCE):
+        raise DyninferError(f"{option('weights')} must be one of full, {', '.join(WEIGHT_BITS)}, {SOURCE}; got '{weights}'")
     check_block_size(block_size)
     check_accuracy_level(accuracy_level)
     path = Path(path)
@@ -127,9 +112,15 @@ def quantize_weights(path: Path, weights: str, block_size: int, accuracy_level: 
     }
     model = onnx.load(str(path))
     prepare_for_quantization(model)
+    carried, bits, excluded = {}, WEIGHT_BITS.get(weights, 8), []
+    if weights == SOURCE:
+        if source is None:
+            raise DyninferError(f"{option('weights')} {SOURCE} needs a model loaded from a quantized GGUF file")
+        carried = carry_source_blocks(model, source.tensors(), accuracy_level)
+        excluded = [node.name for graph in all_graphs(model.graph) for node in graph.node if node.name.endswith((".sums", ".offset"))]
     with quiet_quantizer():
         quantizer = MatMulNBitsQuantizer(
-            model, bits=WEIGHT_BITS[weights], block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level
+            model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, nodes_to_exclude=excluded
         )
         quantizer.process()
     quantized = quantizer.model.model
@@ -144,10 +135,11 @@ def quantize_weights(path: Path, weights: str, block_size: int, accuracy_level: 
     onnx.save_model(quantized, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location, size_threshold=1024)
     return {
         "format": weights,
-        "bits": WEIGHT_BITS[weights],
+        "bits": 4 if weights == SOURCE else WEIGHT_BITS[weights],
         "block_size": block_size,
         "accuracy_level": accuracy_level,
-        "method": METHOD,
+        "method": METHOD if weights != SOURCE else f"the source GGUF's blocks ({source.path.name}); {METHOD} at 8 bits elsewhere",
+        "source_blocks": carried,  # block kind -> MatMuls carrying the source's blocks
         "quantized_matmuls": counts["MatMulNBits"],
-        "float_matmuls": counts["MatMul"],  # activation x activation (attention), or weights not stored as constants
+        "float_matmuls": counts["MatMul"],  # activation x activation (attention), block sums, or weights not stored as constants
     }

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dyninfer.core.choices import DEFAULT_DATA, GENERATION_RISK
+from dyninfer.core.choices import DEFAULT_DATA
 from dyninfer.core.data import load_windows
 from dyninfer.core.errors import DyninferError, option
 from dyninfer.core.progress import ProgressFn
@@ -23,7 +23,8 @@ from dyninfer.core.records import CalibrateRecord
 from dyninfer.jobs.configs import PACKAGE_DIR, BenchConfig
 from dyninfer.jobs.run import draft_settings, plan_note
 from dyninfer.jobs.stop import heldout_requests
-from dyninfer.profilers.bench import BenchResult, run_bench, run_onnx_bench
+from dyninfer.profilers.bench import BenchResult, run_bench
+from dyninfer.profilers.onnx_bench import run_onnx_bench
 from dyninfer.profilers.stop_bench import StopBenchResult, run_stop_bench
 from dyninfer.runtime.loader import load_dynamic, stored_stop_policy
 from dyninfer.runtime.onnx_decoder import OnnxDecoder
@@ -78,7 +79,7 @@ def bench_prompts(config: BenchConfig, dyn) -> tuple[str, torch.Tensor, int]:
     record = dyn.calibration
     certificate = record.certificate if record is not None else None
     corpus = record.corpus if record is not None else None
-    generation = certificate is not None and certificate.on_generation
+    generation = certificate is not None and certificate.on_prompts
     prompt_tokens = config.prompt_tokens or (certificate.prompt_tokens if generation else None) or 64
     new_tokens = config.new_tokens or (certificate.new_tokens if generation else None) or 64
     spec = config.data or (corpus.spec if corpus else None) or DEFAULT_DATA
@@ -171,7 +172,7 @@ def package_certified_here(certificate: PackageCertificate | None, result: Bench
     if certificate is None:
         return None
     return {
-        "risk": GENERATION_RISK,
+        "risk": certificate.risk,
         "measure": certificate.measure,
         "bound": certificate.target,
         "epsilon": certificate.epsilon,

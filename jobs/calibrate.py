@@ -22,7 +22,7 @@ from dyninfer.certification.calibrate import calibrate_exits
 from dyninfer.certification.exits import PromptSet
 from dyninfer.core import stages
 from dyninfer.core.artifacts import Artifact
-from dyninfer.core.choices import GENERATION_RISK, TUNED
+from dyninfer.core.choices import FIDELITY_RISK, GENERATION_RISK, PROMPT_RISKS, TOP1, TUNED
 from dyninfer.core.cost import count_costs, measured_cost, profile_is_stale, speedup_basis
 from dyninfer.core.errors import DyninferError, option
 from dyninfer.core.lenses import LogitLens
@@ -74,16 +74,18 @@ class CalibrateReport:
     def record(self) -> CalibrateRecord:
         """What the artifact keeps: the policy and its certificate typed, the rest of the summary as reported."""
         result, config = self.result, self.config
-        generation = result.risk == GENERATION_RISK
+        on_prompts = result.risk in PROMPT_RISKS
+        measure = {GENERATION_RISK: config.consistency, FIDELITY_RISK: TOP1}.get(result.risk, "tokens")
         certificate = ExitCertificate(
             result.risk,
             result.target,
             result.epsilon,
             [None if math.isinf(x) else float(x) for x in result.ltt.lambdas],
             result.ltt.n,
-            config.consistency if generation else "tokens",
-            config.prompt_tokens if generation else None,
-            config.new_tokens if generation else None,
+            measure,
+            config.prompt_tokens if on_prompts else None,
+            config.new_tokens if on_prompts else None,
+            config.kl_tau if result.risk == FIDELITY_RISK else None,
         )
         typed = CalibrateRecord(
             policy=result.policy,
@@ -166,7 +168,7 @@ def draw_units(config: CalibrateConfig, windows, lens_rows: set[int]) -> Draw:
     """Fit windows, then calibration units, from the train split's random order (skipping the windows the tuned
     lens or the tuning trained on)."""
     n_fit = math.ceil(config.fit_tokens / config.seq_len)
-    generation = config.risk == GENERATION_RISK
+    generation = config.risk in PROMPT_RISKS
     n_units = config.prompts if generation else math.ceil(config.calibration_tokens / config.seq_len)
     order = [r for r in windows.order("train").tolist() if r not in lens_rows]
     if n_fit + n_units > len(order):
@@ -271,7 +273,7 @@ def run(
         check_data=lambda windows, stored: check_draw(config, windows, _lens_tokens(config, stored)),
     )
     lm, windows = ws.lm, ws.windows
-    generation = config.risk == GENERATION_RISK
+    generation = config.risk in PROMPT_RISKS
     _check_model(config, lm)
     lens, draw, notes = _lens_and_draw(config, ws, progress)
     costs, cost_notes = choose_costs(config, lm, ws.artifact)
@@ -324,7 +326,7 @@ def _check_model(config: CalibrateConfig, lm) -> None:
     """What the options ask of the model: the prompt and its continuation within its context, the top-k within its
     vocabulary."""
     context = lm.context_length
-    if config.risk == GENERATION_RISK and context and config.prompt_tokens + config.new_tokens > context:
+    if config.risk in PROMPT_RISKS and context and config.prompt_tokens + config.new_tokens > context:
         raise DyninferError(
             f"{option('prompt_tokens')} {config.prompt_tokens} + {option('new_tokens')} "
             f"{config.new_tokens} exceed the model's context of {context} tokens; lower them"
@@ -368,7 +370,7 @@ def _store_exits(artifact: Artifact, classifier) -> None:
 def _generation_calibrations(
     config: CalibrateConfig, ws, lens, costs, fit, units, heldout, draw: Draw, targets: list[float], progress: ProgressFn | None
 ) -> list:
-    """The full model's continuations (cached in the artifact), then `calibrate_exits` on the generation risk."""
+    """The full model's continuations (cached in the artifact), then `calibrate_exits` on a prompt risk."""
     windows = ws.windows
     started = time.perf_counter()
     prompt_sets = {
@@ -388,7 +390,7 @@ def _generation_calibrations(
         prompt_sets["calibration"],
         heldout,
         targets=targets,
-        risk=GENERATION_RISK,
+        risk=config.risk,
         measure=config.measure,
         epsilon=config.epsilon,
         vocab_top_k=config.vocab_top_k,
@@ -398,6 +400,7 @@ def _generation_calibrations(
         prompt_tokens=config.prompt_tokens,
         new_tokens=config.new_tokens,
         consistency=config.consistency,
+        kl_tau=config.kl_tau,
         heldout_prompts=prompt_sets["heldout"],
         batch_size=config.batch_size,
         progress=progress,

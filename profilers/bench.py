@@ -19,15 +19,13 @@ import torch
 
 from dyninfer.compressors.pruning import dense_inside
 from dyninfer.compressors.steering import steered
+from dyninfer.core.choices import TOP1
 from dyninfer.core.consistency import rouge_l
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.progress import ProgressFn, silent
-from dyninfer.exporters.baseline import load_optimum_baseline
-from dyninfer.profilers.row_memory import row_peak_memory
-from dyninfer.runtime.decoding import GenerationResult, generate
+from dyninfer.runtime.decoding import GenerationResult
 from dyninfer.runtime.loader import LoadedDynamic
-from dyninfer.runtime.onnx_decoder import OnnxDecoder
 from dyninfer.runtime.self_speculation import default_draft_layer
 
 
@@ -44,11 +42,18 @@ class ModeResult:
     draft_fallbacks: float | None = None  # speculative with a draft vocabulary: share of drafts re-scored in full
     rouge_l: float = 1.0  # ROUGE-L F1 of the output against the baseline's (CALM's textual consistency)
     ratios: dict = field(default_factory=dict)  # ONNX bench: tokens/s against each optimum row ("vs optimum fp32": x)
+    fidelity: dict | None = None  # ONNX bench: fed the original model's continuations, same top-1, mean and 99% KL, perplexity ratio
+    host_overhead: float | None = None  # ONNX bench, package rows: the share of decoding time spent outside ONNX Runtime
     perplexity_change: float | None = None  # ONNX bench: perplexity over the original model's, minus 1
     memory: dict | None = None  # ONNX bench: {peak_rss_mib, imports_rss_mib, model_rss_mib} of this row alone
+    prefill_ms: float | None = None  # the mean prompt's prefill (and first token), milliseconds
+    decode_tokens_per_s: float | None = None  # the tokens after the first, over the time after the prefill
 
     def consistency_by(self, measure: str) -> float:
-        """This mode's consistency under a calibration measure (tokens, prefix or rougeL)."""
+        """This mode's consistency under a certificate's measure (tokens, prefix, rougeL; top1: its fidelity's same
+        top-1, NaN where it was not measured)."""
+        if measure == TOP1:
+            return (self.fidelity or {}).get("same_top1", float("nan"))
         return {"tokens": self.consistency, "prefix": self.prefix_agreement, "rougeL": self.rouge_l}[measure]
 
 
@@ -85,25 +90,32 @@ class BenchResult:
 
 
 @torch.no_grad()
-def greedy_generate(model, prompt: torch.Tensor, new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:
-    """transformers' forward with its KV cache in a plain greedy loop (batch 1 when it stops at `eos_token_id`)."""
+def greedy_generate(
+    model, prompt: torch.Tensor, new_tokens: int, eos_token_id: int | None = None, timing: dict | None = None
+) -> torch.Tensor:
+    """transformers' forward with its KV cache in a plain greedy loop (batch 1 when it stops at `eos_token_id`);
+    `timing` receives the prefill's seconds."""
     from transformers import DynamicCache
 
+    started = time.perf_counter()
     cache = DynamicCache(config=model.config)
     logits = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1]
     out = [logits.argmax(-1, keepdim=True)]
+    if timing is not None:
+        timing["prefill_seconds"] = time.perf_counter() - started
     while len(out) < new_tokens and not (eos_token_id is not None and int(out[-1][0, 0]) == eos_token_id):
         logits = model(out[-1], past_key_values=cache, use_cache=True).logits[:, -1]
         out.append(logits.argmax(-1, keepdim=True))
     return torch.cat(out, dim=1)
 
 
-def dense_greedy(lm: LayeredModel, new_tokens: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def dense_greedy(lm: LayeredModel, new_tokens: int) -> Callable[[torch.Tensor], GenerationResult]:
     """The full model's greedy decoding of a prompt, as bench's baseline: dense even when pruning masks are installed."""
 
-    def run(prompt: torch.Tensor) -> torch.Tensor:
+    def run(prompt: torch.Tensor) -> GenerationResult:
+        timing: dict = {}
         with dense_inside(lm):
-            return greedy_generate(lm.model, prompt, new_tokens)
+            return plain_result(greedy_generate(lm.model, prompt, new_tokens, timing=timing), "transformers", lm.num_layers, timing)
 
     return run
 
@@ -133,7 +145,7 @@ def run_bench(
     progress: ProgressFn | None = None,
 ) -> BenchResult:
     """`prompts`: [n, prompt_tokens] token ids, decoded one at a time (batch 1)."""
-    _check_sizes(prompts, new_tokens)
+    check_sizes(prompts, new_tokens)
     dynamic = dyn.dynamic
     notes = []
     if dyn.loaded.layered.adapter.recurrent and "speculative" in modes:
@@ -177,96 +189,21 @@ def run_bench(
         prompts.shape[1],
         new_tokens,
         results,
-        _predicted(dyn),
-        _kv_mode(dyn),
+        predicted_speedup_of(dyn),
+        kv_mode_of(dyn),
         layer,
         notes,
         gated_mode,
-        _predicted_unit(dyn),
+        predicted_unit_of(dyn),
     )
 
 
-def run_onnx_bench(
-    dyn: LoadedDynamic,
-    runtime: OnnxDecoder,
-    prompts: torch.Tensor,
-    new_tokens: int = 64,
-    *,
-    memory: bool = True,
-    progress: ProgressFn | None = None,
-) -> BenchResult:
-    """The exported package against what a user would ship instead, in one run: transformers on the original model
-    (the reference for consistency and perplexity), optimum's ORTModelForCausalLM in fp32 and at the package's
-    precision (its baseline/ exports), and the package with exits on and disabled. Speedups are against optimum
-    at the package's precision; `ratios` holds each row against every optimum row. `memory`: each row's peak RSS,
-    measured in a process of its own (`row_memory`)."""
-    _check_sizes(prompts, new_tokens)
-    manifest, package = runtime.manifest, runtime.path
-    precision = manifest.precision
-    optimum_rows = {f"optimum {precision}": load_optimum_baseline(package, runtime.provider)}
-    if manifest.baseline_full:  # a quantized package: the plain model's float export beside the quantized one
-        optimum_rows = {f"optimum {manifest.dtype}": load_optimum_baseline(package, runtime.provider, full=True)} | optimum_rows
-    warm = prompts[:1, : min(8, prompts.shape[1])]
-    for optimum in optimum_rows.values():
-        optimum.greedy(warm, 2)
-    generate(runtime, warm.numpy(), 2, mode="full")
-    lm = dyn.loaded.layered
-    dense_greedy(lm, 2)(warm)  # the transformers row is warmed like the others
-    depth = runtime.num_layers
-    runners = {name: (lambda p, o=optimum, n=name: _as_result(o.greedy(p, new_tokens), n, depth)) for name, optimum in optimum_rows.items()}
-    runners |= {
-        PACKAGE_EXITS: lambda p: _as_torch(generate(runtime, p.numpy(), new_tokens, mode="early-exit")),
-        PACKAGE_DISABLED: lambda p: _as_torch(generate(runtime, p.numpy(), new_tokens, mode="full")),
-    }
-    results = compare_side_by_side(lm, ORIGINAL_MODEL, dense_greedy(lm, new_tokens), runners, prompts, progress)
-    reference = next(m for m in results if m.mode == f"optimum {precision}")
-    optimum_speeds = {m.mode: m.tokens_per_s for m in results if m.mode in optimum_rows}
-    for m in results:
-        m.speedup = m.tokens_per_s / reference.tokens_per_s
-        m.ratios = {f"vs {name}": m.tokens_per_s / speed for name, speed in optimum_speeds.items()}
-        m.perplexity_change = m.perplexity / results[0].perplexity - 1.0
-    notes = list(runtime.notes) + [f"ONNX Runtime provider: {runtime.provider}"]
-    if memory:
-        _measure_memory(results, dyn, runtime, optimum_rows, prompts[0].tolist(), new_tokens, progress)
-        notes.append("peak RSS: one process per row that imports only its runtime, loads the model and decodes one prompt")
-    return BenchResult(
-        prompts.shape[0],
-        prompts.shape[1],
-        new_tokens,
-        results,
-        _predicted(dyn),
-        _kv_mode(dyn),
-        None,
-        notes,
-        gated_mode=PACKAGE_EXITS,
-        predicted_unit=_predicted_unit(dyn),
-        speedup_reference=reference.mode,
-    )
-
-
-PACKAGE_EXITS, PACKAGE_DISABLED = "package early-exit", "package exits disabled"
-
-
-def _measure_memory(
-    results: list[ModeResult], dyn: LoadedDynamic, runtime, optimum_rows: dict, prompt: list[int], new_tokens: int, progress
-) -> None:
-    """Each row's peak RSS in a process of its own (see `row_memory`)."""
-    report = progress or silent
-    provider = runtime.device
-    rows = {ORIGINAL_MODEL: ("transformers", dyn.loaded.pretrained_path, "full")}
-    rows |= {name: ("optimum", str(optimum.folder), "full") for name, optimum in optimum_rows.items()}
-    rows |= {PACKAGE_EXITS: ("package", str(runtime.path), "early-exit"), PACKAGE_DISABLED: ("package", str(runtime.path), "full")}
-    by_name = {m.mode: m for m in results}
-    for i, (name, (kind, path, mode)) in enumerate(rows.items()):
-        report("peak memory per row", i, len(rows))
-        by_name[name].memory = row_peak_memory(kind, path, prompt, new_tokens, provider, mode)
-    report("peak memory per row", len(rows), len(rows))
-
-
-def _as_result(tokens: torch.Tensor, name: str, num_layers: int) -> GenerationResult:
-    """A plain runner's tokens as a generation result (every token at full depth)."""
+def plain_result(tokens: torch.Tensor, name: str, num_layers: int, timing: dict | None = None) -> GenerationResult:
+    """A plain runner's tokens as a generation result (every token at full depth), with its prefill's time."""
     steps = tokens.shape[1]
-    return GenerationResult(tokens, [num_layers] * steps, [None] * steps, 0.0, name, num_layers)
+    result = GenerationResult(tokens, [num_layers] * steps, [None] * steps, 0.0, name, num_layers)
+    result.prefill_seconds = (timing or {}).get("prefill_seconds", 0.0)
+    return result
 
 
 ORIGINAL_MODEL = "transformers (original model)"
@@ -280,38 +217,35 @@ def _untuned_runner(lm: LayeredModel, tuning, new_tokens: int) -> Callable:
         swapping = time.perf_counter()
         with dense_inside(lm), steered(lm, tuning, -1.0):
             swapped = time.perf_counter()
-            tokens = greedy_generate(lm.model, prompt, new_tokens)
+            timing: dict = {}
+            tokens = greedy_generate(lm.model, prompt, new_tokens, timing=timing)
             seconds = time.perf_counter() - swapped
-        result = GenerationResult(tokens, [lm.num_layers] * new_tokens, [None] * new_tokens, seconds, ORIGINAL_MODEL, lm.num_layers)
+        result = plain_result(tokens, ORIGINAL_MODEL, lm.num_layers, timing)
+        result.seconds = seconds
         result.untimed_seconds = time.perf_counter() - swapping - seconds
         return result
 
     return run
 
 
-def _as_torch(result):
-    result.tokens = torch.from_numpy(result.tokens)
-    return result
-
-
-def _check_sizes(prompts: torch.Tensor, new_tokens: int) -> None:
+def check_sizes(prompts: torch.Tensor, new_tokens: int) -> None:
     if prompts.shape[0] < 1 or prompts.shape[1] < 1:
         raise DyninferError("no prompts to benchmark; use more data or a shorter `prompt_tokens`")
     if new_tokens < 1:
         raise DyninferError(f"`new_tokens` must be at least 1, got {new_tokens}")
 
 
-def _predicted(dyn: LoadedDynamic) -> float | None:
+def predicted_speedup_of(dyn: LoadedDynamic) -> float | None:
     record = dyn.calibration
     return None if record is None else record.predicted_speedup
 
 
-def _predicted_unit(dyn: LoadedDynamic) -> str:
+def predicted_unit_of(dyn: LoadedDynamic) -> str:
     record = dyn.calibration
     return (record.cost_unit if record is not None else None) or "FLOPs"
 
 
-def _kv_mode(dyn: LoadedDynamic) -> str | None:
+def kv_mode_of(dyn: LoadedDynamic) -> str | None:
     return dyn.policy.kv_mode if dyn.policy is not None else None
 
 
@@ -322,50 +256,44 @@ def compare_side_by_side(
     runners: dict[str, Callable],
     prompts: torch.Tensor,
     progress: ProgressFn | None = None,
+    keep: dict | None = None,
 ) -> list[ModeResult]:
     """Run the baseline and every runner on each prompt in turn (so load changes hit all alike).
 
-    `baseline(prompt) -> tokens [1, n]`; `runner(prompt) -> GenerationResult`. Speed is
-    tokens/s over all prompts; quality is measured against the baseline's tokens and, for
-    perplexity, under the full dense torch model (pruning masks taken out).
+    `baseline(prompt)` and `runner(prompt)` return GenerationResults (with their prefill's time). Speed is
+    tokens/s over all prompts, and apart the prefill's time and the decode's tokens/s after it; quality is
+    measured against the baseline's tokens and, for perplexity, under the full dense torch model (pruning masks
+    taken out). `keep` receives every row's results (name -> one per prompt).
     """
     report = progress or silent
-    baseline_outputs, baseline_seconds = [], 0.0
+    runners = {baseline_name: baseline, **runners}
     runs: dict[str, list] = {name: [] for name in runners}
     seconds = {name: 0.0 for name in runners}
     total = prompts.shape[0]
     for i in range(total):
         prompt = prompts[i : i + 1]
-        started = time.perf_counter()
-        baseline_outputs.append(baseline(prompt))
-        baseline_seconds += time.perf_counter() - started
         for name, runner in runners.items():
             started = time.perf_counter()
             runs[name].append(runner(prompt))
             # minus what a runner did outside its decoding (swapping weights in and out)
             seconds[name] += time.perf_counter() - started - getattr(runs[name][-1], "untimed_seconds", 0.0)
         report("benchmarking prompts", i + 1, total)
+    if keep is not None:
+        keep.update(runs)
     with dense_inside(lm):
-        return _score(lm.model, baseline_name, baseline_outputs, baseline_seconds, runs, seconds, prompts, lm.num_layers)
+        return _score(lm.model, runs, seconds, prompts)
 
 
-def _score(model, baseline_name, baseline_outputs, baseline_seconds, runs, seconds, prompts, num_layers):
-    n_tokens = sum(o.numel() for o in baseline_outputs)
-    baseline_tps = n_tokens / baseline_seconds
-    results = [
-        ModeResult(
-            baseline_name,
-            baseline_tps,
-            1.0,
-            1.0,
-            1.0,
-            _mean([_perplexity(model, prompts[i : i + 1], o) for i, o in enumerate(baseline_outputs)]),
-            float(num_layers),
-        )
-    ]
+def _score(model, runs: dict[str, list], seconds: dict[str, float], prompts) -> list[ModeResult]:
+    """Each runner's row, the first (the baseline) the reference for consistency and speedup."""
+    baseline_outputs = [o.tokens for o in next(iter(runs.values()))]
+    results = []
     for name, outs in runs.items():
         drafted = sum(o.drafted for o in outs)
-        tokens_per_s = sum(o.tokens.numel() for o in outs) / seconds[name]
+        tokens = sum(o.tokens.numel() for o in outs)
+        tokens_per_s = tokens / seconds[name]
+        prefill = sum(o.prefill_seconds for o in outs)
+        baseline_tps = tokens_per_s if not results else results[0].tokens_per_s
         results.append(
             ModeResult(
                 mode=name,
@@ -378,6 +306,8 @@ def _score(model, baseline_name, baseline_outputs, baseline_seconds, runs, secon
                 mean_exit_layer=_mean([o.mean_exit_layer for o in outs]),
                 acceptance=(sum(o.accepted for o in outs) / drafted) if drafted else None,
                 draft_fallbacks=(sum(o.draft_fallbacks for o in outs) / drafted) if drafted else None,
+                prefill_ms=1000 * prefill / len(outs) if prefill > 0 else None,
+                decode_tokens_per_s=(tokens - len(outs)) / (seconds[name] - prefill) if prefill > 0 else None,
             )
         )
     return results

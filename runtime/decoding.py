@@ -89,6 +89,7 @@ class GenerationResult:
     logits: list | None = None  # per step [batch, vocab], when asked for (parity checks)
     stop_scores: list | None = None  # per step [batch]: the max probability each token was picked from, when asked for
     stop: dict | None = None  # with a stop rule: why generation ended (rule, answered, budget, end of sequence), probes
+    prefill_seconds: float = 0.0  # of `seconds`: the prompt's prefill (and the first token); the rest decodes
 
     @property
     def new_tokens(self) -> int:
@@ -98,6 +99,13 @@ class GenerationResult:
     def tokens_per_s(self) -> float:
         count = self.tokens.shape[0] * self.tokens.shape[1]
         return count / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first over the time after the prefill (the first token comes with the prefill)."""
+        count = self.tokens.shape[0] * (self.tokens.shape[1] - 1)
+        seconds = self.seconds - self.prefill_seconds
+        return count / seconds if seconds > 0 else float("inf")
 
     @property
     def mean_exit_layer(self) -> float:
@@ -129,6 +137,7 @@ class _Rows:
     confidences: list[float | None] = field(default_factory=list)
     logits: list = field(default_factory=list)
     scores: list = field(default_factory=list)
+    prefill_seconds: float = 0.0
 
 
 def _pick(decoder: Decoder, step: Step, sample: bool, temperature: float, rng) -> np.ndarray:
@@ -163,8 +172,9 @@ def _decode(
     n = prompts.shape[0]
     capacity = prompts.shape[1] + budget + max(probe_room(s) for s in stoppers)
     wants_scores = scores or any(s is not None for s in stoppers)
+    started = time.perf_counter()
     state, step = decoder.prefill(prompts, capacity, logits=logits or sample, scores=wants_scores)
-    rows = _Rows([[] for _ in range(n)], [None] * n, list(range(n)))
+    rows = _Rows([[] for _ in range(n)], [None] * n, list(range(n)), prefill_seconds=time.perf_counter() - started)
     rng = np.random.default_rng(seed)
     while True:
         token = _pick(decoder, step, sample, temperature, rng)
@@ -279,6 +289,7 @@ def generate(
         decoder.as_tokens(tokens), exits[:shown], confidences[:shown], time.perf_counter() - started, mode, decoder.num_layers
     )
     result.notes = list(decoder.notes)
+    result.prefill_seconds = rows.prefill_seconds
     if return_logits:
         result.logits = rows.logits
     if return_scores:
@@ -286,6 +297,28 @@ def generate(
     if stop is not None:
         result.stop = stop_summary(stop, rows.ended[0] or BUDGET, shown)
     return result
+
+
+@dataclass
+class ForcedRun:
+    """A decoder teacher-forced along a continuation: the distribution it gave at each position, and where it left."""
+
+    logits: np.ndarray  # [T, vocab] float: the distribution position t's token was predicted from
+    exit_layers: list[int]  # per position (num_layers: every layer ran)
+
+
+def teacher_forced(decoder: Decoder, prompt, continuation: np.ndarray, threshold: float | None) -> ForcedRun:
+    """Feed `prompt` [1, n] and then `continuation`'s tokens one at a time through the decoder's step (batch 1, as
+    deployed; exits at `threshold`, None: disabled), and read the distribution each position's token was predicted
+    from: what the fidelity risk compares with the original model's on the same context."""
+    continuation = np.asarray(continuation, dtype=np.int64).reshape(-1)
+    state, step = decoder.prefill(prompt, prompt.shape[1] + continuation.size, logits=True, scores=False)
+    logits, exits = [decoder.host(step.logits)[0]], [step.exit_layer]
+    for token in continuation[:-1]:
+        step = decoder.step(state, np.array([[token]], dtype=np.int64), threshold, logits=True, scores=False)
+        logits.append(decoder.host(step.logits)[0])
+        exits.append(step.exit_layer)
+    return ForcedRun(np.stack(logits).astype(np.float32), exits)
 
 
 def record_chains(

@@ -11,6 +11,7 @@ the greedy token, exit layer and confidences come out: the logits are fetched on
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +70,7 @@ class OnnxDecoder:
         self.present_names = [n for n in self.output_names if n.startswith(PRESENT_PREFIX)]
         self.step_names = [n for n in self.output_names if not n.startswith(PRESENT_PREFIX)]
         self.can_select_rows = True
+        self.ort_seconds = 0.0  # time spent inside ONNX Runtime's runs, for the share of a step spent outside it
         self.greedy_output = NEXT_TOKEN_OUTPUT in self.output_names  # format 3: greedy decoding leaves the logits on the device
         if len(self.past_names) != 2 * self.num_layers or STOP_OUTPUT not in self.output_names:
             raise DyninferError(f"the graph of the package at '{self.path}' does not match its manifest; re-run `dyninfer export`")
@@ -142,7 +144,9 @@ class OnnxDecoder:
                 binding.bind_ortvalue_output(name, value)
             else:
                 binding.bind_output(name, self.device)
+        started = time.perf_counter()
         self.session.run_with_iobinding(binding)
+        self.ort_seconds += time.perf_counter() - started
         outputs = dict(zip(self.output_names, binding.get_outputs()))
         # The buffers themselves stay the past, not the binding's outputs: those views die with the next binding.
         if not self.buffered:

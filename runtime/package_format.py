@@ -18,7 +18,16 @@ from pathlib import Path
 
 from dyninfer.compressors.stop_obey import ProbeVocabulary
 from dyninfer.core.artifact_paths import inside, relative_inside
-from dyninfer.core.choices import EXPORT_DTYPES, KV_LAYOUTS, ONNX_PROVIDERS, REASONING, STOP_WORKLOADS
+from dyninfer.core.choices import (
+    EXPORT_DTYPES,
+    FIDELITY_RISK,
+    GENERATION_RISK,
+    KV_LAYOUTS,
+    ONNX_PROVIDERS,
+    PACKAGE_RISKS,
+    REASONING,
+    STOP_WORKLOADS,
+)
 from dyninfer.core.errors import DyninferError, is_integer, is_number
 from dyninfer.core.policies import ExitPolicy, StopPolicy
 
@@ -75,6 +84,12 @@ class PackageCertificate:
     graph_sha256: dict | None = None  # model file -> sha256, the graph the certificate is about (on the package)
     package_graph: str | None = None  # the package's precision (fp32, fp16, int8, int4): what the bound is not about, when carried over
     notes: list[str] = field(default_factory=list)
+    # generation: free-running consistency with the original model's continuations (`measure`); fidelity: the share
+    # of positions with the original's top-1 when fed its continuations (measure top1), and with `kl_tau` the share
+    # with KL(original || package) <= kl_tau too
+    risk: str = GENERATION_RISK
+    kl_tau: float | None = None
+    fidelity: dict | None = None  # held-out: same_top1, mean_kl, kl_p99, perplexity_ratio at the certified setting
 
     @property
     def on_package(self) -> bool:
@@ -84,14 +99,21 @@ class PackageCertificate:
         graph = f" ({self.package_graph})" if self.package_graph else ""
         where = "on this package (ONNX Runtime)" if self.on_package else f"on {self.computed_on}, not on this package's graph{graph}"
         what = "exits disabled" if self.threshold is None else f"exit threshold {self.threshold:.4g}"
+        if self.risk == FIDELITY_RISK:
+            kept = f"the original model's top-1 token at >= {self.target:g} of positions"
+            if self.kl_tau is not None:
+                kept += f", and KL(original || package) <= {self.kl_tau:g} at >= {self.target:g} of them,"
+            how = "fed the original model's continuations"
+        else:
+            kept, how = f"{self.measure} consistency with the original model >= {self.target:g}", "free-running, greedy"
         if self.threshold is None and not self.full_depth_certified:
             return (
-                f"nothing certified {where}: even with exits disabled the {self.measure} consistency with the original model "
-                f"did not reach {self.target:g} with confidence {1 - self.epsilon:g} on {self.prompts} prompts"
+                f"nothing certified {where}: even with exits disabled, {kept} was not shown with confidence {1 - self.epsilon:g} "
+                f"on {self.prompts} prompts"
             )
         return (
-            f"{self.measure} consistency with the original model >= {self.target:g} with probability >= {1 - self.epsilon:g} "
-            f"({what}; {self.prompts} prompts of {self.prompt_tokens} tokens, {self.new_tokens} new; certified {where})"
+            f"{kept} with probability >= {1 - self.epsilon:g} ({what}; {self.prompts} prompts of {self.prompt_tokens} tokens, "
+            f"{self.new_tokens} positions, {how}; certified {where})"
         )
 
     def to_dict(self) -> dict:
@@ -114,6 +136,8 @@ class PackageCertificate:
             ("threshold", certificate.threshold is None or _finite(certificate.threshold)),
             ("prompts", is_integer(certificate.prompts) and certificate.prompts >= 0),
             ("graph_sha256", certificate.graph_sha256 is None or _str_map(certificate.graph_sha256)),
+            ("risk", certificate.risk in PACKAGE_RISKS),
+            ("kl_tau", certificate.kl_tau is None or (_finite(certificate.kl_tau) and certificate.kl_tau > 0)),
         ]
         bad = next((name for name, ok in checks if not ok), None)
         if bad is not None:

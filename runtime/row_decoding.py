@@ -105,6 +105,28 @@ class RowDecoding:
         )
         return self._decode_rows(state, done, new_tokens, None, True)
 
+    @torch.no_grad()
+    def teacher_forced_rows(
+        self, prompts: torch.Tensor, continuations: torch.Tensor, threshold: float | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row fed its continuation [B, T] after its prompt, deciding its own exits at `threshold` (None: exits
+        disabled) as it would alone: (the logits each position's token was predicted from [B, T, V], the exit
+        depth [B, T]). The fidelity risk's torch side; a package runs `runtime.decoding.teacher_forced`."""
+        if self.policy is None:
+            raise DyninferError("no early-exit policy; run `dyninfer calibrate` first")
+        saved, self.policy.threshold = self.policy.threshold, threshold
+        try:
+            state = DecodeState(self.lm, prompts.shape[0])
+            logits = [state.extend(prompts).float()]
+            depths = [torch.full((prompts.shape[0],), self.lm.num_layers)]
+            for t in range(continuations.shape[1] - 1):
+                step, depth, _ = self._step_rows(state, continuations[:, t : t + 1])
+                logits.append(step.float())
+                depths.append(depth)
+        finally:
+            self.policy.threshold = saved
+        return torch.stack(logits, dim=1), torch.stack(depths, dim=1)
+
     def _unchecked(self, rows: int) -> torch.Tensor:
         return torch.full((rows, len(self.point_rows)), float("nan"))
 

@@ -82,6 +82,7 @@ def speculative_generate(
     started = time.perf_counter()
     state = DecodeState(lm, input_ids.shape[0])
     tokens = [state.extend(input_ids).argmax(-1, keepdim=True)]
+    prefill_seconds = time.perf_counter() - started
     exits, confidences = [lm.num_layers], [None]
     drafter = Drafter(dynamic, draft_layer, input_ids, tokens[0])
     layer, drafted, accepted_total = drafter.layer, 0, 0
@@ -128,4 +129,5 @@ def speculative_generate(
         out, exits[:max_new_tokens], confidences[:max_new_tokens], time.perf_counter() - started, "speculative", lm.num_layers
     )
     result.drafted, result.accepted, result.draft_fallbacks = drafted, accepted_total, drafter.fallbacks
+    result.prefill_seconds = prefill_seconds
     return result

@@ -74,7 +74,7 @@ def test_the_option_vocabularies_match_what_the_code_accepts():
     from dyninfer.runtime import onnx_decoder
 
     assert tuple(step_export.DTYPES) == tuple(onnx_decoder._NUMPY_DTYPES) == choices.EXPORT_DTYPES
-    assert ("full", *quantize.WEIGHT_BITS) == choices.EXPORT_WEIGHTS
+    assert ("full", *quantize.WEIGHT_BITS, quantize.SOURCE) == choices.EXPORT_WEIGHTS
     assert set(choices.EXPORT_KV_LAYOUTS) == {"auto", *choices.KV_LAYOUTS}
 
 

@@ -171,10 +171,12 @@ def _sha256(path) -> str:
 
 def test_a_certified_fp32_package_reproduces_calibration_on_torch(exported, tmp_path):
     """The fp32 package decodes as the torch dynamic model, so certifying it on its own ONNX Runtime continuations
-    must retrace calibration's test: the same consistency and p-value at every candidate, the same threshold."""
+    (the generation risk, as calibration's) must retrace calibration's test: the same consistency and p-value at
+    every candidate, the same threshold."""
     _, _, artifact, _ = exported
     out = tmp_path / "certified"
-    result = runner.invoke(app, ["export", str(artifact), "--certify", "--no-baseline", "--out", str(out), "--json"])
+    args = ["export", str(artifact), "--certify", "--certify-risk", "generation", "--no-baseline", "--out", str(out), "--json"]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     calibration = json.loads((artifact / "dyninfer.json").read_text())["stages"]["calibrate"]
@@ -199,18 +201,19 @@ def test_a_certified_fp32_package_reproduces_calibration_on_torch(exported, tmp_
 
 
 def test_a_certified_quantized_package_measures_its_own_tokens(exported, tmp_path):
-    """int4 weights change tokens: the certificate's exits-disabled point is the package's own full-depth consistency
-    with the original model's continuations, recomputed here from the calibration prompts the artifact keeps."""
+    """int4 weights change tokens: the generation certificate's exits-disabled point is the package's own full-depth
+    consistency with the original model's continuations, recomputed here from the calibration prompts the artifact
+    keeps, with the betting p-value of those shares."""
     import numpy as np
 
-    from dyninfer.compressors.ltt import hoeffding_bentkus_p_value
+    from dyninfer.compressors.ltt import betting_p_value
     from dyninfer.core.artifacts import Artifact
     from dyninfer.runtime.onnx_decoder import OnnxDecoder
 
     _, _, artifact, _ = exported
     out = tmp_path / "int4"
-    args = ["export", str(artifact), "--weights", "int4", "--block-size", "16", "--certify", "--no-baseline", "--out", str(out), "--json"]
-    result = runner.invoke(app, args)
+    args = ["export", str(artifact), "--weights", "int4", "--block-size", "16", "--certify", "--certify-risk", "generation"]
+    result = runner.invoke(app, [*args, "--no-baseline", "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     certificate = json.loads((out / PACKAGE_MANIFEST).read_text())["certificate"]
     group = Artifact.load(artifact).tensors["generation"]
@@ -221,13 +224,54 @@ def test_a_certified_quantized_package_measures_its_own_tokens(exported, tmp_pat
     assert shares.mean() < 1.0  # the quantized graph does change tokens: the point measures something
     first = certificate["curve"][0]
     assert first["threshold"] is None and abs(first["consistency"] - shares.mean()) < 1e-9
-    assert abs(first["p_value"] - hoeffding_bentkus_p_value(1 - shares.mean(), len(prompts), 1 - certificate["target"])) < 1e-12
+    assert abs(first["p_value"] - betting_p_value(1 - shares, 1 - certificate["target"], certificate["epsilon"])) < 1e-12
     certified = first["p_value"] <= certificate["epsilon"]
     assert certificate["full_depth_certified"] == certified
     if not certified:  # nothing certified: the package ships never exiting, and says so
         assert certificate["threshold"] is None and "nothing certified" in certificate["statement"]
         run = package.generate(prompts[:1], 4)
         assert run.exit_layers == [package.num_layers] * 4
+
+
+def test_a_package_certified_on_fidelity_measures_its_step_against_the_original_model(exported, tmp_path):
+    """The default certificate: the int4 package's step, fed the original model's cached continuations, against the
+    original model's distributions, recomputed here from the stored prompts with the package's own runtime and
+    transformers' forward of the original model."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dyninfer.compressors.ltt import betting_p_value
+    from dyninfer.core.artifacts import Artifact
+    from dyninfer.runtime.decoding import teacher_forced
+    from dyninfer.runtime.onnx_decoder import OnnxDecoder
+
+    model, _, artifact, _ = exported
+    out = tmp_path / "int4-fidelity"
+    args = ["export", str(artifact), "--weights", "int4", "--block-size", "16", "--certify", "--target", "0.5", "--epsilon", "0.2"]
+    result = runner.invoke(app, [*args, "--no-baseline", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    certificate = json.loads((out / PACKAGE_MANIFEST).read_text())["certificate"]
+    assert certificate["risk"] == "fidelity" and certificate["measure"] == "top1"
+    assert "top-1 token" in certificate["statement"] and "fed the original model's continuations" in certificate["statement"]
+    group = Artifact.load(artifact).tensors["generation"]
+    prompts, reference = group["calibration.prompts"].numpy(), group["calibration.continuations"].numpy()
+    package, original = OnnxDecoder(out, provider="cpu"), AutoModelForCausalLM.from_pretrained(model).eval()
+    disagree = []
+    for prompt, continuation in zip(prompts, reference):
+        ours = teacher_forced(package, prompt[None], continuation, None).logits
+        with torch.no_grad():
+            theirs = original(torch.from_numpy(np.concatenate([prompt, continuation]))[None]).logits[0, len(prompt) - 1 : -1]
+        disagree.append((ours.argmax(-1) != theirs.argmax(-1).numpy()).mean())
+    first = certificate["curve"][0]
+    assert first["threshold"] is None and abs(first["same_top1"] - (1 - np.mean(disagree))) < 1e-9
+    assert 0 < np.mean(disagree) < 0.5  # int4 moves some top-1 tokens, not most
+    assert abs(first["p_values"][0] - betting_p_value(np.array(disagree), 0.5, 0.2)) < 1e-12
+    assert certificate["full_depth_certified"] == (first["p_values"][0] <= 0.2)
+    assert (
+        set(certificate["fidelity"] or {}) >= {"same_top1", "mean_kl", "kl_p99", "perplexity_ratio"}
+        or not certificate["full_depth_certified"]
+    )
 
 
 def test_an_uncertified_package_says_its_bound_is_about_another_graph(exported, tmp_path):
@@ -243,7 +287,7 @@ def test_an_uncertified_package_says_its_bound_is_about_another_graph(exported, 
     assert run.exit_code == 0 and "not on this package's graph" in run.output, run.output
 
 
-def test_certify_needs_calibration_on_generations(exported, tmp_path):
+def test_certify_needs_calibration_on_prompts(exported, tmp_path):
     from conftest import CALIBRATE_ARGS
 
     model, data, _, _ = exported
@@ -251,8 +295,8 @@ def test_certify_needs_calibration_on_generations(exported, tmp_path):
     args = ["calibrate", str(model), "--data", str(data), *CALIBRATE_ARGS, "--risk", "teacher-forced-consistency", "--out", str(simulated)]
     assert runner.invoke(app, args).exit_code == 0
     result = runner.invoke(app, ["export", str(simulated), "--certify", "--no-baseline", "--out", str(tmp_path / "p")])
-    assert result.exit_code == 2 and "--certify needs a calibration on generations" in result.stderr
-    assert "with the generation risk" in result.stderr
+    assert result.exit_code == 2 and "--certify needs a calibration on prompts" in result.stderr
+    assert "with the generation or fidelity risk" in result.stderr
     assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr and not (tmp_path / "p").exists()
 
 

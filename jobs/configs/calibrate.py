@@ -9,14 +9,16 @@ from dyninfer.core.choices import (
     COST_SOURCES,
     DEFAULT_DATA,
     DEFAULT_MODEL,
+    FIDELITY_RISK,
     GENERATION_RISK,
     KV_MODES,
     LENS_KINDS,
     MEASURES,
+    PROMPT_RISKS,
     RISKS,
     TUNED,
 )
-from dyninfer.core.errors import DyninferError, check_at_least, check_between, check_choice, option
+from dyninfer.core.errors import DyninferError, check_at_least, check_between, check_choice, check_positive, option
 from dyninfer.core.placement import PlacementOptions
 from dyninfer.jobs.configs.common import check_config_seed
 
@@ -41,7 +43,8 @@ class CalibrateConfig(PlacementOptions):
     heldout_prompts: int = 32
     prompt_tokens: int = 64
     new_tokens: int = 32
-    consistency: str = "tokens"
+    consistency: str = "tokens"  # generation risk: how a continuation is compared with the full model's
+    kl_tau: float | None = None  # fidelity risk: also certify the share of positions with KL(full || dynamic) above it
     batch_size: int = 32  # prompts generated together (each still exits as it would alone)
     fit_tokens: int = 4096  # half fits the classifier, half chooses the exit points and the candidate grid
     calibration_tokens: int = 32768  # teacher-forced risks: whole windows, LTT's examples
@@ -88,7 +91,11 @@ class CalibrateConfig(PlacementOptions):
             ("seq_len", 2),
         ):
             check_at_least(name, getattr(self, name), low)
-        if self.risk == GENERATION_RISK and self.prompt_tokens > self.seq_len:
+        if self.kl_tau is not None:
+            check_positive("kl_tau", self.kl_tau)
+            if self.risk != FIDELITY_RISK:
+                raise DyninferError(f"{option('kl_tau')} is for {option('risk')} {FIDELITY_RISK}; leave it out")
+        if self.risk in PROMPT_RISKS and self.prompt_tokens > self.seq_len:
             raise DyninferError(
                 f"{option('prompt_tokens')} {self.prompt_tokens} is longer than the windows prompts "
                 f"are cut from ({option('seq_len')} {self.seq_len}); lower it or raise "

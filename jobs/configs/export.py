@@ -10,11 +10,13 @@ from dyninfer.core.choices import (
     EXPORT_DTYPES,
     EXPORT_KV_LAYOUTS,
     EXPORT_WEIGHTS,
+    FIDELITY_RISK,
     KV_MODES,
     ONNX_PROVIDERS,
+    PACKAGE_RISKS,
 )
-from dyninfer.core.errors import DyninferError, check_between, check_choice, option
-from dyninfer.exporters.quantize import DEFAULT_ACCURACY_LEVEL, check_accuracy_level, check_block_size
+from dyninfer.core.errors import DyninferError, check_between, check_choice, check_positive, option
+from dyninfer.exporters.quantize_settings import DEFAULT_ACCURACY_LEVEL, check_accuracy_level, check_block_size
 
 PACKAGE_DIR = "onnx"  # an export's package, inside the artifact unless `out` says otherwise
 
@@ -38,6 +40,10 @@ class ExportConfig:
     # consistency with the original model than the torch policy was certified for.
     target: float | None = None
     epsilon: float | None = None
+    # certify: what: fidelity (the package fed the original model's continuations keeps its top-1 token at >= target
+    # of positions: certification/fidelity.py) or generation (its free-running continuations' consistency)
+    certify_risk: str = FIDELITY_RISK
+    kl_tau: float | None = None  # fidelity: also certify the share of positions with KL(original || package) > kl_tau
     kv_layout: str = "auto"  # auto | buffer (preallocated, updated in place) | concat (past and new concatenated each step)
 
     def validate(self) -> None:
@@ -47,13 +53,21 @@ class ExportConfig:
         check_choice("weights", self.weights, EXPORT_WEIGHTS)
         check_block_size(self.block_size)
         check_accuracy_level(self.accuracy_level)
-        for name in ("target", "epsilon"):
+        check_choice("certify_risk", self.certify_risk, PACKAGE_RISKS)
+        if self.kl_tau is not None:
+            check_positive("kl_tau", self.kl_tau)
+            if self.certify_risk != FIDELITY_RISK:
+                raise DyninferError(f"{option('kl_tau')} is for {option('certify_risk')} {FIDELITY_RISK}; leave it out")
+        if self.certify_risk != ExportConfig.certify_risk and not self.certify:
+            raise DyninferError(f"{option('certify_risk')} is what {option('certify')} certifies; add {option('certify')} or leave it out")
+        for name in ("target", "epsilon", "kl_tau"):
             if getattr(self, name) is not None:
                 if not self.certify:
                     raise DyninferError(
                         f"{option(name)} is the bound {option('certify')} certifies; add {option('certify')} or leave it out"
                     )
-                check_between(name, getattr(self, name), 0.0, 1.0)
+                if name != "kl_tau":
+                    check_between(name, getattr(self, name), 0.0, 1.0)
         for name in ("block_size", "accuracy_level"):
             if self.weights == "full" and getattr(self, name) != getattr(ExportConfig, name):
                 raise DyninferError(f"{option(name)} is for {option('weights')} int8 or int4; leave it out or quantize")
