@@ -51,11 +51,9 @@ NO_PRUNING = {
 # Empty: every tested family certifies (tests/test_families.py would say which stopped).
 NOT_CERTIFYING: dict[str, str] = {}
 # Families whose certified policy exits on held-out text (teacher-forced) but not along the model's own greedy
-# continuations of those prompts, and why: the gap the generation risk exists to close.
-NO_EXITS_ON_OWN_TEXT = {
-    "gemma2": "its own continuations are repetitive, and their layer-1 confidence stays just under the threshold "
-    "(22% of held-out tokens exit, 0 of 32 generated)",
-}
+# continuations of those prompts, and why: the gap the generation risk exists to close. Empty since share
+# losses take the betting p-value (its tighter bound lowers gemma2's threshold enough to exit on its own text).
+NO_EXITS_ON_OWN_TEXT: dict[str, str] = {}
 
 
 def _random(shape, seed):
