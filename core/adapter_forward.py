@@ -9,7 +9,9 @@ code mirrors the forward loops of transformers 4.57 (pinned in pyproject).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -40,6 +42,7 @@ class LayeredModelView(Protocol):
     adapter: Any  # its ArchAdapter: `embed` names the backbone's token embedding module
     step_memo: dict | None  # while a decoding step is traced for export
     rope_memo: tuple | None  # (positions key, global rotary, local rotary) of the last step
+    rotary_deferred: bool  # queries and keys reach the attention unrotated (its kernel rotates them)
 
     @property
     def family(self) -> str: ...
@@ -311,8 +314,58 @@ def _rotary_propagate(lm: LayeredModelView, index: int, hidden: torch.Tensor, st
     if hasattr(attn, "k_norm"):  # Gemma 3, Qwen 3: keys normalised per head
         key = attn.k_norm(key)
     cos, sin = rope
-    _, key = apply_rotary_pos_emb(key, key, cos, sin)
+    if not lm.rotary_deferred:
+        _, key = apply_rotary_pos_emb(key, key, cos, sin)
     cache.update(key, value, index, {"sin": sin, "cos": cos, "cache_position": positions})
+
+
+RotaryTables = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # layer index -> (cos, sin) [positions, head dim / 2]
+
+
+def _rotary_tables(lm: LayeredModelView, hidden: torch.Tensor, total) -> RotaryTables | None:
+    """The rotary embedding of positions 0 .. total-1 as an attention kernel that rotates queries and keys itself
+    reads it (ONNX Runtime's GroupQueryAttention with do_rotary): per layer (Gemma 3's sliding layers have their own
+    base), the first half of cos and sin, the rotate-half form transformers' rotary families use. None when the
+    rotation does not cover the whole head (partial rotary), which that kernel does not compute."""
+    base = lm.backbone
+    positions = torch.arange(total, device=hidden.device)[None]
+    rotations = [base.rotary_emb(hidden, positions)]
+    if hasattr(base, "rotary_emb_local"):
+        rotations.append(base.rotary_emb_local(hidden, positions))
+    head_dim = getattr(lm.config, "head_dim", None) or lm.config.hidden_size // lm.config.num_attention_heads
+    if any(cos.shape[-1] != head_dim for cos, _ in rotations):
+        return None
+    halves = [(cos[0, :, : head_dim // 2], sin[0, :, : head_dim // 2]) for cos, sin in rotations]
+
+    def at(index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return halves[-1] if len(halves) > 1 and _attention_type(lm, index) == SLIDING else halves[0]
+
+    return at
+
+
+def _unrotated(q, k, cos, sin, *args, **kwargs):
+    return q, k
+
+
+@contextlib.contextmanager
+def _deferred_rotary(lm: LayeredModelView) -> Iterator[None]:
+    """While inside, the family's attention hands queries and keys on unrotated (the module that defines its
+    attention has its `apply_rotary_pos_emb`, the transformers convention, return them as they are), and so does
+    CALM propagation: the attention kernel rotates them with `_rotary_tables`. Raises DyninferError for a family
+    whose attention rotates otherwise."""
+    modules = {sys.modules[type(getattr(layer, "self_attn", layer)).__module__] for layer in lm.layers}
+    if not all(hasattr(module, "apply_rotary_pos_emb") for module in modules):
+        raise DyninferError(f"the {lm.family} attention does not rotate through apply_rotary_pos_emb")
+    saved = {module: module.apply_rotary_pos_emb for module in modules}
+    for module in modules:
+        module.apply_rotary_pos_emb = _unrotated
+    lm.rotary_deferred = True
+    try:
+        yield
+    finally:
+        lm.rotary_deferred = False
+        for module, function in saved.items():
+            module.apply_rotary_pos_emb = function
 
 
 def _plain_kv(lm: LayeredModelView, attn: nn.Module) -> bool:
@@ -380,6 +433,8 @@ ROTARY_FORWARD = dict(
     layer_kwargs_at=_rotary_kwargs_at,
     propagate=_rotary_propagate,
     embed_at=_token_embed_at,
+    rotary_tables=_rotary_tables,
+    deferred_rotary=_deferred_rotary,
 )
 GPT2_FORWARD = dict(
     prepare=_prepare_gpt2,

@@ -40,6 +40,10 @@ class ArchAdapter:
     propagate: Callable[..., None]  # write a skipped layer's cache entry from an exit hidden state
     embed_at: Callable[..., torch.Tensor]
     recurrent: bool = False  # state-space model: a fixed-size state instead of a KV cache
+    # For an attention kernel that rotates queries and keys itself: the rotary tables of positions 0 .. total-1 per
+    # layer, and a context in which the family's attention leaves them unrotated. None: no rotary embedding to move.
+    rotary_tables: Callable[..., Any] | None = None
+    deferred_rotary: Callable[..., Any] | None = None
     # The module (path inside a decoder layer) whose output is the last term added to the
     # residual stream: a bias there equals adding a vector to the layer's output (steering).
     residual_out: str | None = "mlp.down_proj"  # None: found per layer by structure

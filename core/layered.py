@@ -57,6 +57,7 @@ class LayeredModel:
         # While a step is traced for export: rotary embeddings and masks computed once per step
         # (in its main graph, so every branch shares them) and no data-dependent shortcuts.
         self.step_memo: dict | None = None
+        self.rotary_deferred = False  # inside `deferred_rotary`
 
     @property
     def family(self) -> str:
@@ -140,6 +141,17 @@ class LayeredModel:
             yield
         finally:
             self.step_memo = None
+
+    def rotary_tables(self, hidden: torch.Tensor, total):
+        """Per layer index, the (cos, sin) [total, head dim / 2] of positions 0 .. total-1, for an attention kernel
+        that rotates queries and keys itself; None when the family's rotation is not one it computes."""
+        return self.adapter.rotary_tables(self, hidden, total) if self.adapter.rotary_tables else None
+
+    def deferred_rotary(self):
+        """A context in which layers leave queries and keys unrotated (see `rotary_tables`)."""
+        if self.adapter.deferred_rotary is None:
+            raise DyninferError(f"the {self.family} family has no rotary embedding to defer")
+        return self.adapter.deferred_rotary(self)
 
     def layer_index(self, layer: nn.Module) -> int:
         return self._layer_index[id(layer)]

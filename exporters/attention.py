@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from dyninfer.core.adapter_forward import RotaryTables
+
 CONTRIB_DOMAIN = "com.microsoft"
 ATTENTION_NAME = "dyninfer_buffered"
 CACHE_KWARG = "kv_buffers"  # how the cache reaches the attention function: a layer keyword passed down to it
@@ -42,13 +44,21 @@ def group_query_attention(
     scale: float,
     softcap: float,
     window: int,
+    cos_cache: torch.Tensor | None = None,
+    sin_cache: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`query` [B, S, H*D], `key`/`value` [B, S, KV*D] for positions total-S .. total-1; `past_*` [B, KV, C, D]
     holding positions 0 .. total-S-1. Returns the attention output [B, S, H*D] and the buffers with the new
-    positions written (C grows to `total` if it was smaller). `window` <= 0: no sliding window; `softcap` 0: none."""
+    positions written (C grows to `total` if it was smaller). `window` <= 0: no sliding window; `softcap` 0: none.
+    With `cos_cache`/`sin_cache` [>= total, D/2] (the op's `do_rotary`), query and key are rotated first, position p
+    by row p of the tables, the two halves of each head as a pair (rotate-half, not interleaved)."""
     batch, new, _ = query.shape
     total = int(total_length)
     head_dim = past_key.shape[-1]
+    if cos_cache is not None and sin_cache is not None:
+        rows = slice(total - new, total)
+        query = _rotated(query, cos_cache[rows], sin_cache[rows], head_dim)
+        key = _rotated(key, cos_cache[rows], sin_cache[rows], head_dim)
     present_key, present_value = (_written(past, x, total, kv_num_heads, head_dim) for past, x in ((past_key, key), (past_value, value)))
     q = query.view(batch, new, num_heads, head_dim).transpose(1, 2).float()
     group = num_heads // kv_num_heads
@@ -67,6 +77,16 @@ def group_query_attention(
     return out.transpose(1, 2).reshape(batch, new, num_heads * head_dim).to(query.dtype), present_key, present_value
 
 
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[B, S, N*D] rotated per head: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), cos/sin [S, D/2]."""
+    batch, length, width = x.shape
+    heads = x.view(batch, length, width // head_dim, 2, head_dim // 2).float()
+    c, s = cos.float()[None, :, None], sin.float()[None, :, None]
+    first, second = heads[..., 0, :], heads[..., 1, :]
+    out = torch.stack([first * c - second * s, second * c + first * s], dim=-2)
+    return out.reshape(batch, length, width).to(x.dtype)
+
+
 def _written(past: torch.Tensor, new: torch.Tensor, total: int, heads: int, head_dim: int) -> torch.Tensor:
     batch, length = new.shape[:2]
     capacity = max(past.shape[2], total)
@@ -77,7 +97,22 @@ def _written(past: torch.Tensor, new: torch.Tensor, total: int, heads: int, head
 
 
 @group_query_attention.register_fake
-def _(query, key, value, past_key, past_value, seqlens_k, total_length, num_heads, kv_num_heads, scale, softcap, window):
+def _(
+    query,
+    key,
+    value,
+    past_key,
+    past_value,
+    seqlens_k,
+    total_length,
+    num_heads,
+    kv_num_heads,
+    scale,
+    softcap,
+    window,
+    cos_cache=None,
+    sin_cache=None,
+):
     # The exported step's buffers keep their capacity (the runtime sizes them for the whole generation).
     return query.new_empty(query.shape), past_key.new_empty(past_key.shape), past_value.new_empty(past_value.shape)
 
@@ -88,7 +123,23 @@ def translation_table() -> dict:
 
     node = values.Op(values.Opset(CONTRIB_DOMAIN, 1), "GroupQueryAttention", _schema())
 
-    def emit(query, key, value, past_key, past_value, seqlens_k, total_length, num_heads, kv_num_heads, scale, softcap, window):
+    def emit(
+        query,
+        key,
+        value,
+        past_key,
+        past_value,
+        seqlens_k,
+        total_length,
+        num_heads,
+        kv_num_heads,
+        scale,
+        softcap,
+        window,
+        cos_cache=None,
+        sin_cache=None,
+    ):
+        rotary = cos_cache is not None and sin_cache is not None
         return node(
             query,
             key,
@@ -97,6 +148,9 @@ def translation_table() -> dict:
             past_value,
             seqlens_k,
             total_length,
+            *((cos_cache, sin_cache) if rotary else ()),
+            do_rotary=int(rotary),
+            rotary_interleaved=0,
             num_heads=num_heads,
             kv_num_heads=kv_num_heads,
             scale=scale,
@@ -112,13 +166,15 @@ def _schema():
 
     float_types = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
     tensors = ("query", "key", "value", "past_key", "past_value")
+    optional = OpSchema.FormalParameterOption.Optional
     attribute = OpSchema.Attribute
     return OpSchema(
         "GroupQueryAttention",
         CONTRIB_DOMAIN,
         1,
         inputs=[OpSchema.FormalParameter(name, "T") for name in tensors]
-        + [OpSchema.FormalParameter("seqlens_k", "M"), OpSchema.FormalParameter("total_sequence_length", "M")],
+        + [OpSchema.FormalParameter("seqlens_k", "M"), OpSchema.FormalParameter("total_sequence_length", "M")]
+        + [OpSchema.FormalParameter(name, "T", param_option=optional) for name in ("cos_cache", "sin_cache")],
         outputs=[OpSchema.FormalParameter(name, "T") for name in ("output", "present_key", "present_value")],
         type_constraints=[("T", float_types, "float tensors"), ("M", ["tensor(int32)"], "lengths")],
         attributes=[
@@ -127,6 +183,8 @@ def _schema():
             attribute("scale", OpSchema.AttrType.FLOAT),
             attribute("softcap", OpSchema.AttrType.FLOAT),
             attribute("local_window_size", OpSchema.AttrType.INT),
+            attribute("do_rotary", OpSchema.AttrType.INT),
+            attribute("rotary_interleaved", OpSchema.AttrType.INT),
         ],
     )
 
@@ -139,17 +197,18 @@ class BufferedCache:
     propagation, which attends to nothing) turns them into the layer's present buffers.
     """
 
-    def __init__(self, past: dict[int, tuple[torch.Tensor, torch.Tensor]], start, new: int):
+    def __init__(self, past: dict[int, tuple[torch.Tensor, torch.Tensor]], start, new: int, rotary: RotaryTables | None = None):
         self.past = past
         self.start = start  # positions already in the buffers (a symbolic int when tracing)
         self.new = new
+        self.rotary = rotary  # the layers' rotary tables when the attention op rotates (the family's code did not)
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.present: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def for_layers(cls, first: int, past, start, new: int) -> BufferedCache:
+    def for_layers(cls, first: int, past, start, new: int, rotary: RotaryTables | None = None) -> BufferedCache:
         """The cache of layers first, first + 1, ... from their flat (key, value, key, value, ...) buffers."""
-        return cls(layer_pairs(first, past), start, new)
+        return cls(layer_pairs(first, past), start, new, rotary)
 
     @property
     def layer_kwargs(self) -> dict:
@@ -187,6 +246,7 @@ class BufferedCache:
             float(scale),
             float(softcap or 0.0),
             int(window or 0),
+            *(self.rotary(layer_idx) if self.rotary is not None else ()),
         )
         self.present[layer_idx] = (present_key, present_value)
         return out

@@ -37,7 +37,7 @@ from dyninfer.exporters.quantize import quantize_weights
 from dyninfer.exporters.quantize_settings import DEFAULT_ACCURACY_LEVEL
 from dyninfer.exporters.source_blocks import SourceWeights
 from dyninfer.exporters.step import check_exportable
-from dyninfer.exporters.step_export import choose_kv_layout, export_step_onnx, kv_geometry, quiet_exporters
+from dyninfer.exporters.step_export import choose_kv_layout, choose_rotary, export_step_onnx, kv_geometry, quiet_exporters
 from dyninfer.runtime.dynamic import DynamicModel
 from dyninfer.runtime.loader import LoadedDynamic, probe_vocabulary, stored_stop_policy
 from dyninfer.runtime.onnx_decoder import OnnxDecoder
@@ -160,7 +160,8 @@ def write_package(
     lm = dynamic.lm
     geometry = kv_geometry(lm)  # a forward pass through every layer: once per package
     kv_layout, layout_note = choose_kv_layout(dynamic, geometry, provider, dtype, kv_layout)
-    export_step_onnx(dynamic, directory / MODEL_FILE, geometry, dtype, kv_layout)
+    rotary, rotary_note = choose_rotary(dynamic, geometry, kv_layout)
+    fused = export_step_onnx(dynamic, directory / MODEL_FILE, geometry, dtype, kv_layout, rotary)
     counts: dict[str, int] = {}
     for node in ops.custom_nodes(onnx.load(str(directory / MODEL_FILE), load_external_data=False)):
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
@@ -176,7 +177,8 @@ def write_package(
         base_model=base_model,
         kv_layout=kv_layout,
         custom_ops={"domain": ops.DOMAIN, "nodes": counts},
-        notes=[layout_note] if layout_note else [],
+        notes=[note for note in (layout_note, rotary_note) if note],
+        fusions=fused,
     )
     manifest.validate().write(directory)
     return manifest

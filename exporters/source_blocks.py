@@ -175,19 +175,65 @@ def _nodes_for(node, source: SourceTensor, k: int, accuracy_level: int, names: d
     return nodes
 
 
+def _column_splits(graph, constants) -> dict[str, list[int]]:
+    """MatMul output -> the column sizes of the Split that is its only reader, where the projections of one input were
+    merged into one (exporters/fusions.py): each part is one source tensor."""
+    from onnx import numpy_helper
+
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    local = {t.name: t for t in graph.initializer}
+    out = {}
+    for name, nodes in readers.items():
+        split = nodes[0] if len(nodes) == 1 else None
+        if split is None or split.op_type != "Split" or len(split.input) < 2:
+            continue
+        sizes = local.get(split.input[1]) or constants.get(split.input[1])
+        axis = next((a.i for a in split.attribute if a.name == "axis"), 0)
+        if sizes is not None and axis == -1:
+            out[name] = [int(v) for v in numpy_helper.to_array(sizes)]
+    return out
+
+
+def _parts(array: np.ndarray, sizes: list[int] | None) -> list[np.ndarray]:
+    """The weight [K, N] as its merged projections' column blocks (itself when it was not merged)."""
+    if not sizes or sum(sizes) != array.shape[1]:
+        return [array]
+    return np.split(array, np.cumsum(sizes)[:-1], axis=1)
+
+
+def _joined(parts: list[SourceTensor | None]) -> SourceTensor | None:
+    """One tensor of merged projections' blocks, rows side by side; None unless every part is carried, of one kind."""
+    if not parts or any(p is None for p in parts) or len({p.kind for p in parts}) != 1:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    minimums = None if parts[0].minimums is None else np.concatenate([p.minimums for p in parts])
+    return SourceTensor(
+        "+".join(p.name for p in parts),
+        parts[0].kind,
+        np.concatenate([p.scales for p in parts]),
+        np.concatenate([p.quants for p in parts]),
+        minimums,
+    )
+
+
 def carry_source_blocks(model, sources: dict[str, SourceTensor], accuracy_level: int) -> dict:
     """Replace every constant-weight MatMul of `model` (an onnx ModelProto prepared for quantization) whose weight is
     a source tensor dequantized with MatMulNBits on that tensor's blocks. Returns counts by kind."""
     from onnx import numpy_helper
 
     constants = {t.name: t for t in model.graph.initializer}
-    fingerprints: dict[str, str | None] = {}
+    fingerprints: dict[str, list[str]] = {}
     names: dict[str, str] = {}
     added: list = []
     counts: dict[str, int] = {}
     # nested graphs first: rewriting a graph re-adds its nodes, copying the branches they hold as they are by then
     for graph in reversed(all_graphs(model.graph)):
         nodes = []
+        splits = _column_splits(graph, constants)
         for node in graph.node:
             weight = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
             if weight not in constants:
@@ -195,8 +241,9 @@ def carry_source_blocks(model, sources: dict[str, SourceTensor], accuracy_level:
                 continue
             if weight not in fingerprints:
                 array = numpy_helper.to_array(constants[weight], base_dir="")
-                fingerprints[weight] = _fingerprint(array.T) if array.ndim == 2 and array.shape[0] % BLOCK == 0 else None
-            source = sources.get(fingerprints[weight]) if fingerprints[weight] else None
+                fits = array.ndim == 2 and array.shape[0] % BLOCK == 0
+                fingerprints[weight] = [_fingerprint(part.T) for part in _parts(array, splits.get(node.output[0]))] if fits else []
+            source = _joined([sources.get(f) for f in fingerprints[weight]])
             if source is None:
                 nodes.append(node)
                 continue

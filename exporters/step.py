@@ -90,11 +90,17 @@ def step_attention(lm: LayeredModel, kv_layout: str):
 
 
 class DynamicStep(nn.Module):
-    def __init__(self, dynamic: DynamicModel, kv_layout: str = "concat"):
+    def __init__(self, dynamic: DynamicModel, kv_layout: str = "concat", rotary_in_attention: bool = False):
+        """`rotary_in_attention` (buffered layout only): the attention op rotates queries and keys with the rotary tables
+        of the step's positions (ONNX Runtime's GroupQueryAttention do_rotary); the family's code leaves them as they are."""
         super().__init__()
         if kv_layout not in KV_LAYOUTS:
             raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
         self.buffered = kv_layout == "buffer"
+        if rotary_in_attention and not self.buffered:
+            raise ValueError("the attention op rotates only in the buffered layout")
+        self.rotary_in_attention = rotary_in_attention
+        self.rotary = None  # the step's rotary tables while it runs
         lm, policy = dynamic.lm, dynamic.policy
         check_exportable(lm, policy)
         # The torch dynamic model's own exit heads and checks, with head confidences as custom ops.
@@ -127,8 +133,12 @@ class DynamicStep(nn.Module):
         else:
             past, start = inputs, inputs[0].shape[2]
         hidden = self.lm.embed_at(input_ids, start)
-        with self.lm.traced_step(hidden, start):
+        deferred = self.lm.deferred_rotary() if self.rotary_in_attention else contextlib.nullcontext()
+        with self.lm.traced_step(hidden, start), deferred:
+            # once per step, in the main graph that every branch reads
+            self.rotary = self.lm.rotary_tables(hidden, positions.shape[0]) if self.rotary_in_attention else None
             logits, exit_layer, exit_confidence, *present = self._step(hidden, threshold, past, start)
+            self.rotary = None
         # What a stop rule scores: the max probability of the distribution the next token is picked from (the
         # torch runtime's own function). The order is the package format's (runtime/package_format.py: STEP_OUTPUTS).
         return (logits, exit_layer, exit_confidence, max_probability(logits), logits.argmax(dim=-1), *present)
@@ -197,7 +207,7 @@ class DynamicStep(nn.Module):
 
     def _cache(self, first: int, past, start, new: int):
         if self.buffered:
-            return attention.BufferedCache.for_layers(first, past, start, new)
+            return attention.BufferedCache.for_layers(first, past, start, new, self.rotary)
         return StepCache.for_layers(first, past)
 
     def _run_branch(self, first: int, last: int, start):
@@ -284,16 +294,41 @@ def buffered_step_problem(dynamic: DynamicModel, geometry: list[tuple[int, int]]
     """Why the buffered layout does not reproduce this model's step (None when it does): both layouts run
     eagerly on a prompt and three more steps, exits disabled, then every exit point forced (propagation), and
     their logits must agree. A family whose attention has a feature the contrib op lacks fails here."""
+    return _differs(dynamic, geometry, "buffer", rotary_in_attention=False)
+
+
+def rotary_in_attention_problem(dynamic: DynamicModel, geometry: list[tuple[int, int]]) -> str | None:
+    """Why the buffered step cannot leave the rotary embedding to its attention op (None when it can): the family
+    has no rotary embedding, or one that does not cover the whole head, or ONNX Runtime's kernel cannot rotate heads
+    of its size, or the step computed that way differs from the concatenated one (checked as `buffered_step_problem`)."""
+    lm = dynamic.lm
+    if lm.adapter.rotary_tables is None:
+        return f"the {lm.family} family has no rotary embedding"
+    sizes = sorted({dim for _, dim in geometry if dim % ROTARY_HEAD_MULTIPLE})
+    if sizes:
+        return f"ONNX Runtime's attention rotates heads of a multiple of {ROTARY_HEAD_MULTIPLE} dimensions only, not {sizes[0]}"
+    with torch.no_grad():
+        hidden = lm.embed_at(torch.zeros(1, 1, dtype=torch.long, device=lm.device), 0)
+        if lm.rotary_tables(hidden, 1) is None:
+            return "its rotary embedding does not cover the whole head (partial rotary)"
+    return _differs(dynamic, geometry, "buffer", rotary_in_attention=True)
+
+
+ROTARY_HEAD_MULTIPLE = 16  # ONNX Runtime's GroupQueryAttention (CPU) refuses to rotate other head sizes
+
+
+def _differs(dynamic: DynamicModel, geometry, layout: str, rotary_in_attention: bool) -> str | None:
+    """Why `layout` (with the rotary in its attention op or not) does not reproduce the concatenated step, or None."""
     lm = dynamic.lm
     generator = torch.Generator().manual_seed(0)
     steps = [torch.randint(0, lm.vocab_size, (1, n), generator=generator).to(lm.device) for n in (5, 1, 2, 1)]
     logits = {}
-    for layout in KV_LAYOUTS:
-        step = DynamicStep(dynamic, layout).eval()
+    for name, step_layout, rotary in (("reference", "concat", False), ("candidate", layout, rotary_in_attention)):
+        step = DynamicStep(dynamic, step_layout, rotary).eval()
         try:
-            with torch.no_grad(), step_attention(lm, layout):
-                logits[layout] = [_eager_steps(step, lm, steps, geometry, threshold) for threshold in (2.0, -1.0)]
-        except attention.UnsupportedAttention as exc:
+            with torch.no_grad(), step_attention(lm, step_layout):
+                logits[name] = [_eager_steps(step, lm, steps, geometry, threshold) for threshold in (2.0, -1.0)]
+        except (attention.UnsupportedAttention, DyninferError) as exc:
             return str(exc)
     difference = max(float((a - b).abs().max()) for runs in zip(*logits.values()) for a, b in zip(*runs))
     return None if difference <= 1e-4 else f"its logits differ from the concatenated cache's by {difference:.2g}"

@@ -15,9 +15,9 @@ from dyninfer.core.choices import EXPORT_KV_LAYOUTS
 from dyninfer.core.errors import DyninferError, option
 from dyninfer.core.layered import LayeredModel
 from dyninfer.core.lenses import LogitLens
-from dyninfer.exporters import attention, ops
+from dyninfer.exporters import attention, fusions, ops
 from dyninfer.exporters.graph_tidy import fold_weight_transposes, strip_node_metadata
-from dyninfer.exporters.step import DynamicStep, buffered_step_problem, step_attention
+from dyninfer.exporters.step import DynamicStep, buffered_step_problem, rotary_in_attention_problem, step_attention
 from dyninfer.runtime.dynamic import DynamicModel
 from dyninfer.runtime.package_format import EXITS_DISABLED, input_names, output_names
 
@@ -64,10 +64,16 @@ def kv_geometry(lm) -> list[tuple[int, int]]:
 
 
 def export_step_onnx(
-    dynamic: DynamicModel, path: Path, geometry: list[tuple[int, int]], dtype: str = "fp32", kv_layout: str = "concat"
-) -> None:
+    dynamic: DynamicModel,
+    path: Path,
+    geometry: list[tuple[int, int]],
+    dtype: str = "fp32",
+    kv_layout: str = "concat",
+    rotary_in_attention: bool = False,
+) -> dict:
     """Trace the dynamic model's decoding step and save it (weights as external data) at `path`; `geometry`:
-    its `kv_geometry`."""
+    its `kv_geometry`. Returns what was fused (exporters/fusions.py): node counts, and the norm classes left as
+    plain ops."""
     import onnx
     from torch.export import Dim
 
@@ -77,7 +83,7 @@ def export_step_onnx(
         lm = LayeredModel(copy.deepcopy(lm.model).to(torch_dtype))
         lens = copy.deepcopy(lens).to(torch_dtype) if isinstance(lens, torch.nn.Module) else LogitLens(lm)
         dynamic = DynamicModel(lm, dynamic.policy, lens, dynamic.classifier)
-    step = DynamicStep(dynamic, kv_layout).eval()
+    step = DynamicStep(dynamic, kv_layout, rotary_in_attention).eval()
     batch, new = Dim("batch", min=1, max=256), Dim("sequence", min=1, max=65536)
     inputs, past = _example_inputs(lm, geometry, 2, 3, 4, torch_dtype, kv_layout)
     if kv_layout == "buffer":
@@ -87,14 +93,14 @@ def export_step_onnx(
         shapes = ({0: batch, 1: new}, None, tuple({0: batch, 2: Dim("past", min=0, max=65536)} for _ in past))
     config = lm.model.config
     try:
-        with torch.no_grad(), quiet_exporters(), step_attention(lm, kv_layout):
+        with torch.no_grad(), quiet_exporters(), step_attention(lm, kv_layout), fusions.fused_norms(lm.model) as norms:
             program = torch.onnx.export(
                 step,
                 (*inputs, *past),
                 dynamic_shapes=shapes,
                 input_names=input_names(lm.num_layers, kv_layout),
                 output_names=output_names(lm.num_layers),
-                custom_translation_table=ops.translation_table() | attention.translation_table(),
+                custom_translation_table=ops.translation_table() | attention.translation_table() | fusions.norm_translation_table(),
                 dynamo=True,
                 optimize=True,
                 verbose=False,
@@ -108,9 +114,17 @@ def export_step_onnx(
     ops.add_function_definitions(model)
     strip_node_metadata(model)
     fold_weight_transposes(model)
+    fused = {
+        "rms_norm": norms.fused,
+        "skip_rms_norm": fusions.fuse_skip_norms(model),
+        "merged_matmuls": fusions.merge_sibling_matmuls(model),
+        "rotary_in_attention": rotary_in_attention,
+        "norms_left_unfused": sorted(norms.left),
+    }
     onnx.save_model(
         model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=1024
     )
+    return fused
 
 
 def choose_kv_layout(
@@ -131,3 +145,12 @@ def choose_kv_layout(
     if wanted == "buffer":
         raise DyninferError(f"the buffered KV layout does not fit this model: {problem}; export with {option('kv_layout')} concat or auto")
     return "concat", f"the KV cache is concatenated each step, not preallocated: {problem}"
+
+
+def choose_rotary(dynamic: DynamicModel, geometry: list[tuple[int, int]], kv_layout: str) -> tuple[bool, str | None]:
+    """Whether the step's attention op rotates queries and keys (one kernel instead of the rotary's dozen nodes a
+    layer) and, when it does not in the buffered layout, why."""
+    if kv_layout != "buffer":
+        return False, None
+    problem = rotary_in_attention_problem(dynamic, geometry)
+    return problem is None, None if problem is None else f"the rotary embedding runs as plain ops: {problem}"

@@ -184,6 +184,7 @@ class PackageManifest:
     exits_disabled_threshold: float = EXITS_DISABLED
     custom_ops: dict = field(default_factory=dict)  # {domain, nodes: op type -> count}
     notes: list[str] = field(default_factory=list)  # what the export could not do as asked
+    fusions: dict = field(default_factory=dict)  # what the graph runs as fused kernels (exporters/fusions.py)
     files: dict[str, int] = field(default_factory=dict)  # file -> size in bytes
     weights: dict | None = None  # the weight-only quantization ({format, block_size, ...}); None: the dtype's weights
     baseline: str | None = None
@@ -277,6 +278,7 @@ class PackageManifest:
             ("model_file", isinstance(self.model_file, str)),  # inside the package: `read_package` says so by name
             ("exits_disabled_threshold", _finite(self.exits_disabled_threshold) and self.exits_disabled_threshold > 1.0),
             ("custom_ops", isinstance(self.custom_ops, dict)),
+            ("fusions", isinstance(self.fusions, dict)),
             ("notes", isinstance(self.notes, list) and all(isinstance(n, str) for n in self.notes)),
             ("files", isinstance(self.files, dict) and all(isinstance(k, str) and is_integer(v) and v >= 0 for k, v in self.files.items())),
             ("weights", self.weights is None or (isinstance(self.weights, dict) and isinstance(self.weights.get("format"), str))),

@@ -55,12 +55,14 @@ COMMON = dict(
 SLIDING_WINDOW = 8
 
 
-def family_config(model_type: str, layers: int = 3):
+def family_config(model_type: str, layers: int = 3, head_dim: int = 8):
+    """`head_dim` 16 or more: ONNX Runtime's attention rotates such heads itself (the export's rotary fusion)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
     accepted = inspect.signature(cls.__init__).parameters
-    kw = {k: v for k, v in (COMMON | {"num_hidden_layers": layers} | FAMILIES[model_type]).items() if k in accepted}
+    shape = {"num_hidden_layers": layers, "head_dim": head_dim, "hidden_size": 4 * head_dim}
+    kw = {k: v for k, v in (COMMON | shape | FAMILIES[model_type]).items() if k in accepted}
     config = cls(**kw)
     if getattr(config, "sliding_window", None):
         config.sliding_window = SLIDING_WINDOW
@@ -69,11 +71,11 @@ def family_config(model_type: str, layers: int = 3):
     return config
 
 
-def family_model(model_type: str, seed: int = 0, layers: int = 3):
+def family_model(model_type: str, seed: int = 0, layers: int = 3, head_dim: int = 8):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(family_config(model_type, layers), attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(family_config(model_type, layers, head_dim), attn_implementation="eager")
     with torch.no_grad():  # random init leaves some norms at zero (Gemma's 1 + w): give every weight some signal
         for name, p in model.named_parameters():
             if p.dim() == 1 and "norm" in name:

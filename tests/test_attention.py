@@ -4,6 +4,7 @@ held to a naive attention computed position by position; and the layout's fallba
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -25,7 +26,7 @@ STEPS = (6, 1, 3, 1, 1)  # a prompt, then single tokens and a multi-token step o
 def _naive(queries, keys, values, window, softcap):
     """Attention of the last len(queries) positions over all keys, one query and head at a time (numpy, fp64)."""
     total, new = len(keys), len(queries)
-    out = np.zeros((new, HEADS, DIM))
+    out = np.zeros((new, HEADS, queries.shape[-1]))
     for i in range(new):
         position = total - new + i
         seen = [j for j in range(position + 1) if window <= 0 or j > position - window]
@@ -36,7 +37,7 @@ def _naive(queries, keys, values, window, softcap):
                 scores = softcap * np.tanh(scores / softcap)
             weights = np.exp(scores - scores.max())
             out[i, head] = (weights / weights.sum()) @ values[seen, kv]
-    return out.reshape(new, HEADS * DIM)
+    return out.reshape(new, -1)
 
 
 class _Attention(torch.nn.Module):
@@ -129,6 +130,78 @@ def test_reference_and_onnx_runtime_attend_like_naive_attention_over_a_shared_bu
             np.testing.assert_allclose(held[:filled], written, atol=0)
             assert not held[filled:].any()  # nothing written past the filled positions
             np.testing.assert_array_equal(torch_buffer[0].numpy().transpose(1, 0, 2), held)
+
+
+ROTARY_DIM = 16  # ONNX Runtime's CPU kernel rotates heads of a multiple of 16 dimensions
+
+
+class _RotaryAttention(torch.nn.Module):
+    def forward(self, query, key, value, past_key, past_value, seqlens_k, total_length, cos, sin):
+        return attention.group_query_attention(
+            query, key, value, past_key, past_value, seqlens_k, total_length, HEADS, KV_HEADS, SCALE, 0.0, 0, cos, sin
+        )
+
+
+def _rotate_half(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """[positions, heads, D] rotated as Llama does: x * cos + rotate_half(x) * sin, the tables repeated over both halves."""
+    first, second = np.split(x, 2, axis=-1)
+    c, s = np.concatenate([cos, cos], -1)[:, None], np.concatenate([sin, sin], -1)[:, None]
+    return x * c + np.concatenate([-second, first], -1) * s
+
+
+def test_attention_that_rotates_equals_rotating_first_then_attending(tmp_path):
+    """With rotary tables (do_rotary), the reference and ONNX Runtime rotate queries and keys by their positions' rows,
+    and the buffers hold rotated keys: naive attention over keys rotated in numpy, over a prompt and two more steps."""
+    from torch.export import Dim
+
+    rng = np.random.default_rng(2)
+    angles = np.arange(CAPACITY)[:, None] * (10000.0 ** (-np.arange(ROTARY_DIM // 2) / (ROTARY_DIM // 2)))[None]
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    empty = np.zeros((1, KV_HEADS, CAPACITY, ROTARY_DIM), np.float32)
+    example = [rng.standard_normal((1, 3, h * ROTARY_DIM)).astype(np.float32) for h in (HEADS, KV_HEADS, KV_HEADS)]
+    example += [empty, empty, np.array([2], np.int32), np.array(3, np.int32), cos, sin]
+    new = Dim("new", min=1, max=64)
+    program = torch.onnx.export(
+        _RotaryAttention(),
+        tuple(torch.from_numpy(a) for a in example),
+        dynamic_shapes=({1: new}, {1: new}, {1: new}, None, None, None, None, None, None),
+        custom_translation_table=attention.translation_table(),
+        dynamo=True,
+    )
+    program.save(str(tmp_path / "rotary.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "rotary.onnx"), providers=["CPUExecutionProvider"])
+    (node,) = [n for n in onnx.load(str(tmp_path / "rotary.onnx")).graph.node if n.op_type == "GroupQueryAttention"]
+    assert {a.name: a.i for a in node.attribute}["do_rotary"] == 1  # the kernel rotates, not ops around it
+    past = {"ort": [empty, empty], "torch": [torch.from_numpy(empty)] * 2}
+    keys, values, filled = np.zeros((0, KV_HEADS, ROTARY_DIM)), np.zeros((0, KV_HEADS, ROTARY_DIM)), 0
+    for step in (5, 1, 2):
+        query, key, value = (rng.standard_normal((1, step, h * ROTARY_DIM)).astype(np.float32) for h in (HEADS, KV_HEADS, KV_HEADS))
+        total = filled + step
+        lengths = np.array([total - 1], np.int32), np.array(total, np.int32)
+        rows = slice(filled, total)
+        keys = np.concatenate([keys, _rotate_half(key[0].reshape(step, KV_HEADS, ROTARY_DIM), cos[rows], sin[rows])])
+        values = np.concatenate([values, value[0].reshape(step, KV_HEADS, ROTARY_DIM)])
+        queries = _rotate_half(query[0].reshape(step, HEADS, ROTARY_DIM), cos[rows], sin[rows])
+        expected = _naive(queries.astype(np.float64), keys, values, 0, 0.0)
+        feeds = dict(zip([i.name for i in session.get_inputs()], (query, key, value, *past["ort"], *lengths, cos, sin)))
+        out, *past["ort"] = session.run(None, feeds)
+        torch_out, *past["torch"] = attention.group_query_attention(
+            *(torch.from_numpy(a) for a in (query, key, value)),
+            *past["torch"],
+            *(torch.from_numpy(a) for a in lengths),
+            HEADS,
+            KV_HEADS,
+            SCALE,
+            0.0,
+            0,
+            torch.from_numpy(cos),
+            torch.from_numpy(sin),
+        )
+        filled = total
+        np.testing.assert_allclose(out[0], expected, atol=1e-4)
+        np.testing.assert_allclose(torch_out[0].numpy(), expected, atol=1e-4)
+        for held in (past["ort"][0][0], past["torch"][0][0].numpy()):  # [kv heads, capacity, D]: rotated keys
+            np.testing.assert_allclose(held.transpose(1, 0, 2)[:filled], keys, atol=1e-5)
 
 
 def _dynamic(model) -> DynamicModel:

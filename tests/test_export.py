@@ -34,6 +34,10 @@ ATTENTION_ARCHS = [a for a in ARCHS if a != "mamba"]
 # a layer, and each exit point adds a branch).
 OTHER_MEASURES = {"llama": ("classifier", 0), "qwen2": ("softmax", 16)}
 ONE_EXIT = {"points": (1,)}
+# Heads of 16 dimensions: ONNX Runtime's attention rotates them itself, so the parity tests cover the rotary fusion;
+# Qwen2 keeps heads of 8 (tiny_models' default), where the rotary must stay plain ops with a note.
+FUSED_HEAD_DIM = 16
+PLAIN_ROTARY = "qwen2"
 
 
 def _random_tuned_lens(lm: LayeredModel) -> TunedLens:
@@ -47,7 +51,7 @@ def _random_tuned_lens(lm: LayeredModel) -> TunedLens:
 
 def _dynamic(arch: str, measure: str = "saturation", top_k: int = 0, points=(1, 2), model=None, tuned: bool = False):
     """A dynamic model whose threshold makes some steps exit early and others run the full depth."""
-    model = model if model is not None else tiny_model(arch, layers=3)
+    model = model if model is not None else tiny_model(arch, layers=3, head_dim=_head_dim(arch))
     lm = LayeredModel(model)
     lens = _random_tuned_lens(lm) if tuned else LogitLens(lm)
     prompt = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(5))
@@ -66,6 +70,26 @@ def _dynamic(arch: str, measure: str = "saturation", top_k: int = 0, points=(1, 
             return dynamic, prompt
         low, high = (threshold, high) if deep < 3 else (low, threshold)
     raise AssertionError(f"no {measure} threshold gives mixed exits for {arch}")
+
+
+def _head_dim(arch: str) -> int:
+    return 8 if arch == PLAIN_ROTARY else FUSED_HEAD_DIM
+
+
+# Families whose layout leaves a fusion nothing to do, and why.
+PACKED_PROJECTIONS = {"phi3": "its checkpoints already pack q/k/v and gate/up into one matrix each"}
+POST_NORMS = {"olmo2": "it norms each sublayer's output before the residual add, so no add feeds a norm"}
+
+
+def _assert_fused(manifest, family: str, rotary: bool) -> None:
+    """Every norm of these families runs as ONNX Runtime's fused kernels, with the residual add where the add feeds the
+    norm, sibling projections as one MatMul, and the rotary inside attention (`rotary`) or as plain ops with a note."""
+    fused = manifest.fusions
+    assert fused["rms_norm"] > 0 and not fused["norms_left_unfused"], fused
+    assert (fused["skip_rms_norm"] > 0) != (family in POST_NORMS), fused
+    assert (fused["merged_matmuls"] > 0) != (family in PACKED_PROJECTIONS), fused
+    assert fused["rotary_in_attention"] is rotary, (fused, manifest.notes)
+    assert rotary or any("rotary embedding runs as plain ops" in note for note in manifest.notes), manifest.notes
 
 
 def _assert_parity(dynamic: DynamicModel, prompt, package, kv_layout: str = "buffer") -> None:
@@ -98,7 +122,7 @@ def exported(tmp_path_factory):
             if arch in OTHER_MEASURES:
                 dynamic, prompt = _dynamic(arch, *OTHER_MEASURES[arch])
             else:
-                dynamic, prompt = _dynamic(arch, model=tiny_model(arch, layers=2), **ONE_EXIT)
+                dynamic, prompt = _dynamic(arch, model=tiny_model(arch, layers=2, head_dim=_head_dim(arch)), **ONE_EXIT)
             path = tmp_path_factory.mktemp(f"onnx-{arch}")
             write_package(path, dynamic)
             packages[arch] = dynamic, prompt, path
@@ -113,6 +137,8 @@ def test_onnx_dynamic_model_equals_torch(arch, exported):
     """Llama and Qwen2 are checked the same way below, with the other confidence measures (one export each)."""
     dynamic, prompt, package = exported(arch)
     _assert_parity(dynamic, prompt, package)
+    if arch != "gpt2":  # LayerNorm with a bias: not an RMS norm, and no rotary; its plain ops are checked above
+        _assert_fused(OnnxDecoder(package, provider="cpu").manifest, arch, rotary=True)
 
 
 # Families recognised by structure, exported and held to the torch dynamic model like the ones above (the
@@ -123,9 +149,10 @@ EXPORTED_FAMILIES = ("qwen3", "phi3", "gemma2", "olmo2", "granite")
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", EXPORTED_FAMILIES)
 def test_families_recognised_by_structure_export_like_torch(model_type, tmp_path):
-    dynamic, prompt = _dynamic(model_type, model=family_model(model_type, layers=2), **ONE_EXIT)
+    dynamic, prompt = _dynamic(model_type, model=family_model(model_type, layers=2, head_dim=FUSED_HEAD_DIM), **ONE_EXIT)
     write_package(tmp_path, dynamic)
     _assert_parity(dynamic, prompt, tmp_path)
+    _assert_fused(OnnxDecoder(tmp_path, provider="cpu").manifest, model_type, rotary=True)
 
 
 @pytest.mark.slow
@@ -135,6 +162,7 @@ def test_onnx_equals_torch_for_other_confidence_measures(arch, exported):
     """The classifier reads the hidden state; softmax uses the head and, with top-k, the candidates."""
     dynamic, prompt, package = exported(arch)
     _assert_parity(dynamic, prompt, package)
+    _assert_fused(OnnxDecoder(package, provider="cpu").manifest, arch, rotary=arch != PLAIN_ROTARY)
     if dynamic.policy.measure == "softmax":
         manifest = json.loads((package / PACKAGE_MANIFEST).read_text())
         assert manifest["custom_ops"]["nodes"] == {"ExitGate": 2, "SoftmaxConfidence": 2}
@@ -325,8 +353,12 @@ def test_the_package_obeys_stop_rules_as_the_torch_runtime_does(exported):
 
     dynamic, prompt, package = exported("llama")
     runtime = OnnxDecoder(package, provider="cpu")
-    numbers = {i: str(i % 10) for i in range(50, 110)}
-    vocabulary = ProbeVocabulary(frozenset(range(10, 50)), numbers, frozenset({5}), [3, 4], frozenset(range(10, 30)))
+    # A random model's chain repeats a few ids: those end steps (the first one lines), so probes happen, and every
+    # other id spells a digit, so they read answers.
+    chain = [int(t) for t in dynamic.generate(prompt, STEPS, mode="full").tokens[0]]
+    boundaries = frozenset(chain) - {3, 4, 5}
+    numbers = {i: str(i % 10) for i in range(6, VOCAB) if i not in boundaries}
+    vocabulary = ProbeVocabulary(boundaries, numbers, frozenset({5}), [3, 4], frozenset({chain[0]}) & boundaries)
     reasons = set()
     for mode in ("early-exit", "full"):
         full = dynamic.generate(prompt, STEPS, mode=mode, return_scores=True)

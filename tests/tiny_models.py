@@ -8,12 +8,13 @@ VOCAB = 128
 ARCHS = ("llama", "qwen2", "mistral", "gemma3", "gpt2", "mamba")
 
 
-def tiny_config(arch: str, vocab_size: int = VOCAB, layers: int = 3):
+def tiny_config(arch: str, vocab_size: int = VOCAB, layers: int = 3, head_dim: int = 8):
+    """`head_dim` 16 or more: ONNX Runtime's attention rotates such heads itself (the export's rotary fusion)."""
     import transformers as tf
 
     common = dict(
         vocab_size=vocab_size,
-        hidden_size=32,
+        hidden_size=4 * head_dim,
         intermediate_size=64,
         num_hidden_layers=layers,
         num_attention_heads=4,
@@ -28,11 +29,13 @@ def tiny_config(arch: str, vocab_size: int = VOCAB, layers: int = 3):
         return tf.MistralConfig(**common, sliding_window=8)  # exercises the sliding-window mask
     if arch == "gemma3":
         types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
-        return tf.Gemma3TextConfig(**common, head_dim=8, sliding_window=8, layer_types=types, final_logit_softcapping=30.0)
+        return tf.Gemma3TextConfig(**common, head_dim=head_dim, sliding_window=8, layer_types=types, final_logit_softcapping=30.0)
     if arch == "gpt2":
-        return tf.GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=layers, n_head=4, n_positions=512)
+        return tf.GPT2Config(vocab_size=vocab_size, n_embd=4 * head_dim, n_layer=layers, n_head=4, n_positions=512)
     if arch == "mamba":
-        return tf.MambaConfig(vocab_size=vocab_size, hidden_size=32, state_size=8, num_hidden_layers=layers, expand=2, conv_kernel=4)
+        return tf.MambaConfig(
+            vocab_size=vocab_size, hidden_size=4 * head_dim, state_size=8, num_hidden_layers=layers, expand=2, conv_kernel=4
+        )
     raise ValueError(arch)
 
 
