@@ -56,8 +56,8 @@ def main() -> None:
         tokens = np.stack(outputs[name])
         speed = tokens.size / seconds[name]
         rows[name] = {
-            "kv_layout": model.kv_layout,
-            "weights": (model.manifest.get("weights") or {}).get("format", model.manifest["dtype"]),
+            "kv_layout": model.manifest.kv_layout,
+            "weights": model.manifest.precision,
             "tokens_per_s": speed,
             "vs_first": speed / (reference.size / seconds[names[0]]),
             "tokens_equal_to_first": float(token_share(tokens, reference).mean()),

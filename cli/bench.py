@@ -24,7 +24,7 @@ HELP = """Benchmark the artifact's dynamic model against the full model in one r
 
 Same prompts for every mode: the starts of held-out windows of the calibration's own split (never text it calibrated on), with its prompt and continuation lengths when it certified generations. the full model through transformers with its KV cache (the baseline), the calibrated early exit, lossless self-speculation, and the dynamic code path with exits disabled. Reports tokens/s, speedup, consistency with the baseline (tokens, shared prefix, ROUGE-L; the certified bound beside the calibration's measure), perplexity of the output under the full model, and realized vs predicted speedup.
 
-With --backend onnx the rows are: transformers on the original model (the reference for consistency and perplexity), optimum's ORTModelForCausalLM in fp32 and, for a quantized package, at its precision (the package's baseline exports), and the package with its exits and with exits disabled. Speedups (and --min-speedup) are against optimum at the package's precision; every row is also given against each optimum row, with its perplexity change and its peak RSS (each row measured alone, in a process that imports only its runtime; --no-memory skips it). The bound shown is the package's own certificate (`export --certify`) or, marked as such, calibration's on the torch model.
+With --backend onnx the rows are: transformers on the original model (the reference for consistency and perplexity), optimum's ORTModelForCausalLM in fp32 and, for a quantized package, at its precision (the package's baseline exports), the package with its exits and with exits disabled, and onnxruntime-genai's int4 export of the same model (its builder's defaults, run by its own runtime) where onnxruntime-genai is at hand (--genai-python, or importable here; else a note says how). Every row reports tokens/s, the prefill's time and the decode's tokens/s apart, and its fidelity fed the original model's continuations (same top-1, mean and 99th-percentile KL, perplexity ratio). Speedups (and --min-speedup) are against optimum at the package's precision; every row is also given against each optimum row, with its perplexity change and its peak RSS (each row measured alone, in a process that imports only its runtime; --no-memory skips it). The bound shown is the package's own certificate (`export --certify`) or, marked as such, calibration's on the torch model.
 
 Exit codes: 0 pass, 1 a gate (--min-speedup, --min-consistency) failed, 2 bad input.
 
@@ -39,6 +39,8 @@ Examples:
     dyninfer bench audit/ --backend onnx    (after `dyninfer export audit/`: vs optimum's ORTModelForCausalLM)
 
     dyninfer bench audit/ --backend onnx --package audit-int4/ --json    (an int4 package vs optimum fp32 and int4)
+
+    dyninfer bench audit/ --backend onnx --genai-python ~/genai-venv/bin/python    (and onnxruntime-genai's int4 export)
 
     dyninfer bench audit/ --stop completion --prompts 32 --min-speedup 1.5    (after `dyninfer stop`: seconds per request, value kept)
 """  # noqa: E501 (help paragraphs are one line each: Typer keeps line breaks)
@@ -163,6 +165,14 @@ def bench(
         bool, typer.Option("--memory/--no-memory", help="ONNX backend: each row's peak RSS, measured in a process of its own.")
     ] = DEFAULTS.memory,
     provider: opt.Provider = DEFAULTS.provider,
+    genai_python: Annotated[
+        str | None,
+        typer.Option(
+            "--genai-python",
+            help="ONNX backend: the Python of a virtualenv with onnxruntime-genai; its builder's int4 export of the model "
+            "becomes a row (default: this Python when onnxruntime-genai is importable here).",
+        ),
+    ] = DEFAULTS.genai_python,
     stop: Annotated[
         str | None,
         typer.Option(

@@ -17,13 +17,15 @@ import torch
 from dyninfer.core.choices import DEFAULT_DATA
 from dyninfer.core.data import load_windows
 from dyninfer.core.errors import DyninferError, option
-from dyninfer.core.progress import ProgressFn
+from dyninfer.core.models import cache_dir
+from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.core.provenance import provenance
 from dyninfer.core.records import CalibrateRecord
 from dyninfer.jobs.configs import PACKAGE_DIR, BenchConfig
 from dyninfer.jobs.run import draft_settings, plan_note
 from dyninfer.jobs.stop import heldout_requests
 from dyninfer.profilers.bench import BenchResult, run_bench
+from dyninfer.profilers.genai_row import GENAI_INT4, MISSING_NOTE, build_genai, genai_row, local_genai_python
 from dyninfer.profilers.onnx_bench import run_onnx_bench
 from dyninfer.profilers.stop_bench import StopBenchResult, run_stop_bench
 from dyninfer.runtime.loader import load_dynamic, stored_stop_policy
@@ -117,7 +119,7 @@ def run(config: BenchConfig, artifact: str | os.PathLike, progress: ProgressFn |
     spec, prompt_ids, new_tokens = bench_prompts(config, dyn)
     if config.backend == "onnx":
         runtime = OnnxDecoder(package, provider=config.provider)
-        result = run_onnx_bench(dyn, runtime, prompt_ids, new_tokens, memory=config.memory, progress=progress)
+        result = _onnx_bench(config, dyn, runtime, prompt_ids, new_tokens, progress)
     else:
         layer, max_draft, plan = draft_settings(dyn, prompt_ids[:1], config.draft_layer)
         result = run_bench(
@@ -132,6 +134,28 @@ def run(config: BenchConfig, artifact: str | os.PathLike, progress: ProgressFn |
         result.certified = certified_here(dyn.calibration, result)
     result.notes += dyn.notes
     return BenchReport(config, spec, result, gate_failures(config, result), dyn.loaded.placement)
+
+
+def _onnx_bench(config: BenchConfig, dyn, runtime: OnnxDecoder, prompt_ids, new_tokens: int, progress) -> BenchResult:
+    """The package's bench, with onnxruntime-genai's int4 export of the same model as a row where a Python with
+    onnxruntime-genai is at hand (built once into the user cache), else a note saying how to add it."""
+    python = config.genai_python or local_genai_python()
+    if python is None:
+        result = run_onnx_bench(dyn, runtime, prompt_ids, new_tokens, memory=config.memory, progress=progress)
+        result.notes.append(MISSING_NOTE)
+        return result
+    report = progress or silent
+    report("building onnxruntime-genai's int4 export", 0, 1)
+    folder = cache_dir() / "genai" / f"{dyn.loaded.content_hash[:16]}-int4"
+    build = build_genai(python, dyn.loaded.pretrained_path, folder, "int4")
+    report("building onnxruntime-genai's int4 export", 1, 1)
+    row, worker = genai_row(python, folder, GENAI_INT4, new_tokens, runtime.num_layers)
+    try:
+        result = run_onnx_bench(dyn, runtime, prompt_ids, new_tokens, memory=config.memory, extra_rows=[row], progress=progress)
+    finally:
+        worker.close()
+    result.notes.append(f"{GENAI_INT4}: `{' '.join(build['command'][1:])}` with {build['versions']}")
+    return result
 
 
 def _run_stop(config: BenchConfig, dyn, progress: ProgressFn | None) -> BenchReport:

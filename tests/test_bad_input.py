@@ -330,6 +330,8 @@ CASES = [
     ("bench-provider-unknown", ["bench", "{art}", "--provider", "tpu"], "--provider must be one of"),
     ("bench-too-many-prompts", ["bench", "{art}", "--prompts", "5000", "--prompt-tokens", "8"], "lower --prompts"),
     ("bench-onnx-without-package", ["bench", "{art}", "--backend", "onnx"], "no ONNX package at"),
+    ("bench-genai-python-missing", ["bench", "{art}", "--backend", "onnx", "--genai-python", "{art}/no-python"], "--genai-python"),
+    ("bench-genai-python-on-torch", ["bench", "{art}", "--genai-python", "/bin/sh"], "--genai-python does not apply"),
     ("bench-onnx-not-a-package", ["bench", "{art}", "--backend", "onnx", "--package", "{foreign}"], "not a dyninfer ONNX package"),
     # --- export
     ("export-provider-unknown", ["export", "{art}", "--provider", "tpu"], "--provider must be one of"),

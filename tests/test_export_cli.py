@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from dyninfer.cli.app import app
 from dyninfer.core.errors import DyninferError
 from dyninfer.exporters import onnx_export
+from dyninfer.profilers.genai_row import MISSING_NOTE, local_genai_python
 from dyninfer.runtime.package_format import PACKAGE_MANIFEST
 
 # One xdist worker runs this module: its module fixture is built once.
@@ -104,6 +105,10 @@ def test_bench_onnx_backend_compares_with_optimum_in_one_run(exported):
     # fp32 graphs decode the original model's greedy tokens
     assert modes["package exits disabled"]["consistency"] == modes["optimum fp32"]["consistency"] == 1.0
     assert out["gated_mode"] == "package early-exit"
+    if local_genai_python() is None:  # the user is told how to add onnxruntime-genai's export as a row
+        assert MISSING_NOTE in out["notes"]
+    for row in modes.values():  # the prefill and the decode apart, for every row
+        assert row["prefill_ms"] > 0 and row["decode_tokens_per_s"] > 0
     # each row's memory comes from its own process; the package's imports no torch, optimum's and transformers' do
     memory = {name: row["memory"] for name, row in modes.items()}
     assert all(m["peak_rss_mib"] >= m["imports_rss_mib"] > 0 for m in memory.values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from dyninfer.core.choices import (
@@ -36,6 +37,9 @@ class BenchConfig(PlacementOptions):
     min_consistency: float | None = None  # gate on its token consistency with the baseline
     stop: str | None = None  # benchmark the artifact's stop rule for this workload (time per request, value kept)
     memory: bool = True  # onnx backend: each row's peak RSS, from a process of its own (seconds a row)
+    # onnx backend: a Python with onnxruntime-genai (its own virtualenv) that builds and runs its int4 export as a row
+    # (None: this Python when onnxruntime-genai is importable here, else no such row and a note on how to get it)
+    genai_python: str | None = None
 
     def validate(self) -> None:
         self.placement().validate()
@@ -57,6 +61,11 @@ class BenchConfig(PlacementOptions):
         check_choice("backend", self.backend, RUN_BACKENDS)
         if self.provider is not None:
             check_choice("provider", self.provider, ONNX_PROVIDERS)
+        if self.genai_python is not None and not (os.path.isfile(self.genai_python) and os.access(self.genai_python, os.X_OK)):
+            raise DyninferError(
+                f"{option('genai_python')} {self.genai_python!r} is not an executable Python; give a virtualenv's bin/python "
+                "with onnxruntime-genai installed (benchmarks/genai_baseline.py makes one)"
+            )
         if self.kv_mode is not None:
             check_choice("kv_mode", self.kv_mode, KV_MODES)
         if self.draft_layer is not None:

@@ -35,7 +35,7 @@ def refuse_unused(config, defaults) -> None:
     if backend == "onnx":
         unused += [(name, f"{option('backend')} onnx (the package runs the KV mode it was exported with)") for name in ("kv_mode",)]
     else:
-        unused += [(name, f"{option('backend')} {backend}") for name in ("provider", "package")]
+        unused += [(name, f"{option('backend')} {backend}") for name in ("provider", "package", "genai_python")]
     if not sample:
         unused.append(("temperature", "greedy decoding (pass `sample` to sample)"))
     for name, where in unused:
