@@ -142,14 +142,26 @@ def measure_fidelity(
 
 @dataclass
 class FidelityCertificate:
-    """Learn-then-Test's outcome on the fidelity risk: the certified threshold (None: exits disabled, or nothing), the
-    test, the curve of candidates tested, the held-out measures at the certified setting."""
+    """Learn-then-Test's outcome on the fidelity risk: the certified setting's index in the path tested (None: none),
+    its threshold (None: exits disabled, or nothing), the test, the curve of settings tested, the held-out measures at
+    the certified setting."""
 
+    chosen: int | None
     threshold: float | None
     full_depth_certified: bool
     ltt: LTTResult
     curve: list[dict]
     heldout: dict | None
+
+
+@dataclass(frozen=True)
+class FidelitySetting:
+    """One setting on a fixed-sequence path: a decoder (`forced`), its exit threshold (None: exits disabled), and a
+    label the curve keeps (the weights of an auto-chosen candidate, say)."""
+
+    forced: ForcedLogits
+    threshold: float | None
+    label: dict = dataclasses.field(default_factory=dict)
 
 
 def certify_fidelity(
@@ -158,6 +170,20 @@ def certify_fidelity(
     calibration: tuple,
     heldout: tuple | None,
     thresholds: list,
+    **options,
+) -> FidelityCertificate:
+    """Fixed-sequence testing of one decoder: exits disabled first, then the candidates in the given order (strict to
+    loose; None or infinite ones dropped). `options`: those of `certify_fidelity_path`."""
+    path = [FidelitySetting(forced, None)]
+    path += [FidelitySetting(forced, float(t)) for t in thresholds if t is not None and math.isfinite(t)]
+    return certify_fidelity_path(path, lm, calibration, heldout, **options)
+
+
+def certify_fidelity_path(
+    path: list[FidelitySetting],
+    lm: LayeredModel,
+    calibration: tuple,
+    heldout: tuple | None,
     *,
     target: float,
     epsilon: float,
@@ -165,12 +191,16 @@ def certify_fidelity(
     batch_size: int = 8,
     progress: ProgressFn | None = None,
 ) -> FidelityCertificate:
-    """Fixed-sequence testing of the top-1 risk (and the KL risk, with `kl_tau`) over the candidates (strict to loose;
-    None or infinite ones mean exits disabled, tested first), computed only as far as the test goes."""
+    """Fixed-sequence testing of the top-1 risk (and the KL risk, with `kl_tau`) along `path`, a sequence of settings
+    fixed before any calibration prompt is read and ordered from the most to the least likely to pass; each is computed
+    only when the test reaches it, and the last one rejected before the first failure is certified. Choosing along a
+    fixed path spends no more than epsilon however many settings it holds."""
     prompts, continuations = (np.asarray(a) for a in calibration)
     n = len(prompts)
     if n == 0 or continuations.shape[0] != n:
         raise DyninferError("the calibration prompts and their continuations do not pair up; re-run `dyninfer calibrate`")
+    if not path:
+        raise ValueError("the path holds no setting to test")
     delta = 1.0 - target
     needed = min_examples(delta, epsilon, SHARE_P_VALUE)
     if n < needed:
@@ -178,29 +208,40 @@ def certify_fidelity(
             f"{n} calibration prompts cannot certify fidelity {target:g} at epsilon {epsilon:g} (at least {needed} are needed even "
             "if every position agreed); calibrate with more prompts"
         )
-    candidates = [None] + [float(t) for t in thresholds if t is not None and math.isfinite(t)]  # in the given order
     curve: list[dict] = []
 
     def losses_of(j: int) -> np.ndarray:
-        label = "exits disabled" if candidates[j] is None else f"threshold {candidates[j]:.4g}"
+        setting = path[j]
+        label = "exits disabled" if setting.threshold is None else f"threshold {setting.threshold:.4g}"
+        label = " ".join([*(str(v) for v in setting.label.values()), label])
         run = measure_fidelity(
-            forced, lm, (prompts, continuations), candidates[j], batch_size=batch_size, progress=progress,
-            what=f"certifying fidelity: {label} ({j + 1}/{len(candidates)})",
+            setting.forced, lm, (prompts, continuations), setting.threshold, batch_size=batch_size, progress=progress,
+            what=f"certifying fidelity: {label} ({j + 1}/{len(path)})",
         )  # fmt: skip
         losses = run.losses(kl_tau)
         p_values = [p_values_of(loss[None, :], delta, epsilon, SHARE_P_VALUE)[0][0] for loss in losses]
-        curve.append({"threshold": candidates[j], **run.measures(), "risks": [float(x.mean()) for x in losses], "p_values": p_values})
-        # the test reads one loss row: the candidate's worst risk, whose p-value is the larger one
+        curve.append(
+            {
+                **setting.label,
+                "threshold": setting.threshold,
+                **run.measures(),
+                "risks": [float(x.mean()) for x in losses],
+                "p_values": p_values,
+            }
+        )
+        # the test reads one loss row: the setting's worst risk, whose p-value is the larger one
         return losses[int(np.argmax(p_values))]
 
-    ltt, _ = fixed_sequence_test([math.inf if c is None else c for c in candidates], losses_of, delta, epsilon, SHARE_P_VALUE)
+    ltt, _ = fixed_sequence_test(list(range(len(path))), losses_of, delta, epsilon, SHARE_P_VALUE)
     chosen = ltt.chosen_index
-    threshold = candidates[chosen] if chosen is not None else None
+    threshold = path[chosen].threshold if chosen is not None else None
     held = None
     if heldout is not None and chosen is not None:
-        held_run = measure_fidelity(forced, lm, heldout, threshold, batch_size=batch_size, progress=progress, what="held-out fidelity")
+        held_run = measure_fidelity(
+            path[chosen].forced, lm, heldout, threshold, batch_size=batch_size, progress=progress, what="held-out fidelity"
+        )
         held = held_run.measures()
-    return FidelityCertificate(threshold, chosen is not None, ltt, curve, held)
+    return FidelityCertificate(chosen, threshold, chosen is not None, ltt, curve, held)
 
 
 def rows_logits(dynamic: DynamicModel) -> ForcedLogits:

@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from dyninfer.certification.fidelity import certify_fidelity, decoder_logits
+from dyninfer.certification.fidelity import FidelitySetting, certify_fidelity_path, decoder_logits
 from dyninfer.compressors.ltt import SHARE_P_VALUE, fixed_sequence_test, min_examples
 from dyninfer.core.choices import CONSISTENCY_MEASURES, FIDELITY_RISK, TOP1
 from dyninfer.core.consistency import all_measures, consistency
@@ -131,7 +131,7 @@ def certify_package(
 
 
 def certify_package_fidelity(
-    runtime: Decoder,
+    runtimes: list[tuple[Decoder, dict]],
     lm: LayeredModel,
     calibration: tuple,
     heldout: tuple | None,
@@ -143,13 +143,19 @@ def certify_package_fidelity(
     kl_tau: float | None = None,
     provider: str | None = None,
     progress: ProgressFn | None = None,
-) -> PackageCertificate:
+) -> tuple[PackageCertificate, int | None]:
     """The fidelity risk on the package (certification/fidelity.py: its step teacher-forced along the original model's
     cached continuations, `lm` the original model giving the reference distributions), with its free-running
-    consistency on the held-out prompts beside it as information."""
-    certified = certify_fidelity(
-        decoder_logits(runtime), lm, calibration, heldout, thresholds, target=target, epsilon=epsilon, kl_tau=kl_tau, progress=progress
-    )
+    consistency on the held-out prompts beside it as information. `runtimes`: the package's graph, or (weights
+    auto) its weight candidates, each with the label its curve points carry, ordered from the slowest to the fastest;
+    the fixed path tests each with exits disabled in that order, then the thresholds on the last one. Returns the
+    certificate and the index of the runtime it certifies (None: none)."""
+    path = [FidelitySetting(decoder_logits(runtime), None, label) for runtime, label in runtimes]
+    last, label = runtimes[-1]
+    path += [FidelitySetting(decoder_logits(last), float(t), label) for t in thresholds if t is not None and math.isfinite(t)]
+    certified = certify_fidelity_path(path, lm, calibration, heldout, target=target, epsilon=epsilon, kl_tau=kl_tau, progress=progress)
+    chosen = None if certified.chosen is None else min(certified.chosen, len(runtimes) - 1)
+    runtime = runtimes[chosen or 0][0]
     prompts, continuations = (np.asarray(a) for a in calibration)
     free = None
     if heldout is not None and certified.full_depth_certified:
@@ -183,7 +189,8 @@ def certify_package_fidelity(
         risk=FIDELITY_RISK,
         kl_tau=kl_tau,
         fidelity=certified.heldout,
-    )
+        weights=runtimes[chosen or 0][1].get("weights"),
+    ), chosen
 
 
 def carried_over(

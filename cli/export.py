@@ -17,9 +17,11 @@ HELP = """Export the dynamic model as an ONNX Runtime package, exits and custom 
 
 The graph is one decoding step with KV cache (inputs past_key_values.{i}.key/value, outputs present.{i}.key/value, like optimum), with the calibrated exits as real `If` branches that skip the deeper layers and each exit decision as an `ai.dyninfer.ExitGate` custom-op node defined as an ONNX function, so stock ONNX Runtime runs it on any execution provider.
 
-The package goes to ARTIFACT/onnx/ (or --out): model.onnx + model.onnx.data, the tokenizer, dyninfer-onnx.json, and baseline/ (the plain model exported by optimum, for `bench --backend onnx`). It is verified against the torch dynamic model before it replaces anything. --weights int8|int4 then quantizes the weights of every projection (and the head) with ONNX Runtime's MatMulNBits (CPU and CUDA kernels), and the baseline the same way; how far that moved the logits is reported.
+The package goes to ARTIFACT/onnx/ (or --out): model.onnx + model.onnx.data, the tokenizer, dyninfer-onnx.json, and baseline/ (the plain model exported by optimum, for `bench --backend onnx`). It is verified against the torch dynamic model before it replaces anything. --weights int8|int4 then quantizes the weights of every projection (and the head) with ONNX Runtime's MatMulNBits (CPU and CUDA kernels), and the baseline the same way; how far that moved the logits is reported. --weights source (a model loaded from a quantized GGUF) carries the GGUF's own Q4_0/Q4_1/Q8_0 blocks into the same kernel instead of rounding its dequantized weights again: far closer to the source, somewhat slower. --weights auto (with --certify) builds a fixed list of candidates (source when the model came from a GGUF, int8, int4), times each on this machine, and ships the fastest whose fidelity certifies: one fixed-sequence test along the candidates, slowest first, then the exit thresholds on the last, so choosing spends no part of the guarantee.
 
-The manifest carries the consistency bound the package ships with. By default it is calibration's, computed on the torch model: for a quantized or fp16 package that is another graph, and every report says so. --certify certifies the package itself: on calibration's prompts (needs `calibrate --risk generation`), the package generates through ONNX Runtime, batch 1, and Learn-then-Test runs along calibration's candidate thresholds, exits disabled first, against the original model's cached continuations. The threshold it certifies becomes the package's. It decodes every calibration prompt once per candidate tried (on 2 CPU cores, 128 prompts of 64 new tokens: about 2 minutes a candidate for an int4 package of the bundled model, 4 for fp32). --target and --epsilon set the bound to certify (default: the calibration's): a quantized graph may keep less consistency with the original model than the torch policy was certified for. --accuracy-level sets MatMulNBits' CPU compute precision (default 4, int8 activations: the fast int4 path on CPUs; CUDA ignores it).
+The graph runs ONNX Runtime's fused kernels where the model allows (as onnxruntime-genai's builder emits them): RMSNorm as SimplifiedLayerNormalization, the residual add with it as SkipSimplifiedLayerNormalization, sibling projections (q/k/v, gate/up) as one MatMul, and the rotary embedding inside the attention op; the manifest's `fusions` and notes say what was fused and what stays plain ops.
+
+The manifest carries the bound the package ships with. By default it is calibration's, computed on the torch model: for a quantized or fp16 package that is another graph, and every report says so. --certify certifies the package itself on calibration's prompts (needs a calibration with the generation or fidelity risk, which caches the original model's continuations), through ONNX Runtime, batch 1, with Learn-then-Test along calibration's candidate thresholds, exits disabled first. --certify-risk fidelity (the default) feeds the package the original model's continuation and certifies the share of positions keeping its top-1 token (with --kl-tau, also KL <= tau), the measure llama.cpp's --kl-divergence reports; same top-1, mean and 99th-percentile KL and the perplexity ratio are reported beside it. --certify-risk generation certifies the package's free-running greedy tokens instead (strict: one early difference changes every later token). The threshold it certifies becomes the package's. It decodes every calibration prompt once per setting tried (on 2 CPU cores, 128 prompts of 64 tokens: about a minute a setting for an int4 package of the bundled model). --target and --epsilon set the bound to certify (default: the calibration's): a quantized graph may keep less consistency with the original model than the torch policy was certified for. --accuracy-level sets MatMulNBits' CPU compute precision (default 4, int8 activations: the fast int4 path on CPUs; CUDA ignores it).
 
 KV cache: by default (--kv-layout auto) each layer's past is one preallocated buffer that the step's attention (ONNX Runtime's GroupQueryAttention, one node a layer) writes the new positions into in place; the runtime binds it as both input and output, so no step copies the cache, and a greedy step brings back the token (the graph's next_token), not the logits. It is used wherever it reproduces the model's step (checked before export on every family); otherwise, and for fp32 on CUDA (whose kernel is fp16/bf16 only), the package concatenates past and new K/V each step, as optimum's does, and says why. --kv-layout buffer refuses a model it does not fit; concat forces the old layout.
 
@@ -33,6 +35,8 @@ Examples:
 
     dyninfer export audit/ --weights int4 --certify --out audit-int4/   (and certify the int4 package on its own continuations)
 
+    dyninfer export audit/ --weights auto --certify --target 0.9 --out audit-auto/   (the fastest weights whose same top-1 certifies at 0.9)
+
     dyninfer export audit/ --no-baseline --json
 """  # noqa: E501 (help paragraphs are one line each: Typer keeps line breaks)
 
@@ -45,7 +49,11 @@ def export(
     dtype: Annotated[str, typer.Option("--dtype", help="fp32, or fp16 (CUDA only).")] = DEFAULTS.dtype,
     weights: Annotated[
         str,
-        typer.Option("--weights", help="full (in --dtype), or int8/int4 weight-only quantization (MatMulNBits; the baseline's too)."),
+        typer.Option(
+            "--weights",
+            help="full (in --dtype), int8/int4 weight-only quantization (MatMulNBits; the baseline's too), source (a GGUF's own "
+            "blocks), or auto (with --certify: the fastest candidate that certifies).",
+        ),
     ] = DEFAULTS.weights,
     block_size: Annotated[int, typer.Option("--block-size", help="int8/int4: weights per quantization scale.")] = DEFAULTS.block_size,
     accuracy_level: Annotated[
@@ -115,6 +123,8 @@ def export(
             f"accuracy level {result.weights['accuracy_level']} "
             f"({result.weights['quantized_matmuls']} MatMuls quantized{moved})"
         )
+    for candidate in result.weights_candidates:
+        stdout.print(f"weight candidate {candidate['weights']}: {candidate['decode_tokens_per_s']:.1f} decode tok/s")
     if result.certificate is not None:
         stdout.print(f"bound: {escape(result.certificate['statement'])}")
     if result.baseline:

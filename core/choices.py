@@ -63,6 +63,9 @@ EXPORT_KV_LAYOUTS = ("auto", *reversed(KV_LAYOUTS))
 # full: the weights in the graph's dtype; int8/int4: weight-only MatMulNBits, round to nearest; source: a quantized GGUF
 # source's own blocks carried into MatMulNBits (exporters/source_blocks.py)
 EXPORT_WEIGHTS = ("full", "int8", "int4", "source")
+# auto (weights chosen by certification): the fastest of a fixed candidate list that certifies (exporters/weights_choice.py)
+AUTO_WEIGHTS = "auto"
+EXPORT_WEIGHT_CHOICES = (*EXPORT_WEIGHTS, AUTO_WEIGHTS)
 
 # --- pruning (compressors/pruning.py)
 PRUNE_METHODS = ("threshold", "predictor")

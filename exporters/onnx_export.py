@@ -28,7 +28,7 @@ import torch
 from dyninfer.certification.package import carried_over
 from dyninfer.core.artifact_files import staged_directory
 from dyninfer.core.artifact_paths import MANIFEST_NAME, file_sha256, give_usual_modes
-from dyninfer.core.choices import EXPORT_DTYPES, ONNX_PROVIDERS, REASONING
+from dyninfer.core.choices import AUTO_WEIGHTS, EXPORT_DTYPES, ONNX_PROVIDERS, REASONING
 from dyninfer.core.errors import DyninferError, option
 from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.core.records import StopRecord
@@ -38,6 +38,7 @@ from dyninfer.exporters.quantize_settings import DEFAULT_ACCURACY_LEVEL
 from dyninfer.exporters.source_blocks import SourceWeights
 from dyninfer.exporters.step import check_exportable
 from dyninfer.exporters.step_export import choose_kv_layout, choose_rotary, export_step_onnx, kv_geometry, quiet_exporters
+from dyninfer.exporters.weights_choice import build_candidates, chosen_candidate, install_candidate
 from dyninfer.runtime.dynamic import DynamicModel
 from dyninfer.runtime.loader import LoadedDynamic, probe_vocabulary, stored_stop_policy
 from dyninfer.runtime.onnx_decoder import OnnxDecoder
@@ -72,6 +73,8 @@ class ExportResult:
     quantized_max_abs_diff: float | None = None  # logits, the quantized package vs torch (information, not a check)
     certificate: dict | None = None  # PackageCertificate.to_dict(): the bound the manifest carries, and what it is about
     kv_layout: str = "concat"  # "buffer": preallocated KV buffers updated in place (exporters/attention.py)
+    weights_candidates: list[dict] = field(default_factory=list)  # `weights` auto: each candidate's speed, slowest first
+    fusions: dict = field(default_factory=dict)  # what the graph runs as fused kernels
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -201,6 +204,13 @@ class _Export:
     difference: float | None = None
     quantized_difference: float | None = None
 
+    def certificate_graph(self) -> None:
+        """The graph files the package's own certificate is about, by hash (once the graph is final)."""
+        certificate = self.manifest.certificate
+        if certificate is not None and certificate.on_package:
+            graph = sorted(p.name for p in self.directory.iterdir() if p.name.startswith(MODEL_FILE))
+            certificate.graph_sha256 = {name: file_sha256(self.directory / name) for name in graph}
+
     def verified(self) -> float:
         """The staged package's logits against torch's (the manifest not written yet: passed along)."""
         return verify_package(self.dyn.dynamic, self.directory, self.provider, self.manifest)
@@ -220,7 +230,7 @@ def export_dynamic(
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
     source_manifest: Path | None = None,
     lock: bool = True,
-    certify: Callable[[Path, PackageManifest], PackageCertificate] | None = None,
+    certify: Callable[[list], tuple[PackageCertificate, int | None]] | None = None,
     kv_layout: str = "auto",
     progress: ProgressFn | None = None,
 ) -> ExportResult:
@@ -228,9 +238,11 @@ def export_dynamic(
 
     Call `preflight` first (before loading anything). The package keeps a copy of the artifact's
     manifest: `source_manifest`, else the one of the saved artifact `dyn` was built from. `lock=False`:
-    `target` is inside a staged copy of the artifact that no other process sees (`audit`). `certify(package,
-    manifest)`: certifies the staged package (after quantizing, before the baseline); its threshold becomes the
-    package's. Without it the manifest carries calibration's bound, marked as computed on the torch model.
+    `target` is inside a staged copy of the artifact that no other process sees (`audit`). `certify(candidates)`:
+    certifies the staged package (after quantizing, before the baseline), given as [(folder, manifest, label)], or with
+    `weights` auto the weight candidates (exporters/weights_choice.py) ordered slowest first, and returns the
+    certificate and the index it certifies; its threshold becomes the package's. Without it the manifest carries
+    calibration's bound, marked as computed on the torch model.
     """
     if dyn.policy is None:
         raise DyninferError("the artifact has no early-exit policy; run `dyninfer calibrate` into it first")
@@ -239,21 +251,48 @@ def export_dynamic(
             raise ValueError("export_dynamic needs a saved artifact, or its manifest as `source_manifest`")
         source_manifest = Path(dyn.artifact.path) / MANIFEST_NAME
     started = time.perf_counter()
+    auto = weights == AUTO_WEIGHTS
+    if auto and certify is None:
+        raise DyninferError(f"{option('weights')} {AUTO_WEIGHTS} picks among certified weights; add {option('certify')}")
     steps = (4 if baseline else 3) + (weights != "full") + (certify is not None)
     with staged_directory(target, lock=lock) as tmp:
         job = _Export(dyn, tmp, provider, dtype, verify, baseline, progress or silent, steps)
         _write_step(job, kv_layout, source_manifest)
-        if weights != "full":
-            job.report(f"quantizing the weights to {weights}", 3, steps)
-            job.manifest.weights = quantize_weights(tmp / MODEL_FILE, weights, block_size, accuracy_level, source)
-            job.quantized_difference = job.verified() if verify else None  # reported: any quantization moves the logits
-        _certify(job, certify, weights)
+        if auto:
+            job.report("building and timing the weight candidates", 3, steps)
+            candidates = build_candidates(tmp, job.manifest, source, block_size, accuracy_level, provider, progress)
+            job.manifest.weights_candidates = [c.summary() for c in candidates]
+            chosen = _certify(job, certify, [(c.directory, c.manifest, {"weights": c.weights}) for c in candidates])
+            candidate = chosen_candidate(candidates, chosen)
+            install_candidate(tmp, candidate)
+            job.manifest.weights = candidate.manifest.weights
+            job.notes.append(_auto_note(candidates, chosen))
+            weights = candidate.weights
+            job.quantized_difference = job.verified() if verify else None
+            job.certificate_graph()
+        else:
+            if weights != "full":
+                job.report(f"quantizing the weights to {weights}", 3, steps)
+                job.manifest.weights = quantize_weights(tmp / MODEL_FILE, weights, block_size, accuracy_level, source)
+                job.quantized_difference = job.verified() if verify else None  # reported: any quantization moves the logits
+            _certify(job, certify, [(tmp, job.manifest, {})])
+            job.certificate_graph()
         if baseline:
             _baselines(job, weights, block_size, accuracy_level, source)
         job.manifest.write(tmp)
         give_usual_modes(tmp)  # model.onnx.data and safetensors files are written 0600
     job.report("done", steps, steps)
     return _result(job, target, baseline, time.perf_counter() - started)
+
+
+def _auto_note(candidates: list, chosen: int | None) -> str:
+    order = ", ".join(f"{c.weights} ({c.decode_tokens_per_s:.0f} tok/s)" for c in candidates)
+    if chosen is None:
+        return (
+            f"{option('weights')} {AUTO_WEIGHTS}: no candidate certified (tested slowest first: {order}); it ships "
+            f"{candidates[0].weights}, uncertified"
+        )
+    return f"{option('weights')} {AUTO_WEIGHTS}: {candidates[chosen].weights} certified, the fastest to (tested slowest first: {order})"
 
 
 def _write_step(job: _Export, kv_layout: str, source_manifest: Path) -> None:
@@ -288,26 +327,25 @@ def _write_step(job: _Export, kv_layout: str, source_manifest: Path) -> None:
             )
 
 
-def _certify(job: _Export, certify, weights: str) -> None:
-    """The package's certificate: its own (on the staged graph, whose hashes it records), or calibration's carried over."""
+def _certify(job: _Export, certify, candidates: list) -> int | None:
+    """The package's certificate: its own, on the staged graph or along the weight candidates (`candidates`: (folder,
+    manifest, label) each; returns the index certified), or calibration's carried over when `certify` is None."""
     if certify is None:
         record = job.dyn.calibration
         model = f"the torch dynamic model ({(record.dtype if record else None) or 'float32'})"
-        job.manifest.certificate = carried_over(
-            record, job.dyn.loaded.base_model_info(), model, weights if weights != "full" else job.dtype
-        )
+        graph = (job.manifest.weights or {}).get("format") or job.dtype
+        job.manifest.certificate = carried_over(record, job.dyn.loaded.base_model_info(), model, graph)
         if job.manifest.certificate is not None:
             job.notes.append(
                 f"the bound is calibration's: {job.manifest.certificate.statement()}; export with {option('certify')} to certify the "
                 "package itself"
             )
-        return
+        return None
     job.report("certifying the package", job.steps - 1 - job.baseline, job.steps)
-    certificate = certify(job.directory, job.manifest)
-    graph = sorted(p.name for p in job.directory.iterdir() if p.name.startswith(MODEL_FILE))
-    certificate.graph_sha256 = {name: file_sha256(job.directory / name) for name in graph}
+    certificate, chosen = certify(candidates)
     job.manifest.policy.threshold = certificate.threshold  # the threshold certified on this graph
     job.manifest.certificate = certificate
+    return chosen
 
 
 def _baselines(job: _Export, weights: str, block_size: int, accuracy_level: int, source: SourceWeights | None) -> None:
@@ -343,6 +381,8 @@ def _result(job: _Export, target: Path, baseline: bool, seconds: float) -> Expor
         job.quantized_difference,
         certificate.to_dict() if certificate is not None else None,
         manifest.kv_layout,
+        manifest.weights_candidates,
+        manifest.fusions,
     )
 
 

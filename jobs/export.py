@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dyninfer.certification.package import certify_package, certify_package_fidelity
 from dyninfer.core import stages
-from dyninfer.core.choices import FIDELITY_RISK, GENERATION_RISK, TOP1
+from dyninfer.core.choices import AUTO_WEIGHTS, FIDELITY_RISK, GENERATION_RISK, TOP1
 from dyninfer.core.errors import DyninferError, option
 from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.exporters.onnx_export import ExportResult, export_dynamic, preflight
@@ -33,6 +33,12 @@ def run(config: ExportConfig, artifact: str | os.PathLike, progress: ProgressFn 
     steps = (4 if config.baseline else 3) + (config.weights != "full") + config.certify
     report("loading the dynamic model", 0, steps)
     dyn = load_dynamic(str(artifact), config.model, require_policy=True, kv_mode=config.kv_mode)
+    if config.weights == SOURCE:
+        source = source_weights(dyn)
+    elif config.weights == AUTO_WEIGHTS:  # the source's blocks are a candidate when the model came from a GGUF
+        source = source_weights(dyn) if Path(dyn.loaded.source).suffix.lower() == ".gguf" else None
+    else:
+        source = None
     certify = package_certifier(dyn, config, progress) if config.certify else None
     return export_dynamic(
         dyn,
@@ -42,7 +48,7 @@ def run(config: ExportConfig, artifact: str | os.PathLike, progress: ProgressFn 
         baseline=config.baseline,
         verify=config.verify,
         weights=config.weights,
-        source=source_weights(dyn) if config.weights == SOURCE else None,
+        source=source,
         block_size=config.block_size,
         accuracy_level=config.accuracy_level,
         certify=certify,
@@ -66,7 +72,7 @@ def source_weights(dyn: LoadedDynamic) -> SourceWeights:
 
 def package_certifier(
     dyn: LoadedDynamic, config: ExportConfig, progress: ProgressFn | None
-) -> Callable[[Path, PackageManifest], PackageCertificate]:
+) -> Callable[[list], tuple[PackageCertificate, int | None]]:
     """Certification of a package of `dyn` on `config.provider`, against calibration's cached continuations of the original
     model and along its candidate thresholds, on `config.certify_risk` at `config.target` and `config.epsilon` (None:
     calibration's); refused before any export work when the artifact cannot support it."""
@@ -96,8 +102,10 @@ def package_certifier(
         prompts, continuations = pair
         return None if prompts is None or continuations is None else (prompts.numpy(), continuations[:, :new_tokens].numpy())
 
-    def certify(package: Path, manifest: PackageManifest) -> PackageCertificate:
-        runtime = OnnxDecoder(package, provider=config.provider, manifest=manifest)
+    def certify(candidates: list[tuple[Path, PackageManifest, dict]]) -> tuple[PackageCertificate, int | None]:
+        """`candidates`: the staged package, or `weights` auto's candidates slowest first ((folder, manifest, label))."""
+        runtimes = [(OnnxDecoder(folder, provider=config.provider, manifest=manifest), label) for folder, manifest, label in candidates]
+        runtime = runtimes[0][0]
         bound = {
             "target": certificate.target if config.target is None else config.target,
             "epsilon": certificate.epsilon if config.epsilon is None else config.epsilon,
@@ -107,9 +115,10 @@ def package_certifier(
         }
         sets = (cut(sets_of["calibration"]), cut(sets_of["heldout"]))
         if config.certify_risk == FIDELITY_RISK:
-            return certify_package_fidelity(runtime, dyn.loaded.layered, *sets, certificate.candidates, kl_tau=config.kl_tau, **bound)
+            return certify_package_fidelity(runtimes, dyn.loaded.layered, *sets, certificate.candidates, kl_tau=config.kl_tau, **bound)
         # the free-running consistency in the calibration's measure (top1 has no free-running sense: tokens)
         measure = certificate.measure if certificate.measure != TOP1 else "tokens"
-        return certify_package(runtime, *sets, certificate.candidates, measure=measure, **bound)
+        certified = certify_package(runtime, *sets, certificate.candidates, measure=measure, **bound)
+        return certified, 0 if certified.full_depth_certified else None
 
     return certify

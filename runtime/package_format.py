@@ -20,6 +20,7 @@ from dyninfer.compressors.stop_obey import ProbeVocabulary
 from dyninfer.core.artifact_paths import inside, relative_inside
 from dyninfer.core.choices import (
     EXPORT_DTYPES,
+    EXPORT_WEIGHTS,
     FIDELITY_RISK,
     GENERATION_RISK,
     KV_LAYOUTS,
@@ -90,6 +91,7 @@ class PackageCertificate:
     risk: str = GENERATION_RISK
     kl_tau: float | None = None
     fidelity: dict | None = None  # held-out: same_top1, mean_kl, kl_p99, perplexity_ratio at the certified setting
+    weights: str | None = None  # the weights the certified setting runs (the auto choice's, when chosen by certification)
 
     @property
     def on_package(self) -> bool:
@@ -99,6 +101,8 @@ class PackageCertificate:
         graph = f" ({self.package_graph})" if self.package_graph else ""
         where = "on this package (ONNX Runtime)" if self.on_package else f"on {self.computed_on}, not on this package's graph{graph}"
         what = "exits disabled" if self.threshold is None else f"exit threshold {self.threshold:.4g}"
+        if self.weights is not None:
+            what += f", {self.weights} weights"
         if self.risk == FIDELITY_RISK:
             kept = f"the original model's top-1 token at >= {self.target:g} of positions"
             if self.kl_tau is not None:
@@ -138,6 +142,7 @@ class PackageCertificate:
             ("graph_sha256", certificate.graph_sha256 is None or _str_map(certificate.graph_sha256)),
             ("risk", certificate.risk in PACKAGE_RISKS),
             ("kl_tau", certificate.kl_tau is None or (_finite(certificate.kl_tau) and certificate.kl_tau > 0)),
+            ("weights", certificate.weights is None or certificate.weights in EXPORT_WEIGHTS),
         ]
         bad = next((name for name, ok in checks if not ok), None)
         if bad is not None:
@@ -190,6 +195,8 @@ class PackageManifest:
     baseline: str | None = None
     baseline_full: str | None = None
     baseline_weights: dict | None = None
+    # weights auto: each candidate in the order tested ({weights, decode_tokens_per_s}), slowest first
+    weights_candidates: list[dict] = field(default_factory=list)
     stop: dict[str, PackageStopRule] = field(default_factory=dict)
     certificate: PackageCertificate | None = None
     version: int = PACKAGE_VERSION
@@ -285,6 +292,7 @@ class PackageManifest:
             ("baseline", self.baseline is None or (isinstance(self.baseline, str) and relative_inside(self.baseline))),
             ("baseline_full", self.baseline_full is None or (isinstance(self.baseline_full, str) and relative_inside(self.baseline_full))),
             ("baseline_weights", self.baseline_weights is None or isinstance(self.baseline_weights, dict)),
+            ("weights_candidates", isinstance(self.weights_candidates, list) and all(isinstance(c, dict) for c in self.weights_candidates)),
         ]
         bad = next((name for name, ok in checks if not ok), None)
         if bad is not None:

@@ -335,6 +335,7 @@ CASES = [
     ("bench-onnx-not-a-package", ["bench", "{art}", "--backend", "onnx", "--package", "{foreign}"], "not a dyninfer ONNX package"),
     # --- export
     ("export-provider-unknown", ["export", "{art}", "--provider", "tpu"], "--provider must be one of"),
+    ("export-auto-without-certify", ["export", "{art}", "--weights", "auto"], "--weights auto picks the fastest weights"),
     ("export-dtype-unknown", ["export", "{art}", "--dtype", "fp64"], "--dtype must be one of"),
     ("export-fp16-on-cpu", ["export", "{art}", "--dtype", "fp16"], "fp16"),
     ("export-out-a-file", ["export", "{art}", "--out", "{file_txt}"], "is a file"),

@@ -279,6 +279,53 @@ def test_a_package_certified_on_fidelity_measures_its_step_against_the_original_
     )
 
 
+def test_weights_auto_ships_the_fastest_candidate_that_certifies(exported, tmp_path):
+    """The candidates (int8, int4: the tiny model came from no GGUF) are timed and tested slowest first along one
+    fixed sequence; the package holds the last one certified before the first failure, and it is the graph certified."""
+    import numpy as np
+
+    from dyninfer.certification.fidelity import decoder_logits, measure_fidelity
+    from dyninfer.core.artifact_paths import file_sha256
+    from dyninfer.core.artifacts import Artifact
+    from dyninfer.core.layered import LayeredModel
+    from dyninfer.runtime.onnx_decoder import OnnxDecoder
+
+    model, _, artifact, _ = exported
+    out = tmp_path / "auto"
+    args = ["export", str(artifact), "--weights", "auto", "--block-size", "16", "--certify", "--target", "0.5", "--epsilon", "0.2"]
+    result = runner.invoke(app, [*args, "--no-baseline", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / PACKAGE_MANIFEST).read_text())
+    candidates = manifest["weights_candidates"]
+    assert sorted(c["weights"] for c in candidates) == ["int4", "int8"]
+    speeds = [c["decode_tokens_per_s"] for c in candidates]
+    assert speeds == sorted(speeds) and speeds[0] > 0  # slowest first
+    certificate = manifest["certificate"]
+    curve = certificate["curve"]
+    order = [c["weights"] for c in candidates]
+    assert [p["weights"] for p in curve[: len(order)]] == order[: len(curve)]  # the path's order, as far as it went
+    passed = [max(p["p_values"]) <= 0.2 for p in curve]
+    chosen = passed.index(False) - 1 if False in passed else len(passed) - 1
+    if chosen < 0:  # nothing certified: the most faithful candidate ships, uncertified
+        assert certificate["weights"] == order[0] and not certificate["full_depth_certified"]
+    else:
+        assert certificate["weights"] == curve[chosen]["weights"] and certificate["threshold"] == curve[chosen]["threshold"]
+    assert manifest["weights"]["format"] == certificate["weights"]
+    assert not (out / "weight-candidates").exists()
+    for name, digest in certificate["graph_sha256"].items():  # the graph certified is the graph shipped
+        assert file_sha256(out / name) == digest
+    # and it computes what the certificate measured for its candidate (teacher-forced on the calibration prompts)
+    group = Artifact.load(artifact).tensors["generation"]
+    prompts, reference = group["calibration.prompts"].numpy(), group["calibration.continuations"].numpy()
+    from transformers import AutoModelForCausalLM
+
+    lm = LayeredModel(AutoModelForCausalLM.from_pretrained(model).eval())
+    run = measure_fidelity(decoder_logits(OnnxDecoder(out, provider="cpu")), lm, (prompts, reference), None)
+    point = next(p for p in curve if p["weights"] == certificate["weights"] and p["threshold"] is None)
+    assert abs(run.measures()["same_top1"] - point["same_top1"]) < 1e-9
+    assert np.isfinite(point["mean_kl"])
+
+
 def test_an_uncertified_package_says_its_bound_is_about_another_graph(exported, tmp_path):
     _, _, artifact, _ = exported
     out = tmp_path / "int8"

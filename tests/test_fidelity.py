@@ -3,12 +3,21 @@ against the full model's distributions (certification/fidelity.py)."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 from tiny_models import mixed_saturation_policy, tiny_model
 
-from dyninfer.certification.fidelity import certify_fidelity, decoder_logits, measure_fidelity, rows_logits
+from dyninfer.certification.fidelity import (
+    FidelitySetting,
+    certify_fidelity,
+    certify_fidelity_path,
+    decoder_logits,
+    measure_fidelity,
+    rows_logits,
+)
 from dyninfer.compressors.ltt import betting_p_value
 from dyninfer.core.errors import DyninferError
 from dyninfer.core.layered import LayeredModel
@@ -73,3 +82,30 @@ def test_the_certificate_tests_exits_disabled_first_and_stops_where_the_risk_bre
     assert certified.threshold == [None, strict, loose][chosen]
     with pytest.raises(DyninferError, match="cannot certify fidelity"):
         certify_fidelity(rows, lm, (prompts, continuations), None, [strict], target=0.95, epsilon=0.05)
+
+
+def _noisy(lm: LayeredModel, scale: float, seed: int) -> LayeredModel:
+    """A copy of the model with every weight moved by Gaussian noise of `scale` times its own spread."""
+    model = copy.deepcopy(lm.model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * scale * p.std().clamp_min(1e-3))
+    return LayeredModel(model)
+
+
+def test_a_path_of_decoders_certifies_the_last_setting_before_the_first_failure(setup):
+    """`export --weights auto`'s path: candidates of falling fidelity, each with exits disabled, then a threshold on the
+    last. The test stops at the first that fails; the setting before it is certified, with its label."""
+    lm, policy, prompts, continuations = setup
+    decoders = {name: DynamicModel(model, policy, LogitLens(model)) for name, model in (("exact", lm), ("close", _noisy(lm, 0.05, 1)))}
+    decoders["far"] = DynamicModel(_noisy(lm, 3.0, 2), policy, LogitLens(lm))
+    path = [FidelitySetting(rows_logits(d), None, {"weights": name}) for name, d in decoders.items()]
+    path.append(FidelitySetting(rows_logits(decoders["far"]), policy.threshold, {"weights": "far"}))
+    certified = certify_fidelity_path(path, lm, (prompts, continuations), None, target=0.5, epsilon=0.5)
+    labels = [point["weights"] for point in certified.curve]
+    assert labels == ["exact", "close", "far"]  # computed as far as the test went: the threshold on "far" never ran
+    top1 = [point["same_top1"] for point in certified.curve]
+    assert top1[0] == 1.0 and top1[1] > 0.5 > top1[2]  # independent of the test: the settings' own agreement
+    assert certified.ltt.p_values[1] <= 0.5 < certified.ltt.p_values[2]
+    assert certified.chosen == 1 and certified.threshold is None and certified.full_depth_certified

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dyninfer.core.choices import (
+    AUTO_WEIGHTS,
     EXPORT_DTYPES,
     EXPORT_KV_LAYOUTS,
-    EXPORT_WEIGHTS,
+    EXPORT_WEIGHT_CHOICES,
     FIDELITY_RISK,
     KV_MODES,
     ONNX_PROVIDERS,
@@ -30,7 +31,9 @@ class ExportConfig:
     kv_mode: str | None = None  # override the policy's KV mode (the graph implements propagate)
     baseline: bool = True  # also export the plain model through optimum (for `bench` on ONNX)
     verify: bool = True  # check the package against torch on this machine's provider
-    weights: str = "full"  # full (the dtype's), or int8/int4 weight-only quantization (the baseline's too)
+    # full (the dtype's), int8/int4 weight-only quantization (the baseline's too), source (a GGUF's own blocks), or auto
+    # (with certify: the fastest of a fixed candidate list whose fidelity certifies)
+    weights: str = "full"
     block_size: int = 32  # inputs per quantization scale (int8/int4)
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL  # int8/int4: MatMulNBits' compute precision on the CPU (4: int8)
     # certify the package itself: its own continuations through ONNX Runtime against the original model's (minutes to
@@ -50,7 +53,12 @@ class ExportConfig:
         check_choice("provider", self.provider, ONNX_PROVIDERS)
         check_choice("kv_layout", self.kv_layout, EXPORT_KV_LAYOUTS)
         check_choice("dtype", self.dtype, EXPORT_DTYPES)
-        check_choice("weights", self.weights, EXPORT_WEIGHTS)
+        check_choice("weights", self.weights, EXPORT_WEIGHT_CHOICES)
+        if self.weights == AUTO_WEIGHTS and not (self.certify and self.certify_risk == FIDELITY_RISK):
+            raise DyninferError(
+                f"{option('weights')} {AUTO_WEIGHTS} picks the fastest weights whose fidelity certifies; add {option('certify')} "
+                f"(with {option('certify_risk')} {FIDELITY_RISK}) or name the weights"
+            )
         check_block_size(self.block_size)
         check_accuracy_level(self.accuracy_level)
         check_choice("certify_risk", self.certify_risk, PACKAGE_RISKS)
