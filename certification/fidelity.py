@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from dyninfer.certification.exits import PromptSet, generate_and_score
-from dyninfer.compressors.ltt import SHARE_P_VALUE, LTTResult, fixed_sequence_test, min_examples, p_values_of
+from dyninfer.compressors.ltt import SHARE_P_VALUE, LTTResult, betting_decided, betting_prefix_p_value, min_examples
 from dyninfer.core.choices import CONSISTENCY_MEASURES, FIDELITY_RISK, TOP1
 from dyninfer.core.consistency import all_measures
 from dyninfer.core.cost import CostModel
@@ -121,10 +121,12 @@ def measure_fidelity(
     batch_size: int = 8,
     progress: ProgressFn | None = None,
     what: str = "fidelity",
+    until: Callable[[FidelityRun], bool] | None = None,
 ) -> FidelityRun:
     """The decoder (`forced`) at `threshold` against the original model `lm` on `prompt_set` (prompts [n, P], the
     original model's continuations [n, T]), a batch of prompts at a time (the reference's vocabulary-wide
-    log-probabilities for all prompts at once would not fit in memory for a big vocabulary)."""
+    log-probabilities for all prompts at once would not fit in memory for a big vocabulary). `until(run so far)`:
+    stop after the batch where it says True (the run then covers the first prompts only)."""
     report = progress or silent
     prompts, continuations = (np.asarray(a, dtype=np.int64) for a in prompt_set)
     parts: list[tuple[np.ndarray, ...]] = []
@@ -137,6 +139,12 @@ def measure_fidelity(
         compared = [_compare(r, q, t) for r, q, t in zip(reference, logits, continuations[rows])]
         parts.append((*(np.stack(column) for column in zip(*compared)), exits))
         report(what, min(start + batch_size, len(prompts)), len(prompts))
+        if until is not None and start + batch_size < len(prompts) and until(_joined(parts)):
+            break
+    return _joined(parts)
+
+
+def _joined(parts: list[tuple[np.ndarray, ...]]) -> FidelityRun:
     return FidelityRun(*(np.concatenate(column) for column in zip(*parts)))
 
 
@@ -149,8 +157,8 @@ class FidelityCertificate:
     chosen: int | None
     threshold: float | None
     full_depth_certified: bool
-    ltt: LTTResult
-    curve: list[dict]
+    ltt: LTTResult  # the test along the path (lambdas: the settings' thresholds, infinite for exits disabled)
+    curve: list[dict]  # per setting tested: its label, threshold, measures, risks, p-values
     heldout: dict | None
 
 
@@ -194,7 +202,9 @@ def certify_fidelity_path(
     """Fixed-sequence testing of the top-1 risk (and the KL risk, with `kl_tau`) along `path`, a sequence of settings
     fixed before any calibration prompt is read and ordered from the most to the least likely to pass; each is computed
     only when the test reaches it, and the last one rejected before the first failure is certified. Choosing along a
-    fixed path spends no more than epsilon however many settings it holds."""
+    fixed path spends no more than epsilon however many settings it holds. Each setting's prompts are computed, a batch
+    at a time in their drawn order, only until its betting test is decided either way (`betting_decided`): the same
+    decisions as computing every prompt, in a fraction of the time when the risk is far from the target."""
     prompts, continuations = (np.asarray(a) for a in calibration)
     n = len(prompts)
     if n == 0 or continuations.shape[0] != n:
@@ -209,17 +219,22 @@ def certify_fidelity_path(
             "if every position agreed); calibrate with more prompts"
         )
     curve: list[dict] = []
-
-    def losses_of(j: int) -> np.ndarray:
-        setting = path[j]
+    chosen = None
+    for j, setting in enumerate(path):
         label = "exits disabled" if setting.threshold is None else f"threshold {setting.threshold:.4g}"
         label = " ".join([*(str(v) for v in setting.label.values()), label])
+
+        def decided(run: FidelityRun) -> bool:  # every risk passed, or one can no longer pass: the same decision as all n
+            verdicts = [betting_decided(loss, delta, epsilon, n) for loss in run.losses(kl_tau)]
+            return False in verdicts or all(verdicts)
+
         run = measure_fidelity(
             setting.forced, lm, (prompts, continuations), setting.threshold, batch_size=batch_size, progress=progress,
-            what=f"certifying fidelity: {label} ({j + 1}/{len(path)})",
+            what=f"certifying fidelity: {label} ({j + 1}/{len(path)})", until=decided,
         )  # fmt: skip
         losses = run.losses(kl_tau)
-        p_values = [p_values_of(loss[None, :], delta, epsilon, SHARE_P_VALUE)[0][0] for loss in losses]
+        # the setting's p-value: its worst risk's (the larger is valid for both holding), over the prompts computed
+        p_values = [betting_prefix_p_value(loss, delta, epsilon, n) for loss in losses]
         curve.append(
             {
                 **setting.label,
@@ -229,11 +244,9 @@ def certify_fidelity_path(
                 "p_values": p_values,
             }
         )
-        # the test reads one loss row: the setting's worst risk, whose p-value is the larger one
-        return losses[int(np.argmax(p_values))]
-
-    ltt, _ = fixed_sequence_test(list(range(len(path))), losses_of, delta, epsilon, SHARE_P_VALUE)
-    chosen = ltt.chosen_index
+        if max(p_values) > epsilon:
+            break  # fixed-sequence testing: the first setting not certified ends the path
+        chosen = j
     threshold = path[chosen].threshold if chosen is not None else None
     held = None
     if heldout is not None and chosen is not None:
@@ -241,6 +254,19 @@ def certify_fidelity_path(
             path[chosen].forced, lm, heldout, threshold, batch_size=batch_size, progress=progress, what="held-out fidelity"
         )
         held = held_run.measures()
+    tested = [max(point["p_values"]) for point in curve]
+    ltt = LTTResult(
+        lambdas=[math.inf if s.threshold is None else s.threshold for s in path[: len(curve)]],
+        risks=[max(point["risks"]) for point in curve],
+        p_values=tested,
+        rejected=[p <= epsilon for p in tested],
+        chosen_index=chosen,
+        delta=delta,
+        epsilon=epsilon,
+        n=n,
+        method=SHARE_P_VALUE,
+        untested=len(path) - len(curve),
+    )
     return FidelityCertificate(chosen, threshold, chosen is not None, ltt, curve, held)
 
 

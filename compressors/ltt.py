@@ -180,19 +180,43 @@ def betting_p_value(losses, delta: float, epsilon: float = 0.05) -> float:
     than Hoeffding-Bentkus (which reads only the mean); all-zero losses need a few more (63 against 59 at
     delta 0.05, epsilon 0.05).
     """
+    capital = betting_capital(losses, delta, epsilon)
+    return float(min(1.0, 1.0 / max(float(capital.max()), 1e-300)))
+
+
+def betting_capital(losses, delta: float, epsilon: float, n: int | None = None) -> np.ndarray:
+    """The gambler's capital after each of `losses` (in order), stakes sized for `n` units in all (default: these)."""
     delta = _check_unit_interval("delta", delta)
     epsilon = _check_unit_interval("epsilon", epsilon)
     values = np.clip(np.asarray(losses, dtype=float).ravel(), 0.0, 1.0)
-    n = values.size
-    if n == 0:
+    n = values.size if n is None else n
+    if values.size == 0 or n < values.size:
         raise DyninferError("no losses to bet on; calibrate on at least one example.")
-    seen = np.arange(1, n + 1)
+    seen = np.arange(1, values.size + 1)
     mean = (0.5 + np.cumsum(values)) / (seen + 1)
     variance = (0.25 + np.cumsum((values - mean) ** 2)) / (seen + 1)
     before = np.concatenate([[0.25], variance[:-1]])  # each stake reads only the units before it
     stakes = np.minimum(1.0, np.sqrt(2.0 * math.log(1.0 / epsilon) / (n * before)))
-    capital = np.cumprod(1.0 + stakes * (delta - values))
-    return float(min(1.0, 1.0 / max(float(capital.max()), 1e-300)))
+    return np.cumprod(1.0 + stakes * (delta - values))
+
+
+def betting_decided(losses, delta: float, epsilon: float, n: int) -> bool | None:
+    """Whether the first len(`losses`) of `n` units already decide `betting_p_value` <= epsilon over all n, whatever the
+    rest: True when the capital has reached 1/epsilon (the p-value reads its maximum), False when it cannot any more
+    (each unit multiplies it by at most 1 + delta: stakes are at most 1 and losses at least 0), None while open. The
+    stakes read only earlier units, so stopping at a decision is the same test as computing every unit."""
+    capital = betting_capital(losses, delta, epsilon, n)
+    if capital.max() >= 1.0 / epsilon:
+        return True
+    if capital[-1] * (1.0 + delta) ** (n - capital.size) < 1.0 / epsilon:
+        return False
+    return None
+
+
+def betting_prefix_p_value(losses, delta: float, epsilon: float, n: int) -> float:
+    """1 / the largest capital over the first units of `n` (stakes sized for n): once `betting_decided` says True or False,
+    on the same side of epsilon as the p-value over all n."""
+    return float(min(1.0, 1.0 / max(float(betting_capital(losses, delta, epsilon, n).max()), 1e-300)))
 
 
 def p_values_of(losses: np.ndarray, delta: float, epsilon: float, method: str) -> tuple[list[float], str]:

@@ -11,7 +11,9 @@ import pytest
 
 from dyninfer.compressors.ltt import (
     LTTResult,
+    betting_decided,
     betting_p_value,
+    betting_prefix_p_value,
     binomial_p_value,
     examples_needed,
     hoeffding_bentkus_p_value,
@@ -309,3 +311,26 @@ def test_naive_choice_validation_and_none():
         naive_choice(np.zeros((2, 5)), [1.0], 0.1)
     with pytest.raises(DyninferError, match="delta"):
         naive_choice(np.zeros((2, 5)), [1.0, 0.5], 1.0)
+
+
+@pytest.mark.parametrize("risk", [0.0, 0.01, 0.04, 0.06, 0.2])
+def test_a_betting_test_stopped_when_decided_decides_as_the_full_one(risk):
+    """Stopping once the prefix decides (capital at 1/epsilon, or out of reach) never changes the outcome over all n
+    units, and the prefix p-value sits on the same side of epsilon; clear cases decide well before n."""
+    rng = np.random.default_rng(int(risk * 1000))
+    n, delta, epsilon = 128, 0.05, 0.05
+    stopped_at = []
+    for _ in range(40):
+        losses = np.clip(rng.beta(1, 1, n) * 2 * risk, 0, 1)  # shares with mean `risk`
+        full = betting_p_value(losses, delta, epsilon) <= epsilon
+        for t in range(1, n + 1):
+            verdict = betting_decided(losses[:t], delta, epsilon, n)
+            if verdict is not None:
+                assert verdict == full
+                assert (betting_prefix_p_value(losses[:t], delta, epsilon, n) <= epsilon) == full
+                stopped_at.append(t)
+                break
+        else:
+            stopped_at.append(n)
+    if risk in (0.0, 0.2):  # far from delta: decided on under two thirds of the units
+        assert np.mean(stopped_at) < 0.67 * n
