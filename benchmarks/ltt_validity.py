@@ -1,6 +1,13 @@
-"""Does the generation guarantee hold? Random calibration/test splits of a pool of prompts.
+"""Does the generation (or fidelity) guarantee hold? Random calibration/test splits of a pool of prompts.
 
-    python benchmarks/ltt_validity.py --pool 256 --splits 40 --kv-mode propagate --out ltt-validity.json
+    python benchmarks/ltt_validity.py --pool 256 --splits 40 --kv-modes propagate --out ltt-validity.json
+    python benchmarks/ltt_validity.py --risk fidelity --pool 256 --splits 100 --kv-modes propagate --out fidelity-validity.json
+
+With `--risk fidelity` a prompt's loss is the share of its continuation's positions where the dynamic model, fed the
+full model's continuation (teacher-forced, each row exiting as it would alone: `calibrate --risk fidelity`'s
+definition), picks another top-1 token than the full model; a split violates when its test half's mean loss exceeds
+1 - target. The p-value is the one production uses for shares (`--p-value`, default betting: Waudby-Smith-Ramdas,
+on the calibration half in its drawn order).
 
 One pool of prompts (each the start of its own random window of the corpus; the tuned lens and
 the fit windows that choose the exit points are kept out of it) is continued once by the full
@@ -31,7 +38,8 @@ from provenance import provenance
 from scipy import stats
 
 from dyninfer.certification.exits import PromptSet, fit_sequences, full_continuations, generate_and_score
-from dyninfer.compressors.ltt import hoeffding_bentkus_p_value
+from dyninfer.certification.fidelity import measure_fidelity, rows_logits
+from dyninfer.compressors.ltt import SHARE_P_VALUE, betting_p_value, hoeffding_bentkus_p_value
 from dyninfer.core.choices import DEFAULT_MODEL
 from dyninfer.core.cost import count_costs
 from dyninfer.core.policies import ExitPolicy
@@ -58,18 +66,26 @@ def parse() -> argparse.Namespace:
     p.add_argument("--fit-tokens", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--risk", default="generation", choices=("generation", "fidelity"))
+    p.add_argument("--p-value", default=SHARE_P_VALUE, choices=("betting", "hoeffding-bentkus"), help="default: production's")
     p.add_argument("--cache", type=Path, default=None, help="npz of the pool's losses (reused when it matches)")
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args()
 
 
-def split_states(losses: list[np.ndarray], halves: list[np.ndarray], delta: float, epsilon: float) -> list[dict]:
+def _p_value(losses: np.ndarray, delta: float, epsilon: float, method: str) -> float:
+    if method == "betting":  # in the calibration half's drawn order, as production reads its prompts
+        return betting_p_value(losses, delta, epsilon)
+    return hoeffding_bentkus_p_value(float(losses.mean()), losses.size, delta)
+
+
+def split_states(losses: list[np.ndarray], halves: list[np.ndarray], delta: float, epsilon: float, method: str) -> list[dict]:
     """Fixed-sequence testing per split over the candidates computed so far."""
     states = []
     for cal in halves:
         chosen, open_ = None, True
         for j, row in enumerate(losses):
-            if hoeffding_bentkus_p_value(float(row[cal].mean()), cal.size, delta) > epsilon:
+            if _p_value(row[cal], delta, epsilon, method) > epsilon:
                 open_ = False
                 break
             chosen = j
@@ -89,23 +105,28 @@ def validity(args, key: dict, lm, lens, plan, thresholds: list[float], pool: Pro
     policy = ExitPolicy("tuned", args.measure, plan.points, None, 0, kv_mode)
     dynamic = DynamicModel(lm, policy, lens, plan.classifier)
     rng = np.random.default_rng(args.seed)
-    halves = [np.sort(rng.permutation(args.pool)[: args.pool // 2]) for _ in range(args.splits)]
+    halves = [rng.permutation(args.pool)[: args.pool // 2] for _ in range(args.splits)]  # each in its drawn order
     generation_s = 0.0
-    while len(losses) < len(thresholds) and any(s["open"] for s in split_states(losses, halves, delta, args.epsilon)):
+    method = args.p_value
+    while len(losses) < len(thresholds) and any(s["open"] for s in split_states(losses, halves, delta, args.epsilon, method)):
         j = len(losses)
         policy.threshold = thresholds[j]
         t0 = time.perf_counter()
-        run = generate_and_score(dynamic, pool, args.consistency, args.batch_size)
+        if args.risk == "fidelity":
+            prompt_set = (pool.prompts.numpy(), pool.continuations.numpy())
+            run = measure_fidelity(rows_logits(dynamic), lm, prompt_set, thresholds[j], batch_size=args.batch_size)
+            losses.append(run.disagree.mean(axis=1))
+        else:
+            losses.append(1.0 - generate_and_score(dynamic, pool, args.consistency, args.batch_size).scores)
         generation_s += time.perf_counter() - t0
-        losses.append(1.0 - run.scores)
         print(
-            f"{kv_mode} candidate {j}/{len(thresholds) - 1}: threshold {thresholds[j]:.7g}, pool consistency "
-            f"{run.scores.mean():.4f} ({time.perf_counter() - t0:.0f} s)",
+            f"{kv_mode} candidate {j}/{len(thresholds) - 1}: threshold {thresholds[j]:.7g}, pool {args.risk} "
+            f"{1 - losses[-1].mean():.4f} ({time.perf_counter() - t0:.0f} s)",
             flush=True,
         )
         if cache:
             np.savez(cache, losses=np.stack(losses), key=json.dumps(key))
-    states = split_states(losses, halves, delta, args.epsilon)
+    states = split_states(losses, halves, delta, args.epsilon, method)
     rows = []
     for cal, state in zip(halves, states):
         test = np.setdiff1d(np.arange(args.pool), cal)
@@ -163,7 +184,7 @@ def main() -> None:
         pool=args.pool,
         prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens,
-        consistency=args.consistency,
+        consistency=args.consistency if args.risk == "generation" else "top1",
         measure=args.measure,
         target=args.target,
         seed=args.seed,

@@ -46,9 +46,11 @@ _NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 class PackageState:
     """A generation's KV cache in ONNX Runtime: the buffers (buffered layout) or the last present values."""
 
-    binding: object  # the session's IOBinding (rebound at every step)
+    binding: object  # the session's IOBinding
     past: list  # OrtValues, key and value per layer
     filled: int  # positions the past holds
+    # buffered layout: whether the binding holds the buffers as past and present (they stay bound between steps)
+    bound: bool = False
 
 
 class OnnxDecoder:
@@ -134,16 +136,12 @@ class OnnxDecoder:
         binding.bind_cpu_input(THRESHOLD_INPUT, np.array(limit, dtype=np.float32))
         if self.buffered:
             binding.bind_cpu_input(POSITIONS_INPUT, np.arange(state.filled + ids.shape[1], dtype=np.int64))
-        for name, value in zip(self.past_names, state.past):
-            binding.bind_ortvalue_input(name, value)
         on_device = not logits and self.greedy_output
+        # fresh outputs each step (a bound output would be written over by the next run, under arrays already returned)
         for name in self.step_names:
             binding.bind_output(name, self.device if name == LOGITS and on_device else "cpu")
-        for name, value in zip(self.present_names, state.past):
-            if self.buffered:
-                binding.bind_ortvalue_output(name, value)
-            else:
-                binding.bind_output(name, self.device)
+        if not (self.buffered and state.bound):  # host time a step: the buffers stay bound for the whole generation
+            self._bind_state(state)
         started = time.perf_counter()
         self.session.run_with_iobinding(binding)
         self.ort_seconds += time.perf_counter() - started
@@ -163,12 +161,24 @@ class OnnxDecoder:
             outputs[STOP_OUTPUT].numpy().astype(np.float64).reshape(-1),
         )
 
+    def _bind_state(self, state: PackageState) -> None:
+        """Bind the past and, buffered, the same buffers as present outputs (else fresh ones)."""
+        binding = state.binding
+        for name, value in zip(self.past_names, state.past):
+            binding.bind_ortvalue_input(name, value)
+        for name, value in zip(self.present_names, state.past):
+            if self.buffered:
+                binding.bind_ortvalue_output(name, value)
+            else:
+                binding.bind_output(name, self.device)
+        state.bound = self.buffered
+
     def fork(self, state: PackageState, rows: list[int] | None = None) -> PackageState:
         """A copy a probe may consume. The whole batch shares the buffers: a probe writes only positions past `filled`,
         which the generation overwrites as it goes on."""
         if rows is not None:
             return self.select(state, rows)
-        return PackageState(state.binding, list(state.past), state.filled)
+        return PackageState(state.binding, list(state.past), state.filled, state.bound)
 
     def select(self, state: PackageState, rows: list[int]) -> PackageState:
         import onnxruntime as ort
