@@ -8,7 +8,9 @@ Each package decodes held-out pydocs prompts greedily with exits disabled throug
 (runtime/onnx_decoder.py: buffers bound in place), in a session with ONNX Runtime's profiler on. Reported per
 package: milliseconds per decode step by operator type (the prefill runs are left out), the step's total inside
 ONNX Runtime, and the node counts of the optimized graph (main graph, and inside the exits' `If` branches).
-onnxruntime-genai's own export is profiled by benchmarks/genai_baseline.py --profile, in its own virtualenv.
+An `If` node's kernel time includes the nodes of the branch it ran, which are profiled too: it is listed, and left out
+of the step's total. `--graph FILE` (repeatable) also counts the nodes ONNX Runtime keeps of any ONNX file, such as
+onnxruntime-genai's export (a graph our runtime does not drive).
 """
 
 from __future__ import annotations
@@ -58,6 +60,19 @@ def node_counts(path: Path) -> dict:
     return {"main": sum(main.values()), "in_branches": sum(branches.values()), "main_by_op": dict(main.most_common())}
 
 
+def optimized_counts(path: Path) -> dict:
+    """`node_counts` of the graph at `path` after ONNX Runtime's optimizations (CPU, all levels)."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as folder:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return node_counts(Path(folder) / "optimized.onnx")
+
+
 def step_times(profile: Path, prefill_runs: set[int]) -> tuple[dict[str, float], int]:
     """Microseconds by op type summed over the decode runs (every run but the prefills), and the number of runs."""
     events = json.loads(profile.read_text())
@@ -78,10 +93,14 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--generations", type=int, default=3)
+    parser.add_argument("--graph", type=Path, action="append", default=[], help="an ONNX file whose optimized nodes to count")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     print(provenance_line(), flush=True)
     results = {}
+    for graph in args.graph:
+        results[str(graph)] = {"nodes": optimized_counts(graph)}
+        print(f"{graph}: optimized graph: {results[str(graph)]['nodes']['main']} nodes", flush=True)
     for package in args.packages:
         decoder = OnnxDecoder(package, provider="cpu")
         from transformers import AutoTokenizer
@@ -101,7 +120,7 @@ def main() -> None:
             prefills = set(range(warm)) | {warm + g * runs_per_generation for g in range(len(prompts))}
             by_op, decode_runs = step_times(profile, prefills)
             counts = node_counts(Path(folder) / "optimized.onnx")
-        total = sum(by_op.values())
+        total = sum(us for op, us in by_op.items() if op != "If")  # an If's time is its branch's nodes, counted already
         row = {
             "weights": decoder.manifest.precision,
             "decode_steps": decode_runs,

@@ -142,24 +142,18 @@ def _on_prompts(lm: LayeredModel, lens, costs: CostModel, data: tuple, o: Calibr
     results = []
     for plan in plans.plans:
         held_trace = trace_plan(lm, lens, plans, plan, heldout, o.measure, o.vocab_top_k, shared, o.progress)
+        # what both risks read alike
+        common = dict(
+            measure=o.measure,
+            kv_mode=o.kv_mode,
+            epsilon=o.epsilon,
+            vocab_top_k=o.vocab_top_k,
+            batch_size=o.batch_size,
+            fit_tokens=int(fit.shape[0] * (fit.shape[1] - 1)),
+            progress=o.progress,
+        )
         if o.risk == FIDELITY_RISK:
-            result = certify_fidelity_exits(
-                lm,
-                lens,
-                costs,
-                plan,
-                prompts,
-                held,
-                held_trace,
-                measure=o.measure,
-                kv_mode=o.kv_mode,
-                epsilon=o.epsilon,
-                vocab_top_k=o.vocab_top_k,
-                batch_size=o.batch_size,
-                fit_tokens=int(fit.shape[0] * (fit.shape[1] - 1)),
-                kl_tau=o.kl_tau,
-                progress=o.progress,
-            )
+            result = certify_fidelity_exits(lm, lens, costs, plan, prompts, held, held_trace, kl_tau=o.kl_tau, **common)
             results.append((result, plan.classifier))
             continue
         result = certify_generation(
@@ -170,16 +164,10 @@ def _on_prompts(lm: LayeredModel, lens, costs: CostModel, data: tuple, o: Calibr
             prompts,
             held,
             held_trace,
-            measure=o.measure,
             consistency_measure=o.consistency,
-            kv_mode=o.kv_mode,
-            epsilon=o.epsilon,
-            vocab_top_k=o.vocab_top_k,
-            batch_size=o.batch_size,
-            fit_tokens=int(fit.shape[0] * (fit.shape[1] - 1)),
-            progress=o.progress,
             reuse=reuse,
             runs_cache=runs_cache,
+            **common,
         )
         results.append((result, plan.classifier))
     return results
