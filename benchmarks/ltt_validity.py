@@ -1,7 +1,7 @@
 """Does the generation (or fidelity) guarantee hold? Random calibration/test splits of a pool of prompts.
 
     python benchmarks/ltt_validity.py --pool 256 --splits 40 --kv-modes propagate --out ltt-validity.json
-    python benchmarks/ltt_validity.py --risk fidelity --pool 256 --splits 100 --kv-modes propagate --out fidelity-validity.json
+    python benchmarks/ltt_validity.py --risk fidelity --pool 256 --splits 100 --kv-modes propagate --grid-size 8 --out f.json
 
 With `--risk fidelity` a prompt's loss is the share of its continuation's positions where the dynamic model, fed the
 full model's continuation (teacher-forced, each row exiting as it would alone: `calibrate --risk fidelity`'s
@@ -67,6 +67,14 @@ def parse() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--risk", default="generation", choices=("generation", "fidelity"))
+    p.add_argument(
+        "--grid-size",
+        type=int,
+        default=24,
+        help="candidates in calibrate's grid (exit shares 5e-4 to 0.5 of the fit tokens, geometric): fewer, coarser steps "
+        "reach the target's risk sooner (where no candidate reaches it, every split certifies its loosest and the check "
+        "cannot fail)",
+    )
     p.add_argument("--p-value", default=SHARE_P_VALUE, choices=("betting", "hoeffding-bentkus"), help="default: production's")
     p.add_argument("--cache", type=Path, default=None, help="npz of the pool's losses (reused when it matches)")
     p.add_argument("--out", type=Path, default=None)
@@ -175,7 +183,7 @@ def main() -> None:
     costs = count_costs(lm, context=args.seq_len)
     sequences = fit_sequences(lm, fit, args.prompt_tokens, args.new_tokens, args.batch_size)
     plan = plan_exits(lm, lens, costs, sequences, targets=[args.target], measure=args.measure, first=args.prompt_tokens - 1).plans[0]
-    thresholds = generation_grid(plan.fit_trace)
+    thresholds = generation_grid(plan.fit_trace, size=args.grid_size)
     prompts = pool_windows[:, : args.prompt_tokens]
     key = dict(
         model=args.model,
@@ -190,6 +198,8 @@ def main() -> None:
         seed=args.seed,
         points=plan.points,
         thresholds=thresholds,
+        risk=args.risk,
+        p_value=args.p_value,
     )
     reference = full_continuations(lm, prompts, args.new_tokens, args.batch_size)
     pool = PromptSet(prompts, reference)
