@@ -179,7 +179,9 @@ def test_two_gloo_processes_probe_calibrate_prune_and_tune_like_one(workspace):
                 a, b = alone[key].float(), shared[key].float()
                 if name == "tuned":  # Adam divides by the gradient's size: a near-zero gradient's rounding
                     # moves its weight by up to a step (lr), so the LoRA agrees to its scale, not elementwise
-                    assert (a - b).abs().max() <= 1e-3 * a.abs().max(), (file, key)
+                    # (1% of its scale: the LoRA's up matrices start at zero and stay near 1e-3, where that rounding is
+                    # 1e-3 of them and above; a wrong shard's gradient would move them by their whole size)
+                    assert (a - b).abs().max() <= 1e-2 * a.abs().max(), (file, key)
                 else:
                     assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (file, key)
 
@@ -194,7 +196,8 @@ def _close(a, b, rel: float = 1e-4, where: str = "") -> bool:
         assert len(a) == len(b), where
         return all(_close(x, y, rel, f"{where}[{i}]") for i, (x, y) in enumerate(zip(a, b)))
     if isinstance(a, float) and isinstance(b, float):
-        assert a == pytest.approx(b, rel=rel, abs=1e-9, nan_ok=True), where
+        # abs: a mean of fp32 log-probability differences (a KL near zero) rounds at about 1e-8 whatever its size
+        assert a == pytest.approx(b, rel=rel, abs=1e-7, nan_ok=True), where
         return True
     if isinstance(a, str) and isinstance(b, str):  # a statement quotes rounded numbers: their last digit may differ
         numbers = re.compile(r"-?\d+\.\d+")

@@ -246,7 +246,7 @@ def test_a_package_certified_on_fidelity_measures_its_step_against_the_original_
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dyninfer.compressors.ltt import betting_p_value
+    from dyninfer.compressors.ltt import betting_p_value, betting_prefix_p_value
     from dyninfer.core.artifacts import Artifact
     from dyninfer.runtime.decoding import teacher_forced
     from dyninfer.runtime.onnx_decoder import OnnxDecoder
@@ -269,10 +269,14 @@ def test_a_package_certified_on_fidelity_measures_its_step_against_the_original_
             theirs = original(torch.from_numpy(np.concatenate([prompt, continuation]))[None]).logits[0, len(prompt) - 1 : -1]
         disagree.append((ours.argmax(-1) != theirs.argmax(-1).numpy()).mean())
     first = certificate["curve"][0]
-    assert first["threshold"] is None and abs(first["same_top1"] - (1 - np.mean(disagree))) < 1e-9
-    assert 0 < np.mean(disagree) < 0.5  # int4 moves some top-1 tokens, not most
-    assert abs(first["p_values"][0] - betting_p_value(np.array(disagree), 0.5, 0.2)) < 1e-12
-    assert certificate["full_depth_certified"] == (first["p_values"][0] <= 0.2)
+    # the test stops reading prompts once its betting test is decided: the point covers the first `prompts` of them
+    counted, disagree = first["prompts"], np.array(disagree)
+    assert 0 < counted <= len(disagree)
+    assert first["threshold"] is None and abs(first["same_top1"] - (1 - disagree[:counted].mean())) < 1e-9
+    assert 0 < disagree.mean() < 0.5  # int4 moves some top-1 tokens, not most
+    assert abs(first["p_values"][0] - betting_prefix_p_value(disagree[:counted], 0.5, 0.2, len(disagree))) < 1e-12
+    # and it decided as the betting test over every prompt does
+    assert certificate["full_depth_certified"] == (first["p_values"][0] <= 0.2) == (betting_p_value(disagree, 0.5, 0.2) <= 0.2)
     assert (
         set(certificate["fidelity"] or {}) >= {"same_top1", "mean_kl", "kl_p99", "perplexity_ratio"}
         or not certificate["full_depth_certified"]
@@ -320,8 +324,9 @@ def test_weights_auto_ships_the_fastest_candidate_that_certifies(exported, tmp_p
     from transformers import AutoModelForCausalLM
 
     lm = LayeredModel(AutoModelForCausalLM.from_pretrained(model).eval())
-    run = measure_fidelity(decoder_logits(OnnxDecoder(out, provider="cpu")), lm, (prompts, reference), None)
     point = next(p for p in curve if p["weights"] == certificate["weights"] and p["threshold"] is None)
+    counted = point["prompts"]  # the prompts read before its test was decided
+    run = measure_fidelity(decoder_logits(OnnxDecoder(out, provider="cpu")), lm, (prompts[:counted], reference[:counted]), None)
     assert abs(run.measures()["same_top1"] - point["same_top1"]) < 1e-9
     assert np.isfinite(point["mean_kl"])
 
