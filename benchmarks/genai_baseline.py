@@ -32,7 +32,7 @@ from dyninfer.core.models import cache_dir
 from dyninfer.jobs.bench import bench_prompts
 from dyninfer.jobs.configs import BenchConfig
 from dyninfer.profilers.bench import ORIGINAL_MODEL
-from dyninfer.profilers.genai_row import build_genai, genai_row
+from dyninfer.profilers.genai_row import build_genai, genai_folder, genai_row
 from dyninfer.profilers.onnx_bench import compare_rows, optimum_rows, package_rows
 from dyninfer.profilers.row_memory import row_peak_memory
 from dyninfer.runtime.loader import load_dynamic
@@ -77,7 +77,7 @@ def main() -> None:
     lm = dyn.loaded.layered
     rows, workers, builds = [], [], {}
     for precision in args.precisions.split(","):
-        folder = cache_dir() / "genai" / f"{dyn.loaded.content_hash[:16]}-{precision}"
+        folder = genai_folder(dyn.loaded.content_hash, precision)
         print(f"onnxruntime-genai {precision}: building into {folder} (once)", flush=True)
         builds[precision] = build_genai(python, dyn.loaded.pretrained_path, folder, precision)
         row, worker = genai_row(python, folder, f"onnxruntime-genai {precision}", new_tokens, lm.num_layers)

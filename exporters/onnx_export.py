@@ -269,14 +269,13 @@ def export_dynamic(
             job.notes.append(_auto_note(candidates, chosen))
             weights = candidate.weights
             job.quantized_difference = job.verified() if verify else None
-            job.certificate_graph()
         else:
             if weights != "full":
                 job.report(f"quantizing the weights to {weights}", 3, steps)
                 job.manifest.weights = quantize_weights(tmp / MODEL_FILE, weights, block_size, accuracy_level, source)
                 job.quantized_difference = job.verified() if verify else None  # reported: any quantization moves the logits
             _certify(job, certify, [(tmp, job.manifest, {})])
-            job.certificate_graph()
+        job.certificate_graph()  # the graph is final: what the package's own certificate is about
         if baseline:
             _baselines(job, weights, block_size, accuracy_level, source)
         job.manifest.write(tmp)

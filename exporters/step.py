@@ -294,7 +294,7 @@ def buffered_step_problem(dynamic: DynamicModel, geometry: list[tuple[int, int]]
     """Why the buffered layout does not reproduce this model's step (None when it does): both layouts run
     eagerly on a prompt and three more steps, exits disabled, then every exit point forced (propagation), and
     their logits must agree. A family whose attention has a feature the contrib op lacks fails here."""
-    return _differs(dynamic, geometry, "buffer", rotary_in_attention=False)
+    return _buffered_differs(dynamic, geometry, rotary_in_attention=False)
 
 
 def rotary_in_attention_problem(dynamic: DynamicModel, geometry: list[tuple[int, int]]) -> str | None:
@@ -311,19 +311,19 @@ def rotary_in_attention_problem(dynamic: DynamicModel, geometry: list[tuple[int,
         hidden = lm.embed_at(torch.zeros(1, 1, dtype=torch.long, device=lm.device), 0)
         if lm.rotary_tables(hidden, 1) is None:
             return "its rotary embedding does not cover the whole head (partial rotary)"
-    return _differs(dynamic, geometry, "buffer", rotary_in_attention=True)
+    return _buffered_differs(dynamic, geometry, rotary_in_attention=True)
 
 
 ROTARY_HEAD_MULTIPLE = 16  # ONNX Runtime's GroupQueryAttention (CPU) refuses to rotate other head sizes
 
 
-def _differs(dynamic: DynamicModel, geometry, layout: str, rotary_in_attention: bool) -> str | None:
-    """Why `layout` (with the rotary in its attention op or not) does not reproduce the concatenated step, or None."""
+def _buffered_differs(dynamic: DynamicModel, geometry, rotary_in_attention: bool) -> str | None:
+    """Why the buffered step (with the rotary in its attention op or not) does not reproduce the concatenated one, or None."""
     lm = dynamic.lm
     generator = torch.Generator().manual_seed(0)
     steps = [torch.randint(0, lm.vocab_size, (1, n), generator=generator).to(lm.device) for n in (5, 1, 2, 1)]
     logits = {}
-    for name, step_layout, rotary in (("reference", "concat", False), ("candidate", layout, rotary_in_attention)):
+    for name, step_layout, rotary in (("reference", "concat", False), ("candidate", "buffer", rotary_in_attention)):
         step = DynamicStep(dynamic, step_layout, rotary).eval()
         try:
             with torch.no_grad(), step_attention(lm, step_layout):

@@ -17,7 +17,6 @@ import torch
 from dyninfer.core.choices import DEFAULT_DATA
 from dyninfer.core.data import load_windows
 from dyninfer.core.errors import DyninferError, option
-from dyninfer.core.models import cache_dir
 from dyninfer.core.progress import ProgressFn, silent
 from dyninfer.core.provenance import provenance
 from dyninfer.core.records import CalibrateRecord
@@ -25,7 +24,7 @@ from dyninfer.jobs.configs import PACKAGE_DIR, BenchConfig
 from dyninfer.jobs.run import draft_settings, plan_note
 from dyninfer.jobs.stop import heldout_requests
 from dyninfer.profilers.bench import BenchResult, run_bench
-from dyninfer.profilers.genai_row import GENAI_INT4, MISSING_NOTE, build_genai, genai_row, local_genai_python
+from dyninfer.profilers.genai_row import GENAI_INT4, MISSING_NOTE, build_genai, genai_folder, genai_row, local_genai_python
 from dyninfer.profilers.onnx_bench import run_onnx_bench
 from dyninfer.profilers.stop_bench import StopBenchResult, run_stop_bench
 from dyninfer.runtime.loader import load_dynamic, stored_stop_policy
@@ -146,7 +145,7 @@ def _onnx_bench(config: BenchConfig, dyn, runtime: OnnxDecoder, prompt_ids, new_
         return result
     report = progress or silent
     report("building onnxruntime-genai's int4 export", 0, 1)
-    folder = cache_dir() / "genai" / f"{dyn.loaded.content_hash[:16]}-int4"
+    folder = genai_folder(dyn.loaded.content_hash, "int4")
     build = build_genai(python, dyn.loaded.pretrained_path, folder, "int4")
     report("building onnxruntime-genai's int4 export", 1, 1)
     row, worker = genai_row(python, folder, GENAI_INT4, new_tokens, runtime.num_layers)

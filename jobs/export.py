@@ -33,12 +33,8 @@ def run(config: ExportConfig, artifact: str | os.PathLike, progress: ProgressFn 
     steps = (4 if config.baseline else 3) + (config.weights != "full") + config.certify
     report("loading the dynamic model", 0, steps)
     dyn = load_dynamic(str(artifact), config.model, require_policy=True, kv_mode=config.kv_mode)
-    if config.weights == SOURCE:
-        source = source_weights(dyn)
-    elif config.weights == AUTO_WEIGHTS:  # the source's blocks are a candidate when the model came from a GGUF
-        source = source_weights(dyn) if Path(dyn.loaded.source).suffix.lower() == ".gguf" else None
-    else:
-        source = None
+    # the source's blocks: what `source` ships, and one of auto's candidates when the model came from a GGUF
+    source = source_weights(dyn, required=config.weights == SOURCE) if config.weights in (SOURCE, AUTO_WEIGHTS) else None
     certify = package_certifier(dyn, config, progress) if config.certify else None
     return export_dynamic(
         dyn,
@@ -57,10 +53,12 @@ def run(config: ExportConfig, artifact: str | os.PathLike, progress: ProgressFn 
     )
 
 
-def source_weights(dyn: LoadedDynamic) -> SourceWeights:
-    """The quantized GGUF the artifact's model was loaded from (refused for any other source)."""
+def source_weights(dyn: LoadedDynamic, required: bool = True) -> SourceWeights | None:
+    """The quantized GGUF the artifact's model was loaded from; for any other source, refused (`required`) or None."""
     source = Path(dyn.loaded.source)
     if source.suffix.lower() != ".gguf" or not source.is_file():
+        if not required:
+            return None
         raise DyninferError(
             f"{option('weights')} {SOURCE} carries a quantized GGUF's own blocks, but the model was loaded from '{dyn.loaded.source}'; "
             f"use {option('weights')} int8 or int4"

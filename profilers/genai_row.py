@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from dyninfer.core.errors import DyninferError, option
+from dyninfer.core.models import cache_dir
 from dyninfer.profilers.bench import plain_result
 from dyninfer.profilers.onnx_bench import Row
 from dyninfer.runtime.decoding import GenerationResult
@@ -41,6 +42,11 @@ MISSING_NOTE = (
 def local_genai_python() -> str | None:
     """This Python when onnxruntime-genai is importable here, else None."""
     return sys.executable if importlib.util.find_spec("onnxruntime_genai") is not None else None
+
+
+def genai_folder(content_hash: str, precision: str) -> Path:
+    """Where onnxruntime-genai's export of the model with this content hash, at `precision`, is built once and kept."""
+    return cache_dir() / "genai" / f"{content_hash[:16]}-{precision}"
 
 
 def build_genai(python: str, model_folder: str, out: Path, precision: str = "int4", cache: Path | None = None) -> dict:
